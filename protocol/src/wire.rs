@@ -1,0 +1,369 @@
+//! Request and response messages, protocol version 1.
+//!
+//! Each request travels on its own bidirectional QUIC stream as one [`crate::frame`],
+//! answered by one response frame. New operations are added as new enum variants at the
+//! end, so a newer daemon still decodes every request an older client sends; a request
+//! the daemon does not know is answered with [`Response::Error`], never a dropped stream.
+
+use crate::lease::{LeaseId, LeaseSecret};
+use crate::signed::Signed;
+use crate::time::UnixTime;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The protocol version this crate speaks, carried in every frame header.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The TLS ALPN identifier of the tally protocol.
+pub const ALPN: &[u8] = b"tally/1";
+
+/// The default UDP port of `tallyd`.
+pub const DEFAULT_PORT: u16 = 27300;
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// Introduces the client; must come before checkout on a connection.
+    Hello(Hello),
+    /// Asks for seats of a feature.
+    Checkout(CheckoutRequest),
+    /// Keeps leases alive; also re-attaches them to this connection.
+    Heartbeat(HeartbeatRequest),
+    /// Gives leases back.
+    Checkin(CheckinRequest),
+    /// Asks what is licensed and who holds what.
+    Status(StatusRequest),
+}
+
+/// A response from the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Response {
+    /// Answer to [`Request::Hello`].
+    Hello(HelloReply),
+    /// Answer to [`Request::Checkout`].
+    Checkout(CheckoutReply),
+    /// Answer to [`Request::Heartbeat`].
+    Heartbeat(HeartbeatReply),
+    /// Answer to [`Request::Checkin`].
+    Checkin(CheckinReply),
+    /// Answer to [`Request::Status`].
+    Status(StatusReply),
+    /// The request could not be served at all.
+    Error(ErrorReply),
+}
+
+/// Who is asking: shown to admins, used by policy, recorded in reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientIdentity {
+    /// Login name.
+    pub user: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Program name.
+    pub program: String,
+    /// X display or terminal, if any.
+    pub display: Option<String>,
+}
+
+impl fmt::Display for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.user, self.host)
+    }
+}
+
+/// Longest string we accept in any identity field; longer values are refused, not cut.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// The client's introduction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Who the client is.
+    pub client: ClientIdentity,
+}
+
+/// The daemon's introduction: enough for the client to check the trust chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// `tallyd` version string, for support.
+    pub server_version: String,
+    /// The bundles being served, exactly as the vendor signed them.
+    pub bundles: Vec<Signed>,
+    /// The server's wall clock, so clients can warn about skew.
+    pub server_time: UnixTime,
+    /// How often the client should heartbeat, in seconds.
+    pub heartbeat_secs: u64,
+    /// True when the daemon runs in demo mode with the built-in demo vendor key.
+    pub demo: bool,
+}
+
+/// A request for seats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutRequest {
+    /// The feature name.
+    pub feature: String,
+    /// How many seats, at least 1.
+    pub count: u32,
+    /// The application's version, for version ceilings.
+    pub version: Option<String>,
+}
+
+/// The answer to a checkout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckoutReply {
+    /// Seats granted.
+    Granted(LeaseGrant),
+    /// Seats refused, with a reason the user can act on.
+    Denied(Denial),
+}
+
+/// A granted lease as the client receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    /// The lease id.
+    pub id: LeaseId,
+    /// The secret that re-attaches the lease from a new connection.
+    pub secret: LeaseSecret,
+    /// The feature.
+    pub feature: String,
+    /// Seats held.
+    pub count: u32,
+    /// Seconds without a heartbeat after which the seat is reclaimed.
+    pub ttl_secs: u64,
+    /// The lease token signed by the server key; verifiable without the server.
+    pub token: Signed,
+}
+
+/// The signed body of a lease token; the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum LeaseToken {
+    /// Format version 1.
+    V1 {
+        /// The lease id.
+        id: LeaseId,
+        /// The feature.
+        feature: String,
+        /// Seats held.
+        count: u32,
+        /// The holder, `user@host`.
+        holder: String,
+        /// When it was granted.
+        issued_at: UnixTime,
+    },
+}
+
+impl LeaseToken {
+    /// Encodes for signing.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes a token body, bounded.
+    pub fn decode(bytes: &[u8]) -> Result<LeaseToken, crate::DecodeError> {
+        crate::decode::<LeaseToken, 4096>(bytes)
+    }
+}
+
+/// A refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// Why, in a form programs can branch on; its Display is the message for users.
+    pub reason: DenialReason,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.reason.fmt(f)
+    }
+}
+
+/// Why seats were refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum DenialReason {
+    /// No bundle on this server licenses the feature.
+    NotLicensed {
+        /// The feature asked for.
+        feature: String,
+    },
+    /// Every seat is taken.
+    AllSeatsInUse {
+        /// The feature asked for.
+        feature: String,
+        /// Seats licensed.
+        total: u32,
+        /// Seats held now.
+        in_use: u32,
+        /// Seats asked for.
+        requested: u32,
+        /// Who holds them, `user@host`, at most a few.
+        holders: Vec<String>,
+    },
+    /// The licence starts later.
+    NotYetValid {
+        /// The feature.
+        feature: String,
+        /// When it starts.
+        starts: UnixTime,
+    },
+    /// The licence has expired.
+    Expired {
+        /// The feature.
+        feature: String,
+        /// When it expired.
+        expired: UnixTime,
+    },
+    /// The request itself was invalid.
+    InvalidRequest {
+        /// What was wrong.
+        what: String,
+    },
+    /// The server could not record the grant durably, so it did not grant it.
+    StorageUnavailable {
+        /// What failed.
+        what: String,
+    },
+}
+
+impl fmt::Display for DenialReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DenialReason::NotLicensed { feature } => {
+                write!(f, "feature '{feature}' is not licensed on this server")
+            }
+            DenialReason::AllSeatsInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders,
+            } => {
+                write!(
+                    f,
+                    "all {total} seats of '{feature}' are in use ({in_use} held"
+                )?;
+                if !holders.is_empty() {
+                    write!(f, " by {}", holders.join(", "))?;
+                }
+                write!(f, "); {requested} requested")
+            }
+            DenialReason::NotYetValid { feature, starts } => {
+                write!(
+                    f,
+                    "the licence for '{feature}' starts on {}",
+                    starts.date()
+                )
+            }
+            DenialReason::Expired { feature, expired } => {
+                write!(f, "the licence for '{feature}' expired on {}", expired.date())
+            }
+            DenialReason::InvalidRequest { what } => write!(f, "invalid request: {what}"),
+            DenialReason::StorageUnavailable { what } => {
+                write!(f, "the server cannot record new seats right now: {what}")
+            }
+        }
+    }
+}
+
+/// Keeps leases alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// The leases, each with its secret (which also proves the right to re-attach).
+    pub leases: Vec<LeaseRef>,
+}
+
+/// A lease named by id and proven by its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRef {
+    /// The lease id.
+    pub id: LeaseId,
+    /// The lease secret.
+    pub secret: LeaseSecret,
+}
+
+/// Per-lease answers, in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// One status per requested lease.
+    pub leases: Vec<LeaseState>,
+}
+
+/// A lease's state as the daemon sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum LeaseState {
+    /// Held; the heartbeat extended it.
+    Active,
+    /// Unknown to the daemon (expired, removed, or never granted) or the secret was wrong.
+    Unknown,
+}
+
+/// Gives leases back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckinRequest {
+    /// The leases to release.
+    pub leases: Vec<LeaseRef>,
+}
+
+/// The answer to a checkin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckinReply {
+    /// For each requested lease, whether it was held and is now released.
+    pub released: Vec<bool>,
+}
+
+/// Asks for the server's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {}
+
+/// What the server serves and who holds what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// The server's wall clock.
+    pub server_time: UnixTime,
+    /// The server key's fingerprint.
+    pub server_fingerprint: String,
+    /// One entry per feature, sorted by name.
+    pub features: Vec<FeatureStatus>,
+}
+
+/// One feature's seats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureStatus {
+    /// Feature name.
+    pub name: String,
+    /// Seats licensed now; `None` for an uncounted site licence.
+    pub total: Option<u32>,
+    /// Seats held now.
+    pub in_use: u32,
+    /// Earliest expiry among the grants that count now; `None` if permanent.
+    pub expires: Option<UnixTime>,
+    /// True if any counting grant is an evaluation.
+    pub evaluation: bool,
+    /// Current holders.
+    pub holders: Vec<HolderStatus>,
+}
+
+/// One lease as shown in status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderStatus {
+    /// The lease id.
+    pub lease: LeaseId,
+    /// Who holds it.
+    pub client: ClientIdentity,
+    /// Seats held.
+    pub count: u32,
+    /// Since when.
+    pub since: UnixTime,
+}
+
+/// A request that could not be served at all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What went wrong, for a person.
+    pub message: String,
+}
