@@ -1,1 +1,236 @@
+//! `tallyd`'s configuration file.
+//!
+//! The file is TOML; every setting has a default, named here as a `DEFAULT_*` constant
+//! so documentation, `tallyd demo` and the packaged example file agree. Errors name the
+//! file and line, and validation catches settings that parse but cannot work together
+//! (a heartbeat interval longer than the lease TTL) before any port is bound.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default QUIC listen address: every interface, port 27300.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:27300";
+/// Default data directory (identity key, seat store).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/tally";
+/// Default directory of bundle files.
+pub const DEFAULT_BUNDLE_DIR: &str = "/etc/tally/bundles";
+/// Default lease time-to-live without heartbeats, seconds. Three missed heartbeats.
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 90;
+/// Default heartbeat interval the daemon asks clients for, seconds.
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 30;
+/// Default QUIC idle timeout, seconds: how fast a vanished client's seat comes back.
+/// Clients send keep-alives at a third of it.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 15;
+/// Largest config file read, so a wrong path (a disk image) fails fast.
+pub const MAX_CONFIG_LEN: u64 = 1024 * 1024;
+
+/// The daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// QUIC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the identity key and the seat store live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where bundle files are loaded from.
+    #[serde(default = "default_bundle_dir")]
+    pub bundle_dir: PathBuf,
+    /// Files holding the vendor public keys whose bundles this server accepts.
+    #[serde(default)]
+    pub vendor_keys: Vec<PathBuf>,
+    /// Seconds without a heartbeat before a lease is reclaimed.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: u64,
+    /// Heartbeat interval asked of clients, seconds.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    /// QUIC idle timeout, seconds.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("default listen address parses")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+fn default_bundle_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_BUNDLE_DIR)
+}
+fn default_lease_ttl() -> u64 {
+    DEFAULT_LEASE_TTL_SECS
+}
+fn default_heartbeat() -> u64 {
+    DEFAULT_HEARTBEAT_SECS
+}
+fn default_idle_timeout() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_SECS
+}
+
+impl Default for DaemonConfig {
+    fn default() -> DaemonConfig {
+        DaemonConfig {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            bundle_dir: default_bundle_dir(),
+            vendor_keys: Vec::new(),
+            lease_ttl_secs: DEFAULT_LEASE_TTL_SECS,
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_CONFIG_LEN`].
+    #[error("{path}: larger than {MAX_CONFIG_LEN} bytes, not a tally config file")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The TOML does not parse or has a wrong or unknown key.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The settings parse but cannot work together.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file, or `<command line>`.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+impl DaemonConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let read = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(read)?.len();
+        if len > MAX_CONFIG_LEN {
+            return Err(ConfigError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        DaemonConfig::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` is used in messages only.
+    pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
+        let config: DaemonConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                message: e.message().to_string(),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks settings that parse but cannot work together.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })
+        };
+        if self.heartbeat_secs == 0 {
+            return invalid("heartbeat_secs must be at least 1".into());
+        }
+        if self.lease_ttl_secs < 2 * self.heartbeat_secs {
+            return invalid(format!(
+                "lease_ttl_secs ({}) must be at least twice heartbeat_secs ({}), or one \
+                 delayed heartbeat would cost a user the seat",
+                self.lease_ttl_secs, self.heartbeat_secs
+            ));
+        }
+        if self.idle_timeout_secs < 3 {
+            return invalid(format!(
+                "idle_timeout_secs ({}) must be at least 3",
+                self.idle_timeout_secs
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = DaemonConfig::parse(Path::new("t.toml"), "").unwrap();
+        assert_eq!(c, DaemonConfig::default());
+        let c = DaemonConfig::parse(
+            Path::new("t.toml"),
+            "listen = \"127.0.0.1:4000\"\nlease_ttl_secs = 60\nheartbeat_secs = 20\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 4000);
+        assert_eq!(c.lease_ttl_secs, 60);
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let err = DaemonConfig::parse(
+            Path::new("/etc/tally/tallyd.toml"),
+            "# comment\nlisten = \"127.0.0.1:4000\"\nlease_tll_secs = 60\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("/etc/tally/tallyd.toml:3: "), "{text}");
+        assert!(text.contains("lease_tll_secs"), "{text}");
+
+        let err = DaemonConfig::parse(Path::new("c.toml"), "listen = \"nowhere\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("c.toml:1: "), "{err}");
+
+        let err = DaemonConfig::parse(
+            Path::new("c.toml"),
+            "lease_ttl_secs = 30\nheartbeat_secs = 30\n",
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
+    }
+
+    #[test]
+    fn load_reports_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = DaemonConfig::load(&dir.path().join("missing.toml")).unwrap_err();
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+}

@@ -1,1 +1,19 @@
+//! `tallyd`, the tally license server.
+//!
+//! - [`ledger`]: the seat ledger, a sans-IO state machine.
+//! - [`store`]: the sled seat store.
+//! - [`server`]: the QUIC shell that drives the ledger.
+//! - [`identity`] and [`tls`]: the server key and the certificate made from it.
+//! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
+//! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod demo;
+pub mod identity;
+pub mod ledger;
+pub mod server;
+pub mod signals;
+pub mod store;
+pub mod tls;

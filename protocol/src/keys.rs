@@ -2,7 +2,7 @@
 //! and identifies the server in TLS, their fingerprints, and the file format of a secret key.
 
 use crate::armor::{armor, dearmor, ArmorError};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;

@@ -1,0 +1,66 @@
+//! `tallyd demo`: the embedded default that runs with no set-up at all.
+//!
+//! It issues itself a bundle signed with the built-in demo vendor key (see
+//! `tally_protocol::keys::demo`), bound to its own server key like any real bundle, so
+//! the whole trust chain runs for real; only the vendor key is a public one. The bundle
+//! is written to the data directory once and reused, so a restarted demo keeps the same
+//! evaluation expiry and its leases.
+
+use anyhow::{Context, Result};
+use std::path::Path;
+use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant, VerifiedBundle};
+use tally_protocol::keys::{demo, hex, fingerprint_of, SecretKey};
+use tally_protocol::time::{UnixTime, DAY};
+
+/// File name of the demo bundle in the data directory.
+pub const DEMO_BUNDLE_FILE: &str = "demo.bundle";
+
+/// Days the demo's evaluation feature runs.
+pub const DEMO_EVALUATION_DAYS: u64 = 30;
+
+/// The demo bundle's features: two counted products and a 30-day evaluation.
+pub fn demo_bundle(server: &SecretKey, now: UnixTime) -> Bundle {
+    let mut evaluation = FeatureGrant::counted("optimizer", 3);
+    evaluation.evaluation = true;
+    evaluation.expires = Some(now.plus_secs(DEMO_EVALUATION_DAYS * DAY));
+    let server_key = server.public();
+    Bundle {
+        id: format!("demo-{}", &hex(&server_key.0)[..12]),
+        issued_at: now,
+        vendor: "tally demo vendor".into(),
+        customer: Customer {
+            id: "demo".into(),
+            name: "Demo site".into(),
+        },
+        binding: Some(Binding {
+            server_key,
+            host_fingerprint: fingerprint_of(b"demo host"),
+        }),
+        supersedes: Vec::new(),
+        features: vec![
+            FeatureGrant::counted("solver", 5),
+            FeatureGrant::counted("viewer", 20),
+            evaluation,
+        ],
+    }
+}
+
+/// Loads the demo bundle from `data_dir`, issuing and writing it on first start.
+pub fn load_or_issue(data_dir: &Path, server: &SecretKey, now: UnixTime) -> Result<VerifiedBundle> {
+    let path = data_dir.join(DEMO_BUNDLE_FILE);
+    let trusted = [demo::vendor_public()];
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let signed = bundle::from_armored(&text).with_context(|| format!("{}", path.display()))?;
+        let verified =
+            bundle::verify(&signed, &trusted).with_context(|| format!("{}", path.display()))?;
+        bundle::check_binding(&verified.bundle, &server.public(), false)
+            .with_context(|| format!("{}", path.display()))?;
+        return Ok(verified);
+    }
+    let signed = bundle::sign(&demo_bundle(server, now), &demo::vendor_secret());
+    std::fs::write(&path, bundle::to_armored(&signed))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(bundle::verify(&signed, &trusted)?)
+}

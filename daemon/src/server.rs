@@ -1,0 +1,587 @@
+//! The QUIC shell around the ledger.
+//!
+//! It carries bytes and decides nothing: each connection task reads request frames,
+//! hands typed requests to the single ledger task, and writes its answers back. The
+//! ledger task owns the [`Ledger`] and the [`Store`]; it takes requests in batches, so
+//! all grants of a batch share one flush (group commit), and it answers only after the
+//! flush: a client never hears "granted" for a seat the store could lose.
+
+use crate::ledger::{ConnId, Event, FreshLease, Ledger, Now};
+use crate::store::Store;
+use anyhow::{Context, Result};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tally_protocol::bundle::VerifiedBundle;
+use tally_protocol::frame::{self, FrameError, HEADER_LEN, MAX_REQUEST_LEN};
+use tally_protocol::keys::SecretKey;
+use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
+use tally_protocol::signed::{Domain, Signed};
+use tally_protocol::time::UnixTime;
+use tally_protocol::wire::*;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+/// How long a client may take to send a request once it opened a stream; a stream left
+/// open without a request must not hold daemon memory forever.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most requests the ledger task takes into one batch (one flush).
+const MAX_BATCH: usize = 256;
+/// Queue of requests waiting for the ledger task; when full, connection tasks wait,
+/// which pushes back on clients through QUIC flow control.
+const LEDGER_QUEUE: usize = 4096;
+
+/// Everything the server needs to start.
+pub struct ServerParams {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The server identity key.
+    pub identity: SecretKey,
+    /// The bundles to serve, already verified and checked against this server.
+    pub bundles: Vec<VerifiedBundle>,
+    /// The opened seat store.
+    pub store: Store,
+    /// Default lease TTL.
+    pub lease_ttl: Duration,
+    /// Heartbeat interval asked of clients.
+    pub heartbeat: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Demo mode (demo vendor key).
+    pub demo: bool,
+}
+
+/// A bound server, ready to run.
+#[must_use = "a server does nothing until run"]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    ledger_rx: mpsc::Receiver<Command>,
+    ledger: Ledger,
+    store: Store,
+}
+
+/// State every connection task reads.
+struct Shared {
+    ledger: mpsc::Sender<Command>,
+    key: SecretKey,
+    bundles: Vec<tally_protocol::signed::Signed>,
+    heartbeat_secs: u64,
+    demo: bool,
+    next_conn: AtomicU64,
+}
+
+/// A request to the ledger task.
+enum Command {
+    Checkout {
+        conn: ConnId,
+        holder: ClientIdentity,
+        request: CheckoutRequest,
+        fresh: FreshLease,
+        reply: oneshot::Sender<Result<LeaseRecord, DenialReason>>,
+    },
+    Heartbeat {
+        conn: ConnId,
+        leases: Vec<LeaseRef>,
+        reply: oneshot::Sender<Vec<LeaseState>>,
+    },
+    Checkin {
+        leases: Vec<LeaseRef>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
+    Status {
+        reply: oneshot::Sender<Vec<FeatureStatus>>,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The current time for the ledger. Uses tokio's clock so paused-time tests drive it.
+pub fn now() -> Now {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Now {
+        mono: tokio::time::Instant::now().into_std(),
+        wall: UnixTime(wall),
+    }
+}
+
+impl Server {
+    /// Restores the ledger from the store and binds the UDP port.
+    pub fn bind(params: ServerParams) -> Result<Server> {
+        let settings = crate::ledger::LedgerSettings {
+            default_ttl: params.lease_ttl,
+        };
+        let bundles: Vec<_> = params.bundles.iter().map(|b| b.bundle.clone()).collect();
+        let mut ledger = Ledger::new(settings, &bundles);
+        let (records, unreadable) = params.store.load_leases()?;
+        for bad in &unreadable {
+            warn!(key = ?bad.key, error = %bad.error, "lease record in the store could not be read; left in place");
+        }
+        let restored = records.len();
+        ledger.restore(now(), records);
+        if restored > 0 {
+            info!(leases = restored, "restored leases from the store; holders re-attach by heartbeat");
+        }
+        let config = crate::tls::server_config(&params.identity, params.idle_timeout)?;
+        let endpoint = quinn::Endpoint::server(config, params.listen)
+            .with_context(|| format!("binding UDP {}", params.listen))?;
+        let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
+        let shared = Arc::new(Shared {
+            ledger: tx,
+            key: params.identity,
+            bundles: params.bundles.into_iter().map(|b| b.signed).collect(),
+            heartbeat_secs: params.heartbeat.as_secs().max(1),
+            demo: params.demo,
+            next_conn: AtomicU64::new(1),
+        });
+        Ok(Server {
+            endpoint,
+            shared,
+            ledger_rx: rx,
+            ledger,
+            store: params.store,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Serves until `shutdown` completes, then stops the ledger (flushing the store)
+    /// before closing connections, so that closing them does not release their leases:
+    /// leases outlive a restart.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Server {
+            endpoint,
+            shared,
+            ledger_rx,
+            ledger,
+            store,
+        } = self;
+        let ledger_task = tokio::spawn(run_ledger(ledger, store.clone(), ledger_rx));
+        let accept = {
+            let endpoint = endpoint.clone();
+            let shared = shared.clone();
+            async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+                    tokio::spawn(serve_connection(incoming, conn, shared.clone()));
+                }
+            }
+        };
+        tokio::select! {
+            _ = accept => {}
+            _ = shutdown => info!("shutting down"),
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        if shared
+            .ledger
+            .send(Command::Shutdown { done: done_tx })
+            .await
+            .is_ok()
+        {
+            let _ = done_rx.await;
+        }
+        endpoint.close(0u32.into(), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let _ = ledger_task.await;
+        store.flush().await?;
+        info!("stopped; leases are kept in the store");
+        Ok(())
+    }
+}
+
+/// A reply owed to a client once the batch is durable.
+enum Pending {
+    Grant(
+        oneshot::Sender<Result<LeaseRecord, DenialReason>>,
+        Result<LeaseRecord, DenialReason>,
+    ),
+    Heartbeat(oneshot::Sender<Vec<LeaseState>>, Vec<LeaseState>),
+    Checkin(oneshot::Sender<Vec<bool>>, Vec<bool>),
+    Status(oneshot::Sender<Vec<FeatureStatus>>, Vec<FeatureStatus>),
+}
+
+/// The ledger task: owns the ledger and the store.
+async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Command>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let deadline = ledger.next_deadline();
+        let expiry = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+            _ = expiry => {}
+        }
+        let now = now();
+        let mut events = ledger.expire(now);
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut shutdown = None;
+        for command in batch.drain(..) {
+            match command {
+                Command::Checkout {
+                    conn,
+                    holder,
+                    request,
+                    fresh,
+                    reply,
+                } => {
+                    let result = ledger.checkout(now, conn, &holder, &request, fresh);
+                    let result = match result {
+                        Ok((record, event)) => {
+                            events.push(event);
+                            Ok(record)
+                        }
+                        Err(reason) => {
+                            info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                            Err(reason)
+                        }
+                    };
+                    pending.push(Pending::Grant(reply, result));
+                }
+                Command::Heartbeat {
+                    conn,
+                    leases,
+                    reply,
+                } => pending.push(Pending::Heartbeat(
+                    reply,
+                    ledger.heartbeat(now, conn, &leases),
+                )),
+                Command::Checkin { leases, reply } => {
+                    let (released, ev) = ledger.checkin(&leases);
+                    events.extend(ev);
+                    pending.push(Pending::Checkin(reply, released));
+                }
+                Command::Status { reply } => {
+                    pending.push(Pending::Status(reply, ledger.status(now.wall)))
+                }
+                Command::Closed { conn } => events.extend(ledger.connection_closed(conn)),
+                Command::Shutdown { done } => shutdown = Some(done),
+            }
+        }
+        let durable = if events.is_empty() {
+            Ok(())
+        } else {
+            match store.apply(&events) {
+                Ok(()) => store.flush().await,
+                Err(e) => Err(e),
+            }
+        };
+        let failure = durable.err().map(|e| {
+            warn!(error = %e, "could not persist ledger changes");
+            e.to_string()
+        });
+        for event in &events {
+            log_event(event, failure.is_none());
+        }
+        for p in pending {
+            match p {
+                Pending::Grant(reply, Ok(record)) if failure.is_some() => {
+                    ledger.rollback(record.id);
+                    let what = failure.clone().unwrap_or_default();
+                    let _ = reply.send(Err(DenialReason::StorageUnavailable { what }));
+                }
+                Pending::Grant(reply, result) => {
+                    let _ = reply.send(result);
+                }
+                Pending::Heartbeat(reply, r) => {
+                    let _ = reply.send(r);
+                }
+                Pending::Checkin(reply, r) => {
+                    let _ = reply.send(r);
+                }
+                Pending::Status(reply, r) => {
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        if let Some(done) = shutdown {
+            if let Err(e) = store.flush().await {
+                warn!(error = %e, "final flush failed");
+            }
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+fn log_event(event: &Event, durable: bool) {
+    match event {
+        Event::Granted(r) if durable => info!(
+            lease = %r.id, feature = %r.feature, count = r.count, holder = %r.holder, "granted"
+        ),
+        Event::Granted(_) => {}
+        Event::Released { id, feature, why } => {
+            info!(lease = %id, feature = %feature, reason = %why, "released")
+        }
+    }
+}
+
+/// One client connection: accepts its request streams until it closes, then tells the
+/// ledger so that its leases are reclaimed at once.
+async fn serve_connection(incoming: quinn::Incoming, conn_id: ConnId, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    debug!(%remote, conn = conn_id.0, "connected");
+    let identity = Arc::new(Mutex::new(None::<ClientIdentity>));
+    let reason = loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_stream(
+                    send,
+                    recv,
+                    conn_id,
+                    shared.clone(),
+                    identity.clone(),
+                ));
+            }
+            Err(e) => break e,
+        }
+    };
+    debug!(%remote, conn = conn_id.0, %reason, "connection closed");
+    let _ = shared.ledger.send(Command::Closed { conn: conn_id }).await;
+}
+
+/// Why reading a request failed.
+enum ReadFailure {
+    Frame(FrameError),
+    Stream(String),
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, ReadFailure> {
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| ReadFailure::Stream(e.to_string()))?;
+    let header = frame::parse_header(&header, MAX_REQUEST_LEN).map_err(ReadFailure::Frame)?;
+    frame::check_request_version(header.version).map_err(ReadFailure::Frame)?;
+    // Bounded by MAX_REQUEST_LEN, checked above before anything was allocated.
+    let mut payload = vec![0u8; header.payload_len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| ReadFailure::Stream(e.to_string()))?;
+    frame::decode_request(header.version, &payload).map_err(ReadFailure::Frame)
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    conn: ConnId,
+    shared: Arc<Shared>,
+    identity: Arc<Mutex<Option<ClientIdentity>>>,
+) {
+    let bytes = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
+        Err(_) => error_frame(format!(
+            "no complete request within {} s",
+            REQUEST_READ_TIMEOUT.as_secs()
+        )),
+        Ok(Err(ReadFailure::Frame(FrameError::UnsupportedVersion { got, .. }))) => {
+            frame::encode_version_negotiation(got)
+        }
+        Ok(Err(ReadFailure::Frame(e))) => error_frame(e.to_string()),
+        Ok(Err(ReadFailure::Stream(e))) => {
+            debug!(conn = conn.0, error = %e, "stream ended before a request");
+            return;
+        }
+        Ok(Ok(request)) => {
+            let response = dispatch(request, conn, &shared, &identity).await;
+            frame::encode_response(&response)
+        }
+    };
+    if send.write_all(&bytes).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+fn error_frame(message: String) -> Vec<u8> {
+    frame::encode_response(&Response::Error(ErrorReply { message }))
+}
+
+fn error(message: impl Into<String>) -> Response {
+    Response::Error(ErrorReply {
+        message: message.into(),
+    })
+}
+
+/// Checks that no identity field is empty or oversized.
+fn check_identity(client: &ClientIdentity) -> Result<(), String> {
+    let fields = [
+        ("user", client.user.as_str()),
+        ("host", client.host.as_str()),
+        ("program", client.program.as_str()),
+        ("display", client.display.as_deref().unwrap_or("-")),
+    ];
+    for (name, value) in fields {
+        if value.is_empty() {
+            return Err(format!("hello: {name} is empty"));
+        }
+        if value.len() > MAX_NAME_LEN {
+            return Err(format!(
+                "hello: {name} is longer than {MAX_NAME_LEN} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn dispatch(
+    request: Request,
+    conn: ConnId,
+    shared: &Shared,
+    identity: &Mutex<Option<ClientIdentity>>,
+) -> Response {
+    let closed = || error("the server is shutting down");
+    match request {
+        Request::Hello(hello) => {
+            if let Err(what) = check_identity(&hello.client) {
+                return error(what);
+            }
+            *identity.lock().expect("identity lock") = Some(hello.client);
+            Response::Hello(HelloReply {
+                server_version: env!("CARGO_PKG_VERSION").to_string(),
+                bundles: shared.bundles.clone(),
+                server_time: now().wall,
+                heartbeat_secs: shared.heartbeat_secs,
+                demo: shared.demo,
+            })
+        }
+        Request::Checkout(request) => {
+            let Some(holder) = identity.lock().expect("identity lock").clone() else {
+                return error("send hello before checkout");
+            };
+            if request.feature.is_empty() || request.feature.len() > MAX_NAME_LEN {
+                return Response::Checkout(CheckoutReply::Denied(Denial {
+                    reason: DenialReason::InvalidRequest {
+                        what: "feature name is empty or too long".into(),
+                    },
+                }));
+            }
+            let fresh = match fresh_lease() {
+                Ok(f) => f,
+                Err(e) => return error(format!("no randomness for a lease secret: {e}")),
+            };
+            let (reply, rx) = oneshot::channel();
+            let command = Command::Checkout {
+                conn,
+                holder: holder.clone(),
+                request,
+                fresh,
+                reply,
+            };
+            if shared.ledger.send(command).await.is_err() {
+                return closed();
+            }
+            match rx.await {
+                Ok(Ok(record)) => Response::Checkout(CheckoutReply::Granted(grant(
+                    &record,
+                    &holder,
+                    &shared.key,
+                ))),
+                Ok(Err(reason)) => Response::Checkout(CheckoutReply::Denied(Denial { reason })),
+                Err(_) => closed(),
+            }
+        }
+        Request::Heartbeat(request) => {
+            let (reply, rx) = oneshot::channel();
+            let command = Command::Heartbeat {
+                conn,
+                leases: request.leases,
+                reply,
+            };
+            if shared.ledger.send(command).await.is_err() {
+                return closed();
+            }
+            match rx.await {
+                Ok(leases) => Response::Heartbeat(HeartbeatReply { leases }),
+                Err(_) => closed(),
+            }
+        }
+        Request::Checkin(request) => {
+            let (reply, rx) = oneshot::channel();
+            let command = Command::Checkin {
+                leases: request.leases,
+                reply,
+            };
+            if shared.ledger.send(command).await.is_err() {
+                return closed();
+            }
+            match rx.await {
+                Ok(released) => Response::Checkin(CheckinReply { released }),
+                Err(_) => closed(),
+            }
+        }
+        Request::Status(_) => {
+            let (reply, rx) = oneshot::channel();
+            if shared
+                .ledger
+                .send(Command::Status { reply })
+                .await
+                .is_err()
+            {
+                return closed();
+            }
+            match rx.await {
+                Ok(features) => Response::Status(StatusReply {
+                    server_time: now().wall,
+                    server_fingerprint: shared.key.public().fingerprint(),
+                    features,
+                }),
+                Err(_) => closed(),
+            }
+        }
+        _ => error("this request is not supported by this tallyd"),
+    }
+}
+
+fn fresh_lease() -> Result<FreshLease, getrandom::Error> {
+    let mut bytes = [0u8; 24];
+    getrandom::getrandom(&mut bytes)?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&bytes[..8]);
+    let mut secret = [0u8; 16];
+    secret.copy_from_slice(&bytes[8..]);
+    Ok(FreshLease {
+        id: LeaseId(u64::from_be_bytes(id)),
+        secret: LeaseSecret(secret),
+    })
+}
+
+/// The grant message with its signed token. Signing happens here, on the connection's
+/// task, not in the ledger task, so that both cores share the signing work.
+fn grant(record: &LeaseRecord, holder: &ClientIdentity, key: &SecretKey) -> LeaseGrant {
+    let token = LeaseToken::V1 {
+        id: record.id,
+        feature: record.feature.clone(),
+        count: record.count,
+        holder: holder.to_string(),
+        issued_at: record.granted_at,
+    };
+    LeaseGrant {
+        id: record.id,
+        secret: record.secret.clone(),
+        feature: record.feature.clone(),
+        count: record.count,
+        ttl_secs: record.ttl_secs,
+        token: Signed::sign(Domain::Lease, token.encode(), key),
+    }
+}

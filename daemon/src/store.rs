@@ -1,0 +1,121 @@
+//! The seat store: sled behind one small module.
+//!
+//! Only this module knows sled exists. It keeps leases (key: lease id, big-endian; value:
+//! an encoded, versioned [`StoredLease`]) and gives the shell three operations: load at
+//! start, apply a batch of ledger events, flush. The shell applies a whole batch of
+//! grants and then flushes once (group commit), so many concurrent checkouts share one
+//! fsync while each grant is still durable before its client hears about it.
+
+use crate::ledger::Event;
+use std::path::{Path, PathBuf};
+use tally_protocol::lease::{LeaseId, LeaseRecord, StoredLease};
+
+/// Why the store failed; the text names the store's path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled reported an error (disk full, permissions, corruption).
+    #[error("seat store {path}: {source}")]
+    Sled {
+        /// The store directory.
+        path: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
+}
+
+/// A lease record in the store that could not be decoded. It is left in place (never
+/// deleted on our own initiative) and reported, so no data is lost to a bug.
+#[derive(Debug)]
+pub struct UnreadableLease {
+    /// The raw key.
+    pub key: Vec<u8>,
+    /// What was wrong.
+    pub error: String,
+}
+
+/// The sled-backed seat store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    leases: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.to_path_buf();
+        let err = |source| StoreError::Sled {
+            path: path.clone(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            // The default 1 GiB page cache is sized for databases, not for a seat table.
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .map_err(err)?;
+        let leases = db.open_tree("leases/v1").map_err(err)?;
+        Ok(Store { path, db, leases })
+    }
+
+    /// Every lease in the store, plus the records that could not be read.
+    pub fn load_leases(&self) -> Result<(Vec<LeaseRecord>, Vec<UnreadableLease>), StoreError> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for item in self.leases.iter() {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            match StoredLease::decode(&value) {
+                Ok(StoredLease::V1(record)) => good.push(record),
+                Ok(_) => bad.push(UnreadableLease {
+                    key: key.to_vec(),
+                    error: "unknown lease record version".into(),
+                }),
+                Err(e) => bad.push(UnreadableLease {
+                    key: key.to_vec(),
+                    error: e.to_string(),
+                }),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// Writes the effects of a batch of ledger events (not yet flushed).
+    pub fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for event in events {
+            match event {
+                Event::Granted(record) => batch.insert(
+                    &key(record.id),
+                    StoredLease::V1(record.clone()).encode(),
+                ),
+                Event::Released { id, .. } => batch.remove(&key(*id)),
+            }
+        }
+        self.leases.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// Makes everything applied so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Flushes synchronously; for shutdown paths outside the runtime.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+fn key(id: LeaseId) -> [u8; 8] {
+    id.0.to_be_bytes()
+}

@@ -1,0 +1,62 @@
+//! The QUIC/TLS side of the server identity: a self-signed certificate made from the
+//! identity key, and the quinn server configuration around it.
+//!
+//! There is no CA. The certificate exists only to carry the identity key through TLS;
+//! clients trust it because the vendor-signed bundle binds that key (see ARCHITECTURE.md).
+
+use anyhow::{Context, Result};
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::sync::Arc;
+use std::time::Duration;
+use tally_protocol::keys::SecretKey;
+use tally_protocol::wire::ALPN;
+
+/// Streams a client may have open at once; a checkout, a heartbeat and a status fit
+/// with room to spare, and the bound keeps a misbehaving client's cost small.
+const MAX_CONCURRENT_STREAMS: u32 = 16;
+
+/// Builds the quinn server configuration for `key`.
+pub fn server_config(key: &SecretKey, idle_timeout: Duration) -> Result<quinn::ServerConfig> {
+    let pkcs8 = key.to_pkcs8_der();
+    let key_pair = rcgen::KeyPair::try_from(pkcs8.as_slice())
+        .context("turning the identity key into a certificate key")?;
+    let params = rcgen::CertificateParams::new(vec!["tally".to_string()])
+        .context("certificate parameters")?;
+    let cert = params
+        .self_signed(&key_pair)
+        .context("self-signing the server certificate")?;
+    let cert_der: CertificateDer<'static> = cert.der().clone();
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert_der], key_der)
+        .context("installing the server certificate")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport(idle_timeout)?));
+    Ok(config)
+}
+
+/// Transport settings for many small, mostly idle connections (see limits.md: this
+/// brings an idle connection from ~152 KiB to ~62 KiB).
+fn transport(idle_timeout: Duration) -> Result<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(MAX_CONCURRENT_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((64u32 * 1024).into())
+        .receive_window((256u32 * 1024).into())
+        .send_window(256 * 1024)
+        .datagram_receive_buffer_size(None)
+        .max_idle_timeout(Some(
+            idle_timeout
+                .try_into()
+                .context("idle timeout out of range")?,
+        ));
+    Ok(t)
+}
