@@ -1,1 +1,511 @@
+//! The tally client library.
+//!
+//! [`Session::connect`] tries the configured servers in order (like a FlexLM license
+//! search path), checks each server's trust chain (see [`trust`]) and introduces the
+//! client. A session then checks seats out, heartbeats, checks them in and reads status.
+//! Every call has a deadline: a license server that does not answer never hangs the
+//! application.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod trust;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tally_protocol::bundle::VerifiedBundle;
+use tally_protocol::frame::{self, HEADER_LEN, MAX_RESPONSE_LEN};
+use tally_protocol::keys::PublicKey;
+use tally_protocol::lease::LeaseId;
+use tally_protocol::signed::Domain;
+use tally_protocol::wire::*;
+pub use trust::Trust;
+
+/// Default time allowed to reach a server, complete the handshake and say hello.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for one request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval; must stay below the server's idle timeout (15 s by default,
+/// 5 s at the least) so an idle but healthy client is never dropped.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// How to reach and whom to trust.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Servers as `host:port` (port 27300 when omitted), tried in order.
+    pub servers: Vec<String>,
+    /// The vendor keys to trust.
+    pub trust: Trust,
+    /// Who this client is.
+    pub identity: ClientIdentity,
+    /// Deadline for connecting to one server.
+    pub connect_timeout: Duration,
+    /// Deadline for one request.
+    pub request_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A configuration with default timeouts and this process's identity.
+    pub fn new(servers: Vec<String>, trust: Trust) -> ClientConfig {
+        ClientConfig {
+            servers,
+            trust,
+            identity: local_identity(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// This process as a [`ClientIdentity`]: login name, host name, pid, program name.
+pub fn local_identity() -> ClientIdentity {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(login_name_from_passwd)
+        .unwrap_or_else(|| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into());
+    let program = std::env::args()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let display = std::env::var("DISPLAY").ok().filter(|d| !d.is_empty());
+    let clip = |mut s: String| {
+        if s.len() > MAX_NAME_LEN {
+            let mut end = MAX_NAME_LEN;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+        }
+        s
+    };
+    ClientIdentity {
+        user: clip(user),
+        host: clip(host),
+        pid: std::process::id(),
+        program: clip(program),
+        display: display.map(clip),
+    }
+}
+
+/// The login name of this process's real uid, from `/proc/self/status` and
+/// `/etc/passwd`; services and cron jobs often run without `USER` set.
+fn login_name_from_passwd() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        (fields.next()? == uid).then(|| name.to_string())
+    })
+}
+
+/// What went wrong, in terms an application can act on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No configured server could be reached and trusted.
+    #[error("no license server available: {}", .0.join("; "))]
+    NoServer(Vec<String>),
+    /// The server answered but is not vouched for by a trusted vendor key.
+    #[error("{0}")]
+    Untrusted(String),
+    /// The server refused the checkout.
+    #[error("{0}")]
+    Denied(Denial),
+    /// The server did not answer in time.
+    #[error("{0} timed out after {1:?}")]
+    Timeout(&'static str, Duration),
+    /// The connection failed or closed.
+    #[error("connection to {server} failed: {message}")]
+    Connection {
+        /// The server.
+        server: SocketAddr,
+        /// What happened.
+        message: String,
+    },
+    /// The server answered with something that does not fit the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server reported an error.
+    #[error("server error: {0}")]
+    Server(String),
+    /// A configuration problem on the client side.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// True if retrying on a new connection may help.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connection { .. } | ClientError::Timeout(..) | ClientError::NoServer(_)
+        )
+    }
+}
+
+/// A granted lease, as held by the client.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The grant as the server sent it, token included.
+    pub grant: LeaseGrant,
+}
+
+impl Lease {
+    /// The reference used to heartbeat and check in this lease.
+    pub fn lease_ref(&self) -> LeaseRef {
+        LeaseRef {
+            id: self.grant.id,
+            secret: self.grant.secret.clone(),
+        }
+    }
+
+    /// The lease id.
+    pub fn id(&self) -> LeaseId {
+        self.grant.id
+    }
+}
+
+/// A verified connection to one server.
+pub struct Session {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    server: SocketAddr,
+    server_key: PublicKey,
+    hello: HelloReply,
+    bundles: Vec<VerifiedBundle>,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("server", &self.server)
+            .field("server_key", &self.server_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `host[:port]` and resolves it.
+async fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
+    let with_port = if server.parse::<SocketAddr>().is_ok() || has_port(server) {
+        server.to_string()
+    } else {
+        format!("{server}:{DEFAULT_PORT}")
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
+        .await
+        .map_err(|e| format!("{server}: cannot resolve: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{server}: no address"));
+    }
+    Ok(addrs)
+}
+
+fn has_port(server: &str) -> bool {
+    // `host:port` or `[v6]:port`; a bare IPv6 address has several colons and no port.
+    match server.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    }
+}
+
+fn quic_client_config() -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(trust::ServerKeyVerifier::new()))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_concurrent_uni_streams(0u32.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+impl Session {
+    /// Connects to the first server in `config.servers` that answers and whose trust
+    /// chain holds. Each failure is named in [`ClientError::NoServer`].
+    pub async fn connect(config: &ClientConfig) -> Result<Session, ClientError> {
+        if config.servers.is_empty() {
+            return Err(ClientError::Config(
+                "no server given (use --server HOST:PORT or TALLY_SERVER)".into(),
+            ));
+        }
+        let mut failures = Vec::new();
+        for server in &config.servers {
+            let addrs = match resolve(server).await {
+                Ok(a) => a,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
+            for addr in addrs {
+                match tokio::time::timeout(config.connect_timeout, Self::connect_one(addr, config))
+                    .await
+                {
+                    Ok(Ok(session)) => return Ok(session),
+                    // A server that proves to be untrusted is not skipped silently: it is
+                    // the one thing an admin must hear about.
+                    Ok(Err(ClientError::Untrusted(e))) if config.servers.len() == 1 => {
+                        return Err(ClientError::Untrusted(e))
+                    }
+                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                    Err(_) => failures.push(format!(
+                        "{addr}: no answer within {:?}",
+                        config.connect_timeout
+                    )),
+                }
+            }
+        }
+        Err(ClientError::NoServer(failures))
+    }
+
+    async fn connect_one(addr: SocketAddr, config: &ClientConfig) -> Result<Session, ClientError> {
+        let conn_err = |message: String| ClientError::Connection {
+            server: addr,
+            message,
+        };
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| conn_err(e.to_string()))?;
+        endpoint.set_default_client_config(quic_client_config()?);
+        let connection = endpoint
+            .connect(addr, "tally")
+            .map_err(|e| conn_err(e.to_string()))?
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        let server_key = connection
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|certs| certs.first().cloned())
+            .ok_or_else(|| ClientError::Protocol("server sent no certificate".into()))
+            .and_then(|cert| {
+                tally_protocol::cert::ed25519_key(cert.as_ref())
+                    .map_err(|e| ClientError::Protocol(e.to_string()))
+            })?;
+        let mut session = Session {
+            endpoint,
+            connection,
+            server: addr,
+            server_key,
+            hello: HelloReply {
+                server_version: String::new(),
+                bundles: Vec::new(),
+                server_time: tally_protocol::time::UnixTime(0),
+                heartbeat_secs: 30,
+                demo: false,
+            },
+            bundles: Vec::new(),
+            request_timeout: config.request_timeout,
+        };
+        let hello = match session
+            .request(Request::Hello(Hello {
+                client: config.identity.clone(),
+            }))
+            .await?
+        {
+            Response::Hello(h) => h,
+            other => return Err(unexpected(&other)),
+        };
+        session.bundles = trust::check_server(&server_key, &hello.bundles, &config.trust)
+            .map_err(ClientError::Untrusted)?;
+        session.hello = hello;
+        Ok(session)
+    }
+
+    /// The server this session talks to.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// The server key proven in TLS and vouched for by a bundle.
+    pub fn server_key(&self) -> PublicKey {
+        self.server_key
+    }
+
+    /// The server's hello: version, heartbeat interval, demo flag.
+    pub fn hello(&self) -> &HelloReply {
+        &self.hello
+    }
+
+    /// The verified bundles this server serves.
+    pub fn bundles(&self) -> &[VerifiedBundle] {
+        &self.bundles
+    }
+
+    /// How often to heartbeat, as the server asked.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.hello.heartbeat_secs.max(1))
+    }
+
+    /// Sends one request on its own stream and reads the response, within the deadline.
+    pub async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        tokio::time::timeout(self.request_timeout, self.request_inner(&request))
+            .await
+            .map_err(|_| ClientError::Timeout("request", self.request_timeout))?
+    }
+
+    async fn request_inner(&self, request: &Request) -> Result<Response, ClientError> {
+        let conn_err = |message: String| ClientError::Connection {
+            server: self.server,
+            message,
+        };
+        let (mut send, mut recv) = self
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        send.write_all(&frame::encode_request(request))
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        send.finish().map_err(|e| conn_err(e.to_string()))?;
+        let mut header = [0u8; HEADER_LEN];
+        recv.read_exact(&mut header)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        let header = frame::parse_header(&header, MAX_RESPONSE_LEN)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut payload = vec![0u8; header.payload_len];
+        recv.read_exact(&mut payload)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        match frame::decode_response(header.version, &payload)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
+            Response::Error(e) => Err(ClientError::Server(e.message)),
+            response => Ok(response),
+        }
+    }
+
+    /// Checks out `count` seats of `feature`. A denial is [`ClientError::Denied`]. The
+    /// lease token is verified against the server key before the lease is returned.
+    pub async fn checkout(
+        &self,
+        feature: &str,
+        count: u32,
+        version: Option<String>,
+    ) -> Result<Lease, ClientError> {
+        let request = Request::Checkout(CheckoutRequest {
+            feature: feature.to_string(),
+            count,
+            version,
+        });
+        match self.request(request).await? {
+            Response::Checkout(CheckoutReply::Granted(grant)) => {
+                self.verify_token(&grant)?;
+                Ok(Lease { grant })
+            }
+            Response::Checkout(CheckoutReply::Denied(denial)) => Err(ClientError::Denied(denial)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn verify_token(&self, grant: &LeaseGrant) -> Result<(), ClientError> {
+        let token = &grant.token;
+        if token.signer != self.server_key {
+            return Err(ClientError::Protocol(
+                "lease token is not signed by the server key".into(),
+            ));
+        }
+        token
+            .verify(Domain::Lease)
+            .map_err(|_| ClientError::Protocol("lease token signature does not verify".into()))?;
+        match LeaseToken::decode(&token.body) {
+            Ok(LeaseToken::V1 {
+                id, feature, count, ..
+            }) if id == grant.id && feature == grant.feature && count == grant.count => Ok(()),
+            Ok(_) => Err(ClientError::Protocol(
+                "lease token does not match the grant".into(),
+            )),
+            Err(e) => Err(ClientError::Protocol(format!("lease token: {e}"))),
+        }
+    }
+
+    /// Heartbeats leases (and re-attaches them to this connection).
+    pub async fn heartbeat(&self, leases: &[LeaseRef]) -> Result<Vec<LeaseState>, ClientError> {
+        let request = Request::Heartbeat(HeartbeatRequest {
+            leases: leases.to_vec(),
+        });
+        match self.request(request).await? {
+            Response::Heartbeat(r) if r.leases.len() == leases.len() => Ok(r.leases),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Checks leases in.
+    pub async fn checkin(&self, leases: &[LeaseRef]) -> Result<Vec<bool>, ClientError> {
+        let request = Request::Checkin(CheckinRequest {
+            leases: leases.to_vec(),
+        });
+        match self.request(request).await? {
+            Response::Checkin(r) if r.released.len() == leases.len() => Ok(r.released),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Features, seats and holders.
+    pub async fn status(&self) -> Result<StatusReply, ClientError> {
+        match self.request(Request::Status(StatusRequest {})).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Closes the connection politely (so the server releases nothing by timeout) and
+    /// waits briefly for the close to reach the server.
+    pub async fn close(self) {
+        self.connection.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn unexpected(response: &Response) -> ClientError {
+    let kind = match response {
+        Response::Hello(_) => "hello",
+        Response::Checkout(_) => "checkout",
+        Response::Heartbeat(_) => "heartbeat",
+        Response::Checkin(_) => "checkin",
+        Response::Status(_) => "status",
+        Response::Error(_) => "error",
+        _ => "unknown",
+    };
+    ClientError::Protocol(format!("unexpected {kind} response"))
+}

@@ -1,1 +1,423 @@
-fn main() {}
+//! `tally`: the command-line client for scripts, users and admins.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tally_client::{ClientConfig, ClientError, Lease, Session, Trust};
+use tally_protocol::wire::{LeaseState, StatusReply};
+use tokio::sync::oneshot;
+
+/// sysexits: usage error.
+const EX_USAGE: u8 = 64;
+/// sysexits: no license server could be reached.
+const EX_UNAVAILABLE: u8 = 69;
+/// sysexits: internal error.
+const EX_SOFTWARE: u8 = 70;
+/// sysexits: temporary failure; here, the checkout was denied (try again later).
+const EX_TEMPFAIL: u8 = 75;
+/// sysexits: protocol error.
+const EX_PROTOCOL: u8 = 76;
+/// sysexits: permission denied; here, the server is not vouched for by the vendor.
+const EX_NOPERM: u8 = 77;
+/// Shell convention: the command could not be executed.
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// Shell convention: the command was not found.
+const EXIT_NOT_FOUND: u8 = 127;
+
+/// How long `tally run` waits between reconnection attempts after losing the server.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Parser)]
+#[command(name = "tally", version, about = "tally license client")]
+struct Cli {
+    /// License server as HOST[:PORT]; repeat (or separate with commas) for a search path
+    /// tried in order. Default 127.0.0.1:27300.
+    #[arg(long = "server", env = "TALLY_SERVER", value_delimiter = ',', global = true)]
+    servers: Vec<String>,
+    /// Trust the built-in demo vendor key (for `tallyd demo` only).
+    #[arg(long, global = true)]
+    demo: bool,
+    /// A vendor public key file to trust; repeatable.
+    #[arg(long = "vendor-key", global = true)]
+    vendor_keys: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show features, seats in use and their holders.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check out seats, run a command while holding them, check them in when it exits.
+    ///
+    /// Exits with the command's status; 75 if the seats were denied.
+    Run {
+        /// The feature to check out.
+        feature: String,
+        /// Seats to check out.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// The application version to present (for version ceilings).
+        #[arg(long)]
+        version: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        let code = match &e {
+            ClientError::Denied(_) => EX_TEMPFAIL,
+            ClientError::Untrusted(_) => EX_NOPERM,
+            ClientError::Config(_) => EX_USAGE,
+            ClientError::Protocol(_) | ClientError::Server(_) => EX_PROTOCOL,
+            _ => EX_UNAVAILABLE,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tally: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("tally: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn client_config(cli: &Cli) -> Result<ClientConfig, Failure> {
+    let usage = |message: String| Failure {
+        code: EX_USAGE,
+        message,
+    };
+    let trust = match (cli.demo, cli.vendor_keys.is_empty()) {
+        (true, true) => Trust::Demo,
+        (false, false) => {
+            let mut keys = Vec::new();
+            for path in &cli.vendor_keys {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+                let key = tally_protocol::keys::public_key_from_armored(&text)
+                    .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+                keys.push(key);
+            }
+            Trust::Vendor(keys)
+        }
+        (true, false) => {
+            return Err(usage(
+                "--demo and --vendor-key exclude each other: demo trust is for the demo server only"
+                    .into(),
+            ))
+        }
+        (false, true) => {
+            return Err(usage(
+                "say which vendor to trust: --vendor-key FILE (the vendor's public key), \
+                 or --demo for a `tallyd demo` server"
+                    .into(),
+            ))
+        }
+    };
+    let servers = if cli.servers.is_empty() {
+        vec![format!("127.0.0.1:{}", tally_protocol::wire::DEFAULT_PORT)]
+    } else {
+        cli.servers.clone()
+    };
+    Ok(ClientConfig::new(servers, trust))
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    let config = client_config(&cli)?;
+    match cli.command {
+        Command::Status { json } => {
+            let session = Session::connect(&config).await?;
+            let status = session.status().await?;
+            let demo = session.hello().demo;
+            let server = session.server();
+            session.close().await;
+            if json {
+                print_status_json(&status, &server.to_string(), demo);
+            } else {
+                print_status(&status, &server.to_string(), demo);
+            }
+            Ok(0)
+        }
+        Command::Run {
+            feature,
+            count,
+            version,
+            command,
+        } => run_with_seat(config, feature, count, version, command).await,
+    }
+}
+
+async fn run_with_seat(
+    config: ClientConfig,
+    feature: String,
+    count: u32,
+    version: Option<String>,
+    command: Vec<String>,
+) -> Result<u8, Failure> {
+    // Admins see the program that holds the seat, not the wrapper.
+    let mut config = config;
+    if let Some(name) = std::path::Path::new(&command[0]).file_name() {
+        config.identity.program = name.to_string_lossy().chars().take(200).collect();
+    }
+    let session = Session::connect(&config).await?;
+    let lease = match session.checkout(&feature, count, version.clone()).await {
+        Ok(lease) => lease,
+        Err(ClientError::Denied(denial)) => {
+            session.close().await;
+            eprintln!("tally: denied: {denial}");
+            return Ok(EX_TEMPFAIL);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(lease = %lease.id(), "checked out");
+    // SIGINT from the terminal goes to the whole process group: the command handles it,
+    // and we stay to check the seat in after it exits.
+    tokio::spawn(async {
+        while tokio::signal::ctrl_c().await.is_ok() {}
+    });
+    let mut child = match tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = session.checkin(&[lease.lease_ref()]).await;
+            session.close().await;
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_EXECUTE
+            };
+            eprintln!("tally: cannot run {}: {e}", command[0]);
+            return Ok(code);
+        }
+    };
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let keeper = tokio::spawn(keep_seat(config, session, lease, feature, count, version, stop_rx));
+    let status = child.wait().await;
+    let _ = stop_tx.send(());
+    let _ = keeper.await;
+    let status = status.map_err(|e| Failure {
+        code: EX_SOFTWARE,
+        message: format!("waiting for {}: {e}", command[0]),
+    })?;
+    Ok(exit_code(status))
+}
+
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => 128u8.saturating_add(signal as u8),
+        (None, None) => EX_SOFTWARE,
+    }
+}
+
+/// Heartbeats the lease while the command runs; on connection loss reconnects (next
+/// server in the list if need be) and re-attaches the lease with its secret, so a server
+/// restart or network blip costs no second seat. Checks the lease in when told to stop.
+async fn keep_seat(
+    config: ClientConfig,
+    session: Session,
+    mut lease: Lease,
+    feature: String,
+    count: u32,
+    version: Option<String>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let interval = session.heartbeat_interval();
+    let mut session = Some(session);
+    let mut lost = false;
+    loop {
+        let wait = if session.is_some() && !lost {
+            interval
+        } else {
+            RECONNECT_INTERVAL
+        };
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if session.is_none() {
+            match Session::connect(&config).await {
+                // The heartbeat right below re-attaches the lease to the new connection.
+                Ok(s) => {
+                    eprintln!("tally: reconnected to {}", s.server());
+                    session = Some(s);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconnect failed");
+                    continue;
+                }
+            }
+        }
+        continue_with_heartbeat(&mut session, &mut lease, &mut lost, &feature, count, &version)
+            .await;
+    }
+    if let Some(s) = session {
+        if let Err(e) = s.checkin(&[lease.lease_ref()]).await {
+            tracing::warn!(error = %e, "checkin failed; the seat returns when its TTL runs out");
+        }
+        s.close().await;
+    }
+}
+
+async fn continue_with_heartbeat(
+    session: &mut Option<Session>,
+    lease: &mut Lease,
+    lost: &mut bool,
+    feature: &str,
+    count: u32,
+    version: &Option<String>,
+) {
+    let Some(s) = session.as_ref() else { return };
+    if *lost {
+        match s.checkout(feature, count, version.clone()).await {
+            Ok(new) => {
+                eprintln!("tally: got a seat of '{feature}' again");
+                *lease = new;
+                *lost = false;
+            }
+            Err(e) if e.is_connection_loss() => *session = None,
+            Err(e) => tracing::warn!(error = %e, "still no seat"),
+        }
+        return;
+    }
+    match s.heartbeat(&[lease.lease_ref()]).await {
+        Ok(states) if states.first() == Some(&LeaseState::Active) => {}
+        Ok(_) => {
+            eprintln!(
+                "tally: the server no longer knows lease {} of '{feature}'; trying to get a seat again",
+                lease.id()
+            );
+            *lost = true;
+        }
+        Err(e) if e.is_connection_loss() => {
+            eprintln!("tally: lost the connection to {} ({e}); reconnecting", s.server());
+            if let Some(old) = session.take() {
+                tokio::spawn(old.close());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    }
+}
+
+fn print_status(status: &StatusReply, server: &str, demo: bool) {
+    let demo = if demo { " (demo)" } else { "" };
+    println!(
+        "server {server}{demo}, key {}, time {}",
+        status.server_fingerprint, status.server_time
+    );
+    println!(
+        "{:<20} {:>7} {:>7}  {}",
+        "FEATURE", "IN USE", "TOTAL", "EXPIRES"
+    );
+    for f in &status.features {
+        let total = f
+            .total
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "uncounted".into());
+        let expires = match f.expires {
+            Some(e) => e.date(),
+            None => "permanent".into(),
+        };
+        let eval = if f.evaluation { " (evaluation)" } else { "" };
+        println!(
+            "{:<20} {:>7} {:>7}  {expires}{eval}",
+            f.name, f.in_use, total
+        );
+        for h in &f.holders {
+            println!(
+                "  {}  {}  pid {}  {}  {} seat(s) since {}",
+                h.lease, h.client, h.client.pid, h.client.program, h.count, h.since
+            );
+        }
+    }
+}
+
+fn print_status_json(status: &StatusReply, server: &str, demo: bool) {
+    let features: Vec<serde_json::Value> = status
+        .features
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "name": f.name,
+                "total": f.total,
+                "in_use": f.in_use,
+                "expires": f.expires.map(|e| e.to_string()),
+                "evaluation": f.evaluation,
+                "holders": f.holders.iter().map(|h| serde_json::json!({
+                    "lease": h.lease.to_string(),
+                    "user": h.client.user,
+                    "host": h.client.host,
+                    "pid": h.client.pid,
+                    "program": h.client.program,
+                    "count": h.count,
+                    "since": h.since.to_string(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "server": server,
+        "demo": demo,
+        "server_key": status.server_fingerprint,
+        "server_time": status.server_time.to_string(),
+        "features": features,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
+    );
+}

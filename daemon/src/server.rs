@@ -132,8 +132,15 @@ impl Server {
             info!(leases = restored, "restored leases from the store; holders re-attach by heartbeat");
         }
         let config = crate::tls::server_config(&params.identity, params.idle_timeout)?;
-        let endpoint = quinn::Endpoint::server(config, params.listen)
+        let socket = std::net::UdpSocket::bind(params.listen)
             .with_context(|| format!("binding UDP {}", params.listen))?;
+        let endpoint = quinn::Endpoint::new(
+            crate::tls::endpoint_config(&params.identity),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("starting QUIC on {}", params.listen))?;
         let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
         let shared = Arc::new(Shared {
             ledger: tx,

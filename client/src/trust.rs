@@ -1,0 +1,132 @@
+//! The client's half of the trust chain.
+//!
+//! 1. TLS: [`ServerKeyVerifier`] accepts a certificate only if it carries an ed25519 key,
+//!    and rustls checks that the server's handshake signature verifies with that key. So
+//!    after the handshake we know the server holds the private half of the key in its
+//!    certificate. There is no CA and no host name check: names prove nothing here.
+//! 2. Bundles: [`check_server`] requires that at least one bundle the server presents is
+//!    signed by a vendor key the application trusts *and* bound to that same key. A fake
+//!    server with its own key has no vendor signature on it; a clone that copied a real
+//!    bundle lacks the private key the bundle names.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tally_protocol::bundle::{self, VerifiedBundle};
+use tally_protocol::keys::{demo, PublicKey};
+use tally_protocol::signed::Signed;
+
+/// Which vendor keys the application trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The vendor's public keys, compiled into the application.
+    Vendor(Vec<PublicKey>),
+    /// The built-in demo vendor key; only for trying tally out. Never ship this.
+    Demo,
+}
+
+impl Trust {
+    fn keys(&self) -> Vec<PublicKey> {
+        match self {
+            Trust::Vendor(keys) => keys.clone(),
+            Trust::Demo => vec![demo::vendor_public()],
+        }
+    }
+}
+
+/// Checks the bundles a server presented against the key it proved in TLS; returns the
+/// bundles that are vendor-signed and bound to that key.
+pub fn check_server(
+    server_key: &PublicKey,
+    bundles: &[Signed],
+    trust: &Trust,
+) -> Result<Vec<VerifiedBundle>, String> {
+    let trusted = trust.keys();
+    let mut good = Vec::new();
+    let mut reasons = Vec::new();
+    for signed in bundles {
+        match bundle::verify(signed, &trusted)
+            .and_then(|v| bundle::check_binding(&v.bundle, server_key, false).map(|_| v))
+        {
+            Ok(v) => good.push(v),
+            Err(e) => reasons.push(e.to_string()),
+        }
+    }
+    if good.is_empty() {
+        let why = if reasons.is_empty() {
+            "it presents no bundle".to_string()
+        } else {
+            reasons.join("; ")
+        };
+        let hint = match trust {
+            Trust::Demo => " (demo trust accepts only the demo vendor's bundles)",
+            Trust::Vendor(_) => "",
+        };
+        return Err(format!(
+            "server key {} is not vouched for by a trusted vendor: {why}{hint}",
+            server_key.fingerprint()
+        ));
+    }
+    Ok(good)
+}
+
+/// Accepts a certificate that carries an ed25519 key and lets rustls check the handshake
+/// signature with it; trust is decided afterwards by [`check_server`].
+#[derive(Debug)]
+pub struct ServerKeyVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerKeyVerifier {
+    /// A verifier using the ring provider's signature algorithms.
+    pub fn new() -> ServerKeyVerifier {
+        ServerKeyVerifier {
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl Default for ServerKeyVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerCertVerifier for ServerKeyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        tally_protocol::cert::ed25519_key(end_entity.as_ref())
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The client config enables TLS 1.3 only; reaching this is a peer bug.
+        Err(rustls::Error::General("TLS 1.2 is not used by tally".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
