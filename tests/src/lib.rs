@@ -1,1 +1,204 @@
+//! Helpers for end-to-end tests that run the real `tallyd` and `tally` binaries.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to the test executables
+//! (the daemon and client crates have integration tests, which makes cargo build their
+//! binaries before any test runs).
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary in the target directory of the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/debug/deps/e2e-hash -> target/debug/NAME
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so the binaries are built",
+        path.display()
+    );
+    path
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running `tallyd demo`; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its log file (stderr).
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `tallyd demo` on `listen` with `data_dir`, plus `extra` arguments, and waits
+    /// for its banner (at most 30 s).
+    pub fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> Daemon {
+        let log = data_dir.with_extension(format!("log.{}", nanos()));
+        let mut child = Command::new(bin("tallyd"))
+            .arg("demo")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", listen])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("daemon log file"))
+            .spawn()
+            .expect("starting tallyd");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.trim().strip_prefix("listening on ") {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("banner address parses"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "tallyd printed no 'listening on' line within 30 s; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        Daemon { child, addr, log }
+    }
+
+    /// Kills the daemon with SIGKILL and waits for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A `tally` command pointed at this daemon with demo trust.
+    pub fn tally(&self) -> Command {
+        let mut c = Command::new(bin("tally"));
+        c.arg("--server").arg(self.addr.to_string()).arg("--demo");
+        c.env_remove("TALLY_SERVER");
+        c
+    }
+
+    /// `tally status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self
+            .tally()
+            .args(["status", "--json"])
+            .output()
+            .expect("running tally status");
+        assert!(
+            out.status.success(),
+            "tally status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Seats of `feature` in use, per `tally status --json`.
+    pub fn in_use(&self, feature: &str) -> u64 {
+        self.feature(feature)["in_use"].as_u64().expect("in_use")
+    }
+
+    /// One feature's entry in the status.
+    pub fn feature(&self, feature: &str) -> serde_json::Value {
+        self.status()["features"]
+            .as_array()
+            .expect("features")
+            .iter()
+            .find(|f| f["name"] == feature)
+            .cloned()
+            .unwrap_or_else(|| panic!("feature {feature} not in status"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A `tally run` holder in its own process group, so that killing it can also kill the
+/// command it runs.
+pub struct Holder {
+    /// The `tally` process.
+    pub child: Child,
+    killed: bool,
+}
+
+impl Holder {
+    /// Starts `tally run FEATURE -- sleep SECS` against `daemon`.
+    pub fn start(daemon: &Daemon, feature: &str, secs: u32) -> Holder {
+        use std::os::unix::process::CommandExt;
+        let child = daemon
+            .tally()
+            .args(["run", feature, "--", "sleep", &secs.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("starting tally run");
+        Holder {
+            child,
+            killed: false,
+        }
+    }
+
+    /// SIGKILLs the holder and the command it runs (its whole process group).
+    pub fn kill_group(&mut self) {
+        if std::mem::replace(&mut self.killed, true) {
+            return;
+        }
+        let pgid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
