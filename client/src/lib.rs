@@ -234,7 +234,10 @@ fn has_port(server: &str) -> bool {
     }
 }
 
-fn quic_client_config() -> Result<quinn::ClientConfig, ClientError> {
+/// The QUIC client configuration tally uses: TLS 1.3 with the ring provider, ALPN
+/// `tally/1`, [`trust::ServerKeyVerifier`] and keep-alives. Public so that tools and
+/// tests can speak raw frames over the same kind of connection.
+pub fn quic_client_config() -> Result<quinn::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

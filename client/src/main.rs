@@ -33,7 +33,12 @@ const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 struct Cli {
     /// License server as HOST[:PORT]; repeat (or separate with commas) for a search path
     /// tried in order. Default 127.0.0.1:27300.
-    #[arg(long = "server", env = "TALLY_SERVER", value_delimiter = ',', global = true)]
+    #[arg(
+        long = "server",
+        env = "TALLY_SERVER",
+        value_delimiter = ',',
+        global = true
+    )]
     servers: Vec<String>,
     /// Trust the built-in demo vendor key (for `tallyd demo` only).
     #[arg(long, global = true)]
@@ -151,12 +156,10 @@ fn client_config(cli: &Cli) -> Result<ClientConfig, Failure> {
             }
             Trust::Vendor(keys)
         }
-        (true, false) => {
-            return Err(usage(
-                "--demo and --vendor-key exclude each other: demo trust is for the demo server only"
-                    .into(),
-            ))
-        }
+        (true, false) => return Err(usage(
+            "--demo and --vendor-key exclude each other: demo trust is for the demo server only"
+                .into(),
+        )),
         (false, true) => {
             return Err(usage(
                 "say which vendor to trust: --vendor-key FILE (the vendor's public key), \
@@ -223,9 +226,7 @@ async fn run_with_seat(
     tracing::info!(lease = %lease.id(), "checked out");
     // SIGINT from the terminal goes to the whole process group: the command handles it,
     // and we stay to check the seat in after it exits.
-    tokio::spawn(async {
-        while tokio::signal::ctrl_c().await.is_ok() {}
-    });
+    tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
     let mut child = match tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .spawn()
@@ -244,7 +245,9 @@ async fn run_with_seat(
         }
     };
     let (stop_tx, stop_rx) = oneshot::channel();
-    let keeper = tokio::spawn(keep_seat(config, session, lease, feature, count, version, stop_rx));
+    let keeper = tokio::spawn(keep_seat(
+        config, session, lease, feature, count, version, stop_rx,
+    ));
     let status = child.wait().await;
     let _ = stop_tx.send(());
     let _ = keeper.await;
@@ -302,8 +305,15 @@ async fn keep_seat(
                 }
             }
         }
-        continue_with_heartbeat(&mut session, &mut lease, &mut lost, &feature, count, &version)
-            .await;
+        continue_with_heartbeat(
+            &mut session,
+            &mut lease,
+            &mut lost,
+            &feature,
+            count,
+            &version,
+        )
+        .await;
     }
     if let Some(s) = session {
         if let Err(e) = s.checkin(&[lease.lease_ref()]).await {
@@ -344,7 +354,10 @@ async fn continue_with_heartbeat(
             *lost = true;
         }
         Err(e) if e.is_connection_loss() => {
-            eprintln!("tally: lost the connection to {} ({e}); reconnecting", s.server());
+            eprintln!(
+                "tally: lost the connection to {} ({e}); reconnecting",
+                s.server()
+            );
             if let Some(old) = session.take() {
                 tokio::spawn(old.close());
             }
@@ -359,10 +372,7 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
         "server {server}{demo}, key {}, time {}",
         status.server_fingerprint, status.server_time
     );
-    println!(
-        "{:<20} {:>7} {:>7}  {}",
-        "FEATURE", "IN USE", "TOTAL", "EXPIRES"
-    );
+    println!("{:<20} {:>7} {:>7}  EXPIRES", "FEATURE", "IN USE", "TOTAL");
     for f in &status.features {
         let total = f
             .total

@@ -114,7 +114,9 @@ impl ServerCertVerifier for ServerKeyVerifier {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // The client config enables TLS 1.3 only; reaching this is a peer bug.
-        Err(rustls::Error::General("TLS 1.2 is not used by tally".into()))
+        Err(rustls::Error::General(
+            "TLS 1.2 is not used by tally".into(),
+        ))
     }
 
     fn verify_tls13_signature(

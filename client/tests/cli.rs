@@ -13,7 +13,10 @@ fn missing_trust_is_a_usage_error_that_says_what_to_pass() {
     let out = tally().arg("status").output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--vendor-key") && stderr.contains("--demo"), "{stderr}");
+    assert!(
+        stderr.contains("--vendor-key") && stderr.contains("--demo"),
+        "{stderr}"
+    );
 }
 
 #[test]

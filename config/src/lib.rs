@@ -56,7 +56,9 @@ pub struct DaemonConfig {
 }
 
 fn default_listen() -> SocketAddr {
-    DEFAULT_LISTEN.parse().expect("default listen address parses")
+    DEFAULT_LISTEN
+        .parse()
+        .expect("default listen address parses")
 }
 fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
@@ -232,5 +234,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = DaemonConfig::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod packaged {
+    use super::*;
+
+    /// The packaged example file parses and states exactly the defaults.
+    #[test]
+    fn packaged_example_is_valid_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/tallyd.toml");
+        let config = DaemonConfig::load(&path).unwrap();
+        assert_eq!(config, DaemonConfig::default());
     }
 }

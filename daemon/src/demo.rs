@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 use std::path::Path;
 use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant, VerifiedBundle};
-use tally_protocol::keys::{demo, hex, fingerprint_of, SecretKey};
+use tally_protocol::keys::{demo, fingerprint_of, hex, SecretKey};
 use tally_protocol::time::{UnixTime, DAY};
 
 /// File name of the demo bundle in the data directory.

@@ -129,7 +129,10 @@ impl Server {
         let restored = records.len();
         ledger.restore(now(), records);
         if restored > 0 {
-            info!(leases = restored, "restored leases from the store; holders re-attach by heartbeat");
+            info!(
+                leases = restored,
+                "restored leases from the store; holders re-attach by heartbeat"
+            );
         }
         let config = crate::tls::server_config(&params.identity, params.idle_timeout)?;
         let socket = std::net::UdpSocket::bind(params.listen)
@@ -443,9 +446,7 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
             return Err(format!("hello: {name} is empty"));
         }
         if value.len() > MAX_NAME_LEN {
-            return Err(format!(
-                "hello: {name} is longer than {MAX_NAME_LEN} bytes"
-            ));
+            return Err(format!("hello: {name} is longer than {MAX_NAME_LEN} bytes"));
         }
     }
     Ok(())
@@ -499,11 +500,9 @@ async fn dispatch(
                 return closed();
             }
             match rx.await {
-                Ok(Ok(record)) => Response::Checkout(CheckoutReply::Granted(grant(
-                    &record,
-                    &holder,
-                    &shared.key,
-                ))),
+                Ok(Ok(record)) => {
+                    Response::Checkout(CheckoutReply::Granted(grant(&record, &holder, &shared.key)))
+                }
                 Ok(Err(reason)) => Response::Checkout(CheckoutReply::Denied(Denial { reason })),
                 Err(_) => closed(),
             }
@@ -539,12 +538,7 @@ async fn dispatch(
         }
         Request::Status(_) => {
             let (reply, rx) = oneshot::channel();
-            if shared
-                .ledger
-                .send(Command::Status { reply })
-                .await
-                .is_err()
-            {
+            if shared.ledger.send(Command::Status { reply }).await.is_err() {
                 return closed();
             }
             match rx.await {

@@ -86,10 +86,9 @@ impl Store {
         let mut batch = sled::Batch::default();
         for event in events {
             match event {
-                Event::Granted(record) => batch.insert(
-                    &key(record.id),
-                    StoredLease::V1(record.clone()).encode(),
-                ),
+                Event::Granted(record) => {
+                    batch.insert(&key(record.id), StoredLease::V1(record.clone()).encode())
+                }
                 Event::Released { id, .. } => batch.remove(&key(*id)),
             }
         }

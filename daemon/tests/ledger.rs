@@ -57,7 +57,13 @@ impl Driver {
         self.ledger.expire(self.now())
     }
 
-    fn checkout(&mut self, conn: u64, user: &str, feature: &str, count: u32) -> Result<LeaseRecord, DenialReason> {
+    fn checkout(
+        &mut self,
+        conn: u64,
+        user: &str,
+        feature: &str,
+        count: u32,
+    ) -> Result<LeaseRecord, DenialReason> {
         let fresh = FreshLease {
             id: LeaseId(self.next),
             secret: LeaseSecret([self.next as u8; 16]),
@@ -117,7 +123,10 @@ fn sixth_checkout_of_five_seats_is_denied_naming_feature_and_holders() {
         other => panic!("unexpected {other:?}"),
     }
     let text = denial.to_string();
-    assert!(text.contains("all 5 seats of 'solver' are in use"), "{text}");
+    assert!(
+        text.contains("all 5 seats of 'solver' are in use"),
+        "{text}"
+    );
     assert_eq!(d.ledger.in_use("solver"), 5);
 }
 
@@ -174,11 +183,17 @@ fn silent_holder_is_reclaimed_after_the_ttl_and_heartbeats_extend() {
     // Heartbeats every 30 s keep it for as long as they come.
     for _ in 0..10 {
         assert!(d.advance(Duration::from_secs(30)).is_empty());
-        assert_eq!(d.ledger.heartbeat(d.now(), ConnId(1), &[r(&lease)]), vec![LeaseState::Active]);
+        assert_eq!(
+            d.ledger.heartbeat(d.now(), ConnId(1), &[r(&lease)]),
+            vec![LeaseState::Active]
+        );
     }
     // Then silence: nothing happens just before the TTL, the seat returns at the TTL.
     assert!(d.advance(TTL - Duration::from_secs(1)).is_empty());
-    assert_eq!(d.ledger.next_deadline(), Some(d.now().mono + Duration::from_secs(1)));
+    assert_eq!(
+        d.ledger.next_deadline(),
+        Some(d.now().mono + Duration::from_secs(1))
+    );
     let events = d.advance(Duration::from_secs(1));
     assert!(matches!(
         events.as_slice(),
@@ -221,7 +236,10 @@ fn reattach_moves_the_lease_to_the_new_connection_without_a_second_seat() {
     let lease = d.checkout(1, "a", "solver", 1).unwrap();
     // The client reconnects (connection 2) and heartbeats before connection 1 is
     // noticed as dead.
-    assert_eq!(d.ledger.heartbeat(d.now(), ConnId(2), &[r(&lease)]), vec![LeaseState::Active]);
+    assert_eq!(
+        d.ledger.heartbeat(d.now(), ConnId(2), &[r(&lease)]),
+        vec![LeaseState::Active]
+    );
     assert_eq!(d.ledger.in_use("solver"), 1);
     // The old connection's close must not take the re-attached lease with it.
     assert!(d.ledger.connection_closed(ConnId(1)).is_empty());
@@ -236,10 +254,17 @@ fn restored_leases_count_and_expire_unless_their_holder_returns() {
     let orphan = d.checkout(2, "b", "solver", 1).unwrap();
     // A restart: a new ledger gets the stored records.
     let mut d2 = Driver::new(vec![FeatureGrant::counted("solver", 2)]);
-    d2.ledger.restore(d2.now(), vec![kept.clone(), orphan.clone()]);
+    d2.ledger
+        .restore(d2.now(), vec![kept.clone(), orphan.clone()]);
     assert_eq!(d2.ledger.in_use("solver"), 2);
-    assert!(d2.checkout(3, "c", "solver", 1).is_err(), "no over-grant after restart");
-    assert_eq!(d2.ledger.heartbeat(d2.now(), ConnId(7), &[r(&kept)]), vec![LeaseState::Active]);
+    assert!(
+        d2.checkout(3, "c", "solver", 1).is_err(),
+        "no over-grant after restart"
+    );
+    assert_eq!(
+        d2.ledger.heartbeat(d2.now(), ConnId(7), &[r(&kept)]),
+        vec![LeaseState::Active]
+    );
     d2.advance(Duration::from_secs(60));
     d2.ledger.heartbeat(d2.now(), ConnId(7), &[r(&kept)]);
     let events = d2.advance(Duration::from_secs(30));

@@ -112,7 +112,9 @@ mod tests {
     fn round_trip_and_errors() {
         let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
         let text = armor("BUNDLE", &data);
-        assert!(text.lines().all(|l| l.len() <= 64 || l.starts_with("-----")));
+        assert!(text
+            .lines()
+            .all(|l| l.len() <= 64 || l.starts_with("-----")));
         assert_eq!(dearmor("BUNDLE", &text).unwrap(), data);
         let quoted = format!("Hello,\nhere is your bundle:\n\n{text}\nregards\n");
         assert_eq!(dearmor("BUNDLE", &quoted).unwrap(), data);

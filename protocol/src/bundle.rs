@@ -176,7 +176,10 @@ pub fn sign(bundle: &Bundle, vendor: &SecretKey) -> Signed {
 
 /// The armoured file form of a signed bundle.
 pub fn to_armored(signed: &Signed) -> String {
-    armor(BUNDLE_LABEL, &crate::encode(&SignedFile::V1(signed.clone())))
+    armor(
+        BUNDLE_LABEL,
+        &crate::encode(&SignedFile::V1(signed.clone())),
+    )
 }
 
 /// Reads an armoured bundle file into its envelope, without trusting it yet.
@@ -198,11 +201,9 @@ pub fn verify(signed: &Signed, trusted: &[PublicKey]) -> Result<VerifiedBundle, 
         return Err(BundleError::UntrustedSigner(signed.signer.fingerprint()));
     }
     signed.verify(Domain::Bundle)?;
-    let bundle = match crate::decode::<BundleBody, MAX_BUNDLE_BODY>(&signed.body)
-        .map_err(|e| BundleError::Malformed(e.0))?
-    {
-        BundleBody::V1(bundle) => bundle,
-    };
+    // One format version so far; a second one becomes a match that migrates it.
+    let BundleBody::V1(bundle) = crate::decode::<BundleBody, MAX_BUNDLE_BODY>(&signed.body)
+        .map_err(|e| BundleError::Malformed(e.0))?;
     Ok(VerifiedBundle {
         bundle,
         signed: signed.clone(),

@@ -88,7 +88,9 @@ fn tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), CertError> {
         if n == 0 || n > 3 || rest.len() < n {
             return Err(CertError::Malformed("bad length"));
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| acc << 8 | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| acc << 8 | *b as usize);
         rest = &rest[n..];
         len
     };

@@ -118,9 +118,7 @@ impl SecretKey {
     /// Reads the armoured file form.
     pub fn from_armored(text: &str) -> Result<SecretKey, KeyError> {
         let bytes = dearmor(SECRET_KEY_LABEL, text)?;
-        match crate::decode::<StoredSecretKey, 256>(&bytes)
-            .map_err(|e| KeyError::Malformed(e.0))?
-        {
+        match crate::decode::<StoredSecretKey, 256>(&bytes).map_err(|e| KeyError::Malformed(e.0))? {
             StoredSecretKey::V1 { seed } => Ok(SecretKey::from_seed(seed)),
         }
     }
@@ -139,7 +137,10 @@ pub const PUBLIC_KEY_LABEL: &str = "PUBLIC KEY";
 
 /// Encodes a public key file (`-----BEGIN TALLY PUBLIC KEY-----`).
 pub fn public_key_to_armored(key: &PublicKey) -> String {
-    armor(PUBLIC_KEY_LABEL, &crate::encode(&StoredPublicKey::V1 { key: *key }))
+    armor(
+        PUBLIC_KEY_LABEL,
+        &crate::encode(&StoredPublicKey::V1 { key: *key }),
+    )
 }
 
 /// Decodes a public key file.

@@ -92,10 +92,16 @@ mod tests {
         let t = UnixTime::from_date("2027-12-31").unwrap();
         assert_eq!(t.0, 1_830_211_200);
         assert_eq!(t.date(), "2027-12-31");
-        assert_eq!(UnixTime::from_date("2028-02-29").unwrap().date(), "2028-02-29");
+        assert_eq!(
+            UnixTime::from_date("2028-02-29").unwrap().date(),
+            "2028-02-29"
+        );
         assert_eq!(UnixTime::from_date("2027-02-29"), None);
         assert_eq!(UnixTime::from_date("2027-13-01"), None);
         assert_eq!(UnixTime::from_date("soon"), None);
-        assert_eq!(UnixTime(1_830_211_200 + 3661).to_string(), "2027-12-31T01:01:01Z");
+        assert_eq!(
+            UnixTime(1_830_211_200 + 3661).to_string(),
+            "2027-12-31T01:01:01Z"
+        );
     }
 }

@@ -252,14 +252,14 @@ impl fmt::Display for DenialReason {
                 write!(f, "); {requested} requested")
             }
             DenialReason::NotYetValid { feature, starts } => {
-                write!(
-                    f,
-                    "the licence for '{feature}' starts on {}",
-                    starts.date()
-                )
+                write!(f, "the licence for '{feature}' starts on {}", starts.date())
             }
             DenialReason::Expired { feature, expired } => {
-                write!(f, "the licence for '{feature}' expired on {}", expired.date())
+                write!(
+                    f,
+                    "the licence for '{feature}' expired on {}",
+                    expired.date()
+                )
             }
             DenialReason::InvalidRequest { what } => write!(f, "invalid request: {what}"),
             DenialReason::StorageUnavailable { what } => {

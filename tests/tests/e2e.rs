@@ -8,8 +8,17 @@ use tally_tests::{wait_until, Daemon, Holder};
 fn run_checks_out_runs_and_checks_in_with_the_commands_status() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
-    let out = daemon.tally().args(["run", "solver", "--", "true"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = daemon
+        .tally()
+        .args(["run", "solver", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = daemon
         .tally()
         .args(["run", "viewer", "--count", "2", "--", "sh", "-c", "exit 3"])
@@ -27,7 +36,11 @@ fn run_checks_out_runs_and_checks_in_with_the_commands_status() {
     assert_eq!(daemon.feature("optimizer")["evaluation"], true);
     assert!(daemon.feature("optimizer")["expires"].is_string());
     // Not licensed here: a denial, exit 75, with the reason.
-    let out = daemon.tally().args(["run", "mesher", "--", "true"]).output().unwrap();
+    let out = daemon
+        .tally()
+        .args(["run", "mesher", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(75));
     assert!(String::from_utf8_lossy(&out.stderr).contains("'mesher' is not licensed"));
     // A command that does not exist: 127, and the seat is not kept.
@@ -55,7 +68,9 @@ fn seats_are_counted_reclaimed_on_kill_and_kept_across_a_restart() {
         "2",
     ];
     let daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
-    let mut holders: Vec<Holder> = (0..5).map(|_| Holder::start(&daemon, "solver", 120)).collect();
+    let mut holders: Vec<Holder> = (0..5)
+        .map(|_| Holder::start(&daemon, "solver", 120))
+        .collect();
     assert!(
         wait_until(Duration::from_secs(30), || daemon.in_use("solver") == 5),
         "5 holders did not get their seats; log:\n{}",
@@ -63,7 +78,11 @@ fn seats_are_counted_reclaimed_on_kill_and_kept_across_a_restart() {
     );
 
     // The sixth is denied with the reason, exit 75.
-    let out = daemon.tally().args(["run", "solver", "--", "true"]).output().unwrap();
+    let out = daemon
+        .tally()
+        .args(["run", "solver", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(75));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -96,7 +115,11 @@ fn seats_are_counted_reclaimed_on_kill_and_kept_across_a_restart() {
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(lease_ids(&daemon), before, "log:\n{}", daemon.log_text());
     assert_eq!(daemon.in_use("solver"), 4);
-    let out = daemon.tally().args(["run", "solver", "--", "true"]).output().unwrap();
+    let out = daemon
+        .tally()
+        .args(["run", "solver", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     drop(holders);
 }

@@ -1,0 +1,230 @@
+//! The QUIC server in-process on loopback, talked to by the real client library and by
+//! raw frames: version negotiation, bad frames, and the trust chain.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tally_client::{ClientConfig, ClientError, Session, Trust};
+use tally_daemon::server::{Server, ServerParams};
+use tally_daemon::store::Store;
+use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant};
+use tally_protocol::frame::{self, FrameError};
+use tally_protocol::keys::{demo, SecretKey};
+use tally_protocol::time::UnixTime;
+use tally_protocol::wire::*;
+use tokio::sync::oneshot;
+
+struct Running {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = self.task.await;
+    }
+}
+
+fn bundle_for(
+    server: &SecretKey,
+    vendor: &SecretKey,
+    bound_to: Option<&SecretKey>,
+) -> bundle::VerifiedBundle {
+    let b = Bundle {
+        id: "b-1".into(),
+        issued_at: UnixTime(1_700_000_000),
+        vendor: "Acme".into(),
+        customer: Customer {
+            id: "c".into(),
+            name: "Example".into(),
+        },
+        binding: Some(Binding {
+            server_key: bound_to.unwrap_or(server).public(),
+            host_fingerprint: "h".into(),
+        }),
+        supersedes: vec![],
+        features: vec![FeatureGrant::counted("solver", 2)],
+    };
+    let signed = bundle::sign(&b, vendor);
+    bundle::verify(&signed, &[vendor.public()]).unwrap()
+}
+
+async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let server = Server::bind(ServerParams {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity: server_key,
+        bundles: vec![bundle],
+        store,
+        lease_ttl: Duration::from_secs(90),
+        heartbeat: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(15),
+        demo: false,
+    })
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running {
+        addr,
+        stop: Some(tx),
+        task,
+        _dir: dir,
+    }
+}
+
+fn config(addr: SocketAddr, trust: Trust) -> ClientConfig {
+    ClientConfig::new(vec![addr.to_string()], trust)
+}
+
+async fn raw_connection(addr: SocketAddr) -> quinn::Connection {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(tally_client::quic_client_config().unwrap());
+    endpoint.connect(addr, "tally").unwrap().await.unwrap()
+}
+
+async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Vec<u8> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    recv.read_to_end(1 << 20).await.unwrap()
+}
+
+#[tokio::test]
+async fn unknown_version_and_bad_frames_get_clear_answers_on_a_live_connection() {
+    let server_key = SecretKey::from_seed([1; 32]);
+    let vendor = SecretKey::from_seed([2; 32]);
+    let running = start(server_key.clone(), bundle_for(&server_key, &vendor, None)).await;
+    let conn = raw_connection(running.addr).await;
+
+    // A client from the future: answered with the versions we speak.
+    let answer = exchange(&conn, &frame::encode_frame(7, b"hello from v7")).await;
+    match frame::decode_response_frame(&answer) {
+        Err(FrameError::PeerRejectedVersion { message, .. }) => {
+            assert!(
+                message.contains("version 7") && message.contains("1 to 1"),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // An oversize length prefix: refused before the payload is read.
+    let answer = exchange(&conn, &[0x7f, 0xff, 0xff, 0xff, 0, 1]).await;
+    match frame::decode_response_frame(&answer) {
+        Ok(Response::Error(e)) => assert!(e.message.contains("exceeds the limit"), "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    // Garbage under a valid header.
+    let answer = exchange(&conn, &frame::encode_frame(1, &[250, 1, 2, 3])).await;
+    assert!(matches!(
+        frame::decode_response_frame(&answer),
+        Ok(Response::Error(_))
+    ));
+    // Checkout before hello.
+    let checkout = Request::Checkout(CheckoutRequest {
+        feature: "solver".into(),
+        count: 1,
+        version: None,
+    });
+    let answer = exchange(&conn, &frame::encode_request(&checkout)).await;
+    match frame::decode_response_frame(&answer) {
+        Ok(Response::Error(e)) => assert!(e.message.contains("hello"), "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    // The connection survived all of that: a status still works.
+    let answer = exchange(
+        &conn,
+        &frame::encode_request(&Request::Status(StatusRequest {})),
+    )
+    .await;
+    assert!(matches!(
+        frame::decode_response_frame(&answer),
+        Ok(Response::Status(_))
+    ));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn the_client_trusts_only_servers_the_vendor_bound() {
+    let server_key = SecretKey::from_seed([1; 32]);
+    let vendor = SecretKey::from_seed([2; 32]);
+    let other_vendor = SecretKey::from_seed([3; 32]);
+
+    // The genuine server: accepted with the vendor's key, refused with another vendor's
+    // key or with demo trust.
+    let genuine = start(server_key.clone(), bundle_for(&server_key, &vendor, None)).await;
+    let session = Session::connect(&config(genuine.addr, Trust::Vendor(vec![vendor.public()])))
+        .await
+        .unwrap();
+    assert_eq!(session.server_key(), server_key.public());
+    let lease = session.checkout("solver", 1, None).await.unwrap();
+    assert_eq!(lease.grant.token.signer, server_key.public());
+    session.close().await;
+    for trust in [Trust::Vendor(vec![other_vendor.public()]), Trust::Demo] {
+        match Session::connect(&config(genuine.addr, trust)).await {
+            Err(ClientError::Untrusted(why)) => {
+                assert!(why.contains("not a trusted vendor key"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    genuine.stop().await;
+
+    // A clone: another machine presenting the genuine bundle (bound to the genuine key)
+    // with its own TLS key. Refused.
+    let clone_key = SecretKey::from_seed([9; 32]);
+    let clone = start(
+        clone_key.clone(),
+        bundle_for(&clone_key, &vendor, Some(&server_key)),
+    )
+    .await;
+    match Session::connect(&config(clone.addr, Trust::Vendor(vec![vendor.public()]))).await {
+        Err(ClientError::Untrusted(why)) => assert!(why.contains("bound to server key"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    clone.stop().await;
+
+    // A fake server that signs its own bundle with the public demo key: refused by a
+    // production client.
+    let fake_key = SecretKey::from_seed([5; 32]);
+    let fake = start(
+        fake_key.clone(),
+        bundle_for(&fake_key, &demo::vendor_secret(), None),
+    )
+    .await;
+    assert!(matches!(
+        Session::connect(&config(fake.addr, Trust::Vendor(vec![vendor.public()]))).await,
+        Err(ClientError::Untrusted(_))
+    ));
+    fake.stop().await;
+}
+
+#[tokio::test]
+async fn servers_are_tried_in_order() {
+    let server_key = SecretKey::from_seed([1; 32]);
+    let vendor = SecretKey::from_seed([2; 32]);
+    let running = start(server_key.clone(), bundle_for(&server_key, &vendor, None)).await;
+    // The first entry is a port where nothing listens: the client moves on.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut cfg = ClientConfig::new(
+        vec![dead_addr.to_string(), running.addr.to_string()],
+        Trust::Vendor(vec![vendor.public()]),
+    );
+    cfg.connect_timeout = Duration::from_secs(2);
+    let session = Session::connect(&cfg).await.unwrap();
+    assert_eq!(session.server(), running.addr);
+    session.close().await;
+    running.stop().await;
+}
