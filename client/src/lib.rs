@@ -418,25 +418,38 @@ impl Session {
         }
     }
 
-    /// Checks out `count` seats of `feature`. A denial is [`ClientError::Denied`]. The
-    /// lease token is verified against the server key before the lease is returned.
-    pub async fn checkout(
-        &self,
-        feature: &str,
-        count: u32,
-        version: Option<String>,
-    ) -> Result<Lease, ClientError> {
-        let request = Request::Checkout(CheckoutRequest {
-            feature: feature.to_string(),
-            count,
-            version,
-        });
-        match self.request(request).await? {
+    /// Checks out seats. A denial is [`ClientError::Denied`]. The lease token is
+    /// verified against the server key before the lease is returned.
+    pub async fn checkout(&self, request: &CheckoutRequest) -> Result<Lease, ClientError> {
+        match self.request(Request::Checkout(request.clone())).await? {
             Response::Checkout(CheckoutReply::Granted(grant)) => {
                 self.verify_token(&grant)?;
                 Ok(Lease { grant })
             }
             Response::Checkout(CheckoutReply::Denied(denial)) => Err(ClientError::Denied(denial)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The vendor attributes of `feature` from the verified bundles (like FlexLM's
+    /// VENDOR_STRING): what edition, which add-ons; merged over all bundles.
+    pub fn attributes(&self, feature: &str) -> std::collections::BTreeMap<String, String> {
+        self.bundles
+            .iter()
+            .flat_map(|b| b.bundle.features.iter())
+            .filter(|f| f.name == feature || f.components.iter().any(|c| c == feature))
+            .flat_map(|f| f.attributes.clone())
+            .collect()
+    }
+
+    /// Runs an administrative operation with the admin token.
+    pub async fn admin(&self, token: &str, op: AdminOp) -> Result<String, ClientError> {
+        let request = Request::Admin(AdminRequest {
+            token: token.to_string(),
+            op,
+        });
+        match self.request(request).await? {
+            Response::Admin(reply) => Ok(reply.message),
             other => Err(unexpected(&other)),
         }
     }
@@ -507,6 +520,7 @@ fn unexpected(response: &Response) -> ClientError {
         Response::Heartbeat(_) => "heartbeat",
         Response::Checkin(_) => "checkin",
         Response::Status(_) => "status",
+        Response::Admin(_) => "admin",
         Response::Error(_) => "error",
         _ => "unknown",
     };

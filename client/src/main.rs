@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tally_client::{ClientConfig, ClientError, Lease, Session, Trust};
-use tally_protocol::wire::{LeaseState, StatusReply};
+use tally_protocol::time::UnixTime;
+use tally_protocol::wire::{AdminOp, CheckoutRequest, LeaseState, StatusReply};
 use tokio::sync::oneshot;
 
 /// sysexits: usage error.
@@ -58,6 +59,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Administrative operations; need the server's admin token.
+    Admin {
+        /// File holding the admin token (the server's `admin.token`).
+        #[arg(long)]
+        admin_token_file: PathBuf,
+        #[command(subcommand)]
+        op: AdminCommand,
+    },
     /// Check out seats, run a command while holding them, check them in when it exits.
     ///
     /// Exits with the command's status; 75 if the seats were denied.
@@ -70,10 +79,23 @@ enum Command {
         /// The application version to present (for version ceilings).
         #[arg(long)]
         version: Option<String>,
+        /// The application's build date, YYYY-MM-DD (for maintenance dates).
+        #[arg(long, value_parser = parse_date)]
+        build_date: Option<UnixTime>,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Re-read the server's bundles without dropping any lease.
+    Reload,
+}
+
+fn parse_date(text: &str) -> Result<UnixTime, String> {
+    UnixTime::from_date(text).ok_or_else(|| format!("'{text}' is not a date like 2027-06-30"))
 }
 
 /// A failure with its exit code.
@@ -192,20 +214,44 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        Command::Admin {
+            admin_token_file,
+            op,
+        } => {
+            let token = std::fs::read_to_string(&admin_token_file).map_err(|e| Failure {
+                code: EX_USAGE,
+                message: format!("{}: {e}", admin_token_file.display()),
+            })?;
+            let op = match op {
+                AdminCommand::Reload => AdminOp::Reload,
+            };
+            let session = Session::connect(&config).await?;
+            let result = session.admin(token.trim(), op).await;
+            session.close().await;
+            println!("{}", result?);
+            Ok(0)
+        }
         Command::Run {
             feature,
             count,
             version,
+            build_date,
             command,
-        } => run_with_seat(config, feature, count, version, command).await,
+        } => {
+            let request = CheckoutRequest {
+                feature,
+                count,
+                version,
+                build_date,
+            };
+            run_with_seat(config, request, command).await
+        }
     }
 }
 
 async fn run_with_seat(
     config: ClientConfig,
-    feature: String,
-    count: u32,
-    version: Option<String>,
+    request: CheckoutRequest,
     command: Vec<String>,
 ) -> Result<u8, Failure> {
     // Admins see the program that holds the seat, not the wrapper.
@@ -214,7 +260,7 @@ async fn run_with_seat(
         config.identity.program = name.to_string_lossy().chars().take(200).collect();
     }
     let session = Session::connect(&config).await?;
-    let lease = match session.checkout(&feature, count, version.clone()).await {
+    let lease = match session.checkout(&request).await {
         Ok(lease) => lease,
         Err(ClientError::Denied(denial)) => {
             session.close().await;
@@ -245,9 +291,7 @@ async fn run_with_seat(
         }
     };
     let (stop_tx, stop_rx) = oneshot::channel();
-    let keeper = tokio::spawn(keep_seat(
-        config, session, lease, feature, count, version, stop_rx,
-    ));
+    let keeper = tokio::spawn(keep_seat(config, session, lease, request, stop_rx));
     let status = child.wait().await;
     let _ = stop_tx.send(());
     let _ = keeper.await;
@@ -274,9 +318,7 @@ async fn keep_seat(
     config: ClientConfig,
     session: Session,
     mut lease: Lease,
-    feature: String,
-    count: u32,
-    version: Option<String>,
+    request: CheckoutRequest,
     mut stop: oneshot::Receiver<()>,
 ) {
     let interval = session.heartbeat_interval();
@@ -305,15 +347,7 @@ async fn keep_seat(
                 }
             }
         }
-        continue_with_heartbeat(
-            &mut session,
-            &mut lease,
-            &mut lost,
-            &feature,
-            count,
-            &version,
-        )
-        .await;
+        continue_with_heartbeat(&mut session, &mut lease, &mut lost, &request).await;
     }
     if let Some(s) = session {
         if let Err(e) = s.checkin(&[lease.lease_ref()]).await {
@@ -327,13 +361,12 @@ async fn continue_with_heartbeat(
     session: &mut Option<Session>,
     lease: &mut Lease,
     lost: &mut bool,
-    feature: &str,
-    count: u32,
-    version: &Option<String>,
+    request: &CheckoutRequest,
 ) {
+    let feature = &request.feature;
     let Some(s) = session.as_ref() else { return };
     if *lost {
-        match s.checkout(feature, count, version.clone()).await {
+        match s.checkout(request).await {
             Ok(new) => {
                 eprintln!("tally: got a seat of '{feature}' again");
                 *lease = new;

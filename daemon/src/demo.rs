@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 use std::path::Path;
 use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant, VerifiedBundle};
-use tally_protocol::keys::{demo, fingerprint_of, hex, SecretKey};
+use tally_protocol::keys::{demo, hex, SecretKey};
 use tally_protocol::time::{UnixTime, DAY};
 
 /// File name of the demo bundle in the data directory.
@@ -34,9 +34,11 @@ pub fn demo_bundle(server: &SecretKey, now: UnixTime) -> Bundle {
         },
         binding: Some(Binding {
             server_key,
-            host_fingerprint: fingerprint_of(b"demo host"),
+            host_fingerprint: crate::host::fingerprint(),
         }),
         supersedes: Vec::new(),
+        valid_from: None,
+        valid_until: None,
         features: vec![
             FeatureGrant::counted("solver", 5),
             FeatureGrant::counted("viewer", 20),

@@ -60,3 +60,58 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<()> {
         .and_then(|_| file.sync_all())
         .with_context(|| format!("writing {}", path.display()))
 }
+
+/// File name of the admin token in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Loads the admin token from `data_dir`, creating a random one if there is none.
+/// Returns the token and whether it was created now.
+pub fn load_or_create_admin_token(data_dir: &Path) -> Result<(String, bool)> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if path.exists() {
+        return Ok((load_admin_token(&path)?, false));
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).context("reading the OS random source")?;
+    let token = tally_protocol::keys::hex(&bytes);
+    write_secret(&path, &format!("{token}\n"))?;
+    Ok((token, true))
+}
+
+/// Reads an admin token file, refusing it when group or others may read it.
+pub fn load_admin_token(path: &Path) -> Result<String> {
+    let mode = fs::metadata(path)
+        .with_context(|| format!("{}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{}: token file is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let token = fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.len() < 32 {
+        bail!(
+            "{}: admin token is shorter than 32 characters",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+/// Creates a directory that only its owner can enter, or checks an existing one.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}

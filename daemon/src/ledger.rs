@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tally_protocol::bundle::{Bundle, Seats};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
 use tally_protocol::time::UnixTime;
+use tally_protocol::version;
 use tally_protocol::wire::{
     CheckoutRequest, ClientIdentity, DenialReason, FeatureStatus, HolderStatus, LeaseRef,
     LeaseState,
@@ -60,6 +61,8 @@ pub enum ReleaseReason {
     ConnectionClosed,
     /// No heartbeat within the TTL.
     Expired,
+    /// The linger time after a checkin ended.
+    LingerEnded,
 }
 
 impl std::fmt::Display for ReleaseReason {
@@ -68,6 +71,7 @@ impl std::fmt::Display for ReleaseReason {
             ReleaseReason::Checkin => "checkin",
             ReleaseReason::ConnectionClosed => "connection closed",
             ReleaseReason::Expired => "heartbeat TTL expired",
+            ReleaseReason::LingerEnded => "linger ended",
         })
     }
 }
@@ -91,12 +95,153 @@ struct Term {
     expires: Option<UnixTime>,
     evaluation: bool,
     ttl: Option<Duration>,
+    ceiling: Option<String>,
+    upgrade_from: Option<String>,
+    maintenance_until: Option<UnixTime>,
+    linger: Duration,
+}
+
+/// Seats of a feature that count at one moment, by version ceiling.
+#[derive(Debug, Default)]
+struct Pools {
+    /// (ceiling, seats); `None` is no ceiling. Equal ceilings are merged.
+    by_ceiling: Vec<(Option<String>, u32)>,
+    overdraft: u32,
+}
+
+impl Pools {
+    fn seats(&self) -> u32 {
+        self.by_ceiling.iter().map(|(_, n)| *n).sum()
+    }
+
+    /// Seats (overdraft included) usable by version `v`.
+    fn usable_by(&self, v: &str) -> u32 {
+        self.by_ceiling
+            .iter()
+            .filter(|(c, _)| c.as_deref().is_none_or(|c| version::within(v, c)))
+            .map(|(_, n)| *n)
+            .sum::<u32>()
+            .saturating_add(self.overdraft)
+    }
+
+    fn add(&mut self, ceiling: Option<&str>, n: i64) {
+        let slot = self
+            .by_ceiling
+            .iter_mut()
+            .find(|(c, _)| match (c.as_deref(), ceiling) {
+                (None, None) => true,
+                (Some(a), Some(b)) => version::compare(a, b) == std::cmp::Ordering::Equal,
+                _ => false,
+            });
+        match slot {
+            Some((_, seats)) => *seats = (*seats as i64 + n).clamp(0, u32::MAX as i64) as u32,
+            None if n > 0 => self
+                .by_ceiling
+                .push((ceiling.map(str::to_string), n.min(u32::MAX as i64) as u32)),
+            None => {}
+        }
+    }
 }
 
 impl Term {
     fn active(&self, wall: UnixTime) -> bool {
         self.starts.is_none_or(|s| s <= wall) && self.expires.is_none_or(|e| wall < e)
     }
+
+    fn admits_version(&self, version: Option<&str>) -> bool {
+        match (version, &self.ceiling) {
+            (Some(v), Some(c)) => version::within(v, c),
+            _ => true,
+        }
+    }
+
+    fn admits_build(&self, build: Option<UnixTime>) -> bool {
+        match (build, self.maintenance_until) {
+            (Some(b), Some(m)) => b <= m,
+            _ => true,
+        }
+    }
+}
+
+fn terms_of(bundles: &[Bundle]) -> BTreeMap<String, Vec<Term>> {
+    let mut features: BTreeMap<String, Vec<Term>> = BTreeMap::new();
+    for bundle in bundles {
+        for f in &bundle.features {
+            let term = Term {
+                seats: f.seats,
+                overdraft: f.overdraft,
+                // A bundle's own validity window bounds every term in it.
+                starts: max_opt(f.starts, bundle.valid_from),
+                expires: min_opt(f.expires, bundle.valid_until),
+                evaluation: f.evaluation,
+                ttl: f.heartbeat_ttl_secs.map(Duration::from_secs),
+                ceiling: f.version_ceiling.clone(),
+                upgrade_from: f.upgrade_from.clone(),
+                maintenance_until: f.maintenance_until,
+                linger: Duration::from_secs(f.linger_secs),
+            };
+            // A package grants each of its components with its own terms (FlexLM's
+            // PACKAGE without SUITE); the package name itself stays checkoutable.
+            for component in &f.components {
+                features
+                    .entry(component.clone())
+                    .or_default()
+                    .push(term.clone());
+            }
+            features.entry(f.name.clone()).or_default().push(term);
+        }
+    }
+    features
+}
+
+fn max_opt(a: Option<UnixTime>, b: Option<UnixTime>) -> Option<UnixTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn min_opt(a: Option<UnixTime>, b: Option<UnixTime>) -> Option<UnixTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The seats of `terms` that count at `wall`; `None` for an uncounted feature.
+/// Upgrade terms move their seats from the `upgrade_from` ceiling to their own.
+fn pools(terms: &[Term], wall: UnixTime) -> Option<Pools> {
+    let mut pools = Pools::default();
+    let active: Vec<&Term> = terms.iter().filter(|t| t.active(wall)).collect();
+    for t in &active {
+        pools.overdraft = pools.overdraft.saturating_add(t.overdraft);
+        match t.seats {
+            Seats::Uncounted => return None,
+            Seats::Counted(n) if t.upgrade_from.is_none() => {
+                pools.add(t.ceiling.as_deref(), n as i64)
+            }
+            Seats::Counted(_) => {}
+        }
+    }
+    for t in active.iter().filter(|t| t.upgrade_from.is_some()) {
+        if let Seats::Counted(n) = t.seats {
+            // Only seats that exist can move: an upgrade of more seats than the old
+            // ceiling holds upgrades what there is.
+            let from = t.upgrade_from.as_deref();
+            let available = pools
+                .by_ceiling
+                .iter()
+                .find(|(c, _)| {
+                    matches!((c.as_deref(), from), (Some(a), Some(b)) if version::compare(a, b).is_eq())
+                })
+                .map(|(_, s)| *s)
+                .unwrap_or(0);
+            let moved = n.min(available) as i64;
+            pools.add(from, -moved);
+            pools.add(t.ceiling.as_deref(), moved);
+        }
+    }
+    Some(pools)
 }
 
 /// What the ledger knows of a held lease.
@@ -105,6 +250,8 @@ struct Held {
     record: LeaseRecord,
     conn: Option<ConnId>,
     deadline: Instant,
+    /// Checked in, but held until `deadline` by the feature's linger time.
+    lingering: bool,
 }
 
 /// The seat ledger.
@@ -132,27 +279,20 @@ pub struct FreshLease {
 impl Ledger {
     /// A ledger serving the features of `bundles`.
     pub fn new(settings: LedgerSettings, bundles: &[Bundle]) -> Ledger {
-        let mut features: BTreeMap<String, Vec<Term>> = BTreeMap::new();
-        for bundle in bundles {
-            for f in &bundle.features {
-                features.entry(f.name.clone()).or_default().push(Term {
-                    seats: f.seats,
-                    overdraft: f.overdraft,
-                    starts: f.starts,
-                    expires: f.expires,
-                    evaluation: f.evaluation,
-                    ttl: f.heartbeat_ttl_secs.map(Duration::from_secs),
-                });
-            }
-        }
         Ledger {
             settings,
-            features,
+            features: terms_of(bundles),
             leases: HashMap::new(),
             in_use: HashMap::new(),
             deadlines: BTreeSet::new(),
             by_conn: HashMap::new(),
         }
+    }
+
+    /// Serves `bundles` from now on. Every lease is kept, also leases of features that
+    /// are no longer licensed: they were granted honestly and end on their own.
+    pub fn reload(&mut self, bundles: &[Bundle]) {
+        self.features = terms_of(bundles);
     }
 
     /// Re-adds leases found in the store after a restart. They belong to no connection
@@ -164,20 +304,6 @@ impl Ledger {
             let deadline = now.mono + Duration::from_secs(record.ttl_secs);
             self.insert(record, None, deadline);
         }
-    }
-
-    /// Seats of `feature` that count at `wall`: (licensed, overdraft), `None` if uncounted.
-    fn capacity(&self, terms: &[Term], wall: UnixTime) -> Option<(u32, u32)> {
-        let mut seats = 0u32;
-        let mut overdraft = 0u32;
-        for t in terms.iter().filter(|t| t.active(wall)) {
-            match t.seats {
-                Seats::Uncounted => return None,
-                Seats::Counted(n) => seats = seats.saturating_add(n),
-            }
-            overdraft = overdraft.saturating_add(t.overdraft);
-        }
-        Some((seats, overdraft))
     }
 
     /// Decides a checkout. On success returns the new lease's record (with an
@@ -219,24 +345,61 @@ impl Ledger {
                 expired: expired.unwrap_or(now.wall),
             });
         }
-        let ttl = terms
+        let version = request.version.as_deref();
+        let active: Vec<&Term> = terms.iter().filter(|t| t.active(now.wall)).collect();
+        if !active.iter().any(|t| t.admits_version(version)) {
+            let ceiling = active
+                .iter()
+                .filter_map(|t| t.ceiling.as_deref())
+                .max_by(|a, b| version::compare(a, b))
+                .unwrap_or("?");
+            return Err(DenialReason::VersionAboveCeiling {
+                feature: feature.clone(),
+                requested: version.unwrap_or("?").to_string(),
+                ceiling: ceiling.to_string(),
+            });
+        }
+        let eligible: Vec<&Term> = active
             .iter()
-            .filter(|t| t.active(now.wall))
+            .copied()
+            .filter(|t| t.admits_version(version) && t.admits_build(request.build_date))
+            .collect();
+        if eligible.is_empty() {
+            let maintenance_until = active
+                .iter()
+                .filter(|t| t.admits_version(version))
+                .filter_map(|t| t.maintenance_until)
+                .max()
+                .unwrap_or(now.wall);
+            return Err(DenialReason::MaintenanceExpired {
+                feature: feature.clone(),
+                build_date: request.build_date.unwrap_or(now.wall),
+                maintenance_until,
+            });
+        }
+        let ttl = eligible
+            .iter()
             .filter_map(|t| t.ttl)
             .min()
             .unwrap_or(self.settings.default_ttl);
-        let capacity = self.capacity(terms, now.wall);
+        let linger = eligible.iter().map(|t| t.linger).max().unwrap_or_default();
         let in_use = self.in_use.get(feature).copied().unwrap_or(0);
-        if let Some((seats, overdraft)) = capacity {
-            let limit = seats.saturating_add(overdraft);
-            if in_use.saturating_add(request.count) > limit {
-                return Err(DenialReason::AllSeatsInUse {
-                    feature: feature.clone(),
-                    total: seats,
-                    in_use,
-                    requested: request.count,
-                    holders: self.holder_names(feature),
-                });
+        if let Some(pools) = pools(terms, now.wall) {
+            let seats = pools.seats();
+            let full = || DenialReason::AllSeatsInUse {
+                feature: feature.clone(),
+                total: seats,
+                in_use,
+                requested: request.count,
+                holders: self.holder_names(feature),
+            };
+            if in_use.saturating_add(request.count) > seats.saturating_add(pools.overdraft) {
+                return Err(full());
+            }
+            if pools.by_ceiling.iter().any(|(c, _)| c.is_some())
+                && !self.fits(feature, &pools, version, request.count)
+            {
+                return Err(full());
             }
         }
         let mut id = fresh.id;
@@ -251,6 +414,8 @@ impl Ledger {
             holder: holder.clone(),
             granted_at: now.wall,
             ttl_secs: ttl.as_secs(),
+            version: request.version.clone(),
+            linger_secs: linger.as_secs(),
         };
         self.insert(record.clone(), Some(conn), now.mono + ttl);
         Ok((record.clone(), Event::Granted(record)))
@@ -270,7 +435,7 @@ impl Ledger {
                 let Some(held) = self.leases.get_mut(&r.id) else {
                     return LeaseState::Unknown;
                 };
-                if !held.record.secret.matches(&r.secret) {
+                if !held.record.secret.matches(&r.secret) || held.lingering {
                     return LeaseState::Unknown;
                 }
                 let deadline = now.mono + Duration::from_secs(held.record.ttl_secs);
@@ -291,23 +456,49 @@ impl Ledger {
             .collect()
     }
 
-    /// Releases the leases whose secrets match.
-    pub fn checkin(&mut self, leases: &[LeaseRef]) -> (Vec<bool>, Vec<Event>) {
+    /// Releases the leases whose secrets match. A lease of a feature with a linger time
+    /// stays held (detached from its connection) until the linger ends.
+    pub fn checkin(&mut self, now: Now, leases: &[LeaseRef]) -> (Vec<bool>, Vec<Event>) {
         let mut events = Vec::new();
-        let released = leases
-            .iter()
-            .map(|r| {
-                let ok = self
-                    .leases
-                    .get(&r.id)
-                    .is_some_and(|h| h.record.secret.matches(&r.secret));
-                if ok {
-                    events.extend(self.release(r.id, ReleaseReason::Checkin));
-                }
-                ok
-            })
-            .collect();
+        let mut released = Vec::with_capacity(leases.len());
+        for r in leases {
+            let Some(held) = self.leases.get(&r.id) else {
+                released.push(false);
+                continue;
+            };
+            if !held.record.secret.matches(&r.secret) {
+                released.push(false);
+                continue;
+            }
+            if held.lingering {
+                // Checked in already; a repeated checkin is answered the same way.
+                released.push(true);
+                continue;
+            }
+            released.push(true);
+            if held.record.linger_secs > 0 {
+                self.start_linger(now, r.id);
+            } else {
+                events.extend(self.release(r.id, ReleaseReason::Checkin));
+            }
+        }
         (released, events)
+    }
+
+    fn start_linger(&mut self, now: Now, id: LeaseId) {
+        let Some(held) = self.leases.get_mut(&id) else {
+            return;
+        };
+        let deadline = now.mono + Duration::from_secs(held.record.linger_secs);
+        self.deadlines.remove(&(held.deadline, id));
+        self.deadlines.insert((deadline, id));
+        held.deadline = deadline;
+        held.lingering = true;
+        if let Some(conn) = held.conn.take() {
+            if let Some(set) = self.by_conn.get_mut(&conn) {
+                set.remove(&id);
+            }
+        }
     }
 
     /// Releases every lease attached to a connection that closed.
@@ -325,7 +516,11 @@ impl Ledger {
             if deadline > now.mono {
                 break;
             }
-            events.extend(self.release(id, ReleaseReason::Expired));
+            let why = match self.leases.get(&id) {
+                Some(h) if h.lingering => ReleaseReason::LingerEnded,
+                _ => ReleaseReason::Expired,
+            };
+            events.extend(self.release(id, why));
         }
         events
     }
@@ -357,7 +552,7 @@ impl Ledger {
                 let active: Vec<&Term> = terms.iter().filter(|t| t.active(wall)).collect();
                 FeatureStatus {
                     name: name.clone(),
-                    total: self.capacity(terms, wall).map(|(seats, _)| seats),
+                    total: pools(terms, wall).map(|p| p.seats()),
                     in_use: self.in_use.get(name).copied().unwrap_or(0),
                     expires: if active.iter().any(|t| t.expires.is_none()) {
                         None
@@ -394,6 +589,31 @@ impl Ledger {
         names
     }
 
+    /// Whether the feature's leases plus a new one of `count` seats at `version` can all
+    /// be placed in seats whose ceilings admit them. Ceilings are nested (a seat for 2028
+    /// also serves 2027), so by Hall's theorem it suffices that for every version `t`
+    /// asked for, the seats asked by versions at or above `t` fit in the seats whose
+    /// ceiling is at or above `t`.
+    fn fits(&self, feature: &str, pools: &Pools, version: Option<&str>, count: u32) -> bool {
+        let mut demands: Vec<(&str, u32)> = self
+            .leases
+            .values()
+            .filter(|h| h.record.feature == feature)
+            .filter_map(|h| h.record.version.as_deref().map(|v| (v, h.record.count)))
+            .collect();
+        if let Some(v) = version {
+            demands.push((v, count));
+        }
+        demands.iter().all(|(threshold, _)| {
+            let asked: u32 = demands
+                .iter()
+                .filter(|(v, _)| version::compare(v, threshold).is_ge())
+                .map(|(_, n)| *n)
+                .sum();
+            asked <= pools.usable_by(threshold)
+        })
+    }
+
     fn insert(&mut self, record: LeaseRecord, conn: Option<ConnId>, deadline: Instant) {
         let id = record.id;
         *self.in_use.entry(record.feature.clone()).or_default() += record.count;
@@ -407,6 +627,7 @@ impl Ledger {
                 record,
                 conn,
                 deadline,
+                lingering: false,
             },
         ) {
             // Restoring a duplicate id would double-count; undo the old one's share.

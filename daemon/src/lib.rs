@@ -4,13 +4,17 @@
 //! - [`store`]: the sled seat store.
 //! - [`server`]: the QUIC shell that drives the ledger.
 //! - [`identity`] and [`tls`]: the server key and the certificate made from it.
+//! - [`bundles`]: loading and combining bundle files.
+//! - [`host`]: host fingerprint and facts for activation requests.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bundles;
 pub mod demo;
+pub mod host;
 pub mod identity;
 pub mod ledger;
 pub mod server;

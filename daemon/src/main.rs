@@ -1,20 +1,32 @@
 //! `tallyd`: thin main. Parses the command line, sets up logging, loads everything it
 //! needs *before* binding a port, and maps failures to sysexits codes.
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
-use tally_config::{DEFAULT_HEARTBEAT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_LEASE_TTL_SECS};
+use tally_config::{
+    DaemonConfig, DEFAULT_HEARTBEAT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_LEASE_TTL_SECS,
+};
+use tally_daemon::bundles::{self, BundleRules, Loaded};
 use tally_daemon::server::{now, Server, ServerParams};
-use tally_daemon::{demo, identity, signals, store::Store};
+use tally_daemon::{demo, host, identity, signals, store::Store};
+use tally_protocol::activation::{self, ActivationRequest, ReturnProof};
+use tally_protocol::bundle::Seats;
+use tally_protocol::keys::SecretKey;
 
 /// sysexits: command line or configuration error.
 const EX_USAGE: u8 = 64;
+/// sysexits: bad input data (a bundle file was refused).
+const EX_DATAERR: u8 = 65;
 /// sysexits: the software failed at run time.
 const EX_SOFTWARE: u8 = 70;
+
+/// Where `tallyd` looks for its configuration by default.
+const DEFAULT_CONFIG: &str = "/etc/tally/tallyd.toml";
 
 #[derive(Parser)]
 #[command(name = "tallyd", version, about = "tally license server")]
@@ -27,12 +39,72 @@ struct Cli {
 enum Command {
     /// Run a self-contained demo server with a self-issued demo bundle.
     Demo(DemoArgs),
-    /// Create the server identity (key pair, 0600) in a data directory.
-    Init {
-        /// Data directory.
-        #[arg(long, default_value = tally_config::DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
+    /// Create the server identity (key pair) and admin token, both 0600.
+    Init(SiteArgs),
+    /// Write an activation request to send to the vendor.
+    Request {
+        #[command(flatten)]
+        site: SiteArgs,
+        /// Where to write the request.
+        #[arg(long)]
+        out: PathBuf,
+        /// A reference for the vendor (order number, contract id).
+        #[arg(long)]
+        customer_ref: Option<String>,
     },
+    /// Check the configuration and bundles and print what would be served.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Serve the bundles of the configuration.
+    Run {
+        /// The configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Give a bundle back (to move seats to new hardware): stops this server from ever
+    /// loading it again and writes a return proof signed by the server key.
+    /// Run it with tallyd stopped.
+    Return {
+        /// The configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The id of the bundle to return.
+        #[arg(long)]
+        bundle: String,
+        /// Where to write the return proof.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Where the data directory comes from: `--data-dir`, else the config file's.
+#[derive(clap::Args)]
+struct SiteArgs {
+    /// Data directory (overrides the config file's).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The configuration file, read for its data directory.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl SiteArgs {
+    fn data_dir(&self) -> Result<PathBuf, Failure> {
+        if let Some(dir) = &self.data_dir {
+            return Ok(dir.clone());
+        }
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        if self.config.is_none() && !path.exists() {
+            return Ok(PathBuf::from(tally_config::DEFAULT_DATA_DIR));
+        }
+        Ok(DaemonConfig::load(&path).map_err(usage)?.data_dir)
+    }
 }
 
 #[derive(clap::Args)]
@@ -52,6 +124,20 @@ struct DemoArgs {
     /// QUIC idle timeout, seconds: how fast the seat of a vanished client comes back.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_SECS)]
     idle_timeout_secs: u64,
+}
+
+/// Failures sorted by exit code.
+enum Failure {
+    /// Bad command line, config or files: exit 64.
+    Usage(anyhow::Error),
+    /// Bad data (a refused bundle): exit 65.
+    Data(anyhow::Error),
+    /// Failure while serving: exit 70.
+    Runtime(anyhow::Error),
+}
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure::Usage(e.into())
 }
 
 fn main() -> ExitCode {
@@ -77,13 +163,29 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Demo(args) => run_demo(args),
-        Command::Init { data_dir } => init(&data_dir),
+        Command::Init(site) => init(&site),
+        Command::Request {
+            site,
+            out,
+            customer_ref,
+        } => request(&site, &out, customer_ref),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Run { config } => run(&config),
+        Command::Return {
+            config,
+            bundle,
+            out,
+        } => return_bundle(&config, &bundle, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
             eprintln!("tallyd: {e:#}");
             ExitCode::from(EX_USAGE)
+        }
+        Err(Failure::Data(e)) => {
+            eprintln!("tallyd: {e:#}");
+            ExitCode::from(EX_DATAERR)
         }
         Err(Failure::Runtime(e)) => {
             eprintln!("tallyd: {e:#}");
@@ -92,30 +194,299 @@ fn main() -> ExitCode {
     }
 }
 
-/// Failures sorted by exit code.
-enum Failure {
-    /// Bad command line, config or files: exit 64.
-    Usage(anyhow::Error),
-    /// Failure while serving: exit 70.
-    Runtime(anyhow::Error),
+fn init(site: &SiteArgs) -> Result<(), Failure> {
+    let data_dir = site.data_dir()?;
+    identity::create_private_dir(&data_dir).map_err(usage)?;
+    let (key, created) = identity::load_or_create(&data_dir).map_err(usage)?;
+    let (_, token_created) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
+    let verb = |c| if c { "created" } else { "exists" };
+    println!(
+        "server identity {}: {}",
+        verb(created),
+        data_dir.join(identity::IDENTITY_FILE).display()
+    );
+    println!(
+        "admin token {}: {}",
+        verb(token_created),
+        data_dir.join(identity::ADMIN_TOKEN_FILE).display()
+    );
+    println!("host fingerprint: {}", host::fingerprint());
+    println!("server key fingerprint: {}", key.public().fingerprint());
+    Ok(())
 }
 
-fn init(data_dir: &std::path::Path) -> Result<(), Failure> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))
-        .map_err(Failure::Usage)?;
-    let (key, created) = identity::load_or_create(data_dir).map_err(Failure::Usage)?;
-    let verb = if created { "created" } else { "exists" };
+fn load_identity(data_dir: &Path) -> Result<SecretKey, Failure> {
+    let path = data_dir.join(identity::IDENTITY_FILE);
+    if !path.exists() {
+        return Err(usage(anyhow!(
+            "{}: no server identity; run `tallyd init` first",
+            path.display()
+        )));
+    }
+    identity::load(&path).map_err(usage)
+}
+
+fn request(site: &SiteArgs, out: &Path, customer_ref: Option<String>) -> Result<(), Failure> {
+    let data_dir = site.data_dir()?;
+    let key = load_identity(&data_dir)?;
+    let request = ActivationRequest {
+        server_key: key.public(),
+        host_fingerprint: host::fingerprint(),
+        hostname: host::hostname(),
+        os: host::os(),
+        virtualization: host::virtualization(),
+        customer_reference: customer_ref,
+        created_at: now().wall,
+    };
+    std::fs::write(out, activation::request_to_armored(&request, &key))
+        .with_context(|| format!("writing {}", out.display()))
+        .map_err(usage)?;
     println!(
-        "server identity {verb}: {}\nserver key fingerprint: {}",
-        data_dir.join(identity::IDENTITY_FILE).display(),
-        key.public().fingerprint()
+        "activation request written to {}\n  server key  {}\n  host        {} ({})\n  send it to your vendor; no network connection is needed",
+        out.display(),
+        request.server_key.fingerprint(),
+        request.hostname,
+        request.host_fingerprint
+    );
+    Ok(())
+}
+
+/// Everything `run` and `check-config` load before serving.
+struct Site {
+    config: DaemonConfig,
+    key: SecretKey,
+    rules: BundleRules,
+    loaded: Loaded,
+}
+
+fn load_site(config_path: &Path) -> Result<Site, Failure> {
+    let config = DaemonConfig::load(config_path).map_err(usage)?;
+    let key = load_identity(&config.data_dir)?;
+    let mut vendor_keys = Vec::new();
+    for path in &config.vendor_keys {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("vendor key {}", path.display()))
+            .map_err(usage)?;
+        let key = tally_protocol::keys::public_key_from_armored(&text)
+            .with_context(|| format!("vendor key {}", path.display()))
+            .map_err(usage)?;
+        vendor_keys.push(key);
+    }
+    if vendor_keys.is_empty() {
+        return Err(usage(anyhow!(
+            "{}: vendor_keys is empty: name the vendor's public key file(s) whose bundles this server accepts",
+            config_path.display()
+        )));
+    }
+    let returned = bundles::read_returned(&config.data_dir)
+        .with_context(|| format!("{}", config.data_dir.display()))
+        .map_err(usage)?;
+    let rules = BundleRules {
+        vendor_keys,
+        server_key: key.public(),
+        host_fingerprint: host::fingerprint(),
+        returned,
+    };
+    let loaded = bundles::load_dir(&config.bundle_dir, &rules, now().wall)
+        .with_context(|| format!("bundle directory {}", config.bundle_dir.display()))
+        .map_err(usage)?;
+    Ok(Site {
+        config,
+        key,
+        rules,
+        loaded,
+    })
+}
+
+fn check_config(config_path: &Path) -> Result<(), Failure> {
+    let site = load_site(config_path)?;
+    let c = &site.config;
+    println!("configuration {} is valid", config_path.display());
+    println!("  listen        {} (UDP)", c.listen);
+    println!("  data dir      {}", c.data_dir.display());
+    println!("  server key    {}", site.key.public().fingerprint());
+    println!("  host          {}", site.rules.host_fingerprint);
+    println!(
+        "  timing        lease TTL {} s, heartbeat {} s, idle timeout {} s",
+        c.lease_ttl_secs, c.heartbeat_secs, c.idle_timeout_secs
+    );
+    println!("  bundles from  {}", c.bundle_dir.display());
+    for (path, b) in &site.loaded.served {
+        let b = &b.bundle;
+        let until = b
+            .valid_until
+            .map(|u| format!("until {}", u.date()))
+            .unwrap_or_else(|| "no end date".into());
+        println!(
+            "    {}: bundle {} for {} ({until})",
+            path.display(),
+            b.id,
+            b.customer.name
+        );
+        for f in &b.features {
+            let seats = match f.seats {
+                Seats::Counted(n) => format!("{n} seats"),
+                Seats::Uncounted => "uncounted".into(),
+            };
+            let mut extras = Vec::new();
+            if let Some(v) = &f.version_ceiling {
+                extras.push(format!("versions up to {v}"));
+            }
+            if let Some(from) = &f.upgrade_from {
+                extras.push(format!("upgrades seats of version {from}"));
+            }
+            if let Some(m) = f.maintenance_until {
+                extras.push(format!("updates until {}", m.date()));
+            }
+            if let Some(e) = f.expires {
+                extras.push(format!("expires {}", e.date()));
+            }
+            if f.evaluation {
+                extras.push("evaluation".into());
+            }
+            if !f.components.is_empty() {
+                extras.push(format!("package of {}", f.components.join(", ")));
+            }
+            println!("      {} {seats} {}", f.name, extras.join(", "));
+        }
+    }
+    for note in &site.loaded.notes {
+        println!("  note: {note}");
+    }
+    for refusal in &site.loaded.refused {
+        eprintln!("tallyd: {refusal}");
+    }
+    if site.loaded.refused.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Data(anyhow!(
+            "{} bundle file(s) refused; the others would be served",
+            site.loaded.refused.len()
+        )))
+    }
+}
+
+fn run(config_path: &Path) -> Result<(), Failure> {
+    let site = load_site(config_path)?;
+    for refusal in &site.loaded.refused {
+        tracing::warn!("{refusal}");
+    }
+    for note in &site.loaded.notes {
+        tracing::info!("{note}");
+    }
+    if site.loaded.served.is_empty() {
+        tracing::warn!(
+            dir = %site.config.bundle_dir.display(),
+            "no valid bundle: serving no features until bundles are added and reloaded (SIGHUP)"
+        );
+    }
+    let config = site.config.clone();
+    let store = Store::open(&config.data_dir.join("store"))
+        .context("opening the seat store")
+        .map_err(usage)?;
+    let admin_token = identity::load_admin_token(&config.data_dir.join(identity::ADMIN_TOKEN_FILE))
+        .map_err(|e| tracing::warn!("admin operations disabled: {e:#}"))
+        .ok();
+    let rules = site.rules.clone();
+    let bundle_dir = config.bundle_dir.clone();
+    let data_dir = config.data_dir.clone();
+    let reloader: tally_daemon::server::Reloader = Arc::new(move || {
+        let mut rules = rules.clone();
+        rules.returned = bundles::read_returned(&data_dir)?;
+        let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall)?;
+        for refusal in &loaded.refused {
+            tracing::warn!("{refusal}");
+        }
+        for note in &loaded.notes {
+            tracing::info!("{note}");
+        }
+        Ok(loaded.bundles())
+    });
+    let runtime = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .map_err(Failure::Runtime)?;
+    runtime.block_on(async {
+        let shutdown = signals::shutdown_requested().map_err(Failure::Runtime)?;
+        let hangups = signals::hangups().map_err(Failure::Runtime)?;
+        let server = Server::bind(ServerParams {
+            listen: config.listen,
+            identity: site.key.clone(),
+            bundles: site.loaded.bundles(),
+            store,
+            lease_ttl: Duration::from_secs(config.lease_ttl_secs),
+            heartbeat: Duration::from_secs(config.heartbeat_secs),
+            idle_timeout: Duration::from_secs(config.idle_timeout_secs),
+            demo: false,
+            reloader: Some(reloader),
+            admin_token,
+            reload_signal: Some(hangups),
+        })
+        .map_err(usage)?;
+        let addr = server.local_addr().map_err(Failure::Runtime)?;
+        println!(
+            "tallyd serving {} bundle(s) on {addr} (UDP); server key {}",
+            site.loaded.served.len(),
+            site.key.public().fingerprint()
+        );
+        server.run(shutdown).await.map_err(Failure::Runtime)
+    })
+}
+
+fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure> {
+    let site = load_site(config_path)?;
+    let Some((path, bundle)) = site.loaded.served.iter().find(|(_, b)| b.bundle.id == id) else {
+        return Err(usage(anyhow!(
+            "no served bundle with id {id} in {}",
+            site.config.bundle_dir.display()
+        )));
+    };
+    // sled locks its directory: opening it fails while tallyd runs, which is what makes
+    // "stop tallyd, then return" an enforced order rather than advice.
+    let store = Store::open(&site.config.data_dir.join("store"))
+        .map_err(|e| usage(anyhow!("{e}; stop tallyd before returning a bundle")))?;
+    let (leases, _) = store.load_leases().map_err(usage)?;
+    let features: std::collections::BTreeSet<&str> = bundle
+        .bundle
+        .features
+        .iter()
+        .flat_map(|f| {
+            std::iter::once(f.name.as_str()).chain(f.components.iter().map(String::as_str))
+        })
+        .collect();
+    let outstanding: u32 = leases
+        .iter()
+        .filter(|l| features.contains(l.feature.as_str()))
+        .map(|l| l.count)
+        .sum();
+    bundles::record_returned(&site.config.data_dir, id)
+        .with_context(|| format!("recording the return in {}", site.config.data_dir.display()))
+        .map_err(Failure::Runtime)?;
+    let proof = ReturnProof {
+        bundle_id: id.to_string(),
+        server_key: site.key.public(),
+        host_fingerprint: site.rules.host_fingerprint.clone(),
+        returned_at: now().wall,
+        leases_outstanding: outstanding,
+    };
+    std::fs::write(out, activation::return_to_armored(&proof, &site.key))
+        .with_context(|| format!("writing {}", out.display()))
+        .map_err(Failure::Runtime)?;
+    println!(
+        "bundle {id} ({}) returned: this server will never load it again\n\
+         return proof written to {}; send it to your vendor{}",
+        path.display(),
+        out.display(),
+        if outstanding > 0 {
+            format!(" ({outstanding} seat(s) were still recorded as held)")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
 
 fn run_demo(args: DemoArgs) -> Result<(), Failure> {
-    let config = tally_config::DaemonConfig {
+    let config = DaemonConfig {
         listen: args.listen,
         lease_ttl_secs: args.lease_ttl_secs,
         heartbeat_secs: args.heartbeat_secs,
@@ -123,14 +494,12 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         ..Default::default()
     };
     config
-        .validate(std::path::Path::new("<command line>"))
-        .map_err(|e| Failure::Usage(e.into()))?;
+        .validate(Path::new("<command line>"))
+        .map_err(usage)?;
     // The throwaway directory lives as long as this function, i.e. the whole run.
     let (throwaway, data_dir) = match args.data_dir {
         Some(dir) => {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))
-                .map_err(Failure::Usage)?;
+            identity::create_private_dir(&dir).map_err(usage)?;
             (None, dir)
         }
         None => {
@@ -138,16 +507,17 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
                 .prefix("tally-demo-")
                 .tempdir()
                 .context("creating a throwaway data directory")
-                .map_err(Failure::Usage)?;
+                .map_err(usage)?;
             let path = dir.path().to_path_buf();
             (Some(dir), path)
         }
     };
-    let (key, _) = identity::load_or_create(&data_dir).map_err(Failure::Usage)?;
-    let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(Failure::Usage)?;
+    let (key, _) = identity::load_or_create(&data_dir).map_err(usage)?;
+    let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
+    let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(usage)?;
     let store = Store::open(&data_dir.join("store"))
         .context("opening the seat store")
-        .map_err(Failure::Usage)?;
+        .map_err(usage)?;
 
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
@@ -163,8 +533,11 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             heartbeat: Duration::from_secs(config.heartbeat_secs),
             idle_timeout: Duration::from_secs(config.idle_timeout_secs),
             demo: true,
+            reloader: None,
+            admin_token: Some(admin_token),
+            reload_signal: None,
         })
-        .map_err(Failure::Usage)?;
+        .map_err(usage)?;
         let addr = server.local_addr().map_err(Failure::Runtime)?;
         print_demo_banner(addr, &data_dir, throwaway.is_some(), &key, &bundle.bundle);
         server.run(shutdown).await.map_err(Failure::Runtime)
@@ -175,9 +548,9 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
 
 fn print_demo_banner(
     addr: SocketAddr,
-    data_dir: &std::path::Path,
+    data_dir: &Path,
     throwaway: bool,
-    key: &tally_protocol::keys::SecretKey,
+    key: &SecretKey,
     bundle: &tally_protocol::bundle::Bundle,
 ) {
     let features: Vec<String> = bundle
@@ -185,8 +558,8 @@ fn print_demo_banner(
         .iter()
         .map(|f| {
             let seats = match f.seats {
-                tally_protocol::bundle::Seats::Counted(n) => format!("{n} seats"),
-                tally_protocol::bundle::Seats::Uncounted => "uncounted".into(),
+                Seats::Counted(n) => format!("{n} seats"),
+                Seats::Uncounted => "uncounted".into(),
             };
             match f.expires {
                 Some(e) if f.evaluation => {

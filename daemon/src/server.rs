@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::frame::{self, FrameError, HEADER_LEN, MAX_REQUEST_LEN};
@@ -51,7 +51,17 @@ pub struct ServerParams {
     pub idle_timeout: Duration,
     /// Demo mode (demo vendor key).
     pub demo: bool,
+    /// Re-reads the bundles (on SIGHUP or an admin reload); `None` if reloading is not
+    /// possible (no bundle directory).
+    pub reloader: Option<Reloader>,
+    /// The admin token; admin requests are refused when `None`.
+    pub admin_token: Option<String>,
+    /// Fires when the bundles should be reloaded (SIGHUP).
+    pub reload_signal: Option<mpsc::Receiver<()>>,
 }
+
+/// Loads the current bundles from wherever they live.
+pub type Reloader = Arc<dyn Fn() -> Result<Vec<VerifiedBundle>> + Send + Sync>;
 
 /// A bound server, ready to run.
 #[must_use = "a server does nothing until run"]
@@ -61,16 +71,22 @@ pub struct Server {
     ledger_rx: mpsc::Receiver<Command>,
     ledger: Ledger,
     store: Store,
+    reload_signal: Option<mpsc::Receiver<()>>,
 }
 
 /// State every connection task reads.
 struct Shared {
     ledger: mpsc::Sender<Command>,
     key: SecretKey,
-    bundles: Vec<tally_protocol::signed::Signed>,
+    /// The bundles presented in hello, replaced on reload.
+    bundles: RwLock<Arc<Vec<Signed>>>,
     heartbeat_secs: u64,
     demo: bool,
     next_conn: AtomicU64,
+    reloader: Option<Reloader>,
+    admin_token: Option<String>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// A request to the ledger task.
@@ -96,6 +112,10 @@ enum Command {
     },
     Closed {
         conn: ConnId,
+    },
+    Reload {
+        bundles: Vec<tally_protocol::bundle::Bundle>,
+        done: oneshot::Sender<()>,
     },
     Shutdown {
         done: oneshot::Sender<()>,
@@ -148,10 +168,15 @@ impl Server {
         let shared = Arc::new(Shared {
             ledger: tx,
             key: params.identity,
-            bundles: params.bundles.into_iter().map(|b| b.signed).collect(),
+            bundles: RwLock::new(Arc::new(
+                params.bundles.into_iter().map(|b| b.signed).collect(),
+            )),
             heartbeat_secs: params.heartbeat.as_secs().max(1),
             demo: params.demo,
             next_conn: AtomicU64::new(1),
+            reloader: params.reloader,
+            admin_token: params.admin_token,
+            reloading: tokio::sync::Mutex::new(()),
         });
         Ok(Server {
             endpoint,
@@ -159,6 +184,7 @@ impl Server {
             ledger_rx: rx,
             ledger,
             store: params.store,
+            reload_signal: params.reload_signal,
         })
     }
 
@@ -177,8 +203,22 @@ impl Server {
             ledger_rx,
             ledger,
             store,
+            reload_signal,
         } = self;
         let ledger_task = tokio::spawn(run_ledger(ledger, store.clone(), ledger_rx));
+        if let Some(mut signal) = reload_signal {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while signal.recv().await.is_some() {
+                    match reload(&shared).await {
+                        Ok(message) => info!("{message}"),
+                        Err(message) => {
+                            warn!("reload failed, still serving the previous bundles: {message}")
+                        }
+                    }
+                }
+            });
+        }
         let accept = {
             let endpoint = endpoint.clone();
             let shared = shared.clone();
@@ -272,7 +312,7 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
                     ledger.heartbeat(now, conn, &leases),
                 )),
                 Command::Checkin { leases, reply } => {
-                    let (released, ev) = ledger.checkin(&leases);
+                    let (released, ev) = ledger.checkin(now, &leases);
                     events.extend(ev);
                     pending.push(Pending::Checkin(reply, released));
                 }
@@ -280,6 +320,10 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
                     pending.push(Pending::Status(reply, ledger.status(now.wall)))
                 }
                 Command::Closed { conn } => events.extend(ledger.connection_closed(conn)),
+                Command::Reload { bundles, done } => {
+                    ledger.reload(&bundles);
+                    let _ = done.send(());
+                }
                 Command::Shutdown { done } => shutdown = Some(done),
             }
         }
@@ -465,9 +509,15 @@ async fn dispatch(
                 return error(what);
             }
             *identity.lock().expect("identity lock") = Some(hello.client);
+            let bundles = shared
+                .bundles
+                .read()
+                .expect("bundles lock")
+                .as_ref()
+                .clone();
             Response::Hello(HelloReply {
                 server_version: env!("CARGO_PKG_VERSION").to_string(),
-                bundles: shared.bundles.clone(),
+                bundles,
                 server_time: now().wall,
                 heartbeat_secs: shared.heartbeat_secs,
                 demo: shared.demo,
@@ -550,8 +600,64 @@ async fn dispatch(
                 Err(_) => closed(),
             }
         }
+        Request::Admin(admin) => {
+            let Some(expected) = &shared.admin_token else {
+                return error("admin operations are disabled: this server has no admin token");
+            };
+            if !constant_time_eq(admin.token.trim().as_bytes(), expected.as_bytes()) {
+                warn!(conn = conn.0, "admin request with a wrong token refused");
+                return error("admin token is wrong");
+            }
+            match admin.op {
+                AdminOp::Reload => match reload(shared).await {
+                    Ok(message) => {
+                        info!("{message}");
+                        Response::Admin(AdminReply { message })
+                    }
+                    Err(message) => error(format!(
+                        "reload failed, still serving the previous bundles: {message}"
+                    )),
+                },
+                _ => error("this admin operation is not supported by this tallyd"),
+            }
+        }
         _ => error("this request is not supported by this tallyd"),
     }
+}
+
+/// Compares secrets without an early exit, so timing does not reveal a prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Re-reads the bundles and hands them to the ledger; every lease is kept.
+async fn reload(shared: &Shared) -> Result<String, String> {
+    let _one_at_a_time = shared.reloading.lock().await;
+    let Some(reloader) = shared.reloader.clone() else {
+        return Err("this server has no bundle directory to reload from".into());
+    };
+    let bundles = tokio::task::spawn_blocking(move || reloader())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+    let count = bundles.len();
+    let (done, wait) = oneshot::channel();
+    let plain = bundles.iter().map(|b| b.bundle.clone()).collect();
+    shared
+        .ledger
+        .send(Command::Reload {
+            bundles: plain,
+            done,
+        })
+        .await
+        .map_err(|_| "the server is shutting down".to_string())?;
+    wait.await
+        .map_err(|_| "the server is shutting down".to_string())?;
+    *shared.bundles.write().expect("bundles lock") =
+        Arc::new(bundles.into_iter().map(|b| b.signed).collect());
+    Ok(format!(
+        "reloaded: serving {count} bundle(s); every lease kept"
+    ))
 }
 
 fn fresh_lease() -> Result<FreshLease, getrandom::Error> {

@@ -26,3 +26,23 @@ pub fn shutdown_requested() -> Result<impl Future<Output = ()>> {
         let _ = rx.await;
     })
 }
+
+/// Installs a SIGHUP handler and returns a channel that yields once per SIGHUP
+/// (coalesced: several quick hangups cause one reload).
+pub fn hangups() -> Result<tokio::sync::mpsc::Receiver<()>> {
+    let mut signals =
+        Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                tracing::info!("SIGHUP: reloading bundles");
+                if tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        })
+        .context("starting the SIGHUP thread")?;
+    Ok(rx)
+}

@@ -35,6 +35,8 @@ impl Driver {
                 host_fingerprint: "h".into(),
             }),
             supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
             features,
         };
         Driver {
@@ -73,6 +75,7 @@ impl Driver {
             feature: feature.into(),
             count,
             version: None,
+            build_date: None,
         };
         let now = self.now();
         self.ledger
@@ -162,9 +165,9 @@ fn checkin_frees_the_seat_and_needs_the_secret() {
         id: lease.id,
         secret: LeaseSecret([0xee; 16]),
     };
-    let (released, events) = d.ledger.checkin(&[forged]);
+    let (released, events) = d.ledger.checkin(d.now(), &[forged]);
     assert_eq!((released, events.len()), (vec![false], 0));
-    let (released, events) = d.ledger.checkin(&[r(&lease)]);
+    let (released, events) = d.ledger.checkin(d.now(), &[r(&lease)]);
     assert_eq!(released, vec![true]);
     assert!(matches!(
         events[0],
@@ -376,7 +379,7 @@ proptest! {
                 }
                 Op::Checkin { which } => {
                     if let Some(rec) = granted.get(which) {
-                        let (_, events) = d.ledger.checkin(&[r(rec)]);
+                        let (_, events) = d.ledger.checkin(d.now(), &[r(rec)]);
                         apply(&mut store, events);
                     }
                 }

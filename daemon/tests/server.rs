@@ -45,6 +45,8 @@ fn bundle_for(
             host_fingerprint: "h".into(),
         }),
         supersedes: vec![],
+        valid_from: None,
+        valid_until: None,
         features: vec![FeatureGrant::counted("solver", 2)],
     };
     let signed = bundle::sign(&b, vendor);
@@ -63,6 +65,9 @@ async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running
         heartbeat: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(15),
         demo: false,
+        reloader: None,
+        admin_token: None,
+        reload_signal: None,
     })
     .unwrap();
     let addr = server.local_addr().unwrap();
@@ -135,6 +140,7 @@ async fn unknown_version_and_bad_frames_get_clear_answers_on_a_live_connection()
         feature: "solver".into(),
         count: 1,
         version: None,
+        build_date: None,
     });
     let answer = exchange(&conn, &frame::encode_request(&checkout)).await;
     match frame::decode_response_frame(&answer) {
@@ -167,7 +173,15 @@ async fn the_client_trusts_only_servers_the_vendor_bound() {
         .await
         .unwrap();
     assert_eq!(session.server_key(), server_key.public());
-    let lease = session.checkout("solver", 1, None).await.unwrap();
+    let lease = session
+        .checkout(&CheckoutRequest {
+            feature: "solver".into(),
+            count: 1,
+            version: None,
+            build_date: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(lease.grant.token.signer, server_key.public());
     session.close().await;
     for trust in [Trust::Vendor(vec![other_vendor.public()]), Trust::Demo] {

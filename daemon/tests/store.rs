@@ -21,6 +21,8 @@ fn record(id: u64) -> LeaseRecord {
         },
         granted_at: UnixTime(1_800_000_000),
         ttl_secs: 90,
+        version: None,
+        linger_secs: 0,
     }
 }
 

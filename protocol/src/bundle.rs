@@ -4,7 +4,7 @@
 //! [`BundleBody`]. The body's enum tag is the format version; a daemon that meets an
 //! unknown version refuses the file by name instead of guessing.
 
-use crate::armor::{armor, dearmor, ArmorError};
+use crate::armor::ArmorError;
 use crate::keys::{KeyError, PublicKey, SecretKey};
 use crate::signed::{Domain, Signed};
 use crate::time::UnixTime;
@@ -40,6 +40,10 @@ pub struct Bundle {
     pub binding: Option<Binding>,
     /// Ids of earlier bundles this one replaces (renewal, upgrade, trial-to-paid).
     pub supersedes: Vec<String>,
+    /// The bundle is not served before this time.
+    pub valid_from: Option<UnixTime>,
+    /// The bundle is not served from this time on (a term contract's end).
+    pub valid_until: Option<UnixTime>,
     /// The features sold.
     pub features: Vec<FeatureGrant>,
 }
@@ -80,6 +84,9 @@ pub struct FeatureGrant {
     pub seats: Seats,
     /// Highest application version this grant serves, if limited.
     pub version_ceiling: Option<String>,
+    /// For an upgrade: the ceiling of the seats it upgrades. That many seats (`seats`)
+    /// move from this ceiling to `version_ceiling`, like FlexLM's UPGRADE line.
+    pub upgrade_from: Option<String>,
     /// Builds dated after this are outside maintenance.
     pub maintenance_until: Option<UnixTime>,
     /// Not usable before this time.
@@ -109,6 +116,7 @@ impl FeatureGrant {
             name: name.to_string(),
             seats: Seats::Counted(seats),
             version_ceiling: None,
+            upgrade_from: None,
             maintenance_until: None,
             starts: None,
             expires: None,
@@ -176,20 +184,15 @@ pub fn sign(bundle: &Bundle, vendor: &SecretKey) -> Signed {
 
 /// The armoured file form of a signed bundle.
 pub fn to_armored(signed: &Signed) -> String {
-    armor(
-        BUNDLE_LABEL,
-        &crate::encode(&SignedFile::V1(signed.clone())),
-    )
+    crate::signed::to_armored(BUNDLE_LABEL, signed)
 }
 
 /// Reads an armoured bundle file into its envelope, without trusting it yet.
 pub fn from_armored(text: &str) -> Result<Signed, BundleError> {
-    let bytes = dearmor(BUNDLE_LABEL, text)?;
-    match crate::decode::<SignedFile, { MAX_BUNDLE_BODY + 4096 }>(&bytes)
-        .map_err(|e| BundleError::Malformed(e.0))?
-    {
-        SignedFile::V1(signed) => Ok(signed),
-    }
+    crate::signed::from_armored(BUNDLE_LABEL, text).map_err(|e| match e {
+        crate::signed::SignedFileError::Armor(a) => BundleError::Armor(a),
+        other => BundleError::Malformed(other.to_string()),
+    })
 }
 
 /// Checks the envelope's signature and signer, then decodes the bundle.
@@ -228,12 +231,6 @@ pub fn check_binding(
     }
 }
 
-/// The file's outer format; the variant is the version of the envelope itself.
-#[derive(Serialize, Deserialize)]
-enum SignedFile {
-    V1(Signed),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +249,8 @@ mod tests {
                 host_fingerprint: "h".into(),
             }),
             supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
             features: vec![FeatureGrant::counted("solver", 20)],
         }
     }

@@ -64,6 +64,10 @@ pub struct LeaseRecord {
     pub granted_at: UnixTime,
     /// Heartbeat time-to-live in seconds.
     pub ttl_secs: u64,
+    /// The application version it was granted for (version ceilings).
+    pub version: Option<String>,
+    /// Seconds the seat stays held after checkin.
+    pub linger_secs: u64,
 }
 
 /// Largest stored lease record we decode.

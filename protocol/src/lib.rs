@@ -12,10 +12,13 @@
 //! - [`armor`]: text-safe armour so files survive e-mail and copy-paste.
 //! - [`cert`]: the small piece of X.509 the client needs: the key of a server certificate.
 //! - [`lease`]: the lease record as the daemon persists it.
+//! - [`activation`]: the activation request a server sends its vendor, and the return proof.
+//! - [`version`]: ordering of application versions.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod armor;
 pub mod bundle;
 pub mod cert;
@@ -24,6 +27,7 @@ pub mod keys;
 pub mod lease;
 pub mod signed;
 pub mod time;
+pub mod version;
 pub mod wire;
 
 /// The bincode configuration every tally encoding uses, bounded to `LIMIT` bytes of

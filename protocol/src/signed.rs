@@ -15,6 +15,10 @@ pub enum Domain {
     Bundle,
     /// A lease token, signed by a server key.
     Lease,
+    /// An activation request, signed by the requesting server's key.
+    ActivationRequest,
+    /// A return proof, signed by the returning server's key.
+    ReturnProof,
 }
 
 impl Domain {
@@ -22,6 +26,8 @@ impl Domain {
         match self {
             Domain::Bundle => b"tally/bundle/v1\0",
             Domain::Lease => b"tally/lease/v1\0",
+            Domain::ActivationRequest => b"tally/activation-request/v1\0",
+            Domain::ReturnProof => b"tally/return-proof/v1\0",
         }
     }
 }
@@ -54,6 +60,37 @@ impl Signed {
         self.signer
             .verify(&message(domain, &self.body), &self.signature)
     }
+}
+
+/// The outer format of every signed tally file; the variant is the envelope's version.
+#[derive(Serialize, Deserialize)]
+enum SignedFile {
+    V1(Signed),
+}
+
+/// Why a signed file could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignedFileError {
+    /// The armour is damaged or labels another kind of file.
+    #[error(transparent)]
+    Armor(#[from] crate::armor::ArmorError),
+    /// The envelope does not decode (truncated, edited, or an unknown format version).
+    #[error("malformed or unknown file format: {0}")]
+    Malformed(String),
+}
+
+/// The armoured file form of a signed envelope.
+pub fn to_armored(label: &str, signed: &Signed) -> String {
+    crate::armor::armor(label, &crate::encode(&SignedFile::V1(signed.clone())))
+}
+
+/// Reads an armoured signed file; its signature is not checked yet.
+pub fn from_armored(label: &'static str, text: &str) -> Result<Signed, SignedFileError> {
+    let bytes = crate::armor::dearmor(label, text)?;
+    let SignedFile::V1(signed) = crate::decode::<SignedFile, { 4 * 1024 * 1024 }>(&bytes)
+        .map_err(|e| SignedFileError::Malformed(e.0))?;
+    Ok(signed)
 }
 
 fn message(domain: Domain, body: &[u8]) -> Vec<u8> {

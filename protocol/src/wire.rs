@@ -34,6 +34,8 @@ pub enum Request {
     Checkin(CheckinRequest),
     /// Asks what is licensed and who holds what.
     Status(StatusRequest),
+    /// An administrative operation; needs the admin token.
+    Admin(AdminRequest),
 }
 
 /// A response from the daemon.
@@ -50,6 +52,8 @@ pub enum Response {
     Checkin(CheckinReply),
     /// Answer to [`Request::Status`].
     Status(StatusReply),
+    /// Answer to [`Request::Admin`].
+    Admin(AdminReply),
     /// The request could not be served at all.
     Error(ErrorReply),
 }
@@ -109,6 +113,8 @@ pub struct CheckoutRequest {
     pub count: u32,
     /// The application's version, for version ceilings.
     pub version: Option<String>,
+    /// The application's build date, for maintenance (updates-until) dates.
+    pub build_date: Option<UnixTime>,
 }
 
 /// The answer to a checkout.
@@ -217,6 +223,24 @@ pub enum DenialReason {
         /// When it expired.
         expired: UnixTime,
     },
+    /// The application's version is above every licensed ceiling.
+    VersionAboveCeiling {
+        /// The feature.
+        feature: String,
+        /// The version asked for.
+        requested: String,
+        /// The highest ceiling licensed.
+        ceiling: String,
+    },
+    /// The application was built after maintenance (the right to updates) ended.
+    MaintenanceExpired {
+        /// The feature.
+        feature: String,
+        /// The application's build date.
+        build_date: UnixTime,
+        /// The latest maintenance date licensed.
+        maintenance_until: UnixTime,
+    },
     /// The request itself was invalid.
     InvalidRequest {
         /// What was wrong.
@@ -261,6 +285,25 @@ impl fmt::Display for DenialReason {
                     expired.date()
                 )
             }
+            DenialReason::VersionAboveCeiling {
+                feature,
+                requested,
+                ceiling,
+            } => write!(
+                f,
+                "version {requested} of '{feature}' is above the licensed version {ceiling}"
+            ),
+            DenialReason::MaintenanceExpired {
+                feature,
+                build_date,
+                maintenance_until,
+            } => write!(
+                f,
+                "maintenance expired: this build of '{feature}' is from {}, updates are licensed until {}; \
+                 an older build still runs",
+                build_date.date(),
+                maintenance_until.date()
+            ),
             DenialReason::InvalidRequest { what } => write!(f, "invalid request: {what}"),
             DenialReason::StorageUnavailable { what } => {
                 write!(f, "the server cannot record new seats right now: {what}")
@@ -359,6 +402,39 @@ pub struct HolderStatus {
     pub count: u32,
     /// Since when.
     pub since: UnixTime,
+}
+
+/// An administrative request. Its `Debug` output hides the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRequest {
+    /// The admin token from the server's `admin.token` file.
+    pub token: String,
+    /// What to do.
+    pub op: AdminOp,
+}
+
+impl fmt::Debug for AdminRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminRequest")
+            .field("token", &"..")
+            .field("op", &self.op)
+            .finish()
+    }
+}
+
+/// Administrative operations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AdminOp {
+    /// Re-read bundles (and later the policy) without dropping any lease.
+    Reload,
+}
+
+/// The answer to an admin request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminReply {
+    /// What was done, for a person.
+    pub message: String,
 }
 
 /// A request that could not be served at all.

@@ -21,6 +21,7 @@ fn sample_requests() -> Vec<Request> {
             feature: "solver".into(),
             count: 2,
             version: Some("2027.1".into()),
+            build_date: None,
         }),
         Request::Heartbeat(HeartbeatRequest {
             leases: vec![LeaseRef {
