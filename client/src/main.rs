@@ -412,7 +412,7 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
             .map(|t| t.to_string())
             .unwrap_or_else(|| "uncounted".into());
         let expires = match f.expires {
-            Some(e) => e.date(),
+            Some(e) => format!("until {}", e.last_day()),
             None => "permanent".into(),
         };
         let eval = if f.evaluation { " (evaluation)" } else { "" };

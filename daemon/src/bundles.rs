@@ -90,7 +90,11 @@ pub fn load_file(
     }
     if let Some(until) = b.valid_until {
         if until <= now {
-            return Err(format!("bundle {} expired on {}", b.id, until.date()));
+            return Err(format!(
+                "bundle {} expired at the end of {}",
+                b.id,
+                until.last_day()
+            ));
         }
     }
     if rules.returned.contains(&b.id) {

@@ -315,7 +315,7 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
         let b = &b.bundle;
         let until = b
             .valid_until
-            .map(|u| format!("until {}", u.date()))
+            .map(|u| format!("until {}", u.last_day()))
             .unwrap_or_else(|| "no end date".into());
         println!(
             "    {}: bundle {} for {} ({until})",
@@ -339,7 +339,7 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
                 extras.push(format!("updates until {}", m.date()));
             }
             if let Some(e) = f.expires {
-                extras.push(format!("expires {}", e.date()));
+                extras.push(format!("valid until {}", e.last_day()));
             }
             if f.evaluation {
                 extras.push("evaluation".into());
@@ -563,9 +563,9 @@ fn print_demo_banner(
             };
             match f.expires {
                 Some(e) if f.evaluation => {
-                    format!("{} ({seats}, evaluation until {})", f.name, e.date())
+                    format!("{} ({seats}, evaluation until {})", f.name, e.last_day())
                 }
-                Some(e) => format!("{} ({seats}, until {})", f.name, e.date()),
+                Some(e) => format!("{} ({seats}, until {})", f.name, e.last_day()),
                 None => format!("{} ({seats})", f.name),
             }
         })

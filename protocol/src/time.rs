@@ -25,6 +25,12 @@ impl UnixTime {
         format!("{y:04}-{m:02}-{d:02}")
     }
 
+    /// For an end instant (the first moment something is no longer valid), the last
+    /// day that is still valid, as `YYYY-MM-DD`: how people say "valid until".
+    pub fn last_day(self) -> String {
+        UnixTime(self.0.saturating_sub(1)).date()
+    }
+
     /// Parses `YYYY-MM-DD` as the start of that day, UTC.
     pub fn from_date(text: &str) -> Option<UnixTime> {
         let mut parts = text.trim().splitn(3, '-');

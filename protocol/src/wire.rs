@@ -281,8 +281,8 @@ impl fmt::Display for DenialReason {
             DenialReason::Expired { feature, expired } => {
                 write!(
                     f,
-                    "the licence for '{feature}' expired on {}",
-                    expired.date()
+                    "the licence for '{feature}' expired at the end of {}",
+                    expired.last_day()
                 )
             }
             DenialReason::VersionAboveCeiling {

@@ -1,1 +1,10 @@
+//! The vendor's side of tally: bundle specs, and the import of FlexLM license files.
+//!
+//! - [`spec`]: the readable TOML a vendor writes to describe what a customer bought.
+//! - [`flexlm`]: turns a FlexLM license file into such a spec, for review.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod flexlm;
+pub mod spec;

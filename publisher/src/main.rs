@@ -1,1 +1,536 @@
-fn main() {}
+//! `tally-publisher`: the vendor's tool. Keys, bundles, activation requests, return
+//! proofs, FlexLM import. Works on files only; never needs a network.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tally_protocol::activation::{self, REQUEST_LABEL, RETURN_LABEL};
+use tally_protocol::bundle::{self, Bundle, Seats, BUNDLE_LABEL};
+use tally_protocol::keys::{self, PublicKey, SecretKey, PUBLIC_KEY_LABEL, SECRET_KEY_LABEL};
+use tally_protocol::time::UnixTime;
+use tally_publisher::{flexlm, spec::Spec};
+
+/// sysexits: usage error.
+const EX_USAGE: u8 = 64;
+/// sysexits: bad input data (a file that does not verify or parse).
+const EX_DATAERR: u8 = 65;
+/// Largest input file read.
+const MAX_INPUT: u64 = 16 * 1024 * 1024;
+
+#[derive(Parser)]
+#[command(name = "tally-publisher", version, about = "tally vendor tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a vendor key pair: PREFIX.key (secret, 0600) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a bundle from a spec, bound to the server of an activation request.
+    Issue {
+        /// The vendor secret key.
+        #[arg(long)]
+        key: PathBuf,
+        /// The bundle spec (TOML).
+        #[arg(long)]
+        spec: PathBuf,
+        /// The customer's activation request.
+        #[arg(long)]
+        request: PathBuf,
+        /// Where to write the bundle.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show what a tally file (bundle, activation request, return proof, key) says.
+    Inspect {
+        /// The file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that a bundle is intact and signed by the given vendor key.
+    Verify {
+        /// The vendor public key.
+        #[arg(long)]
+        vendor_pub: PathBuf,
+        /// The bundle.
+        bundle: PathBuf,
+    },
+    /// Check a return proof: signed by the server the bundle was bound to.
+    VerifyReturn {
+        /// The returned bundle.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The return proof.
+        proof: PathBuf,
+    },
+    /// Turn a FlexLM license file into a bundle spec to review and issue.
+    ImportFlexlm {
+        /// The FlexLM license file.
+        license: PathBuf,
+        /// Where to write the spec.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// A failure and its exit code.
+struct Failure(u8, anyhow::Error);
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure(EX_USAGE, e.into())
+}
+
+fn data(e: impl Into<anyhow::Error>) -> Failure {
+    Failure(EX_DATAERR, e.into())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Keygen { out } => keygen(&out),
+        Command::Issue {
+            key,
+            spec,
+            request,
+            out,
+        } => issue(&key, &spec, &request, &out),
+        Command::Inspect { file, json } => inspect(&file, json),
+        Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
+        Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
+        Command::ImportFlexlm { license, out } => import_flexlm(&license, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("tally-publisher: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Reads a text file with a size bound; errors name the file.
+fn read(path: &Path) -> Result<String, Failure> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(usage)?;
+    if meta.len() > MAX_INPUT {
+        return Err(data(anyhow!(
+            "{}: larger than {MAX_INPUT} bytes",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(usage)?;
+    String::from_utf8(bytes).map_err(|_| data(anyhow!("{}: not a text file", path.display())))
+}
+
+fn now() -> UnixTime {
+    UnixTime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "creating {} (an existing file is never overwritten)",
+                path.display()
+            )
+        })?;
+    file.write_all(contents.as_bytes())
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn keygen(prefix: &Path) -> Result<(), Failure> {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed)
+        .context("reading the OS random source")
+        .map_err(|e| Failure(70, e))?;
+    let key = SecretKey::from_seed(seed);
+    let secret = prefix.with_extension("key");
+    let public = prefix.with_extension("pub");
+    write_new(&secret, &key.to_armored(), 0o600).map_err(usage)?;
+    write_new(&public, &keys::public_key_to_armored(&key.public()), 0o644).map_err(usage)?;
+    println!(
+        "vendor key pair created\n  secret  {} (0600: keep it offline, back it up)\n  public  {} (give it to tallyd and build it into your application)\n  fingerprint {}",
+        secret.display(),
+        public.display(),
+        key.public().fingerprint()
+    );
+    Ok(())
+}
+
+fn load_secret(path: &Path) -> Result<SecretKey, Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(usage)?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(usage(anyhow!(
+            "{}: secret key is readable by group or others (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )));
+    }
+    SecretKey::from_armored(&read(path)?)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(data)
+}
+
+fn load_public(path: &Path) -> Result<PublicKey, Failure> {
+    keys::public_key_from_armored(&read(path)?)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(data)
+}
+
+fn issue(key: &Path, spec_path: &Path, request: &Path, out: &Path) -> Result<(), Failure> {
+    let vendor = load_secret(key)?;
+    let spec = Spec::parse(spec_path, &read(spec_path)?).map_err(data)?;
+    let request = activation::request_from_armored(&read(request)?)
+        .with_context(|| format!("{}", request.display()))
+        .map_err(data)?;
+    let mut random = [0u8; 4];
+    getrandom::getrandom(&mut random)
+        .context("reading the OS random source")
+        .map_err(|e| Failure(70, e))?;
+    let issued = now();
+    let default_id = format!(
+        "{}-{}-{}",
+        spec.customer.id.trim(),
+        issued.date().replace('-', ""),
+        keys::hex(&random)
+    );
+    let bundle = spec
+        .to_bundle(spec_path, &request, default_id, issued)
+        .map_err(data)?;
+    let signed = bundle::sign(&bundle, &vendor);
+    write_new(out, &bundle::to_armored(&signed), 0o644).map_err(usage)?;
+    println!(
+        "bundle {} written to {}\n  customer  {} ({})\n  bound to  server key {} on host {} ({})",
+        bundle.id,
+        out.display(),
+        bundle.customer.name,
+        bundle.customer.id,
+        request.server_key.fingerprint(),
+        request.hostname,
+        request.host_fingerprint
+    );
+    print_features(&bundle);
+    Ok(())
+}
+
+fn print_features(bundle: &Bundle) {
+    for f in &bundle.features {
+        let seats = match f.seats {
+            Seats::Counted(n) => format!("{n} seats"),
+            Seats::Uncounted => "uncounted".into(),
+        };
+        let mut extras = Vec::new();
+        if let Some(v) = &f.version_ceiling {
+            extras.push(format!("versions up to {v}"));
+        }
+        if let Some(v) = &f.upgrade_from {
+            extras.push(format!("upgrades seats of version {v}"));
+        }
+        if let Some(m) = f.maintenance_until {
+            extras.push(format!("updates until {}", m.date()));
+        }
+        if let Some(s) = f.starts {
+            extras.push(format!("from {}", s.date()));
+        }
+        extras.push(match f.expires {
+            Some(e) => format!("until {}", e.last_day()),
+            None => "permanent".into(),
+        });
+        if f.evaluation {
+            extras.push("evaluation".into());
+        }
+        if f.overdraft > 0 {
+            extras.push(format!("overdraft {}", f.overdraft));
+        }
+        if !f.components.is_empty() {
+            extras.push(format!("package of {}", f.components.join(", ")));
+        }
+        println!("  feature   {} {seats}: {}", f.name, extras.join(", "));
+    }
+}
+
+/// The armour label of a file, if any.
+fn label_of(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("-----BEGIN TALLY ")
+            .map(|r| r.trim_end_matches('-').to_string())
+    })
+}
+
+fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
+    let text = read(path)?;
+    let label = label_of(&text).ok_or_else(|| {
+        data(anyhow!(
+            "{}: not a tally file (no BEGIN TALLY line)",
+            path.display()
+        ))
+    })?;
+    let ctx = |e: anyhow::Error| data(e.context(path.display().to_string()));
+    match label.as_str() {
+        BUNDLE_LABEL => {
+            let signed = bundle::from_armored(&text).map_err(|e| ctx(e.into()))?;
+            // Self-consistency only: whether the signer is *trusted* is what `verify` checks.
+            let verified = bundle::verify(&signed, &[signed.signer]).map_err(|e| ctx(e.into()))?;
+            let b = &verified.bundle;
+            if json {
+                let doc = serde_json::json!({
+                    "kind": "bundle",
+                    "signature": "valid",
+                    "signed_by": signed.signer.fingerprint(),
+                    "id": b.id,
+                    "issued_at": b.issued_at.to_string(),
+                    "vendor": b.vendor,
+                    "customer": {"id": b.customer.id, "name": b.customer.name},
+                    "binding": b.binding.as_ref().map(|x| serde_json::json!({
+                        "server_key": x.server_key.fingerprint(),
+                        "host_fingerprint": x.host_fingerprint,
+                    })),
+                    "supersedes": b.supersedes,
+                    "valid_from": b.valid_from.map(|t| t.date()),
+                    "valid_until": b.valid_until.map(|t| t.last_day()),
+                    "features": b.features.iter().map(|f| serde_json::json!({
+                        "name": f.name,
+                        "seats": match f.seats { Seats::Counted(n) => serde_json::json!(n), Seats::Uncounted => serde_json::json!("uncounted") },
+                        "version_ceiling": f.version_ceiling,
+                        "upgrade_from": f.upgrade_from,
+                        "maintenance_until": f.maintenance_until.map(|t| t.date()),
+                        "starts": f.starts.map(|t| t.date()),
+                        "expires": f.expires.map(|t| t.last_day()),
+                        "evaluation": f.evaluation,
+                        "overdraft": f.overdraft,
+                        "borrow_limit_secs": f.borrow_limit_secs,
+                        "linger_secs": f.linger_secs,
+                        "heartbeat_ttl_secs": f.heartbeat_ttl_secs,
+                        "components": f.components,
+                        "attributes": f.attributes,
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                println!("tally bundle {}", b.id);
+                println!(
+                    "  signature  valid, signed by vendor key {}",
+                    signed.signer.fingerprint()
+                );
+                println!("  issued     {}", b.issued_at);
+                println!("  vendor     {}", b.vendor);
+                println!("  customer   {} ({})", b.customer.name, b.customer.id);
+                match &b.binding {
+                    Some(x) => println!(
+                        "  bound to   server key {}, host {}",
+                        x.server_key.fingerprint(),
+                        x.host_fingerprint
+                    ),
+                    None => println!("  bound to   nothing (demo bundle)"),
+                }
+                if !b.supersedes.is_empty() {
+                    println!("  supersedes {}", b.supersedes.join(", "));
+                }
+                if let Some(f) = b.valid_from {
+                    println!("  valid from {}", f.date());
+                }
+                if let Some(u) = b.valid_until {
+                    println!("  valid until {}", u.last_day());
+                }
+                print_features(b);
+            }
+        }
+        REQUEST_LABEL => {
+            let r = activation::request_from_armored(&text).map_err(|e| ctx(e.into()))?;
+            if json {
+                let doc = serde_json::json!({
+                    "kind": "activation request",
+                    "signature": "valid",
+                    "server_key": r.server_key.fingerprint(),
+                    "host_fingerprint": r.host_fingerprint,
+                    "hostname": r.hostname,
+                    "os": r.os,
+                    "virtualization": r.virtualization,
+                    "customer_reference": r.customer_reference,
+                    "created_at": r.created_at.to_string(),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                println!("tally activation request (signature valid)");
+                println!("  server key  {}", r.server_key.fingerprint());
+                println!("  host        {} ({})", r.hostname, r.host_fingerprint);
+                println!("  os          {}", r.os);
+                println!(
+                    "  virtual     {}",
+                    r.virtualization
+                        .as_deref()
+                        .unwrap_or("no sign of a VM or container")
+                );
+                if let Some(c) = &r.customer_reference {
+                    println!("  reference   {c}");
+                }
+                println!("  created     {}", r.created_at);
+            }
+        }
+        RETURN_LABEL => {
+            let p = activation::return_from_armored(&text).map_err(|e| ctx(e.into()))?;
+            if json {
+                let doc = serde_json::json!({
+                    "kind": "return proof",
+                    "signature": "valid",
+                    "bundle_id": p.bundle_id,
+                    "server_key": p.server_key.fingerprint(),
+                    "host_fingerprint": p.host_fingerprint,
+                    "returned_at": p.returned_at.to_string(),
+                    "leases_outstanding": p.leases_outstanding,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                println!("tally return proof (signature valid)");
+                println!("  bundle      {}", p.bundle_id);
+                println!("  server key  {}", p.server_key.fingerprint());
+                println!("  returned    {}", p.returned_at);
+                println!("  seats still recorded as held: {}", p.leases_outstanding);
+            }
+        }
+        PUBLIC_KEY_LABEL => {
+            let k = keys::public_key_from_armored(&text).map_err(|e| ctx(e.into()))?;
+            println!("tally public key {}", k.fingerprint());
+        }
+        SECRET_KEY_LABEL => {
+            return Err(usage(anyhow!(
+                "{}: a secret key; its contents are not shown",
+                path.display()
+            )))
+        }
+        other => {
+            return Err(data(anyhow!(
+                "{}: a tally {other} file, which this version cannot inspect",
+                path.display()
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn verify(vendor_pub: &Path, bundle_path: &Path) -> Result<(), Failure> {
+    let vendor = load_public(vendor_pub)?;
+    let signed = bundle::from_armored(&read(bundle_path)?)
+        .with_context(|| format!("{}", bundle_path.display()))
+        .map_err(data)?;
+    let verified = bundle::verify(&signed, &[vendor])
+        .with_context(|| format!("{}", bundle_path.display()))
+        .map_err(data)?;
+    println!(
+        "{}: bundle {} is intact and signed by vendor key {}",
+        bundle_path.display(),
+        verified.bundle.id,
+        vendor.fingerprint()
+    );
+    Ok(())
+}
+
+fn verify_return(bundle_path: &Path, proof_path: &Path) -> Result<(), Failure> {
+    let signed = bundle::from_armored(&read(bundle_path)?)
+        .with_context(|| format!("{}", bundle_path.display()))
+        .map_err(data)?;
+    let verified = bundle::verify(&signed, &[signed.signer])
+        .with_context(|| format!("{}", bundle_path.display()))
+        .map_err(data)?;
+    let b = verified.bundle;
+    let proof = activation::return_from_armored(&read(proof_path)?)
+        .with_context(|| format!("{}", proof_path.display()))
+        .map_err(data)?;
+    let check = || -> Result<()> {
+        let Some(binding) = &b.binding else {
+            bail!(
+                "bundle {} is not bound to a server; nothing to return",
+                b.id
+            );
+        };
+        if proof.server_key != binding.server_key {
+            bail!(
+                "signed by server key {}, but bundle {} is bound to server key {}",
+                proof.server_key.fingerprint(),
+                b.id,
+                binding.server_key.fingerprint()
+            );
+        }
+        if proof.bundle_id != b.id {
+            bail!("returns bundle {}, not bundle {}", proof.bundle_id, b.id);
+        }
+        if proof.host_fingerprint != binding.host_fingerprint {
+            bail!(
+                "made on host {}, but bundle {} is bound to host {}",
+                proof.host_fingerprint,
+                b.id,
+                binding.host_fingerprint
+            );
+        }
+        Ok(())
+    };
+    check()
+        .with_context(|| format!("{}", proof_path.display()))
+        .map_err(data)?;
+    println!(
+        "{}: bundle {} was returned on {} by the server it was bound to ({} seat(s) still recorded as held); you may issue its seats to a new server",
+        proof_path.display(),
+        b.id,
+        proof.returned_at,
+        proof.leases_outstanding
+    );
+    Ok(())
+}
+
+fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
+    let text = read(license)?;
+    let import = flexlm::import(&license.display().to_string(), &text)
+        .with_context(|| format!("{}", license.display()))
+        .map_err(data)?;
+    write_new(out, &import.spec, 0o644).map_err(usage)?;
+    println!(
+        "{} feature entr{} written to {}; {} item(s) not mapped are listed at the top for review",
+        import.features,
+        if import.features == 1 { "y" } else { "ies" },
+        out.display(),
+        import.unmapped.len()
+    );
+    println!("fill in [customer], review, then: tally-publisher issue --key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
+    Ok(())
+}

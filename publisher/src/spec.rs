@@ -1,0 +1,255 @@
+//! Bundle specs: what a customer bought, in TOML a person reads and reviews.
+//!
+//! ```toml
+//! vendor = "Acme Simulation"
+//! valid_until = "2027-12-31"
+//! supersedes = ["acme-2026-0042"]
+//!
+//! [customer]
+//! id = "C-1001"
+//! name = "Example Corp"
+//!
+//! [[feature]]
+//! name = "solver"
+//! seats = 20                      # or "uncounted"
+//! version_ceiling = "2027.2"
+//! maintenance_until = "2027-06-30"
+//! expires = "2027-12-31"          # last valid day, or "permanent" (the default)
+//! ```
+//!
+//! End dates (`expires`, `valid_until`) name the last day that is still valid; start dates
+//! (`starts`, `valid_from`) the first; `maintenance_until` the last build date covered.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tally_protocol::activation::ActivationRequest;
+use tally_protocol::bundle::{Binding, Bundle, Customer, FeatureGrant, Seats};
+use tally_protocol::time::UnixTime;
+
+/// A bundle spec as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Bundle id; generated when omitted.
+    pub id: Option<String>,
+    /// The vendor's name.
+    pub vendor: String,
+    /// The customer.
+    pub customer: CustomerSpec,
+    /// Ids of bundles this one replaces.
+    #[serde(default)]
+    pub supersedes: Vec<String>,
+    /// `YYYY-MM-DD`: not served before.
+    pub valid_from: Option<String>,
+    /// `YYYY-MM-DD`: not served from this day on.
+    pub valid_until: Option<String>,
+    /// The features.
+    #[serde(default)]
+    pub feature: Vec<FeatureSpec>,
+}
+
+/// The customer part of a spec.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerSpec {
+    /// The vendor's customer id.
+    pub id: String,
+    /// The customer's name.
+    pub name: String,
+}
+
+/// Seats: a count or `"uncounted"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SeatsSpec {
+    /// A number of seats.
+    Count(u32),
+    /// `"uncounted"`.
+    Word(String),
+}
+
+/// One feature of a spec.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Feature name.
+    pub name: String,
+    /// Seats.
+    pub seats: SeatsSpec,
+    /// Highest version served.
+    pub version_ceiling: Option<String>,
+    /// For an upgrade: the ceiling whose seats move to `version_ceiling`.
+    pub upgrade_from: Option<String>,
+    /// `YYYY-MM-DD`: builds after this date are outside maintenance.
+    pub maintenance_until: Option<String>,
+    /// `YYYY-MM-DD`.
+    pub starts: Option<String>,
+    /// `YYYY-MM-DD` or `permanent`.
+    pub expires: Option<String>,
+    /// An evaluation licence.
+    #[serde(default)]
+    pub evaluation: bool,
+    /// Extra seats reported as overdraft.
+    #[serde(default)]
+    pub overdraft: u32,
+    /// Longest borrow, hours.
+    #[serde(default)]
+    pub borrow_limit_hours: u64,
+    /// Seconds a seat stays held after checkin.
+    #[serde(default)]
+    pub linger_secs: u64,
+    /// Heartbeat TTL, seconds.
+    pub heartbeat_ttl_secs: Option<u64>,
+    /// For a package: the features it grants.
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// Free-form attributes passed to the application.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Why a spec was refused; the text names the file, and the line or feature.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SpecError {
+    /// The spec file.
+    pub path: String,
+    /// What is wrong (with `line N:` where known).
+    pub message: String,
+}
+
+impl Spec {
+    /// Parses a spec; `path` is used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            SpecError {
+                path: path.display().to_string(),
+                message: format!("line {line}: {}", e.message()),
+            }
+        })
+    }
+
+    /// Builds the bundle, bound to the server of `request`.
+    pub fn to_bundle(
+        &self,
+        path: &Path,
+        request: &ActivationRequest,
+        id: String,
+        now: UnixTime,
+    ) -> Result<Bundle, SpecError> {
+        let err = |message: String| SpecError {
+            path: path.display().to_string(),
+            message,
+        };
+        if self.customer.id.trim().is_empty() || self.customer.name.trim().is_empty() {
+            return Err(err("customer.id and customer.name must be filled in".into()));
+        }
+        if self.vendor.trim().is_empty() {
+            return Err(err("vendor must be filled in".into()));
+        }
+        if self.feature.is_empty() {
+            return Err(err("no [[feature]]: a bundle must sell something".into()));
+        }
+        let date = |what: &str, value: &Option<String>| -> Result<Option<UnixTime>, SpecError> {
+            match value.as_deref() {
+                None | Some("permanent") => Ok(None),
+                Some(text) => UnixTime::from_date(text)
+                    .map(Some)
+                    .ok_or_else(|| err(format!("{what}: '{text}' is not a date like 2027-12-31"))),
+            }
+        };
+        // Vendors write the last day a thing is valid ("until 2027-12-31"); the bundle
+        // stores the first instant it is not, the start of the next day.
+        let end = |what: &str, value: &Option<String>| -> Result<Option<UnixTime>, SpecError> {
+            Ok(date(what, value)?.map(|d| d.plus_secs(tally_protocol::time::DAY)))
+        };
+        let mut features = Vec::new();
+        for f in &self.feature {
+            let ctx = |field: &str| format!("feature '{}': {field}", f.name);
+            if f.name.trim().is_empty() || f.name.len() > 64 {
+                return Err(err(
+                    "a feature name is empty or longer than 64 characters".into()
+                ));
+            }
+            let seats = match &f.seats {
+                SeatsSpec::Count(n) => Seats::Counted(*n),
+                SeatsSpec::Word(w) if w == "uncounted" => Seats::Uncounted,
+                SeatsSpec::Word(w) => {
+                    return Err(err(format!(
+                        "{}: '{w}' is neither a number nor \"uncounted\"",
+                        ctx("seats")
+                    )))
+                }
+            };
+            if f.upgrade_from.is_some() && f.version_ceiling.is_none() {
+                return Err(err(format!(
+                    "{}: an upgrade needs version_ceiling (the version it upgrades to)",
+                    ctx("upgrade_from")
+                )));
+            }
+            let starts = date(&ctx("starts"), &f.starts)?;
+            let expires = end(&ctx("expires"), &f.expires)?;
+            if let (Some(s), Some(e)) = (starts, expires) {
+                if e <= s.plus_secs(tally_protocol::time::DAY) {
+                    return Err(err(format!("{}: expires before it starts", ctx("expires"))));
+                }
+            }
+            features.push(FeatureGrant {
+                name: f.name.clone(),
+                seats,
+                version_ceiling: f.version_ceiling.clone(),
+                upgrade_from: f.upgrade_from.clone(),
+                maintenance_until: date(&ctx("maintenance_until"), &f.maintenance_until)?,
+                starts,
+                expires,
+                evaluation: f.evaluation,
+                overdraft: f.overdraft,
+                borrow_limit_secs: f.borrow_limit_hours.saturating_mul(3600),
+                linger_secs: f.linger_secs,
+                heartbeat_ttl_secs: f.heartbeat_ttl_secs,
+                components: f.components.clone(),
+                attributes: f.attributes.clone(),
+            });
+        }
+        Ok(Bundle {
+            id: self.id.clone().unwrap_or(id),
+            issued_at: now,
+            vendor: self.vendor.clone(),
+            customer: Customer {
+                id: self.customer.id.clone(),
+                name: self.customer.name.clone(),
+            },
+            binding: Some(Binding {
+                server_key: request.server_key,
+                host_fingerprint: request.host_fingerprint.clone(),
+            }),
+            supersedes: self.supersedes.clone(),
+            valid_from: date("valid_from", &self.valid_from)?,
+            valid_until: end("valid_until", &self.valid_until)?,
+            features,
+        })
+    }
+}
+
+/// Quotes a string as a TOML basic string.
+pub fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

@@ -1,0 +1,325 @@
+//! The vendor's tool: keys, issue, inspect, verify, FlexLM import, end to end through the
+//! real `tally-publisher` binary and its library.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tally_protocol::activation::{self, ActivationRequest};
+use tally_protocol::bundle::{self, Seats};
+use tally_protocol::keys::{self, SecretKey};
+use tally_protocol::time::{UnixTime, DAY};
+use tally_publisher::{flexlm, spec::Spec};
+
+fn publisher() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tally-publisher"))
+}
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn request_file(dir: &Path, server: &SecretKey) -> PathBuf {
+    let request = ActivationRequest {
+        server_key: server.public(),
+        host_fingerprint: "host-fp".into(),
+        hostname: "lic1".into(),
+        os: "Debian (x86_64)".into(),
+        virtualization: None,
+        customer_reference: Some("PO-1".into()),
+        created_at: UnixTime(1_800_000_000),
+    };
+    let path = dir.join("activation.req");
+    std::fs::write(&path, activation::request_to_armored(&request, server)).unwrap();
+    path
+}
+
+#[test]
+fn keygen_issue_inspect_verify() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("vendor");
+    let out = publisher()
+        .arg("keygen")
+        .arg("--out")
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = prefix.with_extension("key");
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Never overwrites a key.
+    let again = publisher()
+        .arg("keygen")
+        .arg("--out")
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(64));
+
+    let server = SecretKey::from_seed([4; 32]);
+    let request = request_file(dir.path(), &server);
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        r#"
+vendor = "Acme"
+valid_until = "2027-12-31"
+[customer]
+id = "C-1"
+name = "Example Corp"
+[[feature]]
+name = "solver"
+seats = 20
+version_ceiling = "2027.2"
+maintenance_until = "2027-06-30"
+expires = "2027-12-31"
+[feature.attributes]
+edition = "pro"
+[[feature]]
+name = "viewer"
+seats = "uncounted"
+"#,
+    )
+    .unwrap();
+    let bundle_path = dir.path().join("c1.bundle");
+    let out = publisher()
+        .arg("issue")
+        .arg("--key")
+        .arg(&secret)
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--request")
+        .arg(&request)
+        .arg("--out")
+        .arg(&bundle_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let signed = bundle::from_armored(&std::fs::read_to_string(&bundle_path).unwrap()).unwrap();
+    let vendor = keys::public_key_from_armored(
+        &std::fs::read_to_string(prefix.with_extension("pub")).unwrap(),
+    )
+    .unwrap();
+    let b = bundle::verify(&signed, &[vendor]).unwrap().bundle;
+    assert_eq!(b.binding.as_ref().unwrap().server_key, server.public());
+    assert_eq!(b.binding.as_ref().unwrap().host_fingerprint, "host-fp");
+    assert_eq!(b.features[0].seats, Seats::Counted(20));
+    assert_eq!(b.features[1].seats, Seats::Uncounted);
+    // "until 2027-12-31" means through that day.
+    let end = UnixTime::from_date("2027-12-31").unwrap().plus_secs(DAY);
+    assert_eq!(b.features[0].expires, Some(end));
+    assert_eq!(b.valid_until, Some(end));
+    assert_eq!(b.features[0].attributes["edition"], "pro");
+
+    let out = publisher()
+        .arg("inspect")
+        .arg("--json")
+        .arg(&bundle_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["features"][0]["expires"], "2027-12-31");
+    assert_eq!(doc["customer"]["name"], "Example Corp");
+    let out = publisher().arg("inspect").arg(&request).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lic1"));
+
+    let out = publisher()
+        .arg("verify")
+        .arg("--vendor-pub")
+        .arg(prefix.with_extension("pub"))
+        .arg(&bundle_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // One edited character in the body: refused with exit 65, naming the file.
+    let text = std::fs::read_to_string(&bundle_path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let line = &mut lines[3];
+    let c = line.remove(10);
+    line.insert(10, if c == 'A' { 'B' } else { 'A' });
+    let edited = dir.path().join("edited.bundle");
+    std::fs::write(&edited, lines.join("\n") + "\n").unwrap();
+    let out = publisher()
+        .arg("verify")
+        .arg("--vendor-pub")
+        .arg(prefix.with_extension("pub"))
+        .arg(&edited)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("edited.bundle"));
+}
+
+#[test]
+fn spec_errors_name_what_is_wrong() {
+    let server = SecretKey::from_seed([4; 32]);
+    let request = ActivationRequest {
+        server_key: server.public(),
+        host_fingerprint: "h".into(),
+        hostname: "h".into(),
+        os: "linux".into(),
+        virtualization: None,
+        customer_reference: None,
+        created_at: UnixTime(0),
+    };
+    let p = Path::new("spec.toml");
+    let err = Spec::parse(p, "vendor = \"A\"\n[customer]\nid = \"c\"\nname = \"n\"\n[[feature]]\nname = \"f\"\nseat = 3\n").unwrap_err();
+    assert!(err.to_string().contains("line 7"), "{err}");
+    let spec = Spec::parse(p, "vendor = \"A\"\n[customer]\nid = \"c\"\nname = \"n\"\n[[feature]]\nname = \"f\"\nseats = \"lots\"\n").unwrap();
+    let err = spec
+        .to_bundle(p, &request, "x".into(), UnixTime(0))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("feature 'f': seats: 'lots'"),
+        "{err}"
+    );
+    let spec = Spec::parse(p, "vendor = \"A\"\n[customer]\nid = \"\"\nname = \"\"\n[[feature]]\nname = \"f\"\nseats = 1\n").unwrap();
+    assert!(spec
+        .to_bundle(p, &request, "x".into(), UnixTime(0))
+        .is_err());
+}
+
+/// Parses an imported spec as the vendor would after filling in the customer.
+fn reviewed(spec: &str) -> tally_protocol::bundle::Bundle {
+    let filled = spec
+        .replace("id = \"\"", "id = \"C-9\"")
+        .replace("name = \"\"", "name = \"Example\"");
+    let parsed = Spec::parse(Path::new("imported.toml"), &filled).unwrap();
+    let request = ActivationRequest {
+        server_key: SecretKey::from_seed([1; 32]).public(),
+        host_fingerprint: "h".into(),
+        hostname: "h".into(),
+        os: "linux".into(),
+        virtualization: None,
+        customer_reference: None,
+        created_at: UnixTime(0),
+    };
+    parsed
+        .to_bundle(
+            Path::new("imported.toml"),
+            &request,
+            "imported".into(),
+            UnixTime(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn import_served_license_with_continuations_increment_and_upgrade() {
+    let text = std::fs::read_to_string(data("acme-served.lic")).unwrap();
+    let import = flexlm::import("acme-served.lic", &text).unwrap();
+    assert_eq!(import.features, 4);
+    let b = reviewed(&import.spec);
+    assert_eq!(b.vendor, "acmed");
+    let solver: Vec<_> = b.features.iter().filter(|f| f.name == "solver").collect();
+    assert_eq!(solver.len(), 3);
+    assert_eq!(solver[0].seats, Seats::Counted(20));
+    assert_eq!(solver[0].version_ceiling.as_deref(), Some("2027.1"));
+    assert_eq!(solver[0].overdraft, 2);
+    assert_eq!(solver[0].borrow_limit_secs, 72 * 3600);
+    assert_eq!(
+        solver[0].attributes["vendor_string"],
+        "edition=pro;cores=64"
+    );
+    assert_eq!(solver[0].attributes["serial_number"], "AC-2026-0042");
+    assert_eq!(solver[0].attributes["notice"], "Example Corp - PO 4471");
+    assert_eq!(
+        solver[0].expires,
+        Some(UnixTime::from_date("2028-01-01").unwrap())
+    );
+    assert_eq!(solver[1].seats, Seats::Counted(5));
+    assert_eq!(solver[1].starts, UnixTime::from_date("2026-06-01"));
+    assert_eq!(solver[2].upgrade_from.as_deref(), Some("2026.0"));
+    assert_eq!(solver[2].seats, Seats::Counted(3));
+    let viewer = b.features.iter().find(|f| f.name == "viewer").unwrap();
+    assert_eq!(viewer.seats, Seats::Uncounted);
+    assert_eq!(viewer.expires, None);
+    // Nothing is dropped silently: signatures, host ids and the server line are named.
+    for needle in ["SIGN", "HOSTID=ANY", "SERVER lichost", "VENDOR acmed"] {
+        assert!(
+            import.spec.contains(needle),
+            "{needle} not mentioned:\n{}",
+            import.spec
+        );
+    }
+    assert!(
+        import
+            .unmapped
+            .iter()
+            .any(|u| u.starts_with("line 8: FEATURE solver: SIGN")),
+        "{:?}",
+        import.unmapped
+    );
+}
+
+#[test]
+fn import_package_gives_components_and_names_suite() {
+    let text = std::fs::read_to_string(data("suite-package.lic")).unwrap();
+    let import = flexlm::import("suite-package.lic", &text).unwrap();
+    let b = reviewed(&import.spec);
+    let suite = b
+        .features
+        .iter()
+        .find(|f| f.name == "design_suite")
+        .unwrap();
+    assert_eq!(suite.components, vec!["modeler", "drafter", "renderer"]);
+    assert_eq!(suite.seats, Seats::Counted(10));
+    assert_eq!(suite.expires, None, "1-jan-0 is permanent");
+    let renderer = b.features.iter().find(|f| f.name == "renderer").unwrap();
+    assert_eq!(renderer.seats, Seats::Counted(4));
+    for needle in ["OPTIONS=SUITE", "DUP_GROUP=UH", "TS_OK", "modeler:3.0"] {
+        assert!(
+            import.spec.contains(needle),
+            "{needle} not mentioned:\n{}",
+            import.spec
+        );
+    }
+}
+
+#[test]
+fn import_old_style_keys_and_duplicate_features() {
+    let text = std::fs::read_to_string(data("old-style.lic")).unwrap();
+    let import = flexlm::import("old-style.lic", &text).unwrap();
+    let b = reviewed(&import.spec);
+    let mathlib: Vec<_> = b.features.iter().filter(|f| f.name == "mathlib").collect();
+    assert_eq!(mathlib.len(), 2);
+    assert_eq!(
+        mathlib[0].expires,
+        Some(UnixTime::from_date("2028-01-02").unwrap())
+    );
+    let plotter = b.features.iter().find(|f| f.name == "plotter").unwrap();
+    assert_eq!(plotter.seats, Seats::Uncounted, "count 0 is uncounted");
+    assert!(import.spec.contains("0123456789AB"), "old-style key named");
+    assert!(import.spec.contains("a second FEATURE line for 'mathlib'"));
+}
+
+#[test]
+fn import_refuses_impossible_dates_by_line() {
+    let text = std::fs::read_to_string(data("broken.lic")).unwrap();
+    let err = flexlm::import("broken.lic", &text).unwrap_err();
+    assert_eq!(err.line, 2);
+    assert!(err.message.contains("31-feb-2027"), "{err}");
+    let out = publisher()
+        .arg("import-flexlm")
+        .arg(data("broken.lic"))
+        .arg("--out")
+        .arg(std::env::temp_dir().join("never-written.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.lic"));
+}
