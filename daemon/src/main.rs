@@ -424,7 +424,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         .map_err(usage)?;
         let addr = server.local_addr().map_err(Failure::Runtime)?;
         println!(
-            "tallyd serving {} bundle(s) on {addr} (UDP); server key {}",
+            "tallyd listening on {addr} (UDP), serving {} bundle(s); server key {}",
             site.loaded.served.len(),
             site.key.public().fingerprint()
         );

@@ -66,6 +66,18 @@ impl Driver {
         feature: &str,
         count: u32,
     ) -> Result<LeaseRecord, DenialReason> {
+        self.checkout_with(conn, user, feature, count, None, None)
+    }
+
+    fn checkout_with(
+        &mut self,
+        conn: u64,
+        user: &str,
+        feature: &str,
+        count: u32,
+        version: Option<&str>,
+        build_date: Option<UnixTime>,
+    ) -> Result<LeaseRecord, DenialReason> {
         let fresh = FreshLease {
             id: LeaseId(self.next),
             secret: LeaseSecret([self.next as u8; 16]),
@@ -74,8 +86,8 @@ impl Driver {
         let request = CheckoutRequest {
             feature: feature.into(),
             count,
-            version: None,
-            build_date: None,
+            version: version.map(str::to_string),
+            build_date,
         };
         let now = self.now();
         self.ledger
@@ -84,6 +96,23 @@ impl Driver {
                 assert_eq!(event, Event::Granted(record.clone()));
                 record
             })
+    }
+}
+
+fn bundle(id: &str, supersedes: &[&str], features: Vec<FeatureGrant>) -> Bundle {
+    Bundle {
+        id: id.into(),
+        issued_at: T0,
+        vendor: "v".into(),
+        customer: Customer {
+            id: "c".into(),
+            name: "C".into(),
+        },
+        binding: None,
+        supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
+        valid_from: None,
+        valid_until: None,
+        features,
     }
 }
 
@@ -411,4 +440,185 @@ proptest! {
         prop_assert_eq!(d.ledger.in_use("solver"), 0);
         prop_assert!(store.is_empty());
     }
+}
+
+fn versioned(name: &str, seats: u32, ceiling: &str) -> FeatureGrant {
+    let mut f = FeatureGrant::counted(name, seats);
+    f.version_ceiling = Some(ceiling.into());
+    f
+}
+
+#[test]
+fn version_ceiling_denies_newer_versions_naming_the_ceiling() {
+    let mut d = Driver::new(vec![versioned("solver", 5, "2027.1")]);
+    d.checkout_with(1, "a", "solver", 1, Some("2027.1"), None)
+        .unwrap();
+    d.checkout_with(1, "a", "solver", 1, Some("2026.4"), None)
+        .unwrap();
+    match d.checkout_with(1, "a", "solver", 1, Some("2027.2"), None) {
+        Err(e @ DenialReason::VersionAboveCeiling { .. }) => {
+            assert!(
+                e.to_string().contains("above the licensed version 2027.1"),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn seats_of_a_higher_ceiling_serve_older_versions_but_not_the_reverse() {
+    // 2 seats up to 2026, 1 seat up to 2027.
+    let mut d = Driver::new(vec![
+        versioned("solver", 2, "2026"),
+        versioned("solver", 1, "2027"),
+    ]);
+    // Two 2027 users: only one seat admits 2027.
+    d.checkout_with(1, "a", "solver", 1, Some("2027"), None)
+        .unwrap();
+    assert!(matches!(
+        d.checkout_with(2, "b", "solver", 1, Some("2027"), None),
+        Err(DenialReason::AllSeatsInUse { .. })
+    ));
+    // Older versions still fit in the 2026 seats.
+    d.checkout_with(2, "b", "solver", 1, Some("2025"), None)
+        .unwrap();
+    d.checkout_with(3, "c", "solver", 1, Some("2026"), None)
+        .unwrap();
+    assert!(d
+        .checkout_with(4, "d", "solver", 1, Some("2024"), None)
+        .is_err());
+}
+
+#[test]
+fn maintenance_gates_new_builds_and_old_builds_keep_running() {
+    let mut f = FeatureGrant::counted("solver", 5);
+    f.maintenance_until = UnixTime::from_date("2027-06-30");
+    let mut d = Driver::new(vec![f]);
+    d.checkout_with(1, "a", "solver", 1, None, UnixTime::from_date("2027-06-30"))
+        .unwrap();
+    d.checkout_with(1, "a", "solver", 1, None, UnixTime::from_date("2026-01-15"))
+        .unwrap();
+    match d.checkout_with(1, "a", "solver", 1, None, UnixTime::from_date("2027-07-01")) {
+        Err(e @ DenialReason::MaintenanceExpired { .. }) => {
+            let text = e.to_string();
+            assert!(text.starts_with("maintenance expired"), "{text}");
+            assert!(
+                text.contains("2027-06-30") && text.contains("older build"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_upgrade_moves_seats_to_the_newer_version() {
+    let mut up = versioned("solver", 2, "2027");
+    up.upgrade_from = Some("2026".into());
+    let mut d = Driver::new(vec![versioned("solver", 5, "2026"), up]);
+    let status = d.ledger.status(d.now().wall);
+    assert_eq!(
+        status[0].total,
+        Some(5),
+        "an upgrade moves seats, it adds none"
+    );
+    d.checkout_with(1, "a", "solver", 1, Some("2027"), None)
+        .unwrap();
+    d.checkout_with(1, "b", "solver", 1, Some("2027"), None)
+        .unwrap();
+    assert!(d
+        .checkout_with(1, "c", "solver", 1, Some("2027"), None)
+        .is_err());
+    for _ in 0..3 {
+        d.checkout_with(1, "e", "solver", 1, Some("2026"), None)
+            .unwrap();
+    }
+    assert!(d
+        .checkout_with(1, "f", "solver", 1, Some("2026"), None)
+        .is_err());
+}
+
+#[test]
+fn a_package_grants_its_components() {
+    let mut suite = FeatureGrant::counted("design_suite", 3);
+    suite.components = vec!["modeler".into(), "drafter".into()];
+    let mut d = Driver::new(vec![suite]);
+    for _ in 0..3 {
+        d.checkout(1, "a", "modeler", 1).unwrap();
+    }
+    assert!(d.checkout(1, "a", "modeler", 1).is_err());
+    d.checkout(1, "a", "drafter", 1).unwrap();
+    d.checkout(1, "a", "design_suite", 1).unwrap();
+    assert!(matches!(
+        d.checkout(1, "a", "renderer", 1),
+        Err(DenialReason::NotLicensed { .. })
+    ));
+}
+
+#[test]
+fn add_ons_add_supersede_replaces_and_reload_keeps_leases() {
+    // The combination itself (which bundles count) is decided by the bundle loader;
+    // here the ledger gets the result and must keep every lease through a reload.
+    let base = bundle("b1", &[], vec![FeatureGrant::counted("solver", 2)]);
+    let addon = bundle("b2", &[], vec![FeatureGrant::counted("solver", 3)]);
+    let mut d = Driver::new(vec![]);
+    d.ledger.reload(&[base.clone(), addon]);
+    for i in 0..5 {
+        d.checkout(i, "a", "solver", 1).unwrap();
+    }
+    assert!(d.checkout(9, "a", "solver", 1).is_err());
+    // Renewal with fewer seats: existing leases stay, new checkouts wait for room.
+    let renewal = bundle(
+        "b3",
+        &["b1", "b2"],
+        vec![FeatureGrant::counted("solver", 4)],
+    );
+    d.ledger.reload(&[renewal]);
+    assert_eq!(d.ledger.in_use("solver"), 5);
+    assert_eq!(d.ledger.lease_count(), 5);
+    assert!(d.checkout(9, "a", "solver", 1).is_err());
+    d.ledger.connection_closed(ConnId(0));
+    d.ledger.connection_closed(ConnId(1));
+    d.checkout(9, "a", "solver", 1).unwrap();
+}
+
+#[test]
+fn linger_keeps_the_seat_after_checkin() {
+    let mut f = FeatureGrant::counted("solver", 1);
+    f.linger_secs = 60;
+    let mut d = Driver::new(vec![f]);
+    let lease = d.checkout(1, "a", "solver", 1).unwrap();
+    let (released, events) = d.ledger.checkin(d.now(), &[r(&lease)]);
+    assert_eq!(released, vec![true]);
+    assert!(events.is_empty(), "the seat lingers");
+    assert!(d.checkout(2, "b", "solver", 1).is_err());
+    assert!(
+        d.ledger.connection_closed(ConnId(1)).is_empty(),
+        "no longer tied to the connection"
+    );
+    assert!(d.advance(Duration::from_secs(59)).is_empty());
+    let events = d.advance(Duration::from_secs(1));
+    assert!(matches!(
+        events.as_slice(),
+        [Event::Released {
+            why: ReleaseReason::LingerEnded,
+            ..
+        }]
+    ));
+    d.checkout(2, "b", "solver", 1).unwrap();
+}
+
+#[test]
+fn a_bundle_validity_window_bounds_its_features() {
+    let mut b = bundle("b1", &[], vec![FeatureGrant::counted("solver", 2)]);
+    b.valid_until = Some(T0.plus_secs(100));
+    let mut d = Driver::new(vec![]);
+    d.ledger.reload(&[b]);
+    d.checkout(1, "a", "solver", 1).unwrap();
+    d.elapsed = Duration::from_secs(100);
+    assert!(matches!(
+        d.checkout(1, "a", "solver", 1),
+        Err(DenialReason::Expired { .. })
+    ));
 }

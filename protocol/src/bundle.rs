@@ -155,6 +155,9 @@ pub enum BundleError {
         /// The key of the server checking it.
         ours: String,
     },
+    /// The bundle is of a format version this build does not read.
+    #[error("bundle format version {0} is newer than this tally understands (it reads version 1); upgrade tallyd")]
+    UnknownVersion(u32),
     /// A bundle without a binding outside demo mode.
     #[error("not bound to any server (only demo bundles may be unbound)")]
     Unbound,
@@ -204,6 +207,11 @@ pub fn verify(signed: &Signed, trusted: &[PublicKey]) -> Result<VerifiedBundle, 
         return Err(BundleError::UntrustedSigner(signed.signer.fingerprint()));
     }
     signed.verify(Domain::Bundle)?;
+    // The enum tag is the format version (bincode writes indices below 251 as one byte).
+    match signed.body.first() {
+        Some(0) | None => {}
+        Some(&tag) => return Err(BundleError::UnknownVersion(tag as u32 + 1)),
+    }
     // One format version so far; a second one becomes a match that migrates it.
     let BundleBody::V1(bundle) = crate::decode::<BundleBody, MAX_BUNDLE_BODY>(&signed.body)
         .map_err(|e| BundleError::Malformed(e.0))?;

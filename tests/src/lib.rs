@@ -45,26 +45,47 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
-/// A running `tallyd demo`; killed when dropped.
+/// A running `tallyd`; killed when dropped.
 pub struct Daemon {
     child: Child,
     /// The address it listens on.
     pub addr: SocketAddr,
     /// Its log file (stderr).
     pub log: PathBuf,
+    /// The trust arguments `tally` needs for this daemon (`--demo` or `--vendor-key F`).
+    pub trust: Vec<String>,
 }
 
 impl Daemon {
     /// Starts `tallyd demo` on `listen` with `data_dir`, plus `extra` arguments, and waits
     /// for its banner (at most 30 s).
     pub fn start(data_dir: &Path, listen: &str, extra: &[&str]) -> Daemon {
-        let log = data_dir.with_extension(format!("log.{}", nanos()));
+        let mut args: Vec<std::ffi::OsString> = vec!["demo".into(), "--data-dir".into()];
+        args.push(data_dir.into());
+        args.extend(["--listen".into(), listen.into()]);
+        args.extend(extra.iter().map(Into::into));
+        Daemon::spawn(
+            &args,
+            &data_dir.with_extension("log"),
+            vec!["--demo".into()],
+        )
+    }
+
+    /// Starts `tallyd run --config CONFIG`; `tally` trusts `vendor_pub`.
+    pub fn run(config: &Path, vendor_pub: &Path) -> Daemon {
+        let args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), config.into()];
+        Daemon::spawn(
+            &args,
+            &config.with_extension("log"),
+            vec!["--vendor-key".into(), vendor_pub.display().to_string()],
+        )
+    }
+
+    /// Starts `tallyd` with `args` and waits for its "listening on" line (at most 30 s).
+    pub fn spawn(args: &[std::ffi::OsString], log_base: &Path, trust: Vec<String>) -> Daemon {
+        let log = log_base.with_extension(format!("log.{}", nanos()));
         let mut child = Command::new(bin("tallyd"))
-            .arg("demo")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", listen])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("daemon log file"))
             .spawn()
@@ -73,7 +94,7 @@ impl Daemon {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.trim().strip_prefix("listening on ") {
+                if let Some((_, rest)) = line.split_once("listening on ") {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                     let _ = tx.send(addr);
                 }
@@ -89,7 +110,36 @@ impl Daemon {
                 );
             }
         };
-        Daemon { child, addr, log }
+        Daemon {
+            child,
+            addr,
+            log,
+            trust,
+        }
+    }
+
+    /// The daemon's process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`) and returns at once.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Sends SIGTERM and waits (at most 30 s) for a clean exit.
+    pub fn stop(mut self) {
+        self.signal("TERM");
+        let stopped = wait_until(Duration::from_secs(30), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        assert!(stopped, "tallyd did not stop on SIGTERM");
     }
 
     /// Kills the daemon with SIGKILL and waits for it to be gone.
@@ -103,10 +153,12 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// A `tally` command pointed at this daemon with demo trust.
+    /// A `tally` command pointed at this daemon, trusting what this daemon needs.
     pub fn tally(&self) -> Command {
         let mut c = Command::new(bin("tally"));
-        c.arg("--server").arg(self.addr.to_string()).arg("--demo");
+        c.arg("--server")
+            .arg(self.addr.to_string())
+            .args(&self.trust);
         c.env_remove("TALLY_SERVER");
         c
     }
@@ -168,10 +220,17 @@ pub struct Holder {
 impl Holder {
     /// Starts `tally run FEATURE -- sleep SECS` against `daemon`.
     pub fn start(daemon: &Daemon, feature: &str, secs: u32) -> Holder {
+        Holder::start_with(daemon, &[feature], secs)
+    }
+
+    /// Starts `tally run ARGS -- sleep SECS` (ARGS: the feature and options).
+    pub fn start_with(daemon: &Daemon, run_args: &[&str], secs: u32) -> Holder {
         use std::os::unix::process::CommandExt;
         let child = daemon
             .tally()
-            .args(["run", feature, "--", "sleep", &secs.to_string()])
+            .arg("run")
+            .args(run_args)
+            .args(["--", "sleep", &secs.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)

@@ -1,0 +1,160 @@
+//! Loading bundle files: every refusal is one line naming the file and the reason, and
+//! the valid files are served regardless.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use tally_daemon::bundles::{load_dir, BundleRules};
+use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant};
+use tally_protocol::keys::SecretKey;
+use tally_protocol::signed::{Domain, Signed};
+use tally_protocol::time::UnixTime;
+
+const NOW: UnixTime = UnixTime(1_800_000_000);
+
+fn server() -> SecretKey {
+    SecretKey::from_seed([1; 32])
+}
+
+fn vendor() -> SecretKey {
+    SecretKey::from_seed([2; 32])
+}
+
+fn rules() -> BundleRules {
+    BundleRules {
+        vendor_keys: vec![vendor().public()],
+        server_key: server().public(),
+        host_fingerprint: "this-host".into(),
+        returned: BTreeSet::from(["given-back".to_string()]),
+    }
+}
+
+fn bundle(id: &str, seats: u32) -> Bundle {
+    Bundle {
+        id: id.into(),
+        issued_at: NOW,
+        vendor: "Acme".into(),
+        customer: Customer {
+            id: "c".into(),
+            name: "Example".into(),
+        },
+        binding: Some(Binding {
+            server_key: server().public(),
+            host_fingerprint: "this-host".into(),
+        }),
+        supersedes: vec![],
+        valid_from: None,
+        valid_until: None,
+        features: vec![FeatureGrant::counted("solver", seats)],
+    }
+}
+
+fn write(dir: &Path, name: &str, b: &Bundle, key: &SecretKey) -> String {
+    let text = bundle::to_armored(&bundle::sign(b, key));
+    std::fs::write(dir.join(name), &text).unwrap();
+    text
+}
+
+fn reason_for(loaded: &tally_daemon::bundles::Loaded, file: &str) -> String {
+    let r = loaded
+        .refused
+        .iter()
+        .find(|r| r.path.ends_with(file))
+        .unwrap_or_else(|| panic!("{file} was not refused: {:?}", loaded.refused));
+    let line = r.to_string();
+    assert!(line.contains(file) && !line.contains('\n'), "{line}");
+    r.reason.clone()
+}
+
+#[test]
+fn each_bad_bundle_is_refused_by_name_and_the_good_ones_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "10-good.bundle", &bundle("good", 5), &vendor());
+
+    let text = write(d, "20-tampered.bundle", &bundle("tampered", 5), &vendor());
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let c = lines[2].remove(20);
+    lines[2].insert(20, if c == 'Q' { 'R' } else { 'Q' });
+    std::fs::write(d.join("20-tampered.bundle"), lines.join("\n")).unwrap();
+
+    write(
+        d,
+        "30-unknown-key.bundle",
+        &bundle("forged", 50),
+        &SecretKey::from_seed([7; 32]),
+    );
+
+    let mut other = bundle("other-server", 5);
+    other.binding.as_mut().unwrap().server_key = SecretKey::from_seed([9; 32]).public();
+    write(d, "40-other-server.bundle", &other, &vendor());
+
+    let mut other_host = bundle("other-host", 5);
+    other_host.binding.as_mut().unwrap().host_fingerprint = "elsewhere".into();
+    write(d, "45-other-host.bundle", &other_host, &vendor());
+
+    let mut expired = bundle("expired", 5);
+    expired.valid_until = Some(NOW);
+    write(d, "50-expired.bundle", &expired, &vendor());
+
+    let future = Signed::sign(Domain::Bundle, vec![1, 0, 0, 0], &vendor());
+    std::fs::write(d.join("60-future.bundle"), bundle::to_armored(&future)).unwrap();
+
+    let full = bundle::to_armored(&bundle::sign(&bundle("cut", 5), &vendor()));
+    std::fs::write(d.join("70-truncated.bundle"), &full[..full.len() / 2]).unwrap();
+
+    write(d, "80-returned.bundle", &bundle("given-back", 5), &vendor());
+
+    let mut later = bundle("later", 2);
+    later.valid_from = Some(NOW.plus_secs(86_400));
+    write(d, "90-later.bundle", &later, &vendor());
+    std::fs::write(d.join("README.txt"), "not a bundle, not read").unwrap();
+
+    let loaded = load_dir(d, &rules(), NOW).unwrap();
+    let served: Vec<&str> = loaded
+        .served
+        .iter()
+        .map(|(_, b)| b.bundle.id.as_str())
+        .collect();
+    assert_eq!(served, vec!["good", "later"]);
+    assert!(reason_for(&loaded, "20-tampered.bundle").contains("does not verify"));
+    assert!(reason_for(&loaded, "30-unknown-key.bundle").contains("not a trusted vendor key"));
+    assert!(reason_for(&loaded, "40-other-server.bundle").contains("bound to server key"));
+    assert!(reason_for(&loaded, "45-other-host.bundle").contains("bound to host elsewhere"));
+    assert!(reason_for(&loaded, "50-expired.bundle").contains("expired"));
+    assert!(reason_for(&loaded, "60-future.bundle").contains("format version 2"));
+    assert!(reason_for(&loaded, "70-truncated.bundle").contains("truncated"));
+    assert!(reason_for(&loaded, "80-returned.bundle").contains("returned"));
+    assert_eq!(loaded.refused.len(), 8);
+    assert!(
+        loaded.notes.iter().any(|n| n.contains("not valid yet")),
+        "{:?}",
+        loaded.notes
+    );
+}
+
+#[test]
+fn supersede_replaces_and_a_copied_file_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "trial.bundle", &bundle("trial", 3), &vendor());
+    let mut paid = bundle("paid", 20);
+    paid.supersedes = vec!["trial".into()];
+    write(d, "paid.bundle", &paid, &vendor());
+    let addon = bundle("addon", 5);
+    write(d, "addon.bundle", &addon, &vendor());
+    write(d, "addon-copy.bundle", &addon, &vendor());
+    let loaded = load_dir(d, &rules(), NOW).unwrap();
+    let mut served: Vec<&str> = loaded
+        .served
+        .iter()
+        .map(|(_, b)| b.bundle.id.as_str())
+        .collect();
+    served.sort();
+    assert_eq!(served, vec!["addon", "paid"]);
+    assert!(loaded
+        .notes
+        .iter()
+        .any(|n| n.contains("superseded by bundle paid")));
+    assert!(loaded.notes.iter().any(|n| n.contains("counted once")));
+    assert!(loaded.refused.is_empty());
+}
