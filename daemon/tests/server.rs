@@ -47,7 +47,11 @@ fn bundle_for(
         supersedes: vec![],
         valid_from: None,
         valid_until: None,
-        features: vec![FeatureGrant::counted("solver", 2)],
+        features: vec![{
+            let mut f = FeatureGrant::counted("solver", 2);
+            f.attributes.insert("edition".into(), "pro".into());
+            f
+        }],
     };
     let signed = bundle::sign(&b, vendor);
     bundle::verify(&signed, &[vendor.public()]).unwrap()
@@ -173,6 +177,8 @@ async fn the_client_trusts_only_servers_the_vendor_bound() {
         .await
         .unwrap();
     assert_eq!(session.server_key(), server_key.public());
+    // Vendor attributes reach the application from the verified bundle.
+    assert_eq!(session.attributes("solver")["edition"], "pro");
     let lease = session
         .checkout(&CheckoutRequest {
             feature: "solver".into(),
