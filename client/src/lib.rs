@@ -421,7 +421,15 @@ impl Session {
     /// Checks out seats. A denial is [`ClientError::Denied`]. The lease token is
     /// verified against the server key before the lease is returned.
     pub async fn checkout(&self, request: &CheckoutRequest) -> Result<Lease, ClientError> {
-        match self.request(Request::Checkout(request.clone())).await? {
+        // A checkout that may wait in the queue gets its wait on top of the usual deadline.
+        let deadline = self.request_timeout + Duration::from_secs(request.wait_secs as u64);
+        let response = tokio::time::timeout(
+            deadline,
+            self.request_inner(&Request::Checkout(request.clone())),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout("checkout", deadline))??;
+        match response {
             Response::Checkout(CheckoutReply::Granted(grant)) => {
                 self.verify_token(&grant)?;
                 Ok(Lease { grant })
@@ -466,8 +474,18 @@ impl Session {
             .map_err(|_| ClientError::Protocol("lease token signature does not verify".into()))?;
         match LeaseToken::decode(&token.body) {
             Ok(LeaseToken::V1 {
-                id, feature, count, ..
-            }) if id == grant.id && feature == grant.feature && count == grant.count => Ok(()),
+                id,
+                feature,
+                count,
+                expires_at,
+                ..
+            }) if id == grant.id
+                && feature == grant.feature
+                && count == grant.count
+                && expires_at == grant.borrowed_until =>
+            {
+                Ok(())
+            }
             Ok(_) => Err(ClientError::Protocol(
                 "lease token does not match the grant".into(),
             )),
@@ -497,9 +515,13 @@ impl Session {
         }
     }
 
-    /// Features, seats and holders.
-    pub async fn status(&self) -> Result<StatusReply, ClientError> {
-        match self.request(Request::Status(StatusRequest {})).await? {
+    /// Features, seats, holders and queues. `admin_token` is needed only where the
+    /// server is configured to show its status to admins alone.
+    pub async fn status(&self, admin_token: Option<&str>) -> Result<StatusReply, ClientError> {
+        let request = Request::Status(StatusRequest {
+            admin_token: admin_token.map(str::to_string),
+        });
+        match self.request(request).await? {
             Response::Status(s) => Ok(s),
             other => Err(unexpected(&other)),
         }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tally_client::{ClientConfig, ClientError, Lease, Session, Trust};
+use tally_protocol::lease::LeaseId;
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::{AdminOp, CheckoutRequest, LeaseState, StatusReply};
 use tokio::sync::oneshot;
@@ -53,11 +54,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show features, seats in use and their holders.
+    /// Show features, seats in use, their holders and who waits.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The admin token file, for servers that show their status to admins only.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
     },
     /// Administrative operations; need the server's admin token.
     Admin {
@@ -82,6 +86,9 @@ enum Command {
         /// The application's build date, YYYY-MM-DD (for maintenance dates).
         #[arg(long, value_parser = parse_date)]
         build_date: Option<UnixTime>,
+        /// Wait up to this many seconds in the queue when no seat is free.
+        #[arg(long, default_value_t = 0)]
+        wait: u32,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -90,8 +97,23 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Re-read the server's bundles without dropping any lease.
+    /// Re-read the server's bundles and policy without dropping any lease.
     Reload,
+    /// Remove a lease (as shown by `tally status`); its holder learns on its next heartbeat.
+    Remove {
+        /// The lease id, like L00c0ffee00c0ffee.
+        #[arg(value_parser = parse_lease_id)]
+        lease: LeaseId,
+    },
+    /// Stop the server gracefully; leases are kept in its store.
+    Shutdown,
+}
+
+fn parse_lease_id(text: &str) -> Result<LeaseId, String> {
+    let hex = text.strip_prefix('L').unwrap_or(text);
+    u64::from_str_radix(hex, 16)
+        .map(LeaseId)
+        .map_err(|_| format!("'{text}' is not a lease id like L00c0ffee00c0ffee"))
 }
 
 fn parse_date(text: &str) -> Result<UnixTime, String> {
@@ -160,6 +182,15 @@ fn main() -> ExitCode {
     }
 }
 
+fn read_token(path: &std::path::Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| Failure {
+            code: EX_USAGE,
+            message: format!("{}: {e}", path.display()),
+        })
+}
+
 fn client_config(cli: &Cli) -> Result<ClientConfig, Failure> {
     let usage = |message: String| Failure {
         code: EX_USAGE,
@@ -201,9 +232,16 @@ fn client_config(cli: &Cli) -> Result<ClientConfig, Failure> {
 async fn run(cli: Cli) -> Result<u8, Failure> {
     let config = client_config(&cli)?;
     match cli.command {
-        Command::Status { json } => {
+        Command::Status {
+            json,
+            admin_token_file,
+        } => {
+            let token = match &admin_token_file {
+                Some(path) => Some(read_token(path)?),
+                None => None,
+            };
             let session = Session::connect(&config).await?;
-            let status = session.status().await?;
+            let status = session.status(token.as_deref()).await?;
             let demo = session.hello().demo;
             let server = session.server();
             session.close().await;
@@ -218,12 +256,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             admin_token_file,
             op,
         } => {
-            let token = std::fs::read_to_string(&admin_token_file).map_err(|e| Failure {
-                code: EX_USAGE,
-                message: format!("{}: {e}", admin_token_file.display()),
-            })?;
+            let token = read_token(&admin_token_file)?;
             let op = match op {
                 AdminCommand::Reload => AdminOp::Reload,
+                AdminCommand::Remove { lease } => AdminOp::Remove { lease },
+                AdminCommand::Shutdown => AdminOp::Shutdown,
             };
             let session = Session::connect(&config).await?;
             let result = session.admin(token.trim(), op).await;
@@ -236,6 +273,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             count,
             version,
             build_date,
+            wait,
             command,
         } => {
             let request = CheckoutRequest {
@@ -243,6 +281,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 count,
                 version,
                 build_date,
+                wait_secs: wait,
+                borrow_secs: 0,
             };
             run_with_seat(config, request, command).await
         }
@@ -260,7 +300,36 @@ async fn run_with_seat(
         config.identity.program = name.to_string_lossy().chars().take(200).collect();
     }
     let session = Session::connect(&config).await?;
-    let lease = match session.checkout(&request).await {
+    let checkout = session.checkout(&request);
+    let lease = if request.wait_secs > 0 {
+        // Show the queue position while waiting, from status on a second stream.
+        tokio::pin!(checkout);
+        let mut shown = None;
+        loop {
+            tokio::select! {
+                result = &mut checkout => break result,
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => {
+                    if let Ok(status) = session.status(None).await {
+                        let me = &config.identity;
+                        let position = status
+                            .features
+                            .iter()
+                            .find(|f| f.name == request.feature)
+                            .and_then(|f| f.queue.iter().position(|q| q.client.pid == me.pid && q.client.host == me.host));
+                        if let Some(p) = position {
+                            if shown != Some(p) {
+                                eprintln!("tally: waiting for a seat of '{}' (position {} in the queue)", request.feature, p + 1);
+                                shown = Some(p);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        checkout.await
+    };
+    let lease = match lease {
         Ok(lease) => lease,
         Err(ClientError::Denied(denial)) => {
             session.close().await;
@@ -379,6 +448,13 @@ async fn continue_with_heartbeat(
     }
     match s.heartbeat(&[lease.lease_ref()]).await {
         Ok(states) if states.first() == Some(&LeaseState::Active) => {}
+        Ok(states) if states.first() == Some(&LeaseState::Removed) => {
+            eprintln!(
+                "tally: an administrator removed lease {} of '{feature}'; trying to get a seat again",
+                lease.id()
+            );
+            *lost = true;
+        }
         Ok(_) => {
             eprintln!(
                 "tally: the server no longer knows lease {} of '{feature}'; trying to get a seat again",
@@ -416,14 +492,34 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
             None => "permanent".into(),
         };
         let eval = if f.evaluation { " (evaluation)" } else { "" };
+        let over = if f.overdraft_in_use > 0 {
+            format!(" ({} in overdraft)", f.overdraft_in_use)
+        } else {
+            String::new()
+        };
         println!(
-            "{:<20} {:>7} {:>7}  {expires}{eval}",
+            "{:<20} {:>7} {:>7}  {expires}{eval}{over}",
             f.name, f.in_use, total
         );
         for h in &f.holders {
+            let borrowed = h
+                .borrowed_until
+                .map(|u| format!("  borrowed until {u}"))
+                .unwrap_or_default();
             println!(
-                "  {}  {}  pid {}  {}  {} seat(s) since {}",
+                "  {}  {}  pid {}  {}  {} seat(s) since {}{borrowed}",
                 h.lease, h.client, h.client.pid, h.client.program, h.count, h.since
+            );
+        }
+        for (i, q) in f.queue.iter().enumerate() {
+            println!(
+                "  queued #{}  {}  pid {}  {}  {} seat(s) since {}",
+                i + 1,
+                q.client,
+                q.client.pid,
+                q.client.program,
+                q.count,
+                q.since
             );
         }
     }
@@ -440,6 +536,14 @@ fn print_status_json(status: &StatusReply, server: &str, demo: bool) {
                 "in_use": f.in_use,
                 "expires": f.expires.map(|e| e.to_string()),
                 "evaluation": f.evaluation,
+                "overdraft_in_use": f.overdraft_in_use,
+                "queue": f.queue.iter().map(|q| serde_json::json!({
+                    "user": q.client.user,
+                    "host": q.client.host,
+                    "pid": q.client.pid,
+                    "count": q.count,
+                    "since": q.since.to_string(),
+                })).collect::<Vec<_>>(),
                 "holders": f.holders.iter().map(|h| serde_json::json!({
                     "lease": h.lease.to_string(),
                     "user": h.client.user,
@@ -448,6 +552,8 @@ fn print_status_json(status: &StatusReply, server: &str, demo: bool) {
                     "program": h.client.program,
                     "count": h.count,
                     "since": h.since.to_string(),
+                    "overdraft": h.overdraft,
+                    "borrowed_until": h.borrowed_until.map(|u| u.to_string()),
                 })).collect::<Vec<_>>(),
             })
         })

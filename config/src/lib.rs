@@ -8,6 +8,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod policy;
+
+pub use policy::Policy;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,12 @@ pub struct DaemonConfig {
     /// QUIC idle timeout, seconds.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
+    /// The policy file (reservations, limits, include/exclude), if any.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// Whether `status` needs the admin token (by default anyone may read it).
+    #[serde(default)]
+    pub status_needs_token: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -86,6 +95,8 @@ impl Default for DaemonConfig {
             lease_ttl_secs: DEFAULT_LEASE_TTL_SECS,
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            policy: None,
+            status_needs_token: false,
         }
     }
 }

@@ -11,15 +11,16 @@
 //! - setup: [`Ledger::new`], [`Ledger::restore`], [`Ledger::rollback`];
 //! - outputs: [`Ledger::next_deadline`], [`Ledger::status`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
+use tally_config::Policy;
 use tally_protocol::bundle::{Bundle, Seats};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
 use tally_protocol::time::UnixTime;
 use tally_protocol::version;
 use tally_protocol::wire::{
     CheckoutRequest, ClientIdentity, DenialReason, FeatureStatus, HolderStatus, LeaseRef,
-    LeaseState,
+    LeaseState, QueueEntry,
 };
 
 /// The time as the ledger sees it: monotonic for lease timing (immune to clock changes),
@@ -63,6 +64,10 @@ pub enum ReleaseReason {
     Expired,
     /// The linger time after a checkin ended.
     LingerEnded,
+    /// An administrator removed it.
+    Removed,
+    /// A borrowed lease reached its end.
+    BorrowEnded,
 }
 
 impl std::fmt::Display for ReleaseReason {
@@ -72,6 +77,8 @@ impl std::fmt::Display for ReleaseReason {
             ReleaseReason::ConnectionClosed => "connection closed",
             ReleaseReason::Expired => "heartbeat TTL expired",
             ReleaseReason::LingerEnded => "linger ended",
+            ReleaseReason::Removed => "removed by an administrator",
+            ReleaseReason::BorrowEnded => "borrow period ended",
         })
     }
 }
@@ -81,6 +88,75 @@ impl std::fmt::Display for ReleaseReason {
 pub struct LedgerSettings {
     /// TTL of leases whose feature does not set one.
     pub default_ttl: Duration,
+}
+
+/// How far the wall clock may fall behind the latest time seen before time-limited
+/// licences are refused. Small corrections (NTP, a DST mistake) pass; setting the clock
+/// back a day to stretch an evaluation does not.
+pub const CLOCK_TOLERANCE_SECS: u64 = 3600;
+
+/// How many removed lease ids are remembered, so their holders hear "removed" rather
+/// than "unknown" on their next heartbeat.
+const REMEMBERED_REMOVALS: usize = 1024;
+
+/// Names a waiting checkout; chosen by the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WaiterId(pub u64);
+
+/// What happened to a checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkout {
+    /// Granted now; persist the event before answering.
+    Granted(LeaseRecord, Event),
+    /// Refused now.
+    Denied(DenialReason),
+    /// Waiting in the feature's queue at this position (1 is next); the answer comes
+    /// later as a [`WaiterOutcome`].
+    Queued {
+        /// Position in the queue, 1-based.
+        position: usize,
+    },
+}
+
+/// The end of a wait: granted, timed out, or cancelled (`None`: leaves no trace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaiterOutcome {
+    /// The waiter.
+    pub waiter: WaiterId,
+    /// The result; `None` when the wait was cancelled.
+    pub result: Option<Result<LeaseRecord, DenialReason>>,
+    /// The grant to persist before answering.
+    pub event: Option<Event>,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    id: WaiterId,
+    conn: ConnId,
+    holder: ClientIdentity,
+    request: CheckoutRequest,
+    fresh: FreshLease,
+    since: Now,
+    deadline: Instant,
+}
+
+/// What a successful decision grants.
+#[derive(Debug, Clone, Copy)]
+struct Terms {
+    ttl: Duration,
+    linger: Duration,
+    overdraft: bool,
+    borrow: Option<Duration>,
+}
+
+/// Denials after which waiting can help.
+fn queueable(reason: &DenialReason) -> bool {
+    matches!(
+        reason,
+        DenialReason::AllSeatsInUse { .. }
+            | DenialReason::ReservedForOthers { .. }
+            | DenialReason::MaxReached { .. }
+    )
 }
 
 /// How many holders a denial names; enough to find a colleague, not a data dump.
@@ -99,6 +175,7 @@ struct Term {
     upgrade_from: Option<String>,
     maintenance_until: Option<UnixTime>,
     linger: Duration,
+    borrow_limit: Duration,
 }
 
 /// Seats of a feature that count at one moment, by version ceiling.
@@ -179,6 +256,7 @@ fn terms_of(bundles: &[Bundle]) -> BTreeMap<String, Vec<Term>> {
                 upgrade_from: f.upgrade_from.clone(),
                 maintenance_until: f.maintenance_until,
                 linger: Duration::from_secs(f.linger_secs),
+                borrow_limit: Duration::from_secs(f.borrow_limit_secs),
             };
             // A package grants each of its components with its own terms (FlexLM's
             // PACKAGE without SUITE); the package name itself stays checkoutable.
@@ -265,6 +343,13 @@ pub struct Ledger {
     in_use: HashMap<String, u32>,
     deadlines: BTreeSet<(Instant, LeaseId)>,
     by_conn: HashMap<ConnId, BTreeSet<LeaseId>>,
+    policy: Policy,
+    queues: BTreeMap<String, VecDeque<Waiter>>,
+    waiter_deadlines: BTreeSet<(Instant, WaiterId)>,
+    outcomes: Vec<WaiterOutcome>,
+    removed: VecDeque<LeaseId>,
+    removed_set: HashSet<LeaseId>,
+    high_water: UnixTime,
 }
 
 /// The identity and secret the shell drew for a new lease.
@@ -286,13 +371,46 @@ impl Ledger {
             in_use: HashMap::new(),
             deadlines: BTreeSet::new(),
             by_conn: HashMap::new(),
+            policy: Policy::default(),
+            queues: BTreeMap::new(),
+            waiter_deadlines: BTreeSet::new(),
+            outcomes: Vec::new(),
+            removed: VecDeque::new(),
+            removed_set: HashSet::new(),
+            high_water: UnixTime(0),
         }
+    }
+
+    /// Applies the site's policy from now on; existing leases are kept.
+    pub fn set_policy(&mut self, now: Now, policy: Policy) {
+        self.policy = policy;
+        self.serve_queues(now);
+    }
+
+    /// Notes the wall clock; the high-water mark only moves forward.
+    pub fn observe_clock(&mut self, now: Now) {
+        self.high_water = self.high_water.max(now.wall);
+    }
+
+    /// The latest wall-clock time seen (persisted by the shell).
+    pub fn clock_high_water(&self) -> UnixTime {
+        self.high_water
+    }
+
+    /// Restores the persisted high-water mark after a restart.
+    pub fn set_clock_high_water(&mut self, t: UnixTime) {
+        self.high_water = self.high_water.max(t);
+    }
+
+    fn clock_moved_back(&self, now: Now) -> bool {
+        now.wall.plus_secs(CLOCK_TOLERANCE_SECS) < self.high_water
     }
 
     /// Serves `bundles` from now on. Every lease is kept, also leases of features that
     /// are no longer licensed: they were granted honestly and end on their own.
-    pub fn reload(&mut self, bundles: &[Bundle]) {
+    pub fn reload(&mut self, now: Now, bundles: &[Bundle]) {
         self.features = terms_of(bundles);
+        self.serve_queues(now);
     }
 
     /// Re-adds leases found in the store after a restart. They belong to no connection
@@ -301,13 +419,17 @@ impl Ledger {
     /// shrunk while we were down): they were granted honestly and drain on their own.
     pub fn restore(&mut self, now: Now, records: Vec<LeaseRecord>) {
         for record in records {
-            let deadline = now.mono + Duration::from_secs(record.ttl_secs);
+            let deadline = match record.borrowed_until {
+                Some(until) => now.mono + Duration::from_secs(until.0.saturating_sub(now.wall.0)),
+                None => now.mono + Duration::from_secs(record.ttl_secs),
+            };
             self.insert(record, None, deadline);
         }
     }
 
-    /// Decides a checkout. On success returns the new lease's record (with an
-    /// [`Event::Granted`] to persist); the lease is not durable until the shell says so.
+    /// Decides a checkout that does not wait. On success returns the new lease's record
+    /// (with an [`Event::Granted`] to persist); the lease is not durable until the shell
+    /// says so.
     pub fn checkout(
         &mut self,
         now: Now,
@@ -316,6 +438,148 @@ impl Ledger {
         request: &CheckoutRequest,
         fresh: FreshLease,
     ) -> Result<(LeaseRecord, Event), DenialReason> {
+        let terms = self.decide(now, holder, request)?;
+        Ok(self.grant(now, conn, holder, request, fresh, terms))
+    }
+
+    /// Decides a checkout that may wait `request.wait_secs` in the feature's queue.
+    pub fn checkout_or_wait(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        holder: &ClientIdentity,
+        request: &CheckoutRequest,
+        fresh: FreshLease,
+        waiter: WaiterId,
+    ) -> Checkout {
+        // Waiters are served first come, first served: nobody overtakes the queue.
+        let queued = self
+            .queues
+            .get(&request.feature)
+            .is_some_and(|q| !q.is_empty());
+        let decision = if queued {
+            self.decide(now, holder, request)
+                .and_then(|_| Err(self.queue_full_reason(now, request)))
+        } else {
+            self.decide(now, holder, request)
+        };
+        match decision {
+            Ok(terms) => {
+                let (record, event) = self.grant(now, conn, holder, request, fresh, terms);
+                Checkout::Granted(record, event)
+            }
+            Err(reason)
+                if request.wait_secs > 0
+                    && request.borrow_secs == 0
+                    && (queued || queueable(&reason)) =>
+            {
+                let deadline = now.mono + Duration::from_secs(request.wait_secs as u64);
+                let queue = self.queues.entry(request.feature.clone()).or_default();
+                queue.push_back(Waiter {
+                    id: waiter,
+                    conn,
+                    holder: holder.clone(),
+                    request: request.clone(),
+                    fresh,
+                    since: now,
+                    deadline,
+                });
+                self.waiter_deadlines.insert((deadline, waiter));
+                Checkout::Queued {
+                    position: queue.len(),
+                }
+            }
+            Err(reason) => Checkout::Denied(reason),
+        }
+    }
+
+    /// The denial a newcomer gets while others wait ahead of it.
+    fn queue_full_reason(&self, now: Now, request: &CheckoutRequest) -> DenialReason {
+        let feature = &request.feature;
+        let total = self
+            .features
+            .get(feature)
+            .and_then(|t| pools(t, now.wall))
+            .map(|p| p.seats())
+            .unwrap_or(0);
+        DenialReason::AllSeatsInUse {
+            feature: feature.clone(),
+            total,
+            in_use: self.in_use(feature),
+            requested: request.count,
+            holders: self.holder_names(feature),
+        }
+    }
+
+    /// Withdraws a waiting checkout; it leaves no trace.
+    pub fn cancel_wait(&mut self, waiter: WaiterId) {
+        for queue in self.queues.values_mut() {
+            if let Some(pos) = queue.iter().position(|w| w.id == waiter) {
+                let w = queue.remove(pos).expect("position is in range");
+                self.waiter_deadlines.remove(&(w.deadline, w.id));
+                self.outcomes.push(WaiterOutcome {
+                    waiter,
+                    result: None,
+                    event: None,
+                });
+            }
+        }
+        self.queues.retain(|_, q| !q.is_empty());
+    }
+
+    /// The ends of waits since the last call: grants, timeouts, cancellations.
+    pub fn take_waiter_outcomes(&mut self) -> Vec<WaiterOutcome> {
+        std::mem::take(&mut self.outcomes)
+    }
+
+    /// Grants waiting checkouts that fit now, in queue order. Called after anything that
+    /// frees seats; a waiter that cannot be served yet (a reserved seat that is not for
+    /// it, more seats than are free) does not block those behind it that can.
+    pub fn serve_queues(&mut self, now: Now) {
+        let features: Vec<String> = self.queues.keys().cloned().collect();
+        for feature in features {
+            let Some(mut queue) = self.queues.remove(&feature) else {
+                continue;
+            };
+            let mut kept = VecDeque::with_capacity(queue.len());
+            while let Some(w) = queue.pop_front() {
+                match self.decide(now, &w.holder, &w.request) {
+                    Ok(terms) => {
+                        self.waiter_deadlines.remove(&(w.deadline, w.id));
+                        let (record, event) =
+                            self.grant(now, w.conn, &w.holder, &w.request, w.fresh.clone(), terms);
+                        self.outcomes.push(WaiterOutcome {
+                            waiter: w.id,
+                            result: Some(Ok(record)),
+                            event: Some(event),
+                        });
+                    }
+                    Err(reason) if queueable(&reason) => kept.push_back(w),
+                    Err(reason) => {
+                        // The licence itself changed (expired, reloaded away): waiting
+                        // cannot help any more.
+                        self.waiter_deadlines.remove(&(w.deadline, w.id));
+                        self.outcomes.push(WaiterOutcome {
+                            waiter: w.id,
+                            result: Some(Err(reason)),
+                            event: None,
+                        });
+                    }
+                }
+            }
+            if !kept.is_empty() {
+                self.queues.insert(feature, kept);
+            }
+        }
+    }
+
+    /// Checks everything short of inserting the lease.
+    fn decide(
+        &self,
+        now: Now,
+        holder: &ClientIdentity,
+        request: &CheckoutRequest,
+    ) -> Result<Terms, DenialReason> {
         if request.count == 0 {
             return Err(DenialReason::InvalidRequest {
                 what: "count must be at least 1".into(),
@@ -377,13 +641,48 @@ impl Ledger {
                 maintenance_until,
             });
         }
-        let ttl = eligible
-            .iter()
-            .filter_map(|t| t.ttl)
-            .min()
-            .unwrap_or(self.settings.default_ttl);
+        // A clock set back would stretch every date; refuse what dates limit.
+        if self.clock_moved_back(now)
+            && eligible
+                .iter()
+                .any(|t| t.expires.is_some() || t.starts.is_some() || t.evaluation)
+        {
+            return Err(DenialReason::ClockMovedBack {
+                feature: feature.clone(),
+                now: now.wall,
+                high_water: self.high_water,
+            });
+        }
+        self.check_policy_access(feature, holder)?;
+        let vendor_ttl = eligible.iter().filter_map(|t| t.ttl).min();
+        let ttl = match self.policy.timeout_secs.get(feature) {
+            // The site may lengthen the TTL, never shorten it below the vendor's.
+            Some(&secs) => Duration::from_secs(secs).max(vendor_ttl.unwrap_or_default()),
+            None => vendor_ttl.unwrap_or(self.settings.default_ttl),
+        };
         let linger = eligible.iter().map(|t| t.linger).max().unwrap_or_default();
+        let borrow = if request.borrow_secs > 0 {
+            let vendor = eligible
+                .iter()
+                .map(|t| t.borrow_limit)
+                .max()
+                .unwrap_or_default();
+            let limit = match self.policy.borrow_limit_secs.get(feature) {
+                Some(&secs) => vendor.min(Duration::from_secs(secs)),
+                None => vendor,
+            };
+            if limit.is_zero() || request.borrow_secs > limit.as_secs() {
+                return Err(DenialReason::BorrowNotAllowed {
+                    feature: feature.clone(),
+                    limit_secs: limit.as_secs(),
+                });
+            }
+            Some(Duration::from_secs(request.borrow_secs))
+        } else {
+            None
+        };
         let in_use = self.in_use.get(feature).copied().unwrap_or(0);
+        let mut overdraft = false;
         if let Some(pools) = pools(terms, now.wall) {
             let seats = pools.seats();
             let full = || DenialReason::AllSeatsInUse {
@@ -393,7 +692,8 @@ impl Ledger {
                 requested: request.count,
                 holders: self.holder_names(feature),
             };
-            if in_use.saturating_add(request.count) > seats.saturating_add(pools.overdraft) {
+            let limit = seats.saturating_add(pools.overdraft);
+            if in_use.saturating_add(request.count) > limit {
                 return Err(full());
             }
             if pools.by_ceiling.iter().any(|(c, _)| c.is_some())
@@ -401,7 +701,120 @@ impl Ledger {
             {
                 return Err(full());
             }
+            self.check_policy_max(feature, holder, request.count)?;
+            let (reserved, for_whom) = self.reserved_for_others(feature, holder);
+            if in_use
+                .saturating_add(request.count)
+                .saturating_add(reserved)
+                > limit
+            {
+                return Err(DenialReason::ReservedForOthers {
+                    feature: feature.clone(),
+                    reserved_for: for_whom,
+                });
+            }
+            overdraft = in_use.saturating_add(request.count) > seats;
+        } else {
+            self.check_policy_max(feature, holder, request.count)?;
         }
+        Ok(Terms {
+            ttl,
+            linger,
+            overdraft,
+            borrow,
+        })
+    }
+
+    /// INCLUDE and EXCLUDE: EXCLUDE wins; an INCLUDE list admits only its subjects.
+    fn check_policy_access(
+        &self,
+        feature: &str,
+        holder: &ClientIdentity,
+    ) -> Result<(), DenialReason> {
+        let p = &self.policy;
+        if let Some(rule) = p
+            .exclude
+            .iter()
+            .find(|r| r.feature == feature && p.matches(&r.subject, &holder.user, &holder.host))
+        {
+            return Err(DenialReason::Excluded {
+                feature: feature.to_string(),
+                rule: rule.subject.to_string(),
+            });
+        }
+        let mut includes = p.include.iter().filter(|r| r.feature == feature).peekable();
+        if includes.peek().is_some()
+            && !includes.any(|r| p.matches(&r.subject, &holder.user, &holder.host))
+        {
+            return Err(DenialReason::NotIncluded {
+                feature: feature.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// MAX: seats held by the capped user or group, plus the new ones, within the cap.
+    fn check_policy_max(
+        &self,
+        feature: &str,
+        holder: &ClientIdentity,
+        count: u32,
+    ) -> Result<(), DenialReason> {
+        let p = &self.policy;
+        for rule in p
+            .max
+            .iter()
+            .filter(|r| r.feature == feature && p.matches(&r.subject, &holder.user, &holder.host))
+        {
+            let held = self.held_by(feature, |h| p.matches(&rule.subject, &h.user, &h.host));
+            if held.saturating_add(count) > rule.seats {
+                return Err(DenialReason::MaxReached {
+                    feature: feature.to_string(),
+                    limit: rule.seats,
+                    who: rule.subject.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// RESERVE: seats kept for others and not yet used by them, and for whom.
+    fn reserved_for_others(&self, feature: &str, holder: &ClientIdentity) -> (u32, Vec<String>) {
+        let p = &self.policy;
+        let mut total = 0u32;
+        let mut whom = Vec::new();
+        for rule in p.reserve.iter().filter(|r| r.feature == feature) {
+            if p.matches(&rule.subject, &holder.user, &holder.host) {
+                continue;
+            }
+            let used = self.held_by(feature, |h| p.matches(&rule.subject, &h.user, &h.host));
+            let unused = rule.seats.saturating_sub(used);
+            if unused > 0 {
+                total = total.saturating_add(unused);
+                whom.push(rule.subject.to_string());
+            }
+        }
+        (total, whom)
+    }
+
+    /// Seats of `feature` held by clients for which `pred` holds.
+    fn held_by(&self, feature: &str, pred: impl Fn(&ClientIdentity) -> bool) -> u32 {
+        self.leases
+            .values()
+            .filter(|h| h.record.feature == feature && pred(&h.record.holder))
+            .map(|h| h.record.count)
+            .sum()
+    }
+
+    fn grant(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        holder: &ClientIdentity,
+        request: &CheckoutRequest,
+        fresh: FreshLease,
+        terms: Terms,
+    ) -> (LeaseRecord, Event) {
         let mut id = fresh.id;
         while self.leases.contains_key(&id) {
             id = LeaseId(id.0.wrapping_add(1));
@@ -409,16 +822,38 @@ impl Ledger {
         let record = LeaseRecord {
             id,
             secret: fresh.secret,
-            feature: feature.clone(),
+            feature: request.feature.clone(),
             count: request.count,
             holder: holder.clone(),
             granted_at: now.wall,
-            ttl_secs: ttl.as_secs(),
+            ttl_secs: terms.ttl.as_secs(),
             version: request.version.clone(),
-            linger_secs: linger.as_secs(),
+            linger_secs: terms.linger.as_secs(),
+            overdraft: terms.overdraft,
+            borrowed_until: terms.borrow.map(|b| now.wall.plus_secs(b.as_secs())),
         };
-        self.insert(record.clone(), Some(conn), now.mono + ttl);
-        Ok((record.clone(), Event::Granted(record)))
+        // A borrowed lease belongs to no connection: the laptop leaves the network.
+        let (conn, deadline) = match terms.borrow {
+            Some(b) => (None, now.mono + b),
+            None => (Some(conn), now.mono + terms.ttl),
+        };
+        self.insert(record.clone(), conn, deadline);
+        (record.clone(), Event::Granted(record))
+    }
+
+    /// Removes a lease on an administrator's request; its holder learns on its next
+    /// heartbeat.
+    pub fn remove_lease(&mut self, now: Now, id: LeaseId) -> Option<Event> {
+        let event = self.release(id, ReleaseReason::Removed)?;
+        if self.removed.len() >= REMEMBERED_REMOVALS {
+            if let Some(old) = self.removed.pop_front() {
+                self.removed_set.remove(&old);
+            }
+        }
+        self.removed.push_back(id);
+        self.removed_set.insert(id);
+        self.serve_queues(now);
+        Some(event)
     }
 
     /// Undoes a grant that could not be made durable; the client is told it was denied.
@@ -433,10 +868,18 @@ impl Ledger {
             .iter()
             .map(|r| {
                 let Some(held) = self.leases.get_mut(&r.id) else {
-                    return LeaseState::Unknown;
+                    return if self.removed_set.contains(&r.id) {
+                        LeaseState::Removed
+                    } else {
+                        LeaseState::Unknown
+                    };
                 };
                 if !held.record.secret.matches(&r.secret) || held.lingering {
                     return LeaseState::Unknown;
+                }
+                if held.record.borrowed_until.is_some() {
+                    // A borrowed lease runs to its end whatever the heartbeats say.
+                    return LeaseState::Active;
                 }
                 let deadline = now.mono + Duration::from_secs(held.record.ttl_secs);
                 self.deadlines.remove(&(held.deadline, r.id));
@@ -476,12 +919,13 @@ impl Ledger {
                 continue;
             }
             released.push(true);
-            if held.record.linger_secs > 0 {
+            if held.record.linger_secs > 0 && held.record.borrowed_until.is_none() {
                 self.start_linger(now, r.id);
             } else {
                 events.extend(self.release(r.id, ReleaseReason::Checkin));
             }
         }
+        self.serve_queues(now);
         (released, events)
     }
 
@@ -501,12 +945,26 @@ impl Ledger {
         }
     }
 
-    /// Releases every lease attached to a connection that closed.
-    pub fn connection_closed(&mut self, conn: ConnId) -> Vec<Event> {
+    /// Releases every lease attached to a connection that closed, and withdraws its
+    /// waiting checkouts.
+    pub fn connection_closed(&mut self, now: Now, conn: ConnId) -> Vec<Event> {
+        let waiting: Vec<WaiterId> = self
+            .queues
+            .values()
+            .flatten()
+            .filter(|w| w.conn == conn)
+            .map(|w| w.id)
+            .collect();
+        for w in waiting {
+            self.cancel_wait(w);
+        }
         let ids = self.by_conn.remove(&conn).unwrap_or_default();
-        ids.into_iter()
+        let events = ids
+            .into_iter()
             .filter_map(|id| self.release(id, ReleaseReason::ConnectionClosed))
-            .collect()
+            .collect();
+        self.serve_queues(now);
+        events
     }
 
     /// Releases every lease whose heartbeat deadline is at or before `now`.
@@ -518,16 +976,43 @@ impl Ledger {
             }
             let why = match self.leases.get(&id) {
                 Some(h) if h.lingering => ReleaseReason::LingerEnded,
+                Some(h) if h.record.borrowed_until.is_some() => ReleaseReason::BorrowEnded,
                 _ => ReleaseReason::Expired,
             };
             events.extend(self.release(id, why));
         }
+        while let Some(&(deadline, waiter)) = self.waiter_deadlines.first() {
+            if deadline > now.mono {
+                break;
+            }
+            self.waiter_deadlines.remove(&(deadline, waiter));
+            for queue in self.queues.values_mut() {
+                if let Some(pos) = queue.iter().position(|w| w.id == waiter) {
+                    let w = queue.remove(pos).expect("position is in range");
+                    self.outcomes.push(WaiterOutcome {
+                        waiter,
+                        result: Some(Err(DenialReason::QueueTimeout {
+                            feature: w.request.feature.clone(),
+                            waited_secs: w.request.wait_secs,
+                        })),
+                        event: None,
+                    });
+                }
+            }
+            self.queues.retain(|_, q| !q.is_empty());
+        }
+        self.serve_queues(now);
         events
     }
 
-    /// When [`Ledger::expire`] next has work.
+    /// When [`Ledger::expire`] next has work (a lease or a wait runs out).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(d, _)| *d)
+        let lease = self.deadlines.first().map(|(d, _)| *d);
+        let waiter = self.waiter_deadlines.first().map(|(d, _)| *d);
+        match (lease, waiter) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Seats and holders per feature.
@@ -542,6 +1027,8 @@ impl Ledger {
                     client: held.record.holder.clone(),
                     count: held.record.count,
                     since: held.record.granted_at,
+                    overdraft: held.record.overdraft,
+                    borrowed_until: held.record.borrowed_until,
                 });
         }
         self.features
@@ -550,10 +1037,26 @@ impl Ledger {
                 let mut list = holders.remove(name.as_str()).unwrap_or_default();
                 list.sort_by_key(|h| (h.since, h.lease));
                 let active: Vec<&Term> = terms.iter().filter(|t| t.active(wall)).collect();
+                let total = pools(terms, wall).map(|p| p.seats());
+                let in_use = self.in_use.get(name).copied().unwrap_or(0);
                 FeatureStatus {
                     name: name.clone(),
-                    total: pools(terms, wall).map(|p| p.seats()),
-                    in_use: self.in_use.get(name).copied().unwrap_or(0),
+                    total,
+                    in_use,
+                    overdraft_in_use: total.map(|t| in_use.saturating_sub(t)).unwrap_or(0),
+                    queue: self
+                        .queues
+                        .get(name)
+                        .map(|q| {
+                            q.iter()
+                                .map(|w| QueueEntry {
+                                    client: w.holder.clone(),
+                                    count: w.request.count,
+                                    since: w.since.wall,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     expires: if active.iter().any(|t| t.expires.is_none()) {
                         None
                     } else {

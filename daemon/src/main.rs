@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tally_config::{
-    DaemonConfig, DEFAULT_HEARTBEAT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_LEASE_TTL_SECS,
+    DaemonConfig, Policy, DEFAULT_HEARTBEAT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_LEASE_TTL_SECS,
 };
 use tally_daemon::bundles::{self, BundleRules, Loaded};
 use tally_daemon::server::{now, Server, ServerParams};
@@ -124,6 +124,9 @@ struct DemoArgs {
     /// QUIC idle timeout, seconds: how fast the seat of a vanished client comes back.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_SECS)]
     idle_timeout_secs: u64,
+    /// A policy file (reservations, limits, include/exclude) to try out.
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 /// Failures sorted by exit code.
@@ -257,6 +260,14 @@ struct Site {
     key: SecretKey,
     rules: BundleRules,
     loaded: Loaded,
+    policy: Policy,
+}
+
+fn load_policy(path: Option<&Path>) -> Result<Policy, Failure> {
+    match path {
+        Some(p) => Policy::load(p).map_err(usage),
+        None => Ok(Policy::default()),
+    }
 }
 
 fn load_site(config_path: &Path) -> Result<Site, Failure> {
@@ -290,11 +301,13 @@ fn load_site(config_path: &Path) -> Result<Site, Failure> {
     let loaded = bundles::load_dir(&config.bundle_dir, &rules, now().wall)
         .with_context(|| format!("bundle directory {}", config.bundle_dir.display()))
         .map_err(usage)?;
+    let policy = load_policy(config.policy.as_deref())?;
     Ok(Site {
         config,
         key,
         rules,
         loaded,
+        policy,
     })
 }
 
@@ -350,6 +363,28 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
             println!("      {} {seats} {}", f.name, extras.join(", "));
         }
     }
+    let p = &site.policy;
+    if let Some(path) = &c.policy {
+        println!("  policy        {}", path.display());
+        for (kind, rules) in [
+            ("reserve", &p.reserve),
+            ("max", &p.max),
+            ("include", &p.include),
+            ("exclude", &p.exclude),
+        ] {
+            for r in rules.iter() {
+                let seats = if r.seats > 0 {
+                    format!(" {} seat(s)", r.seats)
+                } else {
+                    String::new()
+                };
+                println!("    {kind} {}{seats} for {}", r.feature, r.subject);
+            }
+        }
+        for (feature, secs) in &p.timeout_secs {
+            println!("    timeout {feature} {secs} s");
+        }
+    }
     for note in &site.loaded.notes {
         println!("  note: {note}");
     }
@@ -390,7 +425,13 @@ fn run(config_path: &Path) -> Result<(), Failure> {
     let rules = site.rules.clone();
     let bundle_dir = config.bundle_dir.clone();
     let data_dir = config.data_dir.clone();
+    let policy_path = config.policy.clone();
     let reloader: tally_daemon::server::Reloader = Arc::new(move || {
+        // A broken policy file fails the whole reload: half a policy is worse than the old one.
+        let policy = match &policy_path {
+            Some(p) => Policy::load(p)?,
+            None => Policy::default(),
+        };
         let mut rules = rules.clone();
         rules.returned = bundles::read_returned(&data_dir)?;
         let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall)?;
@@ -400,7 +441,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         for note in &loaded.notes {
             tracing::info!("{note}");
         }
-        Ok(loaded.bundles())
+        Ok((loaded.bundles(), policy))
     });
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
@@ -420,6 +461,8 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             reloader: Some(reloader),
             admin_token,
             reload_signal: Some(hangups),
+            policy: site.policy.clone(),
+            status_needs_token: config.status_needs_token,
         })
         .map_err(usage)?;
         let addr = server.local_addr().map_err(Failure::Runtime)?;
@@ -512,6 +555,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             (Some(dir), path)
         }
     };
+    let policy = load_policy(args.policy.as_deref())?;
     let (key, _) = identity::load_or_create(&data_dir).map_err(usage)?;
     let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
     let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(usage)?;
@@ -536,6 +580,8 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             reloader: None,
             admin_token: Some(admin_token),
             reload_signal: None,
+            policy,
+            status_needs_token: false,
         })
         .map_err(usage)?;
         let addr = server.local_addr().map_err(Failure::Runtime)?;
@@ -580,6 +626,10 @@ fn print_demo_banner(
     println!("  data dir     {} ({kept})", data_dir.display());
     println!("  server key   {}", key.public().fingerprint());
     println!("  serving      {}", features.join(", "));
+    println!(
+        "  admin token  {}",
+        data_dir.join(identity::ADMIN_TOKEN_FILE).display()
+    );
     println!();
     println!("Try it from another terminal:");
     println!("  tally --server {addr} --demo status");

@@ -6,7 +6,7 @@
 //! all grants of a batch share one flush (group commit), and it answers only after the
 //! flush: a client never hears "granted" for a seat the store could lose.
 
-use crate::ledger::{ConnId, Event, FreshLease, Ledger, Now};
+use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::store::Store;
 use anyhow::{Context, Result};
 use std::future::Future;
@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tally_config::Policy;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::frame::{self, FrameError, HEADER_LEN, MAX_REQUEST_LEN};
 use tally_protocol::keys::SecretKey;
@@ -58,10 +59,14 @@ pub struct ServerParams {
     pub admin_token: Option<String>,
     /// Fires when the bundles should be reloaded (SIGHUP).
     pub reload_signal: Option<mpsc::Receiver<()>>,
+    /// The site's policy.
+    pub policy: Policy,
+    /// Whether status needs the admin token.
+    pub status_needs_token: bool,
 }
 
-/// Loads the current bundles from wherever they live.
-pub type Reloader = Arc<dyn Fn() -> Result<Vec<VerifiedBundle>> + Send + Sync>;
+/// Loads the current bundles and policy from wherever they live.
+pub type Reloader = Arc<dyn Fn() -> Result<(Vec<VerifiedBundle>, Policy)> + Send + Sync>;
 
 /// A bound server, ready to run.
 #[must_use = "a server does nothing until run"]
@@ -85,8 +90,12 @@ struct Shared {
     next_conn: AtomicU64,
     reloader: Option<Reloader>,
     admin_token: Option<String>,
+    status_needs_token: bool,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    next_waiter: AtomicU64,
+    /// Notified by an admin shutdown request.
+    shutdown: tokio::sync::Notify,
 }
 
 /// A request to the ledger task.
@@ -96,7 +105,12 @@ enum Command {
         holder: ClientIdentity,
         request: CheckoutRequest,
         fresh: FreshLease,
+        waiter: WaiterId,
         reply: oneshot::Sender<Result<LeaseRecord, DenialReason>>,
+    },
+    Remove {
+        lease: LeaseId,
+        reply: oneshot::Sender<bool>,
     },
     Heartbeat {
         conn: ConnId,
@@ -115,6 +129,7 @@ enum Command {
     },
     Reload {
         bundles: Vec<tally_protocol::bundle::Bundle>,
+        policy: Policy,
         done: oneshot::Sender<()>,
     },
     Shutdown {
@@ -142,6 +157,17 @@ impl Server {
         };
         let bundles: Vec<_> = params.bundles.iter().map(|b| b.bundle.clone()).collect();
         let mut ledger = Ledger::new(settings, &bundles);
+        let start = now();
+        ledger.set_policy(start, params.policy);
+        if let Some(t) = params.store.load_clock()? {
+            ledger.set_clock_high_water(t);
+            if start.wall.plus_secs(crate::ledger::CLOCK_TOLERANCE_SECS) < t {
+                warn!(
+                    clock = %start.wall, seen = %t,
+                    "system clock moved back: time-limited licences are refused until it is fixed"
+                );
+            }
+        }
         let (records, unreadable) = params.store.load_leases()?;
         for bad in &unreadable {
             warn!(key = ?bad.key, error = %bad.error, "lease record in the store could not be read; left in place");
@@ -176,7 +202,10 @@ impl Server {
             next_conn: AtomicU64::new(1),
             reloader: params.reloader,
             admin_token: params.admin_token,
+            status_needs_token: params.status_needs_token,
             reloading: tokio::sync::Mutex::new(()),
+            next_waiter: AtomicU64::new(1),
+            shutdown: tokio::sync::Notify::new(),
         });
         Ok(Server {
             endpoint,
@@ -232,6 +261,7 @@ impl Server {
         tokio::select! {
             _ = accept => {}
             _ = shutdown => info!("shutting down"),
+            _ = shared.shutdown.notified() => info!("shutting down on an admin request"),
         }
         let (done_tx, done_rx) = oneshot::channel();
         if shared
@@ -265,6 +295,12 @@ enum Pending {
 /// The ledger task: owns the ledger and the store.
 async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Command>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Replies owed to checkouts waiting in a queue.
+    let mut waiting: std::collections::HashMap<
+        WaiterId,
+        oneshot::Sender<Result<LeaseRecord, DenialReason>>,
+    > = std::collections::HashMap::new();
+    let mut clock_saved = ledger.clock_high_water();
     loop {
         let deadline = ledger.next_deadline();
         let expiry = async {
@@ -278,6 +314,7 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
             _ = expiry => {}
         }
         let now = now();
+        ledger.observe_clock(now);
         let mut events = ledger.expire(now);
         let mut pending = Vec::with_capacity(batch.len());
         let mut shutdown = None;
@@ -288,20 +325,26 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
                     holder,
                     request,
                     fresh,
+                    waiter,
                     reply,
-                } => {
-                    let result = ledger.checkout(now, conn, &holder, &request, fresh);
-                    let result = match result {
-                        Ok((record, event)) => {
-                            events.push(event);
-                            Ok(record)
-                        }
-                        Err(reason) => {
-                            info!(feature = %request.feature, holder = %holder, %reason, "denied");
-                            Err(reason)
-                        }
-                    };
-                    pending.push(Pending::Grant(reply, result));
+                } => match ledger.checkout_or_wait(now, conn, &holder, &request, fresh, waiter) {
+                    Checkout::Granted(record, event) => {
+                        events.push(event);
+                        pending.push(Pending::Grant(reply, Ok(record)));
+                    }
+                    Checkout::Denied(reason) => {
+                        info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                        pending.push(Pending::Grant(reply, Err(reason)));
+                    }
+                    Checkout::Queued { position } => {
+                        info!(feature = %request.feature, holder = %holder, position, "queued");
+                        waiting.insert(waiter, reply);
+                    }
+                },
+                Command::Remove { lease, reply } => {
+                    let removed = ledger.remove_lease(now, lease);
+                    let _ = reply.send(removed.is_some());
+                    events.extend(removed);
                 }
                 Command::Heartbeat {
                     conn,
@@ -319,22 +362,52 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
                 Command::Status { reply } => {
                     pending.push(Pending::Status(reply, ledger.status(now.wall)))
                 }
-                Command::Closed { conn } => events.extend(ledger.connection_closed(conn)),
-                Command::Reload { bundles, done } => {
-                    ledger.reload(&bundles);
+                Command::Closed { conn } => events.extend(ledger.connection_closed(now, conn)),
+                Command::Reload {
+                    bundles,
+                    policy,
+                    done,
+                } => {
+                    ledger.reload(now, &bundles);
+                    ledger.set_policy(now, policy);
                     let _ = done.send(());
                 }
                 Command::Shutdown { done } => shutdown = Some(done),
             }
         }
-        let durable = if events.is_empty() {
+        for outcome in ledger.take_waiter_outcomes() {
+            let Some(reply) = waiting.remove(&outcome.waiter) else {
+                continue;
+            };
+            events.extend(outcome.event);
+            if let Some(result) = outcome.result {
+                if let Err(reason) = &result {
+                    info!(%reason, "wait ended");
+                }
+                pending.push(Pending::Grant(reply, result));
+            }
+        }
+        // The high-water mark is worth a write once a minute, not once a request.
+        let clock = ledger.clock_high_water();
+        let save_clock = clock.0 >= clock_saved.0.saturating_add(60);
+        let durable = if events.is_empty() && !save_clock {
             Ok(())
         } else {
-            match store.apply(&events) {
+            let applied = store.apply(&events).and_then(|_| {
+                if save_clock {
+                    store.save_clock(clock)
+                } else {
+                    Ok(())
+                }
+            });
+            match applied {
                 Ok(()) => store.flush().await,
                 Err(e) => Err(e),
             }
         };
+        if durable.is_ok() && save_clock {
+            clock_saved = clock;
+        }
         let failure = durable.err().map(|e| {
             warn!(error = %e, "could not persist ledger changes");
             e.to_string()
@@ -544,6 +617,7 @@ async fn dispatch(
                 holder: holder.clone(),
                 request,
                 fresh,
+                waiter: WaiterId(shared.next_waiter.fetch_add(1, Ordering::Relaxed)),
                 reply,
             };
             if shared.ledger.send(command).await.is_err() {
@@ -586,7 +660,17 @@ async fn dispatch(
                 Err(_) => closed(),
             }
         }
-        Request::Status(_) => {
+        Request::Status(status) => {
+            if shared.status_needs_token {
+                let given = status.admin_token.as_deref().unwrap_or("");
+                let ok = shared
+                    .admin_token
+                    .as_deref()
+                    .is_some_and(|t| constant_time_eq(given.trim().as_bytes(), t.as_bytes()));
+                if !ok {
+                    return error("this server shows its status only with the admin token");
+                }
+            }
             let (reply, rx) = oneshot::channel();
             if shared.ledger.send(Command::Status { reply }).await.is_err() {
                 return closed();
@@ -618,6 +702,35 @@ async fn dispatch(
                         "reload failed, still serving the previous bundles: {message}"
                     )),
                 },
+                AdminOp::Remove { lease } => {
+                    let (reply, rx) = oneshot::channel();
+                    if shared
+                        .ledger
+                        .send(Command::Remove { lease, reply })
+                        .await
+                        .is_err()
+                    {
+                        return closed();
+                    }
+                    match rx.await {
+                        Ok(true) => {
+                            info!(%lease, "lease removed by an administrator");
+                            Response::Admin(AdminReply {
+                                message: format!(
+                                    "lease {lease} removed; its holder learns on its next heartbeat"
+                                ),
+                            })
+                        }
+                        Ok(false) => error(format!("no lease {lease}")),
+                        Err(_) => closed(),
+                    }
+                }
+                AdminOp::Shutdown => {
+                    shared.shutdown.notify_one();
+                    Response::Admin(AdminReply {
+                        message: "shutting down; leases are kept".into(),
+                    })
+                }
                 _ => error("this admin operation is not supported by this tallyd"),
             }
         }
@@ -636,7 +749,7 @@ async fn reload(shared: &Shared) -> Result<String, String> {
     let Some(reloader) = shared.reloader.clone() else {
         return Err("this server has no bundle directory to reload from".into());
     };
-    let bundles = tokio::task::spawn_blocking(move || reloader())
+    let (bundles, policy) = tokio::task::spawn_blocking(move || reloader())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{e:#}"))?;
@@ -647,6 +760,7 @@ async fn reload(shared: &Shared) -> Result<String, String> {
         .ledger
         .send(Command::Reload {
             bundles: plain,
+            policy,
             done,
         })
         .await
@@ -682,6 +796,7 @@ fn grant(record: &LeaseRecord, holder: &ClientIdentity, key: &SecretKey) -> Leas
         count: record.count,
         holder: holder.to_string(),
         issued_at: record.granted_at,
+        expires_at: record.borrowed_until,
     };
     LeaseGrant {
         id: record.id,
@@ -689,6 +804,8 @@ fn grant(record: &LeaseRecord, holder: &ClientIdentity, key: &SecretKey) -> Leas
         feature: record.feature.clone(),
         count: record.count,
         ttl_secs: record.ttl_secs,
+        overdraft: record.overdraft,
+        borrowed_until: record.borrowed_until,
         token: Signed::sign(Domain::Lease, token.encode(), key),
     }
 }

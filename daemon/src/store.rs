@@ -8,7 +8,11 @@
 
 use crate::ledger::Event;
 use std::path::{Path, PathBuf};
-use tally_protocol::lease::{LeaseId, LeaseRecord, StoredLease};
+use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredLease};
+use tally_protocol::time::UnixTime;
+
+/// Key of the clock high-water mark in the meta tree.
+const CLOCK_KEY: &[u8] = b"clock-high-water";
 
 /// Why the store failed; the text names the store's path.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,7 @@ pub struct Store {
     path: PathBuf,
     db: sled::Db,
     leases: sled::Tree,
+    meta: sled::Tree,
 }
 
 impl Store {
@@ -57,7 +62,13 @@ impl Store {
             .open()
             .map_err(err)?;
         let leases = db.open_tree("leases/v1").map_err(err)?;
-        Ok(Store { path, db, leases })
+        let meta = db.open_tree("meta/v1").map_err(err)?;
+        Ok(Store {
+            path,
+            db,
+            leases,
+            meta,
+        })
     }
 
     /// Every lease in the store, plus the records that could not be read.
@@ -93,6 +104,26 @@ impl Store {
             }
         }
         self.leases.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// The persisted clock high-water mark, if any (an unreadable one counts as none
+    /// and is reported by the caller's log of the error).
+    pub fn load_clock(&self) -> Result<Option<UnixTime>, StoreError> {
+        let Some(bytes) = self.meta.get(CLOCK_KEY).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        Ok(match StoredClock::decode(&bytes) {
+            Ok(StoredClock::V1(t)) => Some(t),
+            _ => None,
+        })
+    }
+
+    /// Records the clock high-water mark (not yet flushed).
+    pub fn save_clock(&self, t: UnixTime) -> Result<(), StoreError> {
+        self.meta
+            .insert(CLOCK_KEY, StoredClock::V1(t).encode())
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Makes everything applied so far durable.

@@ -88,6 +88,8 @@ impl Driver {
             count,
             version: version.map(str::to_string),
             build_date,
+            wait_secs: 0,
+            borrow_secs: 0,
         };
         let now = self.now();
         self.ledger
@@ -256,10 +258,10 @@ fn closing_the_connection_frees_its_seats_at_once() {
     let mut d = Driver::new(vec![FeatureGrant::counted("solver", 2)]);
     d.checkout(1, "a", "solver", 1).unwrap();
     d.checkout(2, "b", "solver", 1).unwrap();
-    let events = d.ledger.connection_closed(ConnId(1));
+    let events = d.ledger.connection_closed(d.now(), ConnId(1));
     assert_eq!(events.len(), 1);
     assert_eq!(d.ledger.in_use("solver"), 1);
-    assert!(d.ledger.connection_closed(ConnId(1)).is_empty());
+    assert!(d.ledger.connection_closed(d.now(), ConnId(1)).is_empty());
 }
 
 #[test]
@@ -274,9 +276,9 @@ fn reattach_moves_the_lease_to_the_new_connection_without_a_second_seat() {
     );
     assert_eq!(d.ledger.in_use("solver"), 1);
     // The old connection's close must not take the re-attached lease with it.
-    assert!(d.ledger.connection_closed(ConnId(1)).is_empty());
+    assert!(d.ledger.connection_closed(d.now(), ConnId(1)).is_empty());
     assert_eq!(d.ledger.in_use("solver"), 1);
-    assert_eq!(d.ledger.connection_closed(ConnId(2)).len(), 1);
+    assert_eq!(d.ledger.connection_closed(d.now(), ConnId(2)).len(), 1);
 }
 
 #[test]
@@ -413,7 +415,7 @@ proptest! {
                     }
                 }
                 Op::Close { conn } => {
-                    let events = d.ledger.connection_closed(ConnId(conn));
+                    let events = d.ledger.connection_closed(d.now(), ConnId(conn));
                     apply(&mut store, events);
                 }
                 Op::Advance { secs } => {
@@ -563,7 +565,7 @@ fn add_ons_add_supersede_replaces_and_reload_keeps_leases() {
     let base = bundle("b1", &[], vec![FeatureGrant::counted("solver", 2)]);
     let addon = bundle("b2", &[], vec![FeatureGrant::counted("solver", 3)]);
     let mut d = Driver::new(vec![]);
-    d.ledger.reload(&[base.clone(), addon]);
+    d.ledger.reload(d.now(), &[base.clone(), addon]);
     for i in 0..5 {
         d.checkout(i, "a", "solver", 1).unwrap();
     }
@@ -574,12 +576,12 @@ fn add_ons_add_supersede_replaces_and_reload_keeps_leases() {
         &["b1", "b2"],
         vec![FeatureGrant::counted("solver", 4)],
     );
-    d.ledger.reload(&[renewal]);
+    d.ledger.reload(d.now(), &[renewal]);
     assert_eq!(d.ledger.in_use("solver"), 5);
     assert_eq!(d.ledger.lease_count(), 5);
     assert!(d.checkout(9, "a", "solver", 1).is_err());
-    d.ledger.connection_closed(ConnId(0));
-    d.ledger.connection_closed(ConnId(1));
+    d.ledger.connection_closed(d.now(), ConnId(0));
+    d.ledger.connection_closed(d.now(), ConnId(1));
     d.checkout(9, "a", "solver", 1).unwrap();
 }
 
@@ -594,7 +596,7 @@ fn linger_keeps_the_seat_after_checkin() {
     assert!(events.is_empty(), "the seat lingers");
     assert!(d.checkout(2, "b", "solver", 1).is_err());
     assert!(
-        d.ledger.connection_closed(ConnId(1)).is_empty(),
+        d.ledger.connection_closed(d.now(), ConnId(1)).is_empty(),
         "no longer tied to the connection"
     );
     assert!(d.advance(Duration::from_secs(59)).is_empty());
@@ -614,7 +616,7 @@ fn a_bundle_validity_window_bounds_its_features() {
     let mut b = bundle("b1", &[], vec![FeatureGrant::counted("solver", 2)]);
     b.valid_until = Some(T0.plus_secs(100));
     let mut d = Driver::new(vec![]);
-    d.ledger.reload(&[b]);
+    d.ledger.reload(d.now(), &[b]);
     d.checkout(1, "a", "solver", 1).unwrap();
     d.elapsed = Duration::from_secs(100);
     assert!(matches!(

@@ -72,6 +72,8 @@ async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running
         reloader: None,
         admin_token: None,
         reload_signal: None,
+        policy: Default::default(),
+        status_needs_token: false,
     })
     .unwrap();
     let addr = server.local_addr().unwrap();
@@ -145,6 +147,8 @@ async fn unknown_version_and_bad_frames_get_clear_answers_on_a_live_connection()
         count: 1,
         version: None,
         build_date: None,
+        wait_secs: 0,
+        borrow_secs: 0,
     });
     let answer = exchange(&conn, &frame::encode_request(&checkout)).await;
     match frame::decode_response_frame(&answer) {
@@ -154,7 +158,7 @@ async fn unknown_version_and_bad_frames_get_clear_answers_on_a_live_connection()
     // The connection survived all of that: a status still works.
     let answer = exchange(
         &conn,
-        &frame::encode_request(&Request::Status(StatusRequest {})),
+        &frame::encode_request(&Request::Status(StatusRequest { admin_token: None })),
     )
     .await;
     assert!(matches!(
@@ -185,6 +189,8 @@ async fn the_client_trusts_only_servers_the_vendor_bound() {
             count: 1,
             version: None,
             build_date: None,
+            wait_secs: 0,
+            borrow_secs: 0,
         })
         .await
         .unwrap();

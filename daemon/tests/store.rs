@@ -23,6 +23,8 @@ fn record(id: u64) -> LeaseRecord {
         ttl_secs: 90,
         version: None,
         linger_secs: 0,
+        overdraft: false,
+        borrowed_until: None,
     }
 }
 

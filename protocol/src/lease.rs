@@ -68,6 +68,30 @@ pub struct LeaseRecord {
     pub version: Option<String>,
     /// Seconds the seat stays held after checkin.
     pub linger_secs: u64,
+    /// Seats beyond the licensed count.
+    pub overdraft: bool,
+    /// For a borrowed lease: when it ends.
+    pub borrowed_until: Option<UnixTime>,
+}
+
+/// The clock high-water mark as persisted; the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredClock {
+    /// Format version 1: the latest wall-clock time the server has seen.
+    V1(UnixTime),
+}
+
+impl StoredClock {
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded.
+    pub fn decode(bytes: &[u8]) -> Result<StoredClock, crate::DecodeError> {
+        crate::decode::<StoredClock, 64>(bytes)
+    }
 }
 
 /// Largest stored lease record we decode.

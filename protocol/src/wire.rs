@@ -115,6 +115,10 @@ pub struct CheckoutRequest {
     pub version: Option<String>,
     /// The application's build date, for maintenance (updates-until) dates.
     pub build_date: Option<UnixTime>,
+    /// Seconds to wait in the feature's queue when no seat is free; 0 answers at once.
+    pub wait_secs: u32,
+    /// Borrow for this many seconds (a laptop going offline); 0 for a normal lease.
+    pub borrow_secs: u64,
 }
 
 /// The answer to a checkout.
@@ -139,6 +143,10 @@ pub struct LeaseGrant {
     pub count: u32,
     /// Seconds without a heartbeat after which the seat is reclaimed.
     pub ttl_secs: u64,
+    /// True if the seats are beyond the licensed count (overdraft, reported as such).
+    pub overdraft: bool,
+    /// For a borrowed lease: when it ends; it needs no heartbeats until then.
+    pub borrowed_until: Option<UnixTime>,
     /// The lease token signed by the server key; verifiable without the server.
     pub token: Signed,
 }
@@ -159,6 +167,8 @@ pub enum LeaseToken {
         holder: String,
         /// When it was granted.
         issued_at: UnixTime,
+        /// For a borrowed lease, when it ends.
+        expires_at: Option<UnixTime>,
     },
 }
 
@@ -241,6 +251,58 @@ pub enum DenialReason {
         /// The latest maintenance date licensed.
         maintenance_until: UnixTime,
     },
+    /// The policy file excludes this user or host.
+    Excluded {
+        /// The feature.
+        feature: String,
+        /// The rule, e.g. `user mallory`.
+        rule: String,
+    },
+    /// The policy file limits the feature to an INCLUDE list this client is not on.
+    NotIncluded {
+        /// The feature.
+        feature: String,
+    },
+    /// A MAX rule of the policy caps this user or group.
+    MaxReached {
+        /// The feature.
+        feature: String,
+        /// The cap.
+        limit: u32,
+        /// Whom it caps, e.g. `group cfd`.
+        who: String,
+    },
+    /// The free seats are reserved for others.
+    ReservedForOthers {
+        /// The feature.
+        feature: String,
+        /// For whom, e.g. `group cfd`.
+        reserved_for: Vec<String>,
+    },
+    /// The system clock is behind the latest time the server has seen, so time-limited
+    /// licences are not served until it is fixed.
+    ClockMovedBack {
+        /// The feature.
+        feature: String,
+        /// The clock now.
+        now: UnixTime,
+        /// The latest time seen.
+        high_water: UnixTime,
+    },
+    /// The wait in the queue ran out.
+    QueueTimeout {
+        /// The feature.
+        feature: String,
+        /// Seconds waited.
+        waited_secs: u32,
+    },
+    /// Borrowing is not allowed, or not for that long.
+    BorrowNotAllowed {
+        /// The feature.
+        feature: String,
+        /// The longest borrow allowed, seconds; 0 for none.
+        limit_secs: u64,
+    },
     /// The request itself was invalid.
     InvalidRequest {
         /// What was wrong.
@@ -304,6 +366,56 @@ impl fmt::Display for DenialReason {
                 build_date.date(),
                 maintenance_until.date()
             ),
+            DenialReason::Excluded { feature, rule } => {
+                write!(f, "'{feature}' is not available to {rule} (excluded by the site's policy)")
+            }
+            DenialReason::NotIncluded { feature } => write!(
+                f,
+                "'{feature}' is limited by the site's policy to an include list you are not on"
+            ),
+            DenialReason::MaxReached {
+                feature,
+                limit,
+                who,
+            } => write!(
+                f,
+                "the site's policy allows {who} at most {limit} seat(s) of '{feature}'"
+            ),
+            DenialReason::ReservedForOthers {
+                feature,
+                reserved_for,
+            } => write!(
+                f,
+                "the free seats of '{feature}' are reserved for {}",
+                reserved_for.join(", ")
+            ),
+            DenialReason::ClockMovedBack {
+                feature,
+                now,
+                high_water,
+            } => write!(
+                f,
+                "system clock moved back: the server's clock says {now} but it has seen {high_water}; \
+                 time-limited licences such as '{feature}' are refused until the clock is fixed"
+            ),
+            DenialReason::QueueTimeout {
+                feature,
+                waited_secs,
+            } => write!(f, "no seat of '{feature}' became free within {waited_secs} s"),
+            DenialReason::BorrowNotAllowed {
+                feature,
+                limit_secs,
+            } => {
+                if *limit_secs == 0 {
+                    write!(f, "'{feature}' may not be borrowed")
+                } else {
+                    write!(
+                        f,
+                        "'{feature}' may be borrowed for at most {} hour(s)",
+                        limit_secs / 3600
+                    )
+                }
+            }
             DenialReason::InvalidRequest { what } => write!(f, "invalid request: {what}"),
             DenialReason::StorageUnavailable { what } => {
                 write!(f, "the server cannot record new seats right now: {what}")
@@ -341,8 +453,10 @@ pub struct HeartbeatReply {
 pub enum LeaseState {
     /// Held; the heartbeat extended it.
     Active,
-    /// Unknown to the daemon (expired, removed, or never granted) or the secret was wrong.
+    /// Unknown to the daemon (expired, or never granted) or the secret was wrong.
     Unknown,
+    /// An administrator removed the lease.
+    Removed,
 }
 
 /// Gives leases back.
@@ -360,8 +474,19 @@ pub struct CheckinReply {
 }
 
 /// Asks for the server's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusRequest {}
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    /// The admin token, needed when the server is configured to require it.
+    pub admin_token: Option<String>,
+}
+
+impl fmt::Debug for StatusRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StatusRequest")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
 
 /// What the server serves and who holds what.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -387,8 +512,23 @@ pub struct FeatureStatus {
     pub expires: Option<UnixTime>,
     /// True if any counting grant is an evaluation.
     pub evaluation: bool,
+    /// Seats in use beyond the licensed count.
+    pub overdraft_in_use: u32,
     /// Current holders.
     pub holders: Vec<HolderStatus>,
+    /// Clients waiting for a seat, first in line first.
+    pub queue: Vec<QueueEntry>,
+}
+
+/// A client waiting in a feature's queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    /// Who waits.
+    pub client: ClientIdentity,
+    /// Seats wanted.
+    pub count: u32,
+    /// Since when.
+    pub since: UnixTime,
 }
 
 /// One lease as shown in status.
@@ -402,6 +542,10 @@ pub struct HolderStatus {
     pub count: u32,
     /// Since when.
     pub since: UnixTime,
+    /// Overdraft seats.
+    pub overdraft: bool,
+    /// For a borrowed lease, when it ends.
+    pub borrowed_until: Option<UnixTime>,
 }
 
 /// An administrative request. Its `Debug` output hides the token.
@@ -426,8 +570,15 @@ impl fmt::Debug for AdminRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum AdminOp {
-    /// Re-read bundles (and later the policy) without dropping any lease.
+    /// Re-read bundles and the policy without dropping any lease.
     Reload,
+    /// Remove a lease; its holder learns on its next heartbeat.
+    Remove {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// Stop the server gracefully (leases are kept in the store).
+    Shutdown,
 }
 
 /// The answer to an admin request.

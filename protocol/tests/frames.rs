@@ -22,6 +22,8 @@ fn sample_requests() -> Vec<Request> {
             count: 2,
             version: Some("2027.1".into()),
             build_date: None,
+            wait_secs: 30,
+            borrow_secs: 0,
         }),
         Request::Heartbeat(HeartbeatRequest {
             leases: vec![LeaseRef {
@@ -30,7 +32,7 @@ fn sample_requests() -> Vec<Request> {
             }],
         }),
         Request::Checkin(CheckinRequest { leases: vec![] }),
-        Request::Status(StatusRequest {}),
+        Request::Status(StatusRequest { admin_token: None }),
     ]
 }
 
