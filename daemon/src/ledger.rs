@@ -106,8 +106,9 @@ pub struct WaiterId(pub u64);
 /// What happened to a checkout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Checkout {
-    /// Granted now; persist the event before answering.
-    Granted(LeaseRecord, Event),
+    /// Granted now; persist the event before answering. Boxed: a record is large next
+    /// to the other outcomes.
+    Granted(Box<(LeaseRecord, Event)>),
     /// Refused now.
     Denied(DenialReason),
     /// Waiting in the feature's queue at this position (1 is next); the answer comes
@@ -466,7 +467,7 @@ impl Ledger {
         match decision {
             Ok(terms) => {
                 let (record, event) = self.grant(now, conn, holder, request, fresh, terms);
-                Checkout::Granted(record, event)
+                Checkout::Granted(Box::new((record, event)))
             }
             Err(reason)
                 if request.wait_secs > 0

@@ -328,7 +328,8 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
                     waiter,
                     reply,
                 } => match ledger.checkout_or_wait(now, conn, &holder, &request, fresh, waiter) {
-                    Checkout::Granted(record, event) => {
+                    Checkout::Granted(granted) => {
+                        let (record, event) = *granted;
                         events.push(event);
                         pending.push(Pending::Grant(reply, Ok(record)));
                     }
