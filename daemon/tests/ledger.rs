@@ -360,6 +360,8 @@ enum Op {
     Close { conn: u64 },
     Advance { secs: u64 },
     Restart,
+    Wait { conn: u64, count: u32, secs: u32 },
+    Remove { which: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -370,6 +372,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..4).prop_map(|conn| Op::Close { conn }),
         2 => (1u64..120).prop_map(|secs| Op::Advance { secs }),
         1 => Just(Op::Restart),
+        2 => (0u64..4, 1u32..3, 1u32..100).prop_map(|(conn, count, secs)| Op::Wait { conn, count, secs }),
+        1 => (0usize..16).prop_map(|which| Op::Remove { which }),
     ]
 }
 
@@ -422,7 +426,35 @@ proptest! {
                     let events = d.advance(Duration::from_secs(secs));
                     apply(&mut store, events);
                 }
+                Op::Wait { conn, count, secs } => {
+                    d.next += 1;
+                    let fresh = FreshLease {
+                        id: LeaseId(d.next),
+                        secret: LeaseSecret([d.next as u8; 16]),
+                    };
+                    let request = CheckoutRequest {
+                        feature: "solver".into(),
+                        count,
+                        version: None,
+                        build_date: None,
+                        wait_secs: secs,
+                        borrow_secs: 0,
+                    };
+                    let now = d.now();
+                    if let Checkout::Granted(g) = d.ledger.checkout_or_wait(now, ConnId(conn), &who("w"), &request, fresh, WaiterId(d.next)) {
+                        store.insert(g.0.id, g.0.clone());
+                        granted.push(g.0);
+                    }
+                }
+                Op::Remove { which } => {
+                    if let Some(rec) = granted.get(which) {
+                        let now = d.now();
+                        let events: Vec<Event> = d.ledger.remove_lease(now, rec.id).into_iter().collect();
+                        apply(&mut store, events);
+                    }
+                }
                 Op::Restart => {
+                    // Waiters do not survive a restart: their connections are gone.
                     let elapsed = d.elapsed;
                     let next = d.next;
                     d = Driver::new(vec![FeatureGrant::counted("solver", seats)]);
@@ -432,13 +464,25 @@ proptest! {
                     d.ledger.restore(now, store.values().cloned().collect());
                 }
             }
+            for outcome in d.ledger.take_waiter_outcomes() {
+                if let Some(Ok(record)) = &outcome.result {
+                    granted.push(record.clone());
+                }
+                apply(&mut store, outcome.event.into_iter().collect());
+            }
             let held: u32 = store.values().map(|r| r.count).sum();
             prop_assert!(d.ledger.in_use("solver") <= seats);
             prop_assert_eq!(d.ledger.in_use("solver"), held);
             prop_assert_eq!(d.ledger.lease_count(), store.len());
         }
-        let events = d.advance(TTL);
-        apply(&mut store, events);
+        // Silence: waits run out (at most 100 s) and every lease's TTL passes.
+        for _ in 0..3 {
+            let events = d.advance(TTL);
+            apply(&mut store, events);
+            for outcome in d.ledger.take_waiter_outcomes() {
+                apply(&mut store, outcome.event.into_iter().collect());
+            }
+        }
         prop_assert_eq!(d.ledger.in_use("solver"), 0);
         prop_assert!(store.is_empty());
     }
