@@ -345,3 +345,25 @@ secs = 300
         assert!(e.to_string().starts_with("p.toml:1: "), "{e}");
     }
 }
+
+#[cfg(test)]
+mod packaged {
+    use super::*;
+
+    /// The packaged example policy parses and holds one rule of each kind.
+    #[test]
+    fn packaged_example_policy_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/policy.example.toml");
+        let p = Policy::load(&path).unwrap();
+        assert_eq!(
+            (
+                p.reserve.len(),
+                p.max.len(),
+                p.include.len(),
+                p.exclude.len()
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(p.borrow_limit_secs["solver"], 72 * 3600);
+    }
+}

@@ -133,6 +133,17 @@ impl Daemon {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// Waits up to `timeout` for the daemon to exit on its own.
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        // `try_wait` needs `&mut`; poll the process table instead.
+        let proc = PathBuf::from(format!("/proc/{}/stat", self.pid()));
+        wait_until(timeout, || {
+            std::fs::read_to_string(&proc)
+                .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+                .unwrap_or(true)
+        })
+    }
+
     /// Sends SIGTERM and waits (at most 30 s) for a clean exit.
     pub fn stop(mut self) {
         self.signal("TERM");
@@ -218,6 +229,14 @@ pub struct Holder {
 }
 
 impl Holder {
+    /// Wraps a `tally run` child started in its own process group.
+    pub fn from_child(child: Child) -> Holder {
+        Holder {
+            child,
+            killed: false,
+        }
+    }
+
     /// Starts `tally run FEATURE -- sleep SECS` against `daemon`.
     pub fn start(daemon: &Daemon, feature: &str, secs: u32) -> Holder {
         Holder::start_with(daemon, &[feature], secs)

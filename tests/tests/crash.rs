@@ -1,0 +1,173 @@
+//! SIGKILL `tallyd` while clients hammer checkouts and checkins, restart it, and check
+//! the invariants against what the clients were told: every acknowledged lease is
+//! still there, nothing is over-granted, and nothing appears that nobody asked for.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tally_client::{ClientConfig, Session, Trust};
+use tally_protocol::lease::LeaseId;
+use tally_protocol::wire::{AdminOp, CheckoutRequest};
+use tally_tests::{wait_until, Daemon};
+
+/// What the clients know.
+#[derive(Default)]
+struct Ledger {
+    /// Leases whose grant was acknowledged and whose checkin was never sent.
+    held: BTreeSet<String>,
+    /// Leases whose checkin was sent but not acknowledged: either state is fine.
+    uncertain: BTreeSet<String>,
+}
+
+const CLIENTS: usize = 4;
+const SEATS: usize = 20;
+
+async fn hammer(
+    addr: String,
+    book: Arc<Mutex<Ledger>>,
+    stop: Arc<AtomicBool>,
+    grants: Arc<AtomicUsize>,
+) {
+    let mut config = ClientConfig::new(vec![addr], Trust::Demo);
+    config.request_timeout = Duration::from_secs(3);
+    config.connect_timeout = Duration::from_secs(3);
+    let Ok(session) = Session::connect(&config).await else {
+        return;
+    };
+    let request = CheckoutRequest {
+        feature: "viewer".into(),
+        count: 1,
+        version: None,
+        build_date: None,
+        wait_secs: 0,
+        borrow_secs: 0,
+    };
+    let mut mine = Vec::new();
+    // Bounded: at most 2,000 operations per client, and it stops when told.
+    for i in 0..2_000u32 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if i % 3 == 2 && !mine.is_empty() {
+            let lease: tally_client::Lease = mine.swap_remove((i as usize * 7) % mine.len());
+            let id = lease.id().to_string();
+            {
+                let mut b = book.lock().unwrap();
+                b.held.remove(&id);
+                b.uncertain.insert(id.clone());
+            }
+            match session.checkin(&[lease.lease_ref()]).await {
+                Ok(_) => {
+                    book.lock().unwrap().uncertain.remove(&id);
+                }
+                Err(_) => break,
+            }
+        } else {
+            match session.checkout(&request).await {
+                Ok(lease) => {
+                    book.lock().unwrap().held.insert(lease.id().to_string());
+                    grants.fetch_add(1, Ordering::Relaxed);
+                    mine.push(lease);
+                }
+                Err(tally_client::ClientError::Denied(_)) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+fn lease_ids(daemon: &Daemon) -> BTreeSet<String> {
+    daemon.feature("viewer")["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["lease"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_lease_and_over_grants_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Leases outlive the test's restarts: the TTL is long, so only the store counts.
+    let timing = ["--lease-ttl-secs", "300", "--heartbeat-secs", "30"];
+    let mut daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
+    let addr = daemon.addr.to_string();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let book = Arc::new(Mutex::new(Ledger::default()));
+    for round in 0..3 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let grants = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                runtime.spawn(hammer(
+                    addr.clone(),
+                    book.clone(),
+                    stop.clone(),
+                    grants.clone(),
+                ))
+            })
+            .collect();
+        // Kill in the middle of the traffic: once some grants went through.
+        assert!(
+            wait_until(Duration::from_secs(30), || grants.load(Ordering::Relaxed)
+                >= 10 + round * 5),
+            "no traffic; log:\n{}",
+            daemon.log_text()
+        );
+        daemon.kill();
+        stop.store(true, Ordering::Relaxed);
+        runtime.block_on(async {
+            for t in tasks {
+                let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+            }
+        });
+        daemon = Daemon::start(&data, &addr, &timing);
+        let found = lease_ids(&daemon);
+        let b = book.lock().unwrap();
+        let missing: Vec<_> = b.held.difference(&found).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged leases lost: {missing:?}"
+        );
+        assert!(
+            found.len() <= SEATS,
+            "round {round}: {} leases for {SEATS} seats",
+            found.len()
+        );
+        // Beyond the known leases, at most one grant per client can have been durable
+        // without its answer arriving before the kill.
+        let unknown = found
+            .iter()
+            .filter(|id| !b.held.contains(*id) && !b.uncertain.contains(*id))
+            .count();
+        assert!(
+            unknown <= CLIENTS,
+            "round {round}: {unknown} leases nobody was told about"
+        );
+        assert_eq!(daemon.in_use("viewer") as usize, found.len());
+        drop(b);
+        // Start the next round from an empty feature, so that it has seats to hammer.
+        let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+        runtime.block_on(async {
+            let session = Session::connect(&ClientConfig::new(vec![addr.clone()], Trust::Demo))
+                .await
+                .unwrap();
+            for id in &found {
+                let lease = LeaseId(u64::from_str_radix(id.trim_start_matches('L'), 16).unwrap());
+                session
+                    .admin(token.trim(), AdminOp::Remove { lease })
+                    .await
+                    .unwrap();
+            }
+            session.close().await;
+        });
+        assert_eq!(daemon.in_use("viewer"), 0);
+        *book.lock().unwrap() = Ledger::default();
+    }
+}
