@@ -362,6 +362,7 @@ enum Op {
     Restart,
     Wait { conn: u64, count: u32, secs: u32 },
     Remove { which: usize },
+    Reload,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -374,6 +375,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Restart),
         2 => (0u64..4, 1u32..3, 1u32..100).prop_map(|(conn, count, secs)| Op::Wait { conn, count, secs }),
         1 => (0usize..16).prop_map(|which| Op::Remove { which }),
+        1 => Just(Op::Reload),
     ]
 }
 
@@ -445,6 +447,13 @@ proptest! {
                         store.insert(g.0.id, g.0.clone());
                         granted.push(g.0);
                     }
+                }
+                Op::Reload => {
+                    // A renewal: a new bundle id with the same seats; no lease may drop.
+                    d.next += 1;
+                    let renewal = bundle(&format!("b{}", d.next), &[], vec![FeatureGrant::counted("solver", seats)]);
+                    let now = d.now();
+                    d.ledger.reload(now, &[renewal]);
                 }
                 Op::Remove { which } => {
                     if let Some(rec) = granted.get(which) {

@@ -26,6 +26,10 @@ group = "cfd"
 [[exclude]]
 feature = "viewer"
 user = "bo"
+
+[[exclude]]
+feature = "optimizer"
+host = "THIS_HOST"
 "#;
 
 fn run_as(daemon: &Daemon, user: &str, args: &[&str]) -> Output {
@@ -64,7 +68,8 @@ fn hold_as(daemon: &Daemon, user: &str, args: &[&str]) -> Holder {
 fn policy_rules_apply_to_real_checkouts() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    std::fs::write(&policy, POLICY.replace("THIS_HOST", host.trim())).unwrap();
     let policy_arg = policy.display().to_string();
     let daemon = Daemon::start(
         &dir.path().join("data"),
@@ -86,6 +91,12 @@ fn policy_rules_apply_to_real_checkouts() {
     denied(
         &run_as(&daemon, "bo", &["viewer", "--", "true"]),
         "not available to user bo",
+    );
+
+    // EXCLUDE by host: nobody on this machine gets the optimizer.
+    denied(
+        &run_as(&daemon, "ana", &["optimizer", "--", "true"]),
+        &format!("not available to host {}", host.trim()),
     );
 
     // MAX: cy may hold one seat of solver.
