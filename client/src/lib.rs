@@ -5,12 +5,23 @@
 //! client. A session then checks seats out, heartbeats, checks them in and reads status.
 //! Every call has a deadline: a license server that does not answer never hangs the
 //! application.
+//!
+//! Most applications use [`Client`] (or [`blocking::Client`], or the C ABI in [`ffi`]):
+//! it checks out leases that heartbeat in the background, reconnects and re-attaches
+//! them after a network blip or a server restart, checks them in when dropped, and
+//! honours borrowed leases from the per-user [`cache`] when no server is reachable.
 
-#![forbid(unsafe_code)]
+// Unsafe code lives only in `ffi`, the C ABI, where raw pointers cross the boundary.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod blocking;
+pub mod cache;
+mod client;
+pub mod ffi;
 pub mod trust;
 
+pub use client::{Client, LeaseHandle, LeaseStatus, Want};
 use quinn::crypto::rustls::QuicClientConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -431,7 +442,7 @@ impl Session {
         .map_err(|_| ClientError::Timeout("checkout", deadline))??;
         match response {
             Response::Checkout(CheckoutReply::Granted(grant)) => {
-                self.verify_token(&grant)?;
+                verify_grant(&self.server_key, &grant)?;
                 Ok(Lease { grant })
             }
             Response::Checkout(CheckoutReply::Denied(denial)) => Err(ClientError::Denied(denial)),
@@ -459,37 +470,6 @@ impl Session {
         match self.request(request).await? {
             Response::Admin(reply) => Ok(reply.message),
             other => Err(unexpected(&other)),
-        }
-    }
-
-    fn verify_token(&self, grant: &LeaseGrant) -> Result<(), ClientError> {
-        let token = &grant.token;
-        if token.signer != self.server_key {
-            return Err(ClientError::Protocol(
-                "lease token is not signed by the server key".into(),
-            ));
-        }
-        token
-            .verify(Domain::Lease)
-            .map_err(|_| ClientError::Protocol("lease token signature does not verify".into()))?;
-        match LeaseToken::decode(&token.body) {
-            Ok(LeaseToken::V1 {
-                id,
-                feature,
-                count,
-                expires_at,
-                ..
-            }) if id == grant.id
-                && feature == grant.feature
-                && count == grant.count
-                && expires_at == grant.borrowed_until =>
-            {
-                Ok(())
-            }
-            Ok(_) => Err(ClientError::Protocol(
-                "lease token does not match the grant".into(),
-            )),
-            Err(e) => Err(ClientError::Protocol(format!("lease token: {e}"))),
         }
     }
 
@@ -532,6 +512,40 @@ impl Session {
     pub async fn close(self) {
         self.connection.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Checks a grant's lease token: signed by `server_key` (the key proven in TLS and
+/// vouched for by the vendor), intact, and saying what the grant says. A token that fails
+/// any of these is refused, so a tampered or substituted token never becomes a lease.
+pub fn verify_grant(server_key: &PublicKey, grant: &LeaseGrant) -> Result<(), ClientError> {
+    let token = &grant.token;
+    if token.signer != *server_key {
+        return Err(ClientError::Protocol(
+            "lease token is not signed by the server key".into(),
+        ));
+    }
+    token
+        .verify(Domain::Lease)
+        .map_err(|_| ClientError::Protocol("lease token signature does not verify".into()))?;
+    match LeaseToken::decode(&token.body) {
+        Ok(LeaseToken::V1 {
+            id,
+            feature,
+            count,
+            expires_at,
+            ..
+        }) if id == grant.id
+            && feature == grant.feature
+            && count == grant.count
+            && expires_at == grant.borrowed_until =>
+        {
+            Ok(())
+        }
+        Ok(_) => Err(ClientError::Protocol(
+            "lease token does not match the grant".into(),
+        )),
+        Err(e) => Err(ClientError::Protocol(format!("lease token: {e}"))),
     }
 }
 

@@ -4,16 +4,21 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tally_client::{ClientConfig, ClientError, Lease, Session, Trust};
+use tally_client::{
+    cache, local_identity, Client, ClientConfig, ClientError, LeaseHandle, LeaseStatus, Session,
+    Trust, Want,
+};
 use tally_protocol::lease::LeaseId;
 use tally_protocol::time::UnixTime;
-use tally_protocol::wire::{AdminOp, CheckoutRequest, LeaseState, StatusReply};
+use tally_protocol::wire::{AdminOp, StatusReply};
 use tokio::sync::oneshot;
 
 /// sysexits: usage error.
 const EX_USAGE: u8 = 64;
 /// sysexits: no license server could be reached.
 const EX_UNAVAILABLE: u8 = 69;
+/// sysexits: bad data (an edited borrowed-lease cache).
+const EX_DATAERR: u8 = 65;
 /// sysexits: internal error.
 const EX_SOFTWARE: u8 = 70;
 /// sysexits: temporary failure; here, the checkout was denied (try again later).
@@ -63,6 +68,28 @@ enum Command {
         #[arg(long)]
         admin_token_file: Option<PathBuf>,
     },
+    /// Borrow seats for a laptop going offline: kept in your cache and honoured with no
+    /// server until the period ends (or `tally return`).
+    Borrow {
+        /// The feature.
+        feature: String,
+        /// How long: 12h, 3d, 1w (hours, days, weeks).
+        #[arg(long = "for", value_parser = parse_period)]
+        period: Duration,
+        /// Seats.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Give borrowed seats of a feature back early.
+    Return {
+        /// The feature.
+        feature: String,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Administrative operations; need the server's admin token.
     Admin {
         /// File holding the admin token (the server's `admin.token`).
@@ -107,6 +134,27 @@ enum AdminCommand {
     },
     /// Stop the server gracefully; leases are kept in its store.
     Shutdown,
+}
+
+fn parse_period(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a period like 12h, 3d or 1w"))?;
+    let hours = match unit {
+        "h" => n,
+        "d" => n * 24,
+        "w" => n * 24 * 7,
+        _ => return Err(format!("'{text}' is not a period like 12h, 3d or 1w")),
+    };
+    if hours == 0 {
+        return Err("the period must be at least 1h".into());
+    }
+    Ok(Duration::from_secs(hours * 3600))
 }
 
 fn parse_lease_id(text: &str) -> Result<LeaseId, String> {
@@ -230,8 +278,48 @@ fn client_config(cli: &Cli) -> Result<ClientConfig, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
+    if let Command::Completions { shell } = &cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(*shell, &mut Cli::command(), "tally", &mut std::io::stdout());
+        return Ok(0);
+    }
     let config = client_config(&cli)?;
     match cli.command {
+        Command::Completions { .. } => Ok(0),
+        Command::Borrow {
+            feature,
+            period,
+            count,
+        } => {
+            let client = Client::connect(config).await?;
+            let mut want = Want::feature(&feature);
+            want.count = count;
+            let result = client.borrow(&want, period).await;
+            client.close().await;
+            let borrowed = result?;
+            println!(
+                "borrowed {} seat(s) of '{feature}' until {} (lease {}); it works with no server until then",
+                count,
+                borrowed.until,
+                borrowed.lease.id()
+            );
+            Ok(0)
+        }
+        Command::Return { feature } => {
+            let client = Client::connect(config).await?;
+            let result = client.return_borrowed(&feature).await;
+            client.close().await;
+            match result? {
+                0 => {
+                    eprintln!("tally: no borrowed seat of '{feature}' from this server");
+                    Ok(EX_DATAERR)
+                }
+                n => {
+                    println!("returned {n} borrowed lease(s) of '{feature}'");
+                    Ok(0)
+                }
+            }
+        }
         Command::Status {
             json,
             admin_token_file,
@@ -276,22 +364,21 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             wait,
             command,
         } => {
-            let request = CheckoutRequest {
+            let want = Want {
                 feature,
                 count,
                 version,
                 build_date,
-                wait_secs: wait,
-                borrow_secs: 0,
+                wait: Duration::from_secs(wait as u64),
             };
-            run_with_seat(config, request, command).await
+            run_with_seat(config, want, command).await
         }
     }
 }
 
 async fn run_with_seat(
     config: ClientConfig,
-    request: CheckoutRequest,
+    want: Want,
     command: Vec<String>,
 ) -> Result<u8, Failure> {
     // Admins see the program that holds the seat, not the wrapper.
@@ -299,46 +386,38 @@ async fn run_with_seat(
     if let Some(name) = std::path::Path::new(&command[0]).file_name() {
         config.identity.program = name.to_string_lossy().chars().take(200).collect();
     }
-    let session = Session::connect(&config).await?;
-    let checkout = session.checkout(&request);
-    let lease = if request.wait_secs > 0 {
-        // Show the queue position while waiting, from status on a second stream.
-        tokio::pin!(checkout);
-        let mut shown = None;
-        loop {
-            tokio::select! {
-                result = &mut checkout => break result,
-                _ = tokio::time::sleep(Duration::from_millis(1000)) => {
-                    if let Ok(status) = session.status(None).await {
-                        let me = &config.identity;
-                        let position = status
-                            .features
-                            .iter()
-                            .find(|f| f.name == request.feature)
-                            .and_then(|f| f.queue.iter().position(|q| q.client.pid == me.pid && q.client.host == me.host));
-                        if let Some(p) = position {
-                            if shown != Some(p) {
-                                eprintln!("tally: waiting for a seat of '{}' (position {} in the queue)", request.feature, p + 1);
-                                shown = Some(p);
-                            }
-                        }
-                    }
+    let (client, handle) = match Client::connect(config.clone()).await {
+        Ok(client) => match checkout_showing_queue(&client, &want).await {
+            Ok(handle) => (Some(client), handle),
+            Err(ClientError::Denied(denial)) => {
+                client.close().await;
+                eprintln!("tally: denied: {denial}");
+                return Ok(EX_TEMPFAIL);
+            }
+            Err(e) => return Err(e.into()),
+        },
+        Err(e @ ClientError::NoServer(_)) => {
+            // Offline: a seat borrowed earlier is honoured until it ends.
+            match cache::find(&config.trust, &want.feature, now()) {
+                Ok(Some(borrowed)) => {
+                    eprintln!(
+                        "tally: no license server reachable; using the seat of '{}' borrowed until {}",
+                        want.feature, borrowed.until
+                    );
+                    (None, LeaseHandle::borrowed(borrowed))
+                }
+                Ok(None) => return Err(e.into()),
+                Err(cache_error) => {
+                    return Err(Failure {
+                        code: EX_DATAERR,
+                        message: cache_error.to_string(),
+                    })
                 }
             }
         }
-    } else {
-        checkout.await
-    };
-    let lease = match lease {
-        Ok(lease) => lease,
-        Err(ClientError::Denied(denial)) => {
-            session.close().await;
-            eprintln!("tally: denied: {denial}");
-            return Ok(EX_TEMPFAIL);
-        }
         Err(e) => return Err(e.into()),
     };
-    tracing::info!(lease = %lease.id(), "checked out");
+    tracing::info!(lease = %handle.id(), "checked out");
     // SIGINT from the terminal goes to the whole process group: the command handles it,
     // and we stay to check the seat in after it exits.
     tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
@@ -348,8 +427,10 @@ async fn run_with_seat(
     {
         Ok(child) => child,
         Err(e) => {
-            let _ = session.checkin(&[lease.lease_ref()]).await;
-            session.close().await;
+            drop(handle);
+            if let Some(c) = client {
+                c.close().await;
+            }
             let code = if e.kind() == std::io::ErrorKind::NotFound {
                 EXIT_NOT_FOUND
             } else {
@@ -360,7 +441,7 @@ async fn run_with_seat(
         }
     };
     let (stop_tx, stop_rx) = oneshot::channel();
-    let keeper = tokio::spawn(keep_seat(config, session, lease, request, stop_rx));
+    let keeper = tokio::spawn(keep_seat(client, handle, want, stop_rx));
     let status = child.wait().await;
     let _ = stop_tx.send(());
     let _ = keeper.await;
@@ -369,6 +450,45 @@ async fn run_with_seat(
         message: format!("waiting for {}: {e}", command[0]),
     })?;
     Ok(exit_code(status))
+}
+
+/// Checks out, printing the queue position while the checkout waits.
+async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHandle, ClientError> {
+    let checkout = client.checkout(want);
+    if want.wait.is_zero() {
+        return checkout.await;
+    }
+    tokio::pin!(checkout);
+    let me = local_identity();
+    let mut shown = None;
+    loop {
+        tokio::select! {
+            result = &mut checkout => return result,
+            _ = tokio::time::sleep(Duration::from_millis(1000)) => {
+                let Ok(status) = client.status().await else { continue };
+                let position = status
+                    .features
+                    .iter()
+                    .find(|f| f.name == want.feature)
+                    .and_then(|f| f.queue.iter().position(|q| q.client.pid == me.pid && q.client.host == me.host));
+                if let Some(p) = position {
+                    if shown != Some(p) {
+                        eprintln!("tally: waiting for a seat of '{}' (position {} in the queue)", want.feature, p + 1);
+                        shown = Some(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn now() -> UnixTime {
+    UnixTime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
 }
 
 fn exit_code(status: std::process::ExitStatus) -> u8 {
@@ -383,96 +503,64 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
 /// Heartbeats the lease while the command runs; on connection loss reconnects (next
 /// server in the list if need be) and re-attaches the lease with its secret, so a server
 /// restart or network blip costs no second seat. Checks the lease in when told to stop.
+/// Watches the lease while the command runs: reports reconnects, and when the seat is
+/// lost (removed by an administrator, expired) tries to get one again, as a licensed
+/// application would. Checks the seat in when told to stop.
 async fn keep_seat(
-    config: ClientConfig,
-    session: Session,
-    mut lease: Lease,
-    request: CheckoutRequest,
+    client: Option<Client>,
+    mut handle: LeaseHandle,
+    want: Want,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let interval = session.heartbeat_interval();
-    let mut session = Some(session);
-    let mut lost = false;
+    let Some(client) = client else {
+        // A borrowed seat: nothing to tend.
+        let _ = stop.await;
+        return;
+    };
+    let mut watch = handle.watch();
     loop {
-        let wait = if session.is_some() && !lost {
-            interval
-        } else {
-            RECONNECT_INTERVAL
-        };
         tokio::select! {
             _ = &mut stop => break,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if session.is_none() {
-            match Session::connect(&config).await {
-                // The heartbeat right below re-attaches the lease to the new connection.
-                Ok(s) => {
-                    eprintln!("tally: reconnected to {}", s.server());
-                    session = Some(s);
+            changed = watch.changed() => {
+                let status = watch.borrow().clone();
+                if changed.is_err() && !matches!(status, LeaseStatus::Lost(_)) {
+                    // Nobody tends this lease (a borrowed seat): nothing more to watch.
+                    let _ = (&mut stop).await;
+                    break;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reconnect failed");
-                    continue;
+                match status {
+                    LeaseStatus::Reconnecting => eprintln!("tally: lost the connection to the license server; reconnecting"),
+                    LeaseStatus::Active => eprintln!("tally: reconnected; the seat is still held"),
+                    LeaseStatus::Borrowed { .. } => {}
+                    LeaseStatus::Lost(why) => {
+                        eprintln!("tally: lost the seat of '{}': {why}; trying to get one again", want.feature);
+                        loop {
+                            tokio::select! {
+                                _ = &mut stop => {
+                                    client.close().await;
+                                    return;
+                                }
+                                _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
+                            }
+                            match client.checkout(&Want { wait: Duration::ZERO, ..want.clone() }).await {
+                                Ok(new) => {
+                                    eprintln!("tally: got a seat of '{}' again", want.feature);
+                                    handle = new;
+                                    watch = handle.watch();
+                                    break;
+                                }
+                                Err(e) => tracing::warn!(error = %e, "still no seat"),
+                            }
+                        }
+                    }
                 }
             }
         }
-        continue_with_heartbeat(&mut session, &mut lease, &mut lost, &request).await;
     }
-    if let Some(s) = session {
-        if let Err(e) = s.checkin(&[lease.lease_ref()]).await {
-            tracing::warn!(error = %e, "checkin failed; the seat returns when its TTL runs out");
-        }
-        s.close().await;
+    if let Err(e) = handle.checkin().await {
+        tracing::warn!(error = %e, "checkin failed; the seat returns when its TTL runs out");
     }
-}
-
-async fn continue_with_heartbeat(
-    session: &mut Option<Session>,
-    lease: &mut Lease,
-    lost: &mut bool,
-    request: &CheckoutRequest,
-) {
-    let feature = &request.feature;
-    let Some(s) = session.as_ref() else { return };
-    if *lost {
-        match s.checkout(request).await {
-            Ok(new) => {
-                eprintln!("tally: got a seat of '{feature}' again");
-                *lease = new;
-                *lost = false;
-            }
-            Err(e) if e.is_connection_loss() => *session = None,
-            Err(e) => tracing::warn!(error = %e, "still no seat"),
-        }
-        return;
-    }
-    match s.heartbeat(&[lease.lease_ref()]).await {
-        Ok(states) if states.first() == Some(&LeaseState::Active) => {}
-        Ok(states) if states.first() == Some(&LeaseState::Removed) => {
-            eprintln!(
-                "tally: an administrator removed lease {} of '{feature}'; trying to get a seat again",
-                lease.id()
-            );
-            *lost = true;
-        }
-        Ok(_) => {
-            eprintln!(
-                "tally: the server no longer knows lease {} of '{feature}'; trying to get a seat again",
-                lease.id()
-            );
-            *lost = true;
-        }
-        Err(e) if e.is_connection_loss() => {
-            eprintln!(
-                "tally: lost the connection to {} ({e}); reconnecting",
-                s.server()
-            );
-            if let Some(old) = session.take() {
-                tokio::spawn(old.close());
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-    }
+    client.close().await;
 }
 
 fn print_status(status: &StatusReply, server: &str, demo: bool) {

@@ -27,7 +27,8 @@ pub enum Trust {
 }
 
 impl Trust {
-    fn keys(&self) -> Vec<PublicKey> {
+    /// The vendor public keys this trust accepts.
+    pub fn keys(&self) -> Vec<PublicKey> {
         match self {
             Trust::Vendor(keys) => keys.clone(),
             Trust::Demo => vec![demo::vendor_public()],
