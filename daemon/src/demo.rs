@@ -40,7 +40,12 @@ pub fn demo_bundle(server: &SecretKey, now: UnixTime) -> Bundle {
         valid_from: None,
         valid_until: None,
         features: vec![
-            FeatureGrant::counted("solver", 5),
+            {
+                // Laptops may take a solver seat along for up to a week.
+                let mut solver = FeatureGrant::counted("solver", 5);
+                solver.borrow_limit_secs = 7 * DAY;
+                solver
+            },
             FeatureGrant::counted("viewer", 20),
             evaluation,
         ],

@@ -1,0 +1,272 @@
+//! The client library against real daemons: failover, re-attach across a restart,
+//! tampered tokens, borrowing with the daemon stopped, and the C example program.
+
+use std::process::Command;
+use std::time::Duration;
+use tally_client::{verify_grant, Client, ClientConfig, LeaseStatus, Trust, Want};
+use tally_tests::{bin, wait_until, Daemon};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn config(servers: Vec<String>) -> ClientConfig {
+    let mut c = ClientConfig::new(servers, Trust::Demo);
+    c.connect_timeout = Duration::from_secs(2);
+    c.request_timeout = Duration::from_secs(3);
+    c
+}
+
+async fn wait_status(
+    handle: &tally_client::LeaseHandle,
+    want: impl Fn(&LeaseStatus) -> bool,
+) -> bool {
+    let mut watch = handle.watch();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if want(&watch.borrow()) {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, watch.changed())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+}
+
+#[test]
+fn a_lease_reattaches_across_a_daemon_restart_without_a_second_seat() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let timing = ["--heartbeat-secs", "1", "--lease-ttl-secs", "20"];
+    let daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
+    let addr = daemon.addr.to_string();
+    let rt = runtime();
+    let client = rt
+        .block_on(Client::connect(config(vec![addr.clone()])))
+        .unwrap();
+    let handle = rt
+        .block_on(client.checkout(&Want::feature("solver")))
+        .unwrap();
+    assert_eq!(handle.status(), LeaseStatus::Active);
+    let id = handle.id().to_string();
+    daemon.kill();
+    assert!(rt.block_on(wait_status(&handle, |s| *s == LeaseStatus::Reconnecting)));
+    let daemon = Daemon::start(&data, &addr, &timing);
+    assert!(rt.block_on(wait_status(&handle, |s| *s == LeaseStatus::Active)));
+    assert_eq!(daemon.in_use("solver"), 1, "re-attached, not a second seat");
+    assert_eq!(daemon.feature("solver")["holders"][0]["lease"], id.as_str());
+    // Dropping the handle checks the seat in.
+    drop(handle);
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 0));
+    rt.block_on(client.close());
+}
+
+#[test]
+fn the_client_fails_over_to_the_next_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Daemon::start(
+        &dir.path().join("a"),
+        "127.0.0.1:0",
+        &["--heartbeat-secs", "1"],
+    );
+    let second = Daemon::start(
+        &dir.path().join("b"),
+        "127.0.0.1:0",
+        &["--heartbeat-secs", "1"],
+    );
+    let rt = runtime();
+    let client = rt
+        .block_on(Client::connect(config(vec![
+            first.addr.to_string(),
+            second.addr.to_string(),
+        ])))
+        .unwrap();
+    let handle = rt
+        .block_on(client.checkout(&Want::feature("viewer")))
+        .unwrap();
+    assert_eq!(first.in_use("viewer"), 1);
+    first.kill();
+    // The client moves to the second server, which never granted this lease: the
+    // application hears that the seat is lost and checks out again there.
+    assert!(rt.block_on(wait_status(&handle, |s| matches!(s, LeaseStatus::Lost(_)))));
+    let again = rt
+        .block_on(client.checkout(&Want::feature("viewer")))
+        .unwrap();
+    assert_eq!(second.in_use("viewer"), 1);
+    let session = rt.block_on(client.session()).unwrap();
+    assert_eq!(session.server(), second.addr);
+    drop(again);
+    rt.block_on(client.close());
+}
+
+#[test]
+fn a_tampered_lease_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
+    let rt = runtime();
+    rt.block_on(async {
+        let session = tally_client::Session::connect(&config(vec![daemon.addr.to_string()]))
+            .await
+            .unwrap();
+        let request = tally_protocol::wire::CheckoutRequest {
+            feature: "solver".into(),
+            count: 1,
+            version: None,
+            build_date: None,
+            wait_secs: 0,
+            borrow_secs: 0,
+        };
+        let lease = session.checkout(&request).await.unwrap();
+        let key = session.server_key();
+        assert!(verify_grant(&key, &lease.grant).is_ok());
+        for i in 0..lease.grant.token.body.len() {
+            let mut tampered = lease.grant.clone();
+            tampered.token.body[i] ^= 0x20;
+            assert!(verify_grant(&key, &tampered).is_err(), "byte {i}");
+        }
+        // A genuine token presented for another grant (more seats) is refused too.
+        let mut inflated = lease.grant.clone();
+        inflated.count = 5;
+        assert!(verify_grant(&key, &inflated).is_err());
+        session.close().await;
+    });
+}
+
+#[test]
+fn a_borrowed_seat_works_with_the_daemon_stopped_and_an_edited_cache_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
+    let tally = |args: &[&str]| {
+        daemon
+            .tally()
+            .env("TALLY_CACHE_DIR", &cache)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Longer than the vendor allows: refused with the limit.
+    let out = tally(&["borrow", "solver", "--for", "2w"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 168 hour"));
+    let out = tally(&["borrow", "solver", "--for", "2d"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(daemon.in_use("solver"), 1);
+    assert!(daemon.feature("solver")["holders"][0]["borrowed_until"].is_string());
+    // Returned early, then borrowed again.
+    assert!(tally(&["return", "solver"]).status.success());
+    assert_eq!(daemon.in_use("solver"), 0);
+    assert!(tally(&["borrow", "solver", "--for", "1d"]).status.success());
+    // While online, running the application uses the borrowed seat, not a second one.
+    let out = tally(&["run", "solver", "--", "true"]);
+    assert!(out.status.success());
+    assert_eq!(daemon.in_use("solver"), 1);
+    let addr = daemon.addr.to_string();
+    daemon.kill();
+
+    let offline = |args: &[&str]| {
+        Command::new(bin("tally"))
+            .env("TALLY_CACHE_DIR", &cache)
+            .args(["--server", &addr, "--demo"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = offline(&["run", "solver", "--", "true"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("using the seat of 'solver' borrowed until"),
+        "{stderr}"
+    );
+    // Nothing borrowed for viewer: no server, no seat.
+    assert_eq!(
+        offline(&["run", "viewer", "--", "true"]).status.code(),
+        Some(69)
+    );
+    // Stretching the borrow by editing the file is refused.
+    let file = cache.join("borrowed.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let until = doc["leases"][0]["borrowed_until"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stretched = until.replacen("20", "29", 1);
+    std::fs::write(&file, text.replace(&until, &stretched)).unwrap();
+    let out = offline(&["run", "solver", "--", "true"]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused"));
+}
+
+#[test]
+fn the_c_example_checks_a_seat_out_and_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let lib_dir = bin("tally").parent().unwrap().to_path_buf();
+    assert!(
+        lib_dir.join("libtally_client.so").exists(),
+        "libtally_client.so is missing from {}",
+        lib_dir.display()
+    );
+    let exe = dir.path().join("checkout");
+    let cc = Command::new("cc")
+        .arg(root.join("client/examples/c/checkout.c"))
+        .arg("-I")
+        .arg(root.join("client/include"))
+        .arg("-L")
+        .arg(&lib_dir)
+        .args(["-ltally_client", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .output()
+        .expect("running cc");
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let run = |feature: &str| {
+        Command::new(&exe)
+            .env("LD_LIBRARY_PATH", &lib_dir)
+            .arg(daemon.addr.to_string())
+            .arg(feature)
+            .output()
+            .unwrap()
+    };
+    let out = run("solver");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("checked out solver, status 0") && stdout.contains("checked in"));
+    assert_eq!(daemon.in_use("solver"), 0);
+    let out = run("mesher");
+    assert_eq!(out.status.code(), Some(75));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'mesher' is not licensed"));
+}
