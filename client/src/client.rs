@@ -388,7 +388,9 @@ impl Client {
             if entry.server_key != session.server_key() {
                 continue;
             }
-            session.checkin(std::slice::from_ref(&entry.lease_ref)).await?;
+            session
+                .checkin(std::slice::from_ref(&entry.lease_ref))
+                .await?;
             cache::remove(entry.lease_ref.id).map_err(|e| ClientError::Config(e.to_string()))?;
             returned += 1;
         }
