@@ -461,14 +461,20 @@ impl Session {
             .collect()
     }
 
-    /// Runs an administrative operation with the admin token.
+    /// Runs an administrative operation with the admin token; returns the message.
     pub async fn admin(&self, token: &str, op: AdminOp) -> Result<String, ClientError> {
+        Ok(self.admin_reply(token, op).await?.message)
+    }
+
+    /// Runs an administrative operation with the admin token; returns the whole reply
+    /// (an exported report comes in it).
+    pub async fn admin_reply(&self, token: &str, op: AdminOp) -> Result<AdminReply, ClientError> {
         let request = Request::Admin(AdminRequest {
             token: token.to_string(),
             op,
         });
         match self.request(request).await? {
-            Response::Admin(reply) => Ok(reply.message),
+            Response::Admin(reply) => Ok(reply),
             other => Err(unexpected(&other)),
         }
     }

@@ -19,6 +19,8 @@ const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 /// sysexits: bad data (an edited borrowed-lease cache).
 const EX_DATAERR: u8 = 65;
+/// sysexits: cannot create an output file.
+const EX_CANTCREAT: u8 = 73;
 /// sysexits: internal error.
 const EX_SOFTWARE: u8 = 70;
 /// sysexits: temporary failure; here, the checkout was denied (try again later).
@@ -134,6 +136,12 @@ enum AdminCommand {
     },
     /// Stop the server gracefully; leases are kept in its store.
     Shutdown,
+    /// Export a signed usage report of everything not exported yet.
+    Report {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn parse_period(text: &str) -> Result<Duration, String> {
@@ -228,6 +236,22 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+fn write_new_file(path: &std::path::Path, text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| Failure {
+        code: EX_CANTCREAT,
+        message: format!("{}: {e}", path.display()),
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(fail)?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(fail)
 }
 
 fn read_token(path: &std::path::Path) -> Result<String, Failure> {
@@ -345,15 +369,22 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             op,
         } => {
             let token = read_token(&admin_token_file)?;
-            let op = match op {
-                AdminCommand::Reload => AdminOp::Reload,
-                AdminCommand::Remove { lease } => AdminOp::Remove { lease },
-                AdminCommand::Shutdown => AdminOp::Shutdown,
+            let (op, out) = match op {
+                AdminCommand::Reload => (AdminOp::Reload, None),
+                AdminCommand::Remove { lease } => (AdminOp::Remove { lease }, None),
+                AdminCommand::Shutdown => (AdminOp::Shutdown, None),
+                AdminCommand::Report { out } => (AdminOp::ExportReport, Some(out)),
             };
             let session = Session::connect(&config).await?;
-            let result = session.admin(token.trim(), op).await;
+            let result = session.admin_reply(token.trim(), op).await;
             session.close().await;
-            println!("{}", result?);
+            let reply = result?;
+            if let (Some(out), Some(report)) = (out, reply.report) {
+                write_new_file(&out, &report)?;
+                println!("{} written to {}", reply.message, out.display());
+            } else {
+                println!("{}", reply.message);
+            }
             Ok(0)
         }
         Command::Run {

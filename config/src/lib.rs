@@ -62,6 +62,27 @@ pub struct DaemonConfig {
     /// Whether `status` needs the admin token (by default anyone may read it).
     #[serde(default)]
     pub status_needs_token: bool,
+    /// Spool directory for usage reports; scheduled export is off without one.
+    #[serde(default)]
+    pub report_dir: Option<PathBuf>,
+    /// How often a usage report is written into `report_dir`, seconds.
+    #[serde(default = "default_report_interval")]
+    pub report_interval_secs: u64,
+    /// Exported journal events older than this many days are compacted away.
+    #[serde(default = "default_retention")]
+    pub journal_retention_days: u64,
+}
+
+/// Default report interval: daily.
+pub const DEFAULT_REPORT_INTERVAL_SECS: u64 = 86_400;
+/// Default journal retention after export, days.
+pub const DEFAULT_JOURNAL_RETENTION_DAYS: u64 = 30;
+
+fn default_report_interval() -> u64 {
+    DEFAULT_REPORT_INTERVAL_SECS
+}
+fn default_retention() -> u64 {
+    DEFAULT_JOURNAL_RETENTION_DAYS
 }
 
 fn default_listen() -> SocketAddr {
@@ -97,6 +118,9 @@ impl Default for DaemonConfig {
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             policy: None,
             status_needs_token: false,
+            report_dir: None,
+            report_interval_secs: DEFAULT_REPORT_INTERVAL_SECS,
+            journal_retention_days: DEFAULT_JOURNAL_RETENTION_DAYS,
         }
     }
 }
@@ -189,6 +213,12 @@ impl DaemonConfig {
                 "lease_ttl_secs ({}) must be at least twice heartbeat_secs ({}), or one \
                  delayed heartbeat would cost a user the seat",
                 self.lease_ttl_secs, self.heartbeat_secs
+            ));
+        }
+        if self.report_interval_secs < 60 {
+            return invalid(format!(
+                "report_interval_secs ({}) must be at least 60",
+                self.report_interval_secs
             ));
         }
         if self.idle_timeout_secs < 3 {

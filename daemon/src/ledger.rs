@@ -48,6 +48,8 @@ pub enum Event {
         id: LeaseId,
         /// The feature it held.
         feature: String,
+        /// Seats it held.
+        count: u32,
         /// Why it ended.
         why: ReleaseReason,
     },
@@ -1165,6 +1167,7 @@ impl Ledger {
         Some(Event::Released {
             id,
             feature: held.record.feature,
+            count: held.record.count,
             why,
         })
     }

@@ -6,6 +6,7 @@
 //! - [`identity`] and [`tls`]: the server key and the certificate made from it.
 //! - [`bundles`]: loading and combining bundle files.
 //! - [`host`]: host fingerprint and facts for activation requests.
+//! - [`journal`]: the usage journal and report export.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
@@ -16,6 +17,7 @@ pub mod bundles;
 pub mod demo;
 pub mod host;
 pub mod identity;
+pub mod journal;
 pub mod ledger;
 pub mod server;
 pub mod signals;

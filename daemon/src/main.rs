@@ -127,6 +127,12 @@ struct DemoArgs {
     /// A policy file (reservations, limits, include/exclude) to try out.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Spool directory for usage reports (written every --report-interval-secs and at stop).
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
+    /// How often to write a usage report into --report-dir, seconds.
+    #[arg(long, default_value_t = tally_config::DEFAULT_REPORT_INTERVAL_SECS)]
+    report_interval_secs: u64,
 }
 
 /// Failures sorted by exit code.
@@ -463,6 +469,12 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             reload_signal: Some(hangups),
             policy: site.policy.clone(),
             status_needs_token: config.status_needs_token,
+            reports: tally_daemon::server::ReportSettings {
+                host_fingerprint: site.rules.host_fingerprint.clone(),
+                spool: config.report_dir.clone(),
+                interval: Some(Duration::from_secs(config.report_interval_secs)),
+                retention: Duration::from_secs(config.journal_retention_days * 86_400),
+            },
         })
         .map_err(usage)?;
         let addr = server.local_addr().map_err(Failure::Runtime)?;
@@ -582,6 +594,12 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             reload_signal: None,
             policy,
             status_needs_token: false,
+            reports: tally_daemon::server::ReportSettings {
+                host_fingerprint: host::fingerprint(),
+                spool: args.report_dir.clone(),
+                interval: Some(Duration::from_secs(args.report_interval_secs.max(1))),
+                ..Default::default()
+            },
         })
         .map_err(usage)?;
         let addr = server.local_addr().map_err(Failure::Runtime)?;

@@ -6,6 +6,7 @@
 //! all grants of a batch share one flush (group commit), and it answers only after the
 //! flush: a client never hears "granted" for a seat the store could lose.
 
+use crate::journal::{self, Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::store::Store;
 use anyhow::{Context, Result};
@@ -19,6 +20,7 @@ use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::frame::{self, FrameError, HEADER_LEN, MAX_REQUEST_LEN};
 use tally_protocol::keys::SecretKey;
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
+use tally_protocol::report::{JournalEntry, UsageEvent};
 use tally_protocol::signed::{Domain, Signed};
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
@@ -63,6 +65,32 @@ pub struct ServerParams {
     pub policy: Policy,
     /// Whether status needs the admin token.
     pub status_needs_token: bool,
+    /// Usage reports: spool directory, schedule, journal retention.
+    pub reports: ReportSettings,
+}
+
+/// Where and when usage reports are written.
+#[derive(Debug, Clone)]
+pub struct ReportSettings {
+    /// The host fingerprint named in reports.
+    pub host_fingerprint: String,
+    /// Spool directory for scheduled reports (and a copy of admin exports).
+    pub spool: Option<std::path::PathBuf>,
+    /// Export a report this often into the spool; `None` only on request.
+    pub interval: Option<Duration>,
+    /// Exported journal events older than this are compacted away.
+    pub retention: Duration,
+}
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        ReportSettings {
+            host_fingerprint: String::new(),
+            spool: None,
+            interval: None,
+            retention: Duration::from_secs(30 * 86_400),
+        }
+    }
 }
 
 /// Loads the current bundles and policy from wherever they live.
@@ -77,6 +105,7 @@ pub struct Server {
     ledger: Ledger,
     store: Store,
     reload_signal: Option<mpsc::Receiver<()>>,
+    startup: Vec<UsageEvent>,
 }
 
 /// State every connection task reads.
@@ -96,6 +125,9 @@ struct Shared {
     next_waiter: AtomicU64,
     /// Notified by an admin shutdown request.
     shutdown: tokio::sync::Notify,
+    reports: ReportSettings,
+    /// Reports exported but not yet written to the spool (never dropped).
+    unspooled: tokio::sync::Mutex<Vec<(u64, String)>>,
 }
 
 /// A request to the ledger task.
@@ -135,6 +167,14 @@ enum Command {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+    Journal {
+        event: UsageEvent,
+    },
+    Export {
+        identity: Box<ReportIdentity>,
+        retention: Duration,
+        reply: oneshot::Sender<Result<Exported, String>>,
+    },
 }
 
 /// The current time for the ledger. Uses tokio's clock so paused-time tests drive it.
@@ -159,6 +199,12 @@ impl Server {
         let mut ledger = Ledger::new(settings, &bundles);
         let start = now();
         ledger.set_policy(start, params.policy);
+        let mut startup = vec![UsageEvent::DaemonStarted {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }];
+        startup.extend(bundles.iter().map(|b| UsageEvent::BundleLoaded {
+            bundle: b.id.clone(),
+        }));
         if let Some(t) = params.store.load_clock()? {
             ledger.set_clock_high_water(t);
             if start.wall.plus_secs(crate::ledger::CLOCK_TOLERANCE_SECS) < t {
@@ -166,6 +212,10 @@ impl Server {
                     clock = %start.wall, seen = %t,
                     "system clock moved back: time-limited licences are refused until it is fixed"
                 );
+                startup.push(UsageEvent::ClockMovedBack {
+                    clock: start.wall,
+                    high_water: t,
+                });
             }
         }
         let (records, unreadable) = params.store.load_leases()?;
@@ -206,6 +256,8 @@ impl Server {
             reloading: tokio::sync::Mutex::new(()),
             next_waiter: AtomicU64::new(1),
             shutdown: tokio::sync::Notify::new(),
+            reports: params.reports,
+            unspooled: tokio::sync::Mutex::new(Vec::new()),
         });
         Ok(Server {
             endpoint,
@@ -214,6 +266,7 @@ impl Server {
             ledger,
             store: params.store,
             reload_signal: params.reload_signal,
+            startup,
         })
     }
 
@@ -233,8 +286,23 @@ impl Server {
             ledger,
             store,
             reload_signal,
+            startup,
         } = self;
-        let ledger_task = tokio::spawn(run_ledger(ledger, store.clone(), ledger_rx));
+        let ledger_task = tokio::spawn(run_ledger(ledger, store.clone(), ledger_rx, startup));
+        if let (Some(_), Some(every)) = (&shared.reports.spool, shared.reports.interval) {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    match export_to_spool(&shared).await {
+                        Ok(Some(path)) => info!(path = %path.display(), "usage report written"),
+                        Ok(None) => {}
+                        Err(e) => warn!("scheduled usage report failed: {e}"),
+                    }
+                }
+            });
+        }
         if let Some(mut signal) = reload_signal {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -262,6 +330,20 @@ impl Server {
             _ = accept => {}
             _ = shutdown => info!("shutting down"),
             _ = shared.shutdown.notified() => info!("shutting down on an admin request"),
+        }
+        // The last report segment, so a stop loses nothing the vendor should see.
+        if shared.reports.spool.is_some() {
+            let _ = shared
+                .ledger
+                .send(Command::Journal {
+                    event: UsageEvent::DaemonStopped,
+                })
+                .await;
+            match export_to_spool(&shared).await {
+                Ok(Some(path)) => info!(path = %path.display(), "final usage report written"),
+                Ok(None) => {}
+                Err(e) => warn!("final usage report failed: {e}"),
+            }
         }
         let (done_tx, done_rx) = oneshot::channel();
         if shared
@@ -293,8 +375,33 @@ enum Pending {
 }
 
 /// The ledger task: owns the ledger and the store.
-async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Command>) {
+async fn run_ledger(
+    mut ledger: Ledger,
+    store: Store,
+    mut rx: mpsc::Receiver<Command>,
+    startup: Vec<UsageEvent>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut next_seq = match store.next_journal_seq() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "cannot read the journal; usage events start a new range");
+            1
+        }
+    };
+    let mut journal: Vec<JournalEntry> = Vec::new();
+    let mut record = |journal: &mut Vec<JournalEntry>, at, event| {
+        journal.push(JournalEntry {
+            seq: next_seq,
+            at,
+            event,
+        });
+        next_seq += 1;
+    };
+    let start = now().wall;
+    for event in startup {
+        record(&mut journal, start, event);
+    }
     // Replies owed to checkouts waiting in a queue.
     let mut waiting: std::collections::HashMap<
         WaiterId,
@@ -318,6 +425,7 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
         let mut events = ledger.expire(now);
         let mut pending = Vec::with_capacity(batch.len());
         let mut shutdown = None;
+        let mut exports = Vec::new();
         for command in batch.drain(..) {
             match command {
                 Command::Checkout {
@@ -335,10 +443,29 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
                     }
                     Checkout::Denied(reason) => {
                         info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                        record(
+                            &mut journal,
+                            now.wall,
+                            UsageEvent::Denied {
+                                feature: request.feature.clone(),
+                                reason: reason.code().into(),
+                                user: holder.user.clone(),
+                                host: holder.host.clone(),
+                            },
+                        );
                         pending.push(Pending::Grant(reply, Err(reason)));
                     }
                     Checkout::Queued { position } => {
                         info!(feature = %request.feature, holder = %holder, position, "queued");
+                        record(
+                            &mut journal,
+                            now.wall,
+                            UsageEvent::Queued {
+                                feature: request.feature.clone(),
+                                user: holder.user.clone(),
+                                host: holder.host.clone(),
+                            },
+                        );
                         waiting.insert(waiter, reply);
                     }
                 },
@@ -369,11 +496,26 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
                     policy,
                     done,
                 } => {
+                    for b in &bundles {
+                        record(
+                            &mut journal,
+                            now.wall,
+                            UsageEvent::BundleLoaded {
+                                bundle: b.id.clone(),
+                            },
+                        );
+                    }
                     ledger.reload(now, &bundles);
                     ledger.set_policy(now, policy);
                     let _ = done.send(());
                 }
                 Command::Shutdown { done } => shutdown = Some(done),
+                Command::Journal { event } => record(&mut journal, now.wall, event),
+                Command::Export {
+                    identity,
+                    retention,
+                    reply,
+                } => exports.push((identity, retention, reply)),
             }
         }
         for outcome in ledger.take_waiter_outcomes() {
@@ -384,30 +526,68 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
             if let Some(result) = outcome.result {
                 if let Err(reason) = &result {
                     info!(%reason, "wait ended");
+                    if let Some(feature) = denied_feature(reason) {
+                        record(
+                            &mut journal,
+                            now.wall,
+                            UsageEvent::Denied {
+                                feature,
+                                reason: reason.code().into(),
+                                user: String::new(),
+                                host: String::new(),
+                            },
+                        );
+                    }
                 }
                 pending.push(Pending::Grant(reply, result));
             }
         }
+        for event in &events {
+            record(&mut journal, now.wall, journal::usage_event(event));
+        }
         // The high-water mark is worth a write once a minute, not once a request.
         let clock = ledger.clock_high_water();
         let save_clock = clock.0 >= clock_saved.0.saturating_add(60);
-        let durable = if events.is_empty() && !save_clock {
-            Ok(())
-        } else {
-            let applied = store.apply(&events).and_then(|_| {
-                if save_clock {
-                    store.save_clock(clock)
-                } else {
-                    Ok(())
+        let mut exported = Vec::new();
+        let durable =
+            if events.is_empty() && !save_clock && journal.is_empty() && exports.is_empty() {
+                Ok(())
+            } else {
+                let applied = store
+                    .append_journal(&journal)
+                    .and_then(|_| store.apply(&events))
+                    .and_then(|_| {
+                        if save_clock {
+                            store.save_clock(clock)
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .map(|_| {
+                        // Exports see this batch's journal, and are durable with it.
+                        for (identity, retention, reply) in exports.drain(..) {
+                            let result = export(&store, &identity, now.wall, retention);
+                            exported.push((reply, result));
+                        }
+                    });
+                journal.clear();
+                match applied {
+                    Ok(()) => store.flush().await,
+                    Err(e) => Err(e),
                 }
-            });
-            match applied {
-                Ok(()) => store.flush().await,
-                Err(e) => Err(e),
-            }
-        };
+            };
         if durable.is_ok() && save_clock {
             clock_saved = clock;
+        }
+        for (reply, result) in exported {
+            let result = match &durable {
+                Ok(()) => result,
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = reply.send(result);
+        }
+        for (_, _, reply) in exports.drain(..) {
+            let _ = reply.send(Err("the store is not writable".into()));
         }
         let failure = durable.err().map(|e| {
             warn!(error = %e, "could not persist ledger changes");
@@ -447,13 +627,128 @@ async fn run_ledger(mut ledger: Ledger, store: Store, mut rx: mpsc::Receiver<Com
     }
 }
 
+/// The feature a queue-timeout denial is about (waits that end otherwise are logged
+/// when they start).
+fn denied_feature(reason: &DenialReason) -> Option<String> {
+    match reason {
+        DenialReason::QueueTimeout { feature, .. } => Some(feature.clone()),
+        _ => None,
+    }
+}
+
+/// Builds the next report and moves the chain state; compacts what is old enough.
+fn export(
+    store: &Store,
+    identity: &ReportIdentity,
+    now: UnixTime,
+    retention: Duration,
+) -> Result<Exported, String> {
+    let state = store.report_state().map_err(|e| e.to_string())?;
+    let (entries, unreadable) = store
+        .journal_after(state.last_event)
+        .map_err(|e| e.to_string())?;
+    if unreadable > 0 {
+        warn!(
+            unreadable,
+            "journal entries could not be read; the report names the gap"
+        );
+    }
+    let exported = journal::build_report(identity, &state, entries, now);
+    store
+        .save_report_state(&exported.state)
+        .map_err(|e| e.to_string())?;
+    // Bounded growth: exported events past the retention period go.
+    let before = UnixTime(now.0.saturating_sub(retention.as_secs()));
+    match store.compact_journal(exported.state.last_event, before) {
+        Ok(0) => {}
+        Ok(n) => info!(events = n, "compacted exported journal events"),
+        Err(e) => warn!(error = %e, "journal compaction failed"),
+    }
+    Ok(exported)
+}
+
+/// Asks the ledger task for the next report.
+async fn request_export(shared: &Shared) -> Result<Exported, String> {
+    let bundles = shared.bundles.read().expect("bundles lock").clone();
+    let mut customers = Vec::new();
+    let mut bundle_ids = Vec::new();
+    for signed in bundles.iter() {
+        // The bundles were verified at load; here only their ids and customers are read.
+        if let Ok(v) = tally_protocol::bundle::verify(signed, &[signed.signer]) {
+            if !customers.contains(&v.bundle.customer.id) {
+                customers.push(v.bundle.customer.id.clone());
+            }
+            bundle_ids.push(v.bundle.id.clone());
+        }
+    }
+    let identity = Box::new(ReportIdentity {
+        key: shared.key.clone(),
+        host_fingerprint: shared.reports.host_fingerprint.clone(),
+        customers,
+        bundle_ids,
+    });
+    let (reply, rx) = oneshot::channel();
+    shared
+        .ledger
+        .send(Command::Export {
+            identity,
+            retention: shared.reports.retention,
+            reply,
+        })
+        .await
+        .map_err(|_| "the server is shutting down".to_string())?;
+    rx.await
+        .map_err(|_| "the server is shutting down".to_string())?
+}
+
+/// Exports into the spool; a report that cannot be written is kept and retried.
+async fn export_to_spool(shared: &Shared) -> Result<Option<std::path::PathBuf>, String> {
+    let Some(dir) = shared.reports.spool.clone() else {
+        return Ok(None);
+    };
+    let exported = request_export(shared).await?;
+    let mut unspooled = shared.unspooled.lock().await;
+    unspooled.push((exported.report_seq, exported.text));
+    let mut last = None;
+    while let Some((seq, text)) = unspooled.first().cloned() {
+        let path = dir.join(format!("tally-report-{seq:08}.report"));
+        match write_report(&path, &text) {
+            Ok(()) => {
+                unspooled.remove(0);
+                last = Some(path);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{}: {e} (kept in memory, retried at the next export)",
+                    path.display()
+                ))
+            }
+        }
+    }
+    Ok(last)
+}
+
+fn write_report(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 fn log_event(event: &Event, durable: bool) {
     match event {
         Event::Granted(r) if durable => info!(
             lease = %r.id, feature = %r.feature, count = r.count, holder = %r.holder, "granted"
         ),
         Event::Granted(_) => {}
-        Event::Released { id, feature, why } => {
+        Event::Released {
+            id, feature, why, ..
+        } => {
             info!(lease = %id, feature = %feature, reason = %why, "released")
         }
     }
@@ -697,7 +992,10 @@ async fn dispatch(
                 AdminOp::Reload => match reload(shared).await {
                     Ok(message) => {
                         info!("{message}");
-                        Response::Admin(AdminReply { message })
+                        Response::Admin(AdminReply {
+                            message,
+                            report: None,
+                        })
                     }
                     Err(message) => error(format!(
                         "reload failed, still serving the previous bundles: {message}"
@@ -720,6 +1018,7 @@ async fn dispatch(
                                 message: format!(
                                     "lease {lease} removed; its holder learns on its next heartbeat"
                                 ),
+                                report: None,
                             })
                         }
                         Ok(false) => error(format!("no lease {lease}")),
@@ -730,8 +1029,34 @@ async fn dispatch(
                     shared.shutdown.notify_one();
                     Response::Admin(AdminReply {
                         message: "shutting down; leases are kept".into(),
+                        report: None,
                     })
                 }
+                AdminOp::ExportReport => match request_export(shared).await {
+                    Ok(exported) => {
+                        info!(
+                            report = exported.report_seq,
+                            events = exported.events,
+                            "usage report exported"
+                        );
+                        // A copy goes to the spool too, if there is one.
+                        if let Some(dir) = &shared.reports.spool {
+                            let path =
+                                dir.join(format!("tally-report-{:08}.report", exported.report_seq));
+                            if let Err(e) = write_report(&path, &exported.text) {
+                                warn!(path = %path.display(), error = %e, "spool copy failed");
+                            }
+                        }
+                        Response::Admin(AdminReply {
+                            message: format!(
+                                "report {} with {} event(s)",
+                                exported.report_seq, exported.events
+                            ),
+                            report: Some(exported.text),
+                        })
+                    }
+                    Err(e) => error(format!("export failed: {e}")),
+                },
                 _ => error("this admin operation is not supported by this tallyd"),
             }
         }

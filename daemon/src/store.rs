@@ -9,10 +9,13 @@
 use crate::ledger::Event;
 use std::path::{Path, PathBuf};
 use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredLease};
+use tally_protocol::report::{JournalEntry, ReportState, StoredJournal, StoredReportState};
 use tally_protocol::time::UnixTime;
 
 /// Key of the clock high-water mark in the meta tree.
 const CLOCK_KEY: &[u8] = b"clock-high-water";
+/// Key of the report chain state in the meta tree.
+const REPORT_KEY: &[u8] = b"report-state";
 
 /// Why the store failed; the text names the store's path.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,7 @@ pub struct Store {
     db: sled::Db,
     leases: sled::Tree,
     meta: sled::Tree,
+    journal: sled::Tree,
 }
 
 impl Store {
@@ -63,11 +67,13 @@ impl Store {
             .map_err(err)?;
         let leases = db.open_tree("leases/v1").map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
+        let journal = db.open_tree("journal/v1").map_err(err)?;
         Ok(Store {
             path,
             db,
             leases,
             meta,
+            journal,
         })
     }
 
@@ -126,6 +132,83 @@ impl Store {
         Ok(())
     }
 
+    /// The next journal sequence number (1 for an empty journal).
+    pub fn next_journal_seq(&self) -> Result<u64, StoreError> {
+        let last = self.journal.last().map_err(|e| self.err(e))?;
+        let from_journal = last.map(|(k, _)| seq_of(&k) + 1).unwrap_or(1);
+        // A compacted journal may be empty; the report state remembers how far it went.
+        let from_state = self.report_state()?.last_event + 1;
+        Ok(from_journal.max(from_state))
+    }
+
+    /// Appends journal entries (not yet flushed).
+    pub fn append_journal(&self, entries: &[JournalEntry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&e.seq.to_be_bytes(), StoredJournal::V1(e.clone()).encode());
+        }
+        self.journal.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// Journal entries after `after`, in order; undecodable ones are skipped and counted.
+    pub fn journal_after(&self, after: u64) -> Result<(Vec<JournalEntry>, usize), StoreError> {
+        let mut out = Vec::new();
+        let mut bad = 0;
+        for item in self.journal.range((after + 1).to_be_bytes()..) {
+            let (_, v) = item.map_err(|e| self.err(e))?;
+            match StoredJournal::decode(&v) {
+                Ok(StoredJournal::V1(e)) => out.push(e),
+                _ => bad += 1,
+            }
+        }
+        Ok((out, bad))
+    }
+
+    /// Deletes exported entries up to `upto` that happened before `before`.
+    pub fn compact_journal(&self, upto: u64, before: UnixTime) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.journal.range(..=upto.to_be_bytes()) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if let Ok(StoredJournal::V1(e)) = StoredJournal::decode(&v) {
+                if e.at >= before {
+                    break;
+                }
+            }
+            batch.remove(k);
+            n += 1;
+        }
+        self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+
+    /// The report chain state.
+    pub fn report_state(&self) -> Result<ReportState, StoreError> {
+        Ok(match self.meta.get(REPORT_KEY).map_err(|e| self.err(e))? {
+            Some(bytes) => match StoredReportState::decode(&bytes) {
+                Ok(StoredReportState::V1(s)) => s,
+                _ => ReportState::default(),
+            },
+            None => ReportState::default(),
+        })
+    }
+
+    /// Records the report chain state (not yet flushed).
+    pub fn save_report_state(&self, state: &ReportState) -> Result<(), StoreError> {
+        self.meta
+            .insert(REPORT_KEY, StoredReportState::V1(state.clone()).encode())
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db.size_on_disk().map_err(|e| self.err(e))
+    }
+
     /// Makes everything applied so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map_err(|e| self.err(e))?;
@@ -144,6 +227,13 @@ impl Store {
             source,
         }
     }
+}
+
+fn seq_of(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = key.len().min(8);
+    b[8 - n..].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(b)
 }
 
 fn key(id: LeaseId) -> [u8; 8] {

@@ -74,6 +74,7 @@ async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running
         reload_signal: None,
         policy: Default::default(),
         status_needs_token: false,
+        reports: Default::default(),
     })
     .unwrap();
     let addr = server.local_addr().unwrap();

@@ -44,6 +44,7 @@ fn leases_survive_reopening() {
             .apply(&[Event::Released {
                 id: LeaseId(2),
                 feature: "solver".into(),
+                count: 1,
                 why: ReleaseReason::Checkin,
             }])
             .unwrap();

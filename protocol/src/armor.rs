@@ -34,8 +34,8 @@ pub enum ArmorError {
         /// 1-based line number in the file.
         line: usize,
     },
-    /// The file is larger than [`MAX_ARMORED_LEN`].
-    #[error("file is larger than {MAX_ARMORED_LEN} bytes")]
+    /// The file is larger than the limit for its kind.
+    #[error("file is larger than the limit for its kind")]
     TooLarge,
 }
 
@@ -57,7 +57,13 @@ pub fn armor(label: &str, bytes: &[u8]) -> String {
 /// Text before BEGIN and after END is ignored (e-mail quoting, a note from the vendor);
 /// blank lines and surrounding white space inside the block are tolerated.
 pub fn dearmor(label: &'static str, text: &str) -> Result<Vec<u8>, ArmorError> {
-    if text.len() > MAX_ARMORED_LEN {
+    dearmor_limited(label, text, MAX_ARMORED_LEN)
+}
+
+/// [`dearmor`] with a caller-chosen size limit, for files that are legitimately large
+/// (usage reports).
+pub fn dearmor_limited(label: &'static str, text: &str, max: usize) -> Result<Vec<u8>, ArmorError> {
+    if text.len() > max {
         return Err(ArmorError::TooLarge);
     }
     let mut lines = text.lines().enumerate();

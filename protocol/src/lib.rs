@@ -14,6 +14,7 @@
 //! - [`lease`]: the lease record as the daemon persists it.
 //! - [`activation`]: the activation request a server sends its vendor, and the return proof.
 //! - [`version`]: ordering of application versions.
+//! - [`report`]: the usage journal and signed, hash-chained usage reports.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod cert;
 pub mod frame;
 pub mod keys;
 pub mod lease;
+pub mod report;
 pub mod signed;
 pub mod time;
 pub mod version;

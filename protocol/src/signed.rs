@@ -19,6 +19,8 @@ pub enum Domain {
     ActivationRequest,
     /// A return proof, signed by the returning server's key.
     ReturnProof,
+    /// A usage report, signed by the server key.
+    Report,
 }
 
 impl Domain {
@@ -28,6 +30,7 @@ impl Domain {
             Domain::Lease => b"tally/lease/v1\0",
             Domain::ActivationRequest => b"tally/activation-request/v1\0",
             Domain::ReturnProof => b"tally/return-proof/v1\0",
+            Domain::Report => b"tally/usage-report/v1\0",
         }
     }
 }

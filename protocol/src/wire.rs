@@ -315,6 +315,29 @@ pub enum DenialReason {
     },
 }
 
+impl DenialReason {
+    /// A short, stable code for reports and metrics (`all_seats_in_use`, ...).
+    pub fn code(&self) -> &'static str {
+        match self {
+            DenialReason::NotLicensed { .. } => "not_licensed",
+            DenialReason::AllSeatsInUse { .. } => "all_seats_in_use",
+            DenialReason::NotYetValid { .. } => "not_yet_valid",
+            DenialReason::Expired { .. } => "expired",
+            DenialReason::VersionAboveCeiling { .. } => "version_above_ceiling",
+            DenialReason::MaintenanceExpired { .. } => "maintenance_expired",
+            DenialReason::Excluded { .. } => "excluded",
+            DenialReason::NotIncluded { .. } => "not_included",
+            DenialReason::MaxReached { .. } => "max_reached",
+            DenialReason::ReservedForOthers { .. } => "reserved_for_others",
+            DenialReason::ClockMovedBack { .. } => "clock_moved_back",
+            DenialReason::QueueTimeout { .. } => "queue_timeout",
+            DenialReason::BorrowNotAllowed { .. } => "borrow_not_allowed",
+            DenialReason::InvalidRequest { .. } => "invalid_request",
+            DenialReason::StorageUnavailable { .. } => "storage_unavailable",
+        }
+    }
+}
+
 impl fmt::Display for DenialReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -579,6 +602,8 @@ pub enum AdminOp {
     },
     /// Stop the server gracefully (leases are kept in the store).
     Shutdown,
+    /// Export a usage report of everything not yet exported.
+    ExportReport,
 }
 
 /// The answer to an admin request.
@@ -586,6 +611,8 @@ pub enum AdminOp {
 pub struct AdminReply {
     /// What was done, for a person.
     pub message: String,
+    /// For [`AdminOp::ExportReport`]: the armoured report.
+    pub report: Option<String>,
 }
 
 /// A request that could not be served at all.

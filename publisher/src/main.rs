@@ -11,7 +11,7 @@ use tally_protocol::activation::{self, REQUEST_LABEL, RETURN_LABEL};
 use tally_protocol::bundle::{self, Bundle, Seats, BUNDLE_LABEL};
 use tally_protocol::keys::{self, PublicKey, SecretKey, PUBLIC_KEY_LABEL, SECRET_KEY_LABEL};
 use tally_protocol::time::UnixTime;
-use tally_publisher::{flexlm, spec::Spec};
+use tally_publisher::{flexlm, reconcile, spec::Spec};
 
 /// sysexits: usage error.
 const EX_USAGE: u8 = 64;
@@ -74,6 +74,32 @@ enum Command {
         /// The return proof.
         proof: PathBuf,
     },
+    /// Verify usage reports: signatures, the server key the bundle binds, and one
+    /// unbroken chain (give the reports in order).
+    VerifyReport {
+        /// The bundle the reporting server serves.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The reports, in order.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+    },
+    /// Reconcile usage reports against a bundle: peak, average, seat-hours, overdraft,
+    /// denials, users, per feature and period.
+    Reconcile {
+        /// The bundle.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: Format,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The reports, in order.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+    },
     /// Turn a FlexLM license file into a bundle spec to review and issue.
     ImportFlexlm {
         /// The FlexLM license file.
@@ -82,6 +108,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// Reconciliation output formats.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    /// JSON for programs.
+    Json,
+    /// CSV for spreadsheets.
+    Csv,
+    /// A printable HTML page with a chart per feature.
+    Html,
 }
 
 /// A failure and its exit code.
@@ -119,6 +156,23 @@ fn main() -> ExitCode {
         Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
         Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
         Command::ImportFlexlm { license, out } => import_flexlm(&license, &out),
+        Command::VerifyReport { bundle, reports } => verify_reports(&bundle, &reports).map(|links| {
+            let events: usize = links.iter().map(|l| l.report.report.events.len()).sum();
+            let (first, last) = (
+                links.first().map(|l| l.report.report.report_seq).unwrap_or(0),
+                links.last().map(|l| l.report.report.report_seq).unwrap_or(0),
+            );
+            println!(
+                "{} report(s) verified: reports {first}..={last}, {events} event(s), one unbroken chain signed by the bound server",
+                links.len()
+            );
+        }),
+        Command::Reconcile {
+            bundle,
+            format,
+            out,
+            reports,
+        } => reconcile_reports(&bundle, &reports, format, out.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -299,7 +353,7 @@ fn label_of(text: &str) -> Option<String> {
 }
 
 fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
-    let text = read(path)?;
+    let text = read_large(path)?;
     let label = label_of(&text).ok_or_else(|| {
         data(anyhow!(
             "{}: not a tally file (no BEGIN TALLY line)",
@@ -429,6 +483,53 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                 println!("  seats still recorded as held: {}", p.leases_outstanding);
             }
         }
+        tally_protocol::report::REPORT_LABEL => {
+            let v = tally_protocol::report::read(&text).map_err(|e| ctx(e.into()))?;
+            let r = &v.report;
+            if json {
+                let doc = serde_json::json!({
+                    "kind": "usage report",
+                    "signature": "valid",
+                    "report": r.report_seq,
+                    "server_key": r.server_key.fingerprint(),
+                    "host_fingerprint": r.host_fingerprint,
+                    "customers": r.customers,
+                    "bundles": r.bundle_ids,
+                    "period_from": r.period_from.to_string(),
+                    "period_to": r.period_to.to_string(),
+                    "first_event": r.first_event,
+                    "last_event": r.last_event,
+                    "events": r.events.len(),
+                    "open_at_start": r.open_at_start.len(),
+                    "summaries": r.summaries.iter().map(|s| serde_json::json!({
+                        "feature": s.feature, "grants": s.grants, "denials": s.denials,
+                        "peak_in_use": s.peak_in_use, "seat_hours": s.seat_seconds as f64 / 3600.0,
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                println!("tally usage report {} (signature valid)", r.report_seq);
+                println!("  server key  {}", r.server_key.fingerprint());
+                println!("  period      {} to {}", r.period_from, r.period_to);
+                println!(
+                    "  events      {}..={} ({})",
+                    r.first_event,
+                    r.last_event,
+                    r.events.len()
+                );
+                println!("  bundles     {}", r.bundle_ids.join(", "));
+                for s in &r.summaries {
+                    println!(
+                        "  feature     {}: {} grant(s), {} denial(s), peak {}, {:.2} seat-hours",
+                        s.feature,
+                        s.grants,
+                        s.denials,
+                        s.peak_in_use,
+                        s.seat_seconds as f64 / 3600.0
+                    );
+                }
+            }
+        }
         PUBLIC_KEY_LABEL => {
             let k = keys::public_key_from_armored(&text).map_err(|e| ctx(e.into()))?;
             println!("tally public key {}", k.fingerprint());
@@ -515,6 +616,81 @@ fn verify_return(bundle_path: &Path, proof_path: &Path) -> Result<(), Failure> {
         proof.returned_at,
         proof.leases_outstanding
     );
+    Ok(())
+}
+
+fn load_bundle_any_signer(path: &Path) -> Result<Bundle, Failure> {
+    let signed = bundle::from_armored(&read(path)?)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(data)?;
+    Ok(bundle::verify(&signed, &[signed.signer])
+        .with_context(|| format!("{}", path.display()))
+        .map_err(data)?
+        .bundle)
+}
+
+fn read_large(path: &Path) -> Result<String, Failure> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(usage)?;
+    if meta.len() as usize > tally_protocol::report::MAX_REPORT_TEXT {
+        return Err(data(anyhow!(
+            "{}: larger than a report can be",
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path)
+        .with_context(|| format!("{}", path.display()))
+        .map_err(data)
+}
+
+fn verify_reports(
+    bundle_path: &Path,
+    reports: &[PathBuf],
+) -> Result<Vec<reconcile::ChainLink>, Failure> {
+    let b = load_bundle_any_signer(bundle_path)?;
+    let mut files = Vec::new();
+    for p in reports {
+        files.push(reconcile::ReportFile {
+            name: p.display().to_string(),
+            text: read_large(p)?,
+        });
+    }
+    reconcile::verify_chain(&b, &files).map_err(|problems| {
+        for p in &problems {
+            eprintln!("tally-publisher: {p}");
+        }
+        data(anyhow!("{} problem(s) in the report chain", problems.len()))
+    })
+}
+
+fn reconcile_reports(
+    bundle_path: &Path,
+    reports: &[PathBuf],
+    format: Format,
+    out: Option<&Path>,
+) -> Result<(), Failure> {
+    let links = verify_reports(bundle_path, reports)?;
+    let b = load_bundle_any_signer(bundle_path)?;
+    let r = reconcile::reconcile(&b, &links);
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(&r).map_err(|e| data(anyhow!(e)))? + "\n",
+        Format::Csv => reconcile::to_csv(&r),
+        Format::Html => reconcile::to_html(&r),
+    };
+    match out {
+        Some(path) => {
+            std::fs::write(path, text)
+                .with_context(|| format!("writing {}", path.display()))
+                .map_err(usage)?;
+            println!(
+                "reconciliation of {} report(s) written to {}",
+                links.len(),
+                path.display()
+            );
+        }
+        None => print!("{text}"),
+    }
     Ok(())
 }
 

@@ -1,0 +1,384 @@
+//! Usage reports: the journal of what the server did, signed and hash-chained, for the
+//! vendor to verify and reconcile without trusting anybody's word.
+//!
+//! Each report covers a contiguous range of journal sequence numbers and names the
+//! digest of the report before it, so a vendor holding reports 1..n detects an edited
+//! report (signature), a removed one (a gap in report numbers or event numbers), a
+//! duplicated one, and reports handed in out of order. The report also carries the
+//! leases open at its start, so each report can be reconciled on its own.
+
+use crate::armor::{armor, dearmor_limited, ArmorError};
+use crate::keys::PublicKey;
+use crate::lease::LeaseId;
+use crate::signed::{Domain, Signed};
+use crate::time::UnixTime;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Armour label of usage reports.
+pub const REPORT_LABEL: &str = "USAGE REPORT";
+/// Largest armoured report read (about four million events).
+pub const MAX_REPORT_TEXT: usize = 512 * 1024 * 1024;
+
+/// One journal entry: a numbered, timed event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Sequence number, from 1, without gaps.
+    pub seq: u64,
+    /// Wall-clock time of the event.
+    pub at: UnixTime,
+    /// What happened.
+    pub event: UsageEvent,
+}
+
+/// Something the vendor may want to count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum UsageEvent {
+    /// The daemon started.
+    DaemonStarted {
+        /// tallyd version.
+        version: String,
+    },
+    /// The daemon stopped gracefully.
+    DaemonStopped,
+    /// A bundle is being served (at start and after each reload).
+    BundleLoaded {
+        /// Its id.
+        bundle: String,
+    },
+    /// Seats were granted.
+    Granted {
+        /// The lease.
+        lease: LeaseId,
+        /// The feature.
+        feature: String,
+        /// Seats.
+        count: u32,
+        /// Beyond the licensed count.
+        overdraft: bool,
+        /// Who.
+        user: String,
+        /// Where.
+        host: String,
+        /// For a borrow, its end.
+        borrowed_until: Option<UnixTime>,
+    },
+    /// Seats came back.
+    Released {
+        /// The lease.
+        lease: LeaseId,
+        /// The feature.
+        feature: String,
+        /// Seats.
+        count: u32,
+        /// Why: checkin, connection closed, expired, removed, ...
+        why: String,
+    },
+    /// A checkout was refused.
+    Denied {
+        /// The feature.
+        feature: String,
+        /// A short reason code (`all_seats_in_use`, `expired`, ...).
+        reason: String,
+        /// Who.
+        user: String,
+        /// Where.
+        host: String,
+    },
+    /// A checkout started waiting in the queue.
+    Queued {
+        /// The feature.
+        feature: String,
+        /// Who.
+        user: String,
+        /// Where.
+        host: String,
+    },
+    /// The wall clock was found behind the high-water mark.
+    ClockMovedBack {
+        /// The clock.
+        clock: UnixTime,
+        /// The latest time seen before.
+        high_water: UnixTime,
+    },
+}
+
+/// The journal entry as stored; the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredJournal {
+    /// Format version 1.
+    V1(JournalEntry),
+}
+
+impl StoredJournal {
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded.
+    pub fn decode(bytes: &[u8]) -> Result<StoredJournal, crate::DecodeError> {
+        crate::decode::<StoredJournal, 65536>(bytes)
+    }
+}
+
+/// A lease open at a report's start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenLease {
+    /// The lease.
+    pub lease: LeaseId,
+    /// The feature.
+    pub feature: String,
+    /// Seats.
+    pub count: u32,
+    /// Beyond the licensed count.
+    pub overdraft: bool,
+    /// Who.
+    pub user: String,
+    /// Where.
+    pub host: String,
+    /// Since when.
+    pub since: UnixTime,
+}
+
+/// The server's own per-feature summary of a report (the vendor recomputes it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSummary {
+    /// The feature.
+    pub feature: String,
+    /// Grants.
+    pub grants: u64,
+    /// Denials.
+    pub denials: u64,
+    /// Most seats in use at once.
+    pub peak_in_use: u32,
+    /// Seat-seconds used in the period.
+    pub seat_seconds: u64,
+}
+
+/// A usage report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Report number, from 1, without gaps.
+    pub report_seq: u64,
+    /// The server key (also the signer).
+    pub server_key: PublicKey,
+    /// The host fingerprint.
+    pub host_fingerprint: String,
+    /// Customer ids of the bundles served.
+    pub customers: Vec<String>,
+    /// Ids of the bundles served at export.
+    pub bundle_ids: Vec<String>,
+    /// Start of the period (the previous report's end, or the first event).
+    pub period_from: UnixTime,
+    /// End of the period (export time).
+    pub period_to: UnixTime,
+    /// First journal sequence number covered.
+    pub first_event: u64,
+    /// Last journal sequence number covered (`first_event - 1` if none).
+    pub last_event: u64,
+    /// Digest of the previous report; zeros for the first.
+    pub previous_digest: [u8; 32],
+    /// Leases open at `period_from`.
+    pub open_at_start: Vec<OpenLease>,
+    /// The events.
+    pub events: Vec<JournalEntry>,
+    /// The server's summaries.
+    pub summaries: Vec<FeatureSummary>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum ReportBody {
+    V1(Report),
+}
+
+/// Why a report was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// The armour is damaged, truncated, or not a report.
+    #[error(transparent)]
+    Armor(#[from] ArmorError),
+    /// The contents do not decode.
+    #[error("malformed report: {0}")]
+    Malformed(String),
+    /// The signature does not verify.
+    #[error("signature does not verify (the report was edited or corrupted)")]
+    BadSignature,
+    /// Signed by another key than the server key it names.
+    #[error("signed by key {signer}, but it names server key {named}")]
+    WrongSigner {
+        /// Who signed.
+        signer: String,
+        /// Whom it names.
+        named: String,
+    },
+}
+
+/// A report that verified against its own signer, with its digest for the chain.
+#[derive(Debug, Clone)]
+pub struct VerifiedReport {
+    /// The report.
+    pub report: Report,
+    /// SHA-256 of the signed body, which the next report names.
+    pub digest: [u8; 32],
+}
+
+/// Signs and armours a report; returns the text and the digest the next report names.
+pub fn sign(report: &Report, key: &crate::keys::SecretKey) -> (String, [u8; 32]) {
+    let body = crate::encode(&ReportBody::V1(report.clone()));
+    let digest: [u8; 32] = Sha256::digest(&body).into();
+    let signed = Signed::sign(Domain::Report, body, key);
+    (armor(REPORT_LABEL, &crate::encode(&signed)), digest)
+}
+
+/// Reads and verifies a report (signature by the server key it names).
+pub fn read(text: &str) -> Result<VerifiedReport, ReportError> {
+    let bytes = dearmor_limited(REPORT_LABEL, text, MAX_REPORT_TEXT)?;
+    let signed: Signed = crate::decode::<Signed, MAX_REPORT_TEXT>(&bytes)
+        .map_err(|e| ReportError::Malformed(e.0))?;
+    signed
+        .verify(Domain::Report)
+        .map_err(|_| ReportError::BadSignature)?;
+    let ReportBody::V1(report) = crate::decode::<ReportBody, MAX_REPORT_TEXT>(&signed.body)
+        .map_err(|e| ReportError::Malformed(e.0))?;
+    if report.server_key != signed.signer {
+        return Err(ReportError::WrongSigner {
+            signer: signed.signer.fingerprint(),
+            named: report.server_key.fingerprint(),
+        });
+    }
+    let digest: [u8; 32] = Sha256::digest(&signed.body).into();
+    Ok(VerifiedReport { report, digest })
+}
+
+/// Where the report chain stands, as the daemon persists it; the variant is the format
+/// version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredReportState {
+    /// Format version 1.
+    V1(ReportState),
+}
+
+/// Where the report chain stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportState {
+    /// Number of the last report exported (0 before the first).
+    pub report_seq: u64,
+    /// Last journal sequence number exported.
+    pub last_event: u64,
+    /// Digest of the last report.
+    pub digest: [u8; 32],
+    /// End of the last report's period.
+    pub period_end: Option<UnixTime>,
+    /// Leases open at the end of the last report.
+    pub open: Vec<OpenLease>,
+}
+
+impl StoredReportState {
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded.
+    pub fn decode(bytes: &[u8]) -> Result<StoredReportState, crate::DecodeError> {
+        crate::decode::<StoredReportState, { 256 * 1024 * 1024 }>(bytes)
+    }
+}
+
+/// Replays `events` over the leases open at the start; returns the leases open at the
+/// end. Releases of unknown leases are ignored (their grant predates the chain).
+pub fn replay_open(open: &[OpenLease], events: &[JournalEntry]) -> Vec<OpenLease> {
+    let mut map: std::collections::BTreeMap<crate::lease::LeaseId, OpenLease> =
+        open.iter().map(|o| (o.lease, o.clone())).collect();
+    for e in events {
+        match &e.event {
+            UsageEvent::Granted {
+                lease,
+                feature,
+                count,
+                overdraft,
+                user,
+                host,
+                ..
+            } => {
+                map.insert(
+                    *lease,
+                    OpenLease {
+                        lease: *lease,
+                        feature: feature.clone(),
+                        count: *count,
+                        overdraft: *overdraft,
+                        user: user.clone(),
+                        host: host.clone(),
+                        since: e.at,
+                    },
+                );
+            }
+            UsageEvent::Released { lease, .. } => {
+                map.remove(lease);
+            }
+            _ => {}
+        }
+    }
+    map.into_values().collect()
+}
+
+/// The server's summaries: grants, denials, peak and seat-seconds per feature over
+/// `[from, to]`.
+pub fn summarize(
+    open: &[OpenLease],
+    events: &[JournalEntry],
+    from: UnixTime,
+    to: UnixTime,
+) -> Vec<FeatureSummary> {
+    use std::collections::BTreeMap;
+    #[derive(Default)]
+    struct Acc {
+        grants: u64,
+        denials: u64,
+        in_use: u64,
+        peak: u64,
+        seat_seconds: u64,
+        last: u64,
+    }
+    let mut acc: BTreeMap<String, Acc> = BTreeMap::new();
+    for o in open {
+        let a = acc.entry(o.feature.clone()).or_default();
+        a.in_use += o.count as u64;
+        a.peak = a.peak.max(a.in_use);
+        a.last = from.0;
+    }
+    for e in events {
+        let t = e.at.0.clamp(from.0, to.0);
+        let (feature, delta, grant, denial) = match &e.event {
+            UsageEvent::Granted { feature, count, .. } => (feature, *count as i64, 1, 0),
+            UsageEvent::Released { feature, count, .. } => (feature, -(*count as i64), 0, 0),
+            UsageEvent::Denied { feature, .. } => (feature, 0, 0, 1),
+            _ => continue,
+        };
+        let a = acc.entry(feature.clone()).or_insert_with(|| Acc {
+            last: from.0,
+            ..Acc::default()
+        });
+        a.seat_seconds += a.in_use * t.saturating_sub(a.last);
+        a.last = t;
+        a.in_use = (a.in_use as i64 + delta).max(0) as u64;
+        a.peak = a.peak.max(a.in_use);
+        a.grants += grant;
+        a.denials += denial;
+    }
+    acc.into_iter()
+        .map(|(feature, a)| FeatureSummary {
+            feature,
+            grants: a.grants,
+            denials: a.denials,
+            peak_in_use: a.peak.min(u32::MAX as u64) as u32,
+            seat_seconds: a.seat_seconds + a.in_use * to.0.saturating_sub(a.last),
+        })
+        .collect()
+}
