@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let sizes = if cli.quick {
         Sizes {
-            secs: 0.5,
+            secs: 0.3,
             disk_cycles: 20_000,
             report_events: 20_000,
             scale_conns: 100,
