@@ -343,30 +343,7 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
             b.customer.name
         );
         for f in &b.features {
-            let seats = match f.seats {
-                Seats::Counted(n) => format!("{n} seats"),
-                Seats::Uncounted => "uncounted".into(),
-            };
-            let mut extras = Vec::new();
-            if let Some(v) = &f.version_ceiling {
-                extras.push(format!("versions up to {v}"));
-            }
-            if let Some(from) = &f.upgrade_from {
-                extras.push(format!("upgrades seats of version {from}"));
-            }
-            if let Some(m) = f.maintenance_until {
-                extras.push(format!("updates until {}", m.date()));
-            }
-            if let Some(e) = f.expires {
-                extras.push(format!("valid until {}", e.last_day()));
-            }
-            if f.evaluation {
-                extras.push("evaluation".into());
-            }
-            if !f.components.is_empty() {
-                extras.push(format!("package of {}", f.components.join(", ")));
-            }
-            println!("      {} {seats} {}", f.name, extras.join(", "));
+            println!("      {}", f.describe());
         }
     }
     let p = &site.policy;

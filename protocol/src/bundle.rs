@@ -131,6 +131,44 @@ impl FeatureGrant {
     }
 }
 
+impl FeatureGrant {
+    /// One line for people: `solver: 20 seats, versions up to 2027.2, until 2027-12-31`.
+    /// Shared by `tallyd check-config` and `tally-publisher`, so customer IT and the
+    /// vendor read a bundle the same way.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![match self.seats {
+            Seats::Counted(n) => format!("{n} seats"),
+            Seats::Uncounted => "uncounted".into(),
+        }];
+        if let Some(v) = &self.version_ceiling {
+            parts.push(format!("versions up to {v}"));
+        }
+        if let Some(v) = &self.upgrade_from {
+            parts.push(format!("upgrades seats of version {v}"));
+        }
+        if let Some(m) = self.maintenance_until {
+            parts.push(format!("updates until {}", m.date()));
+        }
+        if let Some(s) = self.starts {
+            parts.push(format!("from {}", s.date()));
+        }
+        parts.push(match self.expires {
+            Some(e) => format!("until {}", e.last_day()),
+            None => "permanent".into(),
+        });
+        if self.evaluation {
+            parts.push("evaluation".into());
+        }
+        if self.overdraft > 0 {
+            parts.push(format!("overdraft {}", self.overdraft));
+        }
+        if !self.components.is_empty() {
+            parts.push(format!("package of {}", self.components.join(", ")));
+        }
+        format!("{}: {}", self.name, parts.join(", "))
+    }
+}
+
 /// Why a bundle was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -309,37 +309,7 @@ fn issue(key: &Path, spec_path: &Path, request: &Path, out: &Path) -> Result<(),
 
 fn print_features(bundle: &Bundle) {
     for f in &bundle.features {
-        let seats = match f.seats {
-            Seats::Counted(n) => format!("{n} seats"),
-            Seats::Uncounted => "uncounted".into(),
-        };
-        let mut extras = Vec::new();
-        if let Some(v) = &f.version_ceiling {
-            extras.push(format!("versions up to {v}"));
-        }
-        if let Some(v) = &f.upgrade_from {
-            extras.push(format!("upgrades seats of version {v}"));
-        }
-        if let Some(m) = f.maintenance_until {
-            extras.push(format!("updates until {}", m.date()));
-        }
-        if let Some(s) = f.starts {
-            extras.push(format!("from {}", s.date()));
-        }
-        extras.push(match f.expires {
-            Some(e) => format!("until {}", e.last_day()),
-            None => "permanent".into(),
-        });
-        if f.evaluation {
-            extras.push("evaluation".into());
-        }
-        if f.overdraft > 0 {
-            extras.push(format!("overdraft {}", f.overdraft));
-        }
-        if !f.components.is_empty() {
-            extras.push(format!("package of {}", f.components.join(", ")));
-        }
-        println!("  feature   {} {seats}: {}", f.name, extras.join(", "));
+        println!("  feature   {}", f.describe());
     }
 }
 

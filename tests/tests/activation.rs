@@ -93,6 +93,25 @@ fn holders(daemon: &Daemon) -> Vec<String> {
         .collect()
 }
 
+/// Writes a tallyd.toml for `data`, the site's bundles and vendor key.
+fn write_config(site: &Site, path: &Path, data: &Path, listen: bool) {
+    let listen = if listen {
+        "listen = \"127.0.0.1:0\"\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        path,
+        format!(
+            "{listen}data_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
+            data.display(),
+            site.path("bundles").display(),
+            site.path("vendor.pub").display()
+        ),
+    )
+    .unwrap();
+}
+
 fn init_server(data: &Path) {
     ok(run(Command::new(bin("tallyd"))
         .arg("init")
@@ -130,22 +149,13 @@ fn init_request_issue_load_checkout_reload_and_return() {
     site.issue(&spec("base", &[], 2), "base");
 
     let config = site.path("tallyd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
-            data.display(),
-            site.path("bundles").display(),
-            site.path("vendor.pub").display()
-        ),
-    )
-    .unwrap();
+    write_config(&site, &config, &data, true);
     let summary = ok(run(Command::new(bin("tallyd"))
         .arg("check-config")
         .arg("--config")
         .arg(&config)));
     assert!(
-        summary.contains("solver 2 seats versions up to 2027.1"),
+        summary.contains("solver: 2 seats, versions up to 2027.1"),
         "{summary}"
     );
 
@@ -281,16 +291,7 @@ fn init_request_issue_load_checkout_reload_and_return() {
     let other = site.path("other-data");
     init_server(&other);
     let other_config = site.path("other.toml");
-    std::fs::write(
-        &other_config,
-        format!(
-            "data_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
-            other.display(),
-            site.path("bundles").display(),
-            site.path("vendor.pub").display()
-        ),
-    )
-    .unwrap();
+    write_config(&site, &other_config, &other, false);
     let out = run(Command::new(bin("tallyd"))
         .arg("return")
         .arg("--config")
@@ -362,16 +363,7 @@ fn a_bundle_copied_to_a_second_server_serves_nothing_there() {
     let second = site.path("second");
     init_server(&second);
     let config = site.path("second.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
-            second.display(),
-            site.path("bundles").display(),
-            site.path("vendor.pub").display()
-        ),
-    )
-    .unwrap();
+    write_config(&site, &config, &second, true);
     let out = run(Command::new(bin("tallyd"))
         .arg("check-config")
         .arg("--config")
