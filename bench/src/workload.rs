@@ -74,6 +74,7 @@ pub async fn start_daemon() -> anyhow::Result<BenchDaemon> {
         policy: Default::default(),
         status_needs_token: false,
         reports: Default::default(),
+        http_listen: None,
     })?;
     let addr = server.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

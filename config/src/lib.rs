@@ -71,6 +71,24 @@ pub struct DaemonConfig {
     /// Exported journal events older than this many days are compacted away.
     #[serde(default = "default_retention")]
     pub journal_retention_days: u64,
+    /// Whether to serve the operations HTTP endpoint (metrics, status, dashboard).
+    #[serde(default = "default_true")]
+    pub http: bool,
+    /// Its address; loopback by default, so exposing it is a decision.
+    #[serde(default = "default_http_listen")]
+    pub http_listen: SocketAddr,
+}
+
+/// Default address of the operations HTTP endpoint.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:27301";
+
+fn default_true() -> bool {
+    true
+}
+fn default_http_listen() -> SocketAddr {
+    DEFAULT_HTTP_LISTEN
+        .parse()
+        .expect("default HTTP address parses")
 }
 
 /// Default report interval: daily.
@@ -121,6 +139,8 @@ impl Default for DaemonConfig {
             report_dir: None,
             report_interval_secs: DEFAULT_REPORT_INTERVAL_SECS,
             journal_retention_days: DEFAULT_JOURNAL_RETENTION_DAYS,
+            http: true,
+            http_listen: default_http_listen(),
         }
     }
 }

@@ -1047,6 +1047,13 @@ impl Ledger {
                     total,
                     in_use,
                     overdraft_in_use: total.map(|t| in_use.saturating_sub(t)).unwrap_or(0),
+                    reserved: self
+                        .policy
+                        .reserve
+                        .iter()
+                        .filter(|r| r.feature == *name)
+                        .map(|r| r.seats)
+                        .sum(),
                     queue: self
                         .queues
                         .get(name)

@@ -7,6 +7,7 @@
 //! - [`bundles`]: loading and combining bundle files.
 //! - [`host`]: host fingerprint and facts for activation requests.
 //! - [`journal`]: the usage journal and report export.
+//! - [`http`]: metrics, status API and dashboard.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
@@ -16,6 +17,7 @@
 pub mod bundles;
 pub mod demo;
 pub mod host;
+pub mod http;
 pub mod identity;
 pub mod journal;
 pub mod ledger;

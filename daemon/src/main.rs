@@ -133,6 +133,10 @@ struct DemoArgs {
     /// How often to write a usage report into --report-dir, seconds.
     #[arg(long, default_value_t = tally_config::DEFAULT_REPORT_INTERVAL_SECS)]
     report_interval_secs: u64,
+    /// Address of the dashboard and metrics endpoint; by default the QUIC port + 1 on the
+    /// same address (a free port when --listen has port 0).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
 }
 
 /// Failures sorted by exit code.
@@ -446,6 +450,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             reload_signal: Some(hangups),
             policy: site.policy.clone(),
             status_needs_token: config.status_needs_token,
+            http_listen: config.http.then_some(config.http_listen),
             reports: tally_daemon::server::ReportSettings {
                 host_fingerprint: site.rules.host_fingerprint.clone(),
                 spool: config.report_dir.clone(),
@@ -460,6 +465,9 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             site.loaded.served.len(),
             site.key.public().fingerprint()
         );
+        if let Some(http) = server.http_addr() {
+            println!("dashboard http://{http}/  (metrics: http://{http}/metrics)");
+        }
         server.run(shutdown).await.map_err(Failure::Runtime)
     })
 }
@@ -571,6 +579,13 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             reload_signal: None,
             policy,
             status_needs_token: false,
+            http_listen: Some(args.http_listen.unwrap_or_else(|| {
+                let mut a = args.listen;
+                if a.port() != 0 {
+                    a.set_port(a.port().wrapping_add(1));
+                }
+                a
+            })),
             reports: tally_daemon::server::ReportSettings {
                 host_fingerprint: host::fingerprint(),
                 spool: args.report_dir.clone(),
@@ -581,6 +596,9 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         .map_err(usage)?;
         let addr = server.local_addr().map_err(Failure::Runtime)?;
         print_demo_banner(addr, &data_dir, throwaway.is_some(), &key, &bundle.bundle);
+        if let Some(http) = server.http_addr() {
+            println!("  dashboard    http://{http}/  (metrics: http://{http}/metrics)");
+        }
         server.run(shutdown).await.map_err(Failure::Runtime)
     })?;
     drop(throwaway);

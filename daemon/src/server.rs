@@ -67,6 +67,200 @@ pub struct ServerParams {
     pub status_needs_token: bool,
     /// Usage reports: spool directory, schedule, journal retention.
     pub reports: ReportSettings,
+    /// The operations HTTP endpoint (metrics, status, dashboard); `None` for none.
+    pub http_listen: Option<SocketAddr>,
+}
+
+/// Counters the operations endpoint shows.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Denials by (feature, reason code).
+    pub denials: Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// The most recent denials, newest last.
+    pub recent: Mutex<std::collections::VecDeque<RecentDenial>>,
+    /// Heartbeat requests answered.
+    pub heartbeats: AtomicU64,
+    /// Total microseconds spent answering them.
+    pub heartbeat_micros: AtomicU64,
+}
+
+/// A denial as the dashboard lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentDenial {
+    /// When.
+    pub at: String,
+    /// The feature.
+    pub feature: String,
+    /// Who.
+    pub user: String,
+    /// Where.
+    pub host: String,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// How many recent denials the dashboard keeps.
+const RECENT_DENIALS: usize = 50;
+
+impl Metrics {
+    fn denied(&self, at: UnixTime, feature: &str, holder: &ClientIdentity, reason: &DenialReason) {
+        *self
+            .denials
+            .lock()
+            .expect("metrics lock")
+            .entry((feature.to_string(), reason.code().to_string()))
+            .or_default() += 1;
+        let mut recent = self.recent.lock().expect("metrics lock");
+        if recent.len() >= RECENT_DENIALS {
+            recent.pop_front();
+        }
+        recent.push_back(RecentDenial {
+            at: at.to_string(),
+            feature: feature.to_string(),
+            user: holder.user.clone(),
+            host: holder.host.clone(),
+            reason: reason.to_string(),
+        });
+    }
+}
+
+/// What the operations endpoint may ask of a running server.
+#[derive(Clone)]
+pub struct OpsHandle {
+    shared: Arc<Shared>,
+}
+
+impl OpsHandle {
+    /// Whether a reader with this bearer token may see status and metrics.
+    pub fn may_read(&self, token: Option<&str>) -> bool {
+        !self.shared.status_needs_token || self.is_admin(token)
+    }
+
+    /// Whether this bearer token is the admin token.
+    pub fn is_admin(&self, token: Option<&str>) -> bool {
+        match (&self.shared.admin_token, token) {
+            (Some(expected), Some(given)) => {
+                constant_time_eq(given.trim().as_bytes(), expected.as_bytes())
+            }
+            _ => false,
+        }
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The ledger's status.
+    pub async fn raw_status(&self) -> Result<StatusReply, String> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .ledger
+            .send(Command::Status { reply })
+            .await
+            .map_err(|_| "the server is shutting down".to_string())?;
+        let features = rx
+            .await
+            .map_err(|_| "the server is shutting down".to_string())?;
+        Ok(StatusReply {
+            server_time: now().wall,
+            server_fingerprint: self.shared.key.public().fingerprint(),
+            features,
+        })
+    }
+
+    /// Status as the dashboard and `/api/status` show it.
+    pub async fn status(&self) -> Result<serde_json::Value, String> {
+        let s = self.raw_status().await?;
+        let now = s.server_time.0 as i64;
+        let features: Vec<serde_json::Value> = s
+            .features
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "name": f.name,
+                    "total": f.total,
+                    "in_use": f.in_use,
+                    "overdraft_in_use": f.overdraft_in_use,
+                    "reserved": f.reserved,
+                    "evaluation": f.evaluation,
+                    "expires": f.expires.map(|e| e.last_day()),
+                    "expires_in_days": f.expires.map(|e| (e.0 as i64 - now).max(0) / 86_400),
+                    "holders": f.holders.iter().map(|h| serde_json::json!({
+                        "lease": h.lease.to_string(),
+                        "user": h.client.user,
+                        "host": h.client.host,
+                        "pid": h.client.pid,
+                        "program": h.client.program,
+                        "count": h.count,
+                        "since": h.since.to_string(),
+                        "overdraft": h.overdraft,
+                        "borrowed_until": h.borrowed_until.map(|u| u.to_string()),
+                    })).collect::<Vec<_>>(),
+                    "queue": f.queue.iter().map(|q| serde_json::json!({
+                        "user": q.client.user,
+                        "host": q.client.host,
+                        "count": q.count,
+                        "since": q.since.to_string(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let recent: Vec<RecentDenial> = self
+            .shared
+            .metrics
+            .recent
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .rev()
+            .cloned()
+            .collect();
+        Ok(serde_json::json!({
+            "server_key": s.server_fingerprint,
+            "server_time": s.server_time.to_string(),
+            "demo": self.shared.demo,
+            "features": features,
+            "recent_denials": recent,
+        }))
+    }
+
+    /// Reports waiting in the spool directory.
+    pub fn spool_files(&self) -> usize {
+        self.shared
+            .reports
+            .spool
+            .as_ref()
+            .and_then(|d| std::fs::read_dir(d).ok())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "report"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Removes a lease.
+    pub async fn remove(&self, lease: LeaseId) -> Result<bool, String> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .ledger
+            .send(Command::Remove { lease, reply })
+            .await
+            .map_err(|_| "the server is shutting down".to_string())?;
+        let removed = rx
+            .await
+            .map_err(|_| "the server is shutting down".to_string())?;
+        if removed {
+            info!(%lease, "lease removed by an administrator (dashboard)");
+        }
+        Ok(removed)
+    }
+
+    /// Reloads bundles and policy.
+    pub async fn reload(&self) -> Result<String, String> {
+        reload(&self.shared).await
+    }
 }
 
 /// Where and when usage reports are written.
@@ -106,6 +300,7 @@ pub struct Server {
     store: Store,
     reload_signal: Option<mpsc::Receiver<()>>,
     startup: Vec<UsageEvent>,
+    http: Option<tokio::net::TcpListener>,
 }
 
 /// State every connection task reads.
@@ -128,6 +323,7 @@ struct Shared {
     reports: ReportSettings,
     /// Reports exported but not yet written to the spool (never dropped).
     unspooled: tokio::sync::Mutex<Vec<(u64, String)>>,
+    metrics: Arc<Metrics>,
 }
 
 /// A request to the ledger task.
@@ -258,7 +454,17 @@ impl Server {
             shutdown: tokio::sync::Notify::new(),
             reports: params.reports,
             unspooled: tokio::sync::Mutex::new(Vec::new()),
+            metrics: Arc::new(Metrics::default()),
         });
+        let http = match params.http_listen {
+            Some(addr) => {
+                let std_listener = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding the HTTP endpoint on {addr}"))?;
+                std_listener.set_nonblocking(true)?;
+                Some(tokio::net::TcpListener::from_std(std_listener)?)
+            }
+            None => None,
+        };
         Ok(Server {
             endpoint,
             shared,
@@ -267,12 +473,18 @@ impl Server {
             store: params.store,
             reload_signal: params.reload_signal,
             startup,
+            http,
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The operations endpoint's address, if it has one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes, then stops the ledger (flushing the store)
@@ -287,8 +499,25 @@ impl Server {
             store,
             reload_signal,
             startup,
+            http,
         } = self;
-        let ledger_task = tokio::spawn(run_ledger(ledger, store.clone(), ledger_rx, startup));
+        let ledger_task = tokio::spawn(run_ledger(
+            ledger,
+            store.clone(),
+            ledger_rx,
+            startup,
+            shared.metrics.clone(),
+        ));
+        if let Some(listener) = http {
+            let router = crate::http::router(OpsHandle {
+                shared: shared.clone(),
+            });
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    warn!(error = %e, "the HTTP endpoint stopped");
+                }
+            });
+        }
         if let (Some(_), Some(every)) = (&shared.reports.spool, shared.reports.interval) {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -380,6 +609,7 @@ async fn run_ledger(
     store: Store,
     mut rx: mpsc::Receiver<Command>,
     startup: Vec<UsageEvent>,
+    metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut next_seq = match store.next_journal_seq() {
@@ -469,6 +699,7 @@ async fn run_ledger(
                     }
                     Checkout::Denied(reason) => {
                         info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                        metrics.denied(now.wall, &request.feature, &holder, &reason);
                         record(
                             &mut journal,
                             now.wall,
@@ -1006,6 +1237,7 @@ async fn dispatch(
             }
         }
         Request::Heartbeat(request) => {
+            let started = std::time::Instant::now();
             let (reply, rx) = oneshot::channel();
             let command = Command::Heartbeat {
                 conn,
@@ -1016,7 +1248,13 @@ async fn dispatch(
                 return closed();
             }
             match rx.await {
-                Ok(leases) => Response::Heartbeat(HeartbeatReply { leases }),
+                Ok(leases) => {
+                    let m = &shared.metrics;
+                    m.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    m.heartbeat_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    Response::Heartbeat(HeartbeatReply { leases })
+                }
                 Err(_) => closed(),
             }
         }

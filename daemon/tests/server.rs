@@ -75,6 +75,7 @@ async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running
         policy: Default::default(),
         status_needs_token: false,
         reports: Default::default(),
+        http_listen: None,
     })
     .unwrap();
     let addr = server.local_addr().unwrap();

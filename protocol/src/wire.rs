@@ -537,6 +537,8 @@ pub struct FeatureStatus {
     pub evaluation: bool,
     /// Seats in use beyond the licensed count.
     pub overdraft_in_use: u32,
+    /// Seats the site's policy reserves for someone.
+    pub reserved: u32,
     /// Current holders.
     pub holders: Vec<HolderStatus>,
     /// Clients waiting for a seat, first in line first.

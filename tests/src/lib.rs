@@ -54,6 +54,8 @@ pub struct Daemon {
     pub log: PathBuf,
     /// The trust arguments `tally` needs for this daemon (`--demo` or `--vendor-key F`).
     pub trust: Vec<String>,
+    /// The operations HTTP endpoint, if the daemon printed one.
+    pub http: Option<SocketAddr>,
 }
 
 impl Daemon {
@@ -96,13 +98,20 @@ impl Daemon {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some((_, rest)) = line.split_once("listening on ") {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                    let _ = tx.send(addr);
+                    let _ = tx.send(("quic", addr));
+                } else if let Some((_, rest)) = line
+                    .contains("dashboard")
+                    .then(|| line.split_once("http://"))
+                    .flatten()
+                {
+                    let addr = rest.split('/').next().unwrap_or("").to_string();
+                    let _ = tx.send(("http", addr));
                 }
             }
         });
         let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("banner address parses"),
-            Err(_) => {
+            Ok(("quic", a)) => a.parse().expect("banner address parses"),
+            _ => {
                 let _ = child.kill();
                 panic!(
                     "tallyd printed no 'listening on' line within 30 s; log:\n{}",
@@ -110,12 +119,51 @@ impl Daemon {
                 );
             }
         };
+        // The dashboard line follows the banner when the endpoint is on.
+        let http = match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(("http", a)) => a.parse().ok(),
+            _ => None,
+        };
         Daemon {
             child,
             addr,
             log,
             trust,
+            http,
         }
+    }
+
+    /// An HTTP request to the operations endpoint: (status code, body).
+    pub fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.http.expect("this daemon has no HTTP endpoint");
+        let mut stream =
+            std::net::TcpStream::connect(addr).expect("connecting to the HTTP endpoint");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("writing the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("reading the response");
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     /// The daemon's process id (to send it signals).

@@ -103,7 +103,7 @@ fn write_config(site: &Site, path: &Path, data: &Path, listen: bool) {
     std::fs::write(
         path,
         format!(
-            "{listen}data_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
+            "{listen}http_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
             data.display(),
             site.path("bundles").display(),
             site.path("vendor.pub").display()

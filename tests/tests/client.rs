@@ -228,6 +228,18 @@ fn the_c_example_checks_a_seat_out_and_in() {
     let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let lib_dir = bin("tally").parent().unwrap().to_path_buf();
+    if !lib_dir.join("libtally_client.so").exists() {
+        // `cargo test` builds the library only as an rlib; the C example needs the
+        // cdylib. Cargo does not hold its build lock while tests run, so this works
+        // from inside a test (and is quick: everything else is built already).
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-q", "-p", "tally-client", "--lib"]);
+        if lib_dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let built = cargo.current_dir(&root).status().expect("running cargo");
+        assert!(built.success(), "cargo build -p tally-client failed");
+    }
     assert!(
         lib_dir.join("libtally_client.so").exists(),
         "libtally_client.so is missing from {}",
