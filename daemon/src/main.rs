@@ -468,7 +468,14 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         if let Some(http) = server.http_addr() {
             println!("dashboard http://{http}/  (metrics: http://{http}/metrics)");
         }
-        server.run(shutdown).await.map_err(Failure::Runtime)
+        signals::notify_systemd("READY=1");
+        let result = server
+            .run(async {
+                shutdown.await;
+                signals::notify_systemd("STOPPING=1");
+            })
+            .await;
+        result.map_err(Failure::Runtime)
     })
 }
 
@@ -599,6 +606,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         if let Some(http) = server.http_addr() {
             println!("  dashboard    http://{http}/  (metrics: http://{http}/metrics)");
         }
+        signals::notify_systemd("READY=1");
         server.run(shutdown).await.map_err(Failure::Runtime)
     })?;
     drop(throwaway);

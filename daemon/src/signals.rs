@@ -46,3 +46,27 @@ pub fn hangups() -> Result<tokio::sync::mpsc::Receiver<()>> {
         .context("starting the SIGHUP thread")?;
     Ok(rx)
 }
+
+/// Tells systemd (Type=notify) how the service is doing: `READY=1` once it serves,
+/// `STOPPING=1` when it begins to stop. Does nothing outside systemd.
+pub fn notify_systemd(state: &str) {
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(socket) = UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        // An abstract socket name (systemd's default in containers and user sessions).
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        socket.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Builds the Debian package of tally: tallyd, tally and tally-publisher, the systemd unit,
+# /etc/tally/tallyd.toml (a conffile) and the example policy.
+#
+#   packaging/build-deb.sh [release|debug] [OUT.deb]
+#
+# "debug" packages the binaries `cargo test` already built (CI checks the packaging
+# without a release build); "release" (the default) builds optimised binaries first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile="${1:-release}"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+arch="$(dpkg --print-architecture)"
+out="${2:-target/tally_${version}_${arch}.deb}"
+
+if [ "$profile" = release ]; then
+    cargo build --release -p tally-daemon -p tally-client -p tally-publisher
+else
+    # The same feature set as `cargo test --workspace`, so nothing is rebuilt after tests.
+    cargo build --workspace --all-targets
+fi
+bin="target/$profile"
+
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+install -d "$stage/DEBIAN" "$stage/usr/bin" "$stage/lib/systemd/system" \
+    "$stage/etc/tally/bundles" "$stage/usr/share/doc/tally/examples"
+install -m 0755 "$bin/tallyd" "$bin/tally" "$bin/tally-publisher" "$stage/usr/bin/"
+install -m 0644 packaging/tallyd.service "$stage/lib/systemd/system/tallyd.service"
+install -m 0644 packaging/tallyd.toml "$stage/etc/tally/tallyd.toml"
+install -m 0644 packaging/policy.example.toml "$stage/usr/share/doc/tally/examples/policy.toml"
+install -m 0644 README.md ARCHITECTURE.md "$stage/usr/share/doc/tally/"
+install -m 0644 client/include/tally.h "$stage/usr/share/doc/tally/examples/tally.h"
+
+# The packaged config points at the packaged paths and a vendor key the admin installs.
+sed -i \
+    -e 's|^vendor_keys = \[\]|vendor_keys = ["/etc/tally/vendor.pub"]|' \
+    -e 's|^# report_dir = .*|report_dir = "/var/lib/tally/reports"|' \
+    "$stage/etc/tally/tallyd.toml"
+
+cat > "$stage/DEBIAN/control" <<CONTROL
+Package: tally
+Version: ${version}
+Architecture: ${arch}
+Maintainer: tally developers <tally@localhost>
+Section: net
+Priority: optional
+Depends: adduser
+Description: on-premises floating license server
+ tallyd serves concurrent (counted) software licenses over QUIC from a
+ vendor-signed entitlement bundle, keeps seats in a crash-safe store and writes
+ signed usage reports. tally is the command-line client; tally-publisher the
+ vendor's tool.
+CONTROL
+echo /etc/tally/tallyd.toml > "$stage/DEBIAN/conffiles"
+
+cat > "$stage/DEBIAN/postinst" <<'POSTINST'
+#!/bin/sh
+set -e
+if [ "$1" = configure ]; then
+    install -d -m 0700 /var/lib/tally
+    if ! getent passwd tally >/dev/null; then
+        adduser --system --group --home /var/lib/tally --no-create-home tally >/dev/null
+    fi
+    chown tally:tally /var/lib/tally
+    # The server identity and admin token, once; never replaced on upgrade.
+    if [ ! -e /var/lib/tally/server.key ]; then
+        runuser -u tally -- /usr/bin/tallyd init --data-dir /var/lib/tally
+        echo "tally: send an activation request to your vendor:"
+        echo "  tallyd request --config /etc/tally/tallyd.toml --out activation.req"
+    fi
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload >/dev/null || true
+        systemctl enable tallyd.service >/dev/null || true
+    fi
+fi
+exit 0
+POSTINST
+cat > "$stage/DEBIAN/prerm" <<'PRERM'
+#!/bin/sh
+set -e
+if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
+    systemctl stop tallyd.service >/dev/null || true
+fi
+exit 0
+PRERM
+chmod 0755 "$stage/DEBIAN/postinst" "$stage/DEBIAN/prerm"
+
+mkdir -p "$(dirname "$out")"
+dpkg-deb --root-owner-group --build "$stage" "$out" >/dev/null
+echo "$out"
