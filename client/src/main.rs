@@ -87,6 +87,12 @@ enum Command {
         /// The feature.
         feature: String,
     },
+    /// Check what usually goes wrong: server reachable over UDP, trust chain, clock
+    /// skew, licence expiry, and (with a feature) whether this user may check it out.
+    Doctor {
+        /// A feature to try a checkout of (checked in at once).
+        feature: Option<String>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -310,6 +316,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let config = client_config(&cli)?;
     match cli.command {
         Command::Completions { .. } => Ok(0),
+        Command::Doctor { feature } => Ok(doctor(config, feature).await),
         Command::Borrow {
             feature,
             period,
@@ -510,6 +517,121 @@ async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHan
                 }
             }
         }
+    }
+}
+
+/// `tally doctor`: one line per check, then a verdict. Exits 0 when nothing failed.
+async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
+    let mut failed = 0u8;
+    let mut report = |level: &str, text: String| {
+        println!("{level:<5} {text}");
+        if level == "FAIL" && failed == 0 {
+            failed = 1;
+        }
+    };
+    let session = match Session::connect(&config).await {
+        Ok(s) => {
+            report(
+                "ok",
+                format!(
+                    "server {} answers over QUIC (UDP); tallyd {}",
+                    s.server(),
+                    s.hello().server_version
+                ),
+            );
+            report(
+                "ok",
+                format!(
+                    "trust chain: server key {} is vouched for by a trusted vendor bundle",
+                    s.server_key().fingerprint()
+                ),
+            );
+            s
+        }
+        Err(ClientError::Untrusted(why)) => {
+            report("FAIL", format!("trust chain: {why}"));
+            report(
+                "",
+                "fix: the application must trust the vendor key that signed the server's bundle (--vendor-key),                  and the server must serve a bundle issued for its own key"
+                    .into(),
+            );
+            return EX_NOPERM;
+        }
+        Err(e) => {
+            report("FAIL", format!("no server reachable: {e}"));
+            report(
+                "",
+                format!(
+                    "fix: check that tallyd runs on {} and that UDP port {} is open in the firewalls between here and there",
+                    config.servers.join(", "),
+                    tally_protocol::wire::DEFAULT_PORT
+                ),
+            );
+            return EX_UNAVAILABLE;
+        }
+    };
+    let skew = now().0 as i64 - session.hello().server_time.0 as i64;
+    if skew.abs() > 300 {
+        report(
+            "WARN",
+            format!(
+                "clock skew: this machine is {} s {} the server; fix: synchronise both with NTP",
+                skew.abs(),
+                if skew > 0 { "ahead of" } else { "behind" }
+            ),
+        );
+    } else {
+        report("ok", format!("clock skew {skew} s"));
+    }
+    let today = now();
+    for b in session.bundles() {
+        for f in &b.bundle.features {
+            match f.expires.or(b.bundle.valid_until) {
+                Some(end) if end <= today => report(
+                    "FAIL",
+                    format!("'{}' expired at the end of {}", f.name, end.last_day()),
+                ),
+                Some(end) if end.0 - today.0 <= 30 * 86_400 => report(
+                    "WARN",
+                    format!(
+                        "'{}' ends after {} ({} days); ask the vendor for a renewal",
+                        f.name,
+                        end.last_day(),
+                        (end.0 - today.0) / 86_400
+                    ),
+                ),
+                _ => {}
+            }
+        }
+    }
+    if let Some(feature) = feature {
+        let want = tally_protocol::wire::CheckoutRequest {
+            feature: feature.clone(),
+            count: 1,
+            version: None,
+            build_date: None,
+            wait_secs: 0,
+            borrow_secs: 0,
+        };
+        match session.checkout(&want).await {
+            Ok(lease) => {
+                let _ = session.checkin(&[lease.lease_ref()]).await;
+                report(
+                    "ok",
+                    format!("'{feature}' can be checked out by {}", config.identity),
+                );
+            }
+            Err(ClientError::Denied(d)) => {
+                report("FAIL", format!("'{feature}' for {}: {d}", config.identity))
+            }
+            Err(e) => report("FAIL", format!("checkout of '{feature}': {e}")),
+        }
+    }
+    session.close().await;
+    if failed > 0 {
+        EX_UNAVAILABLE
+    } else {
+        0
     }
 }
 

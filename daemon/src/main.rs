@@ -64,6 +64,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Write a support bundle for the vendor's support: versions, configuration, bundle
+    /// summaries, ledger summary and recent log lines. Holds no key and no token.
+    Diagnose {
+        /// The configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Where to write it (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Give a bundle back (to move seats to new hardware): stops this server from ever
     /// loading it again and writes a return proof signed by the server key.
     /// Run it with tallyd stopped.
@@ -189,6 +199,7 @@ fn main() -> ExitCode {
             bundle,
             out,
         } => return_bundle(&config, &bundle, &out),
+        Command::Diagnose { config, out } => diagnose(&config, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -477,6 +488,92 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             .await;
         result.map_err(Failure::Runtime)
     })
+}
+
+fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
+    use serde_json::json;
+    let config_text = std::fs::read_to_string(config_path)
+        .map_err(|e| usage(anyhow!("{}: {e}", config_path.display())))?;
+    let mut doc = json!({
+        "tallyd_version": env!("CARGO_PKG_VERSION"),
+        "created": now().wall.to_string(),
+        "host": {
+            "name": host::hostname(),
+            "fingerprint": host::fingerprint(),
+            "os": host::os(),
+            "virtualization": host::virtualization(),
+        },
+        // The config names files; it holds no secret itself (keys and the admin token
+        // live in the data directory and are never read here).
+        "config_file": config_path.display().to_string(),
+        "config": config_text,
+    });
+    match load_site(config_path) {
+        Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e)) => {
+            doc["config_error"] = json!(format!("{e:#}"));
+        }
+        Ok(site) => {
+            doc["server_key"] = json!(site.key.public().fingerprint());
+            doc["bundles"] = json!(site
+                .loaded
+                .served
+                .iter()
+                .map(|(path, b)| json!({
+                    "file": path.display().to_string(),
+                    "id": b.bundle.id,
+                    "customer": b.bundle.customer.id,
+                    "valid_until": b.bundle.valid_until.map(|t| t.last_day()),
+                    "features": b.bundle.features.iter().map(|f| f.describe()).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>());
+            doc["refused_bundles"] = json!(site
+                .loaded
+                .refused
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>());
+            doc["notes"] = json!(site.loaded.notes);
+            // The store is locked while tallyd runs; then the running daemon's status
+            // (`tally status --json`) is the ledger summary to attach.
+            doc["ledger"] = match Store::open(&site.config.data_dir.join("store")) {
+                Ok(store) => {
+                    let (leases, unreadable) = store.load_leases().map_err(usage)?;
+                    let mut per: std::collections::BTreeMap<String, u32> = Default::default();
+                    for l in &leases {
+                        *per.entry(l.feature.clone()).or_default() += l.count;
+                    }
+                    let state = store.report_state().map_err(usage)?;
+                    json!({
+                        "leases": leases.len(),
+                        "seats_by_feature": per,
+                        "unreadable_records": unreadable.len(),
+                        "reports_exported": state.report_seq,
+                        "last_exported_event": state.last_event,
+                        "store_bytes": store.size_on_disk().ok(),
+                    })
+                }
+                Err(e) => {
+                    json!({ "unavailable": format!("{e} (tallyd is running; attach `tally status --json`)") })
+                }
+            };
+        }
+    }
+    let journal = std::process::Command::new("journalctl")
+        .args(["-u", "tallyd", "-n", "200", "--no-pager", "-o", "short-iso"])
+        .output();
+    doc["recent_log"] = match journal {
+        Ok(o) if o.status.success() => json!(String::from_utf8_lossy(&o.stdout)),
+        _ => json!("journalctl not available: attach tallyd's log output"),
+    };
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| Failure::Runtime(e.into()))?;
+    std::fs::write(out, text)
+        .with_context(|| format!("writing {}", out.display()))
+        .map_err(usage)?;
+    println!(
+        "support bundle written to {} (no keys, no tokens)",
+        out.display()
+    );
+    Ok(())
 }
 
 fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure> {

@@ -1177,7 +1177,7 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
 async fn dispatch(
     request: Request,
     conn: ConnId,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     identity: &Mutex<Option<ClientIdentity>>,
 ) -> Response {
     let closed = || error("the server is shutting down");
@@ -1342,7 +1342,12 @@ async fn dispatch(
                     }
                 }
                 AdminOp::Shutdown => {
-                    shared.shutdown.notify_one();
+                    // Stop after this answer has left, so the admin hears it.
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        shared.shutdown.notify_one();
+                    });
                     Response::Admin(AdminReply {
                         message: "shutting down; leases are kept".into(),
                         report: None,

@@ -258,6 +258,26 @@ fn init_request_issue_load_checkout_reload_and_return() {
     // Return the add-on: with tallyd stopped, `tallyd return` writes a proof the vendor
     // verifies; the bundle is never loaded again.
     daemon.stop();
+    // A support bundle for the vendor: what is served, the ledger, and no secrets.
+    let support = site.path("support.json");
+    ok(run(Command::new(bin("tallyd"))
+        .arg("diagnose")
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&support)));
+    let text = std::fs::read_to_string(&support).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<&str> = doc["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["addon", "renewal"]);
+    assert_eq!(doc["ledger"]["seats_by_feature"]["solver"], 2);
+    let admin_token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    assert!(!text.contains(admin_token.trim()) && !text.contains("SECRET KEY"));
     let proof = site.path("addon.return");
     let out = ok(run(Command::new(bin("tallyd"))
         .arg("return")
