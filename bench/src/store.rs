@@ -120,6 +120,7 @@ pub fn disk(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
             id: LeaseId(i),
             feature: "solver".into(),
             count: 1,
+            holder: "user@ws".into(),
             why: ReleaseReason::Checkin,
         };
         for e in [granted, released] {
@@ -195,6 +196,7 @@ pub fn reports(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
                 id: LeaseId(i / 2),
                 feature: "solver".into(),
                 count: 1,
+                holder: "ana@ws".into(),
                 why: ReleaseReason::Checkin,
             }
         };

@@ -383,7 +383,23 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 AdminCommand::Report { out } => (AdminOp::ExportReport, Some(out)),
             };
             let session = Session::connect(&config).await?;
-            let result = session.admin_reply(token.trim(), op).await;
+            let exporting = out.is_some();
+            let request = session.admin_reply(token.trim(), op);
+            // A large journal takes a while to export: show that it is under way.
+            let result = if exporting && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                tokio::pin!(request);
+                let started = std::time::Instant::now();
+                loop {
+                    tokio::select! {
+                        r = &mut request => { eprintln!(); break r; }
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                            eprint!("\rexporting the usage report... {:.0} s", started.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+            } else {
+                request.await
+            };
             session.close().await;
             let reply = result?;
             if let (Some(out), Some(report)) = (out, reply.report) {

@@ -26,6 +26,7 @@ pub fn usage_event(event: &Event) -> UsageEvent {
             feature,
             count,
             why,
+            ..
         } => UsageEvent::Released {
             lease: *id,
             feature: feature.clone(),

@@ -50,6 +50,8 @@ pub enum Event {
         feature: String,
         /// Seats it held.
         count: u32,
+        /// Who held it, `user@host` (for the log line).
+        holder: String,
         /// Why it ended.
         why: ReleaseReason,
     },
@@ -1173,8 +1175,9 @@ impl Ledger {
         let held = self.remove(id)?;
         Some(Event::Released {
             id,
-            feature: held.record.feature,
             count: held.record.count,
+            holder: held.record.holder.to_string(),
+            feature: held.record.feature,
             why,
         })
     }

@@ -45,6 +45,7 @@ fn leases_survive_reopening() {
                 id: LeaseId(2),
                 feature: "solver".into(),
                 count: 1,
+                holder: "ana@ws".into(),
                 why: ReleaseReason::Checkin,
             }])
             .unwrap();
