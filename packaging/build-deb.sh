@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-release}"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+version="$(grep -m1 '^version = ' Cargo.toml | cut -d'"' -f2)"
 arch="$(dpkg --print-architecture)"
 out="${2:-target/tally_${version}_${arch}.deb}"
 

@@ -11,7 +11,7 @@ for f in ./usr/bin/tallyd ./usr/bin/tally ./usr/bin/tally-publisher \
          ./usr/share/doc/tally/examples/policy.toml; do
     grep -q " $f\$" target/deb-contents.txt || { echo "package lacks $f"; exit 1; }
 done
-dpkg-deb -I "$deb" | grep -q "Package: tally"
+test "$(dpkg-deb -f "$deb" Package)" = tally
 
 command -v adduser >/dev/null || { apt-get update -qq && apt-get install -y -qq adduser; }
 dpkg -i "$deb"

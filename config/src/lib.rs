@@ -71,6 +71,12 @@ pub struct DaemonConfig {
     /// Exported journal events older than this many days are compacted away.
     #[serde(default = "default_retention")]
     pub journal_retention_days: u64,
+    /// HTTPS URL the spooled reports are POSTed to; none: reports stay in `report_dir`.
+    #[serde(default)]
+    pub report_upload_url: Option<String>,
+    /// Extra CA certificates (PEM) to trust for `report_upload_url`.
+    #[serde(default)]
+    pub report_upload_ca: Option<PathBuf>,
     /// Whether to serve the operations HTTP endpoint (metrics, status, dashboard).
     #[serde(default = "default_true")]
     pub http: bool,
@@ -141,6 +147,8 @@ impl Default for DaemonConfig {
             journal_retention_days: DEFAULT_JOURNAL_RETENTION_DAYS,
             http: true,
             http_listen: default_http_listen(),
+            report_upload_url: None,
+            report_upload_ca: None,
         }
     }
 }
@@ -234,6 +242,17 @@ impl DaemonConfig {
                  delayed heartbeat would cost a user the seat",
                 self.lease_ttl_secs, self.heartbeat_secs
             ));
+        }
+        if let Some(url) = &self.report_upload_url {
+            if !url.starts_with("https://") {
+                return invalid(format!("report_upload_url ({url}) must be an https:// URL"));
+            }
+            if self.report_dir.is_none() {
+                return invalid(
+                    "report_upload_url needs report_dir (reports are uploaded from the spool)"
+                        .into(),
+                );
+            }
         }
         if self.report_interval_secs < 60 {
             return invalid(format!(

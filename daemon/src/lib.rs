@@ -8,6 +8,7 @@
 //! - [`host`]: host fingerprint and facts for activation requests.
 //! - [`journal`]: the usage journal and report export.
 //! - [`http`]: metrics, status API and dashboard.
+//! - [`upload`]: HTTPS upload of spooled reports.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
@@ -25,3 +26,4 @@ pub mod server;
 pub mod signals;
 pub mod store;
 pub mod tls;
+pub mod upload;

@@ -143,6 +143,12 @@ struct DemoArgs {
     /// How often to write a usage report into --report-dir, seconds.
     #[arg(long, default_value_t = tally_config::DEFAULT_REPORT_INTERVAL_SECS)]
     report_interval_secs: u64,
+    /// Upload spooled reports to this https:// URL (needs --report-dir).
+    #[arg(long, requires = "report_dir")]
+    report_upload_url: Option<String>,
+    /// Extra CA certificates (PEM) to trust for --report-upload-url.
+    #[arg(long)]
+    report_upload_ca: Option<PathBuf>,
     /// Address of the dashboard and metrics endpoint; by default the QUIC port + 1 on the
     /// same address (a free port when --listen has port 0).
     #[arg(long)]
@@ -414,6 +420,13 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         );
     }
     let config = site.config.clone();
+    let uploader = match (&config.report_upload_url, &config.report_dir) {
+        (Some(url), Some(dir)) => Some(Arc::new(
+            tally_daemon::upload::Uploader::new(url, config.report_upload_ca.as_deref(), dir)
+                .map_err(usage)?,
+        )),
+        _ => None,
+    };
     let store = Store::open(&config.data_dir.join("store"))
         .context("opening the seat store")
         .map_err(usage)?;
@@ -467,6 +480,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
                 spool: config.report_dir.clone(),
                 interval: Some(Duration::from_secs(config.report_interval_secs)),
                 retention: Duration::from_secs(config.journal_retention_days * 86_400),
+                uploader,
             },
         })
         .map_err(usage)?;
@@ -657,6 +671,13 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         }
     };
     let policy = load_policy(args.policy.as_deref())?;
+    let uploader = match (&args.report_upload_url, &args.report_dir) {
+        (Some(url), Some(dir)) => Some(Arc::new(
+            tally_daemon::upload::Uploader::new(url, args.report_upload_ca.as_deref(), dir)
+                .map_err(usage)?,
+        )),
+        _ => None,
+    };
     let (key, _) = identity::load_or_create(&data_dir).map_err(usage)?;
     let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
     let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(usage)?;
@@ -694,6 +715,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
                 host_fingerprint: host::fingerprint(),
                 spool: args.report_dir.clone(),
                 interval: Some(Duration::from_secs(args.report_interval_secs.max(1))),
+                uploader,
                 ..Default::default()
             },
         })

@@ -274,6 +274,8 @@ pub struct ReportSettings {
     pub interval: Option<Duration>,
     /// Exported journal events older than this are compacted away.
     pub retention: Duration,
+    /// Uploads spooled reports to the vendor, if configured.
+    pub uploader: Option<Arc<crate::upload::Uploader>>,
 }
 
 impl Default for ReportSettings {
@@ -283,6 +285,7 @@ impl Default for ReportSettings {
             spool: None,
             interval: None,
             retention: Duration::from_secs(30 * 86_400),
+            uploader: None,
         }
     }
 }
@@ -324,6 +327,8 @@ struct Shared {
     /// Reports exported but not yet written to the spool (never dropped).
     unspooled: tokio::sync::Mutex<Vec<(u64, String)>>,
     metrics: Arc<Metrics>,
+    /// Wakes the uploader after an export.
+    upload_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A request to the ledger task.
@@ -455,6 +460,7 @@ impl Server {
             reports: params.reports,
             unspooled: tokio::sync::Mutex::new(Vec::new()),
             metrics: Arc::new(Metrics::default()),
+            upload_wake: Arc::new(tokio::sync::Notify::new()),
         });
         let http = match params.http_listen {
             Some(addr) => {
@@ -508,6 +514,9 @@ impl Server {
             startup,
             shared.metrics.clone(),
         ));
+        if let Some(uploader) = shared.reports.uploader.clone() {
+            tokio::spawn(crate::upload::run(uploader, shared.upload_wake.clone()));
+        }
         if let Some(listener) = http {
             let router = crate::http::router(OpsHandle {
                 shared: shared.clone(),
@@ -1025,6 +1034,7 @@ async fn export_to_spool(shared: &Shared) -> Result<Option<std::path::PathBuf>, 
             Ok(()) => {
                 unspooled.remove(0);
                 last = Some(path);
+                shared.upload_wake.notify_one();
             }
             Err(e) => {
                 return Err(format!(
@@ -1367,6 +1377,7 @@ async fn dispatch(
                             if let Err(e) = write_report(&path, &exported.text) {
                                 warn!(path = %path.display(), error = %e, "spool copy failed");
                             }
+                            shared.upload_wake.notify_one();
                         }
                         Response::Admin(AdminReply {
                             message: format!(
