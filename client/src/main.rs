@@ -783,45 +783,8 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
 }
 
 fn print_status_json(status: &StatusReply, server: &str, demo: bool) {
-    let features: Vec<serde_json::Value> = status
-        .features
-        .iter()
-        .map(|f| {
-            serde_json::json!({
-                "name": f.name,
-                "total": f.total,
-                "in_use": f.in_use,
-                "expires": f.expires.map(|e| e.to_string()),
-                "evaluation": f.evaluation,
-                "overdraft_in_use": f.overdraft_in_use,
-                "queue": f.queue.iter().map(|q| serde_json::json!({
-                    "user": q.client.user,
-                    "host": q.client.host,
-                    "pid": q.client.pid,
-                    "count": q.count,
-                    "since": q.since.to_string(),
-                })).collect::<Vec<_>>(),
-                "holders": f.holders.iter().map(|h| serde_json::json!({
-                    "lease": h.lease.to_string(),
-                    "user": h.client.user,
-                    "host": h.client.host,
-                    "pid": h.client.pid,
-                    "program": h.client.program,
-                    "count": h.count,
-                    "since": h.since.to_string(),
-                    "overdraft": h.overdraft,
-                    "borrowed_until": h.borrowed_until.map(|u| u.to_string()),
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let doc = serde_json::json!({
-        "server": server,
-        "demo": demo,
-        "server_key": status.server_fingerprint,
-        "server_time": status.server_time.to_string(),
-        "features": features,
-    });
+    let mut doc = status.to_json(demo);
+    doc["server"] = serde_json::json!(server);
     println!(
         "{}",
         serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())

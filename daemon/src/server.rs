@@ -172,40 +172,6 @@ impl OpsHandle {
     /// Status as the dashboard and `/api/status` show it.
     pub async fn status(&self) -> Result<serde_json::Value, String> {
         let s = self.raw_status().await?;
-        let now = s.server_time.0 as i64;
-        let features: Vec<serde_json::Value> = s
-            .features
-            .iter()
-            .map(|f| {
-                serde_json::json!({
-                    "name": f.name,
-                    "total": f.total,
-                    "in_use": f.in_use,
-                    "overdraft_in_use": f.overdraft_in_use,
-                    "reserved": f.reserved,
-                    "evaluation": f.evaluation,
-                    "expires": f.expires.map(|e| e.last_day()),
-                    "expires_in_days": f.expires.map(|e| (e.0 as i64 - now).max(0) / 86_400),
-                    "holders": f.holders.iter().map(|h| serde_json::json!({
-                        "lease": h.lease.to_string(),
-                        "user": h.client.user,
-                        "host": h.client.host,
-                        "pid": h.client.pid,
-                        "program": h.client.program,
-                        "count": h.count,
-                        "since": h.since.to_string(),
-                        "overdraft": h.overdraft,
-                        "borrowed_until": h.borrowed_until.map(|u| u.to_string()),
-                    })).collect::<Vec<_>>(),
-                    "queue": f.queue.iter().map(|q| serde_json::json!({
-                        "user": q.client.user,
-                        "host": q.client.host,
-                        "count": q.count,
-                        "since": q.since.to_string(),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
         let recent: Vec<RecentDenial> = self
             .shared
             .metrics
@@ -216,13 +182,9 @@ impl OpsHandle {
             .rev()
             .cloned()
             .collect();
-        Ok(serde_json::json!({
-            "server_key": s.server_fingerprint,
-            "server_time": s.server_time.to_string(),
-            "demo": self.shared.demo,
-            "features": features,
-            "recent_denials": recent,
-        }))
+        let mut doc = s.to_json(self.shared.demo);
+        doc["recent_denials"] = serde_json::json!(recent);
+        Ok(doc)
     }
 
     /// Reports waiting in the spool directory.

@@ -623,3 +623,54 @@ pub struct ErrorReply {
     /// What went wrong, for a person.
     pub message: String,
 }
+
+impl StatusReply {
+    /// The status as JSON, one schema for `tally status --json` and the daemon's
+    /// `/api/status`: times as ISO 8601, lease ids as shown to admins, expiry both as the
+    /// last valid day and in days from the server's clock.
+    pub fn to_json(&self, demo: bool) -> serde_json::Value {
+        use serde_json::json;
+        let now = self.server_time.0 as i64;
+        let features: Vec<serde_json::Value> = self
+            .features
+            .iter()
+            .map(|f| {
+                json!({
+                    "name": f.name,
+                    "total": f.total,
+                    "in_use": f.in_use,
+                    "overdraft_in_use": f.overdraft_in_use,
+                    "reserved": f.reserved,
+                    "evaluation": f.evaluation,
+                    "expires": f.expires.map(|e| e.last_day()),
+                    "expires_in_days": f.expires.map(|e| (e.0 as i64 - now).max(0) / 86_400),
+                    "holders": f.holders.iter().map(|h| json!({
+                        "lease": h.lease.to_string(),
+                        "user": h.client.user,
+                        "host": h.client.host,
+                        "pid": h.client.pid,
+                        "program": h.client.program,
+                        "count": h.count,
+                        "since": h.since.to_string(),
+                        "overdraft": h.overdraft,
+                        "borrowed_until": h.borrowed_until.map(|u| u.to_string()),
+                    })).collect::<Vec<_>>(),
+                    "queue": f.queue.iter().map(|q| json!({
+                        "user": q.client.user,
+                        "host": q.client.host,
+                        "pid": q.client.pid,
+                        "program": q.client.program,
+                        "count": q.count,
+                        "since": q.since.to_string(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "server_key": self.server_fingerprint,
+            "server_time": self.server_time.to_string(),
+            "demo": demo,
+            "features": features,
+        })
+    }
+}
