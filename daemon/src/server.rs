@@ -138,12 +138,7 @@ impl OpsHandle {
 
     /// Whether this bearer token is the admin token.
     pub fn is_admin(&self, token: Option<&str>) -> bool {
-        match (&self.shared.admin_token, token) {
-            (Some(expected), Some(given)) => {
-                constant_time_eq(given.trim().as_bytes(), expected.as_bytes())
-            }
-            _ => false,
-        }
+        self.shared.is_admin(token)
     }
 
     /// The counters.
@@ -273,7 +268,7 @@ struct Shared {
     ledger: mpsc::Sender<Command>,
     key: SecretKey,
     /// The bundles presented in hello, replaced on reload.
-    bundles: RwLock<Arc<Vec<Signed>>>,
+    bundles: RwLock<Arc<Vec<VerifiedBundle>>>,
     heartbeat_secs: u64,
     demo: bool,
     next_conn: AtomicU64,
@@ -291,6 +286,18 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Wakes the uploader after an export.
     upload_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Shared {
+    /// Whether `token` is the admin token (compared in constant time).
+    fn is_admin(&self, token: Option<&str>) -> bool {
+        match (&self.admin_token, token) {
+            (Some(expected), Some(given)) => {
+                constant_time_eq(given.trim().as_bytes(), expected.as_bytes())
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A request to the ledger task.
@@ -407,9 +414,7 @@ impl Server {
         let shared = Arc::new(Shared {
             ledger: tx,
             key: params.identity,
-            bundles: RwLock::new(Arc::new(
-                params.bundles.into_iter().map(|b| b.signed).collect(),
-            )),
+            bundles: RwLock::new(Arc::new(params.bundles)),
             heartbeat_secs: params.heartbeat.as_secs().max(1),
             demo: params.demo,
             next_conn: AtomicU64::new(1),
@@ -952,14 +957,11 @@ async fn request_export(shared: &Shared) -> Result<Exported, String> {
     let bundles = shared.bundles.read().expect("bundles lock").clone();
     let mut customers = Vec::new();
     let mut bundle_ids = Vec::new();
-    for signed in bundles.iter() {
-        // The bundles were verified at load; here only their ids and customers are read.
-        if let Ok(v) = tally_protocol::bundle::verify(signed, &[signed.signer]) {
-            if !customers.contains(&v.bundle.customer.id) {
-                customers.push(v.bundle.customer.id.clone());
-            }
-            bundle_ids.push(v.bundle.id.clone());
+    for v in bundles.iter() {
+        if !customers.contains(&v.bundle.customer.id) {
+            customers.push(v.bundle.customer.id.clone());
         }
+        bundle_ids.push(v.bundle.id.clone());
     }
     let identity = Box::new(ReportIdentity {
         key: shared.key.clone(),
@@ -1163,8 +1165,9 @@ async fn dispatch(
                 .bundles
                 .read()
                 .expect("bundles lock")
-                .as_ref()
-                .clone();
+                .iter()
+                .map(|b| b.signed.clone())
+                .collect();
             Response::Hello(HelloReply {
                 server_version: env!("CARGO_PKG_VERSION").to_string(),
                 bundles,
@@ -1245,15 +1248,8 @@ async fn dispatch(
             }
         }
         Request::Status(status) => {
-            if shared.status_needs_token {
-                let given = status.admin_token.as_deref().unwrap_or("");
-                let ok = shared
-                    .admin_token
-                    .as_deref()
-                    .is_some_and(|t| constant_time_eq(given.trim().as_bytes(), t.as_bytes()));
-                if !ok {
-                    return error("this server shows its status only with the admin token");
-                }
+            if shared.status_needs_token && !shared.is_admin(status.admin_token.as_deref()) {
+                return error("this server shows its status only with the admin token");
             }
             let (reply, rx) = oneshot::channel();
             if shared.ledger.send(Command::Status { reply }).await.is_err() {
@@ -1269,10 +1265,10 @@ async fn dispatch(
             }
         }
         Request::Admin(admin) => {
-            let Some(expected) = &shared.admin_token else {
+            if shared.admin_token.is_none() {
                 return error("admin operations are disabled: this server has no admin token");
-            };
-            if !constant_time_eq(admin.token.trim().as_bytes(), expected.as_bytes()) {
+            }
+            if !shared.is_admin(Some(&admin.token)) {
                 warn!(conn = conn.0, "admin request with a wrong token refused");
                 return error("admin token is wrong");
             }
@@ -1387,8 +1383,7 @@ async fn reload(shared: &Shared) -> Result<String, String> {
         .map_err(|_| "the server is shutting down".to_string())?;
     wait.await
         .map_err(|_| "the server is shutting down".to_string())?;
-    *shared.bundles.write().expect("bundles lock") =
-        Arc::new(bundles.into_iter().map(|b| b.signed).collect());
+    *shared.bundles.write().expect("bundles lock") = Arc::new(bundles);
     Ok(format!(
         "reloaded: serving {count} bundle(s); every lease kept"
     ))
