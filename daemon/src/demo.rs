@@ -67,7 +67,7 @@ pub fn load_or_issue(data_dir: &Path, server: &SecretKey, now: UnixTime) -> Resu
         return Ok(verified);
     }
     let signed = bundle::sign(&demo_bundle(server, now), &demo::vendor_secret());
-    std::fs::write(&path, bundle::to_armored(&signed))
+    crate::files::create_atomic(&path, bundle::to_armored(&signed).as_bytes(), 0o644)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(bundle::verify(&signed, &trusted)?)
 }

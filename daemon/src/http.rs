@@ -140,6 +140,11 @@ async fn metrics(State(ops): State<OpsHandle>, headers: HeaderMap) -> Response {
     );
     let _ = writeln!(
         out,
+        "# HELP tally_store_writable 1 while the seat store can be written; 0 while new checkouts are refused.\n# TYPE tally_store_writable gauge\ntally_store_writable {}",
+        u8::from(m.store_error.lock().expect("metrics lock").is_none())
+    );
+    let _ = writeln!(
+        out,
         "# HELP tally_report_spool_files Usage reports waiting in the spool directory.\n# TYPE tally_report_spool_files gauge\ntally_report_spool_files {}",
         ops.spool_files()
     );

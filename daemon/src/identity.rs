@@ -5,9 +5,8 @@
 //! but its owner can read it.
 
 use anyhow::{bail, Context, Result};
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tally_protocol::keys::SecretKey;
 
@@ -50,15 +49,8 @@ pub fn generate() -> Result<SecretKey> {
 
 /// Writes `contents` to a new file that only its owner can read, never replacing one.
 pub fn write_secret(path: &Path, contents: &str) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|_| file.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
+    crate::files::create_atomic(path, contents.as_bytes(), 0o600)
+        .with_context(|| format!("creating {}", path.display()))
 }
 
 /// File name of the admin token in the data directory.

@@ -1091,6 +1091,12 @@ impl Ledger {
         self.leases.len()
     }
 
+    /// Every lease held, as the store keeps it; used to rewrite a store that missed
+    /// changes while it could not be written.
+    pub fn records(&self) -> impl Iterator<Item = &LeaseRecord> {
+        self.leases.values().map(|h| &h.record)
+    }
+
     fn holder_names(&self, feature: &str) -> Vec<String> {
         let mut names: Vec<String> = self
             .leases

@@ -2,6 +2,7 @@
 //!
 //! - [`ledger`]: the seat ledger, a sans-IO state machine.
 //! - [`store`]: the sled seat store.
+//! - [`disk`]: the store as the ledger task holds it, broken and reopened on disk faults.
 //! - [`server`]: the QUIC shell that drives the ledger.
 //! - [`identity`] and [`tls`]: the server key and the certificate made from it.
 //! - [`bundles`]: loading and combining bundle files.
@@ -9,6 +10,7 @@
 //! - [`journal`]: the usage journal and report export.
 //! - [`http`]: metrics, status API and dashboard.
 //! - [`upload`]: HTTPS upload of spooled reports.
+//! - [`files`]: files written whole or not at all.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
@@ -17,6 +19,8 @@
 
 pub mod bundles;
 pub mod demo;
+pub mod disk;
+pub mod files;
 pub mod host;
 pub mod http;
 pub mod identity;

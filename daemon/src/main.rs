@@ -268,9 +268,13 @@ fn request(site: &SiteArgs, out: &Path, customer_ref: Option<String>) -> Result<
         customer_reference: customer_ref,
         created_at: now().wall,
     };
-    std::fs::write(out, activation::request_to_armored(&request, &key))
-        .with_context(|| format!("writing {}", out.display()))
-        .map_err(usage)?;
+    tally_daemon::files::write_atomic(
+        out,
+        activation::request_to_armored(&request, &key).as_bytes(),
+        0o644,
+    )
+    .with_context(|| format!("writing {}", out.display()))
+    .map_err(usage)?;
     println!(
         "activation request written to {}\n  server key  {}\n  host        {} ({})\n  send it to your vendor; no network connection is needed",
         out.display(),
@@ -580,7 +584,7 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         _ => json!("journalctl not available: attach tallyd's log output"),
     };
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Failure::Runtime(e.into()))?;
-    std::fs::write(out, text)
+    tally_daemon::files::write_atomic(out, text.as_bytes(), 0o644)
         .with_context(|| format!("writing {}", out.display()))
         .map_err(usage)?;
     println!(
@@ -626,9 +630,13 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
         returned_at: now().wall,
         leases_outstanding: outstanding,
     };
-    std::fs::write(out, activation::return_to_armored(&proof, &site.key))
-        .with_context(|| format!("writing {}", out.display()))
-        .map_err(Failure::Runtime)?;
+    tally_daemon::files::write_atomic(
+        out,
+        activation::return_to_armored(&proof, &site.key).as_bytes(),
+        0o644,
+    )
+    .with_context(|| format!("writing {}", out.display()))
+    .map_err(Failure::Runtime)?;
     println!(
         "bundle {id} ({}) returned: this server will never load it again\n\
          return proof written to {}; send it to your vendor{}",

@@ -6,6 +6,7 @@
 //! all grants of a batch share one flush (group commit), and it answers only after the
 //! flush: a client never hears "granted" for a seat the store could lose.
 
+use crate::disk::Disk;
 use crate::journal::{self, Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::store::Store;
@@ -82,6 +83,8 @@ pub struct Metrics {
     pub heartbeats: AtomicU64,
     /// Total microseconds spent answering them.
     pub heartbeat_micros: AtomicU64,
+    /// Why the seat store cannot be written, while it cannot.
+    pub store_error: Mutex<Option<String>>,
 }
 
 /// A denial as the dashboard lists it.
@@ -103,6 +106,11 @@ pub struct RecentDenial {
 const RECENT_DENIALS: usize = 50;
 
 impl Metrics {
+    /// Records whether the store can be written (`None`) or why not.
+    pub fn set_store_error(&self, error: Option<&str>) {
+        *self.store_error.lock().expect("metrics lock") = error.map(str::to_string);
+    }
+
     fn denied(&self, at: UnixTime, feature: &str, holder: &ClientIdentity, reason: &DenialReason) {
         *self
             .denials
@@ -476,7 +484,7 @@ impl Server {
         } = self;
         let ledger_task = tokio::spawn(run_ledger(
             ledger,
-            store.clone(),
+            store,
             ledger_rx,
             startup,
             shared.metrics.clone(),
@@ -562,7 +570,6 @@ impl Server {
         endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         let _ = ledger_task.await;
-        store.flush().await?;
         info!("stopped; leases are kept in the store");
         Ok(())
     }
@@ -617,7 +624,8 @@ async fn run_ledger(
     // Group commit, pipelined: while one flush runs, the next batches are decided and
     // written, and their grants wait for the flush after it. Answers go out only once a
     // flush that started after their writes has finished.
-    let mut flushing: Option<tokio::task::JoinHandle<Result<(), crate::store::StoreError>>> = None;
+    let mut disk = Disk::new(store, metrics.clone());
+    let mut flushing: Option<crate::disk::Flush> = None;
     let mut in_flight: Vec<Durable> = Vec::new();
     let mut unflushed: Vec<Durable> = Vec::new();
     // Writes since the last flush started that no answer waits for (checkins, reclaims,
@@ -626,6 +634,14 @@ async fn run_ledger(
     let mut dirty = false;
     loop {
         let deadline = ledger.next_deadline();
+        // A broken store is reopened between flushes, never under a running one.
+        let retry_at = disk.retry_at().filter(|_| flushing.is_none());
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let expiry = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
@@ -642,12 +658,31 @@ async fn run_ledger(
             n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
             result = flushed => {
                 flushing = None;
-                answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result);
+                let result = disk.flushed(result);
+                let mut rolled_back =
+                    answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result.err());
                 if !unflushed.is_empty() || dirty {
-                    in_flight = std::mem::take(&mut unflushed);
                     dirty = false;
-                    flushing = Some(start_flush(&store));
+                    flushing = begin_flush(
+                        &mut disk,
+                        &mut ledger,
+                        &mut unflushed,
+                        &mut in_flight,
+                        &mut rolled_back,
+                    );
                 }
+                if !rolled_back.is_empty() {
+                    let at = now().wall;
+                    for event in rolled_back {
+                        record(&mut journal, at, event);
+                    }
+                    let _ = disk.write(&mut journal, &[], None);
+                    dirty = true;
+                }
+                continue;
+            }
+            _ = retry => {
+                disk.try_recover(&ledger).await;
                 continue;
             }
             _ = expiry => {}
@@ -656,6 +691,7 @@ async fn run_ledger(
         ledger.observe_clock(now);
         let mut events = ledger.expire(now);
         let mut pending = Vec::with_capacity(batch.len());
+        let mut rolled_back = Vec::new();
         let mut shutdown = None;
         let mut exports = Vec::new();
         for command in batch.drain(..) {
@@ -667,14 +703,10 @@ async fn run_ledger(
                     fresh,
                     waiter,
                     reply,
-                } => match ledger.checkout_or_wait(now, conn, &holder, &request, fresh, waiter) {
-                    Checkout::Granted(granted) => {
-                        let (record, event) = *granted;
-                        events.push(event);
-                        pending.push(Pending::Grant(reply, Ok(record)));
-                    }
-                    Checkout::Denied(reason) => {
-                        info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                } => match disk.refusal() {
+                    // No grant that could not be made durable; the rest goes on.
+                    Some(what) => {
+                        let reason = DenialReason::StorageUnavailable { what };
                         metrics.denied(now.wall, &request.feature, &holder, &reason);
                         record(
                             &mut journal,
@@ -688,18 +720,42 @@ async fn run_ledger(
                         );
                         pending.push(Pending::Grant(reply, Err(reason)));
                     }
-                    Checkout::Queued { position } => {
-                        info!(feature = %request.feature, holder = %holder, position, "queued");
-                        record(
-                            &mut journal,
-                            now.wall,
-                            UsageEvent::Queued {
-                                feature: request.feature.clone(),
-                                user: holder.user.clone(),
-                                host: holder.host.clone(),
-                            },
-                        );
-                        waiting.insert(waiter, reply);
+                    None => {
+                        match ledger.checkout_or_wait(now, conn, &holder, &request, fresh, waiter) {
+                            Checkout::Granted(granted) => {
+                                let (record, event) = *granted;
+                                events.push(event);
+                                pending.push(Pending::Grant(reply, Ok(record)));
+                            }
+                            Checkout::Denied(reason) => {
+                                info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                                metrics.denied(now.wall, &request.feature, &holder, &reason);
+                                record(
+                                    &mut journal,
+                                    now.wall,
+                                    UsageEvent::Denied {
+                                        feature: request.feature.clone(),
+                                        reason: reason.code().into(),
+                                        user: holder.user.clone(),
+                                        host: holder.host.clone(),
+                                    },
+                                );
+                                pending.push(Pending::Grant(reply, Err(reason)));
+                            }
+                            Checkout::Queued { position } => {
+                                info!(feature = %request.feature, holder = %holder, position, "queued");
+                                record(
+                                    &mut journal,
+                                    now.wall,
+                                    UsageEvent::Queued {
+                                        feature: request.feature.clone(),
+                                        user: holder.user.clone(),
+                                        host: holder.host.clone(),
+                                    },
+                                );
+                                waiting.insert(waiter, reply);
+                            }
+                        }
                     }
                 },
                 Command::Remove { lease, reply } => {
@@ -782,21 +838,11 @@ async fn run_ledger(
         let clock = ledger.clock_high_water();
         let save_clock = clock.0 >= clock_saved.0.saturating_add(60);
         dirty |= !journal.is_empty() || !events.is_empty() || save_clock;
-        let written = store
-            .append_journal(&journal)
-            .and_then(|_| store.apply(&events))
-            .and_then(|_| {
-                if save_clock {
-                    store.save_clock(clock)?;
-                    clock_saved = clock;
-                }
-                Ok(())
-            });
-        journal.clear();
-        let failure = written.err().map(|e| {
-            warn!(error = %e, "could not write ledger changes");
-            e.to_string()
-        });
+        let written = disk.write(&mut journal, &events, save_clock.then_some(clock));
+        if written.is_ok() && save_clock {
+            clock_saved = clock;
+        }
+        let failure = written.err();
         for event in &events {
             if !matches!(event, Event::Granted(_)) {
                 log_event(event, true);
@@ -804,9 +850,10 @@ async fn run_ledger(
         }
         // Exports see this batch's journal, and become durable with it.
         for (identity, retention, reply) in exports.drain(..) {
-            let result = match &failure {
-                None => export(&store, &identity, now.wall, retention),
-                Some(e) => Err(e.clone()),
+            let result = match (&failure, disk.store()) {
+                (None, Some(store)) => export(store, &identity, now.wall, retention),
+                (Some(e), _) => Err(e.clone()),
+                (None, None) => Err("the seat store is closed".into()),
             };
             unflushed.push(Durable::Export(reply, result));
         }
@@ -819,6 +866,7 @@ async fn run_ledger(
                     None => unflushed.push(Durable::Grant(reply, record)),
                     Some(what) => {
                         ledger.rollback(record.id);
+                        rolled_back.push(not_recorded(&record));
                         let _ = reply
                             .send(Err(DenialReason::StorageUnavailable { what: what.clone() }));
                     }
@@ -840,20 +888,60 @@ async fn run_ledger(
         if let Some(done) = shutdown {
             if let Some(running) = flushing.take() {
                 let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
-                answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result);
+                let result = disk.flushed(result);
+                // At a stop, a store that failed keeps nothing more: its backlog is lost
+                // with the process, as the log says.
+                let _ = answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result.err());
             }
-            let result = store.flush().await;
+            let result = disk.close().await;
             if let Err(e) = &result {
                 warn!(error = %e, "final flush failed");
             }
-            answer_flushed(&mut ledger, std::mem::take(&mut unflushed), result);
+            let _ = answer_flushed(&mut ledger, std::mem::take(&mut unflushed), result.err());
             let _ = done.send(());
             return;
         }
         if flushing.is_none() && (!unflushed.is_empty() || dirty) {
-            in_flight = std::mem::take(&mut unflushed);
             dirty = false;
-            flushing = Some(start_flush(&store));
+            flushing = begin_flush(
+                &mut disk,
+                &mut ledger,
+                &mut unflushed,
+                &mut in_flight,
+                &mut rolled_back,
+            );
+        }
+        if !rolled_back.is_empty() {
+            for event in rolled_back.drain(..) {
+                record(&mut journal, now.wall, event);
+            }
+            let _ = disk.write(&mut journal, &[], None);
+            dirty = true;
+        }
+    }
+}
+
+/// Starts a flush covering `unflushed`; while the store is broken there is none, and
+/// the answers waiting for one are failed at once.
+fn begin_flush(
+    disk: &mut Disk,
+    ledger: &mut Ledger,
+    unflushed: &mut Vec<Durable>,
+    in_flight: &mut Vec<Durable>,
+    rolled_back: &mut Vec<UsageEvent>,
+) -> Option<crate::disk::Flush> {
+    match disk.start_flush() {
+        Some(flush) => {
+            *in_flight = std::mem::take(unflushed);
+            Some(flush)
+        }
+        None => {
+            rolled_back.extend(answer_flushed(
+                ledger,
+                std::mem::take(unflushed),
+                disk.refusal(),
+            ));
+            None
         }
     }
 }
@@ -870,11 +958,6 @@ enum Durable {
     ),
 }
 
-fn start_flush(store: &Store) -> tokio::task::JoinHandle<Result<(), crate::store::StoreError>> {
-    let store = store.clone();
-    tokio::spawn(async move { store.flush().await })
-}
-
 fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
     crate::store::StoreError::Sled {
         path: Default::default(),
@@ -882,16 +965,16 @@ fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
     }
 }
 
-/// Sends the answers a flush covered; if it failed, grants are rolled back and denied.
+/// Sends the answers a flush covered; if it failed, grants are rolled back and denied,
+/// and the journal events that say so are returned (the grants' own events may have
+/// reached the disk).
+#[must_use]
 fn answer_flushed(
     ledger: &mut Ledger,
     answers: Vec<Durable>,
-    result: Result<(), crate::store::StoreError>,
-) {
-    let failure = result.err().map(|e| {
-        warn!(error = %e, "could not persist ledger changes");
-        e.to_string()
-    });
+    failure: Option<String>,
+) -> Vec<UsageEvent> {
+    let mut rolled_back = Vec::new();
     for answer in answers {
         match (answer, &failure) {
             (Durable::Grant(reply, record), None) => {
@@ -900,6 +983,7 @@ fn answer_flushed(
             }
             (Durable::Grant(reply, record), Some(what)) => {
                 ledger.rollback(record.id);
+                rolled_back.push(not_recorded(&record));
                 let _ = reply.send(Err(DenialReason::StorageUnavailable { what: what.clone() }));
             }
             (Durable::Export(reply, result), None) => {
@@ -909,6 +993,17 @@ fn answer_flushed(
                 let _ = reply.send(Err(what.clone()));
             }
         }
+    }
+    rolled_back
+}
+
+/// The journal's word for a grant taken back because it could not be made durable.
+fn not_recorded(record: &LeaseRecord) -> UsageEvent {
+    UsageEvent::Released {
+        lease: record.id,
+        feature: record.feature.clone(),
+        count: record.count,
+        why: "not_recorded".into(),
     }
 }
 
@@ -1012,15 +1107,10 @@ async fn export_to_spool(shared: &Shared) -> Result<Option<std::path::PathBuf>, 
 }
 
 fn write_report(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::files::write_atomic(path, text.as_bytes(), 0o644)
 }
 
 fn log_event(event: &Event, durable: bool) {

@@ -29,6 +29,12 @@ pub enum StoreError {
         /// sled's error.
         source: sled::Error,
     },
+    /// The store's files are not there (a volume not mounted, a directory removed).
+    #[error("seat store {path}: its files are missing (is its volume mounted?)")]
+    Missing {
+        /// The store directory.
+        path: PathBuf,
+    },
 }
 
 /// A lease record in the store that could not be decoded. It is left in place (never
@@ -49,6 +55,8 @@ pub struct Store {
     leases: sled::Tree,
     meta: sled::Tree,
     journal: sled::Tree,
+    /// sled's log file, opened again for fdatasync (see [`Store::flush`]).
+    log: std::sync::Arc<std::fs::File>,
 }
 
 impl Store {
@@ -68,13 +76,38 @@ impl Store {
         let leases = db.open_tree("leases/v1").map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
         let journal = db.open_tree("journal/v1").map_err(err)?;
+        let io = |source: std::io::Error| StoreError::Sled {
+            path: path.clone(),
+            source: sled::Error::Io(source),
+        };
+        let log = std::fs::File::open(dir.join("db")).map_err(io)?;
+        // The store's directory entries, once, so that a new store survives a power cut.
+        sync_dir(dir).map_err(io)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent).map_err(io)?;
+        }
         Ok(Store {
             path,
             db,
             leases,
             meta,
             journal,
+            log: std::sync::Arc::new(log),
         })
+    }
+
+    /// Opens a store that must already exist in `dir`, as after a failed write: when
+    /// its volume is unmounted for repair, the path is there no more (or is an empty
+    /// mount point), and opening it would start a new, empty store in its place.
+    pub fn reopen(dir: &Path) -> Result<Store, StoreError> {
+        for file in ["conf", "db"] {
+            if !dir.join(file).is_file() {
+                return Err(StoreError::Missing {
+                    path: dir.to_path_buf(),
+                });
+            }
+        }
+        Store::open(dir)
     }
 
     /// Every lease in the store, plus the records that could not be read.
@@ -113,6 +146,48 @@ impl Store {
             }
         }
         self.leases.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// Makes the stored leases exactly `records`: deletes the ones not among them and
+    /// writes the missing ones (not yet flushed). Used after the store missed changes
+    /// while it could not be written; returns (removed, added).
+    pub fn sync_leases<'a>(
+        &self,
+        records: impl Iterator<Item = &'a LeaseRecord>,
+    ) -> Result<(usize, usize), StoreError> {
+        let wanted: std::collections::HashMap<[u8; 8], &LeaseRecord> =
+            records.map(|r| (key(r.id), r)).collect();
+        let mut batch = sled::Batch::default();
+        let mut present = std::collections::HashSet::new();
+        let mut removed = 0;
+        for item in self.leases.iter().keys() {
+            let k = item.map_err(|e| self.err(e))?;
+            match <[u8; 8]>::try_from(k.as_ref()) {
+                Ok(k) if wanted.contains_key(&k) => {
+                    present.insert(k);
+                }
+                // Unreadable keys are left in place, as at load.
+                Err(_) => {}
+                Ok(k) => {
+                    batch.remove(&k);
+                    removed += 1;
+                }
+            }
+        }
+        let mut added = 0;
+        for (k, record) in &wanted {
+            if !present.contains(k) {
+                batch.insert(k, StoredLease::V1((*record).clone()).encode());
+                added += 1;
+            }
+        }
+        self.leases.apply_batch(batch).map_err(|e| self.err(e))?;
+        Ok((removed, added))
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The persisted clock high-water mark, if any (an unreadable one counts as none
@@ -217,18 +292,23 @@ impl Store {
         // sled's own flush_async hands the work to its thread pool and was measured at
         // ~12 ms per call here; a blocking flush on tokio's blocking pool takes the
         // fsync's own time (~0.1 ms on this machine's disk).
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.flush_blocking())
             .await
             .map_err(|e| self.err(sled::Error::Io(std::io::Error::other(e))))?
-            .map_err(|e| self.err(e))?;
-        Ok(())
     }
 
     /// Flushes synchronously; for shutdown paths outside the runtime.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| self.err(e))?;
-        Ok(())
+        // sled 0.34 ends a flush with sync_file_range on Linux, which writes the data
+        // but not the metadata that finds it (file size, new extents); its own fsync
+        // comes from a background thread up to 500 ms later. A grant acknowledged in
+        // that window was lost when the file system failed under us (the read-only
+        // volume test). fdatasync on our own descriptor of the same file closes it.
+        self.log
+            .sync_data()
+            .map_err(|e| self.err(sled::Error::Io(e)))
     }
 
     fn err(&self, source: sled::Error) -> StoreError {
@@ -237,6 +317,10 @@ impl Store {
             source,
         }
     }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn seq_of(key: &[u8]) -> u64 {
