@@ -127,7 +127,9 @@ pub async fn scale(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\nheartbeat_secs = {hb}\nlease_ttl_secs = {}\nidle_timeout_secs = 15\nhttp = false\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\nheartbeat_secs = {hb}\nlease_ttl_secs = {}\nidle_timeout_secs = 15\nhttp = false\n\
+             # One loopback address stands for every client here.\n\
+             max_connections = 100000\nmax_connections_per_address = 100000\ncheckout_rate = 0\n",
             data.display(),
             dir.path().join("bundles").display(),
             dir.path().join("vendor.pub").display(),

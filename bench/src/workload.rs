@@ -75,6 +75,14 @@ pub async fn start_daemon() -> anyhow::Result<BenchDaemon> {
         status_needs_token: false,
         reports: Default::default(),
         http_listen: None,
+        // The bench drives everything from one loopback address: per-address limits
+        // would measure the limiter, not the server.
+        limits: tally_daemon::admission::Limits {
+            max_connections: 100_000,
+            max_connections_per_address: 100_000,
+            checkout_rate: 0,
+            ..Default::default()
+        },
     })?;
     let addr = server.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -55,6 +55,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Deadline for one request.
     pub request_timeout: Duration,
+    /// Local address to connect from (a multi-homed host whose licence traffic must
+    /// leave by one interface); `None`: the system chooses.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl ClientConfig {
@@ -66,6 +69,7 @@ impl ClientConfig {
             identity: local_identity(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            local_address: None,
         }
     }
 }
@@ -311,10 +315,10 @@ impl Session {
             server: addr,
             message,
         };
-        let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0".parse().expect("literal")
-        } else {
-            "0.0.0.0:0".parse().expect("literal")
+        let bind: SocketAddr = match config.local_address {
+            Some(ip) => SocketAddr::new(ip, 0),
+            None if addr.is_ipv6() => "[::]:0".parse().expect("literal"),
+            None => "0.0.0.0:0".parse().expect("literal"),
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| conn_err(e.to_string()))?;
         endpoint.set_default_client_config(quic_client_config()?);

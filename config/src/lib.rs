@@ -83,6 +83,42 @@ pub struct DaemonConfig {
     /// Its address; loopback by default, so exposing it is a decision.
     #[serde(default = "default_http_listen")]
     pub http_listen: SocketAddr,
+    /// Most client connections at once; more are refused, so a flood of connections
+    /// cannot take the memory that held leases need.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most connections at once from one IP address (a terminal server counts once).
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// Checkouts per second one IP address may ask for, on average; 0: no limit.
+    /// Heartbeats and checkins are never limited.
+    #[serde(default = "default_checkout_rate")]
+    pub checkout_rate: u32,
+    /// Checkouts one IP address may ask for in a burst above the rate.
+    #[serde(default = "default_checkout_burst")]
+    pub checkout_burst: u32,
+}
+
+/// Default most connections at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default most connections from one address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 2_000;
+/// Default checkouts per second per address.
+pub const DEFAULT_CHECKOUT_RATE: u32 = 100;
+/// Default checkout burst per address.
+pub const DEFAULT_CHECKOUT_BURST: u32 = 200;
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_connections_per_address() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
+}
+fn default_checkout_rate() -> u32 {
+    DEFAULT_CHECKOUT_RATE
+}
+fn default_checkout_burst() -> u32 {
+    DEFAULT_CHECKOUT_BURST
 }
 
 /// Default address of the operations HTTP endpoint.
@@ -149,6 +185,10 @@ impl Default for DaemonConfig {
             http_listen: default_http_listen(),
             report_upload_url: None,
             report_upload_ca: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            checkout_rate: DEFAULT_CHECKOUT_RATE,
+            checkout_burst: DEFAULT_CHECKOUT_BURST,
         }
     }
 }
@@ -259,6 +299,16 @@ impl DaemonConfig {
                 "report_interval_secs ({}) must be at least 60",
                 self.report_interval_secs
             ));
+        }
+        if self.max_connections == 0 || self.max_connections_per_address == 0 {
+            return invalid(
+                "max_connections and max_connections_per_address must be at least 1".into(),
+            );
+        }
+        if self.checkout_rate > 0 && self.checkout_burst == 0 {
+            return invalid(
+                "checkout_burst must be at least 1 when checkout_rate limits checkouts".into(),
+            );
         }
         if self.idle_timeout_secs < 3 {
             return invalid(format!(

@@ -140,6 +140,21 @@ async fn metrics(State(ops): State<OpsHandle>, headers: HeaderMap) -> Response {
     );
     let _ = writeln!(
         out,
+        "# HELP tally_connections Client connections open.\n# TYPE tally_connections gauge\ntally_connections {}",
+        ops.connections()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tally_connections_refused_total Connection attempts refused by the limits.\n# TYPE tally_connections_refused_total counter\ntally_connections_refused_total {}",
+        m.connections_refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tally_connections_retried_total Connection attempts asked to prove their address first.\n# TYPE tally_connections_retried_total counter\ntally_connections_retried_total {}",
+        m.connections_retried.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
         "# HELP tally_store_writable 1 while the seat store can be written; 0 while new checkouts are refused.\n# TYPE tally_store_writable gauge\ntally_store_writable {}",
         u8::from(m.store_error.lock().expect("metrics lock").is_none())
     );

@@ -4,6 +4,7 @@
 //! - [`store`]: the sled seat store.
 //! - [`disk`]: the store as the ledger task holds it, broken and reopened on disk faults.
 //! - [`server`]: the QUIC shell that drives the ledger.
+//! - [`admission`]: connection, handshake and checkout-rate limits.
 //! - [`identity`] and [`tls`]: the server key and the certificate made from it.
 //! - [`bundles`]: loading and combining bundle files.
 //! - [`host`]: host fingerprint and facts for activation requests.
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod bundles;
 pub mod demo;
 pub mod disk;

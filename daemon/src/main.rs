@@ -134,6 +134,12 @@ struct DemoArgs {
     /// QUIC idle timeout, seconds: how fast the seat of a vanished client comes back.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_SECS)]
     idle_timeout_secs: u64,
+    /// Most connections at once from one IP address.
+    #[arg(long, default_value_t = tally_config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    max_connections_per_address: usize,
+    /// Checkouts per second one IP address may ask for (burst: twice that); 0: no limit.
+    #[arg(long, default_value_t = tally_config::DEFAULT_CHECKOUT_RATE)]
+    checkout_rate: u32,
     /// A policy file (reservations, limits, include/exclude) to try out.
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -479,6 +485,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             policy: site.policy.clone(),
             status_needs_token: config.status_needs_token,
             http_listen: config.http.then_some(config.http_listen),
+            limits: tally_daemon::admission::Limits::from_config(&config),
             reports: tally_daemon::server::ReportSettings {
                 host_fingerprint: site.rules.host_fingerprint.clone(),
                 spool: config.report_dir.clone(),
@@ -657,6 +664,9 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         lease_ttl_secs: args.lease_ttl_secs,
         heartbeat_secs: args.heartbeat_secs,
         idle_timeout_secs: args.idle_timeout_secs,
+        max_connections_per_address: args.max_connections_per_address,
+        checkout_rate: args.checkout_rate,
+        checkout_burst: args.checkout_rate.saturating_mul(2).max(1),
         ..Default::default()
     };
     config
@@ -712,6 +722,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             reload_signal: None,
             policy,
             status_needs_token: false,
+            limits: tally_daemon::admission::Limits::from_config(&config),
             http_listen: Some(args.http_listen.unwrap_or_else(|| {
                 let mut a = args.listen;
                 if a.port() != 0 {

@@ -6,6 +6,7 @@
 //! all grants of a batch share one flush (group commit), and it answers only after the
 //! flush: a client never hears "granted" for a seat the store could lose.
 
+use crate::admission::{Admission, Limits, Permit, Verdict};
 use crate::disk::Disk;
 use crate::journal::{self, Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
@@ -70,6 +71,8 @@ pub struct ServerParams {
     pub reports: ReportSettings,
     /// The operations HTTP endpoint (metrics, status, dashboard); `None` for none.
     pub http_listen: Option<SocketAddr>,
+    /// Connection, handshake and checkout-rate limits.
+    pub limits: Limits,
 }
 
 /// Counters the operations endpoint shows.
@@ -85,6 +88,10 @@ pub struct Metrics {
     pub heartbeat_micros: AtomicU64,
     /// Why the seat store cannot be written, while it cannot.
     pub store_error: Mutex<Option<String>>,
+    /// Connection attempts refused by the limits.
+    pub connections_refused: AtomicU64,
+    /// Connection attempts asked to validate their address first.
+    pub connections_retried: AtomicU64,
 }
 
 /// A denial as the dashboard lists it.
@@ -188,6 +195,11 @@ impl OpsHandle {
         let mut doc = s.to_json(self.shared.demo);
         doc["recent_denials"] = serde_json::json!(recent);
         Ok(doc)
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.admission.connections()
     }
 
     /// Reports waiting in the spool directory.
@@ -294,6 +306,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Wakes the uploader after an export.
     upload_wake: Arc<tokio::sync::Notify>,
+    /// Connection and checkout limits.
+    admission: Arc<Admission>,
 }
 
 impl Shared {
@@ -436,6 +450,7 @@ impl Server {
             unspooled: tokio::sync::Mutex::new(Vec::new()),
             metrics: Arc::new(Metrics::default()),
             upload_wake: Arc::new(tokio::sync::Notify::new()),
+            admission: Admission::new(params.limits),
         });
         let http = match params.http_listen {
             Some(addr) => {
@@ -534,8 +549,34 @@ impl Server {
             let shared = shared.clone();
             async move {
                 while let Some(incoming) = endpoint.accept().await {
-                    let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-                    tokio::spawn(serve_connection(incoming, conn, shared.clone()));
+                    let remote = incoming.remote_address();
+                    match shared.admission.admit(
+                        remote.ip(),
+                        incoming.remote_address_validated(),
+                        incoming.may_retry(),
+                    ) {
+                        Verdict::Accept(permit) => {
+                            let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+                            tokio::spawn(serve_connection(incoming, conn, shared.clone(), permit));
+                        }
+                        Verdict::Retry => {
+                            shared
+                                .metrics
+                                .connections_retried
+                                .fetch_add(1, Ordering::Relaxed);
+                            if incoming.retry().is_err() {
+                                debug!(%remote, "retry refused by quinn; connection ignored");
+                            }
+                        }
+                        Verdict::Refuse(why) => {
+                            shared
+                                .metrics
+                                .connections_refused
+                                .fetch_add(1, Ordering::Relaxed);
+                            debug!(%remote, why, "connection refused");
+                            incoming.refuse();
+                        }
+                    }
                 }
             }
         };
@@ -1129,9 +1170,16 @@ fn log_event(event: &Event, durable: bool) {
 
 /// One client connection: accepts its request streams until it closes, then tells the
 /// ledger so that its leases are reclaimed at once.
-async fn serve_connection(incoming: quinn::Incoming, conn_id: ConnId, shared: Arc<Shared>) {
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    conn_id: ConnId,
+    shared: Arc<Shared>,
+    mut permit: Permit,
+) {
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
+    let handshake = incoming.await;
+    permit.handshake_done();
+    let connection = match handshake {
         Ok(c) => c,
         Err(e) => {
             debug!(%remote, error = %e, "handshake failed");
@@ -1146,7 +1194,7 @@ async fn serve_connection(incoming: quinn::Incoming, conn_id: ConnId, shared: Ar
                 tokio::spawn(serve_stream(
                     send,
                     recv,
-                    conn_id,
+                    (conn_id, remote.ip()),
                     shared.clone(),
                     identity.clone(),
                 ));
@@ -1182,7 +1230,7 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, ReadFailu
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    conn: ConnId,
+    (conn, remote): (ConnId, std::net::IpAddr),
     shared: Arc<Shared>,
     identity: Arc<Mutex<Option<ClientIdentity>>>,
 ) {
@@ -1200,7 +1248,7 @@ async fn serve_stream(
             return;
         }
         Ok(Ok(request)) => {
-            let response = dispatch(request, conn, &shared, &identity).await;
+            let response = dispatch(request, (conn, remote), &shared, &identity).await;
             frame::encode_response(&response)
         }
     };
@@ -1240,7 +1288,7 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
 
 async fn dispatch(
     request: Request,
-    conn: ConnId,
+    (conn, remote): (ConnId, std::net::IpAddr),
     shared: &Arc<Shared>,
     identity: &Mutex<Option<ClientIdentity>>,
 ) -> Response {
@@ -1276,6 +1324,15 @@ async fn dispatch(
                         what: "feature name is empty or too long".into(),
                     },
                 }));
+            }
+            if let Err(wait) = shared.admission.checkout(remote, std::time::Instant::now()) {
+                let reason = DenialReason::RateLimited {
+                    retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
+                };
+                shared
+                    .metrics
+                    .denied(now().wall, &request.feature, &holder, &reason);
+                return Response::Checkout(CheckoutReply::Denied(Denial { reason }));
             }
             let fresh = match fresh_lease() {
                 Ok(f) => f,

@@ -40,6 +40,13 @@ pub fn server_config(key: &SecretKey, idle_timeout: Duration) -> Result<quinn::S
     let crypto = QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport(idle_timeout)?));
+    // Connection attempts not yet taken by the accept loop, and the early data they may
+    // buffer, are bounded well below quinn's defaults (65,536 and 100 MB): tally uses
+    // no 0-RTT data, and the accept loop takes attempts as fast as they come.
+    config
+        .max_incoming(4096)
+        .incoming_buffer_size(16 * 1024)
+        .incoming_buffer_size_total(8 * 1024 * 1024);
     Ok(config)
 }
 

@@ -76,6 +76,7 @@ async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running
         status_needs_token: false,
         reports: Default::default(),
         http_listen: None,
+        limits: Default::default(),
     })
     .unwrap();
     let addr = server.local_addr().unwrap();

@@ -313,6 +313,11 @@ pub enum DenialReason {
         /// What failed.
         what: String,
     },
+    /// This address asked for more checkouts than the server's rate limit allows.
+    RateLimited {
+        /// When a checkout would be accepted again.
+        retry_after_ms: u32,
+    },
 }
 
 impl DenialReason {
@@ -334,6 +339,7 @@ impl DenialReason {
             DenialReason::BorrowNotAllowed { .. } => "borrow_not_allowed",
             DenialReason::InvalidRequest { .. } => "invalid_request",
             DenialReason::StorageUnavailable { .. } => "storage_unavailable",
+            DenialReason::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -443,6 +449,10 @@ impl fmt::Display for DenialReason {
             DenialReason::StorageUnavailable { what } => {
                 write!(f, "the server cannot record new seats right now: {what}")
             }
+            DenialReason::RateLimited { retry_after_ms } => write!(
+                f,
+                "too many checkouts from this address; retry in {retry_after_ms} ms"
+            ),
         }
     }
 }
