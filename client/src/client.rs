@@ -331,7 +331,29 @@ impl Client {
         let session = self.inner.session().await?;
         if let Ok(Some(borrowed)) = cache::find(&self.inner.config.trust, &want.feature, now()) {
             if borrowed.server_key == session.server_key() {
-                return Ok(LeaseHandle::borrowed(borrowed));
+                // Online, the server has the last word: a copy of a cache whose lease
+                // was returned early (or removed by the admin) must not be replayed.
+                match session
+                    .heartbeat(std::slice::from_ref(&borrowed.lease_ref))
+                    .await
+                {
+                    Ok(states) if states.first() == Some(&LeaseState::Active) => {
+                        return Ok(LeaseHandle::borrowed(borrowed));
+                    }
+                    Ok(_) => {
+                        tracing::warn!(
+                            lease = %borrowed.lease_ref.id,
+                            "the server no longer holds this borrowed lease; forgetting it"
+                        );
+                        let _ = cache::remove(borrowed.lease_ref.id);
+                    }
+                    Err(e) => {
+                        if e.is_connection_loss() {
+                            self.inner.drop_session(&session).await;
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
         let lease = match session.checkout(&want.request(Duration::ZERO)).await {

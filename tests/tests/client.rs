@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 use tally_client::{verify_grant, Client, ClientConfig, LeaseStatus, Trust, Want};
-use tally_tests::{bin, wait_until, Daemon};
+use tally_tests::{bin, wait_until, Daemon, Holder};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -281,4 +281,72 @@ fn the_c_example_checks_a_seat_out_and_in() {
     let out = run("mesher");
     assert_eq!(out.status.code(), Some(75));
     assert!(String::from_utf8_lossy(&out.stderr).contains("'mesher' is not licensed"));
+}
+
+#[test]
+fn a_replayed_borrowed_lease_and_a_token_for_another_feature_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
+    let tally = |args: &[&str]| {
+        daemon
+            .tally()
+            .env("TALLY_CACHE_DIR", &cache)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(tally(&["borrow", "solver", "--for", "1d"]).status.success());
+    let file = cache.join("borrowed.json");
+    let copy = std::fs::read_to_string(&file).unwrap();
+
+    // A genuine solver token filed under viewer is refused (offline: no server here).
+    let swapped = copy.replace("\"feature\": \"solver\"", "\"feature\": \"viewer\"");
+    assert_ne!(swapped, copy, "{copy}");
+    std::fs::write(&file, &swapped).unwrap();
+    let out = Command::new(bin("tally"))
+        .env("TALLY_CACHE_DIR", &cache)
+        .args([
+            "--server",
+            "127.0.0.1:9",
+            "--demo",
+            "run",
+            "viewer",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("do not match the signed lease token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&file, &copy).unwrap();
+
+    // Return early, keeping a copy of the cache: the seat is back on the server.
+    assert!(tally(&["return", "solver"]).status.success());
+    assert_eq!(daemon.in_use("solver"), 0);
+    // Every seat taken by others, then the copy is put back and replayed online.
+    let holders: Vec<Holder> = (0..5)
+        .map(|_| Holder::start(&daemon, "solver", 60))
+        .collect();
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 5));
+    std::fs::write(&file, &copy).unwrap();
+    let out = tally(&["run", "solver", "--", "true"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "the replayed lease gave a sixth seat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("all 5 seat"));
+    // The client forgot the returned lease.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["leases"].as_array().unwrap().len(), 0, "{text}");
+    drop(holders);
 }
