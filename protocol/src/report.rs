@@ -250,6 +250,14 @@ pub fn read(text: &str) -> Result<VerifiedReport, ReportError> {
             named: report.server_key.fingerprint(),
         });
     }
+    // tallyd never writes one (its period ends at the later of now and the start), and
+    // everything that integrates over the period assumes it.
+    if report.period_to < report.period_from {
+        return Err(ReportError::Malformed(format!(
+            "the period ends ({}) before it starts ({})",
+            report.period_to, report.period_from
+        )));
+    }
     let digest: [u8; 32] = Sha256::digest(&signed.body).into();
     Ok(VerifiedReport { report, digest })
 }
@@ -354,7 +362,8 @@ pub fn summarize(
         a.last = from.0;
     }
     for e in events {
-        let t = e.at.0.clamp(from.0, to.0);
+        // Not `clamp`, which panics if `from` is after `to`.
+        let t = e.at.0.max(from.0).min(to.0);
         let (feature, delta, grant, denial) = match &e.event {
             UsageEvent::Granted { feature, count, .. } => (feature, *count as i64, 1, 0),
             UsageEvent::Released { feature, count, .. } => (feature, -(*count as i64), 0, 0),

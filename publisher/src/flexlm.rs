@@ -257,13 +257,15 @@ pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
             )),
             "FEATURE" | "INCREMENT" | "UPGRADE" => {
                 let upgrade = keyword == "UPGRADE";
+                // `n` counts the words of the form, keyword included: the count is the
+                // last of them, so a line without it is refused, not read past its end.
                 let (form, n) = if upgrade {
                     (
                         "UPGRADE name vendor from_version to_version exp_date count",
-                        6,
+                        7,
                     )
                 } else {
-                    ("FEATURE name vendor version exp_date count", 5)
+                    ("FEATURE name vendor version exp_date count", 6)
                 };
                 need(n, form)?;
                 let mut e = Entry {
@@ -444,6 +446,21 @@ fn map_pair(
     Ok(())
 }
 
+/// Text from the license file made safe for a TOML comment: TOML forbids control
+/// characters other than tab there (a stray CR or NUL would make the whole spec
+/// unreadable), so they are shown escaped, as `\u0001`, for the reviewer to see.
+fn comment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn render(
     source: &str,
     vendor: &str,
@@ -454,7 +471,8 @@ fn render(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Bundle spec imported from {source} by tally-publisher import-flexlm."
+        "# Bundle spec imported from {} by tally-publisher import-flexlm.",
+        comment(source)
     );
     let _ = writeln!(
         out,
@@ -467,13 +485,13 @@ fn render(
     if !header.is_empty() {
         let _ = writeln!(out, "#\n# From the license file:");
         for h in header {
-            let _ = writeln!(out, "#   {h}");
+            let _ = writeln!(out, "#   {}", comment(h));
         }
     }
     if !unmapped.is_empty() {
         let _ = writeln!(out, "#\n# Not mapped, to review:");
         for u in unmapped {
-            let _ = writeln!(out, "#   {u}");
+            let _ = writeln!(out, "#   {}", comment(u));
         }
     }
     let _ = writeln!(out, "\nvendor = {}", toml_string(vendor));
@@ -484,7 +502,7 @@ fn render(
     );
     let _ = writeln!(out, "name = \"\"  # fill in");
     for e in entries {
-        let _ = writeln!(out, "\n[[feature]]\n# {}", e.origin);
+        let _ = writeln!(out, "\n[[feature]]\n# {}", comment(&e.origin));
         let _ = writeln!(out, "name = {}", toml_string(&e.name));
         match e.seats {
             Some(n) => {

@@ -96,29 +96,40 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
                         f.name, prev.name
                     ));
                 }
-                if r.first_event != p.last_event + 1 {
-                    problems.push(format!(
+                // Report contents are the customer's: no arithmetic on them may overflow.
+                match p.last_event.checked_add(1) {
+                    Some(next) if next == r.first_event => {}
+                    Some(next) => problems.push(format!(
                         "{}: events {}..={} are missing after {}",
                         f.name,
-                        p.last_event + 1,
+                        next,
                         r.first_event.saturating_sub(1),
                         prev.name
-                    ));
+                    )),
+                    None => problems.push(format!(
+                        "{}: cannot follow {}, whose last event number is the largest there is",
+                        f.name, prev.name
+                    )),
                 }
             }
         } else if r.report_seq == 1 && (r.previous_digest != [0; 32] || r.first_event != 1) {
             problems.push(format!("{}: report 1 does not start the chain", f.name));
         }
         // Events inside a report are numbered without gaps.
-        if let Some((expect, e)) = (r.first_event..)
-            .zip(r.events.iter())
-            .find(|(expect, e)| e.seq != *expect)
+        // (Not `(r.first_event..).zip(..)`, which overflows past u64::MAX.)
+        if let Some((i, e)) = r
+            .events
+            .iter()
+            .enumerate()
+            .find(|(i, e)| r.first_event.checked_add(*i as u64) != Some(e.seq))
         {
+            let before = match i {
+                0 => r.first_event.saturating_sub(1),
+                _ => r.events[i - 1].seq,
+            };
             problems.push(format!(
                 "{}: event {} follows event {}: events are missing",
-                f.name,
-                e.seq,
-                expect.saturating_sub(1)
+                f.name, e.seq, before
             ));
         }
         links.push(ChainLink {
@@ -200,7 +211,7 @@ fn licensed(bundle: &Bundle) -> BTreeMap<String, Option<u32>> {
         for name in std::iter::once(&f.name).chain(f.components.iter()) {
             let entry = out.entry(name.clone()).or_insert(Some(0));
             *entry = match (*entry, f.seats) {
-                (Some(a), Seats::Counted(n)) => Some(a + n),
+                (Some(a), Seats::Counted(n)) => Some(a.saturating_add(n)),
                 _ => None,
             };
         }
@@ -290,7 +301,7 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
             .filter(|o| o.feature == feature)
         {
             open.insert(o.lease.0, o.count);
-            in_use += o.count;
+            in_use = in_use.saturating_add(o.count);
         }
         timeline.push((start, in_use));
         let mut total = Acc {
@@ -307,7 +318,8 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
             };
             acc.set(in_use, lic);
             for e in &r.events {
-                let t = e.at.0.clamp(r.period_from.0, r.period_to.0);
+                // Not `clamp`, which panics if the period ends before it starts.
+                let t = e.at.0.max(r.period_from.0).min(r.period_to.0);
                 match &e.event {
                     UsageEvent::Granted {
                         lease,
@@ -324,7 +336,8 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                             a.hosts.insert(host.clone());
                         }
                         open.insert(lease.0, *count);
-                        in_use += count;
+                        // Counts come from the report: saturate, never wrap or panic.
+                        in_use = in_use.saturating_add(*count);
                     }
                     UsageEvent::Released {
                         lease, feature: f, ..
