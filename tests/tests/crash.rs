@@ -38,9 +38,10 @@ async fn hammer(
     grants: Arc<AtomicUsize>,
 ) {
     let mut config = ClientConfig::new(vec![addr], Trust::Demo);
-    // Short: after the kill, each client notices by a timeout.
-    config.request_timeout = Duration::from_secs(1);
-    config.connect_timeout = Duration::from_secs(3);
+    // Generous, for a loaded CI machine: a client stops at its first failed request
+    // (its answer unknown), and after the kill the test aborts the clients anyway.
+    config.request_timeout = Duration::from_secs(5);
+    config.connect_timeout = Duration::from_secs(10);
     let Ok(session) = Session::connect(&config).await else {
         return;
     };
@@ -148,9 +149,11 @@ fn sigkill_under_load_loses_no_acknowledged_lease_and_over_grants_nothing() {
         std::thread::sleep(then);
         daemon.kill();
         stop.store(true, Ordering::Relaxed);
+        // A request cut off here is like one that timed out: its answer is unknown.
         runtime.block_on(async {
             for t in tasks {
-                let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+                t.abort();
+                let _ = t.await;
             }
         });
         daemon = Daemon::start(&data, &addr, &timing);
