@@ -744,61 +744,51 @@ async fn run_ledger(
                     fresh,
                     waiter,
                     reply,
-                } => match disk.refusal() {
-                    // No grant that could not be made durable; the rest goes on.
-                    Some(what) => {
-                        let reason = DenialReason::StorageUnavailable { what };
-                        metrics.denied(now.wall, &request.feature, &holder, &reason);
-                        record(
-                            &mut journal,
-                            now.wall,
-                            UsageEvent::Denied {
-                                feature: request.feature.clone(),
-                                reason: reason.code().into(),
-                                user: holder.user.clone(),
-                                host: holder.host.clone(),
-                            },
-                        );
-                        pending.push(Pending::Grant(reply, Err(reason)));
-                    }
-                    None => {
-                        match ledger.checkout_or_wait(now, conn, &holder, &request, fresh, waiter) {
-                            Checkout::Granted(granted) => {
-                                let (record, event) = *granted;
-                                events.push(event);
-                                pending.push(Pending::Grant(reply, Ok(record)));
-                            }
-                            Checkout::Denied(reason) => {
-                                info!(feature = %request.feature, holder = %holder, %reason, "denied");
-                                metrics.denied(now.wall, &request.feature, &holder, &reason);
-                                record(
-                                    &mut journal,
-                                    now.wall,
-                                    UsageEvent::Denied {
-                                        feature: request.feature.clone(),
-                                        reason: reason.code().into(),
-                                        user: holder.user.clone(),
-                                        host: holder.host.clone(),
-                                    },
-                                );
-                                pending.push(Pending::Grant(reply, Err(reason)));
-                            }
-                            Checkout::Queued { position } => {
-                                info!(feature = %request.feature, holder = %holder, position, "queued");
-                                record(
-                                    &mut journal,
-                                    now.wall,
-                                    UsageEvent::Queued {
-                                        feature: request.feature.clone(),
-                                        user: holder.user.clone(),
-                                        host: holder.host.clone(),
-                                    },
-                                );
-                                waiting.insert(waiter, reply);
-                            }
+                } => {
+                    // While the store cannot be written, no grant: it could not be made
+                    // durable. Everything else goes on.
+                    let decided = match disk.refusal() {
+                        Some(what) => Checkout::Denied(DenialReason::StorageUnavailable { what }),
+                        None => {
+                            ledger.checkout_or_wait(now, conn, &holder, &request, fresh, waiter)
+                        }
+                    };
+                    match decided {
+                        Checkout::Granted(granted) => {
+                            let (record, event) = *granted;
+                            events.push(event);
+                            pending.push(Pending::Grant(reply, Ok(record)));
+                        }
+                        Checkout::Denied(reason) => {
+                            info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                            metrics.denied(now.wall, &request.feature, &holder, &reason);
+                            record(
+                                &mut journal,
+                                now.wall,
+                                UsageEvent::Denied {
+                                    feature: request.feature.clone(),
+                                    reason: reason.code().into(),
+                                    user: holder.user.clone(),
+                                    host: holder.host.clone(),
+                                },
+                            );
+                            pending.push(Pending::Grant(reply, Err(reason)));
+                        }
+                        Checkout::Queued { position } => {
+                            info!(feature = %request.feature, holder = %holder, position, "queued");
+                            record(
+                                &mut journal,
+                                now.wall,
+                                UsageEvent::Queued {
+                                    feature: request.feature.clone(),
+                                    user: holder.user.clone(),
+                                    host: holder.host.clone(),
+                                },
+                            );
+                            waiting.insert(waiter, reply);
                         }
                     }
-                },
+                }
                 Command::Remove { lease, reply } => {
                     let removed = ledger.remove_lease(now, lease);
                     let _ = reply.send(removed.is_some());

@@ -328,3 +328,15 @@ impl Drop for Holder {
         self.kill_group();
     }
 }
+
+/// A checkout of one seat of `feature`, no version, no wait, no borrow.
+pub fn one_seat(feature: &str) -> tally_protocol::wire::CheckoutRequest {
+    tally_protocol::wire::CheckoutRequest {
+        feature: feature.into(),
+        count: 1,
+        version: None,
+        build_date: None,
+        wait_secs: 0,
+        borrow_secs: 0,
+    }
+}

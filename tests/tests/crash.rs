@@ -12,7 +12,7 @@ use tally_client::{ClientConfig, Session, Trust};
 use tally_protocol::bundle;
 use tally_protocol::lease::LeaseId;
 use tally_protocol::report::UsageEvent;
-use tally_protocol::wire::{AdminOp, CheckoutRequest};
+use tally_protocol::wire::AdminOp;
 use tally_publisher::reconcile::{verify_chain, ReportFile};
 use tally_tests::{wait_until, Daemon};
 
@@ -45,14 +45,7 @@ async fn hammer(
     let Ok(session) = Session::connect(&config).await else {
         return;
     };
-    let request = CheckoutRequest {
-        feature: "viewer".into(),
-        count: 1,
-        version: None,
-        build_date: None,
-        wait_secs: 0,
-        borrow_secs: 0,
-    };
+    let request = tally_tests::one_seat("viewer");
     let mut mine = Vec::new();
     // Bounded: at most 2,000 operations per client, and it stops when told.
     for i in 0..2_000u32 {

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally_client::{ClientConfig, ClientError, Session, Trust};
 use tally_protocol::frame;
-use tally_protocol::wire::{CheckoutRequest, LeaseState, Response};
-use tally_tests::Daemon;
+use tally_protocol::wire::{LeaseState, Response};
+use tally_tests::{one_seat, Daemon};
 
 const ATTACKER: [u8; 4] = [127, 0, 0, 2];
 /// Per-address connection limit the daemon runs with here.
@@ -104,15 +104,7 @@ fn floods_on_loopback_leave_heartbeats_answered_and_memory_bounded() {
     let mut legit_config = ClientConfig::new(vec![server.to_string()], Trust::Demo);
     legit_config.local_address = Some(IpAddr::from([127, 0, 0, 1]));
     let legit = Arc::new(rt.block_on(Session::connect(&legit_config)).unwrap());
-    let request = |feature: &str| CheckoutRequest {
-        feature: feature.into(),
-        count: 1,
-        version: None,
-        build_date: None,
-        wait_secs: 0,
-        borrow_secs: 0,
-    };
-    let held = rt.block_on(legit.checkout(&request("solver"))).unwrap();
+    let held = rt.block_on(legit.checkout(&one_seat("solver"))).unwrap();
     let samples = Arc::new(Samples::default());
     let stop = Arc::new(AtomicBool::new(false));
     let probe = {
@@ -362,7 +354,7 @@ fn floods_on_loopback_leave_heartbeats_answered_and_memory_bounded() {
         let flooder = session.expect("the attacker could not connect after its connections closed");
         let (mut granted, mut limited) = (0u32, 0u32);
         for _ in 0..1_000 {
-            match flooder.checkout(&request("viewer")).await {
+            match flooder.checkout(&one_seat("viewer")).await {
                 Ok(lease) => {
                     granted += 1;
                     let _ = flooder.checkin(&[lease.lease_ref()]).await;
@@ -371,7 +363,7 @@ fn floods_on_loopback_leave_heartbeats_answered_and_memory_bounded() {
                 Err(e) => panic!("flood checkout: {e}"),
             }
         }
-        let legit_ok = legit.checkout(&request("viewer")).await.is_ok();
+        let legit_ok = legit.checkout(&one_seat("viewer")).await.is_ok();
         (granted, limited, legit_ok)
     });
     let secs = t.elapsed().as_secs_f64();

@@ -9,7 +9,6 @@
 use base64::Engine;
 use std::time::Duration;
 use tally_client::{ClientConfig, Session, Trust};
-use tally_protocol::wire::CheckoutRequest;
 use tally_tests::Daemon;
 
 fn forms(secret: &[u8]) -> Vec<String> {
@@ -99,14 +98,7 @@ fn no_secret_reaches_a_log_or_an_error_message() {
         let session = Session::connect(&config).await.unwrap();
         for feature in ["solver", "viewer", "viewer"] {
             let lease = session
-                .checkout(&CheckoutRequest {
-                    feature: feature.into(),
-                    count: 1,
-                    version: None,
-                    build_date: None,
-                    wait_secs: 0,
-                    borrow_secs: 0,
-                })
+                .checkout(&tally_tests::one_seat(feature))
                 .await
                 .unwrap();
             secrets.push(lease.lease_ref().secret.0.to_vec());

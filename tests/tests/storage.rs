@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tally_client::{ClientConfig, ClientError, Lease, Session, Trust};
-use tally_protocol::wire::{CheckoutRequest, LeaseState};
-use tally_tests::{bin, wait_until, Daemon, Holder};
+use tally_protocol::wire::LeaseState;
+use tally_tests::{bin, one_seat, wait_until, Daemon, Holder};
 
 /// A mounted volume, unmounted when dropped.
 struct Mount {
@@ -68,17 +68,6 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-fn request(feature: &str) -> CheckoutRequest {
-    CheckoutRequest {
-        feature: feature.into(),
-        count: 1,
-        version: None,
-        build_date: None,
-        wait_secs: 0,
-        borrow_secs: 0,
-    }
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -99,7 +88,7 @@ async fn churn_until_refused(session: &Session) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     for _ in 0..50_000 {
         assert!(Instant::now() < deadline, "the store never filled up");
-        match session.checkout(&request("viewer")).await {
+        match session.checkout(&one_seat("viewer")).await {
             Ok(lease) => {
                 session.checkin(&[lease.lease_ref()]).await.unwrap();
             }
@@ -116,7 +105,7 @@ async fn churn_until_refused(session: &Session) -> String {
 /// What the daemon says about the store and the leases while it cannot write.
 async fn check_degraded(daemon: &Daemon, session: &Session, held: &Lease, fault: &str) {
     // Refused again, with the same reason, and the refusal names the fault.
-    let refused = match session.checkout(&request("solver")).await {
+    let refused = match session.checkout(&one_seat("solver")).await {
         Err(ClientError::Denied(d)) => d.reason.to_string(),
         other => panic!("a checkout was not refused: {other:?}"),
     };
@@ -136,7 +125,7 @@ async fn check_degraded(daemon: &Daemon, session: &Session, held: &Lease, fault:
 async fn wait_for_grant(session: &Session) -> Lease {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match session.checkout(&request("solver")).await {
+        match session.checkout(&one_seat("solver")).await {
             Ok(lease) => return lease,
             Err(ClientError::Denied(d)) if Instant::now() < deadline => {
                 assert_eq!(d.reason.code(), "storage_unavailable");
@@ -205,7 +194,7 @@ fn full_disk_refuses_grants_keeps_leases_and_recovers_when_space_returns() {
         == 1));
     let rt = runtime();
     let session = rt.block_on(connect(&daemon));
-    let held = rt.block_on(session.checkout(&request("solver"))).unwrap();
+    let held = rt.block_on(session.checkout(&one_seat("solver"))).unwrap();
 
     // Fill the volume to the last byte.
     let filler = vol.join("filler");
@@ -272,7 +261,7 @@ fn read_only_file_system_refuses_grants_keeps_leases_and_recovers_after_repair()
         == 1));
     let rt = runtime();
     let session = rt.block_on(connect(&daemon));
-    let held = rt.block_on(session.checkout(&request("solver"))).unwrap();
+    let held = rt.block_on(session.checkout(&one_seat("solver"))).unwrap();
 
     // The kernel turns the file system read-only under the daemon, as it does on a
     // disk error with errors=remount-ro.
