@@ -71,6 +71,7 @@ impl Store {
             .path(dir)
             // The default 1 GiB page cache is sized for databases, not for a seat table.
             .cache_capacity(64 * 1024 * 1024)
+            .segment_size(segment_size(dir))
             .open()
             .map_err(err)?;
         let leases = db.open_tree("leases/v1").map_err(err)?;
@@ -319,6 +320,25 @@ impl Store {
     }
 }
 
+/// Segment size of new stores: 128 KiB instead of sled's 512 KiB left 9 % less on disk
+/// after the benchmark's million checkout/checkin cycles (66 MiB instead of 73 MiB);
+/// 64 KiB did no better and wrote slower. sled refuses to open a store with another
+/// segment size than it was made with, so an existing store keeps its own.
+const SEGMENT_SIZE: usize = 128 * 1024;
+
+fn segment_size(dir: &Path) -> usize {
+    // sled's conf is text lines followed by a binary CRC.
+    std::fs::read(dir.join("conf"))
+        .ok()
+        .and_then(|conf| {
+            String::from_utf8_lossy(&conf)
+                .lines()
+                .find_map(|l| l.strip_prefix("segment_size:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(SEGMENT_SIZE)
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -332,4 +352,24 @@ fn seq_of(key: &[u8]) -> u64 {
 
 fn key(id: LeaseId) -> [u8; 8] {
     id.0.to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_stores_take_small_segments_and_old_stores_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("fresh");
+        drop(Store::open(&fresh).unwrap());
+        assert_eq!(segment_size(&fresh), SEGMENT_SIZE);
+        // A store made with sled's default segment size (as before) still opens.
+        let old = dir.path().join("old");
+        drop(sled::Config::new().path(&old).open().unwrap());
+        assert_eq!(segment_size(&old), 512 * 1024);
+        let store = Store::open(&old).unwrap();
+        store.apply(&[]).unwrap();
+        store.flush_blocking().unwrap();
+    }
 }
