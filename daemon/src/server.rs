@@ -992,7 +992,7 @@ enum Durable {
 fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
     crate::store::StoreError::Sled {
         path: Default::default(),
-        source: sled::Error::Io(std::io::Error::other(e)),
+        cause: sled::Error::Io(std::io::Error::other(e)),
     }
 }
 

@@ -22,12 +22,14 @@ const REPORT_KEY: &[u8] = b"report-state";
 #[non_exhaustive]
 pub enum StoreError {
     /// sled reported an error (disk full, permissions, corruption).
-    #[error("seat store {path}: {source}")]
+    // `cause`, not `source`: the message already holds it, and an error chain would
+    // print it twice.
+    #[error("seat store {path}: {cause}")]
     Sled {
         /// The store directory.
         path: PathBuf,
         /// sled's error.
-        source: sled::Error,
+        cause: sled::Error,
     },
     /// The store's files are not there (a volume not mounted, a directory removed).
     #[error("seat store {path}: its files are missing (is its volume mounted?)")]
@@ -63,9 +65,9 @@ impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.to_path_buf();
-        let err = |source| StoreError::Sled {
+        let err = |cause| StoreError::Sled {
             path: path.clone(),
-            source,
+            cause,
         };
         let db = sled::Config::new()
             .path(dir)
@@ -79,7 +81,7 @@ impl Store {
         let journal = db.open_tree("journal/v1").map_err(err)?;
         let io = |source: std::io::Error| StoreError::Sled {
             path: path.clone(),
-            source: sled::Error::Io(source),
+            cause: sled::Error::Io(source),
         };
         let log = std::fs::File::open(dir.join("db")).map_err(io)?;
         // The store's directory entries, once, so that a new store survives a power cut.
@@ -312,10 +314,10 @@ impl Store {
             .map_err(|e| self.err(sled::Error::Io(e)))
     }
 
-    fn err(&self, source: sled::Error) -> StoreError {
+    fn err(&self, cause: sled::Error) -> StoreError {
         StoreError::Sled {
             path: self.path.clone(),
-            source,
+            cause,
         }
     }
 }
