@@ -402,7 +402,7 @@ pub fn to_csv(r: &Reconciliation) -> String {
             let _ = writeln!(
                 out,
                 "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{},{},{},{}",
-                f.feature,
+                csv_field(&f.feature),
                 label,
                 s.from,
                 s.to,
@@ -423,6 +423,22 @@ pub fn to_csv(r: &Reconciliation) -> String {
         }
     }
     out
+}
+
+/// One CSV field: quoted when it holds a separator, a quote or a line break (RFC 4180),
+/// and kept from being read as a formula by a spreadsheet. Feature names come from
+/// reports a customer's server signs, so they are not trusted to be plain.
+fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
 }
 
 fn html_escape(s: &str) -> String {
@@ -547,4 +563,19 @@ section{{page-break-inside:avoid;margin-bottom:2em}}@media print{{body{{margin:0
     }
     out.push_str("</body></html>\n");
     out
+}
+
+#[cfg(test)]
+mod csv_tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_are_quoted_and_never_formulas() {
+        assert_eq!(csv_field("solver"), "solver");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
 }
