@@ -104,7 +104,7 @@ pub fn group_commit(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
 }
 
 /// Disk after N checkout/checkin cycles with a report exported (and the exported journal
-/// compacted) every 100,000 events, as a daemon with scheduled reports does.
+/// compacted) every 100,000 cycles (200,000 events), as a daemon with scheduled reports does.
 pub fn disk(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
