@@ -538,6 +538,15 @@ fn main() {
     frames(vec![demo_signed], token);
     report_seed();
 
+    // Key files as tallyd init and tally-publisher keygen write them (the fixed fuzz
+    // server key: a seed, not a secret). The certificate seed `openssl-ed25519.der` was
+    // made once with `openssl req -x509 -newkey ed25519` and is kept as it is.
+    write("keys", "server.key", key.to_armored().as_bytes());
+    write(
+        "keys",
+        "vendor.pub",
+        tally_protocol::keys::public_key_to_armored(&key.public()).as_bytes(),
+    );
     copy("config", "tallyd.toml", "packaging/tallyd.toml");
     write(
         "config",
