@@ -324,6 +324,10 @@ impl Shared {
 
 /// A request to the ledger task.
 enum Command {
+    /// A queued checkout whose client stopped waiting.
+    CancelWait {
+        waiter: WaiterId,
+    },
     Checkout {
         conn: ConnId,
         holder: ClientIdentity,
@@ -811,6 +815,7 @@ async fn run_ledger(
                     pending.push(Pending::Status(reply, ledger.status(now.wall)))
                 }
                 Command::Closed { conn } => events.extend(ledger.connection_closed(now, conn)),
+                Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
                 Command::Reload {
                     bundles,
                     policy,
@@ -1238,7 +1243,7 @@ async fn serve_stream(
             return;
         }
         Ok(Ok(request)) => {
-            let response = dispatch(request, (conn, remote), &shared, &identity).await;
+            let response = dispatch(request, (conn, remote), &send, &shared, &identity).await;
             frame::encode_response(&response)
         }
     };
@@ -1279,6 +1284,7 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
 async fn dispatch(
     request: Request,
     (conn, remote): (ConnId, std::net::IpAddr),
+    send: &quinn::SendStream,
     shared: &Arc<Shared>,
     identity: &Mutex<Option<ClientIdentity>>,
 ) -> Response {
@@ -1329,18 +1335,29 @@ async fn dispatch(
                 Err(e) => return error(format!("no randomness for a lease secret: {e}")),
             };
             let (reply, rx) = oneshot::channel();
+            let waiter = WaiterId(shared.next_waiter.fetch_add(1, Ordering::Relaxed));
             let command = Command::Checkout {
                 conn,
                 holder: holder.clone(),
                 request,
                 fresh,
-                waiter: WaiterId(shared.next_waiter.fetch_add(1, Ordering::Relaxed)),
+                waiter,
                 reply,
             };
             if shared.ledger.send(command).await.is_err() {
                 return closed();
             }
-            match rx.await {
+            // A client that gives up waiting (its request future dropped, the stream
+            // stopped) while keeping the connection leaves the queue at once, instead of
+            // holding its place, and later a seat nobody would use, until its timeout.
+            let answer = tokio::select! {
+                answer = rx => answer,
+                _ = send.stopped() => {
+                    let _ = shared.ledger.send(Command::CancelWait { waiter }).await;
+                    return closed();
+                }
+            };
+            match answer {
                 Ok(Ok(record)) => {
                     Response::Checkout(CheckoutReply::Granted(grant(&record, &holder, &shared.key)))
                 }

@@ -257,3 +257,54 @@ async fn servers_are_tried_in_order() {
     session.close().await;
     running.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_waiting_leaves_the_queue_and_gets_no_seat() {
+    let server_key = SecretKey::from_seed([1; 32]);
+    let vendor = SecretKey::from_seed([2; 32]);
+    let running = start(server_key.clone(), bundle_for(&server_key, &vendor, None)).await;
+    let trust = || Trust::Vendor(vec![vendor.public()]);
+    let holder = Session::connect(&config(running.addr, trust()))
+        .await
+        .unwrap();
+    let waiter = Session::connect(&config(running.addr, trust()))
+        .await
+        .unwrap();
+    let want = |count, wait_secs| CheckoutRequest {
+        feature: "solver".into(),
+        count,
+        version: None,
+        build_date: None,
+        wait_secs,
+        borrow_secs: 0,
+    };
+    let both = holder.checkout(&want(2, 0)).await.unwrap();
+    let queue_len = |status: tally_protocol::wire::StatusReply| {
+        status
+            .features
+            .iter()
+            .find(|f| f.name == "solver")
+            .map(|f| (f.queue.len(), f.in_use))
+            .unwrap()
+    };
+    // The waiting checkout is given up on the client side; its connection stays.
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(500), waiter.checkout(&want(1, 60))).await;
+    assert!(gave_up.is_err(), "the checkout did not wait");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (queued, _) = queue_len(waiter.status(None).await.unwrap());
+        if queued == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned wait is still queued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The seats come back and stay free: nobody is waiting for them.
+    holder.checkin(&[both.lease_ref()]).await.unwrap();
+    assert_eq!(queue_len(waiter.status(None).await.unwrap()), (0, 0));
+    running.stop().await;
+}
