@@ -677,6 +677,9 @@ async fn run_ledger(
     // denials in the journal): flushed promptly all the same, so a crash loses at most
     // one flush's worth of them.
     let mut dirty = false;
+    // Journal events of grants taken back (the store failed under them), recorded with
+    // the next batch.
+    let mut rolled_back: Vec<UsageEvent> = Vec::new();
     loop {
         let deadline = ledger.next_deadline();
         // A broken store is reopened between flushes, never under a running one.
@@ -702,28 +705,21 @@ async fn run_ledger(
         tokio::select! {
             n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
             result = flushed => {
-                flushing = None;
                 let result = disk.flushed(result);
-                let mut rolled_back =
-                    answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result.err());
-                if !unflushed.is_empty() || dirty {
-                    dirty = false;
-                    flushing = begin_flush(
-                        &mut disk,
-                        &mut ledger,
-                        &mut unflushed,
-                        &mut in_flight,
-                        &mut rolled_back,
-                    );
-                }
-                if !rolled_back.is_empty() {
-                    let at = now().wall;
-                    for event in rolled_back {
-                        record(&mut journal, at, event);
-                    }
-                    let _ = disk.write(&mut journal, &[], None);
-                    dirty = true;
-                }
+                // Grants taken back only happen while the store is broken; they are
+                // journaled (into its backlog) with the next batch.
+                rolled_back.extend(answer_flushed(
+                    &mut ledger,
+                    std::mem::take(&mut in_flight),
+                    result.err(),
+                ));
+                flushing = flush_if_owed(
+                    &mut disk,
+                    &mut ledger,
+                    (&mut unflushed, &mut in_flight),
+                    &mut dirty,
+                    &mut rolled_back,
+                );
                 continue;
             }
             _ = retry => {
@@ -736,7 +732,6 @@ async fn run_ledger(
         ledger.observe_clock(now);
         let mut events = ledger.expire(now);
         let mut pending = Vec::with_capacity(batch.len());
-        let mut rolled_back = Vec::new();
         let mut shutdown = None;
         let mut exports = Vec::new();
         for command in batch.drain(..) {
@@ -937,13 +932,12 @@ async fn run_ledger(
             let _ = done.send(());
             return;
         }
-        if flushing.is_none() && (!unflushed.is_empty() || dirty) {
-            dirty = false;
-            flushing = begin_flush(
+        if flushing.is_none() {
+            flushing = flush_if_owed(
                 &mut disk,
                 &mut ledger,
-                &mut unflushed,
-                &mut in_flight,
+                (&mut unflushed, &mut in_flight),
+                &mut dirty,
                 &mut rolled_back,
             );
         }
@@ -957,15 +951,20 @@ async fn run_ledger(
     }
 }
 
-/// Starts a flush covering `unflushed`; while the store is broken there is none, and
-/// the answers waiting for one are failed at once.
-fn begin_flush(
+/// Starts a flush if answers or writes are waiting for one (call it when none runs); it
+/// covers `unflushed`, which becomes `in_flight`. While the store is broken there is no
+/// flush, and the answers waiting for one are failed at once.
+fn flush_if_owed(
     disk: &mut Disk,
     ledger: &mut Ledger,
-    unflushed: &mut Vec<Durable>,
-    in_flight: &mut Vec<Durable>,
+    (unflushed, in_flight): (&mut Vec<Durable>, &mut Vec<Durable>),
+    dirty: &mut bool,
     rolled_back: &mut Vec<UsageEvent>,
 ) -> Option<crate::disk::Flush> {
+    if unflushed.is_empty() && !*dirty {
+        return None;
+    }
+    *dirty = false;
     match disk.start_flush() {
         Some(flush) => {
             *in_flight = std::mem::take(unflushed);
