@@ -33,6 +33,10 @@ struct Cli {
     /// Run only these groups (comma-separated): network, store, disk, reports, scale.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Connections in the scale group (default 10,000; 100 with --quick). Smaller runs
+    /// help when profiling the daemon's memory per connection.
+    #[arg(long)]
+    scale_conns: Option<usize>,
 }
 
 /// One measured row.
@@ -101,6 +105,10 @@ fn main() -> anyhow::Result<()> {
             scale_leases_per_conn: 10,
             scale_heartbeat_secs: 30,
         }
+    };
+    let sizes = Sizes {
+        scale_conns: cli.scale_conns.unwrap_or(sizes.scale_conns),
+        ..sizes
     };
     let wants = |g: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == g);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -14,6 +14,14 @@ use tally_protocol::frame::{self, HEADER_LEN, MAX_RESPONSE_LEN};
 use tally_protocol::keys::{public_key_to_armored, SecretKey};
 use tally_protocol::wire::*;
 
+/// The `tallyd` to run: `TALLY_BENCH_TALLYD` if set (a wrapper such as a heap profiler
+/// around the real binary), else the one next to this executable.
+fn tallyd() -> PathBuf {
+    std::env::var_os("TALLY_BENCH_TALLYD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| sibling("tallyd"))
+}
+
 fn sibling(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     exe.parent().expect("exe dir").join(name)
@@ -22,7 +30,7 @@ fn sibling(name: &str) -> PathBuf {
 /// Starts `tallyd run --config` and returns it with the address it printed.
 fn spawn_tallyd(config: &Path) -> anyhow::Result<(Child, SocketAddr, Instant)> {
     let started = Instant::now();
-    let mut child = Command::new(sibling("tallyd"))
+    let mut child = Command::new(tallyd())
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
@@ -32,7 +40,7 @@ fn spawn_tallyd(config: &Path) -> anyhow::Result<(Child, SocketAddr, Instant)> {
         .map_err(|e| {
             anyhow::anyhow!(
                 "starting {}: {e} (build it: cargo build --release)",
-                sibling("tallyd").display()
+                tallyd().display()
             )
         })?;
     let stdout = child.stdout.take().expect("piped");

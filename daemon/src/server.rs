@@ -12,8 +12,9 @@ use crate::journal::{self, Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::store::Store;
 use anyhow::{Context, Result};
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -561,7 +562,12 @@ impl Server {
                     ) {
                         Verdict::Accept(permit) => {
                             let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-                            tokio::spawn(serve_connection(incoming, conn, shared.clone(), permit));
+                            tokio::spawn(serve_connection(
+                                Box::new(incoming),
+                                conn,
+                                shared.clone(),
+                                permit,
+                            ));
                         }
                         Verdict::Retry => {
                             shared
@@ -1065,7 +1071,7 @@ fn export(
     if unreadable > 0 {
         warn!(
             unreadable,
-            "journal entries could not be read; the report names the gap"
+            "journal records could not be read; the report names the gap"
         );
     }
     let exported = journal::build_report(identity, &state, entries, now);
@@ -1164,14 +1170,19 @@ fn log_event(event: &Event, durable: bool) {
 
 /// One client connection: accepts its request streams until it closes, then tells the
 /// ledger so that its leases are reclaimed at once.
+///
+/// The task lives as long as the connection, so its size counts per idle client (see
+/// BENCHMARKS.md, scale): the handshake and the final ledger message are boxed, so that
+/// their state is freed when done instead of sizing the whole task for its lifetime.
 async fn serve_connection(
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     conn_id: ConnId,
     shared: Arc<Shared>,
     mut permit: Permit,
 ) {
     let remote = incoming.remote_address();
-    let handshake = incoming.await;
+    let handshake: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin((*incoming).into_future());
+    let handshake = handshake.await;
     permit.handshake_done();
     let connection = match handshake {
         Ok(c) => c,
@@ -1197,7 +1208,7 @@ async fn serve_connection(
         }
     };
     debug!(%remote, conn = conn_id.0, %reason, "connection closed");
-    let _ = shared.ledger.send(Command::Closed { conn: conn_id }).await;
+    let _ = Box::pin(shared.ledger.send(Command::Closed { conn: conn_id })).await;
 }
 
 /// Why reading a request failed.

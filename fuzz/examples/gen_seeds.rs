@@ -18,8 +18,11 @@ use tally_protocol::armor::dearmor_limited;
 use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant, Seats};
 use tally_protocol::frame;
 use tally_protocol::keys::{demo, fingerprint_of};
-use tally_protocol::lease::{LeaseId, LeaseSecret};
-use tally_protocol::report::{self, JournalEntry, OpenLease, Report, UsageEvent};
+use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret, StoredClock, StoredLease};
+use tally_protocol::report::{
+    self, JournalEntry, OpenLease, Report, ReportState, StoredJournal, StoredJournalChunk,
+    StoredReportState, UsageEvent,
+};
 use tally_protocol::signed::{self, Signed};
 use tally_protocol::time::{UnixTime, DAY};
 use tally_protocol::wire::*;
@@ -418,6 +421,7 @@ fn report_seed() {
             event: UsageEvent::DaemonStopped,
         },
     ];
+    stored_seeds(&events);
     let open_at_start = vec![OpenLease {
         lease: LeaseId(1),
         feature: "solver".into(),
@@ -464,6 +468,48 @@ fn report_seed() {
         "report-empty.txt",
         report::sign(&empty, &key).0.as_bytes(),
     );
+}
+
+/// The records of a store, with the byte the `stored` target reads first.
+fn stored_seeds(events: &[JournalEntry]) {
+    let tagged = |kind: u8, bytes: Vec<u8>| [vec![kind], bytes].concat();
+    let record = LeaseRecord {
+        id: LeaseId(0x1f),
+        secret: LeaseSecret([7; 16]),
+        feature: "solver".into(),
+        count: 2,
+        holder: identity("ana", "ws-12"),
+        granted_at: NOW,
+        ttl_secs: 120,
+        version: Some("2027.1".into()),
+        linger_secs: 0,
+        overdraft: false,
+        borrowed_until: Some(NOW.plus_secs(DAY)),
+    };
+    write("stored", "lease", &tagged(0, StoredLease::V1(record).encode()));
+    write(
+        "stored",
+        "journal-entry",
+        &tagged(1, StoredJournal::V1(events[0].clone()).encode()),
+    );
+    write(
+        "stored",
+        "journal-chunk",
+        &tagged(2, StoredJournalChunk::V1(events.to_vec()).encode()),
+    );
+    let state = ReportState {
+        report_seq: 3,
+        last_event: 19,
+        digest: [0x5a; 32],
+        period_end: Some(NOW),
+        ..ReportState::default()
+    };
+    write(
+        "stored",
+        "report-state",
+        &tagged(3, StoredReportState::V1(state).encode()),
+    );
+    write("stored", "clock", &tagged(4, StoredClock::V1(NOW).encode()));
 }
 
 fn main() {

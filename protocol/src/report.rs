@@ -124,6 +124,35 @@ impl StoredJournal {
     }
 }
 
+/// Consecutive journal entries stored as one record under the first entry's number.
+///
+/// One sled value per group commit instead of one per event: sled's log keeps far less
+/// per record, so a store that exports and compacts every 200,000 events stays at about
+/// 19 MiB instead of 66 MiB (BENCHMARKS.md). The variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredJournalChunk {
+    /// Format version 1: entries in sequence order, without gaps.
+    V1(Vec<JournalEntry>),
+}
+
+impl StoredJournalChunk {
+    /// Most entries the daemon puts in one chunk; a chunk's value stays small for sled
+    /// and a damaged one loses at most this many events.
+    pub const MAX_ENTRIES: usize = 256;
+
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded (a chunk of entries each near the request size
+    /// limit still fits).
+    pub fn decode(bytes: &[u8]) -> Result<StoredJournalChunk, crate::DecodeError> {
+        crate::decode::<StoredJournalChunk, { 32 * 1024 * 1024 }>(bytes)
+    }
+}
+
 /// A lease open at a report's start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenLease {
