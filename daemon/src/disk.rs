@@ -122,7 +122,9 @@ impl Disk {
     pub fn start_flush(&mut self) -> Option<Flush> {
         let store = self.store()?.clone();
         self.in_flight.append(&mut self.unflushed);
-        Some(tokio::spawn(async move { store.flush().await }))
+        // Straight onto the blocking pool: the ledger task awaits the flush itself, with
+        // no task in between to wake.
+        Some(tokio::task::spawn_blocking(move || store.flush_blocking()))
     }
 
     /// Takes the result of a flush started by [`Disk::start_flush`].
