@@ -61,6 +61,25 @@ pub fn start() -> anyhow::Result<Echo> {
     Ok(Echo { addr, endpoint })
 }
 
+/// Runs the echo server in this process, prints `listening on ADDR`, and serves until
+/// stdin closes: the scale group's baseline process.
+pub fn serve_until_stdin_closes() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let echo = {
+        let _guard = runtime.enter();
+        start()?
+    };
+    println!("listening on {}", echo.addr);
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(echo);
+    Ok(())
+}
+
 /// One client connection to the echo server.
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;

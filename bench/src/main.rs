@@ -37,6 +37,10 @@ struct Cli {
     /// help when profiling the daemon's memory per connection.
     #[arg(long)]
     scale_conns: Option<usize>,
+    /// Internal: serve the echo baseline in this process until stdin closes (the scale
+    /// group measures a bare QUIC server's memory in a process of its own).
+    #[arg(long, hide = true)]
+    echo_server: bool,
 }
 
 /// One measured row.
@@ -87,6 +91,9 @@ pub struct Sizes {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.echo_server {
+        return echo::serve_until_stdin_closes();
+    }
     let sizes = if cli.quick {
         Sizes {
             secs: 0.3,

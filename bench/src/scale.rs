@@ -30,19 +30,27 @@ fn sibling(name: &str) -> PathBuf {
 /// Starts `tallyd run --config` and returns it with the address it printed.
 fn spawn_tallyd(config: &Path) -> anyhow::Result<(Child, SocketAddr, Instant)> {
     let started = Instant::now();
-    let mut child = Command::new(tallyd())
+    let mut command = Command::new(tallyd());
+    command
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn");
+    let (child, addr) = spawn_server(command).map_err(|e| {
+        anyhow::anyhow!(
+            "starting {}: {e} (build it: cargo build --release)",
+            tallyd().display()
+        )
+    })?;
+    Ok((child, addr, started))
+}
+
+/// Spawns a server process and waits for the `listening on ADDR` line it prints.
+fn spawn_server(mut command: Command) -> anyhow::Result<(Child, SocketAddr)> {
+    let mut child = command
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "starting {}: {e} (build it: cargo build --release)",
-                tallyd().display()
-            )
-        })?;
+        .spawn()?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -53,7 +61,41 @@ fn spawn_tallyd(config: &Path) -> anyhow::Result<(Child, SocketAddr, Instant)> {
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(120))?.parse()?;
-    Ok((child, addr, started))
+    Ok((child, addr))
+}
+
+/// The physical limit of the memory row: a bare QUIC server with tally's TLS and
+/// transport settings, in a process of its own, holding as many connections as the tally
+/// run, each having made as many requests (one per lease, plus hello and heartbeat).
+/// Returns its RSS in MiB.
+async fn echo_baseline(conns: usize, requests: usize) -> anyhow::Result<f64> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg("--echo-server");
+    let (mut child, addr) = spawn_server(command)?;
+    let endpoint = client_endpoint()?;
+    let mut held = Vec::with_capacity(conns);
+    for chunk in (0..conns).collect::<Vec<_>>().chunks(64) {
+        let mut tasks = Vec::new();
+        for _ in chunk {
+            let endpoint = endpoint.clone();
+            tasks.push(tokio::spawn(async move {
+                let conn = endpoint.connect(addr, "tally")?.await?;
+                for _ in 0..requests {
+                    crate::echo::request(&conn).await?;
+                }
+                anyhow::Ok(conn)
+            }));
+        }
+        for t in tasks {
+            held.push(t.await??);
+        }
+    }
+    let rss = rss_mib(child.id()).unwrap_or(0.0);
+    drop(held);
+    endpoint.close(0u32.into(), b"done");
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(rss)
 }
 
 async fn call(conn: &quinn::Connection, request: &Request) -> anyhow::Result<Response> {
@@ -144,6 +186,9 @@ pub async fn scale(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
             hb * 4
         ),
     )?;
+    // The baseline first, while nothing else runs: hello + one request per lease +
+    // one heartbeat per connection, as below.
+    let baseline_rss = echo_baseline(conns, per + 2).await?;
     let (mut child, addr, _) = spawn_tallyd(&config)?;
     let pid = child.id();
     let idle_rss = rss_mib(pid).unwrap_or(0.0);
@@ -264,7 +309,14 @@ pub async fn scale(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
     endpoint.close(0u32.into(), b"done");
 
     let scaled = |mib: f64| mib * 100_000.0 / leases as f64;
+    let baseline_name = format!("baseline quic echo server holding {conns} conns");
+    let tally_rss = loaded_rss.max(hb_rss);
     Ok(vec![
+        Row {
+            name: baseline_name.clone(),
+            rss_mib: Some(baseline_rss),
+            ..Row::default()
+        },
         Row {
             name: format!("scale: connect+checkout {conns} conns x {per} leases"),
             throughput: Some(leases as f64 / setup_secs),
@@ -274,11 +326,11 @@ pub async fn scale(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
         },
         Row {
             name: format!("scale: daemon RSS holding {leases} leases"),
-            rss_mib: Some(loaded_rss.max(hb_rss)),
+            rss_mib: Some(tally_rss),
+            baseline: Some(baseline_name),
+            ratio: (baseline_rss > 0.0).then(|| tally_rss / baseline_rss),
             target: Some("<= 256 MiB for 100,000 leases".into()),
-            met: Some(
-                scaled(loaded_rss.max(hb_rss)) <= 256.0 || leases < 100_000 && loaded_rss <= 256.0,
-            ),
+            met: Some(scaled(tally_rss) <= 256.0 || leases < 100_000 && loaded_rss <= 256.0),
             ..Row::default()
         },
         Row {
