@@ -75,8 +75,10 @@ pub struct Row {
 /// Sizes for a run.
 #[derive(Debug, Clone, Copy)]
 pub struct Sizes {
-    /// Seconds per throughput workload.
+    /// Seconds per throughput workload and round.
     pub secs: f64,
+    /// Rounds of every network workload (echo and tally alternate).
+    pub rounds: usize,
     /// Checkout/checkin cycles for the disk figure.
     pub disk_cycles: u64,
     /// Journal events for the report figure.
@@ -97,6 +99,7 @@ fn main() -> anyhow::Result<()> {
     let sizes = if cli.quick {
         Sizes {
             secs: 0.3,
+            rounds: 1,
             disk_cycles: 20_000,
             report_events: 20_000,
             scale_conns: 100,
@@ -105,7 +108,8 @@ fn main() -> anyhow::Result<()> {
         }
     } else {
         Sizes {
-            secs: 5.0,
+            secs: 3.0,
+            rounds: 3,
             disk_cycles: 1_000_000,
             report_events: 1_000_000,
             scale_conns: 10_000,

@@ -110,6 +110,7 @@ enum Kind {
 
 /// What a run measured: requests done, seconds, and latencies (µs) of the requests
 /// that matter (all requests; for a cycle, the checkouts separately too).
+#[derive(Clone)]
 struct Measured {
     requests: u64,
     secs: f64,
@@ -278,21 +279,75 @@ fn row(name: String, m: &Measured) -> Row {
     }
 }
 
+/// Several measurements of one workload merged: all requests over all seconds, all
+/// latencies.
+fn merge(runs: &[Measured]) -> Measured {
+    Measured {
+        requests: runs.iter().map(|m| m.requests).sum(),
+        secs: runs.iter().map(|m| m.secs).sum(),
+        latencies: runs.iter().flat_map(|m| m.latencies.clone()).collect(),
+        checkout_latencies: runs
+            .iter()
+            .flat_map(|m| m.checkout_latencies.clone())
+            .collect(),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One round at one shape: the echo, then each tally workload, back to back.
+struct Round {
+    echo: Measured,
+    cycle: Measured,
+    heartbeat: Measured,
+    mix: Measured,
+}
+
 /// All network rows.
+///
+/// Each shape runs `sizes.rounds` rounds of echo, cycle, heartbeat and mix back to back.
+/// A row's figures merge all rounds; its ratio is the median of the rounds' own ratios,
+/// each taken against the echo of the same round, so that a slow spell of this shared
+/// virtual machine lands on both sides of a ratio instead of on one.
 pub async fn network(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
     let echo = echo::start()?;
     let daemon = start_daemon().await?;
     let mut rows = Vec::new();
     for (conns, inflight) in SHAPES {
         let shape = format!("{conns}x{inflight}");
-        let base = run_echo(echo.addr, conns, inflight, sizes.secs).await?;
-        let base_row = row(format!("baseline quic echo {shape}"), &base);
-        let base_tp = base_row.throughput.unwrap_or(1.0);
-        let base_p99 = base_row.p99_us.unwrap_or(1.0);
-        let base_name = base_row.name.clone();
-        rows.push(base_row);
-        let with_ratio = |mut r: Row, target: Option<(&str, f64)>| {
-            let ratio = r.throughput.unwrap_or(0.0) / base_tp;
+        let secs = sizes.secs;
+        let mut rounds = Vec::new();
+        for _ in 0..sizes.rounds.max(1) {
+            rounds.push(Round {
+                echo: run_echo(echo.addr, conns, inflight, secs).await?,
+                cycle: run_tally(&daemon, conns, inflight, secs, Kind::Cycle).await?,
+                heartbeat: run_tally(&daemon, conns, inflight, secs, Kind::Heartbeat).await?,
+                mix: run_tally(&daemon, conns, inflight, secs, Kind::Mix).await?,
+            });
+        }
+        let tp = |m: &Measured| m.requests as f64 / m.secs;
+        let p99 = |v: &[f64]| percentiles(v.to_vec()).1.unwrap_or(f64::NAN);
+        let ratio_of = |pick: fn(&Round) -> &Measured| {
+            median(
+                rounds
+                    .iter()
+                    .map(|r| tp(pick(r)) / tp(&r.echo).max(f64::MIN_POSITIVE))
+                    .collect(),
+            )
+        };
+        let all = |pick: fn(&Round) -> &Measured| {
+            merge(&rounds.iter().map(|r| pick(r).clone()).collect::<Vec<_>>())
+        };
+        let base_name = format!("baseline quic echo {shape}");
+        rows.push(row(base_name.clone(), &all(|r| &r.echo)));
+        let with_ratio = |mut r: Row, ratio: f64, target: Option<(&str, f64)>| {
             r.baseline = Some(base_name.clone());
             r.ratio = Some(ratio);
             if let Some((text, min)) = target {
@@ -301,33 +356,38 @@ pub async fn network(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
             }
             r
         };
-        let cycle = run_tally(&daemon, conns, inflight, sizes.secs, Kind::Cycle).await?;
+        let cycle = all(|r| &r.cycle);
         rows.push(with_ratio(
             row(format!("tally checkout+checkin {shape} (req/s)"), &cycle),
+            ratio_of(|r| &r.cycle),
             Some((">= 0.50 x echo", 0.5)),
         ));
-        let (_, co_p99, _) = percentiles(cycle.checkout_latencies.clone());
-        let (co_p50, _, co_max) = percentiles(cycle.checkout_latencies.clone());
-        let p99_ratio = co_p99.unwrap_or(0.0) / base_p99;
+        let (co_p50, co_p99, co_max) = percentiles(cycle.checkout_latencies.clone());
+        let p99_ratio = median(
+            rounds
+                .iter()
+                .map(|r| p99(&r.cycle.checkout_latencies) / p99(&r.echo.latencies))
+                .collect(),
+        );
         rows.push(Row {
             name: format!("tally checkout latency {shape}"),
             p50_us: co_p50,
             p99_us: co_p99,
             max_us: co_max,
-            baseline: Some(format!("baseline quic echo {shape} p99")),
+            baseline: Some(format!("{base_name} p99")),
             ratio: Some(p99_ratio),
             target: Some("p99 <= 2 x echo p99".into()),
             met: Some(p99_ratio <= 2.0),
             ..Row::default()
         });
-        let hb = run_tally(&daemon, conns, inflight, sizes.secs, Kind::Heartbeat).await?;
         rows.push(with_ratio(
-            row(format!("tally heartbeat {shape}"), &hb),
+            row(format!("tally heartbeat {shape}"), &all(|r| &r.heartbeat)),
+            ratio_of(|r| &r.heartbeat),
             Some((">= 0.80 x echo", 0.8)),
         ));
-        let mix = run_tally(&daemon, conns, inflight, sizes.secs, Kind::Mix).await?;
         rows.push(with_ratio(
-            row(format!("tally mix 1:10:1 {shape}"), &mix),
+            row(format!("tally mix 1:10:1 {shape}"), &all(|r| &r.mix)),
+            ratio_of(|r| &r.mix),
             None,
         ));
     }

@@ -77,6 +77,11 @@ pub fn endpoint_config(key: &SecretKey) -> quinn::EndpointConfig {
 
 /// Transport settings for many small, mostly idle connections (see limits.md: this
 /// brings an idle connection from ~152 KiB to ~62 KiB).
+///
+/// Path MTU discovery is off: tally's messages are a few hundred bytes, so the 1,200-byte
+/// packets QUIC starts with carry them whole, and the probes' larger send buffers cost
+/// about 3 KiB per connection (tallyd at 2,000 connections: 114.5 → 108.6 MiB; the bare
+/// QUIC baseline 78 → 74 MiB). It also spares idle connections the probe traffic.
 fn transport(idle_timeout: Duration) -> Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(MAX_CONCURRENT_STREAMS.into())
@@ -85,6 +90,7 @@ fn transport(idle_timeout: Duration) -> Result<quinn::TransportConfig> {
         .receive_window((256u32 * 1024).into())
         .send_window(256 * 1024)
         .datagram_receive_buffer_size(None)
+        .mtu_discovery_config(None)
         .max_idle_timeout(Some(
             idle_timeout
                 .try_into()
