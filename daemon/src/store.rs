@@ -226,18 +226,26 @@ impl Store {
 
     /// The next journal sequence number (1 for an empty journal).
     pub fn next_journal_seq(&self) -> Result<u64, StoreError> {
-        let last = self.journal.last().map_err(|e| self.err(e))?;
-        let from_journal = match last {
-            None => 1,
-            Some((k, v)) => match StoredJournalChunk::decode(&v) {
-                Ok(StoredJournalChunk::V1(entries)) => {
-                    entries.last().map(|e| e.seq).unwrap_or(seq_of(&k)) + 1
-                }
-                // A damaged last chunk: number past anything it can have held, so that no
-                // number is given twice.
-                _ => seq_of(&k) + StoredJournalChunk::MAX_ENTRIES as u64,
-            },
-        };
+        // The last chunk by key need not hold the highest number: after a store failure
+        // the backlog is written again as chunks that may span older, shorter ones. A
+        // chunk holds fewer than MAX_ENTRIES numbers from its key on, so the scan stops
+        // at the first key too low to matter.
+        let span = StoredJournalChunk::MAX_ENTRIES as u64;
+        let mut highest: Option<u64> = None;
+        for item in self.journal.iter().rev() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let key = seq_of(&k);
+            if highest.is_some_and(|h| key.saturating_add(span) <= h) {
+                break;
+            }
+            let last = match StoredJournalChunk::decode(&v) {
+                Ok(StoredJournalChunk::V1(entries)) => entries.last().map_or(key, |e| e.seq),
+                // A damaged chunk: count it as full, so that no number is given twice.
+                _ => key.saturating_add(span - 1),
+            };
+            highest = Some(highest.map_or(last, |h| h.max(last)));
+        }
+        let from_journal = highest.map_or(1, |h| h + 1);
         // A compacted journal may be empty; the report state remembers how far it went.
         let from_state = self.report_state()?.last_event + 1;
         Ok(from_journal.max(from_state))
@@ -262,12 +270,10 @@ impl Store {
     /// Journal entries after `after`, in order, each number once; undecodable chunks are
     /// skipped and counted (the report then shows the gap).
     pub fn journal_after(&self, after: u64) -> Result<(Vec<JournalEntry>, usize), StoreError> {
-        // The chunk holding `after + 1` may start before it.
+        // A chunk holding `after + 1` may start up to MAX_ENTRIES - 1 before it (and
+        // after a store failure more than one may: see `next_journal_seq`).
         let first = after.saturating_add(1);
-        let from = match self.journal.range(..=first.to_be_bytes()).next_back() {
-            Some(item) => seq_of(&item.map_err(|e| self.err(e))?.0),
-            None => first,
-        };
+        let from = first.saturating_sub(StoredJournalChunk::MAX_ENTRIES as u64 - 1);
         let mut out = Vec::new();
         let mut bad = 0;
         let mut next = first;
@@ -506,6 +512,25 @@ mod tests {
         let (all, _) = store.journal_after(0).unwrap();
         assert_eq!(seqs(&all), (1..=620).collect::<Vec<_>>());
         assert_eq!(store.next_journal_seq().unwrap(), 621);
+    }
+
+    #[test]
+    fn a_backlog_written_over_older_chunks_keeps_its_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Before the failure: two batches reached the disk, 100..=110 and 280..=290.
+        store.append_journal(&entries(100..=110)).unwrap();
+        store.append_journal(&entries(280..=290)).unwrap();
+        // After it, the backlog 100..=300 goes in again: chunks 100..=355 would be
+        // keyed 100, so the old chunk at 280 is now the last key but not the last number.
+        store.append_journal(&entries(100..=300)).unwrap();
+        assert_eq!(store.next_journal_seq().unwrap(), 301);
+        let (all, bad) = store.journal_after(0).unwrap();
+        assert_eq!((seqs(&all), bad), ((100..=300).collect(), 0));
+        assert_eq!(
+            seqs(&store.journal_after(285).unwrap().0),
+            (286..=300).collect::<Vec<_>>()
+        );
     }
 
     #[test]
