@@ -89,7 +89,6 @@ impl Store {
         let leases = db.open_tree("leases/v1").map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(err)?;
-        migrate_journal_v1(&db, &journal).map_err(err)?;
         let io = |source: std::io::Error| StoreError::Sled {
             path: path.clone(),
             cause: sled::Error::Io(source),
@@ -100,14 +99,85 @@ impl Store {
         if let Some(parent) = dir.parent() {
             sync_dir(parent).map_err(io)?;
         }
-        Ok(Store {
+        let store = Store {
             path,
             db,
             leases,
             meta,
             journal,
             log: std::sync::Arc::new(log),
-        })
+        };
+        store.migrate_journal_v1()?;
+        Ok(store)
+    }
+
+    /// Converts a `journal/v1` tree (one value per entry) into chunks and drops it.
+    ///
+    /// Safe to interrupt: the chunks are made the same way from the same entries each
+    /// time, so a run cut short is redone over the top of itself, and the old tree goes
+    /// only after the chunks are flushed (with fdatasync). An entry the old tree could
+    /// not decode is carried over as it is, under its own number: it reads as a damaged
+    /// chunk, counted and shown as a gap as before, and its number is not given again.
+    fn migrate_journal_v1(&self) -> Result<(), StoreError> {
+        let names = self.db.tree_names();
+        if !names.iter().any(|n| n == JOURNAL_TREE_V1.as_bytes()) {
+            return Ok(());
+        }
+        let old = self
+            .db
+            .open_tree(JOURNAL_TREE_V1)
+            .map_err(|e| self.err(e))?;
+        let mut run: Vec<JournalEntry> = Vec::new();
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0usize;
+        let (mut moved, mut damaged) = (0usize, 0usize);
+        let mut write_run = |run: &mut Vec<JournalEntry>, batch: &mut sled::Batch| {
+            for chunk in StoredJournalChunk::split(run) {
+                batch.insert(
+                    &chunk[0].seq.to_be_bytes(),
+                    StoredJournalChunk::V1(chunk.to_vec()).encode(),
+                );
+            }
+            moved += run.len();
+            run.clear();
+        };
+        for item in old.iter() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            match StoredJournal::decode(&v) {
+                Ok(StoredJournal::V1(e)) => {
+                    // Chunks hold consecutive entries: a gap ends a run.
+                    if run.last().is_some_and(|last| last.seq + 1 != e.seq) {
+                        write_run(&mut run, &mut batch);
+                    }
+                    run.push(e);
+                }
+                _ => {
+                    write_run(&mut run, &mut batch);
+                    batch.insert(k, v);
+                    damaged += 1;
+                }
+            }
+            in_batch += 1;
+            // Bounded memory for a long journal; the runs written so far stay valid
+            // if the conversion is cut short here.
+            if in_batch >= 16_384 {
+                write_run(&mut run, &mut batch);
+                self.journal
+                    .apply_batch(std::mem::take(&mut batch))
+                    .map_err(|e| self.err(e))?;
+                in_batch = 0;
+            }
+        }
+        write_run(&mut run, &mut batch);
+        self.journal.apply_batch(batch).map_err(|e| self.err(e))?;
+        self.flush_blocking()?;
+        drop(old);
+        self.db
+            .drop_tree(JOURNAL_TREE_V1)
+            .map_err(|e| self.err(e))?;
+        self.flush_blocking()?;
+        tracing::info!(entries = moved, damaged, "journal converted to chunks");
+        Ok(())
     }
 
     /// Opens a store that must already exist in `dir`, as after a failed write: when
@@ -252,13 +322,13 @@ impl Store {
     }
 
     /// Appends journal entries (not yet flushed): consecutive entries, as the ledger
-    /// numbers them, stored as chunks of at most [`StoredJournalChunk::MAX_ENTRIES`].
+    /// numbers them, stored as chunks ([`StoredJournalChunk::split`]).
     pub fn append_journal(&self, entries: &[JournalEntry]) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        for chunk in entries.chunks(StoredJournalChunk::MAX_ENTRIES) {
+        for chunk in StoredJournalChunk::split(entries) {
             batch.insert(
                 &chunk[0].seq.to_be_bytes(),
                 StoredJournalChunk::V1(chunk.to_vec()).encode(),
@@ -278,7 +348,7 @@ impl Store {
         let mut bad = 0;
         let mut next = first;
         for item in self.journal.range(from.to_be_bytes()..) {
-            let (_, v) = item.map_err(|e| self.err(e))?;
+            let (k, v) = item.map_err(|e| self.err(e))?;
             match StoredJournalChunk::decode(&v) {
                 Ok(StoredJournalChunk::V1(entries)) => {
                     // Chunks written again after a store failure may overlap.
@@ -289,6 +359,8 @@ impl Store {
                         }
                     }
                 }
+                // One starting at or before `after` was counted by an earlier read.
+                _ if seq_of(&k) <= after => {}
                 _ => bad += 1,
             }
         }
@@ -303,11 +375,20 @@ impl Store {
         let mut n = 0;
         for item in self.journal.range(..=upto.to_be_bytes()) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            if let Ok(StoredJournalChunk::V1(entries)) = StoredJournalChunk::decode(&v) {
-                if entries.iter().any(|e| e.seq > upto || e.at >= before) {
-                    break;
+            match StoredJournalChunk::decode(&v) {
+                Ok(StoredJournalChunk::V1(entries)) => {
+                    if entries.iter().any(|e| e.seq > upto || e.at >= before) {
+                        break;
+                    }
+                    n += entries.len();
                 }
-                n += entries.len();
+                // A damaged chunk goes only when it cannot hold a number past `upto`.
+                _ => {
+                    let span = StoredJournalChunk::MAX_ENTRIES as u64;
+                    if seq_of(&k).saturating_add(span - 1) > upto {
+                        break;
+                    }
+                }
             }
             batch.remove(k);
         }
@@ -399,55 +480,6 @@ const JOURNAL_TREE: &str = "journal/v2";
 /// The journal tree of stores written before chunks: one value per entry.
 const JOURNAL_TREE_V1: &str = "journal/v1";
 
-/// Converts a `journal/v1` tree (one value per entry) into chunks and drops it.
-///
-/// Safe to interrupt: the chunks are made the same way from the same entries each time,
-/// so a run cut short is redone over the top of itself, and the old tree goes only after
-/// the chunks are flushed. Entries the old tree could not decode stay a gap, as before.
-fn migrate_journal_v1(db: &sled::Db, journal: &sled::Tree) -> sled::Result<()> {
-    if !db
-        .tree_names()
-        .iter()
-        .any(|n| n == JOURNAL_TREE_V1.as_bytes())
-    {
-        return Ok(());
-    }
-    let old = db.open_tree(JOURNAL_TREE_V1)?;
-    let mut chunk: Vec<JournalEntry> = Vec::new();
-    let mut batch = sled::Batch::default();
-    let mut moved = 0usize;
-    let mut put = |chunk: &mut Vec<JournalEntry>, batch: &mut sled::Batch| {
-        if let Some(first) = chunk.first() {
-            moved += chunk.len();
-            batch.insert(
-                &first.seq.to_be_bytes(),
-                StoredJournalChunk::V1(std::mem::take(chunk)).encode(),
-            );
-        }
-    };
-    for item in old.iter() {
-        let (_, v) = item?;
-        if let Ok(StoredJournal::V1(e)) = StoredJournal::decode(&v) {
-            // A gap (an undecodable entry) ends a chunk: chunks hold consecutive entries.
-            if chunk.last().is_some_and(|last| last.seq + 1 != e.seq) {
-                put(&mut chunk, &mut batch);
-            }
-            chunk.push(e);
-            if chunk.len() == StoredJournalChunk::MAX_ENTRIES {
-                put(&mut chunk, &mut batch);
-            }
-        }
-    }
-    put(&mut chunk, &mut batch);
-    journal.apply_batch(batch)?;
-    db.flush()?;
-    drop(old);
-    db.drop_tree(JOURNAL_TREE_V1)?;
-    db.flush()?;
-    tracing::info!(entries = moved, "journal converted to chunks");
-    Ok(())
-}
-
 fn seq_of(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = key.len().min(8);
@@ -463,6 +495,23 @@ fn key(id: LeaseId) -> [u8; 8] {
 mod tests {
     use super::*;
 
+    /// Opens a store that a `sled::Db` of this test just closed: sled lets go of its
+    /// file lock only when its background flusher notices, up to ~0.5 s after the drop.
+    fn open_after_sled(path: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(path) {
+                Ok(store) => return store,
+                Err(e)
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn new_stores_take_small_segments_and_old_stores_keep_theirs() {
         let dir = tempfile::tempdir().unwrap();
@@ -473,7 +522,7 @@ mod tests {
         let old = dir.path().join("old");
         drop(sled::Config::new().path(&old).open().unwrap());
         assert_eq!(segment_size(&old), 512 * 1024);
-        let store = Store::open(&old).unwrap();
+        let store = open_after_sled(&old);
         store.apply(&[]).unwrap();
         store.flush_blocking().unwrap();
     }
@@ -498,8 +547,16 @@ mod tests {
         assert_eq!(store.next_journal_seq().unwrap(), 1);
         store.append_journal(&entries(1..=600)).unwrap();
         store.append_journal(&entries(601..=610)).unwrap();
-        // 600 entries in one call make three chunks, then one more.
-        assert_eq!(store.journal.len(), 4);
+        // 600 entries in one call make ten chunks of at most 64, then one more.
+        assert_eq!(store.journal.len(), 11);
+        for item in store.journal.iter() {
+            let (_, v) = item.unwrap();
+            assert!(
+                v.len() <= StoredJournalChunk::MAX_BYTES,
+                "{} bytes",
+                v.len()
+            );
+        }
         let (all, bad) = store.journal_after(0).unwrap();
         assert_eq!((seqs(&all), bad), ((1..=610).collect(), 0));
         // From the middle of a chunk.
@@ -521,8 +578,9 @@ mod tests {
         // Before the failure: two batches reached the disk, 100..=110 and 280..=290.
         store.append_journal(&entries(100..=110)).unwrap();
         store.append_journal(&entries(280..=290)).unwrap();
-        // After it, the backlog 100..=300 goes in again: chunks 100..=355 would be
-        // keyed 100, so the old chunk at 280 is now the last key but not the last number.
+        // After it, the backlog 100..=300 goes in again, as chunks keyed 100, 164, 228
+        // and 292: the old chunk at 280 now sits among them, holding lower numbers than
+        // the one keyed 228 before it.
         store.append_journal(&entries(100..=300)).unwrap();
         assert_eq!(store.next_journal_seq().unwrap(), 301);
         let (all, bad) = store.journal_after(0).unwrap();
@@ -534,11 +592,47 @@ mod tests {
     }
 
     #[test]
+    fn journal_pages_stay_in_the_log_and_out_of_unsynced_blob_files() {
+        // sled writes a node over a quarter of a segment to a blob file of its own and
+        // does not fsync it; chunks are sized so that journal leaves never get there.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut seq = 0;
+        for batch in 0..200u64 {
+            let entries: Vec<JournalEntry> = (0..128)
+                .map(|i| {
+                    seq += 1;
+                    JournalEntry {
+                        seq,
+                        at: UnixTime(1_800_000_000 + seq),
+                        event: tally_protocol::report::UsageEvent::Granted {
+                            lease: LeaseId(batch * 128 + i),
+                            feature: "solver-professional".into(),
+                            count: 1,
+                            overdraft: false,
+                            user: format!("engineer-{i:04}"),
+                            host: format!("workstation-{batch:04}.eng.example.com"),
+                            borrowed_until: None,
+                        },
+                    }
+                })
+                .collect();
+            store.append_journal(&entries).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        assert_eq!(store.journal_after(0).unwrap().0.len(), 200 * 128);
+        let blobs: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(blobs.is_empty(), "blob files: {blobs:?}");
+    }
+
+    #[test]
     fn journal_compaction_removes_whole_chunks_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.append_journal(&entries(1..=600)).unwrap();
-        // Exported up to 300: the first chunk (1..=256) goes; 257..=300 wait beside 301.
+        // Exported up to 300: chunks up to 256 go; 257..=300 wait beside 301..=320.
         assert_eq!(store.compact_journal(300, UnixTime(u64::MAX)).unwrap(), 256);
         assert_eq!(
             seqs(&store.journal_after(0).unwrap().0),
@@ -548,9 +642,14 @@ mod tests {
             seqs(&store.journal_after(300).unwrap().0),
             (301..=600).collect::<Vec<_>>()
         );
-        // Retention: a chunk holding anything at or after `before` stays whole.
-        assert_eq!(store.compact_journal(600, UnixTime(500)).unwrap(), 0);
-        assert_eq!(store.compact_journal(600, UnixTime(601)).unwrap(), 344);
+        // Retention: a chunk holding anything at or after `before` stays whole, and
+        // so does everything after it (449..=512 holds 500).
+        assert_eq!(store.compact_journal(600, UnixTime(500)).unwrap(), 192);
+        assert_eq!(
+            seqs(&store.journal_after(0).unwrap().0),
+            (449..=600).collect::<Vec<_>>()
+        );
+        assert_eq!(store.compact_journal(600, UnixTime(601)).unwrap(), 152);
         assert!(store.journal_after(0).unwrap().0.is_empty());
         // Numbering goes on from the report state when the journal is empty.
         let state = ReportState {
@@ -572,6 +671,11 @@ mod tests {
             .unwrap();
         let (all, bad) = store.journal_after(0).unwrap();
         assert_eq!((seqs(&all), bad), ((1..=10).collect(), 1));
+        // Counted once: a later read from past its key does not count it again.
+        assert_eq!(store.journal_after(11).unwrap().1, 0);
+        // Compaction keeps it while it may hold a number past what was exported.
+        assert_eq!(store.compact_journal(11, UnixTime(u64::MAX)).unwrap(), 10);
+        assert_eq!(store.journal.len(), 1);
         // The damaged chunk may have held up to MAX_ENTRIES numbers; none is reused.
         assert_eq!(
             store.next_journal_seq().unwrap(),
@@ -598,16 +702,17 @@ mod tests {
         }
         let expected: Vec<u64> = (1..=300).filter(|s| *s != 100).collect();
         for _ in 0..2 {
-            let store = Store::open(dir.path()).unwrap();
+            let store = open_after_sled(dir.path());
             assert!(!store
                 .db
                 .tree_names()
                 .iter()
                 .any(|n| n == JOURNAL_TREE_V1.as_bytes()));
+            // The damaged entry is still there, counted, under its own number.
             let (all, bad) = store.journal_after(0).unwrap();
-            assert_eq!((seqs(&all), bad), (expected.clone(), 0));
-            // 1..=99, then 101..=300 in chunks of at most 256.
-            assert_eq!(store.journal.len(), 2);
+            assert_eq!((seqs(&all), bad), (expected.clone(), 1));
+            // 1..=99 in two chunks, the damaged entry, 101..=300 in four.
+            assert_eq!(store.journal.len(), 7);
             assert_eq!(store.next_journal_seq().unwrap(), 301);
         }
     }

@@ -137,9 +137,36 @@ pub enum StoredJournalChunk {
 }
 
 impl StoredJournalChunk {
-    /// Most entries the daemon puts in one chunk; a chunk's value stays small for sled
-    /// and a damaged one loses at most this many events.
-    pub const MAX_ENTRIES: usize = 256;
+    /// Most entries the daemon puts in one chunk; a damaged chunk loses at most this
+    /// many events, and readers look this far back for the chunk holding a number.
+    pub const MAX_ENTRIES: usize = 64;
+
+    /// Most encoded bytes the daemon puts in one chunk (a single larger entry still gets
+    /// a chunk of its own). sled stores a node larger than a quarter of a segment (32 KiB
+    /// with tally's 128 KiB segments) in a blob file of its own, which its flush does
+    /// not fsync; a leaf of up to 17 chunks must stay below that.
+    pub const MAX_BYTES: usize = 1536;
+
+    /// Splits consecutive entries into chunks of at most [`Self::MAX_ENTRIES`] entries
+    /// and [`Self::MAX_BYTES`] encoded bytes, the same way every time.
+    pub fn split(entries: &[JournalEntry]) -> Vec<&[JournalEntry]> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut bytes = 0;
+        for (i, e) in entries.iter().enumerate() {
+            let len = crate::encode(e).len();
+            if i > start && (i - start == Self::MAX_ENTRIES || bytes + len > Self::MAX_BYTES) {
+                out.push(&entries[start..i]);
+                start = i;
+                bytes = 0;
+            }
+            bytes += len;
+        }
+        if start < entries.len() {
+            out.push(&entries[start..]);
+        }
+        out
+    }
 
     /// Encodes for the store.
     pub fn encode(&self) -> Vec<u8> {
@@ -419,4 +446,48 @@ pub fn summarize(
             seat_seconds: a.seat_seconds + a.in_use * to.0.saturating_sub(a.last),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denied(seq: u64, user: &str) -> JournalEntry {
+        JournalEntry {
+            seq,
+            at: UnixTime(seq),
+            event: UsageEvent::Denied {
+                feature: "solver".into(),
+                reason: "all_seats_in_use".into(),
+                user: user.into(),
+                host: "ws".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn chunks_are_bounded_in_entries_and_bytes_and_cover_everything_in_order() {
+        let mut entries: Vec<JournalEntry> = (1..=500).map(|s| denied(s, "ana")).collect();
+        // One entry alone bigger than a chunk's byte budget gets a chunk of its own.
+        entries[200] = denied(201, &"x".repeat(4000));
+        let chunks = StoredJournalChunk::split(&entries);
+        let joined: Vec<u64> = chunks
+            .iter()
+            .flat_map(|c| c.iter().map(|e| e.seq))
+            .collect();
+        assert_eq!(joined, (1..=500).collect::<Vec<_>>());
+        for c in &chunks {
+            assert!(!c.is_empty() && c.len() <= StoredJournalChunk::MAX_ENTRIES);
+            let bytes = StoredJournalChunk::V1(c.to_vec()).encode().len();
+            assert!(
+                bytes <= StoredJournalChunk::MAX_BYTES + 8 || c.len() == 1,
+                "{} entries in {bytes} bytes",
+                c.len()
+            );
+        }
+        assert!(chunks.iter().any(|c| c.len() == 1 && c[0].seq == 201));
+        // The same entries split the same way, which the store's conversion relies on.
+        assert_eq!(StoredJournalChunk::split(&entries), chunks);
+        assert!(StoredJournalChunk::split(&[]).is_empty());
+    }
 }
