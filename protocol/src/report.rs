@@ -128,7 +128,7 @@ impl StoredJournal {
 ///
 /// One sled value per group commit instead of one per event: sled's log keeps far less
 /// per record, so a store that exports and compacts every 200,000 events stays at about
-/// 19 MiB instead of 66 MiB (BENCHMARKS.md). The variant is the format version.
+/// 22 MiB instead of 66 MiB (BENCHMARKS.md). The variant is the format version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum StoredJournalChunk {
