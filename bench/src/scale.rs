@@ -64,6 +64,26 @@ fn spawn_server(mut command: Command) -> anyhow::Result<(Child, SocketAddr)> {
     Ok((child, addr))
 }
 
+/// Runs `n` copies of `task` at most 64 at a time (handshakes in waves, as a site's
+/// clients come up) and returns their results in order.
+async fn in_waves<T, F, Fut>(n: usize, task: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let wave: Vec<_> = (0..(n - out.len()).min(64))
+            .map(|_| tokio::spawn(task()))
+            .collect();
+        for t in wave {
+            out.push(t.await??);
+        }
+    }
+    Ok(out)
+}
+
 /// The physical limit of the memory row: a bare QUIC server with tally's TLS and
 /// transport settings, in a process of its own, holding as many connections as the tally
 /// run, each having made as many requests (one per lease, plus hello and heartbeat).
@@ -73,23 +93,17 @@ async fn echo_baseline(conns: usize, requests: usize) -> anyhow::Result<f64> {
     command.arg("--echo-server");
     let (mut child, addr) = spawn_server(command)?;
     let endpoint = client_endpoint()?;
-    let mut held = Vec::with_capacity(conns);
-    for chunk in (0..conns).collect::<Vec<_>>().chunks(64) {
-        let mut tasks = Vec::new();
-        for _ in chunk {
-            let endpoint = endpoint.clone();
-            tasks.push(tokio::spawn(async move {
-                let conn = endpoint.connect(addr, "tally")?.await?;
-                for _ in 0..requests {
-                    crate::echo::request(&conn).await?;
-                }
-                anyhow::Ok(conn)
-            }));
+    let held = in_waves(conns, || {
+        let endpoint = endpoint.clone();
+        async move {
+            let conn = endpoint.connect(addr, "tally")?.await?;
+            for _ in 0..requests {
+                crate::echo::request(&conn).await?;
+            }
+            anyhow::Ok(conn)
         }
-        for t in tasks {
-            held.push(t.await??);
-        }
-    }
+    })
+    .await?;
     let rss = rss_mib(child.id()).unwrap_or(0.0);
     drop(held);
     endpoint.close(0u32.into(), b"done");
@@ -196,7 +210,6 @@ pub async fn scale(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
 
     // Connect and check out, 64 connections at a time.
     let setup = Instant::now();
-    let mut held: Vec<(quinn::Connection, Vec<LeaseRef>)> = Vec::with_capacity(conns);
     let checkout = Request::Checkout(CheckoutRequest {
         feature: "bench".into(),
         count: 1,
@@ -205,31 +218,26 @@ pub async fn scale(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
         wait_secs: 0,
         borrow_secs: 0,
     });
-    for chunk in (0..conns).collect::<Vec<_>>().chunks(64) {
-        let mut tasks = Vec::new();
-        for _ in chunk {
-            let endpoint = endpoint.clone();
-            let checkout = checkout.clone();
-            tasks.push(tokio::spawn(async move {
-                let conn = endpoint.connect(addr, "tally")?.await?;
-                call(&conn, &hello()).await?;
-                let mut refs = Vec::with_capacity(per);
-                for _ in 0..per {
-                    match call(&conn, &checkout).await? {
-                        Response::Checkout(CheckoutReply::Granted(g)) => refs.push(LeaseRef {
-                            id: g.id,
-                            secret: g.secret,
-                        }),
-                        other => anyhow::bail!("checkout: {other:?}"),
-                    }
+    let held = in_waves(conns, || {
+        let endpoint = endpoint.clone();
+        let checkout = checkout.clone();
+        async move {
+            let conn = endpoint.connect(addr, "tally")?.await?;
+            call(&conn, &hello()).await?;
+            let mut refs = Vec::with_capacity(per);
+            for _ in 0..per {
+                match call(&conn, &checkout).await? {
+                    Response::Checkout(CheckoutReply::Granted(g)) => refs.push(LeaseRef {
+                        id: g.id,
+                        secret: g.secret,
+                    }),
+                    other => anyhow::bail!("checkout: {other:?}"),
                 }
-                anyhow::Ok((conn, refs))
-            }));
+            }
+            anyhow::Ok((conn, refs))
         }
-        for t in tasks {
-            held.push(t.await??);
-        }
-    }
+    })
+    .await?;
     let setup_secs = setup.elapsed().as_secs_f64();
     let loaded_rss = rss_mib(pid).unwrap_or(0.0);
 

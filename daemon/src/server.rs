@@ -14,7 +14,6 @@ use crate::store::Store;
 use anyhow::{Context, Result};
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -1181,8 +1180,7 @@ async fn serve_connection(
     mut permit: Permit,
 ) {
     let remote = incoming.remote_address();
-    let handshake: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin((*incoming).into_future());
-    let handshake = handshake.await;
+    let handshake = Box::pin((*incoming).into_future()).await;
     permit.handshake_done();
     let connection = match handshake {
         Ok(c) => c,

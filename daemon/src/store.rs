@@ -6,8 +6,8 @@
 //! grants and then flushes once (group commit), so many concurrent checkouts share one
 //! fsync while each grant is still durable before its client hears about it.
 //!
-//! The usage journal lives in its own tree as chunks: each group commit's entries are
-//! one value ([`StoredJournalChunk`]) under the first entry's number. Stores written
+//! The usage journal lives in its own tree as chunks: each group commit's entries are a
+//! few values ([`StoredJournalChunk`]), each under its first entry's number. Stores written
 //! before chunks existed (`journal/v1`, one value per entry) are converted when opened.
 
 use crate::ledger::Event;
@@ -132,12 +132,7 @@ impl Store {
         let mut in_batch = 0usize;
         let (mut moved, mut damaged) = (0usize, 0usize);
         let mut write_run = |run: &mut Vec<JournalEntry>, batch: &mut sled::Batch| {
-            for chunk in StoredJournalChunk::split(run) {
-                batch.insert(
-                    &chunk[0].seq.to_be_bytes(),
-                    StoredJournalChunk::V1(chunk.to_vec()).encode(),
-                );
-            }
+            put_chunks(batch, run);
             moved += run.len();
             run.clear();
         };
@@ -300,18 +295,17 @@ impl Store {
         // the backlog is written again as chunks that may span older, shorter ones. A
         // chunk holds fewer than MAX_ENTRIES numbers from its key on, so the scan stops
         // at the first key too low to matter.
-        let span = StoredJournalChunk::MAX_ENTRIES as u64;
         let mut highest: Option<u64> = None;
         for item in self.journal.iter().rev() {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let key = seq_of(&k);
-            if highest.is_some_and(|h| key.saturating_add(span) <= h) {
+            if highest.is_some_and(|h| key.saturating_add(CHUNK_SPAN) <= h) {
                 break;
             }
             let last = match StoredJournalChunk::decode(&v) {
                 Ok(StoredJournalChunk::V1(entries)) => entries.last().map_or(key, |e| e.seq),
                 // A damaged chunk: count it as full, so that no number is given twice.
-                _ => key.saturating_add(span - 1),
+                _ => key.saturating_add(CHUNK_SPAN - 1),
             };
             highest = Some(highest.map_or(last, |h| h.max(last)));
         }
@@ -322,18 +316,13 @@ impl Store {
     }
 
     /// Appends journal entries (not yet flushed): consecutive entries, as the ledger
-    /// numbers them, stored as chunks ([`StoredJournalChunk::split`]).
+    /// numbers them, stored as chunks ([`StoredJournalChunk::encode_split`]).
     pub fn append_journal(&self, entries: &[JournalEntry]) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        for chunk in StoredJournalChunk::split(entries) {
-            batch.insert(
-                &chunk[0].seq.to_be_bytes(),
-                StoredJournalChunk::V1(chunk.to_vec()).encode(),
-            );
-        }
+        put_chunks(&mut batch, entries);
         self.journal.apply_batch(batch).map_err(|e| self.err(e))
     }
 
@@ -343,7 +332,7 @@ impl Store {
         // A chunk holding `after + 1` may start up to MAX_ENTRIES - 1 before it (and
         // after a store failure more than one may: see `next_journal_seq`).
         let first = after.saturating_add(1);
-        let from = first.saturating_sub(StoredJournalChunk::MAX_ENTRIES as u64 - 1);
+        let from = first.saturating_sub(CHUNK_SPAN - 1);
         let mut out = Vec::new();
         let mut bad = 0;
         let mut next = first;
@@ -384,8 +373,7 @@ impl Store {
                 }
                 // A damaged chunk goes only when it cannot hold a number past `upto`.
                 _ => {
-                    let span = StoredJournalChunk::MAX_ENTRIES as u64;
-                    if seq_of(&k).saturating_add(span - 1) > upto {
+                    if seq_of(&k).saturating_add(CHUNK_SPAN - 1) > upto {
                         break;
                     }
                 }
@@ -479,6 +467,15 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 const JOURNAL_TREE: &str = "journal/v2";
 /// The journal tree of stores written before chunks: one value per entry.
 const JOURNAL_TREE_V1: &str = "journal/v1";
+/// How many numbers a chunk can hold from its key on.
+const CHUNK_SPAN: u64 = StoredJournalChunk::MAX_ENTRIES as u64;
+
+/// Adds `entries` (consecutive) to `batch` as chunks under their first numbers.
+fn put_chunks(batch: &mut sled::Batch, entries: &[JournalEntry]) {
+    for (first, value) in StoredJournalChunk::encode_split(entries) {
+        batch.insert(&first.to_be_bytes(), value);
+    }
+}
 
 fn seq_of(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];

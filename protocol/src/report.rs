@@ -126,8 +126,8 @@ impl StoredJournal {
 
 /// Consecutive journal entries stored as one record under the first entry's number.
 ///
-/// One sled value per group commit instead of one per event: sled's log keeps far less
-/// per record, so a store that exports and compacts every 200,000 events stays at about
+/// A few sled values per group commit instead of one per event: sled's log keeps far
+/// less per record, so a store that exports and compacts every 200,000 events stays at about
 /// 22 MiB instead of 66 MiB (BENCHMARKS.md). The variant is the format version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -150,20 +150,44 @@ impl StoredJournalChunk {
     /// Splits consecutive entries into chunks of at most [`Self::MAX_ENTRIES`] entries
     /// and [`Self::MAX_BYTES`] encoded bytes, the same way every time.
     pub fn split(entries: &[JournalEntry]) -> Vec<&[JournalEntry]> {
+        Self::split_encoded(entries)
+            .into_iter()
+            .map(|(chunk, _)| chunk)
+            .collect()
+    }
+
+    /// The chunks of [`Self::split`] as the store keeps them: (first entry's number,
+    /// encoded chunk). Each entry is encoded once, for its size and for the value.
+    pub fn encode_split(entries: &[JournalEntry]) -> Vec<(u64, Vec<u8>)> {
+        Self::split_encoded(entries)
+            .into_iter()
+            .map(|(chunk, body)| {
+                // The encoding of `V1(chunk)`: variant index, length, then the entries.
+                let mut value = crate::encode(&0u32);
+                value.extend(crate::encode(&(chunk.len() as u64)));
+                value.extend(body);
+                (chunk[0].seq, value)
+            })
+            .collect()
+    }
+
+    /// Each chunk with its entries' encodings, concatenated.
+    fn split_encoded(entries: &[JournalEntry]) -> Vec<(&[JournalEntry], Vec<u8>)> {
         let mut out = Vec::new();
         let mut start = 0;
-        let mut bytes = 0;
+        let mut body = Vec::new();
         for (i, e) in entries.iter().enumerate() {
-            let len = crate::encode(e).len();
-            if i > start && (i - start == Self::MAX_ENTRIES || bytes + len > Self::MAX_BYTES) {
-                out.push(&entries[start..i]);
+            let bytes = crate::encode(e);
+            if i > start
+                && (i - start == Self::MAX_ENTRIES || body.len() + bytes.len() > Self::MAX_BYTES)
+            {
+                out.push((&entries[start..i], std::mem::take(&mut body)));
                 start = i;
-                bytes = 0;
             }
-            bytes += len;
+            body.extend(bytes);
         }
         if start < entries.len() {
-            out.push(&entries[start..]);
+            out.push((&entries[start..], body));
         }
         out
     }
@@ -489,5 +513,19 @@ mod tests {
         // The same entries split the same way, which the store's conversion relies on.
         assert_eq!(StoredJournalChunk::split(&entries), chunks);
         assert!(StoredJournalChunk::split(&[]).is_empty());
+    }
+
+    #[test]
+    fn chunks_encoded_entry_by_entry_are_the_chunk_encoding() {
+        let mut entries: Vec<JournalEntry> = (1..=500).map(|s| denied(s, "ana")).collect();
+        entries[200] = denied(201, &"x".repeat(4000));
+        let encoded = StoredJournalChunk::encode_split(&entries);
+        let chunks = StoredJournalChunk::split(&entries);
+        assert_eq!(encoded.len(), chunks.len());
+        for ((seq, value), chunk) in encoded.iter().zip(&chunks) {
+            assert_eq!(*seq, chunk[0].seq);
+            assert_eq!(*value, StoredJournalChunk::V1(chunk.to_vec()).encode());
+        }
+        assert!(StoredJournalChunk::encode_split(&[]).is_empty());
     }
 }
