@@ -1,11 +1,18 @@
 //! [`Client`]: leases that look after themselves.
 //!
 //! A background task heartbeats every held lease in one batched request per interval.
-//! When the connection is lost it marks the leases `Reconnecting`, connects again (the
-//! next server of the list if need be) and re-attaches them with their secrets; an
-//! application whose server comes back within the TTL sees no interruption. A lease the
-//! server no longer knows becomes `Lost` with the reason. Dropping a [`LeaseHandle`]
-//! checks it in.
+//! It also watches the connection: the moment it closes (the server stopped, restarted
+//! or timed the connection out), the leases are marked `Reconnecting` and the task
+//! connects again (the next server of the list if need be) after a short random delay,
+//! backing off while no server answers, so that thousands of clients of a restarted
+//! server do not all knock at the same instant. Reconnected, it re-attaches the leases
+//! with their secrets; an application whose server comes back within the TTL sees no
+//! interruption. A lease the server no longer knows becomes `Lost` with the reason.
+//!
+//! Dropping a [`LeaseHandle`] checks it in. A checkin that cannot be delivered because
+//! no server answers (a restart) is kept and delivered as soon as a connection is back,
+//! so the seat of a job that ended during a restart returns within seconds of the
+//! restart rather than after its TTL.
 
 use crate::cache::{self, BorrowedLease};
 use crate::{ClientConfig, ClientError, Lease, Session};
@@ -17,8 +24,13 @@ use tally_protocol::time::UnixTime;
 use tally_protocol::wire::{CheckoutRequest, LeaseRef, LeaseState, StatusReply};
 use tokio::sync::{watch, Notify};
 
-/// How long to wait between reconnection attempts.
-const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// The first reconnection attempt after a lost connection comes after a random delay
+/// below this, so the clients of a restarted server spread their handshakes.
+const RECONNECT_JITTER: Duration = Duration::from_millis(500);
+/// Reconnection attempts back off from this...
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+/// ...doubling up to this.
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 /// What the application wants to check out.
 #[derive(Debug, Clone)]
@@ -84,6 +96,8 @@ struct Inner {
     config: ClientConfig,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     leases: Mutex<HashMap<LeaseId, Entry>>,
+    /// Checkins no server has answered yet; sent first whenever a session is up.
+    undelivered: Mutex<Vec<LeaseRef>>,
     wake: Notify,
     closed: std::sync::atomic::AtomicBool,
     runtime: tokio::runtime::Handle,
@@ -141,14 +155,19 @@ impl LeaseHandle {
         self.status.clone()
     }
 
-    /// Checks the lease in now and waits for the server's answer.
+    /// Checks the lease in now and waits for the server's answer. While no server
+    /// answers (a restart), keeps trying for [`ClientConfig::checkin_grace`]; if that
+    /// runs out the error is returned and the checkin stays queued: the client delivers
+    /// it as soon as it reaches a server again (for as long as the [`Client`] lives).
     pub async fn checkin(mut self) -> Result<(), ClientError> {
         let Some(inner) = self.inner.take() else {
             return Ok(());
         };
-        let r = inner.forget(self.lease.id());
-        match r {
-            Some(lease_ref) => inner.checkin(lease_ref).await,
+        match inner.forget(self.lease.id()) {
+            Some(lease_ref) => {
+                inner.queue_checkin(lease_ref);
+                inner.deliver_checkins().await
+            }
             None => Ok(()),
         }
     }
@@ -158,10 +177,11 @@ impl Drop for LeaseHandle {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
             if let Some(lease_ref) = inner.forget(self.lease.id()) {
+                inner.queue_checkin(lease_ref);
                 let handle = inner.runtime.clone();
                 // Best effort: if the runtime is shutting down, the TTL reclaims the seat.
                 handle.spawn(async move {
-                    let _ = inner.checkin(lease_ref).await;
+                    let _ = inner.deliver_checkins().await;
                 });
             }
         }
@@ -194,15 +214,57 @@ impl Inner {
         }
     }
 
-    async fn checkin(&self, lease_ref: LeaseRef) -> Result<(), ClientError> {
-        let session = self.session().await?;
-        match session.checkin(&[lease_ref]).await {
+    fn queue_checkin(&self, lease_ref: LeaseRef) {
+        self.undelivered
+            .lock()
+            .expect("undelivered lock")
+            .push(lease_ref);
+    }
+
+    /// Sends the queued checkins once on `session`; they stay queued if it fails.
+    async fn send_checkins(&self, session: &Arc<Session>) -> Result<(), ClientError> {
+        let refs: Vec<LeaseRef> = std::mem::take(&mut *self.undelivered.lock().expect("lock"));
+        if refs.is_empty() {
+            return Ok(());
+        }
+        match session.checkin(&refs).await {
+            // Answered: delivered, whatever the answer (a lease the server no longer
+            // knows is not held either).
             Ok(_) => Ok(()),
             Err(e) => {
+                self.undelivered.lock().expect("lock").extend(refs);
                 if e.is_connection_loss() {
-                    self.drop_session(&session).await;
+                    self.drop_session(session).await;
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Delivers the queued checkins, reconnecting with backoff for up to the configured
+    /// grace while no server answers.
+    async fn deliver_checkins(&self) -> Result<(), ClientError> {
+        let deadline = tokio::time::Instant::now() + self.config.checkin_grace;
+        let mut backoff = Backoff::default();
+        loop {
+            let result = match self.session().await {
+                Ok(session) => self.send_checkins(&session).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_connection_loss() => {
+                    let pause = backoff.next();
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        tracing::warn!(
+                            error = %e,
+                            "checkin not delivered yet; it is sent when a server answers again"
+                        );
+                        self.wake.notify_one();
+                        return Err(e);
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
             }
         }
     }
@@ -217,8 +279,9 @@ impl Inner {
         }
     }
 
-    /// One round of the background task: heartbeat everything, or reconnect.
-    async fn tend(&self) -> Duration {
+    /// One round of the background task: deliver queued checkins, heartbeat
+    /// everything, or reconnect. `None` means no server answered.
+    async fn tend(&self) -> Option<Duration> {
         let refs: Vec<(LeaseId, LeaseRef)> = self
             .leases
             .lock()
@@ -230,12 +293,19 @@ impl Inner {
             Ok(s) => s,
             Err(_) => {
                 self.set_all(LeaseStatus::Reconnecting);
-                return RECONNECT_INTERVAL;
+                return None;
             }
         };
         let interval = session.heartbeat_interval();
+        if let Err(e) = self.send_checkins(&session).await {
+            if e.is_connection_loss() {
+                self.set_all(LeaseStatus::Reconnecting);
+                return None;
+            }
+            tracing::warn!(error = %e, "checkin failed");
+        }
         if refs.is_empty() {
-            return interval;
+            return Some(interval);
         }
         let only_refs: Vec<LeaseRef> = refs.iter().map(|(_, r)| r.clone()).collect();
         match session.heartbeat(&only_refs).await {
@@ -264,25 +334,65 @@ impl Inner {
                         }
                     }
                 }
-                interval
+                Some(interval)
             }
             Err(e) if e.is_connection_loss() => {
                 tracing::warn!(error = %e, "connection lost; reconnecting");
                 self.drop_session(&session).await;
                 self.set_all(LeaseStatus::Reconnecting);
-                // Reconnect and re-attach right away.
-                Duration::ZERO
+                None
             }
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
-                interval
+                Some(interval)
             }
         }
     }
+
+    /// The session now held, without connecting.
+    async fn current_session(&self) -> Option<Arc<Session>> {
+        self.session.lock().await.clone()
+    }
+}
+
+/// Exponential backoff with jitter: each pause is a random point in the upper half of
+/// a window that doubles from [`RECONNECT_MIN`] to [`RECONNECT_MAX`].
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let window = RECONNECT_MIN
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(RECONNECT_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        window / 2 + jitter(window / 2)
+    }
+}
+
+/// A random duration below `max` (spreading reconnects needs no cryptographic quality:
+/// the clock's nanoseconds, the pid and a counter, mixed).
+fn jitter(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let nanos = max.as_nanos().max(1) as u64;
+    Duration::from_nanos(h.finish() % nanos)
 }
 
 async fn tend_forever(inner: std::sync::Weak<Inner>) {
     let mut wait = Duration::ZERO;
+    let mut backoff = Backoff::default();
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -290,16 +400,41 @@ async fn tend_forever(inner: std::sync::Weak<Inner>) {
         if strong.closed.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        if !wait.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = strong.wake.notified() => {}
+        let session = strong.current_session().await;
+        let closed = async {
+            match &session {
+                Some(s) => s.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = strong.wake.notified() => {}
+            _ = closed => {
+                // Noticed at once, not at the next heartbeat: the server stopped,
+                // restarted or dropped us. Reconnect after a short random delay.
+                let broken = session.expect("closed only resolves for a session");
+                tracing::warn!(server = %broken.server(), "connection closed; reconnecting");
+                strong.drop_session(&broken).await;
+                strong.set_all(LeaseStatus::Reconnecting);
+                drop(broken);
+                let pause = jitter(RECONNECT_JITTER);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = strong.wake.notified() => {}
+                }
             }
         }
-        wait = strong.tend().await;
-        if wait.is_zero() {
-            wait = Duration::from_millis(50);
+        if strong.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
         }
+        wait = match strong.tend().await {
+            Some(interval) => {
+                backoff = Backoff::default();
+                interval
+            }
+            None => backoff.next(),
+        };
     }
 }
 
@@ -312,6 +447,7 @@ impl Client {
             config,
             session: tokio::sync::Mutex::new(Some(Arc::new(session))),
             leases: Mutex::new(HashMap::new()),
+            undelivered: Mutex::new(Vec::new()),
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
@@ -438,14 +574,17 @@ impl Client {
             .drain()
             .map(|(_, e)| e.lease_ref)
             .collect();
+        for r in refs {
+            self.inner.queue_checkin(r);
+        }
+        let pending = !self.inner.undelivered.lock().expect("lock").is_empty();
+        if pending {
+            // Waits out a server restart for up to the checkin grace.
+            let _ = self.inner.deliver_checkins().await;
+        }
         let session = self.inner.session.lock().await.take();
         if let Some(s) = session {
-            if !refs.is_empty() {
-                let _ = s.checkin(&refs).await;
-            }
-            if let Ok(s) = Arc::try_unwrap(s) {
-                s.close().await;
-            }
+            s.close_shared().await;
         }
     }
 }

@@ -38,6 +38,8 @@ pub use trust::Trust;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time allowed for one request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`ClientConfig::checkin_grace`]: a restart of tallyd takes about a second.
+pub const DEFAULT_CHECKIN_GRACE: Duration = Duration::from_secs(10);
 /// Keep-alive interval; must stay below the server's idle timeout (15 s by default,
 /// 5 s at the least) so an idle but healthy client is never dropped.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
@@ -58,6 +60,11 @@ pub struct ClientConfig {
     /// Local address to connect from (a multi-homed host whose licence traffic must
     /// leave by one interface); `None`: the system chooses.
     pub local_address: Option<std::net::IpAddr>,
+    /// How long a checkin keeps trying while no server answers (a server restarting):
+    /// [`LeaseHandle::checkin`] and [`Client::close`] wait up to this long, so the seat
+    /// of a job that ends during a restart returns when the server is back instead of
+    /// after its TTL. A dropped handle keeps trying in the background for as long.
+    pub checkin_grace: Duration,
 }
 
 impl ClientConfig {
@@ -70,6 +77,7 @@ impl ClientConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             local_address: None,
+            checkin_grace: DEFAULT_CHECKIN_GRACE,
         }
     }
 }
@@ -517,9 +525,23 @@ impl Session {
         }
     }
 
+    /// Resolves when the connection closes, for whatever reason (the server stopped or
+    /// restarted, an idle timeout, a network error). The background task of [`Client`]
+    /// waits on it so that a lost connection is noticed at once, not at the next
+    /// heartbeat.
+    pub async fn closed(&self) {
+        self.connection.closed().await;
+    }
+
     /// Closes the connection politely (so the server releases nothing by timeout) and
     /// waits briefly for the close to reach the server.
     pub async fn close(self) {
+        self.close_shared().await;
+    }
+
+    /// [`Session::close`] for a session others may still hold a reference to (their
+    /// requests fail as connection losses).
+    pub(crate) async fn close_shared(&self) {
         self.connection.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }

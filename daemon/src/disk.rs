@@ -9,7 +9,7 @@
 //! not be made durable) and held leases go on being served from memory: heartbeats and
 //! checkins need no disk.
 
-use crate::ledger::{Event, Ledger};
+use crate::ledger::{Detachment, Event, Ledger};
 use crate::server::Metrics;
 use crate::store::{Store, StoreError};
 use std::path::PathBuf;
@@ -100,7 +100,7 @@ impl Disk {
     pub fn write(
         &mut self,
         journal: &mut Vec<JournalEntry>,
-        events: &[Event],
+        (events, detachments): (&[Event], &[Detachment]),
         clock: Option<UnixTime>,
     ) -> Result<(), String> {
         if let Some(broken) = &mut self.broken {
@@ -113,6 +113,7 @@ impl Disk {
         let result = store
             .append_journal(journal)
             .and_then(|_| store.apply(events))
+            .and_then(|_| store.apply_detachments(detachments))
             .and_then(|_| clock.map_or(Ok(()), |t| store.save_clock(t)));
         self.unflushed.append(journal);
         result.map_err(|e| self.break_with(e))

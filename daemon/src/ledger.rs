@@ -8,7 +8,7 @@
 //! Methods, grouped like quinn-proto's `Connection`:
 //! - inputs: [`Ledger::checkout`], [`Ledger::heartbeat`], [`Ledger::checkin`],
 //!   [`Ledger::connection_closed`], [`Ledger::expire`];
-//! - setup: [`Ledger::new`], [`Ledger::restore`], [`Ledger::rollback`];
+//! - setup: [`Ledger::new`], [`Ledger::restore_with`], [`Ledger::rollback`];
 //! - outputs: [`Ledger::next_deadline`], [`Ledger::status`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -36,6 +36,37 @@ pub struct Now {
 /// Identifies one client connection to the shell; the ledger only compares them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnId(pub u64);
+
+/// A change to the stored end of a lease that belongs to no connection. A lease restored
+/// after a restart keeps the deadline it had: the ledger stores that deadline once, so
+/// that the next restart (or the one after) cannot hand it a fresh TTL again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detachment {
+    /// The lease ends by `until` (wall clock) unless its holder re-attaches.
+    Until {
+        /// The lease.
+        id: LeaseId,
+        /// When it ends.
+        until: UnixTime,
+    },
+    /// Forget the stored end: the holder re-attached, or the lease ended.
+    Cleared {
+        /// The lease.
+        id: LeaseId,
+    },
+}
+
+/// What the store knows at start about the leases it restores.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreFacts {
+    /// Stored ends of leases that were restored before and never re-attached.
+    pub detached: HashMap<LeaseId, UnixTime>,
+    /// The latest wall-clock time the previous run is known to have been alive (the
+    /// persisted clock mark), and how stale that mark can be. A lease attached to a
+    /// connection when the daemon stopped was heartbeated at the latest then, so it
+    /// ends at the latest `alive + slack + TTL`.
+    pub alive: Option<(UnixTime, Duration)>,
+}
 
 /// A change the shell must make durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +366,8 @@ struct Held {
     deadline: Instant,
     /// Checked in, but held until `deadline` by the feature's linger time.
     lingering: bool,
+    /// Its end is in the store as a [`Detachment::Until`].
+    stored_until: bool,
 }
 
 /// The seat ledger.
@@ -355,6 +388,7 @@ pub struct Ledger {
     removed: VecDeque<LeaseId>,
     removed_set: HashSet<LeaseId>,
     high_water: UnixTime,
+    detachments: Vec<Detachment>,
 }
 
 /// The identity and secret the shell drew for a new lease.
@@ -383,6 +417,7 @@ impl Ledger {
             removed: VecDeque::new(),
             removed_set: HashSet::new(),
             high_water: UnixTime(0),
+            detachments: Vec::new(),
         }
     }
 
@@ -418,17 +453,75 @@ impl Ledger {
         self.serve_queues(now);
     }
 
-    /// Re-adds leases found in the store after a restart. They belong to no connection
-    /// yet; a holder that comes back re-attaches by heartbeat, the rest expire one TTL
-    /// from now. Restored leases count even above today's seat count (a bundle may have
-    /// shrunk while we were down): they were granted honestly and drain on their own.
+    /// Re-adds leases found in the store after a restart, with nothing known of the
+    /// previous run: they expire one TTL from now unless re-attached. The daemon uses
+    /// [`Ledger::restore_with`].
     pub fn restore(&mut self, now: Now, records: Vec<LeaseRecord>) {
+        self.restore_with(now, records, &RestoreFacts::default());
+    }
+
+    /// Re-adds leases found in the store after a restart. They belong to no connection
+    /// yet; a holder that comes back re-attaches by heartbeat, the rest end when their
+    /// TTL from the last heartbeat they can have had runs out (see [`RestoreFacts`]): a
+    /// restart never extends a lease, however many restarts follow. The ends computed
+    /// here are handed out as [`Detachment`]s to store. Restored leases count even
+    /// above today's seat count (a bundle may have shrunk while we were down): they
+    /// were granted honestly and drain on their own.
+    pub fn restore_with(&mut self, now: Now, records: Vec<LeaseRecord>, facts: &RestoreFacts) {
+        let until_mono = |until: UnixTime| {
+            now.mono + Duration::from_secs(until.0.saturating_sub(now.wall.0))
+        };
         for record in records {
-            let deadline = match record.borrowed_until {
-                Some(until) => now.mono + Duration::from_secs(until.0.saturating_sub(now.wall.0)),
-                None => now.mono + Duration::from_secs(record.ttl_secs),
+            let id = record.id;
+            let (deadline, stored) = match record.borrowed_until {
+                Some(until) => (until_mono(until), false),
+                None => {
+                    let until = match (facts.detached.get(&id), facts.alive) {
+                        (Some(&until), _) => until,
+                        (None, Some((alive, slack))) => alive
+                            .plus_secs(slack.as_secs())
+                            .plus_secs(record.ttl_secs),
+                        (None, None) => now.wall.plus_secs(record.ttl_secs),
+                    };
+                    if facts.detached.get(&id) != Some(&until) {
+                        self.detachments.push(Detachment::Until { id, until });
+                    }
+                    (until_mono(until), true)
+                }
             };
             self.insert(record, None, deadline);
+            if let Some(held) = self.leases.get_mut(&id) {
+                held.stored_until = stored;
+            }
+        }
+    }
+
+    /// The changes to stored lease ends since the last call, for the shell to write.
+    pub fn take_detachments(&mut self) -> Vec<Detachment> {
+        std::mem::take(&mut self.detachments)
+    }
+
+    /// The daemon itself did not run for `stalled` (the process was stopped, the
+    /// machine paused): heartbeats could not arrive, so the time does not count against
+    /// the holders. Every heartbeated lease's deadline moves on by `stalled`.
+    pub fn forgive(&mut self, stalled: Duration) {
+        let shifted: Vec<(Instant, LeaseId)> = self
+            .deadlines
+            .iter()
+            .filter(|(_, id)| {
+                self.leases.get(id).is_some_and(|h| {
+                    !h.lingering && h.record.borrowed_until.is_none() && !h.stored_until
+                })
+            })
+            .copied()
+            .collect();
+        for (deadline, id) in shifted {
+            self.deadlines.remove(&(deadline, id));
+            let moved = deadline + stalled;
+            self.deadlines.insert((moved, id));
+            if let Some(h) = self.leases.get_mut(&id) {
+                h.deadline = moved;
+            }
         }
     }
 
@@ -890,6 +983,11 @@ impl Ledger {
                 self.deadlines.remove(&(held.deadline, r.id));
                 self.deadlines.insert((deadline, r.id));
                 held.deadline = deadline;
+                if held.stored_until {
+                    // Alive again: from now on heartbeats decide its end.
+                    held.stored_until = false;
+                    self.detachments.push(Detachment::Cleared { id: r.id });
+                }
                 if held.conn != Some(conn) {
                     if let Some(old) = held.conn {
                         if let Some(set) = self.by_conn.get_mut(&old) {
@@ -970,6 +1068,29 @@ impl Ledger {
             .collect();
         self.serve_queues(now);
         events
+    }
+
+    /// A connection timed out while the daemon itself was stalled: its holder is most
+    /// likely alive and reconnecting, so its leases are kept, detached, until their TTL
+    /// runs out or the holder re-attaches by heartbeat. Its waits end (their streams are
+    /// gone with the connection).
+    pub fn connection_lost(&mut self, now: Now, conn: ConnId) {
+        let waiting: Vec<WaiterId> = self
+            .queues
+            .values()
+            .flatten()
+            .filter(|w| w.conn == conn)
+            .map(|w| w.id)
+            .collect();
+        for w in waiting {
+            self.cancel_wait(w);
+        }
+        for id in self.by_conn.remove(&conn).unwrap_or_default() {
+            if let Some(held) = self.leases.get_mut(&id) {
+                held.conn = None;
+            }
+        }
+        self.serve_queues(now);
     }
 
     /// Releases every lease whose heartbeat deadline is at or before `now`.
@@ -1149,6 +1270,7 @@ impl Ledger {
                 conn,
                 deadline,
                 lingering: false,
+                stored_until: false,
             },
         ) {
             // Restoring a duplicate id would double-count; undo the old one's share.
@@ -1179,6 +1301,9 @@ impl Ledger {
 
     fn release(&mut self, id: LeaseId, why: ReleaseReason) -> Option<Event> {
         let held = self.remove(id)?;
+        if held.stored_until {
+            self.detachments.push(Detachment::Cleared { id });
+        }
         Some(Event::Released {
             id,
             count: held.record.count,

@@ -37,6 +37,16 @@ const MAX_BATCH: usize = 256;
 /// Queue of requests waiting for the ledger task; when full, connection tasks wait,
 /// which pushes back on clients through QUIC flow control.
 const LEDGER_QUEUE: usize = 4096;
+/// The ledger task wakes at least this often, so that a gap between two wakes longer
+/// than [`STALL_THRESHOLD`] shows that the daemon itself did not run.
+const LEDGER_TICK: Duration = Duration::from_millis(500);
+/// A gap between ledger wakes above this is a stall of the daemon (SIGSTOP, a paused
+/// VM, a machine that froze), not of its clients.
+const STALL_THRESHOLD: Duration = Duration::from_secs(3);
+/// How often the clock mark (the last time the daemon is known to have been alive) is
+/// written; a lease attached when the daemon died ends at the latest this long after
+/// the mark plus its TTL.
+const CLOCK_SAVE_SECS: u64 = 10;
 
 /// Everything the server needs to start.
 pub struct ServerParams {
@@ -281,6 +291,7 @@ pub struct Server {
     reload_signal: Option<mpsc::Receiver<()>>,
     startup: Vec<UsageEvent>,
     http: Option<tokio::net::TcpListener>,
+    idle_timeout: Duration,
 }
 
 /// State every connection task reads.
@@ -354,6 +365,9 @@ enum Command {
     },
     Closed {
         conn: ConnId,
+        /// Closed by the QUIC idle timeout (nothing heard from the client), rather than
+        /// by either side or a network error.
+        timed_out: bool,
     },
     Reload {
         bundles: Vec<tally_protocol::bundle::Bundle>,
@@ -419,7 +433,18 @@ impl Server {
             warn!(key = ?bad.key, error = %bad.error, "lease record in the store could not be read; left in place");
         }
         let restored = records.len();
-        ledger.restore(now(), records);
+        // A restored lease keeps the deadline it had: its stored end if an earlier run
+        // restored it already, else its TTL from the last moment the previous run is
+        // known to have been alive.
+        let facts = crate::ledger::RestoreFacts {
+            detached: params.store.load_detached()?,
+            alive: params
+                .store
+                .load_clock()?
+                .map(|t| (t, Duration::from_secs(CLOCK_SAVE_SECS))),
+        };
+        ledger.restore_with(now(), records, &facts);
+        params.store.apply_detachments(&ledger.take_detachments())?;
         if restored > 0 {
             info!(
                 leases = restored,
@@ -474,6 +499,7 @@ impl Server {
             reload_signal: params.reload_signal,
             startup,
             http,
+            idle_timeout: params.idle_timeout,
         })
     }
 
@@ -500,13 +526,14 @@ impl Server {
             reload_signal,
             startup,
             http,
+            idle_timeout,
         } = self;
         let ledger_task = tokio::spawn(run_ledger(
             ledger,
             store,
             ledger_rx,
             startup,
-            shared.metrics.clone(),
+            (shared.metrics.clone(), idle_timeout),
         ));
         if let Some(uploader) = shared.reports.uploader.clone() {
             tokio::spawn(crate::upload::run(uploader, shared.upload_wake.clone()));
@@ -642,7 +669,7 @@ async fn run_ledger(
     store: Store,
     mut rx: mpsc::Receiver<Command>,
     startup: Vec<UsageEvent>,
-    metrics: Arc<Metrics>,
+    (metrics, idle_timeout): (Arc<Metrics>, Duration),
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut next_seq = match store.next_journal_seq() {
@@ -685,8 +712,13 @@ async fn run_ledger(
     // Journal events of grants taken back (the store failed under them), recorded with
     // the next batch.
     let mut rolled_back: Vec<UsageEvent> = Vec::new();
+    let mut stall = StallWatch::new(idle_timeout);
     loop {
-        let deadline = ledger.next_deadline();
+        // Woken at least every tick, so that a stall of the daemon shows as a gap.
+        let deadline = Some(match ledger.next_deadline() {
+            Some(d) => d.min(stall.next_tick()),
+            None => stall.next_tick(),
+        });
         // A broken store is reopened between flushes, never under a running one.
         let retry_at = disk.retry_at().filter(|_| flushing.is_none());
         let retry = async {
@@ -709,6 +741,7 @@ async fn run_ledger(
         };
         tokio::select! {
             n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+            _ = expiry => {}
             result = flushed => {
                 let result = disk.flushed(result);
                 // Grants taken back only happen while the store is broken; they are
@@ -731,9 +764,11 @@ async fn run_ledger(
                 disk.try_recover(&ledger).await;
                 continue;
             }
-            _ = expiry => {}
         }
         let now = now();
+        // Before anything else of this batch: connections that timed out while the
+        // daemon stood still are its own fault, not their holders'.
+        stall.observe(now, &mut ledger);
         ledger.observe_clock(now);
         let mut events = ledger.expire(now);
         let mut pending = Vec::with_capacity(batch.len());
@@ -814,7 +849,13 @@ async fn run_ledger(
                 Command::Status { reply } => {
                     pending.push(Pending::Status(reply, ledger.status(now.wall)))
                 }
-                Command::Closed { conn } => events.extend(ledger.connection_closed(now, conn)),
+                Command::Closed { conn, timed_out } => {
+                    if timed_out && stall.recent(now) {
+                        ledger.connection_lost(now, conn);
+                    } else {
+                        events.extend(ledger.connection_closed(now, conn));
+                    }
+                }
                 Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
                 Command::Reload {
                     bundles,
@@ -870,11 +911,18 @@ async fn run_ledger(
         for event in &events {
             record(&mut journal, now.wall, journal::usage_event(event));
         }
-        // The high-water mark is worth a write once a minute, not once a request.
+        // The high-water mark, which also says when the daemon was last alive, is worth
+        // a write every few seconds and at a stop, not once a request.
         let clock = ledger.clock_high_water();
-        let save_clock = clock.0 >= clock_saved.0.saturating_add(60);
-        dirty |= !journal.is_empty() || !events.is_empty() || save_clock;
-        let written = disk.write(&mut journal, &events, save_clock.then_some(clock));
+        let save_clock =
+            clock.0 >= clock_saved.0.saturating_add(CLOCK_SAVE_SECS) || shutdown.is_some();
+        let detachments = ledger.take_detachments();
+        dirty |= !journal.is_empty() || !events.is_empty() || !detachments.is_empty() || save_clock;
+        let written = disk.write(
+            &mut journal,
+            (&events, &detachments),
+            save_clock.then_some(clock),
+        );
         if written.is_ok() && save_clock {
             clock_saved = clock;
         }
@@ -950,9 +998,59 @@ async fn run_ledger(
             for event in rolled_back.drain(..) {
                 record(&mut journal, now.wall, event);
             }
-            let _ = disk.write(&mut journal, &[], None);
+            let _ = disk.write(&mut journal, (&[], &[]), None);
             dirty = true;
         }
+    }
+}
+
+/// Notices that the daemon itself stood still: the ledger task wakes at least every
+/// [`LEDGER_TICK`], so a longer gap between two wakes means the process did not run.
+/// Time it did not run does not count against lease holders ([`Ledger::forgive`]), and
+/// connections that time out during or shortly after such a stall keep their leases
+/// ([`Ledger::connection_lost`]): their clients are most likely alive and reconnecting,
+/// and handing their seats to others would put two programs on one seat.
+struct StallWatch {
+    last: std::time::Instant,
+    /// When the last stall ended.
+    ended: Option<std::time::Instant>,
+    idle_timeout: Duration,
+}
+
+impl StallWatch {
+    fn new(idle_timeout: Duration) -> StallWatch {
+        StallWatch {
+            last: std::time::Instant::now(),
+            ended: None,
+            idle_timeout,
+        }
+    }
+
+    fn next_tick(&self) -> std::time::Instant {
+        self.last + LEDGER_TICK
+    }
+
+    fn observe(&mut self, now: Now, ledger: &mut Ledger) {
+        let gap = now.mono.saturating_duration_since(self.last);
+        self.last = now.mono;
+        if gap > STALL_THRESHOLD {
+            let stalled = gap - LEDGER_TICK;
+            warn!(
+                stalled_ms = stalled.as_millis() as u64,
+                "tallyd did not run for a while (stopped or paused): lease deadlines move on by as much, and connections that time out now keep their leases for their holders to re-attach"
+            );
+            ledger.forgive(stalled);
+            self.ended = Some(now.mono);
+        }
+    }
+
+    /// Whether a connection that timed out now may owe its timeout to a stall: the
+    /// stall ended less than one idle timeout (plus a margin for the backlog of work a
+    /// stall leaves) ago.
+    fn recent(&self, now: Now) -> bool {
+        self.ended.is_some_and(|e| {
+            now.mono.saturating_duration_since(e) <= self.idle_timeout + STALL_THRESHOLD
+        })
     }
 }
 
@@ -1206,7 +1304,12 @@ async fn serve_connection(
         }
     };
     debug!(%remote, conn = conn_id.0, %reason, "connection closed");
-    let _ = Box::pin(shared.ledger.send(Command::Closed { conn: conn_id })).await;
+    let timed_out = matches!(reason, quinn::ConnectionError::TimedOut);
+    let _ = Box::pin(shared.ledger.send(Command::Closed {
+        conn: conn_id,
+        timed_out,
+    }))
+    .await;
 }
 
 /// Why reading a request failed.

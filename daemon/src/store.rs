@@ -10,9 +10,10 @@
 //! few values ([`StoredJournalChunk`]), each under its first entry's number. Stores written
 //! before chunks existed (`journal/v1`, one value per entry) are converted when opened.
 
-use crate::ledger::Event;
+use crate::ledger::{Detachment, Event};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredLease};
+use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredDeadline, StoredLease};
 use tally_protocol::report::{
     JournalEntry, ReportState, StoredJournal, StoredJournalChunk, StoredReportState,
 };
@@ -61,6 +62,8 @@ pub struct Store {
     path: PathBuf,
     db: sled::Db,
     leases: sled::Tree,
+    /// Ends of restored leases not re-attached yet (see `ledger::Detachment`).
+    detached: sled::Tree,
     meta: sled::Tree,
     /// Journal chunks, keyed by their first entry's sequence number (big-endian).
     journal: sled::Tree,
@@ -87,6 +90,7 @@ impl Store {
             .open()
             .map_err(err)?;
         let leases = db.open_tree("leases/v1").map_err(err)?;
+        let detached = db.open_tree(DETACHED_TREE).map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(err)?;
         let io = |source: std::io::Error| StoreError::Sled {
@@ -103,6 +107,7 @@ impl Store {
             path,
             db,
             leases,
+            detached,
             meta,
             journal,
             log: std::sync::Arc::new(log),
@@ -225,6 +230,40 @@ impl Store {
             }
         }
         self.leases.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// Writes changes to the stored ends of detached leases (not yet flushed).
+    pub fn apply_detachments(&self, changes: &[Detachment]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for change in changes {
+            match *change {
+                Detachment::Until { id, until } => {
+                    batch.insert(&key(id), StoredDeadline::V1(until).encode())
+                }
+                Detachment::Cleared { id } => batch.remove(&key(id)),
+            }
+        }
+        self.detached.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
+    /// The stored ends of detached leases. A record that cannot be read counts as none:
+    /// the lease then ends by the clock mark, which is never later than its true end
+    /// plus the mark's slack.
+    pub fn load_detached(&self) -> Result<HashMap<LeaseId, UnixTime>, StoreError> {
+        let mut out = HashMap::new();
+        for item in self.detached.iter() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (Ok(k), Ok(StoredDeadline::V1(until))) =
+                (<[u8; 8]>::try_from(k.as_ref()), StoredDeadline::decode(&v))
+            else {
+                continue;
+            };
+            out.insert(LeaseId(u64::from_be_bytes(k)), until);
+        }
+        Ok(out)
     }
 
     /// Makes the stored leases exactly `records`: deletes the ones not among them and
@@ -483,6 +522,9 @@ fn seq_of(key: &[u8]) -> u64 {
     b[8 - n..].copy_from_slice(&key[..n]);
     u64::from_be_bytes(b)
 }
+
+/// Tree of [`StoredDeadline`]s by lease id.
+const DETACHED_TREE: &str = "detached/v1";
 
 fn key(id: LeaseId) -> [u8; 8] {
     id.0.to_be_bytes()

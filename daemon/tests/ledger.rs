@@ -677,3 +677,124 @@ fn a_bundle_validity_window_bounds_its_features() {
         Err(DenialReason::Expired { .. })
     ));
 }
+
+/// Restarts a ledger from `records` the way the daemon does: `d` is the new run, whose
+/// clock says when it started; `detached` and `alive` are what the store kept.
+fn restart_with(
+    d: &mut Driver,
+    records: Vec<LeaseRecord>,
+    detached: &std::collections::HashMap<LeaseId, UnixTime>,
+    alive: UnixTime,
+) -> Vec<Detachment> {
+    let facts = RestoreFacts {
+        detached: detached.clone(),
+        alive: Some((alive, Duration::from_secs(10))),
+    };
+    d.ledger.restore_with(d.now(), records, &facts);
+    d.ledger.take_detachments()
+}
+
+#[test]
+fn a_restart_never_extends_a_lease_however_many_follow() {
+    // The holder of `ghost` dies with the daemon at T0+0; the daemon was last known
+    // alive at T0 (its clock mark), so the lease ends by T0 + 10 s slack + 90 s TTL.
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 2)]);
+    let ghost = d.checkout(1, "a", "solver", 1).unwrap();
+    let mut stored = std::collections::HashMap::new();
+    let end = T0.plus_secs(10 + TTL.as_secs());
+    // Five restarts, 30 s apart: each sees the stored end, none moves it.
+    for round in 0..5u64 {
+        let mut next = Driver::new(vec![FeatureGrant::counted("solver", 2)]);
+        next.elapsed = Duration::from_secs(30 * round + 1);
+        let changes = restart_with(&mut next, vec![ghost.clone()], &stored, T0);
+        for c in changes {
+            match c {
+                Detachment::Until { id, until } => {
+                    assert_eq!(until, end, "round {round}: the end must not move");
+                    stored.insert(id, until);
+                }
+                Detachment::Cleared { id } => {
+                    stored.remove(&id);
+                }
+            }
+        }
+        let left = Duration::from_secs(end.0.saturating_sub(next.now().wall.0));
+        if next.now().wall < end {
+            assert_eq!(next.ledger.in_use("solver"), 1, "round {round}");
+            // Held until just before its end, released at it.
+            assert!(next.advance(left - Duration::from_secs(1)).is_empty());
+            let events = next.advance(Duration::from_secs(1));
+            assert!(
+                matches!(events.as_slice(), [Event::Released { id, why: ReleaseReason::Expired, .. }] if *id == ghost.id),
+                "round {round}: {events:?}"
+            );
+        } else {
+            // Restarted after its end: gone at the first expiry check.
+            let events = next.advance(Duration::ZERO);
+            assert_eq!(events.len(), 1, "round {round}: {events:?}");
+        }
+    }
+}
+
+#[test]
+fn a_holder_that_comes_back_after_a_restart_clears_its_stored_end() {
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 2)]);
+    let kept = d.checkout(1, "a", "solver", 1).unwrap();
+    let mut next = Driver::new(vec![FeatureGrant::counted("solver", 2)]);
+    let changes = restart_with(&mut next, vec![kept.clone()], &Default::default(), T0);
+    assert!(matches!(changes.as_slice(), [Detachment::Until { id, .. }] if *id == kept.id));
+    let now = next.now();
+    assert_eq!(
+        next.ledger.heartbeat(now, ConnId(9), &[r(&kept)]),
+        vec![LeaseState::Active]
+    );
+    assert_eq!(
+        next.ledger.take_detachments(),
+        vec![Detachment::Cleared { id: kept.id }]
+    );
+    // Heartbeats decide from now on: well past the old end, still held.
+    for _ in 0..5 {
+        assert!(next.advance(Duration::from_secs(60)).is_empty());
+        let now = next.now();
+        next.ledger.heartbeat(now, ConnId(9), &[r(&kept)]);
+    }
+    assert_eq!(next.ledger.in_use("solver"), 1);
+    assert!(next.ledger.take_detachments().is_empty());
+}
+
+#[test]
+fn a_stall_of_the_daemon_does_not_count_against_holders() {
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    let held = d.checkout(1, "a", "solver", 1).unwrap();
+    d.advance(Duration::from_secs(60));
+    // The daemon stood still for 100 s: more than the 30 s left of the TTL.
+    d.ledger.forgive(Duration::from_secs(100));
+    assert!(d.advance(Duration::from_secs(100)).is_empty());
+    // Its connection timed out meanwhile: kept, detached, not released.
+    let now = d.now();
+    d.ledger.connection_lost(now, ConnId(1));
+    assert_eq!(d.ledger.in_use("solver"), 1);
+    assert!(d.checkout(2, "b", "solver", 1).is_err(), "no second program on the seat");
+    // The holder reconnects and re-attaches.
+    let now = d.now();
+    assert_eq!(
+        d.ledger.heartbeat(now, ConnId(3), &[r(&held)]),
+        vec![LeaseState::Active]
+    );
+    // Without the stall the same silence ends the lease at its TTL.
+    let mut plain = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    plain.checkout(1, "a", "solver", 1).unwrap();
+    plain.advance(Duration::from_secs(60));
+    assert_eq!(plain.advance(Duration::from_secs(31)).len(), 1);
+}
+
+#[test]
+fn a_lost_connection_keeps_its_leases_until_their_ttl() {
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    d.checkout(1, "a", "solver", 1).unwrap();
+    let now = d.now();
+    d.ledger.connection_lost(now, ConnId(1));
+    assert!(d.advance(TTL - Duration::from_secs(1)).is_empty());
+    assert_eq!(d.advance(Duration::from_secs(1)).len(), 1);
+    assert_eq!(d.ledger.in_use("solver"), 0);
+}

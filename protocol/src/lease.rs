@@ -94,6 +94,27 @@ impl StoredClock {
     }
 }
 
+/// The stored end of a restored lease that no holder has re-attached yet (tree
+/// `detached/v1`); the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredDeadline {
+    /// Format version 1: the wall-clock time the lease ends by.
+    V1(UnixTime),
+}
+
+impl StoredDeadline {
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded.
+    pub fn decode(bytes: &[u8]) -> Result<StoredDeadline, crate::DecodeError> {
+        crate::decode::<StoredDeadline, 64>(bytes)
+    }
+}
+
 /// Largest stored lease record we decode.
 pub const MAX_STORED_LEASE: usize = 16 * 1024;
 
