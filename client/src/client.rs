@@ -98,6 +98,9 @@ struct Inner {
     leases: Mutex<HashMap<LeaseId, Entry>>,
     /// Checkins no server has answered yet; sent first whenever a session is up.
     undelivered: Mutex<Vec<LeaseRef>>,
+    /// Held while checkins are on their way, so that "nothing queued" means "delivered"
+    /// to whoever looks next, not "taken by another task that may still fail".
+    delivering: tokio::sync::Mutex<()>,
     wake: Notify,
     closed: std::sync::atomic::AtomicBool,
     runtime: tokio::runtime::Handle,
@@ -223,6 +226,7 @@ impl Inner {
 
     /// Sends the queued checkins once on `session`; they stay queued if it fails.
     async fn send_checkins(&self, session: &Arc<Session>) -> Result<(), ClientError> {
+        let _delivering = self.delivering.lock().await;
         let refs: Vec<LeaseRef> = std::mem::take(&mut *self.undelivered.lock().expect("lock"));
         if refs.is_empty() {
             return Ok(());
@@ -230,7 +234,10 @@ impl Inner {
         match session.checkin(&refs).await {
             // Answered: delivered, whatever the answer (a lease the server no longer
             // knows is not held either).
-            Ok(_) => Ok(()),
+            Ok(answers) => {
+                tracing::debug!(server = %session.server(), ?answers, "checkins delivered");
+                Ok(())
+            }
             Err(e) => {
                 self.undelivered.lock().expect("lock").extend(refs);
                 if e.is_connection_loss() {
@@ -251,6 +258,7 @@ impl Inner {
                 Ok(session) => self.send_checkins(&session).await,
                 Err(e) => Err(e),
             };
+            tracing::debug!(?result, "checkin delivery attempt");
             match result {
                 Err(e) if e.is_connection_loss() => {
                     let pause = backoff.next();
@@ -448,6 +456,7 @@ impl Client {
             session: tokio::sync::Mutex::new(Some(Arc::new(session))),
             leases: Mutex::new(HashMap::new()),
             undelivered: Mutex::new(Vec::new()),
+            delivering: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),

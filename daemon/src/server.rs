@@ -444,7 +444,13 @@ impl Server {
                 .map(|t| (t, Duration::from_secs(CLOCK_SAVE_SECS))),
         };
         ledger.restore_with(now(), records, &facts);
-        params.store.apply_detachments(&ledger.take_detachments())?;
+        let detachments = ledger.take_detachments();
+        if !detachments.is_empty() {
+            // Durable before serving: a crash right after this start must not let the
+            // next start compute a later end from a newer clock mark.
+            params.store.apply_detachments(&detachments)?;
+            params.store.flush_blocking()?;
+        }
         if restored > 0 {
             info!(
                 leases = restored,
