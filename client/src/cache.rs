@@ -83,6 +83,10 @@ pub struct BorrowedLease {
     pub until: UnixTime,
     /// Id and secret, to return it early.
     pub lease_ref: LeaseRef,
+    /// The application version the borrow was granted for, if one was given: the lease
+    /// serves no version above it. (Kept unsigned in the cache, so an edit can at most
+    /// widen it to what the signed licence terms allow, which are checked as well.)
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -105,6 +109,9 @@ struct CachedLease {
     /// (version ceilings, maintenance and licence dates), checked offline.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     bundles: Vec<String>,
+    /// Format version 2: the application version the borrow was granted for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
 }
 
 /// The cache file's path.
@@ -183,8 +190,9 @@ fn write(path: &PathBuf, file: &CacheFile) -> Result<(), CacheError> {
 
 /// Adds a borrowed lease to the cache with the bundles that vouch for its server and
 /// hold its licence terms (the first vouches; pass every bundle the server serves with
-/// terms for the feature, so versions and dates can be checked offline).
-pub fn store(lease: &Lease, bundles: &[Signed]) -> Result<(), CacheError> {
+/// terms for the feature, so versions and dates can be checked offline), and the
+/// application version it was borrowed for, if any.
+pub fn store(lease: &Lease, bundles: &[Signed], version: Option<&str>) -> Result<(), CacheError> {
     let (path, mut file) = read()?;
     let vouching = bundles.first().ok_or_else(|| CacheError::Io {
         path: path.clone(),
@@ -203,6 +211,7 @@ pub fn store(lease: &Lease, bundles: &[Signed]) -> Result<(), CacheError> {
         token: signed::to_armored(TOKEN_LABEL, &g.token),
         bundle: bundle::to_armored(vouching),
         bundles: bundles.iter().map(bundle::to_armored).collect(),
+        version: version.map(str::to_string),
     });
     write(&path, &file)
 }
@@ -268,6 +277,7 @@ fn verify(
             server_key: token.signer,
             until,
             lease_ref: LeaseRef { id, secret },
+            version: entry.version.clone(),
         },
         terms,
     ))
@@ -377,6 +387,17 @@ pub enum Refusal {
         /// What the server would have answered.
         reason: DenialReason,
     },
+    /// A version above the one the lease was borrowed for.
+    Version {
+        /// The borrowed lease.
+        lease: LeaseId,
+        /// The feature.
+        feature: String,
+        /// The version asked for.
+        requested: String,
+        /// The version it was borrowed for.
+        borrowed_for: String,
+    },
     /// More seats asked for than were borrowed.
     Count {
         /// The borrowed lease.
@@ -404,8 +425,9 @@ impl Refusal {
     fn rank(&self) -> u8 {
         match self {
             Refusal::Terms { .. } => 0,
-            Refusal::Count { .. } => 1,
-            Refusal::InUse { .. } => 2,
+            Refusal::Version { .. } => 1,
+            Refusal::Count { .. } => 2,
+            Refusal::InUse { .. } => 3,
         }
     }
 }
@@ -414,6 +436,15 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::Terms { lease, reason } => write!(f, "{reason} (borrowed lease {lease})"),
+            Refusal::Version {
+                lease,
+                feature,
+                requested,
+                borrowed_for,
+            } => write!(
+                f,
+                "version {requested} of '{feature}' is above version {borrowed_for}, which borrowed lease {lease} was borrowed for"
+            ),
             Refusal::Count {
                 lease,
                 feature,
@@ -539,6 +570,16 @@ fn serves(
         now,
     ) {
         return Err(Refusal::Terms { lease, reason });
+    }
+    if let (Some(requested), Some(borrowed_for)) = (&want.version, &borrowed.version) {
+        if !version::within(requested, borrowed_for) {
+            return Err(Refusal::Version {
+                lease,
+                feature: want.feature.clone(),
+                requested: requested.clone(),
+                borrowed_for: borrowed_for.clone(),
+            });
+        }
     }
     let count = borrowed.lease.grant.count;
     if want.count > count {
@@ -700,4 +741,81 @@ fn lock_seats(
         }
     }
     Ok((held.len() as u32 == count).then_some(SeatLocks { _files: held }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_protocol::bundle::{Customer, FeatureGrant};
+
+    fn bundle(features: Vec<FeatureGrant>) -> Bundle {
+        Bundle {
+            id: "b".into(),
+            issued_at: UnixTime(0),
+            vendor: "v".into(),
+            customer: Customer {
+                id: "c".into(),
+                name: "c".into(),
+            },
+            binding: None,
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features,
+        }
+    }
+
+    fn solver(ceiling: &str, maintenance: u64) -> FeatureGrant {
+        let mut f = FeatureGrant::counted("solver", 1);
+        f.version_ceiling = Some(ceiling.into());
+        f.maintenance_until = Some(UnixTime(maintenance));
+        f
+    }
+
+    #[test]
+    fn terms_answer_what_the_server_answers() {
+        let now = UnixTime(1_000);
+        let base = bundle(vec![solver("2027.1", 500)]);
+        let ok = |b: &[Bundle], v: Option<&str>, d: Option<u64>| {
+            terms_admit(b, "solver", v, d.map(UnixTime), now)
+        };
+        let base_only = std::slice::from_ref(&base);
+        assert_eq!(ok(base_only, Some("2027.1"), Some(500)), Ok(()));
+        assert_eq!(ok(base_only, None, None), Ok(()));
+        let above = ok(base_only, Some("2099.1"), None).unwrap_err();
+        assert_eq!(
+            above.to_string(),
+            "version 2099.1 of 'solver' is above the licensed version 2027.1"
+        );
+        assert!(matches!(
+            ok(base_only, Some("2027"), Some(501)),
+            Err(DenialReason::MaintenanceExpired { .. })
+        ));
+        assert!(matches!(
+            terms_admit(base_only, "viewer", None, None, now),
+            Err(DenialReason::NotLicensed { .. })
+        ));
+        // A second bundle (an upgrade or add-on) raises the ceiling and maintenance.
+        let addon = bundle(vec![solver("2028", 2_000)]);
+        let both = [base.clone(), addon];
+        assert_eq!(ok(&both, Some("2028"), Some(1_500)), Ok(()));
+        // A package grants its components with its own terms.
+        let mut suite = solver("2030", 2_000);
+        suite.name = "suite".into();
+        suite.components = vec!["solver".into()];
+        assert_eq!(ok(&[bundle(vec![suite])], Some("2030"), None), Ok(()));
+        // Dates: an expired term serves nothing; one not started yet says when.
+        let mut expired = solver("2027.1", 500);
+        expired.expires = Some(UnixTime(900));
+        assert!(matches!(
+            ok(&[bundle(vec![expired])], None, None),
+            Err(DenialReason::Expired { .. })
+        ));
+        let mut later = bundle(vec![solver("2027.1", 500)]);
+        later.valid_from = Some(UnixTime(5_000));
+        assert!(matches!(
+            ok(&[later], None, None),
+            Err(DenialReason::NotYetValid { .. })
+        ));
+    }
 }

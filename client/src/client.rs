@@ -447,7 +447,8 @@ impl Client {
         if bundles.is_empty() {
             return Err(ClientError::Protocol("server presented no bundle".into()));
         }
-        cache::store(&lease, &bundles).map_err(|e| ClientError::Config(e.to_string()))?;
+        cache::store(&lease, &bundles, want.version.as_deref())
+            .map_err(|e| ClientError::Config(e.to_string()))?;
         cache::list(&self.inner.config.trust, now())
             .map_err(|e| ClientError::Config(e.to_string()))?
             .into_iter()

@@ -81,6 +81,14 @@ enum Command {
         /// Seats.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// The application version to borrow for: the seat then serves no higher one
+        /// (without it, any version the licence allows).
+        #[arg(long)]
+        version: Option<String>,
+        /// The application's build date, YYYY-MM-DD, checked against maintenance dates
+        /// now as the server would (offline, the licence terms are checked again).
+        #[arg(long, value_parser = parse_date)]
+        build_date: Option<UnixTime>,
     },
     /// Give borrowed seats of a feature back early.
     Return {
@@ -321,10 +329,14 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             feature,
             period,
             count,
+            version,
+            build_date,
         } => {
             let client = Client::connect(config).await?;
             let mut want = Want::feature(&feature);
             want.count = count;
+            want.version = version;
+            want.build_date = build_date;
             let result = client.borrow(&want, period).await;
             client.close().await;
             let borrowed = result?;

@@ -247,7 +247,7 @@ seats = 5
         std::fs::write(
             site.path("tallyd.toml"),
             format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
+                "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
                 data.display(),
                 site.path("bundles").display(),
                 site.path("vendor.pub").display()
@@ -439,4 +439,84 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+#[test]
+fn a_two_seat_borrow_for_a_version_serves_two_programs_up_to_that_version() {
+    let site = Site::new();
+    let cache = site.path("cache");
+    let daemon = Daemon::run(&site.path("tallyd.toml"), &site.path("vendor.pub"));
+    let addr = daemon.addr.to_string();
+    let trust = daemon.trust.clone();
+    let tally = || tally_at(&addr, &trust, &cache);
+    // The server checks the version at borrow time, as for any checkout.
+    let out = tally()
+        .args(["borrow", "solver", "--for", "1d", "--version", "2028"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(stderr(&out).contains("above the licensed version 2027.1"));
+    let lease = lease_id_of(&ok(tally()
+        .args([
+            "borrow",
+            "solver",
+            "--for",
+            "1d",
+            "--count",
+            "2",
+            "--version",
+            "2026.0",
+        ])
+        .output()
+        .unwrap()));
+    assert_eq!(daemon.in_use("solver"), 2);
+    daemon.kill();
+
+    // Offline: no version above the one borrowed for, though the licence allows it.
+    let out = tally()
+        .args(["run", "solver", "--version", "2027.1", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "version 2027.1 of 'solver' is above version 2026.0, which borrowed lease {lease} was borrowed for"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    // Two seats: two programs at once, each on one; a third is refused, and so is a
+    // two-seat run while one seat is taken.
+    let first = hold(
+        tally(),
+        &["solver", "--version", "2026.0"],
+        &site.path("first"),
+    );
+    let out = tally()
+        .args(["run", "solver", "--count", "2", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is in use by other programs on this machine"),
+        "{}",
+        stderr(&out)
+    );
+    let _second = hold(tally(), &["solver"], &site.path("second"));
+    let out = tally()
+        .args(["run", "solver", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("borrowed lease {lease} of 'solver' is in use")),
+        "{}",
+        stderr(&out)
+    );
+    drop(first);
+    let out = tally()
+        .args(["run", "solver", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
