@@ -296,7 +296,8 @@ fn decode_secret(hex: &str) -> Option<LeaseSecret> {
 }
 
 /// The valid borrowed lease of `feature`, if any: verified against `trust` and not
-/// ended at `now`. An entry of that feature that does not verify is an error.
+/// ended at `now`. An entry of that feature that does not verify is an error. This only
+/// looks: to use a borrowed seat, [`claim`] it (count, version and seat locks).
 pub fn find(
     trust: &Trust,
     feature: &str,
