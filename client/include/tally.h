@@ -9,6 +9,12 @@
 #include <stdlib.h>
 
 /**
+ * Seat lock files per borrowed lease: a lease of more seats serves at most this many at
+ * a time on one machine (bounds the files one lease can make).
+ */
+#define MAX_SEAT_LOCKS 1024
+
+/**
  * The lease is held and heartbeating.
  */
 #define TALLY_STATUS_ACTIVE 0

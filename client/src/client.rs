@@ -31,6 +31,9 @@ const RECONNECT_JITTER: Duration = Duration::from_millis(500);
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 /// ...doubling up to this.
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// Borrowed leases a checkout tries (each one the server no longer holds is forgotten)
+/// before it asks the server.
+const MAX_BORROWED_TRIES: usize = 8;
 
 /// What the application wants to check out.
 #[derive(Debug, Clone)]
@@ -125,6 +128,8 @@ pub struct LeaseHandle {
     lease: Lease,
     status: watch::Receiver<LeaseStatus>,
     inner: Option<Arc<Inner>>,
+    /// For a borrowed lease: the locks of the seats this handle uses on this machine.
+    _borrowed_seats: Option<cache::SeatLocks>,
 }
 
 impl std::fmt::Debug for LeaseHandle {
@@ -470,36 +475,14 @@ impl Client {
         self.inner.session().await
     }
 
-    /// Checks seats out. A borrowed lease of the same feature from this server in the
-    /// per-user cache is used instead of taking a second seat.
+    /// Checks seats out. A borrowed lease from this server in the per-user cache that
+    /// serves `want` (see [`cache::claim`]: feature, count, version, dates, and a seat free
+    /// on this machine) is used instead of taking a second seat; when none does, the
+    /// server decides as for any checkout.
     pub async fn checkout(&self, want: &Want) -> Result<LeaseHandle, ClientError> {
         let session = self.inner.session().await?;
-        if let Ok(Some(borrowed)) = cache::find(&self.inner.config.trust, &want.feature, now()) {
-            if borrowed.server_key == session.server_key() {
-                // Online, the server has the last word: a copy of a cache whose lease
-                // was returned early (or removed by the admin) must not be replayed.
-                match session
-                    .heartbeat(std::slice::from_ref(&borrowed.lease_ref))
-                    .await
-                {
-                    Ok(states) if states.first() == Some(&LeaseState::Active) => {
-                        return Ok(LeaseHandle::borrowed(borrowed));
-                    }
-                    Ok(_) => {
-                        tracing::warn!(
-                            lease = %borrowed.lease_ref.id,
-                            "the server no longer holds this borrowed lease; forgetting it"
-                        );
-                        let _ = cache::remove(borrowed.lease_ref.id);
-                    }
-                    Err(e) => {
-                        if e.is_connection_loss() {
-                            self.inner.drop_session(&session).await;
-                        }
-                        return Err(e);
-                    }
-                }
-            }
+        if let Some(handle) = self.borrowed_seat(&session, want).await? {
+            return Ok(handle);
         }
         let lease = match session.checkout(&want.request(Duration::ZERO)).await {
             Ok(l) => l,
@@ -522,7 +505,61 @@ impl Client {
             lease,
             status: rx,
             inner: Some(self.inner.clone()),
+            _borrowed_seats: None,
         })
+    }
+
+    /// A borrowed lease of this server that serves `want`, confirmed by the server; `None`
+    /// sends the checkout to the server.
+    async fn borrowed_seat(
+        &self,
+        session: &Arc<Session>,
+        want: &Want,
+    ) -> Result<Option<LeaseHandle>, ClientError> {
+        let server_key = session.server_key();
+        // Bounded: each round either returns or forgets one cache entry.
+        for _ in 0..MAX_BORROWED_TRIES {
+            let claimed = match cache::claim(
+                &self.inner.config.trust,
+                want,
+                Some(&server_key),
+                now(),
+            ) {
+                Ok(cache::Claim::Held(claimed)) => claimed,
+                Ok(cache::Claim::Refused(why)) => {
+                    tracing::info!(%why, "asking the server instead of the borrowed lease");
+                    return Ok(None);
+                }
+                Ok(cache::Claim::NotBorrowed) => return Ok(None),
+                Err(e) => {
+                    tracing::warn!(error = %e, "borrowed-lease cache unusable; asking the server");
+                    return Ok(None);
+                }
+            };
+            // Online, the server has the last word: a copy of a cache whose lease was
+            // returned early (or removed by the admin) must not be replayed.
+            let lease_ref = claimed.borrowed.lease_ref.clone();
+            match session.heartbeat(std::slice::from_ref(&lease_ref)).await {
+                Ok(states) if states.first() == Some(&LeaseState::Active) => {
+                    return Ok(Some(LeaseHandle::borrowed(claimed)));
+                }
+                Ok(_) => {
+                    tracing::warn!(
+                        lease = %lease_ref.id,
+                        "the server no longer holds this borrowed lease; forgetting it"
+                    );
+                    drop(claimed);
+                    let _ = cache::remove(lease_ref.id);
+                }
+                Err(e) => {
+                    if e.is_connection_loss() {
+                        self.inner.drop_session(session).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Borrows seats for `period` (a laptop going offline) and keeps the lease in the
@@ -534,14 +571,33 @@ impl Client {
     ) -> Result<BorrowedLease, ClientError> {
         let session = self.inner.session().await?;
         let lease = session.checkout(&want.request(period)).await?;
-        let bundle = session
+        // Every bundle with terms for the feature goes along, so that the lease can be
+        // held to its version ceilings and dates offline; the first also vouches for
+        // the server key.
+        let grants = |b: &&tally_protocol::bundle::VerifiedBundle| {
+            b.bundle
+                .features
+                .iter()
+                .any(|f| f.name == want.feature || f.components.contains(&want.feature))
+        };
+        let mut bundles: Vec<_> = session
             .bundles()
-            .first()
+            .iter()
+            .filter(grants)
             .map(|b| b.signed.clone())
-            .ok_or_else(|| ClientError::Protocol("server presented no bundle".into()))?;
-        cache::store(&lease, &bundle).map_err(|e| ClientError::Config(e.to_string()))?;
-        cache::find(&self.inner.config.trust, &want.feature, now())
+            .collect();
+        if bundles.is_empty() {
+            bundles.extend(session.bundles().first().map(|b| b.signed.clone()));
+        }
+        if bundles.is_empty() {
+            return Err(ClientError::Protocol("server presented no bundle".into()));
+        }
+        cache::store(&lease, &bundles, want.version.as_deref())
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        cache::list(&self.inner.config.trust, now())
             .map_err(|e| ClientError::Config(e.to_string()))?
+            .into_iter()
+            .find(|b| b.lease_ref.id == lease.id())
             .ok_or_else(|| ClientError::Config("the borrowed lease did not reach the cache".into()))
     }
 
@@ -599,14 +655,19 @@ impl Client {
 }
 
 impl LeaseHandle {
-    /// A handle for a borrowed lease from the cache: no heartbeats, no checkin on drop
-    /// (the borrow runs to its end or is returned with `return_borrowed`).
-    pub fn borrowed(b: BorrowedLease) -> LeaseHandle {
-        let (_tx, rx) = watch::channel(LeaseStatus::Borrowed { until: b.until });
+    /// A handle for a borrowed lease claimed from the cache ([`cache::claim`]): no
+    /// heartbeats, no checkin on drop (the borrow runs to its end or is returned with
+    /// `return_borrowed`); it holds the claimed seats' locks until dropped.
+    pub fn borrowed(claimed: cache::Claimed) -> LeaseHandle {
+        let cache::Claimed { borrowed, seats } = claimed;
+        let (_tx, rx) = watch::channel(LeaseStatus::Borrowed {
+            until: borrowed.until,
+        });
         LeaseHandle {
-            lease: b.lease,
+            lease: borrowed.lease,
             status: rx,
             inner: None,
+            _borrowed_seats: Some(seats),
         }
     }
 }

@@ -81,6 +81,14 @@ enum Command {
         /// Seats.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// The application version to borrow for: the seat then serves no higher one
+        /// (without it, any version the licence allows).
+        #[arg(long)]
+        version: Option<String>,
+        /// The application's build date, YYYY-MM-DD, checked against maintenance dates
+        /// now as the server would (offline, the licence terms are checked again).
+        #[arg(long, value_parser = parse_date)]
+        build_date: Option<UnixTime>,
     },
     /// Give borrowed seats of a feature back early.
     Return {
@@ -321,10 +329,14 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             feature,
             period,
             count,
+            version,
+            build_date,
         } => {
             let client = Client::connect(config).await?;
             let mut want = Want::feature(&feature);
             want.count = count;
+            want.version = version;
+            want.build_date = build_date;
             let result = client.borrow(&want, period).await;
             client.close().await;
             let borrowed = result?;
@@ -359,7 +371,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 Some(path) => Some(read_token(path)?),
                 None => None,
             };
-            let session = Session::connect(&config).await?;
+            let session = match Session::connect(&config).await {
+                Ok(session) => session,
+                Err(e @ ClientError::NoServer(_)) => {
+                    return show_borrowed_offline(&config, json, e.into())
+                }
+                Err(e) => return Err(e.into()),
+            };
             let status = session.status(token.as_deref()).await?;
             let demo = session.hello().demo;
             let server = session.server();
@@ -451,16 +469,24 @@ async fn run_with_seat(
             Err(e) => return Err(e.into()),
         },
         Err(e @ ClientError::NoServer(_)) => {
-            // Offline: a seat borrowed earlier is honoured until it ends.
-            match cache::find(&config.trust, &want.feature, now()) {
-                Ok(Some(borrowed)) => {
+            // Offline: a seat borrowed earlier is honoured until it ends, for what it
+            // was borrowed for and by one program per seat (see `cache::claim`).
+            match cache::claim(&config.trust, &want, None, now()) {
+                Ok(cache::Claim::Held(claimed)) => {
                     eprintln!(
                         "tally: no license server reachable; using the seat of '{}' borrowed until {}",
-                        want.feature, borrowed.until
+                        want.feature, claimed.borrowed.until
                     );
-                    (None, LeaseHandle::borrowed(borrowed))
+                    (None, LeaseHandle::borrowed(claimed))
                 }
-                Ok(None) => return Err(e.into()),
+                Ok(cache::Claim::Refused(why)) => {
+                    eprintln!("tally: denied: {why}");
+                    eprintln!(
+                        "tally: no license server reachable, so only borrowed seats can serve"
+                    );
+                    return Ok(EX_TEMPFAIL);
+                }
+                Ok(cache::Claim::NotBorrowed) => return Err(e.into()),
                 Err(cache_error) => {
                     return Err(Failure {
                         code: EX_DATAERR,
@@ -780,6 +806,56 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
             );
         }
     }
+}
+
+/// `tally status` with no server reachable: what this user has borrowed and until when.
+/// Exits 0 when there is a borrowed seat to show (the seats work; the server's absence
+/// is said on stderr), else fails as before (69).
+fn show_borrowed_offline(
+    config: &ClientConfig,
+    json: bool,
+    offline: Failure,
+) -> Result<u8, Failure> {
+    let borrowed = cache::list(&config.trust, now()).map_err(|e| Failure {
+        code: EX_DATAERR,
+        message: e.to_string(),
+    })?;
+    if borrowed.is_empty() {
+        return Err(offline);
+    }
+    eprintln!("tally: {}", offline.message);
+    if json {
+        let leases: Vec<serde_json::Value> = borrowed
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "feature": b.lease.grant.feature,
+                    "count": b.lease.grant.count,
+                    "lease": b.lease_ref.id.to_string(),
+                    "borrowed_until": b.until.to_string(),
+                    "server_fingerprint": b.server_key.fingerprint(),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({ "server": null, "offline": true, "borrowed": leases });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
+        );
+    } else {
+        println!("no license server reachable; seats borrowed by you, usable here until they end:");
+        println!("{:<20} {:>7}  {:<18} UNTIL", "FEATURE", "SEATS", "LEASE");
+        for b in &borrowed {
+            println!(
+                "{:<20} {:>7}  {:<18} {}",
+                b.lease.grant.feature,
+                b.lease.grant.count,
+                b.lease_ref.id.to_string(),
+                b.until
+            );
+        }
+    }
+    Ok(0)
 }
 
 fn print_status_json(status: &StatusReply, server: &str, demo: bool) {
