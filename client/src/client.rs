@@ -443,9 +443,9 @@ impl Client {
             if !refs.is_empty() {
                 let _ = s.checkin(&refs).await;
             }
-            if let Ok(s) = Arc::try_unwrap(s) {
-                s.close().await;
-            }
+            // Closed even if a request still holds the session: the server must see
+            // the close now, not after its idle timeout.
+            s.close_shared().await;
         }
     }
 }
