@@ -3,9 +3,8 @@
 //! waits for it, checks the seat in and exits with its status; the vendor's lost-seat
 //! grace from a signed bundle stops the command, or only warns, as the vendor chose.
 
-use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tally_tests::{bin, wait_until, Daemon, Holder};
@@ -166,3 +165,266 @@ fn sigterm_while_queued_leaves_the_queue_and_exits_143() {
     interrupted_waiter_leaves_the_queue("TERM", 143);
 }
 
+
+/// Kills what is left of a `tally run` process group (a test that failed halfway).
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.wait();
+}
+
+/// A shell command for `tally run` that records the signal it receives in `record` and
+/// exits with status 7 (the wrapper must hand that status on).
+fn trapping_child(record: &Path, ready: &Path) -> Vec<String> {
+    let script = format!(
+        "for s in TERM INT HUP; do trap \"echo $s > {rec}; kill \\$sleeper 2>/dev/null; exit 7\" $s; done; \
+         sleep 300 & sleeper=$!; touch {ready}; wait $sleeper",
+        rec = record.display(),
+        ready = ready.display()
+    );
+    vec!["sh".into(), "-c".into(), script]
+}
+
+#[test]
+fn signals_reach_the_command_and_the_seat_is_checked_in_after_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
+    for (sig, n) in [("TERM", 15), ("INT", 2), ("HUP", 1)] {
+        let record = dir.path().join(format!("{sig}.record"));
+        let ready = dir.path().join(format!("{sig}.ready"));
+        let mut args = vec!["solver".to_string(), "--".to_string()];
+        args.extend(trapping_child(&record, &ready));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = dir.path().join(format!("{sig}.err"));
+        let mut run = spawn_run(&daemon, "ana", &args, &err);
+        assert!(
+            wait_until(Duration::from_secs(30), || ready.exists()
+                && daemon.in_use("solver") == 1),
+            "the command did not start with its seat"
+        );
+        signal(run.id(), sig);
+        let exited = exit_within(&mut run, Duration::from_secs(10));
+        let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+        if exited.is_none() {
+            kill_group(&mut run);
+        }
+        // The command heard the signal, exited, and its status is the wrapper's.
+        assert_eq!(
+            std::fs::read_to_string(&record).unwrap_or_default().trim(),
+            sig,
+            "SIG{sig} did not reach the command; stderr:\n{stderr}"
+        );
+        assert_eq!(exited, Some(Some(7)), "SIG{sig}; stderr:\n{stderr}");
+        // The seat was checked in before the wrapper exited.
+        assert_eq!(daemon.in_use("solver"), 0, "SIG{sig}");
+        let log = daemon.log_text();
+        assert_eq!(
+            log.matches("reason=checkin").count(),
+            [15, 2, 1].iter().position(|&x| x == n).unwrap() + 1,
+            "SIG{sig}: not checked in:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_command_killed_by_the_forwarded_signal_gives_128_plus_the_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
+    let ready = dir.path().join("ready");
+    let script = format!("touch {}; exec sleep 300", ready.display());
+    let err = dir.path().join("err");
+    let mut run = spawn_run(&daemon, "ana", &["solver", "--", "sh", "-c", &script], &err);
+    assert!(wait_until(Duration::from_secs(30), || ready.exists()
+        && daemon.in_use("solver") == 1));
+    signal(run.id(), "TERM");
+    let exited = exit_within(&mut run, Duration::from_secs(10));
+    if exited.is_none() {
+        kill_group(&mut run);
+    }
+    assert_eq!(
+        exited,
+        Some(Some(143)),
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    assert_eq!(daemon.in_use("solver"), 0);
+}
+
+/// A vendor (`tally-publisher keygen`) and a customer server (`tallyd init`, `request`)
+/// with one bundle issued from `spec`, served by `tallyd run` with 1 s heartbeats (so a
+/// removed holder hears of it within a second).
+fn vendor_site(root: &Path, spec: &str) -> Daemon {
+    let ok = |cmd: &mut Command| {
+        let out = cmd.output().expect("running a tally binary");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let data = root.join("data");
+    let bundles = root.join("bundles");
+    std::fs::create_dir_all(&bundles).unwrap();
+    ok(Command::new(bin("tallyd"))
+        .arg("init")
+        .arg("--data-dir")
+        .arg(&data));
+    ok(Command::new(bin("tallyd"))
+        .arg("request")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(root.join("activation.req")));
+    ok(Command::new(bin("tally-publisher"))
+        .arg("keygen")
+        .arg("--out")
+        .arg(root.join("vendor")));
+    std::fs::write(root.join("spec.toml"), spec).unwrap();
+    ok(Command::new(bin("tally-publisher"))
+        .arg("issue")
+        .arg("--key")
+        .arg(root.join("vendor.key"))
+        .arg("--spec")
+        .arg(root.join("spec.toml"))
+        .arg("--request")
+        .arg(root.join("activation.req"))
+        .arg("--out")
+        .arg(bundles.join("site.bundle")));
+    let config = root.join("tallyd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n\
+             heartbeat_secs = 1\nlease_ttl_secs = 10\n",
+            data.display(),
+            bundles.display(),
+            root.join("vendor.pub").display()
+        ),
+    )
+    .unwrap();
+    Daemon::run(&config, &root.join("vendor.pub"))
+}
+
+const GRACE_SPEC: &str = r#"
+vendor = "Acme Simulation"
+[customer]
+id = "C-1001"
+name = "Example Corp"
+[[feature]]
+name = "solver"
+seats = 1
+lost_seat_grace_secs = 2
+on_lost_seat = "stop"
+[[feature]]
+name = "viewer"
+seats = 1
+lost_seat_grace_secs = 2
+on_lost_seat = "warn"
+"#;
+
+/// The lease id of the one holder of `feature`.
+fn only_lease(daemon: &Daemon, feature: &str) -> String {
+    daemon.feature(feature)["holders"][0]["lease"]
+        .as_str()
+        .expect("a holder")
+        .to_string()
+}
+
+/// Takes the seat of `feature` away from its holder for good: a waiter queued behind it
+/// gets it the moment an admin removes the holder's lease. Returns the waiter and when
+/// the removal was asked for.
+fn take_the_seat_away(daemon: &Daemon, root: &Path, feature: &str) -> (Child, Instant) {
+    let lease = only_lease(daemon, feature);
+    let waiter = spawn_run(
+        daemon,
+        "bo",
+        &[feature, "--wait", "60", "--", "sleep", "300"],
+        &root.join(format!("{feature}-waiter.err")),
+    );
+    assert!(wait_until(Duration::from_secs(30), || users(
+        &daemon.feature(feature)["queue"]
+    ) == ["bo"]));
+    let removed = Instant::now();
+    let out = daemon
+        .tally()
+        .args(["admin", "--admin-token-file"])
+        .arg(root.join("data/admin.token"))
+        .args(["remove", &lease])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_until(Duration::from_secs(10), || users(
+        &daemon.feature(feature)["holders"]
+    ) == ["bo"]));
+    (waiter, removed)
+}
+
+#[test]
+fn the_vendors_grace_stops_a_command_that_lost_its_seat() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let daemon = vendor_site(root, GRACE_SPEC);
+    let record = root.join("record");
+    let ready = root.join("ready");
+    let mut args = vec!["solver".to_string(), "--".to_string()];
+    args.extend(trapping_child(&record, &ready));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = root.join("run.err");
+    let mut run = spawn_run(&daemon, "ana", &args, &err);
+    assert!(wait_until(Duration::from_secs(30), || ready.exists()
+        && daemon.in_use("solver") == 1));
+    let (mut waiter, removed) = take_the_seat_away(&daemon, root, "solver");
+    // Heard within a heartbeat (1 s), then 2 s of grace, then SIGTERM: well within 10 s.
+    let exited = exit_within(&mut run, Duration::from_secs(10));
+    let took = removed.elapsed();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    if exited.is_none() {
+        kill_group(&mut run);
+    }
+    kill_group(&mut waiter);
+    assert_eq!(exited, Some(Some(75)), "stderr:\n{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap_or_default().trim(),
+        "TERM",
+        "{stderr}"
+    );
+    assert!(stderr.contains("lost the seat of 'solver'"), "{stderr}");
+    assert!(
+        stderr.contains("no seat of 'solver' for 2 s, the grace the vendor allows; stopping sh"),
+        "{stderr}"
+    );
+    // Not before the grace ran out.
+    assert!(took >= Duration::from_secs(2), "stopped after {took:?}");
+    eprintln!("stopped {} ms after the removal", took.as_millis());
+}
+
+#[test]
+fn the_vendors_grace_only_warns_when_the_vendor_chose_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let daemon = vendor_site(root, GRACE_SPEC);
+    let err = root.join("run.err");
+    let mut run = spawn_run(&daemon, "ana", &["viewer", "--", "sleep", "300"], &err);
+    assert!(wait_until(Duration::from_secs(30), || daemon.in_use("viewer") == 1));
+    let (mut waiter, _) = take_the_seat_away(&daemon, root, "viewer");
+    let stderr = || std::fs::read_to_string(&err).unwrap_or_default();
+    let warned = wait_until(Duration::from_secs(10), || {
+        stderr().contains("has run without a seat of 'viewer' for more than 2 s")
+    });
+    // The command goes on running after the warning (still running a while later).
+    let still_running = warned
+        && !wait_until(Duration::from_secs(3), || {
+            matches!(run.try_wait(), Ok(Some(_)))
+        });
+    kill_group(&mut run);
+    kill_group(&mut waiter);
+    assert!(warned, "no warning; stderr:\n{}", stderr());
+    assert!(still_running, "the command stopped; stderr:\n{}", stderr());
+    assert!(!stderr().contains("stopping"), "{}", stderr());
+}
