@@ -95,7 +95,12 @@ mod tests {
         assert!(!g.expired(s(20)));
         g.observe(&LeaseStatus::Reconnecting, s(30));
         assert_eq!(g.deadline(), Some(s(40)));
-        g.observe(&LeaseStatus::Borrowed { until: tally_protocol::time::UnixTime(1) }, s(31));
+        g.observe(
+            &LeaseStatus::Borrowed {
+                until: tally_protocol::time::UnixTime(1),
+            },
+            s(31),
+        );
         assert_eq!(g.deadline(), None);
     }
 

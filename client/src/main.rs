@@ -499,7 +499,11 @@ async fn run_with_seat(
                         "tally: no license server reachable; using the seat of '{}' borrowed until {}",
                         want.feature, borrowed.until
                     );
-                    (None, LeaseHandle::borrowed(borrowed), LostSeatTerms::DEFAULT)
+                    (
+                        None,
+                        LeaseHandle::borrowed(borrowed),
+                        LostSeatTerms::DEFAULT,
+                    )
                 }
                 Ok(None) => return Err(e.into()),
                 Err(cache_error) => {

@@ -632,10 +632,7 @@ mod tests {
             LostSeatTerms::for_feature([&a, &b], "solver").grace_secs,
             60
         );
-        assert_eq!(
-            LostSeatTerms::for_feature([&b], "solver").grace_secs,
-            10
-        );
+        assert_eq!(LostSeatTerms::for_feature([&b], "solver").grace_secs, 10);
         // Warn over stop; a bundle that sets nothing does not override one that does.
         b.features[0].lost_seat = Some(LostSeatTerms {
             grace_secs: 5,

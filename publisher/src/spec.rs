@@ -219,14 +219,15 @@ impl Spec {
                     )))
                 }
             };
-            let lost_seat = (f.lost_seat_grace_secs.is_some() || f.on_lost_seat.is_some()).then(
-                || LostSeatTerms {
-                    grace_secs: f
-                        .lost_seat_grace_secs
-                        .unwrap_or(LostSeatTerms::DEFAULT.grace_secs),
-                    action,
-                },
-            );
+            let lost_seat =
+                (f.lost_seat_grace_secs.is_some() || f.on_lost_seat.is_some()).then(|| {
+                    LostSeatTerms {
+                        grace_secs: f
+                            .lost_seat_grace_secs
+                            .unwrap_or(LostSeatTerms::DEFAULT.grace_secs),
+                        action,
+                    }
+                });
             features.push(FeatureGrant {
                 name: f.name.clone(),
                 seats,

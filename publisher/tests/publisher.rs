@@ -232,13 +232,16 @@ fn lost_seat_terms_go_from_the_spec_into_a_version_2_bundle() {
     // The terms survive signing (as format version 2) and verification.
     let signed = bundle::sign(&b, &vendor);
     assert_eq!(signed.body.first(), Some(&1));
-    assert_eq!(bundle::verify(&signed, &[vendor.public()]).unwrap().bundle, b);
+    assert_eq!(
+        bundle::verify(&signed, &[vendor.public()]).unwrap().bundle,
+        b
+    );
     // A spec without terms still makes a version-1 bundle an older tally reads.
     let plain = build("[[feature]]\nname = \"plain\"\nseats = 2\n").unwrap();
     assert_eq!(bundle::sign(&plain, &vendor).body.first(), Some(&0));
     // A word that is neither is refused, naming the feature and the key.
-    let err = build("[[feature]]\nname = \"solver\"\nseats = 2\non_lost_seat = \"kill\"\n")
-        .unwrap_err();
+    let err =
+        build("[[feature]]\nname = \"solver\"\nseats = 2\non_lost_seat = \"kill\"\n").unwrap_err();
     assert!(
         err.to_string()
             .contains("feature 'solver': on_lost_seat: 'kill' is neither"),

@@ -148,7 +148,10 @@ fn interrupted_waiter_leaves_the_queue(sig: &str, code: i32) {
         started.elapsed().as_millis()
     );
     let solver = daemon.feature("solver");
-    assert!(!users(&solver["holders"]).contains(&"ana".to_string()), "{solver}");
+    assert!(
+        !users(&solver["holders"]).contains(&"ana".to_string()),
+        "{solver}"
+    );
     assert!(users(&solver["queue"]).is_empty(), "{solver}");
     assert_eq!(solver["in_use"], 5, "{solver}");
     let _ = b.kill();
@@ -164,7 +167,6 @@ fn sigint_while_queued_leaves_the_queue_and_exits_130() {
 fn sigterm_while_queued_leaves_the_queue_and_exits_143() {
     interrupted_waiter_leaves_the_queue("TERM", 143);
 }
-
 
 /// Kills what is left of a `tally run` process group (a test that failed halfway).
 fn kill_group(child: &mut Child) {
@@ -411,7 +413,9 @@ fn the_vendors_grace_only_warns_when_the_vendor_chose_so() {
     let daemon = vendor_site(root, GRACE_SPEC);
     let err = root.join("run.err");
     let mut run = spawn_run(&daemon, "ana", &["viewer", "--", "sleep", "300"], &err);
-    assert!(wait_until(Duration::from_secs(30), || daemon.in_use("viewer") == 1));
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("viewer")
+        == 1));
     let (mut waiter, _) = take_the_seat_away(&daemon, root, "viewer");
     let stderr = || std::fs::read_to_string(&err).unwrap_or_default();
     let warned = wait_until(Duration::from_secs(10), || {
