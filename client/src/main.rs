@@ -523,7 +523,9 @@ async fn run_with_seat(
     {
         Ok(child) => child,
         Err(e) => {
-            drop(handle);
+            // Checked in before the connection closes (a checkin left to the handle's
+            // drop could lose the race with the close; the close would free it anyway).
+            let _ = handle.checkin().await;
             if let Some(c) = client {
                 c.close().await;
             }

@@ -432,3 +432,38 @@ fn the_vendors_grace_only_warns_when_the_vendor_chose_so() {
     assert!(still_running, "the command stopped; stderr:\n{}", stderr());
     assert!(!stderr().contains("stopping"), "{}", stderr());
 }
+
+#[test]
+fn the_library_reads_the_vendors_terms_from_the_verified_bundle() {
+    use tally_client::grace::{LostSeatTerms, OnLostSeat};
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = vendor_site(dir.path(), GRACE_SPEC);
+    let vendor = tally_protocol::keys::public_key_from_armored(
+        &std::fs::read_to_string(dir.path().join("vendor.pub")).unwrap(),
+    )
+    .unwrap();
+    let config = tally_client::ClientConfig::new(
+        vec![daemon.addr.to_string()],
+        tally_client::Trust::Vendor(vec![vendor]),
+    );
+    let client = tally_client::blocking::Client::connect(config).unwrap();
+    assert_eq!(
+        client.lost_seat_terms("solver").unwrap(),
+        LostSeatTerms {
+            grace_secs: 2,
+            action: OnLostSeat::Stop
+        }
+    );
+    assert_eq!(
+        client.lost_seat_terms("viewer").unwrap(),
+        LostSeatTerms {
+            grace_secs: 2,
+            action: OnLostSeat::Warn
+        }
+    );
+    assert_eq!(
+        client.lost_seat_terms("unsold").unwrap(),
+        LostSeatTerms::DEFAULT
+    );
+    client.close();
+}
