@@ -467,3 +467,32 @@ fn the_library_reads_the_vendors_terms_from_the_verified_bundle() {
     );
     client.close();
 }
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let daemon = vendor_site(root, GRACE_SPEC);
+    let ready = root.join("ready");
+    let script = format!(
+        "trap '' TERM; touch {}; while :; do sleep 1; done",
+        ready.display()
+    );
+    let err = root.join("run.err");
+    let mut run = spawn_run(&daemon, "ana", &["solver", "--", "sh", "-c", &script], &err);
+    assert!(wait_until(Duration::from_secs(30), || ready.exists()
+        && daemon.in_use("solver") == 1));
+    let (mut waiter, removed) = take_the_seat_away(&daemon, root, "solver");
+    // A heartbeat, 2 s of grace, SIGTERM ignored, SIGKILL 5 s later.
+    let exited = exit_within(&mut run, Duration::from_secs(20));
+    let took = removed.elapsed();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    kill_group(&mut run);
+    kill_group(&mut waiter);
+    assert_eq!(exited, Some(Some(75)), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("sh did not stop within 5 s; killing it"),
+        "{stderr}"
+    );
+    assert!(took >= Duration::from_secs(7), "killed after {took:?}");
+}
