@@ -496,3 +496,79 @@ fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
     );
     assert!(took >= Duration::from_secs(7), "killed after {took:?}");
 }
+
+/// What the daemon does when a waiter dies without a word (SIGKILL: no close, no
+/// cancel): a seat freed meanwhile goes to it, and comes back with its connection at the
+/// idle timeout, like any lease of a vanished client; never after the lease TTL.
+#[test]
+fn a_seat_granted_to_a_killed_waiter_comes_back_with_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data, "127.0.0.1:0", &["--idle-timeout-secs", "5"]);
+    let _four = Holder::start_with(&daemon, &["solver", "--count", "4"], 300);
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 4));
+    let _one = Holder::start_with(&daemon, &["solver"], 300);
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 5));
+    let one_lease = daemon.feature("solver")["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["count"] == 1)
+        .expect("the one-seat holder")["lease"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut a = spawn_run(
+        &daemon,
+        "ana",
+        &["solver", "--wait", "60", "--", "sleep", "300"],
+        &dir.path().join("a.err"),
+    );
+    assert!(wait_until(Duration::from_secs(30), || users(
+        &daemon.feature("solver")["queue"]
+    ) == ["ana"]));
+    let mut b = spawn_run(
+        &daemon,
+        "bo",
+        &["solver", "--wait", "60", "--", "sleep", "300"],
+        &dir.path().join("b.err"),
+    );
+    assert!(wait_until(Duration::from_secs(30), || users(
+        &daemon.feature("solver")["queue"]
+    ) == ["ana", "bo"]));
+    kill_group(&mut a);
+    let out = daemon
+        .tally()
+        .args(["admin", "--admin-token-file"])
+        .arg(data.join("admin.token"))
+        .args(["remove", &one_lease])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let removed = Instant::now();
+    // Within the idle timeout (5 s) and some slack, far below the 90 s TTL.
+    assert!(
+        wait_until(Duration::from_secs(15), || users(
+            &daemon.feature("solver")["holders"]
+        )
+        .contains(&"bo".to_string())),
+        "B did not get the seat: {}",
+        daemon.feature("solver")
+    );
+    eprintln!(
+        "B got the seat {} ms after the removal",
+        removed.elapsed().as_millis()
+    );
+    let solver = daemon.feature("solver");
+    assert!(
+        !users(&solver["holders"]).contains(&"ana".to_string()),
+        "{solver}"
+    );
+    let log = daemon.log_text();
+    assert!(!log.contains("heartbeat TTL expired"), "{log}");
+    kill_group(&mut b);
+}
