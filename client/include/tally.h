@@ -35,6 +35,17 @@
 #define TALLY_STATUS_LOST 3
 
 /**
+ * `tally_lost_seat_terms`: the vendor lets a program without its seat go on, with a
+ * warning.
+ */
+#define TALLY_ON_LOST_SEAT_WARN 0
+
+/**
+ * `tally_lost_seat_terms`: the vendor wants a program without its seat stopped.
+ */
+#define TALLY_ON_LOST_SEAT_STOP 1
+
+/**
  * Error code: invalid argument (NULL or not UTF-8).
  */
 #define TALLY_ERR_USAGE 64
@@ -102,6 +113,19 @@ tally_lease *tally_checkout(tally_client *client,
                             const char *feature,
                             uint32_t count,
                             const char *version);
+
+/**
+ * The vendor's terms for a program of `feature` that runs without its seat (its lease
+ * `TALLY_STATUS_RECONNECTING` or `TALLY_STATUS_LOST`): writes the grace in seconds to
+ * `*grace_secs` and returns `TALLY_ON_LOST_SEAT_WARN` or `TALLY_ON_LOST_SEAT_STOP`, what
+ * the program should do once the grace has run out; -1 with `tally_last_error` set on
+ * failure. The library only reports the terms; the application keeps the clock.
+ *
+ * # Safety
+ * `client` is NULL or a live handle from `tally_connect`; `feature` is NULL or a
+ * NUL-terminated string; `grace_secs` is NULL or points to a writable `uint64_t`.
+ */
+int tally_lost_seat_terms(const tally_client *client, const char *feature, uint64_t *grace_secs);
 
 /**
  * The lease's status: one of the `TALLY_STATUS_*` values, or -1 for a NULL lease.

@@ -78,6 +78,16 @@ impl Client {
         self.runtime.block_on(self.client().status())
     }
 
+    /// The vendor's terms for running `feature` without a seat (see [`crate::grace`]),
+    /// from the bundles of the server this client is connected to.
+    pub fn lost_seat_terms(
+        &self,
+        feature: &str,
+    ) -> Result<crate::grace::LostSeatTerms, ClientError> {
+        let session = self.runtime.block_on(self.client().session())?;
+        Ok(session.lost_seat_terms(feature))
+    }
+
     /// Checks every lease in and closes the connection.
     pub fn close(mut self) {
         if let Some(c) = self.client.take() {

@@ -649,6 +649,8 @@ impl Client {
         }
         let session = self.inner.session.lock().await.take();
         if let Some(s) = session {
+            // Closed even if a request still holds the session: the server must see
+            // the close now, not after its idle timeout.
             s.close_shared().await;
         }
     }

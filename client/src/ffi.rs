@@ -29,6 +29,11 @@ pub const TALLY_STATUS_RECONNECTING: c_int = 1;
 pub const TALLY_STATUS_BORROWED: c_int = 2;
 /// The seat is gone; `tally_last_error` does not apply, ask again with a new checkout.
 pub const TALLY_STATUS_LOST: c_int = 3;
+/// `tally_lost_seat_terms`: the vendor lets a program without its seat go on, with a
+/// warning.
+pub const TALLY_ON_LOST_SEAT_WARN: c_int = 0;
+/// `tally_lost_seat_terms`: the vendor wants a program without its seat stopped.
+pub const TALLY_ON_LOST_SEAT_STOP: c_int = 1;
 /// Error code: invalid argument (NULL or not UTF-8).
 pub const TALLY_ERR_USAGE: c_int = 64;
 /// Error code: no license server reachable.
@@ -203,6 +208,53 @@ pub unsafe extern "C" fn tally_checkout(
             Err(e) => {
                 client_error(&e);
                 std::ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// The vendor's terms for a program of `feature` that runs without its seat (its lease
+/// `TALLY_STATUS_RECONNECTING` or `TALLY_STATUS_LOST`): writes the grace in seconds to
+/// `*grace_secs` and returns `TALLY_ON_LOST_SEAT_WARN` or `TALLY_ON_LOST_SEAT_STOP`, what
+/// the program should do once the grace has run out; -1 with `tally_last_error` set on
+/// failure. The library only reports the terms; the application keeps the clock.
+///
+/// # Safety
+/// `client` is NULL or a live handle from `tally_connect`; `feature` is NULL or a
+/// NUL-terminated string; `grace_secs` is NULL or points to a writable `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn tally_lost_seat_terms(
+    client: *const TallyClient,
+    feature: *const c_char,
+    grace_secs: *mut u64,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: the caller passes NULL or a pointer from tally_connect, not yet freed.
+        let Some(client) = (unsafe { client.as_ref() }) else {
+            set_error(TALLY_ERR_USAGE, "client is NULL");
+            return -1;
+        };
+        // SAFETY: forwarded from this function's contract.
+        let Ok(Some(feature)) = (unsafe { opt_str(feature, "feature") }) else {
+            set_error(TALLY_ERR_USAGE, "feature is NULL or not UTF-8");
+            return -1;
+        };
+        // SAFETY: the caller passes NULL or a writable, aligned uint64_t.
+        let Some(out) = (unsafe { grace_secs.as_mut() }) else {
+            set_error(TALLY_ERR_USAGE, "grace_secs is NULL");
+            return -1;
+        };
+        match client.client.lost_seat_terms(feature) {
+            Ok(terms) => {
+                *out = terms.grace_secs;
+                match terms.action {
+                    crate::grace::OnLostSeat::Warn => TALLY_ON_LOST_SEAT_WARN,
+                    crate::grace::OnLostSeat::Stop => TALLY_ON_LOST_SEAT_STOP,
+                }
+            }
+            Err(e) => {
+                client_error(&e);
+                -1
             }
         }
     })

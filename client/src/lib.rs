@@ -19,6 +19,7 @@ pub mod blocking;
 pub mod cache;
 mod client;
 pub mod ffi;
+pub mod grace;
 pub mod trust;
 
 pub use client::{Client, LeaseHandle, LeaseStatus, Want};
@@ -473,6 +474,13 @@ impl Session {
             .collect()
     }
 
+    /// The vendor's terms for a program of `feature` that runs without its seat (see
+    /// [`grace`]), from the verified bundles: the most lenient of the bundles that set
+    /// terms for it, [`grace::LostSeatTerms::DEFAULT`] when none does.
+    pub fn lost_seat_terms(&self, feature: &str) -> grace::LostSeatTerms {
+        grace::LostSeatTerms::for_feature(self.bundles.iter().map(|b| &b.bundle), feature)
+    }
+
     /// Runs an administrative operation with the admin token; returns the message.
     pub async fn admin(&self, token: &str, op: AdminOp) -> Result<String, ClientError> {
         Ok(self.admin_reply(token, op).await?.message)
@@ -539,9 +547,10 @@ impl Session {
         self.close_shared().await;
     }
 
-    /// [`Session::close`] for a session others may still hold a reference to (their
-    /// requests fail as connection losses).
-    pub(crate) async fn close_shared(&self) {
+    /// [`Session::close`] for a session that others may still hold (an `Arc`): their
+    /// requests fail from now on. Used where the process is about to exit, so that the
+    /// server sees the connection close at once instead of after its idle timeout.
+    pub async fn close_shared(&self) {
         self.connection.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tally_client::grace::{LostSeatTerms, OnLostSeat, SeatGrace};
 use tally_client::{
     cache, local_identity, Client, ClientConfig, ClientError, LeaseHandle, LeaseStatus, Session,
     Trust, Want,
@@ -11,7 +12,6 @@ use tally_client::{
 use tally_protocol::lease::LeaseId;
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::{AdminOp, StatusReply};
-use tokio::sync::oneshot;
 
 /// sysexits: usage error.
 const EX_USAGE: u8 = 64;
@@ -34,8 +34,13 @@ const EXIT_CANNOT_EXECUTE: u8 = 126;
 /// Shell convention: the command was not found.
 const EXIT_NOT_FOUND: u8 = 127;
 
-/// How long `tally run` waits between reconnection attempts after losing the server.
+/// How long `tally run` waits between attempts to get a seat again after losing it.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// `tally run`: the command was stopped because it ran without a seat for longer than
+/// the vendor's grace (sysexits "temporary failure", as for a denied checkout: no seat).
+const EXIT_LOST_SEAT: u8 = EX_TEMPFAIL;
+/// How long a command stopped for want of a seat has between SIGTERM and SIGKILL.
+const STOP_KILL_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(name = "tally", version, about = "tally license client")]
@@ -116,7 +121,11 @@ enum Command {
     },
     /// Check out seats, run a command while holding them, check them in when it exits.
     ///
-    /// Exits with the command's status; 75 if the seats were denied.
+    /// SIGTERM, SIGINT and SIGHUP are passed on to the command; `tally` waits for it and
+    /// checks the seats in. Exits with the command's status (128+N if killed by signal
+    /// N); 75 if the seats were denied, or if the command was stopped after running
+    /// without a seat for longer than the vendor's grace; 128+N if signal N came while
+    /// waiting for a seat.
     Run {
         /// The feature to check out.
         feature: String,
@@ -453,21 +462,53 @@ async fn run_with_seat(
     want: Want,
     command: Vec<String>,
 ) -> Result<u8, Failure> {
+    // Installed before anything else: a signal that arrived while connecting or waiting
+    // in the queue must not take the default action, which would leave the queue to the
+    // server's idle timeout (and hand a dead process a seat meanwhile).
+    let mut signals = Signals::install().map_err(|e| Failure {
+        code: EX_SOFTWARE,
+        message: format!("cannot install signal handlers: {e}"),
+    })?;
     // Admins see the program that holds the seat, not the wrapper.
     let mut config = config;
     if let Some(name) = std::path::Path::new(&command[0]).file_name() {
         config.identity.program = name.to_string_lossy().chars().take(200).collect();
     }
-    let (client, handle) = match Client::connect(config.clone()).await {
-        Ok(client) => match checkout_showing_queue(&client, &want).await {
-            Ok(handle) => (Some(client), handle),
-            Err(ClientError::Denied(denial)) => {
-                client.close().await;
-                eprintln!("tally: denied: {denial}");
-                return Ok(EX_TEMPFAIL);
+    let connected = tokio::select! {
+        c = Client::connect(config.clone()) => c,
+        signal = signals.next() => return Ok(128 + signal as u8),
+    };
+    let (client, handle, terms) = match connected {
+        Ok(client) => {
+            // The vendor's terms come from the bundles this server proved it serves.
+            let terms = match client.session().await {
+                Ok(s) => s.lost_seat_terms(&want.feature),
+                Err(_) => LostSeatTerms::DEFAULT,
+            };
+            let checkout = tokio::select! {
+                r = checkout_showing_queue(&client, &want) => r,
+                signal = signals.next() => {
+                    // Dropping the checkout stops its stream (the server takes the wait
+                    // out of the queue); closing tells the server the connection is gone
+                    // now, so nothing is granted to this process any more.
+                    client.close().await;
+                    eprintln!("tally: stopped waiting for a seat of '{}' (signal {signal})", want.feature);
+                    return Ok(128 + signal as u8);
+                }
+            };
+            match checkout {
+                Ok(handle) => (Some(client), handle, terms),
+                Err(ClientError::Denied(denial)) => {
+                    client.close().await;
+                    eprintln!("tally: denied: {denial}");
+                    return Ok(EX_TEMPFAIL);
+                }
+                Err(e) => {
+                    client.close().await;
+                    return Err(e.into());
+                }
             }
-            Err(e) => return Err(e.into()),
-        },
+        }
         Err(e @ ClientError::NoServer(_)) => {
             // Offline: a seat borrowed earlier is honoured until it ends, for what it
             // was borrowed for and by one program per seat (see `cache::claim`).
@@ -477,7 +518,11 @@ async fn run_with_seat(
                         "tally: no license server reachable; using the seat of '{}' borrowed until {}",
                         want.feature, claimed.borrowed.until
                     );
-                    (None, LeaseHandle::borrowed(claimed))
+                    (
+                        None,
+                        LeaseHandle::borrowed(claimed),
+                        LostSeatTerms::DEFAULT,
+                    )
                 }
                 Ok(cache::Claim::Refused(why)) => {
                     eprintln!("tally: denied: {why}");
@@ -498,16 +543,15 @@ async fn run_with_seat(
         Err(e) => return Err(e.into()),
     };
     tracing::info!(lease = %handle.id(), "checked out");
-    // SIGINT from the terminal goes to the whole process group: the command handles it,
-    // and we stay to check the seat in after it exits.
-    tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
-    let mut child = match tokio::process::Command::new(&command[0])
+    let child = match tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .spawn()
     {
         Ok(child) => child,
         Err(e) => {
-            drop(handle);
+            // Checked in before the connection closes (a checkin left to the handle's
+            // drop could lose the race with the close; the close would free it anyway).
+            let _ = handle.checkin().await;
             if let Some(c) = client {
                 c.close().await;
             }
@@ -520,18 +564,276 @@ async fn run_with_seat(
             return Ok(code);
         }
     };
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let keeper = tokio::spawn(keep_seat(client, handle, want, stop_rx));
-    let status = child.wait().await;
-    let _ = stop_tx.send(());
-    let _ = keeper.await;
+    let seat = Seat {
+        client,
+        handle: Some(handle),
+        want,
+        grace: SeatGrace::new(terms),
+    };
+    supervise(child, seat, &mut signals, &command[0]).await
+}
+
+/// The seat `tally run` holds for its command, and the vendor's grace for it.
+struct Seat {
+    /// `None` for a borrowed seat used offline: nothing to tend.
+    client: Option<Client>,
+    /// `None` while the seat is lost and another is being sought.
+    handle: Option<LeaseHandle>,
+    want: Want,
+    grace: SeatGrace,
+}
+
+/// Runs the command to its end: forwards SIGTERM, SIGINT and SIGHUP to it, watches the
+/// seat (reconnects are the library's; a lost seat is sought again), applies the vendor's
+/// lost-seat grace, and when the command has exited checks the seat in. Returns the
+/// command's exit status, or [`EXIT_LOST_SEAT`] if it was stopped for want of a seat.
+async fn supervise(
+    mut child: tokio::process::Child,
+    mut seat: Seat,
+    signals: &mut Signals,
+    program: &str,
+) -> Result<u8, Failure> {
+    let pid = child.id().map(|p| p as i32);
+    let feature = seat.want.feature.clone();
+    let mut watch = seat.handle.as_ref().map(LeaseHandle::watch);
+    let mut reacquire: Option<Reacquire> = None;
+    // When the grace ran out in the current spell without a seat (acted on once).
+    let mut acted = false;
+    // Set once the command is being stopped for want of a seat: when to SIGKILL it.
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut stopped_for_lost_seat = false;
+    let mut killed = false;
+    let status = loop {
+        let grace_deadline = seat
+            .grace
+            .deadline()
+            .filter(|_| !acted)
+            .map(tokio::time::Instant::from_std);
+        tokio::select! {
+            status = child.wait() => break status,
+            signal = signals.next() => {
+                if let Some(pid) = pid {
+                    if signal == libc::SIGINT && sys::sigint_came_from_terminal(pid) {
+                        // The terminal sent it to the whole foreground group: the command
+                        // has it already, and a second one could abort what the first
+                        // asked it to cancel.
+                        tracing::debug!("SIGINT from the terminal; the command has it already");
+                    } else {
+                        sys::send_signal(pid, signal);
+                    }
+                }
+            }
+            changed = async { watch.as_mut().expect("guarded").changed().await }, if watch.is_some() => {
+                let status = watch.as_mut().expect("guarded").borrow_and_update().clone();
+                if changed.is_err() && !matches!(status, LeaseStatus::Lost(_)) {
+                    // Nobody tends this lease (a borrowed seat): nothing more to watch.
+                    watch = None;
+                    continue;
+                }
+                let was_without = seat.grace.without_seat_since().is_some();
+                seat.grace.observe(&status, std::time::Instant::now());
+                match status {
+                    LeaseStatus::Reconnecting => {
+                        if !was_without {
+                            eprintln!("tally: lost the connection to the license server; reconnecting");
+                        }
+                    }
+                    LeaseStatus::Active => {
+                        acted = false;
+                        if was_without {
+                            eprintln!("tally: reconnected; the seat is still held");
+                        }
+                    }
+                    LeaseStatus::Borrowed { .. } => acted = false,
+                    LeaseStatus::Lost(why) => {
+                        eprintln!("tally: lost the seat of '{feature}': {why}; trying to get one again");
+                        watch = None;
+                        seat.handle = None;
+                        if let Some(client) = &seat.client {
+                            reacquire = Some(try_again(client, &seat.want));
+                        }
+                    }
+                }
+            }
+            result = async { reacquire.as_mut().expect("guarded").await }, if reacquire.is_some() => {
+                reacquire = None;
+                match result {
+                    Ok(new) => {
+                        eprintln!("tally: got a seat of '{feature}' again");
+                        seat.grace.observe(&LeaseStatus::Active, std::time::Instant::now());
+                        acted = false;
+                        watch = Some(new.watch());
+                        seat.handle = Some(new);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "still no seat");
+                        if let Some(client) = &seat.client {
+                            reacquire = Some(try_again(client, &seat.want));
+                        }
+                    }
+                }
+            }
+            _ = sleep_until_some(grace_deadline) => {
+                acted = true;
+                let terms = seat.grace.terms();
+                match terms.action {
+                    OnLostSeat::Stop => {
+                        eprintln!(
+                            "tally: no seat of '{feature}' for {} s, the grace the vendor allows; \
+                             stopping {program} (SIGTERM, then SIGKILL after {} s); exit status {EXIT_LOST_SEAT}",
+                            terms.grace_secs,
+                            STOP_KILL_AFTER.as_secs()
+                        );
+                        stopped_for_lost_seat = true;
+                        if let Some(pid) = pid {
+                            sys::send_signal(pid, libc::SIGTERM);
+                        }
+                        kill_at = Some(tokio::time::Instant::now() + STOP_KILL_AFTER);
+                    }
+                    OnLostSeat::Warn => eprintln!(
+                        "tally: warning: {program} has run without a seat of '{feature}' for more than {} s; \
+                         the vendor lets it go on, but the licence is not being honoured",
+                        terms.grace_secs
+                    ),
+                }
+            }
+            _ = sleep_until_some(kill_at.filter(|_| !killed)) => {
+                killed = true;
+                eprintln!("tally: {program} did not stop within {} s; killing it", STOP_KILL_AFTER.as_secs());
+                if let Some(pid) = pid {
+                    sys::send_signal(pid, libc::SIGKILL);
+                }
+            }
+        }
+    };
+    drop(reacquire);
+    if let Some(handle) = seat.handle.take() {
+        if let Err(e) = handle.checkin().await {
+            tracing::warn!(error = %e, "checkin failed; the seat returns when its TTL runs out");
+        }
+    }
+    if let Some(client) = seat.client.take() {
+        client.close().await;
+    }
     let status = status.map_err(|e| Failure {
         code: EX_SOFTWARE,
-        message: format!("waiting for {}: {e}", command[0]),
+        message: format!("waiting for {program}: {e}"),
     })?;
+    if stopped_for_lost_seat {
+        return Ok(EXIT_LOST_SEAT);
+    }
     Ok(exit_code(status))
 }
 
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One attempt to get a seat again after losing it.
+type Reacquire =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<LeaseHandle, ClientError>> + Send>>;
+
+/// Starts an attempt to get a seat again, a moment after the loss (or the previous
+/// attempt), without waiting in the queue, as a licensed application would.
+fn try_again(client: &Client, want: &Want) -> Reacquire {
+    let client = client.clone();
+    let want = Want {
+        wait: Duration::ZERO,
+        ..want.clone()
+    };
+    Box::pin(async move {
+        tokio::time::sleep(RECONNECT_INTERVAL).await;
+        client.checkout(&want).await
+    })
+}
+
+/// SIGINT, SIGTERM and SIGHUP as one stream. A signal this process was started with
+/// ignored (`nohup`, a background job of a script) stays ignored, for `tally` and for
+/// the command it runs, as it would be without `tally`.
+struct Signals {
+    streams: Vec<(i32, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut streams = Vec::new();
+        for (number, kind) in [
+            (libc::SIGINT, SignalKind::interrupt()),
+            (libc::SIGTERM, SignalKind::terminate()),
+            (libc::SIGHUP, SignalKind::hangup()),
+        ] {
+            if !sys::ignored(number) {
+                streams.push((number, signal(kind)?));
+            }
+        }
+        Ok(Signals { streams })
+    }
+
+    /// The next signal's number.
+    async fn next(&mut self) -> i32 {
+        if self.streams.is_empty() {
+            return std::future::pending().await;
+        }
+        std::future::poll_fn(|cx| {
+            for (number, stream) in &mut self.streams {
+                if let std::task::Poll::Ready(Some(())) = stream.poll_recv(cx) {
+                    return std::task::Poll::Ready(*number);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The few system calls `tally run` needs that std does not offer.
+mod sys {
+    #![allow(unsafe_code)]
+
+    /// Whether `signal` is ignored in this process (inherited from whoever started it).
+    pub fn ignored(signal: i32) -> bool {
+        // SAFETY: a null new action only reads the current one into `old`, which is a
+        // zeroed, properly aligned sigaction owned by this frame.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+        }
+    }
+
+    /// Sends `signal` to the command: to its process group if it made one of its own
+    /// (so its helpers hear it too), else to the command alone.
+    pub fn send_signal(pid: i32, signal: i32) {
+        // SAFETY: getpgid, getpgrp and kill take plain integers and touch no memory.
+        unsafe {
+            let group = libc::getpgid(pid);
+            let target = if group == pid && group != libc::getpgrp() {
+                -pid
+            } else {
+                pid
+            };
+            libc::kill(target, signal);
+        }
+    }
+
+    /// Whether a SIGINT we got was most likely sent by the terminal (Ctrl-C) to the whole
+    /// foreground process group, the command included: this process's group is the
+    /// terminal's foreground group and the command is in it.
+    pub fn sigint_came_from_terminal(pid: i32) -> bool {
+        // SAFETY: tcgetpgrp, getpgrp and getpgid take plain integers and touch no memory;
+        // tcgetpgrp on a descriptor that is not our terminal fails with -1.
+        unsafe {
+            let ours = libc::getpgrp();
+            let foreground = [0, 1, 2].iter().any(|&fd| libc::tcgetpgrp(fd) == ours);
+            foreground && libc::getpgid(pid) == ours
+        }
+    }
+}
 /// Checks out, printing the queue position while the checkout waits.
 async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHandle, ClientError> {
     let checkout = client.checkout(want);
@@ -693,69 +995,6 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
         (None, Some(signal)) => 128u8.saturating_add(signal as u8),
         (None, None) => EX_SOFTWARE,
     }
-}
-
-/// Heartbeats the lease while the command runs; on connection loss reconnects (next
-/// server in the list if need be) and re-attaches the lease with its secret, so a server
-/// restart or network blip costs no second seat. Checks the lease in when told to stop.
-/// Watches the lease while the command runs: reports reconnects, and when the seat is
-/// lost (removed by an administrator, expired) tries to get one again, as a licensed
-/// application would. Checks the seat in when told to stop.
-async fn keep_seat(
-    client: Option<Client>,
-    mut handle: LeaseHandle,
-    want: Want,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let Some(client) = client else {
-        // A borrowed seat: nothing to tend.
-        let _ = stop.await;
-        return;
-    };
-    let mut watch = handle.watch();
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            changed = watch.changed() => {
-                let status = watch.borrow().clone();
-                if changed.is_err() && !matches!(status, LeaseStatus::Lost(_)) {
-                    // Nobody tends this lease (a borrowed seat): nothing more to watch.
-                    let _ = (&mut stop).await;
-                    break;
-                }
-                match status {
-                    LeaseStatus::Reconnecting => eprintln!("tally: lost the connection to the license server; reconnecting"),
-                    LeaseStatus::Active => eprintln!("tally: reconnected; the seat is still held"),
-                    LeaseStatus::Borrowed { .. } => {}
-                    LeaseStatus::Lost(why) => {
-                        eprintln!("tally: lost the seat of '{}': {why}; trying to get one again", want.feature);
-                        loop {
-                            tokio::select! {
-                                _ = &mut stop => {
-                                    client.close().await;
-                                    return;
-                                }
-                                _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
-                            }
-                            match client.checkout(&Want { wait: Duration::ZERO, ..want.clone() }).await {
-                                Ok(new) => {
-                                    eprintln!("tally: got a seat of '{}' again", want.feature);
-                                    handle = new;
-                                    watch = handle.watch();
-                                    break;
-                                }
-                                Err(e) => tracing::warn!(error = %e, "still no seat"),
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if let Err(e) = handle.checkin().await {
-        tracing::warn!(error = %e, "checkin failed; the seat returns when its TTL runs out");
-    }
-    client.close().await;
 }
 
 fn print_status(status: &StatusReply, server: &str, demo: bool) {

@@ -96,7 +96,7 @@ fn each_bad_bundle_is_refused_by_name_and_the_good_ones_are_served() {
     expired.valid_until = Some(NOW);
     write(d, "50-expired.bundle", &expired, &vendor());
 
-    let future = Signed::sign(Domain::Bundle, vec![1, 0, 0, 0], &vendor());
+    let future = Signed::sign(Domain::Bundle, vec![2, 0, 0, 0], &vendor());
     std::fs::write(d.join("60-future.bundle"), bundle::to_armored(&future)).unwrap();
 
     let full = bundle::to_armored(&bundle::sign(&bundle("cut", 5), &vendor()));
@@ -121,7 +121,7 @@ fn each_bad_bundle_is_refused_by_name_and_the_good_ones_are_served() {
     assert!(reason_for(&loaded, "40-other-server.bundle").contains("bound to server key"));
     assert!(reason_for(&loaded, "45-other-host.bundle").contains("bound to host elsewhere"));
     assert!(reason_for(&loaded, "50-expired.bundle").contains("expired"));
-    assert!(reason_for(&loaded, "60-future.bundle").contains("format version 2"));
+    assert!(reason_for(&loaded, "60-future.bundle").contains("format version 3"));
     assert!(reason_for(&loaded, "70-truncated.bundle").contains("truncated"));
     assert!(reason_for(&loaded, "80-returned.bundle").contains("returned"));
     assert_eq!(loaded.refused.len(), 8);

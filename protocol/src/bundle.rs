@@ -18,11 +18,219 @@ pub const BUNDLE_LABEL: &str = "BUNDLE";
 pub const MAX_BUNDLE_BODY: usize = 1024 * 1024;
 
 /// A bundle's body; the variant is the format version.
+///
+/// [`sign`] writes version 1 whenever the bundle can be said in it (no feature carries
+/// [`LostSeatTerms`]), so such bundles keep loading in a tally that reads only version 1;
+/// version 2 only when the vendor set terms that version 1 cannot carry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum BundleBody {
-    /// Format version 1.
-    V1(Bundle),
+    /// Format version 1: features without lost-seat terms.
+    V1(BundleV1),
+    /// Format version 2: features may carry [`LostSeatTerms`].
+    V2(Bundle),
+}
+
+/// The newest format version [`verify`] reads.
+pub const NEWEST_BUNDLE_VERSION: u32 = 2;
+
+/// The body of a version-1 bundle, field for field as version 1 encoded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleV1 {
+    /// See [`Bundle::id`].
+    pub id: String,
+    /// See [`Bundle::issued_at`].
+    pub issued_at: UnixTime,
+    /// See [`Bundle::vendor`].
+    pub vendor: String,
+    /// See [`Bundle::customer`].
+    pub customer: Customer,
+    /// See [`Bundle::binding`].
+    pub binding: Option<Binding>,
+    /// See [`Bundle::supersedes`].
+    pub supersedes: Vec<String>,
+    /// See [`Bundle::valid_from`].
+    pub valid_from: Option<UnixTime>,
+    /// See [`Bundle::valid_until`].
+    pub valid_until: Option<UnixTime>,
+    /// The features, in the version-1 layout.
+    pub features: Vec<FeatureGrantV1>,
+}
+
+/// One feature of a version-1 bundle, field for field as version 1 encoded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureGrantV1 {
+    /// See [`FeatureGrant::name`].
+    pub name: String,
+    /// See [`FeatureGrant::seats`].
+    pub seats: Seats,
+    /// See [`FeatureGrant::version_ceiling`].
+    pub version_ceiling: Option<String>,
+    /// See [`FeatureGrant::upgrade_from`].
+    pub upgrade_from: Option<String>,
+    /// See [`FeatureGrant::maintenance_until`].
+    pub maintenance_until: Option<UnixTime>,
+    /// See [`FeatureGrant::starts`].
+    pub starts: Option<UnixTime>,
+    /// See [`FeatureGrant::expires`].
+    pub expires: Option<UnixTime>,
+    /// See [`FeatureGrant::evaluation`].
+    pub evaluation: bool,
+    /// See [`FeatureGrant::overdraft`].
+    pub overdraft: u32,
+    /// See [`FeatureGrant::borrow_limit_secs`].
+    pub borrow_limit_secs: u64,
+    /// See [`FeatureGrant::linger_secs`].
+    pub linger_secs: u64,
+    /// See [`FeatureGrant::heartbeat_ttl_secs`].
+    pub heartbeat_ttl_secs: Option<u64>,
+    /// See [`FeatureGrant::components`].
+    pub components: Vec<String>,
+    /// See [`FeatureGrant::attributes`].
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl From<BundleV1> for Bundle {
+    fn from(b: BundleV1) -> Bundle {
+        Bundle {
+            id: b.id,
+            issued_at: b.issued_at,
+            vendor: b.vendor,
+            customer: b.customer,
+            binding: b.binding,
+            supersedes: b.supersedes,
+            valid_from: b.valid_from,
+            valid_until: b.valid_until,
+            features: b.features.into_iter().map(FeatureGrant::from).collect(),
+        }
+    }
+}
+
+impl From<FeatureGrantV1> for FeatureGrant {
+    fn from(f: FeatureGrantV1) -> FeatureGrant {
+        FeatureGrant {
+            name: f.name,
+            seats: f.seats,
+            version_ceiling: f.version_ceiling,
+            upgrade_from: f.upgrade_from,
+            maintenance_until: f.maintenance_until,
+            starts: f.starts,
+            expires: f.expires,
+            evaluation: f.evaluation,
+            overdraft: f.overdraft,
+            borrow_limit_secs: f.borrow_limit_secs,
+            linger_secs: f.linger_secs,
+            heartbeat_ttl_secs: f.heartbeat_ttl_secs,
+            components: f.components,
+            attributes: f.attributes,
+            // Version 1 had no way to say it: the default applies.
+            lost_seat: None,
+        }
+    }
+}
+
+impl Bundle {
+    /// The bundle in the version-1 layout, if it fits (no feature has lost-seat terms).
+    fn to_v1(&self) -> Option<BundleV1> {
+        let mut features = Vec::with_capacity(self.features.len());
+        for f in &self.features {
+            if f.lost_seat.is_some() {
+                return None;
+            }
+            features.push(FeatureGrantV1 {
+                name: f.name.clone(),
+                seats: f.seats,
+                version_ceiling: f.version_ceiling.clone(),
+                upgrade_from: f.upgrade_from.clone(),
+                maintenance_until: f.maintenance_until,
+                starts: f.starts,
+                expires: f.expires,
+                evaluation: f.evaluation,
+                overdraft: f.overdraft,
+                borrow_limit_secs: f.borrow_limit_secs,
+                linger_secs: f.linger_secs,
+                heartbeat_ttl_secs: f.heartbeat_ttl_secs,
+                components: f.components.clone(),
+                attributes: f.attributes.clone(),
+            });
+        }
+        Some(BundleV1 {
+            id: self.id.clone(),
+            issued_at: self.issued_at,
+            vendor: self.vendor.clone(),
+            customer: self.customer.clone(),
+            binding: self.binding.clone(),
+            supersedes: self.supersedes.clone(),
+            valid_from: self.valid_from,
+            valid_until: self.valid_until,
+            features,
+        })
+    }
+}
+
+/// What a licensed program must do once it has run without its seat (the lease lost,
+/// or the server out of reach) for longer than the vendor's grace: the vendor's choice,
+/// per feature, carried in the signed bundle so a customer cannot edit it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostSeatTerms {
+    /// Seconds a program may go on without a seat before `action` applies.
+    pub grace_secs: u64,
+    /// What happens then.
+    pub action: OnLostSeat,
+}
+
+/// The vendor's choice for a program that ran out of its grace without a seat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnLostSeat {
+    /// Warn (`tally run` prints a warning and lets the program run).
+    Warn,
+    /// Stop the program (`tally run`: SIGTERM, then SIGKILL).
+    Stop,
+}
+
+impl OnLostSeat {
+    /// The word used in specs and messages: `warn` or `stop`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLostSeat::Warn => "warn",
+            OnLostSeat::Stop => "stop",
+        }
+    }
+}
+
+impl LostSeatTerms {
+    /// The terms of a feature whose bundle says nothing (every version-1 bundle): warn
+    /// after five minutes without a seat, never stop. Five minutes covers a server
+    /// restart or failover with room to spare; a warning, not a stop, because a vendor
+    /// that never chose must not have its customers' runs killed by an upgrade of tally.
+    pub const DEFAULT: LostSeatTerms = LostSeatTerms {
+        grace_secs: 300,
+        action: OnLostSeat::Warn,
+    };
+
+    /// The terms that apply to `feature` under `bundles`: those of every grant of the
+    /// feature (or of a package that has it as a component) that sets terms, the most
+    /// lenient of them (the longest grace, and `warn` over `stop`), since every bundle
+    /// that sells the feature vouches for it; [`LostSeatTerms::DEFAULT`] when none does.
+    pub fn for_feature<'a>(
+        bundles: impl IntoIterator<Item = &'a Bundle>,
+        feature: &str,
+    ) -> LostSeatTerms {
+        bundles
+            .into_iter()
+            .flat_map(|b| b.features.iter())
+            .filter(|f| f.name == feature || f.components.iter().any(|c| c == feature))
+            .filter_map(|f| f.lost_seat)
+            .reduce(|a, b| LostSeatTerms {
+                grace_secs: a.grace_secs.max(b.grace_secs),
+                action: if a.action == OnLostSeat::Warn || b.action == OnLostSeat::Warn {
+                    OnLostSeat::Warn
+                } else {
+                    OnLostSeat::Stop
+                },
+            })
+            .unwrap_or(LostSeatTerms::DEFAULT)
+    }
 }
 
 /// What a vendor sold to one site.
@@ -107,6 +315,9 @@ pub struct FeatureGrant {
     pub components: Vec<String>,
     /// Free-form vendor attributes passed through to the application.
     pub attributes: BTreeMap<String, String>,
+    /// What a program must do after running without its seat for a while; `None`:
+    /// [`LostSeatTerms::DEFAULT`]. Only format version 2 carries it.
+    pub lost_seat: Option<LostSeatTerms>,
 }
 
 impl FeatureGrant {
@@ -127,6 +338,7 @@ impl FeatureGrant {
             heartbeat_ttl_secs: None,
             components: Vec::new(),
             attributes: BTreeMap::new(),
+            lost_seat: None,
         }
     }
 }
@@ -165,6 +377,13 @@ impl FeatureGrant {
         if !self.components.is_empty() {
             parts.push(format!("package of {}", self.components.join(", ")));
         }
+        if let Some(t) = self.lost_seat {
+            parts.push(format!(
+                "without a seat: {} after {} s",
+                t.action.as_str(),
+                t.grace_secs
+            ));
+        }
         format!("{}: {}", self.name, parts.join(", "))
     }
 }
@@ -194,7 +413,7 @@ pub enum BundleError {
         ours: String,
     },
     /// The bundle is of a format version this build does not read.
-    #[error("bundle format version {0} is newer than this tally understands (it reads version 1); upgrade tallyd")]
+    #[error("bundle format version {0} is newer than this tally understands (it reads versions 1 and 2); upgrade tally")]
     UnknownVersion(u32),
     /// A bundle without a binding outside demo mode.
     #[error("not bound to any server (only demo bundles may be unbound)")]
@@ -218,8 +437,14 @@ pub struct VerifiedBundle {
 }
 
 /// Signs `bundle` with the vendor key and returns the envelope.
+///
+/// The body is format version 1 when the bundle fits it, so that a tally that reads
+/// only version 1 still loads it; version 2 when a feature carries lost-seat terms.
 pub fn sign(bundle: &Bundle, vendor: &SecretKey) -> Signed {
-    let body = crate::encode(&BundleBody::V1(bundle.clone()));
+    let body = match bundle.to_v1() {
+        Some(v1) => crate::encode(&BundleBody::V1(v1)),
+        None => crate::encode(&BundleBody::V2(bundle.clone())),
+    };
     Signed::sign(Domain::Bundle, body, vendor)
 }
 
@@ -247,12 +472,19 @@ pub fn verify(signed: &Signed, trusted: &[PublicKey]) -> Result<VerifiedBundle, 
     signed.verify(Domain::Bundle)?;
     // The enum tag is the format version (bincode writes indices below 251 as one byte).
     match signed.body.first() {
-        Some(0) | None => {}
-        Some(&tag) => return Err(BundleError::UnknownVersion(tag as u32 + 1)),
+        Some(&tag) if u32::from(tag) >= NEWEST_BUNDLE_VERSION => {
+            return Err(BundleError::UnknownVersion(tag as u32 + 1))
+        }
+        _ => {}
     }
-    // One format version so far; a second one becomes a match that migrates it.
-    let BundleBody::V1(bundle) = crate::decode::<BundleBody, MAX_BUNDLE_BODY>(&signed.body)
-        .map_err(|e| BundleError::Malformed(e.0))?;
+    // Older versions are migrated to the current form: what they could not say takes
+    // its default.
+    let bundle = match crate::decode::<BundleBody, MAX_BUNDLE_BODY>(&signed.body)
+        .map_err(|e| BundleError::Malformed(e.0))?
+    {
+        BundleBody::V1(v1) => Bundle::from(v1),
+        BundleBody::V2(bundle) => bundle,
+    };
     Ok(VerifiedBundle {
         bundle,
         signed: signed.clone(),
@@ -326,5 +558,97 @@ mod tests {
             edited.body[i] ^= 0x01;
             assert!(verify(&edited, &[vendor.public()]).is_err(), "byte {i}");
         }
+    }
+
+    #[test]
+    fn lost_seat_terms_need_version_2_and_version_1_reads_with_the_default() {
+        let vendor = SecretKey::from_seed([3; 32]);
+        let server = SecretKey::from_seed([4; 32]).public();
+        // Without terms: written as version 1, exactly as before version 2 existed.
+        let plain = sample(server);
+        let v1 = sign(&plain, &vendor);
+        assert_eq!(v1.body.first(), Some(&0));
+        assert_eq!(
+            v1.body,
+            crate::encode(&BundleBody::V1(plain.to_v1().unwrap()))
+        );
+        let read = verify(&v1, &[vendor.public()]).unwrap().bundle;
+        assert_eq!(read, plain);
+        assert_eq!(
+            LostSeatTerms::for_feature([&read], "solver"),
+            LostSeatTerms::DEFAULT
+        );
+        // With terms: version 2, read back whole.
+        let mut strict = sample(server);
+        strict.features[0].lost_seat = Some(LostSeatTerms {
+            grace_secs: 30,
+            action: OnLostSeat::Stop,
+        });
+        let v2 = sign(&strict, &vendor);
+        assert_eq!(v2.body.first(), Some(&1));
+        let read = verify(&v2, &[vendor.public()]).unwrap().bundle;
+        assert_eq!(read, strict);
+        assert_eq!(
+            LostSeatTerms::for_feature([&read], "solver"),
+            LostSeatTerms {
+                grace_secs: 30,
+                action: OnLostSeat::Stop
+            }
+        );
+        assert!(read.features[0].describe().contains("stop after 30 s"));
+        // A version-2 body without terms (another issuer's choice) reads the same.
+        let v2_plain = Signed::sign(
+            Domain::Bundle,
+            crate::encode(&BundleBody::V2(plain.clone())),
+            &vendor,
+        );
+        assert_eq!(verify(&v2_plain, &[vendor.public()]).unwrap().bundle, plain);
+        // Version 3 is refused by name.
+        let v3 = Signed::sign(Domain::Bundle, vec![2, 0, 0, 0], &vendor);
+        let refusal = verify(&v3, &[vendor.public()]).unwrap_err();
+        assert_eq!(refusal, BundleError::UnknownVersion(3));
+        assert!(refusal.to_string().contains("format version 3"));
+    }
+
+    #[test]
+    fn the_most_lenient_terms_of_the_bundles_that_sell_a_feature_apply() {
+        let server = SecretKey::from_seed([4; 32]).public();
+        let mut a = sample(server);
+        a.features[0].lost_seat = Some(LostSeatTerms {
+            grace_secs: 60,
+            action: OnLostSeat::Stop,
+        });
+        let mut b = sample(server);
+        b.features = vec![FeatureGrant {
+            components: vec!["solver".into()],
+            lost_seat: Some(LostSeatTerms {
+                grace_secs: 10,
+                action: OnLostSeat::Stop,
+            }),
+            ..FeatureGrant::counted("suite", 2)
+        }];
+        // A package's terms apply to its components; the longer grace wins.
+        assert_eq!(
+            LostSeatTerms::for_feature([&a, &b], "solver").grace_secs,
+            60
+        );
+        assert_eq!(LostSeatTerms::for_feature([&b], "solver").grace_secs, 10);
+        // Warn over stop; a bundle that sets nothing does not override one that does.
+        b.features[0].lost_seat = Some(LostSeatTerms {
+            grace_secs: 5,
+            action: OnLostSeat::Warn,
+        });
+        let plain = sample(server);
+        assert_eq!(
+            LostSeatTerms::for_feature([&a, &b, &plain], "solver"),
+            LostSeatTerms {
+                grace_secs: 60,
+                action: OnLostSeat::Warn
+            }
+        );
+        assert_eq!(
+            LostSeatTerms::for_feature([&plain], "other"),
+            LostSeatTerms::DEFAULT
+        );
     }
 }

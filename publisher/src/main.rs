@@ -366,6 +366,8 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                         "borrow_limit_secs": f.borrow_limit_secs,
                         "linger_secs": f.linger_secs,
                         "heartbeat_ttl_secs": f.heartbeat_ttl_secs,
+                        "lost_seat_grace_secs": f.lost_seat.map(|t| t.grace_secs),
+                        "on_lost_seat": f.lost_seat.map(|t| t.action.as_str()),
                         "components": f.components,
                         "attributes": f.attributes,
                     })).collect::<Vec<_>>(),

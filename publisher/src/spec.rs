@@ -15,6 +15,8 @@
 //! version_ceiling = "2027.2"
 //! maintenance_until = "2027-06-30"
 //! expires = "2027-12-31"          # last valid day, or "permanent" (the default)
+//! lost_seat_grace_secs = 120       # a program may run this long without its seat,
+//! on_lost_seat = "stop"            # then is stopped ("stop") or only warned ("warn")
 //! ```
 //!
 //! End dates (`expires`, `valid_until`) name the last day that is still valid; start dates
@@ -24,7 +26,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tally_protocol::activation::ActivationRequest;
-use tally_protocol::bundle::{Binding, Bundle, Customer, FeatureGrant, Seats};
+use tally_protocol::bundle::{
+    Binding, Bundle, Customer, FeatureGrant, LostSeatTerms, OnLostSeat, Seats,
+};
 use tally_protocol::time::UnixTime;
 
 /// A bundle spec as written.
@@ -101,6 +105,12 @@ pub struct FeatureSpec {
     pub linger_secs: u64,
     /// Heartbeat TTL, seconds.
     pub heartbeat_ttl_secs: Option<u64>,
+    /// Seconds a program may run without its seat (lost, or the server out of reach)
+    /// before `on_lost_seat` applies; default 300 when only `on_lost_seat` is given.
+    pub lost_seat_grace_secs: Option<u64>,
+    /// `"stop"` or `"warn"`: what happens after the grace; default `"warn"` when only
+    /// the grace is given. Either key makes the bundle format version 2.
+    pub on_lost_seat: Option<String>,
     /// For a package: the features it grants.
     #[serde(default)]
     pub components: Vec<String>,
@@ -199,6 +209,25 @@ impl Spec {
                     return Err(err(format!("{}: expires before it starts", ctx("expires"))));
                 }
             }
+            let action = match f.on_lost_seat.as_deref() {
+                None | Some("warn") => OnLostSeat::Warn,
+                Some("stop") => OnLostSeat::Stop,
+                Some(other) => {
+                    return Err(err(format!(
+                        "{}: '{other}' is neither \"stop\" nor \"warn\"",
+                        ctx("on_lost_seat")
+                    )))
+                }
+            };
+            let lost_seat =
+                (f.lost_seat_grace_secs.is_some() || f.on_lost_seat.is_some()).then(|| {
+                    LostSeatTerms {
+                        grace_secs: f
+                            .lost_seat_grace_secs
+                            .unwrap_or(LostSeatTerms::DEFAULT.grace_secs),
+                        action,
+                    }
+                });
             features.push(FeatureGrant {
                 name: f.name.clone(),
                 seats,
@@ -214,6 +243,7 @@ impl Spec {
                 heartbeat_ttl_secs: f.heartbeat_ttl_secs,
                 components: f.components.clone(),
                 attributes: f.attributes.clone(),
+                lost_seat,
             });
         }
         Ok(Bundle {

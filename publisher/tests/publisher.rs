@@ -193,6 +193,62 @@ fn spec_errors_name_what_is_wrong() {
         .is_err());
 }
 
+#[test]
+fn lost_seat_terms_go_from_the_spec_into_a_version_2_bundle() {
+    use tally_protocol::bundle::{LostSeatTerms, OnLostSeat};
+    let server = SecretKey::from_seed([4; 32]);
+    let vendor = SecretKey::from_seed([5; 32]);
+    let request = ActivationRequest {
+        server_key: server.public(),
+        host_fingerprint: "h".into(),
+        hostname: "h".into(),
+        os: "linux".into(),
+        virtualization: None,
+        customer_reference: None,
+        created_at: UnixTime(0),
+    };
+    let p = Path::new("spec.toml");
+    let head = "vendor = \"A\"\n[customer]\nid = \"c\"\nname = \"n\"\n";
+    let build = |features: &str| {
+        Spec::parse(p, &format!("{head}{features}"))
+            .unwrap()
+            .to_bundle(p, &request, "x".into(), UnixTime(0))
+    };
+    let b = build(
+        "[[feature]]\nname = \"solver\"\nseats = 2\nlost_seat_grace_secs = 90\non_lost_seat = \"stop\"\n\
+         [[feature]]\nname = \"viewer\"\nseats = 2\non_lost_seat = \"warn\"\n\
+         [[feature]]\nname = \"plain\"\nseats = 2\n",
+    )
+    .unwrap();
+    assert_eq!(
+        b.features[0].lost_seat,
+        Some(LostSeatTerms {
+            grace_secs: 90,
+            action: OnLostSeat::Stop
+        })
+    );
+    assert_eq!(b.features[1].lost_seat, Some(LostSeatTerms::DEFAULT));
+    assert_eq!(b.features[2].lost_seat, None);
+    // The terms survive signing (as format version 2) and verification.
+    let signed = bundle::sign(&b, &vendor);
+    assert_eq!(signed.body.first(), Some(&1));
+    assert_eq!(
+        bundle::verify(&signed, &[vendor.public()]).unwrap().bundle,
+        b
+    );
+    // A spec without terms still makes a version-1 bundle an older tally reads.
+    let plain = build("[[feature]]\nname = \"plain\"\nseats = 2\n").unwrap();
+    assert_eq!(bundle::sign(&plain, &vendor).body.first(), Some(&0));
+    // A word that is neither is refused, naming the feature and the key.
+    let err =
+        build("[[feature]]\nname = \"solver\"\nseats = 2\non_lost_seat = \"kill\"\n").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("feature 'solver': on_lost_seat: 'kill' is neither"),
+        "{err}"
+    );
+}
+
 /// Parses an imported spec as the vendor would after filling in the customer.
 fn reviewed(spec: &str) -> tally_protocol::bundle::Bundle {
     let filled = spec

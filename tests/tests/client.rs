@@ -277,6 +277,11 @@ fn the_c_example_checks_a_seat_out_and_in() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("checked out solver, status 0") && stdout.contains("checked in"));
+    // The demo bundle sets no lost-seat terms: the default, warn after 300 s.
+    assert!(
+        stdout.contains("without a seat: warn after 300 s"),
+        "{stdout}"
+    );
     assert_eq!(daemon.in_use("solver"), 0);
     let out = run("mesher");
     assert_eq!(out.status.code(), Some(75));

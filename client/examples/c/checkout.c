@@ -5,6 +5,7 @@
  *
  * Exits 0 on success, or with the TALLY_ERR_* code of the failure.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <tally.h>
 
@@ -27,6 +28,14 @@ int main(int argc, char **argv) {
         return code;
     }
     printf("checked out %s, status %d\n", argv[2], tally_lease_status(lease));
+    /* What the vendor wants done if the seat is lost for longer than a grace. */
+    uint64_t grace = 0;
+    int on_lost = tally_lost_seat_terms(client, argv[2], &grace);
+    if (on_lost >= 0) {
+        printf("without a seat: %s after %llu s\n",
+               on_lost == TALLY_ON_LOST_SEAT_STOP ? "stop" : "warn",
+               (unsigned long long)grace);
+    }
     fflush(stdout);
     /* The lease heartbeats in the background; an application would work here. */
     if (tally_checkin(lease) != 0) {
