@@ -357,6 +357,8 @@ enum Command {
     },
     Reload {
         bundles: Vec<tally_protocol::bundle::Bundle>,
+        /// How the served set changes (`journal::bundle_changes`), journaled with it.
+        changes: Vec<UsageEvent>,
         policy: Policy,
         done: oneshot::Sender<()>,
     },
@@ -401,6 +403,7 @@ impl Server {
         startup.extend(bundles.iter().map(|b| UsageEvent::BundleLoaded {
             bundle: b.id.clone(),
         }));
+        startup.extend(journal::bundles_at_start(&bundles));
         if let Some(t) = params.store.load_clock()? {
             ledger.set_clock_high_water(t);
             if start.wall.plus_secs(crate::ledger::CLOCK_TOLERANCE_SECS) < t {
@@ -818,6 +821,7 @@ async fn run_ledger(
                 Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
                 Command::Reload {
                     bundles,
+                    changes,
                     policy,
                     done,
                 } => {
@@ -829,6 +833,9 @@ async fn run_ledger(
                                 bundle: b.id.clone(),
                             },
                         );
+                    }
+                    for event in changes {
+                        record(&mut journal, now.wall, event);
                     }
                     ledger.reload(now, &bundles);
                     ledger.set_policy(now, policy);
@@ -1533,11 +1540,21 @@ async fn reload(shared: &Shared) -> Result<String, String> {
         .map_err(|e| format!("{e:#}"))?;
     let count = bundles.len();
     let (done, wait) = oneshot::channel();
-    let plain = bundles.iter().map(|b| b.bundle.clone()).collect();
+    let plain: Vec<_> = bundles.iter().map(|b| b.bundle.clone()).collect();
+    // The set in force until now is the one shown in hello (one reload at a time).
+    let before: Vec<_> = shared
+        .bundles
+        .read()
+        .expect("bundles lock")
+        .iter()
+        .map(|b| b.bundle.clone())
+        .collect();
+    let changes = journal::bundle_changes(&before, &plain, "reload", now().wall);
     shared
         .ledger
         .send(Command::Reload {
             bundles: plain,
+            changes,
             policy,
             done,
         })

@@ -388,7 +388,7 @@ impl Store {
     pub fn report_state(&self) -> Result<ReportState, StoreError> {
         Ok(match self.meta.get(REPORT_KEY).map_err(|e| self.err(e))? {
             Some(bytes) => match StoredReportState::decode(&bytes) {
-                Ok(StoredReportState::V1(s)) => s,
+                Ok(stored) => stored.into_state(),
                 _ => ReportState::default(),
             },
             None => ReportState::default(),
@@ -398,7 +398,7 @@ impl Store {
     /// Records the report chain state (not yet flushed).
     pub fn save_report_state(&self, state: &ReportState) -> Result<(), StoreError> {
         self.meta
-            .insert(REPORT_KEY, StoredReportState::V1(state.clone()).encode())
+            .insert(REPORT_KEY, StoredReportState::V2(state.clone()).encode())
             .map_err(|e| self.err(e))?;
         Ok(())
     }

@@ -25,6 +25,7 @@ fn rules() -> BundleRules {
         server_key: server().public(),
         host_fingerprint: "this-host".into(),
         returned: BTreeSet::from(["given-back".to_string()]),
+        retired: Default::default(),
     }
 }
 

@@ -102,6 +102,147 @@ pub enum UsageEvent {
         /// The latest time seen before.
         high_water: UnixTime,
     },
+    /// The terms of a bundle about to come into force (journaled before the
+    /// [`UsageEvent::BundlesInForce`] that names it), so that a report alone says what
+    /// was licensed.
+    BundleTerms {
+        /// The bundle and its terms.
+        bundle: ServedBundle,
+    },
+    /// The served bundle set changed: from now on exactly `bundles` count (until the
+    /// next change; a `DaemonStarted` leaves it unknown until the next one).
+    BundlesInForce {
+        /// Why: `start`, `reload`, `returned B`.
+        why: String,
+        /// The ids of the bundles in force from now on.
+        bundles: Vec<String>,
+        /// Bundles that stopped counting with this change, and why.
+        withdrawn: Vec<Withdrawn>,
+    },
+}
+
+/// A bundle that stopped counting, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawn {
+    /// Its id.
+    pub bundle: String,
+    /// `superseded by B`, `expired`, `returned`, `no longer served` ...
+    pub why: String,
+}
+
+/// A bundle in force, with the terms that count seats (what reconciliation needs; the
+/// signed bundle itself stays with the vendor).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedBundle {
+    /// The bundle id.
+    pub bundle: String,
+    /// The customer id.
+    pub customer: String,
+    /// One term per feature grant (a package's grant appears once per component and
+    /// once under its own name, as the ledger counts it).
+    pub terms: Vec<LicensedTerm>,
+}
+
+/// One grant of seats as the ledger counts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicensedTerm {
+    /// The feature.
+    pub feature: String,
+    /// Seats.
+    pub seats: crate::bundle::Seats,
+    /// Seats beyond `seats` usable as overdraft.
+    pub overdraft: u32,
+    /// Highest version served.
+    pub version_ceiling: Option<String>,
+    /// For an upgrade: the ceiling whose seats it moves (adds no seats).
+    pub upgrade_from: Option<String>,
+    /// First instant it counts (the later of the grant's start and the bundle's).
+    pub starts: Option<UnixTime>,
+    /// First instant it no longer counts (the earlier of the grant's and the bundle's end).
+    pub expires: Option<UnixTime>,
+    /// An evaluation grant.
+    pub evaluation: bool,
+}
+
+impl LicensedTerm {
+    /// Whether the term counts at `t`.
+    pub fn active(&self, t: UnixTime) -> bool {
+        self.starts.is_none_or(|s| s <= t) && self.expires.is_none_or(|e| t < e)
+    }
+}
+
+impl ServedBundle {
+    /// The counting terms of `bundle`, bounded by its validity window.
+    pub fn of(bundle: &crate::bundle::Bundle) -> ServedBundle {
+        let later = |a: Option<UnixTime>, b: Option<UnixTime>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let earlier = |a: Option<UnixTime>, b: Option<UnixTime>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut terms = Vec::new();
+        for f in &bundle.features {
+            for name in f.components.iter().chain(std::iter::once(&f.name)) {
+                terms.push(LicensedTerm {
+                    feature: name.clone(),
+                    seats: f.seats,
+                    overdraft: f.overdraft,
+                    version_ceiling: f.version_ceiling.clone(),
+                    upgrade_from: f.upgrade_from.clone(),
+                    starts: later(f.starts, bundle.valid_from),
+                    expires: earlier(f.expires, bundle.valid_until),
+                    evaluation: f.evaluation,
+                });
+            }
+        }
+        ServedBundle {
+            bundle: bundle.id.clone(),
+            customer: bundle.customer.id.clone(),
+            terms,
+        }
+    }
+}
+
+/// The bundles in force after `events`, starting from `start` (`None`: unknown). Terms
+/// come from the bundles in force at the start and the `BundleTerms` events; a bundle
+/// named without known terms is kept with none (`terms_known` false in reconcile).
+pub fn replay_bundles(
+    start: Option<&[ServedBundle]>,
+    events: &[JournalEntry],
+) -> Option<Vec<ServedBundle>> {
+    let mut catalog: std::collections::BTreeMap<&str, &ServedBundle> = start
+        .into_iter()
+        .flatten()
+        .map(|b| (b.bundle.as_str(), b))
+        .collect();
+    let mut now: Option<Vec<ServedBundle>> = start.map(<[ServedBundle]>::to_vec);
+    for e in events {
+        match &e.event {
+            UsageEvent::DaemonStarted { .. } => now = None,
+            UsageEvent::BundleTerms { bundle } => {
+                catalog.insert(bundle.bundle.as_str(), bundle);
+            }
+            UsageEvent::BundlesInForce { bundles, .. } => {
+                now = Some(
+                    bundles
+                        .iter()
+                        .map(|id| match catalog.get(id.as_str()) {
+                            Some(b) => (*b).clone(),
+                            None => ServedBundle {
+                                bundle: id.clone(),
+                                customer: String::new(),
+                                terms: Vec::new(),
+                            },
+                        })
+                        .collect(),
+                );
+            }
+            _ => {}
+        }
+    }
+    now
 }
 
 /// The journal entry as stored; the variant is the format version.
@@ -267,11 +408,57 @@ pub struct Report {
     pub events: Vec<JournalEntry>,
     /// The server's summaries.
     pub summaries: Vec<FeatureSummary>,
+    /// The bundles in force at `period_from`, with their terms; with the
+    /// `BundleTerms`/`BundlesInForce` events this is the period's bundle history.
+    /// `None` when the server did not know (reports of format version 1, and the first
+    /// report after an upgrade from such a server).
+    pub bundles_at_start: Option<Vec<ServedBundle>>,
+}
+
+/// Version 1 of the report body, as older tallyd wrote it (no bundle history).
+#[derive(Serialize, Deserialize)]
+struct ReportV1 {
+    report_seq: u64,
+    server_key: PublicKey,
+    host_fingerprint: String,
+    customers: Vec<String>,
+    bundle_ids: Vec<String>,
+    period_from: UnixTime,
+    period_to: UnixTime,
+    first_event: u64,
+    last_event: u64,
+    previous_digest: [u8; 32],
+    open_at_start: Vec<OpenLease>,
+    events: Vec<JournalEntry>,
+    summaries: Vec<FeatureSummary>,
+}
+
+impl From<ReportV1> for Report {
+    fn from(r: ReportV1) -> Report {
+        Report {
+            report_seq: r.report_seq,
+            server_key: r.server_key,
+            host_fingerprint: r.host_fingerprint,
+            customers: r.customers,
+            bundle_ids: r.bundle_ids,
+            period_from: r.period_from,
+            period_to: r.period_to,
+            first_event: r.first_event,
+            last_event: r.last_event,
+            previous_digest: r.previous_digest,
+            open_at_start: r.open_at_start,
+            events: r.events,
+            summaries: r.summaries,
+            bundles_at_start: None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 enum ReportBody {
-    V1(Report),
+    V1(ReportV1),
+    /// Version 2 adds the bundle history (`bundles_at_start`).
+    V2(Report),
 }
 
 /// Why a report was refused.
@@ -308,7 +495,7 @@ pub struct VerifiedReport {
 
 /// Signs and armours a report; returns the text and the digest the next report names.
 pub fn sign(report: &Report, key: &crate::keys::SecretKey) -> (String, [u8; 32]) {
-    let body = crate::encode(&ReportBody::V1(report.clone()));
+    let body = crate::encode(&ReportBody::V2(report.clone()));
     let digest: [u8; 32] = Sha256::digest(&body).into();
     let signed = Signed::sign(Domain::Report, body, key);
     (armor(REPORT_LABEL, &crate::encode(&signed)), digest)
@@ -322,8 +509,12 @@ pub fn read(text: &str) -> Result<VerifiedReport, ReportError> {
     signed
         .verify(Domain::Report)
         .map_err(|_| ReportError::BadSignature)?;
-    let ReportBody::V1(report) = crate::decode::<ReportBody, MAX_REPORT_TEXT>(&signed.body)
-        .map_err(|e| ReportError::Malformed(e.0))?;
+    let report = match crate::decode::<ReportBody, MAX_REPORT_TEXT>(&signed.body)
+        .map_err(|e| ReportError::Malformed(e.0))?
+    {
+        ReportBody::V1(r) => Report::from(r),
+        ReportBody::V2(r) => r,
+    };
     if report.server_key != signed.signer {
         return Err(ReportError::WrongSigner {
             signer: signed.signer.fingerprint(),
@@ -347,8 +538,42 @@ pub fn read(text: &str) -> Result<VerifiedReport, ReportError> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum StoredReportState {
-    /// Format version 1.
-    V1(ReportState),
+    /// Format version 1 (no bundles in force).
+    V1(ReportStateV1),
+    /// Format version 2: with the bundles in force at the end of the last report.
+    V2(ReportState),
+}
+
+/// Version 1 of the chain state, as older tallyd stored it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportStateV1 {
+    /// Number of the last report exported (0 before the first).
+    pub report_seq: u64,
+    /// Last journal sequence number exported.
+    pub last_event: u64,
+    /// Digest of the last report.
+    pub digest: [u8; 32],
+    /// End of the last report's period.
+    pub period_end: Option<UnixTime>,
+    /// Leases open at the end of the last report.
+    pub open: Vec<OpenLease>,
+}
+
+impl StoredReportState {
+    /// The state, whatever version it was stored in (version 1 did not know the bundles).
+    pub fn into_state(self) -> ReportState {
+        match self {
+            StoredReportState::V1(s) => ReportState {
+                report_seq: s.report_seq,
+                last_event: s.last_event,
+                digest: s.digest,
+                period_end: s.period_end,
+                open: s.open,
+                bundles: None,
+            },
+            StoredReportState::V2(s) => s,
+        }
+    }
 }
 
 /// Where the report chain stands.
@@ -364,6 +589,8 @@ pub struct ReportState {
     pub period_end: Option<UnixTime>,
     /// Leases open at the end of the last report.
     pub open: Vec<OpenLease>,
+    /// Bundles in force at the end of the last report (`None`: unknown).
+    pub bundles: Option<Vec<ServedBundle>>,
 }
 
 impl StoredReportState {

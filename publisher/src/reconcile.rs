@@ -8,12 +8,19 @@
 //! [`reconcile`] replays the events into a step function of seats in use per feature and
 //! integrates it: peak, time-weighted average, seat-hours, overdraft, hours at 100 %,
 //! denials by reason, distinct users and hosts, per report period and in total.
+//!
+//! Licensed seats are a step function too: the reports' bundle history (the bundles in
+//! force at each report's start, then every change the server journaled) says which
+//! bundles counted when, and each bundle's terms say from when to when their seats
+//! count. Where a report does not say (reports of format version 1, or after a daemon
+//! start until it journals its bundles) the bundles given by the vendor stand in, with
+//! the superseded ones dropped.
 
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use tally_protocol::bundle::{Bundle, Seats};
-use tally_protocol::report::{self, UsageEvent, VerifiedReport};
+use tally_protocol::report::{self, ServedBundle, UsageEvent, VerifiedReport};
 use tally_protocol::time::UnixTime;
 
 /// A report file as given: a name for messages, and its text.
@@ -144,6 +151,47 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
     }
 }
 
+/// Verifies reports as one chain against all of a customer's bundles: the chain must be
+/// signed by a server one of them binds (the first report's signer picks it).
+pub fn verify_chain_all(
+    bundles: &[Bundle],
+    files: &[ReportFile],
+) -> Result<Vec<ChainLink>, Vec<String>> {
+    let Some(anchor) = anchor(bundles, files) else {
+        return Err(vec!["no bundle given".into()]);
+    };
+    verify_chain(anchor, files)
+}
+
+/// The bundle whose binding names the first readable report's signer (else the first).
+fn anchor<'a>(bundles: &'a [Bundle], files: &[ReportFile]) -> Option<&'a Bundle> {
+    let signer = files
+        .iter()
+        .find_map(|f| report::read(&f.text).ok())
+        .map(|v| v.report.server_key);
+    signer
+        .and_then(|key| {
+            bundles
+                .iter()
+                .find(|b| b.binding.as_ref().is_some_and(|x| x.server_key == key))
+        })
+        .or(bundles.first())
+}
+
+/// One step of the licensed-seats step function.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LicensedStep {
+    /// From when (Unix seconds).
+    pub from_unix: u64,
+    /// From when, readable.
+    pub from: String,
+    /// Seats licensed from then on; `None` for uncounted.
+    pub seats: Option<u32>,
+    /// `report` when the reports' bundle history says it, `bundles` when the reports did
+    /// not say and the given bundles stand in.
+    pub source: String,
+}
+
 /// Usage figures of one feature over one period.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Stats {
@@ -151,8 +199,10 @@ pub struct Stats {
     pub from: String,
     /// End of the period.
     pub to: String,
-    /// Licensed seats (none for uncounted).
+    /// Licensed seats at the end of the period (none for uncounted).
     pub licensed: Option<u32>,
+    /// Licensed seats over the period: the value at its start, then every change.
+    pub licensed_steps: Vec<LicensedStep>,
     /// Most seats in use at once.
     pub peak: u32,
     /// Average seats in use over the period.
@@ -191,8 +241,10 @@ pub struct FeatureUsage {
 /// The whole reconciliation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reconciliation {
-    /// The bundle reconciled against.
+    /// The bundles reconciled against, comma-separated.
     pub bundle: String,
+    /// The bundles reconciled against.
+    pub bundles: Vec<String>,
     /// The customer.
     pub customer: String,
     /// Reports covered.
@@ -201,22 +253,173 @@ pub struct Reconciliation {
     pub features: Vec<FeatureUsage>,
 }
 
-/// Licensed seats per feature in `bundle` (packages give their components seats).
-fn licensed(bundle: &Bundle) -> BTreeMap<String, Option<u32>> {
-    let mut out: BTreeMap<String, Option<u32>> = BTreeMap::new();
-    for f in &bundle.features {
-        if f.upgrade_from.is_some() {
-            continue;
+/// The bundles in force over the reports' span: `(from, Some(bundles))` where the
+/// reports say, `(from, None)` where they do not (the given bundles stand in).
+struct Licence {
+    segments: Vec<(u64, Option<Vec<ServedBundle>>)>,
+    fallback: Vec<ServedBundle>,
+}
+
+impl Licence {
+    fn new(bundles: &[Bundle], links: &[ChainLink]) -> Licence {
+        // The given bundles, the superseded ones dropped: what served when nothing says.
+        let fallback: Vec<ServedBundle> = bundles
+            .iter()
+            .filter(|b| !bundles.iter().any(|o| o.supersedes.contains(&b.id)))
+            .map(ServedBundle::of)
+            .collect();
+        let given: BTreeMap<&str, ServedBundle> = bundles
+            .iter()
+            .map(|b| (b.id.as_str(), ServedBundle::of(b)))
+            .collect();
+        let mut catalog: BTreeMap<String, ServedBundle> = BTreeMap::new();
+        let mut segments: Vec<(u64, Option<Vec<ServedBundle>>)> = Vec::new();
+        let mut current: Option<Vec<ServedBundle>> = None;
+        let push = |segments: &mut Vec<(u64, Option<Vec<ServedBundle>>)>,
+                        t: u64,
+                        set: Option<Vec<ServedBundle>>| {
+            // Times from a customer's report: kept in order even if its clock was not.
+            let t = segments.last().map_or(t, |(last, _)| t.max(*last));
+            segments.push((t, set));
+        };
+        for link in links {
+            let r = &link.report.report;
+            if let Some(start) = &r.bundles_at_start {
+                for b in start {
+                    catalog.insert(b.bundle.clone(), b.clone());
+                }
+                current = Some(start.clone());
+            }
+            push(&mut segments, r.period_from.0, current.clone());
+            for e in &r.events {
+                let t = e.at.0.max(r.period_from.0).min(r.period_to.0);
+                match &e.event {
+                    UsageEvent::DaemonStarted { .. } => {
+                        current = None;
+                        push(&mut segments, t, None);
+                    }
+                    UsageEvent::BundleTerms { bundle } => {
+                        catalog.insert(bundle.bundle.clone(), bundle.clone());
+                    }
+                    UsageEvent::BundlesInForce { bundles: ids, .. } => {
+                        let set: Vec<ServedBundle> = ids
+                            .iter()
+                            .map(|id| {
+                                catalog
+                                    .get(id)
+                                    .or_else(|| given.get(id.as_str()))
+                                    .cloned()
+                                    .unwrap_or(ServedBundle {
+                                        bundle: id.clone(),
+                                        customer: String::new(),
+                                        terms: Vec::new(),
+                                    })
+                            })
+                            .collect();
+                        current = Some(set.clone());
+                        push(&mut segments, t, Some(set));
+                    }
+                    _ => {}
+                }
+            }
         }
-        for name in std::iter::once(&f.name).chain(f.components.iter()) {
-            let entry = out.entry(name.clone()).or_insert(Some(0));
-            *entry = match (*entry, f.seats) {
+        Licence { segments, fallback }
+    }
+
+    /// Every feature any bundle licenses.
+    fn features(&self) -> BTreeSet<String> {
+        self.all_bundles()
+            .flat_map(|b| b.terms.iter().map(|t| t.feature.clone()))
+            .collect()
+    }
+
+    fn all_bundles(&self) -> impl Iterator<Item = &ServedBundle> {
+        self.segments
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .flatten()
+            .chain(self.fallback.iter())
+    }
+
+    /// Seats of `feature` licensed at `t`, and whether the reports said so.
+    fn at(&self, feature: &str, t: u64) -> (Option<u32>, bool) {
+        let set = self
+            .segments
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= t)
+            .or(self.segments.first())
+            .and_then(|(_, s)| s.as_ref());
+        let (bundles, said) = match set {
+            Some(b) => (b, true),
+            None => (&self.fallback, false),
+        };
+        let mut seats: Option<u32> = Some(0);
+        for term in bundles
+            .iter()
+            .flat_map(|b| &b.terms)
+            .filter(|x| x.feature == feature && x.upgrade_from.is_none())
+            .filter(|x| x.active(UnixTime(t)))
+        {
+            seats = match (seats, term.seats) {
                 (Some(a), Seats::Counted(n)) => Some(a.saturating_add(n)),
                 _ => None,
             };
         }
+        (seats, said)
     }
-    out
+
+    /// The step function of `feature` over `[start, end]`.
+    fn steps(&self, feature: &str, start: u64, end: u64) -> Vec<LicensedStep> {
+        let mut times: BTreeSet<u64> = BTreeSet::from([start]);
+        times.extend(self.segments.iter().map(|(t, _)| *t));
+        for term in self
+            .all_bundles()
+            .flat_map(|b| &b.terms)
+            .filter(|x| x.feature == feature)
+        {
+            times.extend(term.starts.map(|t| t.0));
+            times.extend(term.expires.map(|t| t.0));
+        }
+        let mut steps: Vec<LicensedStep> = Vec::new();
+        for t in times.range(start..=end) {
+            let (seats, said) = self.at(feature, *t);
+            let source = if said { "report" } else { "bundles" };
+            if steps
+                .last()
+                .is_some_and(|s| s.seats == seats && s.source == source)
+            {
+                continue;
+            }
+            steps.push(LicensedStep {
+                from_unix: *t,
+                from: UnixTime(*t).to_string(),
+                seats,
+                source: source.into(),
+            });
+        }
+        steps
+    }
+}
+
+/// The licensed seats of `steps` at `t`.
+fn licensed_at(steps: &[LicensedStep], t: u64) -> Option<u32> {
+    steps
+        .iter()
+        .rev()
+        .find(|s| s.from_unix <= t)
+        .or(steps.first())
+        .map_or(Some(0), |s| s.seats)
+}
+
+/// The steps that describe `[from, to]`: the one in force at `from`, then the changes.
+fn steps_within(steps: &[LicensedStep], from: u64, to: u64) -> Vec<LicensedStep> {
+    let first = steps.iter().rposition(|s| s.from_unix <= from).unwrap_or(0);
+    steps[first..]
+        .iter()
+        .filter(|s| s.from_unix <= to)
+        .cloned()
+        .collect()
 }
 
 /// Accumulates one feature's figures over a period.
@@ -233,13 +436,31 @@ struct Acc {
 }
 
 impl Acc {
-    fn advance(&mut self, t: u64, licensed: Option<u32>) {
+    /// Integrates up to `t`, piece by piece where the licensed seats change.
+    fn advance(&mut self, t: u64, steps: &[LicensedStep]) {
+        while self.last < t {
+            let next = steps
+                .iter()
+                .map(|s| s.from_unix)
+                .find(|&f| f > self.last)
+                .map_or(t, |f| f.min(t));
+            let licensed = licensed_at(steps, self.last);
+            self.advance_flat(next, licensed);
+        }
+    }
+
+    fn advance_flat(&mut self, t: u64, licensed: Option<u32>) {
         let dt = t.saturating_sub(self.last) as u128;
         self.seat_seconds += self.in_use as u128 * dt;
         if let Some(l) = licensed {
             self.over_seconds += self.in_use.saturating_sub(l) as u128 * dt;
             if l > 0 && self.in_use >= l {
                 self.full_seconds += dt;
+            }
+            // Seats held while the licence shrinks under them are overdraft too.
+            if dt > 0 {
+                self.stats.overdraft_peak =
+                    self.stats.overdraft_peak.max(self.in_use.saturating_sub(l));
             }
         }
         self.last = self.last.max(t);
@@ -253,12 +474,13 @@ impl Acc {
         }
     }
 
-    fn finish(mut self, from: u64, to: u64, licensed: Option<u32>) -> Stats {
-        self.advance(to, licensed);
+    fn finish(mut self, from: u64, to: u64, steps: &[LicensedStep]) -> Stats {
+        self.advance(to, steps);
         let secs = to.saturating_sub(from).max(1) as f64;
         self.stats.from = UnixTime(from).to_string();
         self.stats.to = UnixTime(to).to_string();
-        self.stats.licensed = licensed;
+        self.stats.licensed = licensed_at(steps, to);
+        self.stats.licensed_steps = steps_within(steps, from, to);
         self.stats.seat_hours = self.seat_seconds as f64 / 3600.0;
         self.stats.average = self.seat_seconds as f64 / secs;
         self.stats.overdraft_seat_hours = self.over_seconds as f64 / 3600.0;
@@ -271,8 +493,23 @@ impl Acc {
 
 /// Reconciles a verified chain against `bundle`.
 pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
-    let licensed = licensed(bundle);
-    let mut features: BTreeSet<String> = licensed.keys().cloned().collect();
+    reconcile_all(std::slice::from_ref(bundle), links)
+}
+
+/// Reconciles a verified chain against all of a customer's bundles (those bound to the
+/// chain's server; the reports' bundle history says which counted when).
+pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation {
+    let server = links.first().map(|l| l.report.report.server_key);
+    let ours: Vec<Bundle> = bundles
+        .iter()
+        .filter(|b| match (&b.binding, server) {
+            (Some(x), Some(key)) => x.server_key == key,
+            _ => true,
+        })
+        .cloned()
+        .collect();
+    let licence = Licence::new(&ours, links);
+    let mut features: BTreeSet<String> = licence.features();
     for l in links {
         for e in &l.report.report.events {
             if let UsageEvent::Granted { feature, .. } | UsageEvent::Denied { feature, .. } =
@@ -284,7 +521,6 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
     }
     let mut out = Vec::new();
     for feature in features {
-        let lic = licensed.get(&feature).copied().unwrap_or(Some(0));
         let mut in_use: u32 = 0;
         let mut open: BTreeMap<u64, u32> = BTreeMap::new();
         let mut timeline = Vec::new();
@@ -292,7 +528,8 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
             continue;
         };
         let start = first.report.report.period_from.0;
-        let end = last.report.report.period_to.0;
+        let end = last.report.report.period_to.0.max(start);
+        let steps = licence.steps(&feature, start, end);
         for o in first
             .report
             .report
@@ -308,7 +545,7 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
             last: start,
             ..Acc::default()
         };
-        total.set(in_use, lic);
+        total.set(in_use, licensed_at(&steps, start));
         let mut periods = Vec::new();
         for link in links {
             let r = &link.report.report;
@@ -316,7 +553,7 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                 last: r.period_from.0,
                 ..Acc::default()
             };
-            acc.set(in_use, lic);
+            acc.set(in_use, licensed_at(&steps, r.period_from.0));
             for e in &r.events {
                 // Not `clamp`, which panics if the period ends before it starts.
                 let t = e.at.0.max(r.period_from.0).min(r.period_to.0);
@@ -330,7 +567,7 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                         ..
                     } if *f == feature => {
                         for a in [&mut acc, &mut total] {
-                            a.advance(t, lic);
+                            a.advance(t, &steps);
                             a.stats.grants += 1;
                             a.users.insert(user.clone());
                             a.hosts.insert(host.clone());
@@ -345,8 +582,8 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                         let Some(count) = open.remove(&lease.0) else {
                             continue;
                         };
-                        acc.advance(t, lic);
-                        total.advance(t, lic);
+                        acc.advance(t, &steps);
+                        total.advance(t, &steps);
                         in_use = in_use.saturating_sub(count);
                     }
                     UsageEvent::Denied {
@@ -359,8 +596,9 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                     }
                     _ => continue,
                 }
-                acc.set(in_use, lic);
-                total.set(in_use, lic);
+                let licensed = licensed_at(&steps, t);
+                acc.set(in_use, licensed);
+                total.set(in_use, licensed);
                 if timeline.last().map(|(pt, _)| *pt) == Some(t) {
                     timeline.pop();
                 }
@@ -368,20 +606,29 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
             }
             periods.push((
                 r.report_seq,
-                acc.finish(r.period_from.0, r.period_to.0, lic),
+                acc.finish(r.period_from.0, r.period_to.0, &steps),
             ));
         }
         timeline.push((end, in_use));
         out.push(FeatureUsage {
             feature,
-            total: total.finish(start, end, lic),
+            total: total.finish(start, end, &steps),
             periods,
             timeline,
         });
     }
+    let ids: Vec<String> = ours.iter().map(|b| b.id.clone()).collect();
+    let customers: Vec<String> = ours.iter().fold(Vec::new(), |mut acc, b| {
+        let c = format!("{} ({})", b.customer.name, b.customer.id);
+        if !acc.contains(&c) {
+            acc.push(c);
+        }
+        acc
+    });
     Reconciliation {
-        bundle: bundle.id.clone(),
-        customer: format!("{} ({})", bundle.customer.name, bundle.customer.id),
+        bundle: ids.join(", "),
+        bundles: ids,
+        customer: customers.join(", "),
         reports: links.iter().map(|l| l.report.report.report_seq).collect(),
         features: out,
     }
@@ -455,7 +702,8 @@ fn chart(f: &FeatureUsage) -> String {
         return String::new();
     };
     let span = (t1.saturating_sub(t0)).max(1) as f64;
-    let lic = f.total.licensed.unwrap_or(0);
+    let steps = &f.total.licensed_steps;
+    let lic = steps.iter().filter_map(|s| s.seats).max().unwrap_or(0);
     let top = f.total.peak.max(lic).max(1) as f64;
     let x = |t: u64| pad + (t.saturating_sub(t0)) as f64 / span * (w - 2.0 * pad);
     let y = |v: u32| h - pad - v as f64 / top * (h - 2.0 * pad);
@@ -484,14 +732,34 @@ fn chart(f: &FeatureUsage) -> String {
         h - pad
     );
     if lic > 0 {
+        // The licensed seats as a dashed step line (uncounted stretches are left out).
+        let mut line = String::new();
+        let mut prev: Option<u32> = None;
+        for (i, s) in steps.iter().enumerate() {
+            let until = steps.get(i + 1).map_or(t1, |n| n.from_unix);
+            match s.seats {
+                Some(v) => {
+                    let verb = if prev.is_some() { 'L' } else { 'M' };
+                    let _ = write!(
+                        line,
+                        "{verb}{:.1},{:.1} L{:.1},{:.1} ",
+                        x(s.from_unix.max(t0)),
+                        y(v),
+                        x(until),
+                        y(v)
+                    );
+                    prev = Some(v);
+                }
+                None => prev = None,
+            }
+        }
+        let last = f.total.licensed.unwrap_or(lic);
         let _ = write!(
             svg,
-            "<line x1=\"{pad}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#c00\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#c00\">licensed {lic}</text>",
-            y(lic),
-            w - pad,
-            y(lic),
+            "<path d=\"{}\" fill=\"none\" stroke=\"#c00\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#c00\">licensed {last}</text>",
+            line.trim_end(),
             w - pad - 70.0,
-            y(lic) - 4.0
+            y(last) - 4.0
         );
     }
     let _ = write!(
