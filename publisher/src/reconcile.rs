@@ -343,14 +343,19 @@ impl Licence {
 
     /// Seats of `feature` licensed at `t`, and whether the reports said so.
     fn at(&self, feature: &str, t: u64) -> (Option<u32>, bool) {
-        let set = self
+        let seg = self
             .segments
             .iter()
-            .rev()
-            .find(|(from, _)| *from <= t)
-            .or(self.segments.first())
-            .and_then(|(_, s)| s.as_ref());
-        let (bundles, said) = match set {
+            .rposition(|(from, _)| *from <= t)
+            .unwrap_or(0);
+        self.at_segment(feature, t, seg)
+    }
+
+    /// Seats of `feature` licensed at `t` by the bundles of segment `seg` (the set in
+    /// force at a position in the event stream: changes in the same second as a grant
+    /// count in journal order).
+    fn at_segment(&self, feature: &str, t: u64, seg: usize) -> (Option<u32>, bool) {
+        let (bundles, said) = match self.segments.get(seg).and_then(|(_, s)| s.as_ref()) {
             Some(b) => (b, true),
             None => (&self.fallback, false),
         };
@@ -547,16 +552,28 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
         };
         total.set(in_use, licensed_at(&steps, start));
         let mut periods = Vec::new();
-        for link in links {
+        // The segment of `licence` in force at this position of the event stream: one
+        // starts with each report and with each change event, as `Licence::new` made them.
+        let mut seg: usize = 0;
+        for (i, link) in links.iter().enumerate() {
             let r = &link.report.report;
             let mut acc = Acc {
                 last: r.period_from.0,
                 ..Acc::default()
             };
+            if i > 0 {
+                seg += 1;
+            }
             acc.set(in_use, licensed_at(&steps, r.period_from.0));
             for e in &r.events {
                 // Not `clamp`, which panics if the period ends before it starts.
                 let t = e.at.0.max(r.period_from.0).min(r.period_to.0);
+                if matches!(
+                    e.event,
+                    UsageEvent::DaemonStarted { .. } | UsageEvent::BundlesInForce { .. }
+                ) {
+                    seg += 1;
+                }
                 match &e.event {
                     UsageEvent::Granted {
                         lease,
@@ -596,7 +613,7 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
                     }
                     _ => continue,
                 }
-                let licensed = licensed_at(&steps, t);
+                let licensed = licence.at_segment(&feature, t, seg).0;
                 acc.set(in_use, licensed);
                 total.set(in_use, licensed);
                 if timeline.last().map(|(pt, _)| *pt) == Some(t) {
@@ -604,10 +621,12 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
                 }
                 timeline.push((t, in_use));
             }
-            periods.push((
-                r.report_seq,
-                acc.finish(r.period_from.0, r.period_to.0, &steps),
-            ));
+            let mut stats = acc.finish(r.period_from.0, r.period_to.0, &steps);
+            // What was licensed when the report was made, in journal order.
+            stats.licensed = licence
+                .at_segment(&feature, r.period_to.0, seg)
+                .0;
+            periods.push((r.report_seq, stats));
         }
         timeline.push((end, in_use));
         out.push(FeatureUsage {
