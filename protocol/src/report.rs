@@ -755,4 +755,107 @@ mod tests {
         }
         assert!(StoredJournalChunk::encode_split(&[]).is_empty());
     }
+
+    #[test]
+    fn reports_of_version_1_still_read_without_a_bundle_history() {
+        let key = crate::keys::SecretKey::from_seed([5; 32]);
+        let old = ReportV1 {
+            report_seq: 1,
+            server_key: key.public(),
+            host_fingerprint: "h".into(),
+            customers: vec!["C-1".into()],
+            bundle_ids: vec!["b-1".into()],
+            period_from: UnixTime(10),
+            period_to: UnixTime(20),
+            first_event: 1,
+            last_event: 1,
+            previous_digest: [0; 32],
+            open_at_start: vec![],
+            events: vec![denied(1, "ana")],
+            summaries: vec![],
+        };
+        let body = crate::encode(&ReportBody::V1(old));
+        let signed = Signed::sign(Domain::Report, body, &key);
+        let text = armor(REPORT_LABEL, &crate::encode(&signed));
+        let read = read(&text).unwrap();
+        assert_eq!(read.report.bundle_ids, vec!["b-1".to_string()]);
+        assert_eq!(read.report.events.len(), 1);
+        assert_eq!(read.report.bundles_at_start, None);
+        // Written again, it is version 2 and reads back the same.
+        let (again, digest) = sign(&read.report, &key);
+        let back = super::read(&again).unwrap();
+        assert_eq!((back.report, back.digest), (read.report, digest));
+    }
+
+    #[test]
+    fn the_bundles_in_force_follow_the_journal_and_a_start_makes_them_unknown() {
+        let mut bundle = crate::bundle::Bundle {
+            id: "paid".into(),
+            issued_at: UnixTime(0),
+            vendor: "Acme".into(),
+            customer: crate::bundle::Customer {
+                id: "C-1".into(),
+                name: "Example".into(),
+            },
+            binding: None,
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: Some(UnixTime(100)),
+            features: vec![crate::bundle::FeatureGrant::counted("solver", 4)],
+        };
+        bundle.features[0].expires = Some(UnixTime(200));
+        let paid = ServedBundle::of(&bundle);
+        // The bundle's end bounds its terms.
+        assert_eq!(paid.terms[0].expires, Some(UnixTime(100)));
+        assert!(paid.terms[0].active(UnixTime(99)) && !paid.terms[0].active(UnixTime(100)));
+        let trial = ServedBundle {
+            bundle: "trial".into(),
+            customer: "C-1".into(),
+            terms: vec![],
+        };
+        let at = |seq, event| JournalEntry {
+            seq,
+            at: UnixTime(seq),
+            event,
+        };
+        let events = vec![
+            at(1, UsageEvent::BundleTerms { bundle: paid.clone() }),
+            at(
+                2,
+                UsageEvent::BundlesInForce {
+                    why: "reload".into(),
+                    bundles: vec!["paid".into()],
+                    withdrawn: vec![Withdrawn {
+                        bundle: "trial".into(),
+                        why: "superseded by paid".into(),
+                    }],
+                },
+            ),
+        ];
+        let start = [trial.clone()];
+        assert_eq!(replay_bundles(Some(&start), &events), Some(vec![paid.clone()]));
+        assert_eq!(replay_bundles(Some(&start), &events[..1]), Some(vec![trial]));
+        // Unknown at the start: known from the first change on.
+        assert_eq!(replay_bundles(None, &events), Some(vec![paid.clone()]));
+        let mut restarted = events.clone();
+        restarted.push(at(
+            3,
+            UsageEvent::DaemonStarted {
+                version: "0".into(),
+            },
+        ));
+        assert_eq!(replay_bundles(Some(&start), &restarted), None);
+        // A set that names a bundle whose terms were never journaled keeps it, termless.
+        restarted.push(at(
+            4,
+            UsageEvent::BundlesInForce {
+                why: "start".into(),
+                bundles: vec!["paid".into(), "other".into()],
+                withdrawn: vec![],
+            },
+        ));
+        let end = replay_bundles(None, &restarted).unwrap();
+        assert_eq!(end[0], paid);
+        assert_eq!((end[1].bundle.as_str(), end[1].terms.len()), ("other", 0));
+    }
 }

@@ -866,3 +866,153 @@ mod csv_tests {
         assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
     }
 }
+
+#[cfg(test)]
+mod licence_tests {
+    use super::*;
+    use tally_protocol::bundle::{Customer, FeatureGrant};
+    use tally_protocol::keys::SecretKey;
+    use tally_protocol::lease::LeaseId;
+    use tally_protocol::report::{JournalEntry, Report};
+
+    fn bundle(id: &str, supersedes: &[&str], seats: u32, expires: Option<u64>) -> Bundle {
+        let mut solver = FeatureGrant::counted("solver", seats);
+        solver.expires = expires.map(UnixTime);
+        Bundle {
+            id: id.into(),
+            issued_at: UnixTime(0),
+            vendor: "Acme".into(),
+            customer: Customer {
+                id: "C-1".into(),
+                name: "Example".into(),
+            },
+            binding: None,
+            supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
+            valid_from: None,
+            valid_until: None,
+            features: vec![solver],
+        }
+    }
+
+    fn link(events: Vec<UsageEvent>, at_start: Option<Vec<ServedBundle>>) -> ChainLink {
+        let key = SecretKey::from_seed([3; 32]);
+        let events: Vec<JournalEntry> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| JournalEntry {
+                seq: i as u64 + 1,
+                at: UnixTime(match &event {
+                    UsageEvent::Granted { .. } => 110,
+                    UsageEvent::Released { .. } => 170,
+                    _ => 120,
+                }),
+                event,
+            })
+            .collect();
+        let r = Report {
+            report_seq: 1,
+            server_key: key.public(),
+            host_fingerprint: "h".into(),
+            customers: vec![],
+            bundle_ids: vec![],
+            period_from: UnixTime(100),
+            period_to: UnixTime(200),
+            first_event: 1,
+            last_event: events.len() as u64,
+            previous_digest: [0; 32],
+            open_at_start: vec![],
+            events,
+            summaries: vec![],
+            bundles_at_start: at_start,
+        };
+        let (text, _) = report::sign(&r, &key);
+        ChainLink {
+            name: "1".into(),
+            report: report::read(&text).unwrap(),
+        }
+    }
+
+    fn usage() -> Vec<UsageEvent> {
+        vec![
+            UsageEvent::Granted {
+                lease: LeaseId(1),
+                feature: "solver".into(),
+                count: 4,
+                overdraft: false,
+                user: "ana".into(),
+                host: "ws".into(),
+                borrowed_until: None,
+            },
+            UsageEvent::Released {
+                lease: LeaseId(1),
+                feature: "solver".into(),
+                count: 4,
+                why: "checkin".into(),
+            },
+        ]
+    }
+
+    fn seats(s: &Stats) -> Vec<(u64, Option<u32>, &str)> {
+        s.licensed_steps
+            .iter()
+            .map(|x| (x.from_unix, x.seats, x.source.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn without_a_history_the_given_bundles_count_with_their_dates() {
+        let bundles = [
+            bundle("trial", &[], 2, None),
+            bundle("paid", &["trial"], 4, Some(150)),
+        ];
+        let r = reconcile_all(&bundles, &[link(usage(), None)]);
+        let s = &r.features[0].total;
+        // The trial is superseded; the paid seats end at their expiry inside the period.
+        assert_eq!(
+            seats(s),
+            vec![(100, Some(4), "bundles"), (150, Some(0), "bundles")]
+        );
+        assert_eq!(s.licensed, Some(0));
+        // Held past the expiry: 4 seats for 20 s are overdraft.
+        assert_eq!(s.overdraft_peak, 4);
+        assert!((s.overdraft_seat_hours - 4.0 * 20.0 / 3600.0).abs() < 1e-12);
+        assert!((s.hours_at_full - 40.0 / 3600.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn with_a_history_the_bundles_in_force_count_from_when_they_came() {
+        let trial = bundle("trial", &[], 2, None);
+        let paid = bundle("paid", &["trial"], 4, Some(150));
+        // In journal (and time) order: the grant at 110, the reload at 120, the release.
+        let [grant, release] = <[UsageEvent; 2]>::try_from(usage()).unwrap();
+        let events = vec![
+            grant,
+            UsageEvent::BundleTerms {
+                bundle: ServedBundle::of(&paid),
+            },
+            UsageEvent::BundlesInForce {
+                why: "reload".into(),
+                bundles: vec!["paid".into()],
+                withdrawn: vec![],
+            },
+            release,
+        ];
+        let r = reconcile_all(
+            &[trial.clone(), paid],
+            &[link(events, Some(vec![ServedBundle::of(&trial)]))],
+        );
+        let s = &r.features[0].total;
+        assert_eq!(
+            seats(s),
+            vec![
+                (100, Some(2), "report"),
+                (120, Some(4), "report"),
+                (150, Some(0), "report")
+            ]
+        );
+        // 110..120 with 4 held on 2 licensed, then 150..170 with none licensed.
+        assert_eq!(s.overdraft_peak, 4);
+        let over = (2.0 * 10.0 + 4.0 * 20.0) / 3600.0;
+        assert!((s.overdraft_seat_hours - over).abs() < 1e-12, "{s:?}");
+    }
+}
