@@ -272,7 +272,8 @@ pub fn read_returns(data_dir: &Path) -> std::io::Result<Returns> {
             .and_then(|rest| rest.split_once(" by "))
         {
             Some((old, by)) => {
-                out.retired.insert(old.trim().to_string(), by.trim().to_string());
+                out.retired
+                    .insert(old.trim().to_string(), by.trim().to_string());
             }
             None => {
                 out.returned.insert(line.to_string());

@@ -41,10 +41,7 @@ pub fn bundle_changes(
     let mut out: Vec<UsageEvent> = Vec::new();
     for b in after {
         let served = ServedBundle::of(b);
-        let known = before
-            .iter()
-            .find(|p| p.id == b.id)
-            .map(ServedBundle::of);
+        let known = before.iter().find(|p| p.id == b.id).map(ServedBundle::of);
         if known.as_ref() != Some(&served) {
             out.push(UsageEvent::BundleTerms { bundle: served });
         }

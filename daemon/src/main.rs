@@ -654,15 +654,12 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
         .iter()
         .filter(|(_, b)| !still.contains(b.bundle.id.as_str()))
         .flat_map(|(_, b)| {
-            b.bundle
-                .features
-                .iter()
-                .map(|f| activation::ReleasedGrant {
-                    bundle: b.bundle.id.clone(),
-                    description: f.describe(),
-                    feature: f.name.clone(),
-                    seats: f.seats,
-                })
+            b.bundle.features.iter().map(|f| activation::ReleasedGrant {
+                bundle: b.bundle.id.clone(),
+                description: f.describe(),
+                feature: f.name.clone(),
+                seats: f.seats,
+            })
         })
         .collect();
     bundles::record_return(&site.config.data_dir, id, &retired)

@@ -224,7 +224,10 @@ mod tests {
         let body = crate::encode(&ReturnBody::V1(old));
         let text = signed::to_armored(RETURN_LABEL, &Signed::sign(Domain::ReturnProof, body, &key));
         let read = return_from_armored(&text).unwrap();
-        assert_eq!((read.bundle_id.as_str(), read.leases_outstanding), ("b-1", 2));
+        assert_eq!(
+            (read.bundle_id.as_str(), read.leases_outstanding),
+            ("b-1", 2)
+        );
         assert_eq!(read.released, None);
         let mut new = read;
         new.released = Some(Released {

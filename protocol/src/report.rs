@@ -819,7 +819,12 @@ mod tests {
             event,
         };
         let events = vec![
-            at(1, UsageEvent::BundleTerms { bundle: paid.clone() }),
+            at(
+                1,
+                UsageEvent::BundleTerms {
+                    bundle: paid.clone(),
+                },
+            ),
             at(
                 2,
                 UsageEvent::BundlesInForce {
@@ -833,8 +838,14 @@ mod tests {
             ),
         ];
         let start = [trial.clone()];
-        assert_eq!(replay_bundles(Some(&start), &events), Some(vec![paid.clone()]));
-        assert_eq!(replay_bundles(Some(&start), &events[..1]), Some(vec![trial]));
+        assert_eq!(
+            replay_bundles(Some(&start), &events),
+            Some(vec![paid.clone()])
+        );
+        assert_eq!(
+            replay_bundles(Some(&start), &events[..1]),
+            Some(vec![trial])
+        );
         // Unknown at the start: known from the first change on.
         assert_eq!(replay_bundles(None, &events), Some(vec![paid.clone()]));
         let mut restarted = events.clone();

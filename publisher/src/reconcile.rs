@@ -276,8 +276,8 @@ impl Licence {
         let mut segments: Vec<(u64, Option<Vec<ServedBundle>>)> = Vec::new();
         let mut current: Option<Vec<ServedBundle>> = None;
         let push = |segments: &mut Vec<(u64, Option<Vec<ServedBundle>>)>,
-                        t: u64,
-                        set: Option<Vec<ServedBundle>>| {
+                    t: u64,
+                    set: Option<Vec<ServedBundle>>| {
             // Times from a customer's report: kept in order even if its clock was not.
             let t = segments.last().map_or(t, |(last, _)| t.max(*last));
             segments.push((t, set));
@@ -623,9 +623,7 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
             }
             let mut stats = acc.finish(r.period_from.0, r.period_to.0, &steps);
             // What was licensed when the report was made, in journal order.
-            stats.licensed = licence
-                .at_segment(&feature, r.period_to.0, seg)
-                .0;
+            stats.licensed = licence.at_segment(&feature, r.period_to.0, seg).0;
             periods.push((r.report_seq, stats));
         }
         timeline.push((end, in_use));

@@ -73,7 +73,9 @@ impl Site {
             supersedes.join(", ")
         );
         for (name, seats) in features {
-            spec.push_str(&format!("[[feature]]\nname = \"{name}\"\nseats = {seats}\n"));
+            spec.push_str(&format!(
+                "[[feature]]\nname = \"{name}\"\nseats = {seats}\n"
+            ));
         }
         let spec_path = self.path(&format!("{id}.toml"));
         std::fs::write(&spec_path, spec).unwrap();
@@ -165,6 +167,14 @@ fn period(doc: &serde_json::Value, feature: &str, i: usize) -> serde_json::Value
     feature_of(doc, feature)["periods"][i][1].clone()
 }
 
+/// A bundle to issue (id, supersedes, features) and the `solver` seats it brings the total to.
+type Phase = (
+    &'static str,
+    &'static [&'static str],
+    &'static [(&'static str, u32)],
+    u64,
+);
+
 #[test]
 fn reconcile_counts_the_bundles_in_force_at_each_moment() {
     let site = Site::new();
@@ -173,12 +183,14 @@ fn reconcile_counts_the_bundles_in_force_at_each_moment() {
     let mut reports = Vec::new();
     let mut export = |daemon: &Daemon| {
         let path = site.path(&format!("usage-{}.report", reports.len() + 1));
-        ok(run(admin(daemon, &site).args(["report", "--out"]).arg(&path)));
+        ok(run(admin(daemon, &site)
+            .args(["report", "--out"])
+            .arg(&path)));
         reports.push(path);
     };
     // Each phase: a reload one second after the last report, usage one second later,
     // then the phase's report.
-    let phases: [(&str, &[&str], &[(&str, u32)], u64); 3] = [
+    let phases: [Phase; 3] = [
         ("C-1001-2026", &["C-1001-trial"], &[("solver", 4)], 4),
         ("C-1001-addon", &[], &[("solver", 3)], 7),
         (
@@ -253,5 +265,8 @@ fn reconcile_counts_the_bundles_in_force_at_each_moment() {
         .arg(&reports[2])));
     let r: serde_json::Value = serde_json::from_str(&inspected).unwrap();
     assert_eq!(r["bundles_at_start"], serde_json::json!(["C-1001-2026"]));
-    assert_eq!(r["bundles"], serde_json::json!(["C-1001-2026", "C-1001-addon"]));
+    assert_eq!(
+        r["bundles"],
+        serde_json::json!(["C-1001-2026", "C-1001-addon"])
+    );
 }

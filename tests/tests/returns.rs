@@ -74,7 +74,9 @@ impl Site {
             supersedes.join(", ")
         );
         for (name, seats) in features {
-            spec.push_str(&format!("[[feature]]\nname = \"{name}\"\nseats = {seats}\n"));
+            spec.push_str(&format!(
+                "[[feature]]\nname = \"{name}\"\nseats = {seats}\n"
+            ));
         }
         let spec_path = self.path(&format!("{id}.toml"));
         std::fs::write(&spec_path, spec).unwrap();
@@ -203,9 +205,9 @@ fn a_returned_renewal_keeps_what_it_superseded_given_back() {
         "a solver seat was granted after the return: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(daemon
-        .log_text()
-        .contains("bundle C-1001-2026 is superseded by bundle C-1001-2027, which this server returned"));
+    assert!(daemon.log_text().contains(
+        "bundle C-1001-2026 is superseded by bundle C-1001-2027, which this server returned"
+    ));
     // A reload reads the directory again and keeps it that way.
     ok(run(daemon
         .tally()
@@ -218,7 +220,12 @@ fn a_returned_renewal_keeps_what_it_superseded_given_back() {
     // check-config agrees: the returned file is refused by name, the rest is not served.
     let out = site.check_config();
     assert_eq!(out.status.code(), Some(65));
-    assert_eq!(served(&stdout_of(&out)), vec!["C-1001-viewer"], "{}", stdout_of(&out));
+    assert_eq!(
+        served(&stdout_of(&out)),
+        vec!["C-1001-viewer"],
+        "{}",
+        stdout_of(&out)
+    );
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("C-1001-2027.bundle: refused: bundle C-1001-2027 was returned"));
 
@@ -229,10 +236,14 @@ fn a_returned_renewal_keeps_what_it_superseded_given_back() {
     let text = stdout_of(&out);
     assert_eq!(served(&text), vec!["C-1001-viewer"], "{text}");
     assert!(
-        text.contains("bundle C-1001-addon is superseded by bundle C-1001-2027, which this server returned"),
+        text.contains(
+            "bundle C-1001-addon is superseded by bundle C-1001-2027, which this server returned"
+        ),
         "{text}"
     );
     let daemon = site.daemon();
-    assert!(wait_until(Duration::from_secs(10), || total(&daemon, "viewer") == 5));
+    assert!(wait_until(Duration::from_secs(10), || total(
+        &daemon, "viewer"
+    ) == 5));
     assert_eq!(total(&daemon, "solver"), 0);
 }
