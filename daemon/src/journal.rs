@@ -15,18 +15,22 @@ use tally_protocol::time::UnixTime;
 /// The events that say which bundles a starting daemon serves: the terms of each, then
 /// the set in force.
 pub fn bundles_at_start(bundles: &[Bundle]) -> Vec<UsageEvent> {
-    let mut out: Vec<UsageEvent> = bundles
-        .iter()
-        .map(|b| UsageEvent::BundleTerms {
-            bundle: ServedBundle::of(b),
-        })
-        .collect();
+    let mut out: Vec<UsageEvent> = bundles.iter().flat_map(terms_events).collect();
     out.push(UsageEvent::BundlesInForce {
         why: "start".into(),
         bundles: bundles.iter().map(|b| b.id.clone()).collect(),
         withdrawn: Vec::new(),
     });
     out
+}
+
+/// The `BundleTerms` events of one bundle, in parts of bounded size.
+fn terms_events(b: &Bundle) -> Vec<UsageEvent> {
+    ServedBundle::of(b)
+        .parts()
+        .into_iter()
+        .map(|bundle| UsageEvent::BundleTerms { bundle })
+        .collect()
 }
 
 /// The events for a change of the served set from `before` to `after` at `now` (a
@@ -43,7 +47,7 @@ pub fn bundle_changes(
         let served = ServedBundle::of(b);
         let known = before.iter().find(|p| p.id == b.id).map(ServedBundle::of);
         if known.as_ref() != Some(&served) {
-            out.push(UsageEvent::BundleTerms { bundle: served });
+            out.extend(terms_events(b));
         }
     }
     let withdrawn: Vec<Withdrawn> = before

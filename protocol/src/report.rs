@@ -104,7 +104,9 @@ pub enum UsageEvent {
     },
     /// The terms of a bundle about to come into force (journaled before the
     /// [`UsageEvent::BundlesInForce`] that names it), so that a report alone says what
-    /// was licensed.
+    /// was licensed. A large bundle's terms come in several such events (each a journal
+    /// entry of bounded size, see [`ServedBundle::parts`]); the parts since the last
+    /// `BundlesInForce` add up.
     BundleTerms {
         /// The bundle and its terms.
         bundle: ServedBundle,
@@ -172,6 +174,38 @@ impl LicensedTerm {
 }
 
 impl ServedBundle {
+    /// Most encoded bytes of terms in one [`UsageEvent::BundleTerms`]: an entry stays
+    /// within a journal chunk's budget ([`StoredJournalChunk::MAX_BYTES`]).
+    pub const PART_BYTES: usize = 1024;
+
+    /// The bundle split into parts of at most [`Self::PART_BYTES`] of terms each (at
+    /// least one term per part, and one part for a bundle without terms).
+    pub fn parts(&self) -> Vec<ServedBundle> {
+        let mut parts: Vec<ServedBundle> = Vec::new();
+        let mut size = 0;
+        for term in &self.terms {
+            let bytes = crate::encode(term).len();
+            match parts.last_mut() {
+                Some(p) if size + bytes <= Self::PART_BYTES => {
+                    p.terms.push(term.clone());
+                    size += bytes;
+                }
+                _ => {
+                    parts.push(ServedBundle {
+                        bundle: self.bundle.clone(),
+                        customer: self.customer.clone(),
+                        terms: vec![term.clone()],
+                    });
+                    size = bytes;
+                }
+            }
+        }
+        if parts.is_empty() {
+            parts.push(self.clone());
+        }
+        parts
+    }
+
     /// The counting terms of `bundle`, bounded by its validity window.
     pub fn of(bundle: &crate::bundle::Bundle) -> ServedBundle {
         let later = |a: Option<UnixTime>, b: Option<UnixTime>| match (a, b) {
@@ -205,31 +239,56 @@ impl ServedBundle {
     }
 }
 
-/// The bundles in force after `events`, starting from `start` (`None`: unknown). Terms
-/// come from the bundles in force at the start and the `BundleTerms` events; a bundle
-/// named without known terms is kept with none (`terms_known` false in reconcile).
-pub fn replay_bundles(
-    start: Option<&[ServedBundle]>,
-    events: &[JournalEntry],
-) -> Option<Vec<ServedBundle>> {
-    let mut catalog: std::collections::BTreeMap<&str, &ServedBundle> = start
-        .into_iter()
-        .flatten()
-        .map(|b| (b.bundle.as_str(), b))
-        .collect();
-    let mut now: Option<Vec<ServedBundle>> = start.map(<[ServedBundle]>::to_vec);
-    for e in events {
-        match &e.event {
-            UsageEvent::DaemonStarted { .. } => now = None,
+/// Replays the bundle history of a journal: the terms known per bundle and the set in
+/// force. Shared by the daemon's report state and the vendor's reconciliation.
+#[derive(Debug, Clone, Default)]
+pub struct BundleReplay {
+    /// Terms per bundle id, as last journaled (or known at the start).
+    catalog: std::collections::BTreeMap<String, ServedBundle>,
+    /// Parts of `BundleTerms` since the last `BundlesInForce`, added up.
+    pending: std::collections::BTreeMap<String, ServedBundle>,
+    /// The bundles in force; `None` while unknown.
+    in_force: Option<Vec<ServedBundle>>,
+}
+
+impl BundleReplay {
+    /// Starts from the bundles in force at a report's start (`None`: unknown).
+    pub fn new(start: Option<&[ServedBundle]>) -> BundleReplay {
+        BundleReplay {
+            catalog: start
+                .into_iter()
+                .flatten()
+                .map(|b| (b.bundle.clone(), b.clone()))
+                .collect(),
+            pending: Default::default(),
+            in_force: start.map(<[ServedBundle]>::to_vec),
+        }
+    }
+
+    /// Applies one event; returns whether the set in force changed (or became unknown).
+    pub fn apply(&mut self, event: &UsageEvent) -> bool {
+        match event {
+            UsageEvent::DaemonStarted { .. } => {
+                self.in_force = None;
+                true
+            }
             UsageEvent::BundleTerms { bundle } => {
-                catalog.insert(bundle.bundle.as_str(), bundle);
+                match self.pending.get_mut(&bundle.bundle) {
+                    Some(p) => p.terms.extend(bundle.terms.iter().cloned()),
+                    None => {
+                        self.pending.insert(bundle.bundle.clone(), bundle.clone());
+                    }
+                }
+                false
             }
             UsageEvent::BundlesInForce { bundles, .. } => {
-                now = Some(
+                self.catalog.append(&mut self.pending);
+                self.in_force = Some(
                     bundles
                         .iter()
-                        .map(|id| match catalog.get(id.as_str()) {
-                            Some(b) => (*b).clone(),
+                        .map(|id| match self.catalog.get(id) {
+                            Some(b) => b.clone(),
+                            // Named without terms: kept, counting no seat.
                             None => ServedBundle {
                                 bundle: id.clone(),
                                 customer: String::new(),
@@ -238,11 +297,33 @@ pub fn replay_bundles(
                         })
                         .collect(),
                 );
+                true
             }
-            _ => {}
+            _ => false,
         }
     }
-    now
+
+    /// The bundles in force now; `None` while unknown.
+    pub fn in_force(&self) -> Option<&[ServedBundle]> {
+        self.in_force.as_deref()
+    }
+
+    /// Terms known for bundle `id`, if any.
+    pub fn terms_of(&self, id: &str) -> Option<&ServedBundle> {
+        self.catalog.get(id)
+    }
+}
+
+/// The bundles in force after `events`, starting from `start` (`None`: unknown).
+pub fn replay_bundles(
+    start: Option<&[ServedBundle]>,
+    events: &[JournalEntry],
+) -> Option<Vec<ServedBundle>> {
+    let mut replay = BundleReplay::new(start);
+    for e in events {
+        replay.apply(&e.event);
+    }
+    replay.in_force().map(<[ServedBundle]>::to_vec)
 }
 
 /// The journal entry as stored; the variant is the format version.
@@ -868,5 +949,52 @@ mod tests {
         let end = replay_bundles(None, &restarted).unwrap();
         assert_eq!(end[0], paid);
         assert_eq!((end[1].bundle.as_str(), end[1].terms.len()), ("other", 0));
+    }
+
+    #[test]
+    fn a_large_bundle_is_journaled_in_bounded_parts_that_add_up() {
+        let features = (0..300)
+            .map(|i| crate::bundle::FeatureGrant::counted(&format!("feature-{i:03}"), i))
+            .collect();
+        let bundle = crate::bundle::Bundle {
+            id: "big".into(),
+            issued_at: UnixTime(0),
+            vendor: "Acme".into(),
+            customer: crate::bundle::Customer {
+                id: "C-1".into(),
+                name: "Example".into(),
+            },
+            binding: None,
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features,
+        };
+        let served = ServedBundle::of(&bundle);
+        let parts = served.parts();
+        assert!(parts.len() > 5, "{} parts", parts.len());
+        let mut events: Vec<JournalEntry> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, bundle)| JournalEntry {
+                seq: i as u64 + 1,
+                at: UnixTime(1),
+                event: UsageEvent::BundleTerms { bundle },
+            })
+            .collect();
+        for e in &events {
+            let bytes = crate::encode(e).len();
+            assert!(bytes <= StoredJournalChunk::MAX_BYTES, "{bytes} bytes");
+        }
+        events.push(JournalEntry {
+            seq: events.len() as u64 + 1,
+            at: UnixTime(1),
+            event: UsageEvent::BundlesInForce {
+                why: "start".into(),
+                bundles: vec!["big".into()],
+                withdrawn: vec![],
+            },
+        });
+        assert_eq!(replay_bundles(None, &events), Some(vec![served]));
     }
 }

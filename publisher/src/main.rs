@@ -512,6 +512,16 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                     r.events.len()
                 );
                 println!("  bundles     {}", r.bundle_ids.join(", "));
+                match &r.bundles_at_start {
+                    Some(b) => println!(
+                        "  at start    {}",
+                        b.iter()
+                            .map(|x| x.bundle.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    None => println!("  at start    (not said: a report without bundle history)"),
+                }
                 for s in &r.summaries {
                     println!(
                         "  feature     {}: {} grant(s), {} denial(s), peak {}, {:.2} seat-hours",

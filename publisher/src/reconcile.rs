@@ -20,7 +20,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use tally_protocol::bundle::{Bundle, Seats};
-use tally_protocol::report::{self, ServedBundle, UsageEvent, VerifiedReport};
+use tally_protocol::report::{self, BundleReplay, ServedBundle, UsageEvent, VerifiedReport};
 use tally_protocol::time::UnixTime;
 
 /// A report file as given: a name for messages, and its text.
@@ -272,54 +272,34 @@ impl Licence {
             .iter()
             .map(|b| (b.id.as_str(), ServedBundle::of(b)))
             .collect();
-        let mut catalog: BTreeMap<String, ServedBundle> = BTreeMap::new();
         let mut segments: Vec<(u64, Option<Vec<ServedBundle>>)> = Vec::new();
-        let mut current: Option<Vec<ServedBundle>> = None;
-        let push = |segments: &mut Vec<(u64, Option<Vec<ServedBundle>>)>,
-                    t: u64,
-                    set: Option<Vec<ServedBundle>>| {
+        let mut push = |t: u64, replay: &BundleReplay| {
             // Times from a customer's report: kept in order even if its clock was not.
             let t = segments.last().map_or(t, |(last, _)| t.max(*last));
+            // A bundle named without journaled terms counts with the given bundle's.
+            let set = replay.in_force().map(|set| {
+                set.iter()
+                    .map(
+                        |b| match (replay.terms_of(&b.bundle), given.get(b.bundle.as_str())) {
+                            (None, Some(g)) => g.clone(),
+                            _ => b.clone(),
+                        },
+                    )
+                    .collect()
+            });
             segments.push((t, set));
         };
+        let mut replay = BundleReplay::new(None);
         for link in links {
             let r = &link.report.report;
             if let Some(start) = &r.bundles_at_start {
-                for b in start {
-                    catalog.insert(b.bundle.clone(), b.clone());
-                }
-                current = Some(start.clone());
+                replay = BundleReplay::new(Some(start));
             }
-            push(&mut segments, r.period_from.0, current.clone());
+            push(r.period_from.0, &replay);
             for e in &r.events {
                 let t = e.at.0.max(r.period_from.0).min(r.period_to.0);
-                match &e.event {
-                    UsageEvent::DaemonStarted { .. } => {
-                        current = None;
-                        push(&mut segments, t, None);
-                    }
-                    UsageEvent::BundleTerms { bundle } => {
-                        catalog.insert(bundle.bundle.clone(), bundle.clone());
-                    }
-                    UsageEvent::BundlesInForce { bundles: ids, .. } => {
-                        let set: Vec<ServedBundle> = ids
-                            .iter()
-                            .map(|id| {
-                                catalog
-                                    .get(id)
-                                    .or_else(|| given.get(id.as_str()))
-                                    .cloned()
-                                    .unwrap_or(ServedBundle {
-                                        bundle: id.clone(),
-                                        customer: String::new(),
-                                        terms: Vec::new(),
-                                    })
-                            })
-                            .collect();
-                        current = Some(set.clone());
-                        push(&mut segments, t, Some(set));
-                    }
-                    _ => {}
+                if replay.apply(&e.event) {
+                    push(t, &replay);
                 }
             }
         }
