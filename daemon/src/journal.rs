@@ -199,3 +199,64 @@ pub fn build_report(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_protocol::bundle::{Customer, FeatureGrant};
+
+    fn bundle(id: &str, supersedes: &[&str], until: Option<u64>) -> Bundle {
+        Bundle {
+            id: id.into(),
+            issued_at: UnixTime(0),
+            vendor: "Acme".into(),
+            customer: Customer {
+                id: "C-1".into(),
+                name: "Example".into(),
+            },
+            binding: None,
+            supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
+            valid_from: None,
+            valid_until: until.map(UnixTime),
+            features: vec![FeatureGrant::counted("solver", 2)],
+        }
+    }
+
+    #[test]
+    fn a_reload_journals_new_terms_and_why_each_bundle_left() {
+        let trial = bundle("trial", &[], None);
+        let eval = bundle("eval", &[], Some(50));
+        let gone = bundle("gone", &[], None);
+        let paid = bundle("paid", &["trial"], None);
+        let before = [trial.clone(), eval, gone];
+        let events = bundle_changes(&before, std::slice::from_ref(&paid), "reload", UnixTime(60));
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(
+            events[0],
+            UsageEvent::BundleTerms {
+                bundle: ServedBundle::of(&paid)
+            }
+        );
+        let UsageEvent::BundlesInForce {
+            why,
+            bundles,
+            withdrawn,
+        } = &events[1]
+        else {
+            panic!("{events:?}")
+        };
+        assert_eq!(
+            (why.as_str(), bundles.clone()),
+            ("reload", vec!["paid".to_string()])
+        );
+        let whys: Vec<(&str, &str)> = withdrawn
+            .iter()
+            .map(|w| (w.bundle.as_str(), w.why.as_str()))
+            .collect();
+        assert_eq!(whys[0], ("trial", "superseded by paid"));
+        assert_eq!(whys[1], ("eval", "expired"));
+        assert!(whys[2].0 == "gone" && whys[2].1.starts_with("no longer served"));
+        // Nothing changed, nothing journaled.
+        assert!(bundle_changes(&[trial.clone()], &[trial], "reload", UnixTime(60)).is_empty());
+    }
+}
