@@ -4,7 +4,8 @@
 //! served regardless. Combination rules: bundles for the same feature add up (add-ons);
 //! a bundle that names others in `supersedes` replaces them (renewal, upgrade,
 //! trial-to-paid); the same bundle found twice counts once; a bundle the server
-//! returned is never loaded again.
+//! returned is never loaded again, and what it superseded (directly or through other
+//! bundles) stays superseded: a return gives all of it back for good.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -29,6 +30,9 @@ pub struct BundleRules {
     pub host_fingerprint: String,
     /// Ids of bundles this server returned.
     pub returned: BTreeSet<String>,
+    /// Ids of bundles superseded by a returned one, with the returned bundle's id: they
+    /// never count again here, even when the returned bundle's file is gone.
+    pub retired: BTreeMap<String, String>,
 }
 
 /// A file that was not loaded, and why.
@@ -55,6 +59,9 @@ pub struct Loaded {
     pub refused: Vec<Refusal>,
     /// Notes for the admin: superseded bundles, duplicates, bundles not valid yet.
     pub notes: Vec<String>,
+    /// What each bundle file that verified (served, superseded or returned) supersedes,
+    /// by id: the graph a return follows to retire everything it replaced.
+    pub supersedes: BTreeMap<String, Vec<String>>,
 }
 
 impl Loaded {
@@ -70,6 +77,48 @@ pub fn load_file(
     rules: &BundleRules,
     now: UnixTime,
 ) -> Result<VerifiedBundle, String> {
+    match judge_file(path, rules, now) {
+        Judged::Load(v) => Ok(v),
+        Judged::Returned(v) => Err(returned_reason(&v.bundle.id)),
+        Judged::Refused(reason) => Err(reason),
+    }
+}
+
+/// What [`judge_file`] makes of a file.
+enum Judged {
+    Load(VerifiedBundle),
+    /// Genuine and bound here, but returned: not served, yet its `supersedes` still hold.
+    Returned(VerifiedBundle),
+    Refused(String),
+}
+
+fn returned_reason(id: &str) -> String {
+    format!("bundle {id} was returned by this server and is never loaded again")
+}
+
+fn judge_file(path: &Path, rules: &BundleRules, now: UnixTime) -> Judged {
+    let verified = match verify_file(path, rules) {
+        Ok(v) => v,
+        Err(reason) => return Judged::Refused(reason),
+    };
+    let b = &verified.bundle;
+    if rules.returned.contains(&b.id) {
+        return Judged::Returned(verified);
+    }
+    if let Some(until) = b.valid_until {
+        if until <= now {
+            return Judged::Refused(format!(
+                "bundle {} expired at the end of {}",
+                b.id,
+                until.last_day()
+            ));
+        }
+    }
+    Judged::Load(verified)
+}
+
+/// Reads a bundle file and checks signature, signer and binding (dates aside).
+fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, String> {
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if meta.len() > MAX_BUNDLE_FILE {
         return Err(format!("larger than {MAX_BUNDLE_FILE} bytes, not a bundle"));
@@ -88,21 +137,6 @@ pub fn load_file(
             ));
         }
     }
-    if let Some(until) = b.valid_until {
-        if until <= now {
-            return Err(format!(
-                "bundle {} expired at the end of {}",
-                b.id,
-                until.last_day()
-            ));
-        }
-    }
-    if rules.returned.contains(&b.id) {
-        return Err(format!(
-            "bundle {} was returned by this server and is never loaded again",
-            b.id
-        ));
-    }
     Ok(verified)
 }
 
@@ -115,9 +149,19 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
     paths.sort();
     let mut loaded = Loaded::default();
     let mut by_id: BTreeMap<String, (PathBuf, VerifiedBundle)> = BTreeMap::new();
+    // Returned bundles still in the directory: not served, but what they superseded
+    // stays superseded (a return gives back everything the bundle replaced).
+    let mut returned: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for path in paths {
-        match load_file(&path, rules, now) {
-            Ok(v) => match by_id.get(&v.bundle.id) {
+        match judge_file(&path, rules, now) {
+            Judged::Returned(v) => {
+                loaded.refused.push(Refusal {
+                    path,
+                    reason: returned_reason(&v.bundle.id),
+                });
+                returned.insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
+            }
+            Judged::Load(v) => match by_id.get(&v.bundle.id) {
                 Some((first, existing)) if existing.signed == v.signed => {
                     loaded.notes.push(format!(
                         "{}: same bundle as {}; counted once",
@@ -137,23 +181,42 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
                     by_id.insert(v.bundle.id.clone(), (path, v));
                 }
             },
-            Err(reason) => loaded.refused.push(Refusal { path, reason }),
+            Judged::Refused(reason) => loaded.refused.push(Refusal { path, reason }),
         }
     }
-    let superseded: BTreeMap<String, String> = by_id
-        .values()
-        .flat_map(|(_, v)| {
-            v.bundle
-                .supersedes
-                .iter()
-                .map(|old| (old.clone(), v.bundle.id.clone()))
-        })
+    loaded.supersedes = by_id
+        .iter()
+        .map(|(id, (_, v))| (id.clone(), v.bundle.supersedes.clone()))
+        .chain(returned.clone())
         .collect();
+    // Who supersedes whom, with a note on how.
+    let mut superseded: BTreeMap<String, String> = BTreeMap::new();
+    for (old, by) in &rules.retired {
+        superseded.insert(
+            old.clone(),
+            format!("bundle {by}, which this server returned: it never counts here again"),
+        );
+    }
+    for (id, olds) in &returned {
+        for old in olds {
+            superseded.insert(
+                old.clone(),
+                format!("bundle {id}, which this server returned: it never counts here again"),
+            );
+        }
+    }
+    for (_, v) in by_id.values() {
+        for old in &v.bundle.supersedes {
+            superseded
+                .entry(old.clone())
+                .or_insert_with(|| format!("bundle {}", v.bundle.id));
+        }
+    }
     let mut served: Vec<(PathBuf, VerifiedBundle)> = Vec::new();
     for (id, (path, v)) in by_id {
         if let Some(by) = superseded.get(&id) {
             loaded.notes.push(format!(
-                "{}: bundle {id} is superseded by bundle {by}",
+                "{}: bundle {id} is superseded by {by}",
                 path.display()
             ));
             continue;
@@ -172,27 +235,86 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
     Ok(loaded)
 }
 
+/// Line prefix in [`RETURNED_FILE`] of a bundle retired by a return: `retired OLD by ID`.
+const RETIRED_PREFIX: &str = "retired ";
+
+/// What the returned list in the data directory says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Returns {
+    /// Ids of returned bundles.
+    pub returned: BTreeSet<String>,
+    /// Bundles superseded by a returned one (id → the returned bundle's id).
+    pub retired: BTreeMap<String, String>,
+}
+
 /// Reads the ids of returned bundles from the data directory.
 pub fn read_returned(data_dir: &Path) -> std::io::Result<BTreeSet<String>> {
-    match std::fs::read_to_string(data_dir.join(RETURNED_FILE)) {
-        Ok(text) => Ok(text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_string)
-            .collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
-        Err(e) => Err(e),
+    Ok(read_returns(data_dir)?.returned)
+}
+
+/// Reads the returned list: one returned bundle id per line, and `retired OLD by ID`
+/// for each bundle a return retired (bundle ids hold no spaces; `#` starts a comment).
+/// Lists written before retired lines existed hold ids only and read the same.
+pub fn read_returns(data_dir: &Path) -> std::io::Result<Returns> {
+    let text = match std::fs::read_to_string(data_dir.join(RETURNED_FILE)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Returns::default()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Returns::default();
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match line
+            .strip_prefix(RETIRED_PREFIX)
+            .and_then(|rest| rest.split_once(" by "))
+        {
+            Some((old, by)) => {
+                out.retired
+                    .insert(old.trim().to_string(), by.trim().to_string());
+            }
+            None => {
+                out.returned.insert(line.to_string());
+            }
+        }
     }
+    Ok(out)
+}
+
+/// Every bundle `id` supersedes, directly or through the bundles it supersedes, in id
+/// order (bounded by the graph: each id is visited once).
+pub fn superseded_closure(id: &str, supersedes: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut todo: Vec<&str> = vec![id];
+    while let Some(next) = todo.pop() {
+        for old in supersedes.get(next).into_iter().flatten() {
+            if old != id && seen.insert(old.clone()) {
+                todo.push(old);
+            }
+        }
+    }
+    seen.into_iter().collect()
 }
 
 /// Adds a bundle id to the returned list, durably.
 pub fn record_returned(data_dir: &Path, id: &str) -> std::io::Result<()> {
+    record_return(data_dir, id, &[])
+}
+
+/// Adds a returned bundle and the bundles it retires to the returned list, durably,
+/// in one write.
+pub fn record_return(data_dir: &Path, id: &str, retired: &[String]) -> std::io::Result<()> {
     use std::io::Write;
+    let mut text = format!("{id}\n");
+    for old in retired {
+        text.push_str(&format!("{RETIRED_PREFIX}{old} by {id}\n"));
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(data_dir.join(RETURNED_FILE))?;
-    writeln!(file, "{id}")?;
+    file.write_all(text.as_bytes())?;
     file.sync_all()
 }

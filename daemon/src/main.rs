@@ -326,14 +326,15 @@ fn load_site(config_path: &Path) -> Result<Site, Failure> {
             config_path.display()
         )));
     }
-    let returned = bundles::read_returned(&config.data_dir)
+    let returns = bundles::read_returns(&config.data_dir)
         .with_context(|| format!("{}", config.data_dir.display()))
         .map_err(usage)?;
     let rules = BundleRules {
         vendor_keys,
         server_key: key.public(),
         host_fingerprint: host::fingerprint(),
-        returned,
+        returned: returns.returned,
+        retired: returns.retired,
     };
     let loaded = bundles::load_dir(&config.bundle_dir, &rules, now().wall)
         .with_context(|| format!("bundle directory {}", config.bundle_dir.display()))
@@ -454,7 +455,9 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             None => Policy::default(),
         };
         let mut rules = rules.clone();
-        rules.returned = bundles::read_returned(&data_dir)?;
+        let returns = bundles::read_returns(&data_dir)?;
+        rules.returned = returns.returned;
+        rules.retired = returns.retired;
         let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall)?;
         for refusal in &loaded.refused {
             tracing::warn!("{refusal}");
@@ -627,15 +630,66 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
         .filter(|l| features.contains(l.feature.as_str()))
         .map(|l| l.count)
         .sum();
-    bundles::record_returned(&site.config.data_dir, id)
+    // Everything the bundle replaced, directly or through the bundles it replaced, is
+    // given back with it: recorded so that it never counts here again, also if the
+    // returned file is deleted later.
+    let retired = bundles::superseded_closure(id, &site.loaded.supersedes);
+    let mut after_rules = site.rules.clone();
+    after_rules.returned.insert(id.to_string());
+    for old in &retired {
+        after_rules.retired.insert(old.clone(), id.to_string());
+    }
+    let when = now().wall;
+    let after = bundles::load_dir(&site.config.bundle_dir, &after_rules, when)
+        .with_context(|| format!("bundle directory {}", site.config.bundle_dir.display()))
+        .map_err(usage)?;
+    let still: std::collections::BTreeSet<&str> = after
+        .served
+        .iter()
+        .map(|(_, b)| b.bundle.id.as_str())
+        .collect();
+    let stopped_serving: Vec<activation::ReleasedGrant> = site
+        .loaded
+        .served
+        .iter()
+        .filter(|(_, b)| !still.contains(b.bundle.id.as_str()))
+        .flat_map(|(_, b)| {
+            b.bundle.features.iter().map(|f| activation::ReleasedGrant {
+                bundle: b.bundle.id.clone(),
+                description: f.describe(),
+                feature: f.name.clone(),
+                seats: f.seats,
+            })
+        })
+        .collect();
+    bundles::record_return(&site.config.data_dir, id, &retired)
         .with_context(|| format!("recording the return in {}", site.config.data_dir.display()))
         .map_err(Failure::Runtime)?;
+    // The usage journal says when the served set changed, so reports show the vendor
+    // that these seats stopped counting here.
+    let after_plain: Vec<_> = after.served.iter().map(|(_, b)| b.bundle.clone()).collect();
+    let journaled = store.next_journal_seq().and_then(|seq| {
+        store.append_journal(&[tally_protocol::report::JournalEntry {
+            seq,
+            at: when,
+            event: tally_daemon::journal::returned(id, &after_plain),
+        }])?;
+        store.flush_blocking()
+    });
+    if let Err(e) = journaled {
+        // The return itself is recorded; the reports then miss only its moment.
+        eprintln!("tallyd: warning: the return could not be journaled for usage reports: {e}");
+    }
     let proof = ReturnProof {
         bundle_id: id.to_string(),
         server_key: site.key.public(),
         host_fingerprint: site.rules.host_fingerprint.clone(),
-        returned_at: now().wall,
+        returned_at: when,
         leases_outstanding: outstanding,
+        released: Some(activation::Released {
+            retired: retired.clone(),
+            stopped_serving: stopped_serving.clone(),
+        }),
     };
     tally_daemon::files::write_atomic(
         out,
@@ -645,9 +699,21 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
     .with_context(|| format!("writing {}", out.display()))
     .map_err(Failure::Runtime)?;
     println!(
-        "bundle {id} ({}) returned: this server will never load it again\n\
-         return proof written to {}; send it to your vendor{}",
-        path.display(),
+        "bundle {id} ({}) returned: this server will never load it again",
+        path.display()
+    );
+    println!("  stopped serving:");
+    for g in &stopped_serving {
+        println!("    {} (bundle {})", g.description, g.bundle);
+    }
+    if !retired.is_empty() {
+        println!(
+            "  bundles it superseded, which never count here again: {}",
+            retired.join(", ")
+        );
+    }
+    println!(
+        "return proof written to {}; send it to your vendor{}",
         out.display(),
         if outstanding > 0 {
             format!(" ({outstanding} seat(s) were still recorded as held)")

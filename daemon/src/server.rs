@@ -371,6 +371,8 @@ enum Command {
     },
     Reload {
         bundles: Vec<tally_protocol::bundle::Bundle>,
+        /// How the served set changes (`journal::bundle_changes`), journaled with it.
+        changes: Vec<UsageEvent>,
         policy: Policy,
         done: oneshot::Sender<()>,
     },
@@ -415,6 +417,7 @@ impl Server {
         startup.extend(bundles.iter().map(|b| UsageEvent::BundleLoaded {
             bundle: b.id.clone(),
         }));
+        startup.extend(journal::bundles_at_start(&bundles));
         if let Some(t) = params.store.load_clock()? {
             ledger.set_clock_high_water(t);
             if start.wall.plus_secs(crate::ledger::CLOCK_TOLERANCE_SECS) < t {
@@ -865,6 +868,7 @@ async fn run_ledger(
                 Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
                 Command::Reload {
                     bundles,
+                    changes,
                     policy,
                     done,
                 } => {
@@ -876,6 +880,9 @@ async fn run_ledger(
                                 bundle: b.id.clone(),
                             },
                         );
+                    }
+                    for event in changes {
+                        record(&mut journal, now.wall, event);
                     }
                     ledger.reload(now, &bundles);
                     ledger.set_policy(now, policy);
@@ -1642,11 +1649,21 @@ async fn reload(shared: &Shared) -> Result<String, String> {
         .map_err(|e| format!("{e:#}"))?;
     let count = bundles.len();
     let (done, wait) = oneshot::channel();
-    let plain = bundles.iter().map(|b| b.bundle.clone()).collect();
+    let plain: Vec<_> = bundles.iter().map(|b| b.bundle.clone()).collect();
+    // The set in force until now is the one shown in hello (one reload at a time).
+    let before: Vec<_> = shared
+        .bundles
+        .read()
+        .expect("bundles lock")
+        .iter()
+        .map(|b| b.bundle.clone())
+        .collect();
+    let changes = journal::bundle_changes(&before, &plain, "reload", now().wall);
     shared
         .ledger
         .send(Command::Reload {
             bundles: plain,
+            changes,
             policy,
             done,
         })

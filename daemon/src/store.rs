@@ -427,7 +427,7 @@ impl Store {
     pub fn report_state(&self) -> Result<ReportState, StoreError> {
         Ok(match self.meta.get(REPORT_KEY).map_err(|e| self.err(e))? {
             Some(bytes) => match StoredReportState::decode(&bytes) {
-                Ok(StoredReportState::V1(s)) => s,
+                Ok(stored) => stored.into_state(),
                 _ => ReportState::default(),
             },
             None => ReportState::default(),
@@ -437,7 +437,7 @@ impl Store {
     /// Records the report chain state (not yet flushed).
     pub fn save_report_state(&self, state: &ReportState) -> Result<(), StoreError> {
         self.meta
-            .insert(REPORT_KEY, StoredReportState::V1(state.clone()).encode())
+            .insert(REPORT_KEY, StoredReportState::V2(state.clone()).encode())
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -533,6 +533,31 @@ fn key(id: LeaseId) -> [u8; 8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_state_of_version_1_reads_with_the_bundles_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = tally_protocol::report::ReportStateV1 {
+            report_seq: 3,
+            last_event: 19,
+            ..Default::default()
+        };
+        store
+            .meta
+            .insert(REPORT_KEY, StoredReportState::V1(old).encode())
+            .unwrap();
+        let state = store.report_state().unwrap();
+        assert_eq!((state.report_seq, state.last_event), (3, 19));
+        assert_eq!(state.bundles, None);
+        // Saved again, it is version 2 and keeps what it knows.
+        let known = ReportState {
+            bundles: Some(vec![]),
+            ..state
+        };
+        store.save_report_state(&known).unwrap();
+        assert_eq!(store.report_state().unwrap(), known);
+    }
 
     /// Opens a store that a `sled::Db` of this test just closed: sled lets go of its
     /// file lock only when its background flusher notices, up to ~0.5 s after the drop.

@@ -25,6 +25,7 @@ fn rules() -> BundleRules {
         server_key: server().public(),
         host_fingerprint: "this-host".into(),
         returned: BTreeSet::from(["given-back".to_string()]),
+        retired: Default::default(),
     }
 }
 
@@ -157,4 +158,54 @@ fn supersede_replaces_and_a_copied_file_counts_once() {
         .any(|n| n.contains("superseded by bundle paid")));
     assert!(loaded.notes.iter().any(|n| n.contains("counted once")));
     assert!(loaded.refused.is_empty());
+}
+
+#[test]
+fn a_returned_bundle_keeps_what_it_superseded_out_also_from_an_old_returned_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "trial.bundle", &bundle("trial", 2), &vendor());
+    let mut paid = bundle("paid", 4);
+    paid.supersedes = vec!["trial".into()];
+    write(d, "paid.bundle", &paid, &vendor());
+    write(d, "addon.bundle", &bundle("addon", 3), &vendor());
+    let mut renewal = bundle("renewal", 10);
+    renewal.supersedes = vec!["paid".into(), "addon".into()];
+    write(d, "renewal.bundle", &renewal, &vendor());
+    let ids = |l: &tally_daemon::bundles::Loaded| -> Vec<String> {
+        l.served.iter().map(|(_, b)| b.bundle.id.clone()).collect()
+    };
+    // A returned list as tallyd wrote it before returns retired anything: the id alone.
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("returned-bundles"), "renewal\n").unwrap();
+    let returns = tally_daemon::bundles::read_returns(data.path()).unwrap();
+    let mut rules = rules();
+    rules.returned = returns.returned;
+    rules.retired = returns.retired;
+    let loaded = load_dir(d, &rules, NOW).unwrap();
+    assert!(ids(&loaded).is_empty(), "{:?}", ids(&loaded));
+    assert!(reason_for(&loaded, "renewal.bundle").contains("returned"));
+    // What a return retires: everything below it in the supersede graph.
+    let closure = tally_daemon::bundles::superseded_closure("renewal", &loaded.supersedes);
+    assert_eq!(closure, vec!["addon", "paid", "trial"]);
+    // Recorded, it holds without the returned file.
+    tally_daemon::bundles::record_return(data.path(), "renewal", &closure).unwrap();
+    std::fs::remove_file(d.join("renewal.bundle")).unwrap();
+    let returns = tally_daemon::bundles::read_returns(data.path()).unwrap();
+    assert_eq!(returns.returned, BTreeSet::from(["renewal".to_string()]));
+    assert_eq!(returns.retired.len(), 3);
+    rules.returned = returns.returned;
+    rules.retired = returns.retired;
+    let loaded = load_dir(d, &rules, NOW).unwrap();
+    assert!(ids(&loaded).is_empty(), "{:?}", ids(&loaded));
+    assert!(loaded.refused.is_empty(), "{:?}", loaded.refused);
+    assert!(loaded
+        .notes
+        .iter()
+        .any(|n| n.contains("superseded by bundle renewal, which this server returned")));
+    // Without the return, the same directory serves the chain's live bundles again.
+    let mut fresh = self::rules();
+    fresh.returned.clear();
+    write(d, "renewal.bundle", &renewal, &vendor());
+    assert_eq!(ids(&load_dir(d, &fresh, NOW).unwrap()), vec!["renewal"]);
 }

@@ -447,6 +447,7 @@ fn report_seed() {
         open_at_start,
         events,
         summaries,
+        bundles_at_start: Some(vec![report::ServedBundle::of(&demo_bundle())]),
     };
     let (text, _) = report::sign(&r, &key);
     write("report", "report.txt", text.as_bytes());
@@ -507,7 +508,7 @@ fn stored_seeds(events: &[JournalEntry]) {
     write(
         "stored",
         "report-state",
-        &tagged(3, StoredReportState::V1(state).encode()),
+        &tagged(3, StoredReportState::V2(state).encode()),
     );
     write("stored", "clock", &tagged(4, StoredClock::V1(NOW).encode()));
 }
@@ -539,6 +540,15 @@ fn main() {
         host_fingerprint: host(),
         returned_at: NOW.plus_secs(90 * DAY),
         leases_outstanding: 2,
+        released: Some(activation::Released {
+            retired: vec!["acme-2026-0001".into()],
+            stopped_serving: vec![activation::ReleasedGrant {
+                bundle: "acme-2027-0001".into(),
+                description: "solver: 10 seats, permanent".into(),
+                feature: "solver".into(),
+                seats: bundle::Seats::Counted(10),
+            }],
+        }),
     };
     let proof_text = activation::return_to_armored(&proof, &key);
     write("activation", "return.txt", proof_text.as_bytes());

@@ -48,6 +48,43 @@ pub struct ReturnProof {
     pub returned_at: UnixTime,
     /// Leases of the bundle's features that were still recorded when it was returned.
     pub leases_outstanding: u32,
+    /// What the server gave back with the bundle; `None` in proofs of format version 1,
+    /// which did not say (and whose server may count superseded bundles again).
+    pub released: Option<Released>,
+}
+
+/// What a return took out of service on the returning server, for the vendor to check
+/// before issuing the seats to new hardware.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    /// Bundles the returned one superseded, directly or through others: the server
+    /// recorded that it never counts them again.
+    pub retired: Vec<String>,
+    /// The grants the server stopped serving with the return, bundle by bundle.
+    pub stopped_serving: Vec<ReleasedGrant>,
+}
+
+/// One feature grant a server stopped serving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedGrant {
+    /// The bundle it came from.
+    pub bundle: String,
+    /// The grant as people read it (`solver: 10 seats, versions up to 2027.2, ...`).
+    pub description: String,
+    /// The feature.
+    pub feature: String,
+    /// Its seats.
+    pub seats: crate::bundle::Seats,
+}
+
+/// Version 1 of the return proof, as older tallyd wrote it.
+#[derive(Serialize, Deserialize)]
+struct ReturnProofV1 {
+    bundle_id: String,
+    server_key: PublicKey,
+    host_fingerprint: String,
+    returned_at: UnixTime,
+    leases_outstanding: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,7 +94,9 @@ enum RequestBody {
 
 #[derive(Serialize, Deserialize)]
 enum ReturnBody {
-    V1(ReturnProof),
+    V1(ReturnProofV1),
+    /// Version 2 says what the return released ([`Released`]).
+    V2(ReturnProof),
 }
 
 /// Why a request or proof was refused.
@@ -111,7 +150,7 @@ pub fn request_from_armored(text: &str) -> Result<ActivationRequest, ActivationE
 
 /// Signs a return proof with the server key and armours it.
 pub fn return_to_armored(proof: &ReturnProof, key: &crate::keys::SecretKey) -> String {
-    let body = crate::encode(&ReturnBody::V1(proof.clone()));
+    let body = crate::encode(&ReturnBody::V2(proof.clone()));
     signed::to_armored(RETURN_LABEL, &Signed::sign(Domain::ReturnProof, body, key))
 }
 
@@ -122,8 +161,19 @@ pub fn return_from_armored(text: &str) -> Result<ReturnProof, ActivationError> {
     signed
         .verify(Domain::ReturnProof)
         .map_err(|_| ActivationError::BadSignature)?;
-    let ReturnBody::V1(proof) = crate::decode::<ReturnBody, 65536>(&signed.body)
-        .map_err(|e| ActivationError::Malformed(e.0))?;
+    let proof = match crate::decode::<ReturnBody, 65536>(&signed.body)
+        .map_err(|e| ActivationError::Malformed(e.0))?
+    {
+        ReturnBody::V1(p) => ReturnProof {
+            bundle_id: p.bundle_id,
+            server_key: p.server_key,
+            host_fingerprint: p.host_fingerprint,
+            returned_at: p.returned_at,
+            leases_outstanding: p.leases_outstanding,
+            released: None,
+        },
+        ReturnBody::V2(p) => p,
+    };
     if proof.server_key != signed.signer {
         return Err(ActivationError::WrongSigner {
             signer: signed.signer.fingerprint(),
@@ -159,5 +209,37 @@ mod tests {
             request_from_armored(&forged),
             Err(ActivationError::WrongSigner { .. })
         ));
+    }
+
+    #[test]
+    fn return_proofs_of_version_1_still_read_and_version_2_says_what_was_released() {
+        let key = SecretKey::from_seed([8; 32]);
+        let old = ReturnProofV1 {
+            bundle_id: "b-1".into(),
+            server_key: key.public(),
+            host_fingerprint: "h".into(),
+            returned_at: UnixTime(1_800_000_000),
+            leases_outstanding: 2,
+        };
+        let body = crate::encode(&ReturnBody::V1(old));
+        let text = signed::to_armored(RETURN_LABEL, &Signed::sign(Domain::ReturnProof, body, &key));
+        let read = return_from_armored(&text).unwrap();
+        assert_eq!(
+            (read.bundle_id.as_str(), read.leases_outstanding),
+            ("b-1", 2)
+        );
+        assert_eq!(read.released, None);
+        let mut new = read;
+        new.released = Some(Released {
+            retired: vec!["b-0".into()],
+            stopped_serving: vec![ReleasedGrant {
+                bundle: "b-1".into(),
+                description: "solver: 10 seats, permanent".into(),
+                feature: "solver".into(),
+                seats: crate::bundle::Seats::Counted(10),
+            }],
+        });
+        let text = return_to_armored(&new, &key);
+        assert_eq!(return_from_armored(&text).unwrap(), new);
     }
 }

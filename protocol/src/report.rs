@@ -102,6 +102,228 @@ pub enum UsageEvent {
         /// The latest time seen before.
         high_water: UnixTime,
     },
+    /// The terms of a bundle about to come into force (journaled before the
+    /// [`UsageEvent::BundlesInForce`] that names it), so that a report alone says what
+    /// was licensed. A large bundle's terms come in several such events (each a journal
+    /// entry of bounded size, see [`ServedBundle::parts`]); the parts since the last
+    /// `BundlesInForce` add up.
+    BundleTerms {
+        /// The bundle and its terms.
+        bundle: ServedBundle,
+    },
+    /// The served bundle set changed: from now on exactly `bundles` count (until the
+    /// next change; a `DaemonStarted` leaves it unknown until the next one).
+    BundlesInForce {
+        /// Why: `start`, `reload`, `returned B`.
+        why: String,
+        /// The ids of the bundles in force from now on.
+        bundles: Vec<String>,
+        /// Bundles that stopped counting with this change, and why.
+        withdrawn: Vec<Withdrawn>,
+    },
+}
+
+/// A bundle that stopped counting, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawn {
+    /// Its id.
+    pub bundle: String,
+    /// `superseded by B`, `expired`, `returned`, `no longer served` ...
+    pub why: String,
+}
+
+/// A bundle in force, with the terms that count seats (what reconciliation needs; the
+/// signed bundle itself stays with the vendor).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedBundle {
+    /// The bundle id.
+    pub bundle: String,
+    /// The customer id.
+    pub customer: String,
+    /// One term per feature grant (a package's grant appears once per component and
+    /// once under its own name, as the ledger counts it).
+    pub terms: Vec<LicensedTerm>,
+}
+
+/// One grant of seats as the ledger counts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicensedTerm {
+    /// The feature.
+    pub feature: String,
+    /// Seats.
+    pub seats: crate::bundle::Seats,
+    /// Seats beyond `seats` usable as overdraft.
+    pub overdraft: u32,
+    /// Highest version served.
+    pub version_ceiling: Option<String>,
+    /// For an upgrade: the ceiling whose seats it moves (adds no seats).
+    pub upgrade_from: Option<String>,
+    /// First instant it counts (the later of the grant's start and the bundle's).
+    pub starts: Option<UnixTime>,
+    /// First instant it no longer counts (the earlier of the grant's and the bundle's end).
+    pub expires: Option<UnixTime>,
+    /// An evaluation grant.
+    pub evaluation: bool,
+}
+
+impl LicensedTerm {
+    /// Whether the term counts at `t`.
+    pub fn active(&self, t: UnixTime) -> bool {
+        self.starts.is_none_or(|s| s <= t) && self.expires.is_none_or(|e| t < e)
+    }
+}
+
+impl ServedBundle {
+    /// Most encoded bytes of terms in one [`UsageEvent::BundleTerms`]: an entry stays
+    /// within a journal chunk's budget ([`StoredJournalChunk::MAX_BYTES`]).
+    pub const PART_BYTES: usize = 1024;
+
+    /// The bundle split into parts of at most [`Self::PART_BYTES`] of terms each (at
+    /// least one term per part, and one part for a bundle without terms).
+    pub fn parts(&self) -> Vec<ServedBundle> {
+        let mut parts: Vec<ServedBundle> = Vec::new();
+        let mut size = 0;
+        for term in &self.terms {
+            let bytes = crate::encode(term).len();
+            match parts.last_mut() {
+                Some(p) if size + bytes <= Self::PART_BYTES => {
+                    p.terms.push(term.clone());
+                    size += bytes;
+                }
+                _ => {
+                    parts.push(ServedBundle {
+                        bundle: self.bundle.clone(),
+                        customer: self.customer.clone(),
+                        terms: vec![term.clone()],
+                    });
+                    size = bytes;
+                }
+            }
+        }
+        if parts.is_empty() {
+            parts.push(self.clone());
+        }
+        parts
+    }
+
+    /// The counting terms of `bundle`, bounded by its validity window.
+    pub fn of(bundle: &crate::bundle::Bundle) -> ServedBundle {
+        let later = |a: Option<UnixTime>, b: Option<UnixTime>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let earlier = |a: Option<UnixTime>, b: Option<UnixTime>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut terms = Vec::new();
+        for f in &bundle.features {
+            for name in f.components.iter().chain(std::iter::once(&f.name)) {
+                terms.push(LicensedTerm {
+                    feature: name.clone(),
+                    seats: f.seats,
+                    overdraft: f.overdraft,
+                    version_ceiling: f.version_ceiling.clone(),
+                    upgrade_from: f.upgrade_from.clone(),
+                    starts: later(f.starts, bundle.valid_from),
+                    expires: earlier(f.expires, bundle.valid_until),
+                    evaluation: f.evaluation,
+                });
+            }
+        }
+        ServedBundle {
+            bundle: bundle.id.clone(),
+            customer: bundle.customer.id.clone(),
+            terms,
+        }
+    }
+}
+
+/// Replays the bundle history of a journal: the terms known per bundle and the set in
+/// force. Shared by the daemon's report state and the vendor's reconciliation.
+#[derive(Debug, Clone, Default)]
+pub struct BundleReplay {
+    /// Terms per bundle id, as last journaled (or known at the start).
+    catalog: std::collections::BTreeMap<String, ServedBundle>,
+    /// Parts of `BundleTerms` since the last `BundlesInForce`, added up.
+    pending: std::collections::BTreeMap<String, ServedBundle>,
+    /// The bundles in force; `None` while unknown.
+    in_force: Option<Vec<ServedBundle>>,
+}
+
+impl BundleReplay {
+    /// Starts from the bundles in force at a report's start (`None`: unknown).
+    pub fn new(start: Option<&[ServedBundle]>) -> BundleReplay {
+        BundleReplay {
+            catalog: start
+                .into_iter()
+                .flatten()
+                .map(|b| (b.bundle.clone(), b.clone()))
+                .collect(),
+            pending: Default::default(),
+            in_force: start.map(<[ServedBundle]>::to_vec),
+        }
+    }
+
+    /// Applies one event; returns whether the set in force changed (or became unknown).
+    pub fn apply(&mut self, event: &UsageEvent) -> bool {
+        match event {
+            UsageEvent::DaemonStarted { .. } => {
+                self.in_force = None;
+                true
+            }
+            UsageEvent::BundleTerms { bundle } => {
+                match self.pending.get_mut(&bundle.bundle) {
+                    Some(p) => p.terms.extend(bundle.terms.iter().cloned()),
+                    None => {
+                        self.pending.insert(bundle.bundle.clone(), bundle.clone());
+                    }
+                }
+                false
+            }
+            UsageEvent::BundlesInForce { bundles, .. } => {
+                self.catalog.append(&mut self.pending);
+                self.in_force = Some(
+                    bundles
+                        .iter()
+                        .map(|id| match self.catalog.get(id) {
+                            Some(b) => b.clone(),
+                            // Named without terms: kept, counting no seat.
+                            None => ServedBundle {
+                                bundle: id.clone(),
+                                customer: String::new(),
+                                terms: Vec::new(),
+                            },
+                        })
+                        .collect(),
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The bundles in force now; `None` while unknown.
+    pub fn in_force(&self) -> Option<&[ServedBundle]> {
+        self.in_force.as_deref()
+    }
+
+    /// Terms known for bundle `id`, if any.
+    pub fn terms_of(&self, id: &str) -> Option<&ServedBundle> {
+        self.catalog.get(id)
+    }
+}
+
+/// The bundles in force after `events`, starting from `start` (`None`: unknown).
+pub fn replay_bundles(
+    start: Option<&[ServedBundle]>,
+    events: &[JournalEntry],
+) -> Option<Vec<ServedBundle>> {
+    let mut replay = BundleReplay::new(start);
+    for e in events {
+        replay.apply(&e.event);
+    }
+    replay.in_force().map(<[ServedBundle]>::to_vec)
 }
 
 /// The journal entry as stored; the variant is the format version.
@@ -267,11 +489,57 @@ pub struct Report {
     pub events: Vec<JournalEntry>,
     /// The server's summaries.
     pub summaries: Vec<FeatureSummary>,
+    /// The bundles in force at `period_from`, with their terms; with the
+    /// `BundleTerms`/`BundlesInForce` events this is the period's bundle history.
+    /// `None` when the server did not know (reports of format version 1, and the first
+    /// report after an upgrade from such a server).
+    pub bundles_at_start: Option<Vec<ServedBundle>>,
+}
+
+/// Version 1 of the report body, as older tallyd wrote it (no bundle history).
+#[derive(Serialize, Deserialize)]
+struct ReportV1 {
+    report_seq: u64,
+    server_key: PublicKey,
+    host_fingerprint: String,
+    customers: Vec<String>,
+    bundle_ids: Vec<String>,
+    period_from: UnixTime,
+    period_to: UnixTime,
+    first_event: u64,
+    last_event: u64,
+    previous_digest: [u8; 32],
+    open_at_start: Vec<OpenLease>,
+    events: Vec<JournalEntry>,
+    summaries: Vec<FeatureSummary>,
+}
+
+impl From<ReportV1> for Report {
+    fn from(r: ReportV1) -> Report {
+        Report {
+            report_seq: r.report_seq,
+            server_key: r.server_key,
+            host_fingerprint: r.host_fingerprint,
+            customers: r.customers,
+            bundle_ids: r.bundle_ids,
+            period_from: r.period_from,
+            period_to: r.period_to,
+            first_event: r.first_event,
+            last_event: r.last_event,
+            previous_digest: r.previous_digest,
+            open_at_start: r.open_at_start,
+            events: r.events,
+            summaries: r.summaries,
+            bundles_at_start: None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 enum ReportBody {
-    V1(Report),
+    V1(ReportV1),
+    /// Version 2 adds the bundle history (`bundles_at_start`).
+    V2(Report),
 }
 
 /// Why a report was refused.
@@ -308,7 +576,7 @@ pub struct VerifiedReport {
 
 /// Signs and armours a report; returns the text and the digest the next report names.
 pub fn sign(report: &Report, key: &crate::keys::SecretKey) -> (String, [u8; 32]) {
-    let body = crate::encode(&ReportBody::V1(report.clone()));
+    let body = crate::encode(&ReportBody::V2(report.clone()));
     let digest: [u8; 32] = Sha256::digest(&body).into();
     let signed = Signed::sign(Domain::Report, body, key);
     (armor(REPORT_LABEL, &crate::encode(&signed)), digest)
@@ -322,8 +590,12 @@ pub fn read(text: &str) -> Result<VerifiedReport, ReportError> {
     signed
         .verify(Domain::Report)
         .map_err(|_| ReportError::BadSignature)?;
-    let ReportBody::V1(report) = crate::decode::<ReportBody, MAX_REPORT_TEXT>(&signed.body)
-        .map_err(|e| ReportError::Malformed(e.0))?;
+    let report = match crate::decode::<ReportBody, MAX_REPORT_TEXT>(&signed.body)
+        .map_err(|e| ReportError::Malformed(e.0))?
+    {
+        ReportBody::V1(r) => Report::from(r),
+        ReportBody::V2(r) => r,
+    };
     if report.server_key != signed.signer {
         return Err(ReportError::WrongSigner {
             signer: signed.signer.fingerprint(),
@@ -347,8 +619,42 @@ pub fn read(text: &str) -> Result<VerifiedReport, ReportError> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum StoredReportState {
-    /// Format version 1.
-    V1(ReportState),
+    /// Format version 1 (no bundles in force).
+    V1(ReportStateV1),
+    /// Format version 2: with the bundles in force at the end of the last report.
+    V2(ReportState),
+}
+
+/// Version 1 of the chain state, as older tallyd stored it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportStateV1 {
+    /// Number of the last report exported (0 before the first).
+    pub report_seq: u64,
+    /// Last journal sequence number exported.
+    pub last_event: u64,
+    /// Digest of the last report.
+    pub digest: [u8; 32],
+    /// End of the last report's period.
+    pub period_end: Option<UnixTime>,
+    /// Leases open at the end of the last report.
+    pub open: Vec<OpenLease>,
+}
+
+impl StoredReportState {
+    /// The state, whatever version it was stored in (version 1 did not know the bundles).
+    pub fn into_state(self) -> ReportState {
+        match self {
+            StoredReportState::V1(s) => ReportState {
+                report_seq: s.report_seq,
+                last_event: s.last_event,
+                digest: s.digest,
+                period_end: s.period_end,
+                open: s.open,
+                bundles: None,
+            },
+            StoredReportState::V2(s) => s,
+        }
+    }
 }
 
 /// Where the report chain stands.
@@ -364,6 +670,8 @@ pub struct ReportState {
     pub period_end: Option<UnixTime>,
     /// Leases open at the end of the last report.
     pub open: Vec<OpenLease>,
+    /// Bundles in force at the end of the last report (`None`: unknown).
+    pub bundles: Option<Vec<ServedBundle>>,
 }
 
 impl StoredReportState {
@@ -527,5 +835,166 @@ mod tests {
             assert_eq!(*value, StoredJournalChunk::V1(chunk.to_vec()).encode());
         }
         assert!(StoredJournalChunk::encode_split(&[]).is_empty());
+    }
+
+    #[test]
+    fn reports_of_version_1_still_read_without_a_bundle_history() {
+        let key = crate::keys::SecretKey::from_seed([5; 32]);
+        let old = ReportV1 {
+            report_seq: 1,
+            server_key: key.public(),
+            host_fingerprint: "h".into(),
+            customers: vec!["C-1".into()],
+            bundle_ids: vec!["b-1".into()],
+            period_from: UnixTime(10),
+            period_to: UnixTime(20),
+            first_event: 1,
+            last_event: 1,
+            previous_digest: [0; 32],
+            open_at_start: vec![],
+            events: vec![denied(1, "ana")],
+            summaries: vec![],
+        };
+        let body = crate::encode(&ReportBody::V1(old));
+        let signed = Signed::sign(Domain::Report, body, &key);
+        let text = armor(REPORT_LABEL, &crate::encode(&signed));
+        let read = read(&text).unwrap();
+        assert_eq!(read.report.bundle_ids, vec!["b-1".to_string()]);
+        assert_eq!(read.report.events.len(), 1);
+        assert_eq!(read.report.bundles_at_start, None);
+        // Written again, it is version 2 and reads back the same.
+        let (again, digest) = sign(&read.report, &key);
+        let back = super::read(&again).unwrap();
+        assert_eq!((back.report, back.digest), (read.report, digest));
+    }
+
+    #[test]
+    fn the_bundles_in_force_follow_the_journal_and_a_start_makes_them_unknown() {
+        let mut bundle = crate::bundle::Bundle {
+            id: "paid".into(),
+            issued_at: UnixTime(0),
+            vendor: "Acme".into(),
+            customer: crate::bundle::Customer {
+                id: "C-1".into(),
+                name: "Example".into(),
+            },
+            binding: None,
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: Some(UnixTime(100)),
+            features: vec![crate::bundle::FeatureGrant::counted("solver", 4)],
+        };
+        bundle.features[0].expires = Some(UnixTime(200));
+        let paid = ServedBundle::of(&bundle);
+        // The bundle's end bounds its terms.
+        assert_eq!(paid.terms[0].expires, Some(UnixTime(100)));
+        assert!(paid.terms[0].active(UnixTime(99)) && !paid.terms[0].active(UnixTime(100)));
+        let trial = ServedBundle {
+            bundle: "trial".into(),
+            customer: "C-1".into(),
+            terms: vec![],
+        };
+        let at = |seq, event| JournalEntry {
+            seq,
+            at: UnixTime(seq),
+            event,
+        };
+        let events = vec![
+            at(
+                1,
+                UsageEvent::BundleTerms {
+                    bundle: paid.clone(),
+                },
+            ),
+            at(
+                2,
+                UsageEvent::BundlesInForce {
+                    why: "reload".into(),
+                    bundles: vec!["paid".into()],
+                    withdrawn: vec![Withdrawn {
+                        bundle: "trial".into(),
+                        why: "superseded by paid".into(),
+                    }],
+                },
+            ),
+        ];
+        let start = [trial.clone()];
+        assert_eq!(
+            replay_bundles(Some(&start), &events),
+            Some(vec![paid.clone()])
+        );
+        assert_eq!(
+            replay_bundles(Some(&start), &events[..1]),
+            Some(vec![trial])
+        );
+        // Unknown at the start: known from the first change on.
+        assert_eq!(replay_bundles(None, &events), Some(vec![paid.clone()]));
+        let mut restarted = events.clone();
+        restarted.push(at(
+            3,
+            UsageEvent::DaemonStarted {
+                version: "0".into(),
+            },
+        ));
+        assert_eq!(replay_bundles(Some(&start), &restarted), None);
+        // A set that names a bundle whose terms were never journaled keeps it, termless.
+        restarted.push(at(
+            4,
+            UsageEvent::BundlesInForce {
+                why: "start".into(),
+                bundles: vec!["paid".into(), "other".into()],
+                withdrawn: vec![],
+            },
+        ));
+        let end = replay_bundles(None, &restarted).unwrap();
+        assert_eq!(end[0], paid);
+        assert_eq!((end[1].bundle.as_str(), end[1].terms.len()), ("other", 0));
+    }
+
+    #[test]
+    fn a_large_bundle_is_journaled_in_bounded_parts_that_add_up() {
+        let features = (0..300)
+            .map(|i| crate::bundle::FeatureGrant::counted(&format!("feature-{i:03}"), i))
+            .collect();
+        let bundle = crate::bundle::Bundle {
+            id: "big".into(),
+            issued_at: UnixTime(0),
+            vendor: "Acme".into(),
+            customer: crate::bundle::Customer {
+                id: "C-1".into(),
+                name: "Example".into(),
+            },
+            binding: None,
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features,
+        };
+        let served = ServedBundle::of(&bundle);
+        let parts = served.parts();
+        assert!(parts.len() > 5, "{} parts", parts.len());
+        let mut events: Vec<JournalEntry> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, bundle)| JournalEntry {
+                seq: i as u64 + 1,
+                at: UnixTime(1),
+                event: UsageEvent::BundleTerms { bundle },
+            })
+            .collect();
+        for e in &events {
+            let bytes = crate::encode(e).len();
+            assert!(bytes <= StoredJournalChunk::MAX_BYTES, "{bytes} bytes");
+        }
+        events.push(JournalEntry {
+            seq: events.len() as u64 + 1,
+            at: UnixTime(1),
+            event: UsageEvent::BundlesInForce {
+                why: "start".into(),
+                bundles: vec!["big".into()],
+                withdrawn: vec![],
+            },
+        });
+        assert_eq!(replay_bundles(None, &events), Some(vec![served]));
     }
 }

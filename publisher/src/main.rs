@@ -77,19 +77,22 @@ enum Command {
     /// Verify usage reports: signatures, the server key the bundle binds, and one
     /// unbroken chain (give the reports in order).
     VerifyReport {
-        /// The bundle the reporting server serves.
-        #[arg(long)]
-        bundle: PathBuf,
+        /// A bundle the reporting server serves, or a directory of `*.bundle` files
+        /// (repeatable); the reports must be signed by a server one of them binds.
+        #[arg(long, required = true)]
+        bundle: Vec<PathBuf>,
         /// The reports, in order.
         #[arg(required = true)]
         reports: Vec<PathBuf>,
     },
-    /// Reconcile usage reports against a bundle: peak, average, seat-hours, overdraft,
-    /// denials, users, per feature and period.
+    /// Reconcile usage reports against a customer's bundles: licensed seats over time,
+    /// peak, average, seat-hours, overdraft, denials, users, per feature and period.
     Reconcile {
-        /// The bundle.
-        #[arg(long)]
-        bundle: PathBuf,
+        /// A bundle of the customer, or a directory of `*.bundle` files (repeatable: give
+        /// all of them; the reports' bundle history says which counted when, and reports
+        /// without one fall back to these, superseded ones dropped).
+        #[arg(long, required = true)]
+        bundle: Vec<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
@@ -445,6 +448,15 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                     "host_fingerprint": p.host_fingerprint,
                     "returned_at": p.returned_at.to_string(),
                     "leases_outstanding": p.leases_outstanding,
+                    "released": p.released.as_ref().map(|r| serde_json::json!({
+                        "retired": r.retired,
+                        "stopped_serving": r.stopped_serving.iter().map(|g| serde_json::json!({
+                            "bundle": g.bundle,
+                            "feature": g.feature,
+                            "seats": match g.seats { Seats::Counted(n) => serde_json::json!(n), Seats::Uncounted => serde_json::json!("uncounted") },
+                            "grant": g.description,
+                        })).collect::<Vec<_>>(),
+                    })),
                 });
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {
@@ -453,6 +465,17 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                 println!("  server key  {}", p.server_key.fingerprint());
                 println!("  returned    {}", p.returned_at);
                 println!("  seats still recorded as held: {}", p.leases_outstanding);
+                match &p.released {
+                    Some(r) => {
+                        for g in &r.stopped_serving {
+                            println!("  stopped     {} (bundle {})", g.description, g.bundle);
+                        }
+                        if !r.retired.is_empty() {
+                            println!("  retired     {}", r.retired.join(", "));
+                        }
+                    }
+                    None => println!("  (format version 1: does not say what was released)"),
+                }
             }
         }
         tally_protocol::report::REPORT_LABEL => {
@@ -467,6 +490,7 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                     "host_fingerprint": r.host_fingerprint,
                     "customers": r.customers,
                     "bundles": r.bundle_ids,
+                    "bundles_at_start": r.bundles_at_start.as_ref().map(|b| b.iter().map(|x| x.bundle.clone()).collect::<Vec<_>>()),
                     "period_from": r.period_from.to_string(),
                     "period_to": r.period_to.to_string(),
                     "first_event": r.first_event,
@@ -490,6 +514,16 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                     r.events.len()
                 );
                 println!("  bundles     {}", r.bundle_ids.join(", "));
+                match &r.bundles_at_start {
+                    Some(b) => println!(
+                        "  at start    {}",
+                        b.iter()
+                            .map(|x| x.bundle.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    None => println!("  at start    (not said: a report without bundle history)"),
+                }
                 for s in &r.summaries {
                     println!(
                         "  feature     {}: {} grant(s), {} denial(s), peak {}, {:.2} seat-hours",
@@ -582,12 +616,50 @@ fn verify_return(bundle_path: &Path, proof_path: &Path) -> Result<(), Failure> {
         .with_context(|| format!("{}", proof_path.display()))
         .map_err(data)?;
     println!(
-        "{}: bundle {} was returned on {} by the server it was bound to ({} seat(s) still recorded as held); you may issue its seats to a new server",
+        "{}: bundle {} was returned on {} by the server it was bound to ({} seat(s) still recorded as held)",
         proof_path.display(),
         b.id,
         proof.returned_at,
         proof.leases_outstanding
     );
+    match &proof.released {
+        Some(released) => {
+            println!("  the server stopped serving:");
+            for g in &released.stopped_serving {
+                println!("    {} (bundle {})", g.description, g.bundle);
+            }
+            if released.stopped_serving.is_empty() {
+                println!("    nothing (the bundle served no seat there)");
+            }
+            if !released.retired.is_empty() {
+                println!(
+                    "  and recorded that these bundles, which it superseded, never count there again: {}",
+                    released.retired.join(", ")
+                );
+            }
+            let missing: Vec<&String> = b
+                .supersedes
+                .iter()
+                .filter(|s| !released.retired.contains(s))
+                .collect();
+            if !missing.is_empty() {
+                println!(
+                    "  warning: the proof does not retire {}, which bundle {} supersedes",
+                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                    b.id
+                );
+            }
+            println!("  you may issue its seats to a new server");
+        }
+        None if !b.supersedes.is_empty() => println!(
+            "  warning: this proof (format version 1, from an older tallyd) does not say what the server stopped serving; \
+             such a tallyd serves the bundles {} superseded ({}) again after a restart: have that server's tallyd \
+             upgraded (which keeps them superseded) before you issue its seats to a new server",
+            b.id,
+            b.supersedes.join(", ")
+        ),
+        None => println!("  you may issue its seats to a new server"),
+    }
     Ok(())
 }
 
@@ -616,11 +688,37 @@ fn read_large(path: &Path) -> Result<String, Failure> {
         .map_err(data)
 }
 
+/// The bundles of `--bundle` arguments: files, and the `*.bundle` files of directories
+/// (in name order).
+fn load_bundles(args: &[PathBuf]) -> Result<Vec<Bundle>, Failure> {
+    let mut out = Vec::new();
+    for arg in args {
+        if arg.is_dir() {
+            let mut paths: Vec<PathBuf> = std::fs::read_dir(arg)
+                .with_context(|| format!("{}", arg.display()))
+                .map_err(usage)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+                .collect();
+            paths.sort();
+            if paths.is_empty() {
+                return Err(usage(anyhow!("{}: no *.bundle file in it", arg.display())));
+            }
+            for p in paths {
+                out.push(load_bundle_any_signer(&p)?);
+            }
+        } else {
+            out.push(load_bundle_any_signer(arg)?);
+        }
+    }
+    Ok(out)
+}
+
 fn verify_reports(
-    bundle_path: &Path,
+    bundle_paths: &[PathBuf],
     reports: &[PathBuf],
 ) -> Result<Vec<reconcile::ChainLink>, Failure> {
-    let b = load_bundle_any_signer(bundle_path)?;
+    let bundles = load_bundles(bundle_paths)?;
     let mut files = Vec::new();
     for p in reports {
         files.push(reconcile::ReportFile {
@@ -628,7 +726,7 @@ fn verify_reports(
             text: read_large(p)?,
         });
     }
-    reconcile::verify_chain(&b, &files).map_err(|problems| {
+    reconcile::verify_chain_all(&bundles, &files).map_err(|problems| {
         for p in &problems {
             eprintln!("tally-publisher: {p}");
         }
@@ -637,14 +735,14 @@ fn verify_reports(
 }
 
 fn reconcile_reports(
-    bundle_path: &Path,
+    bundle_paths: &[PathBuf],
     reports: &[PathBuf],
     format: Format,
     out: Option<&Path>,
 ) -> Result<(), Failure> {
-    let links = verify_reports(bundle_path, reports)?;
-    let b = load_bundle_any_signer(bundle_path)?;
-    let r = reconcile::reconcile(&b, &links);
+    let links = verify_reports(bundle_paths, reports)?;
+    let bundles = load_bundles(bundle_paths)?;
+    let r = reconcile::reconcile_all(&bundles, &links);
     let text = match format {
         Format::Json => serde_json::to_string_pretty(&r).map_err(|e| data(anyhow!(e)))? + "\n",
         Format::Csv => reconcile::to_csv(&r),

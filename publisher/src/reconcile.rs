@@ -8,12 +8,19 @@
 //! [`reconcile`] replays the events into a step function of seats in use per feature and
 //! integrates it: peak, time-weighted average, seat-hours, overdraft, hours at 100 %,
 //! denials by reason, distinct users and hosts, per report period and in total.
+//!
+//! Licensed seats are a step function too: the reports' bundle history (the bundles in
+//! force at each report's start, then every change the server journaled) says which
+//! bundles counted when, and each bundle's terms say from when to when their seats
+//! count. Where a report does not say (reports of format version 1, or after a daemon
+//! start until it journals its bundles) the bundles given by the vendor stand in, with
+//! the superseded ones dropped.
 
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use tally_protocol::bundle::{Bundle, Seats};
-use tally_protocol::report::{self, UsageEvent, VerifiedReport};
+use tally_protocol::report::{self, BundleReplay, ServedBundle, UsageEvent, VerifiedReport};
 use tally_protocol::time::UnixTime;
 
 /// A report file as given: a name for messages, and its text.
@@ -144,6 +151,47 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
     }
 }
 
+/// Verifies reports as one chain against all of a customer's bundles: the chain must be
+/// signed by a server one of them binds (the first report's signer picks it).
+pub fn verify_chain_all(
+    bundles: &[Bundle],
+    files: &[ReportFile],
+) -> Result<Vec<ChainLink>, Vec<String>> {
+    let Some(anchor) = anchor(bundles, files) else {
+        return Err(vec!["no bundle given".into()]);
+    };
+    verify_chain(anchor, files)
+}
+
+/// The bundle whose binding names the first readable report's signer (else the first).
+fn anchor<'a>(bundles: &'a [Bundle], files: &[ReportFile]) -> Option<&'a Bundle> {
+    let signer = files
+        .iter()
+        .find_map(|f| report::read(&f.text).ok())
+        .map(|v| v.report.server_key);
+    signer
+        .and_then(|key| {
+            bundles
+                .iter()
+                .find(|b| b.binding.as_ref().is_some_and(|x| x.server_key == key))
+        })
+        .or(bundles.first())
+}
+
+/// One step of the licensed-seats step function.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LicensedStep {
+    /// From when (Unix seconds).
+    pub from_unix: u64,
+    /// From when, readable.
+    pub from: String,
+    /// Seats licensed from then on; `None` for uncounted.
+    pub seats: Option<u32>,
+    /// `report` when the reports' bundle history says it, `bundles` when the reports did
+    /// not say and the given bundles stand in.
+    pub source: String,
+}
+
 /// Usage figures of one feature over one period.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Stats {
@@ -151,8 +199,10 @@ pub struct Stats {
     pub from: String,
     /// End of the period.
     pub to: String,
-    /// Licensed seats (none for uncounted).
+    /// Licensed seats at the end of the period (none for uncounted).
     pub licensed: Option<u32>,
+    /// Licensed seats over the period: the value at its start, then every change.
+    pub licensed_steps: Vec<LicensedStep>,
     /// Most seats in use at once.
     pub peak: u32,
     /// Average seats in use over the period.
@@ -191,8 +241,10 @@ pub struct FeatureUsage {
 /// The whole reconciliation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reconciliation {
-    /// The bundle reconciled against.
+    /// The bundles reconciled against, comma-separated.
     pub bundle: String,
+    /// The bundles reconciled against.
+    pub bundles: Vec<String>,
     /// The customer.
     pub customer: String,
     /// Reports covered.
@@ -201,22 +253,158 @@ pub struct Reconciliation {
     pub features: Vec<FeatureUsage>,
 }
 
-/// Licensed seats per feature in `bundle` (packages give their components seats).
-fn licensed(bundle: &Bundle) -> BTreeMap<String, Option<u32>> {
-    let mut out: BTreeMap<String, Option<u32>> = BTreeMap::new();
-    for f in &bundle.features {
-        if f.upgrade_from.is_some() {
-            continue;
+/// The bundles in force over the reports' span: `(from, Some(bundles))` where the
+/// reports say, `(from, None)` where they do not (the given bundles stand in).
+struct Licence {
+    segments: Vec<(u64, Option<Vec<ServedBundle>>)>,
+    fallback: Vec<ServedBundle>,
+}
+
+impl Licence {
+    fn new(bundles: &[Bundle], links: &[ChainLink]) -> Licence {
+        // The given bundles, the superseded ones dropped: what served when nothing says.
+        let fallback: Vec<ServedBundle> = bundles
+            .iter()
+            .filter(|b| !bundles.iter().any(|o| o.supersedes.contains(&b.id)))
+            .map(ServedBundle::of)
+            .collect();
+        let given: BTreeMap<&str, ServedBundle> = bundles
+            .iter()
+            .map(|b| (b.id.as_str(), ServedBundle::of(b)))
+            .collect();
+        let mut segments: Vec<(u64, Option<Vec<ServedBundle>>)> = Vec::new();
+        let mut push = |t: u64, replay: &BundleReplay| {
+            // Times from a customer's report: kept in order even if its clock was not.
+            let t = segments.last().map_or(t, |(last, _)| t.max(*last));
+            // A bundle named without journaled terms counts with the given bundle's.
+            let set = replay.in_force().map(|set| {
+                set.iter()
+                    .map(
+                        |b| match (replay.terms_of(&b.bundle), given.get(b.bundle.as_str())) {
+                            (None, Some(g)) => g.clone(),
+                            _ => b.clone(),
+                        },
+                    )
+                    .collect()
+            });
+            segments.push((t, set));
+        };
+        let mut replay = BundleReplay::new(None);
+        for link in links {
+            let r = &link.report.report;
+            if let Some(start) = &r.bundles_at_start {
+                replay = BundleReplay::new(Some(start));
+            }
+            push(r.period_from.0, &replay);
+            for e in &r.events {
+                let t = e.at.0.max(r.period_from.0).min(r.period_to.0);
+                if replay.apply(&e.event) {
+                    push(t, &replay);
+                }
+            }
         }
-        for name in std::iter::once(&f.name).chain(f.components.iter()) {
-            let entry = out.entry(name.clone()).or_insert(Some(0));
-            *entry = match (*entry, f.seats) {
+        Licence { segments, fallback }
+    }
+
+    /// Every feature any bundle licenses.
+    fn features(&self) -> BTreeSet<String> {
+        self.all_bundles()
+            .flat_map(|b| b.terms.iter().map(|t| t.feature.clone()))
+            .collect()
+    }
+
+    fn all_bundles(&self) -> impl Iterator<Item = &ServedBundle> {
+        self.segments
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .flatten()
+            .chain(self.fallback.iter())
+    }
+
+    /// Seats of `feature` licensed at `t`, and whether the reports said so.
+    fn at(&self, feature: &str, t: u64) -> (Option<u32>, bool) {
+        let seg = self
+            .segments
+            .iter()
+            .rposition(|(from, _)| *from <= t)
+            .unwrap_or(0);
+        self.at_segment(feature, t, seg)
+    }
+
+    /// Seats of `feature` licensed at `t` by the bundles of segment `seg` (the set in
+    /// force at a position in the event stream: changes in the same second as a grant
+    /// count in journal order).
+    fn at_segment(&self, feature: &str, t: u64, seg: usize) -> (Option<u32>, bool) {
+        let (bundles, said) = match self.segments.get(seg).and_then(|(_, s)| s.as_ref()) {
+            Some(b) => (b, true),
+            None => (&self.fallback, false),
+        };
+        let mut seats: Option<u32> = Some(0);
+        for term in bundles
+            .iter()
+            .flat_map(|b| &b.terms)
+            .filter(|x| x.feature == feature && x.upgrade_from.is_none())
+            .filter(|x| x.active(UnixTime(t)))
+        {
+            seats = match (seats, term.seats) {
                 (Some(a), Seats::Counted(n)) => Some(a.saturating_add(n)),
                 _ => None,
             };
         }
+        (seats, said)
     }
-    out
+
+    /// The step function of `feature` over `[start, end]`.
+    fn steps(&self, feature: &str, start: u64, end: u64) -> Vec<LicensedStep> {
+        let mut times: BTreeSet<u64> = BTreeSet::from([start]);
+        times.extend(self.segments.iter().map(|(t, _)| *t));
+        for term in self
+            .all_bundles()
+            .flat_map(|b| &b.terms)
+            .filter(|x| x.feature == feature)
+        {
+            times.extend(term.starts.map(|t| t.0));
+            times.extend(term.expires.map(|t| t.0));
+        }
+        let mut steps: Vec<LicensedStep> = Vec::new();
+        for t in times.range(start..=end) {
+            let (seats, said) = self.at(feature, *t);
+            let source = if said { "report" } else { "bundles" };
+            if steps
+                .last()
+                .is_some_and(|s| s.seats == seats && s.source == source)
+            {
+                continue;
+            }
+            steps.push(LicensedStep {
+                from_unix: *t,
+                from: UnixTime(*t).to_string(),
+                seats,
+                source: source.into(),
+            });
+        }
+        steps
+    }
+}
+
+/// The licensed seats of `steps` at `t`.
+fn licensed_at(steps: &[LicensedStep], t: u64) -> Option<u32> {
+    steps
+        .iter()
+        .rev()
+        .find(|s| s.from_unix <= t)
+        .or(steps.first())
+        .map_or(Some(0), |s| s.seats)
+}
+
+/// The steps that describe `[from, to]`: the one in force at `from`, then the changes.
+fn steps_within(steps: &[LicensedStep], from: u64, to: u64) -> Vec<LicensedStep> {
+    let first = steps.iter().rposition(|s| s.from_unix <= from).unwrap_or(0);
+    steps[first..]
+        .iter()
+        .filter(|s| s.from_unix <= to)
+        .cloned()
+        .collect()
 }
 
 /// Accumulates one feature's figures over a period.
@@ -233,13 +421,31 @@ struct Acc {
 }
 
 impl Acc {
-    fn advance(&mut self, t: u64, licensed: Option<u32>) {
+    /// Integrates up to `t`, piece by piece where the licensed seats change.
+    fn advance(&mut self, t: u64, steps: &[LicensedStep]) {
+        while self.last < t {
+            let next = steps
+                .iter()
+                .map(|s| s.from_unix)
+                .find(|&f| f > self.last)
+                .map_or(t, |f| f.min(t));
+            let licensed = licensed_at(steps, self.last);
+            self.advance_flat(next, licensed);
+        }
+    }
+
+    fn advance_flat(&mut self, t: u64, licensed: Option<u32>) {
         let dt = t.saturating_sub(self.last) as u128;
         self.seat_seconds += self.in_use as u128 * dt;
         if let Some(l) = licensed {
             self.over_seconds += self.in_use.saturating_sub(l) as u128 * dt;
             if l > 0 && self.in_use >= l {
                 self.full_seconds += dt;
+            }
+            // Seats held while the licence shrinks under them are overdraft too.
+            if dt > 0 {
+                self.stats.overdraft_peak =
+                    self.stats.overdraft_peak.max(self.in_use.saturating_sub(l));
             }
         }
         self.last = self.last.max(t);
@@ -253,12 +459,13 @@ impl Acc {
         }
     }
 
-    fn finish(mut self, from: u64, to: u64, licensed: Option<u32>) -> Stats {
-        self.advance(to, licensed);
+    fn finish(mut self, from: u64, to: u64, steps: &[LicensedStep]) -> Stats {
+        self.advance(to, steps);
         let secs = to.saturating_sub(from).max(1) as f64;
         self.stats.from = UnixTime(from).to_string();
         self.stats.to = UnixTime(to).to_string();
-        self.stats.licensed = licensed;
+        self.stats.licensed = licensed_at(steps, to);
+        self.stats.licensed_steps = steps_within(steps, from, to);
         self.stats.seat_hours = self.seat_seconds as f64 / 3600.0;
         self.stats.average = self.seat_seconds as f64 / secs;
         self.stats.overdraft_seat_hours = self.over_seconds as f64 / 3600.0;
@@ -271,8 +478,23 @@ impl Acc {
 
 /// Reconciles a verified chain against `bundle`.
 pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
-    let licensed = licensed(bundle);
-    let mut features: BTreeSet<String> = licensed.keys().cloned().collect();
+    reconcile_all(std::slice::from_ref(bundle), links)
+}
+
+/// Reconciles a verified chain against all of a customer's bundles (those bound to the
+/// chain's server; the reports' bundle history says which counted when).
+pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation {
+    let server = links.first().map(|l| l.report.report.server_key);
+    let ours: Vec<Bundle> = bundles
+        .iter()
+        .filter(|b| match (&b.binding, server) {
+            (Some(x), Some(key)) => x.server_key == key,
+            _ => true,
+        })
+        .cloned()
+        .collect();
+    let licence = Licence::new(&ours, links);
+    let mut features: BTreeSet<String> = licence.features();
     for l in links {
         for e in &l.report.report.events {
             if let UsageEvent::Granted { feature, .. } | UsageEvent::Denied { feature, .. } =
@@ -284,7 +506,6 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
     }
     let mut out = Vec::new();
     for feature in features {
-        let lic = licensed.get(&feature).copied().unwrap_or(Some(0));
         let mut in_use: u32 = 0;
         let mut open: BTreeMap<u64, u32> = BTreeMap::new();
         let mut timeline = Vec::new();
@@ -292,7 +513,8 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
             continue;
         };
         let start = first.report.report.period_from.0;
-        let end = last.report.report.period_to.0;
+        let end = last.report.report.period_to.0.max(start);
+        let steps = licence.steps(&feature, start, end);
         for o in first
             .report
             .report
@@ -308,18 +530,30 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
             last: start,
             ..Acc::default()
         };
-        total.set(in_use, lic);
+        total.set(in_use, licensed_at(&steps, start));
         let mut periods = Vec::new();
-        for link in links {
+        // The segment of `licence` in force at this position of the event stream: one
+        // starts with each report and with each change event, as `Licence::new` made them.
+        let mut seg: usize = 0;
+        for (i, link) in links.iter().enumerate() {
             let r = &link.report.report;
             let mut acc = Acc {
                 last: r.period_from.0,
                 ..Acc::default()
             };
-            acc.set(in_use, lic);
+            if i > 0 {
+                seg += 1;
+            }
+            acc.set(in_use, licensed_at(&steps, r.period_from.0));
             for e in &r.events {
                 // Not `clamp`, which panics if the period ends before it starts.
                 let t = e.at.0.max(r.period_from.0).min(r.period_to.0);
+                if matches!(
+                    e.event,
+                    UsageEvent::DaemonStarted { .. } | UsageEvent::BundlesInForce { .. }
+                ) {
+                    seg += 1;
+                }
                 match &e.event {
                     UsageEvent::Granted {
                         lease,
@@ -330,7 +564,7 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                         ..
                     } if *f == feature => {
                         for a in [&mut acc, &mut total] {
-                            a.advance(t, lic);
+                            a.advance(t, &steps);
                             a.stats.grants += 1;
                             a.users.insert(user.clone());
                             a.hosts.insert(host.clone());
@@ -345,8 +579,8 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                         let Some(count) = open.remove(&lease.0) else {
                             continue;
                         };
-                        acc.advance(t, lic);
-                        total.advance(t, lic);
+                        acc.advance(t, &steps);
+                        total.advance(t, &steps);
                         in_use = in_use.saturating_sub(count);
                     }
                     UsageEvent::Denied {
@@ -359,29 +593,39 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
                     }
                     _ => continue,
                 }
-                acc.set(in_use, lic);
-                total.set(in_use, lic);
+                let licensed = licence.at_segment(&feature, t, seg).0;
+                acc.set(in_use, licensed);
+                total.set(in_use, licensed);
                 if timeline.last().map(|(pt, _)| *pt) == Some(t) {
                     timeline.pop();
                 }
                 timeline.push((t, in_use));
             }
-            periods.push((
-                r.report_seq,
-                acc.finish(r.period_from.0, r.period_to.0, lic),
-            ));
+            let mut stats = acc.finish(r.period_from.0, r.period_to.0, &steps);
+            // What was licensed when the report was made, in journal order.
+            stats.licensed = licence.at_segment(&feature, r.period_to.0, seg).0;
+            periods.push((r.report_seq, stats));
         }
         timeline.push((end, in_use));
         out.push(FeatureUsage {
             feature,
-            total: total.finish(start, end, lic),
+            total: total.finish(start, end, &steps),
             periods,
             timeline,
         });
     }
+    let ids: Vec<String> = ours.iter().map(|b| b.id.clone()).collect();
+    let customers: Vec<String> = ours.iter().fold(Vec::new(), |mut acc, b| {
+        let c = format!("{} ({})", b.customer.name, b.customer.id);
+        if !acc.contains(&c) {
+            acc.push(c);
+        }
+        acc
+    });
     Reconciliation {
-        bundle: bundle.id.clone(),
-        customer: format!("{} ({})", bundle.customer.name, bundle.customer.id),
+        bundle: ids.join(", "),
+        bundles: ids,
+        customer: customers.join(", "),
         reports: links.iter().map(|l| l.report.report.report_seq).collect(),
         features: out,
     }
@@ -455,7 +699,8 @@ fn chart(f: &FeatureUsage) -> String {
         return String::new();
     };
     let span = (t1.saturating_sub(t0)).max(1) as f64;
-    let lic = f.total.licensed.unwrap_or(0);
+    let steps = &f.total.licensed_steps;
+    let lic = steps.iter().filter_map(|s| s.seats).max().unwrap_or(0);
     let top = f.total.peak.max(lic).max(1) as f64;
     let x = |t: u64| pad + (t.saturating_sub(t0)) as f64 / span * (w - 2.0 * pad);
     let y = |v: u32| h - pad - v as f64 / top * (h - 2.0 * pad);
@@ -484,14 +729,34 @@ fn chart(f: &FeatureUsage) -> String {
         h - pad
     );
     if lic > 0 {
+        // The licensed seats as a dashed step line (uncounted stretches are left out).
+        let mut line = String::new();
+        let mut prev: Option<u32> = None;
+        for (i, s) in steps.iter().enumerate() {
+            let until = steps.get(i + 1).map_or(t1, |n| n.from_unix);
+            match s.seats {
+                Some(v) => {
+                    let verb = if prev.is_some() { 'L' } else { 'M' };
+                    let _ = write!(
+                        line,
+                        "{verb}{:.1},{:.1} L{:.1},{:.1} ",
+                        x(s.from_unix.max(t0)),
+                        y(v),
+                        x(until),
+                        y(v)
+                    );
+                    prev = Some(v);
+                }
+                None => prev = None,
+            }
+        }
+        let last = f.total.licensed.unwrap_or(lic);
         let _ = write!(
             svg,
-            "<line x1=\"{pad}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#c00\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#c00\">licensed {lic}</text>",
-            y(lic),
-            w - pad,
-            y(lic),
+            "<path d=\"{}\" fill=\"none\" stroke=\"#c00\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#c00\">licensed {last}</text>",
+            line.trim_end(),
             w - pad - 70.0,
-            y(lic) - 4.0
+            y(last) - 4.0
         );
     }
     let _ = write!(
@@ -577,5 +842,155 @@ mod csv_tests {
         assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
         assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
         assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
+}
+
+#[cfg(test)]
+mod licence_tests {
+    use super::*;
+    use tally_protocol::bundle::{Customer, FeatureGrant};
+    use tally_protocol::keys::SecretKey;
+    use tally_protocol::lease::LeaseId;
+    use tally_protocol::report::{JournalEntry, Report};
+
+    fn bundle(id: &str, supersedes: &[&str], seats: u32, expires: Option<u64>) -> Bundle {
+        let mut solver = FeatureGrant::counted("solver", seats);
+        solver.expires = expires.map(UnixTime);
+        Bundle {
+            id: id.into(),
+            issued_at: UnixTime(0),
+            vendor: "Acme".into(),
+            customer: Customer {
+                id: "C-1".into(),
+                name: "Example".into(),
+            },
+            binding: None,
+            supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
+            valid_from: None,
+            valid_until: None,
+            features: vec![solver],
+        }
+    }
+
+    fn link(events: Vec<UsageEvent>, at_start: Option<Vec<ServedBundle>>) -> ChainLink {
+        let key = SecretKey::from_seed([3; 32]);
+        let events: Vec<JournalEntry> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| JournalEntry {
+                seq: i as u64 + 1,
+                at: UnixTime(match &event {
+                    UsageEvent::Granted { .. } => 110,
+                    UsageEvent::Released { .. } => 170,
+                    _ => 120,
+                }),
+                event,
+            })
+            .collect();
+        let r = Report {
+            report_seq: 1,
+            server_key: key.public(),
+            host_fingerprint: "h".into(),
+            customers: vec![],
+            bundle_ids: vec![],
+            period_from: UnixTime(100),
+            period_to: UnixTime(200),
+            first_event: 1,
+            last_event: events.len() as u64,
+            previous_digest: [0; 32],
+            open_at_start: vec![],
+            events,
+            summaries: vec![],
+            bundles_at_start: at_start,
+        };
+        let (text, _) = report::sign(&r, &key);
+        ChainLink {
+            name: "1".into(),
+            report: report::read(&text).unwrap(),
+        }
+    }
+
+    fn usage() -> Vec<UsageEvent> {
+        vec![
+            UsageEvent::Granted {
+                lease: LeaseId(1),
+                feature: "solver".into(),
+                count: 4,
+                overdraft: false,
+                user: "ana".into(),
+                host: "ws".into(),
+                borrowed_until: None,
+            },
+            UsageEvent::Released {
+                lease: LeaseId(1),
+                feature: "solver".into(),
+                count: 4,
+                why: "checkin".into(),
+            },
+        ]
+    }
+
+    fn seats(s: &Stats) -> Vec<(u64, Option<u32>, &str)> {
+        s.licensed_steps
+            .iter()
+            .map(|x| (x.from_unix, x.seats, x.source.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn without_a_history_the_given_bundles_count_with_their_dates() {
+        let bundles = [
+            bundle("trial", &[], 2, None),
+            bundle("paid", &["trial"], 4, Some(150)),
+        ];
+        let r = reconcile_all(&bundles, &[link(usage(), None)]);
+        let s = &r.features[0].total;
+        // The trial is superseded; the paid seats end at their expiry inside the period.
+        assert_eq!(
+            seats(s),
+            vec![(100, Some(4), "bundles"), (150, Some(0), "bundles")]
+        );
+        assert_eq!(s.licensed, Some(0));
+        // Held past the expiry: 4 seats for 20 s are overdraft.
+        assert_eq!(s.overdraft_peak, 4);
+        assert!((s.overdraft_seat_hours - 4.0 * 20.0 / 3600.0).abs() < 1e-12);
+        assert!((s.hours_at_full - 40.0 / 3600.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn with_a_history_the_bundles_in_force_count_from_when_they_came() {
+        let trial = bundle("trial", &[], 2, None);
+        let paid = bundle("paid", &["trial"], 4, Some(150));
+        // In journal (and time) order: the grant at 110, the reload at 120, the release.
+        let [grant, release] = <[UsageEvent; 2]>::try_from(usage()).unwrap();
+        let events = vec![
+            grant,
+            UsageEvent::BundleTerms {
+                bundle: ServedBundle::of(&paid),
+            },
+            UsageEvent::BundlesInForce {
+                why: "reload".into(),
+                bundles: vec!["paid".into()],
+                withdrawn: vec![],
+            },
+            release,
+        ];
+        let r = reconcile_all(
+            &[trial.clone(), paid],
+            &[link(events, Some(vec![ServedBundle::of(&trial)]))],
+        );
+        let s = &r.features[0].total;
+        assert_eq!(
+            seats(s),
+            vec![
+                (100, Some(2), "report"),
+                (120, Some(4), "report"),
+                (150, Some(0), "report")
+            ]
+        );
+        // 110..120 with 4 held on 2 licensed, then 150..170 with none licensed.
+        assert_eq!(s.overdraft_peak, 4);
+        let over = (2.0 * 10.0 + 4.0 * 20.0) / 3600.0;
+        assert!((s.overdraft_seat_hours - over).abs() < 1e-12, "{s:?}");
     }
 }

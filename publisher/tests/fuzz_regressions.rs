@@ -149,6 +149,7 @@ mod reconcile_hostile_reports {
             open_at_start: vec![],
             events,
             summaries: vec![],
+            bundles_at_start: None,
         }
     }
 

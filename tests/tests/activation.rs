@@ -336,6 +336,7 @@ fn init_request_issue_load_checkout_reload_and_return() {
         host_fingerprint: "somewhere".into(),
         returned_at: tally_protocol::time::UnixTime(1_800_000_000),
         leases_outstanding: 0,
+        released: None,
     };
     let forged_text = tally_protocol::activation::return_to_armored(
         &forged,
