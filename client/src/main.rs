@@ -518,11 +518,7 @@ async fn run_with_seat(
                         "tally: no license server reachable; using the seat of '{}' borrowed until {}",
                         want.feature, claimed.borrowed.until
                     );
-                    (
-                        None,
-                        LeaseHandle::borrowed(claimed),
-                        LostSeatTerms::DEFAULT,
-                    )
+                    (None, LeaseHandle::borrowed(claimed), LostSeatTerms::DEFAULT)
                 }
                 Ok(cache::Claim::Refused(why)) => {
                     eprintln!("tally: denied: {why}");

@@ -468,9 +468,8 @@ impl Ledger {
     /// above today's seat count (a bundle may have shrunk while we were down): they
     /// were granted honestly and drain on their own.
     pub fn restore_with(&mut self, now: Now, records: Vec<LeaseRecord>, facts: &RestoreFacts) {
-        let until_mono = |until: UnixTime| {
-            now.mono + Duration::from_secs(until.0.saturating_sub(now.wall.0))
-        };
+        let until_mono =
+            |until: UnixTime| now.mono + Duration::from_secs(until.0.saturating_sub(now.wall.0));
         for record in records {
             let id = record.id;
             let (deadline, stored) = match record.borrowed_until {
@@ -478,9 +477,9 @@ impl Ledger {
                 None => {
                     let until = match (facts.detached.get(&id), facts.alive) {
                         (Some(&until), _) => until,
-                        (None, Some((alive, slack))) => alive
-                            .plus_secs(slack.as_secs())
-                            .plus_secs(record.ttl_secs),
+                        (None, Some((alive, slack))) => {
+                            alive.plus_secs(slack.as_secs()).plus_secs(record.ttl_secs)
+                        }
                         (None, None) => now.wall.plus_secs(record.ttl_secs),
                     };
                     if facts.detached.get(&id) != Some(&until) {

@@ -774,7 +774,10 @@ fn a_stall_of_the_daemon_does_not_count_against_holders() {
     let now = d.now();
     d.ledger.connection_lost(now, ConnId(1));
     assert_eq!(d.ledger.in_use("solver"), 1);
-    assert!(d.checkout(2, "b", "solver", 1).is_err(), "no second program on the seat");
+    assert!(
+        d.checkout(2, "b", "solver", 1).is_err(),
+        "no second program on the seat"
+    );
     // The holder reconnects and re-attaches.
     let now = d.now();
     assert_eq!(

@@ -22,10 +22,7 @@ fn lease_ids(daemon: &Daemon, feature: &str) -> Vec<String> {
 /// `tally run FEATURE -- sh -c 'wait for FILE'`, in its own process group.
 fn run_until_file(daemon: &Daemon, feature: &str, file: &Path) -> Holder {
     let log = std::fs::File::create(file.with_extension("log")).expect("holder log");
-    let script = format!(
-        "while [ ! -e '{}' ]; do sleep 0.1; done",
-        file.display()
-    );
+    let script = format!("while [ ! -e '{}' ]; do sleep 0.1; done", file.display());
     let child = daemon
         .tally()
         .args(["run", feature, "--", "sh", "-c", &script])
@@ -48,7 +45,9 @@ fn a_job_that_ends_during_a_restart_returns_its_seat_when_the_server_is_back() {
     let daemon = Daemon::start(&data, "127.0.0.1:0", &[]);
     let done = dir.path().join("done");
     let mut job = run_until_file(&daemon, "solver", &done);
-    assert!(wait_until(Duration::from_secs(20), || daemon.in_use("solver") == 1));
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .in_use("solver")
+        == 1));
     let addr = daemon.addr.to_string();
     daemon.stop();
     // The job ends while no server runs.
@@ -65,8 +64,16 @@ fn a_job_that_ends_during_a_restart_returns_its_seat_when_the_server_is_back() {
         std::fs::read_to_string(done.with_extension("log")).unwrap_or_default()
     );
     let status = job.child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "tally run exits with the job's status");
-    assert!(daemon.log_text().contains("reason=checkin"), "{}", daemon.log_text());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "tally run exits with the job's status"
+    );
+    assert!(
+        daemon.log_text().contains("reason=checkin"),
+        "{}",
+        daemon.log_text()
+    );
 }
 
 /// Scenario 3: a lease whose holder died while tallyd was down keeps the deadline it
@@ -88,7 +95,9 @@ fn restarts_never_extend_the_lease_of_a_dead_holder() {
     let mut daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
     let addr = daemon.addr.to_string();
     let mut holder = Holder::start(&daemon, "solver", 600);
-    assert!(wait_until(Duration::from_secs(20), || daemon.in_use("solver") == 1));
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .in_use("solver")
+        == 1));
     let ghost = lease_ids(&daemon, "solver");
     // tallyd dies, then the holder dies while it is down: nobody will check in.
     let died = Instant::now();
@@ -112,7 +121,10 @@ fn restarts_never_extend_the_lease_of_a_dead_holder() {
         std::thread::sleep(Duration::from_secs(2));
         daemon.kill();
     }
-    assert!(restarts >= 2, "the test must restart at least once while the lease runs");
+    assert!(
+        restarts >= 2,
+        "the test must restart at least once while the lease runs"
+    );
 }
 
 /// Scenario 5: tallyd stopped (SIGSTOP, as a paused VM or a stalled machine would) for
@@ -135,7 +147,9 @@ fn a_stalled_server_does_not_hand_held_seats_to_others() {
     let mut holders: Vec<Holder> = (0..5)
         .map(|_| Holder::start(&daemon, "solver", 600))
         .collect();
-    assert!(wait_until(Duration::from_secs(30), || daemon.in_use("solver") == 5));
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 5));
     let held = lease_ids(&daemon, "solver");
     daemon.signal("STOP");
     // The stall itself, longer than the 5 s idle timeout: not a wait for a condition.
@@ -162,7 +176,12 @@ fn a_stalled_server_does_not_hand_held_seats_to_others() {
     assert!(wait_until(Duration::from_secs(30), || {
         reattached.elapsed() > Duration::from_secs(14)
     }));
-    assert_eq!(lease_ids(&daemon, "solver"), held, "log:\n{}", daemon.log_text());
+    assert_eq!(
+        lease_ids(&daemon, "solver"),
+        held,
+        "log:\n{}",
+        daemon.log_text()
+    );
     for h in &mut holders {
         assert!(
             h.child.try_wait().unwrap().is_none(),
