@@ -39,6 +39,9 @@ pub use trust::Trust;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time allowed for one request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an abandoned checkout's reply is still read for, so that a grant in flight
+/// is checked in rather than lost (see `UnreadReply`).
+const SALVAGE_WINDOW: Duration = Duration::from_secs(1);
 /// Default [`ClientConfig::checkin_grace`]: a restart of tallyd takes about a second.
 pub const DEFAULT_CHECKIN_GRACE: Duration = Duration::from_secs(10);
 /// Keep-alive interval; must stay below the server's idle timeout (15 s by default,
@@ -411,35 +414,23 @@ impl Session {
     }
 
     async fn request_inner(&self, request: &Request) -> Result<Response, ClientError> {
-        let conn_err = |message: String| ClientError::Connection {
+        let mut recv = send_request(&self.connection, self.server, request).await?;
+        read_response(&mut recv, self.server).await
+    }
+
+    /// A checkout whose answer is not lost if the caller stops waiting for it: see
+    /// [`UnreadReply`].
+    async fn checkout_exchange(&self, request: &Request) -> Result<Response, ClientError> {
+        let recv = send_request(&self.connection, self.server, request).await?;
+        let mut pending = UnreadReply {
+            recv: Some(recv),
+            connection: self.connection.clone(),
             server: self.server,
-            message,
         };
-        let (mut send, mut recv) = self
-            .connection
-            .open_bi()
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
-        send.write_all(&frame::encode_request(request))
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
-        send.finish().map_err(|e| conn_err(e.to_string()))?;
-        let mut header = [0u8; HEADER_LEN];
-        recv.read_exact(&mut header)
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
-        let header = frame::parse_header(&header, MAX_RESPONSE_LEN)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let mut payload = vec![0u8; header.payload_len];
-        recv.read_exact(&mut payload)
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
-        match frame::decode_response(header.version, &payload)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-        {
-            Response::Error(e) => Err(ClientError::Server(e.message)),
-            response => Ok(response),
-        }
+        let recv = pending.recv.as_mut().expect("just set");
+        let response = read_response(recv, self.server).await;
+        pending.recv = None;
+        response
     }
 
     /// Checks out seats. A denial is [`ClientError::Denied`]. The lease token is
@@ -449,7 +440,7 @@ impl Session {
         let deadline = self.request_timeout + Duration::from_secs(request.wait_secs as u64);
         let response = tokio::time::timeout(
             deadline,
-            self.request_inner(&Request::Checkout(request.clone())),
+            self.checkout_exchange(&Request::Checkout(request.clone())),
         )
         .await
         .map_err(|_| ClientError::Timeout("checkout", deadline))??;
@@ -553,6 +544,100 @@ impl Session {
     pub async fn close_shared(&self) {
         self.connection.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Opens a stream, sends `request` and finishes the sending side.
+async fn send_request(
+    connection: &quinn::Connection,
+    server: SocketAddr,
+    request: &Request,
+) -> Result<quinn::RecvStream, ClientError> {
+    let conn_err = |message: String| ClientError::Connection { server, message };
+    let (mut send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| conn_err(e.to_string()))?;
+    send.write_all(&frame::encode_request(request))
+        .await
+        .map_err(|e| conn_err(e.to_string()))?;
+    send.finish().map_err(|e| conn_err(e.to_string()))?;
+    Ok(recv)
+}
+
+/// Reads one response frame, bounded by [`MAX_RESPONSE_LEN`].
+async fn read_response(
+    recv: &mut quinn::RecvStream,
+    server: SocketAddr,
+) -> Result<Response, ClientError> {
+    let conn_err = |message: String| ClientError::Connection { server, message };
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| conn_err(e.to_string()))?;
+    let header = frame::parse_header(&header, MAX_RESPONSE_LEN)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut payload = vec![0u8; header.payload_len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|e| conn_err(e.to_string()))?;
+    match frame::decode_response(header.version, &payload)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+    {
+        Response::Error(e) => Err(ClientError::Server(e.message)),
+        response => Ok(response),
+    }
+}
+
+/// The reply stream of a checkout whose caller stopped waiting (dropped the future, or
+/// its deadline passed) before the answer was read. A grant may be on its way or
+/// already here: dropping the stream would lose it, and the seat would stay with this
+/// connection until it closes. So on drop, a task reads on for [`SALVAGE_WINDOW`]: a
+/// grant that arrives is checked in at once; if none arrives, the stream is stopped,
+/// which tells the server to take the request out of its queue (and to take back a
+/// grant it can then no longer deliver). Stopping at once would race: a grant already
+/// in flight is discarded by the stop, while the server may count it delivered once
+/// its packet is acknowledged.
+struct UnreadReply {
+    recv: Option<quinn::RecvStream>,
+    connection: quinn::Connection,
+    server: SocketAddr,
+}
+
+impl Drop for UnreadReply {
+    fn drop(&mut self) {
+        let Some(mut recv) = self.recv.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime left: dropping the stream stops it.
+            return;
+        };
+        let connection = self.connection.clone();
+        let server = self.server;
+        runtime.spawn(async move {
+            let arrived =
+                tokio::time::timeout(SALVAGE_WINDOW, read_response(&mut recv, server)).await;
+            match arrived {
+                Ok(Ok(Response::Checkout(CheckoutReply::Granted(grant)))) => {
+                    let checkin = Request::Checkin(CheckinRequest {
+                        leases: vec![LeaseRef {
+                            id: grant.id,
+                            secret: grant.secret,
+                        }],
+                    });
+                    let exchange = async {
+                        let mut recv = send_request(&connection, server, &checkin).await?;
+                        read_response(&mut recv, server).await
+                    };
+                    let _ = tokio::time::timeout(DEFAULT_REQUEST_TIMEOUT, exchange).await;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = recv.stop(frame::STOP_ABANDONED.into());
+                }
+            }
+        });
     }
 }
 

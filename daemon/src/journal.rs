@@ -120,6 +120,7 @@ fn release_code(why: ReleaseReason) -> &'static str {
         ReleaseReason::LingerEnded => "linger_ended",
         ReleaseReason::Removed => "removed",
         ReleaseReason::BorrowEnded => "borrow_ended",
+        ReleaseReason::Unclaimed => "unclaimed",
     }
 }
 

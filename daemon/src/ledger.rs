@@ -103,6 +103,9 @@ pub enum ReleaseReason {
     Removed,
     /// A borrowed lease reached its end.
     BorrowEnded,
+    /// Granted, but its requester was gone before the grant reached it (it stopped
+    /// waiting a moment too late): nobody knows its secret, so nobody can use it.
+    Unclaimed,
 }
 
 impl std::fmt::Display for ReleaseReason {
@@ -111,6 +114,7 @@ impl std::fmt::Display for ReleaseReason {
             ReleaseReason::Checkin => "checkin",
             ReleaseReason::ConnectionClosed => "connection closed",
             ReleaseReason::Expired => "heartbeat TTL expired",
+            ReleaseReason::Unclaimed => "granted to a requester that was gone",
             ReleaseReason::LingerEnded => "linger ended",
             ReleaseReason::Removed => "removed by an administrator",
             ReleaseReason::BorrowEnded => "borrow period ended",
@@ -389,6 +393,7 @@ pub struct Ledger {
     removed_set: HashSet<LeaseId>,
     high_water: UnixTime,
     detachments: Vec<Detachment>,
+    unclaimed: Vec<LeaseId>,
 }
 
 /// The identity and secret the shell drew for a new lease.
@@ -418,6 +423,7 @@ impl Ledger {
             removed_set: HashSet::new(),
             high_water: UnixTime(0),
             detachments: Vec::new(),
+            unclaimed: Vec::new(),
         }
     }
 
@@ -951,6 +957,26 @@ impl Ledger {
         self.removed_set.insert(id);
         self.serve_queues(now);
         Some(event)
+    }
+
+    /// Notes a durable grant that could not be delivered (its requester stopped waiting
+    /// just before it was decided, or was never there to answer): it is released by the
+    /// next [`Ledger::release_unclaimed`], and its seat goes to the next in line.
+    pub fn unclaimed(&mut self, id: LeaseId) {
+        self.unclaimed.push(id);
+    }
+
+    /// Releases the grants noted by [`Ledger::unclaimed`].
+    pub fn release_unclaimed(&mut self, now: Now) -> Vec<Event> {
+        if self.unclaimed.is_empty() {
+            return Vec::new();
+        }
+        let events = std::mem::take(&mut self.unclaimed)
+            .into_iter()
+            .filter_map(|id| self.release(id, ReleaseReason::Unclaimed))
+            .collect();
+        self.serve_queues(now);
+        events
     }
 
     /// Undoes a grant that could not be made durable; the client is told it was denied.

@@ -32,6 +32,8 @@ use tracing::{debug, info, warn};
 /// How long a client may take to send a request once it opened a stream; a stream left
 /// open without a request must not hold daemon memory forever.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a grant's stream waits for the client to acknowledge the grant.
+const GRANT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most requests the ledger task takes into one batch (one flush).
 const MAX_BATCH: usize = 256;
 /// Queue of requests waiting for the ledger task; when full, connection tasks wait,
@@ -336,6 +338,10 @@ impl Shared {
 /// A request to the ledger task.
 enum Command {
     /// A queued checkout whose client stopped waiting.
+    /// A grant whose answer did not reach its client (see `serve_stream`).
+    Unclaimed {
+        lease: LeaseId,
+    },
     CancelWait {
         waiter: WaiterId,
     },
@@ -780,6 +786,7 @@ async fn run_ledger(
         stall.observe(now, &mut ledger);
         ledger.observe_clock(now);
         let mut events = ledger.expire(now);
+        events.extend(ledger.release_unclaimed(now));
         let mut pending = Vec::with_capacity(batch.len());
         let mut shutdown = None;
         let mut exports = Vec::new();
@@ -866,6 +873,7 @@ async fn run_ledger(
                     }
                 }
                 Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
+                Command::Unclaimed { lease } => ledger.unclaimed(lease),
                 Command::Reload {
                     bundles,
                     changes,
@@ -898,10 +906,16 @@ async fn run_ledger(
             }
         }
         for outcome in ledger.take_waiter_outcomes() {
-            let Some(reply) = waiting.remove(&outcome.waiter) else {
+            let reply = waiting.remove(&outcome.waiter);
+            events.extend(outcome.event);
+            let Some(reply) = reply else {
+                // A grant with nobody to answer is stored (its event above) and then
+                // released at once, never left to a TTL.
+                if let Some(Ok(record)) = &outcome.result {
+                    ledger.unclaimed(record.id);
+                }
                 continue;
             };
-            events.extend(outcome.event);
             if let Some(result) = outcome.result {
                 if let Err(reason) = &result {
                     info!(%reason, "wait ended");
@@ -1130,7 +1144,11 @@ fn answer_flushed(
         match (answer, &failure) {
             (Durable::Grant(reply, record), None) => {
                 log_event(&Event::Granted(record.clone()), true);
-                let _ = reply.send(Ok(record));
+                if let Err(Ok(record)) = reply.send(Ok(record)) {
+                    // Nobody is left to hear of it: the requester stopped waiting (or
+                    // its connection closed) after the grant was decided.
+                    ledger.unclaimed(record.id);
+                }
             }
             (Durable::Grant(reply, record), Some(what)) => {
                 ledger.rollback(record.id);
@@ -1368,11 +1386,45 @@ async fn serve_stream(
         }
         Ok(Ok(request)) => {
             let response = dispatch(request, (conn, remote), &send, &shared, &identity).await;
-            frame::encode_response(&response)
+            let granted = match &response {
+                Response::Checkout(CheckoutReply::Granted(g)) => Some(g.id),
+                _ => None,
+            };
+            let bytes = frame::encode_response(&response);
+            if let Some(lease) = granted {
+                if !delivered(&mut send, &bytes).await {
+                    // The client stopped the stream before the grant reached it (it gave
+                    // up waiting in the same instant the seat was granted): nobody holds
+                    // the secret, so the seat goes back at once.
+                    debug!(conn = conn.0, %lease, "grant not received; taking it back");
+                    let _ = shared.ledger.send(Command::Unclaimed { lease }).await;
+                }
+                return;
+            }
+            bytes
         }
     };
     if send.write_all(&bytes).await.is_ok() {
         let _ = send.finish();
+    }
+}
+
+/// Sends a grant and waits (bounded) until the client's QUIC stack acknowledged all of
+/// it; false if the client stopped the stream first or the connection went away. A
+/// client whose stack acknowledged the grant and whose application then dropped it
+/// before reading remains: its seat comes back with its connection or TTL.
+async fn delivered(send: &mut quinn::SendStream, bytes: &[u8]) -> bool {
+    if send.write_all(bytes).await.is_err() || send.finish().is_err() {
+        return false;
+    }
+    match tokio::time::timeout(GRANT_ACK_TIMEOUT, send.stopped()).await {
+        // Abandoned by a client that says so (a dropped stream stops with code 0, also
+        // after reading the answer, so only this code means "not received").
+        Ok(Ok(Some(code))) => code != quinn::VarInt::from_u32(frame::STOP_ABANDONED),
+        Ok(Ok(None)) => true,
+        // No word either way (the connection went, or no answer in time): the
+        // connection's own fate decides, as for any lease.
+        Ok(Err(_)) | Err(_) => true,
     }
 }
 

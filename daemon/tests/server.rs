@@ -308,3 +308,76 @@ async fn a_client_that_stops_waiting_leaves_the_queue_and_gets_no_seat() {
     assert_eq!(queue_len(waiter.status(None).await.unwrap()), (0, 0));
     running.stop().await;
 }
+
+/// A grant decided in the instant its requester stops waiting (the checkin that frees
+/// the seat and the cancel cross in flight) reaches nobody: the server takes it back at
+/// once instead of leaving the seat with the requester's connection (which stays open)
+/// until it closes or the TTL runs out. The race is driven many times; each round must
+/// end with every seat free.
+#[tokio::test]
+async fn a_grant_that_reaches_nobody_is_taken_back_at_once() {
+    let server_key = SecretKey::from_seed([1; 32]);
+    let vendor = SecretKey::from_seed([2; 32]);
+    let running = start(server_key.clone(), bundle_for(&server_key, &vendor, None)).await;
+    let trust = || Trust::Vendor(vec![vendor.public()]);
+    let holder = Session::connect(&config(running.addr, trust()))
+        .await
+        .unwrap();
+    let waiter = std::sync::Arc::new(
+        Session::connect(&config(running.addr, trust()))
+            .await
+            .unwrap(),
+    );
+    let want = |count, wait_secs| CheckoutRequest {
+        feature: "solver".into(),
+        count,
+        version: None,
+        build_date: None,
+        wait_secs,
+        borrow_secs: 0,
+    };
+    let solver = |status: StatusReply| {
+        status
+            .features
+            .iter()
+            .find(|f| f.name == "solver")
+            .map(|f| (f.queue.len(), f.in_use))
+            .unwrap()
+    };
+    for round in 0..40 {
+        let both = holder.checkout(&want(2, 0)).await.unwrap();
+        let w = waiter.clone();
+        let task = tokio::spawn(async move { w.checkout(&want(1, 60)).await });
+        let task = task.abort_handle();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while solver(holder.status(None).await.unwrap()).0 == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The seat is freed while the waiter gives up: either may reach the ledger first.
+        let refs = [both.lease_ref()];
+        if round % 2 == 0 {
+            task.abort();
+            holder.checkin(&refs).await.unwrap();
+        } else {
+            let (checked_in, ()) = tokio::join!(holder.checkin(&refs), async {
+                tokio::task::yield_now().await;
+                task.abort();
+            });
+            checked_in.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (queued, in_use) = solver(holder.status(None).await.unwrap());
+            if (queued, in_use) == (0, 0) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: {in_use} seat(s) held by a grant nobody received ({queued} queued)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    running.stop().await;
+}

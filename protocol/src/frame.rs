@@ -19,6 +19,11 @@ pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 pub const MAX_RESPONSE_LEN: usize = 16 * 1024 * 1024;
 /// The frame version reserved for version negotiation.
 pub const NEGOTIATION_VERSION: u16 = 0;
+/// The QUIC stop code a client uses when it abandons a checkout whose answer it will
+/// not read: a grant the server then learns was not received is taken back. Any other
+/// stop (code 0 is what a dropped stream sends, also after the answer was read) does
+/// not mean the answer was lost.
+pub const STOP_ABANDONED: u32 = 0x7461;
 /// Lowest protocol version this build serves.
 pub const MIN_SUPPORTED_VERSION: u16 = 1;
 

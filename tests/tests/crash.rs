@@ -140,6 +140,7 @@ fn sigkill_under_load_loses_no_acknowledged_lease_and_over_grants_nothing() {
             daemon.log_text()
         );
         std::thread::sleep(then);
+        let killed_log = daemon.log.clone();
         daemon.kill();
         stop.store(true, Ordering::Relaxed);
         // A request cut off here is like one that timed out: its answer is unknown.
@@ -155,7 +156,9 @@ fn sigkill_under_load_loses_no_acknowledged_lease_and_over_grants_nothing() {
         let missing: Vec<_> = b.held.difference(&found).collect();
         assert!(
             missing.is_empty(),
-            "round {round}: acknowledged leases lost: {missing:?}"
+            "round {round}: acknowledged leases lost: {missing:?}; killed daemon's log:\n{}\nrestarted daemon's log:\n{}",
+            std::fs::read_to_string(&killed_log).unwrap_or_default(),
+            daemon.log_text()
         );
         assert!(
             found.len() <= SEATS,
