@@ -328,7 +328,9 @@ impl Inner {
                     let reason = match state {
                         LeaseState::Active => None,
                         LeaseState::Removed => Some("removed by an administrator"),
-                        _ => Some("the server no longer knows this lease (it expired)"),
+                        _ => Some(
+                            "the server no longer holds this lease (its TTL ran out, or its connection timed out and the seat went to someone else)",
+                        ),
                     };
                     match reason {
                         None => {

@@ -137,6 +137,9 @@ pub const CLOCK_TOLERANCE_SECS: u64 = 3600;
 /// How many removed lease ids are remembered, so their holders hear "removed" rather
 /// than "unknown" on their next heartbeat.
 const REMEMBERED_REMOVALS: usize = 1024;
+/// Most leases remembered as lapsed (released by an idle timeout, re-attachable while
+/// their TTL runs); the oldest are forgotten first. About 300 bytes each.
+const REMEMBERED_LAPSED: usize = 20_000;
 
 /// Names a waiting checkout; chosen by the shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -394,6 +397,13 @@ pub struct Ledger {
     high_water: UnixTime,
     detachments: Vec<Detachment>,
     unclaimed: Vec<LeaseId>,
+    /// Leases released because their connection timed out, by id, with the deadline
+    /// their TTL gave them: a holder that was only silent (a laptop lid, a paused VM)
+    /// gets its lease back by heartbeat while the seats are still free.
+    lapsed: HashMap<LeaseId, (LeaseRecord, Instant)>,
+    lapsed_order: VecDeque<LeaseId>,
+    /// Leases given back to lapsed holders since the last [`Ledger::take_regranted`].
+    regranted: Vec<LeaseRecord>,
 }
 
 /// The identity and secret the shell drew for a new lease.
@@ -424,6 +434,9 @@ impl Ledger {
             high_water: UnixTime(0),
             detachments: Vec::new(),
             unclaimed: Vec::new(),
+            lapsed: HashMap::new(),
+            lapsed_order: VecDeque::new(),
+            regranted: Vec::new(),
         }
     }
 
@@ -990,12 +1003,17 @@ impl Ledger {
         leases
             .iter()
             .map(|r| {
-                let Some(held) = self.leases.get_mut(&r.id) else {
+                if !self.leases.contains_key(&r.id) {
                     return if self.removed_set.contains(&r.id) {
                         LeaseState::Removed
+                    } else if self.reattach_lapsed(now, conn, r) {
+                        LeaseState::Active
                     } else {
                         LeaseState::Unknown
                     };
+                }
+                let Some(held) = self.leases.get_mut(&r.id) else {
+                    return LeaseState::Unknown;
                 };
                 if !held.record.secret.matches(&r.secret) || held.lingering {
                     return LeaseState::Unknown;
@@ -1093,6 +1111,93 @@ impl Ledger {
             .collect();
         self.serve_queues(now);
         events
+    }
+
+    /// A connection timed out (nothing heard from the client for the idle timeout): its
+    /// leases are released at once, as for a closed connection, so a client that died
+    /// frees its seats quickly; but they are remembered until their TTL would have run
+    /// out, and a holder that was only silent gets them back by heartbeat if the seats
+    /// are still free (see [`Ledger::take_regranted`]).
+    pub fn connection_timed_out(&mut self, now: Now, conn: ConnId) -> Vec<Event> {
+        let ids: Vec<LeaseId> = self
+            .by_conn
+            .get(&conn)
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if let Some(held) = self.leases.get(&id) {
+                if !held.lingering && held.record.borrowed_until.is_none() {
+                    self.remember_lapsed(now, held.record.clone(), held.deadline);
+                }
+            }
+        }
+        self.connection_closed(now, conn)
+    }
+
+    fn remember_lapsed(&mut self, now: Now, record: LeaseRecord, deadline: Instant) {
+        // Forget what has run out, then the oldest beyond the bound.
+        while let Some(id) = self.lapsed_order.front().copied() {
+            let stale = match self.lapsed.get(&id) {
+                Some((_, d)) => *d <= now.mono,
+                None => true,
+            };
+            if !stale && self.lapsed.len() < REMEMBERED_LAPSED {
+                break;
+            }
+            self.lapsed_order.pop_front();
+            self.lapsed.remove(&id);
+        }
+        let id = record.id;
+        if self.lapsed.insert(id, (record, deadline)).is_none() {
+            self.lapsed_order.push_back(id);
+        }
+    }
+
+    /// Gives a lapsed lease back to the holder that proves it with its secret, if its
+    /// TTL has not run out and the rules would grant the same seats now (seats free,
+    /// nobody waiting ahead, policy). The lease keeps its id, secret and record.
+    fn reattach_lapsed(&mut self, now: Now, conn: ConnId, r: &LeaseRef) -> bool {
+        let Some((record, deadline)) = self.lapsed.get(&r.id) else {
+            return false;
+        };
+        if !record.secret.matches(&r.secret) {
+            return false;
+        }
+        let (record, deadline) = (record.clone(), *deadline);
+        self.lapsed.remove(&r.id);
+        if deadline <= now.mono {
+            return false;
+        }
+        if self
+            .queues
+            .get(&record.feature)
+            .is_some_and(|q| !q.is_empty())
+        {
+            // Others are waiting for these seats: they go first.
+            return false;
+        }
+        let request = CheckoutRequest {
+            feature: record.feature.clone(),
+            count: record.count,
+            version: record.version.clone(),
+            build_date: None,
+            wait_secs: 0,
+            borrow_secs: 0,
+        };
+        if self.decide(now, &record.holder, &request).is_err() {
+            return false;
+        }
+        let deadline = now.mono + Duration::from_secs(record.ttl_secs);
+        self.insert(record.clone(), Some(conn), deadline);
+        self.regranted.push(record);
+        true
+    }
+
+    /// Leases given back to lapsed holders since the last call: each must be stored
+    /// (as a grant) before the heartbeat that re-attached it is answered, and undone
+    /// with [`Ledger::rollback`] if that fails.
+    pub fn take_regranted(&mut self) -> Vec<LeaseRecord> {
+        std::mem::take(&mut self.regranted)
     }
 
     /// A connection timed out while the daemon itself was stalled: its holder is most

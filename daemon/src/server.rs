@@ -674,6 +674,12 @@ enum Pending {
         Result<LeaseRecord, DenialReason>,
     ),
     Heartbeat(oneshot::Sender<Vec<LeaseState>>, Vec<LeaseState>),
+    /// A heartbeat that gave lapsed leases back: answered once they are durable.
+    Regranted(
+        oneshot::Sender<Vec<LeaseState>>,
+        Vec<(LeaseId, LeaseState)>,
+        Vec<LeaseRecord>,
+    ),
     Checkin(oneshot::Sender<Vec<bool>>, Vec<bool>),
     Status(oneshot::Sender<Vec<FeatureStatus>>, Vec<FeatureStatus>),
 }
@@ -853,10 +859,22 @@ async fn run_ledger(
                     conn,
                     leases,
                     reply,
-                } => pending.push(Pending::Heartbeat(
-                    reply,
-                    ledger.heartbeat(now, conn, &leases),
-                )),
+                } => {
+                    let states = ledger.heartbeat(now, conn, &leases);
+                    let regranted = ledger.take_regranted();
+                    if regranted.is_empty() {
+                        pending.push(Pending::Heartbeat(reply, states));
+                    } else {
+                        // A lapsed lease given back is a grant: stored before the
+                        // holder hears it is active again.
+                        for record in &regranted {
+                            info!(lease = %record.id, feature = %record.feature, holder = %record.holder, "lapsed lease re-attached");
+                            events.push(Event::Granted(record.clone()));
+                        }
+                        let states = leases.iter().map(|r| r.id).zip(states).collect();
+                        pending.push(Pending::Regranted(reply, states, regranted));
+                    }
+                }
                 Command::Checkin { leases, reply } => {
                     let (released, ev) = ledger.checkin(now, &leases);
                     events.extend(ev);
@@ -868,6 +886,8 @@ async fn run_ledger(
                 Command::Closed { conn, timed_out } => {
                     if timed_out && stall.recent(now) {
                         ledger.connection_lost(now, conn);
+                    } else if timed_out {
+                        events.extend(ledger.connection_timed_out(now, conn));
                     } else {
                         events.extend(ledger.connection_closed(now, conn));
                     }
@@ -988,6 +1008,17 @@ async fn run_ledger(
                 Pending::Heartbeat(reply, r) => {
                     let _ = reply.send(r);
                 }
+                Pending::Regranted(reply, states, records) => match &failure {
+                    None => unflushed.push(Durable::Regranted(reply, states, records)),
+                    Some(_) => {
+                        let _ = reply.send(undo_regrants(
+                            &mut ledger,
+                            &mut rolled_back,
+                            states,
+                            records,
+                        ));
+                    }
+                },
                 Pending::Checkin(reply, r) => {
                     let _ = reply.send(r);
                 }
@@ -1121,6 +1152,36 @@ enum Durable {
         oneshot::Sender<Result<Exported, String>>,
         Result<Exported, String>,
     ),
+    Regranted(
+        oneshot::Sender<Vec<LeaseState>>,
+        Vec<(LeaseId, LeaseState)>,
+        Vec<LeaseRecord>,
+    ),
+}
+
+/// Takes back lapsed leases that were given back but could not be stored: they read
+/// as unknown to their holder, and the journal says they were not recorded.
+fn undo_regrants(
+    ledger: &mut Ledger,
+    rolled_back: &mut Vec<UsageEvent>,
+    states: Vec<(LeaseId, LeaseState)>,
+    records: Vec<LeaseRecord>,
+) -> Vec<LeaseState> {
+    let undone: std::collections::HashSet<LeaseId> = records.iter().map(|r| r.id).collect();
+    for record in &records {
+        ledger.rollback(record.id);
+        rolled_back.push(not_recorded(record));
+    }
+    states
+        .into_iter()
+        .map(|(id, state)| {
+            if undone.contains(&id) {
+                LeaseState::Unknown
+            } else {
+                state
+            }
+        })
+        .collect()
 }
 
 fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
@@ -1157,6 +1218,12 @@ fn answer_flushed(
             }
             (Durable::Export(reply, result), None) => {
                 let _ = reply.send(result);
+            }
+            (Durable::Regranted(reply, states, _), None) => {
+                let _ = reply.send(states.into_iter().map(|(_, s)| s).collect());
+            }
+            (Durable::Regranted(reply, states, records), Some(_)) => {
+                let _ = reply.send(undo_regrants(ledger, &mut rolled_back, states, records));
             }
             (Durable::Export(reply, _), Some(what)) => {
                 let _ = reply.send(Err(what.clone()));

@@ -801,3 +801,69 @@ fn a_lost_connection_keeps_its_leases_until_their_ttl() {
     assert_eq!(d.advance(Duration::from_secs(1)).len(), 1);
     assert_eq!(d.ledger.in_use("solver"), 0);
 }
+
+#[test]
+fn a_holder_silent_past_the_idle_timeout_gets_its_lease_back_while_seats_are_free() {
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    let lease = d.checkout(1, "a", "solver", 1).unwrap();
+    d.advance(Duration::from_secs(20));
+    // Its connection timed out: the seat is free at once, for a client that died.
+    let now = d.now();
+    let events = d.ledger.connection_timed_out(now, ConnId(1));
+    assert!(matches!(
+        events.as_slice(),
+        [Event::Released {
+            why: ReleaseReason::ConnectionClosed,
+            ..
+        }]
+    ));
+    assert_eq!(d.ledger.in_use("solver"), 0);
+    // A wrong secret gets nothing.
+    let forged = LeaseRef {
+        id: lease.id,
+        secret: LeaseSecret([0xee; 16]),
+    };
+    let now = d.now();
+    assert_eq!(
+        d.ledger.heartbeat(now, ConnId(2), &[forged]),
+        vec![LeaseState::Unknown]
+    );
+    // The holder was only silent (a laptop lid): within its TTL it gets the same lease
+    // back, to be stored as a grant before it is told.
+    d.advance(Duration::from_secs(30));
+    let now = d.now();
+    assert_eq!(
+        d.ledger.heartbeat(now, ConnId(2), &[r(&lease)]),
+        vec![LeaseState::Active]
+    );
+    assert_eq!(d.ledger.take_regranted(), vec![lease.clone()]);
+    assert_eq!(d.ledger.in_use("solver"), 1);
+    // Heartbeats go on as for any lease.
+    assert!(d.advance(Duration::from_secs(60)).is_empty());
+}
+
+#[test]
+fn a_lapsed_lease_is_not_given_back_once_its_seat_is_taken_or_its_ttl_ran_out() {
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    let first = d.checkout(1, "a", "solver", 1).unwrap();
+    let now = d.now();
+    d.ledger.connection_timed_out(now, ConnId(1));
+    let other = d.checkout(2, "b", "solver", 1).unwrap();
+    let now = d.now();
+    assert_eq!(
+        d.ledger.heartbeat(now, ConnId(3), &[r(&first)]),
+        vec![LeaseState::Unknown]
+    );
+    assert!(d.ledger.take_regranted().is_empty());
+    assert_eq!(d.ledger.in_use("solver"), 1);
+    // The second one lapses too, and its holder comes back after its TTL: too late.
+    let now = d.now();
+    d.ledger.connection_timed_out(now, ConnId(2));
+    d.advance(TTL);
+    let now = d.now();
+    assert_eq!(
+        d.ledger.heartbeat(now, ConnId(4), &[r(&other)]),
+        vec![LeaseState::Unknown]
+    );
+    assert_eq!(d.ledger.in_use("solver"), 0);
+}

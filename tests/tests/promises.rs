@@ -192,3 +192,61 @@ fn a_stalled_server_does_not_hand_held_seats_to_others() {
     assert!(log.contains("did not run for a while"), "{log}");
     assert!(!log.contains("reason=connection closed"), "{log}");
 }
+
+/// A client paused (SIGSTOP: a laptop lid, a paused VM) for longer than the idle timeout
+/// but less than its lease TTL loses its connection, and its seat is freed at the
+/// timeout (a dead client must not hold it); when it runs again it reconnects and gets
+/// the same lease back, because nobody took the seat meanwhile. It used to be told its
+/// lease "expired" and lose it for good.
+#[test]
+fn a_client_paused_past_the_idle_timeout_gets_its_lease_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let timing = [
+        "--idle-timeout-secs",
+        "5",
+        "--lease-ttl-secs",
+        "60",
+        "--heartbeat-secs",
+        "3",
+    ];
+    let daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
+    let done = dir.path().join("done");
+    let mut job = run_until_file(&daemon, "solver", &done);
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .in_use("solver")
+        == 1));
+    let held = lease_ids(&daemon, "solver");
+    let group = format!("-{}", job.child.id());
+    let signal = |name: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([name, "--", &group])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {name} {group}");
+    };
+    signal("-STOP");
+    // The client's silence runs past the 5 s idle timeout: its seat is free meanwhile.
+    let freed = wait_until(Duration::from_secs(20), || daemon.in_use("solver") == 0);
+    signal("-CONT");
+    assert!(
+        freed,
+        "the silent client's seat was not freed at the idle timeout"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || lease_ids(&daemon, "solver")
+            == held),
+        "the paused client did not get its lease back; daemon log:\n{}\ntally run:\n{}",
+        daemon.log_text(),
+        std::fs::read_to_string(done.with_extension("log")).unwrap_or_default()
+    );
+    assert!(daemon.log_text().contains("lapsed lease re-attached"));
+    std::fs::write(&done, b"").unwrap();
+    assert_eq!(job.child.wait().unwrap().code(), Some(0));
+    let run_log = std::fs::read_to_string(done.with_extension("log")).unwrap_or_default();
+    assert!(!run_log.contains("lost the seat"), "{run_log}");
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .in_use("solver")
+        == 0));
+}
