@@ -97,6 +97,9 @@ struct Entry {
 
 struct Inner {
     config: ClientConfig,
+    /// When the last attempt to reach a server failed (cleared by a connect): while that
+    /// is recent, checkouts a borrowed seat can serve do not wait for another attempt.
+    offline_since: Mutex<Option<std::time::Instant>>,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     leases: Mutex<HashMap<LeaseId, Entry>>,
     /// Checkins no server has answered yet; sent first whenever a session is up.
@@ -210,7 +213,17 @@ impl Inner {
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
-        let session = Arc::new(Session::connect(&self.config).await?);
+        let session = match Session::connect(&self.config).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                if matches!(e, ClientError::NoServer(_)) {
+                    *self.offline_since.lock().expect("offline lock") =
+                        Some(std::time::Instant::now());
+                }
+                return Err(e);
+            }
+        };
+        *self.offline_since.lock().expect("offline lock") = None;
         *guard = Some(session.clone());
         Ok(session)
     }
@@ -364,6 +377,15 @@ impl Inner {
         }
     }
 
+    /// Whether the last attempt to reach a server failed less than a reconnect backoff
+    /// ago (the background task keeps trying meanwhile).
+    fn recently_offline(&self) -> bool {
+        self.offline_since
+            .lock()
+            .expect("offline lock")
+            .is_some_and(|since| since.elapsed() < RECONNECT_MAX)
+    }
+
     /// The session now held, without connecting.
     async fn current_session(&self) -> Option<Arc<Session>> {
         self.session.lock().await.clone()
@@ -456,11 +478,43 @@ async fn tend_forever(inner: std::sync::Weak<Inner>) {
 impl Client {
     /// Connects to the first server that answers and proves trustworthy, and starts the
     /// background task. Must be called within a tokio runtime.
+    ///
+    /// With no server reachable, it still succeeds if the per-user cache holds a valid
+    /// borrowed seat trusted by `config`: checkouts are then served from borrowed seats
+    /// (within their count, versions and dates; see [`cache::claim`]) while the
+    /// background task keeps looking for a server.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let session = Session::connect(&config).await?;
+        Client::start(config, true).await
+    }
+
+    /// Like [`Client::connect`], but fails when no server answers even if borrowed seats
+    /// could serve: for callers that handle the offline case themselves (`tally run`
+    /// tells its user which borrowed seat it uses, or why none can serve).
+    pub async fn connect_online(config: ClientConfig) -> Result<Client, ClientError> {
+        Client::start(config, false).await
+    }
+
+    async fn start(config: ClientConfig, offline: bool) -> Result<Client, ClientError> {
+        let (session, offline_since) = match Session::connect(&config).await {
+            Ok(s) => (Some(Arc::new(s)), None),
+            Err(e @ ClientError::NoServer(_)) if !offline => return Err(e),
+            Err(e @ ClientError::NoServer(_)) => match cache::list(&config.trust, now()) {
+                Ok(borrowed) if !borrowed.is_empty() => {
+                    tracing::warn!(
+                        error = %e,
+                        borrowed = borrowed.len(),
+                        "no license server reachable; serving borrowed seats meanwhile"
+                    );
+                    (None, Some(std::time::Instant::now()))
+                }
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
         let inner = Arc::new(Inner {
             config,
-            session: tokio::sync::Mutex::new(Some(Arc::new(session))),
+            offline_since: Mutex::new(offline_since),
+            session: tokio::sync::Mutex::new(session),
             leases: Mutex::new(HashMap::new()),
             undelivered: Mutex::new(Vec::new()),
             delivering: tokio::sync::Mutex::new(()),
@@ -482,7 +536,21 @@ impl Client {
     /// on this machine) is used instead of taking a second seat; when none does, the
     /// server decides as for any checkout.
     pub async fn checkout(&self, want: &Want) -> Result<LeaseHandle, ClientError> {
-        let session = self.inner.session().await?;
+        if self.inner.recently_offline() {
+            if let Some(handle) = self.offline_seat(want, None)? {
+                return Ok(handle);
+            }
+        }
+        let session = match self.inner.session().await {
+            Ok(s) => s,
+            Err(e @ ClientError::NoServer(_)) => {
+                return match self.offline_seat(want, Some(&e))? {
+                    Some(handle) => Ok(handle),
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(handle) = self.borrowed_seat(&session, want).await? {
             return Ok(handle);
         }
@@ -509,6 +577,36 @@ impl Client {
             inner: Some(self.inner.clone()),
             _borrowed_seats: None,
         })
+    }
+
+    /// With no server reachable: a borrowed seat that serves `want`, if any. A borrowed
+    /// seat that cannot serve it (count, version, dates, in use by another program) is
+    /// an error naming why when `no_server` says no server answered; `None` otherwise.
+    fn offline_seat(
+        &self,
+        want: &Want,
+        no_server: Option<&ClientError>,
+    ) -> Result<Option<LeaseHandle>, ClientError> {
+        match cache::claim(&self.inner.config.trust, want, None, now()) {
+            Ok(cache::Claim::Held(claimed)) => {
+                tracing::info!(
+                    lease = %claimed.borrowed.lease_ref.id,
+                    feature = %want.feature,
+                    "no license server reachable; using a borrowed seat"
+                );
+                Ok(Some(LeaseHandle::borrowed(claimed)))
+            }
+            Ok(cache::Claim::Refused(why)) => match no_server {
+                Some(ClientError::NoServer(failures)) => {
+                    let mut failures = failures.clone();
+                    failures.push(format!("the borrowed seat cannot serve this run: {why}"));
+                    Err(ClientError::NoServer(failures))
+                }
+                _ => Ok(None),
+            },
+            Ok(cache::Claim::NotBorrowed) => Ok(None),
+            Err(e) => Err(ClientError::Config(e.to_string())),
+        }
     }
 
     /// A borrowed lease of this server that serves `want`, confirmed by the server; `None`

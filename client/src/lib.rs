@@ -234,6 +234,41 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// How long [`Session::connect`] gives one address before it also tries the next.
+pub const FAILOVER_STAGGER: Duration = Duration::from_millis(250);
+/// How long an address that did not answer is tried after the others.
+pub const DEAD_SERVER_MEMORY: Duration = Duration::from_secs(60);
+
+/// Addresses that failed lately, with when (process-wide: every client of the process
+/// profits from what one learned).
+fn dead_servers(
+) -> &'static std::sync::Mutex<std::collections::HashMap<SocketAddr, std::time::Instant>> {
+    static DEAD: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<SocketAddr, std::time::Instant>>,
+    > = std::sync::OnceLock::new();
+    DEAD.get_or_init(Default::default)
+}
+
+fn mark_server(addr: SocketAddr, alive: bool) {
+    let mut dead = dead_servers().lock().unwrap_or_else(|e| e.into_inner());
+    if alive {
+        dead.remove(&addr);
+    } else {
+        dead.insert(addr, std::time::Instant::now());
+    }
+}
+
+/// Moves addresses that failed within [`DEAD_SERVER_MEMORY`] to the end, keeping the
+/// configured order otherwise.
+fn dead_servers_last(addrs: &mut [SocketAddr]) {
+    let dead = dead_servers().lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    addrs.sort_by_key(|a| {
+        dead.get(a)
+            .is_some_and(|t| now.saturating_duration_since(*t) < DEAD_SERVER_MEMORY)
+    });
+}
+
 /// Parses `host[:port]` and resolves it.
 async fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
     let with_port = if server.parse::<SocketAddr>().is_ok() || has_port(server) {
@@ -284,8 +319,13 @@ pub fn quic_client_config() -> Result<quinn::ClientConfig, ClientError> {
 }
 
 impl Session {
-    /// Connects to the first server in `config.servers` that answers and whose trust
-    /// chain holds. Each failure is named in [`ClientError::NoServer`].
+    /// Connects to a server of `config.servers` that answers and whose trust chain
+    /// holds. The servers are tried in order, but without waiting out a dead one: each
+    /// further address is tried [`FAILOVER_STAGGER`] after the previous one started (at
+    /// once when it failed), the attempts run side by side, and the first to succeed
+    /// wins. Addresses that did not answer lately are tried after the others (see
+    /// [`DEAD_SERVER_MEMORY`]), so a dead first entry costs nothing on a reconnect. Each
+    /// failure is named in [`ClientError::NoServer`].
     pub async fn connect(config: &ClientConfig) -> Result<Session, ClientError> {
         if config.servers.is_empty() {
             return Err(ClientError::Config(
@@ -293,29 +333,61 @@ impl Session {
             ));
         }
         let mut failures = Vec::new();
+        let mut addrs = Vec::new();
         for server in &config.servers {
-            let addrs = match resolve(server).await {
-                Ok(a) => a,
-                Err(e) => {
-                    failures.push(e);
-                    continue;
-                }
+            match resolve(server).await {
+                Ok(a) => addrs.extend(a),
+                Err(e) => failures.push(e),
+            }
+        }
+        dead_servers_last(&mut addrs);
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut next = 0;
+        loop {
+            if next < addrs.len() {
+                let addr = addrs[next];
+                let config = config.clone();
+                attempts.spawn(async move {
+                    let result = tokio::time::timeout(
+                        config.connect_timeout,
+                        Self::connect_one(addr, &config),
+                    )
+                    .await;
+                    (addr, result)
+                });
+                next += 1;
+            }
+            if attempts.is_empty() {
+                break;
+            }
+            let more = next < addrs.len();
+            let finished = tokio::select! {
+                done = attempts.join_next() => done,
+                _ = tokio::time::sleep(FAILOVER_STAGGER), if more => continue,
             };
-            for addr in addrs {
-                match tokio::time::timeout(config.connect_timeout, Self::connect_one(addr, config))
-                    .await
-                {
-                    Ok(Ok(session)) => return Ok(session),
-                    // A server that proves to be untrusted is not skipped silently: it is
-                    // the one thing an admin must hear about.
-                    Ok(Err(ClientError::Untrusted(e))) if config.servers.len() == 1 => {
-                        return Err(ClientError::Untrusted(e))
-                    }
-                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-                    Err(_) => failures.push(format!(
+            let Some(Ok((addr, result))) = finished else {
+                continue;
+            };
+            match result {
+                Ok(Ok(session)) => {
+                    mark_server(addr, true);
+                    return Ok(session);
+                }
+                // A server that proves to be untrusted is not skipped silently: it is
+                // the one thing an admin must hear about.
+                Ok(Err(ClientError::Untrusted(e))) if config.servers.len() == 1 => {
+                    return Err(ClientError::Untrusted(e))
+                }
+                Ok(Err(e)) => {
+                    mark_server(addr, false);
+                    failures.push(format!("{addr}: {e}"));
+                }
+                Err(_) => {
+                    mark_server(addr, false);
+                    failures.push(format!(
                         "{addr}: no answer within {:?}",
                         config.connect_timeout
-                    )),
+                    ));
                 }
             }
         }
@@ -687,4 +759,24 @@ fn unexpected(response: &Response) -> ClientError {
         _ => "unknown",
     };
     ClientError::Protocol(format!("unexpected {kind} response"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_that_failed_lately_are_tried_last_in_their_order() {
+        let a: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:1002".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:1003".parse().unwrap();
+        let mut addrs = vec![a, b, c];
+        mark_server(a, false);
+        dead_servers_last(&mut addrs);
+        assert_eq!(addrs, vec![b, c, a]);
+        mark_server(a, true);
+        let mut addrs = vec![a, b, c];
+        dead_servers_last(&mut addrs);
+        assert_eq!(addrs, vec![a, b, c]);
+    }
 }

@@ -475,7 +475,7 @@ async fn run_with_seat(
         config.identity.program = name.to_string_lossy().chars().take(200).collect();
     }
     let connected = tokio::select! {
-        c = Client::connect(config.clone()) => c,
+        c = Client::connect_online(config.clone()) => c,
         signal = signals.next() => return Ok(128 + signal as u8),
     };
     let (client, handle, terms) = match connected {

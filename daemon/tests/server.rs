@@ -251,10 +251,21 @@ async fn servers_are_tried_in_order() {
         vec![dead_addr.to_string(), running.addr.to_string()],
         Trust::Vendor(vec![vendor.public()]),
     );
-    cfg.connect_timeout = Duration::from_secs(2);
-    let session = Session::connect(&cfg).await.unwrap();
-    assert_eq!(session.server(), running.addr);
-    session.close().await;
+    // A dead first entry is not waited out: with a one-minute connect timeout the
+    // second server still answers at once (the attempts are staggered, not serial), and
+    // on the next connect the dead one is tried last.
+    cfg.connect_timeout = Duration::from_secs(60);
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let session = Session::connect(&cfg).await.unwrap();
+        assert_eq!(session.server(), running.addr);
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the dead first server was waited out ({:?})",
+            started.elapsed()
+        );
+        session.close().await;
+    }
     running.stop().await;
 }
 

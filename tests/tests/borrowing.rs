@@ -416,6 +416,43 @@ fn a_borrowed_lease_serves_only_its_count_and_versions_online_offline_and_in_the
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // The library with no server: `Client::connect` succeeds because a borrowed seat
+    // can serve, and checkouts obey the same rules.
+    let mut config = ClientConfig::new(vec![addr.clone()], site.trust());
+    config.connect_timeout = Duration::from_secs(2);
+    let client = rt
+        .block_on(Client::connect(config))
+        .expect("connect fails with no server although a borrowed seat is cached");
+    let mut want = Want::feature("solver");
+    want.version = Some("2027.1".into());
+    let offline = rt.block_on(client.checkout(&want)).unwrap();
+    assert!(matches!(offline.status(), LeaseStatus::Borrowed { .. }));
+    assert_eq!(offline.id().to_string(), lease);
+    // Its one seat is in use now: a second checkout gets no seat, and says why.
+    match rt.block_on(client.checkout(&want)) {
+        Err(ClientError::NoServer(why)) => assert!(
+            why.iter().any(|w| w.contains("in use by another program")),
+            "{why:?}"
+        ),
+        other => panic!("a second offline checkout of a one-seat borrow: {other:?}"),
+    }
+    drop(offline);
+    want.count = 20;
+    match rt.block_on(client.checkout(&want)) {
+        Err(ClientError::NoServer(why)) => {
+            assert!(
+                why.iter()
+                    .any(|w| w.contains("has 1 seat(s); 20 requested")),
+                "{why:?}"
+            )
+        }
+        other => panic!("20 seats from a one-seat borrow: {other:?}"),
+    }
+    assert!(matches!(
+        rt.block_on(client.checkout(&Want::feature("viewer"))),
+        Err(ClientError::NoServer(_))
+    ));
+    rt.block_on(client.close());
     // The rules are one function of the library, usable offline too.
     let mut want = Want::feature("solver");
     want.version = Some("2099.1".into());
