@@ -355,3 +355,49 @@ fn a_replayed_borrowed_lease_and_a_token_for_another_feature_are_refused() {
     assert_eq!(doc["leases"].as_array().unwrap().len(), 0, "{text}");
     drop(holders);
 }
+
+/// A server that stops (SIGTERM closes its connections) is noticed at once, not at the
+/// next heartbeat (60 s here): the lease reads `Reconnecting` within seconds, and when
+/// the server is back the lease is re-attached by itself, same id, one seat.
+#[test]
+fn a_stopped_server_is_noticed_at_once_and_the_lease_comes_back_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let timing = ["--heartbeat-secs", "60", "--lease-ttl-secs", "180"];
+    let daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
+    let addr = daemon.addr.to_string();
+    let rt = runtime();
+    let client = rt
+        .block_on(Client::connect(config(vec![addr.clone()])))
+        .unwrap();
+    let handle = rt
+        .block_on(client.checkout(&Want::feature("solver")))
+        .unwrap();
+    let id = handle.id().to_string();
+    daemon.stop();
+    let mut watch = handle.watch();
+    let noticed = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while *watch.borrow_and_update() != LeaseStatus::Reconnecting {
+                if watch.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
+    });
+    assert!(
+        noticed,
+        "the closed connection was not noticed within 5 s: {:?}",
+        handle.status()
+    );
+    let daemon = Daemon::start(&data, &addr, &timing);
+    assert!(rt.block_on(wait_status(&handle, |s| *s == LeaseStatus::Active)));
+    assert_eq!(daemon.in_use("solver"), 1);
+    assert_eq!(daemon.feature("solver")["holders"][0]["lease"], id.as_str());
+    rt.block_on(handle.checkin()).unwrap();
+    assert_eq!(daemon.in_use("solver"), 0);
+    rt.block_on(client.close());
+}
