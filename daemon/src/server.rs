@@ -1831,3 +1831,25 @@ fn grant(record: &LeaseRecord, holder: &ClientIdentity, key: &SecretKey) -> Leas
         token: Signed::sign(Domain::Lease, token.encode(), key),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::storage_fault;
+
+    /// Issue 20, scenario 8: storage denials carried the store's path and sled's Debug
+    /// text to every client.
+    #[test]
+    fn storage_faults_reach_clients_without_paths_or_debug_text() {
+        let raw = "seat store /var/lib/tally/store: Io(Custom { kind: StorageFull, error: \"No space left on device (os error 28)\" })";
+        let shown = storage_fault(raw);
+        assert_eq!(
+            shown,
+            "the seat store: No space left on device; held seats are kept"
+        );
+        let shown = storage_fault(
+            "opening the seat store: Read corrupted data at file offset None backtrace ()",
+        );
+        assert!(!shown.contains("offset") && !shown.contains('/'), "{shown}");
+        assert!(shown.contains("the server's log says why"), "{shown}");
+    }
+}
