@@ -97,7 +97,9 @@ pub struct Metrics {
     /// [`UNLICENSED_FEATURE`], so the map is bounded by the licensed names times the
     /// reason codes, whatever names clients make up.
     pub denials: Mutex<std::collections::BTreeMap<(String, String), u64>>,
-    /// The feature names the ledger serves now (set at start and at each reload).
+    /// The feature names the ledger served at any time since the start (added to at
+    /// each reload, never taken from: a feature that ended with a trial is still
+    /// worth naming in a denial). Bounded by what the vendor's bundles name.
     pub licensed: RwLock<Arc<std::collections::BTreeSet<String>>>,
     /// The most recent denials, newest last.
     pub recent: Mutex<std::collections::VecDeque<RecentDenial>>,
@@ -137,13 +139,18 @@ impl Metrics {
         *self.store_error.lock().expect("metrics lock") = error.map(str::to_string);
     }
 
-    /// Sets the feature names that get counters of their own.
+    /// Adds feature names that get counters (and journal rows) of their own.
     pub fn set_licensed(&self, names: std::collections::BTreeSet<String>) {
-        *self.licensed.write().expect("metrics lock") = Arc::new(names);
+        let mut licensed = self.licensed.write().expect("metrics lock");
+        if !names.is_subset(&licensed) {
+            let mut all = (**licensed).clone();
+            all.extend(names);
+            *licensed = Arc::new(all);
+        }
     }
 
-    /// The name a denial of `feature` counts under: itself if licensed, else
-    /// [`UNLICENSED_FEATURE`].
+    /// The name a denial of `feature` counts under: itself if licensed (now or
+    /// earlier in this run), else [`UNLICENSED_FEATURE`].
     pub fn counted_as<'a>(&self, feature: &'a str) -> &'a str {
         if self.licensed.read().expect("metrics lock").contains(feature) {
             feature
