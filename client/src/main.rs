@@ -1009,7 +1009,8 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
     let demo = if demo { " (demo)" } else { "" };
     say!(
         "server {server}{demo}, key {}, time {}",
-        status.server_fingerprint, status.server_time
+        status.server_fingerprint,
+        status.server_time
     );
     say!("{:<20} {:>7} {:>7}  EXPIRES", "FEATURE", "IN USE", "TOTAL");
     for f in &status.features {
@@ -1029,7 +1030,9 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
         };
         say!(
             "{:<20} {:>7} {:>7}  {expires}{eval}{over}",
-            f.name, f.in_use, total
+            f.name,
+            f.in_use,
+            total
         );
         for h in &f.holders {
             let borrowed = h
@@ -1038,7 +1041,12 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
                 .unwrap_or_default();
             say!(
                 "  {}  {}  pid {}  {}  {} seat(s) since {}{borrowed}",
-                h.lease, h.client, h.client.pid, h.client.program, h.count, h.since
+                h.lease,
+                h.client,
+                h.client.pid,
+                h.client.program,
+                h.count,
+                h.since
             );
         }
         for (i, q) in f.queue.iter().enumerate() {

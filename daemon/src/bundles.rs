@@ -262,11 +262,12 @@ pub fn read_returned(data_dir: &Path) -> std::io::Result<BTreeSet<String>> {
 /// for each bundle a return retired (bundle ids hold no spaces; `#` starts a comment).
 /// Lists written before retired lines existed hold ids only and read the same.
 pub fn read_returns(data_dir: &Path) -> std::io::Result<Returns> {
-    let text = match crate::files::read_regular_text(&data_dir.join(RETURNED_FILE), MAX_RETURNED_FILE) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Returns::default()),
-        Err(e) => return Err(e),
-    };
+    let text =
+        match crate::files::read_regular_text(&data_dir.join(RETURNED_FILE), MAX_RETURNED_FILE) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Returns::default()),
+            Err(e) => return Err(e),
+        };
     let mut out = Returns::default();
     for line in text
         .lines()

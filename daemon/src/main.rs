@@ -616,9 +616,16 @@ fn redact_config(text: &str) -> String {
             .split_once('=')
             .map(|(k, _)| k.trim().trim_start_matches('#').trim().to_ascii_lowercase());
         let secret_key = key.as_deref().is_some_and(|k| {
-            ["token", "password", "passwd", "secret", "credential", "auth"]
-                .iter()
-                .any(|w| k.contains(w))
+            [
+                "token",
+                "password",
+                "passwd",
+                "secret",
+                "credential",
+                "auth",
+            ]
+            .iter()
+            .any(|w| k.contains(w))
                 && !k.ends_with("_file")
         });
         if secret_key {
@@ -939,7 +946,10 @@ mod tests {
         for secret in ["s3cret", "ana:", "abc123", "hunter2", "\"pw\""] {
             assert!(!shown.contains(secret), "{secret} left in:\n{shown}");
         }
-        assert!(shown.contains("https://REDACTED@vendor.example/up?REDACTED"), "{shown}");
+        assert!(
+            shown.contains("https://REDACTED@vendor.example/up?REDACTED"),
+            "{shown}"
+        );
         assert!(shown.contains("data_dir = \"/var/lib/tally\""), "{shown}");
     }
 }

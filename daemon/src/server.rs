@@ -152,7 +152,12 @@ impl Metrics {
     /// The name a denial of `feature` counts under: itself if licensed (now or
     /// earlier in this run), else [`UNLICENSED_FEATURE`].
     pub fn counted_as<'a>(&self, feature: &'a str) -> &'a str {
-        if self.licensed.read().expect("metrics lock").contains(feature) {
+        if self
+            .licensed
+            .read()
+            .expect("metrics lock")
+            .contains(feature)
+        {
             feature
         } else {
             UNLICENSED_FEATURE
@@ -160,7 +165,10 @@ impl Metrics {
     }
 
     fn denied(&self, at: UnixTime, feature: &str, holder: &ClientIdentity, reason: &DenialReason) {
-        let key = (self.counted_as(feature).to_string(), reason.code().to_string());
+        let key = (
+            self.counted_as(feature).to_string(),
+            reason.code().to_string(),
+        );
         *self
             .denials
             .lock()

@@ -746,9 +746,20 @@ mod tests {
         assert!(check_name("user", "ana").is_ok());
         assert!(check_name("user", "CORP\\ana").is_ok());
         assert!(check_name("user", "jos\u{e9}").is_ok());
-        for bad in ["a\nb", "a\rb", "\u{1b}[31m", "a\u{7}", "a\u{7f}", "a\u{9b}", "a\u{202e}b"] {
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "\u{1b}[31m",
+            "a\u{7}",
+            "a\u{7f}",
+            "a\u{9b}",
+            "a\u{202e}b",
+        ] {
             let e = check_name("user", bad).unwrap_err();
-            assert!(e.starts_with("user contains the control character U+"), "{e}");
+            assert!(
+                e.starts_with("user contains the control character U+"),
+                "{e}"
+            );
         }
         assert_eq!(check_name("feature", "").unwrap_err(), "feature is empty");
         assert_eq!(escape_unprintable("ok"), "ok");

@@ -213,7 +213,10 @@ fn read_bounded(path: &Path, limit: u64) -> Result<String, Failure> {
         .with_context(at)
         .map_err(data)?;
     if bytes.len() as u64 > limit {
-        return Err(data(anyhow!("{}: larger than {limit} bytes", path.display())));
+        return Err(data(anyhow!(
+            "{}: larger than {limit} bytes",
+            path.display()
+        )));
     }
     String::from_utf8(bytes).map_err(|_| data(anyhow!("{}: not a text file", path.display())))
 }

@@ -509,9 +509,11 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
     let known = features.clone();
     let unlicensed = |f: &str| !known.contains(f);
     if links.iter().any(|l| {
-        l.report.report.events.iter().any(
-            |e| matches!(&e.event, UsageEvent::Denied { feature, .. } if unlicensed(feature)),
-        )
+        l.report
+            .report
+            .events
+            .iter()
+            .any(|e| matches!(&e.event, UsageEvent::Denied { feature, .. } if unlicensed(feature)))
     }) {
         features.insert(UNLICENSED_FEATURE.to_string());
     }
@@ -596,9 +598,7 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
                     }
                     UsageEvent::Denied {
                         feature: f, reason, ..
-                    } if *f == feature
-                        || (feature == UNLICENSED_FEATURE && unlicensed(f)) =>
-                    {
+                    } if *f == feature || (feature == UNLICENSED_FEATURE && unlicensed(f)) => {
                         for a in [&mut acc, &mut total] {
                             *a.stats.denials.entry(reason.clone()).or_default() += 1;
                         }

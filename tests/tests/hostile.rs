@@ -76,10 +76,7 @@ impl Site {
             root: tempfile::tempdir().unwrap(),
         };
         std::fs::create_dir_all(site.path("bundles")).unwrap();
-        for args in [
-            vec!["init", "--data-dir"],
-            vec!["request", "--data-dir"],
-        ] {
+        for args in [vec!["init", "--data-dir"], vec!["request", "--data-dir"]] {
             let mut c = Command::new(bin("tallyd"));
             c.args(&args).arg(site.path("data"));
             if args[0] == "request" {
@@ -247,7 +244,10 @@ fn control_characters_in_names_are_refused_and_forge_no_log_line() {
     let out = run_within(
         daemon
             .tally()
-            .env("USER", format!("{forged}\u{1b}]0;owned-title\u{7}\u{1b}[31mRED"))
+            .env(
+                "USER",
+                format!("{forged}\u{1b}]0;owned-title\u{7}\u{1b}[31mRED"),
+            )
             .args(["run", "solver", "--", "true"]),
         Duration::from_secs(30),
     )
@@ -258,7 +258,10 @@ fn control_characters_in_names_are_refused_and_forge_no_log_line() {
         stderr.contains("user contains the control character U+000A"),
         "{stderr}"
     );
-    assert!(!stderr.contains('\u{1b}'), "escape sequence on the terminal: {stderr:?}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "escape sequence on the terminal: {stderr:?}"
+    );
 
     // Every other client-supplied name: host, program, display, feature, version.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -276,18 +279,26 @@ fn control_characters_in_names_are_refused_and_forge_no_log_line() {
             Ok(_) => panic!("hello with a control character in {field} accepted"),
             Err(e) => e.to_string(),
         };
-        assert!(e.contains(&format!("{field} contains the control character")), "{e}");
+        assert!(
+            e.contains(&format!("{field} contains the control character")),
+            "{e}"
+        );
     }
     let session = rt.block_on(Session::connect(&base)).unwrap();
     let mut bad_feature = one_seat("solver\n INFO granted");
     let mut bad_version = one_seat("solver");
     bad_version.version = Some("2026\u{1b}[31m".into());
-    for (what, request) in [("feature name", &mut bad_feature), ("version", &mut bad_version)] {
+    for (what, request) in [
+        ("feature name", &mut bad_feature),
+        ("version", &mut bad_version),
+    ] {
         match rt.block_on(session.checkout(request)) {
             Err(ClientError::Denied(d)) => {
                 assert_eq!(d.reason.code(), "invalid_request");
                 assert!(
-                    d.reason.to_string().contains(&format!("{what} contains the control character")),
+                    d.reason
+                        .to_string()
+                        .contains(&format!("{what} contains the control character")),
                     "{}",
                     d.reason
                 );
@@ -297,10 +308,14 @@ fn control_characters_in_names_are_refused_and_forge_no_log_line() {
     }
     let log = daemon.log_text();
     assert!(
-        !log.lines().any(|l| l.starts_with("2026-12-01T00:00:00") || l.contains("deadbeef")),
+        !log.lines()
+            .any(|l| l.starts_with("2026-12-01T00:00:00") || l.contains("deadbeef")),
         "the forged line reached the log:\n{log}"
     );
-    assert!(!log.contains('\u{1b}'), "an escape sequence reached the log");
+    assert!(
+        !log.contains('\u{1b}'),
+        "an escape sequence reached the log"
+    );
 }
 
 /// Scenario 6: a FIFO in the bundle directory hung `tallyd run`, `check-config`, every
@@ -332,12 +347,18 @@ fn fifos_devices_and_stuck_files_never_hang_tallyd() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("p.bundle: refused: not a regular file (a FIFO)"), "{text}");
+    assert!(
+        text.contains("p.bundle: refused: not a regular file (a FIFO)"),
+        "{text}"
+    );
     assert!(
         text.contains("zero.bundle: refused: not a regular file (a device or socket)"),
         "{text}"
     );
-    assert!(text.contains("paid"), "the real bundle is not served: {text}");
+    assert!(
+        text.contains("paid"),
+        "the real bundle is not served: {text}"
+    );
 
     let daemon = site.daemon();
     assert_eq!(daemon.feature("solver")["total"], 1);
@@ -382,7 +403,11 @@ fn fifos_devices_and_stuck_files_never_hang_tallyd() {
     let out = admin_reload();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(stderr.contains("still stuck"), "{stderr}");
-    assert_eq!(daemon.feature("solver")["total"], 1, "the bundles were dropped");
+    assert_eq!(
+        daemon.feature("solver")["total"],
+        1,
+        "the bundles were dropped"
+    );
     let rss = rss_mib(daemon.pid());
     println!("daemon RSS with a FIFO, /dev/zero and a stuck reload: {rss:.1} MiB");
     assert!(rss < 100.0, "daemon RSS {rss:.1} MiB");
@@ -424,7 +449,10 @@ fn hidden_status_hides_holders_and_diagnose_redacts() {
             return false;
         }
         assert!(stderr.contains("(1 held)"), "{stderr}");
-        assert!(!stderr.contains("ana"), "a holder shown without the token: {stderr}");
+        assert!(
+            !stderr.contains("ana"),
+            "a holder shown without the token: {stderr}"
+        );
         true
     }));
 
@@ -444,7 +472,10 @@ fn hidden_status_hides_holders_and_diagnose_redacts() {
         .output()
         .unwrap());
     let written = std::fs::read_to_string(&out_file).unwrap();
-    assert!(!written.contains("s3cret") && !written.contains("abc123"), "{written}");
+    assert!(
+        !written.contains("s3cret") && !written.contains("abc123"),
+        "{written}"
+    );
     assert!(written.contains("REDACTED@127.0.0.1:9"), "{written}");
     let mode = std::fs::metadata(&out_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "support file mode {mode:o}");
