@@ -14,6 +14,7 @@
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -434,9 +435,23 @@ fn hidden_status_hides_holders_and_diagnose_redacts() {
             .args(["run", "solver", "--", "sleep", "120"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own group, so that dropping the holder kills the `sleep` too.
+            .process_group(0)
             .spawn()
             .unwrap(),
     );
+    // ana holds the seat before bo asks (status needs the token here).
+    assert!(wait_until(Duration::from_secs(20), || {
+        let out = daemon
+            .tally()
+            .args(["status", "--json", "--admin-token-file"])
+            .arg(site.path("data/admin.token"))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|s| s["features"][0]["in_use"] == 1)
+            .unwrap_or(false)
+    }));
     assert!(wait_until(Duration::from_secs(20), || {
         let out = daemon
             .tally()
