@@ -1849,7 +1849,40 @@ fn grant(record: &LeaseRecord, holder: &ClientIdentity, key: &SecretKey) -> Leas
 
 #[cfg(test)]
 mod tests {
-    use super::storage_fault;
+    use super::{storage_fault, Metrics};
+    use tally_protocol::time::UnixTime;
+    use tally_protocol::wire::{ClientIdentity, DenialReason, UNLICENSED_FEATURE};
+
+    /// Issue 20, scenario 4: every denial, rate-limited ones included, added a counter
+    /// under the name the client chose.
+    #[test]
+    fn denial_counters_are_keyed_by_licensed_names_only() {
+        let m = Metrics::default();
+        m.set_licensed(["solver".to_string()].into());
+        // A reload that drops a feature keeps its counters' name.
+        m.set_licensed(["viewer".to_string()].into());
+        let who = ClientIdentity {
+            user: "mallory".into(),
+            host: "ws".into(),
+            pid: 1,
+            program: "p".into(),
+            display: None,
+        };
+        let limited = DenialReason::RateLimited { retry_after_ms: 5 };
+        for i in 0..1_000 {
+            m.denied(UnixTime(0), &format!("junk-{i}"), &who, &limited);
+        }
+        m.denied(UnixTime(0), "solver", &who, &limited);
+        m.denied(UnixTime(0), "viewer", &who, &limited);
+        let denials = m.denials.lock().unwrap();
+        let keys: Vec<&str> = denials.keys().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(keys, vec![UNLICENSED_FEATURE, "solver", "viewer"]);
+        assert_eq!(
+            denials[&(UNLICENSED_FEATURE.to_string(), "rate_limited".to_string())],
+            1_000
+        );
+        assert_eq!(m.recent.lock().unwrap().len(), 50);
+    }
 
     /// Issue 20, scenario 8: storage denials carried the store's path and sled's Debug
     /// text to every client.
