@@ -255,7 +255,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("tally: {}", f.message);
+            // Messages carry names from the server (holders, features); an older or
+            // hostile server must not drive this terminal with them.
+            eprintln!("tally: {}", shown(&f.message));
             ExitCode::from(f.code)
         }
     }
@@ -500,7 +502,7 @@ async fn run_with_seat(
                 Ok(handle) => (Some(client), handle, terms),
                 Err(ClientError::Denied(denial)) => {
                     client.close().await;
-                    eprintln!("tally: denied: {denial}");
+                    eprintln!("tally: denied: {}", shown(&denial.to_string()));
                     return Ok(EX_TEMPFAIL);
                 }
                 Err(e) => {
@@ -864,7 +866,7 @@ async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHan
 async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
     let mut failed = 0u8;
     let mut report = |level: &str, text: String| {
-        println!("{level:<5} {text}");
+        println!("{level:<5} {}", shown(&text));
         if level == "FAIL" && failed == 0 {
             failed = 1;
         }
@@ -993,13 +995,24 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
     }
 }
 
+/// Text from elsewhere as it may reach a terminal: control characters (escape
+/// sequences, line breaks) written as `\u{..}` escapes.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    tally_protocol::wire::escape_unprintable(text)
+}
+
 fn print_status(status: &StatusReply, server: &str, demo: bool) {
+    // Each line is escaped whole: names of holders and features come from the server.
+    macro_rules! say {
+        ($($arg:tt)*) => { println!("{}", shown(&format!($($arg)*))) };
+    }
     let demo = if demo { " (demo)" } else { "" };
-    println!(
+    say!(
         "server {server}{demo}, key {}, time {}",
-        status.server_fingerprint, status.server_time
+        status.server_fingerprint,
+        status.server_time
     );
-    println!("{:<20} {:>7} {:>7}  EXPIRES", "FEATURE", "IN USE", "TOTAL");
+    say!("{:<20} {:>7} {:>7}  EXPIRES", "FEATURE", "IN USE", "TOTAL");
     for f in &status.features {
         let total = f
             .total
@@ -1015,22 +1028,29 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
         } else {
             String::new()
         };
-        println!(
+        say!(
             "{:<20} {:>7} {:>7}  {expires}{eval}{over}",
-            f.name, f.in_use, total
+            f.name,
+            f.in_use,
+            total
         );
         for h in &f.holders {
             let borrowed = h
                 .borrowed_until
                 .map(|u| format!("  borrowed until {u}"))
                 .unwrap_or_default();
-            println!(
+            say!(
                 "  {}  {}  pid {}  {}  {} seat(s) since {}{borrowed}",
-                h.lease, h.client, h.client.pid, h.client.program, h.count, h.since
+                h.lease,
+                h.client,
+                h.client.pid,
+                h.client.program,
+                h.count,
+                h.since
             );
         }
         for (i, q) in f.queue.iter().enumerate() {
-            println!(
+            say!(
                 "  queued #{}  {}  pid {}  {}  {} seat(s) since {}",
                 i + 1,
                 q.client,

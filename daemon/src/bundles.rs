@@ -16,6 +16,9 @@ use tally_protocol::time::UnixTime;
 
 /// Largest bundle file read.
 pub const MAX_BUNDLE_FILE: u64 = 4 * 1024 * 1024;
+/// Largest list of returned bundles read (ids and retired lines: far more than any
+/// site returns).
+pub const MAX_RETURNED_FILE: u64 = 16 * 1024 * 1024;
 /// File name of the list of returned bundle ids in the data directory.
 pub const RETURNED_FILE: &str = "returned-bundles";
 
@@ -119,11 +122,14 @@ fn judge_file(path: &Path, rules: &BundleRules, now: UnixTime) -> Judged {
 
 /// Reads a bundle file and checks signature, signer and binding (dates aside).
 fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if meta.len() > MAX_BUNDLE_FILE {
-        return Err(format!("larger than {MAX_BUNDLE_FILE} bytes, not a bundle"));
-    }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    // Without blocking, regular files only, bounded by the bytes read: a FIFO hung
+    // every load, and `/dev/zero` (metadata length 0) was read to gigabytes.
+    let bytes = crate::files::read_regular(path, MAX_BUNDLE_FILE).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => {
+            format!("larger than {MAX_BUNDLE_FILE} bytes, not a bundle")
+        }
+        _ => e.to_string(),
+    })?;
     let text = String::from_utf8(bytes).map_err(|_| "not a text file".to_string())?;
     let signed = bundle::from_armored(&text).map_err(|e| e.to_string())?;
     let verified = bundle::verify(&signed, &rules.vendor_keys).map_err(|e| e.to_string())?;
@@ -256,11 +262,12 @@ pub fn read_returned(data_dir: &Path) -> std::io::Result<BTreeSet<String>> {
 /// for each bundle a return retired (bundle ids hold no spaces; `#` starts a comment).
 /// Lists written before retired lines existed hold ids only and read the same.
 pub fn read_returns(data_dir: &Path) -> std::io::Result<Returns> {
-    let text = match std::fs::read_to_string(data_dir.join(RETURNED_FILE)) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Returns::default()),
-        Err(e) => return Err(e),
-    };
+    let text =
+        match crate::files::read_regular_text(&data_dir.join(RETURNED_FILE), MAX_RETURNED_FILE) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Returns::default()),
+            Err(e) => return Err(e),
+        };
     let mut out = Returns::default();
     for line in text
         .lines()

@@ -60,6 +60,49 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Reads a file someone else put there (a bundle, a spooled report, a key, a list),
+/// at most `limit` bytes: opened without blocking (a FIFO would otherwise wait forever
+/// for a writer), refused unless the opened file is a regular file (checked on the
+/// descriptor, so a swap after a check by name changes nothing: a FIFO, a device such
+/// as `/dev/zero` behind a symlink, a directory are refused), and bounded by the bytes
+/// actually read, not by the length the metadata claims (0 for devices).
+pub fn read_regular(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else if std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
+            "a FIFO"
+        } else {
+            "a device or socket"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a regular file ({kind}); only regular files are read"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(limit) as usize);
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_regular`] as UTF-8 text.
+pub fn read_regular_text(path: &Path, limit: u64) -> io::Result<String> {
+    String::from_utf8(read_regular(path, limit)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not a text file (not UTF-8)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +123,30 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"three");
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn reads_only_regular_files_and_bounds_by_bytes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("p.bundle");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let started = std::time::Instant::now();
+        let e = read_regular(&fifo, 1024).unwrap_err();
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let zero = dir.path().join("z.bundle");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let e = read_regular(&zero, 1024).unwrap_err();
+        assert!(e.to_string().contains("a device"), "{e}");
+        let e = read_regular(dir.path(), 1024).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 2000]).unwrap();
+        assert!(read_regular(&big, 1999).is_err());
+        assert_eq!(read_regular(&big, 2000).unwrap().len(), 2000);
     }
 }

@@ -36,9 +36,13 @@ pub fn load(path: &Path) -> Result<SecretKey> {
             path.display()
         );
     }
-    let text = fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let text = crate::files::read_regular_text(path, MAX_SMALL_FILE)
+        .with_context(|| format!("{}", path.display()))?;
     SecretKey::from_armored(&text).with_context(|| format!("{}", path.display()))
 }
+
+/// Largest key or token file read.
+const MAX_SMALL_FILE: u64 = 64 * 1024;
 
 /// A new key from the OS random source.
 pub fn generate() -> Result<SecretKey> {
@@ -84,7 +88,8 @@ pub fn load_admin_token(path: &Path) -> Result<String> {
             path.display()
         );
     }
-    let token = fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let token = crate::files::read_regular_text(path, MAX_SMALL_FILE)
+        .with_context(|| format!("{}", path.display()))?;
     let token = token.trim().to_string();
     if token.len() < 32 {
         bail!(

@@ -472,6 +472,11 @@ impl Ledger {
         self.serve_queues(now);
     }
 
+    /// The feature names served now (package components included).
+    pub fn feature_names(&self) -> BTreeSet<String> {
+        self.features.keys().cloned().collect()
+    }
+
     /// Re-adds leases found in the store after a restart, with nothing known of the
     /// previous run: they expire one TTL from now unless re-attached. The daemon uses
     /// [`Ledger::restore_with`].

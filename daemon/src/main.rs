@@ -312,7 +312,7 @@ fn load_site(config_path: &Path) -> Result<Site, Failure> {
     let key = load_identity(&config.data_dir)?;
     let mut vendor_keys = Vec::new();
     for path in &config.vendor_keys {
-        let text = std::fs::read_to_string(path)
+        let text = tally_daemon::files::read_regular_text(path, 64 * 1024)
             .with_context(|| format!("vendor key {}", path.display()))
             .map_err(usage)?;
         let key = tally_protocol::keys::public_key_from_armored(&text)
@@ -531,10 +531,11 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
             "os": host::os(),
             "virtualization": host::virtualization(),
         },
-        // The config names files; it holds no secret itself (keys and the admin token
-        // live in the data directory and are never read here).
+        // The config names files; keys and the admin token live in the data directory
+        // and are never read here. What it may hold (credentials in an upload URL, a
+        // value under a token-like key) is redacted.
         "config_file": config_path.display().to_string(),
-        "config": config_text,
+        "config": redact_config(&config_text),
     });
     match load_site(config_path) {
         Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e)) => {
@@ -594,7 +595,8 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         _ => json!("journalctl not available: attach tallyd's log output"),
     };
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Failure::Runtime(e.into()))?;
-    tally_daemon::files::write_atomic(out, text.as_bytes(), 0o644)
+    // 0600: a support file describes the site (hosts, bundles, paths, log lines).
+    tally_daemon::files::write_atomic(out, text.as_bytes(), 0o600)
         .with_context(|| format!("writing {}", out.display()))
         .map_err(usage)?;
     println!(
@@ -602,6 +604,72 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         out.display()
     );
     Ok(())
+}
+
+/// The config file as a support file may show it: credentials in URLs (`user:pass@`,
+/// query strings) and the values of token-, password- or secret-like keys replaced by
+/// `REDACTED`, line by line, so comments and layout stay readable.
+fn redact_config(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let key = line
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_start_matches('#').trim().to_ascii_lowercase());
+        let secret_key = key.as_deref().is_some_and(|k| {
+            [
+                "token",
+                "password",
+                "passwd",
+                "secret",
+                "credential",
+                "auth",
+            ]
+            .iter()
+            .any(|w| k.contains(w))
+                && !k.ends_with("_file")
+        });
+        if secret_key {
+            let (k, _) = line.split_once('=').expect("checked above");
+            out.push_str(k);
+            out.push_str("= \"REDACTED\"");
+        } else {
+            out.push_str(&redact_urls(line));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `line` with the user information and query of every URL in it replaced.
+fn redact_urls(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = &rest[i + 3..];
+        let end = rest
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ','))
+            .unwrap_or(rest.len());
+        let (url, after) = rest.split_at(end);
+        let (authority, path) = url.split_at(url.find('/').unwrap_or(url.len()));
+        match authority.rsplit_once('@') {
+            Some((_, host)) => {
+                out.push_str("REDACTED@");
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        match path.split_once('?') {
+            Some((p, _)) => {
+                out.push_str(p);
+                out.push_str("?REDACTED");
+            }
+            None => out.push_str(path),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure> {
@@ -861,4 +929,27 @@ fn print_demo_banner(
     println!("  tally --server {addr} --demo run solver -- sleep 30");
     println!("(from the source tree, `tally` is `cargo run --release --bin tally --`)");
     println!("Stop with Ctrl-C.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_config;
+
+    /// Issue 20, scenario 8: `diagnose` copied credentials verbatim.
+    #[test]
+    fn diagnose_redacts_credentials() {
+        let text = "data_dir = \"/var/lib/tally\"\n\
+                    report_upload_url = \"https://ana:s3cret@vendor.example/up?sig=abc123\"\n\
+                    # admin_token = \"hunter2\"\n\
+                    upload_password = \"pw\"\n";
+        let shown = redact_config(text);
+        for secret in ["s3cret", "ana:", "abc123", "hunter2", "\"pw\""] {
+            assert!(!shown.contains(secret), "{secret} left in:\n{shown}");
+        }
+        assert!(
+            shown.contains("https://REDACTED@vendor.example/up?REDACTED"),
+            "{shown}"
+        );
+        assert!(shown.contains("data_dir = \"/var/lib/tally\""), "{shown}");
+    }
 }

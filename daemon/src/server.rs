@@ -34,6 +34,11 @@ use tracing::{debug, info, warn};
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a grant's stream waits for the client to acknowledge the grant.
 const GRANT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reload may take to read the bundle directory and the policy. A reload
+/// that cannot finish in time (a file that never answers) is given up: the previous
+/// bundles stay, and neither shutdown nor later reloads wait for it. Below the
+/// client's request timeout (10 s), so `tally admin reload` hears why.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(5);
 /// Most requests the ledger task takes into one batch (one flush).
 const MAX_BATCH: usize = 256;
 /// Queue of requests waiting for the ledger task; when full, connection tasks wait,
@@ -90,8 +95,14 @@ pub struct ServerParams {
 /// Counters the operations endpoint shows.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Denials by (feature, reason code).
+    /// Denials by (feature, reason code); features no bundle licenses count under
+    /// [`UNLICENSED_FEATURE`], so the map is bounded by the licensed names times the
+    /// reason codes, whatever names clients make up.
     pub denials: Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// The feature names the ledger served at any time since the start (added to at
+    /// each reload, never taken from: a feature that ended with a trial is still
+    /// worth naming in a denial). Bounded by what the vendor's bundles name.
+    pub licensed: RwLock<Arc<std::collections::BTreeSet<String>>>,
     /// The most recent denials, newest last.
     pub recent: Mutex<std::collections::VecDeque<RecentDenial>>,
     /// Heartbeat requests answered.
@@ -130,12 +141,41 @@ impl Metrics {
         *self.store_error.lock().expect("metrics lock") = error.map(str::to_string);
     }
 
+    /// Adds feature names that get counters (and journal rows) of their own.
+    pub fn set_licensed(&self, names: std::collections::BTreeSet<String>) {
+        let mut licensed = self.licensed.write().expect("metrics lock");
+        if !names.is_subset(&licensed) {
+            let mut all = (**licensed).clone();
+            all.extend(names);
+            *licensed = Arc::new(all);
+        }
+    }
+
+    /// The name a denial of `feature` counts under: itself if licensed (now or
+    /// earlier in this run), else [`UNLICENSED_FEATURE`].
+    pub fn counted_as<'a>(&self, feature: &'a str) -> &'a str {
+        if self
+            .licensed
+            .read()
+            .expect("metrics lock")
+            .contains(feature)
+        {
+            feature
+        } else {
+            UNLICENSED_FEATURE
+        }
+    }
+
     fn denied(&self, at: UnixTime, feature: &str, holder: &ClientIdentity, reason: &DenialReason) {
+        let key = (
+            self.counted_as(feature).to_string(),
+            reason.code().to_string(),
+        );
         *self
             .denials
             .lock()
             .expect("metrics lock")
-            .entry((feature.to_string(), reason.code().to_string()))
+            .entry(key)
             .or_default() += 1;
         let mut recent = self.recent.lock().expect("metrics lock");
         if recent.len() >= RECENT_DENIALS {
@@ -310,6 +350,10 @@ struct Shared {
     status_needs_token: bool,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// Reload threads still reading: more than 0 while a reload is waited for, and
+    /// after one missed its deadline until it ends (then no other one starts, so at
+    /// most one thread is ever stuck).
+    reloads_running: Arc<std::sync::atomic::AtomicUsize>,
     next_waiter: AtomicU64,
     /// Notified by an admin shutdown request.
     shutdown: tokio::sync::Notify,
@@ -324,6 +368,35 @@ struct Shared {
 }
 
 impl Shared {
+    /// A denial as a client may see it: with `status_needs_token`, who holds the seats
+    /// is for admins only (the count stays); a storage fault is named by its kind,
+    /// without the server's paths or internal error text (the log has those).
+    fn client_view(&self, reason: DenialReason) -> DenialReason {
+        match reason {
+            DenialReason::AllSeatsInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders,
+            } => DenialReason::AllSeatsInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders: if self.status_needs_token {
+                    Vec::new()
+                } else {
+                    holders
+                },
+            },
+            DenialReason::StorageUnavailable { what } => DenialReason::StorageUnavailable {
+                what: storage_fault(&what),
+            },
+            other => other,
+        }
+    }
+
     /// Whether `token` is the admin token (compared in constant time).
     fn is_admin(&self, token: Option<&str>) -> bool {
         match (&self.admin_token, token) {
@@ -488,6 +561,7 @@ impl Server {
             admin_token: params.admin_token,
             status_needs_token: params.status_needs_token,
             reloading: tokio::sync::Mutex::new(()),
+            reloads_running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_waiter: AtomicU64::new(1),
             shutdown: tokio::sync::Notify::new(),
             reports: params.reports,
@@ -496,6 +570,7 @@ impl Server {
             upload_wake: Arc::new(tokio::sync::Notify::new()),
             admission: Admission::new(params.limits),
         });
+        shared.metrics.set_licensed(ledger.feature_names());
         let http = match params.http_listen {
             Some(addr) => {
                 let std_listener = std::net::TcpListener::bind(addr)
@@ -823,11 +898,13 @@ async fn run_ledger(
                         Checkout::Denied(reason) => {
                             info!(feature = %request.feature, holder = %holder, %reason, "denied");
                             metrics.denied(now.wall, &request.feature, &holder, &reason);
+                            // The fact of the denial is kept; a name no bundle
+                            // licenses is not (clients can make up any number).
                             record(
                                 &mut journal,
                                 now.wall,
                                 UsageEvent::Denied {
-                                    feature: request.feature.clone(),
+                                    feature: metrics.counted_as(&request.feature).to_string(),
                                     reason: reason.code().into(),
                                     user: holder.user.clone(),
                                     host: holder.host.clone(),
@@ -913,6 +990,7 @@ async fn run_ledger(
                         record(&mut journal, now.wall, event);
                     }
                     ledger.reload(now, &bundles);
+                    metrics.set_licensed(ledger.feature_names());
                     ledger.set_policy(now, policy);
                     let _ = done.send(());
                 }
@@ -1505,7 +1583,9 @@ fn error(message: impl Into<String>) -> Response {
     })
 }
 
-/// Checks that no identity field is empty or oversized.
+/// Checks that no identity field is empty, oversized or holds control characters:
+/// these names go into the log, other users' terminals, the dashboard and the vendor's
+/// report, and a line break or an escape sequence in them forges what people read.
 fn check_identity(client: &ClientIdentity) -> Result<(), String> {
     let fields = [
         ("user", client.user.as_str()),
@@ -1514,12 +1594,16 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
         ("display", client.display.as_deref().unwrap_or("-")),
     ];
     for (name, value) in fields {
-        if value.is_empty() {
-            return Err(format!("hello: {name} is empty"));
-        }
-        if value.len() > MAX_NAME_LEN {
-            return Err(format!("hello: {name} is longer than {MAX_NAME_LEN} bytes"));
-        }
+        check_name(name, value).map_err(|e| format!("hello: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Checks the names of a checkout (feature, version) like identity fields.
+fn check_checkout(request: &CheckoutRequest) -> Result<(), String> {
+    check_name("feature name", &request.feature)?;
+    if let Some(version) = &request.version {
+        check_name("version", version)?;
     }
     Ok(())
 }
@@ -1557,11 +1641,9 @@ async fn dispatch(
             let Some(holder) = identity.lock().expect("identity lock").clone() else {
                 return error("send hello before checkout");
             };
-            if request.feature.is_empty() || request.feature.len() > MAX_NAME_LEN {
+            if let Err(what) = check_checkout(&request) {
                 return Response::Checkout(CheckoutReply::Denied(Denial {
-                    reason: DenialReason::InvalidRequest {
-                        what: "feature name is empty or too long".into(),
-                    },
+                    reason: DenialReason::InvalidRequest { what },
                 }));
             }
             if let Err(wait) = shared.admission.checkout(remote, std::time::Instant::now()) {
@@ -1604,7 +1686,9 @@ async fn dispatch(
                 Ok(Ok(record)) => {
                     Response::Checkout(CheckoutReply::Granted(grant(&record, &holder, &shared.key)))
                 }
-                Ok(Err(reason)) => Response::Checkout(CheckoutReply::Denied(Denial { reason })),
+                Ok(Err(reason)) => Response::Checkout(CheckoutReply::Denied(Denial {
+                    reason: shared.client_view(reason),
+                })),
                 Err(_) => closed(),
             }
         }
@@ -1751,6 +1835,26 @@ async fn dispatch(
     }
 }
 
+/// What a client is told about a storage fault: the kind of fault, if it is one people
+/// can act on, never the store's paths or the storage engine's error text.
+fn storage_fault(what: &str) -> String {
+    const KNOWN: [&str; 8] = [
+        "No space left on device",
+        "Read-only file system",
+        "Disk quota exceeded",
+        "Input/output error",
+        "Permission denied",
+        "Too many open files",
+        "files are missing",
+        "closed",
+    ];
+    match KNOWN.iter().find(|k| what.contains(*k)) {
+        Some(kind) => format!("the seat store: {kind}; held seats are kept"),
+        None => "the seat store cannot be written (the server's log says why); held seats are kept"
+            .to_string(),
+    }
+}
+
 /// Compares secrets without an early exit, so timing does not reveal a prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -1762,10 +1866,40 @@ async fn reload(shared: &Shared) -> Result<String, String> {
     let Some(reloader) = shared.reloader.clone() else {
         return Err("this server has no bundle directory to reload from".into());
     };
-    let (bundles, policy) = tokio::task::spawn_blocking(move || reloader())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{e:#}"))?;
+    if shared.reloads_running.load(Ordering::Acquire) > 0 {
+        return Err(
+            "an earlier reload is still stuck reading the bundle directory or the policy \
+             (a file on a hung mount?)"
+                .into(),
+        );
+    }
+    // A thread of its own, not tokio's blocking pool: the runtime waits for its
+    // blocking tasks when it shuts down, and a stuck read must not keep tallyd alive.
+    let (tx, rx) = oneshot::channel();
+    let running = shared.reloads_running.clone();
+    running.fetch_add(1, Ordering::AcqRel);
+    let spawned = std::thread::Builder::new()
+        .name("tallyd-reload".into())
+        .spawn(move || {
+            let result = reloader();
+            running.fetch_sub(1, Ordering::AcqRel);
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        shared.reloads_running.fetch_sub(1, Ordering::AcqRel);
+        return Err(format!("cannot start the reload: {e}"));
+    }
+    let (bundles, policy) = match tokio::time::timeout(RELOAD_DEADLINE, rx).await {
+        Err(_) => {
+            return Err(format!(
+                "reading the bundles and the policy did not finish within {} s (a file that \
+                 never answers?)",
+                RELOAD_DEADLINE.as_secs()
+            ))
+        }
+        Ok(Err(_)) => return Err("the reload ended without an answer".into()),
+        Ok(Ok(result)) => result.map_err(|e| format!("{e:#}"))?,
+    };
     let count = bundles.len();
     let (done, wait) = oneshot::channel();
     let plain: Vec<_> = bundles.iter().map(|b| b.bundle.clone()).collect();
@@ -1829,5 +1963,60 @@ fn grant(record: &LeaseRecord, holder: &ClientIdentity, key: &SecretKey) -> Leas
         overdraft: record.overdraft,
         borrowed_until: record.borrowed_until,
         token: Signed::sign(Domain::Lease, token.encode(), key),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{storage_fault, Metrics};
+    use tally_protocol::time::UnixTime;
+    use tally_protocol::wire::{ClientIdentity, DenialReason, UNLICENSED_FEATURE};
+
+    /// Issue 20, scenario 4: every denial, rate-limited ones included, added a counter
+    /// under the name the client chose.
+    #[test]
+    fn denial_counters_are_keyed_by_licensed_names_only() {
+        let m = Metrics::default();
+        m.set_licensed(["solver".to_string()].into());
+        // A reload that drops a feature keeps its counters' name.
+        m.set_licensed(["viewer".to_string()].into());
+        let who = ClientIdentity {
+            user: "mallory".into(),
+            host: "ws".into(),
+            pid: 1,
+            program: "p".into(),
+            display: None,
+        };
+        let limited = DenialReason::RateLimited { retry_after_ms: 5 };
+        for i in 0..1_000 {
+            m.denied(UnixTime(0), &format!("junk-{i}"), &who, &limited);
+        }
+        m.denied(UnixTime(0), "solver", &who, &limited);
+        m.denied(UnixTime(0), "viewer", &who, &limited);
+        let denials = m.denials.lock().unwrap();
+        let keys: Vec<&str> = denials.keys().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(keys, vec![UNLICENSED_FEATURE, "solver", "viewer"]);
+        assert_eq!(
+            denials[&(UNLICENSED_FEATURE.to_string(), "rate_limited".to_string())],
+            1_000
+        );
+        assert_eq!(m.recent.lock().unwrap().len(), 50);
+    }
+
+    /// Issue 20, scenario 8: storage denials carried the store's path and sled's Debug
+    /// text to every client.
+    #[test]
+    fn storage_faults_reach_clients_without_paths_or_debug_text() {
+        let raw = "seat store /var/lib/tally/store: Io(Custom { kind: StorageFull, error: \"No space left on device (os error 28)\" })";
+        let shown = storage_fault(raw);
+        assert_eq!(
+            shown,
+            "the seat store: No space left on device; held seats are kept"
+        );
+        let shown = storage_fault(
+            "opening the seat store: Read corrupted data at file offset None backtrace ()",
+        );
+        assert!(!shown.contains("offset") && !shown.contains('/'), "{shown}");
+        assert!(shown.contains("the server's log says why"), "{shown}");
     }
 }

@@ -111,7 +111,10 @@ impl Uploader {
     }
 
     fn upload_one(&self, file: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(file)?;
+        // Regular files only, without blocking, bounded: something else dropped into
+        // the spool must not hang or balloon the uploader.
+        let text =
+            crate::files::read_regular_text(file, tally_protocol::report::MAX_REPORT_TEXT as u64)?;
         let name = file
             .file_name()
             .and_then(|n| n.to_str())

@@ -82,6 +82,58 @@ impl fmt::Display for ClientIdentity {
 /// Longest string we accept in any identity field; longer values are refused, not cut.
 pub const MAX_NAME_LEN: usize = 256;
 
+/// The feature name under which denials of names no bundle licenses are counted and
+/// journaled: a peer can make up any number of names, and none of them may grow the
+/// daemon's counters, the vendor's report or its reconciliation by one row each.
+pub const UNLICENSED_FEATURE: &str = "(unlicensed)";
+
+/// The first character of `s` that must not appear in a name shown to people: control
+/// characters (C0, DEL, C1: line breaks and terminal escape sequences forge log lines
+/// and drive other users' terminals) and the Unicode bidirectional overrides and
+/// isolates (they make a name read as something else).
+pub fn unprintable(s: &str) -> Option<char> {
+    s.chars().find(|&c| {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    })
+}
+
+/// `s` with every character [`unprintable`] refuses written as a `\u{..}` escape: for
+/// showing text that came from elsewhere (an older server, a report) on a terminal or
+/// in a log. Backslashes stay as they are (`CORP\ana` is a real user name).
+pub fn escape_unprintable(s: &str) -> std::borrow::Cow<'_, str> {
+    if unprintable(s).is_none() {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unprintable(c.encode_utf8(&mut [0; 4])).is_some() {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Checks a name a client sends (identity field, feature, version): not empty, at most
+/// [`MAX_NAME_LEN`] bytes, nothing [`unprintable`]. The error names the field and the
+/// offending character, never echoes the value.
+pub fn check_name(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{field} is empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(format!("{field} is longer than {MAX_NAME_LEN} bytes"));
+    }
+    if let Some(c) = unprintable(value) {
+        return Err(format!(
+            "{field} contains the control character U+{:04X}; names must be printable",
+            c as u32
+        ));
+    }
+    Ok(())
+}
+
 /// The client's introduction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -682,5 +734,38 @@ impl StatusReply {
             "demo": demo,
             "features": features,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_control_characters_are_refused_and_escaped() {
+        assert!(check_name("user", "ana").is_ok());
+        assert!(check_name("user", "CORP\\ana").is_ok());
+        assert!(check_name("user", "jos\u{e9}").is_ok());
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "\u{1b}[31m",
+            "a\u{7}",
+            "a\u{7f}",
+            "a\u{9b}",
+            "a\u{202e}b",
+        ] {
+            let e = check_name("user", bad).unwrap_err();
+            assert!(
+                e.starts_with("user contains the control character U+"),
+                "{e}"
+            );
+        }
+        assert_eq!(check_name("feature", "").unwrap_err(), "feature is empty");
+        assert_eq!(escape_unprintable("ok"), "ok");
+        assert_eq!(
+            escape_unprintable("m\u{1b}]0;t\u{7}\nx"),
+            "m\\u{1b}]0;t\\u{7}\\u{a}x"
+        );
     }
 }

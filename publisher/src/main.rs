@@ -188,18 +188,36 @@ fn main() -> ExitCode {
 
 /// Reads a text file with a size bound; errors name the file.
 fn read(path: &Path) -> Result<String, Failure> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("{}", path.display()))
+    read_bounded(path, MAX_INPUT)
+}
+
+/// Reads a regular file of at most `limit` bytes, without blocking: a FIFO or a device
+/// among the inputs (a `*.bundle` in a directory, a report) is refused, not waited on
+/// or read without end; the bound is the bytes read, not the length metadata claims.
+fn read_bounded(path: &Path, limit: u64) -> Result<String, Failure> {
+    use std::io::Read;
+    let at = || format!("{}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(at)
         .map_err(usage)?;
-    if meta.len() > MAX_INPUT {
+    let meta = file.metadata().with_context(at).map_err(usage)?;
+    if !meta.is_file() {
+        return Err(data(anyhow!("{}: not a regular file", path.display())));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(at)
+        .map_err(data)?;
+    if bytes.len() as u64 > limit {
         return Err(data(anyhow!(
-            "{}: larger than {MAX_INPUT} bytes",
+            "{}: larger than {limit} bytes",
             path.display()
         )));
     }
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("{}", path.display()))
-        .map_err(usage)?;
     String::from_utf8(bytes).map_err(|_| data(anyhow!("{}: not a text file", path.display())))
 }
 
@@ -674,18 +692,7 @@ fn load_bundle_any_signer(path: &Path) -> Result<Bundle, Failure> {
 }
 
 fn read_large(path: &Path) -> Result<String, Failure> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("{}", path.display()))
-        .map_err(usage)?;
-    if meta.len() as usize > tally_protocol::report::MAX_REPORT_TEXT {
-        return Err(data(anyhow!(
-            "{}: larger than a report can be",
-            path.display()
-        )));
-    }
-    std::fs::read_to_string(path)
-        .with_context(|| format!("{}", path.display()))
-        .map_err(data)
+    read_bounded(path, tally_protocol::report::MAX_REPORT_TEXT as u64)
 }
 
 /// The bundles of `--bundle` arguments: files, and the `*.bundle` files of directories

@@ -22,6 +22,7 @@ use std::fmt::Write;
 use tally_protocol::bundle::{Bundle, Seats};
 use tally_protocol::report::{self, BundleReplay, ServedBundle, UsageEvent, VerifiedReport};
 use tally_protocol::time::UnixTime;
+use tally_protocol::wire::UNLICENSED_FEATURE;
 
 /// A report file as given: a name for messages, and its text.
 pub struct ReportFile {
@@ -494,15 +495,27 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
         .cloned()
         .collect();
     let licence = Licence::new(&ours, links);
+    // Rows: what was licensed at any time, and what was granted. A denial of any other
+    // name (a typo, or a client making names up by the thousand) counts in one
+    // `(unlicensed)` row, so made-up names never become rows of their own.
     let mut features: BTreeSet<String> = licence.features();
     for l in links {
         for e in &l.report.report.events {
-            if let UsageEvent::Granted { feature, .. } | UsageEvent::Denied { feature, .. } =
-                &e.event
-            {
+            if let UsageEvent::Granted { feature, .. } = &e.event {
                 features.insert(feature.clone());
             }
         }
+    }
+    let known = features.clone();
+    let unlicensed = |f: &str| !known.contains(f);
+    if links.iter().any(|l| {
+        l.report
+            .report
+            .events
+            .iter()
+            .any(|e| matches!(&e.event, UsageEvent::Denied { feature, .. } if unlicensed(feature)))
+    }) {
+        features.insert(UNLICENSED_FEATURE.to_string());
     }
     let mut out = Vec::new();
     for feature in features {
@@ -585,7 +598,7 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
                     }
                     UsageEvent::Denied {
                         feature: f, reason, ..
-                    } if *f == feature => {
+                    } if *f == feature || (feature == UNLICENSED_FEATURE && unlicensed(f)) => {
                         for a in [&mut acc, &mut total] {
                             *a.stats.denials.entry(reason.clone()).or_default() += 1;
                         }
@@ -672,16 +685,26 @@ pub fn to_csv(r: &Reconciliation) -> String {
 /// One CSV field: quoted when it holds a separator, a quote or a line break (RFC 4180),
 /// and kept from being read as a formula by a spreadsheet. Feature names come from
 /// reports a customer's server signs, so they are not trusted to be plain.
+///
+/// Spreadsheets split cells on more than commas (`;`, tab, `|`, whatever the locale or
+/// the import dialog says) and trim blanks, so a formula can start after any of those,
+/// not only at the start of the field: a field with a formula character (`=`, `+`, `-`,
+/// `@`) at its start or after a separator or blank is prefixed with `'` and quoted.
+/// Control characters are written as `\u{..}` escapes.
 fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
+    let mut after_separator = true;
+    let risky = s.chars().any(|c| {
+        let formula = after_separator && matches!(c, '=' | '+' | '-' | '@');
+        after_separator = matches!(c, ';' | ',' | '|' | '\t') || c.is_whitespace();
+        formula
+    });
+    let s = tally_protocol::wire::escape_unprintable(s);
+    if risky {
+        format!("\"'{}\"", s.replace('"', "\"\""))
+    } else if s.contains([',', '"', ';', '|', '\t', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s
+        s.into_owned()
     }
 }
 
@@ -839,9 +862,33 @@ mod csv_tests {
         assert_eq!(csv_field("solver"), "solver");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("=HYPERLINK(1)"), "'=HYPERLINK(1)");
+        assert_eq!(csv_field("=HYPERLINK(1)"), "\"'=HYPERLINK(1)\"");
         assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
-        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+        assert_eq!(csv_field("two\nlines"), "two\\u{a}lines");
+    }
+
+    /// Issue 20, scenario 10: a formula after a `;`, tab, `|` or blank became a formula
+    /// cell in spreadsheets that split on those.
+    #[test]
+    fn formulas_after_any_separator_are_defused_and_quoted() {
+        for name in [
+            "x;=cmd|' /C calc'!A0",
+            "x\t=1+1",
+            "x|@SUM(A1)",
+            " =1+1",
+            "a +c",
+            "x;-2",
+        ] {
+            let field = csv_field(name);
+            assert!(
+                field.starts_with("\"'") && field.ends_with('"'),
+                "{name:?} written as {field:?}"
+            );
+        }
+        // Harmless names stay as they are.
+        assert_eq!(csv_field("solver-pro"), "solver-pro");
+        assert_eq!(csv_field("a=b"), "a=b");
+        assert_eq!(csv_field("cfd 2026"), "cfd 2026");
     }
 }
 
@@ -935,6 +982,32 @@ mod licence_tests {
             .iter()
             .map(|x| (x.from_unix, x.seats, x.source.as_str()))
             .collect()
+    }
+
+    /// Issue 20, scenario 4: denials of made-up names were one reconciliation row each.
+    #[test]
+    fn denials_of_unlicensed_names_share_one_row() {
+        let mut events = usage();
+        for i in 0..100 {
+            events.push(UsageEvent::Denied {
+                feature: format!("junk-{i}"),
+                reason: "not_licensed".into(),
+                user: "mallory".into(),
+                host: "ws".into(),
+            });
+        }
+        events.push(UsageEvent::Denied {
+            feature: "solver".into(),
+            reason: "all_seats_in_use".into(),
+            user: "bo".into(),
+            host: "ws".into(),
+        });
+        let r = reconcile_all(&[bundle("paid", &[], 4, None)], &[link(events, None)]);
+        let rows: Vec<&str> = r.features.iter().map(|f| f.feature.as_str()).collect();
+        assert_eq!(rows, vec![UNLICENSED_FEATURE, "solver"]);
+        let denials = |i: usize| r.features[i].total.denials.values().sum::<u64>();
+        assert_eq!(denials(0), 100);
+        assert_eq!(denials(1), 1);
     }
 
     #[test]
