@@ -31,6 +31,9 @@ pub struct Limits {
     pub handshakes_before_retry: usize,
     /// Handshakes in progress beyond which new ones are refused.
     pub max_handshakes: usize,
+    /// Host names the HTTP endpoint answers to besides IP literals, `localhost` and
+    /// this machine's name (`http_hosts` in the config).
+    pub http_hosts: Vec<String>,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             checkout_burst: tally_config::DEFAULT_CHECKOUT_BURST,
             handshakes_before_retry: 64,
             max_handshakes: 1024,
+            http_hosts: Vec::new(),
         }
     }
 }
@@ -54,6 +58,7 @@ impl Limits {
             max_connections_per_address: config.max_connections_per_address,
             checkout_rate: config.checkout_rate,
             checkout_burst: config.checkout_burst,
+            http_hosts: config.http_hosts.clone(),
             ..Limits::default()
         }
     }
@@ -104,6 +109,11 @@ impl Admission {
             counts: Mutex::new(Counts::default()),
             buckets: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Decides on a connection attempt from `ip`; `validated` says whether its address

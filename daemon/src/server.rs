@@ -548,11 +548,12 @@ impl Server {
             tokio::spawn(crate::upload::run(uploader, shared.upload_wake.clone()));
         }
         if let Some(listener) = http {
-            let router = crate::http::router(OpsHandle {
+            let ops = OpsHandle {
                 shared: shared.clone(),
-            });
+            };
+            let hosts = shared.admission.limits().http_hosts.clone();
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, router).await {
+                if let Err(e) = crate::http::serve(listener, ops, hosts).await {
                     warn!(error = %e, "the HTTP endpoint stopped");
                 }
             });
@@ -1547,7 +1548,8 @@ async fn dispatch(
                 return error("admin operations are disabled: this server has no admin token");
             }
             if !shared.is_admin(Some(&admin.token)) {
-                warn!(conn = conn.0, "admin request with a wrong token refused");
+                // The source, never the token: a refusal is what an attack looks like.
+                warn!(%remote, conn = conn.0, "admin request refused over QUIC: wrong admin token");
                 return error("admin token is wrong");
             }
             match admin.op {
