@@ -63,11 +63,7 @@ pub async fn serve(
     ops: OpsHandle,
     hosts: Vec<String>,
 ) -> std::io::Result<()> {
-    let listener = Guarded {
-        inner: listener,
-        slots: Arc::new(Slots::default()),
-        last_warning: None,
-    };
+    let listener = Guarded::new(listener, HEAD_TIMEOUT, IDLE_TIMEOUT);
     axum::serve(
         listener,
         router(ops, hosts).into_make_service_with_connect_info::<Peer>(),
@@ -153,6 +149,20 @@ pub struct Guarded {
     slots: Arc<Slots>,
     /// When the last "connections refused" warning was logged (one per 10 s at most).
     last_warning: Option<tokio::time::Instant>,
+    /// [`HEAD_TIMEOUT`] and [`IDLE_TIMEOUT`] (shorter in unit tests).
+    timeouts: (Duration, Duration),
+}
+
+impl Guarded {
+    /// Guards `inner` with the connection caps and these timeouts.
+    fn new(inner: TcpListener, head: Duration, idle: Duration) -> Guarded {
+        Guarded {
+            inner,
+            slots: Arc::new(Slots::default()),
+            last_warning: None,
+            timeouts: (head, idle),
+        }
+    }
 }
 
 impl axum::serve::Listener for Guarded {
@@ -190,7 +200,8 @@ impl axum::serve::Listener for Guarded {
             return (
                 TimedStream {
                     stream,
-                    deadline: Box::pin(tokio::time::sleep(HEAD_TIMEOUT)),
+                    deadline: Box::pin(tokio::time::sleep(self.timeouts.0)),
+                    idle: self.timeouts.1,
                     _slot: slot,
                 },
                 addr,
@@ -208,6 +219,7 @@ impl axum::serve::Listener for Guarded {
 pub struct TimedStream {
     stream: TcpStream,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    idle: Duration,
     _slot: Slot,
 }
 
@@ -235,7 +247,7 @@ impl AsyncWrite for TimedStream {
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.stream).poll_write(cx, buf);
         if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            let next = tokio::time::Instant::now() + IDLE_TIMEOUT;
+            let next = tokio::time::Instant::now() + self.idle;
             self.deadline.as_mut().reset(next);
         }
         written
@@ -535,3 +547,107 @@ async fn reload(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) 
 
 /// The dashboard: one self-contained page, no external assets.
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn host_headers_are_ip_literals_localhost_this_machine_or_configured() {
+        let extra = vec!["tally.corp.example".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:27301",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:27301",
+            "localhost",
+            "LOCALHOST:27301",
+            "tally.corp.example",
+            "Tally.Corp.Example.:8080",
+        ] {
+            assert!(host_allowed(ok, &extra), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:27301",
+            "127.0.0.1.evil.example",
+            "127.0.0.1:99999",
+            "[::1]x",
+            "[evil]",
+            "localhost.evil.example",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &extra), "{bad}");
+        }
+    }
+
+    #[test]
+    fn connections_are_capped_per_address_and_in_all() {
+        let slots = Arc::new(Slots::default());
+        let a = IpAddr::from([10, 0, 0, 1]);
+        let held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_ADDRESS)
+            .map(|_| slots.take(a).expect("under the cap"))
+            .collect();
+        assert!(slots.take(a).is_none());
+        let mut others = Vec::new();
+        for i in 0..(MAX_CONNECTIONS - MAX_CONNECTIONS_PER_ADDRESS) {
+            let ip = IpAddr::from([10, 1, (i / 16) as u8, (i % 16) as u8]);
+            others.push(slots.take(ip).expect("under the total"));
+        }
+        assert!(slots.take(IpAddr::from([10, 2, 0, 1])).is_none());
+        drop(held);
+        assert!(slots.take(a).is_some());
+        drop(others);
+        assert_eq!(slots.held.lock().unwrap().1.len(), 0, "entries stay behind");
+    }
+
+    /// Reads from the server side of a guarded connection until it fails; how long that
+    /// took. Bounded by `limit`.
+    async fn time_to_close(stream: &mut TimedStream, limit: Duration) -> Duration {
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(limit, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("the connection outlived its deadline");
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_connection_gets_the_head_timeout_then_the_idle_timeout_after_each_answer() {
+        let head = Duration::from_millis(300);
+        let idle = Duration::from_millis(900);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut guarded = Guarded::new(listener, head, idle);
+
+        // Half a request head, then nothing: closed at the head timeout, bytes or not.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let (mut server, _) = guarded.accept().await;
+        let took = time_to_close(&mut server, Duration::from_secs(5)).await;
+        assert!(
+            took >= head - Duration::from_millis(50) && took < idle,
+            "{took:?}"
+        );
+
+        // After an answer, the connection may stay idle for the idle timeout.
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = guarded.accept().await;
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        let took = time_to_close(&mut server, Duration::from_secs(5)).await;
+        assert!(took >= idle - Duration::from_millis(50), "{took:?}");
+    }
+}

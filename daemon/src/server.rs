@@ -1528,6 +1528,12 @@ async fn dispatch(
         }
         Request::Status(status) => {
             if shared.status_needs_token && !shared.is_admin(status.admin_token.as_deref()) {
+                let why = if status.admin_token.is_some() {
+                    "a wrong admin token"
+                } else {
+                    "no admin token"
+                };
+                warn!(%remote, conn = conn.0, "status request refused over QUIC: {why}");
                 return error("this server shows its status only with the admin token");
             }
             let (reply, rx) = oneshot::channel();
@@ -1545,6 +1551,7 @@ async fn dispatch(
         }
         Request::Admin(admin) => {
             if shared.admin_token.is_none() {
+                warn!(%remote, conn = conn.0, "admin request refused over QUIC: admin operations are disabled");
                 return error("admin operations are disabled: this server has no admin token");
             }
             if !shared.is_admin(Some(&admin.token)) {
