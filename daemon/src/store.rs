@@ -50,7 +50,8 @@ pub enum StoreError {
         "seat store {path}: its log {path}/db cannot be read ({cause}); leftovers of \
          interrupted snapshots were set aside already. To serve again, stop tallyd, move \
          the directory {path} aside (keep it for support) and start tallyd: it starts an \
-         empty store, and running clients take their seats again by heartbeat"
+         empty store, and running programs are told their leases are unknown and check \
+         out again"
     )]
     Unreadable {
         /// The store directory.
