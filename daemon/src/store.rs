@@ -150,14 +150,21 @@ impl Store {
     /// ([`Store::fault`]): the daemon then starts with the store broken, refuses grants
     /// and reopens the real store once the volume can be written ([`crate::disk`]).
     pub fn open_for_serving(dir: &Path) -> Result<Store, StoreError> {
-        let error = match Store::open(dir) {
-            Ok(store) => return Ok(store),
-            Err(e) if e.is_volume_fault() && dir.join("db").is_file() => e,
-            Err(e) => return Err(e),
-        };
         let io = |cause: std::io::Error| StoreError::Sled {
             path: dir.to_path_buf(),
             cause: sled::Error::Io(cause),
+        };
+        let exists = dir.join("db").is_file();
+        // An existing store is probed first: sled on a full volume would leave a 0-byte
+        // snapshot behind at each try (set aside at the next open, but noise).
+        let first = match exists {
+            true => probe_writable(dir).map_err(io).and_then(|_| Store::open(dir)),
+            false => Store::open(dir),
+        };
+        let error = match first {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_volume_fault() && exists => e,
+            Err(e) => return Err(e),
         };
         let copy = tempfile::Builder::new()
             .prefix("tally-store-copy-")
