@@ -158,7 +158,9 @@ impl Store {
         // An existing store is probed first: sled on a full volume would leave a 0-byte
         // snapshot behind at each try (set aside at the next open, but noise).
         let first = match exists {
-            true => probe_writable(dir).map_err(io).and_then(|_| Store::open(dir)),
+            true => probe_writable(dir)
+                .map_err(io)
+                .and_then(|_| Store::open(dir)),
             false => Store::open(dir),
         };
         let error = match first {
