@@ -83,6 +83,11 @@ pub struct DaemonConfig {
     /// Its address; loopback by default, so exposing it is a decision.
     #[serde(default = "default_http_listen")]
     pub http_listen: SocketAddr,
+    /// Host names the operations endpoint answers to, besides IP literals, `localhost`
+    /// and this machine's own name: any other `Host` header is refused (421), so that
+    /// a web page cannot reach the port through a name it controls (DNS rebinding).
+    #[serde(default)]
+    pub http_hosts: Vec<String>,
     /// Most client connections at once; more are refused, so a flood of connections
     /// cannot take the memory that held leases need.
     #[serde(default = "default_max_connections")]
@@ -183,6 +188,7 @@ impl Default for DaemonConfig {
             journal_retention_days: DEFAULT_JOURNAL_RETENTION_DAYS,
             http: true,
             http_listen: default_http_listen(),
+            http_hosts: Vec::new(),
             report_upload_url: None,
             report_upload_ca: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,

@@ -7,7 +7,11 @@
 //!   being accepted quickly: a lease lives for its TTL.
 //! - Handshakes: past a few dozen in progress, a new one must first prove its source
 //!   address with a stateless QUIC retry (a spoofed flood then costs one packet each);
-//!   past a hard cap, new ones are refused.
+//!   past a hard cap, new ones are refused. The cap is shared fairly: one address may
+//!   hold at most an eighth of it in progress, one network (its /24 for IPv4, /64 for
+//!   IPv6) at most half, so a source that opens handshakes and goes silent (they
+//!   last until the idle timeout) cannot shut the rest of the network out. Past its
+//!   share, a source's unproven attempt is asked to retry and a proven one refused.
 //! - Checkouts: a token bucket per IP address. Heartbeats and checkins are never
 //!   limited: they are what keeps held seats alive.
 
@@ -31,6 +35,13 @@ pub struct Limits {
     pub handshakes_before_retry: usize,
     /// Handshakes in progress beyond which new ones are refused.
     pub max_handshakes: usize,
+    /// Handshakes in progress one IP address may hold (a share of `max_handshakes`).
+    pub max_handshakes_per_address: usize,
+    /// Handshakes in progress one network (/24 for IPv4, /64 for IPv6) may hold.
+    pub max_handshakes_per_network: usize,
+    /// Host names the HTTP endpoint answers to besides IP literals, `localhost` and
+    /// this machine's name (`http_hosts` in the config).
+    pub http_hosts: Vec<String>,
 }
 
 impl Default for Limits {
@@ -42,6 +53,9 @@ impl Default for Limits {
             checkout_burst: tally_config::DEFAULT_CHECKOUT_BURST,
             handshakes_before_retry: 64,
             max_handshakes: 1024,
+            max_handshakes_per_address: 128,
+            max_handshakes_per_network: 512,
+            http_hosts: Vec::new(),
         }
     }
 }
@@ -54,6 +68,7 @@ impl Limits {
             max_connections_per_address: config.max_connections_per_address,
             checkout_rate: config.checkout_rate,
             checkout_burst: config.checkout_burst,
+            http_hosts: config.http_hosts.clone(),
             ..Limits::default()
         }
     }
@@ -76,6 +91,36 @@ struct Counts {
     connections: usize,
     handshakes: usize,
     per_address: HashMap<IpAddr, usize>,
+    /// Handshakes in progress by address and by network ([`network`]); entries go
+    /// when they reach zero, so a flood of sources leaves nothing behind.
+    handshakes_by_address: HashMap<IpAddr, usize>,
+    handshakes_by_network: HashMap<IpAddr, usize>,
+}
+
+/// The network an address belongs to for handshake fairness: its /24 (IPv4, also
+/// IPv4-mapped IPv6) or its /64 (IPv6), where one party usually holds all addresses.
+pub fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network(IpAddr::V4(v4)),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
+/// Adds `n` (+1 or -1) to `key`'s count, removing it at zero.
+fn bump(map: &mut HashMap<IpAddr, usize>, key: IpAddr, up: bool) {
+    if up {
+        *map.entry(key).or_default() += 1;
+    } else if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
 }
 
 /// A token bucket.
@@ -106,6 +151,11 @@ impl Admission {
         })
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Decides on a connection attempt from `ip`; `validated` says whether its address
     /// is proven (it answered a retry), `may_retry` whether a retry can still be asked.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, validated: bool, may_retry: bool) -> Verdict {
@@ -119,12 +169,26 @@ impl Admission {
         if c.handshakes >= self.limits.max_handshakes {
             return Verdict::Refuse("too many handshakes in progress");
         }
+        let net = network(ip);
+        let over_share = c.handshakes_by_address.get(&ip).copied().unwrap_or(0)
+            >= self.limits.max_handshakes_per_address
+            || c.handshakes_by_network.get(&net).copied().unwrap_or(0)
+                >= self.limits.max_handshakes_per_network;
+        if over_share {
+            // A retry costs one stateless packet; only a proven source is refused.
+            if !validated && may_retry {
+                return Verdict::Retry;
+            }
+            return Verdict::Refuse("this source has its share of the handshakes in progress");
+        }
         if c.handshakes >= self.limits.handshakes_before_retry && !validated && may_retry {
             return Verdict::Retry;
         }
         c.connections += 1;
         c.handshakes += 1;
         *c.per_address.entry(ip).or_default() += 1;
+        bump(&mut c.handshakes_by_address, ip, true);
+        bump(&mut c.handshakes_by_network, net, true);
         Verdict::Accept(Permit {
             admission: self.clone(),
             ip,
@@ -179,11 +243,10 @@ impl Permit {
     /// The handshake finished (either way): it no longer counts as in progress.
     pub fn handshake_done(&mut self) {
         if std::mem::replace(&mut self.handshaking, false) {
-            self.admission
-                .counts
-                .lock()
-                .expect("admission lock")
-                .handshakes -= 1;
+            let mut c = self.admission.counts.lock().expect("admission lock");
+            c.handshakes -= 1;
+            bump(&mut c.handshakes_by_address, self.ip, false);
+            bump(&mut c.handshakes_by_network, network(self.ip), false);
         }
     }
 }
@@ -248,6 +311,49 @@ mod tests {
         assert!(matches!(a.admit(ip(3), true, false), Verdict::Refuse(_)));
         first.handshake_done();
         assert!(matches!(a.admit(ip(3), true, false), Verdict::Accept(_)));
+    }
+
+    #[test]
+    fn one_source_holds_only_its_share_of_the_handshakes_in_progress() {
+        let a = Admission::new(Limits {
+            handshakes_before_retry: 1_000,
+            max_handshakes: 1_000,
+            max_handshakes_per_address: 2,
+            max_handshakes_per_network: 3,
+            ..Limits::default()
+        });
+        let accept = |ip: IpAddr| match a.admit(ip, true, false) {
+            Verdict::Accept(p) => p,
+            v => panic!("{ip}: {v:?}"),
+        };
+        let mut first = accept(ip(2));
+        let _second = accept(ip(2));
+        // The address is at its share: unproven attempts retry, proven ones are refused.
+        assert!(matches!(a.admit(ip(2), false, true), Verdict::Retry));
+        assert!(matches!(a.admit(ip(2), true, false), Verdict::Refuse(r) if r.contains("share")));
+        // Its /24 has room for one more, from another address; then it is full too.
+        let _third = accept(ip(1));
+        assert!(matches!(a.admit(ip(1), true, false), Verdict::Refuse(_)));
+        // Other networks are not affected.
+        let _other = accept(IpAddr::from([10, 0, 0, 1]));
+        // A finished handshake gives its place back.
+        first.handshake_done();
+        let _again = accept(ip(2));
+        // IPv6: the /64 is the network.
+        let v6 = |last: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]);
+        let _v1 = accept(v6(1));
+        let _v2 = accept(v6(2));
+        let _v3 = accept(v6(3));
+        assert!(matches!(a.admit(v6(4), true, false), Verdict::Refuse(_)));
+        assert!(matches!(
+            a.admit(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]), true, false),
+            Verdict::Accept(_)
+        ));
+        assert_eq!(network(v6(9)), network(v6(1)));
+        assert_eq!(
+            network("::ffff:192.0.2.7".parse().unwrap()),
+            IpAddr::from([192, 0, 2, 0])
+        );
     }
 
     #[test]

@@ -68,16 +68,38 @@ impl Broken {
 }
 
 impl Disk {
-    /// Wraps an opened store.
+    /// Wraps an opened store. A store opened from a copy because its volume could not
+    /// be written ([`Store::fault`]) starts broken: the copy is dropped (it served the
+    /// restore), grants are refused, and the real store is reopened once it can be.
     pub fn new(store: Store, metrics: Arc<Metrics>) -> Disk {
-        Disk {
+        let mut disk = Disk {
             path: store.path().to_path_buf(),
-            store: Some(store),
+            store: None,
             broken: None,
             in_flight: Vec::new(),
             unflushed: Vec::new(),
             metrics,
+        };
+        match store.fault() {
+            None => disk.store = Some(store),
+            Some(error) => {
+                let error = error.to_string();
+                warn!(
+                    error = %error,
+                    "started with a seat store that cannot be written: new checkouts are \
+                     refused until it can; held leases are restored and served from memory"
+                );
+                disk.metrics.set_store_error(Some(&error));
+                disk.broken = Some(Broken {
+                    error,
+                    retry_at: Instant::now() + FIRST_RETRY,
+                    backoff: FIRST_RETRY,
+                    backlog: Default::default(),
+                    dropped: 0,
+                });
+            }
         }
+        disk
     }
 
     /// The store, while it can be written.

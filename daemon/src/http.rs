@@ -4,26 +4,357 @@
 //! Reading needs no credential unless the config says status is for admins only; the
 //! dashboard's remove-lease and reload buttons send the admin token as a bearer token,
 //! typed in by the admin (there is no default password and no session to steal).
+//!
+//! The port is meant for loopback or an admin network, and is guarded all the same:
+//! at most [`MAX_CONNECTIONS`] connections ([`MAX_CONNECTIONS_PER_ADDRESS`] per IP
+//! address; more are closed at once), a connection must be answered within
+//! [`HEAD_TIMEOUT`] of its opening (so a request head must arrive by then) and is
+//! closed [`IDLE_TIMEOUT`] after its last answer, so idle or half-sent connections
+//! (slow-loris) cannot hold the port. A `Host` header must be an IP literal,
+//! `localhost`, this machine's name or a name in `http_hosts` (else 421): a web page
+//! cannot reach the port through a name it controls (DNS rebinding). Every refused
+//! admin request is logged with its source address, never with the token.
 
 use crate::server::{Metrics, OpsHandle};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 use tally_protocol::lease::LeaseId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
 
-/// The router for the operations endpoint.
-pub fn router(ops: OpsHandle) -> Router {
+/// Most connections to the operations port at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most connections from one IP address at once.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 32;
+/// Time from a connection's opening to its first answer.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time from an answer to the next one before the connection is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The router for the operations endpoint; `hosts` are the names it answers to
+/// besides IP literals, `localhost` and this machine's name.
+pub fn router(ops: OpsHandle, hosts: Vec<String>) -> Router {
+    let hosts = Arc::new(hosts);
     Router::new()
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
         .route("/api/admin/remove/{lease}", post(remove))
         .route("/api/admin/reload", post(reload))
+        .layer(axum::middleware::from_fn_with_state(hosts, check_host))
         .with_state(ops)
+}
+
+/// Serves the operations endpoint on `listener` under the limits above.
+pub async fn serve(
+    listener: TcpListener,
+    ops: OpsHandle,
+    hosts: Vec<String>,
+) -> std::io::Result<()> {
+    let listener = Guarded::new(listener, HEAD_TIMEOUT, IDLE_TIMEOUT);
+    axum::serve(
+        listener,
+        router(ops, hosts).into_make_service_with_connect_info::<Peer>(),
+    )
+    .await
+}
+
+/// The source address of a request, for the log.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Guarded>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Guarded>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// The source address of a request, when the server knows it (it always does when
+/// started by [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Source(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Source {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Source, Self::Rejection> {
+        Ok(Source(
+            parts.extensions.get::<ConnectInfo<Peer>>().map(|c| c.0 .0),
+        ))
+    }
+}
+
+/// Connections held, in all and per address.
+#[derive(Debug, Default)]
+struct Slots {
+    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One connection's place in [`Slots`], given back when the connection is dropped.
+#[derive(Debug)]
+struct Slot {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut held = self.held.lock().expect("slots lock");
+        let (total, per) = &mut *held;
+        let mine = per.get(&ip).copied().unwrap_or(0);
+        if *total >= MAX_CONNECTIONS || mine >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *total += 1;
+        per.insert(ip, mine + 1);
+        Some(Slot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().expect("slots lock");
+        let (total, per) = &mut *held;
+        *total -= 1;
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The operations port's listener: connections beyond the caps are closed at once.
+pub struct Guarded {
+    inner: TcpListener,
+    slots: Arc<Slots>,
+    /// When the last "connections refused" warning was logged (one per 10 s at most).
+    last_warning: Option<tokio::time::Instant>,
+    /// [`HEAD_TIMEOUT`] and [`IDLE_TIMEOUT`] (shorter in unit tests).
+    timeouts: (Duration, Duration),
+}
+
+impl Guarded {
+    /// Guards `inner` with the connection caps and these timeouts.
+    fn new(inner: TcpListener, head: Duration, idle: Duration) -> Guarded {
+        Guarded {
+            inner,
+            slots: Arc::new(Slots::default()),
+            last_warning: None,
+            timeouts: (head, idle),
+        }
+    }
+}
+
+impl axum::serve::Listener for Guarded {
+    type Io = TimedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TimedStream, SocketAddr) {
+        loop {
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: wait instead of spinning.
+                    debug!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.slots.take(addr.ip()) else {
+                let now = tokio::time::Instant::now();
+                if self
+                    .last_warning
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+                {
+                    self.last_warning = Some(now);
+                    warn!(
+                        source = %addr,
+                        "HTTP connections refused: the operations port holds its maximum \
+                         ({MAX_CONNECTIONS} in all, {MAX_CONNECTIONS_PER_ADDRESS} per address)"
+                    );
+                }
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            return (
+                TimedStream {
+                    stream,
+                    deadline: Box::pin(tokio::time::sleep(self.timeouts.0)),
+                    idle: self.timeouts.1,
+                    _slot: slot,
+                },
+                addr,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that reads nothing more once its deadline passed: [`HEAD_TIMEOUT`] from
+/// its opening, [`IDLE_TIMEOUT`] from its last answer. The server then closes it.
+pub struct TimedStream {
+    stream: TcpStream,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    idle: Duration,
+    _slot: Slot,
+}
+
+impl AsyncRead for TimedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if std::future::Future::poll(self.deadline.as_mut(), cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no complete request in time",
+            )));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TimedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            let next = tokio::time::Instant::now() + self.idle;
+            self.deadline.as_mut().reset(next);
+        }
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Refuses a request whose `Host` is not one this endpoint answers to (421).
+async fn check_host(
+    State(hosts): State<Arc<Vec<String>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("\u{fffd}").to_string());
+    match host {
+        // HTTP/1.0 tools send none; a browser always does.
+        None => next.run(request).await,
+        Some(h) if host_allowed(&h, &hosts) => next.run(request).await,
+        Some(h) => {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<Peer>>()
+                .map(|c| c.0 .0);
+            debug!(source = ?peer, host = %h.escape_debug(), "HTTP request for another host refused");
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                Json(serde_json::json!({
+                    "error": "this endpoint answers to IP addresses, localhost, this machine's \
+                              name and the names in http_hosts only"
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Whether `host` (a `Host` header: name or IP literal, with an optional port) is an IP
+/// literal, `localhost`, this machine's name (full or first label) or one of `extra`.
+pub fn host_allowed(host: &str, extra: &[String]) -> bool {
+    let port_ok = |p: &str| {
+        p.is_empty()
+            || p.strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok())
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, tail)| ip.parse::<std::net::Ipv6Addr>().is_ok() && port_ok(tail));
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port_ok(&format!(":{port}")) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.parse::<std::net::Ipv4Addr>().is_ok() || name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let machine = machine_name();
+    let short = machine.split('.').next().unwrap_or_default();
+    (!machine.is_empty()
+        && (name.eq_ignore_ascii_case(machine) || name.eq_ignore_ascii_case(short)))
+        || extra
+            .iter()
+            .any(|e| name.eq_ignore_ascii_case(e.trim_end_matches('.')))
+}
+
+/// This machine's host name, read once.
+fn machine_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|n| n.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Logs a refused admin (or token-gated) request: its source and what was wrong with
+/// the credential, never the credential itself.
+fn log_refusal(peer: Source, what: &str, headers: &HeaderMap) {
+    let why = match headers.get(header::AUTHORIZATION) {
+        None => "no admin token",
+        Some(v)
+            if v.to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_none() =>
+        {
+            "an Authorization header that is not a bearer token"
+        }
+        Some(_) => "a wrong admin token",
+    };
+    let source = peer
+        .0
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    warn!(%source, request = what, "admin request refused over HTTP: {why}");
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -46,8 +377,9 @@ async fn dashboard() -> Html<&'static str> {
     Html(DASHBOARD)
 }
 
-async fn status(State(ops): State<OpsHandle>, headers: HeaderMap) -> Response {
+async fn status(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
     if !ops.may_read(bearer(&headers)) {
+        log_refusal(peer, "GET /api/status", &headers);
         return unauthorized("this server shows its status only with the admin token");
     }
     match ops.status().await {
@@ -63,8 +395,9 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-async fn metrics(State(ops): State<OpsHandle>, headers: HeaderMap) -> Response {
+async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
     if !ops.may_read(bearer(&headers)) {
+        log_refusal(peer, "GET /metrics", &headers);
         return unauthorized("this server shows its metrics only with the admin token");
     }
     let status = match ops.raw_status().await {
@@ -175,10 +508,12 @@ async fn metrics(State(ops): State<OpsHandle>, headers: HeaderMap) -> Response {
 
 async fn remove(
     State(ops): State<OpsHandle>,
+    peer: Source,
     headers: HeaderMap,
     Path(lease): Path<String>,
 ) -> Response {
     if !ops.is_admin(bearer(&headers)) {
+        log_refusal(peer, "POST /api/admin/remove", &headers);
         return unauthorized("admin token missing or wrong");
     }
     let Ok(id) = u64::from_str_radix(lease.trim_start_matches('L'), 16) else {
@@ -199,8 +534,9 @@ async fn remove(
     }
 }
 
-async fn reload(State(ops): State<OpsHandle>, headers: HeaderMap) -> Response {
+async fn reload(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
     if !ops.is_admin(bearer(&headers)) {
+        log_refusal(peer, "POST /api/admin/reload", &headers);
         return unauthorized("admin token missing or wrong");
     }
     match ops.reload().await {
@@ -211,3 +547,107 @@ async fn reload(State(ops): State<OpsHandle>, headers: HeaderMap) -> Response {
 
 /// The dashboard: one self-contained page, no external assets.
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn host_headers_are_ip_literals_localhost_this_machine_or_configured() {
+        let extra = vec!["tally.corp.example".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:27301",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:27301",
+            "localhost",
+            "LOCALHOST:27301",
+            "tally.corp.example",
+            "Tally.Corp.Example.:8080",
+        ] {
+            assert!(host_allowed(ok, &extra), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:27301",
+            "127.0.0.1.evil.example",
+            "127.0.0.1:99999",
+            "[::1]x",
+            "[evil]",
+            "localhost.evil.example",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &extra), "{bad}");
+        }
+    }
+
+    #[test]
+    fn connections_are_capped_per_address_and_in_all() {
+        let slots = Arc::new(Slots::default());
+        let a = IpAddr::from([10, 0, 0, 1]);
+        let held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_ADDRESS)
+            .map(|_| slots.take(a).expect("under the cap"))
+            .collect();
+        assert!(slots.take(a).is_none());
+        let mut others = Vec::new();
+        for i in 0..(MAX_CONNECTIONS - MAX_CONNECTIONS_PER_ADDRESS) {
+            let ip = IpAddr::from([10, 1, (i / 16) as u8, (i % 16) as u8]);
+            others.push(slots.take(ip).expect("under the total"));
+        }
+        assert!(slots.take(IpAddr::from([10, 2, 0, 1])).is_none());
+        drop(held);
+        assert!(slots.take(a).is_some());
+        drop(others);
+        assert_eq!(slots.held.lock().unwrap().1.len(), 0, "entries stay behind");
+    }
+
+    /// Reads from the server side of a guarded connection until it fails; how long that
+    /// took. Bounded by `limit`.
+    async fn time_to_close(stream: &mut TimedStream, limit: Duration) -> Duration {
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(limit, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("the connection outlived its deadline");
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_connection_gets_the_head_timeout_then_the_idle_timeout_after_each_answer() {
+        let head = Duration::from_millis(300);
+        let idle = Duration::from_millis(900);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut guarded = Guarded::new(listener, head, idle);
+
+        // Half a request head, then nothing: closed at the head timeout, bytes or not.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let (mut server, _) = guarded.accept().await;
+        let took = time_to_close(&mut server, Duration::from_secs(5)).await;
+        assert!(
+            took >= head - Duration::from_millis(50) && took < idle,
+            "{took:?}"
+        );
+
+        // After an answer, the connection may stay idle for the idle timeout.
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = guarded.accept().await;
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        let took = time_to_close(&mut server, Duration::from_secs(5)).await;
+        assert!(took >= idle - Duration::from_millis(50), "{took:?}");
+    }
+}

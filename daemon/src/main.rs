@@ -438,7 +438,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         )),
         _ => None,
     };
-    let store = Store::open(&config.data_dir.join("store"))
+    let store = Store::open_for_serving(&config.data_dir.join("store"))
         .context("opening the seat store")
         .map_err(usage)?;
     let admin_token = identity::load_admin_token(&config.data_dir.join(identity::ADMIN_TOKEN_FILE))
@@ -833,7 +833,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
     let (key, _) = identity::load_or_create(&data_dir).map_err(usage)?;
     let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
     let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(usage)?;
-    let store = Store::open(&data_dir.join("store"))
+    let store = Store::open_for_serving(&data_dir.join("store"))
         .context("opening the seat store")
         .map_err(usage)?;
 

@@ -629,11 +629,12 @@ impl Server {
             tokio::spawn(crate::upload::run(uploader, shared.upload_wake.clone()));
         }
         if let Some(listener) = http {
-            let router = crate::http::router(OpsHandle {
+            let ops = OpsHandle {
                 shared: shared.clone(),
-            });
+            };
+            let hosts = shared.admission.limits().http_hosts.clone();
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, router).await {
+                if let Err(e) = crate::http::serve(listener, ops, hosts).await {
                     warn!(error = %e, "the HTTP endpoint stopped");
                 }
             });
@@ -1730,6 +1731,12 @@ async fn dispatch(
         }
         Request::Status(status) => {
             if shared.status_needs_token && !shared.is_admin(status.admin_token.as_deref()) {
+                let why = if status.admin_token.is_some() {
+                    "a wrong admin token"
+                } else {
+                    "no admin token"
+                };
+                warn!(%remote, conn = conn.0, "status request refused over QUIC: {why}");
                 return error("this server shows its status only with the admin token");
             }
             let (reply, rx) = oneshot::channel();
@@ -1747,10 +1754,12 @@ async fn dispatch(
         }
         Request::Admin(admin) => {
             if shared.admin_token.is_none() {
+                warn!(%remote, conn = conn.0, "admin request refused over QUIC: admin operations are disabled");
                 return error("admin operations are disabled: this server has no admin token");
             }
             if !shared.is_admin(Some(&admin.token)) {
-                warn!(conn = conn.0, "admin request with a wrong token refused");
+                // The source, never the token: a refusal is what an attack looks like.
+                warn!(%remote, conn = conn.0, "admin request refused over QUIC: wrong admin token");
                 return error("admin token is wrong");
             }
             match admin.op {

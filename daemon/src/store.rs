@@ -44,6 +44,68 @@ pub enum StoreError {
         /// The store directory.
         path: PathBuf,
     },
+    /// sled's log cannot be read even with the snapshots set aside: the store is
+    /// damaged beyond what tallyd repairs on its own.
+    #[error(
+        "seat store {path}: its log {path}/db cannot be read ({cause}); leftovers of \
+         interrupted snapshots were set aside already. To serve again, stop tallyd, move \
+         the directory {path} aside (keep it for support) and start tallyd: it starts an \
+         empty store, and running programs are told their leases are unknown and check \
+         out again"
+    )]
+    Unreadable {
+        /// The store directory.
+        path: PathBuf,
+        /// sled's error.
+        cause: sled::Error,
+    },
+    /// A leftover of an interrupted write could not be moved aside.
+    #[error("seat store {path}: cannot set aside {file} ({why}): {cause}")]
+    SetAside {
+        /// The store directory.
+        path: PathBuf,
+        /// The leftover.
+        file: PathBuf,
+        /// Why it is a leftover.
+        why: &'static str,
+        /// The error moving it.
+        cause: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// The fault is the volume's (full, over quota, read-only), not the store's: the
+    /// daemon serves what it holds and retries until the volume can be written.
+    pub fn is_volume_fault(&self) -> bool {
+        let io = match self {
+            StoreError::Sled {
+                cause: sled::Error::Io(e),
+                ..
+            } => e,
+            StoreError::SetAside { cause, .. } => cause,
+            _ => return false,
+        };
+        // ENOSPC, EROFS, EDQUOT; sled re-creates some errors from their text, so the
+        // text counts too.
+        matches!(io.raw_os_error(), Some(28 | 30 | 122))
+            || [
+                "No space left",
+                "Read-only file system",
+                "Disk quota exceeded",
+            ]
+            .iter()
+            .any(|t| io.to_string().contains(t))
+    }
+}
+
+/// What an open on a volume that cannot be written (full, read-only) serves from: a copy
+/// of the store in a temporary directory, the real store's path and why it failed.
+#[derive(Debug)]
+struct Fault {
+    /// Why the real store could not be opened.
+    error: String,
+    /// The copy; removed with the last handle.
+    _copy: tempfile::TempDir,
 }
 
 /// A lease record in the store that could not be decoded. It is left in place (never
@@ -69,15 +131,82 @@ pub struct Store {
     journal: sled::Tree,
     /// sled's log file, opened again for fdatasync (see [`Store::flush`]).
     log: std::sync::Arc<std::fs::File>,
+    /// Set when this is a read-only copy of a store on a volume that cannot be written.
+    fault: Option<std::sync::Arc<Fault>>,
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, after setting aside what an interrupted
+    /// write left behind ([`set_aside_leftovers`]).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let path = dir.to_path_buf();
-        let err = |cause| StoreError::Sled {
-            path: path.clone(),
-            cause,
+        set_aside_leftovers(dir)?;
+        Store::open_sled(dir, dir)
+    }
+
+    /// Opens the store for `tallyd run`/`demo`: on a volume that cannot be written (full,
+    /// read-only), sled cannot open it (it writes a snapshot at every open), so the
+    /// store is copied to a temporary directory and opened there, to restore the held
+    /// leases and the journal position from. Such a store reports its fault
+    /// ([`Store::fault`]): the daemon then starts with the store broken, refuses grants
+    /// and reopens the real store once the volume can be written ([`crate::disk`]).
+    pub fn open_for_serving(dir: &Path) -> Result<Store, StoreError> {
+        let io = |cause: std::io::Error| StoreError::Sled {
+            path: dir.to_path_buf(),
+            cause: sled::Error::Io(cause),
+        };
+        let exists = dir.join("db").is_file();
+        // An existing store is probed first: sled on a full volume would leave a 0-byte
+        // snapshot behind at each try (set aside at the next open, but noise).
+        let first = match exists {
+            true => probe_writable(dir)
+                .map_err(io)
+                .and_then(|_| Store::open(dir)),
+            false => Store::open(dir),
+        };
+        let error = match first {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_volume_fault() && exists => e,
+            Err(e) => return Err(e),
+        };
+        let copy = tempfile::Builder::new()
+            .prefix("tally-store-copy-")
+            .tempdir()
+            .map_err(io)?;
+        copy_dir(dir, copy.path()).map_err(io)?;
+        tracing::warn!(
+            store = %dir.display(),
+            copy = %copy.path().display(),
+            error = %error,
+            "the seat store cannot be opened for writing: serving the leases it holds from \
+             a read-only copy; new checkouts are refused until the volume can be written"
+        );
+        set_aside_leftovers(copy.path())?;
+        let mut store = Store::open_sled(copy.path(), dir)?;
+        store.fault = Some(std::sync::Arc::new(Fault {
+            error: error.to_string(),
+            _copy: copy,
+        }));
+        Ok(store)
+    }
+
+    /// Why the store could not be opened for writing, for a store opened from a copy by
+    /// [`Store::open_for_serving`].
+    pub fn fault(&self) -> Option<&str> {
+        self.fault.as_ref().map(|f| f.error.as_str())
+    }
+
+    /// Opens sled in `dir`; errors name `path` (the store as the operator knows it).
+    fn open_sled(dir: &Path, path: &Path) -> Result<Store, StoreError> {
+        let path = path.to_path_buf();
+        let err = |cause| match cause {
+            sled::Error::Corruption { .. } => StoreError::Unreadable {
+                path: path.clone(),
+                cause,
+            },
+            cause => StoreError::Sled {
+                path: path.clone(),
+                cause,
+            },
         };
         let db = sled::Config::new()
             .path(dir)
@@ -111,6 +240,7 @@ impl Store {
             meta,
             journal,
             log: std::sync::Arc::new(log),
+            fault: None,
         };
         store.migrate_journal_v1()?;
         Ok(store)
@@ -191,6 +321,12 @@ impl Store {
                 });
             }
         }
+        // sled writes a snapshot at every open: on a volume still full that leaves one
+        // more 0-byte leftover per try. A probe of our own first says whether to try.
+        probe_writable(dir).map_err(|cause| StoreError::Sled {
+            path: dir.to_path_buf(),
+            cause: sled::Error::Io(cause),
+        })?;
         Store::open(dir)
     }
 
@@ -498,6 +634,143 @@ fn segment_size(dir: &Path) -> usize {
         .unwrap_or(SEGMENT_SIZE)
 }
 
+/// Moves what an interrupted snapshot left in the store directory into its
+/// `quarantine/` sub-directory (never deleting it), with a log line saying what and why.
+///
+/// sled 0.34 writes a snapshot of its page table at every open and now and then while
+/// running: into `snap.<lsn>.generating`, fsynced, then renamed to `snap.<lsn>`; the old
+/// snapshots are removed after. At open it reads the snapshot whose name sorts last,
+/// `.generating` ones included, and refuses to open ("Read corrupted data") if it is
+/// shorter than its trailer or fails its CRC. A crash or a full disk mid-write leaves
+/// such a file (a full disk: a 0-byte one, at every failed open). A snapshot only
+/// spares sled reading its whole log, so setting one aside costs a longer open, no data:
+/// sled replays its log from the newest good snapshot, or from the start.
+/// (sled 0.34 has no other intermediate files: segment cleaning rewrites in `db`.)
+fn set_aside_leftovers(dir: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        // A new store, or one whose directory cannot be read: sled says which.
+        return Ok(());
+    };
+    let mut leftovers = Vec::new();
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // sled skips `.in___motion` files itself.
+        if !name.starts_with("snap.") || name.ends_with(".in___motion") {
+            continue;
+        }
+        let why = if name.ends_with(".generating") {
+            "a snapshot whose writing was interrupted (never renamed into place)"
+        } else if !snapshot_is_whole(&entry.path()) {
+            "a snapshot that fails its length or checksum (cut short or damaged)"
+        } else {
+            continue;
+        };
+        leftovers.push((entry.path(), name, why));
+    }
+    if leftovers.is_empty() {
+        return Ok(());
+    }
+    let quarantine = dir.join(QUARANTINE_DIR);
+    // Unix seconds: names sort by when they were set aside.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for (file, name, why) in leftovers {
+        let fail = |cause| StoreError::SetAside {
+            path: dir.to_path_buf(),
+            file: file.clone(),
+            why,
+            cause,
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&quarantine)
+                .map_err(fail)?;
+        }
+        let to = quarantine.join(format!("{stamp}-{name}"));
+        std::fs::rename(&file, &to).map_err(fail)?;
+        sync_dir(dir)
+            .and_then(|_| sync_dir(&quarantine))
+            .map_err(fail)?;
+        tracing::warn!(
+            file = %file.display(),
+            moved_to = %to.display(),
+            why,
+            "set aside a leftover of an interrupted write in the seat store; sled rebuilds \
+             what it held from its log (nothing is lost; the file is kept for support)"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a `snap.<lsn>` file has sled's trailer (length, CRC-32 of the rest, both
+/// little-endian) and the CRC matches. A file too large to be a seat store's snapshot
+/// (or unreadable) is left to sled to judge.
+fn snapshot_is_whole(path: &Path) -> bool {
+    const MAX_CHECKED: u64 = 512 * 1024 * 1024;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() <= MAX_CHECKED => {}
+        Ok(m) if !m.is_file() => return false,
+        _ => return true,
+    }
+    let Ok(bytes) = std::fs::read(path) else {
+        return true;
+    };
+    if bytes.len() <= 12 {
+        return false;
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - 12);
+    let expected = u32::from_le_bytes(trailer[8..12].try_into().expect("4 bytes"));
+    crc32(body) == expected
+}
+
+/// CRC-32 (IEEE, as sled's crc32fast computes it), bitwise: snapshots are small and
+/// read once per open.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+/// Writes, syncs and removes a file of a segment's size or more in `dir`: roughly what
+/// sled needs to open (a snapshot and a segment).
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let probe = dir.join(".tally-write-probe");
+    let result = std::fs::File::create(&probe).and_then(|mut f| {
+        f.write_all(&vec![0u8; 2 * SEGMENT_SIZE])?;
+        f.sync_all()
+    });
+    let removed = std::fs::remove_file(&probe);
+    result.and(removed)
+}
+
+/// Copies the store's files (not its quarantine) for [`Store::open_for_serving`].
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            if entry.file_name() != QUARANTINE_DIR {
+                copy_dir(&entry.path(), &target)?;
+            }
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -522,6 +795,9 @@ fn seq_of(key: &[u8]) -> u64 {
     b[8 - n..].copy_from_slice(&key[..n]);
     u64::from_be_bytes(b)
 }
+
+/// Where leftovers of interrupted writes go, inside the store directory.
+pub const QUARANTINE_DIR: &str = "quarantine";
 
 /// Tree of [`StoredDeadline`]s by lease id.
 const DETACHED_TREE: &str = "detached/v1";
@@ -778,6 +1054,119 @@ mod tests {
             // 1..=99 in two chunks, the damaged entry, 101..=300 in four.
             assert_eq!(store.journal.len(), 7);
             assert_eq!(store.next_journal_seq().unwrap(), 301);
+        }
+    }
+}
+
+#[cfg(test)]
+mod leftovers {
+    use super::*;
+
+    /// A store with journal entries 1..=300 and a clock mark, closed.
+    fn written_store(dir: &Path) {
+        let store = Store::open(dir).unwrap();
+        let entries: Vec<JournalEntry> = (1..=300)
+            .map(|seq| JournalEntry {
+                seq,
+                at: UnixTime(seq),
+                event: tally_protocol::report::UsageEvent::DaemonStopped,
+            })
+            .collect();
+        store.append_journal(&entries).unwrap();
+        store.save_clock(UnixTime(77)).unwrap();
+        store.flush_blocking().unwrap();
+    }
+
+    fn quarantined(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(QUARANTINE_DIR))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn check_contents(store: &Store) {
+        let (entries, bad) = store.journal_after(0).unwrap();
+        assert_eq!((entries.len(), bad), (300, 0));
+        assert_eq!(store.load_clock().unwrap(), Some(UnixTime(77)));
+    }
+
+    fn snapshots(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("snap.")
+            })
+            .collect()
+    }
+
+    /// The issue's store that never opened again: a crash (or a failed start) on a full
+    /// disk left the 0-byte file sled writes a snapshot into before renaming it.
+    #[test]
+    fn an_empty_generating_snapshot_is_set_aside_and_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        written_store(dir.path());
+        let leftover = dir.path().join("snap.FFFFFFFFFFFFFFF0.generating");
+        std::fs::write(&leftover, b"").unwrap();
+        let store = open_after_close(dir.path());
+        check_contents(&store);
+        assert!(!leftover.exists());
+        let moved = quarantined(dir.path());
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        assert!(
+            moved[0].ends_with("-snap.FFFFFFFFFFFFFFF0.generating"),
+            "{moved:?}"
+        );
+    }
+
+    /// A complete-looking snapshot cut short (or damaged) fails its checksum: it goes
+    /// aside and sled rebuilds its page table from the log.
+    #[test]
+    fn a_damaged_snapshot_is_set_aside_and_the_store_rebuilds_from_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        written_store(dir.path());
+        // sled writes a snapshot at every open.
+        drop(open_after_close(dir.path()));
+        let snaps = snapshots(dir.path());
+        assert!(!snaps.is_empty(), "sled wrote no snapshot");
+        for snap in &snaps {
+            let bytes = std::fs::read(snap).unwrap();
+            std::fs::write(snap, &bytes[..bytes.len() / 2]).unwrap();
+        }
+        let store = open_after_close(dir.path());
+        check_contents(&store);
+        assert_eq!(quarantined(dir.path()).len(), snaps.len());
+        // A good snapshot stays where it is.
+        drop(store);
+        let before = quarantined(dir.path());
+        let store = open_after_close(dir.path());
+        check_contents(&store);
+        assert_eq!(quarantined(dir.path()), before);
+    }
+
+    /// Opens a store a handle of this test just dropped (sled lets go of its lock when
+    /// its flusher thread notices).
+    fn open_after_close(path: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(path) {
+                Ok(store) => return store,
+                Err(e)
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
         }
     }
 }

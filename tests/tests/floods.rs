@@ -420,3 +420,185 @@ fn floods_on_loopback_leave_heartbeats_answered_and_memory_bounded() {
     assert_eq!(daemon.in_use("solver"), 1);
     rt.block_on(async { drop(held) });
 }
+
+/// A client socket that lets a connection send its first two datagrams (the Initial
+/// with the ClientHello and, after a stateless Retry, the Initial that answers it) and
+/// then drops everything it would send: a client that answers the Retry and goes
+/// silent, leaving the server a handshake in progress until its idle timeout.
+#[derive(Debug)]
+struct GoesSilent {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    sent: AtomicUsize,
+}
+
+impl quinn::AsyncUdpSocket for GoesSilent {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        if self.sent.fetch_add(1, Ordering::Relaxed) < 2 {
+            self.inner.try_send(transmit)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// Starts one half-open handshake from the attacker's address; the endpoint and the
+/// pending connection are kept so that nothing closes it explicitly.
+fn half_open(server: SocketAddr) -> (quinn::Endpoint, quinn::Connecting) {
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let socket = UdpSocket::bind(SocketAddr::from((ATTACKER, 0))).unwrap();
+    let socket = Arc::new(GoesSilent {
+        inner: runtime.wrap_udp_socket(socket).unwrap(),
+        sent: AtomicUsize::new(0),
+    });
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        runtime,
+    )
+    .unwrap();
+    endpoint.set_default_client_config(tally_client::quic_client_config().unwrap());
+    let connecting = endpoint.connect(server, "tally").unwrap();
+    (endpoint, connecting)
+}
+
+/// Issue 20, scenario 3: four waves of 400 clients, 1 s apart, from one address that send a
+/// ClientHello, answer the Retry and go silent (1,600 handshakes that would each stay
+/// in progress until the idle timeout, past the global cap of 1,024, which the flood
+/// filled before per-source shares: most probes were refused) while probes from
+/// 127.0.0.1 connect, check out and check in: every probe succeeds, because one
+/// address holds at most its share (128) of the handshakes in progress.
+#[test]
+fn a_half_open_handshake_flood_from_one_address_leaves_the_others_connecting() {
+    const WAVES: usize = 4;
+    const PER_WAVE: usize = 400;
+    const PROBES: usize = 24;
+    let dir = tempfile::tempdir().unwrap();
+    // A half-open handshake lasts until the idle timeout: 60 s here, so that the whole
+    // flood is in progress at once however fast this machine launches it.
+    let daemon = Daemon::start(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--idle-timeout-secs", "60"],
+    );
+    let server = daemon.addr;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let launched = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let launched = launched.clone();
+        rt.spawn(async move {
+            let mut held = Vec::with_capacity(WAVES * PER_WAVE);
+            for wave in 0..WAVES {
+                if wave > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                for _ in 0..PER_WAVE {
+                    held.push(half_open(server));
+                    launched.fetch_add(1, Ordering::Relaxed);
+                    // Let the endpoints' drivers run between launches.
+                    tokio::task::yield_now().await;
+                }
+            }
+            held
+        })
+    };
+    let started = Instant::now();
+    while launched.load(Ordering::Relaxed) < PER_WAVE {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the flood did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut probe_config = ClientConfig::new(vec![server.to_string()], Trust::Demo);
+    probe_config.local_address = Some(IpAddr::from([127, 0, 0, 1]));
+    probe_config.connect_timeout = Duration::from_secs(5);
+    let mut failures = Vec::new();
+    let mut took = Vec::new();
+    for i in 0..PROBES {
+        let t = Instant::now();
+        let outcome = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                let session = Session::connect(&probe_config)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let lease = session
+                    .checkout(&one_seat("viewer"))
+                    .await
+                    .map_err(|e| format!("checkout: {e}"))?;
+                session
+                    .checkin(&[lease.lease_ref()])
+                    .await
+                    .map_err(|e| format!("checkin: {e}"))?;
+                session.close().await;
+                Ok::<(), String>(())
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer within 10 s".into()))
+        });
+        took.push(t.elapsed());
+        if let Err(e) = outcome {
+            failures.push(format!(
+                "probe {i} ({} flood clients launched): {e}",
+                launched.load(Ordering::Relaxed)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let held = rt.block_on(flood).unwrap();
+    let flood_secs = started.elapsed().as_secs_f64();
+    let metric = |name: &str| -> u64 {
+        let (_, metrics) = daemon.http("GET", "/metrics", None);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let (retried, refused) = (
+        metric("tally_connections_retried_total"),
+        metric("tally_connections_refused_total"),
+    );
+    took.sort();
+    println!(
+        "half-open flood: {} clients from one address in {WAVES} waves ({flood_secs:.1} s \
+         with the probes); {retried} asked to retry, {refused} refused; {}/{PROBES} probes from 127.0.0.1 served, median {:?}, \
+         max {:?}",
+        held.len(),
+        PROBES - failures.len(),
+        took[took.len() / 2],
+        took.last().unwrap()
+    );
+    assert!(
+        failures.is_empty(),
+        "probes failed during the flood: {failures:#?}"
+    );
+    // The flood was past the address's share: the daemon had to turn some of it away.
+    assert!(refused + retried > 0, "the flood never reached the limits");
+    drop(held);
+}
