@@ -58,7 +58,7 @@ fn main() {
                 ("TallyLease".to_string(), "tally_lease".to_string()),
                 ("TallyConfig".to_string(), "tally_config".to_string()),
                 ("TallyDenial".to_string(), "tally_denial".to_string()),
-                ("TallyFeatureInfo".to_string(), "tally_feature_info".to_string()),
+                ("TallyTerms".to_string(), "tally_terms".to_string()),
                 ("TallyStatusFn".to_string(), "tally_status_fn".to_string()),
                 ("TallyQueueFn".to_string(), "tally_queue_fn".to_string()),
             ]

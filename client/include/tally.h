@@ -213,7 +213,7 @@ typedef struct tally_lease tally_lease;
 typedef void (*tally_queue_fn)(uint32_t position, void *user);
 
 /**
- * A feature's licence terms (`tally_feature_info`), from the vendor-signed bundles of
+ * A feature's licence terms (`tally_feature_terms`), from the vendor-signed bundles of
  * the connected server.
  */
 typedef struct {
@@ -229,7 +229,7 @@ typedef struct {
    * The latest build date (Unix seconds) maintenance covers; 0: no limit.
    */
   int64_t maintenance_until;
-} tally_feature_info;
+} tally_terms;
 
 /**
  * Called with a lease's new status (a `TALLY_STATUS_*` value) and the `user` pointer
@@ -455,7 +455,7 @@ int tally_lost_seat_terms(const tally_client *client, const char *feature, uint6
  * `client` is NULL or a live handle; `feature` a NUL-terminated string; `info` NULL or
  * writable.
  */
-int tally_feature_info(const tally_client *client, const char *feature, tally_feature_info *info);
+int tally_feature_terms(const tally_client *client, const char *feature, tally_terms *info);
 
 /**
  * The vendor's attribute `key` of `feature` (like FlexLM's `lc_auth_data`: `edition`,

@@ -164,10 +164,10 @@ pub struct TallyDenial {
     pub build_date: i64,
 }
 
-/// A feature's licence terms (`tally_feature_info`), from the vendor-signed bundles of
+/// A feature's licence terms (`tally_feature_terms`), from the vendor-signed bundles of
 /// the connected server.
 #[repr(C)]
-pub struct TallyFeatureInfo {
+pub struct TallyTerms {
     /// The first instant (Unix seconds) the feature is no longer licensed; 0: permanent.
     pub expires: i64,
     /// Non-zero for an evaluation licence.
@@ -841,10 +841,10 @@ fn feature_info(client: &TallyClient, feature: &str) -> Option<crate::FeatureInf
 /// `client` is NULL or a live handle; `feature` a NUL-terminated string; `info` NULL or
 /// writable.
 #[no_mangle]
-pub unsafe extern "C" fn tally_feature_info(
+pub unsafe extern "C" fn tally_feature_terms(
     client: *const TallyClient,
     feature: *const c_char,
-    info: *mut TallyFeatureInfo,
+    info: *mut TallyTerms,
 ) -> c_int {
     guard(-1, || {
         // SAFETY: the caller passes NULL or a pointer from tally_connect, not yet freed.
@@ -864,7 +864,7 @@ pub unsafe extern "C" fn tally_feature_info(
         let Some(terms) = feature_info(client, feature) else {
             return -1;
         };
-        *out = TallyFeatureInfo {
+        *out = TallyTerms {
             expires: terms.expires.map_or(0, secs),
             evaluation: terms.evaluation.into(),
             maintenance_until: terms.maintenance_until.map_or(0, secs),

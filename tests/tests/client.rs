@@ -226,44 +226,15 @@ fn a_borrowed_seat_works_with_the_daemon_stopped_and_an_edited_cache_is_refused(
 fn the_c_example_checks_a_seat_out_and_in() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let lib_dir = bin("tally").parent().unwrap().to_path_buf();
-    if !lib_dir.join("libtally_client.so").exists() {
-        // `cargo test` builds the library only as an rlib; the C example needs the
-        // cdylib. Cargo does not hold its build lock while tests run, so this works
-        // from inside a test (and is quick: everything else is built already).
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "-q", "-p", "tally-client", "--lib"]);
-        if lib_dir.ends_with("release") {
-            cargo.arg("--release");
-        }
-        let built = cargo.current_dir(&root).status().expect("running cargo");
-        assert!(built.success(), "cargo build -p tally-client failed");
-    }
-    assert!(
-        lib_dir.join("libtally_client.so").exists(),
-        "libtally_client.so is missing from {}",
-        lib_dir.display()
-    );
-    let exe = dir.path().join("checkout");
-    let cc = Command::new("cc")
-        .arg(root.join("client/examples/c/checkout.c"))
-        .arg("-I")
-        .arg(root.join("client/include"))
-        .arg("-L")
-        .arg(&lib_dir)
-        .args(["-ltally_client", "-Wall", "-Werror", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("running cc");
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
+    let c = tally_tests::c::compile(
+        &[tally_tests::c::root().join("client/examples/c/checkout.c")],
+        &["-DTALLY_DEMO".to_string()],
+        dir.path(),
+        "checkout",
+        tally_tests::c::Link::Shared,
     );
     let run = |feature: &str| {
-        Command::new(&exe)
-            .env("LD_LIBRARY_PATH", &lib_dir)
+        c.command()
             .arg(daemon.addr.to_string())
             .arg(feature)
             .output()
@@ -285,7 +256,9 @@ fn the_c_example_checks_a_seat_out_and_in() {
     assert_eq!(daemon.in_use("solver"), 0);
     let out = run("mesher");
     assert_eq!(out.status.code(), Some(75));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("'mesher' is not licensed"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("'mesher' is not licensed"), "{stderr}");
+    assert!(stderr.contains("(not_licensed)"), "{stderr}");
 }
 
 #[test]
