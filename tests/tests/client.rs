@@ -328,3 +328,72 @@ fn a_replayed_borrowed_lease_and_a_token_for_another_feature_are_refused() {
     assert_eq!(doc["leases"].as_array().unwrap().len(), 0, "{text}");
     drop(holders);
 }
+
+#[test]
+fn the_blocking_client_has_what_the_c_api_has() {
+    use std::sync::{Arc, Mutex};
+    use tally_client::blocking;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--heartbeat-secs", "1"],
+    );
+    // (TALLY_SERVER with no list is covered by the C test, in a process of its own.)
+    let mut config = config(vec![daemon.addr.to_string()]);
+    // A service checking out for its users names them.
+    config.identity.user = "svc-batch".into();
+    let client = blocking::Client::connect(config).unwrap();
+
+    // Licence terms: the demo's optimizer is a 30-day evaluation, solver is permanent.
+    let optimizer = client.feature_info("optimizer").unwrap().unwrap();
+    assert!(optimizer.evaluation && optimizer.expires.is_some());
+    let solver = client.feature_info("solver").unwrap().unwrap();
+    assert!(!solver.evaluation && solver.expires.is_none());
+    assert_eq!(client.feature_info("mesher").unwrap(), None);
+
+    // Five solver seats held; a sixth waits in the queue and hears its place.
+    let mut held: Vec<blocking::Lease> = (0..5)
+        .map(|_| client.checkout(&Want::feature("solver")).unwrap())
+        .collect();
+    assert_eq!(daemon.feature("solver")["holders"][0]["user"], "svc-batch");
+    let positions = Arc::new(Mutex::new(Vec::new()));
+    let waiter = {
+        let positions = positions.clone();
+        let mut want = Want::feature("solver");
+        want.wait = Duration::from_secs(60);
+        // The client is Sync: the queued checkout runs on another thread.
+        let client = &client;
+        std::thread::scope(|s| {
+            let handle = s.spawn(move || {
+                client.checkout_queued(&want, |p| positions.lock().unwrap().push(p))
+            });
+            assert!(wait_until(Duration::from_secs(30), || !positions
+                .lock()
+                .unwrap()
+                .is_empty()));
+            held.pop().unwrap().checkin().unwrap();
+            handle.join().unwrap()
+        })
+    };
+    let mut waiter = waiter.unwrap();
+    assert_eq!(*positions.lock().unwrap(), vec![1]);
+
+    // A status callback, and a lease that outlives its client reports Lost.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    waiter.on_change(move |s| sink.lock().unwrap().push(s.clone()));
+    assert_eq!(waiter.status(), LeaseStatus::Active);
+    client.close();
+    assert!(matches!(waiter.status(), LeaseStatus::Lost(_)));
+    assert!(wait_until(Duration::from_secs(10), || seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| matches!(s, LeaseStatus::Lost(_)))));
+    drop(waiter);
+    drop(held);
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .in_use("solver")
+        == 0));
+}
