@@ -488,7 +488,10 @@ pub unsafe extern "C" fn tally_config_new(servers: *const c_char) -> *mut TallyC
 ///
 /// # Safety
 /// `config` is NULL or a live handle from `tally_config_new`.
-unsafe fn with_config(config: *mut TallyConfig, f: impl FnOnce(&mut TallyConfig) -> c_int) -> c_int {
+unsafe fn with_config(
+    config: *mut TallyConfig,
+    f: impl FnOnce(&mut TallyConfig) -> c_int,
+) -> c_int {
     guard(-1, || {
         // SAFETY: the caller passes NULL or a live pointer from tally_config_new.
         match unsafe { config.as_mut() } {
@@ -561,9 +564,10 @@ pub unsafe extern "C" fn tally_config_identity(
     unsafe {
         with_config(config, |c| {
             let mut values = [None, None, None];
-            for (slot, (p, what)) in values
-                .iter_mut()
-                .zip([(user, "user"), (host, "host"), (program, "program")])
+            for (slot, (p, what)) in
+                values
+                    .iter_mut()
+                    .zip([(user, "user"), (host, "host"), (program, "program")])
             {
                 let Ok(v) = opt_str(p, what) else { return -1 };
                 if let Some(v) = v {
@@ -897,7 +901,8 @@ pub unsafe extern "C" fn tally_attribute(
             return -1;
         };
         // SAFETY: forwarded from this function's contract.
-        let (Ok(feature), Ok(key)) = (unsafe { (req_str(feature, "feature"), req_str(key, "key")) })
+        let (Ok(feature), Ok(key)) =
+            (unsafe { (req_str(feature, "feature"), req_str(key, "key")) })
         else {
             return -1;
         };
@@ -1195,7 +1200,12 @@ pub extern "C" fn tally_last_error_code() -> c_int {
 /// (`TALLY_DENIED_NONE` if it was not a denial).
 #[no_mangle]
 pub extern "C" fn tally_last_denial_code() -> c_int {
-    LAST_ERROR.with(|e| e.borrow().denial.as_ref().map_or(TALLY_DENIED_NONE, denial_code))
+    LAST_ERROR.with(|e| {
+        e.borrow()
+            .denial
+            .as_ref()
+            .map_or(TALLY_DENIED_NONE, denial_code)
+    })
 }
 
 /// Fills `*out` with the reason of the calling thread's last denial. Returns 0, or -1
@@ -1405,9 +1415,8 @@ mod tests {
         // argument order: feature given, client NULL.
         let feature = CString::new("solver").unwrap();
         // SAFETY: valid C strings; NULL client is allowed.
-        let lease = unsafe {
-            tally_checkout(std::ptr::null_mut(), feature.as_ptr(), 0, std::ptr::null())
-        };
+        let lease =
+            unsafe { tally_checkout(std::ptr::null_mut(), feature.as_ptr(), 0, std::ptr::null()) };
         assert!(lease.is_null());
         assert_eq!(tally_last_error_code(), TALLY_ERR_USAGE);
         // A call that succeeds clears it.
@@ -1415,6 +1424,9 @@ mod tests {
         unsafe { tally_lease_free(std::ptr::null_mut()) };
         assert_eq!(tally_last_error_code(), TALLY_OK);
         // SAFETY: static string.
-        assert_eq!(unsafe { CStr::from_ptr(tally_last_error()) }.to_bytes(), b"");
+        assert_eq!(
+            unsafe { CStr::from_ptr(tally_last_error()) }.to_bytes(),
+            b""
+        );
     }
 }

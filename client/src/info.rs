@@ -56,7 +56,9 @@ pub fn feature_info(
     }
     let in_force: Vec<_> = terms
         .iter()
-        .filter(|(_, start, end)| start.map_or(true, |s| s <= now) && end.map_or(true, |e| now < e))
+        .filter(|(_, start, end)| {
+            start.filter(|&s| s > now).is_none() && end.filter(|&e| e <= now).is_none()
+        })
         .copied()
         .collect();
     let considered = if in_force.is_empty() { terms } else { in_force };
@@ -67,7 +69,10 @@ pub fn feature_info(
             values.into_iter().flatten().max()
         }
     };
-    let version_ceiling = if considered.iter().any(|(f, _, _)| f.version_ceiling.is_none()) {
+    let version_ceiling = if considered
+        .iter()
+        .any(|(f, _, _)| f.version_ceiling.is_none())
+    {
         None
     } else {
         considered
@@ -78,7 +83,12 @@ pub fn feature_info(
     Some(FeatureInfo {
         expires: latest(considered.iter().map(|(_, _, end)| *end).collect()),
         evaluation: considered.iter().all(|(f, _, _)| f.evaluation),
-        maintenance_until: latest(considered.iter().map(|(f, _, _)| f.maintenance_until).collect()),
+        maintenance_until: latest(
+            considered
+                .iter()
+                .map(|(f, _, _)| f.maintenance_until)
+                .collect(),
+        ),
         version_ceiling,
         attributes: considered
             .iter()
@@ -138,7 +148,10 @@ mod tests {
         bought.maintenance_until = Some(UnixTime(300));
         bought.version_ceiling = Some("2027.1".into());
         let info = feature_info(
-            &[verified(vec![eval.clone()], None), verified(vec![bought], None)],
+            &[
+                verified(vec![eval.clone()], None),
+                verified(vec![bought], None),
+            ],
             "solver",
             UnixTime(10),
         )

@@ -27,20 +27,20 @@ pub use client::{Client, LeaseHandle, LeaseStatus, Want};
 pub use info::FeatureInfo;
 // The types an application meets in this API, so that it need not depend on
 // `tally-protocol` itself (which stays reachable as `tally_client::protocol`).
-pub use tally_protocol as protocol;
-pub use tally_protocol::keys::KeyError;
-pub use tally_protocol::time::UnixTime;
-pub use tally_protocol::wire::{ClientIdentity, Denial, DenialReason, StatusReply};
 use quinn::crypto::rustls::QuicClientConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+pub use tally_protocol as protocol;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::frame::{self, HEADER_LEN, MAX_RESPONSE_LEN};
+pub use tally_protocol::keys::KeyError;
 pub use tally_protocol::keys::PublicKey;
 pub use tally_protocol::lease::LeaseId;
 use tally_protocol::signed::Domain;
+pub use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
+pub use tally_protocol::wire::{ClientIdentity, Denial, DenialReason, StatusReply};
 pub use trust::Trust;
 
 /// Default time allowed to reach a server, complete the handshake and say hello.

@@ -51,7 +51,15 @@ pub enum Link {
 
 /// The system libraries a program linked with `libtally_client.a` needs (what
 /// `rustc --print native-static-libs` reports; README documents the same list).
-pub const STATIC_LINK_LIBS: &[&str] = &["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"];
+pub const STATIC_LINK_LIBS: &[&str] = &[
+    "-lgcc_s",
+    "-lutil",
+    "-lrt",
+    "-lpthread",
+    "-lm",
+    "-ldl",
+    "-lc",
+];
 
 /// A compiled C program and what it needs to run.
 #[derive(Debug)]
@@ -85,7 +93,13 @@ pub fn compile(
     let exe = out_dir.join(name);
     let mut cc = Command::new("cc");
     cc.args(sources)
-        .args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Werror", "-pthread"])
+        .args([
+            "-std=c11",
+            "-D_POSIX_C_SOURCE=200809L",
+            "-Wall",
+            "-Werror",
+            "-pthread",
+        ])
         .arg("-I")
         .arg(root().join("client/include"));
     cc.args(cflags);
@@ -95,7 +109,8 @@ pub fn compile(
             cc.arg("-L").arg(&lib_dir).arg("-ltally_client");
         }
         Link::Static => {
-            cc.arg(lib_dir.join("libtally_client.a")).args(STATIC_LINK_LIBS);
+            cc.arg(lib_dir.join("libtally_client.a"))
+                .args(STATIC_LINK_LIBS);
         }
     }
     let out = cc.output().expect("running cc");

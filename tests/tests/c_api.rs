@@ -97,7 +97,12 @@ fn write_key_header(dir: &Path, vendor_pub: &str, other_pub: &str) {
             return "    \"\"\n".into();
         }
         text.lines()
-            .map(|l| format!("    \"{}\\n\"\n", l.replace('\\', "\\\\").replace('"', "\\\"")))
+            .map(|l| {
+                format!(
+                    "    \"{}\\n\"\n",
+                    l.replace('\\', "\\\\").replace('"', "\\\"")
+                )
+            })
             .collect()
     };
     std::fs::write(
@@ -239,7 +244,11 @@ fn the_c_api_does_what_a_product_needs_against_a_vendor_signed_server() {
         .to_string();
     let held = holders(&daemon, "solver");
     assert_eq!(held.len(), 1);
-    assert_eq!(held[0]["lease"], lease.as_str(), "tally_lease_id is the server's id");
+    assert_eq!(
+        held[0]["lease"],
+        lease.as_str(),
+        "tally_lease_id is the server's id"
+    );
 
     c.expect("ok: queued at position 1");
     c.expect("wait: held-by-service");
@@ -259,11 +268,15 @@ fn the_c_api_does_what_a_product_needs_against_a_vendor_signed_server() {
     c.answer();
     c.expect("ok: status callback: lost, with the reason");
     c.expect("ok: borrow and return");
-    assert!(wait_until(Duration::from_secs(10), || daemon.in_use("solver") == 0));
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .in_use("solver")
+        == 0));
     c.expect("ok: four threads share one client");
     c.expect("ok: a lease after tally_client_free is lost");
     c.finish();
-    assert!(wait_until(Duration::from_secs(10), || daemon.in_use("viewer") == 0));
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .in_use("viewer")
+        == 0));
 }
 
 #[test]

@@ -358,24 +358,22 @@ fn the_blocking_client_has_what_the_c_api_has() {
         .collect();
     assert_eq!(daemon.feature("solver")["holders"][0]["user"], "svc-batch");
     let positions = Arc::new(Mutex::new(Vec::new()));
-    let waiter = {
-        let positions = positions.clone();
-        let mut want = Want::feature("solver");
-        want.wait = Duration::from_secs(60);
-        // The client is Sync: the queued checkout runs on another thread.
+    let mut want = Want::feature("solver");
+    want.wait = Duration::from_secs(60);
+    // The client is Sync: the queued checkout runs on another thread.
+    let waiter = std::thread::scope(|s| {
+        let sink = positions.clone();
         let client = &client;
-        std::thread::scope(|s| {
-            let handle = s.spawn(move || {
-                client.checkout_queued(&want, |p| positions.lock().unwrap().push(p))
-            });
-            assert!(wait_until(Duration::from_secs(30), || !positions
-                .lock()
-                .unwrap()
-                .is_empty()));
-            held.pop().unwrap().checkin().unwrap();
-            handle.join().unwrap()
-        })
-    };
+        let want = &want;
+        let handle =
+            s.spawn(move || client.checkout_queued(want, |p| sink.lock().unwrap().push(p)));
+        assert!(wait_until(Duration::from_secs(30), || !positions
+            .lock()
+            .unwrap()
+            .is_empty()));
+        held.pop().unwrap().checkin().unwrap();
+        handle.join().unwrap()
+    });
     let mut waiter = waiter.unwrap();
     assert_eq!(*positions.lock().unwrap(), vec![1]);
 

@@ -3,7 +3,7 @@
  * The vendor public key is compiled in: a key read from a file at run time is a key the
  * customer can replace with their own. Make vendor_key.h from vendor.pub with
  *
- *   { echo 'static const char VENDOR_KEY[] ='; sed 's/.*/"&\\n"/' vendor.pub; echo ';'; } > vendor_key.h
+ *   { echo 'static const char VENDOR_KEY[] ='; sed -e 's/^/"/' -e 's/$/\\n"/' vendor.pub; echo ';'; } > vendor_key.h
  *   cc checkout.c -I client/include -I . -L target/release -ltally_client -o checkout
  *   ./checkout lic1.example.com:27300 solver     # or TALLY_SERVER=... ./checkout "" solver
  *
