@@ -201,8 +201,15 @@ impl Client {
 }
 
 impl Drop for Client {
+    /// Dropping the client closes it, as [`Client::close`] does: its leases are checked
+    /// in and report `Lost`, rather than heartbeating on with no client to see them.
     fn drop(&mut self) {
         self.closed.store(true, Ordering::SeqCst);
+        if let Some(c) = self.client.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                self.runtime.block_on(c.close());
+            }
+        }
     }
 }
 
