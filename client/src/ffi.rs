@@ -1410,9 +1410,8 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_count_is_a_usage_error_and_success_clears_the_error() {
-        // A NULL client fails first on the client, so use the count check through the
-        // argument order: feature given, client NULL.
+    fn a_failure_sets_the_error_and_the_next_success_clears_it() {
+        // (`count = 0` against a real server is in tests/tests/c_api.rs.)
         let feature = CString::new("solver").unwrap();
         // SAFETY: valid C strings; NULL client is allowed.
         let lease =
