@@ -1,17 +1,34 @@
 //! A blocking wrapper around [`crate::Client`] for applications without an async
-//! runtime. It owns a small runtime (one worker thread) on which the background
-//! heartbeats run while the application does its work.
+//! runtime (and the base of the C ABI). It owns a small runtime (one worker thread) on
+//! which the background heartbeats run while the application does its work.
+//!
+//! Thread safety: a [`Client`] is `Send + Sync`; several threads may check out, borrow
+//! and read terms through one client at once. A [`Lease`] is `Send + Sync` too. None of
+//! these calls may be made from async code (they block on the client's runtime), nor
+//! from a status callback ([`Lease::on_change`]), which runs on that runtime.
 
 use crate::cache::BorrowedLease;
+use crate::info::FeatureInfo;
 use crate::{ClientConfig, ClientError, LeaseHandle, LeaseStatus, Want};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tally_protocol::wire::StatusReply;
+use tally_protocol::wire::{ClientIdentity, StatusReply};
+
+/// How often a queued checkout asks the server for its place in the queue.
+const QUEUE_POLL: Duration = Duration::from_secs(1);
+
+/// The status a lease reports once its client is closed: nothing tends it any more.
+const CLIENT_CLOSED: &str = "the client was closed";
 
 /// A blocking client.
 pub struct Client {
     runtime: Arc<tokio::runtime::Runtime>,
     client: Option<crate::Client>,
+    /// Who this client says it is, to find its own place in a queue.
+    identity: ClientIdentity,
+    /// Set by [`Client::close`]; leases of a closed client are no longer tended.
+    closed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Client {
@@ -24,6 +41,10 @@ impl std::fmt::Debug for Client {
 pub struct Lease {
     runtime: Arc<tokio::runtime::Runtime>,
     handle: Option<LeaseHandle>,
+    closed: Arc<AtomicBool>,
+    /// The task running the status callback, if one is set; stopped (and waited for)
+    /// before the lease goes, so a callback never runs after checkin or drop returns.
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -42,10 +63,13 @@ impl Client {
             .build()
             .map_err(|e| ClientError::Config(format!("cannot start the client runtime: {e}")))?;
         let runtime = Arc::new(runtime);
+        let identity = config.identity.clone();
         let client = runtime.block_on(crate::Client::connect(config))?;
         Ok(Client {
             runtime,
             client: Some(client),
+            identity,
+            closed: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -53,13 +77,80 @@ impl Client {
         self.client.as_ref().expect("present until close")
     }
 
-    /// Checks seats out.
-    pub fn checkout(&self, want: &Want) -> Result<Lease, ClientError> {
-        let handle = self.runtime.block_on(self.client().checkout(want))?;
-        Ok(Lease {
+    fn lease(&self, handle: LeaseHandle) -> Lease {
+        Lease {
             runtime: self.runtime.clone(),
             handle: Some(handle),
-        })
+            closed: self.closed.clone(),
+            watcher: None,
+        }
+    }
+
+    /// Checks seats out. A checkout that finds its connection broken (the server
+    /// restarted a moment ago and the client has not noticed yet) is sent once more on
+    /// a new connection rather than reported as "no server".
+    pub fn checkout(&self, want: &Want) -> Result<Lease, ClientError> {
+        self.checkout_queued(want, |_| {})
+    }
+
+    /// Checks seats out, waiting in the server's queue for up to `want.wait`; while it
+    /// waits, `on_queue` hears this client's place in the queue (1 = next) whenever it
+    /// changes (read from the server's status, so not where status is for admins only).
+    pub fn checkout_queued(
+        &self,
+        want: &Want,
+        mut on_queue: impl FnMut(u32),
+    ) -> Result<Lease, ClientError> {
+        let handle = self.runtime.block_on(async {
+            match self.checkout_watching(want, &mut on_queue).await {
+                Err(ClientError::Connection { .. }) => {
+                    self.checkout_watching(want, &mut on_queue).await
+                }
+                other => other,
+            }
+        })?;
+        Ok(self.lease(handle))
+    }
+
+    async fn checkout_watching(
+        &self,
+        want: &Want,
+        on_queue: &mut impl FnMut(u32),
+    ) -> Result<LeaseHandle, ClientError> {
+        let client = self.client();
+        let checkout = client.checkout(want);
+        if want.wait.is_zero() {
+            return checkout.await;
+        }
+        tokio::pin!(checkout);
+        let mut told = None;
+        loop {
+            tokio::select! {
+                result = &mut checkout => return result,
+                _ = tokio::time::sleep(QUEUE_POLL) => {
+                    let Ok(status) = client.status().await else { continue };
+                    let me = &self.identity;
+                    let position = status
+                        .features
+                        .iter()
+                        .find(|f| f.name == want.feature)
+                        .and_then(|f| {
+                            f.queue.iter().position(|q| {
+                                q.client.pid == me.pid
+                                    && q.client.host == me.host
+                                    && q.client.user == me.user
+                            })
+                        });
+                    if let Some(p) = position {
+                        let p = u32::try_from(p + 1).unwrap_or(u32::MAX);
+                        if told != Some(p) {
+                            told = Some(p);
+                            on_queue(p);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Borrows seats for `period` into the per-user cache.
@@ -88,21 +179,57 @@ impl Client {
         Ok(session.lost_seat_terms(feature))
     }
 
-    /// Checks every lease in and closes the connection.
+    /// The licence terms of `feature` (expiry, evaluation, maintenance, attributes) from
+    /// the verified bundles of the connected server; `None` if it does not license it.
+    pub fn feature_info(&self, feature: &str) -> Result<Option<FeatureInfo>, ClientError> {
+        let session = self.runtime.block_on(self.client().session())?;
+        Ok(crate::info::feature_info(
+            session.bundles(),
+            feature,
+            crate::client::now(),
+        ))
+    }
+
+    /// Checks every lease in and closes the connection. Leases still held report
+    /// [`LeaseStatus::Lost`] afterwards (nothing heartbeats them); drop them as usual.
     pub fn close(mut self) {
+        self.closed.store(true, Ordering::SeqCst);
         if let Some(c) = self.client.take() {
             self.runtime.block_on(c.close());
         }
     }
 }
 
+impl Drop for Client {
+    /// Dropping the client closes it, as [`Client::close`] does: its leases are checked
+    /// in and report `Lost`, rather than heartbeating on with no client to see them.
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(c) = self.client.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                self.runtime.block_on(c.close());
+            }
+        }
+    }
+}
+
 impl Lease {
-    /// The lease's current status.
+    /// The lease's current status. After its client is closed (or dropped), a lease
+    /// that was held on line is `Lost`: nothing keeps it alive any more.
     pub fn status(&self) -> LeaseStatus {
-        self.handle
+        let status = self
+            .handle
             .as_ref()
             .map(|h| h.status())
-            .unwrap_or(LeaseStatus::Lost("checked in".into()))
+            .unwrap_or(LeaseStatus::Lost("checked in".into()));
+        match status {
+            LeaseStatus::Active | LeaseStatus::Reconnecting
+                if self.closed.load(Ordering::SeqCst) =>
+            {
+                LeaseStatus::Lost(CLIENT_CLOSED.into())
+            }
+            other => other,
+        }
     }
 
     /// The lease id.
@@ -110,8 +237,52 @@ impl Lease {
         self.handle.as_ref().map(|h| h.id())
     }
 
+    /// The grant as the server sent it (feature, seats, TTL, borrowed end, token).
+    pub fn grant(&self) -> Option<&tally_protocol::wire::LeaseGrant> {
+        self.handle.as_ref().map(|h| &h.lease().grant)
+    }
+
+    /// Calls `f` with every change of the lease's status (reconnecting, active again,
+    /// lost), from the client's runtime thread. Replaces an earlier callback. `f` must
+    /// return quickly and must not call blocking client functions.
+    pub fn on_change(&mut self, mut f: impl FnMut(&LeaseStatus) + Send + 'static) {
+        self.stop_watching();
+        let Some(handle) = self.handle.as_ref() else {
+            return;
+        };
+        let mut watch = handle.watch();
+        let closed = self.closed.clone();
+        self.watcher = Some(self.runtime.spawn(async move {
+            // The sender goes when the lease is forgotten (lost, checked in, client
+            // closed); a closed client's lease is reported lost, as `status` says.
+            while watch.changed().await.is_ok() {
+                let status = watch.borrow_and_update().clone();
+                f(&status);
+            }
+            let last = watch.borrow().clone();
+            if matches!(last, LeaseStatus::Active | LeaseStatus::Reconnecting)
+                && closed.load(Ordering::SeqCst)
+            {
+                f(&LeaseStatus::Lost(CLIENT_CLOSED.into()));
+            }
+        }));
+    }
+
+    fn stop_watching(&mut self) {
+        if let Some(task) = self.watcher.take() {
+            task.abort();
+            // Waits for a callback that is running right now to return. A lease
+            // dropped on the runtime's own thread (inside a callback, against the
+            // rules above) cannot wait; the abort still stops later calls.
+            if tokio::runtime::Handle::try_current().is_err() {
+                let _ = self.runtime.block_on(task);
+            }
+        }
+    }
+
     /// Checks the lease in and waits for the answer.
     pub fn checkin(mut self) -> Result<(), ClientError> {
+        self.stop_watching();
         match self.handle.take() {
             Some(h) => self.runtime.block_on(h.checkin()),
             None => Ok(()),
@@ -121,7 +292,14 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.stop_watching();
         if let Some(h) = self.handle.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // On a runtime thread we cannot block: the handle checks itself in
+                // in the background.
+                drop(h);
+                return;
+            }
             // Checking in on drop must finish before the runtime could go away.
             let _ = self.runtime.block_on(h.checkin());
         }

@@ -556,6 +556,24 @@ impl Client {
         }
         let lease = match session.checkout(&want.request(Duration::ZERO)).await {
             Ok(l) => l,
+            Err(e @ ClientError::Connection { .. }) => {
+                // The session died under us (a server that restarted a moment ago, before
+                // the background task noticed): once more on a fresh connection. A grant
+                // the dead connection may have carried reaches nobody and is taken back
+                // by the server.
+                self.inner.drop_session(&session).await;
+                tracing::debug!(error = %e, "checkout on a dead connection; once more");
+                let session = self.inner.session().await?;
+                match session.checkout(&want.request(Duration::ZERO)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        if e.is_connection_loss() {
+                            self.inner.drop_session(&session).await;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
             Err(e) => {
                 if e.is_connection_loss() {
                     self.inner.drop_session(&session).await;

@@ -20,19 +20,27 @@ pub mod cache;
 mod client;
 pub mod ffi;
 pub mod grace;
+pub mod info;
 pub mod trust;
 
 pub use client::{Client, LeaseHandle, LeaseStatus, Want};
+pub use info::FeatureInfo;
+// The types an application meets in this API, so that it need not depend on
+// `tally-protocol` itself (which stays reachable as `tally_client::protocol`).
 use quinn::crypto::rustls::QuicClientConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+pub use tally_protocol as protocol;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::frame::{self, HEADER_LEN, MAX_RESPONSE_LEN};
-use tally_protocol::keys::PublicKey;
-use tally_protocol::lease::LeaseId;
+pub use tally_protocol::keys::KeyError;
+pub use tally_protocol::keys::PublicKey;
+pub use tally_protocol::lease::LeaseId;
 use tally_protocol::signed::Domain;
+pub use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
+pub use tally_protocol::wire::{ClientIdentity, Denial, DenialReason, StatusReply};
 pub use trust::Trust;
 
 /// Default time allowed to reach a server, complete the handshake and say hello.
@@ -71,9 +79,31 @@ pub struct ClientConfig {
     pub checkin_grace: Duration,
 }
 
+/// The environment variable naming the license servers when the application gives none
+/// (`host:port` entries separated by commas), like FlexLM's `LM_LICENSE_FILE`.
+pub const SERVER_ENV: &str = "TALLY_SERVER";
+
+/// The servers named by [`SERVER_ENV`] (empty when unset or blank).
+pub fn servers_from_env() -> Vec<String> {
+    std::env::var(SERVER_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 impl ClientConfig {
-    /// A configuration with default timeouts and this process's identity.
+    /// A configuration with default timeouts and this process's identity. With an empty
+    /// `servers`, the servers come from `TALLY_SERVER` ([`servers_from_env`]), so a site
+    /// can point every product at its servers without the product asking.
     pub fn new(servers: Vec<String>, trust: Trust) -> ClientConfig {
+        let servers = if servers.is_empty() {
+            servers_from_env()
+        } else {
+            servers
+        };
         ClientConfig {
             servers,
             trust,

@@ -133,3 +133,14 @@ impl ServerCertVerifier for ServerKeyVerifier {
         vec![SignatureScheme::ED25519]
     }
 }
+
+impl Trust {
+    /// Trusts the vendor public key in `armored` (the text of a `.pub` file from
+    /// `tally-publisher keygen`), typically compiled in with `include_str!`: a key read
+    /// from a file at run time is a key the customer can replace with their own.
+    pub fn from_armored(armored: &str) -> Result<Trust, tally_protocol::keys::KeyError> {
+        Ok(Trust::Vendor(vec![
+            tally_protocol::keys::public_key_from_armored(armored)?,
+        ]))
+    }
+}

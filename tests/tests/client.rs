@@ -226,44 +226,15 @@ fn a_borrowed_seat_works_with_the_daemon_stopped_and_an_edited_cache_is_refused(
 fn the_c_example_checks_a_seat_out_and_in() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let lib_dir = bin("tally").parent().unwrap().to_path_buf();
-    if !lib_dir.join("libtally_client.so").exists() {
-        // `cargo test` builds the library only as an rlib; the C example needs the
-        // cdylib. Cargo does not hold its build lock while tests run, so this works
-        // from inside a test (and is quick: everything else is built already).
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "-q", "-p", "tally-client", "--lib"]);
-        if lib_dir.ends_with("release") {
-            cargo.arg("--release");
-        }
-        let built = cargo.current_dir(&root).status().expect("running cargo");
-        assert!(built.success(), "cargo build -p tally-client failed");
-    }
-    assert!(
-        lib_dir.join("libtally_client.so").exists(),
-        "libtally_client.so is missing from {}",
-        lib_dir.display()
-    );
-    let exe = dir.path().join("checkout");
-    let cc = Command::new("cc")
-        .arg(root.join("client/examples/c/checkout.c"))
-        .arg("-I")
-        .arg(root.join("client/include"))
-        .arg("-L")
-        .arg(&lib_dir)
-        .args(["-ltally_client", "-Wall", "-Werror", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("running cc");
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
+    let c = tally_tests::c::compile(
+        &[tally_tests::c::root().join("client/examples/c/checkout.c")],
+        &["-DTALLY_DEMO".to_string()],
+        dir.path(),
+        "checkout",
+        tally_tests::c::Link::Shared,
     );
     let run = |feature: &str| {
-        Command::new(&exe)
-            .env("LD_LIBRARY_PATH", &lib_dir)
+        c.command()
             .arg(daemon.addr.to_string())
             .arg(feature)
             .output()
@@ -285,7 +256,9 @@ fn the_c_example_checks_a_seat_out_and_in() {
     assert_eq!(daemon.in_use("solver"), 0);
     let out = run("mesher");
     assert_eq!(out.status.code(), Some(75));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("'mesher' is not licensed"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("'mesher' is not licensed"), "{stderr}");
+    assert!(stderr.contains("(not_licensed)"), "{stderr}");
 }
 
 #[test]
@@ -400,4 +373,71 @@ fn a_stopped_server_is_noticed_at_once_and_the_lease_comes_back_with_it() {
     rt.block_on(handle.checkin()).unwrap();
     assert_eq!(daemon.in_use("solver"), 0);
     rt.block_on(client.close());
+}
+
+#[test]
+fn the_blocking_client_has_what_the_c_api_has() {
+    use std::sync::{Arc, Mutex};
+    use tally_client::blocking;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--heartbeat-secs", "1"],
+    );
+    // (TALLY_SERVER with no list is covered by the C test, in a process of its own.)
+    let mut config = config(vec![daemon.addr.to_string()]);
+    // A service checking out for its users names them.
+    config.identity.user = "svc-batch".into();
+    let client = blocking::Client::connect(config).unwrap();
+
+    // Licence terms: the demo's optimizer is a 30-day evaluation, solver is permanent.
+    let optimizer = client.feature_info("optimizer").unwrap().unwrap();
+    assert!(optimizer.evaluation && optimizer.expires.is_some());
+    let solver = client.feature_info("solver").unwrap().unwrap();
+    assert!(!solver.evaluation && solver.expires.is_none());
+    assert_eq!(client.feature_info("mesher").unwrap(), None);
+
+    // Five solver seats held; a sixth waits in the queue and hears its place.
+    let mut held: Vec<blocking::Lease> = (0..5)
+        .map(|_| client.checkout(&Want::feature("solver")).unwrap())
+        .collect();
+    assert_eq!(daemon.feature("solver")["holders"][0]["user"], "svc-batch");
+    let positions = Arc::new(Mutex::new(Vec::new()));
+    let mut want = Want::feature("solver");
+    want.wait = Duration::from_secs(60);
+    // The client is Sync: the queued checkout runs on another thread.
+    let waiter = std::thread::scope(|s| {
+        let sink = positions.clone();
+        let client = &client;
+        let want = &want;
+        let handle =
+            s.spawn(move || client.checkout_queued(want, |p| sink.lock().unwrap().push(p)));
+        assert!(wait_until(Duration::from_secs(30), || !positions
+            .lock()
+            .unwrap()
+            .is_empty()));
+        held.pop().unwrap().checkin().unwrap();
+        handle.join().unwrap()
+    });
+    let mut waiter = waiter.unwrap();
+    assert_eq!(*positions.lock().unwrap(), vec![1]);
+
+    // A status callback, and a lease that outlives its client reports Lost.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    waiter.on_change(move |s| sink.lock().unwrap().push(s.clone()));
+    assert_eq!(waiter.status(), LeaseStatus::Active);
+    client.close();
+    assert!(matches!(waiter.status(), LeaseStatus::Lost(_)));
+    assert!(wait_until(Duration::from_secs(10), || seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| matches!(s, LeaseStatus::Lost(_)))));
+    drop(waiter);
+    drop(held);
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .in_use("solver")
+        == 0));
 }

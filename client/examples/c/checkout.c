@@ -1,21 +1,32 @@
 /* Checks a seat out through the tally C API, holds it briefly, and checks it in.
  *
- *   cc checkout.c -I client/include -L target/debug -ltally_client -o checkout
- *   LD_LIBRARY_PATH=target/debug ./checkout 127.0.0.1:27300 solver
+ * The vendor public key is compiled in: a key read from a file at run time is a key the
+ * customer can replace with their own. Make vendor_key.h from vendor.pub with
  *
- * Exits 0 on success, or with the TALLY_ERR_* code of the failure.
+ *   { echo 'static const char VENDOR_KEY[] ='; sed -e 's/^/"/' -e 's/$/\\n"/' vendor.pub; echo ';'; } > vendor_key.h
+ *   cc checkout.c -I client/include -I . -L target/release -ltally_client -o checkout
+ *   ./checkout lic1.example.com:27300 solver     # or TALLY_SERVER=... ./checkout "" solver
+ *
+ * Built with -DTALLY_DEMO it trusts the public demo key instead (for `tallyd demo`;
+ * never ship that). Exits 0 on success, or with the TALLY_ERR_* code of the failure.
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <tally.h>
+#ifndef TALLY_DEMO
+#include "vendor_key.h"
+#endif
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s SERVER FEATURE [VENDOR_KEY_FILE]\n", argv[0]);
+        fprintf(stderr, "usage: %s SERVER FEATURE\n", argv[0]);
         return TALLY_ERR_USAGE;
     }
-    const char *key = argc > 3 ? argv[3] : NULL;
-    tally_client *client = tally_connect(argv[1], key, key == NULL);
+#ifdef TALLY_DEMO
+    tally_client *client = tally_connect_demo(argv[1]);
+#else
+    tally_client *client = tally_connect_key(argv[1], VENDOR_KEY);
+#endif
     if (client == NULL) {
         fprintf(stderr, "connect: %s\n", tally_last_error());
         return tally_last_error_code();
@@ -23,7 +34,11 @@ int main(int argc, char **argv) {
     tally_lease *lease = tally_checkout(client, argv[2], 1, "2027.1");
     if (lease == NULL) {
         int code = tally_last_error_code();
-        fprintf(stderr, "checkout: %s\n", tally_last_error());
+        tally_denial why;
+        if (tally_last_denial(&why) == 0)
+            fprintf(stderr, "checkout: %s (%s)\n", tally_last_error(), tally_denial_name(why.code));
+        else
+            fprintf(stderr, "checkout: %s\n", tally_last_error());
         tally_client_free(client);
         return code;
     }
