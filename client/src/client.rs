@@ -199,6 +199,59 @@ impl Drop for LeaseHandle {
     }
 }
 
+/// How long the last handle's drop may block to deliver checkins that never went out.
+const LAST_CHANCE: Duration = Duration::from_secs(2);
+
+impl Drop for Inner {
+    /// The last reference is gone with checkins still undelivered: typically the
+    /// application's runtime shut down (`#[tokio::main]` returned) right after a lease
+    /// was dropped, and the task spawned to check it in never ran. Nothing of this
+    /// runtime can send any more, so a thread of its own connects afresh and delivers
+    /// them, for at most [`LAST_CHANCE`]; otherwise the seats would wait for the server's
+    /// idle timeout. Held leases that were never dropped go the same way.
+    fn drop(&mut self) {
+        let mut refs = std::mem::take(
+            self.undelivered
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        refs.extend(
+            self.leases
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .map(|(_, e)| e.lease_ref),
+        );
+        if refs.is_empty() {
+            return;
+        }
+        let mut config = self.config.clone();
+        config.connect_timeout = config.connect_timeout.min(LAST_CHANCE);
+        config.request_timeout = config.request_timeout.min(LAST_CHANCE);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("tally-last-checkin".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async {
+                    if let Ok(session) = Session::connect(&config).await {
+                        let _ = session.checkin(&refs).await;
+                        session.close().await;
+                    }
+                });
+                let _ = done_tx.send(());
+            });
+        if spawned.is_ok() {
+            let _ = done_rx.recv_timeout(LAST_CHANCE * 2);
+        }
+    }
+}
+
 impl Inner {
     fn forget(&self, id: LeaseId) -> Option<LeaseRef> {
         self.leases

@@ -441,3 +441,42 @@ fn the_blocking_client_has_what_the_c_api_has() {
         .in_use("solver")
         == 0));
 }
+
+/// A lease dropped as the application's runtime shuts down (`#[tokio::main]` returning
+/// right after) is still checked in: the task spawned for it never runs, so the last
+/// reference's drop delivers it on a thread of its own. It used to wait for the
+/// server's idle timeout (60 s here).
+#[test]
+fn a_lease_dropped_as_the_runtime_shuts_down_is_still_checked_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--idle-timeout-secs", "60"],
+    );
+    // A current-thread runtime, as `#[tokio::main(flavor = "current_thread")]` makes: a
+    // task spawned in its last moment never runs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt
+        .block_on(Client::connect(config(vec![daemon.addr.to_string()])))
+        .unwrap();
+    let handle = rt
+        .block_on(client.checkout(&Want::feature("solver")))
+        .unwrap();
+    assert_eq!(daemon.in_use("solver"), 1);
+    // What `main` returning does: the handle and the client go, then the runtime.
+    let dropped = std::time::Instant::now();
+    rt.block_on(async move {
+        drop(handle);
+        drop(client);
+    });
+    drop(rt);
+    assert!(
+        wait_until(Duration::from_secs(20), || daemon.in_use("solver") == 0),
+        "the seat is still held {:?} after the runtime went",
+        dropped.elapsed()
+    );
+}
