@@ -48,6 +48,13 @@ pub struct Want {
     pub build_date: Option<UnixTime>,
     /// How long to wait in the queue when no seat is free.
     pub wait: Duration,
+    /// Check out again by itself when the lease is lost because the server no longer
+    /// holds it (its TTL ran out, its connection timed out and the seat went to someone
+    /// else, a restore expired it): the handle reads `Lost` until a new seat is had
+    /// (tried at every heartbeat round, without waiting in the queue), then `Active`
+    /// again under a new lease id ([`LeaseHandle::held_id`]). Not after an
+    /// administrator's removal, which stands.
+    pub reacquire: bool,
 }
 
 impl Want {
@@ -59,6 +66,7 @@ impl Want {
             version: None,
             build_date: None,
             wait: Duration::ZERO,
+            reacquire: false,
         }
     }
 
@@ -91,8 +99,12 @@ pub enum LeaseStatus {
 }
 
 struct Entry {
+    /// The lease held now (after a reacquire, not the handle's first one; the map key
+    /// stays the first id, so the handle finds its entry).
     lease_ref: LeaseRef,
     status: watch::Sender<LeaseStatus>,
+    /// What to check out again when the lease is lost (`Want::reacquire`).
+    reacquire: Option<Want>,
 }
 
 struct Inner {
@@ -154,6 +166,21 @@ impl LeaseHandle {
     /// The grant as the server sent it (token included).
     pub fn lease(&self) -> &Lease {
         &self.lease
+    }
+
+    /// The id of the lease this handle holds now: its first one, or the one checked
+    /// out again after a loss (`Want::reacquire`); `None` once checked in or lost for
+    /// good.
+    pub fn held_id(&self) -> Option<LeaseId> {
+        match &self.inner {
+            Some(inner) => inner
+                .leases
+                .lock()
+                .expect("leases lock")
+                .get(&self.lease.id())
+                .map(|e| e.lease_ref.id),
+            None => Some(self.lease.id()),
+        }
     }
 
     /// The current status.
@@ -389,32 +416,49 @@ impl Inner {
         let only_refs: Vec<LeaseRef> = refs.iter().map(|(_, r)| r.clone()).collect();
         match session.heartbeat(&only_refs).await {
             Ok(states) => {
-                let mut leases = self.leases.lock().expect("leases lock");
-                for ((id, _), state) in refs.iter().zip(states) {
-                    let reason = match state {
+                let mut again: Vec<(LeaseId, Want)> = Vec::new();
+                {
+                    let mut leases = self.leases.lock().expect("leases lock");
+                    for ((id, _), state) in refs.iter().zip(states) {
+                        let reason = match state {
                         LeaseState::Active => None,
                         LeaseState::Removed => Some("removed by an administrator"),
                         _ => Some(
                             "the server no longer holds this lease (its TTL ran out, or its connection timed out and the seat went to someone else)",
                         ),
                     };
-                    match reason {
-                        None => {
-                            if let Some(e) = leases.get(id) {
-                                e.status.send_if_modified(|s| {
-                                    let changed = *s != LeaseStatus::Active;
-                                    *s = LeaseStatus::Active;
-                                    changed
-                                });
+                        match reason {
+                            None => {
+                                if let Some(e) = leases.get(id) {
+                                    e.status.send_if_modified(|s| {
+                                        let changed = *s != LeaseStatus::Active;
+                                        *s = LeaseStatus::Active;
+                                        changed
+                                    });
+                                }
                             }
-                        }
-                        Some(why) => {
-                            if let Some(e) = leases.remove(id) {
-                                let _ = e.status.send(LeaseStatus::Lost(why.to_string()));
+                            Some(why) => {
+                                let keep = state != LeaseState::Removed
+                                    && leases.get(id).is_some_and(|e| e.reacquire.is_some());
+                                if keep {
+                                    if let Some(e) = leases.get(id) {
+                                        let lost =
+                                            LeaseStatus::Lost(format!("{why}; checking out again"));
+                                        e.status.send_if_modified(|s| {
+                                            let changed = *s != lost;
+                                            *s = lost.clone();
+                                            changed
+                                        });
+                                        again.extend(e.reacquire.clone().map(|w| (*id, w)));
+                                    }
+                                } else if let Some(e) = leases.remove(id) {
+                                    let _ = e.status.send(LeaseStatus::Lost(why.to_string()));
+                                }
                             }
                         }
                     }
                 }
+                self.reacquire(&session, again).await;
                 Some(interval)
             }
             Err(e) if e.is_connection_loss() => {
@@ -437,6 +481,32 @@ impl Inner {
             .lock()
             .expect("offline lock")
             .is_some_and(|since| since.elapsed() < RECONNECT_MAX)
+    }
+
+    /// Checks out again for the lost leases whose application asked for it; a seat had
+    /// takes the entry's place under the handle's key.
+    async fn reacquire(&self, session: &Arc<Session>, lost: Vec<(LeaseId, Want)>) {
+        for (key, want) in lost {
+            let want = Want {
+                wait: Duration::ZERO,
+                ..want
+            };
+            match session.checkout(&want.request(Duration::ZERO)).await {
+                Ok(lease) => {
+                    let mut leases = self.leases.lock().expect("leases lock");
+                    match leases.get_mut(&key) {
+                        Some(e) => {
+                            tracing::info!(old = %e.lease_ref.id, new = %lease.id(), feature = %want.feature, "lost seat checked out again");
+                            e.lease_ref = lease.lease_ref();
+                            let _ = e.status.send(LeaseStatus::Active);
+                        }
+                        // The application dropped the handle meanwhile.
+                        None => self.queue_checkin(lease.lease_ref()),
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, feature = %want.feature, "no seat yet"),
+            }
+        }
     }
 
     /// The session now held, without connecting.
@@ -640,6 +710,7 @@ impl Client {
             Entry {
                 lease_ref: lease.lease_ref(),
                 status: tx,
+                reacquire: want.reacquire.then(|| want.clone()),
             },
         );
         Ok(LeaseHandle {

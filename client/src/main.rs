@@ -453,6 +453,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 version,
                 build_date,
                 wait: Duration::from_secs(wait as u64),
+                // `tally run` tries again itself, and tells its user (see `supervise`).
+                reacquire: false,
             };
             run_with_seat(config, want, command).await
         }

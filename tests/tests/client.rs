@@ -480,3 +480,56 @@ fn a_lease_dropped_as_the_runtime_shuts_down_is_still_checked_in() {
         dropped.elapsed()
     );
 }
+
+/// An application that asked for it (`Want::reacquire`) gets a seat again by itself when
+/// the server no longer holds its lease: here tallyd was down for longer than the
+/// lease's TTL, so the restored lease has run out. The handle reads `Lost` meanwhile,
+/// then `Active` under a new lease id; dropping it checks the new seat in.
+#[test]
+fn a_lost_lease_is_checked_out_again_when_the_application_asked_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let timing = [
+        "--lease-ttl-secs",
+        "4",
+        "--heartbeat-secs",
+        "2",
+        "--idle-timeout-secs",
+        "5",
+    ];
+    let daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
+    let addr = daemon.addr.to_string();
+    let rt = runtime();
+    let client = rt
+        .block_on(Client::connect(config(vec![addr.clone()])))
+        .unwrap();
+    let mut want = Want::feature("solver");
+    want.reacquire = true;
+    let handle = rt.block_on(client.checkout(&want)).unwrap();
+    let first = handle.id();
+    daemon.kill();
+    // Down for longer than the TTL plus the clock mark's slack: the lease ends.
+    let down = std::time::Instant::now();
+    assert!(wait_until(Duration::from_secs(30), || down.elapsed()
+        > Duration::from_secs(4 + 10 + 2)));
+    let daemon = Daemon::start(&data, &addr, &timing);
+    assert!(
+        rt.block_on(wait_status(&handle, |s| *s == LeaseStatus::Active
+            && handle.held_id() != Some(first))),
+        "not checked out again: {:?}; log:\n{}",
+        handle.status(),
+        daemon.log_text()
+    );
+    let now_held = handle.held_id().unwrap();
+    assert_ne!(now_held, first);
+    assert_eq!(daemon.in_use("solver"), 1);
+    assert_eq!(
+        daemon.feature("solver")["holders"][0]["lease"],
+        now_held.to_string().as_str()
+    );
+    drop(handle);
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .in_use("solver")
+        == 0));
+    rt.block_on(client.close());
+}
