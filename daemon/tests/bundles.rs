@@ -242,5 +242,8 @@ fn an_expired_renewal_keeps_what_it_superseded_out() {
         loaded.notes
     );
     // A return of a later bundle retires through the ended one.
-    assert_eq!(loaded.supersedes.get("renewal"), Some(&vec!["paid".to_string()]));
+    assert_eq!(
+        loaded.supersedes.get("renewal"),
+        Some(&vec!["paid".to_string()])
+    );
 }

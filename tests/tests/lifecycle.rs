@@ -144,9 +144,7 @@ fn allowed(issued: &BTreeMap<String, Issued>, inst: &Installed, t: u64) -> u32 {
     inst.bundles
         .iter()
         .filter(|id| {
-            !inst.returned.contains(*id)
-                && !inst.retired.contains(*id)
-                && !superseded.contains(id)
+            !inst.returned.contains(*id) && !inst.retired.contains(*id) && !superseded.contains(id)
         })
         .filter_map(|id| issued.get(id))
         .filter(|b| b.active(t))
@@ -188,6 +186,8 @@ struct Job {
     /// The daemon was down longer than a TTL while this job held a seat: it may have lost
     /// it (honestly).
     may_lose: bool,
+    /// Its `tally run` exited without the test ending it.
+    self_exit: bool,
 }
 
 /// A borrow the test made.
@@ -394,7 +394,10 @@ impl World {
 
     fn note(&mut self, what: String) {
         let t = UnixTime(unix_now());
-        eprintln!("[lifecycle seed {} step {} {t}] {what}", self.seed, self.step);
+        eprintln!(
+            "[lifecycle seed {} step {} {t}] {what}",
+            self.seed, self.step
+        );
         self.steps_log.push(format!("{} {t}: {what}", self.step));
     }
 
@@ -569,7 +572,14 @@ impl World {
             d.stop();
         }
         self.down_since = Instant::now();
-        self.note(format!("tallyd {}", if kill { "SIGKILLed" } else { "stopped (SIGTERM)" }));
+        self.note(format!(
+            "tallyd {}",
+            if kill {
+                "SIGKILLed"
+            } else {
+                "stopped (SIGTERM)"
+            }
+        ));
     }
 
     fn daemon(&self) -> &Daemon {
@@ -594,13 +604,20 @@ impl World {
             });
             assert!(done, "SIGHUP: no reload within 20 s{}", self.ctx());
         } else {
-            ok(self.admin().arg("reload").output().unwrap(), "tally admin reload");
+            ok(
+                self.admin().arg("reload").output().unwrap(),
+                "tally admin reload",
+            );
         }
         let hi = unix_now();
         self.history.push((lo, hi, self.installed_now()));
         self.note(format!(
             "reload by {}: installed {:?}",
-            if signal { "SIGHUP" } else { "tally admin reload" },
+            if signal {
+                "SIGHUP"
+            } else {
+                "tally admin reload"
+            },
             self.in_dir
         ));
     }
@@ -608,7 +625,11 @@ impl World {
     fn export(&mut self) {
         let path = self.path(&format!("usage-{:03}.report", self.reports.len() + 1));
         ok(
-            self.admin().args(["report", "--out"]).arg(&path).output().unwrap(),
+            self.admin()
+                .args(["report", "--out"])
+                .arg(&path)
+                .output()
+                .unwrap(),
             "tally admin report",
         );
         self.reports.push(path);
@@ -697,8 +718,7 @@ impl World {
     /// `tally status --json` as people and scripts see it: the same seats.
     fn check_cli_status(&self) {
         let out = self.tally().args(["status", "--json"]).output().unwrap();
-        let doc: serde_json::Value =
-            serde_json::from_str(&ok(out, "tally status --json")).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&ok(out, "tally status --json")).unwrap();
         let f = doc["features"]
             .as_array()
             .unwrap()
@@ -728,6 +748,7 @@ impl World {
                 if let Ok(Some(status)) = j.holder.child.try_wait() {
                     j.exited = Some(status.code());
                     if j.ended.is_none() {
+                        j.self_exit = true;
                         // It ended on its own (a wait that failed across a restart): it
                         // holds nothing from now on, like a job that checked in.
                         notes.push(format!(
@@ -804,7 +825,13 @@ impl World {
         // 2. No grant beyond the terms: the leases held now were all held when the last
         // of them (by grant second) was granted.
         let sum: u64 = s.holders.iter().map(|h| h.2 as u64).sum();
-        assert_eq!(sum, s.in_use, "in_use is the sum of holders{}{}", ctx(), self.ctx());
+        assert_eq!(
+            sum,
+            s.in_use,
+            "in_use is the sum of holders{}{}",
+            ctx(),
+            self.ctx()
+        );
         let mut by_grant: Vec<&(String, String, u32, u64, bool)> = s.holders.iter().collect();
         by_grant.sort_by_key(|h| h.3);
         let mut held = 0u64;
@@ -863,8 +890,7 @@ impl World {
             }
         }
         // 4. Borrowed leases: exactly the ones borrowed and not returned.
-        let borrowed: BTreeSet<&String> =
-            s.holders.iter().filter(|h| h.4).map(|h| &h.0).collect();
+        let borrowed: BTreeSet<&String> = s.holders.iter().filter(|h| h.4).map(|h| &h.0).collect();
         let model: BTreeSet<&String> = self
             .borrows
             .iter()
@@ -915,7 +941,10 @@ impl World {
             .iter()
             .filter(|j| {
                 // Not known released: alive, or ended recently enough to hold still.
-                j.ended.is_none() || j.ended.as_ref().is_some_and(|e| Instant::now() <= self.release_deadline(e))
+                j.ended.is_none()
+                    || j.ended
+                        .as_ref()
+                        .is_some_and(|e| Instant::now() <= self.release_deadline(e))
             })
             .map(|j| j.count as u64)
             .sum();
@@ -934,7 +963,12 @@ impl World {
         let err = self.path(&format!("{user}.err"));
         let before = self.last.clone().expect("a status before");
         let script = format!("while [ ! -e '{}' ]; do sleep 0.1; done", stop.display());
-        let mut args = vec!["run".to_string(), FEATURE.into(), "--count".into(), count.to_string()];
+        let mut args = vec![
+            "run".to_string(),
+            FEATURE.into(),
+            "--count".into(),
+            count.to_string(),
+        ];
         if waits {
             args.extend(["--wait".into(), "600".into()]);
         }
@@ -958,6 +992,7 @@ impl World {
             ended: None,
             exited: None,
             may_lose: false,
+            self_exit: false,
         });
         self.peak_possible = self.peak_possible.max(self.possible_now());
         // Wait until it holds, waits in the queue, or was denied.
@@ -991,7 +1026,11 @@ impl World {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(!outcome.is_empty(), "job {user} neither held, waited nor was denied within 30 s{}", self.ctx());
+        assert!(
+            !outcome.is_empty(),
+            "job {user} neither held, waited nor was denied within 30 s{}",
+            self.ctx()
+        );
         if outcome == "denied" {
             self.denials_seen += 1;
             let free = before.total.saturating_sub(before.in_use);
@@ -1102,7 +1141,9 @@ impl World {
                 self.denials_seen += 1;
                 let free = before.total.saturating_sub(before.in_use);
                 assert!(
-                    !(before.queue.is_empty() && free >= 1 && !self.boundary_near(before.t0, unix_now())),
+                    !(before.queue.is_empty()
+                        && free >= 1
+                        && !self.boundary_near(before.t0, unix_now())),
                     "borrow denied though {free} seats were free: {}{}",
                     String::from_utf8_lossy(&out.stderr),
                     self.ctx()
@@ -1166,7 +1207,8 @@ impl World {
         );
         if expect == 0 {
             assert!(
-                String::from_utf8_lossy(&out.stderr).contains("using the seat of 'solver' borrowed until"),
+                String::from_utf8_lossy(&out.stderr)
+                    .contains("using the seat of 'solver' borrowed until"),
                 "{}{}",
                 String::from_utf8_lossy(&out.stderr),
                 self.ctx()
@@ -1221,7 +1263,10 @@ impl World {
                 .unwrap(),
             "tally-publisher verify-return",
         );
-        self.note(format!("bundle {id} returned; retired now {:?}", self.retired));
+        self.note(format!(
+            "bundle {id} returned; retired now {:?}",
+            self.retired
+        ));
     }
 
     fn new_bundle(&mut self, rng: &mut Rng) {
@@ -1250,7 +1295,11 @@ impl World {
         } else {
             Vec::new()
         };
-        let seats = if renewal { 1 + rng.below(6) } else { 1 + rng.below(3) } as u32;
+        let seats = if renewal {
+            1 + rng.below(6)
+        } else {
+            1 + rng.below(3)
+        } as u32;
         let mut b = Issued {
             id,
             seats,
@@ -1293,7 +1342,12 @@ impl World {
                 latest.saturating_duration_since(Instant::now()) + Duration::from_secs(1),
                 || {
                     let s = self.status();
-                    last = s.holders.iter().filter(|h| ended.contains(&h.1)).cloned().collect();
+                    last = s
+                        .holders
+                        .iter()
+                        .filter(|h| ended.contains(&h.1))
+                        .cloned()
+                        .collect();
                     last.is_empty()
                 },
             );
@@ -1395,7 +1449,7 @@ fn random_lifecycles_keep_seats_within_the_vendors_records() {
                 how: if queued { EndHow::Kill } else { EndHow::File },
                 run: w.run,
                 up: true,
-                });
+            });
         }
     }
     for i in 0..w.borrows.len() {
@@ -1414,7 +1468,12 @@ fn random_lifecycles_keep_seats_within_the_vendors_records() {
     w.settle();
     w.check_cli_status();
     let end = w.check();
-    assert_eq!(end.in_use, 0, "seats held after everything ended{}", w.ctx());
+    assert_eq!(
+        end.in_use,
+        0,
+        "seats held after everything ended{}",
+        w.ctx()
+    );
     // The last events must be journaled in an earlier second than the export.
     let t = unix_now();
     wait_until(Duration::from_secs(3), || unix_now() > t);
@@ -1497,10 +1556,18 @@ impl World {
             .as_object()
             .map(|d| d.values().filter_map(|v| v.as_u64()).sum())
             .unwrap_or(0);
-        assert_eq!(
-            denials, self.denials_seen,
-            "reconcile's denials {}{}",
-            total["denials"], self.ctx()
+        // A waiter whose wait broke with a restart asks again and may be denied then.
+        let unsure = self
+            .jobs
+            .iter()
+            .filter(|j| j.exited == Some(Some(75)) && j.self_exit)
+            .count() as u64;
+        assert!(
+            self.denials_seen <= denials && denials <= self.denials_seen + unsure,
+            "reconcile's denials {}: the test saw {} (and {unsure} waiters exited 75 on their own){}",
+            total["denials"],
+            self.denials_seen,
+            self.ctx()
         );
         assert_eq!(
             total["licensed"].as_u64(),
