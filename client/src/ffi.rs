@@ -68,7 +68,7 @@ fn set_error(code: c_int, message: &str) {
 
 fn client_error(e: &ClientError) {
     let code = match e {
-        ClientError::Denied(_) => TALLY_ERR_DENIED,
+        ClientError::Denied(_) | ClientError::SeatInUse(_) => TALLY_ERR_DENIED,
         ClientError::Untrusted(_) => TALLY_ERR_UNTRUSTED,
         ClientError::Config(_) => TALLY_ERR_USAGE,
         ClientError::Protocol(_) | ClientError::Server(_) => TALLY_ERR_PROTOCOL,
