@@ -161,6 +161,10 @@ enum EndHow {
     Signal(&'static str),
     /// SIGKILL to the whole process group: no checkin, no close.
     Kill,
+    /// `tally run` exited on its own: denied, or its checkout's answer was lost when
+    /// tallyd stopped (the grant was stored, so it is restored and held by nobody until
+    /// its TTL from the last sign of life runs out).
+    Vanished,
 }
 
 #[derive(Debug)]
@@ -769,7 +773,7 @@ impl World {
                         ));
                         j.ended = Some(Ended {
                             at: Instant::now(),
-                            how: EndHow::File,
+                            how: EndHow::Vanished,
                             run,
                             up,
                         });
@@ -785,18 +789,18 @@ impl World {
     /// The latest moment by which an ended job's leases must be gone.
     fn release_deadline(&self, e: &Ended) -> Instant {
         let margin = Duration::from_secs(MARGIN_SECS);
-        if e.up && e.run == self.run && self.daemon.is_some() {
+        if e.up && e.run == self.run && self.daemon.is_some() && e.how != EndHow::Vanished {
             let after = match e.how {
                 // A checkin (or, queued, a closed connection): at once.
                 EndHow::File | EndHow::Signal(_) => Duration::ZERO,
                 // Nobody says goodbye: the connection's idle timeout.
-                EndHow::Kill => Duration::from_secs(IDLE_SECS),
+                EndHow::Kill | EndHow::Vanished => Duration::from_secs(IDLE_SECS),
             };
             e.at + after + margin
         } else {
-            // A restart came between: the client delivers its checkin when the server
-            // is back, or (killed) the restored lease ends by the previous run's last
-            // sign of life + the clock mark's slack + the TTL.
+            // A restart came between (or the client vanished): the client delivers its
+            // checkin when the server is back, or the restored lease ends by the previous
+            // run's last sign of life + the clock mark's slack + the TTL.
             e.at.max(self.up_since)
                 + Duration::from_secs(TTL_SECS + CLOCK_SLACK_SECS + IDLE_SECS)
                 + margin
@@ -1098,7 +1102,7 @@ impl World {
                     .arg(j.holder.child.id().to_string())
                     .status();
             }
-            EndHow::Kill => j.holder.kill_group(),
+            EndHow::Kill | EndHow::Vanished => j.holder.kill_group(),
         }
         j.ended = Some(Ended {
             at: Instant::now(),
