@@ -8,7 +8,8 @@
 //! which the server has installed, which were returned and what they retired), the jobs
 //! and borrows it started and ended, and what it saw.
 //!
-//! After every step, against `tally status --json`:
+//! After every step, against the server's status (asked through the client library on one
+//! kept connection; at the end `tally status --json` must show the same):
 //! - the seats the server offers equal what the vendor's records allow at that second;
 //! - the leases held never add up to more than the records allowed when the last of them
 //!   was granted (each lease's grant second is in the status), so no grant exceeded the
@@ -20,6 +21,9 @@
 //!   queue while the seats its head needs are free; borrowed leases are the ones the
 //!   test borrowed and did not return;
 //! - a denial comes only when the seats were not free.
+//!
+//! Jobs are `tally run solver -- sh -c 'wait for a stop file'`, each as its own user
+//! (`USER=jN`), so the status says which job holds which lease.
 //!
 //! At the end the reports exported along the way are reconciled with every bundle the
 //! vendor issued, and compared with what the test knows for sure (see `reconcile`).
