@@ -581,6 +581,15 @@ impl World {
 
     fn stop_daemon(&mut self, kill: bool) {
         self.client.borrow_mut().take();
+        // A job whose grant the status shows but whose command has not started may not
+        // have heard of the grant yet (answered after the group commit's flush); if
+        // tallyd stops now, that answer is lost and the lease is held by nobody until
+        // its TTL (reported in SECURITY.md): the job may lose it.
+        for j in self.jobs.iter_mut().filter(|j| j.ended.is_none()) {
+            if !j.stop.with_extension("started").exists() {
+                j.may_lose = true;
+            }
+        }
         let d = self.daemon.take().expect("daemon up");
         if kill {
             self.denials_maybe_lost += self
@@ -983,7 +992,12 @@ impl World {
         let stop = self.path(&format!("{user}.stop"));
         let err = self.path(&format!("{user}.err"));
         let before = self.last.clone().expect("a status before");
-        let script = format!("while [ ! -e '{}' ]; do sleep 0.1; done", stop.display());
+        let started = self.path(&format!("{user}.started"));
+        let script = format!(
+            "touch '{}'; while [ ! -e '{}' ]; do sleep 0.1; done",
+            started.display(),
+            stop.display()
+        );
         let mut args = vec![
             "run".to_string(),
             FEATURE.into(),
