@@ -700,6 +700,16 @@ fn min_opt(a: Option<UnixTime>, b: Option<UnixTime>) -> Option<UnixTime> {
     }
 }
 
+/// Locks every seat of `borrowed` for the caller, to give the lease back: `None` while a
+/// program on this machine runs on one of them. Returning a seat in use would let the
+/// server hand it to someone else while the program goes on using it (it heard of no
+/// server when it started, and hears of none now).
+pub fn lock_all(borrowed: &BorrowedLease) -> Result<Option<SeatLocks>, CacheError> {
+    let cache = path()?;
+    let seats = borrowed.lease.grant.count.min(MAX_SEAT_LOCKS);
+    lock_seats(&cache, borrowed, seats).map_err(|(path, source)| CacheError::Io { path, source })
+}
+
 /// The lock file of one seat of a borrowed lease.
 fn seat_lock_path(cache_file: &Path, lease: LeaseId, seat: u32) -> PathBuf {
     cache_file.with_file_name(format!("lease-{lease}.{seat}.lock"))

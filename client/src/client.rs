@@ -843,7 +843,9 @@ impl Client {
             .ok_or_else(|| ClientError::Config("the borrowed lease did not reach the cache".into()))
     }
 
-    /// Returns every borrowed lease of `feature` early; returns how many.
+    /// Returns every borrowed lease of `feature` early; returns how many. Refused
+    /// ([`ClientError::SeatInUse`]) while a program on this machine runs on one of its
+    /// seats.
     pub async fn return_borrowed(&self, feature: &str) -> Result<usize, ClientError> {
         let session = self.inner.session().await?;
         let entries =
@@ -853,6 +855,16 @@ impl Client {
             if entry.server_key != session.server_key() {
                 continue;
             }
+            // Held until the lease is gone, so that no program claims a seat meanwhile.
+            let Some(_seats) =
+                cache::lock_all(&entry).map_err(|e| ClientError::Config(e.to_string()))?
+            else {
+                return Err(ClientError::SeatInUse(format!(
+                    "borrowed lease {} of '{feature}' is in use by a program on this machine; \
+                     end it, then return the seats",
+                    entry.lease_ref.id
+                )));
+            };
             session
                 .checkin(std::slice::from_ref(&entry.lease_ref))
                 .await?;

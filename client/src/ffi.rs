@@ -220,7 +220,7 @@ fn clear_error() {
 
 fn client_error(e: &ClientError) {
     let code = match e {
-        ClientError::Denied(_) => TALLY_ERR_DENIED,
+        ClientError::Denied(_) | ClientError::SeatInUse(_) => TALLY_ERR_DENIED,
         ClientError::Untrusted(_) => TALLY_ERR_UNTRUSTED,
         ClientError::Config(_) => TALLY_ERR_USAGE,
         ClientError::Protocol(_) | ClientError::Server(_) => TALLY_ERR_PROTOCOL,

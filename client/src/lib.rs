@@ -210,6 +210,10 @@ pub enum ClientError {
     /// A configuration problem on the client side.
     #[error("{0}")]
     Config(String),
+    /// A borrowed seat cannot be given back while a program on this machine uses it
+    /// (the server would hand it out again while the program still runs on it).
+    #[error("{0}")]
+    SeatInUse(String),
 }
 
 impl ClientError {

@@ -208,7 +208,7 @@ struct Failure {
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
         let code = match &e {
-            ClientError::Denied(_) => EX_TEMPFAIL,
+            ClientError::Denied(_) | ClientError::SeatInUse(_) => EX_TEMPFAIL,
             ClientError::Untrusted(_) => EX_NOPERM,
             ClientError::Config(_) => EX_USAGE,
             ClientError::Protocol(_) | ClientError::Server(_) => EX_PROTOCOL,

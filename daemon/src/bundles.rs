@@ -83,7 +83,7 @@ pub fn load_file(
     match judge_file(path, rules, now) {
         Judged::Load(v) => Ok(v),
         Judged::Returned(v) => Err(returned_reason(&v.bundle.id)),
-        Judged::Refused(reason) => Err(reason),
+        Judged::Expired(_, reason) | Judged::Refused(reason) => Err(reason),
     }
 }
 
@@ -92,6 +92,9 @@ enum Judged {
     Load(VerifiedBundle),
     /// Genuine and bound here, but returned: not served, yet its `supersedes` still hold.
     Returned(VerifiedBundle),
+    /// Genuine and bound here, but past its `valid_until`: not served, yet its
+    /// `supersedes` still hold (an ended renewal does not bring back what it replaced).
+    Expired(VerifiedBundle, String),
     Refused(String),
 }
 
@@ -110,11 +113,8 @@ fn judge_file(path: &Path, rules: &BundleRules, now: UnixTime) -> Judged {
     }
     if let Some(until) = b.valid_until {
         if until <= now {
-            return Judged::Refused(format!(
-                "bundle {} expired at the end of {}",
-                b.id,
-                until.last_day()
-            ));
+            let reason = format!("bundle {} expired at the end of {}", b.id, until.last_day());
+            return Judged::Expired(verified, reason);
         }
     }
     Judged::Load(verified)
@@ -158,6 +158,10 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
     // Returned bundles still in the directory: not served, but what they superseded
     // stays superseded (a return gives back everything the bundle replaced).
     let mut returned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Expired bundles still in the directory: likewise, what they superseded stays
+    // superseded (else a reload after a renewal's end would serve the paid bundle it
+    // replaced, which the running server no longer counted).
+    let mut expired: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for path in paths {
         match judge_file(&path, rules, now) {
             Judged::Returned(v) => {
@@ -187,12 +191,17 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
                     by_id.insert(v.bundle.id.clone(), (path, v));
                 }
             },
+            Judged::Expired(v, reason) => {
+                loaded.refused.push(Refusal { path, reason });
+                expired.insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
+            }
             Judged::Refused(reason) => loaded.refused.push(Refusal { path, reason }),
         }
     }
     loaded.supersedes = by_id
         .iter()
         .map(|(id, (_, v))| (id.clone(), v.bundle.supersedes.clone()))
+        .chain(expired.clone())
         .chain(returned.clone())
         .collect();
     // Who supersedes whom, with a note on how.
@@ -216,6 +225,13 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
             superseded
                 .entry(old.clone())
                 .or_insert_with(|| format!("bundle {}", v.bundle.id));
+        }
+    }
+    for (id, olds) in &expired {
+        for old in olds {
+            superseded
+                .entry(old.clone())
+                .or_insert_with(|| format!("bundle {id}, which has ended"));
         }
     }
     let mut served: Vec<(PathBuf, VerifiedBundle)> = Vec::new();

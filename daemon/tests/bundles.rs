@@ -209,3 +209,41 @@ fn a_returned_bundle_keeps_what_it_superseded_out_also_from_an_old_returned_list
     write(d, "renewal.bundle", &renewal, &vendor());
     assert_eq!(ids(&load_dir(d, &fresh, NOW).unwrap()), vec!["renewal"]);
 }
+
+/// Found by the lifecycle test (tests/tests/lifecycle.rs): a renewal whose term ended
+/// used to stop superseding once a reload or restart refused it as expired, so the
+/// bundle it replaced came back (seats that changed with a restart and nothing else).
+/// An ended bundle serves nothing, and what it replaced stays replaced, as after a
+/// return.
+#[test]
+fn an_expired_renewal_keeps_what_it_superseded_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "paid.bundle", &bundle("paid", 4), &vendor());
+    let mut renewal = bundle("renewal", 10);
+    renewal.supersedes = vec!["paid".into()];
+    renewal.valid_until = Some(NOW.plus_secs(60));
+    write(d, "renewal.bundle", &renewal, &vendor());
+    let ids = |l: &tally_daemon::bundles::Loaded| -> Vec<String> {
+        l.served.iter().map(|(_, b)| b.bundle.id.clone()).collect()
+    };
+    assert_eq!(ids(&load_dir(d, &rules(), NOW).unwrap()), vec!["renewal"]);
+    // After the renewal's end: nothing served, the paid bundle still superseded.
+    let later = NOW.plus_secs(61);
+    let loaded = load_dir(d, &rules(), later).unwrap();
+    assert!(ids(&loaded).is_empty(), "{:?}", ids(&loaded));
+    assert!(reason_for(&loaded, "renewal.bundle").contains("expired"));
+    assert!(
+        loaded
+            .notes
+            .iter()
+            .any(|n| n.contains("bundle paid is superseded by bundle renewal")),
+        "{:?}",
+        loaded.notes
+    );
+    // A return of a later bundle retires through the ended one.
+    assert_eq!(
+        loaded.supersedes.get("renewal"),
+        Some(&vec!["paid".to_string()])
+    );
+}

@@ -557,3 +557,48 @@ fn a_two_seat_borrow_for_a_version_serves_two_programs_up_to_that_version() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// Found by reasoning over the lifecycle test's borrow steps (issue 14, "where features
+/// meet"): a program started offline on a borrowed seat never hears of a server, so a
+/// `tally return` while it ran handed the seat back to the server, which gave it to
+/// someone else: two programs on one seat. The return is now refused while a seat of
+/// the lease is in use on this machine (exit 75), and works once the program ended.
+#[test]
+fn a_borrowed_seat_in_use_is_not_returned_until_its_program_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&data, "127.0.0.1:0", &[]);
+    let addr = daemon.addr.to_string();
+    let trust = daemon.trust.clone();
+    let tally = || tally_at(&addr, &trust, &cache);
+    let lease = lease_id_of(&ok(tally()
+        .args(["borrow", "solver", "--for", "1d"])
+        .output()
+        .unwrap()));
+    daemon.kill();
+    // Offline, a program takes the borrowed seat; then the server is back.
+    let program = hold(tally(), &["solver"], &dir.path().join("offline"));
+    let daemon = Daemon::start(&data, &addr, &[]);
+    let out = tally().args(["return", "solver"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "borrowed lease {lease} of 'solver' is in use by a program on this machine"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    // Still borrowed: the server holds the seat, and the other four are all there is.
+    assert_eq!(daemon.in_use("solver"), 1);
+    let out = tally_at(&addr, &trust, &dir.path().join("other"))
+        .args(["run", "solver", "--count", "5", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    // The program ends: the seat can go back.
+    drop(program);
+    let out = tally().args(["return", "solver"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(daemon.in_use("solver"), 0);
+}
