@@ -14,7 +14,7 @@ use crate::store::Store;
 use anyhow::{Context, Result};
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tally_config::Policy;
@@ -365,6 +365,8 @@ struct Shared {
     upload_wake: Arc<tokio::sync::Notify>,
     /// Connection and checkout limits.
     admission: Arc<Admission>,
+    /// Requests read and not yet answered to the end: a stop waits (bounded) for them.
+    answering: AtomicUsize,
 }
 
 impl Shared {
@@ -569,6 +571,7 @@ impl Server {
             metrics: Arc::new(Metrics::default()),
             upload_wake: Arc::new(tokio::sync::Notify::new()),
             admission: Admission::new(params.limits),
+            answering: AtomicUsize::new(0),
         });
         shared.metrics.set_licensed(ledger.feature_names());
         let http = match params.http_listen {
@@ -734,6 +737,14 @@ impl Server {
             .is_ok()
         {
             let _ = done_rx.await;
+        }
+        // The ledger answered every grant its final flush made durable; let the streams
+        // deliver those answers (and any "shutting down") before the connections close,
+        // or a client granted a moment before the stop never hears of its seat.
+        let drained = tokio::time::Instant::now() + Duration::from_secs(2);
+        while shared.answering.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < drained
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -1517,6 +1528,9 @@ async fn serve_stream(
     shared: Arc<Shared>,
     identity: Arc<Mutex<Option<ClientIdentity>>>,
 ) {
+    // Counted from a complete request to its answer's end, so that a stop lets answers
+    // out before it closes the connections.
+    let mut _answering = None;
     let bytes = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
         Err(_) => error_frame(format!(
             "no complete request within {} s",
@@ -1531,6 +1545,7 @@ async fn serve_stream(
             return;
         }
         Ok(Ok(request)) => {
+            _answering = Some(Answering::new(shared.clone()));
             let response = dispatch(request, (conn, remote), &send, &shared, &identity).await;
             let granted = match &response {
                 Response::Checkout(CheckoutReply::Granted(g)) => Some(g.id),
@@ -1552,6 +1567,22 @@ async fn serve_stream(
     };
     if send.write_all(&bytes).await.is_ok() {
         let _ = send.finish();
+    }
+}
+
+/// One request being answered (see `Shared::answering`).
+struct Answering(Arc<Shared>);
+
+impl Answering {
+    fn new(shared: Arc<Shared>) -> Answering {
+        shared.answering.fetch_add(1, Ordering::AcqRel);
+        Answering(shared)
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
