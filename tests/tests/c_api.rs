@@ -304,3 +304,64 @@ fn statically_linked_c_gets_its_own_code_for_rate_limiting_and_a_seat_right_afte
     // not be flushed yet and comes back as a restored lease until its TTL, as designed.)
     drop(daemon);
 }
+
+/// Issue 21's network faults through the C API: a dead first server in the list is
+/// passed over, the process stopped (SIGSTOP, a laptop lid) past the server's idle
+/// timeout keeps its lease, and with the server gone a borrowed seat is served.
+#[test]
+fn c_products_survive_a_dead_first_server_a_pause_and_a_server_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    write_key_header(dir.path(), "", "");
+    let program = api_program(dir.path(), Link::Static);
+    let timing = [
+        "--idle-timeout-secs",
+        "5",
+        "--lease-ttl-secs",
+        "60",
+        "--heartbeat-secs",
+        "2",
+    ];
+    let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &timing);
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let servers = format!("{dead_addr},{}", daemon.addr);
+    let mut run = Command::new(&program.exe);
+    run.env_remove("LD_LIBRARY_PATH")
+        .env("TALLY_CACHE_DIR", dir.path().join("cache"))
+        .arg("faults")
+        .arg(&servers);
+    let mut c = Driven::start(run);
+    let lease = c.expect("lease: ");
+    c.expect("ok: connected past a dead first server");
+    c.expect("wait: stop me");
+    let pid = c.child.id().to_string();
+    let signal = |name: &str| {
+        assert!(Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    // Past the 5 s idle timeout: the seat is freed meanwhile (a dead client would not
+    // hold it), and comes back to the same lease when the program runs again.
+    let freed = wait_until(Duration::from_secs(30), || daemon.in_use("solver") == 0);
+    signal("-CONT");
+    assert!(
+        freed,
+        "the stopped program's seat was not freed at the idle timeout"
+    );
+    c.answer();
+    c.expect("ok: the same lease after a pause past the idle timeout");
+    let id = lease.trim_start_matches("lease: ").to_string();
+    assert!(
+        daemon.log_text().contains("lapsed lease re-attached"),
+        "lease {id}"
+    );
+    c.expect("wait: server gone");
+    daemon.kill();
+    c.answer();
+    c.expect("ok: a borrowed seat with the server gone");
+    c.finish();
+}

@@ -6,6 +6,8 @@
  *   api vendor VERSION      servers from TALLY_SERVER; vendor_key.h gives VENDOR_KEY
  *                           (the server's vendor) and OTHER_KEY (another vendor)
  *   api demo SERVER         a demo server with a checkout rate limit of 1/s
+ *   api faults SERVERS      a demo server behind a dead first entry: failover, this
+ *                           process stopped past the idle timeout, offline borrow
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -312,9 +314,60 @@ static int demo(const char *server) {
     return 0;
 }
 
+/* Network faults as a product meets them: a dead first server in the list, this
+ * process stopped (a laptop lid) for longer than the server's idle timeout, and a
+ * borrowed seat used with the server gone. */
+static int faults(const char *servers) {
+    tally_client *client = tally_connect_demo(servers);
+    CHECK(client != NULL, "connect past a dead first server");
+    tally_lease *lease = tally_checkout(client, "solver", 1, NULL);
+    CHECK(lease != NULL, "checkout");
+    uint64_t id = tally_lease_id(lease);
+    printf("lease: %016llx\n", (unsigned long long)id);
+    ok("connected past a dead first server");
+
+    /* The driver stops this process past the idle timeout, then continues it. */
+    wait_for_driver("stop me");
+    /* For 10 s (several heartbeats): reconnecting at most, never lost; active at the end,
+     * the same lease. */
+    for (int i = 0; i < 100; i++) {
+        char why[256] = "";
+        if (tally_lease_status(lease) == TALLY_STATUS_LOST) {
+            tally_lease_reason(lease, why, sizeof why);
+            CHECK(0, "lost after the pause: %s", why);
+        }
+        pause_ms(100);
+    }
+    CHECK(tally_lease_status(lease) == TALLY_STATUS_ACTIVE, "status %d after the pause",
+          tally_lease_status(lease));
+    CHECK(tally_lease_id(lease) == id, "another lease");
+    ok("the same lease after a pause past the idle timeout");
+    tally_checkin(lease);
+
+    int64_t until = 0;
+    CHECK(tally_borrow(client, "solver", 1, NULL, 3600, &until) == 0, "borrow");
+    tally_client_free(client);
+    wait_for_driver("server gone");
+    client = tally_connect_demo(servers);
+    CHECK(client != NULL, "connect with no server but a borrowed seat");
+    lease = tally_checkout(client, "solver", 1, NULL);
+    CHECK(lease != NULL, "checkout of the borrowed seat");
+    CHECK(tally_lease_status(lease) == TALLY_STATUS_BORROWED, "status %d",
+          tally_lease_status(lease));
+    tally_lease *viewer = tally_checkout(client, "viewer", 1, NULL);
+    CHECK(viewer == NULL && tally_last_error_code() == TALLY_ERR_UNAVAILABLE,
+          "viewer was not borrowed");
+    tally_lease_free(lease);
+    ok("a borrowed seat with the server gone");
+    tally_client_free(client);
+    printf("done\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "vendor") == 0) return vendor(argv[2]);
     if (argc == 3 && strcmp(argv[1], "demo") == 0) return demo(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "faults") == 0) return faults(argv[2]);
     fprintf(stderr, "usage: %s vendor VERSION | demo SERVER\n", argv[0]);
     return TALLY_ERR_USAGE;
 }
