@@ -474,6 +474,20 @@ impl Inner {
         }
     }
 
+    /// A checkout on `session`; a session that failed under it is dropped, so the next
+    /// call connects afresh.
+    async fn checkout_on(
+        &self,
+        session: &Arc<Session>,
+        request: &CheckoutRequest,
+    ) -> Result<Lease, ClientError> {
+        let result = session.checkout(request).await;
+        if result.as_ref().is_err_and(ClientError::is_connection_loss) {
+            self.drop_session(session).await;
+        }
+        result
+    }
+
     /// Whether the last attempt to reach a server failed less than a reconnect backoff
     /// ago (the background task keeps trying meanwhile).
     fn recently_offline(&self) -> bool {
@@ -677,32 +691,18 @@ impl Client {
         if let Some(handle) = self.borrowed_seat(&session, want).await? {
             return Ok(handle);
         }
-        let lease = match session.checkout(&want.request(Duration::ZERO)).await {
-            Ok(l) => l,
+        let request = want.request(Duration::ZERO);
+        let lease = match self.inner.checkout_on(&session, &request).await {
+            // The session died under us (a server that restarted a moment ago, before
+            // the background task noticed): once more on a fresh connection. A grant the
+            // dead connection may have carried reaches nobody and is taken back by the
+            // server.
             Err(e @ ClientError::Connection { .. }) => {
-                // The session died under us (a server that restarted a moment ago, before
-                // the background task noticed): once more on a fresh connection. A grant
-                // the dead connection may have carried reaches nobody and is taken back
-                // by the server.
-                self.inner.drop_session(&session).await;
                 tracing::debug!(error = %e, "checkout on a dead connection; once more");
                 let session = self.inner.session().await?;
-                match session.checkout(&want.request(Duration::ZERO)).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        if e.is_connection_loss() {
-                            self.inner.drop_session(&session).await;
-                        }
-                        return Err(e);
-                    }
-                }
+                self.inner.checkout_on(&session, &request).await?
             }
-            Err(e) => {
-                if e.is_connection_loss() {
-                    self.inner.drop_session(&session).await;
-                }
-                return Err(e);
-            }
+            other => other?,
         };
         let (tx, rx) = watch::channel(LeaseStatus::Active);
         self.inner.leases.lock().expect("leases lock").insert(

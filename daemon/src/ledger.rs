@@ -1099,6 +1099,18 @@ impl Ledger {
     /// Releases every lease attached to a connection that closed, and withdraws its
     /// waiting checkouts.
     pub fn connection_closed(&mut self, now: Now, conn: ConnId) -> Vec<Event> {
+        self.cancel_waits_of(conn);
+        let ids = self.by_conn.remove(&conn).unwrap_or_default();
+        let events = ids
+            .into_iter()
+            .filter_map(|id| self.release(id, ReleaseReason::ConnectionClosed))
+            .collect();
+        self.serve_queues(now);
+        events
+    }
+
+    /// Withdraws every waiting checkout of `conn` (its streams are gone with it).
+    fn cancel_waits_of(&mut self, conn: ConnId) {
         let waiting: Vec<WaiterId> = self
             .queues
             .values()
@@ -1109,13 +1121,6 @@ impl Ledger {
         for w in waiting {
             self.cancel_wait(w);
         }
-        let ids = self.by_conn.remove(&conn).unwrap_or_default();
-        let events = ids
-            .into_iter()
-            .filter_map(|id| self.release(id, ReleaseReason::ConnectionClosed))
-            .collect();
-        self.serve_queues(now);
-        events
     }
 
     /// A connection timed out (nothing heard from the client for the idle timeout): its
@@ -1210,16 +1215,7 @@ impl Ledger {
     /// runs out or the holder re-attaches by heartbeat. Its waits end (their streams are
     /// gone with the connection).
     pub fn connection_lost(&mut self, now: Now, conn: ConnId) {
-        let waiting: Vec<WaiterId> = self
-            .queues
-            .values()
-            .flatten()
-            .filter(|w| w.conn == conn)
-            .map(|w| w.id)
-            .collect();
-        for w in waiting {
-            self.cancel_wait(w);
-        }
+        self.cancel_waits_of(conn);
         for id in self.by_conn.remove(&conn).unwrap_or_default() {
             if let Some(held) = self.leases.get_mut(&id) {
                 held.conn = None;
