@@ -12,7 +12,7 @@ pub mod c;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -340,5 +340,111 @@ pub fn one_seat(feature: &str) -> tally_protocol::wire::CheckoutRequest {
         build_date: None,
         wait_secs: 0,
         borrow_secs: 0,
+    }
+}
+
+/// The output of a command that must succeed (panics with both streams otherwise).
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command to its end.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("running a tally binary")
+}
+
+/// A customer site with a vendor key and an activated server (`tallyd init`, `request`,
+/// a vendor key from `tally-publisher keygen`, a `tallyd.toml`), for tests that issue
+/// vendor-signed bundles with the real tools.
+pub struct VendorSite {
+    root: tempfile::TempDir,
+}
+
+impl VendorSite {
+    /// Sets the site up in a new temporary directory.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> VendorSite {
+        let site = VendorSite {
+            root: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(site.path("bundles")).unwrap();
+        ok(run(Command::new(bin("tallyd"))
+            .arg("init")
+            .arg("--data-dir")
+            .arg(site.path("data"))));
+        ok(run(Command::new(bin("tallyd"))
+            .arg("request")
+            .arg("--data-dir")
+            .arg(site.path("data"))
+            .arg("--out")
+            .arg(site.path("activation.req"))));
+        ok(run(Command::new(bin("tally-publisher"))
+            .arg("keygen")
+            .arg("--out")
+            .arg(site.path("vendor"))));
+        std::fs::write(
+            site.path("tallyd.toml"),
+            format!(
+                "listen = \"127.0.0.1:0\"\nhttp = false\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
+                site.path("data").display(),
+                site.path("bundles").display(),
+                site.path("vendor.pub").display()
+            ),
+        )
+        .unwrap();
+        site
+    }
+
+    /// A path inside the site.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// Issues bundle `id` with `features` (`name = seats`) into the bundle directory.
+    pub fn issue(&self, id: &str, supersedes: &[&str], features: &[(&str, u32)]) -> PathBuf {
+        let supersedes: Vec<String> = supersedes.iter().map(|s| format!("\"{s}\"")).collect();
+        let mut spec = format!(
+            "id = \"{id}\"\nvendor = \"Acme Simulation\"\nsupersedes = [{}]\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n",
+            supersedes.join(", ")
+        );
+        for (name, seats) in features {
+            spec.push_str(&format!(
+                "[[feature]]\nname = \"{name}\"\nseats = {seats}\n"
+            ));
+        }
+        let spec_path = self.path(&format!("{id}.toml"));
+        std::fs::write(&spec_path, spec).unwrap();
+        let out = self.path(&format!("bundles/{id}.bundle"));
+        ok(run(Command::new(bin("tally-publisher"))
+            .arg("issue")
+            .arg("--key")
+            .arg(self.path("vendor.key"))
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--request")
+            .arg(self.path("activation.req"))
+            .arg("--out")
+            .arg(&out)));
+        out
+    }
+
+    /// `tallyd run` with the site's config.
+    pub fn daemon(&self) -> Daemon {
+        Daemon::run(&self.path("tallyd.toml"), &self.path("vendor.pub"))
+    }
+
+    /// `tallyd check-config` with the site's config.
+    pub fn check_config(&self) -> Output {
+        run(Command::new(bin("tallyd"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(self.path("tallyd.toml")))
     }
 }

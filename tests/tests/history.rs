@@ -5,92 +5,9 @@
 //! as they were at each moment: `solver` 2, then 4, 7, 10; `mesher` licensed by the
 //! trial while it was used, so no phantom overdraft.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tally_tests::{bin, wait_until, Daemon};
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("running a tally binary")
-}
-
-struct Site {
-    root: tempfile::TempDir,
-}
-
-impl Site {
-    fn new() -> Site {
-        let site = Site {
-            root: tempfile::tempdir().unwrap(),
-        };
-        std::fs::create_dir_all(site.path("bundles")).unwrap();
-        ok(run(Command::new(bin("tallyd"))
-            .arg("init")
-            .arg("--data-dir")
-            .arg(site.path("data"))));
-        ok(run(Command::new(bin("tallyd"))
-            .arg("request")
-            .arg("--data-dir")
-            .arg(site.path("data"))
-            .arg("--out")
-            .arg(site.path("activation.req"))));
-        ok(run(Command::new(bin("tally-publisher"))
-            .arg("keygen")
-            .arg("--out")
-            .arg(site.path("vendor"))));
-        std::fs::write(
-            site.path("tallyd.toml"),
-            format!(
-                "listen = \"127.0.0.1:0\"\nhttp = false\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
-                site.path("data").display(),
-                site.path("bundles").display(),
-                site.path("vendor.pub").display()
-            ),
-        )
-        .unwrap();
-        site
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.path().join(name)
-    }
-
-    fn issue(&self, id: &str, supersedes: &[&str], features: &[(&str, u32)]) {
-        let supersedes: Vec<String> = supersedes.iter().map(|s| format!("\"{s}\"")).collect();
-        let mut spec = format!(
-            "id = \"{id}\"\nvendor = \"Acme Simulation\"\nsupersedes = [{}]\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n",
-            supersedes.join(", ")
-        );
-        for (name, seats) in features {
-            spec.push_str(&format!(
-                "[[feature]]\nname = \"{name}\"\nseats = {seats}\n"
-            ));
-        }
-        let spec_path = self.path(&format!("{id}.toml"));
-        std::fs::write(&spec_path, spec).unwrap();
-        ok(run(Command::new(bin("tally-publisher"))
-            .arg("issue")
-            .arg("--key")
-            .arg(self.path("vendor.key"))
-            .arg("--spec")
-            .arg(&spec_path)
-            .arg("--request")
-            .arg(self.path("activation.req"))
-            .arg("--out")
-            .arg(self.path(&format!("bundles/{id}.bundle")))));
-    }
-}
+use tally_tests::{bin, ok, run, wait_until, Daemon, VendorSite as Site};
 
 fn unix_now() -> u64 {
     SystemTime::now()

@@ -4,107 +4,10 @@
 //! it (also once the returned file is deleted), `check-config` lists none of it as
 //! served, and the proof tells the vendor exactly which seats stopped.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
-use tally_tests::{bin, wait_until, Daemon};
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("running a tally binary")
-}
-
-/// A customer site with a vendor key and an activated server.
-struct Site {
-    root: tempfile::TempDir,
-}
-
-impl Site {
-    fn new() -> Site {
-        let site = Site {
-            root: tempfile::tempdir().unwrap(),
-        };
-        std::fs::create_dir_all(site.path("bundles")).unwrap();
-        ok(run(Command::new(bin("tallyd"))
-            .arg("init")
-            .arg("--data-dir")
-            .arg(site.path("data"))));
-        ok(run(Command::new(bin("tallyd"))
-            .arg("request")
-            .arg("--data-dir")
-            .arg(site.path("data"))
-            .arg("--out")
-            .arg(site.path("activation.req"))));
-        ok(run(Command::new(bin("tally-publisher"))
-            .arg("keygen")
-            .arg("--out")
-            .arg(site.path("vendor"))));
-        std::fs::write(
-            site.path("tallyd.toml"),
-            format!(
-                "listen = \"127.0.0.1:0\"\nhttp = false\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
-                site.path("data").display(),
-                site.path("bundles").display(),
-                site.path("vendor.pub").display()
-            ),
-        )
-        .unwrap();
-        site
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.path().join(name)
-    }
-
-    /// Issues bundle `id` with `features` (`name = seats`) into the bundle directory.
-    fn issue(&self, id: &str, supersedes: &[&str], features: &[(&str, u32)]) -> PathBuf {
-        let supersedes: Vec<String> = supersedes.iter().map(|s| format!("\"{s}\"")).collect();
-        let mut spec = format!(
-            "id = \"{id}\"\nvendor = \"Acme Simulation\"\nsupersedes = [{}]\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n",
-            supersedes.join(", ")
-        );
-        for (name, seats) in features {
-            spec.push_str(&format!(
-                "[[feature]]\nname = \"{name}\"\nseats = {seats}\n"
-            ));
-        }
-        let spec_path = self.path(&format!("{id}.toml"));
-        std::fs::write(&spec_path, spec).unwrap();
-        let out = self.path(&format!("bundles/{id}.bundle"));
-        ok(run(Command::new(bin("tally-publisher"))
-            .arg("issue")
-            .arg("--key")
-            .arg(self.path("vendor.key"))
-            .arg("--spec")
-            .arg(&spec_path)
-            .arg("--request")
-            .arg(self.path("activation.req"))
-            .arg("--out")
-            .arg(&out)));
-        out
-    }
-
-    fn daemon(&self) -> Daemon {
-        Daemon::run(&self.path("tallyd.toml"), &self.path("vendor.pub"))
-    }
-
-    fn check_config(&self) -> Output {
-        run(Command::new(bin("tallyd"))
-            .arg("check-config")
-            .arg("--config")
-            .arg(self.path("tallyd.toml")))
-    }
-}
+use tally_tests::{bin, ok, run, wait_until, Daemon, VendorSite as Site};
 
 /// Seats of `feature` the daemon serves (0 when it serves none).
 fn total(daemon: &Daemon, feature: &str) -> u64 {
