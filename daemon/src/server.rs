@@ -105,10 +105,8 @@ pub struct Metrics {
     pub licensed: RwLock<Arc<std::collections::BTreeSet<String>>>,
     /// The most recent denials, newest last.
     pub recent: Mutex<std::collections::VecDeque<RecentDenial>>,
-    /// Heartbeat requests answered.
-    pub heartbeats: AtomicU64,
-    /// Total microseconds spent answering them.
-    pub heartbeat_micros: AtomicU64,
+    /// How long heartbeat requests took to answer (a histogram for `/metrics`).
+    pub heartbeat_latency: crate::http::LatencyHistogram,
     /// Why the seat store cannot be written, while it cannot.
     pub store_error: Mutex<Option<String>>,
     /// Connection attempts refused by the limits.
@@ -1737,10 +1735,7 @@ async fn dispatch(
             }
             match rx.await {
                 Ok(leases) => {
-                    let m = &shared.metrics;
-                    m.heartbeats.fetch_add(1, Ordering::Relaxed);
-                    m.heartbeat_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    shared.metrics.heartbeat_latency.observe(started.elapsed());
                     Response::Heartbeat(HeartbeatReply { leases })
                 }
                 Err(_) => closed(),
