@@ -3,7 +3,8 @@
 //!
 //! Reading needs no credential unless the config says status is for admins only; the
 //! dashboard's remove-lease and reload buttons send the admin token as a bearer token,
-//! typed in by the admin (there is no default password and no session to steal).
+//! typed in by the admin (there is no default password and no session to steal) and
+//! checked at login with `GET /api/admin/check`.
 //!
 //! The port is meant for loopback or an admin network, and is guarded all the same:
 //! at most [`MAX_CONNECTIONS`] connections ([`MAX_CONNECTIONS_PER_ADDRESS`] per IP
@@ -53,6 +54,7 @@ pub fn router(ops: OpsHandle, hosts: Vec<String>) -> Router {
         .route("/api/status", get(status))
         .route("/api/admin/remove/{lease}", post(remove))
         .route("/api/admin/reload", post(reload))
+        .route("/api/admin/check", get(check_token))
         .layer(axum::middleware::from_fn_with_state(hosts, check_host))
         .with_state(ops)
 }
@@ -615,6 +617,17 @@ async fn remove(
             .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
     }
+}
+
+/// Answers 200 for the admin token and 401 (logged) for any other: the dashboard's
+/// login asks this before it keeps a token, so a mistyped one is said at once rather
+/// than at the first button.
+async fn check_token(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
+    if !ops.is_admin(bearer(&headers)) {
+        log_refusal(peer, "GET /api/admin/check", &headers);
+        return unauthorized("admin token missing or wrong");
+    }
+    Json(serde_json::json!({"admin": true})).into_response()
 }
 
 async fn reload(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {

@@ -96,16 +96,34 @@ fn metrics_status_dashboard_and_admin_actions() {
     assert_eq!(solver["in_use"], 2);
     let lease = solver["holders"][0]["lease"].as_str().unwrap().to_string();
     assert_eq!(status["recent_denials"][0]["feature"], "mesher");
+    // The bundles served, and per feature the bundles that grant it.
+    let bundle = &status["bundles"][0];
+    assert_eq!(bundle["customer_id"], "demo");
+    assert_eq!(bundle["vendor"], "tally demo vendor");
+    let id = bundle["id"].as_str().unwrap();
+    assert!(id.starts_with("demo-"), "{id}");
+    assert_eq!(solver["bundles"], serde_json::json!([id]));
 
     let (code, page) = daemon.http("GET", "/", None);
     assert_eq!(code, 200);
     assert!(page.contains("<title>tally license server</title>") && page.contains("/api/status"));
 
     // Admin actions: refused without the token or with a wrong one, done with it.
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    assert_eq!(daemon.http("GET", "/api/admin/check", None).0, 401);
+    assert_eq!(
+        daemon
+            .http("GET", "/api/admin/check", Some("not-the-token"))
+            .0,
+        401
+    );
+    assert_eq!(
+        daemon.http("GET", "/api/admin/check", Some(token.trim())).0,
+        200
+    );
     let path = format!("/api/admin/remove/{lease}");
     assert_eq!(daemon.http("POST", &path, None).0, 401);
     assert_eq!(daemon.http("POST", &path, Some("not-the-token")).0, 401);
-    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let (code, body) = daemon.http("POST", &path, Some(token.trim()));
     assert_eq!(code, 200, "{body}");
     assert_eq!(daemon.http("POST", &path, Some(token.trim())).0, 404);
@@ -305,25 +323,8 @@ seats = "uncounted"
 /// operations endpoint on a free loopback port.
 fn site_with_http(spec: &str) -> (tally_tests::VendorSite, Daemon) {
     let site = tally_tests::VendorSite::new();
-    let config = std::fs::read_to_string(site.path("tallyd.toml")).unwrap();
-    std::fs::write(
-        site.path("tallyd.toml"),
-        config.replace("http = false", "http_listen = \"127.0.0.1:0\""),
-    )
-    .unwrap();
-    std::fs::write(site.path("spec.toml"), spec).unwrap();
-    tally_tests::ok(tally_tests::run(
-        std::process::Command::new(tally_tests::bin("tally-publisher"))
-            .arg("issue")
-            .arg("--key")
-            .arg(site.path("vendor.key"))
-            .arg("--spec")
-            .arg(site.path("spec.toml"))
-            .arg("--request")
-            .arg(site.path("activation.req"))
-            .arg("--out")
-            .arg(site.path("bundles/site.bundle")),
-    ));
+    site.enable_http();
+    site.issue_spec("site", spec);
     let daemon = site.daemon();
     assert!(
         daemon.http.is_some(),
