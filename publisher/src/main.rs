@@ -778,12 +778,25 @@ fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
         .map_err(data)?;
     write_new(out, &import.spec, 0o644).map_err(usage)?;
     println!(
-        "{} feature entr{} written to {}; {} item(s) not mapped are listed at the top for review",
+        "{} feature entr{} written to {}",
         import.features,
         if import.features == 1 { "y" } else { "ies" },
         out.display(),
-        import.unmapped.len()
     );
+    // The review list, also at the top of the spec: nothing is dropped without a word.
+    for (title, notes) in [
+        ("the site", &import.site),
+        ("not mapped (dropped)", &import.unmapped),
+        ("left out, superseded", &import.superseded),
+        ("EXPIRED already", &import.expired),
+    ] {
+        if !notes.is_empty() {
+            println!("{title}: {}", notes.len());
+            for n in notes.iter() {
+                println!("  {}", tally_protocol::wire::escape_unprintable(n));
+            }
+        }
+    }
     println!("fill in [customer], review, then: tally-publisher issue --key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
     Ok(())
 }
