@@ -1050,7 +1050,7 @@ fn chart(f: &FeatureUsage) -> String {
     loop {
         let _ = write!(
             svg,
-            "<line class=\"grid\" x1=\"{left}\" y1=\"{yv:.1}\" x2=\"{:.1}\" y2=\"{yv:.1}\" stroke=\"#e4e4e4\"/><line class=\"tick\" x1=\"{:.1}\" y1=\"{yv:.1}\" x2=\"{left}\" y2=\"{yv:.1}\" stroke=\"#333\"/><text class=\"tick-label\" data-seats=\"{v}\" x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{v}</text>",
+            "<line class=\"grid\" data-seats=\"{v}\" x1=\"{left}\" y1=\"{yv:.1}\" x2=\"{:.1}\" y2=\"{yv:.1}\" stroke=\"#e4e4e4\"/><line class=\"tick\" x1=\"{:.1}\" y1=\"{yv:.1}\" x2=\"{left}\" y2=\"{yv:.1}\" stroke=\"#333\"/><text class=\"tick-label\" data-seats=\"{v}\" x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{v}</text>",
             w - right,
             left - 5.0,
             left - 8.0,
