@@ -707,7 +707,10 @@ fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> Str
     for (title, notes) in [
         ("The site:", review.site),
         ("Not mapped, to review:", unmapped),
-        ("Left out, superseded (FlexLM's SUPERSEDE):", review.superseded),
+        (
+            "Left out, superseded (FlexLM's SUPERSEDE):",
+            review.superseded,
+        ),
         ("EXPIRED already, to review:", review.expired),
     ] {
         if !notes.is_empty() {
@@ -838,10 +841,16 @@ mod tests {
              INCREMENT g v 1 permanent 3\n");
         assert_eq!(
             features(&import),
-            vec![("f".into(), "5".into()), ("f".into(), "1".into()), ("g".into(), "3".into())]
+            vec![
+                ("f".into(), "5".into()),
+                ("f".into(), "1".into()),
+                ("g".into(), "3".into())
+            ]
         );
         assert_eq!(import.superseded.len(), 1, "{:?}", import.superseded);
-        assert!(import.superseded[0].starts_with("line 1: INCREMENT f left out: superseded by line 2"));
+        assert!(
+            import.superseded[0].starts_with("line 1: INCREMENT f left out: superseded by line 2")
+        );
         // SUPERSEDE is a keyword, never an old-style license key.
         assert!(!import.spec.contains("license key"), "{}", import.spec);
     }
@@ -865,7 +874,10 @@ mod tests {
         let import = at("FEATURE a v 1 permanent 1\nINCREMENT a v 1 permanent 2 SUPERSEDE\n");
         assert_eq!(features(&import).len(), 2);
         assert!(
-            import.unmapped.iter().any(|u| u.contains("SUPERSEDE without ISSUED= or START=")),
+            import
+                .unmapped
+                .iter()
+                .any(|u| u.contains("SUPERSEDE without ISSUED= or START=")),
             "{:?}",
             import.unmapped
         );
@@ -881,29 +893,44 @@ mod tests {
              FEATURE b v 1 1-dec-2026 1 BORROW\n");
         let spec: toml::Value = toml::from_str(&import.spec).unwrap();
         assert_eq!(spec["feature"][0]["linger_secs"].as_integer(), Some(120));
-        assert_eq!(spec["feature"][1]["borrow_limit_hours"].as_integer(), Some(168));
+        assert_eq!(
+            spec["feature"][1]["borrow_limit_hours"].as_integer(),
+            Some(168)
+        );
         // TS_OK after a KEY=VALUE pair is still seen, and listed.
         assert!(
-            import.unmapped.iter().any(|u| u.starts_with("line 1: FEATURE a: TS_OK (")),
+            import
+                .unmapped
+                .iter()
+                .any(|u| u.starts_with("line 1: FEATURE a: TS_OK (")),
             "{:?}",
             import.unmapped
         );
         // a's last day was yesterday; b's is today.
         assert_eq!(import.expired.len(), 1, "{:?}", import.expired);
-        assert!(import.expired[0].contains("expired on 2026-11-30"), "{:?}", import.expired);
+        assert!(
+            import.expired[0].contains("expired on 2026-11-30"),
+            "{:?}",
+            import.expired
+        );
         assert!(import.spec.contains("# EXPIRED: line 1"), "{}", import.spec);
         assert!(import_at("t", "FEATURE a v 1 permanent 1 LINGER=soon\n", UnixTime(0)).is_err());
     }
 
     #[test]
     fn three_server_lines_are_a_redundant_site() {
-        let import = at("SERVER a 1 27000\nSERVER b 2 27000\nSERVER c 3 27000\nFEATURE f v 1 permanent 1\n");
+        let import =
+            at("SERVER a 1 27000\nSERVER b 2 27000\nSERVER c 3 27000\nFEATURE f v 1 permanent 1\n");
         assert_eq!(import.site.len(), 1);
         assert!(import.site[0].starts_with("three SERVER lines: a three-server redundant site"));
         assert!(import.site[0].contains("TALLY_SERVER"), "{:?}", import.site);
         assert!(import.spec.contains("three-server redundant site"));
-        assert!(at("SERVER a 1\nFEATURE f v 1 permanent 1\n").site.is_empty());
-        assert!(at("SERVER a 1\nSERVER b 2\nFEATURE f v 1 permanent 1\n").site[0].starts_with("2 SERVER lines"));
+        assert!(at("SERVER a 1\nFEATURE f v 1 permanent 1\n")
+            .site
+            .is_empty());
+        assert!(
+            at("SERVER a 1\nSERVER b 2\nFEATURE f v 1 permanent 1\n").site[0]
+                .starts_with("2 SERVER lines")
+        );
     }
 }
-

@@ -795,6 +795,8 @@ fn write_output(out: Option<&Path>, text: &str, reports: usize) -> Result<(), Fa
 const MAX_DIR_DEPTH: usize = 16;
 /// Most files `reconcile --dir` reads.
 const MAX_DIR_FILES: usize = 100_000;
+/// Most report bytes `reconcile --dir` reads in all (every report is held in memory).
+const MAX_DIR_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 /// The `*.report` and `*.bundle` files under `dir`, in path order. Symbolic links are not
 /// followed (no loops, nothing outside the tree); depth and count are bounded.
@@ -865,10 +867,26 @@ fn reconcile_dir(
         bundles.push(load_bundle_any_signer(p)?);
     }
     let mut files = Vec::new();
+    let mut total: u64 = 0;
     for p in &report_paths {
+        let limit = (tally_protocol::report::MAX_REPORT_TEXT as u64)
+            .min(MAX_DIR_BYTES.saturating_sub(total));
+        let budget_cut = limit < tally_protocol::report::MAX_REPORT_TEXT as u64;
+        let text = read_bounded(p, limit).map_err(|e| {
+            if budget_cut && e.1.to_string().contains("larger than") {
+                usage(anyhow!(
+                    "{}: the reports under {} hold more than {MAX_DIR_BYTES} bytes in all; reconcile part of the tree at a time",
+                    p.display(),
+                    dir.display()
+                ))
+            } else {
+                e
+            }
+        })?;
+        total += text.len() as u64;
         files.push(reconcile::ReportFile {
             name: p.display().to_string(),
-            text: read_large(p)?,
+            text,
         });
     }
     let summary = reconcile::reconcile_many(&bundles, files).map_err(|problems| {

@@ -778,11 +778,7 @@ pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summ
         };
         let customer = (first.customer.id.clone(), first.customer.name.clone());
         match verify_chain_all(&ours, &files) {
-            Ok(links) => done.push((
-                customer.0,
-                server.clone(),
-                reconcile_all(&ours, &links),
-            )),
+            Ok(links) => done.push((customer.0, server.clone(), reconcile_all(&ours, &links))),
             Err(p) => problems.extend(p),
         }
     }
@@ -979,8 +975,8 @@ fn seat_step(top: u32, max_ticks: u32) -> u32 {
 /// whole seconds, minutes, hours, days or weeks (UTC).
 fn time_step(span: u64) -> u64 {
     const STEPS: [u64; 22] = [
-        1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200,
-        86_400, 172_800, 604_800, 1_209_600, 2_592_000,
+        1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86_400,
+        172_800, 604_800, 1_209_600, 2_592_000,
     ];
     STEPS
         .iter()
@@ -1010,7 +1006,7 @@ fn time_label(t: u64, step: u64, with_date: bool) -> (String, Option<String>) {
 /// and time ticks (UTC), overdraft stretches shaded, and a legend.
 fn chart(f: &FeatureUsage) -> String {
     let (w, h) = (760.0f64, 280.0f64);
-    let (left, right, top_pad, bottom) = (56.0f64, 16.0f64, 28.0f64, 56.0f64);
+    let (left, right, top_pad, bottom) = (56.0f64, 32.0f64, 28.0f64, 56.0f64);
     let (Some(&(t0, _)), Some(&(t1, _))) = (f.timeline.first(), f.timeline.last()) else {
         return String::new();
     };
@@ -1210,7 +1206,9 @@ fn reconciliation_body(r: &Reconciliation, h_top: &str, h_feature: &str) -> Stri
                 out,
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
                 s.from,
-                s.seats.map(|n| n.to_string()).unwrap_or_else(|| "uncounted".into()),
+                s.seats
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "uncounted".into()),
                 html_escape(&s.source)
             );
         }

@@ -81,7 +81,11 @@ fn example_corp(site: &VendorSite, reports: &Path) -> Vec<PathBuf> {
     let customer = ("C-1001", "Example Corp");
     site.issue_spec(
         "C-1001-2026",
-        &spec(customer, "C-1001-2026", &[("solver", 2, 1), ("mesher", 1, 0)]),
+        &spec(
+            customer,
+            "C-1001-2026",
+            &[("solver", 2, 1), ("mesher", 1, 0)],
+        ),
     );
     let daemon = site.daemon();
     next_second();
@@ -115,7 +119,11 @@ fn example_corp(site: &VendorSite, reports: &Path) -> Vec<PathBuf> {
 fn nordwerk(site: &VendorSite, dir: &Path) -> Vec<PathBuf> {
     site.issue_spec(
         "C-2002-2026",
-        &spec(("C-2002", "Nordwerk GmbH"), "C-2002-2026", &[("mesher", 1, 0)]),
+        &spec(
+            ("C-2002", "Nordwerk GmbH"),
+            "C-2002-2026",
+            &[("mesher", 1, 0)],
+        ),
     );
     let daemon = site.daemon();
     next_second();
@@ -206,7 +214,10 @@ fn parse(html: &str) -> El {
         loop {
             attrs_text = attrs_text.trim_start();
             let Some(eq) = attrs_text.find("=\"") else {
-                assert!(attrs_text.is_empty(), "attribute without value: {attrs_text}");
+                assert!(
+                    attrs_text.is_empty(),
+                    "attribute without value: {attrs_text}"
+                );
                 break;
             };
             let key = attrs_text[..eq].to_string();
@@ -221,7 +232,12 @@ fn parse(html: &str) -> El {
             stack.push(el);
         }
     }
-    assert_eq!(stack.len(), 1, "tags left open: {:?}", stack.last().map(|e| &e.name));
+    assert_eq!(
+        stack.len(),
+        1,
+        "tags left open: {:?}",
+        stack.last().map(|e| &e.name)
+    );
     stack.pop().unwrap()
 }
 
@@ -345,13 +361,21 @@ fn reconcile_dir_sums_up_many_customers_in_one_table() {
     let periods = solver_total["overdraft_periods"].as_array().unwrap();
     assert_eq!(periods.len(), 1, "{solver_total}");
     assert_eq!(periods[0]["seats"], 1);
-    let secs = periods[0]["end_unix"].as_u64().unwrap() - periods[0]["start_unix"].as_u64().unwrap();
+    let secs =
+        periods[0]["end_unix"].as_u64().unwrap() - periods[0]["start_unix"].as_u64().unwrap();
     assert!((1..=4).contains(&secs), "{periods:?}");
-    assert!((over - secs as f64 / 3600.0).abs() < 1e-9, "{over} vs {secs} s");
+    assert!(
+        (over - secs as f64 / 3600.0).abs() < 1e-9,
+        "{over} vs {secs} s"
+    );
     let mesher = row(0);
     assert_eq!(
         (&mesher["licensed"], &mesher["peak"], &mesher["denials"]),
-        (&serde_json::json!(1), &serde_json::json!(0), &serde_json::json!(0))
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        )
     );
     // Nordwerk: two reports, found in a tree where path order is not report order.
     let nm = row(2);
@@ -424,9 +448,7 @@ fn reconcile_dir_sums_up_many_customers_in_one_table() {
 
     // Reports of a server none of the bundles binds: named, exit 65.
     std::fs::remove_file(tree.path().join("nordwerk/C-2002-2026.bundle")).unwrap();
-    let out = run(publisher()
-        .args(["reconcile", "--dir"])
-        .arg(tree.path()));
+    let out = run(publisher().args(["reconcile", "--dir"]).arg(tree.path()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(65), "{stderr}");
     assert!(
@@ -456,6 +478,11 @@ fn reconcile_html_is_readable_by_a_billing_analyst() {
     };
     let doc: serde_json::Value = serde_json::from_str(&reconcile("json")).unwrap();
     let html = reconcile("html");
+    // Kept for a look: target/test-artifacts/reconcile.html.
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    if std::fs::create_dir_all(&artifacts).is_ok() {
+        let _ = std::fs::write(artifacts.join("reconcile.html"), &html);
+    }
     // Self-contained: nothing to fetch.
     for needle in ["src=", "href=", "url(", "@import", "<script", "<link"] {
         assert!(!html.contains(needle), "{needle} in the page");
@@ -493,7 +520,12 @@ fn reconcile_html_is_readable_by_a_billing_analyst() {
     let grid_y: BTreeMap<u32, String> = y_axis
         .all("line", "grid")
         .iter()
-        .map(|l| (l.attr("data-seats").parse().unwrap(), l.attr("y1").to_string()))
+        .map(|l| {
+            (
+                l.attr("data-seats").parse().unwrap(),
+                l.attr("y1").to_string(),
+            )
+        })
         .collect();
 
     // The time axis: ticks inside the period, labelled with the time and the date.
@@ -519,13 +551,25 @@ fn reconcile_html_is_readable_by_a_billing_analyst() {
             l.text()
         );
     }
-    let dates: Vec<String> = x_axis.all("text", "tick-date").iter().map(|d| d.text()).collect();
-    assert!(dates.contains(&date_of(labels[0].attr("data-unix").parse().unwrap())), "{dates:?}");
-    assert!(x_axis.one("text", "axis-title").text().contains(&date_of(from)));
+    let dates: Vec<String> = x_axis
+        .all("text", "tick-date")
+        .iter()
+        .map(|d| d.text())
+        .collect();
+    assert!(
+        dates.contains(&date_of(labels[0].attr("data-unix").parse().unwrap())),
+        "{dates:?}"
+    );
+    assert!(x_axis
+        .one("text", "axis-title")
+        .text()
+        .contains(&date_of(from)));
 
     // Licensed as a step line from the bundle history: 2 seats, then 4 after the reload.
     let licensed_ys: std::collections::BTreeSet<String> =
-        path_ys(svg.one("path", "licensed").attr("d")).into_iter().collect();
+        path_ys(svg.one("path", "licensed").attr("d"))
+            .into_iter()
+            .collect();
     assert_eq!(
         licensed_ys,
         [&grid_y[&2], &grid_y[&4]].into_iter().cloned().collect(),
@@ -538,7 +582,10 @@ fn reconcile_html_is_readable_by_a_billing_analyst() {
     );
     assert!(svg.all("path", "in-use").len() == 1);
     let legend = svg.one("g", "legend").text();
-    assert!(legend.contains("seats in use") && legend.contains("seats licensed"), "{legend}");
+    assert!(
+        legend.contains("seats in use") && legend.contains("seats licensed"),
+        "{legend}"
+    );
 
     // The overdraft periods: start, end, seats, as the JSON has them.
     let rows = section.one("table", "overdraft").rows();
@@ -595,7 +642,11 @@ fn import_flexlm_reads_flexlm_meaning() {
         .collect();
     let names: Vec<&str> = features.iter().map(|f| f.0).collect();
     // The 2024 solver line, mesher and viewer are superseded; the rest is kept.
-    assert_eq!(names, ["solver", "solver", "solver", "cfd_suite", "trial_tool"], "{spec}");
+    assert_eq!(
+        names,
+        ["solver", "solver", "solver", "cfd_suite", "trial_tool"],
+        "{spec}"
+    );
     assert_eq!(features[0].2, 300, "LINGER=300 is linger_secs: {spec}");
     assert!(features[0].1.contains("12"), "{features:?}");
     assert!(features[1].1.contains('3'), "{features:?}");
