@@ -296,7 +296,7 @@ impl El {
 
 /// The y coordinates a path's `d` visits.
 fn path_ys(d: &str) -> Vec<String> {
-    d.split(|c: char| c == 'M' || c == 'L')
+    d.split(['M', 'L'])
         .filter_map(|p| p.trim().split_once(','))
         .map(|(_, y)| y.trim().to_string())
         .collect()
