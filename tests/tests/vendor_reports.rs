@@ -614,6 +614,47 @@ fn reconcile_html_is_readable_by_a_billing_analyst() {
     assert_eq!(svg.all("rect", "overdraft").len(), 1);
     // mesher was never overdrawn.
     assert_eq!(sections[0].one("table", "overdraft").rows(), [["none"]]);
+
+    // Chromium reads the same page: its DOM has every chart element this reader found,
+    // and a screenshot is kept next to the page.
+    const CHROMIUM: &str = "/usr/bin/chromium";
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "this test renders the page in Chromium: apt-get install chromium"
+    );
+    let page_path = site.path("reconcile.html");
+    std::fs::write(&page_path, &html).unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let chromium = |extra: &str| {
+        let out = Command::new(CHROMIUM)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            .args(["--disable-background-networking", "--window-size=1000,1400"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(extra)
+            .arg(format!("file://{}", page_path.display()))
+            .output()
+            .expect("running chromium");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = chromium("--dump-dom");
+    for needle in [
+        "class=\"tick-label\"",
+        "class=\"licensed\"",
+        "class=\"in-use\"",
+        "class=\"overdraft\"",
+        "<svg",
+    ] {
+        assert_eq!(
+            dom.matches(needle).count(),
+            html.matches(needle).count(),
+            "{needle} in Chromium's DOM"
+        );
+    }
+    chromium(&format!(
+        "--screenshot={}",
+        artifacts.join("reconcile.png").display()
+    ));
 }
 
 #[test]
