@@ -492,7 +492,10 @@ pub fn import_at(
 /// neither date counts as issued before any dated one. Returns the entries kept and one
 /// note per line left out.
 fn apply_supersede(entries: Vec<Entry>, unmapped: &mut Vec<String>) -> (Vec<Entry>, Vec<String>) {
-    let mut dropped: BTreeMap<usize, String> = BTreeMap::new();
+    // Per feature, the latest SUPERSEDE naming it (date, line): a line of that feature
+    // issued before it is left out. One pass each way, so a file of many thousands of
+    // SUPERSEDE lines costs no more than its length.
+    let mut latest: BTreeMap<String, (String, usize)> = BTreeMap::new();
     for s in &entries {
         let Some(names) = &s.supersede else {
             continue;
@@ -509,33 +512,36 @@ fn apply_supersede(entries: Vec<Entry>, unmapped: &mut Vec<String>) -> (Vec<Entr
         } else {
             names.iter().map(String::as_str).collect()
         };
-        for e in &entries {
-            if e.line == s.line || !targets.contains(&e.name.as_str()) {
-                continue;
-            }
+        for target in targets {
             // Dates are `YYYY-MM-DD`, so text order is date order.
-            if e.issue_date().is_none_or(|d| d < date) {
-                dropped.entry(e.line).or_insert_with(|| {
-                    format!(
-                        "line {}: {} {} left out: superseded by line {} (SUPERSEDE, issued {date}; this line {})",
-                        e.line,
-                        e.origin.split_whitespace().nth(2).unwrap_or("FEATURE"),
-                        e.name,
-                        s.line,
-                        match e.issue_date() {
-                            Some(d) => format!("issued {d}"),
-                            None => "has no ISSUED= or START= date".into(),
-                        }
-                    )
-                });
+            let slot = latest
+                .entry(target.to_string())
+                .or_insert((date.to_string(), s.line));
+            if date > slot.0.as_str() {
+                *slot = (date.to_string(), s.line);
             }
         }
     }
-    let notes = dropped.values().cloned().collect();
-    let kept = entries
-        .into_iter()
-        .filter(|e| !dropped.contains_key(&e.line))
-        .collect();
+    let mut notes = Vec::new();
+    let mut kept = Vec::new();
+    for e in entries {
+        let by = latest.get(e.name.as_str()).filter(|(date, line)| {
+            *line != e.line && e.issue_date().is_none_or(|d| d < date.as_str())
+        });
+        match by {
+            Some((date, line)) => notes.push(format!(
+                "line {}: {} {} left out: superseded by line {line} (SUPERSEDE, issued {date}; this line {})",
+                e.line,
+                e.origin.split_whitespace().nth(2).unwrap_or("FEATURE"),
+                e.name,
+                match e.issue_date() {
+                    Some(d) => format!("issued {d}"),
+                    None => "has no ISSUED= or START= date".into(),
+                }
+            )),
+            None => kept.push(e),
+        }
+    }
     (kept, notes)
 }
 
@@ -867,6 +873,22 @@ mod tests {
             vec![("c".into(), "4".into()), ("c".into(), "3".into())]
         );
         assert_eq!(import.superseded.len(), 2, "{:?}", import.superseded);
+    }
+
+    #[test]
+    fn a_superseding_line_is_superseded_by_a_later_one() {
+        let import = at("INCREMENT f v 1 permanent 2 SUPERSEDE ISSUED=1-jan-2024\n\
+             INCREMENT f v 1 permanent 5 SUPERSEDE ISSUED=1-jan-2026\n\
+             INCREMENT f v 1 permanent 1 ISSUED=1-jan-2025\n");
+        assert_eq!(features(&import), vec![("f".into(), "5".into())]);
+        assert!(
+            import
+                .superseded
+                .iter()
+                .all(|s| s.contains("superseded by line 2")),
+            "{:?}",
+            import.superseded
+        );
     }
 
     #[test]

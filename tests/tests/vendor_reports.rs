@@ -627,7 +627,12 @@ fn reconcile_html_is_readable_by_a_billing_analyst() {
     let profile = tempfile::tempdir().unwrap();
     let chromium = |extra: &str| {
         let out = Command::new(CHROMIUM)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
             .args(["--disable-background-networking", "--window-size=1000,1400"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(extra)
