@@ -419,6 +419,11 @@ impl VendorSite {
                 "[[feature]]\nname = \"{name}\"\nseats = {seats}\n"
             ));
         }
+        self.issue_spec(id, &spec)
+    }
+
+    /// Issues bundle `id` from the spec text `spec` into the bundle directory.
+    pub fn issue_spec(&self, id: &str, spec: &str) -> PathBuf {
         let spec_path = self.path(&format!("{id}.toml"));
         std::fs::write(&spec_path, spec).unwrap();
         let out = self.path(&format!("bundles/{id}.bundle"));
