@@ -440,25 +440,6 @@ impl VendorSite {
         out
     }
 
-    /// Issues the bundle `spec` (spec TOML as `tally-publisher issue` reads it) into the
-    /// bundle directory as `NAME.bundle`.
-    pub fn issue_spec(&self, name: &str, spec: &str) -> PathBuf {
-        let spec_path = self.path(&format!("{name}.toml"));
-        std::fs::write(&spec_path, spec).unwrap();
-        let out = self.path(&format!("bundles/{name}.bundle"));
-        ok(run(Command::new(bin("tally-publisher"))
-            .arg("issue")
-            .arg("--key")
-            .arg(self.path("vendor.key"))
-            .arg("--spec")
-            .arg(&spec_path)
-            .arg("--request")
-            .arg(self.path("activation.req"))
-            .arg("--out")
-            .arg(&out)));
-        out
-    }
-
     /// Turns the operations endpoint (metrics, dashboard) on, on a free loopback port.
     pub fn enable_http(&self) {
         let config = std::fs::read_to_string(self.path("tallyd.toml")).unwrap();
