@@ -48,7 +48,7 @@ pub const TALLY_STATUS_ACTIVE: c_int = 0;
 pub const TALLY_STATUS_RECONNECTING: c_int = 1;
 /// A borrowed lease, valid without a server.
 pub const TALLY_STATUS_BORROWED: c_int = 2;
-/// The seat is gone (removed by an administrator, expired, or the client was freed);
+/// The seat is gone (removed by the administrator, expired, or the client was freed);
 /// `tally_lease_reason` says why. Check out again for a new seat.
 pub const TALLY_STATUS_LOST: c_int = 3;
 /// `tally_lost_seat_terms`: the vendor lets a program without its seat go on, with a
@@ -1045,7 +1045,7 @@ pub unsafe extern "C" fn tally_lease_status(lease: *const TallyLease) -> c_int {
     })
 }
 
-/// Why a lost lease was lost ("removed by an administrator", ...), copied into `buf`
+/// Why a lost lease was lost ("removed by the administrator", ...), copied into `buf`
 /// like `tally_attribute`; "" (length 0) while the lease is not lost. -1 for NULL.
 ///
 /// # Safety

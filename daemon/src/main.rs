@@ -17,6 +17,7 @@ use tally_daemon::{demo, host, identity, signals, store::Store};
 use tally_protocol::activation::{self, ActivationRequest, ReturnProof};
 use tally_protocol::bundle::Seats;
 use tally_protocol::keys::SecretKey;
+use tally_protocol::wire::Refused;
 
 /// sysexits: command line or configuration error.
 const EX_USAGE: u8 = 64;
@@ -143,6 +144,10 @@ struct DemoArgs {
     /// A policy file (reservations, limits, include/exclude) to try out.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// After `tally admin remove`, seconds the removed user gets no seat of that feature
+    /// on that host; 0: none.
+    #[arg(long, default_value_t = tally_config::DEFAULT_REMOVE_HOLDOFF_SECS)]
+    remove_holdoff_secs: u64,
     /// Spool directory for usage reports (written every --report-interval-secs and at stop).
     #[arg(long)]
     report_dir: Option<PathBuf>,
@@ -300,6 +305,18 @@ struct Site {
     policy: Policy,
 }
 
+/// The refused bundle files of a load, as the server shows them.
+fn refusals(loaded: &Loaded) -> Vec<Refused> {
+    loaded
+        .refused
+        .iter()
+        .map(|r| Refused {
+            source: r.path.display().to_string(),
+            reason: r.reason.clone(),
+        })
+        .collect()
+}
+
 fn load_policy(path: Option<&Path>) -> Result<Policy, Failure> {
     match path {
         Some(p) => Policy::load(p).map_err(usage),
@@ -449,23 +466,35 @@ fn run(config_path: &Path) -> Result<(), Failure> {
     let data_dir = config.data_dir.clone();
     let policy_path = config.policy.clone();
     let reloader: tally_daemon::server::Reloader = Arc::new(move || {
+        use tally_daemon::server::{ReloadError, Reloaded};
         // A broken policy file fails the whole reload: half a policy is worse than the old one.
         let policy = match &policy_path {
-            Some(p) => Policy::load(p)?,
+            Some(p) => Policy::load(p).map_err(|e| {
+                ReloadError::Policy(Refused {
+                    source: p.display().to_string(),
+                    reason: format!("{e:#}"),
+                })
+            })?,
             None => Policy::default(),
         };
         let mut rules = rules.clone();
-        let returns = bundles::read_returns(&data_dir)?;
+        let returns = bundles::read_returns(&data_dir)
+            .map_err(|e| ReloadError::Other(format!("{}: {e}", data_dir.display())))?;
         rules.returned = returns.returned;
         rules.retired = returns.retired;
-        let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall)?;
-        for refusal in &loaded.refused {
-            tracing::warn!("{refusal}");
-        }
+        let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall).map_err(|e| {
+            ReloadError::Other(format!("bundle directory {}: {e}", bundle_dir.display()))
+        })?;
+        // Refusals are logged by the server with the outcome, the same for SIGHUP and
+        // an admin reload.
         for note in &loaded.notes {
             tracing::info!("{note}");
         }
-        Ok((loaded.bundles(), policy))
+        Ok(Reloaded {
+            bundles: loaded.bundles(),
+            refused: refusals(&loaded),
+            policy,
+        })
     });
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
@@ -485,6 +514,8 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             reloader: Some(reloader),
             admin_token,
             reload_signal: Some(hangups),
+            remove_holdoff: Duration::from_secs(config.remove_holdoff_secs),
+            refused: refusals(&site.loaded),
             policy: site.policy.clone(),
             status_needs_token: config.status_needs_token,
             http_listen: config.http.then_some(config.http_listen),
@@ -854,6 +885,8 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             reloader: None,
             admin_token: Some(admin_token),
             reload_signal: None,
+            remove_holdoff: Duration::from_secs(args.remove_holdoff_secs),
+            refused: Vec::new(),
             policy,
             status_needs_token: false,
             limits: tally_daemon::admission::Limits::from_config(&config),
