@@ -1999,7 +1999,8 @@ async fn reload(shared: &Shared) -> ReloadOutcome {
     let at = now().wall;
     let outcome = reload_bundles(shared).await;
     for r in &outcome.refused {
-        warn!(file = %r.source, reason = %r.reason, "reload: bundle refused");
+        // The same words as at the start and in `check-config`: FILE: refused: REASON.
+        warn!("reload: {}: refused: {}", r.source, r.reason);
     }
     if outcome.ok() {
         info!(bundles = outcome.loaded.len(), "{}", outcome.summary);
@@ -2133,7 +2134,7 @@ async fn reload_bundles(shared: &Shared) -> ReloadOutcome {
         format!("reloaded: serving {count} bundle(s); every lease kept")
     } else {
         format!(
-            "reloaded with {} bundle file(s) refused: serving {count} bundle(s); every lease kept",
+            "reloaded: serving {count} bundle(s), {} bundle file(s) refused; every lease kept",
             refused.len()
         )
     };
