@@ -1413,10 +1413,7 @@ mod tests {
             feature: "f".into(),
             until: UnixTime(1),
         };
-        assert_eq!(
-            denial_code(&removed),
-            TALLY_DENIED_REMOVED_BY_ADMINISTRATOR
-        );
+        assert_eq!(denial_code(&removed), TALLY_DENIED_REMOVED_BY_ADMINISTRATOR);
         let busy = DenialReason::AllSeatsInUse {
             feature: "f".into(),
             total: 1,

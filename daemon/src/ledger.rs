@@ -1034,7 +1034,10 @@ impl Ledger {
             let hold = self.settings.remove_holdoff;
             self.holdoffs.insert(
                 key,
-                (now.mono + hold, now.wall.plus_secs(hold.as_secs_f64().ceil() as u64)),
+                (
+                    now.mono + hold,
+                    now.wall.plus_secs(hold.as_secs_f64().ceil() as u64),
+                ),
             );
         }
         if self.removed.len() >= REMEMBERED_REMOVALS {

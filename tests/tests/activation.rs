@@ -234,7 +234,11 @@ fn init_request_issue_load_checkout_reload_and_return() {
         .arg("reload"));
     // The others are served, and the refusal is the answer: exit 65 with the file named.
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
-    assert!(stderr(&out).contains("every lease kept"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("every lease kept"),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         stderr(&out).contains("tally: refused: ") && stderr(&out).contains("tampered.bundle: "),
         "{}",

@@ -134,14 +134,14 @@ fn reload_names_every_refusal_in_its_exit_code_log_status_and_metrics() {
 
     // A second bad file: a valid bundle cut in half.
     let whole = std::fs::read_to_string(&good).unwrap();
-    std::fs::write(
-        site.path("bundles/cut.bundle"),
-        &whole[..whole.len() / 2],
-    )
-    .unwrap();
+    std::fs::write(site.path("bundles/cut.bundle"), &whole[..whole.len() / 2]).unwrap();
     let out = admin(&daemon, &site, &["reload"]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(65), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(65),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     for file in ["junk.bundle", "cut.bundle"] {
         let path = site.path(&format!("bundles/{file}"));
         assert!(
@@ -213,7 +213,11 @@ fn reload_names_every_refusal_in_its_exit_code_log_status_and_metrics() {
     let before = unix_now();
     let out = admin(&daemon, &site, &["reload"]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stdout.contains("serving 2 bundle(s)"), "{stdout}");
     let status = api_status(&daemon);
     assert!(refused_files(&status).is_empty(), "{status}");
@@ -230,7 +234,11 @@ fn reload_names_every_refusal_in_its_exit_code_log_status_and_metrics() {
     std::fs::write(site.path("policy.toml"), "[[max]]\nfeature = \n").unwrap();
     let out = admin(&daemon, &site, &["reload"]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(65), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(65),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     let policy = site.path("policy.toml").display().to_string();
     assert!(
         stderr.contains(&format!("policy refused: {policy}")),
@@ -258,7 +266,8 @@ fn reload_names_every_refusal_in_its_exit_code_log_status_and_metrics() {
     let logged_before = daemon.log_text().len();
     daemon.signal("HUP");
     assert!(
-        wait_until(Duration::from_secs(30), || daemon.log_text()[logged_before..]
+        wait_until(Duration::from_secs(30), || daemon.log_text()
+            [logged_before..]
             .contains(&format!("the policy file {policy} is broken"))),
         "SIGHUP with a broken policy:\n{}",
         &daemon.log_text()[logged_before..]
@@ -322,12 +331,19 @@ fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
     let ana_log = site.path("ana.log");
     let _ana = run_as(&daemon, "ana", &["solver"], &ana_log);
     assert!(
-        wait_until(Duration::from_secs(30), || users(&daemon, "holders") == ["ana"]),
+        wait_until(Duration::from_secs(30), || users(&daemon, "holders")
+            == ["ana"]),
         "ana holds no seat"
     );
-    let mut bo = run_as(&daemon, "bo", &["solver", "--wait", "120"], &site.path("bo.log"));
+    let mut bo = run_as(
+        &daemon,
+        "bo",
+        &["solver", "--wait", "120"],
+        &site.path("bo.log"),
+    );
     assert!(
-        wait_until(Duration::from_secs(30), || users(&daemon, "queue") == ["bo"]),
+        wait_until(Duration::from_secs(30), || users(&daemon, "queue")
+            == ["bo"]),
         "bo is not waiting"
     );
     let lease = daemon.feature("solver")["holders"][0]["lease"]
@@ -345,7 +361,8 @@ fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
     );
     // The waiter gets the seat, and ana's program is told why it lost its own.
     assert!(
-        wait_until(Duration::from_secs(15), || users(&daemon, "holders") == ["bo"]),
+        wait_until(Duration::from_secs(15), || users(&daemon, "holders")
+            == ["bo"]),
         "the waiter did not get the seat: {}",
         daemon.feature("solver")
     );
@@ -389,7 +406,10 @@ fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
             .unwrap()
             .iter()
             .any(|d| d["user"] == "ana"
-                && d["reason"].as_str().unwrap().contains("removed by the administrator")),
+                && d["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("removed by the administrator")),
         "{denials}"
     );
     // Others are not held off.
@@ -398,8 +418,9 @@ fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
 
     // After the hold-off, ana's running `tally run` gets a seat again by itself.
     assert!(
-        wait_until(Duration::from_secs(HOLDOFF + 30), || users(&daemon, "holders")
-            == ["ana"]),
+        wait_until(Duration::from_secs(HOLDOFF + 30), || users(
+            &daemon, "holders"
+        ) == ["ana"]),
         "ana did not get a seat after the hold-off: {}\n{}",
         daemon.feature("solver"),
         ana_says()
