@@ -305,6 +305,27 @@ struct Site {
     policy: Policy,
 }
 
+/// A policy error as one line without the file name (the refusal names the file):
+/// `FILE:LINE: message` becomes `line LINE: message`, line breaks become "; ".
+fn policy_reason(path: &Path, error: &str) -> String {
+    let one_line = error
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let prefix = format!("{}:", path.display());
+    match one_line
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((line, message)) if line.parse::<u64>().is_ok() => format!("line {line}: {message}"),
+        _ => one_line
+            .strip_prefix(&prefix)
+            .map_or(one_line.clone(), |r| r.trim().to_string()),
+    }
+}
+
 /// The refused bundle files of a load, as the server shows them.
 fn refusals(loaded: &Loaded) -> Vec<Refused> {
     loaded
@@ -472,7 +493,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             Some(p) => Policy::load(p).map_err(|e| {
                 ReloadError::Policy(Refused {
                     source: p.display().to_string(),
-                    reason: format!("{e:#}"),
+                    reason: policy_reason(p, &format!("{e:#}")),
                 })
             })?,
             None => Policy::default(),
@@ -966,7 +987,23 @@ fn print_demo_banner(
 
 #[cfg(test)]
 mod tests {
-    use super::redact_config;
+    use super::{policy_reason, redact_config};
+    use std::path::Path;
+
+    /// Issue 15: a broken policy's reload refusal spanned two log lines and named the
+    /// file twice.
+    #[test]
+    fn a_policy_error_is_one_line_naming_the_line() {
+        let p = Path::new("/etc/tally/policy.toml");
+        assert_eq!(
+            policy_reason(p, "/etc/tally/policy.toml:3: invalid string\nexpected `\"`"),
+            "line 3: invalid string; expected `\"`"
+        );
+        assert_eq!(
+            policy_reason(p, "/etc/tally/policy.toml: No such file or directory"),
+            "No such file or directory"
+        );
+    }
 
     /// Issue 20, scenario 8: `diagnose` copied credentials verbatim.
     #[test]
