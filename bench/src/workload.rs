@@ -71,6 +71,8 @@ pub async fn start_daemon() -> anyhow::Result<BenchDaemon> {
         reloader: None,
         admin_token: None,
         reload_signal: None,
+        remove_holdoff: Duration::ZERO,
+        refused: Vec::new(),
         policy: Default::default(),
         status_needs_token: false,
         reports: Default::default(),

@@ -45,7 +45,7 @@
 #define TALLY_STATUS_BORROWED 2
 
 /**
- * The seat is gone (removed by an administrator, expired, or the client was freed);
+ * The seat is gone (removed by the administrator, expired, or the client was freed);
  * `tally_lease_reason` says why. Check out again for a new seat.
  */
 #define TALLY_STATUS_LOST 3
@@ -182,6 +182,12 @@
  * Denial: too many checkouts from this address (`retry_after_ms`); retry later.
  */
 #define TALLY_DENIED_RATE_LIMITED 16
+
+/**
+ * Denial: the administrator removed this user's seat on this host and the server's
+ * hold-off has not ended (`date`: when it ends).
+ */
+#define TALLY_DENIED_REMOVED_BY_ADMINISTRATOR 17
 
 /**
  * Denial: a reason newer than this library; the message says what.
@@ -510,7 +516,7 @@ int tally_return(const tally_client *client, const char *feature);
 int tally_lease_status(const tally_lease *lease);
 
 /**
- * Why a lost lease was lost ("removed by an administrator", ...), copied into `buf`
+ * Why a lost lease was lost ("removed by the administrator", ...), copied into `buf`
  * like `tally_attribute`; "" (length 0) while the lease is not lost. -1 for NULL.
  *
  * # Safety

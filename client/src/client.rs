@@ -94,7 +94,7 @@ pub enum LeaseStatus {
         /// When it ends.
         until: UnixTime,
     },
-    /// The seat is gone; the text says why (removed by an administrator, expired).
+    /// The seat is gone; the text says why (removed by the administrator, expired).
     Lost(String),
 }
 
@@ -422,7 +422,7 @@ impl Inner {
                     for ((id, _), state) in refs.iter().zip(states) {
                         let reason = match state {
                         LeaseState::Active => None,
-                        LeaseState::Removed => Some("removed by an administrator"),
+                        LeaseState::Removed => Some("removed by the administrator"),
                         _ => Some(
                             "the server no longer holds this lease (its TTL ran out, or its connection timed out and the seat went to someone else)",
                         ),

@@ -48,7 +48,7 @@ pub const TALLY_STATUS_ACTIVE: c_int = 0;
 pub const TALLY_STATUS_RECONNECTING: c_int = 1;
 /// A borrowed lease, valid without a server.
 pub const TALLY_STATUS_BORROWED: c_int = 2;
-/// The seat is gone (removed by an administrator, expired, or the client was freed);
+/// The seat is gone (removed by the administrator, expired, or the client was freed);
 /// `tally_lease_reason` says why. Check out again for a new seat.
 pub const TALLY_STATUS_LOST: c_int = 3;
 /// `tally_lost_seat_terms`: the vendor lets a program without its seat go on, with a
@@ -107,6 +107,9 @@ pub const TALLY_DENIED_INVALID_REQUEST: c_int = 14;
 pub const TALLY_DENIED_STORAGE_UNAVAILABLE: c_int = 15;
 /// Denial: too many checkouts from this address (`retry_after_ms`); retry later.
 pub const TALLY_DENIED_RATE_LIMITED: c_int = 16;
+/// Denial: the administrator removed this user's seat on this host and the server's
+/// hold-off has not ended (`date`: when it ends).
+pub const TALLY_DENIED_REMOVED_BY_ADMINISTRATOR: c_int = 17;
 /// Denial: a reason newer than this library; the message says what.
 pub const TALLY_DENIED_OTHER: c_int = 99;
 
@@ -251,6 +254,7 @@ fn denial_code(reason: &DenialReason) -> c_int {
         "invalid_request" => TALLY_DENIED_INVALID_REQUEST,
         "storage_unavailable" => TALLY_DENIED_STORAGE_UNAVAILABLE,
         "rate_limited" => TALLY_DENIED_RATE_LIMITED,
+        "removed_by_administrator" => TALLY_DENIED_REMOVED_BY_ADMINISTRATOR,
         _ => TALLY_DENIED_OTHER,
     }
 }
@@ -1045,7 +1049,7 @@ pub unsafe extern "C" fn tally_lease_status(lease: *const TallyLease) -> c_int {
     })
 }
 
-/// Why a lost lease was lost ("removed by an administrator", ...), copied into `buf`
+/// Why a lost lease was lost ("removed by the administrator", ...), copied into `buf`
 /// like `tally_attribute`; "" (length 0) while the lease is not lost. -1 for NULL.
 ///
 /// # Safety
@@ -1314,6 +1318,10 @@ pub unsafe extern "C" fn tally_last_denial(out: *mut TallyDenial) -> c_int {
                 d.retry_after_ms = retry_after_ms;
                 (String::new(), String::new())
             }
+            DenialReason::RemovedByAdministrator { feature, until } => {
+                d.date = secs(until);
+                (feature, String::new())
+            }
             other => (String::new(), other.to_string()),
         };
         e.denial_feature = c_string(&feature);
@@ -1347,6 +1355,7 @@ pub extern "C" fn tally_denial_name(code: c_int) -> *const c_char {
         TALLY_DENIED_INVALID_REQUEST => "invalid_request\0",
         TALLY_DENIED_STORAGE_UNAVAILABLE => "storage_unavailable\0",
         TALLY_DENIED_RATE_LIMITED => "rate_limited\0",
+        TALLY_DENIED_REMOVED_BY_ADMINISTRATOR => "removed_by_administrator\0",
         TALLY_DENIED_OTHER => "other\0",
         _ => "unknown\0",
     };
@@ -1387,9 +1396,10 @@ mod tests {
             "invalid_request",
             "storage_unavailable",
             "rate_limited",
+            "removed_by_administrator",
         ];
         let mut seen = std::collections::BTreeSet::new();
-        for code in 1..=16 {
+        for code in 1..=17 {
             // SAFETY: tally_denial_name returns a static NUL-terminated string.
             let name = unsafe { CStr::from_ptr(tally_denial_name(code)) }
                 .to_str()
@@ -1399,6 +1409,11 @@ mod tests {
         }
         let rate = DenialReason::RateLimited { retry_after_ms: 5 };
         assert_eq!(denial_code(&rate), TALLY_DENIED_RATE_LIMITED);
+        let removed = DenialReason::RemovedByAdministrator {
+            feature: "f".into(),
+            until: UnixTime(1),
+        };
+        assert_eq!(denial_code(&removed), TALLY_DENIED_REMOVED_BY_ADMINISTRATOR);
         let busy = DenialReason::AllSeatsInUse {
             feature: "f".into(),
             total: 1,

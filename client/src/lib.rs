@@ -596,6 +596,19 @@ impl Session {
         }
     }
 
+    /// Reloads the server's bundles and policy with the admin token; the outcome names
+    /// every bundle file loaded and refused, and a broken policy.
+    pub async fn admin_reload(&self, token: &str) -> Result<ReloadOutcome, ClientError> {
+        let request = Request::Admin(AdminRequest {
+            token: token.to_string(),
+            op: AdminOp::ReloadWithOutcome,
+        });
+        match self.request(request).await? {
+            Response::Reload(outcome) => Ok(outcome),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Heartbeats leases (and re-attaches them to this connection).
     pub async fn heartbeat(&self, leases: &[LeaseRef]) -> Result<Vec<LeaseState>, ClientError> {
         let request = Request::Heartbeat(HeartbeatRequest {

@@ -11,7 +11,7 @@ use tally_client::{
 };
 use tally_protocol::lease::LeaseId;
 use tally_protocol::time::UnixTime;
-use tally_protocol::wire::{AdminOp, StatusReply};
+use tally_protocol::wire::{AdminOp, Denial, DenialReason, StatusReply};
 
 /// sysexits: usage error.
 const EX_USAGE: u8 = 64;
@@ -149,9 +149,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Re-read the server's bundles and policy without dropping any lease.
+    /// Re-read the server's bundles and policy without dropping any lease. Prints each
+    /// refused bundle file; exits 65 if any was refused or the policy is broken.
     Reload,
-    /// Remove a lease (as shown by `tally status`); its holder learns on its next heartbeat.
+    /// Remove a lease (as shown by `tally status`); its holder learns on its next
+    /// heartbeat and its user gets no seat of the feature on that host for the server's
+    /// hold-off (`remove_holdoff_secs`).
     Remove {
         /// The lease id, like L00c0ffee00c0ffee.
         #[arg(value_parser = parse_lease_id)]
@@ -406,7 +409,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         } => {
             let token = read_token(&admin_token_file)?;
             let (op, out) = match op {
-                AdminCommand::Reload => (AdminOp::Reload, None),
+                AdminCommand::Reload => {
+                    // Its own request: the answer lists every refusal.
+                    let session = Session::connect(&config).await?;
+                    let result = session.admin_reload(token.trim()).await;
+                    session.close().await;
+                    return Ok(print_reload(&result?));
+                }
                 AdminCommand::Remove { lease } => (AdminOp::Remove { lease }, None),
                 AdminCommand::Shutdown => (AdminOp::Shutdown, None),
                 AdminCommand::Report { out } => (AdminOp::ExportReport, Some(out)),
@@ -597,6 +606,8 @@ async fn supervise(
     let feature = seat.want.feature.clone();
     let mut watch = seat.handle.as_ref().map(LeaseHandle::watch);
     let mut reacquire: Option<Reacquire> = None;
+    // The end of the administrator's hold-off last announced (announced once).
+    let mut held_off_until: Option<UnixTime> = None;
     // When the grace ran out in the current spell without a seat (acted on once).
     let mut acted = false;
     // Set once the command is being stopped for want of a seat: when to SIGKILL it.
@@ -664,6 +675,22 @@ async fn supervise(
                         acted = false;
                         watch = Some(new.watch());
                         seat.handle = Some(new);
+                    }
+                    Err(ClientError::Denied(Denial {
+                        reason: DenialReason::RemovedByAdministrator { until, .. },
+                    })) => {
+                        // Asking every second would only be refused (and logged by the
+                        // server) until the hold-off ends: ask again then.
+                        if held_off_until != Some(until) {
+                            eprintln!(
+                                "tally: the administrator removed the seat of '{feature}'; \
+                                 no seat for this user on this host until {until}"
+                            );
+                            held_off_until = Some(until);
+                        }
+                        if let Some(client) = &seat.client {
+                            reacquire = Some(try_again_at(client, &seat.want, until));
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "still no seat");
@@ -747,6 +774,25 @@ fn try_again(client: &Client, want: &Want) -> Reacquire {
     };
     Box::pin(async move {
         tokio::time::sleep(RECONNECT_INTERVAL).await;
+        client.checkout(&want).await
+    })
+}
+
+/// Starts an attempt to get a seat again when the hold-off after an administrator's
+/// removal ends (`until`, the server's wall clock; bounded to the hold-offs a server
+/// sets, so a far-off or skewed time still retries within the hour).
+fn try_again_at(client: &Client, want: &Want, until: UnixTime) -> Reacquire {
+    let client = client.clone();
+    let want = Want {
+        wait: Duration::ZERO,
+        ..want.clone()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let delay = Duration::from_secs(until.0.saturating_sub(now).min(3600)).max(RECONNECT_INTERVAL);
+    Box::pin(async move {
+        tokio::time::sleep(delay).await;
         client.checkout(&want).await
     })
 }
@@ -999,6 +1045,30 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
 
 /// Text from elsewhere as it may reach a terminal: control characters (escape
 /// sequences, line breaks) written as `\u{..}` escapes.
+/// Prints a reload's outcome: the summary on stdout when everything loaded, else each
+/// refusal and the broken policy on stderr. Exit 0 only when everything loaded; 65 (bad
+/// data) when a bundle file or the policy was refused; 75 when the reload could not run
+/// (a stuck reload, a server without a bundle directory, shutting down).
+fn print_reload(outcome: &tally_protocol::wire::ReloadOutcome) -> u8 {
+    for r in &outcome.refused {
+        eprintln!("tally: refused: {}", shown(&r.to_string()));
+    }
+    if let Some(p) = &outcome.policy_error {
+        eprintln!("tally: policy refused: {}", shown(&p.to_string()));
+    }
+    if outcome.ok() {
+        println!("{}", shown(&outcome.summary));
+        0
+    } else {
+        eprintln!("tally: {}", shown(&outcome.summary));
+        if outcome.error.is_some() {
+            EX_TEMPFAIL
+        } else {
+            EX_DATAERR
+        }
+    }
+}
+
 fn shown(text: &str) -> std::borrow::Cow<'_, str> {
     tally_protocol::wire::escape_unprintable(text)
 }

@@ -102,6 +102,19 @@ pub struct DaemonConfig {
     /// Checkouts one IP address may ask for in a burst above the rate.
     #[serde(default = "default_checkout_burst")]
     pub checkout_burst: u32,
+    /// After `tally admin remove`, seconds the removed lease's user gets no seat of that
+    /// feature on that host (so the seat goes to someone else, not to the holder's
+    /// automatic retry); 0: no hold-off.
+    #[serde(default = "default_remove_holdoff")]
+    pub remove_holdoff_secs: u64,
+}
+
+/// Default hold-off after an admin removal: five minutes, as long as a user takes to
+/// notice and as short as a mistaken removal can be borne.
+pub const DEFAULT_REMOVE_HOLDOFF_SECS: u64 = 300;
+
+fn default_remove_holdoff() -> u64 {
+    DEFAULT_REMOVE_HOLDOFF_SECS
 }
 
 /// Default most connections at once.
@@ -195,6 +208,7 @@ impl Default for DaemonConfig {
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             checkout_rate: DEFAULT_CHECKOUT_RATE,
             checkout_burst: DEFAULT_CHECKOUT_BURST,
+            remove_holdoff_secs: DEFAULT_REMOVE_HOLDOFF_SECS,
         }
     }
 }

@@ -581,6 +581,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         "Usage reports waiting in the spool directory.",
         ops.spool_files(),
     );
+    reload_metrics(&mut out, &m.reloads.lock().expect("metrics lock"));
     (
         [(
             header::CONTENT_TYPE,
@@ -589,6 +590,26 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         out,
     )
         .into_response()
+}
+
+/// Bundle loading for Prometheus: refused files now, the last load with nothing refused
+/// (the start counts; 0 while none), reloads that refused something or failed.
+fn reload_metrics(out: &mut String, r: &crate::server::ReloadRecord) {
+    let _ = writeln!(
+        out,
+        "# HELP tally_bundles_refused Bundle files refused by the load in force (start or last reload).\n# TYPE tally_bundles_refused gauge\ntally_bundles_refused {}",
+        r.refused.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tally_reload_last_success_timestamp_seconds When bundles were last loaded with nothing refused (the start counts), Unix seconds; 0 if never.\n# TYPE tally_reload_last_success_timestamp_seconds gauge\ntally_reload_last_success_timestamp_seconds {}",
+        r.last_success.map_or(0, |t| t.0)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tally_reload_failures_total Reloads that refused a bundle file or failed (broken policy, unreadable directory).\n# TYPE tally_reload_failures_total counter\ntally_reload_failures_total {}",
+        r.failures
+    );
 }
 
 async fn remove(
@@ -635,9 +656,23 @@ async fn reload(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) 
         log_refusal(peer, "POST /api/admin/reload", &headers);
         return unauthorized("admin token missing or wrong");
     }
-    match ops.reload().await {
-        Ok(message) => Json(serde_json::json!({"message": message})).into_response(),
-        Err(e) => (StatusCode::CONFLICT, Json(serde_json::json!({"error": e}))).into_response(),
+    // Refused files do not stop the others from loading (200, with `ok: false` and the
+    // refusals); a reload that changed nothing (broken policy, no bundle directory, a
+    // stuck one) is a conflict.
+    let outcome = ops.reload().await;
+    let body = serde_json::json!({
+        "ok": outcome.ok(),
+        "message": crate::server::outcome_text(&outcome),
+        "loaded": outcome.loaded,
+        "refused": outcome.refused,
+        "policy_error": outcome.policy_error,
+    });
+    if outcome.error.is_some() || outcome.policy_error.is_some() {
+        let mut body = body;
+        body["error"] = body["message"].clone();
+        (StatusCode::CONFLICT, Json(body)).into_response()
+    } else {
+        Json(body).into_response()
     }
 }
 

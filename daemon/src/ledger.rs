@@ -116,7 +116,7 @@ impl std::fmt::Display for ReleaseReason {
             ReleaseReason::Expired => "heartbeat TTL expired",
             ReleaseReason::Unclaimed => "granted to a requester that was gone",
             ReleaseReason::LingerEnded => "linger ended",
-            ReleaseReason::Removed => "removed by an administrator",
+            ReleaseReason::Removed => "removed by the administrator",
             ReleaseReason::BorrowEnded => "borrow period ended",
         })
     }
@@ -127,6 +127,10 @@ impl std::fmt::Display for ReleaseReason {
 pub struct LedgerSettings {
     /// TTL of leases whose feature does not set one.
     pub default_ttl: Duration,
+    /// After `tally admin remove`, how long the removed lease's user on its host gets no
+    /// seat of that feature (so the seat goes to someone else instead of to the holder's
+    /// automatic retry, which undoes an `lmremove`); zero: no hold-off.
+    pub remove_holdoff: Duration,
 }
 
 /// How far the wall clock may fall behind the latest time seen before time-limited
@@ -137,6 +141,8 @@ pub const CLOCK_TOLERANCE_SECS: u64 = 3600;
 /// How many removed lease ids are remembered, so their holders hear "removed" rather
 /// than "unknown" on their next heartbeat.
 const REMEMBERED_REMOVALS: usize = 1024;
+/// Most hold-offs remembered at once; when full, the one that ends first is dropped.
+const REMEMBERED_HOLDOFFS: usize = 1024;
 /// Most leases remembered as lapsed (released by an idle timeout, re-attachable while
 /// their TTL runs); the oldest are forgotten first. About 300 bytes each.
 const REMEMBERED_LAPSED: usize = 20_000;
@@ -394,6 +400,9 @@ pub struct Ledger {
     outcomes: Vec<WaiterOutcome>,
     removed: VecDeque<LeaseId>,
     removed_set: HashSet<LeaseId>,
+    /// Hold-offs after an admin removal, by (feature, user, host): when they end, in
+    /// monotonic time (what counts) and wall time (what the denial shows).
+    holdoffs: HashMap<HoldoffKey, (Instant, UnixTime)>,
     high_water: UnixTime,
     detachments: Vec<Detachment>,
     unclaimed: Vec<LeaseId>,
@@ -404,6 +413,15 @@ pub struct Ledger {
     lapsed_order: VecDeque<LeaseId>,
     /// Leases given back to lapsed holders since the last [`Ledger::take_regranted`].
     regranted: Vec<LeaseRecord>,
+}
+
+/// Whom a hold-off keeps from a feature: the feature, user and host of the removed lease
+/// (what FlexLM's `lmremove` names), not the process: the same user's next run on that
+/// host is the retry the removal must not be undone by.
+type HoldoffKey = (String, String, String);
+
+fn holdoff_key(feature: &str, who: &ClientIdentity) -> HoldoffKey {
+    (feature.to_string(), who.user.clone(), who.host.clone())
 }
 
 /// The identity and secret the shell drew for a new lease.
@@ -431,6 +449,7 @@ impl Ledger {
             outcomes: Vec::new(),
             removed: VecDeque::new(),
             removed_set: HashSet::new(),
+            holdoffs: HashMap::new(),
             high_water: UnixTime(0),
             detachments: Vec::new(),
             unclaimed: Vec::new(),
@@ -775,6 +794,12 @@ impl Ledger {
             });
         }
         self.check_policy_access(feature, holder)?;
+        if let Some(until) = self.held_off(now, feature, holder) {
+            return Err(DenialReason::RemovedByAdministrator {
+                feature: feature.clone(),
+                until,
+            });
+        }
         let vendor_ttl = eligible.iter().filter_map(|t| t.ttl).min();
         let ttl = match self.policy.timeout_secs.get(feature) {
             // The site may lengthen the TTL, never shorten it below the vendor's.
@@ -962,10 +987,59 @@ impl Ledger {
         (record.clone(), Event::Granted(record))
     }
 
+    /// When the hold-off that keeps `holder` from `feature` ends, if one is running.
+    fn held_off(&self, now: Now, feature: &str, holder: &ClientIdentity) -> Option<UnixTime> {
+        if self.holdoffs.is_empty() {
+            return None;
+        }
+        self.holdoffs
+            .get(&holdoff_key(feature, holder))
+            .filter(|(ends, _)| now.mono < *ends)
+            .map(|(_, until)| *until)
+    }
+
+    /// The hold-offs running now: feature, user, host and when each ends.
+    pub fn holdoffs(&self, now: Now) -> Vec<(String, String, String, UnixTime)> {
+        let mut list: Vec<_> = self
+            .holdoffs
+            .iter()
+            .filter(|(_, (ends, _))| now.mono < *ends)
+            .map(|((f, u, h), (_, until))| (f.clone(), u.clone(), h.clone(), *until))
+            .collect();
+        list.sort();
+        list
+    }
+
     /// Removes a lease on an administrator's request; its holder learns on its next
-    /// heartbeat.
+    /// heartbeat. Its user on its host then gets no seat of the feature for the
+    /// configured hold-off, so the freed seat goes to the next in line.
     pub fn remove_lease(&mut self, now: Now, id: LeaseId) -> Option<Event> {
+        let key = self
+            .leases
+            .get(&id)
+            .map(|h| holdoff_key(&h.record.feature, &h.record.holder));
         let event = self.release(id, ReleaseReason::Removed)?;
+        if let Some(key) = key.filter(|_| !self.settings.remove_holdoff.is_zero()) {
+            self.holdoffs.retain(|_, (ends, _)| now.mono < *ends);
+            if self.holdoffs.len() >= REMEMBERED_HOLDOFFS && !self.holdoffs.contains_key(&key) {
+                if let Some(first) = self
+                    .holdoffs
+                    .iter()
+                    .min_by_key(|(_, (ends, _))| *ends)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.holdoffs.remove(&first);
+                }
+            }
+            let hold = self.settings.remove_holdoff;
+            self.holdoffs.insert(
+                key,
+                (
+                    now.mono + hold,
+                    now.wall.plus_secs(hold.as_secs_f64().ceil() as u64),
+                ),
+            );
+        }
         if self.removed.len() >= REMEMBERED_REMOVALS {
             if let Some(old) = self.removed.pop_front() {
                 self.removed_set.remove(&old);

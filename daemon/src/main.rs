@@ -17,6 +17,7 @@ use tally_daemon::{demo, host, identity, signals, store::Store};
 use tally_protocol::activation::{self, ActivationRequest, ReturnProof};
 use tally_protocol::bundle::Seats;
 use tally_protocol::keys::SecretKey;
+use tally_protocol::wire::Refused;
 
 /// sysexits: command line or configuration error.
 const EX_USAGE: u8 = 64;
@@ -143,6 +144,10 @@ struct DemoArgs {
     /// A policy file (reservations, limits, include/exclude) to try out.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// After `tally admin remove`, seconds the removed user gets no seat of that feature
+    /// on that host; 0: none.
+    #[arg(long, default_value_t = tally_config::DEFAULT_REMOVE_HOLDOFF_SECS)]
+    remove_holdoff_secs: u64,
     /// Spool directory for usage reports (written every --report-interval-secs and at stop).
     #[arg(long)]
     report_dir: Option<PathBuf>,
@@ -300,6 +305,39 @@ struct Site {
     policy: Policy,
 }
 
+/// A policy error as one line without the file name (the refusal names the file):
+/// `FILE:LINE: message` becomes `line LINE: message`, line breaks become "; ".
+fn policy_reason(path: &Path, error: &str) -> String {
+    let one_line = error
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let prefix = format!("{}:", path.display());
+    match one_line
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((line, message)) if line.parse::<u64>().is_ok() => format!("line {line}: {message}"),
+        _ => one_line
+            .strip_prefix(&prefix)
+            .map_or(one_line.clone(), |r| r.trim().to_string()),
+    }
+}
+
+/// The refused bundle files of a load, as the server shows them.
+fn refusals(loaded: &Loaded) -> Vec<Refused> {
+    loaded
+        .refused
+        .iter()
+        .map(|r| Refused {
+            source: r.path.display().to_string(),
+            reason: r.reason.clone(),
+        })
+        .collect()
+}
+
 fn load_policy(path: Option<&Path>) -> Result<Policy, Failure> {
     match path {
         Some(p) => Policy::load(p).map_err(usage),
@@ -449,23 +487,35 @@ fn run(config_path: &Path) -> Result<(), Failure> {
     let data_dir = config.data_dir.clone();
     let policy_path = config.policy.clone();
     let reloader: tally_daemon::server::Reloader = Arc::new(move || {
+        use tally_daemon::server::{ReloadError, Reloaded};
         // A broken policy file fails the whole reload: half a policy is worse than the old one.
         let policy = match &policy_path {
-            Some(p) => Policy::load(p)?,
+            Some(p) => Policy::load(p).map_err(|e| {
+                ReloadError::Policy(Refused {
+                    source: p.display().to_string(),
+                    reason: policy_reason(p, &format!("{e:#}")),
+                })
+            })?,
             None => Policy::default(),
         };
         let mut rules = rules.clone();
-        let returns = bundles::read_returns(&data_dir)?;
+        let returns = bundles::read_returns(&data_dir)
+            .map_err(|e| ReloadError::Other(format!("{}: {e}", data_dir.display())))?;
         rules.returned = returns.returned;
         rules.retired = returns.retired;
-        let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall)?;
-        for refusal in &loaded.refused {
-            tracing::warn!("{refusal}");
-        }
+        let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall).map_err(|e| {
+            ReloadError::Other(format!("bundle directory {}: {e}", bundle_dir.display()))
+        })?;
+        // Refusals are logged by the server with the outcome, the same for SIGHUP and
+        // an admin reload.
         for note in &loaded.notes {
             tracing::info!("{note}");
         }
-        Ok((loaded.bundles(), policy))
+        Ok(Reloaded {
+            bundles: loaded.bundles(),
+            refused: refusals(&loaded),
+            policy,
+        })
     });
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
@@ -485,6 +535,8 @@ fn run(config_path: &Path) -> Result<(), Failure> {
             reloader: Some(reloader),
             admin_token,
             reload_signal: Some(hangups),
+            remove_holdoff: Duration::from_secs(config.remove_holdoff_secs),
+            refused: refusals(&site.loaded),
             policy: site.policy.clone(),
             status_needs_token: config.status_needs_token,
             http_listen: config.http.then_some(config.http_listen),
@@ -854,6 +906,8 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             reloader: None,
             admin_token: Some(admin_token),
             reload_signal: None,
+            remove_holdoff: Duration::from_secs(args.remove_holdoff_secs),
+            refused: Vec::new(),
             policy,
             status_needs_token: false,
             limits: tally_daemon::admission::Limits::from_config(&config),
@@ -933,7 +987,23 @@ fn print_demo_banner(
 
 #[cfg(test)]
 mod tests {
-    use super::redact_config;
+    use super::{policy_reason, redact_config};
+    use std::path::Path;
+
+    /// Issue 15: a broken policy's reload refusal spanned two log lines and named the
+    /// file twice.
+    #[test]
+    fn a_policy_error_is_one_line_naming_the_line() {
+        let p = Path::new("/etc/tally/policy.toml");
+        assert_eq!(
+            policy_reason(p, "/etc/tally/policy.toml:3: invalid string\nexpected `\"`"),
+            "line 3: invalid string; expected `\"`"
+        );
+        assert_eq!(
+            policy_reason(p, "/etc/tally/policy.toml: No such file or directory"),
+            "No such file or directory"
+        );
+    }
 
     /// Issue 20, scenario 8: `diagnose` copied credentials verbatim.
     #[test]

@@ -90,6 +90,12 @@ pub struct ServerParams {
     pub http_listen: Option<SocketAddr>,
     /// Connection, handshake and checkout-rate limits.
     pub limits: Limits,
+    /// After an admin removal, how long the removed user gets no seat of that feature
+    /// on that host (`remove_holdoff_secs`); zero: none.
+    pub remove_holdoff: Duration,
+    /// Bundle files refused when the server started: shown in `/api/status` and
+    /// `/metrics` until a reload reads the directory again.
+    pub refused: Vec<Refused>,
 }
 
 /// Counters the operations endpoint shows.
@@ -113,6 +119,34 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Connection attempts asked to validate their address first.
     pub connections_retried: AtomicU64,
+    /// Bundle files refused and the last reload's outcome.
+    pub reloads: Mutex<ReloadRecord>,
+}
+
+/// What the operations endpoint shows of bundle loading: the refusals of the bundle
+/// set in force (from the start, or from the last reload that read the directory),
+/// the last reload, and counters for Prometheus.
+#[derive(Debug, Default, Clone)]
+pub struct ReloadRecord {
+    /// Bundle files refused by the load in force.
+    pub refused: Vec<Refused>,
+    /// The last reload (SIGHUP, `tally admin reload`, the dashboard); `None` before any.
+    pub last: Option<LastReload>,
+    /// When bundles were last loaded with nothing refused (the start counts).
+    pub last_success: Option<UnixTime>,
+    /// Reloads that refused a bundle or failed.
+    pub failures: u64,
+}
+
+/// The last reload, as `/api/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastReload {
+    /// When it ran.
+    pub at: UnixTime,
+    /// Whether everything loaded.
+    pub ok: bool,
+    /// One line for a person.
+    pub summary: String,
 }
 
 /// A denial as the dashboard lists it.
@@ -246,6 +280,16 @@ impl OpsHandle {
         doc["recent_denials"] = serde_json::json!(recent);
         let bundles = self.shared.bundles.read().expect("bundles lock").clone();
         add_bundles(&mut doc, &bundles);
+        let reloads = self.shared.metrics.reloads.lock().expect("metrics lock");
+        doc["refused_bundles"] = serde_json::json!(reloads.refused);
+        doc["last_reload"] = match &reloads.last {
+            Some(last) => serde_json::json!({
+                "at": last.at.to_string(),
+                "ok": last.ok,
+                "summary": last.summary,
+            }),
+            None => serde_json::Value::Null,
+        };
         Ok(doc)
     }
 
@@ -281,13 +325,13 @@ impl OpsHandle {
             .await
             .map_err(|_| "the server is shutting down".to_string())?;
         if removed {
-            info!(%lease, "lease removed by an administrator (dashboard)");
+            info!(%lease, "lease removed by the administrator (dashboard)");
         }
         Ok(removed)
     }
 
-    /// Reloads bundles and policy.
-    pub async fn reload(&self) -> Result<String, String> {
+    /// Reloads bundles and policy (logged like a SIGHUP).
+    pub async fn reload(&self) -> ReloadOutcome {
         reload(&self.shared).await
     }
 }
@@ -354,7 +398,27 @@ impl Default for ReportSettings {
 }
 
 /// Loads the current bundles and policy from wherever they live.
-pub type Reloader = Arc<dyn Fn() -> Result<(Vec<VerifiedBundle>, Policy)> + Send + Sync>;
+pub type Reloader = Arc<dyn Fn() -> Result<Reloaded, ReloadError> + Send + Sync>;
+
+/// What a [`Reloader`] read.
+pub struct Reloaded {
+    /// The bundles to serve.
+    pub bundles: Vec<VerifiedBundle>,
+    /// Bundle files refused, each with its reason.
+    pub refused: Vec<Refused>,
+    /// The policy.
+    pub policy: Policy,
+}
+
+/// Why a [`Reloader`] read nothing to serve.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The policy file is broken: a half-read policy is worse than the old one, so the
+    /// whole reload is given up.
+    Policy(Refused),
+    /// Something else (the bundle directory cannot be listed, the returned list).
+    Other(String),
+}
 
 /// A bound server, ready to run.
 #[must_use = "a server does nothing until run"]
@@ -389,6 +453,8 @@ struct Shared {
     /// most one thread is ever stuck).
     reloads_running: Arc<std::sync::atomic::AtomicUsize>,
     next_waiter: AtomicU64,
+    /// The hold-off after an admin removal (for the admin's answer).
+    remove_holdoff: Duration,
     /// Notified by an admin shutdown request.
     shutdown: tokio::sync::Notify,
     reports: ReportSettings,
@@ -521,6 +587,7 @@ impl Server {
     pub fn bind(params: ServerParams) -> Result<Server> {
         let settings = crate::ledger::LedgerSettings {
             default_ttl: params.lease_ttl,
+            remove_holdoff: params.remove_holdoff,
         };
         let bundles: Vec<_> = params.bundles.iter().map(|b| b.bundle.clone()).collect();
         let mut ledger = Ledger::new(settings, &bundles);
@@ -599,6 +666,7 @@ impl Server {
             reloading: tokio::sync::Mutex::new(()),
             reloads_running: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             next_waiter: AtomicU64::new(1),
+            remove_holdoff: params.remove_holdoff,
             shutdown: tokio::sync::Notify::new(),
             reports: params.reports,
             unspooled: tokio::sync::Mutex::new(Vec::new()),
@@ -608,6 +676,11 @@ impl Server {
             answering: AtomicUsize::new(0),
         });
         shared.metrics.set_licensed(ledger.feature_names());
+        {
+            let mut reloads = shared.metrics.reloads.lock().expect("metrics lock");
+            reloads.last_success = params.refused.is_empty().then_some(start.wall);
+            reloads.refused = params.refused;
+        }
         let http = match params.http_listen {
             Some(addr) => {
                 let std_listener = std::net::TcpListener::bind(addr)
@@ -694,12 +767,8 @@ impl Server {
             let shared = shared.clone();
             tokio::spawn(async move {
                 while signal.recv().await.is_some() {
-                    match reload(&shared).await {
-                        Ok(message) => info!("{message}"),
-                        Err(message) => {
-                            warn!("reload failed, still serving the previous bundles: {message}")
-                        }
-                    }
+                    // Logged by `reload`, the same way as an admin reload.
+                    reload(&shared).await;
                 }
             });
         }
@@ -1825,18 +1894,20 @@ async fn dispatch(
                 return error("admin token is wrong");
             }
             match admin.op {
-                AdminOp::Reload => match reload(shared).await {
-                    Ok(message) => {
-                        info!("{message}");
+                AdminOp::Reload => {
+                    // Older clients read an `AdminReply` and print it with exit 0: a
+                    // reload that refused anything must reach them as an error.
+                    let outcome = reload(shared).await;
+                    if outcome.ok() {
                         Response::Admin(AdminReply {
-                            message,
+                            message: outcome.summary,
                             report: None,
                         })
+                    } else {
+                        error(outcome_text(&outcome))
                     }
-                    Err(message) => error(format!(
-                        "reload failed, still serving the previous bundles: {message}"
-                    )),
-                },
+                }
+                AdminOp::ReloadWithOutcome => Response::Reload(reload(shared).await),
                 AdminOp::Remove { lease } => {
                     let (reply, rx) = oneshot::channel();
                     if shared
@@ -1849,11 +1920,9 @@ async fn dispatch(
                     }
                     match rx.await {
                         Ok(true) => {
-                            info!(%lease, "lease removed by an administrator");
+                            info!(%lease, "lease removed by the administrator");
                             Response::Admin(AdminReply {
-                                message: format!(
-                                    "lease {lease} removed; its holder learns on its next heartbeat"
-                                ),
+                                message: removed_message(lease, shared.remove_holdoff),
                                 report: None,
                             })
                         }
@@ -1931,14 +2000,91 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Re-reads the bundles and hands them to the ledger; every lease is kept.
-async fn reload(shared: &Shared) -> Result<String, String> {
+/// What `tally admin remove` is told.
+fn removed_message(lease: LeaseId, holdoff: Duration) -> String {
+    if holdoff.is_zero() {
+        format!("lease {lease} removed; its holder learns on its next heartbeat")
+    } else {
+        format!(
+            "lease {lease} removed; its holder learns on its next heartbeat and gets no seat \
+             of the feature on that host for {} s",
+            holdoff.as_secs()
+        )
+    }
+}
+
+/// A reload's outcome as one text: the summary, then each refusal.
+pub fn outcome_text(outcome: &ReloadOutcome) -> String {
+    let mut text = outcome.summary.clone();
+    for r in &outcome.refused {
+        text.push_str(&format!("\n  refused: {r}"));
+    }
+    text
+}
+
+/// Re-reads the bundles and hands them to the ledger; every lease is kept. SIGHUP, the
+/// admin request and the dashboard all come here, so they log the same lines: one per
+/// refused file (file and reason), one for the outcome; and the operations endpoint
+/// shows the outcome.
+async fn reload(shared: &Shared) -> ReloadOutcome {
+    let at = now().wall;
+    let outcome = reload_bundles(shared).await;
+    for r in &outcome.refused {
+        // The same words as at the start and in `check-config`: FILE: refused: REASON.
+        warn!("reload: {}: refused: {}", r.source, r.reason);
+    }
+    if outcome.ok() {
+        info!(bundles = outcome.loaded.len(), "{}", outcome.summary);
+    } else {
+        warn!(
+            bundles = outcome.loaded.len(),
+            refused = outcome.refused.len(),
+            "{}",
+            outcome.summary
+        );
+    }
+    let mut record = shared.metrics.reloads.lock().expect("metrics lock");
+    if outcome.error.is_none() && outcome.policy_error.is_none() {
+        // The directory was read: its refusals are the ones in force now.
+        record.refused = outcome.refused.clone();
+    }
+    if outcome.ok() {
+        record.last_success = Some(at);
+    } else {
+        record.failures += 1;
+    }
+    record.last = Some(LastReload {
+        at,
+        ok: outcome.ok(),
+        summary: outcome.summary.clone(),
+    });
+    outcome
+}
+
+/// The reload itself; every way it can end is an outcome.
+async fn reload_bundles(shared: &Shared) -> ReloadOutcome {
+    let serving = || -> Vec<String> {
+        shared
+            .bundles
+            .read()
+            .expect("bundles lock")
+            .iter()
+            .map(|b| b.bundle.id.clone())
+            .collect()
+    };
+    let failed = |error: String| ReloadOutcome {
+        loaded: serving(),
+        refused: Vec::new(),
+        policy_error: None,
+        summary: format!("reload failed: {error}; still serving the previous bundles and policy"),
+        error: Some(error),
+    };
     let _one_at_a_time = shared.reloading.lock().await;
     let Some(reloader) = shared.reloader.clone() else {
-        return Err("this server has no bundle directory to reload from".into());
+        return failed("this server has no bundle directory to reload from".into());
     };
     if shared.reloads_running.load(Ordering::Acquire) > 0 {
-        return Err(
+        return failed(
             "an earlier reload is still stuck reading the bundle directory or the policy \
              (a file on a hung mount?)"
                 .into(),
@@ -1958,20 +2104,37 @@ async fn reload(shared: &Shared) -> Result<String, String> {
         });
     if let Err(e) = spawned {
         shared.reloads_running.fetch_sub(1, Ordering::AcqRel);
-        return Err(format!("cannot start the reload: {e}"));
+        return failed(format!("cannot start the reload: {e}"));
     }
-    let (bundles, policy) = match tokio::time::timeout(RELOAD_DEADLINE, rx).await {
+    let Reloaded {
+        bundles,
+        refused,
+        policy,
+    } = match tokio::time::timeout(RELOAD_DEADLINE, rx).await {
         Err(_) => {
-            return Err(format!(
+            return failed(format!(
                 "reading the bundles and the policy did not finish within {} s (a file that \
                  never answers?)",
                 RELOAD_DEADLINE.as_secs()
             ))
         }
-        Ok(Err(_)) => return Err("the reload ended without an answer".into()),
-        Ok(Ok(result)) => result.map_err(|e| format!("{e:#}"))?,
+        Ok(Err(_)) => return failed("the reload ended without an answer".into()),
+        Ok(Ok(Err(ReloadError::Other(e)))) => return failed(e),
+        Ok(Ok(Err(ReloadError::Policy(broken)))) => {
+            return ReloadOutcome {
+                loaded: serving(),
+                refused: Vec::new(),
+                summary: format!(
+                    "reload refused: the policy file {} is broken: {}; nothing was reloaded \
+                     (the previous policy and bundles stay in force)",
+                    broken.source, broken.reason
+                ),
+                policy_error: Some(broken),
+                error: None,
+            }
+        }
+        Ok(Ok(Ok(reloaded))) => reloaded,
     };
-    let count = bundles.len();
     let (done, wait) = oneshot::channel();
     let plain: Vec<_> = bundles.iter().map(|b| b.bundle.clone()).collect();
     // The set in force until now is the one shown in hello (one reload at a time).
@@ -1983,7 +2146,7 @@ async fn reload(shared: &Shared) -> Result<String, String> {
         .map(|b| b.bundle.clone())
         .collect();
     let changes = journal::bundle_changes(&before, &plain, "reload", now().wall);
-    shared
+    let sent = shared
         .ledger
         .send(Command::Reload {
             bundles: plain,
@@ -1991,14 +2154,28 @@ async fn reload(shared: &Shared) -> Result<String, String> {
             policy,
             done,
         })
-        .await
-        .map_err(|_| "the server is shutting down".to_string())?;
-    wait.await
-        .map_err(|_| "the server is shutting down".to_string())?;
+        .await;
+    if sent.is_err() || wait.await.is_err() {
+        return failed("the server is shutting down".into());
+    }
+    let loaded: Vec<String> = bundles.iter().map(|b| b.bundle.id.clone()).collect();
     *shared.bundles.write().expect("bundles lock") = Arc::new(bundles);
-    Ok(format!(
-        "reloaded: serving {count} bundle(s); every lease kept"
-    ))
+    let count = loaded.len();
+    let summary = if refused.is_empty() {
+        format!("reloaded: serving {count} bundle(s); every lease kept")
+    } else {
+        format!(
+            "reloaded: serving {count} bundle(s), {} bundle file(s) refused; every lease kept",
+            refused.len()
+        )
+    };
+    ReloadOutcome {
+        loaded,
+        refused,
+        policy_error: None,
+        error: None,
+        summary,
+    }
 }
 
 fn fresh_lease() -> Result<FreshLease, getrandom::Error> {

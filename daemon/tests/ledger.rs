@@ -40,7 +40,13 @@ impl Driver {
             features,
         };
         Driver {
-            ledger: Ledger::new(LedgerSettings { default_ttl: TTL }, &[bundle]),
+            ledger: Ledger::new(
+                LedgerSettings {
+                    default_ttl: TTL,
+                    remove_holdoff: Duration::from_secs(300),
+                },
+                &[bundle],
+            ),
             start: Instant::now(),
             elapsed: Duration::ZERO,
             next: 1,

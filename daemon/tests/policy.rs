@@ -38,10 +38,15 @@ fn bundle(features: Vec<FeatureGrant>) -> Bundle {
 
 impl Driver {
     fn new(features: Vec<FeatureGrant>, policy: &str) -> Driver {
+        Driver::with_holdoff(features, policy, Duration::ZERO)
+    }
+
+    fn with_holdoff(features: Vec<FeatureGrant>, policy: &str, holdoff: Duration) -> Driver {
         let mut d = Driver {
             ledger: Ledger::new(
                 LedgerSettings {
                     default_ttl: Duration::from_secs(90),
+                    remove_holdoff: holdoff,
                 },
                 &[bundle(features)],
             ),
@@ -456,4 +461,80 @@ fn an_admin_removal_frees_the_seat_and_the_holder_hears_removed() {
     );
     assert!(d.ledger.remove_lease(now, lease.id).is_none());
     d.take("b", "solver").unwrap();
+}
+
+/// Issue 15: `lmremove` was undone by the holder's automatic retry. After a removal the
+/// removed user gets no seat of the feature on that host until the hold-off ends (the
+/// denial says when); the freed seat goes to the next waiter; other users, other hosts
+/// and other features are not held off; afterwards the user checks out again.
+#[test]
+fn a_removed_holder_is_held_off_and_its_seat_goes_to_the_waiter() {
+    let mut d = Driver::with_holdoff(
+        vec![
+            FeatureGrant::counted("solver", 1),
+            FeatureGrant::counted("viewer", 1),
+        ],
+        "",
+        Duration::from_secs(300),
+    );
+    let lease = d.take("a", "solver").unwrap();
+    assert!(matches!(
+        d.request("b", "ws-2", "solver", 1, 600, 0),
+        Checkout::Queued { position: 1 }
+    ));
+    d.advance(10);
+    let now = d.now();
+    d.ledger.remove_lease(now, lease.id).unwrap();
+    // The waiter got the freed seat, not the removed holder's retry.
+    let outcomes = d.ledger.take_waiter_outcomes();
+    assert_eq!(outcomes.len(), 1);
+    let granted = outcomes[0].result.clone().unwrap().unwrap();
+    assert_eq!(granted.holder.user, "b");
+    // The removed user on that host: denied with the end of the hold-off, also when a
+    // seat is free (the waiter checks in).
+    let until = T0.plus_secs(10 + 300);
+    let held_off = DenialReason::RemovedByAdministrator {
+        feature: "solver".into(),
+        until,
+    };
+    assert_eq!(d.take("a", "solver").unwrap_err(), held_off);
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&granted)]);
+    assert_eq!(d.ledger.in_use("solver"), 0);
+    d.advance(299);
+    assert_eq!(d.take("a", "solver").unwrap_err(), held_off);
+    assert!(d.take("a", "solver").unwrap_err().to_string().contains(
+        "removed by the administrator; no seat of 'solver' for you on this host until 2027-01-15T08:05:10Z"
+    ), "{}", d.take("a", "solver").unwrap_err());
+    // Waiting does not queue past it either: the denial is not one waiting can cure.
+    assert!(matches!(
+        d.request("a", "ws-9", "solver", 1, 600, 0),
+        Checkout::Denied(DenialReason::RemovedByAdministrator { .. })
+    ));
+    // Not held off: another feature, the same user elsewhere, another user.
+    let viewer = d.take("a", "viewer").unwrap();
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&viewer)]);
+    assert_eq!(d.ledger.holdoffs(d.now()).len(), 1);
+    let elsewhere = match d.request("a", "ws-3", "solver", 1, 0, 0) {
+        Checkout::Granted(g) => g.0,
+        other => panic!("{other:?}"),
+    };
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&elsewhere)]);
+    // The hold-off ends on time.
+    d.advance(1);
+    assert!(d.ledger.holdoffs(d.now()).is_empty());
+    d.take("a", "solver").unwrap();
+}
+
+/// A hold-off of zero turns it off: the removed holder may check out again at once.
+#[test]
+fn a_zero_holdoff_lets_the_removed_holder_back_at_once() {
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 1)], "");
+    let lease = d.take("a", "solver").unwrap();
+    let now = d.now();
+    d.ledger.remove_lease(now, lease.id).unwrap();
+    assert!(d.ledger.holdoffs(now).is_empty());
+    d.take("a", "solver").unwrap();
 }

@@ -72,6 +72,8 @@ async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running
         reloader: None,
         admin_token: None,
         reload_signal: None,
+        remove_holdoff: Duration::ZERO,
+        refused: Vec::new(),
         policy: Default::default(),
         status_needs_token: false,
         reports: Default::default(),

@@ -56,6 +56,8 @@ pub enum Response {
     Admin(AdminReply),
     /// The request could not be served at all.
     Error(ErrorReply),
+    /// Answer to [`AdminOp::ReloadWithOutcome`]: what the reload loaded and refused.
+    Reload(ReloadOutcome),
 }
 
 /// Who is asking: shown to admins, used by policy, recorded in reports.
@@ -370,6 +372,15 @@ pub enum DenialReason {
         /// When a checkout would be accepted again.
         retry_after_ms: u32,
     },
+    /// The administrator removed this user's seat on this host (`tally admin remove`),
+    /// and the server's hold-off keeps it from taking a seat of the feature again at
+    /// once, so that the seat goes to someone else.
+    RemovedByAdministrator {
+        /// The feature.
+        feature: String,
+        /// When the hold-off ends (server wall clock).
+        until: UnixTime,
+    },
 }
 
 impl DenialReason {
@@ -392,6 +403,7 @@ impl DenialReason {
             DenialReason::InvalidRequest { .. } => "invalid_request",
             DenialReason::StorageUnavailable { .. } => "storage_unavailable",
             DenialReason::RateLimited { .. } => "rate_limited",
+            DenialReason::RemovedByAdministrator { .. } => "removed_by_administrator",
         }
     }
 }
@@ -504,6 +516,11 @@ impl fmt::Display for DenialReason {
             DenialReason::RateLimited { retry_after_ms } => write!(
                 f,
                 "too many checkouts from this address; retry in {retry_after_ms} ms"
+            ),
+            DenialReason::RemovedByAdministrator { feature, until } => write!(
+                f,
+                "your seat of '{feature}' was removed by the administrator; \
+                 no seat of '{feature}' for you on this host until {until}"
             ),
         }
     }
@@ -668,6 +685,11 @@ pub enum AdminOp {
     Shutdown,
     /// Export a usage report of everything not yet exported.
     ExportReport,
+    /// [`AdminOp::Reload`], answered with [`Response::Reload`]: every bundle file loaded
+    /// and refused, and a broken policy named as such. (`Reload` keeps its
+    /// [`AdminReply`] for older clients; a reload that refused anything answers it with
+    /// [`Response::Error`] listing the refusals.)
+    ReloadWithOutcome,
 }
 
 /// The answer to an admin request.
@@ -677,6 +699,46 @@ pub struct AdminReply {
     pub message: String,
     /// For [`AdminOp::ExportReport`]: the armoured report.
     pub report: Option<String>,
+}
+
+/// A bundle file (or the policy file) that a load refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// The file, as the server names it (its path).
+    pub source: String,
+    /// Why, in one line.
+    pub reason: String,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.source, self.reason)
+    }
+}
+
+/// What a reload did. It is `ok` only when every bundle file loaded and the policy
+/// read; refused files do not stop the others from being served, a broken policy or a
+/// reload that could not run changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// Ids of the bundles served after the reload (unchanged when nothing was reloaded).
+    pub loaded: Vec<String>,
+    /// Bundle files refused, each with its reason.
+    pub refused: Vec<Refused>,
+    /// The policy file, when it could not be read or parsed: then nothing was reloaded.
+    pub policy_error: Option<Refused>,
+    /// Why the reload could not run at all (no bundle directory, a reload still stuck on
+    /// a file that never answers, the server shutting down); nothing was reloaded.
+    pub error: Option<String>,
+    /// One line for a person.
+    pub summary: String,
+}
+
+impl ReloadOutcome {
+    /// True when everything was loaded: no refusal, no policy error, no failure.
+    pub fn ok(&self) -> bool {
+        self.refused.is_empty() && self.policy_error.is_none() && self.error.is_none()
+    }
 }
 
 /// A request that could not be served at all.

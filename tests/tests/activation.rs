@@ -232,7 +232,18 @@ fn init_request_issue_load_checkout_reload_and_return() {
         .args(["admin", "--admin-token-file"])
         .arg(data.join("admin.token"))
         .arg("reload"));
-    assert!(ok(out).contains("every lease kept"));
+    // The others are served, and the refusal is the answer: exit 65 with the file named.
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("every lease kept"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("tally: refused: ") && stderr(&out).contains("tampered.bundle: "),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(total(&daemon), 13);
     assert_eq!(holders(&daemon), held);
     assert!(daemon.log_text().contains("tampered.bundle: refused"));

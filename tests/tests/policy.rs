@@ -181,10 +181,19 @@ fn a_waiting_checkout_gets_the_next_free_seat_and_sees_its_position() {
 fn admin_remove_frees_a_seat_and_admin_shutdown_stops_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // No hold-off after the removal (0 turns it off; tests/tests/admin_truth.rs has it
+    // on): the removed holder takes a free seat again at once.
     let daemon = Daemon::start(
         &data,
         "127.0.0.1:0",
-        &["--heartbeat-secs", "1", "--lease-ttl-secs", "10"],
+        &[
+            "--heartbeat-secs",
+            "1",
+            "--lease-ttl-secs",
+            "10",
+            "--remove-holdoff-secs",
+            "0",
+        ],
     );
     let _holder = Holder::start_with(&daemon, &["solver", "--count", "5"], 120);
     assert!(wait_until(Duration::from_secs(30), || daemon
@@ -209,7 +218,7 @@ fn admin_remove_frees_a_seat_and_admin_shutdown_stops_the_server() {
     );
     assert!(daemon
         .log_text()
-        .contains("lease removed by an administrator"));
+        .contains("lease removed by the administrator"));
     // The holder hears "removed" on its next heartbeat and takes a free seat again, as
     // a running application would; the lease id changes.
     assert!(

@@ -71,6 +71,7 @@ fn simulate_day(server: &SecretKey) -> (Vec<String>, BTreeMap<String, Truth>, Bu
     let mut ledger = Ledger::new(
         LedgerSettings {
             default_ttl: Duration::from_secs(90),
+            remove_holdoff: Duration::ZERO,
         },
         std::slice::from_ref(&b),
     );

@@ -111,12 +111,16 @@ fn a_returned_renewal_keeps_what_it_superseded_given_back() {
     assert!(daemon.log_text().contains(
         "bundle C-1001-2026 is superseded by bundle C-1001-2027, which this server returned"
     ));
-    // A reload reads the directory again and keeps it that way.
-    ok(run(daemon
+    // A reload reads the directory again and keeps it that way; the returned file is
+    // refused by name (exit 65).
+    let out = run(daemon
         .tally()
         .args(["admin", "--admin-token-file"])
         .arg(site.path("data/admin.token"))
-        .arg("reload")));
+        .arg("reload"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("tally: refused: "), "{err}");
     assert_eq!(total(&daemon, "solver"), 0);
     daemon.stop();
 
