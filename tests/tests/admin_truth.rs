@@ -371,7 +371,7 @@ fn try_once(daemon: &Daemon, user: &str) -> Output {
 
 #[test]
 fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
-    const HOLDOFF: u64 = 20;
+    const HOLDOFF: u64 = 40;
     let site = VendorSite::new();
     configure(
         &site,
