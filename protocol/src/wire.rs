@@ -1,9 +1,14 @@
-//! Request and response messages, protocol version 1.
+//! Request and response messages, protocol versions 1 and 2.
 //!
 //! Each request travels on its own bidirectional QUIC stream as one [`crate::frame`],
 //! answered by one response frame. New operations are added as new enum variants at the
 //! end, so a newer daemon still decodes every request an older client sends; a request
-//! the daemon does not know is answered with [`Response::Error`], never a dropped stream.
+//! the daemon does not know is answered with an error, never a dropped stream.
+//!
+//! Version 2 adds [`Response::Failed`] (a typed [`ErrorCode`] with the message) and the
+//! denial reasons after [`DenialReason::RateLimited`]. The messages are the same types in
+//! both versions; a daemon answers a version-1 request with [`Response::for_version`],
+//! which turns what version 1 cannot decode into its version-1 equivalent.
 
 use crate::lease::{LeaseId, LeaseSecret};
 use crate::signed::Signed;
@@ -12,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The protocol version this crate speaks, carried in every frame header.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The TLS ALPN identifier of the tally protocol.
 pub const ALPN: &[u8] = b"tally/1";
@@ -54,8 +59,31 @@ pub enum Response {
     Status(StatusReply),
     /// Answer to [`Request::Admin`].
     Admin(AdminReply),
-    /// The request could not be served at all.
+    /// The request could not be served at all (version 1: a message only).
     Error(ErrorReply),
+    /// The request could not be served at all: a code programs branch on, and the
+    /// message for a person (protocol version 2).
+    Failed(ServerError),
+}
+
+impl Response {
+    /// This response as a client speaking protocol `version` can decode it: for
+    /// version 1, [`Response::Failed`] becomes [`Response::Error`] with its message,
+    /// and denial reasons added in version 2 become the version-1 reason that fits.
+    pub fn for_version(self, version: u16) -> Response {
+        if version >= 2 {
+            return self;
+        }
+        match self {
+            Response::Failed(e) => Response::Error(ErrorReply { message: e.message }),
+            Response::Checkout(CheckoutReply::Denied(d)) => {
+                Response::Checkout(CheckoutReply::Denied(Denial {
+                    reason: d.reason.for_version_1(),
+                }))
+            }
+            other => other,
+        }
+    }
 }
 
 /// Who is asking: shown to admins, used by policy, recorded in reports.
@@ -370,6 +398,36 @@ pub enum DenialReason {
         /// When a checkout would be accepted again.
         retry_after_ms: u32,
     },
+    /// More seats were asked for than the server can ever grant at once (the seats
+    /// licensed now plus the overdraft): waiting cannot help, so it is never queued.
+    /// Protocol version 2; version 1 sees [`DenialReason::InvalidRequest`].
+    MoreThanExist {
+        /// The feature.
+        feature: String,
+        /// Seats asked for.
+        requested: u32,
+        /// Seats licensed now.
+        total: u32,
+        /// Overdraft seats the licence allows on top.
+        overdraft: u32,
+    },
+    /// Every seat is taken, or too few are free, with the overdraft counted: the
+    /// denial of a feature that has overdraft seats says so. Protocol version 2;
+    /// version 1 sees [`DenialReason::AllSeatsInUse`].
+    OverdraftInUse {
+        /// The feature asked for.
+        feature: String,
+        /// Seats licensed.
+        total: u32,
+        /// Overdraft seats the licence allows on top.
+        overdraft: u32,
+        /// Seats held now, overdraft included.
+        in_use: u32,
+        /// Seats asked for.
+        requested: u32,
+        /// Who holds them, `user@host`, at most a few.
+        holders: Vec<String>,
+    },
 }
 
 impl DenialReason {
@@ -392,6 +450,36 @@ impl DenialReason {
             DenialReason::InvalidRequest { .. } => "invalid_request",
             DenialReason::StorageUnavailable { .. } => "storage_unavailable",
             DenialReason::RateLimited { .. } => "rate_limited",
+            DenialReason::MoreThanExist { .. } => "more_than_exist",
+            // The same kind as for a feature without overdraft: reports, metrics and
+            // the C ABI count "no seat free" one way.
+            DenialReason::OverdraftInUse { .. } => "all_seats_in_use",
+        }
+    }
+
+    /// This reason as a protocol-version-1 client can decode it: reasons added in
+    /// version 2 become the version-1 reason that fits, with the same message where
+    /// the fields allow.
+    pub fn for_version_1(self) -> DenialReason {
+        match self {
+            r @ DenialReason::MoreThanExist { .. } => DenialReason::InvalidRequest {
+                what: r.to_string(),
+            },
+            DenialReason::OverdraftInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders,
+                ..
+            } => DenialReason::AllSeatsInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders,
+            },
+            other => other,
         }
     }
 }
@@ -409,10 +497,11 @@ impl fmt::Display for DenialReason {
                 requested,
                 holders,
             } => {
-                write!(
-                    f,
-                    "all {total} seats of '{feature}' are in use ({in_use} held"
-                )?;
+                if *total == 1 {
+                    write!(f, "the only seat of '{feature}' is in use (held")?;
+                } else {
+                    write!(f, "all {total} seats of '{feature}' are in use ({in_use} held")?;
+                }
                 if !holders.is_empty() {
                     write!(f, " by {}", holders.join(", "))?;
                 }
@@ -460,7 +549,8 @@ impl fmt::Display for DenialReason {
                 who,
             } => write!(
                 f,
-                "the site's policy allows {who} at most {limit} seat(s) of '{feature}'"
+                "the site's policy allows {who} at most {} of '{feature}'",
+                plural(*limit, "seat", "seats")
             ),
             DenialReason::ReservedForOthers {
                 feature,
@@ -492,8 +582,8 @@ impl fmt::Display for DenialReason {
                 } else {
                     write!(
                         f,
-                        "'{feature}' may be borrowed for at most {} hour(s)",
-                        limit_secs / 3600
+                        "'{feature}' may be borrowed for at most {}",
+                        plural(limit_secs / 3600, "hour", "hours")
                     )
                 }
             }
@@ -505,6 +595,50 @@ impl fmt::Display for DenialReason {
                 f,
                 "too many checkouts from this address; retry in {retry_after_ms} ms"
             ),
+            DenialReason::MoreThanExist {
+                feature,
+                requested,
+                total,
+                overdraft,
+            } => {
+                let most = total.saturating_add(*overdraft);
+                if *overdraft == 0 {
+                    write!(f, "only {} of '{feature}' exist", plural(*total, "seat", "seats"))?;
+                } else {
+                    write!(
+                        f,
+                        "only {} of '{feature}' can ever be held at once ({} licensed + {} overdraft)",
+                        plural(most, "seat", "seats"),
+                        total,
+                        overdraft
+                    )?;
+                }
+                write!(f, "; {requested} requested, so waiting cannot help")
+            }
+            DenialReason::OverdraftInUse {
+                feature,
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders,
+            } => {
+                let most = total.saturating_add(*overdraft);
+                let free = most.saturating_sub(*in_use);
+                write!(
+                    f,
+                    "'{feature}' is in overdraft: {} licensed + {overdraft} overdraft, {in_use} held",
+                    plural(*total, "seat", "seats")
+                )?;
+                if !holders.is_empty() {
+                    write!(f, " by {}", holders.join(", "))?;
+                }
+                if free == 0 {
+                    write!(f, ", none free; {requested} requested")
+                } else {
+                    write!(f, ", only {free} free; {requested} requested")
+                }
+            }
         }
     }
 }
@@ -679,11 +813,128 @@ pub struct AdminReply {
     pub report: Option<String>,
 }
 
-/// A request that could not be served at all.
+/// A request that could not be served at all (protocol version 1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     /// What went wrong, for a person.
     pub message: String,
+}
+
+/// A request that could not be served at all (protocol version 2): programs branch on
+/// the code, people read the message. Its `Display` is the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What went wrong, for a person; never the server's paths or internal error text.
+    pub message: String,
+}
+
+impl ServerError {
+    /// A failure of kind `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ServerError {
+        ServerError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a request could not be served. Travels as a number, so that a code newer than
+/// the client decodes as [`ErrorCode::Unknown`] instead of failing the whole answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request was malformed, incomplete, or came before `hello`.
+    BadRequest,
+    /// The admin token was missing or wrong.
+    Unauthorized,
+    /// Admin operations are disabled: the server has no admin token.
+    AdminDisabled,
+    /// No lease with that id is held.
+    UnknownLease,
+    /// The server's store cannot be read or written right now.
+    StorageUnavailable,
+    /// The server is stopping.
+    ShuttingDown,
+    /// The request or admin operation is not supported by this server.
+    Unsupported,
+    /// A reload could not read the bundles or the policy; the previous ones stay.
+    ReloadFailed,
+    /// The operation cannot run now (an earlier one is still stuck); try again later.
+    Busy,
+    /// Something failed inside the server.
+    Internal,
+    /// A code newer than this build knows.
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// A short, stable name (`unknown_lease`, ...), for scripts and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::AdminDisabled => "admin_disabled",
+            ErrorCode::UnknownLease => "unknown_lease",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::ReloadFailed => "reload_failed",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl From<u16> for ErrorCode {
+    fn from(n: u16) -> ErrorCode {
+        match n {
+            1 => ErrorCode::BadRequest,
+            2 => ErrorCode::Unauthorized,
+            3 => ErrorCode::AdminDisabled,
+            4 => ErrorCode::UnknownLease,
+            5 => ErrorCode::StorageUnavailable,
+            6 => ErrorCode::ShuttingDown,
+            7 => ErrorCode::Unsupported,
+            8 => ErrorCode::ReloadFailed,
+            9 => ErrorCode::Busy,
+            10 => ErrorCode::Internal,
+            n => ErrorCode::Unknown(n),
+        }
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        match c {
+            ErrorCode::BadRequest => 1,
+            ErrorCode::Unauthorized => 2,
+            ErrorCode::AdminDisabled => 3,
+            ErrorCode::UnknownLease => 4,
+            ErrorCode::StorageUnavailable => 5,
+            ErrorCode::ShuttingDown => 6,
+            ErrorCode::Unsupported => 7,
+            ErrorCode::ReloadFailed => 8,
+            ErrorCode::Busy => 9,
+            ErrorCode::Internal => 10,
+            ErrorCode::Unknown(n) => n,
+        }
+    }
+}
+
+/// `n` with its noun, singular or plural: "1 seat", "2 seats".
+pub fn plural(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 impl StatusReply {
