@@ -166,8 +166,10 @@ fn main() -> ExitCode {
                 links.last().map(|l| l.report.report.report_seq).unwrap_or(0),
             );
             println!(
-                "{} report(s) verified: reports {first}..={last}, {events} event(s), one unbroken chain signed by the bound server",
-                links.len()
+                "{} verified: {}, {}, one unbroken chain signed by the bound server",
+                tally_publisher::reconcile::plural_of(links.len() as u64, "report", "reports"),
+                tally_publisher::reconcile::numbered_span("report", "reports", first, last),
+                tally_publisher::reconcile::plural_of(events as u64, "event", "events")
             );
         }),
         Command::Reconcile {
@@ -526,9 +528,13 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                 println!("  server key  {}", r.server_key.fingerprint());
                 println!("  period      {} to {}", r.period_from, r.period_to);
                 println!(
-                    "  events      {}..={} ({})",
-                    r.first_event,
-                    r.last_event,
+                    "  events      {} ({})",
+                    tally_publisher::reconcile::numbered_span(
+                        "event",
+                        "events",
+                        r.first_event,
+                        r.last_event
+                    ),
                     r.events.len()
                 );
                 println!("  bundles     {}", r.bundle_ids.join(", "));
