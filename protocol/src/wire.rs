@@ -498,7 +498,7 @@ impl fmt::Display for DenialReason {
                 holders,
             } => {
                 if *total == 1 {
-                    write!(f, "the only seat of '{feature}' is in use (held")?;
+                    write!(f, "the one seat of '{feature}' is in use ({in_use} held")?;
                 } else {
                     write!(f, "all {total} seats of '{feature}' are in use ({in_use} held")?;
                 }
