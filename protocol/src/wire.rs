@@ -846,8 +846,9 @@ impl fmt::Display for ServerError {
     }
 }
 
-/// Why a request could not be served. Travels as a number, so that a code newer than
-/// the client decodes as [`ErrorCode::Unknown`] instead of failing the whole answer.
+/// Why a request could not be served. Travels as a number (fixed per code, never
+/// reused), so that a code newer than the client decodes as [`ErrorCode::Unknown`]
+/// instead of failing the whole answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "u16", into = "u16")]
 #[non_exhaustive]
@@ -868,8 +869,6 @@ pub enum ErrorCode {
     Unsupported,
     /// A reload could not read the bundles or the policy; the previous ones stay.
     ReloadFailed,
-    /// The operation cannot run now (an earlier one is still stuck); try again later.
-    Busy,
     /// Something failed inside the server.
     Internal,
     /// A code newer than this build knows.
@@ -888,7 +887,6 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::ReloadFailed => "reload_failed",
-            ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown(_) => "unknown",
         }
@@ -906,8 +904,7 @@ impl From<u16> for ErrorCode {
             6 => ErrorCode::ShuttingDown,
             7 => ErrorCode::Unsupported,
             8 => ErrorCode::ReloadFailed,
-            9 => ErrorCode::Busy,
-            10 => ErrorCode::Internal,
+            9 => ErrorCode::Internal,
             n => ErrorCode::Unknown(n),
         }
     }
@@ -924,8 +921,7 @@ impl From<ErrorCode> for u16 {
             ErrorCode::ShuttingDown => 6,
             ErrorCode::Unsupported => 7,
             ErrorCode::ReloadFailed => 8,
-            ErrorCode::Busy => 9,
-            ErrorCode::Internal => 10,
+            ErrorCode::Internal => 9,
             ErrorCode::Unknown(n) => n,
         }
     }
@@ -991,6 +987,69 @@ impl StatusReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_codes_travel_as_numbers_and_unknown_ones_survive() {
+        for n in 0..20u16 {
+            let code = ErrorCode::from(n);
+            assert_eq!(u16::from(code), n);
+        }
+        let reply = Response::Failed(ServerError::new(ErrorCode::UnknownLease, "no lease L1"));
+        let bytes = crate::encode(&reply);
+        assert_eq!(crate::decode::<Response, 4096>(&bytes).unwrap(), reply);
+        // A code from a newer daemon decodes, as Unknown, with its message.
+        let newer = Response::Failed(ServerError::new(ErrorCode::Unknown(400), "newer"));
+        let back = crate::decode::<Response, 4096>(&crate::encode(&newer)).unwrap();
+        assert_eq!(back, newer);
+        // A version-1 client gets the message alone, and the version-1 denial.
+        assert_eq!(
+            reply.for_version(1),
+            Response::Error(ErrorReply {
+                message: "no lease L1".into()
+            })
+        );
+        let more = DenialReason::MoreThanExist {
+            feature: "solver".into(),
+            requested: 6,
+            total: 5,
+            overdraft: 0,
+        };
+        assert_eq!(
+            more.to_string(),
+            "only 5 seats of 'solver' exist; 6 requested, so waiting cannot help"
+        );
+        match more.clone().for_version_1() {
+            DenialReason::InvalidRequest { what } => assert_eq!(what, more.to_string()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn plurals_are_right() {
+        assert_eq!(plural(1u32, "seat", "seats"), "1 seat");
+        assert_eq!(plural(2u32, "seat", "seats"), "2 seats");
+        assert_eq!(plural(0u32, "seat", "seats"), "0 seats");
+        let one = DenialReason::AllSeatsInUse {
+            feature: "cad".into(),
+            total: 1,
+            in_use: 1,
+            requested: 1,
+            holders: vec![],
+        };
+        assert_eq!(
+            one.to_string(),
+            "the one seat of 'cad' is in use (1 held); 1 requested"
+        );
+        let max = DenialReason::MaxReached {
+            feature: "cad".into(),
+            limit: 1,
+            who: "user ana".into(),
+        };
+        assert_eq!(
+            max.to_string(),
+            "the site's policy allows user ana at most 1 seat of 'cad'"
+        );
+    }
 
     #[test]
     fn names_with_control_characters_are_refused_and_escaped() {
