@@ -693,12 +693,10 @@ async fn read_response(
     {
         Response::Failed(e) => Err(ClientError::Server(e)),
         // A version-1 answer carries no code.
-        Response::Error(e) => Err(ClientError::Server(
-            tally_protocol::wire::ServerError::new(
-                tally_protocol::wire::ErrorCode::Unknown(0),
-                e.message,
-            ),
-        )),
+        Response::Error(e) => Err(ClientError::Server(tally_protocol::wire::ServerError::new(
+            tally_protocol::wire::ErrorCode::Unknown(0),
+            e.message,
+        ))),
         response => Ok(response),
     }
 }

@@ -9,9 +9,9 @@ use tally_client::{
     cache, local_identity, Client, ClientConfig, ClientError, LeaseHandle, LeaseStatus, Session,
     Trust, Want,
 };
+use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::lease::LeaseId;
 use tally_protocol::time::UnixTime;
-use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::wire::{plural, AdminOp, ErrorCode, StatusReply};
 
 /// Writes a line to stdout through [`write_out`]: a closed pipe ends `tally` quietly.
@@ -219,7 +219,9 @@ fn parse_count(text: &str) -> Result<u32, String> {
     match text.trim().parse::<u32>() {
         Ok(0) => Err("the seat count must be at least 1".into()),
         Ok(n) => Ok(n),
-        Err(_) => Err(format!("'{text}' is not a seat count (a whole number, at least 1)")),
+        Err(_) => Err(format!(
+            "'{text}' is not a seat count (a whole number, at least 1)"
+        )),
     }
 }
 
@@ -629,9 +631,7 @@ async fn run_with_seat(
                 }
                 Ok(cache::Claim::Refused(why)) => {
                     errln!("tally: denied: {why}");
-                    errln!(
-                        "tally: no license server reachable, so only borrowed seats can serve"
-                    );
+                    errln!("tally: no license server reachable, so only borrowed seats can serve");
                     return Ok(EX_TEMPFAIL);
                 }
                 Ok(cache::Claim::NotBorrowed) => return Err(e.into()),

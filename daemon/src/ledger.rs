@@ -630,7 +630,13 @@ impl Ledger {
 
     /// The denial for "no seat free": one that names the overdraft when the feature
     /// has some, so a user does not read "all 5 seats in use (7 held)".
-    fn no_seat_free(&self, feature: &str, total: u32, overdraft: u32, requested: u32) -> DenialReason {
+    fn no_seat_free(
+        &self,
+        feature: &str,
+        total: u32,
+        overdraft: u32,
+        requested: u32,
+    ) -> DenialReason {
         let in_use = self.in_use(feature);
         let holders = self.holder_names(feature);
         if overdraft > 0 {

@@ -389,7 +389,10 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
         ] {
             for r in rules.iter() {
                 let seats = if r.seats > 0 {
-                    format!(" {}", tally_protocol::wire::plural(r.seats, "seat", "seats"))
+                    format!(
+                        " {}",
+                        tally_protocol::wire::plural(r.seats, "seat", "seats")
+                    )
                 } else {
                     String::new()
                 };

@@ -401,7 +401,9 @@ fn more_seats_than_exist_are_denied_at_once_and_never_queued() {
         }
     );
     assert!(
-        reason.to_string().contains("only 5 seats of 'solver' exist"),
+        reason
+            .to_string()
+            .contains("only 5 seats of 'solver' exist"),
         "{reason}"
     );
     // Also while others wait in the queue: it does not join them.
@@ -435,7 +437,9 @@ fn overdraft_counts_as_what_can_be_granted_and_denials_in_overdraft_say_so() {
         Checkout::Denied(reason @ DenialReason::MoreThanExist { .. }) => {
             let text = reason.to_string();
             assert!(
-                text.contains("only 7 seats of 'solver' can ever be held at once (5 licensed + 2 overdraft)"),
+                text.contains(
+                    "only 7 seats of 'solver' can ever be held at once (5 licensed + 2 overdraft)"
+                ),
                 "{text}"
             );
         }
@@ -481,10 +485,16 @@ fn an_expired_feature_shows_when_it_ended_in_status() {
     let mut f = FeatureGrant::counted("trial", 5);
     f.expires = Some(T0.plus_secs(86_400));
     let mut d = Driver::new(vec![f], "");
-    assert_eq!(d.ledger.status(d.now().wall)[0].expires, Some(T0.plus_secs(86_400)));
+    assert_eq!(
+        d.ledger.status(d.now().wall)[0].expires,
+        Some(T0.plus_secs(86_400))
+    );
     d.advance(2 * 86_400);
     // Not "permanent" (None): the day it ended.
-    assert_eq!(d.ledger.status(d.now().wall)[0].expires, Some(T0.plus_secs(86_400)));
+    assert_eq!(
+        d.ledger.status(d.now().wall)[0].expires,
+        Some(T0.plus_secs(86_400))
+    );
 }
 
 #[test]

@@ -953,6 +953,8 @@ impl StatusReply {
                     "evaluation": f.evaluation,
                     "expires": f.expires.map(|e| e.last_day()),
                     "expires_in_days": f.expires.map(|e| (e.0 as i64 - now).max(0) / 86_400),
+                    // Nothing of it is in force any more: `expires` is when it ended.
+                    "expired": f.expires.is_some_and(|e| e <= self.server_time),
                     "holders": f.holders.iter().map(|h| json!({
                         "lease": h.lease.to_string(),
                         "user": h.client.user,

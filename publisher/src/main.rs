@@ -159,19 +159,27 @@ fn main() -> ExitCode {
         Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
         Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
         Command::ImportFlexlm { license, out } => import_flexlm(&license, &out),
-        Command::VerifyReport { bundle, reports } => verify_reports(&bundle, &reports).map(|links| {
-            let events: usize = links.iter().map(|l| l.report.report.events.len()).sum();
-            let (first, last) = (
-                links.first().map(|l| l.report.report.report_seq).unwrap_or(0),
-                links.last().map(|l| l.report.report.report_seq).unwrap_or(0),
-            );
-            println!(
-                "{} verified: {}, {}, one unbroken chain signed by the bound server",
-                tally_publisher::reconcile::plural_of(links.len() as u64, "report", "reports"),
-                tally_publisher::reconcile::numbered_span("report", "reports", first, last),
-                tally_publisher::reconcile::plural_of(events as u64, "event", "events")
-            );
-        }),
+        Command::VerifyReport { bundle, reports } => {
+            verify_reports(&bundle, &reports).map(|links| {
+                let events: usize = links.iter().map(|l| l.report.report.events.len()).sum();
+                let (first, last) = (
+                    links
+                        .first()
+                        .map(|l| l.report.report.report_seq)
+                        .unwrap_or(0),
+                    links
+                        .last()
+                        .map(|l| l.report.report.report_seq)
+                        .unwrap_or(0),
+                );
+                println!(
+                    "{} verified: {}, {}, one unbroken chain signed by the bound server",
+                    tally_publisher::reconcile::plural_of(links.len() as u64, "report", "reports"),
+                    tally_publisher::reconcile::numbered_span("report", "reports", first, last),
+                    tally_publisher::reconcile::plural_of(events as u64, "event", "events")
+                );
+            })
+        }
         Command::Reconcile {
             bundle,
             format,

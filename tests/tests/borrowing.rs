@@ -441,8 +441,7 @@ fn a_borrowed_lease_serves_only_its_count_and_versions_online_offline_and_in_the
     match rt.block_on(client.checkout(&want)) {
         Err(ClientError::NoServer(why)) => {
             assert!(
-                why.iter()
-                    .any(|w| w.contains("has 1 seat; 20 requested")),
+                why.iter().any(|w| w.contains("has 1 seat; 20 requested")),
                 "{why:?}"
             )
         }

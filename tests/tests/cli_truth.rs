@@ -26,7 +26,9 @@ fn unix_now() -> u64 {
 /// Text users read must not look like Rust: no `Some(..)`, ranges, `{:?}` of structs,
 /// `seat(s)`.
 fn assert_no_rust_syntax(text: &str) {
-    for bad in ["Some(", "None", "..=", " { ", "(s)", "Duration", "Ok(", "Err("] {
+    for bad in [
+        "Some(", "None", "..=", " { ", "(s)", "Duration", "Ok(", "Err(",
+    ] {
         assert!(!text.contains(bad), "'{bad}' in what users read:\n{text}");
     }
 }
@@ -45,14 +47,22 @@ fn a_wrong_admin_token_is_77_and_removing_an_unknown_lease_names_it_65() {
     let daemon = Daemon::start(&data, "127.0.0.1:0", &[]);
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "not-the-token\n").unwrap();
-    for op in [&["reload"][..], &["remove", "L00000000deadbeef"], &["shutdown"]] {
+    for op in [
+        &["reload"][..],
+        &["remove", "L00000000deadbeef"],
+        &["shutdown"],
+    ] {
         let out = run(daemon
             .tally()
             .args(["admin", "--admin-token-file"])
             .arg(&wrong)
             .args(op));
         assert_eq!(out.status.code(), Some(77), "{op:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("admin token is wrong"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("admin token is wrong"),
+            "{}",
+            stderr(&out)
+        );
     }
     let token = data.join("admin.token");
     let out = run(daemon
@@ -79,7 +89,11 @@ fn a_wrong_admin_token_is_77_and_removing_an_unknown_lease_names_it_65() {
     let locked = site.daemon();
     let out = run(locked.tally().arg("status"));
     assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
-    assert!(stderr(&out).contains("only with the admin token"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("only with the admin token"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -152,7 +166,11 @@ fn a_zero_count_and_a_version_that_is_not_one_are_usage_errors_before_anything_i
     }
     let out = tally(&["run", "solver", "--count", "many", "--", "true"]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("'many' is not a seat count"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("'many' is not a seat count"),
+        "{}",
+        stderr(&out)
+    );
     for args in [
         &["run", "solver", "--version", "banana", "--", "true"][..],
         &["borrow", "solver", "--for", "1d", "--version", "banana"],
@@ -171,7 +189,10 @@ fn a_zero_count_and_a_version_that_is_not_one_are_usage_errors_before_anything_i
 fn doctor_exits_69_only_when_no_server_answered() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
-    assert_eq!(run(daemon.tally().args(["doctor", "solver"])).status.code(), Some(0));
+    assert_eq!(
+        run(daemon.tally().args(["doctor", "solver"])).status.code(),
+        Some(0)
+    );
     // The server answered; the feature is not licensed there: not "unavailable".
     let out = run(daemon.tally().args(["doctor", "mesher"]));
     assert_eq!(out.status.code(), Some(75), "{}", stdout(&out));
@@ -190,11 +211,15 @@ fn more_seats_than_exist_are_denied_at_once_and_never_queued() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&dir.path().join("data"), "127.0.0.1:0", &[]);
     let started = Instant::now();
-    let out = run(daemon
-        .tally()
-        .args(["run", "solver", "--count", "6", "--wait", "60", "--", "true"]));
+    let out = run(daemon.tally().args([
+        "run", "solver", "--count", "6", "--wait", "60", "--", "true",
+    ]));
     // Denied at once, not after the 60 s wait.
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("only 5 seats of 'solver' exist; 6 requested"),
@@ -203,20 +228,26 @@ fn more_seats_than_exist_are_denied_at_once_and_never_queued() {
     );
     assert_no_rust_syntax(&stderr(&out));
     // The same while every seat is held and someone waits: still not queued.
-    let _holders: Vec<Holder> = (0..5).map(|_| Holder::start(&daemon, "solver", 60)).collect();
+    let _holders: Vec<Holder> = (0..5)
+        .map(|_| Holder::start(&daemon, "solver", 60))
+        .collect();
     assert!(wait_until(Duration::from_secs(30), || daemon
         .in_use("solver")
         == 5));
     let mut waiter = Holder::start_with(&daemon, &["solver", "--wait", "60"], 60);
-    assert!(wait_until(Duration::from_secs(30), || daemon.feature("solver")["queue"]
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .feature("solver")["queue"]
         .as_array()
         .is_some_and(|q| q.len() == 1)));
-    let out = run(daemon
-        .tally()
-        .args(["run", "solver", "--count", "6", "--wait", "60", "--", "true"]));
+    let out = run(daemon.tally().args([
+        "run", "solver", "--count", "6", "--wait", "60", "--", "true",
+    ]));
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(stderr(&out).contains("only 5 seats"), "{}", stderr(&out));
-    assert_eq!(daemon.feature("solver")["queue"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        daemon.feature("solver")["queue"].as_array().unwrap().len(),
+        1
+    );
     waiter.kill_group();
 }
 
@@ -286,7 +317,9 @@ fn status_of_one_feature_and_a_table_that_says_what_the_licence_says() {
     let (site, expired_day) = site_with_terms();
     let daemon = site.daemon();
     // Two seats of mesher and the one overdraft seat.
-    let _holders: Vec<Holder> = (0..3).map(|_| Holder::start(&daemon, "mesher", 60)).collect();
+    let _holders: Vec<Holder> = (0..3)
+        .map(|_| Holder::start(&daemon, "mesher", 60))
+        .collect();
     assert!(wait_until(Duration::from_secs(30), || daemon
         .in_use("mesher")
         == 3));
@@ -294,7 +327,9 @@ fn status_of_one_feature_and_a_table_that_says_what_the_licence_says() {
     let all = ok(run(daemon.tally().arg("status")));
     assert_no_rust_syntax(&all);
     let header = all.lines().nth(1).unwrap();
-    for column in ["FEATURE", "IN USE", "TOTAL", "RESERVED", "VERSIONS", "EXPIRES"] {
+    for column in [
+        "FEATURE", "IN USE", "TOTAL", "RESERVED", "VERSIONS", "EXPIRES",
+    ] {
         assert!(header.contains(column), "{header}");
     }
     let row = |text: &str, name: &str| -> String {
@@ -324,9 +359,15 @@ fn status_of_one_feature_and_a_table_that_says_what_the_licence_says() {
         .take_while(|l| l.starts_with("  "))
         .collect();
     assert_eq!(holder_lines.len(), 3, "{all}");
-    assert!(holder_lines.iter().all(|l| l.contains(" 1 seat since ")), "{all}");
+    assert!(
+        holder_lines.iter().all(|l| l.contains(" 1 seat since ")),
+        "{all}"
+    );
     assert_eq!(
-        holder_lines.iter().filter(|l| l.contains("(overdraft)")).count(),
+        holder_lines
+            .iter()
+            .filter(|l| l.contains("(overdraft)"))
+            .count(),
         1,
         "{all}"
     );
@@ -336,8 +377,17 @@ fn status_of_one_feature_and_a_table_that_says_what_the_licence_says() {
     assert!(one.contains("trial "), "{one}");
     assert!(!one.contains("solver") && !one.contains("mesher"), "{one}");
     let json: serde_json::Value =
-        serde_json::from_str(&ok(run(daemon.tally().args(["status", "solver", "--json"]))))
-            .unwrap();
+        serde_json::from_str(&ok(run(daemon.tally().args(["status", "trial", "--json"])))).unwrap();
+    assert_eq!(json["features"][0]["expired"], true, "{json}");
+    assert_eq!(
+        json["features"][0]["expires"],
+        expired_day.as_str(),
+        "{json}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(run(daemon
+        .tally()
+        .args(["status", "solver", "--json"]))))
+    .unwrap();
     let names: Vec<&str> = json["features"]
         .as_array()
         .unwrap()
@@ -365,9 +415,9 @@ fn status_of_one_feature_and_a_table_that_says_what_the_licence_says() {
     );
     assert_no_rust_syntax(&said);
     // More than licensed + overdraft: denied at once, naming both.
-    let out = run(daemon
-        .tally()
-        .args(["run", "mesher", "--count", "4", "--wait", "60", "--", "true"]));
+    let out = run(daemon.tally().args([
+        "run", "mesher", "--count", "4", "--wait", "60", "--", "true",
+    ]));
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(
         stderr(&out).contains(
