@@ -190,6 +190,12 @@
 #define TALLY_DENIED_REMOVED_BY_ADMINISTRATOR 17
 
 /**
+ * Denial: more seats asked for than can ever be held at once (`total`: seats
+ * licensed, `limit`: with the overdraft, `requested`); waiting cannot help.
+ */
+#define TALLY_DENIED_MORE_THAN_EXIST 18
+
+/**
  * Denial: a reason newer than this library; the message says what.
  */
 #define TALLY_DENIED_OTHER 99
@@ -263,7 +269,7 @@ typedef struct {
    */
   const char *detail;
   /**
-   * Seats licensed (`ALL_SEATS_IN_USE`).
+   * Seats licensed (`ALL_SEATS_IN_USE`, `MORE_THAN_EXIST`).
    */
   uint32_t total;
   /**
@@ -271,11 +277,12 @@ typedef struct {
    */
   uint32_t in_use;
   /**
-   * Seats asked for (`ALL_SEATS_IN_USE`).
+   * Seats asked for (`ALL_SEATS_IN_USE`, `MORE_THAN_EXIST`).
    */
   uint32_t requested;
   /**
-   * The cap (`MAX_REACHED`).
+   * The cap (`MAX_REACHED`); the seats licensed plus the overdraft
+   * (`ALL_SEATS_IN_USE` of a feature with overdraft seats, `MORE_THAN_EXIST`).
    */
   uint32_t limit;
   /**

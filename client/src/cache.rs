@@ -453,7 +453,8 @@ impl std::fmt::Display for Refusal {
                 requested,
             } => write!(
                 f,
-                "borrowed lease {lease} of '{feature}' has {borrowed} seat(s); {requested} requested"
+                "borrowed lease {lease} of '{feature}' has {}; {requested} requested",
+                tally_protocol::wire::plural(*borrowed, "seat", "seats")
             ),
             Refusal::InUse {
                 lease,

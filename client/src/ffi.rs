@@ -110,6 +110,9 @@ pub const TALLY_DENIED_RATE_LIMITED: c_int = 16;
 /// Denial: the administrator removed this user's seat on this host and the server's
 /// hold-off has not ended (`date`: when it ends).
 pub const TALLY_DENIED_REMOVED_BY_ADMINISTRATOR: c_int = 17;
+/// Denial: more seats asked for than can ever be held at once (`total`: seats
+/// licensed, `limit`: with the overdraft, `requested`); waiting cannot help.
+pub const TALLY_DENIED_MORE_THAN_EXIST: c_int = 18;
 /// Denial: a reason newer than this library; the message says what.
 pub const TALLY_DENIED_OTHER: c_int = 99;
 
@@ -149,13 +152,14 @@ pub struct TallyDenial {
     /// The reason's text detail: holders, ceiling, rule, whom a cap or reservation
     /// concerns, what was invalid (see the `TALLY_DENIED_*` values).
     pub detail: *const c_char,
-    /// Seats licensed (`ALL_SEATS_IN_USE`).
+    /// Seats licensed (`ALL_SEATS_IN_USE`, `MORE_THAN_EXIST`).
     pub total: u32,
     /// Seats held (`ALL_SEATS_IN_USE`).
     pub in_use: u32,
-    /// Seats asked for (`ALL_SEATS_IN_USE`).
+    /// Seats asked for (`ALL_SEATS_IN_USE`, `MORE_THAN_EXIST`).
     pub requested: u32,
-    /// The cap (`MAX_REACHED`).
+    /// The cap (`MAX_REACHED`); the seats licensed plus the overdraft
+    /// (`ALL_SEATS_IN_USE` of a feature with overdraft seats, `MORE_THAN_EXIST`).
     pub limit: u32,
     /// When to retry, milliseconds (`RATE_LIMITED`).
     pub retry_after_ms: u32,
@@ -255,6 +259,7 @@ fn denial_code(reason: &DenialReason) -> c_int {
         "storage_unavailable" => TALLY_DENIED_STORAGE_UNAVAILABLE,
         "rate_limited" => TALLY_DENIED_RATE_LIMITED,
         "removed_by_administrator" => TALLY_DENIED_REMOVED_BY_ADMINISTRATOR,
+        "more_than_exist" => TALLY_DENIED_MORE_THAN_EXIST,
         _ => TALLY_DENIED_OTHER,
     }
 }
@@ -1256,6 +1261,29 @@ pub unsafe extern "C" fn tally_last_denial(out: *mut TallyDenial) -> c_int {
                 (d.total, d.in_use, d.requested) = (total, in_use, requested);
                 (feature, holders.join(", "))
             }
+            // All seats in use, the overdraft counted: `limit` is licensed + overdraft.
+            DenialReason::OverdraftInUse {
+                feature,
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders,
+            } => {
+                (d.total, d.in_use, d.requested) = (total, in_use, requested);
+                d.limit = total.saturating_add(overdraft);
+                (feature, holders.join(", "))
+            }
+            DenialReason::MoreThanExist {
+                feature,
+                requested,
+                total,
+                overdraft,
+            } => {
+                (d.total, d.requested) = (total, requested);
+                d.limit = total.saturating_add(overdraft);
+                (feature, String::new())
+            }
             DenialReason::NotYetValid { feature, starts } => {
                 d.date = secs(starts);
                 (feature, String::new())
@@ -1356,6 +1384,7 @@ pub extern "C" fn tally_denial_name(code: c_int) -> *const c_char {
         TALLY_DENIED_STORAGE_UNAVAILABLE => "storage_unavailable\0",
         TALLY_DENIED_RATE_LIMITED => "rate_limited\0",
         TALLY_DENIED_REMOVED_BY_ADMINISTRATOR => "removed_by_administrator\0",
+        TALLY_DENIED_MORE_THAN_EXIST => "more_than_exist\0",
         TALLY_DENIED_OTHER => "other\0",
         _ => "unknown\0",
     };

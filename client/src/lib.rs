@@ -191,7 +191,7 @@ pub enum ClientError {
     #[error("{0}")]
     Denied(Denial),
     /// The server did not answer in time.
-    #[error("{0} timed out after {1:?}")]
+    #[error("{} timed out after {} s", .0, .1.as_secs_f64())]
     Timeout(&'static str, Duration),
     /// The connection failed or closed.
     #[error("connection to {server} failed: {message}")]
@@ -204,9 +204,10 @@ pub enum ClientError {
     /// The server answered with something that does not fit the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The server reported an error.
-    #[error("server error: {0}")]
-    Server(String),
+    /// The server could not serve the request; programs branch on its
+    /// [`ServerError::code`](tally_protocol::wire::ServerError), never on the message.
+    #[error("{0}")]
+    Server(tally_protocol::wire::ServerError),
     /// A configuration problem on the client side.
     #[error("{0}")]
     Config(String),
@@ -419,8 +420,8 @@ impl Session {
                 Err(_) => {
                     mark_server(addr, false);
                     failures.push(format!(
-                        "{addr}: no answer within {:?}",
-                        config.connect_timeout
+                        "{addr}: no answer within {} s",
+                        config.connect_timeout.as_secs_f64()
                     ));
                 }
             }
@@ -703,7 +704,12 @@ async fn read_response(
     match frame::decode_response(header.version, &payload)
         .map_err(|e| ClientError::Protocol(e.to_string()))?
     {
-        Response::Error(e) => Err(ClientError::Server(e.message)),
+        Response::Failed(e) => Err(ClientError::Server(e)),
+        // A version-1 answer carries no code.
+        Response::Error(e) => Err(ClientError::Server(tally_protocol::wire::ServerError::new(
+            tally_protocol::wire::ErrorCode::Unknown(0),
+            e.message,
+        ))),
         response => Ok(response),
     }
 }
@@ -802,7 +808,7 @@ fn unexpected(response: &Response) -> ClientError {
         Response::Checkin(_) => "checkin",
         Response::Status(_) => "status",
         Response::Admin(_) => "admin",
-        Response::Error(_) => "error",
+        Response::Error(_) | Response::Failed(_) => "error",
         _ => "unknown",
     };
     ClientError::Protocol(format!("unexpected {kind} response"))

@@ -9,9 +9,27 @@ use tally_client::{
     cache, local_identity, Client, ClientConfig, ClientError, LeaseHandle, LeaseStatus, Session,
     Trust, Want,
 };
+use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::lease::LeaseId;
 use tally_protocol::time::UnixTime;
-use tally_protocol::wire::{AdminOp, Denial, DenialReason, StatusReply};
+use tally_protocol::wire::{plural, AdminOp, Denial, DenialReason, ErrorCode, StatusReply};
+
+/// Writes a line to stdout through [`write_out`]: a closed pipe ends `tally` quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Writes a line to stderr; a closed or broken stderr is ignored (there is nowhere
+/// left to say anything, and `tally run` must go on tending its command's seat).
+macro_rules! errln {
+    () => { write_err(format_args!("\n")) };
+    ($($arg:tt)*) => { write_err(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Writes to stderr without a line break; see [`errln`].
+macro_rules! err {
+    ($($arg:tt)*) => { write_err(format_args!($($arg)*)) };
+}
 
 /// sysexits: usage error.
 const EX_USAGE: u8 = 64;
@@ -23,11 +41,15 @@ const EX_DATAERR: u8 = 65;
 const EX_CANTCREAT: u8 = 73;
 /// sysexits: internal error.
 const EX_SOFTWARE: u8 = 70;
+/// sysexits: an I/O error (writing the output failed for another reason than a
+/// closed pipe, e.g. a full disk).
+const EX_IOERR: u8 = 74;
 /// sysexits: temporary failure; here, the checkout was denied (try again later).
 const EX_TEMPFAIL: u8 = 75;
 /// sysexits: protocol error.
 const EX_PROTOCOL: u8 = 76;
-/// sysexits: permission denied; here, the server is not vouched for by the vendor.
+/// sysexits: permission denied: the server is not vouched for by the vendor, or the
+/// admin token is wrong.
 const EX_NOPERM: u8 = 77;
 /// Shell convention: the command could not be executed.
 const EXIT_CANNOT_EXECUTE: u8 = 126;
@@ -68,6 +90,9 @@ struct Cli {
 enum Command {
     /// Show features, seats in use, their holders and who waits.
     Status {
+        /// Show only this feature (like `lmstat -f`); exits 65 if the server has no
+        /// such feature.
+        feature: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -83,12 +108,12 @@ enum Command {
         /// How long: 12h, 3d, 1w (hours, days, weeks).
         #[arg(long = "for", value_parser = parse_period)]
         period: Duration,
-        /// Seats.
-        #[arg(long, default_value_t = 1)]
+        /// Seats, at least 1.
+        #[arg(long, default_value_t = 1, value_parser = parse_count)]
         count: u32,
         /// The application version to borrow for: the seat then serves no higher one
         /// (without it, any version the licence allows).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_version)]
         version: Option<String>,
         /// The application's build date, YYYY-MM-DD, checked against maintenance dates
         /// now as the server would (offline, the licence terms are checked again).
@@ -129,11 +154,11 @@ enum Command {
     Run {
         /// The feature to check out.
         feature: String,
-        /// Seats to check out.
-        #[arg(long, default_value_t = 1)]
+        /// Seats to check out, at least 1.
+        #[arg(long, default_value_t = 1, value_parser = parse_count)]
         count: u32,
-        /// The application version to present (for version ceilings).
-        #[arg(long)]
+        /// The application version to present (for version ceilings), like 2027.1.
+        #[arg(long, value_parser = parse_version)]
         version: Option<String>,
         /// The application's build date, YYYY-MM-DD (for maintenance dates).
         #[arg(long, value_parser = parse_date)]
@@ -191,6 +216,36 @@ fn parse_period(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(hours * 3600))
 }
 
+/// A seat count: a whole number, at least 1 (0 is refused here, before anything is
+/// sent).
+fn parse_count(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err("the seat count must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "'{text}' is not a seat count (a whole number, at least 1)"
+        )),
+    }
+}
+
+/// An application version as vendors write them: starts with a digit, then digits,
+/// letters and `.`, `-`, `_`, `+` (2027, 2027.1, 12.0.3b).
+fn parse_version(text: &str) -> Result<String, String> {
+    let ok = text.starts_with(|c: char| c.is_ascii_digit())
+        && text.len() <= tally_protocol::wire::MAX_NAME_LEN
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "'{}' is not a version: a version starts with a digit, like 2027, 2027.1 or 12.0.3b",
+            shown(text)
+        ))
+    }
+}
+
 fn parse_lease_id(text: &str) -> Result<LeaseId, String> {
     let hex = text.strip_prefix('L').unwrap_or(text);
     u64::from_str_radix(hex, 16)
@@ -214,7 +269,8 @@ impl From<ClientError> for Failure {
             ClientError::Denied(_) | ClientError::SeatInUse(_) => EX_TEMPFAIL,
             ClientError::Untrusted(_) => EX_NOPERM,
             ClientError::Config(_) => EX_USAGE,
-            ClientError::Protocol(_) | ClientError::Server(_) => EX_PROTOCOL,
+            ClientError::Server(e) => server_exit_code(e.code),
+            ClientError::Protocol(_) => EX_PROTOCOL,
             _ => EX_UNAVAILABLE,
         };
         Failure {
@@ -222,6 +278,38 @@ impl From<ClientError> for Failure {
             message: e.to_string(),
         }
     }
+}
+
+/// The exit code for a failure the server reports, by its code (the README's list).
+fn server_exit_code(code: ErrorCode) -> u8 {
+    match code {
+        ErrorCode::Unauthorized | ErrorCode::AdminDisabled => EX_NOPERM,
+        ErrorCode::UnknownLease | ErrorCode::ReloadFailed => EX_DATAERR,
+        ErrorCode::StorageUnavailable | ErrorCode::ShuttingDown => EX_TEMPFAIL,
+        ErrorCode::Internal => EX_SOFTWARE,
+        _ => EX_PROTOCOL,
+    }
+}
+
+/// Writes to stdout. A closed pipe (`tally status | head -1`) ends the process quietly
+/// with status 0, as the reader has what it wanted; any other write error (a full
+/// disk) is said and ends it with 74.
+fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        write_err(format_args!("tally: cannot write the output: {e}\n"));
+        std::process::exit(EX_IOERR.into());
+    }
+}
+
+/// Writes to stderr, ignoring failure (see [`errln`]).
+fn write_err(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_fmt(args);
 }
 
 fn main() -> ExitCode {
@@ -251,7 +339,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tally: cannot start the async runtime: {e}");
+            errln!("tally: cannot start the async runtime: {e}");
             return ExitCode::from(EX_SOFTWARE);
         }
     };
@@ -260,7 +348,7 @@ fn main() -> ExitCode {
         Err(f) => {
             // Messages carry names from the server (holders, features); an older or
             // hostile server must not drive this terminal with them.
-            eprintln!("tally: {}", shown(&f.message));
+            errln!("tally: {}", shown(&f.message));
             ExitCode::from(f.code)
         }
     }
@@ -332,7 +420,9 @@ fn client_config(cli: &Cli) -> Result<ClientConfig, Failure> {
 async fn run(cli: Cli) -> Result<u8, Failure> {
     if let Command::Completions { shell } = &cli.command {
         use clap::CommandFactory;
-        clap_complete::generate(*shell, &mut Cli::command(), "tally", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(*shell, &mut Cli::command(), "tally", &mut script);
+        outln!("{}", String::from_utf8_lossy(&script).trim_end());
         return Ok(0);
     }
     let config = client_config(&cli)?;
@@ -354,9 +444,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let result = client.borrow(&want, period).await;
             client.close().await;
             let borrowed = result?;
-            println!(
-                "borrowed {} seat(s) of '{feature}' until {} (lease {}); it works with no server until then",
-                count,
+            outln!(
+                "borrowed {} of '{feature}' until {} (lease {}); it works with no server until then",
+                plural(count, "seat", "seats"),
                 borrowed.until,
                 borrowed.lease.id()
             );
@@ -368,16 +458,20 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             client.close().await;
             match result? {
                 0 => {
-                    eprintln!("tally: no borrowed seat of '{feature}' from this server");
+                    errln!("tally: no borrowed seat of '{feature}' from this server");
                     Ok(EX_DATAERR)
                 }
                 n => {
-                    println!("returned {n} borrowed lease(s) of '{feature}'");
+                    outln!(
+                        "returned {} of '{feature}'",
+                        plural(n as u64, "borrowed lease", "borrowed leases")
+                    );
                     Ok(0)
                 }
             }
         }
         Command::Status {
+            feature,
             json,
             admin_token_file,
         } => {
@@ -392,14 +486,25 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let status = session.status(token.as_deref()).await?;
+            let mut status = session.status(token.as_deref()).await?;
             let demo = session.hello().demo;
             let server = session.server();
+            let bundles = session.bundles().to_vec();
             session.close().await;
+            if let Some(feature) = &feature {
+                // `lmstat -f FEATURE`: just that one, or a clear "no such feature".
+                status.features.retain(|f| &f.name == feature);
+                if status.features.is_empty() {
+                    return Err(Failure {
+                        code: EX_DATAERR,
+                        message: format!("feature '{feature}' is not licensed on server {server}"),
+                    });
+                }
+            }
             if json {
                 print_status_json(&status, &server.to_string(), demo);
             } else {
-                print_status(&status, &server.to_string(), demo);
+                print_status(&status, &bundles, &server.to_string(), demo);
             }
             Ok(0)
         }
@@ -429,9 +534,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 let started = std::time::Instant::now();
                 loop {
                     tokio::select! {
-                        r = &mut request => { eprintln!(); break r; }
+                        r = &mut request => { errln!(); break r; }
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                            eprint!("\rexporting the usage report... {:.0} s", started.elapsed().as_secs_f64());
+                            err!("\rexporting the usage report... {:.0} s", started.elapsed().as_secs_f64());
                         }
                     }
                 }
@@ -442,9 +547,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let reply = result?;
             if let (Some(out), Some(report)) = (out, reply.report) {
                 write_new_file(&out, &report)?;
-                println!("{} written to {}", reply.message, out.display());
+                outln!("{} written to {}", reply.message, out.display());
             } else {
-                println!("{}", reply.message);
+                outln!("{}", reply.message);
             }
             Ok(0)
         }
@@ -505,7 +610,7 @@ async fn run_with_seat(
                     // out of the queue); closing tells the server the connection is gone
                     // now, so nothing is granted to this process any more.
                     client.close().await;
-                    eprintln!("tally: stopped waiting for a seat of '{}' (signal {signal})", want.feature);
+                    errln!("tally: stopped waiting for a seat of '{}' (signal {signal})", want.feature);
                     return Ok(128 + signal as u8);
                 }
             };
@@ -513,7 +618,7 @@ async fn run_with_seat(
                 Ok(handle) => (Some(client), handle, terms),
                 Err(ClientError::Denied(denial)) => {
                     client.close().await;
-                    eprintln!("tally: denied: {}", shown(&denial.to_string()));
+                    errln!("tally: denied: {}", shown(&denial.to_string()));
                     return Ok(EX_TEMPFAIL);
                 }
                 Err(e) => {
@@ -527,17 +632,15 @@ async fn run_with_seat(
             // was borrowed for and by one program per seat (see `cache::claim`).
             match cache::claim(&config.trust, &want, None, now()) {
                 Ok(cache::Claim::Held(claimed)) => {
-                    eprintln!(
+                    errln!(
                         "tally: no license server reachable; using the seat of '{}' borrowed until {}",
                         want.feature, claimed.borrowed.until
                     );
                     (None, LeaseHandle::borrowed(claimed), LostSeatTerms::DEFAULT)
                 }
                 Ok(cache::Claim::Refused(why)) => {
-                    eprintln!("tally: denied: {why}");
-                    eprintln!(
-                        "tally: no license server reachable, so only borrowed seats can serve"
-                    );
+                    errln!("tally: denied: {why}");
+                    errln!("tally: no license server reachable, so only borrowed seats can serve");
                     return Ok(EX_TEMPFAIL);
                 }
                 Ok(cache::Claim::NotBorrowed) => return Err(e.into()),
@@ -569,7 +672,7 @@ async fn run_with_seat(
             } else {
                 EXIT_CANNOT_EXECUTE
             };
-            eprintln!("tally: cannot run {}: {e}", command[0]);
+            errln!("tally: cannot run {}: {e}", command[0]);
             return Ok(code);
         }
     };
@@ -646,18 +749,18 @@ async fn supervise(
                 match status {
                     LeaseStatus::Reconnecting => {
                         if !was_without {
-                            eprintln!("tally: lost the connection to the license server; reconnecting");
+                            errln!("tally: lost the connection to the license server; reconnecting");
                         }
                     }
                     LeaseStatus::Active => {
                         acted = false;
                         if was_without {
-                            eprintln!("tally: reconnected; the seat is still held");
+                            errln!("tally: reconnected; the seat is still held");
                         }
                     }
                     LeaseStatus::Borrowed { .. } => acted = false,
                     LeaseStatus::Lost(why) => {
-                        eprintln!("tally: lost the seat of '{feature}': {why}; trying to get one again");
+                        errln!("tally: lost the seat of '{feature}': {why}; trying to get one again");
                         watch = None;
                         seat.handle = None;
                         if let Some(client) = &seat.client {
@@ -670,7 +773,7 @@ async fn supervise(
                 reacquire = None;
                 match result {
                     Ok(new) => {
-                        eprintln!("tally: got a seat of '{feature}' again");
+                        errln!("tally: got a seat of '{feature}' again");
                         seat.grace.observe(&LeaseStatus::Active, std::time::Instant::now());
                         acted = false;
                         watch = Some(new.watch());
@@ -682,7 +785,7 @@ async fn supervise(
                         // Asking every second would only be refused (and logged by the
                         // server) until the hold-off ends: ask again then.
                         if held_off_until != Some(until) {
-                            eprintln!(
+                            errln!(
                                 "tally: the administrator removed the seat of '{feature}'; \
                                  no seat for this user on this host until {until}"
                             );
@@ -705,7 +808,7 @@ async fn supervise(
                 let terms = seat.grace.terms();
                 match terms.action {
                     OnLostSeat::Stop => {
-                        eprintln!(
+                        errln!(
                             "tally: no seat of '{feature}' for {} s, the grace the vendor allows; \
                              stopping {program} (SIGTERM, then SIGKILL after {} s); exit status {EXIT_LOST_SEAT}",
                             terms.grace_secs,
@@ -717,7 +820,7 @@ async fn supervise(
                         }
                         kill_at = Some(tokio::time::Instant::now() + STOP_KILL_AFTER);
                     }
-                    OnLostSeat::Warn => eprintln!(
+                    OnLostSeat::Warn => errln!(
                         "tally: warning: {program} has run without a seat of '{feature}' for more than {} s; \
                          the vendor lets it go on, but the licence is not being honoured",
                         terms.grace_secs
@@ -726,7 +829,7 @@ async fn supervise(
             }
             _ = sleep_until_some(kill_at.filter(|_| !killed)) => {
                 killed = true;
-                eprintln!("tally: {program} did not stop within {} s; killing it", STOP_KILL_AFTER.as_secs());
+                errln!("tally: {program} did not stop within {} s; killing it", STOP_KILL_AFTER.as_secs());
                 if let Some(pid) = pid {
                     sys::send_signal(pid, libc::SIGKILL);
                 }
@@ -901,7 +1004,7 @@ async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHan
                     .and_then(|f| f.queue.iter().position(|q| q.client.pid == me.pid && q.client.host == me.host));
                 if let Some(p) = position {
                     if shown != Some(p) {
-                        eprintln!("tally: waiting for a seat of '{}' (position {} in the queue)", want.feature, p + 1);
+                        errln!("tally: waiting for a seat of '{}' (position {} in the queue)", want.feature, p + 1);
                         shown = Some(p);
                     }
                 }
@@ -910,15 +1013,15 @@ async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHan
     }
 }
 
-/// `tally doctor`: one line per check, then a verdict. Exits 0 when nothing failed.
+/// `tally doctor`: one line per check, then a verdict. Exits 0 when nothing failed,
+/// 69 only when no server answered, 77 when the one that answered is not trusted, and
+/// 75 when the server answered but the licence does not serve (expired, denied).
 async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
-    let mut failed = 0u8;
-    let mut report = |level: &str, text: String| {
-        println!("{level:<5} {}", shown(&text));
-        if level == "FAIL" && failed == 0 {
-            failed = 1;
-        }
+    let report = |level: &str, text: String| {
+        outln!("{level:<5} {}", shown(&text));
     };
+    // The exit code of the first failed check after the server answered.
+    let mut failed: Option<u8> = None;
     let session = match Session::connect(&config).await {
         Ok(s) => {
             report(
@@ -977,10 +1080,13 @@ async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
     for b in session.bundles() {
         for f in &b.bundle.features {
             match f.expires.or(b.bundle.valid_until) {
-                Some(end) if end <= today => report(
-                    "FAIL",
-                    format!("'{}' expired at the end of {}", f.name, end.last_day()),
-                ),
+                Some(end) if end <= today => {
+                    failed.get_or_insert(EX_TEMPFAIL);
+                    report(
+                        "FAIL",
+                        format!("'{}' expired at the end of {}", f.name, end.last_day()),
+                    )
+                }
                 Some(end) if end.0 - today.0 <= 30 * 86_400 => report(
                     "WARN",
                     format!(
@@ -1012,17 +1118,17 @@ async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
                 );
             }
             Err(ClientError::Denied(d)) => {
+                failed.get_or_insert(EX_TEMPFAIL);
                 report("FAIL", format!("'{feature}' for {}: {d}", config.identity))
             }
-            Err(e) => report("FAIL", format!("checkout of '{feature}': {e}")),
+            Err(e) => {
+                failed.get_or_insert(Failure::from(e.clone()).code);
+                report("FAIL", format!("checkout of '{feature}': {e}"))
+            }
         }
     }
     session.close().await;
-    if failed > 0 {
-        EX_UNAVAILABLE
-    } else {
-        0
-    }
+    failed.unwrap_or(0)
 }
 
 fn now() -> UnixTime {
@@ -1043,24 +1149,22 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
     }
 }
 
-/// Text from elsewhere as it may reach a terminal: control characters (escape
-/// sequences, line breaks) written as `\u{..}` escapes.
 /// Prints a reload's outcome: the summary on stdout when everything loaded, else each
 /// refusal and the broken policy on stderr. Exit 0 only when everything loaded; 65 (bad
 /// data) when a bundle file or the policy was refused; 75 when the reload could not run
 /// (a stuck reload, a server without a bundle directory, shutting down).
 fn print_reload(outcome: &tally_protocol::wire::ReloadOutcome) -> u8 {
     for r in &outcome.refused {
-        eprintln!("tally: refused: {}", shown(&r.to_string()));
+        errln!("tally: refused: {}", shown(&r.to_string()));
     }
     if let Some(p) = &outcome.policy_error {
-        eprintln!("tally: policy refused: {}", shown(&p.to_string()));
+        errln!("tally: policy refused: {}", shown(&p.to_string()));
     }
     if outcome.ok() {
-        println!("{}", shown(&outcome.summary));
+        outln!("{}", shown(&outcome.summary));
         0
     } else {
-        eprintln!("tally: {}", shown(&outcome.summary));
+        errln!("tally: {}", shown(&outcome.summary));
         if outcome.error.is_some() {
             EX_TEMPFAIL
         } else {
@@ -1069,14 +1173,16 @@ fn print_reload(outcome: &tally_protocol::wire::ReloadOutcome) -> u8 {
     }
 }
 
+/// Text from elsewhere as it may reach a terminal: control characters (escape
+/// sequences, line breaks) written as `\u{..}` escapes.
 fn shown(text: &str) -> std::borrow::Cow<'_, str> {
     tally_protocol::wire::escape_unprintable(text)
 }
 
-fn print_status(status: &StatusReply, server: &str, demo: bool) {
+fn print_status(status: &StatusReply, bundles: &[VerifiedBundle], server: &str, demo: bool) {
     // Each line is escaped whole: names of holders and features come from the server.
     macro_rules! say {
-        ($($arg:tt)*) => { println!("{}", shown(&format!($($arg)*))) };
+        ($($arg:tt)*) => { outln!("{}", shown(&format!($($arg)*))) };
     }
     let demo = if demo { " (demo)" } else { "" };
     say!(
@@ -1084,16 +1190,29 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
         status.server_fingerprint,
         status.server_time
     );
-    say!("{:<20} {:>7} {:>7}  EXPIRES", "FEATURE", "IN USE", "TOTAL");
+    say!(
+        "{:<20} {:>7} {:>9} {:>9}  {:<12} EXPIRES",
+        "FEATURE",
+        "IN USE",
+        "TOTAL",
+        "RESERVED",
+        "VERSIONS"
+    );
     for f in &status.features {
         let total = f
             .total
             .map(|t| t.to_string())
             .unwrap_or_else(|| "uncounted".into());
         let expires = match f.expires {
+            Some(e) if e <= status.server_time => format!("expired {}", e.last_day()),
             Some(e) => format!("until {}", e.last_day()),
             None => "permanent".into(),
         };
+        // The ceiling comes from the vendor-signed bundles this server presented.
+        let versions = tally_client::info::feature_info(bundles, &f.name, status.server_time)
+            .and_then(|i| i.version_ceiling)
+            .map(|c| format!("up to {c}"))
+            .unwrap_or_else(|| "any".into());
         let eval = if f.evaluation { " (evaluation)" } else { "" };
         let over = if f.overdraft_in_use > 0 {
             format!(" ({} in overdraft)", f.overdraft_in_use)
@@ -1101,34 +1220,37 @@ fn print_status(status: &StatusReply, server: &str, demo: bool) {
             String::new()
         };
         say!(
-            "{:<20} {:>7} {:>7}  {expires}{eval}{over}",
+            "{:<20} {:>7} {:>9} {:>9}  {:<12} {expires}{eval}{over}",
             f.name,
             f.in_use,
-            total
+            total,
+            f.reserved,
+            versions
         );
         for h in &f.holders {
             let borrowed = h
                 .borrowed_until
                 .map(|u| format!("  borrowed until {u}"))
                 .unwrap_or_default();
+            let over = if h.overdraft { "  (overdraft)" } else { "" };
             say!(
-                "  {}  {}  pid {}  {}  {} seat(s) since {}{borrowed}",
+                "  {}  {}  pid {}  {}  {} since {}{borrowed}{over}",
                 h.lease,
                 h.client,
                 h.client.pid,
                 h.client.program,
-                h.count,
+                plural(h.count, "seat", "seats"),
                 h.since
             );
         }
         for (i, q) in f.queue.iter().enumerate() {
             say!(
-                "  queued #{}  {}  pid {}  {}  {} seat(s) since {}",
+                "  queued #{}  {}  pid {}  {}  {} since {}",
                 i + 1,
                 q.client,
                 q.client.pid,
                 q.client.program,
-                q.count,
+                plural(q.count, "seat", "seats"),
                 q.since
             );
         }
@@ -1150,7 +1272,7 @@ fn show_borrowed_offline(
     if borrowed.is_empty() {
         return Err(offline);
     }
-    eprintln!("tally: {}", offline.message);
+    errln!("tally: {}", offline.message);
     if json {
         let leases: Vec<serde_json::Value> = borrowed
             .iter()
@@ -1165,15 +1287,15 @@ fn show_borrowed_offline(
             })
             .collect();
         let doc = serde_json::json!({ "server": null, "offline": true, "borrowed": leases });
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
         );
     } else {
-        println!("no license server reachable; seats borrowed by you, usable here until they end:");
-        println!("{:<20} {:>7}  {:<18} UNTIL", "FEATURE", "SEATS", "LEASE");
+        outln!("no license server reachable; seats borrowed by you, usable here until they end:");
+        outln!("{:<20} {:>7}  {:<18} UNTIL", "FEATURE", "SEATS", "LEASE");
         for b in &borrowed {
-            println!(
+            outln!(
                 "{:<20} {:>7}  {:<18} {}",
                 b.lease.grant.feature,
                 b.lease.grant.count,
@@ -1188,7 +1310,7 @@ fn show_borrowed_offline(
 fn print_status_json(status: &StatusReply, server: &str, demo: bool) {
     let mut doc = status.to_json(demo);
     doc["server"] = serde_json::json!(server);
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into())
     );

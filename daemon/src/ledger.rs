@@ -203,6 +203,7 @@ fn queueable(reason: &DenialReason) -> bool {
     matches!(
         reason,
         DenialReason::AllSeatsInUse { .. }
+            | DenialReason::OverdraftInUse { .. }
             | DenialReason::ReservedForOthers { .. }
             | DenialReason::MaxReached { .. }
     )
@@ -608,10 +609,11 @@ impl Ledger {
                 let (record, event) = self.grant(now, conn, holder, request, fresh, terms);
                 Checkout::Granted(Box::new((record, event)))
             }
+            // Only a denial that waiting can cure queues: a request the licence can
+            // never serve (more seats than exist, expired, excluded) is answered now,
+            // also while others wait.
             Err(reason)
-                if request.wait_secs > 0
-                    && request.borrow_secs == 0
-                    && (queued || queueable(&reason)) =>
+                if request.wait_secs > 0 && request.borrow_secs == 0 && queueable(&reason) =>
             {
                 let deadline = now.mono + Duration::from_secs(request.wait_secs as u64);
                 let queue = self.queues.entry(request.feature.clone()).or_default();
@@ -636,18 +638,43 @@ impl Ledger {
     /// The denial a newcomer gets while others wait ahead of it.
     fn queue_full_reason(&self, now: Now, request: &CheckoutRequest) -> DenialReason {
         let feature = &request.feature;
-        let total = self
+        let (total, overdraft) = self
             .features
             .get(feature)
             .and_then(|t| pools(t, now.wall))
-            .map(|p| p.seats())
-            .unwrap_or(0);
-        DenialReason::AllSeatsInUse {
-            feature: feature.clone(),
-            total,
-            in_use: self.in_use(feature),
-            requested: request.count,
-            holders: self.holder_names(feature),
+            .map(|p| (p.seats(), p.overdraft))
+            .unwrap_or((0, 0));
+        self.no_seat_free(feature, total, overdraft, request.count)
+    }
+
+    /// The denial for "no seat free": one that names the overdraft when the feature
+    /// has some, so a user does not read "all 5 seats in use (7 held)".
+    fn no_seat_free(
+        &self,
+        feature: &str,
+        total: u32,
+        overdraft: u32,
+        requested: u32,
+    ) -> DenialReason {
+        let in_use = self.in_use(feature);
+        let holders = self.holder_names(feature);
+        if overdraft > 0 {
+            DenialReason::OverdraftInUse {
+                feature: feature.to_string(),
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders,
+            }
+        } else {
+            DenialReason::AllSeatsInUse {
+                feature: feature.to_string(),
+                total,
+                in_use,
+                requested,
+                holders,
+            }
         }
     }
 
@@ -831,14 +858,17 @@ impl Ledger {
         let mut overdraft = false;
         if let Some(pools) = pools(terms, now.wall) {
             let seats = pools.seats();
-            let full = || DenialReason::AllSeatsInUse {
-                feature: feature.clone(),
-                total: seats,
-                in_use,
-                requested: request.count,
-                holders: self.holder_names(feature),
-            };
+            let full = || self.no_seat_free(feature, seats, pools.overdraft, request.count);
             let limit = seats.saturating_add(pools.overdraft);
+            if request.count > limit {
+                // Never grantable at once, however long it waits: said now, not queued.
+                return Err(DenialReason::MoreThanExist {
+                    feature: feature.clone(),
+                    requested: request.count,
+                    total: seats,
+                    overdraft: pools.overdraft,
+                });
+            }
             if in_use.saturating_add(request.count) > limit {
                 return Err(full());
             }
@@ -1395,7 +1425,15 @@ impl Ledger {
                                 .collect()
                         })
                         .unwrap_or_default(),
-                    expires: if active.iter().any(|t| t.expires.is_none()) {
+                    expires: if active.is_empty() {
+                        // Nothing in force: when it ended (a date in the past, shown as
+                        // "expired"), not "permanent".
+                        terms
+                            .iter()
+                            .filter(|t| t.starts.is_none_or(|s| s <= wall))
+                            .filter_map(|t| t.expires)
+                            .max()
+                    } else if active.iter().any(|t| t.expires.is_none()) {
                         None
                     } else {
                         active.iter().filter_map(|t| t.expires).min()

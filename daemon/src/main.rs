@@ -427,7 +427,10 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
         ] {
             for r in rules.iter() {
                 let seats = if r.seats > 0 {
-                    format!(" {} seat(s)", r.seats)
+                    format!(
+                        " {}",
+                        tally_protocol::wire::plural(r.seats, "seat", "seats")
+                    )
                 } else {
                     String::new()
                 };
@@ -836,7 +839,10 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
         "return proof written to {}; send it to your vendor{}",
         out.display(),
         if outstanding > 0 {
-            format!(" ({outstanding} seat(s) were still recorded as held)")
+            format!(
+                " ({} still recorded as held)",
+                tally_protocol::wire::plural(outstanding as u64, "seat was", "seats were")
+            )
         } else {
             String::new()
         }

@@ -492,6 +492,25 @@ impl Shared {
                     holders
                 },
             },
+            DenialReason::OverdraftInUse {
+                feature,
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders,
+            } => DenialReason::OverdraftInUse {
+                feature,
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders: if self.status_needs_token {
+                    Vec::new()
+                } else {
+                    holders
+                },
+            },
             DenialReason::StorageUnavailable { what } => DenialReason::StorageUnavailable {
                 what: storage_fault(&what),
             },
@@ -1502,10 +1521,12 @@ async fn request_export(shared: &Shared) -> Result<Exported, String> {
             reply,
         })
         .await
-        .map_err(|_| "the server is shutting down".to_string())?;
-    rx.await
-        .map_err(|_| "the server is shutting down".to_string())?
+        .map_err(|_| SHUTTING_DOWN.to_string())?;
+    rx.await.map_err(|_| SHUTTING_DOWN.to_string())?
 }
+
+/// Why an export did not happen when the ledger task has gone (not a storage fault).
+const SHUTTING_DOWN: &str = "the server is shutting down";
 
 /// Exports into the spool; a report that cannot be written is kept and retried.
 async fn export_to_spool(shared: &Shared) -> Result<Option<std::path::PathBuf>, String> {
@@ -1605,23 +1626,28 @@ async fn serve_connection(
 
 /// Why reading a request failed.
 enum ReadFailure {
-    Frame(FrameError),
+    /// A bad frame, with the protocol version its header named (answers go in it).
+    Frame(FrameError, u16),
     Stream(String),
 }
 
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, ReadFailure> {
+/// Reads one request; returns it with the protocol version the client spoke.
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<(u16, Request), ReadFailure> {
     let mut header = [0u8; HEADER_LEN];
     recv.read_exact(&mut header)
         .await
         .map_err(|e| ReadFailure::Stream(e.to_string()))?;
-    let header = frame::parse_header(&header, MAX_REQUEST_LEN).map_err(ReadFailure::Frame)?;
-    frame::check_request_version(header.version).map_err(ReadFailure::Frame)?;
+    let version = u16::from_be_bytes([header[4], header[5]]);
+    let fail = |e| ReadFailure::Frame(e, version);
+    let header = frame::parse_header(&header, MAX_REQUEST_LEN).map_err(fail)?;
+    frame::check_request_version(header.version).map_err(fail)?;
     // Bounded by MAX_REQUEST_LEN, checked above before anything was allocated.
     let mut payload = vec![0u8; header.payload_len];
     recv.read_exact(&mut payload)
         .await
         .map_err(|e| ReadFailure::Stream(e.to_string()))?;
-    frame::decode_request(header.version, &payload).map_err(ReadFailure::Frame)
+    let request = frame::decode_request(header.version, &payload).map_err(fail)?;
+    Ok((version, request))
 }
 
 async fn serve_stream(
@@ -1635,26 +1661,35 @@ async fn serve_stream(
     // out before it closes the connections.
     let mut _answering = None;
     let bytes = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
-        Err(_) => error_frame(format!(
-            "no complete request within {} s",
-            REQUEST_READ_TIMEOUT.as_secs()
-        )),
-        Ok(Err(ReadFailure::Frame(FrameError::UnsupportedVersion { got, .. }))) => {
+        // The client's version is unknown: version 1, which every client reads.
+        Err(_) => frame::encode_response_for(
+            frame::MIN_SUPPORTED_VERSION,
+            error(
+                ErrorCode::BadRequest,
+                format!(
+                    "no complete request within {} s",
+                    REQUEST_READ_TIMEOUT.as_secs()
+                ),
+            ),
+        ),
+        Ok(Err(ReadFailure::Frame(FrameError::UnsupportedVersion { got, .. }, _))) => {
             frame::encode_version_negotiation(got)
         }
-        Ok(Err(ReadFailure::Frame(e))) => error_frame(e.to_string()),
+        Ok(Err(ReadFailure::Frame(e, version))) => {
+            frame::encode_response_for(version, error(ErrorCode::BadRequest, e.to_string()))
+        }
         Ok(Err(ReadFailure::Stream(e))) => {
             debug!(conn = conn.0, error = %e, "stream ended before a request");
             return;
         }
-        Ok(Ok(request)) => {
+        Ok(Ok((version, request))) => {
             _answering = Some(Answering::new(shared.clone()));
             let response = dispatch(request, (conn, remote), &send, &shared, &identity).await;
             let granted = match &response {
                 Response::Checkout(CheckoutReply::Granted(g)) => Some(g.id),
                 _ => None,
             };
-            let bytes = frame::encode_response(&response);
+            let bytes = frame::encode_response_for(version, response);
             if let Some(lease) = granted {
                 if !delivered(&mut send, &bytes).await {
                     // The client stopped the stream before the grant reached it (it gave
@@ -1708,14 +1743,10 @@ async fn delivered(send: &mut quinn::SendStream, bytes: &[u8]) -> bool {
     }
 }
 
-fn error_frame(message: String) -> Vec<u8> {
-    frame::encode_response(&Response::Error(ErrorReply { message }))
-}
-
-fn error(message: impl Into<String>) -> Response {
-    Response::Error(ErrorReply {
-        message: message.into(),
-    })
+/// A failure with its code; a version-1 client gets the message alone
+/// (`frame::encode_response_for`).
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Failed(ServerError::new(code, message))
 }
 
 /// Checks that no identity field is empty, oversized or holds control characters:
@@ -1750,11 +1781,11 @@ async fn dispatch(
     shared: &Arc<Shared>,
     identity: &Mutex<Option<ClientIdentity>>,
 ) -> Response {
-    let closed = || error("the server is shutting down");
+    let closed = || error(ErrorCode::ShuttingDown, "the server is shutting down");
     match request {
         Request::Hello(hello) => {
             if let Err(what) = check_identity(&hello.client) {
-                return error(what);
+                return error(ErrorCode::BadRequest, what);
             }
             *identity.lock().expect("identity lock") = Some(hello.client);
             let bundles = shared
@@ -1774,7 +1805,7 @@ async fn dispatch(
         }
         Request::Checkout(request) => {
             let Some(holder) = identity.lock().expect("identity lock").clone() else {
-                return error("send hello before checkout");
+                return error(ErrorCode::BadRequest, "send hello before checkout");
             };
             if let Err(what) = check_checkout(&request) {
                 return Response::Checkout(CheckoutReply::Denied(Denial {
@@ -1792,7 +1823,12 @@ async fn dispatch(
             }
             let fresh = match fresh_lease() {
                 Ok(f) => f,
-                Err(e) => return error(format!("no randomness for a lease secret: {e}")),
+                Err(e) => {
+                    return error(
+                        ErrorCode::Internal,
+                        format!("no randomness for a lease secret: {e}"),
+                    )
+                }
             };
             let (reply, rx) = oneshot::channel();
             let waiter = WaiterId(shared.next_waiter.fetch_add(1, Ordering::Relaxed));
@@ -1868,7 +1904,10 @@ async fn dispatch(
                     "no admin token"
                 };
                 warn!(%remote, conn = conn.0, "status request refused over QUIC: {why}");
-                return error("this server shows its status only with the admin token");
+                return error(
+                    ErrorCode::Unauthorized,
+                    "this server shows its status only with the admin token",
+                );
             }
             let (reply, rx) = oneshot::channel();
             if shared.ledger.send(Command::Status { reply }).await.is_err() {
@@ -1886,12 +1925,15 @@ async fn dispatch(
         Request::Admin(admin) => {
             if shared.admin_token.is_none() {
                 warn!(%remote, conn = conn.0, "admin request refused over QUIC: admin operations are disabled");
-                return error("admin operations are disabled: this server has no admin token");
+                return error(
+                    ErrorCode::AdminDisabled,
+                    "admin operations are disabled: this server has no admin token",
+                );
             }
             if !shared.is_admin(Some(&admin.token)) {
                 // The source, never the token: a refusal is what an attack looks like.
                 warn!(%remote, conn = conn.0, "admin request refused over QUIC: wrong admin token");
-                return error("admin token is wrong");
+                return error(ErrorCode::Unauthorized, "admin token is wrong");
             }
             match admin.op {
                 AdminOp::Reload => {
@@ -1904,7 +1946,7 @@ async fn dispatch(
                             report: None,
                         })
                     } else {
-                        error(outcome_text(&outcome))
+                        error(ErrorCode::ReloadFailed, outcome_text(&outcome))
                     }
                 }
                 AdminOp::ReloadWithOutcome => Response::Reload(reload(shared).await),
@@ -1926,7 +1968,10 @@ async fn dispatch(
                                 report: None,
                             })
                         }
-                        Ok(false) => error(format!("no lease {lease}")),
+                        Ok(false) => error(
+                            ErrorCode::UnknownLease,
+                            format!("no lease {lease} is held on this server"),
+                        ),
                         Err(_) => closed(),
                     }
                 }
@@ -1960,18 +2005,34 @@ async fn dispatch(
                         }
                         Response::Admin(AdminReply {
                             message: format!(
-                                "report {} with {} event(s)",
-                                exported.report_seq, exported.events
+                                "report {} with {}",
+                                exported.report_seq,
+                                plural(exported.events as u64, "event", "events")
                             ),
                             report: Some(exported.text),
                         })
                     }
-                    Err(e) => error(format!("export failed: {e}")),
+                    Err(e) if e == SHUTTING_DOWN => error(ErrorCode::ShuttingDown, e),
+                    Err(e) => {
+                        // The store's error text names paths: the log has it, the
+                        // client gets the kind of fault.
+                        warn!(error = %e, "report export failed");
+                        error(
+                            ErrorCode::StorageUnavailable,
+                            format!("export failed: {}", storage_fault(&e)),
+                        )
+                    }
                 },
-                _ => error("this admin operation is not supported by this tallyd"),
+                _ => error(
+                    ErrorCode::Unsupported,
+                    "this admin operation is not supported by this tallyd",
+                ),
             }
         }
-        _ => error("this request is not supported by this tallyd"),
+        _ => error(
+            ErrorCode::Unsupported,
+            "this request is not supported by this tallyd",
+        ),
     }
 }
 

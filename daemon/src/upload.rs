@@ -152,7 +152,11 @@ pub async fn run(uploader: Arc<Uploader>, wake: Arc<tokio::sync::Notify>) {
         }
         let wait = match &pass.error {
             Some(e) => {
-                tracing::warn!(pending = pass.pending, retry_in = ?backoff, "report upload: {e}");
+                tracing::warn!(
+                    pending = pass.pending,
+                    retry_in_secs = backoff.as_secs(),
+                    "report upload: {e}"
+                );
                 let w = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 w

@@ -389,6 +389,120 @@ fn overdraft_seats_are_marked() {
 }
 
 #[test]
+fn more_seats_than_exist_are_denied_at_once_and_never_queued() {
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 5)], "");
+    // Asked to wait, with nobody holding anything: still denied now, naming the 5.
+    let reason = match d.request("a", "ws-1", "solver", 6, 60, 0) {
+        Checkout::Denied(reason) => reason,
+        other => panic!("6 of 5 seats must be denied at once, got {other:?}"),
+    };
+    assert_eq!(
+        reason,
+        DenialReason::MoreThanExist {
+            feature: "solver".into(),
+            requested: 6,
+            total: 5,
+            overdraft: 0,
+        }
+    );
+    assert!(
+        reason
+            .to_string()
+            .contains("only 5 seats of 'solver' exist"),
+        "{reason}"
+    );
+    // Also while others wait in the queue: it does not join them.
+    for i in 0..5 {
+        d.take(&format!("h{i}"), "solver").unwrap();
+    }
+    assert!(matches!(
+        d.request("w", "ws-2", "solver", 1, 60, 0),
+        Checkout::Queued { position: 1 }
+    ));
+    assert!(matches!(
+        d.request("b", "ws-3", "solver", 6, 60, 0),
+        Checkout::Denied(DenialReason::MoreThanExist { .. })
+    ));
+    let status = d.ledger.status(d.now().wall);
+    assert_eq!(status[0].queue.len(), 1, "{:?}", status[0].queue);
+    // Exactly what exists is not refused as "more than exist": it waits its turn.
+    assert!(matches!(
+        d.request("c", "ws-4", "solver", 5, 60, 0),
+        Checkout::Queued { position: 2 }
+    ));
+}
+
+#[test]
+fn overdraft_counts_as_what_can_be_granted_and_denials_in_overdraft_say_so() {
+    let mut f = FeatureGrant::counted("solver", 5);
+    f.overdraft = 2;
+    let mut d = Driver::new(vec![f], "");
+    // 7 can be held at once (5 + 2 overdraft): 7 is not "more than exist", 8 is.
+    match d.request("a", "ws-1", "solver", 8, 60, 0) {
+        Checkout::Denied(reason @ DenialReason::MoreThanExist { .. }) => {
+            let text = reason.to_string();
+            assert!(
+                text.contains(
+                    "only 7 seats of 'solver' can ever be held at once (5 licensed + 2 overdraft)"
+                ),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    for i in 0..7 {
+        d.take(&format!("h{i}"), "solver").unwrap();
+    }
+    let reason = d.take("late", "solver").unwrap_err();
+    match &reason {
+        DenialReason::OverdraftInUse {
+            total,
+            overdraft,
+            in_use,
+            ..
+        } => assert_eq!((*total, *overdraft, *in_use), (5, 2, 7)),
+        other => panic!("{other:?}"),
+    }
+    let text = reason.to_string();
+    assert!(
+        text.contains("'solver' is in overdraft: 5 seats licensed + 2 overdraft, 7 held")
+            && text.contains("none free"),
+        "{text}"
+    );
+    // A protocol-version-1 client sees the reason it knows, with the counts.
+    assert!(matches!(
+        reason.clone().for_version_1(),
+        DenialReason::AllSeatsInUse {
+            total: 5,
+            in_use: 7,
+            ..
+        }
+    ));
+    // Waiting can cure it: it queues.
+    assert!(matches!(
+        d.request("w", "ws-2", "solver", 1, 60, 0),
+        Checkout::Queued { .. }
+    ));
+}
+
+#[test]
+fn an_expired_feature_shows_when_it_ended_in_status() {
+    let mut f = FeatureGrant::counted("trial", 5);
+    f.expires = Some(T0.plus_secs(86_400));
+    let mut d = Driver::new(vec![f], "");
+    assert_eq!(
+        d.ledger.status(d.now().wall)[0].expires,
+        Some(T0.plus_secs(86_400))
+    );
+    d.advance(2 * 86_400);
+    // Not "permanent" (None): the day it ended.
+    assert_eq!(
+        d.ledger.status(d.now().wall)[0].expires,
+        Some(T0.plus_secs(86_400))
+    );
+}
+
+#[test]
 fn a_clock_set_back_refuses_time_limited_features_only() {
     let mut eval = FeatureGrant::counted("trial", 5);
     eval.expires = Some(T0.plus_secs(30 * 86_400));

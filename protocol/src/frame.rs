@@ -116,6 +116,14 @@ pub fn encode_response(response: &Response) -> Vec<u8> {
     encode_frame(PROTOCOL_VERSION, &crate::encode(response))
 }
 
+/// Encodes the answer to a request of protocol `version` (a supported one) in that
+/// version, as [`Response::for_version`] makes it decodable there: a daemon answers
+/// each client in the version it spoke.
+pub fn encode_response_for(version: u16, response: Response) -> Vec<u8> {
+    let version = version.clamp(MIN_SUPPORTED_VERSION, PROTOCOL_VERSION);
+    encode_frame(version, &crate::encode(&response.for_version(version)))
+}
+
 /// The body of a version-0 frame. Its layout never changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct VersionNegotiation {
@@ -166,10 +174,12 @@ pub fn decode_response(version: u16, payload: &[u8]) -> Result<Response, FrameEr
             message: n.message,
         });
     }
-    if version != PROTOCOL_VERSION {
+    // A version-1 answer (a daemon's reply to what it could not attribute to a
+    // version) decodes as version 2: version 2 only added variants at the ends.
+    if !(MIN_SUPPORTED_VERSION..=PROTOCOL_VERSION).contains(&version) {
         return Err(FrameError::UnsupportedVersion {
             got: version,
-            min: PROTOCOL_VERSION,
+            min: MIN_SUPPORTED_VERSION,
             max: PROTOCOL_VERSION,
         });
     }

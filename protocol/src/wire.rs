@@ -1,9 +1,14 @@
-//! Request and response messages, protocol version 1.
+//! Request and response messages, protocol versions 1 and 2.
 //!
 //! Each request travels on its own bidirectional QUIC stream as one [`crate::frame`],
 //! answered by one response frame. New operations are added as new enum variants at the
 //! end, so a newer daemon still decodes every request an older client sends; a request
-//! the daemon does not know is answered with [`Response::Error`], never a dropped stream.
+//! the daemon does not know is answered with an error, never a dropped stream.
+//!
+//! Version 2 adds [`Response::Failed`] (a typed [`ErrorCode`] with the message) and the
+//! denial reasons after [`DenialReason::RateLimited`]. The messages are the same types in
+//! both versions; a daemon answers a version-1 request with [`Response::for_version`],
+//! which turns what version 1 cannot decode into its version-1 equivalent.
 
 use crate::lease::{LeaseId, LeaseSecret};
 use crate::signed::Signed;
@@ -12,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The protocol version this crate speaks, carried in every frame header.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The TLS ALPN identifier of the tally protocol.
 pub const ALPN: &[u8] = b"tally/1";
@@ -54,10 +59,37 @@ pub enum Response {
     Status(StatusReply),
     /// Answer to [`Request::Admin`].
     Admin(AdminReply),
-    /// The request could not be served at all.
+    /// The request could not be served at all (version 1: a message only).
     Error(ErrorReply),
     /// Answer to [`AdminOp::ReloadWithOutcome`]: what the reload loaded and refused.
     Reload(ReloadOutcome),
+    /// The request could not be served at all: a code programs branch on, and the
+    /// message for a person (protocol version 2).
+    Failed(ServerError),
+}
+
+impl Response {
+    /// This response as a client speaking protocol `version` can decode it: for
+    /// version 1, [`Response::Failed`] becomes [`Response::Error`] with its message,
+    /// and denial reasons added in version 2 become the version-1 reason that fits.
+    pub fn for_version(self, version: u16) -> Response {
+        if version >= 2 {
+            return self;
+        }
+        match self {
+            Response::Failed(e) => Response::Error(ErrorReply { message: e.message }),
+            Response::Reload(outcome) => Response::Admin(AdminReply {
+                message: outcome.summary,
+                report: None,
+            }),
+            Response::Checkout(CheckoutReply::Denied(d)) => {
+                Response::Checkout(CheckoutReply::Denied(Denial {
+                    reason: d.reason.for_version_1(),
+                }))
+            }
+            other => other,
+        }
+    }
 }
 
 /// Who is asking: shown to admins, used by policy, recorded in reports.
@@ -374,12 +406,43 @@ pub enum DenialReason {
     },
     /// The administrator removed this user's seat on this host (`tally admin remove`),
     /// and the server's hold-off keeps it from taking a seat of the feature again at
-    /// once, so that the seat goes to someone else.
+    /// once, so that the seat goes to someone else. Protocol version 2; version 1 sees
+    /// [`DenialReason::InvalidRequest`].
     RemovedByAdministrator {
         /// The feature.
         feature: String,
         /// When the hold-off ends (server wall clock).
         until: UnixTime,
+    },
+    /// More seats were asked for than the server can ever grant at once (the seats
+    /// licensed now plus the overdraft): waiting cannot help, so it is never queued.
+    /// Protocol version 2; version 1 sees [`DenialReason::InvalidRequest`].
+    MoreThanExist {
+        /// The feature.
+        feature: String,
+        /// Seats asked for.
+        requested: u32,
+        /// Seats licensed now.
+        total: u32,
+        /// Overdraft seats the licence allows on top.
+        overdraft: u32,
+    },
+    /// Every seat is taken, or too few are free, with the overdraft counted: the
+    /// denial of a feature that has overdraft seats says so. Protocol version 2;
+    /// version 1 sees [`DenialReason::AllSeatsInUse`].
+    OverdraftInUse {
+        /// The feature asked for.
+        feature: String,
+        /// Seats licensed.
+        total: u32,
+        /// Overdraft seats the licence allows on top.
+        overdraft: u32,
+        /// Seats held now, overdraft included.
+        in_use: u32,
+        /// Seats asked for.
+        requested: u32,
+        /// Who holds them, `user@host`, at most a few.
+        holders: Vec<String>,
     },
 }
 
@@ -404,6 +467,37 @@ impl DenialReason {
             DenialReason::StorageUnavailable { .. } => "storage_unavailable",
             DenialReason::RateLimited { .. } => "rate_limited",
             DenialReason::RemovedByAdministrator { .. } => "removed_by_administrator",
+            DenialReason::MoreThanExist { .. } => "more_than_exist",
+            // The same kind as for a feature without overdraft: reports, metrics and
+            // the C ABI count "no seat free" one way.
+            DenialReason::OverdraftInUse { .. } => "all_seats_in_use",
+        }
+    }
+
+    /// This reason as a protocol-version-1 client can decode it: reasons added in
+    /// version 2 become the version-1 reason that fits, with the same message where
+    /// the fields allow.
+    pub fn for_version_1(self) -> DenialReason {
+        match self {
+            r @ (DenialReason::MoreThanExist { .. }
+            | DenialReason::RemovedByAdministrator { .. }) => DenialReason::InvalidRequest {
+                what: r.to_string(),
+            },
+            DenialReason::OverdraftInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders,
+                ..
+            } => DenialReason::AllSeatsInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders,
+            },
+            other => other,
         }
     }
 }
@@ -421,10 +515,11 @@ impl fmt::Display for DenialReason {
                 requested,
                 holders,
             } => {
-                write!(
-                    f,
-                    "all {total} seats of '{feature}' are in use ({in_use} held"
-                )?;
+                if *total == 1 {
+                    write!(f, "the one seat of '{feature}' is in use ({in_use} held")?;
+                } else {
+                    write!(f, "all {total} seats of '{feature}' are in use ({in_use} held")?;
+                }
                 if !holders.is_empty() {
                     write!(f, " by {}", holders.join(", "))?;
                 }
@@ -472,7 +567,8 @@ impl fmt::Display for DenialReason {
                 who,
             } => write!(
                 f,
-                "the site's policy allows {who} at most {limit} seat(s) of '{feature}'"
+                "the site's policy allows {who} at most {} of '{feature}'",
+                plural(*limit, "seat", "seats")
             ),
             DenialReason::ReservedForOthers {
                 feature,
@@ -504,8 +600,8 @@ impl fmt::Display for DenialReason {
                 } else {
                     write!(
                         f,
-                        "'{feature}' may be borrowed for at most {} hour(s)",
-                        limit_secs / 3600
+                        "'{feature}' may be borrowed for at most {}",
+                        plural(limit_secs / 3600, "hour", "hours")
                     )
                 }
             }
@@ -522,6 +618,50 @@ impl fmt::Display for DenialReason {
                 "your seat of '{feature}' was removed by the administrator; \
                  no seat of '{feature}' for you on this host until {until}"
             ),
+            DenialReason::MoreThanExist {
+                feature,
+                requested,
+                total,
+                overdraft,
+            } => {
+                let most = total.saturating_add(*overdraft);
+                if *overdraft == 0 {
+                    write!(f, "only {} of '{feature}' exist", plural(*total, "seat", "seats"))?;
+                } else {
+                    write!(
+                        f,
+                        "only {} of '{feature}' can ever be held at once ({} licensed + {} overdraft)",
+                        plural(most, "seat", "seats"),
+                        total,
+                        overdraft
+                    )?;
+                }
+                write!(f, "; {requested} requested, so waiting cannot help")
+            }
+            DenialReason::OverdraftInUse {
+                feature,
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders,
+            } => {
+                let most = total.saturating_add(*overdraft);
+                let free = most.saturating_sub(*in_use);
+                write!(
+                    f,
+                    "'{feature}' is in overdraft: {} licensed + {overdraft} overdraft, {in_use} held",
+                    plural(*total, "seat", "seats")
+                )?;
+                if !holders.is_empty() {
+                    write!(f, " by {}", holders.join(", "))?;
+                }
+                if free == 0 {
+                    write!(f, ", none free; {requested} requested")
+                } else {
+                    write!(f, ", only {free} free; {requested} requested")
+                }
+            }
         }
     }
 }
@@ -741,11 +881,124 @@ impl ReloadOutcome {
     }
 }
 
-/// A request that could not be served at all.
+/// A request that could not be served at all (protocol version 1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     /// What went wrong, for a person.
     pub message: String,
+}
+
+/// A request that could not be served at all (protocol version 2): programs branch on
+/// the code, people read the message. Its `Display` is the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What went wrong, for a person; never the server's paths or internal error text.
+    pub message: String,
+}
+
+impl ServerError {
+    /// A failure of kind `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ServerError {
+        ServerError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a request could not be served. Travels as a number (fixed per code, never
+/// reused), so that a code newer than the client decodes as [`ErrorCode::Unknown`]
+/// instead of failing the whole answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request was malformed, incomplete, or came before `hello`.
+    BadRequest,
+    /// The admin token was missing or wrong.
+    Unauthorized,
+    /// Admin operations are disabled: the server has no admin token.
+    AdminDisabled,
+    /// No lease with that id is held.
+    UnknownLease,
+    /// The server's store cannot be read or written right now.
+    StorageUnavailable,
+    /// The server is stopping.
+    ShuttingDown,
+    /// The request or admin operation is not supported by this server.
+    Unsupported,
+    /// A reload could not read the bundles or the policy; the previous ones stay.
+    ReloadFailed,
+    /// Something failed inside the server.
+    Internal,
+    /// A code newer than this build knows.
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// A short, stable name (`unknown_lease`, ...), for scripts and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::AdminDisabled => "admin_disabled",
+            ErrorCode::UnknownLease => "unknown_lease",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::ReloadFailed => "reload_failed",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl From<u16> for ErrorCode {
+    fn from(n: u16) -> ErrorCode {
+        match n {
+            1 => ErrorCode::BadRequest,
+            2 => ErrorCode::Unauthorized,
+            3 => ErrorCode::AdminDisabled,
+            4 => ErrorCode::UnknownLease,
+            5 => ErrorCode::StorageUnavailable,
+            6 => ErrorCode::ShuttingDown,
+            7 => ErrorCode::Unsupported,
+            8 => ErrorCode::ReloadFailed,
+            9 => ErrorCode::Internal,
+            n => ErrorCode::Unknown(n),
+        }
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        match c {
+            ErrorCode::BadRequest => 1,
+            ErrorCode::Unauthorized => 2,
+            ErrorCode::AdminDisabled => 3,
+            ErrorCode::UnknownLease => 4,
+            ErrorCode::StorageUnavailable => 5,
+            ErrorCode::ShuttingDown => 6,
+            ErrorCode::Unsupported => 7,
+            ErrorCode::ReloadFailed => 8,
+            ErrorCode::Internal => 9,
+            ErrorCode::Unknown(n) => n,
+        }
+    }
+}
+
+/// `n` with its noun, singular or plural: "1 seat", "2 seats".
+pub fn plural(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 impl StatusReply {
@@ -768,6 +1021,8 @@ impl StatusReply {
                     "evaluation": f.evaluation,
                     "expires": f.expires.map(|e| e.last_day()),
                     "expires_in_days": f.expires.map(|e| (e.0 as i64 - now).max(0) / 86_400),
+                    // Nothing of it is in force any more: `expires` is when it ended.
+                    "expired": f.expires.is_some_and(|e| e <= self.server_time),
                     "holders": f.holders.iter().map(|h| json!({
                         "lease": h.lease.to_string(),
                         "user": h.client.user,
@@ -802,6 +1057,69 @@ impl StatusReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_codes_travel_as_numbers_and_unknown_ones_survive() {
+        for n in 0..20u16 {
+            let code = ErrorCode::from(n);
+            assert_eq!(u16::from(code), n);
+        }
+        let reply = Response::Failed(ServerError::new(ErrorCode::UnknownLease, "no lease L1"));
+        let bytes = crate::encode(&reply);
+        assert_eq!(crate::decode::<Response, 4096>(&bytes).unwrap(), reply);
+        // A code from a newer daemon decodes, as Unknown, with its message.
+        let newer = Response::Failed(ServerError::new(ErrorCode::Unknown(400), "newer"));
+        let back = crate::decode::<Response, 4096>(&crate::encode(&newer)).unwrap();
+        assert_eq!(back, newer);
+        // A version-1 client gets the message alone, and the version-1 denial.
+        assert_eq!(
+            reply.for_version(1),
+            Response::Error(ErrorReply {
+                message: "no lease L1".into()
+            })
+        );
+        let more = DenialReason::MoreThanExist {
+            feature: "solver".into(),
+            requested: 6,
+            total: 5,
+            overdraft: 0,
+        };
+        assert_eq!(
+            more.to_string(),
+            "only 5 seats of 'solver' exist; 6 requested, so waiting cannot help"
+        );
+        match more.clone().for_version_1() {
+            DenialReason::InvalidRequest { what } => assert_eq!(what, more.to_string()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn plurals_are_right() {
+        assert_eq!(plural(1u32, "seat", "seats"), "1 seat");
+        assert_eq!(plural(2u32, "seat", "seats"), "2 seats");
+        assert_eq!(plural(0u32, "seat", "seats"), "0 seats");
+        let one = DenialReason::AllSeatsInUse {
+            feature: "cad".into(),
+            total: 1,
+            in_use: 1,
+            requested: 1,
+            holders: vec![],
+        };
+        assert_eq!(
+            one.to_string(),
+            "the one seat of 'cad' is in use (1 held); 1 requested"
+        );
+        let max = DenialReason::MaxReached {
+            feature: "cad".into(),
+            limit: 1,
+            who: "user ana".into(),
+        };
+        assert_eq!(
+            max.to_string(),
+            "the site's policy allows user ana at most 1 seat of 'cad'"
+        );
+    }
 
     #[test]
     fn names_with_control_characters_are_refused_and_escaped() {

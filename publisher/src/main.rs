@@ -167,17 +167,27 @@ fn main() -> ExitCode {
         Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
         Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
         Command::ImportFlexlm { license, out } => import_flexlm(&license, &out),
-        Command::VerifyReport { bundle, reports } => verify_reports(&bundle, &reports).map(|links| {
-            let events: usize = links.iter().map(|l| l.report.report.events.len()).sum();
-            let (first, last) = (
-                links.first().map(|l| l.report.report.report_seq).unwrap_or(0),
-                links.last().map(|l| l.report.report.report_seq).unwrap_or(0),
-            );
-            println!(
-                "{} report(s) verified: reports {first}..={last}, {events} event(s), one unbroken chain signed by the bound server",
-                links.len()
-            );
-        }),
+        Command::VerifyReport { bundle, reports } => {
+            verify_reports(&bundle, &reports).map(|links| {
+                let events: usize = links.iter().map(|l| l.report.report.events.len()).sum();
+                let (first, last) = (
+                    links
+                        .first()
+                        .map(|l| l.report.report.report_seq)
+                        .unwrap_or(0),
+                    links
+                        .last()
+                        .map(|l| l.report.report.report_seq)
+                        .unwrap_or(0),
+                );
+                println!(
+                    "{} verified: {}, {}, one unbroken chain signed by the bound server",
+                    tally_publisher::reconcile::plural_of(links.len() as u64, "report", "reports"),
+                    tally_publisher::reconcile::numbered_span("report", "reports", first, last),
+                    tally_publisher::reconcile::plural_of(events as u64, "event", "events")
+                );
+            })
+        }
         Command::Reconcile {
             bundle,
             dir: Some(dir),
@@ -542,9 +552,13 @@ fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
                 println!("  server key  {}", r.server_key.fingerprint());
                 println!("  period      {} to {}", r.period_from, r.period_to);
                 println!(
-                    "  events      {}..={} ({})",
-                    r.first_event,
-                    r.last_event,
+                    "  events      {} ({})",
+                    tally_publisher::reconcile::numbered_span(
+                        "event",
+                        "events",
+                        r.first_event,
+                        r.last_event
+                    ),
                     r.events.len()
                 );
                 println!("  bundles     {}", r.bundle_ids.join(", "));

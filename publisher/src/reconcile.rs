@@ -89,9 +89,8 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
                 ));
             } else if r.report_seq > p.report_seq + 1 {
                 problems.push(format!(
-                    "report(s) {}..={} missing between {} (report {}) and {} (report {})",
-                    p.report_seq + 1,
-                    r.report_seq - 1,
+                    "{} missing between {} (report {}) and {} (report {})",
+                    numbered_span("report", "reports", p.report_seq + 1, r.report_seq - 1),
                     prev.name,
                     p.report_seq,
                     f.name,
@@ -108,10 +107,9 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
                 match p.last_event.checked_add(1) {
                     Some(next) if next == r.first_event => {}
                     Some(next) => problems.push(format!(
-                        "{}: events {}..={} are missing after {}",
+                        "{}: {} missing after {}",
                         f.name,
-                        next,
-                        r.first_event.saturating_sub(1),
+                        numbered_span("event", "events", next, r.first_event.saturating_sub(1)),
                         prev.name
                     )),
                     None => problems.push(format!(
@@ -1492,4 +1490,19 @@ mod licence_tests {
         let sum: f64 = s.overdraft_periods.iter().map(|p| p.seat_hours).sum();
         assert!((sum - over).abs() < 1e-12);
     }
+}
+
+/// A run of numbered things as people write it: "report 2", "reports 2 to 5" (not
+/// Rust's `2..=5`).
+pub fn numbered_span(one: &str, many: &str, first: u64, last: u64) -> String {
+    if first == last {
+        format!("{one} {first}")
+    } else {
+        format!("{many} {first} to {last}")
+    }
+}
+
+/// `n` with its noun, singular or plural: "1 report", "2 reports".
+pub fn plural_of(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

@@ -252,7 +252,7 @@ fn init_request_issue_load_checkout_reload_and_return() {
         .args(["admin", "--admin-token-file"])
         .arg(site.path("vendor.pub"))
         .arg("reload"));
-    assert_eq!(out.status.code(), Some(76), "a wrong token is refused");
+    assert_eq!(out.status.code(), Some(77), "a wrong token is refused");
     assert!(stderr(&out).contains("admin token is wrong"));
     let out = run(Command::new(bin("tallyd"))
         .arg("check-config")

@@ -113,7 +113,7 @@ fn one_borrowed_seat_serves_one_program_at_a_time_and_status_shows_it_offline() 
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(
         stderr(&out).contains(&format!(
-            "borrowed lease {lease} of 'solver' has 1 seat(s); 2 requested"
+            "borrowed lease {lease} of 'solver' has 1 seat; 2 requested"
         )),
         "{}",
         stderr(&out)
@@ -373,7 +373,7 @@ fn a_borrowed_lease_serves_only_its_count_and_versions_online_offline_and_in_the
         .unwrap();
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("has 1 seat(s); 20 requested"),
+        stderr(&out).contains("has 1 seat; 20 requested"),
         "{}",
         stderr(&out)
     );
@@ -441,8 +441,7 @@ fn a_borrowed_lease_serves_only_its_count_and_versions_online_offline_and_in_the
     match rt.block_on(client.checkout(&want)) {
         Err(ClientError::NoServer(why)) => {
             assert!(
-                why.iter()
-                    .any(|w| w.contains("has 1 seat(s); 20 requested")),
+                why.iter().any(|w| w.contains("has 1 seat; 20 requested")),
                 "{why:?}"
             )
         }

@@ -17,9 +17,10 @@ fn doctor_reports_a_healthy_server_and_names_the_problems() {
     // The demo's evaluation ends within 30 days: a warning, not a failure.
     assert!(text.contains("WARN  'optimizer' ends after"), "{text}");
 
-    // A feature this server does not license: the reason, exit 69.
+    // A feature this server does not license: the reason, exit 75 (the server answered;
+    // 69 is for no server at all).
     let out = daemon.tally().args(["doctor", "mesher"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(69));
+    assert_eq!(out.status.code(), Some(75));
     assert!(String::from_utf8_lossy(&out.stdout).contains("not licensed"));
 
     // Nothing listening: what to check.

@@ -236,7 +236,7 @@ fn admin_remove_frees_a_seat_and_admin_shutdown_stops_the_server() {
         .args(["admin", "--admin-token-file", "/dev/null", "shutdown"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(76));
+    assert_eq!(out.status.code(), Some(77));
     let out = daemon
         .tally()
         .args(["admin", "--admin-token-file"])

@@ -69,7 +69,7 @@ fn no_secret_reaches_a_log_or_an_error_message() {
     assert_eq!(tally(&["status", "--json"]), Some(0));
     assert_eq!(
         tally(&["admin", "--admin-token-file", &wrong_arg, "reload"]),
-        Some(76)
+        Some(77)
     );
     assert_eq!(
         tally(&[

@@ -121,6 +121,28 @@ async fn check_degraded(daemon: &Daemon, session: &Session, held: &Lease, fault:
     );
 }
 
+/// An admin report export while the store cannot be written: `tally` exits 75 (the
+/// server's `StorageUnavailable` code), and the message names the kind of fault, never
+/// the store's paths.
+fn check_export_refused(daemon: &Daemon, data: &Path, out_dir: &Path) {
+    let out = daemon
+        .tally()
+        .args(["admin", "--admin-token-file"])
+        .arg(data.join("admin.token"))
+        .args(["report", "--out"])
+        .arg(out_dir.join("refused.report"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("export failed: the seat store"), "{stderr}");
+    assert!(
+        !stderr.contains(&data.display().to_string()) && !stderr.contains("/"),
+        "a path reached the client: {stderr}"
+    );
+    assert!(!out_dir.join("refused.report").exists());
+}
+
 /// Waits until a checkout is granted again (the daemon reopened the store).
 async fn wait_for_grant(session: &Session) -> Lease {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -211,6 +233,7 @@ fn full_disk_refuses_grants_keeps_leases_and_recovers_when_space_returns() {
     let reason = rt.block_on(churn_until_refused(&session));
     assert!(reason.contains("No space left on device"), "{reason}");
     rt.block_on(check_degraded(&daemon, &session, &held, "No space left"));
+    check_export_refused(&daemon, &data, dir.path());
     assert_eq!(daemon.in_use("solver"), 2, "held leases were dropped");
     // Checkins work from memory while the disk is full.
     rt.block_on(session.checkin(&[held.lease_ref()])).unwrap();
