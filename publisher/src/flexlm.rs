@@ -480,7 +480,7 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "#   tally-publisher issue --key vendor.key --spec THIS_FILE --request activation.req --out customer.bundle"
+        "#   tally-publisher issue --vendor-key vendor.key --spec THIS_FILE --request activation.req --out customer.bundle"
     );
     if !header.is_empty() {
         let _ = writeln!(out, "#\n# From the license file:");

@@ -37,9 +37,9 @@ enum Command {
     },
     /// Issue a bundle from a spec, bound to the server of an activation request.
     Issue {
-        /// The vendor secret key.
-        #[arg(long)]
-        key: PathBuf,
+        /// The vendor secret key (the `.key` file of `keygen`).
+        #[arg(long, alias = "key")]
+        vendor_key: PathBuf,
         /// The bundle spec (TOML).
         #[arg(long)]
         spec: PathBuf,
@@ -49,6 +49,10 @@ enum Command {
         /// Where to write the bundle.
         #[arg(long)]
         out: PathBuf,
+        /// Issue even if a feature or the bundle has already ended (warns on stderr);
+        /// without it such a spec is refused with exit 65.
+        #[arg(long)]
+        allow_expired: bool,
     },
     /// Show what a tally file (bundle, activation request, return proof, key) says.
     Inspect {
@@ -60,7 +64,7 @@ enum Command {
     },
     /// Check that a bundle is intact and signed by the given vendor key.
     Verify {
-        /// The vendor public key.
+        /// The vendor public key (the `.pub` file of `keygen`).
         #[arg(long)]
         vendor_pub: PathBuf,
         /// The bundle.
@@ -150,11 +154,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keygen { out } => keygen(&out),
         Command::Issue {
-            key,
+            vendor_key,
             spec,
             request,
             out,
-        } => issue(&key, &spec, &request, &out),
+            allow_expired,
+        } => issue(&vendor_key, &spec, &request, &out, allow_expired),
         Command::Inspect { file, json } => inspect(&file, json),
         Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
         Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
@@ -292,7 +297,13 @@ fn load_public(path: &Path) -> Result<PublicKey, Failure> {
         .map_err(data)
 }
 
-fn issue(key: &Path, spec_path: &Path, request: &Path, out: &Path) -> Result<(), Failure> {
+fn issue(
+    key: &Path,
+    spec_path: &Path,
+    request: &Path,
+    out: &Path,
+    allow_expired: bool,
+) -> Result<(), Failure> {
     let vendor = load_secret(key)?;
     let spec = Spec::parse(spec_path, &read(spec_path)?).map_err(data)?;
     let request = activation::request_from_armored(&read(request)?)
@@ -312,6 +323,21 @@ fn issue(key: &Path, spec_path: &Path, request: &Path, out: &Path) -> Result<(),
     let bundle = spec
         .to_bundle(spec_path, &request, default_id, issued)
         .map_err(data)?;
+    // A bundle that has already ended would be refused or count nothing at the customer:
+    // almost always a typo in a date, caught here rather than by the customer's IT.
+    let ended = tally_publisher::spec::already_ended(&bundle, issued);
+    if !ended.is_empty() {
+        if !allow_expired {
+            return Err(data(anyhow!(
+                "{}: {}; fix the dates, or pass --allow-expired to issue it anyway",
+                spec_path.display(),
+                ended.join("; ")
+            )));
+        }
+        for what in &ended {
+            eprintln!("tally-publisher: warning: {}: {what}", spec_path.display());
+        }
+    }
     let signed = bundle::sign(&bundle, &vendor);
     write_new(out, &bundle::to_armored(&signed), 0o644).map_err(usage)?;
     println!(
@@ -784,6 +810,6 @@ fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
         out.display(),
         import.unmapped.len()
     );
-    println!("fill in [customer], review, then: tally-publisher issue --key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
+    println!("fill in [customer], review, then: tally-publisher issue --vendor-key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
     Ok(())
 }
