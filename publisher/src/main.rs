@@ -1,5 +1,6 @@
 //! `tally-publisher`: the vendor's tool. Keys, bundles, activation requests, return
-//! proofs, FlexLM import. Works on files only; never needs a network.
+//! proofs, FlexLM import, usage reports. Works on files only, except `receive`, the
+//! server tallyd uploads its reports to.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -107,6 +108,31 @@ enum Command {
         #[arg(required = true)]
         reports: Vec<PathBuf>,
     },
+    /// Receive the usage reports tallyd uploads (`report_upload_url`): verify each against
+    /// the customer's bundles and the chain stored so far, store it once, durably.
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:8443 (with --tls-cert) or 127.0.0.1:8080
+        /// (plain HTTP behind your TLS proxy).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Where reports are stored: DIR/CUSTOMER/SERVER-KEY/tally-report-N.report.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The bundles you issued (`*.bundle`, also one subdirectory level per customer
+        /// and one below); a report is accepted only from a server one of them binds.
+        #[arg(long)]
+        bundles: PathBuf,
+        /// TLS certificate chain (PEM) to serve HTTPS with; without it plain HTTP, on a
+        /// loopback address only.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM, mode 0600).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Largest report accepted, MiB (larger: 413).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=512))]
+        max_report_mib: u64,
+    },
     /// Turn a FlexLM license file into a bundle spec to review and issue.
     ImportFlexlm {
         /// The FlexLM license file.
@@ -164,6 +190,20 @@ fn main() -> ExitCode {
         Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
         Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
         Command::ImportFlexlm { license, out } => import_flexlm(&license, &out),
+        Command::Receive {
+            listen,
+            dir,
+            bundles,
+            tls_cert,
+            tls_key,
+            max_report_mib,
+        } => receive(
+            listen,
+            &dir,
+            &bundles,
+            tls_cert.as_deref().zip(tls_key.as_deref()),
+            max_report_mib,
+        ),
         Command::VerifyReport { bundle, reports } => verify_reports(&bundle, &reports).map(|links| {
             let events: usize = links.iter().map(|l| l.report.report.events.len()).sum();
             let (first, last) = (
@@ -795,6 +835,79 @@ fn reconcile_reports(
         None => print!("{text}"),
     }
     Ok(())
+}
+
+/// sysexits: service unavailable (the address cannot be bound).
+const EX_UNAVAILABLE: u8 = 69;
+
+fn receive(
+    listen: std::net::SocketAddr,
+    dir: &Path,
+    bundles: &Path,
+    tls: Option<(&Path, &Path)>,
+    max_report_mib: u64,
+) -> Result<(), Failure> {
+    use tally_publisher::receive;
+    for (what, d) in [("--dir", dir), ("--bundles", bundles)] {
+        if !d.is_dir() {
+            return Err(usage(anyhow!("{what} {}: not a directory", d.display())));
+        }
+    }
+    let tls = match tls {
+        Some((cert, key)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(key)
+                .with_context(|| format!("{}", key.display()))
+                .map_err(usage)?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(usage(anyhow!(
+                    "{}: private key is readable by group or others (mode {:o}); run `chmod 600 {}`",
+                    key.display(),
+                    mode & 0o777,
+                    key.display()
+                )));
+            }
+            Some(receive::tls_config(cert, key).map_err(usage)?)
+        }
+        // tallyd uploads over https only: plain HTTP is for a TLS proxy on this machine.
+        None if !listen.ip().is_loopback() => {
+            return Err(usage(anyhow!(
+                "without --tls-cert and --tls-key the receiver speaks plain HTTP, which it does \
+                 only on a loopback address (behind your TLS proxy); {listen} is not one"
+            )))
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .map_err(|e| Failure(70, e))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))
+            .map_err(|e| Failure(EX_UNAVAILABLE, e))?;
+        let local = listener.local_addr().map_err(|e| Failure(70, e.into()))?;
+        println!(
+            "tally-publisher receive: receiving usage reports on {scheme}://{local}/ into {} (bundles from {})",
+            dir.display(),
+            bundles.display()
+        );
+        let _ = std::io::stdout().flush();
+        let inbox = std::sync::Arc::new(receive::Inbox::new(dir, bundles));
+        let options = receive::Options {
+            max_bytes: (max_report_mib * 1024 * 1024) as usize,
+            tls,
+        };
+        receive::serve(listener, inbox, options)
+            .await
+            .context("serving")
+            .map_err(|e| Failure(70, e))
+    })
 }
 
 fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
