@@ -522,3 +522,51 @@ fn vendor_key_flags_are_one_spelling_and_old_ones_still_work() {
         .unwrap();
     assert!(out.status.success());
 }
+
+/// Every key a spec may have (the fields of `Spec`, `CustomerSpec` and `FeatureSpec` in
+/// src/spec.rs, which `deny_unknown_fields` makes the whole list) is named in the README.
+#[test]
+fn readme_documents_every_spec_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(root.join("src/spec.rs")).unwrap();
+    let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
+    let mut keys = Vec::new();
+    for name in [
+        "pub struct Spec {",
+        "pub struct CustomerSpec {",
+        "pub struct FeatureSpec {",
+    ] {
+        let start = source
+            .find(name)
+            .unwrap_or_else(|| panic!("{name} in spec.rs"));
+        let body = &source[start..start + source[start..].find("\n}").unwrap()];
+        for line in body.lines() {
+            if let Some(field) = line
+                .trim()
+                .strip_prefix("pub ")
+                .and_then(|l| l.split_once(':'))
+            {
+                keys.push(field.0.trim().to_string());
+            }
+        }
+    }
+    assert!(keys.len() >= 20, "{keys:?}");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let k = k.as_str();
+            // As a TOML key in the example, or in backticks in the text.
+            !readme
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{k} ")))
+                && !readme.contains(&format!("`{k}`"))
+                && !(k == "feature" && readme.contains("[[feature]]"))
+                && !(k == "customer" && readme.contains("[customer]"))
+                && !(k == "attributes" && readme.contains("[feature.attributes]"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "spec keys the README does not name: {missing:?}"
+    );
+}
