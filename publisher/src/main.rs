@@ -880,6 +880,27 @@ fn receive(
         }
         None => None,
     };
+    // One receiver per directory: "follows the last stored report" is decided under a
+    // lock held in this process only. The lock goes with the process.
+    let lock_path = dir.join(".tally-receive.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .open(&lock_path)
+        .with_context(|| format!("{}", lock_path.display()))
+        .map_err(usage)?;
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Failure(
+                75,
+                anyhow!("another tally-publisher receive is using {}", dir.display()),
+            ));
+        }
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -903,10 +924,12 @@ fn receive(
             max_bytes: (max_report_mib * 1024 * 1024) as usize,
             tls,
         };
-        receive::serve(listener, inbox, options)
+        let served = receive::serve(listener, inbox, options)
             .await
             .context("serving")
-            .map_err(|e| Failure(70, e))
+            .map_err(|e| Failure(70, e));
+        drop(lock);
+        served
     })
 }
 

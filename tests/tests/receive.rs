@@ -48,18 +48,31 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn start_receiver(dir: &Path, bundles: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Receiver {
-    let log = dir.with_extension("receiver.log");
+    let mut options: Vec<std::ffi::OsString> = vec![
+        "--tls-cert".into(),
+        cert.into(),
+        "--tls-key".into(),
+        key.into(),
+    ];
+    options.extend(extra.iter().map(Into::into));
+    spawn_receiver(dir, bundles, &options, "https")
+}
+
+/// `tally-publisher receive` on 127.0.0.1 with `options`; waits for its banner.
+fn spawn_receiver(
+    dir: &Path,
+    bundles: &Path,
+    options: &[std::ffi::OsString],
+    scheme: &'static str,
+) -> Receiver {
+    let log = dir.with_extension(format!("receiver-{scheme}.log"));
     let mut child = Command::new(bin("tally-publisher"))
         .arg("receive")
         .args(["--listen", "127.0.0.1:0", "--dir"])
         .arg(dir)
         .arg("--bundles")
         .arg(bundles)
-        .arg("--tls-cert")
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .args(extra)
+        .args(options)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -68,7 +81,7 @@ fn start_receiver(dir: &Path, bundles: &Path, cert: &Path, key: &Path, extra: &[
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some((_, rest)) = line.split_once(" on https://") {
+            if let Some((_, rest)) = line.split_once(&format!(" on {scheme}://")) {
                 let addr = rest.split('/').next().unwrap_or("").to_string();
                 let _ = tx.send(addr);
             }
@@ -84,7 +97,7 @@ fn start_receiver(dir: &Path, bundles: &Path, cert: &Path, key: &Path, extra: &[
         });
     Receiver {
         child,
-        url: format!("https://{addr}/reports"),
+        url: format!("{scheme}://{addr}/reports"),
         log,
     }
 }
@@ -131,7 +144,11 @@ fn stored(dir: &Path) -> Vec<(String, String)> {
         return out;
     };
     for customer in customers {
-        for server in std::fs::read_dir(customer.unwrap().path()).unwrap() {
+        let customer = customer.unwrap().path();
+        if !customer.is_dir() {
+            continue; // the receiver's lock file
+        }
+        for server in std::fs::read_dir(customer).unwrap() {
             for file in std::fs::read_dir(server.unwrap().path()).unwrap() {
                 let path = file.unwrap().path();
                 out.push((
@@ -258,19 +275,12 @@ fn tallyd_uploads_are_stored_once_and_a_forged_report_is_refused_and_stays_spool
     );
 
     // What was stored is one chain that verify-report accepts against the vendor's bundles.
-    let server_dir = std::fs::read_dir(
-        std::fs::read_dir(&inbox)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path(),
-    )
-    .unwrap()
-    .next()
-    .unwrap()
-    .unwrap()
-    .path();
+    let server_dir = std::fs::read_dir(inbox.join("C-1001"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut reports: Vec<PathBuf> = std::fs::read_dir(&server_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -456,10 +466,45 @@ fn each_refusal_is_a_4xx_with_its_reason_and_nothing_is_stored_for_it() {
         vec![
             ("tally-report-00000001.report".to_string(), r1),
             ("tally-report-00000002.report".to_string(), r2),
-            ("tally-report-00000003.report".to_string(), r3),
+            ("tally-report-00000003.report".to_string(), r3.clone()),
         ]
     );
     drop(receiver);
+
+    // Plain HTTP on loopback, as behind the vendor's TLS proxy: same inbox, same answers.
+    let plain = spawn_receiver(&inbox, &vendor.path().join("issued"), &[], "http");
+    let (code, why) = post(&ureq::Agent::new(), &plain.url, &r3);
+    assert_eq!(code, 200, "{why}");
+    drop(plain);
+
+    // One receiver per directory.
+    let first = spawn_receiver(&inbox, &vendor.path().join("issued"), &[], "http");
+    let out = run(Command::new(bin("tally-publisher"))
+        .arg("receive")
+        .args(["--listen", "127.0.0.1:0", "--dir"])
+        .arg(&inbox)
+        .arg("--bundles")
+        .arg(vendor.path().join("issued")));
+    assert_eq!(out.status.code(), Some(75));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another tally-publisher receive is using")
+    );
+    drop(first);
+
+    // A TLS key others can read is refused.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(Command::new(bin("tally-publisher"))
+        .arg("receive")
+        .args(["--listen", "127.0.0.1:0", "--dir"])
+        .arg(&inbox)
+        .arg("--bundles")
+        .arg(vendor.path().join("issued"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 
     // Plain HTTP is for a proxy on the same machine only.
     let out = run(Command::new(bin("tally-publisher"))
