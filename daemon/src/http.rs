@@ -3,7 +3,8 @@
 //!
 //! Reading needs no credential unless the config says status is for admins only; the
 //! dashboard's remove-lease and reload buttons send the admin token as a bearer token,
-//! typed in by the admin (there is no default password and no session to steal).
+//! typed in by the admin (there is no default password and no session to steal) and
+//! checked at login with `GET /api/admin/check`.
 //!
 //! The port is meant for loopback or an admin network, and is guarded all the same:
 //! at most [`MAX_CONNECTIONS`] connections ([`MAX_CONNECTIONS_PER_ADDRESS`] per IP
@@ -53,6 +54,7 @@ pub fn router(ops: OpsHandle, hosts: Vec<String>) -> Router {
         .route("/api/status", get(status))
         .route("/api/admin/remove/{lease}", post(remove))
         .route("/api/admin/reload", post(reload))
+        .route("/api/admin/check", get(check_token))
         .layer(axum::middleware::from_fn_with_state(hosts, check_host))
         .with_state(ops)
 }
@@ -395,6 +397,75 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Upper bounds (inclusive, in microseconds) of the heartbeat latency histogram's
+/// buckets: 0.5 ms to 5 s. A heartbeat is answered by the ledger task without waiting
+/// for a flush, so most land in the first buckets; the upper ones show a stalled task.
+pub const LATENCY_BUCKETS_MICROS: [u64; 13] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000,
+];
+
+/// A Prometheus histogram of durations with the [`LATENCY_BUCKETS_MICROS`] bounds:
+/// lock-free, so the connection tasks that answer heartbeats never wait on each other.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative), the last one for "above every bound".
+    buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS_MICROS.len() + 1],
+    /// Observations in all.
+    count: std::sync::atomic::AtomicU64,
+    /// Sum of the observations, in microseconds (584,000 years fit in a u64).
+    sum_micros: std::sync::atomic::AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn observe(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_MICROS.partition_point(|&bound| bound < micros);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(micros, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Observations recorded so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the histogram as `name` (a base name in seconds) in the text format:
+    /// cumulative `_bucket{le=..}` lines ending with `+Inf`, then `_sum` and `_count`.
+    /// `_count` is the `+Inf` bucket itself, so the two agree even mid-update.
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS_MICROS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        cumulative += self.buckets[LATENCY_BUCKETS_MICROS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+/// One metric family without labels: HELP, TYPE and its sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+/// The `/metrics` page by Prometheus conventions: base units in names (seconds,
+/// timestamps in Unix seconds), `_total` only on counters, HELP and TYPE for every
+/// family. README's metrics list names each of them; keep the two in step.
 async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
     if !ops.may_read(bearer(&headers)) {
         log_refusal(peer, "GET /metrics", &headers);
@@ -406,6 +477,12 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
     };
     let m: &Arc<Metrics> = ops.metrics();
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP tally_build_info Always 1; the version label is tallyd's release.\n\
+         # TYPE tally_build_info gauge\ntally_build_info{{version=\"{}\"}} 1",
+        label(env!("CARGO_PKG_VERSION"))
+    );
     let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for (feature, v) in rows {
@@ -420,35 +497,35 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
             .collect::<Vec<_>>()
     };
     gauge(
-        "tally_seats_total",
-        "Seats licensed now (absent for uncounted features).",
+        "tally_seats_licensed",
+        "Seats licensed now, overdraft not included (absent for uncounted features).",
         per(&|s| s.total.map(f64::from)),
     );
     gauge(
         "tally_seats_in_use",
-        "Seats held now.",
-        per(&|s| Some(s.in_use as f64)),
+        "Seats held now, overdraft included.",
+        per(&|s| Some(f64::from(s.in_use))),
     );
     gauge(
         "tally_seats_overdraft",
-        "Seats held beyond the licensed count.",
-        per(&|s| Some(s.overdraft_in_use as f64)),
+        "Seats held now beyond the licensed count.",
+        per(&|s| Some(f64::from(s.overdraft_in_use))),
     );
     gauge(
         "tally_seats_reserved",
         "Seats the site's policy reserves.",
-        per(&|s| Some(s.reserved as f64)),
+        per(&|s| Some(f64::from(s.reserved))),
     );
     gauge(
         "tally_queue_depth",
         "Checkouts waiting for a seat.",
         per(&|s| Some(s.queue.len() as f64)),
     );
-    let now = status.server_time.0 as f64;
     gauge(
-        "tally_license_expiry_days",
-        "Days until the earliest expiry of the grants that count now.",
-        per(&|s| s.expires.map(|e| ((e.0 as f64 - now) / 86_400.0).max(0.0))),
+        "tally_license_expiry_timestamp_seconds",
+        "When the earliest of the grants that count now ends, in Unix seconds (absent for \
+         permanent features).",
+        per(&|s| s.expires.map(|e| e.0 as f64)),
     );
     let _ = writeln!(
         out,
@@ -462,39 +539,47 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
             label(reason)
         );
     }
-    let count = m.heartbeats.load(std::sync::atomic::Ordering::Relaxed);
-    let micros = m
-        .heartbeat_micros
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# HELP tally_heartbeat_latency_seconds Time to answer heartbeats.\n# TYPE tally_heartbeat_latency_seconds summary\ntally_heartbeat_latency_seconds_count {count}\ntally_heartbeat_latency_seconds_sum {}",
-        micros as f64 / 1e6
+    m.heartbeat_latency.render(
+        &mut out,
+        "tally_heartbeat_latency_seconds",
+        "Time from reading a heartbeat request to having its answer.",
     );
-    let _ = writeln!(
-        out,
-        "# HELP tally_connections Client connections open.\n# TYPE tally_connections gauge\ntally_connections {}",
-        ops.connections()
+    single(
+        &mut out,
+        "tally_connections",
+        "gauge",
+        "Client connections open.",
+        ops.connections(),
     );
-    let _ = writeln!(
-        out,
-        "# HELP tally_connections_refused_total Connection attempts refused by the limits.\n# TYPE tally_connections_refused_total counter\ntally_connections_refused_total {}",
-        m.connections_refused.load(std::sync::atomic::Ordering::Relaxed)
+    single(
+        &mut out,
+        "tally_connections_refused_total",
+        "counter",
+        "Connection attempts refused by the limits.",
+        m.connections_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "# HELP tally_connections_retried_total Connection attempts asked to prove their address first.\n# TYPE tally_connections_retried_total counter\ntally_connections_retried_total {}",
-        m.connections_retried.load(std::sync::atomic::Ordering::Relaxed)
+    single(
+        &mut out,
+        "tally_connections_retried_total",
+        "counter",
+        "Connection attempts asked to prove their address first.",
+        m.connections_retried
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "# HELP tally_store_writable 1 while the seat store can be written; 0 while new checkouts are refused.\n# TYPE tally_store_writable gauge\ntally_store_writable {}",
-        u8::from(m.store_error.lock().expect("metrics lock").is_none())
+    single(
+        &mut out,
+        "tally_store_writable",
+        "gauge",
+        "1 while the seat store can be written; 0 while new checkouts are refused.",
+        u8::from(m.store_error.lock().expect("metrics lock").is_none()),
     );
-    let _ = writeln!(
-        out,
-        "# HELP tally_report_spool_files Usage reports waiting in the spool directory.\n# TYPE tally_report_spool_files gauge\ntally_report_spool_files {}",
-        ops.spool_files()
+    single(
+        &mut out,
+        "tally_report_spool_files",
+        "gauge",
+        "Usage reports waiting in the spool directory.",
+        ops.spool_files(),
     );
     (
         [(
@@ -532,6 +617,17 @@ async fn remove(
             .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
     }
+}
+
+/// Answers 200 for the admin token and 401 (logged) for any other: the dashboard's
+/// login asks this before it keeps a token, so a mistyped one is said at once rather
+/// than at the first button.
+async fn check_token(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
+    if !ops.is_admin(bearer(&headers)) {
+        log_refusal(peer, "GET /api/admin/check", &headers);
+        return unauthorized("admin token missing or wrong");
+    }
+    Json(serde_json::json!({"admin": true})).into_response()
 }
 
 async fn reload(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
@@ -582,6 +678,31 @@ mod tests {
         ] {
             assert!(!host_allowed(bad, &extra), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_latency_histogram_is_cumulative_with_inclusive_bounds() {
+        let h = LatencyHistogram::default();
+        for micros in [0, 500, 501, 1_000, 7_000, 5_000_000, 9_000_000] {
+            h.observe(Duration::from_micros(micros));
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "Test.");
+        let line = |le: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("x_seconds_bucket{{le=\"{le}\"}} ")))
+                .unwrap_or_else(|| panic!("no bucket {le} in {out}"))
+                .to_string()
+        };
+        assert_eq!(line("0.0005"), "2", "{out}");
+        assert_eq!(line("0.001"), "4");
+        assert_eq!(line("0.01"), "5");
+        assert_eq!(line("5"), "6");
+        assert_eq!(line("+Inf"), "7");
+        assert!(out.contains("\nx_seconds_count 7\n"), "{out}");
+        assert!(out.contains("\nx_seconds_sum 14.009001\n"), "{out}");
+        assert!(out.starts_with("# HELP x_seconds Test.\n# TYPE x_seconds histogram\n"));
+        assert_eq!(h.count(), 7);
     }
 
     #[test]

@@ -105,10 +105,8 @@ pub struct Metrics {
     pub licensed: RwLock<Arc<std::collections::BTreeSet<String>>>,
     /// The most recent denials, newest last.
     pub recent: Mutex<std::collections::VecDeque<RecentDenial>>,
-    /// Heartbeat requests answered.
-    pub heartbeats: AtomicU64,
-    /// Total microseconds spent answering them.
-    pub heartbeat_micros: AtomicU64,
+    /// How long heartbeat requests took to answer (a histogram for `/metrics`).
+    pub heartbeat_latency: crate::http::LatencyHistogram,
     /// Why the seat store cannot be written, while it cannot.
     pub store_error: Mutex<Option<String>>,
     /// Connection attempts refused by the limits.
@@ -246,6 +244,8 @@ impl OpsHandle {
             .collect();
         let mut doc = s.to_json(self.shared.demo);
         doc["recent_denials"] = serde_json::json!(recent);
+        let bundles = self.shared.bundles.read().expect("bundles lock").clone();
+        add_bundles(&mut doc, &bundles);
         Ok(doc)
     }
 
@@ -290,6 +290,40 @@ impl OpsHandle {
     pub async fn reload(&self) -> Result<String, String> {
         reload(&self.shared).await
     }
+}
+
+/// Adds the bundles served to a status document, for the dashboard: `bundles` (id,
+/// vendor, customer, features, end) and, per feature, the ids of the bundles that grant
+/// it (a package's components included), so an admin can tell the vendor which
+/// contract a number comes from.
+fn add_bundles(doc: &mut serde_json::Value, bundles: &[VerifiedBundle]) {
+    let grants = |b: &VerifiedBundle, feature: &str| {
+        b.bundle
+            .features
+            .iter()
+            .any(|g| g.name == feature || g.components.iter().any(|c| c == feature))
+    };
+    if let Some(features) = doc["features"].as_array_mut() {
+        for f in features {
+            let name = f["name"].as_str().unwrap_or_default().to_string();
+            f["bundles"] = serde_json::json!(bundles
+                .iter()
+                .filter(|b| grants(b, &name))
+                .map(|b| b.bundle.id.as_str())
+                .collect::<Vec<_>>());
+        }
+    }
+    doc["bundles"] = serde_json::json!(bundles
+        .iter()
+        .map(|b| serde_json::json!({
+            "id": b.bundle.id,
+            "vendor": b.bundle.vendor,
+            "customer_id": b.bundle.customer.id,
+            "customer_name": b.bundle.customer.name,
+            "features": b.bundle.features.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),
+            "valid_until": b.bundle.valid_until.map(|u| u.last_day()),
+        }))
+        .collect::<Vec<_>>());
 }
 
 /// Where and when usage reports are written.
@@ -1737,10 +1771,7 @@ async fn dispatch(
             }
             match rx.await {
                 Ok(leases) => {
-                    let m = &shared.metrics;
-                    m.heartbeats.fetch_add(1, Ordering::Relaxed);
-                    m.heartbeat_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    shared.metrics.heartbeat_latency.observe(started.elapsed());
                     Response::Heartbeat(HeartbeatReply { leases })
                 }
                 Err(_) => closed(),

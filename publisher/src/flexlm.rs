@@ -6,6 +6,13 @@
 //! quoted attributes, `permanent`, `uncounted`, dates like `1-jan-2027`, comments) and
 //! writes a spec for the vendor to review and sign. Whatever has no tally equivalent is
 //! listed as a comment with its line number, never dropped silently.
+//!
+//! Keywords keep FlexLM's meaning: `LINGER=n` is `linger_secs`; `SUPERSEDE[="f1 f2"]`
+//! drops the lines of the same (or the listed) features issued before this line's
+//! `ISSUED=` date (else its `START=` date), as FlexLM's license server does; bare
+//! keywords (`TS_OK`, `FLOAT_OK`, `USER_BASED`, ...) are keywords, not license keys.
+//! Lines already expired are flagged, and a file with three SERVER lines is named as a
+//! three-server redundant site, with what tally offers instead.
 
 use crate::spec::toml_string;
 use std::collections::BTreeMap;
@@ -31,14 +38,25 @@ pub struct Import {
     pub spec: String,
     /// Feature entries written.
     pub features: usize,
-    /// Things that were not mapped, one line each (also in the spec as comments).
+    /// Things that were not mapped (every dropped keyword among them), one line each
+    /// (also in the spec as comments).
     pub unmapped: Vec<String>,
+    /// Lines left out because a later line's `SUPERSEDE` replaces them, one line each
+    /// naming both lines.
+    pub superseded: Vec<String>,
+    /// Lines whose expiry date is already past (written to the spec, flagged there too).
+    pub expired: Vec<String>,
+    /// Notes about the site as a whole (a three-server redundant site and what tally
+    /// offers instead).
+    pub site: Vec<String>,
 }
 
 /// One feature entry of the spec being built.
 #[derive(Debug, Default)]
 struct Entry {
     origin: String,
+    /// The line it comes from.
+    line: usize,
     name: String,
     seats: Option<u32>,
     version_ceiling: Option<String>,
@@ -47,9 +65,38 @@ struct Entry {
     expires: Option<String>,
     overdraft: u32,
     borrow_limit_hours: u64,
+    linger_secs: u64,
+    /// `ISSUED=` as `YYYY-MM-DD`, when it reads as a date.
+    issued: Option<String>,
+    /// `SUPERSEDE` on this line: `Some(empty)` for the line's own feature, else the
+    /// features named in `SUPERSEDE="f1 f2"`.
+    supersede: Option<Vec<String>>,
     components: Vec<String>,
     attributes: BTreeMap<String, String>,
+    /// Set when the line is already expired: the review note.
+    expired: Option<String>,
 }
+
+impl Entry {
+    /// The date FlexLM orders lines by for `SUPERSEDE`: `ISSUED=`, else `START=`.
+    fn issue_date(&self) -> Option<&str> {
+        self.issued.as_deref().or(self.starts.as_deref())
+    }
+}
+
+/// Keywords FlexLM allows without `=value` on FEATURE/INCREMENT/UPGRADE lines: a bare word
+/// after the count that is one of these is that keyword, not an old-style license key.
+const BARE_KEYWORDS: [&str; 9] = [
+    "SUPERSEDE",
+    "TS_OK",
+    "ONE_TS_OK",
+    "FLOAT_OK",
+    "BORROW",
+    "USER_BASED",
+    "HOST_BASED",
+    "CAPACITY",
+    "MINIMUM",
+];
 
 /// A logical line: continuations joined, with the line number it starts on.
 struct Logical {
@@ -195,8 +242,23 @@ fn seats(text: &str, line: usize) -> Result<Option<u32>, ImportError> {
     })
 }
 
-/// Imports a license file; `source` names it in the output.
+/// Imports a license file; `source` names it in the output. Lines are judged expired
+/// against today's date (the system clock).
 pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    import_at(source, text, tally_protocol::time::UnixTime(now))
+}
+
+/// [`import`] with today given: a line whose last valid day is before `today`'s date is
+/// flagged as expired.
+pub fn import_at(
+    source: &str,
+    text: &str,
+    today: tally_protocol::time::UnixTime,
+) -> Result<Import, ImportError> {
     if text.len() > MAX_LICENSE_FILE {
         return Err(ImportError {
             line: 1,
@@ -208,6 +270,7 @@ pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
     let mut vendor: Option<String> = None;
     let mut entries: Vec<Entry> = Vec::new();
     let mut packages: Vec<(usize, String, Vec<String>, Vec<String>)> = Vec::new();
+    let mut servers: Vec<(usize, String)> = Vec::new();
     for logical in logical_lines(text) {
         let line = logical.line;
         let tokens = tokenize(&logical.text, line)?;
@@ -240,10 +303,13 @@ pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
             }
         };
         match keyword.as_str() {
-            "SERVER" => header.push(format!(
-                "line {line}: {} -> the server is bound by its activation request, not a host id",
-                logical.text
-            )),
+            "SERVER" => {
+                servers.push((line, words.get(1).unwrap_or(&"").to_string()));
+                header.push(format!(
+                    "line {line}: {} -> the server is bound by its activation request, not a host id",
+                    logical.text
+                ))
+            }
             "VENDOR" | "DAEMON" => {
                 need(2, "VENDOR name [path] [options] [port]")?;
                 vendor.get_or_insert_with(|| words[1].to_string());
@@ -270,6 +336,7 @@ pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
                 need(n, form)?;
                 let mut e = Entry {
                     origin: format!("line {line}: {}", words[..n].join(" ")),
+                    line,
                     name: words[1].to_string(),
                     ..Entry::default()
                 };
@@ -289,16 +356,40 @@ pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
                         message: "an UPGRADE must move a number of seats".into(),
                     });
                 }
-                for extra in &words[n..] {
-                    unmapped.push(format!(
-                        "line {line}: {keyword} {}: '{extra}' (an old-style license key; the tally bundle is signed instead)",
-                        e.name
-                    ));
+                // Everything after the form, in order: `KEY=VALUE` pairs, bare keywords
+                // (`SUPERSEDE`, `TS_OK`, ...) wherever they stand, and an old-style
+                // license key right after the count.
+                for (k, token) in tokens[n..].iter().enumerate() {
+                    match token {
+                        Token::Pair(key, value) => {
+                            map_pair(&mut e, &keyword, key, Some(value), line, &mut unmapped)?
+                        }
+                        Token::Word(w) if BARE_KEYWORDS.contains(&w.to_ascii_uppercase().as_str()) => {
+                            map_pair(&mut e, &keyword, w, None, line, &mut unmapped)?
+                        }
+                        Token::Word(w) if k == 0 || w.chars().all(|c| c.is_ascii_hexdigit()) => unmapped.push(format!(
+                            "line {line}: {keyword} {}: '{w}' (an old-style license key; the tally bundle is signed instead)",
+                            e.name
+                        )),
+                        Token::Word(w) => unmapped.push(format!(
+                            "line {line}: {keyword} {}: '{w}' is not a FlexLM keyword tally knows; dropped",
+                            e.name
+                        )),
+                    }
                 }
-                for (key, value) in pairs {
-                    map_pair(&mut e, &keyword, key, value, line, &mut unmapped)?;
+                if let Some(last_day) = &e.expires {
+                    let end = tally_protocol::time::UnixTime::from_date(last_day)
+                        .map(|t| t.plus_secs(tally_protocol::time::DAY));
+                    if end.is_some_and(|end| end <= today) {
+                        e.expired = Some(format!(
+                            "line {line}: {keyword} {} expired on {last_day} (today is {}): a bundle with it serves no seats of it",
+                            e.name,
+                            today.date()
+                        ));
+                    }
                 }
                 if keyword == "FEATURE"
+                    && e.supersede.is_none()
                     && entries
                         .iter()
                         .any(|x| x.name == e.name && x.upgrade_from.is_none())
@@ -371,28 +462,134 @@ pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
             message: "no FEATURE, INCREMENT or UPGRADE line: nothing to import".into(),
         });
     }
+    let (entries, superseded) = apply_supersede(entries, &mut unmapped);
+    let expired: Vec<String> = entries.iter().filter_map(|e| e.expired.clone()).collect();
+    let site = site_notes(&servers);
     Ok(Import {
         spec: render(
             source,
             vendor.as_deref().unwrap_or(""),
-            &header,
-            &unmapped,
+            &Review {
+                header: &header,
+                site: &site,
+                unmapped: &unmapped,
+                superseded: &superseded,
+                expired: &expired,
+            },
             &entries,
         ),
         features: entries.len(),
         unmapped,
+        superseded,
+        expired,
+        site,
     })
 }
 
+/// FlexLM's `SUPERSEDE`: a line with it replaces every line of the same feature (or of
+/// the features `SUPERSEDE="f1 f2"` names) issued before its own `ISSUED=` date (else its
+/// `START=` date). Lines issued on the same date are pooled, not superseded; a line with
+/// neither date counts as issued before any dated one. Returns the entries kept and one
+/// note per line left out.
+fn apply_supersede(entries: Vec<Entry>, unmapped: &mut Vec<String>) -> (Vec<Entry>, Vec<String>) {
+    // Per feature, the latest SUPERSEDE naming it (date, line): a line of that feature
+    // issued before it is left out. One pass each way, so a file of many thousands of
+    // SUPERSEDE lines costs no more than its length.
+    let mut latest: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    for s in &entries {
+        let Some(names) = &s.supersede else {
+            continue;
+        };
+        let Some(date) = s.issue_date() else {
+            unmapped.push(format!(
+                "line {}: {}: SUPERSEDE without ISSUED= or START= supersedes nothing (FlexLM needs the date); review",
+                s.line, s.name
+            ));
+            continue;
+        };
+        let targets: Vec<&str> = if names.is_empty() {
+            vec![s.name.as_str()]
+        } else {
+            names.iter().map(String::as_str).collect()
+        };
+        for target in targets {
+            // Dates are `YYYY-MM-DD`, so text order is date order.
+            let slot = latest
+                .entry(target.to_string())
+                .or_insert((date.to_string(), s.line));
+            if date > slot.0.as_str() {
+                *slot = (date.to_string(), s.line);
+            }
+        }
+    }
+    let mut notes = Vec::new();
+    let mut kept = Vec::new();
+    for e in entries {
+        let by = latest.get(e.name.as_str()).filter(|(date, line)| {
+            *line != e.line && e.issue_date().is_none_or(|d| d < date.as_str())
+        });
+        match by {
+            Some((date, line)) => notes.push(format!(
+                "line {}: {} {} left out: superseded by line {line} (SUPERSEDE, issued {date}; this line {})",
+                e.line,
+                e.origin.split_whitespace().nth(2).unwrap_or("FEATURE"),
+                e.name,
+                match e.issue_date() {
+                    Some(d) => format!("issued {d}"),
+                    None => "has no ISSUED= or START= date".into(),
+                }
+            )),
+            None => kept.push(e),
+        }
+    }
+    (kept, notes)
+}
+
+/// What the SERVER lines say about the site: FlexLM serves from one server or from a
+/// redundant triad (two of three must be up); tally has no quorum.
+fn site_notes(servers: &[(usize, String)]) -> Vec<String> {
+    let hosts: Vec<String> = servers
+        .iter()
+        .map(|(line, host)| format!("{host} (line {line})"))
+        .collect();
+    match servers.len() {
+        0 | 1 => Vec::new(),
+        3 => vec![format!(
+            "three SERVER lines: a three-server redundant site ({}; FlexLM serves while two of the three are up). \
+             tally has no quorum triad: run tallyd on each server with its own bundle (one activation request per \
+             server, the seats split between them) and give clients all of them (TALLY_SERVER=a,b,c or --server, \
+             tried in order): a server that is down is passed over, and a restarted tallyd keeps its leases",
+            hosts.join(", ")
+        )],
+        n => vec![format!(
+            "{n} SERVER lines ({}): FlexLM serves from one server or a redundant three; review. tally binds each \
+             bundle to one server: issue one per server and give clients the list of servers",
+            hosts.join(", ")
+        )],
+    }
+}
+
+/// Maps one keyword of a FEATURE/INCREMENT/UPGRADE line (`value` is `None` for a bare
+/// keyword) into the entry, or names it in `unmapped` with why it is dropped.
 fn map_pair(
     e: &mut Entry,
     keyword: &str,
     key: &str,
-    value: &str,
+    value: Option<&str>,
     line: usize,
     unmapped: &mut Vec<String>,
 ) -> Result<(), ImportError> {
     let upper = key.to_ascii_uppercase();
+    let shown = match value {
+        Some(v) => format!("{key}={v}"),
+        None => key.to_string(),
+    };
+    let value = value.unwrap_or("");
+    let name = e.name.clone();
+    let mut note = |shown: &str, why: &str| {
+        unmapped.push(format!("line {line}: {keyword} {name}: {shown} ({why})"));
+    };
+    let mut drop = |why: &str| note(&shown, why);
     let attribute = |e: &mut Entry, name: &str| {
         e.attributes.insert(name.to_string(), value.to_string());
     };
@@ -400,7 +597,10 @@ fn map_pair(
         "VENDOR_STRING" => attribute(e, "vendor_string"),
         "ISSUER" => attribute(e, "issuer"),
         "NOTICE" => attribute(e, "notice"),
-        "ISSUED" => attribute(e, "issued"),
+        "ISSUED" => {
+            attribute(e, "issued");
+            e.issued = parse_date(value).ok().flatten();
+        }
         "SN" => attribute(e, "serial_number"),
         "ASSET_INFO" => attribute(e, "asset_info"),
         "DIST_INFO" => attribute(e, "dist_info"),
@@ -426,22 +626,39 @@ fn map_pair(
                 })?
             };
         }
-        "SIGN" | "SIGN2" | "CK" | "AUTH" => unmapped.push(format!(
-            "line {line}: {keyword} {}: {key} (a FlexLM signature; the tally bundle carries the vendor's signature instead)",
-            e.name
-        )),
-        "HOSTID" => unmapped.push(format!(
-            "line {line}: {keyword} {}: HOSTID={value} (tally binds the whole bundle to the server of the activation request)",
-            e.name
-        )),
-        "SUPERSEDE" => unmapped.push(format!(
-            "line {line}: {keyword} {}: SUPERSEDE (tally replaces whole bundles: list the old bundle ids in `supersedes`)",
-            e.name
-        )),
-        _ => unmapped.push(format!(
-            "line {line}: {keyword} {}: {key}={value} has no tally equivalent",
-            e.name
-        )),
+        "LINGER" => {
+            // FlexLM's LINGER is seconds a seat stays held after checkin: tally's linger.
+            e.linger_secs = value.parse().map_err(|_| ImportError {
+                line,
+                message: format!("LINGER={value} is not a number of seconds"),
+            })?;
+        }
+        "SUPERSEDE" => {
+            // Applied once every line is read (`apply_supersede`).
+            e.supersede = Some(value.split_whitespace().map(str::to_string).collect());
+        }
+        "SIGN" | "SIGN2" | "CK" | "AUTH" => note(
+            key,
+            "a FlexLM signature; the tally bundle carries the vendor's signature instead",
+        ),
+        "HOSTID" => drop("tally binds the whole bundle to the server of the activation request"),
+        "TS_OK" | "ONE_TS_OK" => drop(
+            "FlexLM refuses node-locked uncounted use over Windows Terminal Server without it; tally does not look for terminal servers, so nothing is refused there",
+        ),
+        "FLOAT_OK" => drop("tally seats always float: a node-locked licence to float is the default"),
+        "USER_BASED" | "HOST_BASED" => drop(
+            "seats limited to the users or hosts INCLUDEd in the options file: write INCLUDE and MAX rules in tally's policy file",
+        ),
+        "DUP_GROUP" | "SUITE_DUP_GROUP" => drop(
+            "FlexLM counts one seat for checkouts of the same user/host/display; tally counts each checkout (one `tally run` per job holds one seat)",
+        ),
+        "SUPERSEDE_SIGN" => drop(
+            "supersedes by signature; tally replaces whole bundles: list the old bundle ids in `supersedes`",
+        ),
+        "PLATFORMS" => drop("tally does not limit seats by platform"),
+        "CAPACITY" | "MINIMUM" => drop("FlexLM's checkout multipliers; tally counts the seats asked for"),
+        "SORT" => drop("FlexLM's line order; tally adds the seats of every grant"),
+        _ => drop("no tally equivalent"),
     }
     Ok(())
 }
@@ -461,13 +678,18 @@ fn comment(text: &str) -> String {
     out
 }
 
-fn render(
-    source: &str,
-    vendor: &str,
-    header: &[String],
-    unmapped: &[String],
-    entries: &[Entry],
-) -> String {
+/// The review notes written at the top of the spec.
+struct Review<'a> {
+    header: &'a [String],
+    site: &'a [String],
+    unmapped: &'a [String],
+    superseded: &'a [String],
+    expired: &'a [String],
+}
+
+fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> String {
+    let header = review.header;
+    let unmapped = review.unmapped;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -488,10 +710,20 @@ fn render(
             let _ = writeln!(out, "#   {}", comment(h));
         }
     }
-    if !unmapped.is_empty() {
-        let _ = writeln!(out, "#\n# Not mapped, to review:");
-        for u in unmapped {
-            let _ = writeln!(out, "#   {}", comment(u));
+    for (title, notes) in [
+        ("The site:", review.site),
+        ("Not mapped, to review:", unmapped),
+        (
+            "Left out, superseded (FlexLM's SUPERSEDE):",
+            review.superseded,
+        ),
+        ("EXPIRED already, to review:", review.expired),
+    ] {
+        if !notes.is_empty() {
+            let _ = writeln!(out, "#\n# {title}");
+            for u in notes {
+                let _ = writeln!(out, "#   {}", comment(u));
+            }
         }
     }
     let _ = writeln!(out, "\nvendor = {}", toml_string(vendor));
@@ -503,6 +735,9 @@ fn render(
     let _ = writeln!(out, "name = \"\"  # fill in");
     for e in entries {
         let _ = writeln!(out, "\n[[feature]]\n# {}", comment(&e.origin));
+        if let Some(note) = &e.expired {
+            let _ = writeln!(out, "# EXPIRED: {}", comment(note));
+        }
         let _ = writeln!(out, "name = {}", toml_string(&e.name));
         match e.seats {
             Some(n) => {
@@ -531,6 +766,9 @@ fn render(
         }
         if e.borrow_limit_hours > 0 {
             let _ = writeln!(out, "borrow_limit_hours = {}", e.borrow_limit_hours);
+        }
+        if e.linger_secs > 0 {
+            let _ = writeln!(out, "linger_secs = {}", e.linger_secs);
         }
         if !e.components.is_empty() {
             let list: Vec<String> = e.components.iter().map(|c| toml_string(c)).collect();
@@ -576,5 +814,145 @@ mod tests {
         assert_eq!(t[6], Token::Pair("VENDOR_STRING".into(), "a b c".into()));
         assert_eq!(t[7], Token::Pair("SIGN".into(), "00 11".into()));
         assert!(tokenize(r#"FEATURE f X="open"#, 3).is_err());
+    }
+
+    fn at(text: &str) -> Import {
+        import_at("t.lic", text, UnixTime::from_date("2026-12-01").unwrap()).unwrap()
+    }
+
+    /// The spec's features as (name, seats) pairs, in order.
+    fn features(import: &Import) -> Vec<(String, String)> {
+        let spec: toml::Value = toml::from_str(&import.spec).unwrap();
+        spec["feature"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let seats = match &f["seats"] {
+                    toml::Value::Integer(n) => n.to_string(),
+                    other => other.as_str().unwrap_or("?").to_string(),
+                };
+                (f["name"].as_str().unwrap().into(), seats)
+            })
+            .collect()
+    }
+
+    use tally_protocol::time::UnixTime;
+
+    #[test]
+    fn supersede_drops_lines_of_the_feature_issued_before_it() {
+        let import = at("INCREMENT f v 1 permanent 2 ISSUED=1-jan-2024\n\
+             INCREMENT f v 1 permanent 5 SUPERSEDE ISSUED=1-jan-2025\n\
+             INCREMENT f v 1 permanent 1 ISSUED=1-jan-2026\n\
+             INCREMENT g v 1 permanent 3\n");
+        assert_eq!(
+            features(&import),
+            vec![
+                ("f".into(), "5".into()),
+                ("f".into(), "1".into()),
+                ("g".into(), "3".into())
+            ]
+        );
+        assert_eq!(import.superseded.len(), 1, "{:?}", import.superseded);
+        assert!(
+            import.superseded[0].starts_with("line 1: INCREMENT f left out: superseded by line 2")
+        );
+        // SUPERSEDE is a keyword, never an old-style license key.
+        assert!(!import.spec.contains("license key"), "{}", import.spec);
+    }
+
+    #[test]
+    fn supersede_pools_lines_of_one_date_and_names_other_features() {
+        let import = at("FEATURE a v 1 permanent 1 ISSUED=1-jan-2024\n\
+             FEATURE b v 1 permanent 1\n\
+             FEATURE c v 1 permanent 4 SUPERSEDE=\"a b\" ISSUED=2-jan-2025\n\
+             INCREMENT c v 1 permanent 3 ISSUED=2-jan-2025 SUPERSEDE\n");
+        // b has no date: older than any dated line. The two c lines share a date: pooled.
+        assert_eq!(
+            features(&import),
+            vec![("c".into(), "4".into()), ("c".into(), "3".into())]
+        );
+        assert_eq!(import.superseded.len(), 2, "{:?}", import.superseded);
+    }
+
+    #[test]
+    fn a_superseding_line_is_superseded_by_a_later_one() {
+        let import = at("INCREMENT f v 1 permanent 2 SUPERSEDE ISSUED=1-jan-2024\n\
+             INCREMENT f v 1 permanent 5 SUPERSEDE ISSUED=1-jan-2026\n\
+             INCREMENT f v 1 permanent 1 ISSUED=1-jan-2025\n");
+        assert_eq!(features(&import), vec![("f".into(), "5".into())]);
+        assert!(
+            import
+                .superseded
+                .iter()
+                .all(|s| s.contains("superseded by line 2")),
+            "{:?}",
+            import.superseded
+        );
+    }
+
+    #[test]
+    fn supersede_without_a_date_supersedes_nothing_and_says_so() {
+        let import = at("FEATURE a v 1 permanent 1\nINCREMENT a v 1 permanent 2 SUPERSEDE\n");
+        assert_eq!(features(&import).len(), 2);
+        assert!(
+            import
+                .unmapped
+                .iter()
+                .any(|u| u.contains("SUPERSEDE without ISSUED= or START=")),
+            "{:?}",
+            import.unmapped
+        );
+        // START= stands in for ISSUED=.
+        let import = at("FEATURE a v 1 permanent 1 START=1-jan-2024\n\
+             INCREMENT a v 1 permanent 2 SUPERSEDE START=1-feb-2024\n");
+        assert_eq!(features(&import), vec![("a".into(), "2".into())]);
+    }
+
+    #[test]
+    fn linger_bare_keywords_and_expired_lines() {
+        let import = at("FEATURE a v 1 30-nov-2026 1 LINGER=120 SIGN=00 TS_OK\n\
+             FEATURE b v 1 1-dec-2026 1 BORROW\n");
+        let spec: toml::Value = toml::from_str(&import.spec).unwrap();
+        assert_eq!(spec["feature"][0]["linger_secs"].as_integer(), Some(120));
+        assert_eq!(
+            spec["feature"][1]["borrow_limit_hours"].as_integer(),
+            Some(168)
+        );
+        // TS_OK after a KEY=VALUE pair is still seen, and listed.
+        assert!(
+            import
+                .unmapped
+                .iter()
+                .any(|u| u.starts_with("line 1: FEATURE a: TS_OK (")),
+            "{:?}",
+            import.unmapped
+        );
+        // a's last day was yesterday; b's is today.
+        assert_eq!(import.expired.len(), 1, "{:?}", import.expired);
+        assert!(
+            import.expired[0].contains("expired on 2026-11-30"),
+            "{:?}",
+            import.expired
+        );
+        assert!(import.spec.contains("# EXPIRED: line 1"), "{}", import.spec);
+        assert!(import_at("t", "FEATURE a v 1 permanent 1 LINGER=soon\n", UnixTime(0)).is_err());
+    }
+
+    #[test]
+    fn three_server_lines_are_a_redundant_site() {
+        let import =
+            at("SERVER a 1 27000\nSERVER b 2 27000\nSERVER c 3 27000\nFEATURE f v 1 permanent 1\n");
+        assert_eq!(import.site.len(), 1);
+        assert!(import.site[0].starts_with("three SERVER lines: a three-server redundant site"));
+        assert!(import.site[0].contains("TALLY_SERVER"), "{:?}", import.site);
+        assert!(import.spec.contains("three-server redundant site"));
+        assert!(at("SERVER a 1\nFEATURE f v 1 permanent 1\n")
+            .site
+            .is_empty());
+        assert!(
+            at("SERVER a 1\nSERVER b 2\nFEATURE f v 1 permanent 1\n").site[0]
+                .starts_with("2 SERVER lines")
+        );
     }
 }

@@ -92,12 +92,20 @@ enum Command {
     },
     /// Reconcile usage reports against a customer's bundles: licensed seats over time,
     /// peak, average, seat-hours, overdraft, denials, users, per feature and period.
+    /// With `--dir`, many customers' reports at once: one summary table.
     Reconcile {
         /// A bundle of the customer, or a directory of `*.bundle` files (repeatable: give
         /// all of them; the reports' bundle history says which counted when, and reports
-        /// without one fall back to these, superseded ones dropped).
-        #[arg(long, required = true)]
+        /// without one fall back to these, superseded ones dropped). With `--dir`, the
+        /// `*.bundle` files under DIR count too.
+        #[arg(long, required_unless_present = "dir")]
         bundle: Vec<PathBuf>,
+        /// A directory tree of many customers' `*.report` files (and `*.bundle` files):
+        /// reports are grouped by the server that signed them, each chain verified and
+        /// reconciled, and one summary table written (customer, feature, licensed, peak,
+        /// overdraft seat-hours, denials).
+        #[arg(long, conflicts_with = "reports")]
+        dir: Option<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
@@ -105,7 +113,7 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// The reports, in order.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "dir")]
         reports: Vec<PathBuf>,
     },
     /// Receive the usage reports tallyd uploads (`report_upload_url`): verify each against
@@ -217,6 +225,14 @@ fn main() -> ExitCode {
         }),
         Command::Reconcile {
             bundle,
+            dir: Some(dir),
+            format,
+            out,
+            ..
+        } => reconcile_dir(&bundle, &dir, format, out.as_deref()),
+        Command::Reconcile {
+            bundle,
+            dir: None,
             format,
             out,
             reports,
@@ -821,14 +837,18 @@ fn reconcile_reports(
         Format::Csv => reconcile::to_csv(&r),
         Format::Html => reconcile::to_html(&r),
     };
+    write_output(out, &text, links.len())
+}
+
+/// Writes a reconciliation to `out`, or to standard output.
+fn write_output(out: Option<&Path>, text: &str, reports: usize) -> Result<(), Failure> {
     match out {
         Some(path) => {
             std::fs::write(path, text)
                 .with_context(|| format!("writing {}", path.display()))
                 .map_err(usage)?;
             println!(
-                "reconciliation of {} report(s) written to {}",
-                links.len(),
+                "reconciliation of {reports} report(s) written to {}",
                 path.display()
             );
         }
@@ -933,6 +953,124 @@ fn receive(
     })
 }
 
+/// Deepest directory level `reconcile --dir` descends to.
+const MAX_DIR_DEPTH: usize = 16;
+/// Most files `reconcile --dir` reads.
+const MAX_DIR_FILES: usize = 100_000;
+/// Most report bytes `reconcile --dir` reads in all (every report is held in memory).
+const MAX_DIR_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// The `*.report` and `*.bundle` files under `dir`, in path order. Symbolic links are not
+/// followed (no loops, nothing outside the tree); depth and count are bounded.
+fn walk(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), Failure> {
+    let mut reports = Vec::new();
+    let mut bundles = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth)) = pending.pop() {
+        let entries = std::fs::read_dir(&d)
+            .with_context(|| format!("{}", d.display()))
+            .map_err(usage)?;
+        for entry in entries {
+            let entry = entry
+                .with_context(|| format!("{}", d.display()))
+                .map_err(usage)?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .with_context(|| format!("{}", path.display()))
+                .map_err(usage)?;
+            if kind.is_dir() {
+                if depth + 1 > MAX_DIR_DEPTH {
+                    return Err(usage(anyhow!(
+                        "{}: deeper than {MAX_DIR_DEPTH} directory levels",
+                        path.display()
+                    )));
+                }
+                pending.push((path, depth + 1));
+            } else if kind.is_file() {
+                match path.extension().and_then(|x| x.to_str()) {
+                    Some("report") => reports.push(path),
+                    Some("bundle") => bundles.push(path),
+                    _ => continue,
+                }
+                if reports.len() + bundles.len() > MAX_DIR_FILES {
+                    return Err(usage(anyhow!(
+                        "{}: more than {MAX_DIR_FILES} report and bundle files",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+    }
+    reports.sort();
+    bundles.sort();
+    Ok((reports, bundles))
+}
+
+fn reconcile_dir(
+    bundle_paths: &[PathBuf],
+    dir: &Path,
+    format: Format,
+    out: Option<&Path>,
+) -> Result<(), Failure> {
+    let (report_paths, found_bundles) = walk(dir)?;
+    if report_paths.is_empty() {
+        return Err(usage(anyhow!(
+            "{}: no *.report file under it",
+            dir.display()
+        )));
+    }
+    let mut bundles = if bundle_paths.is_empty() {
+        Vec::new()
+    } else {
+        load_bundles(bundle_paths)?
+    };
+    for p in &found_bundles {
+        bundles.push(load_bundle_any_signer(p)?);
+    }
+    let mut files = Vec::new();
+    let mut total: u64 = 0;
+    for p in &report_paths {
+        let limit = (tally_protocol::report::MAX_REPORT_TEXT as u64)
+            .min(MAX_DIR_BYTES.saturating_sub(total));
+        let budget_cut = limit < tally_protocol::report::MAX_REPORT_TEXT as u64;
+        let text = read_bounded(p, limit).map_err(|e| {
+            if budget_cut && e.1.to_string().contains("larger than") {
+                usage(anyhow!(
+                    "{}: the reports under {} hold more than {MAX_DIR_BYTES} bytes in all; reconcile part of the tree at a time",
+                    p.display(),
+                    dir.display()
+                ))
+            } else {
+                e
+            }
+        })?;
+        total += text.len() as u64;
+        files.push(reconcile::ReportFile {
+            name: p.display().to_string(),
+            text,
+        });
+    }
+    let summary = reconcile::reconcile_many(&bundles, files).map_err(|problems| {
+        for p in &problems {
+            eprintln!("tally-publisher: {p}");
+        }
+        data(anyhow!(
+            "{} problem(s) in the reports under {}; nothing reconciled",
+            problems.len(),
+            dir.display()
+        ))
+    })?;
+    let text = match format {
+        Format::Json => {
+            serde_json::to_string_pretty(&summary).map_err(|e| data(anyhow!(e)))? + "\n"
+        }
+        Format::Csv => reconcile::summary_csv(&summary),
+        Format::Html => reconcile::summary_html(&summary),
+    };
+    write_output(out, &text, report_paths.len())
+}
+
 fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
     let text = read(license)?;
     let import = flexlm::import(&license.display().to_string(), &text)
@@ -940,12 +1078,25 @@ fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
         .map_err(data)?;
     write_new(out, &import.spec, 0o644).map_err(usage)?;
     println!(
-        "{} feature entr{} written to {}; {} item(s) not mapped are listed at the top for review",
+        "{} feature entr{} written to {}",
         import.features,
         if import.features == 1 { "y" } else { "ies" },
         out.display(),
-        import.unmapped.len()
     );
+    // The review list, also at the top of the spec: nothing is dropped without a word.
+    for (title, notes) in [
+        ("the site", &import.site),
+        ("not mapped (dropped)", &import.unmapped),
+        ("left out, superseded", &import.superseded),
+        ("EXPIRED already", &import.expired),
+    ] {
+        if !notes.is_empty() {
+            println!("{title}: {}", notes.len());
+            for n in notes.iter() {
+                println!("  {}", tally_protocol::wire::escape_unprintable(n));
+            }
+        }
+    }
     println!("fill in [customer], review, then: tally-publisher issue --vendor-key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
     Ok(())
 }

@@ -193,6 +193,24 @@ pub struct LicensedStep {
     pub source: String,
 }
 
+/// A stretch of time with more seats in use than licensed (only where the seats are
+/// counted): what a billing analyst invoices as overdraft.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OverdraftPeriod {
+    /// Start (Unix seconds).
+    pub start_unix: u64,
+    /// Start, readable.
+    pub start: String,
+    /// End (Unix seconds).
+    pub end_unix: u64,
+    /// End, readable.
+    pub end: String,
+    /// Most seats beyond the licensed count at once within it.
+    pub seats: u32,
+    /// Seat-hours beyond the licensed count within it.
+    pub seat_hours: f64,
+}
+
 /// Usage figures of one feature over one period.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Stats {
@@ -214,6 +232,8 @@ pub struct Stats {
     pub overdraft_seat_hours: f64,
     /// Most seats beyond the licensed count at once.
     pub overdraft_peak: u32,
+    /// Each stretch of overdraft, in time order (adjacent stretches joined).
+    pub overdraft_periods: Vec<OverdraftPeriod>,
     /// Hours with every licensed seat in use.
     pub hours_at_full: f64,
     /// Denials by reason code.
@@ -417,6 +437,8 @@ struct Acc {
     seat_seconds: u128,
     over_seconds: u128,
     full_seconds: u128,
+    /// Overdraft stretches: (start, end, most seats over, seat-seconds over).
+    over: Vec<(u64, u64, u32, u128)>,
     users: BTreeSet<String>,
     hosts: BTreeSet<String>,
 }
@@ -439,7 +461,18 @@ impl Acc {
         let dt = t.saturating_sub(self.last) as u128;
         self.seat_seconds += self.in_use as u128 * dt;
         if let Some(l) = licensed {
-            self.over_seconds += self.in_use.saturating_sub(l) as u128 * dt;
+            let over = self.in_use.saturating_sub(l);
+            self.over_seconds += over as u128 * dt;
+            if over > 0 && dt > 0 {
+                match self.over.last_mut() {
+                    Some(last) if last.1 == self.last => {
+                        last.1 = t;
+                        last.2 = last.2.max(over);
+                        last.3 += over as u128 * dt;
+                    }
+                    _ => self.over.push((self.last, t, over, over as u128 * dt)),
+                }
+            }
             if l > 0 && self.in_use >= l {
                 self.full_seconds += dt;
             }
@@ -471,6 +504,18 @@ impl Acc {
         self.stats.average = self.seat_seconds as f64 / secs;
         self.stats.overdraft_seat_hours = self.over_seconds as f64 / 3600.0;
         self.stats.hours_at_full = self.full_seconds as f64 / 3600.0;
+        self.stats.overdraft_periods = self
+            .over
+            .iter()
+            .map(|&(start, end, seats, secs)| OverdraftPeriod {
+                start_unix: start,
+                start: UnixTime(start).to_string(),
+                end_unix: end,
+                end: UnixTime(end).to_string(),
+                seats,
+                seat_hours: secs as f64 / 3600.0,
+            })
+            .collect();
         self.stats.distinct_users = self.users.len();
         self.stats.distinct_hosts = self.hosts.len();
         self.stats
@@ -644,6 +689,203 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
     }
 }
 
+/// One row of the summary over many customers: one feature of one customer's server,
+/// over all of that server's reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct SummaryRow {
+    /// The customer's name (from the bundles bound to the server).
+    pub customer: String,
+    /// The customer's id.
+    pub customer_id: String,
+    /// The fingerprint of the server key that signed the reports.
+    pub server: String,
+    /// The feature.
+    pub feature: String,
+    /// Start of the first report.
+    pub from: String,
+    /// End of the last report.
+    pub to: String,
+    /// Seats licensed at the end (`None`: uncounted).
+    pub licensed: Option<u32>,
+    /// Most seats in use at once.
+    pub peak: u32,
+    /// Seat-hours used.
+    pub seat_hours: f64,
+    /// Seat-hours beyond the licensed count.
+    pub overdraft_seat_hours: f64,
+    /// Most seats beyond the licensed count at once.
+    pub overdraft_peak: u32,
+    /// Denials, all reasons.
+    pub denials: u64,
+    /// Reports the row covers.
+    pub reports: usize,
+}
+
+/// The reconciliation of many customers' reports: one summary table, and each chain's
+/// full reconciliation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// One row per customer server and feature, sorted by customer id, server, feature.
+    pub rows: Vec<SummaryRow>,
+    /// Each report chain's reconciliation, in the order of the rows.
+    pub reconciliations: Vec<Reconciliation>,
+}
+
+/// Reconciles reports of many customers at once: the reports are grouped by the server
+/// key that signed them (one chain per server, put in report order), each chain is
+/// verified against the bundles that bind that server, and reconciled. An identical
+/// copy of a report (same signed body) counts once. Every problem names its file; one
+/// problem anywhere fails the whole summary, so no customer is billed from a partial
+/// chain.
+pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summary, Vec<String>> {
+    let mut problems = Vec::new();
+    // Server fingerprint -> (report number, digest, file).
+    let mut chains: BTreeMap<String, Vec<(u64, [u8; 32], ReportFile)>> = BTreeMap::new();
+    for f in files {
+        match report::read(&f.text) {
+            Ok(v) => {
+                let chain = chains.entry(v.report.server_key.fingerprint()).or_default();
+                if !chain.iter().any(|(_, d, _)| *d == v.digest) {
+                    chain.push((v.report.report_seq, v.digest, f));
+                }
+            }
+            Err(e) => problems.push(format!("{}: refused: {e}", f.name)),
+        }
+    }
+    let mut done: Vec<(String, String, Reconciliation)> = Vec::new();
+    for (server, mut chain) in chains {
+        chain.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.name.cmp(&b.2.name)));
+        let files: Vec<ReportFile> = chain.into_iter().map(|(_, _, f)| f).collect();
+        let ours: Vec<Bundle> = bundles
+            .iter()
+            .filter(|b| {
+                b.binding
+                    .as_ref()
+                    .is_some_and(|x| x.server_key.fingerprint() == server)
+            })
+            .cloned()
+            .collect();
+        let Some(first) = ours.first() else {
+            problems.push(format!(
+                "{}{}: signed by server key {server}, which none of the given bundles binds (give that customer's bundles)",
+                files[0].name,
+                match files.len() {
+                    1 => String::new(),
+                    n => format!(" and {} other report(s) of that server", n - 1),
+                }
+            ));
+            continue;
+        };
+        let customer = (first.customer.id.clone(), first.customer.name.clone());
+        match verify_chain_all(&ours, &files) {
+            Ok(links) => done.push((customer.0, server.clone(), reconcile_all(&ours, &links))),
+            Err(p) => problems.extend(p),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    done.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let mut rows = Vec::new();
+    for (customer_id, server, r) in &done {
+        let name = bundles
+            .iter()
+            .find(|b| b.customer.id == *customer_id)
+            .map(|b| b.customer.name.clone())
+            .unwrap_or_default();
+        for f in &r.features {
+            let t = &f.total;
+            rows.push(SummaryRow {
+                customer: name.clone(),
+                customer_id: customer_id.clone(),
+                server: server.clone(),
+                feature: f.feature.clone(),
+                from: t.from.clone(),
+                to: t.to.clone(),
+                licensed: t.licensed,
+                peak: t.peak,
+                seat_hours: t.seat_hours,
+                overdraft_seat_hours: t.overdraft_seat_hours,
+                overdraft_peak: t.overdraft_peak,
+                denials: t.denials.values().sum(),
+                reports: r.reports.len(),
+            });
+        }
+    }
+    Ok(Summary {
+        rows,
+        reconciliations: done.into_iter().map(|(_, _, r)| r).collect(),
+    })
+}
+
+/// The summary as CSV: one row per customer server and feature.
+pub fn summary_csv(s: &Summary) -> String {
+    let mut out = String::from(
+        "customer,customer_id,server,feature,from,to,licensed,peak,seat_hours,overdraft_seat_hours,overdraft_peak,denials,reports\n",
+    );
+    for r in &s.rows {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{:.4},{:.4},{},{},{}",
+            csv_field(&r.customer),
+            csv_field(&r.customer_id),
+            csv_field(&r.server),
+            csv_field(&r.feature),
+            r.from,
+            r.to,
+            r.licensed
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "uncounted".into()),
+            r.peak,
+            r.seat_hours,
+            r.overdraft_seat_hours,
+            r.overdraft_peak,
+            r.denials,
+            r.reports
+        );
+    }
+    out
+}
+
+/// The summary as one self-contained HTML page: the summary table, then each
+/// customer's reconciliation with its charts.
+pub fn summary_html(s: &Summary) -> String {
+    let mut body = String::new();
+    let customers: BTreeSet<&str> = s.rows.iter().map(|r| r.customer_id.as_str()).collect();
+    let _ = write!(
+        body,
+        "<h1>Usage summary</h1><p>{} customer(s) &#183; {} server(s)</p>\
+<table class=\"summary\"><thead><tr><th>customer</th><th>customer id</th><th>server</th><th>feature</th><th>from</th><th>to</th>\
+<th>licensed (seats)</th><th>peak (seats)</th><th>seat-hours</th><th>overdraft seat-hours</th><th>overdraft peak (seats)</th><th>denials</th><th>reports</th></tr></thead><tbody>",
+        customers.len(),
+        s.reconciliations.len()
+    );
+    for r in &s.rows {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            html_escape(&r.customer),
+            html_escape(&r.customer_id),
+            html_escape(&r.server),
+            html_escape(&r.feature),
+            r.from,
+            r.to,
+            r.licensed.map(|l| l.to_string()).unwrap_or_else(|| "uncounted".into()),
+            r.peak,
+            r.seat_hours,
+            r.overdraft_seat_hours,
+            r.overdraft_peak,
+            r.denials,
+            r.reports
+        );
+    }
+    body.push_str("</tbody></table>");
+    for r in &s.reconciliations {
+        body.push_str(&reconciliation_body(r, "h2", "h3"));
+    }
+    page("tally usage summary", &body)
+}
+
 /// CSV: one row per feature and period, then one total row per feature.
 pub fn to_csv(r: &Reconciliation) -> String {
     let mut out = String::from(
@@ -715,48 +957,162 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// An inline SVG step chart of seats in use, with the licensed count as a dashed line.
+/// A step for an axis with at most `max_ticks` intervals: 1, 2 or 5 times a power of ten.
+fn seat_step(top: u32, max_ticks: u32) -> u32 {
+    let mut base: u32 = 1;
+    loop {
+        for m in [1u32, 2, 5] {
+            let step = base.saturating_mul(m);
+            if top.div_ceil(step) <= max_ticks || step == u32::MAX {
+                return step;
+            }
+        }
+        base = base.saturating_mul(10);
+    }
+}
+
+/// A step for the time axis with at most about six intervals over `span` seconds, on
+/// whole seconds, minutes, hours, days or weeks (UTC).
+fn time_step(span: u64) -> u64 {
+    const STEPS: [u64; 22] = [
+        1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86_400,
+        172_800, 604_800, 1_209_600, 2_592_000,
+    ];
+    STEPS
+        .iter()
+        .copied()
+        .find(|s| span / s <= 6)
+        .unwrap_or_else(|| span.div_ceil(6).div_ceil(86_400).saturating_mul(86_400))
+}
+
+/// The label of a time tick: the date for steps of a day or more, else the time of day
+/// (with seconds for steps under a minute) under the date where the date changes.
+fn time_label(t: u64, step: u64, with_date: bool) -> (String, Option<String>) {
+    let time = UnixTime(t);
+    if step >= 86_400 {
+        return (time.date(), None);
+    }
+    let secs = t % 86_400;
+    let clock = if step < 60 {
+        format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    } else {
+        format!("{:02}:{:02}", secs / 3600, secs / 60 % 60)
+    };
+    (clock, with_date.then(|| time.date()))
+}
+
+/// An inline SVG step chart of seats in use, with the licensed seats as a dashed step
+/// line from the bundle history, a y-axis in seats with ticks, a time axis with date
+/// and time ticks (UTC), overdraft stretches shaded, and a legend.
 fn chart(f: &FeatureUsage) -> String {
-    let (w, h, pad) = (720.0f64, 200.0f64, 30.0f64);
+    let (w, h) = (760.0f64, 280.0f64);
+    let (left, right, top_pad, bottom) = (56.0f64, 32.0f64, 28.0f64, 56.0f64);
     let (Some(&(t0, _)), Some(&(t1, _))) = (f.timeline.first(), f.timeline.last()) else {
         return String::new();
     };
-    let span = (t1.saturating_sub(t0)).max(1) as f64;
+    let span = t1.saturating_sub(t0).max(1);
     let steps = &f.total.licensed_steps;
     let lic = steps.iter().filter_map(|s| s.seats).max().unwrap_or(0);
-    let top = f.total.peak.max(lic).max(1) as f64;
-    let x = |t: u64| pad + (t.saturating_sub(t0)) as f64 / span * (w - 2.0 * pad);
-    let y = |v: u32| h - pad - v as f64 / top * (h - 2.0 * pad);
-    let mut path = String::new();
-    let mut prev: Option<u32> = None;
-    for &(t, v) in &f.timeline {
-        match prev {
-            None => {
-                let _ = write!(path, "M{:.1},{:.1}", x(t), y(v));
-            }
-            Some(p) => {
-                let _ = write!(path, " L{:.1},{:.1} L{:.1},{:.1}", x(t), y(p), x(t), y(v));
-            }
-        }
-        prev = Some(v);
-    }
+    let highest = f.total.peak.max(lic).max(1);
+    let ystep = seat_step(highest, 5);
+    let ytop = highest.div_ceil(ystep).saturating_mul(ystep);
+    let x = |t: u64| left + t.saturating_sub(t0) as f64 / span as f64 * (w - left - right);
+    let y = |v: u32| h - bottom - v as f64 / ytop as f64 * (h - bottom - top_pad);
     let mut svg = format!(
-        "<svg viewBox=\"0 0 {w} {h}\" width=\"100%\" role=\"img\" aria-label=\"seats in use of {}\">",
+        "<svg class=\"chart\" viewBox=\"0 0 {w} {h}\" width=\"100%\" role=\"img\" aria-label=\"seats in use and licensed of {}\" xmlns=\"http://www.w3.org/2000/svg\">",
         html_escape(&f.feature)
     );
+    // Overdraft stretches, shaded behind the lines.
+    for p in &f.total.overdraft_periods {
+        let _ = write!(
+            svg,
+            "<rect class=\"overdraft\" x=\"{:.1}\" y=\"{top_pad}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#fdd\"><title>overdraft {} to {}: {} seat(s) over</title></rect>",
+            x(p.start_unix),
+            (x(p.end_unix) - x(p.start_unix)).max(1.0),
+            h - bottom - top_pad,
+            p.start,
+            p.end,
+            p.seats
+        );
+    }
+    // The y-axis: seats, with a tick and a grid line per step.
+    svg.push_str("<g class=\"y-axis\">");
     let _ = write!(
         svg,
-        "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/>",
-        h - pad,
-        w - pad,
-        h - pad
+        "<line x1=\"{left}\" y1=\"{top_pad}\" x2=\"{left}\" y2=\"{}\" stroke=\"#333\"/>",
+        h - bottom
+    );
+    let mut v = 0u32;
+    loop {
+        let _ = write!(
+            svg,
+            "<line class=\"grid\" data-seats=\"{v}\" x1=\"{left}\" y1=\"{yv:.1}\" x2=\"{:.1}\" y2=\"{yv:.1}\" stroke=\"#e4e4e4\"/><line class=\"tick\" x1=\"{:.1}\" y1=\"{yv:.1}\" x2=\"{left}\" y2=\"{yv:.1}\" stroke=\"#333\"/><text class=\"tick-label\" data-seats=\"{v}\" x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{v}</text>",
+            w - right,
+            left - 5.0,
+            left - 8.0,
+            y(v) + 4.0,
+            yv = y(v),
+        );
+        if v >= ytop {
+            break;
+        }
+        v = v.saturating_add(ystep);
+    }
+    let _ = write!(
+        svg,
+        "<text class=\"axis-title\" x=\"14\" y=\"{:.1}\" font-size=\"12\" text-anchor=\"middle\" transform=\"rotate(-90 14 {:.1})\">seats</text></g>",
+        (h - bottom + top_pad) / 2.0,
+        (h - bottom + top_pad) / 2.0
+    );
+    // The time axis: ticks on whole steps of UTC time.
+    let tstep = time_step(span);
+    svg.push_str("<g class=\"x-axis\">");
+    let _ = write!(
+        svg,
+        "<line x1=\"{left}\" y1=\"{yb}\" x2=\"{:.1}\" y2=\"{yb}\" stroke=\"#333\"/>",
+        w - right,
+        yb = h - bottom
+    );
+    let mut t = t0.div_ceil(tstep).saturating_mul(tstep);
+    let mut last_date = String::new();
+    while t <= t1 {
+        let date = UnixTime(t).date();
+        let (label, under) = time_label(t, tstep, date != last_date);
+        last_date = date;
+        let xt = x(t);
+        let _ = write!(
+            svg,
+            "<line class=\"tick\" x1=\"{xt:.1}\" y1=\"{yb}\" x2=\"{xt:.1}\" y2=\"{:.1}\" stroke=\"#333\"/><text class=\"tick-label\" data-unix=\"{t}\" x=\"{xt:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{label}</text>",
+            h - bottom + 5.0,
+            h - bottom + 17.0,
+            yb = h - bottom
+        );
+        if let Some(d) = under {
+            let _ = write!(
+                svg,
+                "<text class=\"tick-date\" x=\"{xt:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\" fill=\"#555\">{d}</text>",
+                h - bottom + 30.0
+            );
+        }
+        match t.checked_add(tstep) {
+            Some(next) => t = next,
+            None => break,
+        }
+    }
+    let _ = write!(
+        svg,
+        "<text class=\"axis-title\" x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" text-anchor=\"middle\">time (UTC), {} to {}</text></g>",
+        left + (w - left - right) / 2.0,
+        h - 6.0,
+        UnixTime(t0),
+        UnixTime(t1)
     );
     if lic > 0 {
         // The licensed seats as a dashed step line (uncounted stretches are left out).
         let mut line = String::new();
         let mut prev: Option<u32> = None;
         for (i, s) in steps.iter().enumerate() {
-            let until = steps.get(i + 1).map_or(t1, |n| n.from_unix);
+            let until = steps.get(i + 1).map_or(t1, |n| n.from_unix).min(t1);
             match s.seats {
                 Some(v) => {
                     let verb = if prev.is_some() { 'L' } else { 'M' };
@@ -773,56 +1129,103 @@ fn chart(f: &FeatureUsage) -> String {
                 None => prev = None,
             }
         }
-        let last = f.total.licensed.unwrap_or(lic);
         let _ = write!(
             svg,
-            "<path d=\"{}\" fill=\"none\" stroke=\"#c00\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#c00\">licensed {last}</text>",
-            line.trim_end(),
-            w - pad - 70.0,
-            y(last) - 4.0
+            "<path class=\"licensed\" d=\"{}\" fill=\"none\" stroke=\"#c00\" stroke-width=\"1.5\" stroke-dasharray=\"6 4\"/>",
+            line.trim_end()
         );
+    }
+    let mut path = String::new();
+    let mut prev: Option<u32> = None;
+    for &(t, v) in &f.timeline {
+        match prev {
+            None => {
+                let _ = write!(path, "M{:.1},{:.1}", x(t), y(v));
+            }
+            Some(p) => {
+                let _ = write!(path, " L{:.1},{:.1} L{:.1},{:.1}", x(t), y(p), x(t), y(v));
+            }
+        }
+        prev = Some(v);
     }
     let _ = write!(
         svg,
-        "<path d=\"{path}\" fill=\"none\" stroke=\"#1f5fbf\" stroke-width=\"1.5\"/><text x=\"{pad}\" y=\"{}\" font-size=\"11\">{}</text><text x=\"{:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">{}</text><text x=\"4\" y=\"{:.1}\" font-size=\"11\">{}</text></svg>",
-        h - 10.0,
-        UnixTime(t0),
-        w - pad,
-        h - 10.0,
-        UnixTime(t1),
-        y(f.total.peak) + 4.0,
-        f.total.peak
+        "<path class=\"in-use\" d=\"{path}\" fill=\"none\" stroke=\"#1f5fbf\" stroke-width=\"2\"/>\
+<g class=\"legend\" font-size=\"11\"><line x1=\"{left}\" y1=\"12\" x2=\"{:.1}\" y2=\"12\" stroke=\"#1f5fbf\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"16\">seats in use</text>\
+<line x1=\"{:.1}\" y1=\"12\" x2=\"{:.1}\" y2=\"12\" stroke=\"#c00\" stroke-width=\"1.5\" stroke-dasharray=\"6 4\"/><text x=\"{:.1}\" y=\"16\">seats licensed</text>\
+<rect x=\"{:.1}\" y=\"6\" width=\"18\" height=\"10\" fill=\"#fdd\"/><text x=\"{:.1}\" y=\"16\">overdraft</text></g></svg>",
+        left + 24.0,
+        left + 28.0,
+        left + 120.0,
+        left + 144.0,
+        left + 148.0,
+        left + 250.0,
+        left + 272.0,
     );
     svg
 }
 
-/// A self-contained HTML page (inline CSS and SVG, no network) that prints well.
-pub fn to_html(r: &Reconciliation) -> String {
+/// A self-contained HTML page (inline CSS and SVG, no network) that prints well; the
+/// markup is also well-formed XML, so tools can read it.
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/><title>{}</title><style>\
+body{{font-family:system-ui,sans-serif;margin:2em;color:#111}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}\
+td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}th:first-child,td:first-child{{text-align:left}}\
+table.summary td:nth-child(-n+6),table.summary th:nth-child(-n+6){{text-align:left}}\
+section{{page-break-inside:avoid;margin-bottom:2em}}@media print{{body{{margin:0}}}}</style></head><body>{body}</body></html>\n",
+        html_escape(title)
+    )
+}
+
+/// One reconciliation as HTML: a heading, then per feature (sorted by name) the chart,
+/// the licensed seats over time, the overdraft stretches and the figures per period.
+fn reconciliation_body(r: &Reconciliation, h_top: &str, h_feature: &str) -> String {
     let mut out = String::new();
     let _ = write!(
         out,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tally usage: {}</title><style>\
-body{{font-family:system-ui,sans-serif;margin:2em;color:#111}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}\
-td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}th:first-child,td:first-child{{text-align:left}}\
-section{{page-break-inside:avoid;margin-bottom:2em}}@media print{{body{{margin:0}}}}</style></head><body>",
-        html_escape(&r.customer)
-    );
-    let _ =
-        write!(
-        out,
-        "<h1>Usage reconciliation</h1><p>Customer {} &middot; bundle {} &middot; reports {}</p>",
+        "<{h_top}>Usage reconciliation: {}</{h_top}><p>Customer {} &#183; bundles {} &#183; reports {}</p>",
+        html_escape(&r.customer),
         html_escape(&r.customer),
         html_escape(&r.bundle),
         r.reports.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
     );
-    for f in &r.features {
+    let mut features: Vec<&FeatureUsage> = r.features.iter().collect();
+    features.sort_by(|a, b| a.feature.cmp(&b.feature));
+    for f in features {
         let _ = write!(
             out,
-            "<section><h2>{}</h2>{}",
+            "<section class=\"feature\" data-feature=\"{}\"><{h_feature}>{}</{h_feature}>{}",
+            html_escape(&f.feature),
             html_escape(&f.feature),
             chart(f)
         );
-        out.push_str("<table><tr><th>period</th><th>licensed</th><th>peak</th><th>average</th><th>seat-hours</th><th>overdraft seat-hours</th><th>overdraft peak</th><th>hours at 100%</th><th>denials</th><th>users</th><th>hosts</th></tr>");
+        out.push_str("<table class=\"licensed\"><caption>Seats licensed</caption><thead><tr><th>from</th><th>seats</th><th>source</th></tr></thead><tbody>");
+        for s in &f.total.licensed_steps {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                s.from,
+                s.seats
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "uncounted".into()),
+                html_escape(&s.source)
+            );
+        }
+        out.push_str("</tbody></table>");
+        out.push_str("<table class=\"overdraft\"><caption>Overdraft periods</caption><thead><tr><th>start</th><th>end</th><th>seats over licence (most)</th><th>overdraft seat-hours</th></tr></thead><tbody>");
+        if f.total.overdraft_periods.is_empty() {
+            out.push_str("<tr><td colspan=\"4\">none</td></tr>");
+        }
+        for p in &f.total.overdraft_periods {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
+                p.start, p.end, p.seats, p.seat_hours
+            );
+        }
+        out.push_str("</tbody></table>");
+        out.push_str("<table class=\"periods\"><caption>By report period</caption><thead><tr><th>period</th><th>licensed (seats)</th><th>peak (seats)</th><th>average (seats)</th><th>seat-hours</th><th>overdraft seat-hours</th><th>overdraft peak (seats)</th><th>hours at 100%</th><th>denials</th><th>users</th><th>hosts</th></tr></thead><tbody>");
         let rows = f
             .periods
             .iter()
@@ -832,7 +1235,7 @@ section{{page-break-inside:avoid;margin-bottom:2em}}@media print{{body{{margin:0
             let denials: Vec<String> = s.denials.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             let _ = write!(
                 out,
-                "<tr><td>{label}<br><small>{} – {}</small></td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{label}<br/><small>{} to {}</small></td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 s.from,
                 s.to,
                 s.licensed.map(|l| l.to_string()).unwrap_or_else(|| "uncounted".into()),
@@ -847,10 +1250,17 @@ section{{page-break-inside:avoid;margin-bottom:2em}}@media print{{body{{margin:0
                 s.distinct_hosts
             );
         }
-        out.push_str("</table></section>");
+        out.push_str("</tbody></table></section>");
     }
-    out.push_str("</body></html>\n");
     out
+}
+
+/// A self-contained HTML page (inline CSS and SVG, no network) that prints well.
+pub fn to_html(r: &Reconciliation) -> String {
+    page(
+        &format!("tally usage: {}", r.customer),
+        &reconciliation_body(r, "h1", "h2"),
+    )
 }
 
 #[cfg(test)]
@@ -1028,6 +1438,13 @@ mod licence_tests {
         assert_eq!(s.overdraft_peak, 4);
         assert!((s.overdraft_seat_hours - 4.0 * 20.0 / 3600.0).abs() < 1e-12);
         assert!((s.hours_at_full - 40.0 / 3600.0).abs() < 1e-12);
+        // One stretch of overdraft: from the expiry to the release.
+        let over: Vec<(u64, u64, u32)> = s
+            .overdraft_periods
+            .iter()
+            .map(|p| (p.start_unix, p.end_unix, p.seats))
+            .collect();
+        assert_eq!(over, vec![(150, 170, 4)]);
     }
 
     #[test]
@@ -1065,5 +1482,14 @@ mod licence_tests {
         assert_eq!(s.overdraft_peak, 4);
         let over = (2.0 * 10.0 + 4.0 * 20.0) / 3600.0;
         assert!((s.overdraft_seat_hours - over).abs() < 1e-12, "{s:?}");
+        // Two stretches, each with its own seats over the licence, and the seat-hours add up.
+        let periods: Vec<(u64, u64, u32)> = s
+            .overdraft_periods
+            .iter()
+            .map(|p| (p.start_unix, p.end_unix, p.seats))
+            .collect();
+        assert_eq!(periods, vec![(110, 120, 2), (150, 170, 4)]);
+        let sum: f64 = s.overdraft_periods.iter().map(|p| p.seat_hours).sum();
+        assert!((sum - over).abs() < 1e-12);
     }
 }

@@ -419,6 +419,11 @@ impl VendorSite {
                 "[[feature]]\nname = \"{name}\"\nseats = {seats}\n"
             ));
         }
+        self.issue_spec(id, &spec)
+    }
+
+    /// Issues bundle `id` from the spec text `spec` into the bundle directory.
+    pub fn issue_spec(&self, id: &str, spec: &str) -> PathBuf {
         let spec_path = self.path(&format!("{id}.toml"));
         std::fs::write(&spec_path, spec).unwrap();
         let out = self.path(&format!("bundles/{id}.bundle"));
@@ -433,6 +438,16 @@ impl VendorSite {
             .arg("--out")
             .arg(&out)));
         out
+    }
+
+    /// Turns the operations endpoint (metrics, dashboard) on, on a free loopback port.
+    pub fn enable_http(&self) {
+        let config = std::fs::read_to_string(self.path("tallyd.toml")).unwrap();
+        std::fs::write(
+            self.path("tallyd.toml"),
+            config.replace("http = false", "http_listen = \"127.0.0.1:0\""),
+        )
+        .unwrap();
     }
 
     /// `tallyd run` with the site's config.

@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: headless Chromium, driven through chromedriver's
-//! WebDriver protocol, loads the page, shows the seats the daemon holds, takes the admin
-//! token, removes a lease with its button and shows the seat free. A screenshot is kept
-//! in `target/test-artifacts/dashboard.png`.
+//! WebDriver protocol, loads the page of a `tallyd run` serving a vendor's bundle, shows
+//! the seats the daemon holds (overdraft, an uncounted feature's users, the bundles),
+//! refuses a wrong admin token and takes the right one, removes a lease with its button
+//! and reloads an add-on with its. A screenshot is kept in
+//! `target/test-artifacts/dashboard.png`.
 
 use base64::Engine;
 use serde_json::{json, Value};
@@ -10,7 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tally_tests::{wait_until, Daemon};
+use tally_tests::{wait_until, Daemon, Holder};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -204,33 +206,132 @@ fn dechunk(body: &str) -> String {
     out
 }
 
-#[test]
-fn the_dashboard_shows_the_seats_and_removes_a_lease() {
-    ensure_browser();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let daemon = Daemon::start(&data, "127.0.0.1:0", &[]);
-    let http = daemon.http.expect("dashboard address");
-    // A borrowed seat is held by no process: removing it frees it for good.
-    let cache = dir.path().join("cache");
-    let out = daemon
-        .tally()
-        .env("TALLY_CACHE_DIR", &cache)
-        .args(["borrow", "solver", "--for", "1d"])
-        .output()
+/// The site's bundle: a counted feature with overdraft and an end, an uncounted one.
+const SPEC: &str = r#"id = "acme-2031-0007"
+vendor = "Acme Simulation"
+[customer]
+id = "C-1001"
+name = "Example Corp"
+[[feature]]
+name = "solver"
+seats = 2
+overdraft = 1
+expires = "2031-06-30"
+[[feature]]
+name = "viewer"
+seats = "uncounted"
+"#;
+
+/// An add-on delivered while the server runs, loaded by the dashboard's reload button.
+const ADD_ON: &str = r#"id = "acme-2031-0008"
+vendor = "Acme Simulation"
+[customer]
+id = "C-1001"
+name = "Example Corp"
+[[feature]]
+name = "mesher"
+seats = 4
+"#;
+
+impl Driver {
+    fn click(&self, css: &str) {
+        let id = self.find(css).unwrap_or_else(|e| panic!("no {css}: {e}"));
+        self.session_call("POST", &format!("/element/{id}/click"), Some(json!({})))
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).unwrap();
+        self.session_call(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({"text": text})),
+        )
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(daemon.in_use("solver"), 1);
-    let lease = daemon.feature("solver")["holders"][0]["lease"]
+    }
+
+    fn displayed(&self, css: &str) -> bool {
+        self.find(css)
+            .ok()
+            .and_then(|id| {
+                self.session_call("GET", &format!("/element/{id}/displayed"), None)
+                    .ok()
+            })
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+
+    /// Waits (30 s at most) until the text at `css` satisfies `ok`; the text last seen.
+    fn wait_text(&self, css: &str, ok: impl Fn(&str) -> bool) -> Result<String, String> {
+        let mut last = None;
+        let found = wait_until(Duration::from_secs(30), || {
+            last = self.text(css);
+            last.as_deref().is_some_and(&ok)
+        });
+        let last = last.unwrap_or_else(|| "(no such element)".into());
+        if found {
+            Ok(last)
+        } else {
+            Err(last)
+        }
+    }
+}
+
+/// Every lease id `tally status` shows.
+fn leases(daemon: &Daemon) -> Vec<String> {
+    daemon.status()["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["holders"].as_array().unwrap().clone())
+        .map(|h| h["lease"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Issue 15: the dashboard of a `tallyd run` with a vendor's bundle, in headless
+/// Chromium: the overdraft in a feature's row (`3 / 2 (+1 overdraft)`), the users of an
+/// uncounted feature instead of a percentage, customer, vendor and bundle ids; the
+/// token login (a wrong token refused and no admin buttons), the remove button (the
+/// lease gone from `tally status`) and the reload button (an add-on delivered while
+/// running is served, and the page says the reload happened).
+#[test]
+fn the_dashboard_shows_overdraft_users_and_bundles_and_its_buttons_work() {
+    ensure_browser();
+    let site = tally_tests::VendorSite::new();
+    site.enable_http();
+    site.issue_spec("site", SPEC);
+    let daemon = site.daemon();
+    let http = daemon.http.expect("dashboard address");
+    let _two = Holder::start_with(&daemon, &["solver", "--count", "2"], 600);
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 2));
+    let _overdraft = Holder::start_with(&daemon, &["solver"], 600);
+    let _viewer = Holder::start_with(&daemon, &["viewer"], 600);
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 3
+        && daemon.in_use("viewer") == 1));
+    let solver = daemon.feature("solver");
+    assert_eq!(solver["overdraft_in_use"], 1);
+    let one = solver["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["count"] == 1)
+        .expect("the one-seat holder")["lease"]
         .as_str()
         .unwrap()
         .to_string();
+    let viewer = &daemon.feature("viewer")["holders"][0];
+    let user = format!(
+        "{}@{}",
+        viewer["user"].as_str().unwrap(),
+        viewer["host"].as_str().unwrap()
+    );
 
-    let driver = Driver::start(&dir.path().join("profile"));
+    let profile = tempfile::tempdir().unwrap();
+    let driver = Driver::start(profile.path());
     driver
         .session_call(
             "POST",
@@ -238,65 +339,150 @@ fn the_dashboard_shows_the_seats_and_removes_a_lease() {
             Some(json!({"url": format!("http://{http}/")})),
         )
         .expect("loading the dashboard");
-    let cell = "tr[data-feature=\"solver\"] td.in-use";
-    assert!(
-        wait_until(Duration::from_secs(30), || driver.text(cell).as_deref()
-            == Some("1")),
-        "the page does not show the seat the daemon holds: {:?}",
-        driver.text(cell)
+
+    // What an admin reads.
+    let usage = "tr[data-feature=\"solver\"] td.usage";
+    driver
+        .wait_text(usage, |t| t.trim() == "3 / 2 (+1 overdraft)")
+        .unwrap_or_else(|t| panic!("the solver row does not show the overdraft: {t:?}"));
+    assert_eq!(
+        driver
+            .text("tr[data-feature=\"solver\"] td.in-use")
+            .as_deref(),
+        Some("3")
     );
     assert_eq!(
         driver
             .text("tr[data-feature=\"solver\"] td.total")
             .as_deref(),
-        Some("5")
+        Some("2")
     );
+    assert_eq!(
+        driver
+            .text("tr[data-feature=\"solver\"] td.expires")
+            .as_deref(),
+        Some("last day 2031-06-30")
+    );
+    assert_eq!(
+        driver
+            .text("tr[data-feature=\"solver\"] td.bundles")
+            .as_deref(),
+        Some("acme-2031-0007")
+    );
+    let viewer_usage = driver
+        .text("tr[data-feature=\"viewer\"] td.usage")
+        .unwrap_or_default();
+    assert_eq!(viewer_usage.trim(), format!("1 user: {user}"));
     assert_eq!(
         driver
             .text("tr[data-feature=\"viewer\"] td.total")
             .as_deref(),
-        Some("20")
+        Some("uncounted")
+    );
+    let meta = driver.text("#meta").unwrap_or_default();
+    assert!(
+        meta.contains("Example Corp (customer C-1001)") && meta.contains("vendor Acme Simulation"),
+        "{meta}"
+    );
+    let bundle = driver
+        .text("tr[data-bundle=\"acme-2031-0007\"]")
+        .unwrap_or_default();
+    assert!(
+        bundle.contains("Acme Simulation") && bundle.contains("Example Corp (C-1001)"),
+        "{bundle}"
     );
 
-    // No remove button before logging in with the token.
-    let button = format!("button.remove[data-lease=\"{lease}\"]");
-    assert!(driver.find(&button).is_err());
-    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
-    let field = driver.find("#token").unwrap();
-    driver
-        .session_call(
-            "POST",
-            &format!("/element/{field}/value"),
-            Some(json!({"text": token.trim()})),
-        )
-        .unwrap();
-    let login = driver.find("#login").unwrap();
-    driver
-        .session_call("POST", &format!("/element/{login}/click"), Some(json!({})))
-        .unwrap();
+    screenshot(&driver, "dashboard-overdraft.png");
+
+    // Login: a wrong token is refused and shows no admin buttons; the right one does.
+    let button = format!("button.remove[data-lease=\"{one}\"]");
     assert!(
-        wait_until(Duration::from_secs(30), || driver.find(&button).is_ok()),
-        "no remove button after logging in"
+        driver.find(&button).is_err(),
+        "a remove button before login"
     );
-    let id = driver.find(&button).unwrap();
+    assert!(!driver.displayed("#reload"), "a reload button before login");
+    driver.type_into("#token", "not-the-admin-token");
+    driver.click("#login");
     driver
-        .session_call("POST", &format!("/element/{id}/click"), Some(json!({})))
-        .unwrap();
+        .wait_text("#message", |t| t == "refused: wrong admin token")
+        .unwrap_or_else(|t| panic!("a wrong token was not refused: {t:?}"));
     assert!(
-        wait_until(Duration::from_secs(30), || daemon.in_use("solver") == 0),
-        "the click did not free the seat"
+        driver.find(&button).is_err(),
+        "a remove button for a wrong token"
     );
     assert!(
-        wait_until(Duration::from_secs(30), || driver.text(cell).as_deref()
-            == Some("0")),
-        "the page does not show the seat free"
+        !driver.displayed("#reload"),
+        "a reload button for a wrong token"
     );
+    let token = std::fs::read_to_string(site.path("data/admin.token")).unwrap();
+    driver.type_into("#token", token.trim());
+    driver.click("#login");
+    driver
+        .wait_text("#message", |t| t == "signed in as administrator")
+        .unwrap_or_else(|t| panic!("the token was not taken: {t:?}"));
+    assert!(
+        wait_until(Duration::from_secs(30), || driver.find(&button).is_ok()
+            && driver.displayed("#reload")),
+        "no admin buttons after logging in"
+    );
+
+    // Remove: the lease is gone from the server, and the page says so.
+    driver.click(&button);
+    assert!(
+        wait_until(Duration::from_secs(30), || !leases(&daemon).contains(&one)),
+        "the remove button did not remove {one}"
+    );
+    assert_eq!(daemon.in_use("solver"), 2);
+    driver
+        .wait_text("#message", |t| t == format!("removed {one}"))
+        .unwrap_or_else(|t| panic!("the page does not report the removal: {t:?}"));
+    driver
+        .wait_text(usage, |t| t.trim() == "2 / 2 (100 %)")
+        .unwrap_or_else(|t| panic!("the page does not show the seat free: {t:?}"));
+    assert!(
+        wait_until(Duration::from_secs(30), || driver
+            .find(&format!("tr[data-lease=\"{one}\"]"))
+            .is_err()),
+        "the removed lease is still listed"
+    );
+
+    // Reload: an add-on delivered while running is served after the button.
+    site.issue_spec("add-on", ADD_ON);
+    assert!(
+        daemon.status()["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["name"] != "mesher"),
+        "mesher served before the reload"
+    );
+    driver.click("#reload");
+    // The page shows the server's answer (its wording is the server's, so only its
+    // gist is checked here).
+    driver
+        .wait_text("#message", |t| {
+            t.to_lowercase().contains("reloaded") && !t.starts_with("refused")
+        })
+        .unwrap_or_else(|t| panic!("the page does not report the reload: {t:?}"));
+    assert_eq!(daemon.feature("mesher")["total"], 4);
+    driver
+        .wait_text("tr[data-feature=\"mesher\"] td.total", |t| t == "4")
+        .unwrap_or_else(|t| panic!("the page does not show the add-on: {t:?}"));
+    assert!(driver.find("tr[data-bundle=\"acme-2031-0008\"]").is_ok());
+    // Every lease kept across the reload.
+    assert_eq!(daemon.in_use("solver"), 2);
+
+    screenshot(&driver, "dashboard.png");
+}
+
+/// Keeps a screenshot of the page in `target/test-artifacts/NAME`.
+fn screenshot(driver: &Driver, name: &str) {
     let shot = driver.session_call("GET", "/screenshot", None).unwrap();
     let png = base64::engine::general_purpose::STANDARD
         .decode(shot.as_str().unwrap())
         .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    std::fs::write(artifacts.join("dashboard.png"), &png).unwrap();
-    assert!(png.starts_with(b"\x89PNG"));
+    std::fs::write(artifacts.join(name), &png).unwrap();
 }

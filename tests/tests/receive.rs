@@ -297,6 +297,13 @@ fn tallyd_uploads_are_stored_once_and_a_forged_report_is_refused_and_stays_spool
         "C-1001",
         "stored under the customer's id"
     );
+    // And the receiver's tree is what `reconcile --dir` sums up (its lock file aside).
+    let out = ok(run(Command::new(bin("tally-publisher"))
+        .args(["reconcile", "--format", "csv", "--dir"])
+        .arg(&inbox)
+        .arg("--bundle")
+        .arg(vendor.path().join("issued/C-1001"))));
+    assert!(out.contains("C-1001") && out.contains("solver"), "{out}");
 }
 
 /// A POST of `body` to the receiver: (status, reason text).
