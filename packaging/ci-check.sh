@@ -38,7 +38,7 @@ name = "CI site"
 name = "solver"
 seats = 2
 SPEC
-tally-publisher issue --key "$work/vendor.key" --spec "$work/spec.toml" \
+tally-publisher issue --vendor-key "$work/vendor.key" --spec "$work/spec.toml" \
     --request "$work/activation.req" --out "$work/ci.bundle" >/dev/null
 # A machine that ran this check before keeps its server key; the earlier CI bundle was
 # signed by an earlier CI vendor key and goes.

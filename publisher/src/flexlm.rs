@@ -702,7 +702,7 @@ fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> Str
     );
     let _ = writeln!(
         out,
-        "#   tally-publisher issue --key vendor.key --spec THIS_FILE --request activation.req --out customer.bundle"
+        "#   tally-publisher issue --vendor-key vendor.key --spec THIS_FILE --request activation.req --out customer.bundle"
     );
     if !header.is_empty() {
         let _ = writeln!(out, "#\n# From the license file:");

@@ -1,5 +1,6 @@
 //! `tally-publisher`: the vendor's tool. Keys, bundles, activation requests, return
-//! proofs, FlexLM import. Works on files only; never needs a network.
+//! proofs, FlexLM import, usage reports. Works on files only, except `receive`, the
+//! server tallyd uploads its reports to.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,9 +38,9 @@ enum Command {
     },
     /// Issue a bundle from a spec, bound to the server of an activation request.
     Issue {
-        /// The vendor secret key.
-        #[arg(long)]
-        key: PathBuf,
+        /// The vendor secret key (the `.key` file of `keygen`).
+        #[arg(long, alias = "key")]
+        vendor_key: PathBuf,
         /// The bundle spec (TOML).
         #[arg(long)]
         spec: PathBuf,
@@ -49,6 +50,10 @@ enum Command {
         /// Where to write the bundle.
         #[arg(long)]
         out: PathBuf,
+        /// Issue even if a feature or the bundle has already ended (warns on stderr);
+        /// without it such a spec is refused with exit 65.
+        #[arg(long)]
+        allow_expired: bool,
     },
     /// Show what a tally file (bundle, activation request, return proof, key) says.
     Inspect {
@@ -60,7 +65,7 @@ enum Command {
     },
     /// Check that a bundle is intact and signed by the given vendor key.
     Verify {
-        /// The vendor public key.
+        /// The vendor public key (the `.pub` file of `keygen`).
         #[arg(long)]
         vendor_pub: PathBuf,
         /// The bundle.
@@ -111,6 +116,31 @@ enum Command {
         #[arg(required_unless_present = "dir")]
         reports: Vec<PathBuf>,
     },
+    /// Receive the usage reports tallyd uploads (`report_upload_url`): verify each against
+    /// the customer's bundles and the chain stored so far, store it once, durably.
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:8443 (with --tls-cert) or 127.0.0.1:8080
+        /// (plain HTTP behind your TLS proxy).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Where reports are stored: DIR/CUSTOMER/SERVER-KEY/tally-report-N.report.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The bundles you issued (`*.bundle`, also one subdirectory level per customer
+        /// and one below); a report is accepted only from a server one of them binds.
+        #[arg(long)]
+        bundles: PathBuf,
+        /// TLS certificate chain (PEM) to serve HTTPS with; without it plain HTTP, on a
+        /// loopback address only.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM, mode 0600).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Largest report accepted, MiB (larger: 413).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=512))]
+        max_report_mib: u64,
+    },
     /// Turn a FlexLM license file into a bundle spec to review and issue.
     ImportFlexlm {
         /// The FlexLM license file.
@@ -158,15 +188,30 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keygen { out } => keygen(&out),
         Command::Issue {
-            key,
+            vendor_key,
             spec,
             request,
             out,
-        } => issue(&key, &spec, &request, &out),
+            allow_expired,
+        } => issue(&vendor_key, &spec, &request, &out, allow_expired),
         Command::Inspect { file, json } => inspect(&file, json),
         Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
         Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
         Command::ImportFlexlm { license, out } => import_flexlm(&license, &out),
+        Command::Receive {
+            listen,
+            dir,
+            bundles,
+            tls_cert,
+            tls_key,
+            max_report_mib,
+        } => receive(
+            listen,
+            &dir,
+            &bundles,
+            tls_cert.as_deref().zip(tls_key.as_deref()),
+            max_report_mib,
+        ),
         Command::VerifyReport { bundle, reports } => {
             verify_reports(&bundle, &reports).map(|links| {
                 let events: usize = links.iter().map(|l| l.report.report.events.len()).sum();
@@ -318,7 +363,13 @@ fn load_public(path: &Path) -> Result<PublicKey, Failure> {
         .map_err(data)
 }
 
-fn issue(key: &Path, spec_path: &Path, request: &Path, out: &Path) -> Result<(), Failure> {
+fn issue(
+    key: &Path,
+    spec_path: &Path,
+    request: &Path,
+    out: &Path,
+    allow_expired: bool,
+) -> Result<(), Failure> {
     let vendor = load_secret(key)?;
     let spec = Spec::parse(spec_path, &read(spec_path)?).map_err(data)?;
     let request = activation::request_from_armored(&read(request)?)
@@ -338,6 +389,21 @@ fn issue(key: &Path, spec_path: &Path, request: &Path, out: &Path) -> Result<(),
     let bundle = spec
         .to_bundle(spec_path, &request, default_id, issued)
         .map_err(data)?;
+    // A bundle that has already ended would be refused or count nothing at the customer:
+    // almost always a typo in a date, caught here rather than by the customer's IT.
+    let ended = tally_publisher::spec::already_ended(&bundle, issued);
+    if !ended.is_empty() {
+        if !allow_expired {
+            return Err(data(anyhow!(
+                "{}: {}; fix the dates, or pass --allow-expired to issue it anyway",
+                spec_path.display(),
+                ended.join("; ")
+            )));
+        }
+        for what in &ended {
+            eprintln!("tally-publisher: warning: {}: {what}", spec_path.display());
+        }
+    }
     let signed = bundle::sign(&bundle, &vendor);
     write_new(out, &bundle::to_armored(&signed), 0o644).map_err(usage)?;
     println!(
@@ -805,6 +871,102 @@ fn write_output(out: Option<&Path>, text: &str, reports: usize) -> Result<(), Fa
     Ok(())
 }
 
+/// sysexits: service unavailable (the address cannot be bound).
+const EX_UNAVAILABLE: u8 = 69;
+
+fn receive(
+    listen: std::net::SocketAddr,
+    dir: &Path,
+    bundles: &Path,
+    tls: Option<(&Path, &Path)>,
+    max_report_mib: u64,
+) -> Result<(), Failure> {
+    use tally_publisher::receive;
+    for (what, d) in [("--dir", dir), ("--bundles", bundles)] {
+        if !d.is_dir() {
+            return Err(usage(anyhow!("{what} {}: not a directory", d.display())));
+        }
+    }
+    let tls = match tls {
+        Some((cert, key)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(key)
+                .with_context(|| format!("{}", key.display()))
+                .map_err(usage)?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(usage(anyhow!(
+                    "{}: private key is readable by group or others (mode {:o}); run `chmod 600 {}`",
+                    key.display(),
+                    mode & 0o777,
+                    key.display()
+                )));
+            }
+            Some(receive::tls_config(cert, key).map_err(usage)?)
+        }
+        // tallyd uploads over https only: plain HTTP is for a TLS proxy on this machine.
+        None if !listen.ip().is_loopback() => {
+            return Err(usage(anyhow!(
+                "without --tls-cert and --tls-key the receiver speaks plain HTTP, which it does \
+                 only on a loopback address (behind your TLS proxy); {listen} is not one"
+            )))
+        }
+        None => None,
+    };
+    // One receiver per directory: "follows the last stored report" is decided under a
+    // lock held in this process only. The lock goes with the process.
+    let lock_path = dir.join(".tally-receive.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .open(&lock_path)
+        .with_context(|| format!("{}", lock_path.display()))
+        .map_err(usage)?;
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Failure(
+                75,
+                anyhow!("another tally-publisher receive is using {}", dir.display()),
+            ));
+        }
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .map_err(|e| Failure(70, e))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))
+            .map_err(|e| Failure(EX_UNAVAILABLE, e))?;
+        let local = listener.local_addr().map_err(|e| Failure(70, e.into()))?;
+        println!(
+            "tally-publisher receive: receiving usage reports on {scheme}://{local}/ into {} (bundles from {})",
+            dir.display(),
+            bundles.display()
+        );
+        let _ = std::io::stdout().flush();
+        let inbox = std::sync::Arc::new(receive::Inbox::new(dir, bundles));
+        let options = receive::Options {
+            max_bytes: (max_report_mib * 1024 * 1024) as usize,
+            tls,
+        };
+        let served = receive::serve(listener, inbox, options)
+            .await
+            .context("serving")
+            .map_err(|e| Failure(70, e));
+        drop(lock);
+        served
+    })
+}
+
 /// Deepest directory level `reconcile --dir` descends to.
 const MAX_DIR_DEPTH: usize = 16;
 /// Most files `reconcile --dir` reads.
@@ -949,6 +1111,6 @@ fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
             }
         }
     }
-    println!("fill in [customer], review, then: tally-publisher issue --key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
+    println!("fill in [customer], review, then: tally-publisher issue --vendor-key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
     Ok(())
 }

@@ -266,6 +266,31 @@ impl Spec {
     }
 }
 
+/// What of `bundle` has already ended at `now`: the bundle's `valid_until` and each
+/// feature's `expires`, said as the spec says them (the last valid day). Empty when
+/// everything is still valid.
+pub fn already_ended(bundle: &Bundle, now: UnixTime) -> Vec<String> {
+    let mut ended = Vec::new();
+    if let Some(until) = bundle.valid_until.filter(|u| *u <= now) {
+        ended.push(format!(
+            "the bundle ended on {} (valid_until), before today {}",
+            until.last_day(),
+            now.date()
+        ));
+    }
+    for f in &bundle.features {
+        if let Some(expires) = f.expires.filter(|e| *e <= now) {
+            ended.push(format!(
+                "feature '{}' expired on {}, before today {}",
+                f.name,
+                expires.last_day(),
+                now.date()
+            ));
+        }
+    }
+    ended
+}
+
 /// Quotes a string as a TOML basic string.
 pub fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);

@@ -92,7 +92,7 @@ seats = "uncounted"
     let bundle_path = dir.path().join("c1.bundle");
     let out = publisher()
         .arg("issue")
-        .arg("--key")
+        .arg("--vendor-key")
         .arg(&secret)
         .arg("--spec")
         .arg(&spec)
@@ -378,4 +378,196 @@ fn import_refuses_impossible_dates_by_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("broken.lic"));
+}
+
+/// A vendor key pair (`vendor.key`, `vendor.pub`) and an activation request in `dir`.
+fn vendor_and_request(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = publisher()
+        .arg("keygen")
+        .arg("--out")
+        .arg(dir.join("vendor"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let request = request_file(dir, &SecretKey::from_seed([7; 32]));
+    (dir.join("vendor.key"), request)
+}
+
+fn issue_cmd(key_flag: &str, key: &Path, spec: &Path, request: &Path, out: &Path) -> Command {
+    let mut cmd = publisher();
+    cmd.arg("issue")
+        .arg(key_flag)
+        .arg(key)
+        .arg("--spec")
+        .arg(spec)
+        .arg("--request")
+        .arg(request)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
+#[test]
+fn issue_refuses_an_ended_feature_or_bundle_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, request) = vendor_and_request(dir.path());
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        r#"
+vendor = "Acme"
+valid_until = "2021-06-30"
+[customer]
+id = "C-1"
+name = "Example"
+[[feature]]
+name = "solver"
+seats = 2
+expires = "2020-12-31"
+[[feature]]
+name = "viewer"
+seats = 1
+"#,
+    )
+    .unwrap();
+    let out_path = dir.path().join("c1.bundle");
+    let out = issue_cmd("--vendor-key", &key, &spec, &request, &out_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("spec.toml"), "{stderr}");
+    assert!(
+        stderr.contains("feature 'solver' expired on 2020-12-31"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the bundle ended on 2021-06-30 (valid_until)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--allow-expired"), "{stderr}");
+    assert!(!stderr.contains("viewer"), "{stderr}");
+    assert!(!out_path.exists(), "nothing written when refused");
+
+    let out = issue_cmd("--vendor-key", &key, &spec, &request, &out_path)
+        .arg("--allow-expired")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("feature 'solver' expired on 2020-12-31"),
+        "{stderr}"
+    );
+    assert!(out_path.exists());
+
+    // The rule itself, with made-up times: the last valid day is still valid, the next
+    // instant is not.
+    let spec = Spec::parse(
+        Path::new("s.toml"),
+        "vendor = \"A\"\n[customer]\nid = \"C\"\nname = \"N\"\n[[feature]]\nname = \"f\"\nseats = 1\nexpires = \"2027-12-31\"\n",
+    )
+    .unwrap();
+    let req =
+        activation::request_from_armored(&std::fs::read_to_string(&request).unwrap()).unwrap();
+    let end = UnixTime::from_date("2028-01-01").unwrap();
+    let b = spec
+        .to_bundle(Path::new("s.toml"), &req, "id".into(), UnixTime(end.0 - 1))
+        .unwrap();
+    assert!(tally_publisher::spec::already_ended(&b, UnixTime(end.0 - 1)).is_empty());
+    assert_eq!(
+        tally_publisher::spec::already_ended(&b, end),
+        vec!["feature 'f' expired on 2027-12-31, before today 2028-01-01".to_string()]
+    );
+}
+
+#[test]
+fn vendor_key_flags_are_one_spelling_and_old_ones_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, request) = vendor_and_request(dir.path());
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        "vendor = \"Acme\"\n[customer]\nid = \"C-1\"\nname = \"Example\"\n[[feature]]\nname = \"solver\"\nseats = 2\n",
+    )
+    .unwrap();
+    // Help names `--vendor-key` (the .key file) and `--vendor-pub` (the .pub file) only.
+    let help = publisher().args(["issue", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--vendor-key"), "{help}");
+    assert!(!help.contains("--key "), "{help}");
+    let help = publisher().args(["verify", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--vendor-pub"));
+    // The old spelling `--key` still issues, for scripts written before.
+    let old = dir.path().join("old.bundle");
+    let out = issue_cmd("--key", &key, &spec, &request, &old)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = dir.path().join("new.bundle");
+    let out = issue_cmd("--vendor-key", &key, &spec, &request, &new)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = publisher()
+        .arg("verify")
+        .arg("--vendor-pub")
+        .arg(dir.path().join("vendor.pub"))
+        .arg(&new)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+/// Every key a spec may have (the fields of `Spec`, `CustomerSpec` and `FeatureSpec` in
+/// src/spec.rs, which `deny_unknown_fields` makes the whole list) is named in the README.
+#[test]
+fn readme_documents_every_spec_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(root.join("src/spec.rs")).unwrap();
+    let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
+    let mut keys = Vec::new();
+    for name in [
+        "pub struct Spec {",
+        "pub struct CustomerSpec {",
+        "pub struct FeatureSpec {",
+    ] {
+        let start = source
+            .find(name)
+            .unwrap_or_else(|| panic!("{name} in spec.rs"));
+        let body = &source[start..start + source[start..].find("\n}").unwrap()];
+        for line in body.lines() {
+            if let Some(field) = line
+                .trim()
+                .strip_prefix("pub ")
+                .and_then(|l| l.split_once(':'))
+            {
+                keys.push(field.0.trim().to_string());
+            }
+        }
+    }
+    assert!(keys.len() >= 20, "{keys:?}");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let k = k.as_str();
+            // As a TOML key in the example, or in backticks in the text.
+            let named = readme
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{k} ")))
+                || readme.contains(&format!("`{k}`"))
+                || (k == "feature" && readme.contains("[[feature]]"))
+                || (k == "customer" && readme.contains("[customer]"))
+                || (k == "attributes" && readme.contains("[feature.attributes]"));
+            !named
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "spec keys the README does not name: {missing:?}"
+    );
 }

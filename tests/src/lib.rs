@@ -429,7 +429,7 @@ impl VendorSite {
         let out = self.path(&format!("bundles/{id}.bundle"));
         ok(run(Command::new(bin("tally-publisher"))
             .arg("issue")
-            .arg("--key")
+            .arg("--vendor-key")
             .arg(self.path("vendor.key"))
             .arg("--spec")
             .arg(&spec_path)

@@ -46,7 +46,7 @@ impl Site {
         ok(run(self
             .publisher()
             .arg("issue")
-            .arg("--key")
+            .arg("--vendor-key")
             .arg(self.path("vendor.key"))
             .arg("--spec")
             .arg(&spec_path)

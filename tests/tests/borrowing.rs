@@ -234,7 +234,7 @@ seats = 5
         std::fs::write(site.path("base.toml"), spec).unwrap();
         ok(Command::new(bin("tally-publisher"))
             .arg("issue")
-            .arg("--key")
+            .arg("--vendor-key")
             .arg(site.path("vendor.key"))
             .arg("--spec")
             .arg(site.path("base.toml"))

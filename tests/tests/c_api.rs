@@ -191,12 +191,14 @@ fn vendor_site(root: &Path) -> Daemon {
     std::fs::write(root.join("spec.toml"), SPEC).unwrap();
     ok(Command::new(bin("tally-publisher"))
         .arg("issue")
-        .arg("--key")
+        .arg("--vendor-key")
         .arg(root.join("vendor.key"))
         .arg("--spec")
         .arg(root.join("spec.toml"))
         .arg("--request")
         .arg(root.join("activation.req"))
+        // `oldtool` expired on purpose: the C API must report its end date.
+        .arg("--allow-expired")
         .arg("--out")
         .arg(bundles.join("site.bundle")));
     let config = root.join("tallyd.toml");

@@ -108,7 +108,7 @@ impl Site {
         .unwrap();
         ok(Command::new(bin("tally-publisher"))
             .arg("issue")
-            .arg("--key")
+            .arg("--vendor-key")
             .arg(site.path("vendor.key"))
             .arg("--spec")
             .arg(&spec)

@@ -494,7 +494,7 @@ impl World {
             ok(
                 Command::new(bin("tally-publisher"))
                     .arg("issue")
-                    .arg("--key")
+                    .arg("--vendor-key")
                     .arg(self.path("vendor.key"))
                     .arg("--spec")
                     .arg(&spec_path)

@@ -286,7 +286,7 @@ fn vendor_site(root: &Path, spec: &str) -> Daemon {
     std::fs::write(root.join("spec.toml"), spec).unwrap();
     ok(Command::new(bin("tally-publisher"))
         .arg("issue")
-        .arg("--key")
+        .arg("--vendor-key")
         .arg(root.join("vendor.key"))
         .arg("--spec")
         .arg(root.join("spec.toml"))
