@@ -102,6 +102,10 @@ pub struct DaemonConfig {
     /// Checkouts one IP address may ask for in a burst above the rate.
     #[serde(default = "default_checkout_burst")]
     pub checkout_burst: u32,
+    /// A file that gets every log line too (appended, created 0640), for sites without
+    /// journald; reopened on SIGHUP so that logrotate can move it away.
+    #[serde(default)]
+    pub log_file: Option<PathBuf>,
 }
 
 /// Default most connections at once.
@@ -195,6 +199,7 @@ impl Default for DaemonConfig {
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             checkout_rate: DEFAULT_CHECKOUT_RATE,
             checkout_burst: DEFAULT_CHECKOUT_BURST,
+            log_file: None,
         }
     }
 }
@@ -204,12 +209,14 @@ impl Default for DaemonConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    // `cause`, not `source`: the message already holds it, and an error chain (`{:#}`)
+    // would print it twice ("No such file or directory" twice in one line).
+    #[error("{path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The IO error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is larger than [`MAX_CONFIG_LEN`].
     #[error("{path}: larger than {MAX_CONFIG_LEN} bytes, not a tally config file")]
@@ -240,9 +247,9 @@ pub enum ConfigError {
 impl DaemonConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
-        let read = |source| ConfigError::Read {
+        let read = |cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let len = std::fs::metadata(path).map_err(read)?.len();
         if len > MAX_CONFIG_LEN {
@@ -370,6 +377,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = DaemonConfig::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(err.to_string().contains("missing.toml"), "{err}");
+        // The OS error is in the message, not also in the chain, so a chain printer
+        // (`{:#}` of anyhow) says it once.
+        assert!(std::error::Error::source(&err).is_none(), "{err}");
     }
 }
 

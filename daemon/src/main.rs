@@ -24,6 +24,12 @@ const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 /// sysexits: the software failed at run time.
 const EX_SOFTWARE: u8 = 70;
+/// sysexits: temporary failure, try again (another tallyd holds the data directory).
+const EX_TEMPFAIL: u8 = 75;
+
+/// Target of the line that says why tallyd exits: written to the log file only, since
+/// stderr gets the plain `tallyd: ...` message.
+const EXIT_TARGET: &str = "tallyd_exit";
 
 /// Where `tallyd` looks for its configuration by default.
 const DEFAULT_CONFIG: &str = "/etc/tally/tallyd.toml";
@@ -63,6 +69,10 @@ enum Command {
         /// The configuration file.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Also append every log line to this file (overrides the config's `log_file`);
+        /// reopened on SIGHUP.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
     },
     /// Write a support bundle for the vendor's support: versions, configuration, bundle
     /// summaries, ledger summary and recent log lines. Holds no key and no token.
@@ -169,6 +179,22 @@ enum Failure {
     Data(anyhow::Error),
     /// Failure while serving: exit 70.
     Runtime(anyhow::Error),
+    /// Another tallyd holds the data directory: exit 75.
+    InUse(anyhow::Error),
+}
+
+/// The failure of opening the seat store of `data_dir`: another tallyd holding it is
+/// said as such (exit 75), anything else is a start-up error (64).
+fn store_failure(data_dir: &Path, e: tally_daemon::store::StoreError) -> Failure {
+    match e {
+        tally_daemon::store::StoreError::InUse { path } => Failure::InUse(anyhow!(
+            "another tallyd is using {} (its seat store {} is locked); stop that tallyd \
+             first, or give this one a data directory of its own",
+            data_dir.display(),
+            path.display()
+        )),
+        e => usage(anyhow::Error::from(e).context("opening the seat store")),
+    }
 }
 
 fn usage(e: impl Into<anyhow::Error>) -> Failure {
@@ -187,15 +213,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal; under systemd or in a pipe they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let result = match cli.command {
         Command::Demo(args) => run_demo(args),
         Command::Init(site) => init(&site),
@@ -205,7 +223,7 @@ fn main() -> ExitCode {
             customer_ref,
         } => request(&site, &out, customer_ref),
         Command::CheckConfig { config } => check_config(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config, log_file } => run(&config, log_file.as_deref()),
         Command::Return {
             config,
             bundle,
@@ -213,21 +231,41 @@ fn main() -> ExitCode {
         } => return_bundle(&config, &bundle, &out),
         Command::Diagnose { config, out } => diagnose(&config, &out),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Usage(e)) => {
-            eprintln!("tallyd: {e:#}");
-            ExitCode::from(EX_USAGE)
-        }
-        Err(Failure::Data(e)) => {
-            eprintln!("tallyd: {e:#}");
-            ExitCode::from(EX_DATAERR)
-        }
-        Err(Failure::Runtime(e)) => {
-            eprintln!("tallyd: {e:#}");
-            ExitCode::from(EX_SOFTWARE)
-        }
-    }
+    let (e, code) = match result {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Usage(e)) => (e, EX_USAGE),
+        Err(Failure::Data(e)) => (e, EX_DATAERR),
+        Err(Failure::Runtime(e)) => (e, EX_SOFTWARE),
+        Err(Failure::InUse(e)) => (e, EX_TEMPFAIL),
+    };
+    eprintln!("tallyd: {e:#}");
+    // A site that reads the log file, not stderr, learns why tallyd stopped too.
+    tracing::error!(target: EXIT_TARGET, code, "tallyd: {e:#}");
+    ExitCode::from(code)
+}
+
+/// Log lines go to stderr (journald under systemd) and, once `run` opens one, to the log
+/// file ([`tally_daemon::logfile`]), in the same format without colours.
+/// `RUST_LOG` sets the level (default `info`).
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal; under systemd or in a pipe they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            m.target() != EXIT_TARGET
+        }));
+    let file = tracing_subscriber::fmt::layer()
+        .with_writer(&tally_daemon::logfile::LOG_FILE)
+        .with_ansi(false);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file)
+        .init();
 }
 
 fn init(site: &SiteArgs) -> Result<(), Failure> {
@@ -305,6 +343,35 @@ fn load_policy(path: Option<&Path>) -> Result<Policy, Failure> {
         Some(p) => Policy::load(p).map_err(usage),
         None => Ok(Policy::default()),
     }
+}
+
+/// Warnings about a policy that parses but names features no served bundle has (a
+/// misspelt name, or a bundle not loaded): such a rule never applies, which an admin
+/// wants to hear at load, not when a reservation fails to hold.
+fn policy_warnings(policy_path: Option<&Path>, policy: &Policy, loaded: &Loaded) -> Vec<String> {
+    let Some(path) = policy_path else {
+        return Vec::new();
+    };
+    let served: std::collections::BTreeSet<&str> = loaded
+        .served
+        .iter()
+        .flat_map(|(_, b)| b.bundle.features.iter())
+        .flat_map(|f| {
+            std::iter::once(f.name.as_str()).chain(f.components.iter().map(String::as_str))
+        })
+        .collect();
+    policy
+        .named_features()
+        .into_iter()
+        .filter(|(_, feature)| !served.contains(feature))
+        .map(|(kind, feature)| {
+            format!(
+                "policy {}: {kind} rule for feature '{feature}', which no served bundle has \
+                 (misspelt, or its bundle is not loaded): the rule does nothing",
+                path.display()
+            )
+        })
+        .collect()
 }
 
 fn load_site(config_path: &Path) -> Result<Site, Failure> {
@@ -399,9 +466,19 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
         for (feature, secs) in &p.timeout_secs {
             println!("    timeout {feature} {secs} s");
         }
+        for (feature, secs) in &p.borrow_limit_secs {
+            println!("    borrow {feature} at most {} h", secs / 3600);
+        }
+    }
+    if let Some(path) = &c.log_file {
+        println!("  log file      {} (and stderr)", path.display());
     }
     for note in &site.loaded.notes {
         println!("  note: {note}");
+    }
+    // Warnings do not fail the check: the configuration serves, a rule just does nothing.
+    for warning in policy_warnings(c.policy.as_deref(), p, &site.loaded) {
+        println!("  warning: {warning}");
     }
     for refusal in &site.loaded.refused {
         eprintln!("tallyd: {refusal}");
@@ -416,13 +493,29 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
     }
 }
 
-fn run(config_path: &Path) -> Result<(), Failure> {
+fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
+    // The log file first, so that a site reading it learns of every later failure; its
+    // path comes from the config, which `load_site` reads again (and reports).
+    let log_file = log_file.map(Path::to_path_buf).or_else(|| {
+        DaemonConfig::load(config_path)
+            .ok()
+            .and_then(|c| c.log_file)
+    });
+    if let Some(path) = &log_file {
+        tally_daemon::logfile::LOG_FILE
+            .open(path)
+            .with_context(|| format!("log file {}", path.display()))
+            .map_err(usage)?;
+    }
     let site = load_site(config_path)?;
     for refusal in &site.loaded.refused {
         tracing::warn!("{refusal}");
     }
     for note in &site.loaded.notes {
         tracing::info!("{note}");
+    }
+    for warning in policy_warnings(site.config.policy.as_deref(), &site.policy, &site.loaded) {
+        tracing::warn!("{warning}");
     }
     if site.loaded.served.is_empty() {
         tracing::warn!(
@@ -439,8 +532,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         _ => None,
     };
     let store = Store::open_for_serving(&config.data_dir.join("store"))
-        .context("opening the seat store")
-        .map_err(usage)?;
+        .map_err(|e| store_failure(&config.data_dir, e))?;
     let admin_token = identity::load_admin_token(&config.data_dir.join(identity::ADMIN_TOKEN_FILE))
         .map_err(|e| tracing::warn!("admin operations disabled: {e:#}"))
         .ok();
@@ -464,6 +556,9 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         }
         for note in &loaded.notes {
             tracing::info!("{note}");
+        }
+        for warning in policy_warnings(policy_path.as_deref(), &policy, &loaded) {
+            tracing::warn!("{warning}");
         }
         Ok((loaded.bundles(), policy))
     });
@@ -538,7 +633,7 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         "config": redact_config(&config_text),
     });
     match load_site(config_path) {
-        Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e)) => {
+        Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e) | Failure::InUse(e)) => {
             doc["config_error"] = json!(format!("{e:#}"));
         }
         Ok(site) => {
@@ -682,8 +777,12 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
     };
     // sled locks its directory: opening it fails while tallyd runs, which is what makes
     // "stop tallyd, then return" an enforced order rather than advice.
-    let store = Store::open(&site.config.data_dir.join("store"))
-        .map_err(|e| usage(anyhow!("{e}; stop tallyd before returning a bundle")))?;
+    let store = Store::open(&site.config.data_dir.join("store")).map_err(|e| match e {
+        e @ tally_daemon::store::StoreError::InUse { .. } => {
+            Failure::InUse(anyhow!("{e}; stop tallyd before returning a bundle"))
+        }
+        e => usage(anyhow!("{e}; stop tallyd before returning a bundle")),
+    })?;
     let (leases, _) = store.load_leases().map_err(usage)?;
     let features: std::collections::BTreeSet<&str> = bundle
         .bundle
@@ -834,8 +933,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
     let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
     let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(usage)?;
     let store = Store::open_for_serving(&data_dir.join("store"))
-        .context("opening the seat store")
-        .map_err(usage)?;
+        .map_err(|e| store_failure(&data_dir, e))?;
 
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
