@@ -240,7 +240,7 @@ fn main() -> ExitCode {
     };
     eprintln!("tallyd: {e:#}");
     // A site that reads the log file, not stderr, learns why tallyd stopped too.
-    tracing::error!(target: EXIT_TARGET, code, "tallyd: {e:#}");
+    tracing::error!(target: EXIT_TARGET, "exit {code}: {e:#}");
     ExitCode::from(code)
 }
 
