@@ -504,8 +504,8 @@ impl Session {
             demo = hello.demo,
             "hello answered"
         );
-        session.bundles = trust::check_server(&server_key, &hello.bundles, &config.trust)
-            .map_err(|e| {
+        session.bundles =
+            trust::check_server(&server_key, &hello.bundles, &config.trust).map_err(|e| {
                 tracing::debug!(server = %addr, error = %e, "trust check failed");
                 ClientError::Untrusted(e)
             })?;

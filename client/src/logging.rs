@@ -55,7 +55,11 @@ impl Filter {
             default: Some(Level::WARN),
             targets: Vec::new(),
         };
-        for part in directive.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in directive
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             match part.split_once('=') {
                 Some((target, l)) => {
                     if let Ok(l) = level(l) {
@@ -70,7 +74,9 @@ impl Filter {
             }
         }
         // Longest first: the most specific directive wins.
-        filter.targets.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+        filter
+            .targets
+            .sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
         filter
     }
 

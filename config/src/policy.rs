@@ -121,7 +121,11 @@ impl Policy {
             out.extend(rules.iter().map(|r| (kind, r.feature.as_str())));
         }
         out.extend(self.timeout_secs.keys().map(|f| ("timeout", f.as_str())));
-        out.extend(self.borrow_limit_secs.keys().map(|f| ("borrow", f.as_str())));
+        out.extend(
+            self.borrow_limit_secs
+                .keys()
+                .map(|f| ("borrow", f.as_str())),
+        );
         out
     }
 

@@ -74,6 +74,18 @@ fn a_second_tallyd_on_a_used_data_dir_says_another_tallyd_is_using_it_and_exits_
         "{stderr}"
     );
     use_a_seat(&daemon, "solver");
+    // `tallyd return` while tallyd runs: the same code, and nothing recorded.
+    let out = run(Command::new(bin("tallyd"))
+        .arg("return")
+        .arg("--config")
+        .arg(site.path("tallyd.toml"))
+        .args(["--bundle", "C-1001-2026", "--out"])
+        .arg(site.path("C-1001-2026.return")));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("stop tallyd before returning"), "{stderr}");
+    assert!(!site.path("C-1001-2026.return").exists());
+    assert!(!site.path("data/returned-bundles").exists());
     daemon.stop();
 }
 
