@@ -337,6 +337,17 @@ fn tally_log_debug_shows_the_clients_steps_and_not_quinns() {
     let stderr = with_log("debug,quinn_proto=trace", &["status"]);
     assert!(stderr.contains("quinn_proto"), "{stderr}");
 
+    // At the default level a run that goes well says nothing: its own close of the
+    // connection is no "connection closed; reconnecting" warning (it was, now and then).
+    for _ in 0..20 {
+        let out = run(daemon
+            .tally()
+            .env_remove("TALLY_LOG")
+            .args(["run", "solver", "--", "true"]));
+        assert!(out.status.success());
+        assert_eq!(text(&out.stderr), "", "a quiet run printed something");
+    }
+
     // A C program: TALLY_LOG gives it the same lines on stderr.
     let c = tally_tests::c::compile(
         &[tally_tests::c::root().join("client/examples/c/checkout.c")],
