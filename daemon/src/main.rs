@@ -682,12 +682,24 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
             };
         }
     }
-    let journal = std::process::Command::new("journalctl")
-        .args(["-u", "tallyd", "-n", "200", "--no-pager", "-o", "short-iso"])
-        .output();
-    doc["recent_log"] = match journal {
-        Ok(o) if o.status.success() => json!(String::from_utf8_lossy(&o.stdout)),
-        _ => json!("journalctl not available: attach tallyd's log output"),
+    // A site with a log file reads its log there (it has no journald, or chose not to).
+    let log_file = DaemonConfig::load(config_path)
+        .ok()
+        .and_then(|c| c.log_file);
+    doc["recent_log"] = match log_file {
+        Some(path) => match log_tail(&path, 200) {
+            Ok(lines) => json!(lines),
+            Err(e) => json!(format!("log file {}: {e}", path.display())),
+        },
+        None => {
+            let journal = std::process::Command::new("journalctl")
+                .args(["-u", "tallyd", "-n", "200", "--no-pager", "-o", "short-iso"])
+                .output();
+            match journal {
+                Ok(o) if o.status.success() => json!(String::from_utf8_lossy(&o.stdout)),
+                _ => json!("journalctl not available: attach tallyd's log output"),
+            }
+        }
     };
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Failure::Runtime(e.into()))?;
     // 0600: a support file describes the site (hosts, bundles, paths, log lines).
@@ -699,6 +711,21 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         out.display()
     );
     Ok(())
+}
+
+/// The last `lines` lines of a log file, read from its last 256 KiB only (a log file
+/// grows without bound between rotations).
+fn log_tail(path: &Path, lines: usize) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const WINDOW: u64 = 256 * 1024;
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
+    let mut bytes = Vec::new();
+    file.take(WINDOW).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    Ok(all[all.len().saturating_sub(lines)..].join("\n"))
 }
 
 /// The config file as a support file may show it: credentials in URLs (`user:pass@`,

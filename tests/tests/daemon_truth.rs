@@ -170,6 +170,20 @@ fn the_log_file_gets_every_grant_and_release_line_and_is_reopened_on_sighup() {
     )));
     assert!(grant_and_release(&rotated));
     daemon.stop();
+    // A support bundle of a site without journald carries the log file's last lines.
+    ok(run(Command::new(bin("tallyd"))
+        .arg("diagnose")
+        .arg("--config")
+        .arg(site.path("tallyd.toml"))
+        .arg("--out")
+        .arg(site.path("support.json"))));
+    let support: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(site.path("support.json")).unwrap()).unwrap();
+    let recent = support["recent_log"].as_str().unwrap();
+    assert!(
+        recent.contains(" granted") && recent.contains("stopped"),
+        "{recent}"
+    );
     // Appended across restarts, never truncated.
     let before = std::fs::read_to_string(&log).unwrap();
     let daemon = site.daemon();
