@@ -717,9 +717,19 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
 /// grows without bound between rotations).
 fn log_tail(path: &Path, lines: usize) -> std::io::Result<String> {
     use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
     const WINDOW: u64 = 256 * 1024;
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
+    // Non-blocking and checked on the descriptor: a FIFO at that path must not hang
+    // the support bundle.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let len = meta.len();
     file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
     let mut bytes = Vec::new();
     file.take(WINDOW).read_to_end(&mut bytes)?;
