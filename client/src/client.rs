@@ -585,6 +585,11 @@ async fn tend_forever(inner: std::sync::Weak<Inner>) {
             _ = tokio::time::sleep(wait) => {}
             _ = strong.wake.notified() => {}
             _ = closed => {
+                // Our own `close` (the flag is set before the connection goes): nothing
+                // to reconnect, and no warning at the end of every `tally run`.
+                if strong.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
                 // Noticed at once, not at the next heartbeat: the server stopped,
                 // restarted or dropped us. Reconnect after a short random delay.
                 let broken = session.expect("closed only resolves for a session");

@@ -346,6 +346,8 @@ fn server_list(servers: Option<&str>) -> Vec<String> {
 }
 
 fn connect(config: ClientConfig) -> *mut TallyClient {
+    // A C program has no tracing subscriber of its own: `TALLY_LOG` gets it one.
+    crate::logging::init_from_env();
     match blocking::Client::connect(config) {
         Ok(client) => Box::into_raw(Box::new(TallyClient { client })),
         Err(e) => {

@@ -10,6 +10,11 @@
 //! it checks out leases that heartbeat in the background, reconnects and re-attaches
 //! them after a network blip or a server restart, checks them in when dropped, and
 //! honours borrowed leases from the per-user [`cache`] when no server is reachable.
+//!
+//! Logging: the library logs its steps with `tracing` (targets `tally_client::*`) at
+//! debug level. A Rust program shows them with its own subscriber (for a `TALLY_LOG`
+//! value, [`log_directive`] gives the `EnvFilter` directive the `tally` command uses); a
+//! C program sets `TALLY_LOG` and the C ABI logs to stderr ([`logging`]).
 
 // Unsafe code lives only in `ffi`, the C ABI, where raw pointers cross the boundary.
 #![deny(unsafe_code)]
@@ -21,6 +26,7 @@ mod client;
 pub mod ffi;
 pub mod grace;
 pub mod info;
+pub mod logging;
 pub mod trust;
 
 pub use client::{Client, LeaseHandle, LeaseStatus, Want};
@@ -376,11 +382,13 @@ impl Session {
             }
         }
         dead_servers_last(&mut addrs);
+        tracing::debug!(servers = ?config.servers, addresses = ?addrs, "connecting");
         let mut attempts = tokio::task::JoinSet::new();
         let mut next = 0;
         loop {
             if next < addrs.len() {
                 let addr = addrs[next];
+                tracing::debug!(%addr, "trying server");
                 let config = config.clone();
                 attempts.spawn(async move {
                     let result = tokio::time::timeout(
@@ -406,6 +414,7 @@ impl Session {
             match result {
                 Ok(Ok(session)) => {
                     mark_server(addr, true);
+                    tracing::debug!(server = %addr, "connected");
                     return Ok(session);
                 }
                 // A server that proves to be untrusted is not skipped silently: it is
@@ -415,10 +424,12 @@ impl Session {
                 }
                 Ok(Err(e)) => {
                     mark_server(addr, false);
+                    tracing::debug!(server = %addr, error = %e, "server failed");
                     failures.push(format!("{addr}: {e}"));
                 }
                 Err(_) => {
                     mark_server(addr, false);
+                    tracing::debug!(server = %addr, "server did not answer in time");
                     failures.push(format!(
                         "{addr}: no answer within {} s",
                         config.connect_timeout.as_secs_f64()
@@ -458,6 +469,11 @@ impl Session {
                 tally_protocol::cert::ed25519_key(cert.as_ref())
                     .map_err(|e| ClientError::Protocol(e.to_string()))
             })?;
+        tracing::debug!(
+            server = %addr,
+            key = %server_key.fingerprint(),
+            "QUIC/TLS handshake done; the server proved this key"
+        );
         let mut session = Session {
             endpoint,
             connection,
@@ -482,8 +498,23 @@ impl Session {
             Response::Hello(h) => h,
             other => return Err(unexpected(&other)),
         };
-        session.bundles = trust::check_server(&server_key, &hello.bundles, &config.trust)
-            .map_err(ClientError::Untrusted)?;
+        tracing::debug!(
+            server = %addr,
+            version = %hello.server_version,
+            bundles = hello.bundles.len(),
+            demo = hello.demo,
+            "hello answered"
+        );
+        session.bundles =
+            trust::check_server(&server_key, &hello.bundles, &config.trust).map_err(|e| {
+                tracing::debug!(server = %addr, error = %e, "trust check failed");
+                ClientError::Untrusted(e)
+            })?;
+        tracing::debug!(
+            server = %addr,
+            verified = session.bundles.len(),
+            "trust chain holds: bundles signed by a trusted vendor key bind the server key"
+        );
         session.hello = hello;
         Ok(session)
     }
@@ -521,13 +552,27 @@ impl Session {
     }
 
     async fn request_inner(&self, request: &Request) -> Result<Response, ClientError> {
+        tracing::debug!(server = %self.server, request = request_name(request), "sending");
         let mut recv = send_request(&self.connection, self.server, request).await?;
-        read_response(&mut recv, self.server).await
+        let response = read_response(&mut recv, self.server).await;
+        log_response(self.server, &response);
+        response
     }
 
     /// A checkout whose answer is not lost if the caller stops waiting for it: see
     /// [`UnreadReply`].
     async fn checkout_exchange(&self, request: &Request) -> Result<Response, ClientError> {
+        if let Request::Checkout(c) = request {
+            tracing::debug!(
+                server = %self.server,
+                feature = %c.feature,
+                count = c.count,
+                version = ?c.version,
+                wait_secs = c.wait_secs,
+                borrow_secs = c.borrow_secs,
+                "sending checkout"
+            );
+        }
         let recv = send_request(&self.connection, self.server, request).await?;
         let mut pending = UnreadReply {
             recv: Some(recv),
@@ -537,6 +582,7 @@ impl Session {
         let recv = pending.recv.as_mut().expect("just set");
         let response = read_response(recv, self.server).await;
         pending.recv = None;
+        log_response(self.server, &response);
         response
     }
 
@@ -668,6 +714,76 @@ impl Session {
 }
 
 /// Opens a stream, sends `request` and finishes the sending side.
+/// The log filter for a `TALLY_LOG` value, in `tracing_subscriber::EnvFilter` syntax.
+///
+/// A bare level (`debug`, `trace`, ...) means tally's own steps at that level, and the
+/// libraries under it (quinn, rustls) at `warn` at most: their internals are a flood a
+/// user did not ask for. Anything else (`debug,quinn=debug`, `tally_client=trace`) is
+/// taken as it is, so asking for quinn's lines gets them. Unset or empty: `warn`.
+pub fn log_directive(value: Option<&str>) -> String {
+    const OURS: [&str; 3] = ["tally", "tally_client", "tally_protocol"];
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let value = value.map(str::trim).unwrap_or("");
+    if value.is_empty() {
+        return "warn".into();
+    }
+    let level = value.to_ascii_lowercase();
+    let Some(rank) = LEVELS.iter().position(|l| *l == level) else {
+        return value.to_string();
+    };
+    // Others at the quieter of the level asked for and `warn`.
+    let others = LEVELS[rank.min(2)];
+    let mut directive = others.to_string();
+    for target in OURS {
+        directive.push_str(&format!(",{target}={level}"));
+    }
+    directive
+}
+
+/// A request's kind for the debug log: never its fields, which hold lease secrets and
+/// the admin token.
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Hello(_) => "hello",
+        Request::Checkout(_) => "checkout",
+        Request::Heartbeat(_) => "heartbeat",
+        Request::Checkin(_) => "checkin",
+        Request::Status(_) => "status",
+        Request::Admin(_) => "admin",
+        _ => "other",
+    }
+}
+
+/// The debug line of an answer: what it says, without tokens or secrets.
+fn log_response(server: SocketAddr, response: &Result<Response, ClientError>) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    match response {
+        Ok(Response::Checkout(CheckoutReply::Granted(g))) => tracing::debug!(
+            %server,
+            lease = %g.id,
+            feature = %g.feature,
+            count = g.count,
+            "checkout granted"
+        ),
+        Ok(Response::Checkout(CheckoutReply::Denied(d))) => {
+            tracing::debug!(%server, reason = %d.reason, "checkout denied")
+        }
+        Ok(Response::Heartbeat(h)) => {
+            tracing::debug!(%server, leases = h.leases.len(), "heartbeat answered")
+        }
+        Ok(Response::Error(e)) => tracing::debug!(%server, error = %e.message, "error answer"),
+        // Said by `connect_one` with what it holds.
+        Ok(Response::Hello(_)) => {}
+        Ok(Response::Checkin(_)) => tracing::debug!(%server, "checkin answer"),
+        Ok(Response::Status(_)) => tracing::debug!(%server, "status answer"),
+        Ok(Response::Admin(_)) => tracing::debug!(%server, "admin answer"),
+        Ok(_) => tracing::debug!(%server, "answer"),
+        Err(e) => tracing::debug!(%server, error = %e, "request failed"),
+    }
+}
+
 async fn send_request(
     connection: &quinn::Connection,
     server: SocketAddr,

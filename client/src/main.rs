@@ -324,10 +324,14 @@ fn main() -> ExitCode {
             };
         }
     };
+    // A bare level shows tally's own steps, not quinn's and rustls's (see log_directive).
+    let directive = tally_client::log_directive(std::env::var("TALLY_LOG").ok().as_deref());
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_new(&directive).unwrap_or_else(|e| {
+                eprintln!("tally: TALLY_LOG={directive:?} is not a log filter ({e}); using warn");
+                tracing_subscriber::EnvFilter::new("warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -107,6 +107,10 @@ pub struct DaemonConfig {
     /// automatic retry); 0: no hold-off.
     #[serde(default = "default_remove_holdoff")]
     pub remove_holdoff_secs: u64,
+    /// A file that gets every log line too (appended, created 0640), for sites without
+    /// journald; reopened on SIGHUP so that logrotate can move it away.
+    #[serde(default)]
+    pub log_file: Option<PathBuf>,
 }
 
 /// Default hold-off after an admin removal: five minutes, as long as a user takes to
@@ -209,6 +213,7 @@ impl Default for DaemonConfig {
             checkout_rate: DEFAULT_CHECKOUT_RATE,
             checkout_burst: DEFAULT_CHECKOUT_BURST,
             remove_holdoff_secs: DEFAULT_REMOVE_HOLDOFF_SECS,
+            log_file: None,
         }
     }
 }
@@ -218,12 +223,14 @@ impl Default for DaemonConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    // `cause`, not `source`: the message already holds it, and an error chain (`{:#}`)
+    // would print it twice ("No such file or directory" twice in one line).
+    #[error("{path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The IO error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is larger than [`MAX_CONFIG_LEN`].
     #[error("{path}: larger than {MAX_CONFIG_LEN} bytes, not a tally config file")]
@@ -254,9 +261,9 @@ pub enum ConfigError {
 impl DaemonConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
-        let read = |source| ConfigError::Read {
+        let read = |cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let len = std::fs::metadata(path).map_err(read)?.len();
         if len > MAX_CONFIG_LEN {
@@ -384,6 +391,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = DaemonConfig::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(err.to_string().contains("missing.toml"), "{err}");
+        // The OS error is in the message, not also in the chain, so a chain printer
+        // (`{:#}` of anyhow) says it once.
+        assert!(std::error::Error::source(&err).is_none(), "{err}");
     }
 }
 

@@ -106,11 +106,34 @@ impl Policy {
         }
     }
 
+    /// Every feature a rule names, with the rule's kind (`reserve`, `max`, `include`,
+    /// `exclude`, `timeout`, `borrow`), in file order per kind. The policy cannot know
+    /// which features exist; the daemon compares these with its bundles, so a misspelt
+    /// feature is a warning rather than a rule that silently never applies.
+    pub fn named_features(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        for (kind, rules) in [
+            ("reserve", &self.reserve),
+            ("max", &self.max),
+            ("include", &self.include),
+            ("exclude", &self.exclude),
+        ] {
+            out.extend(rules.iter().map(|r| (kind, r.feature.as_str())));
+        }
+        out.extend(self.timeout_secs.keys().map(|f| ("timeout", f.as_str())));
+        out.extend(
+            self.borrow_limit_secs
+                .keys()
+                .map(|f| ("borrow", f.as_str())),
+        );
+        out
+    }
+
     /// Reads and checks a policy file.
     pub fn load(path: &Path) -> Result<Policy, ConfigError> {
-        let read = |source| ConfigError::Read {
+        let read = |cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let len = std::fs::metadata(path).map_err(read)?.len();
         if len > crate::MAX_CONFIG_LEN {

@@ -12,6 +12,7 @@
 //! - [`http`]: metrics, status API and dashboard.
 //! - [`upload`]: HTTPS upload of spooled reports.
 //! - [`files`]: files written whole or not at all.
+//! - [`logfile`]: the log file for sites without journald.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
@@ -28,6 +29,7 @@ pub mod http;
 pub mod identity;
 pub mod journal;
 pub mod ledger;
+pub mod logfile;
 pub mod server;
 pub mod signals;
 pub mod store;

@@ -25,6 +25,12 @@ const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 /// sysexits: the software failed at run time.
 const EX_SOFTWARE: u8 = 70;
+/// sysexits: temporary failure, try again (another tallyd holds the data directory).
+const EX_TEMPFAIL: u8 = 75;
+
+/// Target of the line that says why tallyd exits: written to the log file only, since
+/// stderr gets the plain `tallyd: ...` message.
+const EXIT_TARGET: &str = "tallyd_exit";
 
 /// Where `tallyd` looks for its configuration by default.
 const DEFAULT_CONFIG: &str = "/etc/tally/tallyd.toml";
@@ -64,6 +70,10 @@ enum Command {
         /// The configuration file.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Also append every log line to this file (overrides the config's `log_file`);
+        /// reopened on SIGHUP.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
     },
     /// Write a support bundle for the vendor's support: versions, configuration, bundle
     /// summaries, ledger summary and recent log lines. Holds no key and no token.
@@ -174,6 +184,22 @@ enum Failure {
     Data(anyhow::Error),
     /// Failure while serving: exit 70.
     Runtime(anyhow::Error),
+    /// Another tallyd holds the data directory: exit 75.
+    InUse(anyhow::Error),
+}
+
+/// The failure of opening the seat store of `data_dir`: another tallyd holding it is
+/// said as such (exit 75), anything else is a start-up error (64).
+fn store_failure(data_dir: &Path, e: tally_daemon::store::StoreError) -> Failure {
+    match e {
+        tally_daemon::store::StoreError::InUse { path } => Failure::InUse(anyhow!(
+            "another tallyd is using {} (its seat store {} is locked); stop that tallyd \
+             first, or give this one a data directory of its own",
+            data_dir.display(),
+            path.display()
+        )),
+        e => usage(anyhow::Error::from(e).context("opening the seat store")),
+    }
 }
 
 fn usage(e: impl Into<anyhow::Error>) -> Failure {
@@ -192,15 +218,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal; under systemd or in a pipe they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let result = match cli.command {
         Command::Demo(args) => run_demo(args),
         Command::Init(site) => init(&site),
@@ -210,7 +228,7 @@ fn main() -> ExitCode {
             customer_ref,
         } => request(&site, &out, customer_ref),
         Command::CheckConfig { config } => check_config(&config),
-        Command::Run { config } => run(&config),
+        Command::Run { config, log_file } => run(&config, log_file.as_deref()),
         Command::Return {
             config,
             bundle,
@@ -218,21 +236,41 @@ fn main() -> ExitCode {
         } => return_bundle(&config, &bundle, &out),
         Command::Diagnose { config, out } => diagnose(&config, &out),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Usage(e)) => {
-            eprintln!("tallyd: {e:#}");
-            ExitCode::from(EX_USAGE)
-        }
-        Err(Failure::Data(e)) => {
-            eprintln!("tallyd: {e:#}");
-            ExitCode::from(EX_DATAERR)
-        }
-        Err(Failure::Runtime(e)) => {
-            eprintln!("tallyd: {e:#}");
-            ExitCode::from(EX_SOFTWARE)
-        }
-    }
+    let (e, code) = match result {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Usage(e)) => (e, EX_USAGE),
+        Err(Failure::Data(e)) => (e, EX_DATAERR),
+        Err(Failure::Runtime(e)) => (e, EX_SOFTWARE),
+        Err(Failure::InUse(e)) => (e, EX_TEMPFAIL),
+    };
+    eprintln!("tallyd: {e:#}");
+    // A site that reads the log file, not stderr, learns why tallyd stopped too.
+    tracing::error!(target: EXIT_TARGET, "exit {code}: {e:#}");
+    ExitCode::from(code)
+}
+
+/// Log lines go to stderr (journald under systemd) and, once `run` opens one, to the log
+/// file ([`tally_daemon::logfile`]), in the same format without colours.
+/// `RUST_LOG` sets the level (default `info`).
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal; under systemd or in a pipe they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            m.target() != EXIT_TARGET
+        }));
+    let file = tracing_subscriber::fmt::layer()
+        .with_writer(&tally_daemon::logfile::LOG_FILE)
+        .with_ansi(false);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file)
+        .init();
 }
 
 fn init(site: &SiteArgs) -> Result<(), Failure> {
@@ -345,6 +383,35 @@ fn load_policy(path: Option<&Path>) -> Result<Policy, Failure> {
     }
 }
 
+/// Warnings about a policy that parses but names features no served bundle has (a
+/// misspelt name, or a bundle not loaded): such a rule never applies, which an admin
+/// wants to hear at load, not when a reservation fails to hold.
+fn policy_warnings(policy_path: Option<&Path>, policy: &Policy, loaded: &Loaded) -> Vec<String> {
+    let Some(path) = policy_path else {
+        return Vec::new();
+    };
+    let served: std::collections::BTreeSet<&str> = loaded
+        .served
+        .iter()
+        .flat_map(|(_, b)| b.bundle.features.iter())
+        .flat_map(|f| {
+            std::iter::once(f.name.as_str()).chain(f.components.iter().map(String::as_str))
+        })
+        .collect();
+    policy
+        .named_features()
+        .into_iter()
+        .filter(|(_, feature)| !served.contains(feature))
+        .map(|(kind, feature)| {
+            format!(
+                "policy {}: {kind} rule for feature '{feature}', which no served bundle has \
+                 (misspelt, or its bundle is not loaded): the rule does nothing",
+                path.display()
+            )
+        })
+        .collect()
+}
+
 fn load_site(config_path: &Path) -> Result<Site, Failure> {
     let config = DaemonConfig::load(config_path).map_err(usage)?;
     let key = load_identity(&config.data_dir)?;
@@ -440,9 +507,19 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
         for (feature, secs) in &p.timeout_secs {
             println!("    timeout {feature} {secs} s");
         }
+        for (feature, secs) in &p.borrow_limit_secs {
+            println!("    borrow {feature} at most {} h", secs / 3600);
+        }
+    }
+    if let Some(path) = &c.log_file {
+        println!("  log file      {} (and stderr)", path.display());
     }
     for note in &site.loaded.notes {
         println!("  note: {note}");
+    }
+    // Warnings do not fail the check: the configuration serves, a rule just does nothing.
+    for warning in policy_warnings(c.policy.as_deref(), p, &site.loaded) {
+        println!("  warning: {warning}");
     }
     for refusal in &site.loaded.refused {
         eprintln!("tallyd: {refusal}");
@@ -457,13 +534,29 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
     }
 }
 
-fn run(config_path: &Path) -> Result<(), Failure> {
+fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
+    // The log file first, so that a site reading it learns of every later failure; its
+    // path comes from the config, which `load_site` reads again (and reports).
+    let log_file = log_file.map(Path::to_path_buf).or_else(|| {
+        DaemonConfig::load(config_path)
+            .ok()
+            .and_then(|c| c.log_file)
+    });
+    if let Some(path) = &log_file {
+        tally_daemon::logfile::LOG_FILE
+            .open(path)
+            .with_context(|| format!("log file {}", path.display()))
+            .map_err(usage)?;
+    }
     let site = load_site(config_path)?;
     for refusal in &site.loaded.refused {
         tracing::warn!("{refusal}");
     }
     for note in &site.loaded.notes {
         tracing::info!("{note}");
+    }
+    for warning in policy_warnings(site.config.policy.as_deref(), &site.policy, &site.loaded) {
+        tracing::warn!("{warning}");
     }
     if site.loaded.served.is_empty() {
         tracing::warn!(
@@ -480,8 +573,7 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         _ => None,
     };
     let store = Store::open_for_serving(&config.data_dir.join("store"))
-        .context("opening the seat store")
-        .map_err(usage)?;
+        .map_err(|e| store_failure(&config.data_dir, e))?;
     let admin_token = identity::load_admin_token(&config.data_dir.join(identity::ADMIN_TOKEN_FILE))
         .map_err(|e| tracing::warn!("admin operations disabled: {e:#}"))
         .ok();
@@ -513,6 +605,9 @@ fn run(config_path: &Path) -> Result<(), Failure> {
         // an admin reload.
         for note in &loaded.notes {
             tracing::info!("{note}");
+        }
+        for warning in policy_warnings(policy_path.as_deref(), &policy, &loaded) {
+            tracing::warn!("{warning}");
         }
         Ok(Reloaded {
             bundles: loaded.bundles(),
@@ -593,7 +688,7 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         "config": redact_config(&config_text),
     });
     match load_site(config_path) {
-        Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e)) => {
+        Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e) | Failure::InUse(e)) => {
             doc["config_error"] = json!(format!("{e:#}"));
         }
         Ok(site) => {
@@ -642,12 +737,24 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
             };
         }
     }
-    let journal = std::process::Command::new("journalctl")
-        .args(["-u", "tallyd", "-n", "200", "--no-pager", "-o", "short-iso"])
-        .output();
-    doc["recent_log"] = match journal {
-        Ok(o) if o.status.success() => json!(String::from_utf8_lossy(&o.stdout)),
-        _ => json!("journalctl not available: attach tallyd's log output"),
+    // A site with a log file reads its log there (it has no journald, or chose not to).
+    let log_file = DaemonConfig::load(config_path)
+        .ok()
+        .and_then(|c| c.log_file);
+    doc["recent_log"] = match log_file {
+        Some(path) => match log_tail(&path, 200) {
+            Ok(lines) => json!(lines),
+            Err(e) => json!(format!("log file {}: {e}", path.display())),
+        },
+        None => {
+            let journal = std::process::Command::new("journalctl")
+                .args(["-u", "tallyd", "-n", "200", "--no-pager", "-o", "short-iso"])
+                .output();
+            match journal {
+                Ok(o) if o.status.success() => json!(String::from_utf8_lossy(&o.stdout)),
+                _ => json!("journalctl not available: attach tallyd's log output"),
+            }
+        }
     };
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Failure::Runtime(e.into()))?;
     // 0600: a support file describes the site (hosts, bundles, paths, log lines).
@@ -659,6 +766,31 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         out.display()
     );
     Ok(())
+}
+
+/// The last `lines` lines of a log file, read from its last 256 KiB only (a log file
+/// grows without bound between rotations).
+fn log_tail(path: &Path, lines: usize) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    const WINDOW: u64 = 256 * 1024;
+    // Non-blocking and checked on the descriptor: a FIFO at that path must not hang
+    // the support bundle.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let len = meta.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
+    let mut bytes = Vec::new();
+    file.take(WINDOW).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    Ok(all[all.len().saturating_sub(lines)..].join("\n"))
 }
 
 /// The config file as a support file may show it: credentials in URLs (`user:pass@`,
@@ -737,8 +869,12 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
     };
     // sled locks its directory: opening it fails while tallyd runs, which is what makes
     // "stop tallyd, then return" an enforced order rather than advice.
-    let store = Store::open(&site.config.data_dir.join("store"))
-        .map_err(|e| usage(anyhow!("{e}; stop tallyd before returning a bundle")))?;
+    let store = Store::open(&site.config.data_dir.join("store")).map_err(|e| match e {
+        e @ tally_daemon::store::StoreError::InUse { .. } => {
+            Failure::InUse(anyhow!("{e}; stop tallyd before returning a bundle"))
+        }
+        e => usage(anyhow!("{e}; stop tallyd before returning a bundle")),
+    })?;
     let (leases, _) = store.load_leases().map_err(usage)?;
     let features: std::collections::BTreeSet<&str> = bundle
         .bundle
@@ -892,8 +1028,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
     let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
     let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(usage)?;
     let store = Store::open_for_serving(&data_dir.join("store"))
-        .context("opening the seat store")
-        .map_err(usage)?;
+        .map_err(|e| store_failure(&data_dir, e))?;
 
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")

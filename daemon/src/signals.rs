@@ -28,7 +28,8 @@ pub fn shutdown_requested() -> Result<impl Future<Output = ()>> {
 }
 
 /// Installs a SIGHUP handler and returns a channel that yields once per SIGHUP
-/// (coalesced: several quick hangups cause one reload).
+/// (coalesced: several quick hangups cause one reload). Each SIGHUP also reopens the
+/// log file ([`crate::logfile`]).
 pub fn hangups() -> Result<tokio::sync::mpsc::Receiver<()>> {
     let mut signals =
         Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
@@ -37,6 +38,11 @@ pub fn hangups() -> Result<tokio::sync::mpsc::Receiver<()>> {
         .name("sighup".into())
         .spawn(move || {
             for _ in signals.forever() {
+                // First, so that this SIGHUP's own lines land in the new file: logrotate
+                // renames the log and then signals (`postrotate`).
+                if let Err(e) = crate::logfile::LOG_FILE.reopen() {
+                    tracing::warn!(error = %e, "SIGHUP: cannot reopen the log file; still writing the old one");
+                }
                 tracing::info!("SIGHUP: reloading bundles");
                 if tx.try_send(()).is_err() && tx.is_closed() {
                     return;

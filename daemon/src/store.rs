@@ -38,6 +38,16 @@ pub enum StoreError {
         /// sled's error.
         cause: sled::Error,
     },
+    /// Another process (another tallyd, or `tallyd return` / `diagnose` while tallyd
+    /// runs) holds the store's lock: sled keeps one process per store.
+    #[error(
+        "seat store {path}: its lock is held by another process (another tallyd using \
+         the same data directory?)"
+    )]
+    InUse {
+        /// The store directory.
+        path: PathBuf,
+    },
     /// The store's files are not there (a volume not mounted, a directory removed).
     #[error("seat store {path}: its files are missing (is its volume mounted?)")]
     Missing {
@@ -139,6 +149,9 @@ impl Store {
     /// Opens (or creates) the store in `dir`, after setting aside what an interrupted
     /// write left behind ([`set_aside_leftovers`]).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        // First: the leftovers are only leftovers if nobody is writing the store now; a
+        // running tallyd's snapshot in progress must not be moved away under it.
+        check_not_in_use(dir)?;
         set_aside_leftovers(dir)?;
         Store::open_sled(dir, dir)
     }
@@ -203,6 +216,10 @@ impl Store {
                 path: path.clone(),
                 cause,
             },
+            // Taken between our check and sled's own: the same answer.
+            sled::Error::Io(e) if e.to_string().contains(SLED_LOCK_ERROR) => {
+                StoreError::InUse { path: path.clone() }
+            }
             cause => StoreError::Sled {
                 path: path.clone(),
                 cause,
@@ -646,6 +663,31 @@ fn segment_size(dir: &Path) -> usize {
 /// spares sled reading its whole log, so setting one aside costs a longer open, no data:
 /// sled replays its log from the newest good snapshot, or from the start.
 /// (sled 0.34 has no other intermediate files: segment cleaning rewrites in `db`.)
+/// The text of sled 0.34's error when another process holds the store's lock (an
+/// `io::Error` of kind `Other` with the OS error in Debug form).
+const SLED_LOCK_ERROR: &str = "could not acquire lock on";
+
+/// Fails with [`StoreError::InUse`] if another process holds sled's lock on the store's
+/// log file (`flock`, which sled takes through fs2). The probe lock is let go at once.
+fn check_not_in_use(dir: &Path) -> Result<(), StoreError> {
+    use fs2::FileExt;
+    let Ok(file) = std::fs::File::open(dir.join("db")) else {
+        // No store yet, or one sled will name the problem of.
+        return Ok(());
+    };
+    match file.try_lock_exclusive() {
+        Ok(()) => {
+            let _ = file.unlock();
+            Ok(())
+        }
+        Err(e) if e.kind() == fs2::lock_contended_error().kind() => Err(StoreError::InUse {
+            path: dir.to_path_buf(),
+        }),
+        // Locks not supported here (some network file systems): sled decides.
+        Err(_) => Ok(()),
+    }
+}
+
 fn set_aside_leftovers(dir: &Path) -> Result<(), StoreError> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         // A new store, or one whose directory cannot be read: sled says which.

@@ -112,7 +112,16 @@ fn sigkill_under_load_loses_no_acknowledged_lease_and_over_grants_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Leases outlive the test's restarts: the TTL is long, so only the store counts.
-    let timing = ["--lease-ttl-secs", "300", "--heartbeat-secs", "30"];
+    // Between rounds the test clears the seats with admin removals: no hold-off, so
+    // the next round's clients (the same user on the same host) are served at once.
+    let timing = [
+        "--lease-ttl-secs",
+        "300",
+        "--heartbeat-secs",
+        "30",
+        "--remove-holdoff-secs",
+        "0",
+    ];
     let mut daemon = Daemon::start(&data, "127.0.0.1:0", &timing);
     let addr = daemon.addr.to_string();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -310,7 +319,16 @@ fn sigkill_with_the_volume_full_or_filling_never_leaves_a_store_that_cannot_open
     let _mount = Mount(vol.clone());
     let data = vol.join("data");
     let filler = vol.join("filler");
-    let timing = ["--lease-ttl-secs", "300", "--heartbeat-secs", "30"];
+    // Between rounds the test clears the seats with admin removals: no hold-off, so
+    // the next round's clients (the same user on the same host) are served at once.
+    let timing = [
+        "--lease-ttl-secs",
+        "300",
+        "--heartbeat-secs",
+        "30",
+        "--remove-holdoff-secs",
+        "0",
+    ];
     // The log lives off the volume: a full volume would swallow it.
     let start = |listen: &str| {
         let mut args: Vec<std::ffi::OsString> = vec!["demo".into(), "--data-dir".into()];
