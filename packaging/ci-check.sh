@@ -48,7 +48,7 @@ runuser -u tally -- tallyd check-config --config /etc/tally/tallyd.toml
 runuser -u tally -- tallyd run --config /etc/tally/tallyd.toml > "$work/tallyd.out" 2>&1 &
 pid=$!
 for _ in $(seq 1 50); do
-    if tally --server 127.0.0.1:27300 --vendor-key /etc/tally/vendor.pub run solver -- true 2>/dev/null; then
+    if tally --server 127.0.0.1:27300 --vendor-pub /etc/tally/vendor.pub run solver -- true 2>/dev/null; then
         echo "packaging check: installed tallyd served a seat"
         exit 0
     fi

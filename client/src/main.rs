@@ -79,8 +79,9 @@ struct Cli {
     /// Trust the built-in demo vendor key (for `tallyd demo` only).
     #[arg(long, global = true)]
     demo: bool,
-    /// A vendor public key file to trust; repeatable.
-    #[arg(long = "vendor-key", global = true)]
+    /// A vendor public key file (`.pub`) to trust; repeatable. `--vendor-pub`, as in
+    /// `tally-publisher verify`; the older `--vendor-key` still works, hidden from help.
+    #[arg(long = "vendor-pub", alias = "vendor-key", global = true)]
     vendor_keys: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -402,12 +403,12 @@ fn client_config(cli: &Cli) -> Result<ClientConfig, Failure> {
             Trust::Vendor(keys)
         }
         (true, false) => return Err(usage(
-            "--demo and --vendor-key exclude each other: demo trust is for the demo server only"
+            "--demo and --vendor-pub exclude each other: demo trust is for the demo server only"
                 .into(),
         )),
         (false, true) => {
             return Err(usage(
-                "say which vendor to trust: --vendor-key FILE (the vendor's public key), \
+                "say which vendor to trust: --vendor-pub FILE (the vendor's public key), \
                  or --demo for a `tallyd demo` server"
                     .into(),
             ))
@@ -1049,7 +1050,7 @@ async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
             report("FAIL", format!("trust chain: {why}"));
             report(
                 "",
-                "fix: the application must trust the vendor key that signed the server's bundle (--vendor-key),                  and the server must serve a bundle issued for its own key"
+                "fix: the application must trust the vendor key that signed the server's bundle (--vendor-pub),                  and the server must serve a bundle issued for its own key"
                     .into(),
             );
             return EX_NOPERM;

@@ -81,7 +81,7 @@ impl Daemon {
         Daemon::spawn(
             &args,
             &config.with_extension("log"),
-            vec!["--vendor-key".into(), vendor_pub.display().to_string()],
+            vec!["--vendor-pub".into(), vendor_pub.display().to_string()],
         )
     }
 
