@@ -14,7 +14,7 @@ fn missing_trust_is_a_usage_error_that_says_what_to_pass() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--vendor-key") && stderr.contains("--demo"),
+        stderr.contains("--vendor-pub") && stderr.contains("--demo"),
         "{stderr}"
     );
 }
