@@ -1767,9 +1767,9 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
 
 /// Checks the names of a checkout (feature, version) like identity fields.
 fn check_checkout(request: &CheckoutRequest) -> Result<(), String> {
-    check_name("feature name", &request.feature)?;
+    check_name("feature name", &request.feature).map_err(|e| e.to_string())?;
     if let Some(version) = &request.version {
-        check_name("version", version)?;
+        check_name("version", version).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
