@@ -384,32 +384,91 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// Longest a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Why the receiver's TLS certificate and key could not be used. The texts name the
+/// files.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// The certificate file could not be read.
+    #[error("{path}: {cause}")]
+    ReadCertificate {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        cause: rustls::pki_types::pem::Error,
+    },
+    /// An entry of the certificate file is not a PEM certificate.
+    #[error("{path}: not a PEM certificate: {cause}")]
+    NotPem {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        cause: rustls::pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{path}: holds no certificate")]
+    NoCertificate {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// The key file holds no PEM private key.
+    #[error("{path}: no PEM private key in it: {cause}")]
+    NoKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        cause: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the TLS versions (a broken build).
+    #[error("TLS versions: {0}")]
+    TlsVersions(rustls::Error),
+    /// rustls refused the certificate and key together (e.g. they do not match).
+    #[error("{cert} and {key} do not make a usable certificate and key: {cause}")]
+    Unusable {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls's error.
+        cause: rustls::Error,
+    },
+}
+
 /// A TLS configuration from a PEM certificate chain and its PEM private key.
-pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use anyhow::Context;
+pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut chain = Vec::new();
-    for c in CertificateDer::pem_file_iter(cert).with_context(|| format!("{}", cert.display()))? {
-        chain.push(c.with_context(|| format!("{}: not a PEM certificate", cert.display()))?);
+    let certs =
+        CertificateDer::pem_file_iter(cert).map_err(|cause| TlsConfigError::ReadCertificate {
+            path: cert.to_path_buf(),
+            cause,
+        })?;
+    for c in certs {
+        chain.push(c.map_err(|cause| TlsConfigError::NotPem {
+            path: cert.to_path_buf(),
+            cause,
+        })?);
     }
     if chain.is_empty() {
-        anyhow::bail!("{}: holds no certificate", cert.display());
+        return Err(TlsConfigError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
     }
-    let private = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("{}: no PEM private key in it", key.display()))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|cause| TlsConfigError::NoKey {
+        path: key.to_path_buf(),
+        cause,
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .context("TLS versions")?
+        .map_err(TlsConfigError::TlsVersions)?
         .with_no_client_auth()
         .with_single_cert(chain, private)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a usable certificate and key",
-                cert.display(),
-                key.display()
-            )
+        .map_err(|cause| TlsConfigError::Unusable {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            cause,
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
