@@ -118,7 +118,10 @@ async fn check_degraded(daemon: &Daemon, session: &Session, held: &Lease, fault:
         .unwrap_or_else(|| panic!("more than the kind of fault reached the client: {refused}"));
     let temp = std::env::temp_dir().display().to_string();
     for internal in [temp.as_str(), "seat store", "os error", "IO error"] {
-        assert!(!kind.contains(internal), "{internal} reached the client: {refused}");
+        assert!(
+            !kind.contains(internal),
+            "{internal} reached the client: {refused}"
+        );
     }
     // Held leases are served: heartbeats answer Active.
     let states = session.heartbeat(&[held.lease_ref()]).await.unwrap();
