@@ -65,11 +65,42 @@ pub enum CacheError {
         /// The lease id as written.
         lease: String,
         /// What did not verify.
-        reason: String,
+        reason: EntryError,
     },
     /// No home directory to keep the cache in.
     #[error("no cache directory: set TALLY_CACHE_DIR, XDG_CACHE_HOME or HOME")]
     NoDirectory,
+}
+
+/// Why one cache entry does not verify (the text is what `tally` prints after
+/// "borrowed lease ID refused: ").
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The lease token is not a readable signed file.
+    #[error(transparent)]
+    TokenFile(#[from] signed::SignedFileError),
+    /// The lease token's body does not decode.
+    #[error(transparent)]
+    TokenBody(#[from] tally_protocol::DecodeError),
+    /// The token is of a format this client does not know.
+    #[error("unknown lease token format")]
+    UnknownTokenFormat,
+    /// The token grants no borrow (no end date).
+    #[error("not a borrowed lease")]
+    NotBorrowed,
+    /// The readable fields disagree with the signed token.
+    #[error("the file's fields do not match the signed lease token (edited)")]
+    Edited,
+    /// The lease secret is not 32 hex digits.
+    #[error("the lease secret is malformed")]
+    MalformedSecret,
+    /// The token is not signed by its server key or says something else than the grant.
+    #[error(transparent)]
+    Grant(#[from] crate::ClientError),
+    /// A bundle kept with the lease is malformed, not vendor-signed or bound elsewhere.
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
 }
 
 /// A borrowed lease that verified.
@@ -221,9 +252,9 @@ pub fn store(lease: &Lease, bundles: &[Signed], version: Option<&str>) -> Result
 fn verify(
     entry: &CachedLease,
     trust: Option<&Trust>,
-) -> Result<(BorrowedLease, Vec<Bundle>), String> {
-    let token = signed::from_armored(TOKEN_LABEL, &entry.token).map_err(|e| e.to_string())?;
-    let body = LeaseToken::decode(&token.body).map_err(|e| e.to_string())?;
+) -> Result<(BorrowedLease, Vec<Bundle>), EntryError> {
+    let token = signed::from_armored(TOKEN_LABEL, &entry.token)?;
+    let body = LeaseToken::decode(&token.body)?;
     let LeaseToken::V1 {
         id,
         feature,
@@ -232,17 +263,17 @@ fn verify(
         ..
     } = body
     else {
-        return Err("unknown lease token format".into());
+        return Err(EntryError::UnknownTokenFormat);
     };
-    let until = expires_at.ok_or("not a borrowed lease")?;
+    let until = expires_at.ok_or(EntryError::NotBorrowed)?;
     if feature != entry.feature
         || count != entry.count
         || id.to_string() != entry.lease_id
         || until.to_string() != entry.borrowed_until
     {
-        return Err("the file's fields do not match the signed lease token (edited)".into());
+        return Err(EntryError::Edited);
     }
-    let secret = decode_secret(&entry.secret).ok_or("the lease secret is malformed")?;
+    let secret = decode_secret(&entry.secret).ok_or(EntryError::MalformedSecret)?;
     let grant = LeaseGrant {
         id,
         secret: secret.clone(),
@@ -253,7 +284,7 @@ fn verify(
         borrowed_until: Some(until),
         token: token.clone(),
     };
-    verify_grant(&token.signer, &grant).map_err(|e| e.to_string())?;
+    verify_grant(&token.signer, &grant)?;
     let mut terms = Vec::new();
     if let Some(trust) = trust {
         let keys = trust.keys();
@@ -261,10 +292,9 @@ fn verify(
         // bound to another server must not widen what the lease serves.
         let texts = std::iter::once(&entry.bundle).chain(&entry.bundles);
         for (i, text) in texts.enumerate() {
-            let signed_bundle = bundle::from_armored(text).map_err(|e| e.to_string())?;
-            let verified = bundle::verify(&signed_bundle, &keys).map_err(|e| e.to_string())?;
-            bundle::check_binding(&verified.bundle, &token.signer, false)
-                .map_err(|e| e.to_string())?;
+            let signed_bundle = bundle::from_armored(text)?;
+            let verified = bundle::verify(&signed_bundle, &keys)?;
+            bundle::check_binding(&verified.bundle, &token.signer, false)?;
             // Version 1 entries have only the vouching bundle; version 2 lists it again.
             if i > 0 || entry.bundles.is_empty() {
                 terms.push(verified.bundle);

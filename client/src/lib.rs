@@ -310,8 +310,27 @@ fn dead_servers_last(addrs: &mut [SocketAddr]) {
     });
 }
 
+/// Why a configured server name gave no address.
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    /// The resolver failed.
+    #[error("{server}: cannot resolve: {source}")]
+    Lookup {
+        /// The name as configured.
+        server: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The name resolved to nothing.
+    #[error("{server}: no address")]
+    NoAddress {
+        /// The name as configured.
+        server: String,
+    },
+}
+
 /// Parses `host[:port]` and resolves it.
-async fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
+async fn resolve(server: &str) -> Result<Vec<SocketAddr>, ResolveError> {
     let with_port = if server.parse::<SocketAddr>().is_ok() || has_port(server) {
         server.to_string()
     } else {
@@ -319,10 +338,15 @@ async fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
     };
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
         .await
-        .map_err(|e| format!("{server}: cannot resolve: {e}"))?
+        .map_err(|source| ResolveError::Lookup {
+            server: server.to_string(),
+            source,
+        })?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("{server}: no address"));
+        return Err(ResolveError::NoAddress {
+            server: server.to_string(),
+        });
     }
     Ok(addrs)
 }
@@ -378,7 +402,7 @@ impl Session {
         for server in &config.servers {
             match resolve(server).await {
                 Ok(a) => addrs.extend(a),
-                Err(e) => failures.push(e),
+                Err(e) => failures.push(e.to_string()),
             }
         }
         dead_servers_last(&mut addrs);
@@ -508,7 +532,7 @@ impl Session {
         session.bundles =
             trust::check_server(&server_key, &hello.bundles, &config.trust).map_err(|e| {
                 tracing::debug!(server = %addr, error = %e, "trust check failed");
-                ClientError::Untrusted(e)
+                ClientError::Untrusted(e.to_string())
             })?;
         tracing::debug!(
             server = %addr,

@@ -36,13 +36,40 @@ impl Trust {
     }
 }
 
+/// Why a server is not trusted: no bundle it presents is vendor-signed and bound to the
+/// key it proved in TLS.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "server key {} is not vouched for by a trusted vendor: {}{}",
+    .server_key.fingerprint(),
+    untrusted_why(.reasons),
+    if *.demo_trust { " (demo trust accepts only the demo vendor's bundles)" } else { "" }
+)]
+pub struct UntrustedServer {
+    /// The key the server proved in TLS.
+    pub server_key: PublicKey,
+    /// Why each presented bundle was refused (empty: it presented none).
+    pub reasons: Vec<bundle::BundleError>,
+    /// The application trusted only the demo vendor key.
+    pub demo_trust: bool,
+}
+
+fn untrusted_why(reasons: &[bundle::BundleError]) -> String {
+    if reasons.is_empty() {
+        "it presents no bundle".to_string()
+    } else {
+        let texts: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+        texts.join("; ")
+    }
+}
+
 /// Checks the bundles a server presented against the key it proved in TLS; returns the
 /// bundles that are vendor-signed and bound to that key.
 pub fn check_server(
     server_key: &PublicKey,
     bundles: &[Signed],
     trust: &Trust,
-) -> Result<Vec<VerifiedBundle>, String> {
+) -> Result<Vec<VerifiedBundle>, UntrustedServer> {
     let trusted = trust.keys();
     let mut good = Vec::new();
     let mut reasons = Vec::new();
@@ -51,23 +78,15 @@ pub fn check_server(
             .and_then(|v| bundle::check_binding(&v.bundle, server_key, false).map(|_| v))
         {
             Ok(v) => good.push(v),
-            Err(e) => reasons.push(e.to_string()),
+            Err(e) => reasons.push(e),
         }
     }
     if good.is_empty() {
-        let why = if reasons.is_empty() {
-            "it presents no bundle".to_string()
-        } else {
-            reasons.join("; ")
-        };
-        let hint = match trust {
-            Trust::Demo => " (demo trust accepts only the demo vendor's bundles)",
-            Trust::Vendor(_) => "",
-        };
-        return Err(format!(
-            "server key {} is not vouched for by a trusted vendor: {why}{hint}",
-            server_key.fingerprint()
-        ));
+        return Err(UntrustedServer {
+            server_key: *server_key,
+            reasons,
+            demo_trust: matches!(trust, Trust::Demo),
+        });
     }
     Ok(good)
 }

@@ -74,15 +74,52 @@ impl Loaded {
     }
 }
 
+/// Why one bundle file is not served (the text is the reason of a [`Refusal`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleFileError {
+    /// The file is larger than [`MAX_BUNDLE_FILE`].
+    #[error("larger than {MAX_BUNDLE_FILE} bytes, not a bundle")]
+    TooLarge,
+    /// The file could not be read (missing, not a regular file, I/O error).
+    #[error(transparent)]
+    Read(std::io::Error),
+    /// The file is not UTF-8.
+    #[error("not a text file")]
+    NotText,
+    /// Not a bundle, not signed by a trusted vendor key, or bound to another server key.
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+    /// Bound to another host.
+    #[error("bound to host {bound}, but this host is {ours} (a bundle serves only the machine it was issued for)")]
+    OtherHost {
+        /// The host fingerprint the bundle names.
+        bound: String,
+        /// This host's fingerprint.
+        ours: String,
+    },
+    /// This server returned the bundle.
+    #[error("bundle {0} was returned by this server and is never loaded again")]
+    Returned(String),
+    /// Past its `valid_until`.
+    #[error("bundle {id} expired at the end of {}", .until.last_day())]
+    Expired {
+        /// The bundle id.
+        id: String,
+        /// Its `valid_until`.
+        until: UnixTime,
+    },
+}
+
 /// Loads and judges one bundle file.
 pub fn load_file(
     path: &Path,
     rules: &BundleRules,
     now: UnixTime,
-) -> Result<VerifiedBundle, String> {
+) -> Result<VerifiedBundle, BundleFileError> {
     match judge_file(path, rules, now) {
         Judged::Load(v) => Ok(v),
-        Judged::Returned(v) => Err(returned_reason(&v.bundle.id)),
+        Judged::Returned(v) => Err(BundleFileError::Returned(v.bundle.id)),
         Judged::Expired(_, reason) | Judged::Refused(reason) => Err(reason),
     }
 }
@@ -94,12 +131,8 @@ enum Judged {
     Returned(VerifiedBundle),
     /// Genuine and bound here, but past its `valid_until`: not served, yet its
     /// `supersedes` still hold (an ended renewal does not bring back what it replaced).
-    Expired(VerifiedBundle, String),
-    Refused(String),
-}
-
-fn returned_reason(id: &str) -> String {
-    format!("bundle {id} was returned by this server and is never loaded again")
+    Expired(VerifiedBundle, BundleFileError),
+    Refused(BundleFileError),
 }
 
 fn judge_file(path: &Path, rules: &BundleRules, now: UnixTime) -> Judged {
@@ -113,7 +146,10 @@ fn judge_file(path: &Path, rules: &BundleRules, now: UnixTime) -> Judged {
     }
     if let Some(until) = b.valid_until {
         if until <= now {
-            let reason = format!("bundle {} expired at the end of {}", b.id, until.last_day());
+            let reason = BundleFileError::Expired {
+                id: b.id.clone(),
+                until,
+            };
             return Judged::Expired(verified, reason);
         }
     }
@@ -121,26 +157,24 @@ fn judge_file(path: &Path, rules: &BundleRules, now: UnixTime) -> Judged {
 }
 
 /// Reads a bundle file and checks signature, signer and binding (dates aside).
-fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, String> {
+fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, BundleFileError> {
     // Without blocking, regular files only, bounded by the bytes read: a FIFO hung
     // every load, and `/dev/zero` (metadata length 0) was read to gigabytes.
     let bytes = crate::files::read_regular(path, MAX_BUNDLE_FILE).map_err(|e| match e.kind() {
-        std::io::ErrorKind::InvalidData => {
-            format!("larger than {MAX_BUNDLE_FILE} bytes, not a bundle")
-        }
-        _ => e.to_string(),
+        std::io::ErrorKind::InvalidData => BundleFileError::TooLarge,
+        _ => BundleFileError::Read(e),
     })?;
-    let text = String::from_utf8(bytes).map_err(|_| "not a text file".to_string())?;
-    let signed = bundle::from_armored(&text).map_err(|e| e.to_string())?;
-    let verified = bundle::verify(&signed, &rules.vendor_keys).map_err(|e| e.to_string())?;
+    let text = String::from_utf8(bytes).map_err(|_| BundleFileError::NotText)?;
+    let signed = bundle::from_armored(&text)?;
+    let verified = bundle::verify(&signed, &rules.vendor_keys)?;
     let b = &verified.bundle;
-    bundle::check_binding(b, &rules.server_key, false).map_err(|e| e.to_string())?;
+    bundle::check_binding(b, &rules.server_key, false)?;
     if let Some(binding) = &b.binding {
         if binding.host_fingerprint != rules.host_fingerprint {
-            return Err(format!(
-                "bound to host {}, but this host is {} (a bundle serves only the machine it was issued for)",
-                binding.host_fingerprint, rules.host_fingerprint
-            ));
+            return Err(BundleFileError::OtherHost {
+                bound: binding.host_fingerprint.clone(),
+                ours: rules.host_fingerprint.clone(),
+            });
         }
     }
     Ok(verified)
@@ -167,7 +201,7 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
             Judged::Returned(v) => {
                 loaded.refused.push(Refusal {
                     path,
-                    reason: returned_reason(&v.bundle.id),
+                    reason: BundleFileError::Returned(v.bundle.id.clone()).to_string(),
                 });
                 returned.insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
             }
@@ -192,10 +226,14 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
                 }
             },
             Judged::Expired(v, reason) => {
+                let reason = reason.to_string();
                 loaded.refused.push(Refusal { path, reason });
                 expired.insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
             }
-            Judged::Refused(reason) => loaded.refused.push(Refusal { path, reason }),
+            Judged::Refused(reason) => loaded.refused.push(Refusal {
+                path,
+                reason: reason.to_string(),
+            }),
         }
     }
     loaded.supersedes = by_id

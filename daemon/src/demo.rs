@@ -6,9 +6,10 @@
 //! is written to the data directory once and reused, so a restarted demo keeps the same
 //! evaluation expiry and its leases.
 
-use anyhow::{Context, Result};
-use std::path::Path;
-use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant, VerifiedBundle};
+use std::path::{Path, PathBuf};
+use tally_protocol::bundle::{
+    self, Binding, Bundle, BundleError, Customer, FeatureGrant, VerifiedBundle,
+};
 use tally_protocol::keys::{demo, hex, SecretKey};
 use tally_protocol::time::{UnixTime, DAY};
 
@@ -52,22 +53,67 @@ pub fn demo_bundle(server: &SecretKey, now: UnixTime) -> Bundle {
     }
 }
 
+/// Why the demo bundle could not be loaded or issued. The texts name the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// The demo bundle file could not be read.
+    #[error("reading {path}: {cause}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        cause: std::io::Error,
+    },
+    /// The file is not a demo bundle of this server (edited, or another server's).
+    #[error("{path}: {cause}")]
+    Bundle {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        cause: BundleError,
+    },
+    /// The new demo bundle could not be written.
+    #[error("writing {path}: {cause}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        cause: std::io::Error,
+    },
+    /// The bundle just issued does not verify (a bug).
+    #[error(transparent)]
+    Issued(BundleError),
+}
+
 /// Loads the demo bundle from `data_dir`, issuing and writing it on first start.
-pub fn load_or_issue(data_dir: &Path, server: &SecretKey, now: UnixTime) -> Result<VerifiedBundle> {
+pub fn load_or_issue(
+    data_dir: &Path,
+    server: &SecretKey,
+    now: UnixTime,
+) -> Result<VerifiedBundle, DemoError> {
     let path = data_dir.join(DEMO_BUNDLE_FILE);
     let trusted = [demo::vendor_public()];
     if path.exists() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let signed = bundle::from_armored(&text).with_context(|| format!("{}", path.display()))?;
-        let verified =
-            bundle::verify(&signed, &trusted).with_context(|| format!("{}", path.display()))?;
-        bundle::check_binding(&verified.bundle, &server.public(), false)
-            .with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|cause| DemoError::Read {
+            path: path.clone(),
+            cause,
+        })?;
+        let bad = |cause| DemoError::Bundle {
+            path: path.clone(),
+            cause,
+        };
+        let signed = bundle::from_armored(&text).map_err(bad)?;
+        let verified = bundle::verify(&signed, &trusted).map_err(bad)?;
+        bundle::check_binding(&verified.bundle, &server.public(), false).map_err(bad)?;
         return Ok(verified);
     }
     let signed = bundle::sign(&demo_bundle(server, now), &demo::vendor_secret());
-    crate::files::create_atomic(&path, bundle::to_armored(&signed).as_bytes(), 0o644)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(bundle::verify(&signed, &trusted)?)
+    crate::files::create_atomic(&path, bundle::to_armored(&signed).as_bytes(), 0o644).map_err(
+        |cause| DemoError::Write {
+            path: path.clone(),
+            cause,
+        },
+    )?;
+    bundle::verify(&signed, &trusted).map_err(DemoError::Issued)
 }

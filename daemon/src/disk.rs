@@ -32,6 +32,20 @@ const MAX_RETRY: Duration = Duration::from_secs(10);
 /// A running flush.
 pub type Flush = JoinHandle<Result<(), StoreError>>;
 
+/// Why the store did not take a write or a flush. The text names the store's path: it
+/// is for the log; clients are told the kind of fault only.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiskError {
+    /// The store failed, now or earlier: a broken store refuses every write with the
+    /// error that broke it (or the latest one of a failed reopen) until it is reopened.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// The store was closed.
+    #[error("the seat store is closed")]
+    Closed,
+}
+
 /// The store, or why it cannot be written.
 pub struct Disk {
     path: PathBuf,
@@ -46,7 +60,7 @@ pub struct Disk {
 
 /// What a broken store owes.
 struct Broken {
-    error: String,
+    error: Arc<StoreError>,
     retry_at: Instant,
     backoff: Duration,
     /// Journal entries not known to be durable, in order.
@@ -83,13 +97,12 @@ impl Disk {
         match store.fault() {
             None => disk.store = Some(store),
             Some(error) => {
-                let error = error.to_string();
                 warn!(
                     error = %error,
                     "started with a seat store that cannot be written: new checkouts are \
                      refused until it can; held leases are restored and served from memory"
                 );
-                disk.metrics.set_store_error(Some(&error));
+                disk.metrics.set_store_error(Some(&error.to_string()));
                 disk.broken = Some(Broken {
                     error,
                     retry_at: Instant::now() + FIRST_RETRY,
@@ -109,7 +122,7 @@ impl Disk {
 
     /// Why new grants are refused, while the store is broken.
     pub fn refusal(&self) -> Option<String> {
-        self.broken.as_ref().map(|b| b.error.clone())
+        self.broken.as_ref().map(|b| b.error.to_string())
     }
 
     /// When to try reopening a broken store.
@@ -124,13 +137,13 @@ impl Disk {
         journal: &mut Vec<JournalEntry>,
         (events, detachments): (&[Event], &[Detachment]),
         clock: Option<UnixTime>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DiskError> {
         if let Some(broken) = &mut self.broken {
             broken.keep(journal.drain(..));
-            return Err(broken.error.clone());
+            return Err(DiskError::Store(broken.error.clone()));
         }
         let Some(store) = &self.store else {
-            return Err("the seat store is closed".into());
+            return Err(DiskError::Closed);
         };
         let result = store
             .append_journal(journal)
@@ -151,7 +164,7 @@ impl Disk {
     }
 
     /// Takes the result of a flush started by [`Disk::start_flush`].
-    pub fn flushed(&mut self, result: Result<(), StoreError>) -> Result<(), String> {
+    pub fn flushed(&mut self, result: Result<(), StoreError>) -> Result<(), DiskError> {
         match result {
             Ok(()) => {
                 self.in_flight.clear();
@@ -162,7 +175,7 @@ impl Disk {
     }
 
     /// Flushes before a stop; says what is lost if the store is broken.
-    pub async fn close(&mut self) -> Result<(), String> {
+    pub async fn close(&mut self) -> Result<(), DiskError> {
         if let Some(b) = &self.broken {
             warn!(
                 events = b.backlog.len(),
@@ -170,7 +183,7 @@ impl Disk {
                  checkins since it failed are lost; leases come back from the store and \
                  expire on their TTL"
             );
-            return Err(b.error.clone());
+            return Err(DiskError::Store(b.error.clone()));
         }
         let Some(store) = self.store.clone() else {
             return Ok(());
@@ -192,15 +205,13 @@ impl Disk {
         let attempt = async {
             let store = tokio::task::spawn_blocking(move || Store::reopen(&path))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(StoreError::Task)??;
             let (removed, added) = store
                 .append_journal(broken.backlog.make_contiguous())
                 .and_then(|_| store.sync_leases(ledger.records()))
-                .and_then(|counts| store.save_clock(ledger.clock_high_water()).map(|_| counts))
-                .map_err(|e| e.to_string())?;
-            store.flush().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((store, removed, added))
+                .and_then(|counts| store.save_clock(ledger.clock_high_water()).map(|_| counts))?;
+            store.flush().await?;
+            Ok::<_, StoreError>((store, removed, added))
         };
         match attempt.await {
             Ok((store, removed, added)) => {
@@ -219,10 +230,11 @@ impl Disk {
             Err(e) => {
                 broken.backoff = (broken.backoff * 2).min(MAX_RETRY);
                 broken.retry_at = Instant::now() + broken.backoff;
-                if e != broken.error {
-                    warn!(error = %e, "the seat store still cannot be written");
-                    broken.error = e;
-                    self.metrics.set_store_error(Some(&broken.error));
+                let error = e.to_string();
+                if error != broken.error.to_string() {
+                    warn!(error = %error, "the seat store still cannot be written");
+                    broken.error = Arc::new(e);
+                    self.metrics.set_store_error(Some(&error));
                 }
                 false
             }
@@ -230,8 +242,8 @@ impl Disk {
     }
 
     /// Marks the store broken: what was not known durable goes to the backlog.
-    fn break_with(&mut self, e: StoreError) -> String {
-        let error = e.to_string();
+    fn break_with(&mut self, e: StoreError) -> DiskError {
+        let error = Arc::new(e);
         let mut backlog = std::mem::take(&mut self.in_flight);
         backlog.append(&mut self.unflushed);
         match &mut self.broken {
@@ -251,11 +263,11 @@ impl Disk {
                 };
                 broken.keep(backlog);
                 self.broken = Some(broken);
-                self.metrics.set_store_error(Some(&error));
+                self.metrics.set_store_error(Some(&error.to_string()));
             }
         }
         // Handles go now, so that an administrator can unmount or repair the volume.
         self.store = None;
-        error
+        DiskError::Store(error)
     }
 }

@@ -619,8 +619,8 @@ fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
     runtime.block_on(async {
-        let shutdown = signals::shutdown_requested().map_err(Failure::Runtime)?;
-        let hangups = signals::hangups().map_err(Failure::Runtime)?;
+        let shutdown = signals::shutdown_requested().map_err(|e| Failure::Runtime(e.into()))?;
+        let hangups = signals::hangups().map_err(|e| Failure::Runtime(e.into()))?;
         let server = Server::bind(ServerParams {
             listen: config.listen,
             identity: site.key.clone(),
@@ -1034,7 +1034,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
     runtime.block_on(async {
-        let shutdown = signals::shutdown_requested().map_err(Failure::Runtime)?;
+        let shutdown = signals::shutdown_requested().map_err(|e| Failure::Runtime(e.into()))?;
         let server = Server::bind(ServerParams {
             listen: config.listen,
             identity: key.clone(),

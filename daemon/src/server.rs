@@ -973,7 +973,7 @@ async fn run_ledger(
             n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
             _ = expiry => {}
             result = flushed => {
-                let result = disk.flushed(result);
+                let result = disk.flushed(result).map_err(|e| e.to_string());
                 // Grants taken back only happen while the store is broken; they are
                 // journaled (into its backlog) with the next batch.
                 rolled_back.extend(answer_flushed(
@@ -1185,7 +1185,7 @@ async fn run_ledger(
         if written.is_ok() && save_clock {
             clock_saved = clock;
         }
-        let failure = written.err();
+        let failure = written.err().map(|e| e.to_string());
         for event in &events {
             if !matches!(event, Event::Granted(_)) {
                 log_event(event, true);
@@ -1242,12 +1242,12 @@ async fn run_ledger(
         if let Some(done) = shutdown {
             if let Some(running) = flushing.take() {
                 let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
-                let result = disk.flushed(result);
+                let result = disk.flushed(result).map_err(|e| e.to_string());
                 // At a stop, a store that failed keeps nothing more: its backlog is lost
                 // with the process, as the log says.
                 let _ = answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result.err());
             }
-            let result = disk.close().await;
+            let result = disk.close().await.map_err(|e| e.to_string());
             if let Err(e) = &result {
                 warn!(error = %e, "final flush failed");
             }
@@ -1397,10 +1397,7 @@ fn undo_regrants(
 }
 
 fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
-    crate::store::StoreError::Sled {
-        path: Default::default(),
-        cause: sled::Error::Io(std::io::Error::other(e)),
-    }
+    crate::store::StoreError::Task(e)
 }
 
 /// Sends the answers a flush covered; if it failed, grants are rolled back and denied,
@@ -1767,9 +1764,9 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
 
 /// Checks the names of a checkout (feature, version) like identity fields.
 fn check_checkout(request: &CheckoutRequest) -> Result<(), String> {
-    check_name("feature name", &request.feature)?;
+    check_name("feature name", &request.feature).map_err(|e| e.to_string())?;
     if let Some(version) = &request.version {
-        check_name("version", version)?;
+        check_name("version", version).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

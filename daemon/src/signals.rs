@@ -3,15 +3,29 @@
 //! signal-hook's iterator runs on its own thread, so no async-signal-unsafe work ever
 //! happens in a handler; the thread only forwards the signal to the runtime.
 
-use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::future::Future;
 
+/// Why signal handling could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {cause}")]
+pub struct SignalError {
+    /// What was being done.
+    pub what: &'static str,
+    /// The OS error.
+    pub cause: std::io::Error,
+}
+
+fn failed(what: &'static str) -> impl FnOnce(std::io::Error) -> SignalError {
+    move |cause| SignalError { what, cause }
+}
+
 /// Installs the handlers and returns a future that completes on the first
 /// SIGTERM or SIGINT.
-pub fn shutdown_requested() -> Result<impl Future<Output = ()>> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+pub fn shutdown_requested() -> Result<impl Future<Output = ()>, SignalError> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(failed("installing signal handlers"))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("signals".into())
@@ -21,7 +35,7 @@ pub fn shutdown_requested() -> Result<impl Future<Output = ()>> {
                 let _ = tx.send(());
             }
         })
-        .context("starting the signal thread")?;
+        .map_err(failed("starting the signal thread"))?;
     Ok(async move {
         let _ = rx.await;
     })
@@ -30,9 +44,9 @@ pub fn shutdown_requested() -> Result<impl Future<Output = ()>> {
 /// Installs a SIGHUP handler and returns a channel that yields once per SIGHUP
 /// (coalesced: several quick hangups cause one reload). Each SIGHUP also reopens the
 /// log file ([`crate::logfile`]).
-pub fn hangups() -> Result<tokio::sync::mpsc::Receiver<()>> {
-    let mut signals =
-        Signals::new([signal_hook::consts::SIGHUP]).context("installing the SIGHUP handler")?;
+pub fn hangups() -> Result<tokio::sync::mpsc::Receiver<()>, SignalError> {
+    let mut signals = Signals::new([signal_hook::consts::SIGHUP])
+        .map_err(failed("installing the SIGHUP handler"))?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     std::thread::Builder::new()
         .name("sighup".into())
@@ -49,7 +63,7 @@ pub fn hangups() -> Result<tokio::sync::mpsc::Receiver<()>> {
                 }
             }
         })
-        .context("starting the SIGHUP thread")?;
+        .map_err(failed("starting the SIGHUP thread"))?;
     Ok(rx)
 }
 

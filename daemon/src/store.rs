@@ -69,6 +69,19 @@ pub enum StoreError {
         /// sled's error.
         cause: sled::Error,
     },
+    /// An I/O error of tallyd's own around sled: probing the volume, copying the store,
+    /// opening or fdatasyncing its log file. (The text is sled's own for its I/O errors.)
+    #[error("seat store {path}: IO error: {cause}")]
+    Io {
+        /// The store directory.
+        path: PathBuf,
+        /// The error.
+        cause: std::io::Error,
+    },
+    /// The blocking task that flushed the store did not finish (it panicked or the
+    /// runtime is shutting down).
+    #[error("seat store: the flush task did not finish: {0}")]
+    Task(tokio::task::JoinError),
     /// A leftover of an interrupted write could not be moved aside.
     #[error("seat store {path}: cannot set aside {file} ({why}): {cause}")]
     SetAside {
@@ -92,7 +105,7 @@ impl StoreError {
                 cause: sled::Error::Io(e),
                 ..
             } => e,
-            StoreError::SetAside { cause, .. } => cause,
+            StoreError::Io { cause, .. } | StoreError::SetAside { cause, .. } => cause,
             _ => return false,
         };
         // ENOSPC, EROFS, EDQUOT; sled re-creates some errors from their text, so the
@@ -113,7 +126,7 @@ impl StoreError {
 #[derive(Debug)]
 struct Fault {
     /// Why the real store could not be opened.
-    error: String,
+    error: std::sync::Arc<StoreError>,
     /// The copy; removed with the last handle.
     _copy: tempfile::TempDir,
 }
@@ -163,9 +176,9 @@ impl Store {
     /// ([`Store::fault`]): the daemon then starts with the store broken, refuses grants
     /// and reopens the real store once the volume can be written ([`crate::disk`]).
     pub fn open_for_serving(dir: &Path) -> Result<Store, StoreError> {
-        let io = |cause: std::io::Error| StoreError::Sled {
+        let io = |cause: std::io::Error| StoreError::Io {
             path: dir.to_path_buf(),
-            cause: sled::Error::Io(cause),
+            cause,
         };
         let exists = dir.join("db").is_file();
         // An existing store is probed first: sled on a full volume would leave a 0-byte
@@ -196,7 +209,7 @@ impl Store {
         set_aside_leftovers(copy.path())?;
         let mut store = Store::open_sled(copy.path(), dir)?;
         store.fault = Some(std::sync::Arc::new(Fault {
-            error: error.to_string(),
+            error: std::sync::Arc::new(error),
             _copy: copy,
         }));
         Ok(store)
@@ -204,8 +217,8 @@ impl Store {
 
     /// Why the store could not be opened for writing, for a store opened from a copy by
     /// [`Store::open_for_serving`].
-    pub fn fault(&self) -> Option<&str> {
-        self.fault.as_ref().map(|f| f.error.as_str())
+    pub fn fault(&self) -> Option<std::sync::Arc<StoreError>> {
+        self.fault.as_ref().map(|f| f.error.clone())
     }
 
     /// Opens sled in `dir`; errors name `path` (the store as the operator knows it).
@@ -239,9 +252,9 @@ impl Store {
         let detached = db.open_tree(DETACHED_TREE).map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(err)?;
-        let io = |source: std::io::Error| StoreError::Sled {
+        let io = |cause: std::io::Error| StoreError::Io {
             path: path.clone(),
-            cause: sled::Error::Io(source),
+            cause,
         };
         let log = std::fs::File::open(dir.join("db")).map_err(io)?;
         // The store's directory entries, once, so that a new store survives a power cut.
@@ -340,9 +353,9 @@ impl Store {
         }
         // sled writes a snapshot at every open: on a volume still full that leaves one
         // more 0-byte leftover per try. A probe of our own first says whether to try.
-        probe_writable(dir).map_err(|cause| StoreError::Sled {
+        probe_writable(dir).map_err(|cause| StoreError::Io {
             path: dir.to_path_buf(),
-            cause: sled::Error::Io(cause),
+            cause,
         })?;
         Store::open(dir)
     }
@@ -608,7 +621,7 @@ impl Store {
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.flush_blocking())
             .await
-            .map_err(|e| self.err(sled::Error::Io(std::io::Error::other(e))))?
+            .map_err(StoreError::Task)?
     }
 
     /// Flushes synchronously; for shutdown paths outside the runtime.
@@ -619,9 +632,10 @@ impl Store {
         // comes from a background thread up to 500 ms later. A grant acknowledged in
         // that window was lost when the file system failed under us (the read-only
         // volume test). fdatasync on our own descriptor of the same file closes it.
-        self.log
-            .sync_data()
-            .map_err(|e| self.err(sled::Error::Io(e)))
+        self.log.sync_data().map_err(|cause| StoreError::Io {
+            path: self.path.clone(),
+            cause,
+        })
     }
 
     fn err(&self, cause: sled::Error) -> StoreError {

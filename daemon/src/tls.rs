@@ -4,8 +4,7 @@
 //! There is no CA. The certificate exists only to carry the identity key through TLS;
 //! clients trust it because the vendor-signed bundle binds that key (see ARCHITECTURE.md).
 
-use anyhow::{Context, Result};
-use quinn::crypto::rustls::QuicServerConfig;
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,28 +15,62 @@ use tally_protocol::wire::ALPN;
 /// with room to spare, and the bound keeps a misbehaving client's cost small.
 const MAX_CONCURRENT_STREAMS: u32 = 16;
 
+/// Why the TLS configuration could not be built (each is a bug or a broken build, not
+/// something an operator did).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// rcgen could not make the self-signed certificate.
+    #[error("{what}: {cause}")]
+    Certificate {
+        /// The step that failed.
+        what: &'static str,
+        /// rcgen's error.
+        cause: rcgen::Error,
+    },
+    /// rustls refused the configuration.
+    #[error("{what}: {cause}")]
+    Rustls {
+        /// The step that failed.
+        what: &'static str,
+        /// rustls's error.
+        cause: rustls::Error,
+    },
+    /// quinn found no cipher suite it can start a connection with.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(NoInitialCipherSuite),
+    /// The idle timeout does not fit QUIC's variable-length integer.
+    #[error("idle timeout out of range: {0}")]
+    IdleTimeout(quinn::VarIntBoundsExceeded),
+}
+
 /// Builds the quinn server configuration for `key`.
-pub fn server_config(key: &SecretKey, idle_timeout: Duration) -> Result<quinn::ServerConfig> {
+pub fn server_config(
+    key: &SecretKey,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let rcgen = |what| move |cause| TlsError::Certificate { what, cause };
+    let rustls = |what| move |cause| TlsError::Rustls { what, cause };
     let pkcs8 = key.to_pkcs8_der();
     let key_pair = rcgen::KeyPair::try_from(pkcs8.as_slice())
-        .context("turning the identity key into a certificate key")?;
+        .map_err(rcgen("turning the identity key into a certificate key"))?;
     let params = rcgen::CertificateParams::new(vec!["tally".to_string()])
-        .context("certificate parameters")?;
+        .map_err(rcgen("certificate parameters"))?;
     let cert = params
         .self_signed(&key_pair)
-        .context("self-signing the server certificate")?;
+        .map_err(rcgen("self-signing the server certificate"))?;
     let cert_der: CertificateDer<'static> = cert.der().clone();
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 with the ring provider")?
+        .map_err(rustls("TLS 1.3 with the ring provider"))?
         .with_no_client_auth()
         .with_single_cert(vec![cert_der], key_der)
-        .context("installing the server certificate")?;
+        .map_err(rustls("installing the server certificate"))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(TlsError::Quic)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport(idle_timeout)?));
     // Connection attempts not yet taken by the accept loop, and the early data they may
@@ -82,7 +115,7 @@ pub fn endpoint_config(key: &SecretKey) -> quinn::EndpointConfig {
 /// packets QUIC starts with carry them whole, and the probes' larger send buffers cost
 /// about 3 KiB per connection (tallyd at 2,000 connections: 114.5 → 108.6 MiB; the bare
 /// QUIC baseline 78 → 74 MiB). It also spares idle connections the probe traffic.
-fn transport(idle_timeout: Duration) -> Result<quinn::TransportConfig> {
+fn transport(idle_timeout: Duration) -> Result<quinn::TransportConfig, TlsError> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(MAX_CONCURRENT_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())
@@ -92,9 +125,7 @@ fn transport(idle_timeout: Duration) -> Result<quinn::TransportConfig> {
         .datagram_receive_buffer_size(None)
         .mtu_discovery_config(None)
         .max_idle_timeout(Some(
-            idle_timeout
-                .try_into()
-                .context("idle timeout out of range")?,
+            idle_timeout.try_into().map_err(TlsError::IdleTimeout)?,
         ));
     Ok(t)
 }

@@ -2,12 +2,62 @@
 //! backoff. A report leaves the spool (for `sent/`) only once the vendor's server answered
 //! 2xx; nothing unacknowledged is ever dropped.
 
-use anyhow::{bail, Context, Result};
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Why the uploader could not be set up, or one report not be uploaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UploadError {
+    /// Reports go over HTTPS only.
+    #[error("report_upload_url must be an https:// URL, not {0}")]
+    NotHttps(String),
+    /// The CA file could not be read.
+    #[error("reading {path}: {cause}")]
+    ReadCa {
+        /// The CA file.
+        path: PathBuf,
+        /// Why.
+        cause: pem::Error,
+    },
+    /// An entry of the CA file is not a PEM certificate.
+    #[error("{path}: not a PEM certificate: {cause}")]
+    NotPem {
+        /// The CA file.
+        path: PathBuf,
+        /// Why.
+        cause: pem::Error,
+    },
+    /// rustls refused a CA certificate.
+    #[error("{path}: unusable CA certificate: {cause}")]
+    UnusableCa {
+        /// The CA file.
+        path: PathBuf,
+        /// Why.
+        cause: rustls::Error,
+    },
+    /// The CA file holds no certificate.
+    #[error("{path}: holds no certificate")]
+    NoCertificate {
+        /// The CA file.
+        path: PathBuf,
+    },
+    /// rustls refused the TLS versions (a broken build).
+    #[error("TLS versions: {0}")]
+    TlsVersions(rustls::Error),
+    /// A spooled report could not be read or moved to `sent/`.
+    #[error(transparent)]
+    Spool(#[from] std::io::Error),
+    /// The vendor's server answered something else than 2xx.
+    #[error("the vendor's server answered {0}")]
+    Status(u16),
+    /// The request did not get an answer (DNS, connection, TLS, timeout).
+    #[error("upload failed: {0}")]
+    Transport(Box<ureq::Error>),
+}
 
 /// Longest wait between attempts after failures.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
@@ -42,32 +92,40 @@ pub struct Pass {
 impl Uploader {
     /// An uploader to `url` (https only) trusting the public web roots, plus the CA
     /// certificates in `extra_ca` (a PEM file) for a vendor with its own CA.
-    pub fn new(url: &str, extra_ca: Option<&Path>, spool: &Path) -> Result<Uploader> {
+    pub fn new(url: &str, extra_ca: Option<&Path>, spool: &Path) -> Result<Uploader, UploadError> {
         if !url.starts_with("https://") {
-            bail!("report_upload_url must be an https:// URL, not {url}");
+            return Err(UploadError::NotHttps(url.to_string()));
         }
         let mut roots =
             rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = extra_ca {
             let mut added = 0;
-            for cert in CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("reading {}", path.display()))?
-            {
-                let cert =
-                    cert.with_context(|| format!("{}: not a PEM certificate", path.display()))?;
-                roots
-                    .add(cert)
-                    .with_context(|| format!("{}: unusable CA certificate", path.display()))?;
+            let certs =
+                CertificateDer::pem_file_iter(path).map_err(|cause| UploadError::ReadCa {
+                    path: path.to_path_buf(),
+                    cause,
+                })?;
+            for cert in certs {
+                let cert = cert.map_err(|cause| UploadError::NotPem {
+                    path: path.to_path_buf(),
+                    cause,
+                })?;
+                roots.add(cert).map_err(|cause| UploadError::UnusableCa {
+                    path: path.to_path_buf(),
+                    cause,
+                })?;
                 added += 1;
             }
             if added == 0 {
-                bail!("{}: holds no certificate", path.display());
+                return Err(UploadError::NoCertificate {
+                    path: path.to_path_buf(),
+                });
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .context("TLS versions")?
+            .map_err(UploadError::TlsVersions)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let agent = ureq::AgentBuilder::new()
@@ -101,7 +159,7 @@ impl Uploader {
         let files = self.pending();
         for (i, file) in files.iter().enumerate() {
             if let Err(e) = self.upload_one(file) {
-                pass.error = Some(format!("{}: {e:#}", file.display()));
+                pass.error = Some(format!("{}: {e}", file.display()));
                 pass.pending = files.len() - i;
                 return pass;
             }
@@ -110,7 +168,7 @@ impl Uploader {
         pass
     }
 
-    fn upload_one(&self, file: &Path) -> Result<()> {
+    fn upload_one(&self, file: &Path) -> Result<(), UploadError> {
         // Regular files only, without blocking, bounded: something else dropped into
         // the spool must not hang or balloon the uploader.
         let text =
@@ -127,9 +185,9 @@ impl Uploader {
             .send_string(&text)
         {
             Ok(r) if (200..300).contains(&r.status()) => {}
-            Ok(r) => bail!("the vendor's server answered {}", r.status()),
-            Err(ureq::Error::Status(code, _)) => bail!("the vendor's server answered {code}"),
-            Err(e) => bail!("upload failed: {e}"),
+            Ok(r) => return Err(UploadError::Status(r.status())),
+            Err(ureq::Error::Status(code, _)) => return Err(UploadError::Status(code)),
+            Err(e) => return Err(UploadError::Transport(Box::new(e))),
         }
         let sent = self.spool.join("sent");
         std::fs::create_dir_all(&sent)?;

@@ -149,21 +149,49 @@ pub fn escape_unprintable(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Why a name a client sent was refused by [`check_name`]. The text names the field and
+/// the offending character, never the value (it may hold terminal escapes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// The name is empty.
+    #[error("{field} is empty")]
+    Empty {
+        /// Which field (e.g. "user", "feature name").
+        field: String,
+    },
+    /// The name is longer than [`MAX_NAME_LEN`] bytes.
+    #[error("{field} is longer than {MAX_NAME_LEN} bytes")]
+    TooLong {
+        /// Which field.
+        field: String,
+    },
+    /// The name holds a character [`unprintable`] refuses.
+    #[error("{field} contains the control character U+{:04X}; names must be printable", *.character as u32)]
+    Unprintable {
+        /// Which field.
+        field: String,
+        /// The first offending character.
+        character: char,
+    },
+}
+
 /// Checks a name a client sends (identity field, feature, version): not empty, at most
 /// [`MAX_NAME_LEN`] bytes, nothing [`unprintable`]. The error names the field and the
 /// offending character, never echoes the value.
-pub fn check_name(field: &str, value: &str) -> Result<(), String> {
+pub fn check_name(field: &str, value: &str) -> Result<(), NameError> {
+    let field = || field.to_string();
     if value.is_empty() {
-        return Err(format!("{field} is empty"));
+        return Err(NameError::Empty { field: field() });
     }
     if value.len() > MAX_NAME_LEN {
-        return Err(format!("{field} is longer than {MAX_NAME_LEN} bytes"));
+        return Err(NameError::TooLong { field: field() });
     }
-    if let Some(c) = unprintable(value) {
-        return Err(format!(
-            "{field} contains the control character U+{:04X}; names must be printable",
-            c as u32
-        ));
+    if let Some(character) = unprintable(value) {
+        return Err(NameError::Unprintable {
+            field: field(),
+            character,
+        });
     }
     Ok(())
 }
@@ -1135,13 +1163,16 @@ mod tests {
             "a\u{9b}",
             "a\u{202e}b",
         ] {
-            let e = check_name("user", bad).unwrap_err();
+            let e = check_name("user", bad).unwrap_err().to_string();
             assert!(
                 e.starts_with("user contains the control character U+"),
                 "{e}"
             );
         }
-        assert_eq!(check_name("feature", "").unwrap_err(), "feature is empty");
+        assert_eq!(
+            check_name("feature", "").unwrap_err().to_string(),
+            "feature is empty"
+        );
         assert_eq!(escape_unprintable("ok"), "ok");
         assert_eq!(
             escape_unprintable("m\u{1b}]0;t\u{7}\nx"),

@@ -198,20 +198,41 @@ fn tokenize(text: &str, line: usize) -> Result<Vec<Token>, ImportError> {
     }
 }
 
+/// Why a FlexLM date did not parse; the text quotes the date as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DateError {
+    /// Not three parts separated by `-`.
+    #[error("'{0}' is not a date like 31-dec-2027")]
+    Shape(String),
+    /// The year is not a number.
+    #[error("'{0}': year is not a number")]
+    Year(String),
+    /// The month is not one of `jan`..`dec`.
+    #[error("'{0}': unknown month")]
+    Month(String),
+    /// The day is not a number.
+    #[error("'{0}': day is not a number")]
+    Day(String),
+    /// No such day in the calendar (31-feb).
+    #[error("'{0}' is not a calendar date")]
+    NotInCalendar(String),
+}
+
 /// Parses a FlexLM date (`31-dec-2027`, `1-jan-0`, `permanent`) into `YYYY-MM-DD`, or
 /// `None` for permanent.
-pub fn parse_date(text: &str) -> Result<Option<String>, String> {
+pub fn parse_date(text: &str) -> Result<Option<String>, DateError> {
     let lower = text.to_ascii_lowercase();
     if lower == "permanent" {
         return Ok(None);
     }
     let parts: Vec<&str> = lower.split('-').collect();
     let [day, month, year] = parts.as_slice() else {
-        return Err(format!("'{text}' is not a date like 31-dec-2027"));
+        return Err(DateError::Shape(text.to_string()));
     };
     let year: u32 = year
         .parse()
-        .map_err(|_| format!("'{text}': year is not a number"))?;
+        .map_err(|_| DateError::Year(text.to_string()))?;
     if year == 0 {
         return Ok(None);
     }
@@ -221,15 +242,13 @@ pub fn parse_date(text: &str) -> Result<Option<String>, String> {
     let month = MONTHS
         .iter()
         .position(|m| *m == *month)
-        .ok_or_else(|| format!("'{text}': unknown month"))?
+        .ok_or_else(|| DateError::Month(text.to_string()))?
         + 1;
-    let day: u32 = day
-        .parse()
-        .map_err(|_| format!("'{text}': day is not a number"))?;
+    let day: u32 = day.parse().map_err(|_| DateError::Day(text.to_string()))?;
     let date = format!("{year:04}-{month:02}-{day:02}");
     tally_protocol::time::UnixTime::from_date(&date)
         .map(|_| Some(date))
-        .ok_or_else(|| format!("'{text}' is not a calendar date"))
+        .ok_or_else(|| DateError::NotInCalendar(text.to_string()))
 }
 
 fn seats(text: &str, line: usize) -> Result<Option<u32>, ImportError> {
@@ -347,8 +366,10 @@ pub fn import_at(
                     i = 4;
                 }
                 e.version_ceiling = Some(words[i].to_string());
-                e.expires =
-                    parse_date(words[i + 1]).map_err(|message| ImportError { line, message })?;
+                e.expires = parse_date(words[i + 1]).map_err(|e| ImportError {
+                    line,
+                    message: e.to_string(),
+                })?;
                 e.seats = seats(words[i + 2], line)?;
                 if upgrade && e.seats.is_none() {
                     return Err(ImportError {
@@ -607,7 +628,10 @@ fn map_pair(
         "USER_INFO" => attribute(e, "user_info"),
         "VENDOR_INFO" => attribute(e, "vendor_info"),
         "START" => {
-            e.starts = parse_date(value).map_err(|message| ImportError { line, message })?;
+            e.starts = parse_date(value).map_err(|e| ImportError {
+                line,
+                message: e.to_string(),
+            })?;
         }
         "OVERDRAFT" => {
             e.overdraft = value.parse().map_err(|_| ImportError {

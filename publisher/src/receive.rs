@@ -223,30 +223,46 @@ fn collect_bundles(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) -> std::io::R
     Ok(())
 }
 
+/// Why a file of the bundle directory was skipped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleFileError {
+    /// It could not be opened or read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A FIFO, device or directory.
+    #[error("not a regular file")]
+    NotRegular,
+    /// Larger than any bundle.
+    #[error("larger than {MAX_BUNDLE_FILE} bytes")]
+    TooLarge,
+    /// Not UTF-8.
+    #[error("not a text file")]
+    NotText,
+    /// Not a bundle, or its signature does not verify.
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+}
+
 /// A bundle file, signature checked against its own signer (the vendor's own files, as
 /// `verify-report` reads them), bounded and without blocking on a FIFO.
-fn read_bundle(path: &Path) -> Result<Bundle, String> {
+fn read_bundle(path: &Path) -> Result<Bundle, BundleFileError> {
     use std::io::Read;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| e.to_string())?;
-    if !file.metadata().map_err(|e| e.to_string())?.is_file() {
-        return Err("not a regular file".into());
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(BundleFileError::NotRegular);
     }
     let mut bytes = Vec::new();
-    file.take(MAX_BUNDLE_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
+    file.take(MAX_BUNDLE_FILE + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_BUNDLE_FILE {
-        return Err(format!("larger than {MAX_BUNDLE_FILE} bytes"));
+        return Err(BundleFileError::TooLarge);
     }
-    let text = String::from_utf8(bytes).map_err(|_| "not a text file".to_string())?;
-    let signed = bundle::from_armored(&text).map_err(|e| e.to_string())?;
-    bundle::verify(&signed, &[signed.signer])
-        .map(|v| v.bundle)
-        .map_err(|e| e.to_string())
+    let text = String::from_utf8(bytes).map_err(|_| BundleFileError::NotText)?;
+    let signed = bundle::from_armored(&text)?;
+    Ok(bundle::verify(&signed, &[signed.signer])?.bundle)
 }
 
 /// A customer id as one path component: ASCII letters, digits, `.`, `-`, `_` kept,
@@ -368,32 +384,91 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// Longest a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Why the receiver's TLS certificate and key could not be used. The texts name the
+/// files.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// The certificate file could not be read.
+    #[error("{path}: {cause}")]
+    ReadCertificate {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        cause: rustls::pki_types::pem::Error,
+    },
+    /// An entry of the certificate file is not a PEM certificate.
+    #[error("{path}: not a PEM certificate: {cause}")]
+    NotPem {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        cause: rustls::pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{path}: holds no certificate")]
+    NoCertificate {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// The key file holds no PEM private key.
+    #[error("{path}: no PEM private key in it: {cause}")]
+    NoKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        cause: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the TLS versions (a broken build).
+    #[error("TLS versions: {0}")]
+    TlsVersions(rustls::Error),
+    /// rustls refused the certificate and key together (e.g. they do not match).
+    #[error("{cert} and {key} do not make a usable certificate and key: {cause}")]
+    Unusable {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls's error.
+        cause: rustls::Error,
+    },
+}
+
 /// A TLS configuration from a PEM certificate chain and its PEM private key.
-pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use anyhow::Context;
+pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut chain = Vec::new();
-    for c in CertificateDer::pem_file_iter(cert).with_context(|| format!("{}", cert.display()))? {
-        chain.push(c.with_context(|| format!("{}: not a PEM certificate", cert.display()))?);
+    let certs =
+        CertificateDer::pem_file_iter(cert).map_err(|cause| TlsConfigError::ReadCertificate {
+            path: cert.to_path_buf(),
+            cause,
+        })?;
+    for c in certs {
+        chain.push(c.map_err(|cause| TlsConfigError::NotPem {
+            path: cert.to_path_buf(),
+            cause,
+        })?);
     }
     if chain.is_empty() {
-        anyhow::bail!("{}: holds no certificate", cert.display());
+        return Err(TlsConfigError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
     }
-    let private = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("{}: no PEM private key in it", key.display()))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|cause| TlsConfigError::NoKey {
+        path: key.to_path_buf(),
+        cause,
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .context("TLS versions")?
+        .map_err(TlsConfigError::TlsVersions)?
         .with_no_client_auth()
         .with_single_cert(chain, private)
-        .with_context(|| {
-            format!(
-                "{} and {} do not make a usable certificate and key",
-                cert.display(),
-                key.display()
-            )
+        .map_err(|cause| TlsConfigError::Unusable {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            cause,
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -490,12 +565,12 @@ async fn upload(
     };
     let body = match read_body(request.into_body(), state.max_bytes).await {
         Ok(b) => b,
-        Err(None) => {
+        Err(BodyError::TooLarge) => {
             log(&too_large, name.as_deref());
             return answer(too_large);
         }
-        Err(Some(e)) => {
-            let o = Outcome::new(400, format!("refused: the upload broke off: {e}"));
+        Err(e @ BodyError::BrokeOff(_)) => {
+            let o = Outcome::new(400, format!("refused: {e}"));
             log(&o, name.as_deref());
             return answer(o);
         }
@@ -520,25 +595,36 @@ async fn upload(
 /// beyond it the connection is closed. No tallyd report is larger.
 const DRAIN_LIMIT: u64 = report::MAX_REPORT_TEXT as u64;
 
-/// The request body, at most `limit` bytes kept: `Err(None)` when larger (the rest is
-/// read and dropped, up to [`DRAIN_LIMIT`]), `Err(Some(why))` when the connection failed
-/// or stalled (see [`Timed`]) before its end.
-async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>, Option<String>> {
+/// Why an upload's body was not read whole.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// Larger than the limit (the rest was read and dropped, up to [`DRAIN_LIMIT`]).
+    #[error("larger than the limit")]
+    TooLarge,
+    /// The connection failed or stalled (see [`Timed`]) before the body's end.
+    #[error("the upload broke off: {0}")]
+    BrokeOff(axum::Error),
+}
+
+/// The request body, at most `limit` bytes kept: [`BodyError::TooLarge`] when larger
+/// (the rest is read and dropped, up to [`DRAIN_LIMIT`]), [`BodyError::BrokeOff`] when
+/// the connection failed or stalled before its end.
+async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>, BodyError> {
     use axum::body::HttpBody;
     let mut out = Vec::new();
     let mut seen: u64 = 0;
     loop {
         let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
         match frame {
-            None if seen > limit as u64 => return Err(None),
+            None if seen > limit as u64 => return Err(BodyError::TooLarge),
             None => return Ok(out),
-            Some(Err(_)) if seen > limit as u64 => return Err(None),
-            Some(Err(e)) => return Err(Some(e.to_string())),
+            Some(Err(_)) if seen > limit as u64 => return Err(BodyError::TooLarge),
+            Some(Err(e)) => return Err(BodyError::BrokeOff(e)),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     seen = seen.saturating_add(data.len() as u64);
                     if seen > DRAIN_LIMIT {
-                        return Err(None);
+                        return Err(BodyError::TooLarge);
                     }
                     if seen <= limit as u64 {
                         out.extend_from_slice(&data);
