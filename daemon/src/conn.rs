@@ -5,7 +5,6 @@
 use crate::admission::Permit;
 use crate::handlers::{dispatch, error};
 use crate::ledger::ConnId;
-use crate::ledger_task::Command;
 use crate::shared::Shared;
 use std::future::IntoFuture;
 use std::sync::atomic::Ordering;
@@ -61,11 +60,7 @@ pub(crate) async fn serve_connection(
     };
     debug!(%remote, conn = conn_id.0, %reason, "connection closed");
     let timed_out = matches!(reason, quinn::ConnectionError::TimedOut);
-    let _ = Box::pin(shared.ledger.send(Command::Closed {
-        conn: conn_id,
-        timed_out,
-    }))
-    .await;
+    let _ = Box::pin(shared.ledger.closed(conn_id, timed_out)).await;
 }
 
 /// Why reading a request failed.
@@ -142,7 +137,7 @@ async fn serve_stream(
                     // up waiting in the same instant the seat was granted): nobody holds
                     // the secret, so the seat goes back at once.
                     debug!(conn = conn.0, %lease, "grant not received; taking it back");
-                    let _ = shared.ledger.send(Command::Unclaimed { lease }).await;
+                    let _ = shared.ledger.unclaimed(lease).await;
                 }
                 return;
             }

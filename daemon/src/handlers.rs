@@ -5,7 +5,7 @@
 
 use crate::clock::now;
 use crate::ledger::{ConnId, FreshLease, WaiterId};
-use crate::ledger_task::Command;
+use crate::ledger_task::NoAnswer;
 use crate::reload::outcome_text;
 use crate::reports::SHUTTING_DOWN;
 use crate::shared::{storage_fault, Shared};
@@ -17,7 +17,6 @@ use tally_protocol::keys::SecretKey;
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
 use tally_protocol::signed::{Domain, Signed};
 use tally_protocol::wire::*;
-use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 /// Where a request came from: the connection and the peer's address.
@@ -139,29 +138,20 @@ async fn checkout(
             )
         }
     };
-    let (reply, rx) = oneshot::channel();
     let waiter = WaiterId(shared.next_waiter.fetch_add(1, Ordering::Relaxed));
-    let command = Command::Checkout {
-        conn,
-        holder: holder.clone(),
-        request,
-        fresh,
-        waiter,
-        reply,
-    };
-    if shared.ledger.send(command).await.is_err() {
-        return closed();
-    }
-    // A client that gives up waiting (its request future dropped, the stream
-    // stopped) while keeping the connection leaves the queue at once, instead of
-    // holding its place, and later a seat nobody would use, until its timeout.
-    let answer = tokio::select! {
-        answer = rx => answer,
-        _ = send.stopped() => {
-            let _ = shared.ledger.send(Command::CancelWait { waiter }).await;
-            return closed();
-        }
-    };
+    let answer = shared
+        .ledger
+        .checkout(
+            (conn, holder.clone()),
+            request,
+            (fresh, waiter),
+            // Stopped by a client that gave up waiting (its request future dropped)
+            // while keeping the connection.
+            async {
+                let _ = send.stopped().await;
+            },
+        )
+        .await;
     match answer {
         Ok(Ok(record)) => {
             Response::Checkout(CheckoutReply::Granted(grant(&record, &holder, &shared.key)))
@@ -169,44 +159,27 @@ async fn checkout(
         Ok(Err(reason)) => Response::Checkout(CheckoutReply::Denied(Denial {
             reason: shared.client_view(reason),
         })),
-        Err(_) => closed(),
+        Err(NoAnswer) => closed(),
     }
 }
 
 /// Heartbeat: the ledger task answers for each lease; the time it took is counted.
 async fn heartbeat(request: HeartbeatRequest, conn: ConnId, shared: &Shared) -> Response {
     let started = std::time::Instant::now();
-    let (reply, rx) = oneshot::channel();
-    let command = Command::Heartbeat {
-        conn,
-        leases: request.leases,
-        reply,
-    };
-    if shared.ledger.send(command).await.is_err() {
-        return closed();
-    }
-    match rx.await {
+    match shared.ledger.heartbeat(conn, request.leases).await {
         Ok(leases) => {
             shared.metrics.heartbeat_latency.observe(started.elapsed());
             Response::Heartbeat(HeartbeatReply { leases })
         }
-        Err(_) => closed(),
+        Err(NoAnswer) => closed(),
     }
 }
 
 /// Checkin: the leases named are released.
 async fn checkin(request: CheckinRequest, shared: &Shared) -> Response {
-    let (reply, rx) = oneshot::channel();
-    let command = Command::Checkin {
-        leases: request.leases,
-        reply,
-    };
-    if shared.ledger.send(command).await.is_err() {
-        return closed();
-    }
-    match rx.await {
+    match shared.ledger.checkin(request.leases).await {
         Ok(released) => Response::Checkin(CheckinReply { released }),
-        Err(_) => closed(),
+        Err(NoAnswer) => closed(),
     }
 }
 
@@ -224,17 +197,13 @@ async fn status(status: StatusRequest, (conn, remote): Origin, shared: &Shared) 
             "this server shows its status only with the admin token",
         );
     }
-    let (reply, rx) = oneshot::channel();
-    if shared.ledger.send(Command::Status { reply }).await.is_err() {
-        return closed();
-    }
-    match rx.await {
+    match shared.ledger.status().await {
         Ok(features) => Response::Status(StatusReply {
             server_time: now().wall,
             server_fingerprint: shared.key.public().fingerprint(),
             features,
         }),
-        Err(_) => closed(),
+        Err(NoAnswer) => closed(),
     }
 }
 
@@ -291,16 +260,7 @@ async fn admin(admin: AdminRequest, (conn, remote): Origin, shared: &Arc<Shared>
 
 /// `tally admin remove`: the lease goes, its holder is held off.
 async fn admin_remove(lease: LeaseId, shared: &Shared) -> Response {
-    let (reply, rx) = oneshot::channel();
-    if shared
-        .ledger
-        .send(Command::Remove { lease, reply })
-        .await
-        .is_err()
-    {
-        return closed();
-    }
-    match rx.await {
+    match shared.ledger.remove(lease).await {
         Ok(true) => {
             info!(%lease, "lease removed by the administrator");
             Response::Admin(AdminReply {
@@ -312,7 +272,7 @@ async fn admin_remove(lease: LeaseId, shared: &Shared) -> Response {
             ErrorCode::UnknownLease,
             format!("no lease {lease} is held on this server"),
         ),
-        Err(_) => closed(),
+        Err(NoAnswer) => closed(),
     }
 }
 

@@ -23,14 +23,14 @@ use tracing::{info, warn};
 const MAX_BATCH: usize = 256;
 /// Queue of requests waiting for the ledger task; when full, connection tasks wait,
 /// which pushes back on clients through QUIC flow control.
-pub(crate) const LEDGER_QUEUE: usize = 4096;
+const LEDGER_QUEUE: usize = 4096;
 /// How often the clock mark (the last time the daemon is known to have been alive) is
 /// written; a lease attached when the daemon died ends at the latest this long after
 /// the mark plus its TTL.
 pub(crate) const CLOCK_SAVE_SECS: u64 = 10;
 
-/// A request to the ledger task.
-pub(crate) enum Command {
+/// A request to the ledger task; built only by [`LedgerHandle`].
+enum Command {
     /// A queued checkout whose client stopped waiting.
     /// A grant whose answer did not reach its client (see `serve_stream`).
     Unclaimed {
@@ -89,6 +89,152 @@ pub(crate) enum Command {
     },
 }
 
+/// The ledger task has stopped (the server is shutting down), or the requester stopped
+/// waiting for its answer: either way there is no answer to give.
+#[derive(Debug)]
+pub(crate) struct NoAnswer;
+
+/// The way to the ledger task: one typed call per request, each sending its
+/// [`Command`] and waiting for the answer. Cloned into every connection task.
+#[derive(Clone)]
+pub(crate) struct LedgerHandle(mpsc::Sender<Command>);
+
+/// What the ledger task reads its requests from (see [`LedgerHandle::channel`]).
+pub(crate) struct Inbox(mpsc::Receiver<Command>);
+
+impl LedgerHandle {
+    /// A handle and the inbox the ledger task reads; the queue is bounded, so a busy
+    /// ledger task pushes back on clients through QUIC flow control.
+    pub(crate) fn channel() -> (LedgerHandle, Inbox) {
+        let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
+        (LedgerHandle(tx), Inbox(rx))
+    }
+
+    /// Sends a command that has no answer.
+    async fn tell(&self, command: Command) -> Result<(), NoAnswer> {
+        self.0.send(command).await.map_err(|_| NoAnswer)
+    }
+
+    /// Sends a command and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NoAnswer> {
+        let (reply, rx) = oneshot::channel();
+        self.tell(command(reply)).await?;
+        rx.await.map_err(|_| NoAnswer)
+    }
+
+    /// A checkout, granted, denied or (queued) waited for; a requester that stops
+    /// waiting (`abandoned` completes) leaves the queue at once, instead of holding its
+    /// place, and later a seat nobody would use, until its timeout.
+    pub(crate) async fn checkout(
+        &self,
+        (conn, holder): (ConnId, ClientIdentity),
+        request: CheckoutRequest,
+        (fresh, waiter): (FreshLease, WaiterId),
+        abandoned: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<LeaseRecord, DenialReason>, NoAnswer> {
+        let (reply, rx) = oneshot::channel();
+        self.tell(Command::Checkout {
+            conn,
+            holder,
+            request,
+            fresh,
+            waiter,
+            reply,
+        })
+        .await?;
+        tokio::select! {
+            answer = rx => answer.map_err(|_| NoAnswer),
+            _ = abandoned => {
+                let _ = self.tell(Command::CancelWait { waiter }).await;
+                Err(NoAnswer)
+            }
+        }
+    }
+
+    /// A heartbeat for `leases` over connection `conn` (re-attaching them to it).
+    pub(crate) async fn heartbeat(
+        &self,
+        conn: ConnId,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<LeaseState>, NoAnswer> {
+        self.ask(|reply| Command::Heartbeat {
+            conn,
+            leases,
+            reply,
+        })
+        .await
+    }
+
+    /// Releases `leases`; for each, whether it was held.
+    pub(crate) async fn checkin(&self, leases: Vec<LeaseRef>) -> Result<Vec<bool>, NoAnswer> {
+        self.ask(|reply| Command::Checkin { leases, reply }).await
+    }
+
+    /// The features, their seats and holders.
+    pub(crate) async fn status(&self) -> Result<Vec<FeatureStatus>, NoAnswer> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// Removes a lease (admin); whether it was held.
+    pub(crate) async fn remove(&self, lease: LeaseId) -> Result<bool, NoAnswer> {
+        self.ask(|reply| Command::Remove { lease, reply }).await
+    }
+
+    /// The next usage report, durable with the batch it was built in.
+    pub(crate) async fn export(
+        &self,
+        identity: Box<ReportIdentity>,
+        retention: Duration,
+    ) -> Result<Result<Exported, String>, NoAnswer> {
+        self.ask(|reply| Command::Export {
+            identity,
+            retention,
+            reply,
+        })
+        .await
+    }
+
+    /// Swaps the bundles' terms and the policy (leases untouched), journaling the
+    /// served set's changes; returns once the ledger task has done it.
+    pub(crate) async fn reload(
+        &self,
+        bundles: Vec<tally_protocol::bundle::Bundle>,
+        changes: Vec<UsageEvent>,
+        policy: Policy,
+    ) -> Result<(), NoAnswer> {
+        self.ask(|done| Command::Reload {
+            bundles,
+            changes,
+            policy,
+            done,
+        })
+        .await
+    }
+
+    /// Adds an event to the journal.
+    pub(crate) async fn journal(&self, event: UsageEvent) -> Result<(), NoAnswer> {
+        self.tell(Command::Journal { event }).await
+    }
+
+    /// A grant whose answer did not reach its client: the seat goes back at once.
+    pub(crate) async fn unclaimed(&self, lease: LeaseId) -> Result<(), NoAnswer> {
+        self.tell(Command::Unclaimed { lease }).await
+    }
+
+    /// A connection closed (`timed_out`: by the QUIC idle timeout).
+    pub(crate) async fn closed(&self, conn: ConnId, timed_out: bool) -> Result<(), NoAnswer> {
+        self.tell(Command::Closed { conn, timed_out }).await
+    }
+
+    /// Stops the ledger task after its final flush; returns once it is done.
+    pub(crate) async fn shutdown(&self) -> Result<(), NoAnswer> {
+        self.ask(|done| Command::Shutdown { done }).await
+    }
+}
+
 /// A reply owed to a client once the batch is durable.
 enum Pending {
     Grant(
@@ -110,7 +256,7 @@ enum Pending {
 pub(crate) async fn run_ledger(
     mut ledger: Ledger,
     store: Store,
-    mut rx: mpsc::Receiver<Command>,
+    Inbox(mut rx): Inbox,
     startup: Vec<UsageEvent>,
     (metrics, idle_timeout): (Arc<Metrics>, Duration),
 ) {

@@ -3,14 +3,13 @@
 //! clients and SIGHUP.
 
 use crate::clock::now;
-use crate::ledger_task::Command;
 use crate::metrics::{Metrics, RecentDenial};
+use crate::reports::SHUTTING_DOWN;
 use crate::shared::Shared;
 use std::sync::Arc;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::lease::LeaseId;
 use tally_protocol::wire::{ReloadOutcome, StatusReply};
-use tokio::sync::oneshot;
 use tracing::info;
 
 /// What the operations endpoint may ask of a running server.
@@ -42,15 +41,12 @@ impl OpsHandle {
 
     /// The ledger's status.
     pub async fn raw_status(&self) -> Result<StatusReply, String> {
-        let (reply, rx) = oneshot::channel();
-        self.shared
+        let features = self
+            .shared
             .ledger
-            .send(Command::Status { reply })
+            .status()
             .await
-            .map_err(|_| "the server is shutting down".to_string())?;
-        let features = rx
-            .await
-            .map_err(|_| "the server is shutting down".to_string())?;
+            .map_err(|_| SHUTTING_DOWN.to_string())?;
         Ok(StatusReply {
             server_time: now().wall,
             server_fingerprint: self.shared.key.public().fingerprint(),
@@ -100,15 +96,12 @@ impl OpsHandle {
 
     /// Removes a lease.
     pub async fn remove(&self, lease: LeaseId) -> Result<bool, String> {
-        let (reply, rx) = oneshot::channel();
-        self.shared
+        let removed = self
+            .shared
             .ledger
-            .send(Command::Remove { lease, reply })
+            .remove(lease)
             .await
-            .map_err(|_| "the server is shutting down".to_string())?;
-        let removed = rx
-            .await
-            .map_err(|_| "the server is shutting down".to_string())?;
+            .map_err(|_| SHUTTING_DOWN.to_string())?;
         if removed {
             info!(%lease, "lease removed by the administrator (dashboard)");
         }

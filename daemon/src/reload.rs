@@ -4,7 +4,7 @@
 
 use crate::clock::now;
 use crate::journal;
-use crate::ledger_task::Command;
+use crate::ledger_task::LedgerHandle;
 use crate::metrics::{LastReload, Metrics};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -12,7 +12,7 @@ use std::time::Duration;
 use tally_config::Policy;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::wire::{Refused, ReloadOutcome};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 /// How long a reload may take to read the bundle directory and the policy. A reload
@@ -81,7 +81,7 @@ impl Reloads {
     pub(crate) async fn reload(
         &self,
         bundles: &RwLock<Arc<Vec<VerifiedBundle>>>,
-        ledger: &mpsc::Sender<Command>,
+        ledger: &LedgerHandle,
         metrics: &Metrics,
     ) -> ReloadOutcome {
         let at = now().wall;
@@ -122,7 +122,7 @@ impl Reloads {
     async fn reload_bundles(
         &self,
         bundles_served: &RwLock<Arc<Vec<VerifiedBundle>>>,
-        ledger: &mpsc::Sender<Command>,
+        ledger: &LedgerHandle,
     ) -> ReloadOutcome {
         let serving = || -> Vec<String> {
             bundles_served
@@ -197,7 +197,6 @@ impl Reloads {
             }
             Ok(Ok(Ok(reloaded))) => reloaded,
         };
-        let (done, wait) = oneshot::channel();
         let plain: Vec<_> = bundles.iter().map(|b| b.bundle.clone()).collect();
         // The set in force until now is the one shown in hello (one reload at a time).
         let before: Vec<_> = bundles_served
@@ -207,15 +206,8 @@ impl Reloads {
             .map(|b| b.bundle.clone())
             .collect();
         let changes = journal::bundle_changes(&before, &plain, "reload", now().wall);
-        let sent = ledger
-            .send(Command::Reload {
-                bundles: plain,
-                changes,
-                policy,
-                done,
-            })
-            .await;
-        if sent.is_err() || wait.await.is_err() {
+        let sent = ledger.reload(plain, changes, policy).await;
+        if sent.is_err() {
             return failed("the server is shutting down".into());
         }
         let loaded: Vec<String> = bundles.iter().map(|b| b.bundle.id.clone()).collect();

@@ -14,7 +14,7 @@ use crate::admission::{Admission, Limits, Verdict};
 use crate::conn::serve_connection;
 use crate::journal;
 use crate::ledger::{ConnId, Ledger};
-use crate::ledger_task::{run_ledger, Command, CLOCK_SAVE_SECS, LEDGER_QUEUE};
+use crate::ledger_task::{run_ledger, Inbox, LedgerHandle, CLOCK_SAVE_SECS};
 use crate::reload::Reloads;
 use crate::reports::Reports;
 use crate::shared::Shared;
@@ -30,7 +30,7 @@ use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::report::UsageEvent;
 use tally_protocol::wire::Refused;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 pub use crate::clock::now;
@@ -87,7 +87,7 @@ pub struct ServerParams {
 pub struct Server {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
-    ledger_rx: mpsc::Receiver<Command>,
+    ledger_rx: Inbox,
     ledger: Ledger,
     store: Store,
     reload_signal: Option<mpsc::Receiver<()>>,
@@ -166,7 +166,7 @@ impl Server {
             Arc::new(quinn::TokioRuntime),
         )
         .with_context(|| format!("starting QUIC on {}", params.listen))?;
-        let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
+        let (tx, rx) = LedgerHandle::channel();
         let shared = Arc::new(Shared {
             ledger: tx,
             key: params.identity,
@@ -349,27 +349,14 @@ async fn accept(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 async fn stop(shared: &Shared) {
     // The last report segment, so a stop loses nothing the vendor should see.
     if shared.reports.settings.spool.is_some() {
-        let _ = shared
-            .ledger
-            .send(Command::Journal {
-                event: UsageEvent::DaemonStopped,
-            })
-            .await;
+        let _ = shared.ledger.journal(UsageEvent::DaemonStopped).await;
         match shared.export_to_spool().await {
             Ok(Some(path)) => info!(path = %path.display(), "final usage report written"),
             Ok(None) => {}
             Err(e) => warn!("final usage report failed: {e}"),
         }
     }
-    let (done_tx, done_rx) = oneshot::channel();
-    if shared
-        .ledger
-        .send(Command::Shutdown { done: done_tx })
-        .await
-        .is_ok()
-    {
-        let _ = done_rx.await;
-    }
+    let _ = shared.ledger.shutdown().await;
     // The ledger answered every grant its final flush made durable; let the streams
     // deliver those answers (and any "shutting down") before the connections close,
     // or a client granted a moment before the stop never hears of its seat.

@@ -4,7 +4,7 @@
 
 use crate::admission::Admission;
 use crate::journal::Exported;
-use crate::ledger_task::Command;
+use crate::ledger_task::LedgerHandle;
 use crate::metrics::Metrics;
 use crate::reload::Reloads;
 use crate::reports::{Reports, SHUTTING_DOWN};
@@ -14,11 +14,11 @@ use std::time::Duration;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::wire::{DenialReason, ReloadOutcome};
-use tokio::sync::{mpsc, oneshot};
 
 /// State every connection task reads.
 pub(crate) struct Shared {
-    pub(crate) ledger: mpsc::Sender<Command>,
+    /// The way to the ledger task.
+    pub(crate) ledger: LedgerHandle,
     pub(crate) key: SecretKey,
     /// The bundles presented in hello, replaced on reload.
     pub(crate) bundles: RwLock<Arc<Vec<VerifiedBundle>>>,
@@ -103,16 +103,10 @@ impl Shared {
     pub(crate) async fn request_export(&self) -> Result<Exported, String> {
         let bundles = self.bundles.read().expect("bundles lock").clone();
         let identity = self.reports.identity(&self.key, &bundles);
-        let (reply, rx) = oneshot::channel();
         self.ledger
-            .send(Command::Export {
-                identity,
-                retention: self.reports.settings.retention,
-                reply,
-            })
+            .export(identity, self.reports.settings.retention)
             .await
-            .map_err(|_| SHUTTING_DOWN.to_string())?;
-        rx.await.map_err(|_| SHUTTING_DOWN.to_string())?
+            .map_err(|_| SHUTTING_DOWN.to_string())?
     }
 
     /// Exports into the spool; a report that cannot be written is kept and retried.
