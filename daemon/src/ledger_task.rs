@@ -4,17 +4,19 @@
 //! for a seat the store could lose.
 
 use crate::clock::{now, StallWatch};
-use crate::disk::Disk;
+use crate::commit::{Answer, Commit, Owed, Replies};
+use crate::disk::{Disk, Flush};
 use crate::journal::{self, Exported, ReportIdentity};
-use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, WaiterId};
+use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::metrics::Metrics;
 use crate::reports::export;
 use crate::store::Store;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tally_config::Policy;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
-use tally_protocol::report::{JournalEntry, UsageEvent};
+use tally_protocol::report::UsageEvent;
 use tally_protocol::wire::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -24,10 +26,6 @@ const MAX_BATCH: usize = 256;
 /// Queue of requests waiting for the ledger task; when full, connection tasks wait,
 /// which pushes back on clients through QUIC flow control.
 const LEDGER_QUEUE: usize = 4096;
-/// How often the clock mark (the last time the daemon is known to have been alive) is
-/// written; a lease attached when the daemon died ends at the latest this long after
-/// the mark plus its TTL.
-pub(crate) const CLOCK_SAVE_SECS: u64 = 10;
 
 /// A request to the ledger task; built only by [`LedgerHandle`].
 enum Command {
@@ -235,90 +233,61 @@ impl LedgerHandle {
     }
 }
 
-/// A reply owed to a client once the batch is durable.
+/// Answers a checkout.
+type GrantTx = oneshot::Sender<Result<LeaseRecord, DenialReason>>;
+/// Answers a heartbeat.
+type StatesTx = oneshot::Sender<Vec<LeaseState>>;
+/// Answers an export.
+type ExportTx = oneshot::Sender<Result<Exported, String>>;
+
+/// The reply handles the commit pipeline carries for the ledger task.
+struct Channels;
+
+impl Replies for Channels {
+    type Grant = GrantTx;
+    type Heartbeat = StatesTx;
+    type Export = ExportTx;
+}
+
+/// A reply a batch decided: sent at once, or (grants) owed to the commit pipeline.
 enum Pending {
-    Grant(
-        oneshot::Sender<Result<LeaseRecord, DenialReason>>,
-        Result<LeaseRecord, DenialReason>,
-    ),
-    Heartbeat(oneshot::Sender<Vec<LeaseState>>, Vec<LeaseState>),
+    Grant(GrantTx, Result<LeaseRecord, DenialReason>),
+    Heartbeat(StatesTx, Vec<LeaseState>),
     /// A heartbeat that gave lapsed leases back: answered once they are durable.
-    Regranted(
-        oneshot::Sender<Vec<LeaseState>>,
-        Vec<(LeaseId, LeaseState)>,
-        Vec<LeaseRecord>,
-    ),
+    Regranted(StatesTx, Vec<(LeaseId, LeaseState)>, Vec<LeaseRecord>),
     Checkin(oneshot::Sender<Vec<bool>>, Vec<bool>),
     Status(oneshot::Sender<Vec<FeatureStatus>>, Vec<FeatureStatus>),
 }
 
-/// The ledger task: owns the ledger and the store.
+/// What one batch decided.
+struct Decided {
+    events: Vec<Event>,
+    pending: Vec<Pending>,
+    exports: Vec<(Box<ReportIdentity>, Duration, ExportTx)>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+/// The ledger task: owns the ledger and the store. A short loop: a batch of requests,
+/// a deadline, a flush that ended, or the time to reopen a broken store.
 pub(crate) async fn run_ledger(
-    mut ledger: Ledger,
+    ledger: Ledger,
     store: Store,
     Inbox(mut rx): Inbox,
     startup: Vec<UsageEvent>,
     (metrics, idle_timeout): (Arc<Metrics>, Duration),
 ) {
+    let mut task = LedgerTask::new(ledger, store, startup, metrics, idle_timeout);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut next_seq = match store.next_journal_seq() {
-        Ok(n) => n,
-        Err(e) => {
-            warn!(error = %e, "cannot read the journal; usage events start a new range");
-            1
-        }
-    };
-    let mut journal: Vec<JournalEntry> = Vec::new();
-    let mut record = |journal: &mut Vec<JournalEntry>, at, event| {
-        journal.push(JournalEntry {
-            seq: next_seq,
-            at,
-            event,
-        });
-        next_seq += 1;
-    };
-    let start = now().wall;
-    for event in startup {
-        record(&mut journal, start, event);
-    }
-    // Replies owed to checkouts waiting in a queue.
-    let mut waiting: std::collections::HashMap<
-        WaiterId,
-        oneshot::Sender<Result<LeaseRecord, DenialReason>>,
-    > = std::collections::HashMap::new();
-    let mut clock_saved = ledger.clock_high_water();
-    // Group commit, pipelined: while one flush runs, the next batches are decided and
-    // written, and their grants wait for the flush after it. Answers go out only once a
-    // flush that started after their writes has finished.
-    let mut disk = Disk::new(store, metrics.clone());
-    let mut flushing: Option<crate::disk::Flush> = None;
-    let mut in_flight: Vec<Durable> = Vec::new();
-    let mut unflushed: Vec<Durable> = Vec::new();
-    // Writes since the last flush started that no answer waits for (checkins, reclaims,
-    // denials in the journal): flushed promptly all the same, so a crash loses at most
-    // one flush's worth of them.
-    let mut dirty = false;
-    // Journal events of grants taken back (the store failed under them), recorded with
-    // the next batch.
-    let mut rolled_back: Vec<UsageEvent> = Vec::new();
-    let mut stall = StallWatch::new(idle_timeout);
+    let mut flushing: Option<Flush> = None;
     loop {
         // Woken at least every tick, so that a stall of the daemon shows as a gap.
-        let deadline = Some(match ledger.next_deadline() {
-            Some(d) => d.min(stall.next_tick()),
-            None => stall.next_tick(),
-        });
+        let tick = task.stall.next_tick();
+        let deadline = task.ledger.next_deadline().map_or(tick, |d| d.min(tick));
         // A broken store is reopened between flushes, never under a running one.
-        let retry_at = disk.retry_at().filter(|_| flushing.is_none());
+        let retry_at = task.disk.retry_at().filter(|_| flushing.is_none());
         let retry = async {
             match retry_at {
                 Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let expiry = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
                 None => std::future::pending().await,
             }
         };
@@ -330,180 +299,240 @@ pub(crate) async fn run_ledger(
         };
         tokio::select! {
             n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
-            _ = expiry => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
             result = flushed => {
-                let result = disk.flushed(result);
-                // Grants taken back only happen while the store is broken; they are
-                // journaled (into its backlog) with the next batch.
-                rolled_back.extend(answer_flushed(
-                    &mut ledger,
-                    std::mem::take(&mut in_flight),
-                    result.err(),
-                ));
-                flushing = flush_if_owed(
-                    &mut disk,
-                    &mut ledger,
-                    (&mut unflushed, &mut in_flight),
-                    &mut dirty,
-                    &mut rolled_back,
-                );
+                task.flushed(result);
+                flushing = task.flush_if_owed();
                 continue;
             }
             _ = retry => {
-                disk.try_recover(&ledger).await;
+                task.disk.try_recover(&task.ledger).await;
                 continue;
             }
         }
         let now = now();
+        let decided = task.decide(now, batch.drain(..));
+        if task.end_batch(now, decided, &mut flushing).await {
+            return;
+        }
+    }
+}
+
+/// The ledger task's state: the ledger decides, the commit pipeline says what to
+/// write and whom to answer, the disk does the IO.
+struct LedgerTask {
+    ledger: Ledger,
+    disk: Disk,
+    commit: Commit<Channels>,
+    /// Replies owed to checkouts waiting in a queue.
+    waiting: HashMap<WaiterId, GrantTx>,
+    stall: StallWatch,
+    metrics: Arc<Metrics>,
+}
+
+impl LedgerTask {
+    fn new(
+        ledger: Ledger,
+        store: Store,
+        startup: Vec<UsageEvent>,
+        metrics: Arc<Metrics>,
+        idle_timeout: Duration,
+    ) -> LedgerTask {
+        let next_seq = match store.next_journal_seq() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cannot read the journal; usage events start a new range");
+                1
+            }
+        };
+        let mut commit = Commit::new(next_seq, ledger.clock_high_water());
+        let start = now().wall;
+        for event in startup {
+            commit.record(start, event);
+        }
+        LedgerTask {
+            disk: Disk::new(store, metrics.clone()),
+            ledger,
+            commit,
+            waiting: HashMap::new(),
+            stall: StallWatch::new(idle_timeout),
+            metrics,
+        }
+    }
+
+    /// Decides a batch of commands at one `now`.
+    fn decide(&mut self, now: Now, commands: impl Iterator<Item = Command>) -> Decided {
         // Before anything else of this batch: connections that timed out while the
         // daemon stood still are its own fault, not their holders'.
-        stall.observe(now, &mut ledger);
-        ledger.observe_clock(now);
-        let mut events = ledger.expire(now);
-        events.extend(ledger.release_unclaimed(now));
-        let mut pending = Vec::with_capacity(batch.len());
-        let mut shutdown = None;
-        let mut exports = Vec::new();
-        for command in batch.drain(..) {
-            match command {
-                Command::Checkout {
-                    conn,
-                    holder,
-                    request,
-                    fresh,
-                    waiter,
-                    reply,
-                } => {
-                    // While the store cannot be written, no grant: it could not be made
-                    // durable. Everything else goes on.
-                    let decided = match disk.refusal() {
-                        Some(what) => Checkout::Denied(DenialReason::StorageUnavailable { what }),
-                        None => {
-                            ledger.checkout_or_wait(now, conn, &holder, &request, fresh, waiter)
-                        }
-                    };
-                    match decided {
-                        Checkout::Granted(granted) => {
-                            let (record, event) = *granted;
-                            events.push(event);
-                            pending.push(Pending::Grant(reply, Ok(record)));
-                        }
-                        Checkout::Denied(reason) => {
-                            info!(feature = %request.feature, holder = %holder, %reason, "denied");
-                            metrics.denied(now.wall, &request.feature, &holder, &reason);
-                            // The fact of the denial is kept; a name no bundle
-                            // licenses is not (clients can make up any number).
-                            record(
-                                &mut journal,
-                                now.wall,
-                                UsageEvent::Denied {
-                                    feature: metrics.counted_as(&request.feature).to_string(),
-                                    reason: reason.code().into(),
-                                    user: holder.user.clone(),
-                                    host: holder.host.clone(),
-                                },
-                            );
-                            pending.push(Pending::Grant(reply, Err(reason)));
-                        }
-                        Checkout::Queued { position } => {
-                            info!(feature = %request.feature, holder = %holder, position, "queued");
-                            record(
-                                &mut journal,
-                                now.wall,
-                                UsageEvent::Queued {
-                                    feature: request.feature.clone(),
-                                    user: holder.user.clone(),
-                                    host: holder.host.clone(),
-                                },
-                            );
-                            waiting.insert(waiter, reply);
-                        }
+        self.stall.observe(now, &mut self.ledger);
+        self.ledger.observe_clock(now);
+        let mut events = self.ledger.expire(now);
+        events.extend(self.ledger.release_unclaimed(now));
+        let mut d = Decided {
+            events,
+            pending: Vec::new(),
+            exports: Vec::new(),
+            shutdown: None,
+        };
+        for command in commands {
+            self.command(now, command, &mut d);
+        }
+        self.waiter_outcomes(now, &mut d);
+        d
+    }
+
+    fn command(&mut self, now: Now, command: Command, d: &mut Decided) {
+        let ledger = &mut self.ledger;
+        match command {
+            Command::Checkout {
+                conn,
+                holder,
+                request,
+                fresh,
+                waiter,
+                reply,
+            } => self.checkout(now, (conn, holder, request), (fresh, waiter), reply, d),
+            Command::Remove { lease, reply } => {
+                let removed = ledger.remove_lease(now, lease);
+                let _ = reply.send(removed.is_some());
+                d.events.extend(removed);
+            }
+            Command::Heartbeat {
+                conn,
+                leases,
+                reply,
+            } => {
+                let states = ledger.heartbeat(now, conn, &leases);
+                let regranted = ledger.take_regranted();
+                if regranted.is_empty() {
+                    d.pending.push(Pending::Heartbeat(reply, states));
+                } else {
+                    // A lapsed lease given back is a grant: stored before the
+                    // holder hears it is active again.
+                    for record in &regranted {
+                        info!(lease = %record.id, feature = %record.feature, holder = %record.holder, "lapsed lease re-attached");
+                        d.events.push(Event::Granted(record.clone()));
                     }
+                    let states = leases.iter().map(|r| r.id).zip(states).collect();
+                    d.pending.push(Pending::Regranted(reply, states, regranted));
                 }
-                Command::Remove { lease, reply } => {
-                    let removed = ledger.remove_lease(now, lease);
-                    let _ = reply.send(removed.is_some());
-                    events.extend(removed);
+            }
+            Command::Checkin { leases, reply } => {
+                let (released, ev) = ledger.checkin(now, &leases);
+                d.events.extend(ev);
+                d.pending.push(Pending::Checkin(reply, released));
+            }
+            Command::Status { reply } => d
+                .pending
+                .push(Pending::Status(reply, ledger.status(now.wall))),
+            Command::Closed { conn, timed_out } => {
+                if timed_out && self.stall.recent(now) {
+                    ledger.connection_lost(now, conn);
+                } else if timed_out {
+                    d.events.extend(ledger.connection_timed_out(now, conn));
+                } else {
+                    d.events.extend(ledger.connection_closed(now, conn));
                 }
-                Command::Heartbeat {
-                    conn,
-                    leases,
-                    reply,
-                } => {
-                    let states = ledger.heartbeat(now, conn, &leases);
-                    let regranted = ledger.take_regranted();
-                    if regranted.is_empty() {
-                        pending.push(Pending::Heartbeat(reply, states));
-                    } else {
-                        // A lapsed lease given back is a grant: stored before the
-                        // holder hears it is active again.
-                        for record in &regranted {
-                            info!(lease = %record.id, feature = %record.feature, holder = %record.holder, "lapsed lease re-attached");
-                            events.push(Event::Granted(record.clone()));
-                        }
-                        let states = leases.iter().map(|r| r.id).zip(states).collect();
-                        pending.push(Pending::Regranted(reply, states, regranted));
-                    }
+            }
+            Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
+            Command::Unclaimed { lease } => ledger.unclaimed(lease),
+            Command::Reload {
+                bundles,
+                changes,
+                policy,
+                done,
+            } => {
+                for b in &bundles {
+                    self.commit.record(
+                        now.wall,
+                        UsageEvent::BundleLoaded {
+                            bundle: b.id.clone(),
+                        },
+                    );
                 }
-                Command::Checkin { leases, reply } => {
-                    let (released, ev) = ledger.checkin(now, &leases);
-                    events.extend(ev);
-                    pending.push(Pending::Checkin(reply, released));
+                for event in changes {
+                    self.commit.record(now.wall, event);
                 }
-                Command::Status { reply } => {
-                    pending.push(Pending::Status(reply, ledger.status(now.wall)))
-                }
-                Command::Closed { conn, timed_out } => {
-                    if timed_out && stall.recent(now) {
-                        ledger.connection_lost(now, conn);
-                    } else if timed_out {
-                        events.extend(ledger.connection_timed_out(now, conn));
-                    } else {
-                        events.extend(ledger.connection_closed(now, conn));
-                    }
-                }
-                Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
-                Command::Unclaimed { lease } => ledger.unclaimed(lease),
-                Command::Reload {
-                    bundles,
-                    changes,
-                    policy,
-                    done,
-                } => {
-                    for b in &bundles {
-                        record(
-                            &mut journal,
-                            now.wall,
-                            UsageEvent::BundleLoaded {
-                                bundle: b.id.clone(),
-                            },
-                        );
-                    }
-                    for event in changes {
-                        record(&mut journal, now.wall, event);
-                    }
-                    ledger.reload(now, &bundles);
-                    metrics.set_licensed(ledger.feature_names());
-                    ledger.set_policy(now, policy);
-                    let _ = done.send(());
-                }
-                Command::Shutdown { done } => shutdown = Some(done),
-                Command::Journal { event } => record(&mut journal, now.wall, event),
-                Command::Export {
-                    identity,
-                    retention,
-                    reply,
-                } => exports.push((identity, retention, reply)),
+                ledger.reload(now, &bundles);
+                self.metrics.set_licensed(ledger.feature_names());
+                ledger.set_policy(now, policy);
+                let _ = done.send(());
+            }
+            Command::Shutdown { done } => d.shutdown = Some(done),
+            Command::Journal { event } => self.commit.record(now.wall, event),
+            Command::Export {
+                identity,
+                retention,
+                reply,
+            } => d.exports.push((identity, retention, reply)),
+        }
+    }
+
+    /// A checkout: granted, denied (and journaled) or queued.
+    fn checkout(
+        &mut self,
+        now: Now,
+        (conn, holder, request): (ConnId, ClientIdentity, CheckoutRequest),
+        (fresh, waiter): (FreshLease, WaiterId),
+        reply: GrantTx,
+        d: &mut Decided,
+    ) {
+        // While the store cannot be written, no grant: it could not be made durable.
+        // Everything else goes on.
+        let decided = match self.disk.refusal() {
+            Some(what) => Checkout::Denied(DenialReason::StorageUnavailable { what }),
+            None => self
+                .ledger
+                .checkout_or_wait(now, conn, &holder, &request, fresh, waiter),
+        };
+        match decided {
+            Checkout::Granted(granted) => {
+                let (record, event) = *granted;
+                d.events.push(event);
+                d.pending.push(Pending::Grant(reply, Ok(record)));
+            }
+            Checkout::Denied(reason) => {
+                info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                self.metrics
+                    .denied(now.wall, &request.feature, &holder, &reason);
+                // The fact of the denial is kept; a name no bundle licenses is not
+                // (clients can make up any number).
+                self.commit.record(
+                    now.wall,
+                    UsageEvent::Denied {
+                        feature: self.metrics.counted_as(&request.feature).to_string(),
+                        reason: reason.code().into(),
+                        user: holder.user.clone(),
+                        host: holder.host.clone(),
+                    },
+                );
+                d.pending.push(Pending::Grant(reply, Err(reason)));
+            }
+            Checkout::Queued { position } => {
+                info!(feature = %request.feature, holder = %holder, position, "queued");
+                self.commit.record(
+                    now.wall,
+                    UsageEvent::Queued {
+                        feature: request.feature.clone(),
+                        user: holder.user.clone(),
+                        host: holder.host.clone(),
+                    },
+                );
+                self.waiting.insert(waiter, reply);
             }
         }
-        for outcome in ledger.take_waiter_outcomes() {
-            let reply = waiting.remove(&outcome.waiter);
-            events.extend(outcome.event);
+    }
+
+    /// Waits that ended in this batch: granted, timed out, or cancelled.
+    fn waiter_outcomes(&mut self, now: Now, d: &mut Decided) {
+        for outcome in self.ledger.take_waiter_outcomes() {
+            let reply = self.waiting.remove(&outcome.waiter);
+            d.events.extend(outcome.event);
             let Some(reply) = reply else {
                 // A grant with nobody to answer is stored (its event above) and then
                 // released at once, never left to a TTL.
                 if let Some(Ok(record)) = &outcome.result {
-                    ledger.unclaimed(record.id);
+                    self.ledger.unclaimed(record.id);
                 }
                 continue;
             };
@@ -511,8 +540,7 @@ pub(crate) async fn run_ledger(
                 if let Err(reason) = &result {
                     info!(%reason, "wait ended");
                     if let Some(feature) = denied_feature(reason) {
-                        record(
-                            &mut journal,
+                        self.commit.record(
                             now.wall,
                             UsageEvent::Denied {
                                 feature,
@@ -523,27 +551,29 @@ pub(crate) async fn run_ledger(
                         );
                     }
                 }
-                pending.push(Pending::Grant(reply, result));
+                d.pending.push(Pending::Grant(reply, result));
             }
         }
+    }
+
+    /// Writes the batch, answers what needs no flush, owes the rest to the pipeline and
+    /// starts a flush if one is owed; true once stopped (after the final flush).
+    async fn end_batch(&mut self, now: Now, d: Decided, flushing: &mut Option<Flush>) -> bool {
+        let Decided {
+            events,
+            pending,
+            exports,
+            shutdown,
+        } = d;
         for event in &events {
-            record(&mut journal, now.wall, journal::usage_event(event));
+            self.commit.record(now.wall, journal::usage_event(event));
         }
-        // The high-water mark, which also says when the daemon was last alive, is worth
-        // a write every few seconds and at a stop, not once a request.
-        let clock = ledger.clock_high_water();
-        let save_clock =
-            clock.0 >= clock_saved.0.saturating_add(CLOCK_SAVE_SECS) || shutdown.is_some();
-        let detachments = ledger.take_detachments();
-        dirty |= !journal.is_empty() || !events.is_empty() || !detachments.is_empty() || save_clock;
-        let written = disk.write(
-            &mut journal,
-            (&events, &detachments),
-            save_clock.then_some(clock),
-        );
-        if written.is_ok() && save_clock {
-            clock_saved = clock;
-        }
+        let detachments = self.ledger.take_detachments();
+        let changes = !events.is_empty() || !detachments.is_empty();
+        let clock = self.ledger.clock_high_water();
+        let (journal, clock) = self.commit.batch_write(changes, clock, shutdown.is_some());
+        let written = self.disk.write(journal, (&events, &detachments), clock);
+        self.commit.written(&written, clock);
         let failure = written.err();
         for event in &events {
             if !matches!(event, Event::Granted(_)) {
@@ -551,216 +581,124 @@ pub(crate) async fn run_ledger(
             }
         }
         // Exports see this batch's journal, and become durable with it.
-        for (identity, retention, reply) in exports.drain(..) {
-            let result = match (&failure, disk.store()) {
+        for (identity, retention, reply) in exports {
+            let result = match (&failure, self.disk.store()) {
                 (None, Some(store)) => export(store, &identity, now.wall, retention),
                 (Some(e), _) => Err(e.clone()),
                 (None, None) => Err("the seat store is closed".into()),
             };
-            unflushed.push(Durable::Export(reply, result));
+            let _ = self.commit.owe(Owed::Export(reply, result), None);
         }
         for p in pending {
-            match p {
-                // Only grants (and exports) wait for the disk: a checkin or reclaim lost to
-                // a crash comes back as a restored lease that expires on its TTL, costing
-                // nobody a seat for long.
-                Pending::Grant(reply, Ok(record)) => match &failure {
-                    None => unflushed.push(Durable::Grant(reply, record)),
-                    Some(what) => {
-                        ledger.rollback(record.id);
-                        rolled_back.push(not_recorded(&record));
-                        let _ = reply
-                            .send(Err(DenialReason::StorageUnavailable { what: what.clone() }));
-                    }
-                },
-                Pending::Grant(reply, denied) => {
-                    let _ = reply.send(denied);
-                }
-                Pending::Heartbeat(reply, r) => {
-                    let _ = reply.send(r);
-                }
-                Pending::Regranted(reply, states, records) => match &failure {
-                    None => unflushed.push(Durable::Regranted(reply, states, records)),
-                    Some(_) => {
-                        let _ = reply.send(undo_regrants(
-                            &mut ledger,
-                            &mut rolled_back,
-                            states,
-                            records,
-                        ));
-                    }
-                },
-                Pending::Checkin(reply, r) => {
-                    let _ = reply.send(r);
-                }
-                Pending::Status(reply, r) => {
-                    let _ = reply.send(r);
-                }
-            }
+            self.answer(p, failure.as_deref());
         }
         if let Some(done) = shutdown {
-            if let Some(running) = flushing.take() {
-                let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
-                let result = disk.flushed(result);
-                // At a stop, a store that failed keeps nothing more: its backlog is lost
-                // with the process, as the log says.
-                let _ = answer_flushed(&mut ledger, std::mem::take(&mut in_flight), result.err());
-            }
-            let result = disk.close().await;
-            if let Err(e) = &result {
-                warn!(error = %e, "final flush failed");
-            }
-            let _ = answer_flushed(&mut ledger, std::mem::take(&mut unflushed), result.err());
+            self.stop(flushing.take()).await;
             let _ = done.send(());
-            return;
+            return true;
         }
         if flushing.is_none() {
-            flushing = flush_if_owed(
-                &mut disk,
-                &mut ledger,
-                (&mut unflushed, &mut in_flight),
-                &mut dirty,
-                &mut rolled_back,
-            );
+            *flushing = self.flush_if_owed();
         }
-        if !rolled_back.is_empty() {
-            for event in rolled_back.drain(..) {
-                record(&mut journal, now.wall, event);
+        if self.commit.journal_rolled_back(now.wall) {
+            let _ = self.disk.write(self.commit.journal(), (&[], &[]), None);
+        }
+        false
+    }
+
+    /// Sends a reply that needs no flush; owes the others (grants) to the pipeline.
+    /// Only grants wait for the disk: a checkin or reclaim lost to a crash comes back
+    /// as a restored lease that expires on its TTL, costing nobody a seat for long.
+    fn answer(&mut self, pending: Pending, failure: Option<&str>) {
+        let owed = match pending {
+            Pending::Grant(reply, Ok(record)) => Owed::Grant(reply, record),
+            Pending::Regranted(reply, states, records) => Owed::Regranted(reply, states, records),
+            Pending::Grant(reply, denied) => return drop(reply.send(denied)),
+            Pending::Heartbeat(reply, r) => return drop(reply.send(r)),
+            Pending::Checkin(reply, r) => return drop(reply.send(r)),
+            Pending::Status(reply, r) => return drop(reply.send(r)),
+        };
+        if let Some(answer) = self.commit.owe(owed, failure) {
+            self.apply(answer);
+        }
+    }
+
+    /// Does what the pipeline says with an answer it let go.
+    fn apply(&mut self, answer: Answer<Channels>) {
+        match answer {
+            Answer::Granted(reply, record) => {
+                log_event(&Event::Granted(record.clone()), true);
+                if let Err(Ok(record)) = reply.send(Ok(record)) {
+                    // Nobody is left to hear of it: the requester stopped waiting (or
+                    // its connection closed) after the grant was decided.
+                    self.ledger.unclaimed(record.id);
+                }
             }
-            let _ = disk.write(&mut journal, (&[], &[]), None);
-            dirty = true;
-        }
-    }
-}
-
-/// Starts a flush if answers or writes are waiting for one (call it when none runs); it
-/// covers `unflushed`, which becomes `in_flight`. While the store is broken there is no
-/// flush, and the answers waiting for one are failed at once.
-fn flush_if_owed(
-    disk: &mut Disk,
-    ledger: &mut Ledger,
-    (unflushed, in_flight): (&mut Vec<Durable>, &mut Vec<Durable>),
-    dirty: &mut bool,
-    rolled_back: &mut Vec<UsageEvent>,
-) -> Option<crate::disk::Flush> {
-    if unflushed.is_empty() && !*dirty {
-        return None;
-    }
-    *dirty = false;
-    match disk.start_flush() {
-        Some(flush) => {
-            *in_flight = std::mem::take(unflushed);
-            Some(flush)
-        }
-        None => {
-            rolled_back.extend(answer_flushed(
-                ledger,
-                std::mem::take(unflushed),
-                disk.refusal(),
-            ));
-            None
-        }
-    }
-}
-
-/// An answer that waits for the flush covering its writes.
-enum Durable {
-    Grant(
-        oneshot::Sender<Result<LeaseRecord, DenialReason>>,
-        LeaseRecord,
-    ),
-    Export(
-        oneshot::Sender<Result<Exported, String>>,
-        Result<Exported, String>,
-    ),
-    Regranted(
-        oneshot::Sender<Vec<LeaseState>>,
-        Vec<(LeaseId, LeaseState)>,
-        Vec<LeaseRecord>,
-    ),
-}
-
-/// Takes back lapsed leases that were given back but could not be stored: they read
-/// as unknown to their holder, and the journal says they were not recorded.
-fn undo_regrants(
-    ledger: &mut Ledger,
-    rolled_back: &mut Vec<UsageEvent>,
-    states: Vec<(LeaseId, LeaseState)>,
-    records: Vec<LeaseRecord>,
-) -> Vec<LeaseState> {
-    let undone: std::collections::HashSet<LeaseId> = records.iter().map(|r| r.id).collect();
-    for record in &records {
-        ledger.rollback(record.id);
-        rolled_back.push(not_recorded(record));
-    }
-    states
-        .into_iter()
-        .map(|(id, state)| {
-            if undone.contains(&id) {
-                LeaseState::Unknown
-            } else {
-                state
+            Answer::NotRecorded(reply, record, what) => {
+                self.ledger.rollback(record.id);
+                let _ = reply.send(Err(DenialReason::StorageUnavailable { what }));
             }
-        })
-        .collect()
+            Answer::States(reply, states, undone) => {
+                for id in undone {
+                    self.ledger.rollback(id);
+                }
+                let _ = reply.send(states);
+            }
+            Answer::Export(reply, result) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Starts a flush if the pipeline owes one (call it when none runs). While the store
+    /// is broken there is no flush, and the answers waiting for one are failed at once.
+    fn flush_if_owed(&mut self) -> Option<Flush> {
+        if !self.commit.flush_due() {
+            return None;
+        }
+        match self.disk.start_flush() {
+            Some(flush) => {
+                self.commit.flush_started();
+                Some(flush)
+            }
+            None => {
+                for answer in self.commit.flush_refused(self.disk.refusal()) {
+                    self.apply(answer);
+                }
+                None
+            }
+        }
+    }
+
+    /// The running flush ended: the answers it covered go out (or are rolled back).
+    fn flushed(&mut self, result: Result<(), crate::store::StoreError>) {
+        let result = self.disk.flushed(result);
+        for answer in self.commit.flushed(result) {
+            self.apply(answer);
+        }
+    }
+
+    /// The final flush at a stop: a store that failed keeps nothing more (its backlog
+    /// is lost with the process, as the log says).
+    async fn stop(&mut self, running: Option<Flush>) {
+        if let Some(running) = running {
+            let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
+            self.flushed(result);
+        }
+        let result = self.disk.close().await;
+        if let Err(e) = &result {
+            warn!(error = %e, "final flush failed");
+        }
+        for answer in self.commit.closed(result) {
+            self.apply(answer);
+        }
+    }
 }
 
 fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
     crate::store::StoreError::Sled {
         path: Default::default(),
         cause: sled::Error::Io(std::io::Error::other(e)),
-    }
-}
-
-/// Sends the answers a flush covered; if it failed, grants are rolled back and denied,
-/// and the journal events that say so are returned (the grants' own events may have
-/// reached the disk).
-#[must_use]
-fn answer_flushed(
-    ledger: &mut Ledger,
-    answers: Vec<Durable>,
-    failure: Option<String>,
-) -> Vec<UsageEvent> {
-    let mut rolled_back = Vec::new();
-    for answer in answers {
-        match (answer, &failure) {
-            (Durable::Grant(reply, record), None) => {
-                log_event(&Event::Granted(record.clone()), true);
-                if let Err(Ok(record)) = reply.send(Ok(record)) {
-                    // Nobody is left to hear of it: the requester stopped waiting (or
-                    // its connection closed) after the grant was decided.
-                    ledger.unclaimed(record.id);
-                }
-            }
-            (Durable::Grant(reply, record), Some(what)) => {
-                ledger.rollback(record.id);
-                rolled_back.push(not_recorded(&record));
-                let _ = reply.send(Err(DenialReason::StorageUnavailable { what: what.clone() }));
-            }
-            (Durable::Export(reply, result), None) => {
-                let _ = reply.send(result);
-            }
-            (Durable::Regranted(reply, states, _), None) => {
-                let _ = reply.send(states.into_iter().map(|(_, s)| s).collect());
-            }
-            (Durable::Regranted(reply, states, records), Some(_)) => {
-                let _ = reply.send(undo_regrants(ledger, &mut rolled_back, states, records));
-            }
-            (Durable::Export(reply, _), Some(what)) => {
-                let _ = reply.send(Err(what.clone()));
-            }
-        }
-    }
-    rolled_back
-}
-
-/// The journal's word for a grant taken back because it could not be made durable.
-fn not_recorded(record: &LeaseRecord) -> UsageEvent {
-    UsageEvent::Released {
-        lease: record.id,
-        feature: record.feature.clone(),
-        count: record.count,
-        why: "not_recorded".into(),
     }
 }
 

@@ -26,6 +26,7 @@
 pub mod admission;
 pub mod bundles;
 pub mod clock;
+mod commit;
 mod conn;
 pub mod demo;
 pub mod disk;

@@ -11,10 +11,11 @@
 //!   [`crate::clock`].
 
 use crate::admission::{Admission, Limits, Verdict};
+use crate::commit::CLOCK_SAVE_SECS;
 use crate::conn::serve_connection;
 use crate::journal;
 use crate::ledger::{ConnId, Ledger};
-use crate::ledger_task::{run_ledger, Inbox, LedgerHandle, CLOCK_SAVE_SECS};
+use crate::ledger_task::{run_ledger, Inbox, LedgerHandle};
 use crate::reload::Reloads;
 use crate::reports::Reports;
 use crate::shared::Shared;
