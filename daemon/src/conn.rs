@@ -3,7 +3,7 @@
 //! back (a grant is checked to have reached the client).
 
 use crate::admission::Permit;
-use crate::handlers::{dispatch, error};
+use crate::handlers::{dispatch, error, After};
 use crate::ledger::ConnId;
 use crate::shared::Shared;
 use std::future::IntoFuture;
@@ -19,6 +19,9 @@ use tracing::debug;
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a grant's stream waits for the client to acknowledge the grant.
 const GRANT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an admin shutdown waits for its answer to be acknowledged before the
+/// server stops anyway.
+const SHUTDOWN_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One client connection: accepts its request streams until it closes, then tells the
 /// ledger so that its leases are reclaimed at once.
@@ -125,7 +128,8 @@ async fn serve_stream(
         }
         Ok(Ok((version, request))) => {
             _answering = Some(Answering::new(shared.clone()));
-            let response = dispatch(request, (conn, remote), &send, &shared, &identity).await;
+            let (response, after) =
+                dispatch(request, (conn, remote), &send, &shared, &identity).await;
             let granted = match &response {
                 Response::Checkout(CheckoutReply::Granted(g)) => Some(g.id),
                 _ => None,
@@ -139,6 +143,15 @@ async fn serve_stream(
                     debug!(conn = conn.0, %lease, "grant not received; taking it back");
                     let _ = shared.ledger.unclaimed(lease).await;
                 }
+                return;
+            }
+            if after == After::Shutdown {
+                // Stop once the answer has left (the admin's QUIC stack acknowledged
+                // it, bounded), so the admin hears it: no fixed delay.
+                if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
+                    let _ = tokio::time::timeout(SHUTDOWN_ACK_TIMEOUT, send.stopped()).await;
+                }
+                shared.shutdown.notify_one();
                 return;
             }
             bytes

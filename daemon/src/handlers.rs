@@ -57,9 +57,44 @@ fn closed() -> Response {
     error(ErrorCode::ShuttingDown, "the server is shutting down")
 }
 
+/// What the stream does once the answer is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    /// Nothing more.
+    Nothing,
+    /// Stop the server (an admin shutdown), once the answer has left.
+    Shutdown,
+}
+
 /// Answers one request. `send` is the request's stream: a checkout waiting in the
 /// queue leaves it when the client stops the stream.
 pub(crate) async fn dispatch(
+    request: Request,
+    origin: Origin,
+    send: &quinn::SendStream,
+    shared: &Arc<Shared>,
+    identity: &Mutex<Option<ClientIdentity>>,
+) -> (Response, After) {
+    if let Request::Admin(AdminRequest {
+        op: AdminOp::Shutdown,
+        ..
+    }) = &request
+    {
+        let response = answer(request, origin, send, shared, identity).await;
+        let after = match &response {
+            Response::Admin(_) => After::Shutdown,
+            _ => After::Nothing,
+        };
+        return (response, after);
+    }
+    (
+        answer(request, origin, send, shared, identity).await,
+        After::Nothing,
+    )
+}
+
+/// The answer to one request, by its type.
+async fn answer(
     request: Request,
     origin: Origin,
     send: &quinn::SendStream,
@@ -238,18 +273,11 @@ async fn admin(admin: AdminRequest, (conn, remote): Origin, shared: &Arc<Shared>
         }
         AdminOp::ReloadWithOutcome => Response::Reload(shared.reload().await),
         AdminOp::Remove { lease } => admin_remove(lease, shared).await,
-        AdminOp::Shutdown => {
-            // Stop after this answer has left, so the admin hears it.
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                shared.shutdown.notify_one();
-            });
-            Response::Admin(AdminReply {
-                message: "shutting down; leases are kept".into(),
-                report: None,
-            })
-        }
+        // The stream stops the server once this answer has left (`After::Shutdown`).
+        AdminOp::Shutdown => Response::Admin(AdminReply {
+            message: "shutting down; leases are kept".into(),
+            report: None,
+        }),
         AdminOp::ExportReport => admin_export(shared).await,
         _ => error(
             ErrorCode::Unsupported,
@@ -285,7 +313,7 @@ async fn admin_export(shared: &Shared) -> Response {
                 events = exported.events,
                 "usage report exported"
             );
-            shared.reports.spool_copy(&exported);
+            shared.reports.spool_copy(&exported).await;
             Response::Admin(AdminReply {
                 message: format!(
                     "report {} with {}",

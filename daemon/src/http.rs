@@ -61,17 +61,21 @@ pub fn router(ops: OpsHandle, hosts: Vec<String>) -> Router {
         .with_state(ops)
 }
 
-/// Serves the operations endpoint on `listener` under the limits above.
+/// Serves the operations endpoint on `listener` under the limits above until
+/// `shutdown` completes, then shuts down gracefully (requests under way are answered,
+/// idle connections closed).
 pub async fn serve(
     listener: TcpListener,
     ops: OpsHandle,
     hosts: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = Guarded::new(listener, HEAD_TIMEOUT, IDLE_TIMEOUT);
     axum::serve(
         listener,
         router(ops, hosts).into_make_service_with_connect_info::<Peer>(),
     )
+    .with_graceful_shutdown(shutdown)
     .await
 }
 
@@ -419,6 +423,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         Ok(s) => s,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
     };
+    let spool_files = ops.spool_files().await;
     let m: &Arc<Metrics> = ops.metrics();
     let mut out = String::new();
     let _ = writeln!(
@@ -523,7 +528,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         "tally_report_spool_files",
         "gauge",
         "Usage reports waiting in the spool directory.",
-        ops.spool_files(),
+        spool_files,
     );
     reload_metrics(&mut out, &m.reloads.lock().expect("metrics lock"));
     (

@@ -580,10 +580,19 @@ impl LedgerTask {
                 log_event(event, true);
             }
         }
-        // Exports see this batch's journal, and become durable with it.
+        // Exports see this batch's journal, and become durable with it. Built on the
+        // blocking pool (a large journal takes a while): the ledger task waits for it,
+        // the async workers serving connections and HTTP do not.
         for (identity, retention, reply) in exports {
             let result = match (&failure, self.disk.store()) {
-                (None, Some(store)) => export(store, &identity, now.wall, retention),
+                (None, Some(store)) => {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        export(&store, &identity, now.wall, retention)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the report export stopped: {e}")))
+                }
                 (Some(e), _) => Err(e.clone()),
                 (None, None) => Err("the seat store is closed".into()),
             };

@@ -90,8 +90,8 @@ impl OpsHandle {
     }
 
     /// Reports waiting in the spool directory.
-    pub fn spool_files(&self) -> usize {
-        self.shared.reports.spool_files()
+    pub async fn spool_files(&self) -> usize {
+        self.shared.reports.spool_files().await
     }
 
     /// Removes a lease.

@@ -99,7 +99,7 @@ impl Reports {
         let mut last = None;
         while let Some((seq, text)) = unspooled.first().cloned() {
             let path = dir.join(format!("tally-report-{seq:08}.report"));
-            match write_report(&path, &text) {
+            match write_blocking(path.clone(), text).await {
                 Ok(()) => {
                     unspooled.remove(0);
                     last = Some(path);
@@ -118,28 +118,33 @@ impl Reports {
 
     /// A copy of a report exported for the admin goes to the spool too, if there is
     /// one; a copy that cannot be written is logged, the admin has the report.
-    pub(crate) fn spool_copy(&self, exported: &Exported) {
+    pub(crate) async fn spool_copy(&self, exported: &Exported) {
         if let Some(dir) = &self.settings.spool {
             let path = dir.join(format!("tally-report-{:08}.report", exported.report_seq));
-            if let Err(e) = write_report(&path, &exported.text) {
+            if let Err(e) = write_blocking(path.clone(), exported.text.clone()).await {
                 warn!(path = %path.display(), error = %e, "spool copy failed");
             }
             self.upload_wake.notify_one();
         }
     }
 
-    /// Reports waiting in the spool directory.
-    pub(crate) fn spool_files(&self) -> usize {
-        self.settings
-            .spool
-            .as_ref()
-            .and_then(|d| std::fs::read_dir(d).ok())
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "report"))
-                    .count()
-            })
-            .unwrap_or(0)
+    /// Reports waiting in the spool directory (listed on the blocking pool: a slow
+    /// or huge directory must not hold an async worker).
+    pub(crate) async fn spool_files(&self) -> usize {
+        let Some(dir) = self.settings.spool.clone() else {
+            return 0;
+        };
+        tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "report"))
+                        .count()
+                })
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap_or(0)
     }
 }
 
@@ -179,4 +184,11 @@ fn write_report(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     crate::files::write_atomic(path, text.as_bytes(), 0o644)
+}
+
+/// Writes a report on the blocking pool (fsyncs must not hold an async worker).
+async fn write_blocking(path: PathBuf, text: String) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || write_report(&path, &text))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }

@@ -31,7 +31,8 @@ use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::report::UsageEvent;
 use tally_protocol::wire::Refused;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 pub use crate::clock::now;
@@ -246,47 +247,92 @@ impl Server {
             startup,
             (shared.metrics.clone(), idle_timeout),
         ));
-        spawn_helpers(&shared, http, reload_signal);
+        // Every task the server spawns is owned here and ended at the stop: the
+        // helpers when `stopping` turns true, the connection tasks once the endpoint
+        // closed.
+        let (stopping, stop_rx) = watch::channel(false);
+        let mut helpers = spawn_helpers(&shared, http, reload_signal, stop_rx);
+        let mut connections = JoinSet::new();
         tokio::select! {
-            _ = accept(endpoint.clone(), shared.clone()) => {}
+            _ = accept(endpoint.clone(), shared.clone(), &mut connections) => {}
             _ = shutdown => info!("shutting down"),
             _ = shared.shutdown.notified() => info!("shutting down on an admin request"),
         }
+        // Helpers first: a scheduled report or a reload under way finishes (they stop
+        // only between runs), and the HTTP endpoint shuts down gracefully.
+        let _ = stopping.send(true);
+        join_all(&mut helpers, HELPERS_STOP).await;
         stop(&shared).await;
         endpoint.close(0u32.into(), b"server shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        join_all(&mut connections, Duration::from_secs(2)).await;
         let _ = ledger_task.await;
         info!("stopped; leases are kept in the store");
         Ok(())
     }
 }
 
+/// How long the stop waits for the helper tasks (a scheduled export under way, the
+/// HTTP endpoint's open requests) before it aborts them.
+const HELPERS_STOP: Duration = Duration::from_secs(5);
+
+/// Waits (bounded) for every task in `tasks` to end, then aborts what is left.
+async fn join_all(tasks: &mut JoinSet<()>, bound: Duration) {
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(bound, all).await.is_err() {
+        debug!(
+            left = tasks.len(),
+            "tasks still running at the stop; aborted"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
 /// Starts the tasks around the ledger: the uploader, the operations endpoint, the
-/// scheduled reports and the reloads on SIGHUP.
+/// scheduled reports and the reloads on SIGHUP; each ends when `stop` turns true (the
+/// reports and reloads between runs, never in the middle of one).
 fn spawn_helpers(
     shared: &Arc<Shared>,
     http: Option<tokio::net::TcpListener>,
     reload_signal: Option<mpsc::Receiver<()>>,
-) {
+    stop: watch::Receiver<bool>,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    let stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     let reports = &shared.reports;
     if let Some(uploader) = reports.settings.uploader.clone() {
-        tokio::spawn(crate::upload::run(uploader, reports.upload_wake.clone()));
+        let upload = crate::upload::run(uploader, reports.upload_wake.clone());
+        let stop = stopped(stop.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = upload => {}
+                _ = stop => {}
+            }
+        });
     }
     if let Some(listener) = http {
         let ops = OpsHandle::new(shared.clone());
         let hosts = shared.admission.limits().http_hosts.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::http::serve(listener, ops, hosts).await {
+        let stop = stopped(stop.clone());
+        tasks.spawn(async move {
+            if let Err(e) = crate::http::serve(listener, ops, hosts, stop).await {
                 warn!(error = %e, "the HTTP endpoint stopped");
             }
         });
     }
     if let (Some(_), Some(every)) = (&reports.settings.spool, reports.settings.interval) {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 match shared.export_to_spool().await {
                     Ok(Some(path)) => info!(path = %path.display(), "usage report written"),
                     Ok(None) => {}
@@ -297,18 +343,26 @@ fn spawn_helpers(
     }
     if let Some(mut signal) = reload_signal {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            while signal.recv().await.is_some() {
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    received = signal.recv() => if received.is_none() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 // Logged by `reload`, the same way as an admin reload.
                 shared.reload().await;
             }
         });
     }
+    tasks
 }
 
 /// Accepts connections as the admission limits allow, a task for each.
-async fn accept(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+async fn accept(endpoint: quinn::Endpoint, shared: Arc<Shared>, tasks: &mut JoinSet<()>) {
     while let Some(incoming) = endpoint.accept().await {
+        // Ended connections' tasks are reaped as new ones come, so the set stays small.
+        while tasks.try_join_next().is_some() {}
         let remote = incoming.remote_address();
         match shared.admission.admit(
             remote.ip(),
@@ -317,7 +371,7 @@ async fn accept(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         ) {
             Verdict::Accept(permit) => {
                 let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-                tokio::spawn(serve_connection(
+                tasks.spawn(serve_connection(
                     Box::new(incoming),
                     conn,
                     shared.clone(),
