@@ -152,27 +152,15 @@ impl Reloads {
                     .into(),
             );
         }
-        // A thread of its own, not tokio's blocking pool: the runtime waits for its
-        // blocking tasks when it shuts down, and a stuck read must not keep tallyd alive.
-        let (tx, rx) = oneshot::channel();
-        let running = self.running.clone();
-        running.fetch_add(1, Ordering::AcqRel);
-        let spawned = std::thread::Builder::new()
-            .name("tallyd-reload".into())
-            .spawn(move || {
-                let result = reloader();
-                running.fetch_sub(1, Ordering::AcqRel);
-                let _ = tx.send(result);
-            });
-        if let Err(e) = spawned {
-            self.running.fetch_sub(1, Ordering::AcqRel);
-            return failed(format!("cannot start the reload: {e}"));
-        }
+        let read = match self.read(reloader) {
+            Ok(read) => read,
+            Err(e) => return failed(format!("cannot start the reload: {e}")),
+        };
         let Reloaded {
             bundles,
             refused,
             policy,
-        } = match tokio::time::timeout(RELOAD_DEADLINE, rx).await {
+        } = match tokio::time::timeout(RELOAD_DEADLINE, read).await {
             Err(_) => {
                 return failed(format!(
                     "reading the bundles and the policy did not finish within {} s (a file that \
@@ -228,5 +216,29 @@ impl Reloads {
             error: None,
             summary,
         }
+    }
+
+    /// Starts `reloader` on a thread of its own; its answer comes on the receiver.
+    fn read(
+        &self,
+        reloader: Reloader,
+    ) -> std::io::Result<oneshot::Receiver<Result<Reloaded, ReloadError>>> {
+        // A thread of its own, not tokio's blocking pool: the runtime waits for its
+        // blocking tasks when it shuts down, and a stuck read must not keep tallyd alive.
+        let (tx, rx) = oneshot::channel();
+        let running = self.running.clone();
+        running.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
+            .name("tallyd-reload".into())
+            .spawn(move || {
+                let result = reloader();
+                running.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx.send(result);
+            });
+        if let Err(e) = spawned {
+            self.running.fetch_sub(1, Ordering::AcqRel);
+            return Err(e);
+        }
+        Ok(rx)
     }
 }

@@ -109,55 +109,7 @@ impl Server {
         let mut ledger = Ledger::new(settings, &bundles);
         let start = now();
         ledger.set_policy(start, params.policy);
-        let mut startup = vec![UsageEvent::DaemonStarted {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        }];
-        startup.extend(bundles.iter().map(|b| UsageEvent::BundleLoaded {
-            bundle: b.id.clone(),
-        }));
-        startup.extend(journal::bundles_at_start(&bundles));
-        if let Some(t) = params.store.load_clock()? {
-            ledger.set_clock_high_water(t);
-            if start.wall.plus_secs(crate::ledger::CLOCK_TOLERANCE_SECS) < t {
-                warn!(
-                    clock = %start.wall, seen = %t,
-                    "system clock moved back: time-limited licences are refused until it is fixed"
-                );
-                startup.push(UsageEvent::ClockMovedBack {
-                    clock: start.wall,
-                    high_water: t,
-                });
-            }
-        }
-        let (records, unreadable) = params.store.load_leases()?;
-        for bad in &unreadable {
-            warn!(key = ?bad.key, error = %bad.error, "lease record in the store could not be read; left in place");
-        }
-        let restored = records.len();
-        // A restored lease keeps the deadline it had: its stored end if an earlier run
-        // restored it already, else its TTL from the last moment the previous run is
-        // known to have been alive.
-        let facts = crate::ledger::RestoreFacts {
-            detached: params.store.load_detached()?,
-            alive: params
-                .store
-                .load_clock()?
-                .map(|t| (t, Duration::from_secs(CLOCK_SAVE_SECS))),
-        };
-        ledger.restore_with(now(), records, &facts);
-        let detachments = ledger.take_detachments();
-        if !detachments.is_empty() {
-            // Durable before serving: a crash right after this start must not let the
-            // next start compute a later end from a newer clock mark.
-            params.store.apply_detachments(&detachments)?;
-            params.store.flush_blocking()?;
-        }
-        if restored > 0 {
-            info!(
-                leases = restored,
-                "restored leases from the store; holders re-attach by heartbeat"
-            );
-        }
+        let startup = restore(&mut ledger, &params.store, &bundles, start)?;
         let config = crate::tls::server_config(&params.identity, params.idle_timeout)?;
         let socket = std::net::UdpSocket::bind(params.listen)
             .with_context(|| format!("binding UDP {}", params.listen))?;
@@ -270,6 +222,66 @@ impl Server {
         info!("stopped; leases are kept in the store");
         Ok(())
     }
+}
+
+/// Restores the ledger from the store: the clock mark (a clock moved back is said and
+/// journaled), the leases with the deadlines they had, made durable before serving;
+/// returns the start's journal events.
+fn restore(
+    ledger: &mut Ledger,
+    store: &Store,
+    bundles: &[tally_protocol::bundle::Bundle],
+    start: crate::ledger::Now,
+) -> Result<Vec<UsageEvent>> {
+    let mut startup = vec![UsageEvent::DaemonStarted {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }];
+    startup.extend(bundles.iter().map(|b| UsageEvent::BundleLoaded {
+        bundle: b.id.clone(),
+    }));
+    startup.extend(journal::bundles_at_start(bundles));
+    if let Some(t) = store.load_clock()? {
+        ledger.set_clock_high_water(t);
+        if start.wall.plus_secs(crate::ledger::CLOCK_TOLERANCE_SECS) < t {
+            warn!(
+                clock = %start.wall, seen = %t,
+                "system clock moved back: time-limited licences are refused until it is fixed"
+            );
+            startup.push(UsageEvent::ClockMovedBack {
+                clock: start.wall,
+                high_water: t,
+            });
+        }
+    }
+    let (records, unreadable) = store.load_leases()?;
+    for bad in &unreadable {
+        warn!(key = ?bad.key, error = %bad.error, "lease record in the store could not be read; left in place");
+    }
+    let restored = records.len();
+    // A restored lease keeps the deadline it had: its stored end if an earlier run
+    // restored it already, else its TTL from the last moment the previous run is
+    // known to have been alive.
+    let facts = crate::ledger::RestoreFacts {
+        detached: store.load_detached()?,
+        alive: store
+            .load_clock()?
+            .map(|t| (t, Duration::from_secs(CLOCK_SAVE_SECS))),
+    };
+    ledger.restore_with(now(), records, &facts);
+    let detachments = ledger.take_detachments();
+    if !detachments.is_empty() {
+        // Durable before serving: a crash right after this start must not let the
+        // next start compute a later end from a newer clock mark.
+        store.apply_detachments(&detachments)?;
+        store.flush_blocking()?;
+    }
+    if restored > 0 {
+        info!(
+            leases = restored,
+            "restored leases from the store; holders re-attach by heartbeat"
+        );
+    }
+    Ok(startup)
 }
 
 /// How long the stop waits for the helper tasks (a scheduled export under way, the
