@@ -10,7 +10,7 @@
 //! checkins need no disk.
 
 use crate::ledger::{Detachment, Event, Ledger};
-use crate::server::Metrics;
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use std::path::PathBuf;
 use std::sync::Arc;

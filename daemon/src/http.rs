@@ -16,7 +16,9 @@
 //! cannot reach the port through a name it controls (DNS rebinding). Every refused
 //! admin request is logged with its source address, never with the token.
 
-use crate::server::{Metrics, OpsHandle};
+pub use crate::metrics::{LatencyHistogram, LATENCY_BUCKETS_MICROS};
+use crate::metrics::{Metrics, ReloadRecord};
+use crate::ops::OpsHandle;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -59,17 +61,21 @@ pub fn router(ops: OpsHandle, hosts: Vec<String>) -> Router {
         .with_state(ops)
 }
 
-/// Serves the operations endpoint on `listener` under the limits above.
+/// Serves the operations endpoint on `listener` under the limits above until
+/// `shutdown` completes, then shuts down gracefully (requests under way are answered,
+/// idle connections closed).
 pub async fn serve(
     listener: TcpListener,
     ops: OpsHandle,
     hosts: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = Guarded::new(listener, HEAD_TIMEOUT, IDLE_TIMEOUT);
     axum::serve(
         listener,
         router(ops, hosts).into_make_service_with_connect_info::<Peer>(),
     )
+    .with_graceful_shutdown(shutdown)
     .await
 }
 
@@ -397,64 +403,6 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Upper bounds (inclusive, in microseconds) of the heartbeat latency histogram's
-/// buckets: 0.5 ms to 5 s. A heartbeat is answered by the ledger task without waiting
-/// for a flush, so most land in the first buckets; the upper ones show a stalled task.
-pub const LATENCY_BUCKETS_MICROS: [u64; 13] = [
-    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 5_000_000,
-];
-
-/// A Prometheus histogram of durations with the [`LATENCY_BUCKETS_MICROS`] bounds:
-/// lock-free, so the connection tasks that answer heartbeats never wait on each other.
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// Observations per bucket (not cumulative), the last one for "above every bound".
-    buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS_MICROS.len() + 1],
-    /// Observations in all.
-    count: std::sync::atomic::AtomicU64,
-    /// Sum of the observations, in microseconds (584,000 years fit in a u64).
-    sum_micros: std::sync::atomic::AtomicU64,
-}
-
-impl LatencyHistogram {
-    /// Records one duration.
-    pub fn observe(&self, took: Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let i = LATENCY_BUCKETS_MICROS.partition_point(|&bound| bound < micros);
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_micros.fetch_add(micros, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    /// Observations recorded so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Writes the histogram as `name` (a base name in seconds) in the text format:
-    /// cumulative `_bucket{le=..}` lines ending with `+Inf`, then `_sum` and `_count`.
-    /// `_count` is the `+Inf` bucket itself, so the two agree even mid-update.
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS_MICROS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1e6
-            );
-        }
-        cumulative += self.buckets[LATENCY_BUCKETS_MICROS.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
-    }
-}
-
 /// One metric family without labels: HELP, TYPE and its sample.
 fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     let _ = writeln!(
@@ -475,6 +423,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         Ok(s) => s,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
     };
+    let spool_files = ops.spool_files().await;
     let m: &Arc<Metrics> = ops.metrics();
     let mut out = String::new();
     let _ = writeln!(
@@ -579,7 +528,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         "tally_report_spool_files",
         "gauge",
         "Usage reports waiting in the spool directory.",
-        ops.spool_files(),
+        spool_files,
     );
     reload_metrics(&mut out, &m.reloads.lock().expect("metrics lock"));
     (
@@ -594,7 +543,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
 
 /// Bundle loading for Prometheus: refused files now, the last load with nothing refused
 /// (the start counts; 0 while none), reloads that refused something or failed.
-fn reload_metrics(out: &mut String, r: &crate::server::ReloadRecord) {
+fn reload_metrics(out: &mut String, r: &ReloadRecord) {
     let _ = writeln!(
         out,
         "# HELP tally_bundles_refused Bundle files refused by the load in force (start or last reload).\n# TYPE tally_bundles_refused gauge\ntally_bundles_refused {}",
@@ -662,7 +611,7 @@ async fn reload(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) 
     let outcome = ops.reload().await;
     let body = serde_json::json!({
         "ok": outcome.ok(),
-        "message": crate::server::outcome_text(&outcome),
+        "message": crate::reload::outcome_text(&outcome),
         "loaded": outcome.loaded,
         "refused": outcome.refused,
         "policy_error": outcome.policy_error,

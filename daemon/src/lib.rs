@@ -3,7 +3,11 @@
 //! - [`ledger`]: the seat ledger, a sans-IO state machine.
 //! - [`store`]: the sled seat store.
 //! - [`disk`]: the store as the ledger task holds it, broken and reopened on disk faults.
-//! - [`server`]: the QUIC shell that drives the ledger.
+//! - [`server`]: the QUIC shell: binding, start, supervision, stop.
+//! - `conn`, `handlers`, `ledger_task`, `shared`: connections and streams, one handler
+//!   per request type, the task that owns the ledger and the store, their shared state.
+//! - [`metrics`], [`ops`], [`reload`], [`reports`], [`clock`]: counters, what the
+//!   operations endpoint may ask, reloads, usage reports and the spool, the clock.
 //! - [`admission`]: connection, handshake and checkout-rate limits.
 //! - [`identity`] and [`tls`]: the server key and the certificate made from it.
 //! - [`bundles`]: loading and combining bundle files.
@@ -21,16 +25,26 @@
 
 pub mod admission;
 pub mod bundles;
+pub mod clock;
+mod commit;
+mod conn;
 pub mod demo;
 pub mod disk;
 pub mod files;
+mod handlers;
 pub mod host;
 pub mod http;
 pub mod identity;
 pub mod journal;
 pub mod ledger;
+mod ledger_task;
 pub mod logfile;
+pub mod metrics;
+pub mod ops;
+pub mod reload;
+pub mod reports;
 pub mod server;
+mod shared;
 pub mod signals;
 pub mod store;
 pub mod tls;

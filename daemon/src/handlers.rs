@@ -1,0 +1,387 @@
+//! One handler per request type: each checks what the client sent, asks the ledger task
+//! (or the reload and report paths), and turns the answer into a `Response`. Admin
+//! authentication, input validation and lease token signing live here too; the ledger
+//! task decides, nothing here does.
+
+use crate::clock::now;
+use crate::ledger::{ConnId, FreshLease, WaiterId};
+use crate::ledger_task::NoAnswer;
+use crate::reload::outcome_text;
+use crate::reports::SHUTTING_DOWN;
+use crate::shared::{storage_fault, Shared};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tally_protocol::keys::SecretKey;
+use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
+use tally_protocol::signed::{Domain, Signed};
+use tally_protocol::wire::*;
+use tracing::{info, warn};
+
+/// Where a request came from: the connection and the peer's address.
+pub(crate) type Origin = (ConnId, IpAddr);
+
+/// A failure with its code; a version-1 client gets the message alone
+pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Failed(ServerError::new(code, message))
+}
+
+/// Checks that no identity field is empty, oversized or holds control characters:
+/// these names go into the log, other users' terminals, the dashboard and the vendor's
+/// report, and a line break or an escape sequence in them forges what people read.
+fn check_identity(client: &ClientIdentity) -> Result<(), String> {
+    let fields = [
+        ("user", client.user.as_str()),
+        ("host", client.host.as_str()),
+        ("program", client.program.as_str()),
+        ("display", client.display.as_deref().unwrap_or("-")),
+    ];
+    for (name, value) in fields {
+        check_name(name, value).map_err(|e| format!("hello: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Checks the names of a checkout (feature, version) like identity fields.
+fn check_checkout(request: &CheckoutRequest) -> Result<(), String> {
+    check_name("feature name", &request.feature).map_err(|e| e.to_string())?;
+    if let Some(version) = &request.version {
+        check_name("version", version).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The answer when the ledger task has gone.
+fn closed() -> Response {
+    error(ErrorCode::ShuttingDown, "the server is shutting down")
+}
+
+/// What the stream does once the answer is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    /// Nothing more.
+    Nothing,
+    /// Stop the server (an admin shutdown), once the answer has left.
+    Shutdown,
+}
+
+/// Answers one request. `send` is the request's stream: a checkout waiting in the
+/// queue leaves it when the client stops the stream.
+pub(crate) async fn dispatch(
+    request: Request,
+    origin: Origin,
+    send: &quinn::SendStream,
+    shared: &Arc<Shared>,
+    identity: &Mutex<Option<ClientIdentity>>,
+) -> (Response, After) {
+    if let Request::Admin(AdminRequest {
+        op: AdminOp::Shutdown,
+        ..
+    }) = &request
+    {
+        let response = answer(request, origin, send, shared, identity).await;
+        let after = match &response {
+            Response::Admin(_) => After::Shutdown,
+            _ => After::Nothing,
+        };
+        return (response, after);
+    }
+    (
+        answer(request, origin, send, shared, identity).await,
+        After::Nothing,
+    )
+}
+
+/// The answer to one request, by its type.
+async fn answer(
+    request: Request,
+    origin: Origin,
+    send: &quinn::SendStream,
+    shared: &Arc<Shared>,
+    identity: &Mutex<Option<ClientIdentity>>,
+) -> Response {
+    match request {
+        Request::Hello(hello) => self::hello(hello, shared, identity),
+        Request::Checkout(request) => checkout(request, origin, send, shared, identity).await,
+        Request::Heartbeat(request) => heartbeat(request, origin.0, shared).await,
+        Request::Checkin(request) => checkin(request, shared).await,
+        Request::Status(status) => self::status(status, origin, shared).await,
+        Request::Admin(admin) => self::admin(admin, origin, shared).await,
+        _ => error(
+            ErrorCode::Unsupported,
+            "this request is not supported by this tallyd",
+        ),
+    }
+}
+
+/// Hello: the client's identity is checked and kept for the connection; the answer
+/// carries the bundles served.
+fn hello(hello: Hello, shared: &Shared, identity: &Mutex<Option<ClientIdentity>>) -> Response {
+    if let Err(what) = check_identity(&hello.client) {
+        return error(ErrorCode::BadRequest, what);
+    }
+    *identity.lock().expect("identity lock") = Some(hello.client);
+    let bundles = shared
+        .bundles
+        .read()
+        .expect("bundles lock")
+        .iter()
+        .map(|b| b.signed.clone())
+        .collect();
+    Response::Hello(HelloReply {
+        server_version: env!("CARGO_PKG_VERSION").to_string(),
+        bundles,
+        server_time: now().wall,
+        heartbeat_secs: shared.heartbeat_secs,
+        demo: shared.demo,
+    })
+}
+
+/// Checkout: names checked, the rate limit applied, then the ledger task decides; the
+/// grant is signed here, on the connection's task.
+async fn checkout(
+    request: CheckoutRequest,
+    (conn, remote): Origin,
+    send: &quinn::SendStream,
+    shared: &Shared,
+    identity: &Mutex<Option<ClientIdentity>>,
+) -> Response {
+    let Some(holder) = identity.lock().expect("identity lock").clone() else {
+        return error(ErrorCode::BadRequest, "send hello before checkout");
+    };
+    if let Err(what) = check_checkout(&request) {
+        return Response::Checkout(CheckoutReply::Denied(Denial {
+            reason: DenialReason::InvalidRequest { what },
+        }));
+    }
+    if let Err(wait) = shared.admission.checkout(remote, std::time::Instant::now()) {
+        let reason = DenialReason::RateLimited {
+            retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
+        };
+        shared
+            .metrics
+            .denied(now().wall, &request.feature, &holder, &reason);
+        return Response::Checkout(CheckoutReply::Denied(Denial { reason }));
+    }
+    let fresh = match fresh_lease() {
+        Ok(f) => f,
+        Err(e) => {
+            return error(
+                ErrorCode::Internal,
+                format!("no randomness for a lease secret: {e}"),
+            )
+        }
+    };
+    let waiter = WaiterId(shared.next_waiter.fetch_add(1, Ordering::Relaxed));
+    let answer = shared
+        .ledger
+        .checkout(
+            (conn, holder.clone()),
+            request,
+            (fresh, waiter),
+            // Stopped by a client that gave up waiting (its request future dropped)
+            // while keeping the connection.
+            async {
+                let _ = send.stopped().await;
+            },
+        )
+        .await;
+    match answer {
+        Ok(Ok(record)) => {
+            Response::Checkout(CheckoutReply::Granted(grant(&record, &holder, &shared.key)))
+        }
+        Ok(Err(reason)) => Response::Checkout(CheckoutReply::Denied(Denial {
+            reason: shared.client_view(reason),
+        })),
+        Err(NoAnswer) => closed(),
+    }
+}
+
+/// Heartbeat: the ledger task answers for each lease; the time it took is counted.
+async fn heartbeat(request: HeartbeatRequest, conn: ConnId, shared: &Shared) -> Response {
+    let started = std::time::Instant::now();
+    match shared.ledger.heartbeat(conn, request.leases).await {
+        Ok(leases) => {
+            shared.metrics.heartbeat_latency.observe(started.elapsed());
+            Response::Heartbeat(HeartbeatReply { leases })
+        }
+        Err(NoAnswer) => closed(),
+    }
+}
+
+/// Checkin: the leases named are released.
+async fn checkin(request: CheckinRequest, shared: &Shared) -> Response {
+    match shared.ledger.checkin(request.leases).await {
+        Ok(released) => Response::Checkin(CheckinReply { released }),
+        Err(NoAnswer) => closed(),
+    }
+}
+
+/// Status: the ledger's features, behind the admin token with `status_needs_token`.
+async fn status(status: StatusRequest, (conn, remote): Origin, shared: &Shared) -> Response {
+    if shared.status_needs_token && !shared.is_admin(status.admin_token.as_deref()) {
+        let why = if status.admin_token.is_some() {
+            "a wrong admin token"
+        } else {
+            "no admin token"
+        };
+        warn!(%remote, conn = conn.0, "status request refused over QUIC: {why}");
+        return error(
+            ErrorCode::Unauthorized,
+            "this server shows its status only with the admin token",
+        );
+    }
+    match shared.ledger.status().await {
+        Ok(features) => Response::Status(StatusReply {
+            server_time: now().wall,
+            server_fingerprint: shared.key.public().fingerprint(),
+            features,
+        }),
+        Err(NoAnswer) => closed(),
+    }
+}
+
+/// Admin: the token checked (the source logged on a refusal, never the token), then
+/// the operation.
+async fn admin(admin: AdminRequest, (conn, remote): Origin, shared: &Arc<Shared>) -> Response {
+    if shared.admin_token.is_none() {
+        warn!(%remote, conn = conn.0, "admin request refused over QUIC: admin operations are disabled");
+        return error(
+            ErrorCode::AdminDisabled,
+            "admin operations are disabled: this server has no admin token",
+        );
+    }
+    if !shared.is_admin(Some(&admin.token)) {
+        // The source, never the token: a refusal is what an attack looks like.
+        warn!(%remote, conn = conn.0, "admin request refused over QUIC: wrong admin token");
+        return error(ErrorCode::Unauthorized, "admin token is wrong");
+    }
+    match admin.op {
+        AdminOp::Reload => {
+            // Older clients read an `AdminReply` and print it with exit 0: a
+            // reload that refused anything must reach them as an error.
+            let outcome = shared.reload().await;
+            if outcome.ok() {
+                Response::Admin(AdminReply {
+                    message: outcome.summary,
+                    report: None,
+                })
+            } else {
+                error(ErrorCode::ReloadFailed, outcome_text(&outcome))
+            }
+        }
+        AdminOp::ReloadWithOutcome => Response::Reload(shared.reload().await),
+        AdminOp::Remove { lease } => admin_remove(lease, shared).await,
+        // The stream stops the server once this answer has left (`After::Shutdown`).
+        AdminOp::Shutdown => Response::Admin(AdminReply {
+            message: "shutting down; leases are kept".into(),
+            report: None,
+        }),
+        AdminOp::ExportReport => admin_export(shared).await,
+        _ => error(
+            ErrorCode::Unsupported,
+            "this admin operation is not supported by this tallyd",
+        ),
+    }
+}
+
+/// `tally admin remove`: the lease goes, its holder is held off.
+async fn admin_remove(lease: LeaseId, shared: &Shared) -> Response {
+    match shared.ledger.remove(lease).await {
+        Ok(true) => {
+            info!(%lease, "lease removed by the administrator");
+            Response::Admin(AdminReply {
+                message: removed_message(lease, shared.remove_holdoff),
+                report: None,
+            })
+        }
+        Ok(false) => error(
+            ErrorCode::UnknownLease,
+            format!("no lease {lease} is held on this server"),
+        ),
+        Err(NoAnswer) => closed(),
+    }
+}
+
+/// `tally admin export-report`: the next report, with a copy in the spool.
+async fn admin_export(shared: &Shared) -> Response {
+    match shared.request_export().await {
+        Ok(exported) => {
+            info!(
+                report = exported.report_seq,
+                events = exported.events,
+                "usage report exported"
+            );
+            shared.reports.spool_copy(&exported).await;
+            Response::Admin(AdminReply {
+                message: format!(
+                    "report {} with {}",
+                    exported.report_seq,
+                    plural(exported.events as u64, "event", "events")
+                ),
+                report: Some(exported.text),
+            })
+        }
+        Err(e) if e == SHUTTING_DOWN => error(ErrorCode::ShuttingDown, e),
+        Err(e) => {
+            // The store's error text names paths: the log has it, the
+            // client gets the kind of fault.
+            warn!(error = %e, "report export failed");
+            error(
+                ErrorCode::StorageUnavailable,
+                format!("export failed: {}", storage_fault(&e)),
+            )
+        }
+    }
+}
+
+/// What `tally admin remove` is told.
+fn removed_message(lease: LeaseId, holdoff: Duration) -> String {
+    if holdoff.is_zero() {
+        format!("lease {lease} removed; its holder learns on its next heartbeat")
+    } else {
+        format!(
+            "lease {lease} removed; its holder learns on its next heartbeat and gets no seat \
+             of the feature on that host for {} s",
+            holdoff.as_secs()
+        )
+    }
+}
+
+/// A fresh lease id and secret, drawn from the system's randomness.
+fn fresh_lease() -> Result<FreshLease, getrandom::Error> {
+    let mut bytes = [0u8; 24];
+    getrandom::getrandom(&mut bytes)?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&bytes[..8]);
+    let mut secret = [0u8; 16];
+    secret.copy_from_slice(&bytes[8..]);
+    Ok(FreshLease {
+        id: LeaseId(u64::from_be_bytes(id)),
+        secret: LeaseSecret(secret),
+    })
+}
+
+/// The grant message with its signed token. Signing happens here, on the connection's
+/// task, not in the ledger task, so that both cores share the signing work.
+fn grant(record: &LeaseRecord, holder: &ClientIdentity, key: &SecretKey) -> LeaseGrant {
+    let token = LeaseToken::V1 {
+        id: record.id,
+        feature: record.feature.clone(),
+        count: record.count,
+        holder: holder.to_string(),
+        issued_at: record.granted_at,
+        expires_at: record.borrowed_until,
+    };
+    LeaseGrant {
+        id: record.id,
+        secret: record.secret.clone(),
+        feature: record.feature.clone(),
+        count: record.count,
+        ttl_secs: record.ttl_secs,
+        overdraft: record.overdraft,
+        borrowed_until: record.borrowed_until,
+        token: Signed::sign(Domain::Lease, token.encode(), key),
+    }
+}

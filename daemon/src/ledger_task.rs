@@ -1,0 +1,736 @@
+//! The ledger task: the one task that owns the [`Ledger`] and the store. It takes
+//! requests in batches, so all grants of a batch share one flush (group commit), and it
+//! answers a grant only after the flush that covers it: a client never hears "granted"
+//! for a seat the store could lose.
+
+use crate::clock::{now, StallWatch};
+use crate::commit::{Answer, Commit, Owed, Replies};
+use crate::disk::{Disk, Flush};
+use crate::journal::{self, Exported, ReportIdentity};
+use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
+use crate::metrics::Metrics;
+use crate::reports::export;
+use crate::store::Store;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tally_config::Policy;
+use tally_protocol::lease::{LeaseId, LeaseRecord};
+use tally_protocol::report::UsageEvent;
+use tally_protocol::wire::*;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// Most requests the ledger task takes into one batch (one flush).
+const MAX_BATCH: usize = 256;
+/// Queue of requests waiting for the ledger task; when full, connection tasks wait,
+/// which pushes back on clients through QUIC flow control.
+const LEDGER_QUEUE: usize = 4096;
+
+/// A request to the ledger task; built only by [`LedgerHandle`].
+enum Command {
+    /// A queued checkout whose client stopped waiting.
+    /// A grant whose answer did not reach its client (see `serve_stream`).
+    Unclaimed {
+        lease: LeaseId,
+    },
+    CancelWait {
+        waiter: WaiterId,
+    },
+    Checkout {
+        conn: ConnId,
+        holder: ClientIdentity,
+        request: CheckoutRequest,
+        fresh: FreshLease,
+        waiter: WaiterId,
+        reply: oneshot::Sender<Result<LeaseRecord, DenialReason>>,
+    },
+    Remove {
+        lease: LeaseId,
+        reply: oneshot::Sender<bool>,
+    },
+    Heartbeat {
+        conn: ConnId,
+        leases: Vec<LeaseRef>,
+        reply: oneshot::Sender<Vec<LeaseState>>,
+    },
+    Checkin {
+        leases: Vec<LeaseRef>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
+    Status {
+        reply: oneshot::Sender<Vec<FeatureStatus>>,
+    },
+    Closed {
+        conn: ConnId,
+        /// Closed by the QUIC idle timeout (nothing heard from the client), rather than
+        /// by either side or a network error.
+        timed_out: bool,
+    },
+    Reload {
+        bundles: Vec<tally_protocol::bundle::Bundle>,
+        /// How the served set changes (`journal::bundle_changes`), journaled with it.
+        changes: Vec<UsageEvent>,
+        policy: Policy,
+        done: oneshot::Sender<()>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+    Journal {
+        event: UsageEvent,
+    },
+    Export {
+        identity: Box<ReportIdentity>,
+        retention: Duration,
+        reply: oneshot::Sender<Result<Exported, String>>,
+    },
+}
+
+/// The ledger task has stopped (the server is shutting down), or the requester stopped
+/// waiting for its answer: either way there is no answer to give.
+#[derive(Debug)]
+pub(crate) struct NoAnswer;
+
+/// The way to the ledger task: one typed call per request, each sending its
+/// [`Command`] and waiting for the answer. Cloned into every connection task.
+#[derive(Clone)]
+pub(crate) struct LedgerHandle(mpsc::Sender<Command>);
+
+/// What the ledger task reads its requests from (see [`LedgerHandle::channel`]).
+pub(crate) struct Inbox(mpsc::Receiver<Command>);
+
+impl LedgerHandle {
+    /// A handle and the inbox the ledger task reads; the queue is bounded, so a busy
+    /// ledger task pushes back on clients through QUIC flow control.
+    pub(crate) fn channel() -> (LedgerHandle, Inbox) {
+        let (tx, rx) = mpsc::channel(LEDGER_QUEUE);
+        (LedgerHandle(tx), Inbox(rx))
+    }
+
+    /// Sends a command that has no answer.
+    async fn tell(&self, command: Command) -> Result<(), NoAnswer> {
+        self.0.send(command).await.map_err(|_| NoAnswer)
+    }
+
+    /// Sends a command and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NoAnswer> {
+        let (reply, rx) = oneshot::channel();
+        self.tell(command(reply)).await?;
+        rx.await.map_err(|_| NoAnswer)
+    }
+
+    /// A checkout, granted, denied or (queued) waited for; a requester that stops
+    /// waiting (`abandoned` completes) leaves the queue at once, instead of holding its
+    /// place, and later a seat nobody would use, until its timeout.
+    pub(crate) async fn checkout(
+        &self,
+        (conn, holder): (ConnId, ClientIdentity),
+        request: CheckoutRequest,
+        (fresh, waiter): (FreshLease, WaiterId),
+        abandoned: impl std::future::Future<Output = ()>,
+    ) -> Result<Result<LeaseRecord, DenialReason>, NoAnswer> {
+        let (reply, rx) = oneshot::channel();
+        self.tell(Command::Checkout {
+            conn,
+            holder,
+            request,
+            fresh,
+            waiter,
+            reply,
+        })
+        .await?;
+        tokio::select! {
+            answer = rx => answer.map_err(|_| NoAnswer),
+            _ = abandoned => {
+                let _ = self.tell(Command::CancelWait { waiter }).await;
+                Err(NoAnswer)
+            }
+        }
+    }
+
+    /// A heartbeat for `leases` over connection `conn` (re-attaching them to it).
+    pub(crate) async fn heartbeat(
+        &self,
+        conn: ConnId,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<LeaseState>, NoAnswer> {
+        self.ask(|reply| Command::Heartbeat {
+            conn,
+            leases,
+            reply,
+        })
+        .await
+    }
+
+    /// Releases `leases`; for each, whether it was held.
+    pub(crate) async fn checkin(&self, leases: Vec<LeaseRef>) -> Result<Vec<bool>, NoAnswer> {
+        self.ask(|reply| Command::Checkin { leases, reply }).await
+    }
+
+    /// The features, their seats and holders.
+    pub(crate) async fn status(&self) -> Result<Vec<FeatureStatus>, NoAnswer> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+
+    /// Removes a lease (admin); whether it was held.
+    pub(crate) async fn remove(&self, lease: LeaseId) -> Result<bool, NoAnswer> {
+        self.ask(|reply| Command::Remove { lease, reply }).await
+    }
+
+    /// The next usage report, durable with the batch it was built in.
+    pub(crate) async fn export(
+        &self,
+        identity: Box<ReportIdentity>,
+        retention: Duration,
+    ) -> Result<Result<Exported, String>, NoAnswer> {
+        self.ask(|reply| Command::Export {
+            identity,
+            retention,
+            reply,
+        })
+        .await
+    }
+
+    /// Swaps the bundles' terms and the policy (leases untouched), journaling the
+    /// served set's changes; returns once the ledger task has done it.
+    pub(crate) async fn reload(
+        &self,
+        bundles: Vec<tally_protocol::bundle::Bundle>,
+        changes: Vec<UsageEvent>,
+        policy: Policy,
+    ) -> Result<(), NoAnswer> {
+        self.ask(|done| Command::Reload {
+            bundles,
+            changes,
+            policy,
+            done,
+        })
+        .await
+    }
+
+    /// Adds an event to the journal.
+    pub(crate) async fn journal(&self, event: UsageEvent) -> Result<(), NoAnswer> {
+        self.tell(Command::Journal { event }).await
+    }
+
+    /// A grant whose answer did not reach its client: the seat goes back at once.
+    pub(crate) async fn unclaimed(&self, lease: LeaseId) -> Result<(), NoAnswer> {
+        self.tell(Command::Unclaimed { lease }).await
+    }
+
+    /// A connection closed (`timed_out`: by the QUIC idle timeout).
+    pub(crate) async fn closed(&self, conn: ConnId, timed_out: bool) -> Result<(), NoAnswer> {
+        self.tell(Command::Closed { conn, timed_out }).await
+    }
+
+    /// Stops the ledger task after its final flush; returns once it is done.
+    pub(crate) async fn shutdown(&self) -> Result<(), NoAnswer> {
+        self.ask(|done| Command::Shutdown { done }).await
+    }
+}
+
+/// Answers a checkout.
+type GrantTx = oneshot::Sender<Result<LeaseRecord, DenialReason>>;
+/// Answers a heartbeat.
+type StatesTx = oneshot::Sender<Vec<LeaseState>>;
+/// Answers an export.
+type ExportTx = oneshot::Sender<Result<Exported, String>>;
+
+/// The reply handles the commit pipeline carries for the ledger task.
+struct Channels;
+
+impl Replies for Channels {
+    type Grant = GrantTx;
+    type Heartbeat = StatesTx;
+    type Export = ExportTx;
+}
+
+/// A reply a batch decided: sent at once, or (grants) owed to the commit pipeline.
+enum Pending {
+    Grant(GrantTx, Result<LeaseRecord, DenialReason>),
+    Heartbeat(StatesTx, Vec<LeaseState>),
+    /// A heartbeat that gave lapsed leases back: answered once they are durable.
+    Regranted(StatesTx, Vec<(LeaseId, LeaseState)>, Vec<LeaseRecord>),
+    Checkin(oneshot::Sender<Vec<bool>>, Vec<bool>),
+    Status(oneshot::Sender<Vec<FeatureStatus>>, Vec<FeatureStatus>),
+}
+
+/// What one batch decided.
+struct Decided {
+    events: Vec<Event>,
+    pending: Vec<Pending>,
+    exports: Vec<(Box<ReportIdentity>, Duration, ExportTx)>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+/// The ledger task: owns the ledger and the store. A short loop: a batch of requests,
+/// a deadline, a flush that ended, or the time to reopen a broken store.
+pub(crate) async fn run_ledger(
+    ledger: Ledger,
+    store: Store,
+    Inbox(mut rx): Inbox,
+    startup: Vec<UsageEvent>,
+    (metrics, idle_timeout): (Arc<Metrics>, Duration),
+) {
+    let mut task = LedgerTask::new(ledger, store, startup, metrics, idle_timeout);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut flushing: Option<Flush> = None;
+    loop {
+        // Woken at least every tick, so that a stall of the daemon shows as a gap.
+        let tick = task.stall.next_tick();
+        let deadline = task.ledger.next_deadline().map_or(tick, |d| d.min(tick));
+        // A broken store is reopened between flushes, never under a running one.
+        let retry_at = task.disk.retry_at().filter(|_| flushing.is_none());
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let flushed = async {
+            match flushing.as_mut() {
+                Some(f) => f.await.unwrap_or_else(|e| Err(join_error(e))),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
+            result = flushed => {
+                task.flushed(result);
+                flushing = task.flush_if_owed();
+                continue;
+            }
+            _ = retry => {
+                task.disk.try_recover(&task.ledger).await;
+                continue;
+            }
+        }
+        let now = now();
+        let decided = task.decide(now, batch.drain(..));
+        if task.end_batch(now, decided, &mut flushing).await {
+            return;
+        }
+    }
+}
+
+/// The ledger task's state: the ledger decides, the commit pipeline says what to
+/// write and whom to answer, the disk does the IO.
+struct LedgerTask {
+    ledger: Ledger,
+    disk: Disk,
+    commit: Commit<Channels>,
+    /// Replies owed to checkouts waiting in a queue.
+    waiting: HashMap<WaiterId, GrantTx>,
+    stall: StallWatch,
+    metrics: Arc<Metrics>,
+}
+
+impl LedgerTask {
+    fn new(
+        ledger: Ledger,
+        store: Store,
+        startup: Vec<UsageEvent>,
+        metrics: Arc<Metrics>,
+        idle_timeout: Duration,
+    ) -> LedgerTask {
+        let next_seq = match store.next_journal_seq() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cannot read the journal; usage events start a new range");
+                1
+            }
+        };
+        let mut commit = Commit::new(next_seq, ledger.clock_high_water());
+        let start = now().wall;
+        for event in startup {
+            commit.record(start, event);
+        }
+        LedgerTask {
+            disk: Disk::new(store, metrics.clone()),
+            ledger,
+            commit,
+            waiting: HashMap::new(),
+            stall: StallWatch::new(idle_timeout),
+            metrics,
+        }
+    }
+
+    /// Decides a batch of commands at one `now`.
+    fn decide(&mut self, now: Now, commands: impl Iterator<Item = Command>) -> Decided {
+        // Before anything else of this batch: connections that timed out while the
+        // daemon stood still are its own fault, not their holders'.
+        self.stall.observe(now, &mut self.ledger);
+        self.ledger.observe_clock(now);
+        let mut events = self.ledger.expire(now);
+        events.extend(self.ledger.release_unclaimed(now));
+        let mut d = Decided {
+            events,
+            pending: Vec::new(),
+            exports: Vec::new(),
+            shutdown: None,
+        };
+        for command in commands {
+            self.command(now, command, &mut d);
+        }
+        self.waiter_outcomes(now, &mut d);
+        d
+    }
+
+    fn command(&mut self, now: Now, command: Command, d: &mut Decided) {
+        let ledger = &mut self.ledger;
+        match command {
+            Command::Checkout {
+                conn,
+                holder,
+                request,
+                fresh,
+                waiter,
+                reply,
+            } => self.checkout(now, (conn, holder, request), (fresh, waiter), reply, d),
+            Command::Remove { lease, reply } => {
+                let removed = ledger.remove_lease(now, lease);
+                let _ = reply.send(removed.is_some());
+                d.events.extend(removed);
+            }
+            Command::Heartbeat {
+                conn,
+                leases,
+                reply,
+            } => {
+                let states = ledger.heartbeat(now, conn, &leases);
+                let regranted = ledger.take_regranted();
+                if regranted.is_empty() {
+                    d.pending.push(Pending::Heartbeat(reply, states));
+                } else {
+                    // A lapsed lease given back is a grant: stored before the
+                    // holder hears it is active again.
+                    for record in &regranted {
+                        info!(lease = %record.id, feature = %record.feature, holder = %record.holder, "lapsed lease re-attached");
+                        d.events.push(Event::Granted(record.clone()));
+                    }
+                    let states = leases.iter().map(|r| r.id).zip(states).collect();
+                    d.pending.push(Pending::Regranted(reply, states, regranted));
+                }
+            }
+            Command::Checkin { leases, reply } => {
+                let (released, ev) = ledger.checkin(now, &leases);
+                d.events.extend(ev);
+                d.pending.push(Pending::Checkin(reply, released));
+            }
+            Command::Status { reply } => d
+                .pending
+                .push(Pending::Status(reply, ledger.status(now.wall))),
+            Command::Closed { conn, timed_out } => {
+                if timed_out && self.stall.recent(now) {
+                    ledger.connection_lost(now, conn);
+                } else if timed_out {
+                    d.events.extend(ledger.connection_timed_out(now, conn));
+                } else {
+                    d.events.extend(ledger.connection_closed(now, conn));
+                }
+            }
+            Command::CancelWait { waiter } => ledger.cancel_wait(waiter),
+            Command::Unclaimed { lease } => ledger.unclaimed(lease),
+            Command::Reload {
+                bundles,
+                changes,
+                policy,
+                done,
+            } => {
+                for b in &bundles {
+                    self.commit.record(
+                        now.wall,
+                        UsageEvent::BundleLoaded {
+                            bundle: b.id.clone(),
+                        },
+                    );
+                }
+                for event in changes {
+                    self.commit.record(now.wall, event);
+                }
+                ledger.reload(now, &bundles);
+                self.metrics.set_licensed(ledger.feature_names());
+                ledger.set_policy(now, policy);
+                let _ = done.send(());
+            }
+            Command::Shutdown { done } => d.shutdown = Some(done),
+            Command::Journal { event } => self.commit.record(now.wall, event),
+            Command::Export {
+                identity,
+                retention,
+                reply,
+            } => d.exports.push((identity, retention, reply)),
+        }
+    }
+
+    /// A checkout: granted, denied (and journaled) or queued.
+    fn checkout(
+        &mut self,
+        now: Now,
+        (conn, holder, request): (ConnId, ClientIdentity, CheckoutRequest),
+        (fresh, waiter): (FreshLease, WaiterId),
+        reply: GrantTx,
+        d: &mut Decided,
+    ) {
+        // While the store cannot be written, no grant: it could not be made durable.
+        // Everything else goes on.
+        let decided = match self.disk.refusal() {
+            Some(what) => Checkout::Denied(DenialReason::StorageUnavailable { what }),
+            None => self
+                .ledger
+                .checkout_or_wait(now, conn, &holder, &request, fresh, waiter),
+        };
+        match decided {
+            Checkout::Granted(granted) => {
+                let (record, event) = *granted;
+                d.events.push(event);
+                d.pending.push(Pending::Grant(reply, Ok(record)));
+            }
+            Checkout::Denied(reason) => {
+                info!(feature = %request.feature, holder = %holder, %reason, "denied");
+                self.metrics
+                    .denied(now.wall, &request.feature, &holder, &reason);
+                // The fact of the denial is kept; a name no bundle licenses is not
+                // (clients can make up any number).
+                self.commit.record(
+                    now.wall,
+                    UsageEvent::Denied {
+                        feature: self.metrics.counted_as(&request.feature).to_string(),
+                        reason: reason.code().into(),
+                        user: holder.user.clone(),
+                        host: holder.host.clone(),
+                    },
+                );
+                d.pending.push(Pending::Grant(reply, Err(reason)));
+            }
+            Checkout::Queued { position } => {
+                info!(feature = %request.feature, holder = %holder, position, "queued");
+                self.commit.record(
+                    now.wall,
+                    UsageEvent::Queued {
+                        feature: request.feature.clone(),
+                        user: holder.user.clone(),
+                        host: holder.host.clone(),
+                    },
+                );
+                self.waiting.insert(waiter, reply);
+            }
+        }
+    }
+
+    /// Waits that ended in this batch: granted, timed out, or cancelled.
+    fn waiter_outcomes(&mut self, now: Now, d: &mut Decided) {
+        for outcome in self.ledger.take_waiter_outcomes() {
+            let reply = self.waiting.remove(&outcome.waiter);
+            d.events.extend(outcome.event);
+            let Some(reply) = reply else {
+                // A grant with nobody to answer is stored (its event above) and then
+                // released at once, never left to a TTL.
+                if let Some(Ok(record)) = &outcome.result {
+                    self.ledger.unclaimed(record.id);
+                }
+                continue;
+            };
+            if let Some(result) = outcome.result {
+                if let Err(reason) = &result {
+                    info!(%reason, "wait ended");
+                    if let Some(feature) = denied_feature(reason) {
+                        self.commit.record(
+                            now.wall,
+                            UsageEvent::Denied {
+                                feature,
+                                reason: reason.code().into(),
+                                user: String::new(),
+                                host: String::new(),
+                            },
+                        );
+                    }
+                }
+                d.pending.push(Pending::Grant(reply, result));
+            }
+        }
+    }
+
+    /// Writes the batch, answers what needs no flush, owes the rest to the pipeline and
+    /// starts a flush if one is owed; true once stopped (after the final flush).
+    async fn end_batch(&mut self, now: Now, d: Decided, flushing: &mut Option<Flush>) -> bool {
+        let Decided {
+            events,
+            pending,
+            exports,
+            shutdown,
+        } = d;
+        for event in &events {
+            self.commit.record(now.wall, journal::usage_event(event));
+        }
+        let detachments = self.ledger.take_detachments();
+        let changes = !events.is_empty() || !detachments.is_empty();
+        let clock = self.ledger.clock_high_water();
+        let (journal, clock) = self.commit.batch_write(changes, clock, shutdown.is_some());
+        let written = self
+            .disk
+            .write(journal, (&events, &detachments), clock)
+            .map_err(|e| e.to_string());
+        self.commit.written(&written, clock);
+        let failure = written.err();
+        for event in &events {
+            if !matches!(event, Event::Granted(_)) {
+                log_event(event, true);
+            }
+        }
+        // Exports see this batch's journal, and become durable with it. Built on the
+        // blocking pool (a large journal takes a while): the ledger task waits for it,
+        // the async workers serving connections and HTTP do not.
+        for (identity, retention, reply) in exports {
+            let result = match (&failure, self.disk.store()) {
+                (None, Some(store)) => {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        export(&store, &identity, now.wall, retention)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the report export stopped: {e}")))
+                }
+                (Some(e), _) => Err(e.clone()),
+                (None, None) => Err("the seat store is closed".into()),
+            };
+            let _ = self.commit.owe(Owed::Export(reply, result), None);
+        }
+        for p in pending {
+            self.answer(p, failure.as_deref());
+        }
+        if let Some(done) = shutdown {
+            self.stop(flushing.take()).await;
+            let _ = done.send(());
+            return true;
+        }
+        if flushing.is_none() {
+            *flushing = self.flush_if_owed();
+        }
+        if self.commit.journal_rolled_back(now.wall) {
+            let _ = self.disk.write(self.commit.journal(), (&[], &[]), None);
+        }
+        false
+    }
+
+    /// Sends a reply that needs no flush; owes the others (grants) to the pipeline.
+    /// Only grants wait for the disk: a checkin or reclaim lost to a crash comes back
+    /// as a restored lease that expires on its TTL, costing nobody a seat for long.
+    fn answer(&mut self, pending: Pending, failure: Option<&str>) {
+        let owed = match pending {
+            Pending::Grant(reply, Ok(record)) => Owed::Grant(reply, record),
+            Pending::Regranted(reply, states, records) => Owed::Regranted(reply, states, records),
+            Pending::Grant(reply, denied) => return drop(reply.send(denied)),
+            Pending::Heartbeat(reply, r) => return drop(reply.send(r)),
+            Pending::Checkin(reply, r) => return drop(reply.send(r)),
+            Pending::Status(reply, r) => return drop(reply.send(r)),
+        };
+        if let Some(answer) = self.commit.owe(owed, failure) {
+            self.apply(answer);
+        }
+    }
+
+    /// Does what the pipeline says with an answer it let go.
+    fn apply(&mut self, answer: Answer<Channels>) {
+        match answer {
+            Answer::Granted(reply, record) => {
+                log_event(&Event::Granted(record.clone()), true);
+                if let Err(Ok(record)) = reply.send(Ok(record)) {
+                    // Nobody is left to hear of it: the requester stopped waiting (or
+                    // its connection closed) after the grant was decided.
+                    self.ledger.unclaimed(record.id);
+                }
+            }
+            Answer::NotRecorded(reply, record, what) => {
+                self.ledger.rollback(record.id);
+                let _ = reply.send(Err(DenialReason::StorageUnavailable { what }));
+            }
+            Answer::States(reply, states, undone) => {
+                for id in undone {
+                    self.ledger.rollback(id);
+                }
+                let _ = reply.send(states);
+            }
+            Answer::Export(reply, result) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Starts a flush if the pipeline owes one (call it when none runs). While the store
+    /// is broken there is no flush, and the answers waiting for one are failed at once.
+    fn flush_if_owed(&mut self) -> Option<Flush> {
+        if !self.commit.flush_due() {
+            return None;
+        }
+        match self.disk.start_flush() {
+            Some(flush) => {
+                self.commit.flush_started();
+                Some(flush)
+            }
+            None => {
+                for answer in self.commit.flush_refused(self.disk.refusal()) {
+                    self.apply(answer);
+                }
+                None
+            }
+        }
+    }
+
+    /// The running flush ended: the answers it covered go out (or are rolled back).
+    fn flushed(&mut self, result: Result<(), crate::store::StoreError>) {
+        let result = self.disk.flushed(result).map_err(|e| e.to_string());
+        for answer in self.commit.flushed(result) {
+            self.apply(answer);
+        }
+    }
+
+    /// The final flush at a stop: a store that failed keeps nothing more (its backlog
+    /// is lost with the process, as the log says).
+    async fn stop(&mut self, running: Option<Flush>) {
+        if let Some(running) = running {
+            let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
+            self.flushed(result);
+        }
+        let result = self.disk.close().await.map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            warn!(error = %e, "final flush failed");
+        }
+        for answer in self.commit.closed(result) {
+            self.apply(answer);
+        }
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
+    crate::store::StoreError::Task(e)
+}
+
+/// The feature a queue-timeout denial is about (waits that end otherwise are logged
+/// when they start).
+fn denied_feature(reason: &DenialReason) -> Option<String> {
+    match reason {
+        DenialReason::QueueTimeout { feature, .. } => Some(feature.clone()),
+        _ => None,
+    }
+}
+
+/// Logs a ledger event; a grant only once it is durable.
+fn log_event(event: &Event, durable: bool) {
+    match event {
+        Event::Granted(r) if durable => info!(
+            lease = %r.id, feature = %r.feature, count = r.count, holder = %r.holder, "granted"
+        ),
+        Event::Granted(_) => {}
+        Event::Released {
+            id, feature, why, ..
+        } => {
+            info!(lease = %id, feature = %feature, reason = %why, "released")
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Usage reports: the export the ledger task runs against the store (build, chain,
+//! compact), and the spool reports are written into for upload. The shell asks for an
+//! export through the ledger task (`Shared::request_export`), so that a report sees every
+//! journal event decided before it.
+
+use crate::journal::{self, Exported, ReportIdentity};
+use crate::store::Store;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tally_protocol::bundle::VerifiedBundle;
+use tally_protocol::keys::SecretKey;
+use tally_protocol::time::UnixTime;
+use tracing::{info, warn};
+
+/// Why an export did not happen when the ledger task has gone (not a storage fault).
+pub(crate) const SHUTTING_DOWN: &str = "the server is shutting down";
+
+/// Where and when usage reports are written.
+#[derive(Debug, Clone)]
+pub struct ReportSettings {
+    /// The host fingerprint named in reports.
+    pub host_fingerprint: String,
+    /// Spool directory for scheduled reports (and a copy of admin exports).
+    pub spool: Option<std::path::PathBuf>,
+    /// Export a report this often into the spool; `None` only on request.
+    pub interval: Option<Duration>,
+    /// Exported journal events older than this are compacted away.
+    pub retention: Duration,
+    /// Uploads spooled reports to the vendor, if configured.
+    pub uploader: Option<Arc<crate::upload::Uploader>>,
+}
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        ReportSettings {
+            host_fingerprint: String::new(),
+            spool: None,
+            interval: None,
+            retention: Duration::from_secs(30 * 86_400),
+            uploader: None,
+        }
+    }
+}
+
+/// The report settings with the spool's state: reports exported but not yet written,
+/// and the uploader's wake-up.
+pub(crate) struct Reports {
+    /// Where and when reports are written.
+    pub(crate) settings: ReportSettings,
+    /// Reports exported but not yet written to the spool (never dropped).
+    unspooled: tokio::sync::Mutex<Vec<(u64, String)>>,
+    /// Wakes the uploader after an export.
+    pub(crate) upload_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Reports {
+    /// Reports with nothing exported yet.
+    pub(crate) fn new(settings: ReportSettings) -> Reports {
+        Reports {
+            settings,
+            unspooled: tokio::sync::Mutex::new(Vec::new()),
+            upload_wake: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Who signs and is named in the next report: this server, its host, and the
+    /// customers and bundles served.
+    pub(crate) fn identity(
+        &self,
+        key: &SecretKey,
+        bundles: &[VerifiedBundle],
+    ) -> Box<ReportIdentity> {
+        let mut customers = Vec::new();
+        let mut bundle_ids = Vec::new();
+        for v in bundles.iter() {
+            if !customers.contains(&v.bundle.customer.id) {
+                customers.push(v.bundle.customer.id.clone());
+            }
+            bundle_ids.push(v.bundle.id.clone());
+        }
+        Box::new(ReportIdentity {
+            key: key.clone(),
+            host_fingerprint: self.settings.host_fingerprint.clone(),
+            customers,
+            bundle_ids,
+        })
+    }
+
+    /// Writes an exported report into the spool, after any earlier ones that could
+    /// not be written; a report that cannot be written is kept and retried.
+    pub(crate) async fn spool(
+        &self,
+        dir: &Path,
+        exported: Exported,
+    ) -> Result<Option<PathBuf>, String> {
+        let mut unspooled = self.unspooled.lock().await;
+        unspooled.push((exported.report_seq, exported.text));
+        let mut last = None;
+        while let Some((seq, text)) = unspooled.first().cloned() {
+            let path = dir.join(format!("tally-report-{seq:08}.report"));
+            match write_blocking(path.clone(), text).await {
+                Ok(()) => {
+                    unspooled.remove(0);
+                    last = Some(path);
+                    self.upload_wake.notify_one();
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{}: {e} (kept in memory, retried at the next export)",
+                        path.display()
+                    ))
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    /// A copy of a report exported for the admin goes to the spool too, if there is
+    /// one; a copy that cannot be written is logged, the admin has the report.
+    pub(crate) async fn spool_copy(&self, exported: &Exported) {
+        if let Some(dir) = &self.settings.spool {
+            let path = dir.join(format!("tally-report-{:08}.report", exported.report_seq));
+            if let Err(e) = write_blocking(path.clone(), exported.text.clone()).await {
+                warn!(path = %path.display(), error = %e, "spool copy failed");
+            }
+            self.upload_wake.notify_one();
+        }
+    }
+
+    /// Reports waiting in the spool directory (listed on the blocking pool: a slow
+    /// or huge directory must not hold an async worker).
+    pub(crate) async fn spool_files(&self) -> usize {
+        let Some(dir) = self.settings.spool.clone() else {
+            return 0;
+        };
+        tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "report"))
+                        .count()
+                })
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap_or(0)
+    }
+}
+
+/// Builds the next report and moves the chain state; compacts what is old enough.
+pub(crate) fn export(
+    store: &Store,
+    identity: &ReportIdentity,
+    now: UnixTime,
+    retention: Duration,
+) -> Result<Exported, String> {
+    let state = store.report_state().map_err(|e| e.to_string())?;
+    let (entries, unreadable) = store
+        .journal_after(state.last_event)
+        .map_err(|e| e.to_string())?;
+    if unreadable > 0 {
+        warn!(
+            unreadable,
+            "journal records could not be read; the report names the gap"
+        );
+    }
+    let exported = journal::build_report(identity, &state, entries, now);
+    store
+        .save_report_state(&exported.state)
+        .map_err(|e| e.to_string())?;
+    // Bounded growth: exported events past the retention period go.
+    let before = UnixTime(now.0.saturating_sub(retention.as_secs()));
+    match store.compact_journal(exported.state.last_event, before) {
+        Ok(0) => {}
+        Ok(n) => info!(events = n, "compacted exported journal events"),
+        Err(e) => warn!(error = %e, "journal compaction failed"),
+    }
+    Ok(exported)
+}
+
+fn write_report(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::files::write_atomic(path, text.as_bytes(), 0o644)
+}
+
+/// Writes a report on the blocking pool (fsyncs must not hold an async worker).
+async fn write_blocking(path: PathBuf, text: String) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || write_report(&path, &text))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}

@@ -1,0 +1,177 @@
+//! The state every connection task reads: the way to the ledger task, the server key,
+//! the bundles shown in hello, settings, reloads, reports and counters; and what a
+//! client may see of a denial.
+
+use crate::admission::Admission;
+use crate::journal::Exported;
+use crate::ledger_task::LedgerHandle;
+use crate::metrics::Metrics;
+use crate::reload::Reloads;
+use crate::reports::{Reports, SHUTTING_DOWN};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tally_protocol::bundle::VerifiedBundle;
+use tally_protocol::keys::SecretKey;
+use tally_protocol::wire::{DenialReason, ReloadOutcome};
+
+/// State every connection task reads.
+pub(crate) struct Shared {
+    /// The way to the ledger task.
+    pub(crate) ledger: LedgerHandle,
+    pub(crate) key: SecretKey,
+    /// The bundles presented in hello, replaced on reload.
+    pub(crate) bundles: RwLock<Arc<Vec<VerifiedBundle>>>,
+    pub(crate) heartbeat_secs: u64,
+    pub(crate) demo: bool,
+    pub(crate) next_conn: AtomicU64,
+    /// Reloads of bundles and policy.
+    pub(crate) reloads: Reloads,
+    pub(crate) admin_token: Option<String>,
+    pub(crate) status_needs_token: bool,
+    pub(crate) next_waiter: AtomicU64,
+    /// The hold-off after an admin removal (for the admin's answer).
+    pub(crate) remove_holdoff: Duration,
+    /// Notified by an admin shutdown request.
+    pub(crate) shutdown: tokio::sync::Notify,
+    /// Report settings and the spool.
+    pub(crate) reports: Reports,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Connection and checkout limits.
+    pub(crate) admission: Arc<Admission>,
+    /// Requests read and not yet answered to the end: a stop waits (bounded) for them.
+    pub(crate) answering: AtomicUsize,
+}
+
+impl Shared {
+    /// A denial as a client may see it: with `status_needs_token`, who holds the seats
+    /// is for admins only (the count stays); a storage fault is named by its kind,
+    /// without the server's paths or internal error text (the log has those).
+    pub(crate) fn client_view(&self, reason: DenialReason) -> DenialReason {
+        match reason {
+            DenialReason::AllSeatsInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders,
+            } => DenialReason::AllSeatsInUse {
+                feature,
+                total,
+                in_use,
+                requested,
+                holders: if self.status_needs_token {
+                    Vec::new()
+                } else {
+                    holders
+                },
+            },
+            DenialReason::OverdraftInUse {
+                feature,
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders,
+            } => DenialReason::OverdraftInUse {
+                feature,
+                total,
+                overdraft,
+                in_use,
+                requested,
+                holders: if self.status_needs_token {
+                    Vec::new()
+                } else {
+                    holders
+                },
+            },
+            DenialReason::StorageUnavailable { what } => DenialReason::StorageUnavailable {
+                what: storage_fault(&what),
+            },
+            other => other,
+        }
+    }
+
+    /// Reloads bundles and policy; every way it ends is logged and kept in the metrics.
+    pub(crate) async fn reload(&self) -> ReloadOutcome {
+        self.reloads
+            .reload(&self.bundles, &self.ledger, &self.metrics)
+            .await
+    }
+
+    /// Asks the ledger task for the next report.
+    pub(crate) async fn request_export(&self) -> Result<Exported, String> {
+        let bundles = self.bundles.read().expect("bundles lock").clone();
+        let identity = self.reports.identity(&self.key, &bundles);
+        self.ledger
+            .export(identity, self.reports.settings.retention)
+            .await
+            .map_err(|_| SHUTTING_DOWN.to_string())?
+    }
+
+    /// Exports into the spool; a report that cannot be written is kept and retried.
+    pub(crate) async fn export_to_spool(&self) -> Result<Option<std::path::PathBuf>, String> {
+        let Some(dir) = self.reports.settings.spool.clone() else {
+            return Ok(None);
+        };
+        let exported = self.request_export().await?;
+        self.reports.spool(&dir, exported).await
+    }
+
+    /// Whether `token` is the admin token (compared in constant time).
+    pub(crate) fn is_admin(&self, token: Option<&str>) -> bool {
+        match (&self.admin_token, token) {
+            (Some(expected), Some(given)) => {
+                constant_time_eq(given.trim().as_bytes(), expected.as_bytes())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// can act on, never the store's paths or the storage engine's error text.
+/// What a client is told about a storage fault: the kind of fault, if it is one people
+pub(crate) fn storage_fault(what: &str) -> String {
+    const KNOWN: [&str; 8] = [
+        "No space left on device",
+        "Read-only file system",
+        "Disk quota exceeded",
+        "Input/output error",
+        "Permission denied",
+        "Too many open files",
+        "files are missing",
+        "closed",
+    ];
+    match KNOWN.iter().find(|k| what.contains(*k)) {
+        Some(kind) => format!("the seat store: {kind}; held seats are kept"),
+        None => "the seat store cannot be written (the server's log says why); held seats are kept"
+            .to_string(),
+    }
+}
+
+/// Compares secrets without an early exit, so timing does not reveal a prefix.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storage_fault;
+
+    /// Issue 20, scenario 8: storage denials carried the store's path and sled's Debug
+    /// text to every client.
+    #[test]
+    fn storage_faults_reach_clients_without_paths_or_debug_text() {
+        let raw = "seat store /var/lib/tally/store: Io(Custom { kind: StorageFull, error: \"No space left on device (os error 28)\" })";
+        let shown = storage_fault(raw);
+        assert_eq!(
+            shown,
+            "the seat store: No space left on device; held seats are kept"
+        );
+        let shown = storage_fault(
+            "opening the seat store: Read corrupted data at file offset None backtrace ()",
+        );
+        assert!(!shown.contains("offset") && !shown.contains('/'), "{shown}");
+        assert!(shown.contains("the server's log says why"), "{shown}");
+    }
+}
