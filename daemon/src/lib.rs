@@ -4,6 +4,7 @@
 //! - [`store`]: the sled seat store.
 //! - [`disk`]: the store as the ledger task holds it, broken and reopened on disk faults.
 //! - [`server`]: the QUIC shell that drives the ledger.
+//! - [`params`]: what the server needs to start, with defaults.
 //! - [`admission`]: connection, handshake and checkout-rate limits.
 //! - [`identity`] and [`tls`]: the server key and the certificate made from it.
 //! - [`bundles`]: loading and combining bundle files.
@@ -30,6 +31,7 @@ pub mod identity;
 pub mod journal;
 pub mod ledger;
 pub mod logfile;
+pub mod params;
 pub mod server;
 pub mod signals;
 pub mod store;

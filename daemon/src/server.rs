@@ -6,10 +6,11 @@
 //! all grants of a batch share one flush (group commit), and it answers only after the
 //! flush: a client never hears "granted" for a seat the store could lose.
 
-use crate::admission::{Admission, Limits, Permit, Verdict};
+use crate::admission::{Admission, Permit, Verdict};
 use crate::disk::Disk;
 use crate::journal::{self, Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
+pub use crate::params::{ReloadError, Reloaded, Reloader, ReportSettings, ServerParams};
 use crate::store::Store;
 use anyhow::{Context, Result};
 use std::future::{Future, IntoFuture};
@@ -54,49 +55,6 @@ const STALL_THRESHOLD: Duration = Duration::from_secs(3);
 /// written; a lease attached when the daemon died ends at the latest this long after
 /// the mark plus its TTL.
 const CLOCK_SAVE_SECS: u64 = 10;
-
-/// Everything the server needs to start.
-pub struct ServerParams {
-    /// UDP address to listen on.
-    pub listen: SocketAddr,
-    /// The server identity key.
-    pub identity: SecretKey,
-    /// The bundles to serve, already verified and checked against this server.
-    pub bundles: Vec<VerifiedBundle>,
-    /// The opened seat store.
-    pub store: Store,
-    /// Default lease TTL.
-    pub lease_ttl: Duration,
-    /// Heartbeat interval asked of clients.
-    pub heartbeat: Duration,
-    /// QUIC idle timeout.
-    pub idle_timeout: Duration,
-    /// Demo mode (demo vendor key).
-    pub demo: bool,
-    /// Re-reads the bundles (on SIGHUP or an admin reload); `None` if reloading is not
-    /// possible (no bundle directory).
-    pub reloader: Option<Reloader>,
-    /// The admin token; admin requests are refused when `None`.
-    pub admin_token: Option<String>,
-    /// Fires when the bundles should be reloaded (SIGHUP).
-    pub reload_signal: Option<mpsc::Receiver<()>>,
-    /// The site's policy.
-    pub policy: Policy,
-    /// Whether status needs the admin token.
-    pub status_needs_token: bool,
-    /// Usage reports: spool directory, schedule, journal retention.
-    pub reports: ReportSettings,
-    /// The operations HTTP endpoint (metrics, status, dashboard); `None` for none.
-    pub http_listen: Option<SocketAddr>,
-    /// Connection, handshake and checkout-rate limits.
-    pub limits: Limits,
-    /// After an admin removal, how long the removed user gets no seat of that feature
-    /// on that host (`remove_holdoff_secs`); zero: none.
-    pub remove_holdoff: Duration,
-    /// Bundle files refused when the server started: shown in `/api/status` and
-    /// `/metrics` until a reload reads the directory again.
-    pub refused: Vec<Refused>,
-}
 
 /// Counters the operations endpoint shows.
 #[derive(Debug, Default)]
@@ -368,56 +326,6 @@ fn add_bundles(doc: &mut serde_json::Value, bundles: &[VerifiedBundle]) {
             "valid_until": b.bundle.valid_until.map(|u| u.last_day()),
         }))
         .collect::<Vec<_>>());
-}
-
-/// Where and when usage reports are written.
-#[derive(Debug, Clone)]
-pub struct ReportSettings {
-    /// The host fingerprint named in reports.
-    pub host_fingerprint: String,
-    /// Spool directory for scheduled reports (and a copy of admin exports).
-    pub spool: Option<std::path::PathBuf>,
-    /// Export a report this often into the spool; `None` only on request.
-    pub interval: Option<Duration>,
-    /// Exported journal events older than this are compacted away.
-    pub retention: Duration,
-    /// Uploads spooled reports to the vendor, if configured.
-    pub uploader: Option<Arc<crate::upload::Uploader>>,
-}
-
-impl Default for ReportSettings {
-    fn default() -> Self {
-        ReportSettings {
-            host_fingerprint: String::new(),
-            spool: None,
-            interval: None,
-            retention: Duration::from_secs(30 * 86_400),
-            uploader: None,
-        }
-    }
-}
-
-/// Loads the current bundles and policy from wherever they live.
-pub type Reloader = Arc<dyn Fn() -> Result<Reloaded, ReloadError> + Send + Sync>;
-
-/// What a [`Reloader`] read.
-pub struct Reloaded {
-    /// The bundles to serve.
-    pub bundles: Vec<VerifiedBundle>,
-    /// Bundle files refused, each with its reason.
-    pub refused: Vec<Refused>,
-    /// The policy.
-    pub policy: Policy,
-}
-
-/// Why a [`Reloader`] read nothing to serve.
-#[derive(Debug)]
-pub enum ReloadError {
-    /// The policy file is broken: a half-read policy is worse than the old one, so the
-    /// whole reload is given up.
-    Policy(Refused),
-    /// Something else (the bundle directory cannot be listed, the returned list).
-    Other(String),
 }
 
 /// A bound server, ready to run.
