@@ -31,26 +31,14 @@ macro_rules! err {
     ($($arg:tt)*) => { write_err(format_args!($($arg)*)) };
 }
 
-/// sysexits: usage error.
-const EX_USAGE: u8 = 64;
-/// sysexits: no license server could be reached.
-const EX_UNAVAILABLE: u8 = 69;
-/// sysexits: bad data (an edited borrowed-lease cache).
-const EX_DATAERR: u8 = 65;
-/// sysexits: cannot create an output file.
-const EX_CANTCREAT: u8 = 73;
-/// sysexits: internal error.
-const EX_SOFTWARE: u8 = 70;
-/// sysexits: an I/O error (writing the output failed for another reason than a
-/// closed pipe, e.g. a full disk).
-const EX_IOERR: u8 = 74;
-/// sysexits: temporary failure; here, the checkout was denied (try again later).
-const EX_TEMPFAIL: u8 = 75;
-/// sysexits: protocol error.
-const EX_PROTOCOL: u8 = 76;
-/// sysexits: permission denied: the server is not vouched for by the vendor, or the
-/// admin token is wrong.
-const EX_NOPERM: u8 = 77;
+// sysexits codes, shared with tallyd and tally-publisher. Here: 65 an edited
+// borrowed-lease cache, 69 no license server reached, 74 the output cannot be written,
+// 75 a denied checkout (try again later), 77 a server the vendor does not vouch for or
+// a wrong admin token.
+use tally_protocol::exit::{
+    EX_CANTCREAT, EX_DATAERR, EX_IOERR, EX_NOPERM, EX_PROTOCOL, EX_SOFTWARE, EX_TEMPFAIL,
+    EX_UNAVAILABLE, EX_USAGE,
+};
 /// Shell convention: the command could not be executed.
 const EXIT_CANNOT_EXECUTE: u8 = 126;
 /// Shell convention: the command was not found.
@@ -314,29 +302,23 @@ fn write_err(args: std::fmt::Arguments<'_>) {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match tally_protocol::cli::parse_args() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     // A bare level shows tally's own steps, not quinn's and rustls's (see log_directive).
     let directive = tally_client::log_directive(std::env::var("TALLY_LOG").ok().as_deref());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&directive).unwrap_or_else(|e| {
-                eprintln!("tally: TALLY_LOG={directive:?} is not a log filter ({e}); using warn");
-                tracing_subscriber::EnvFilter::new("warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    {
+        use tracing_subscriber::prelude::*;
+        let filter = tracing_subscriber::EnvFilter::try_new(&directive).unwrap_or_else(|e| {
+            eprintln!("tally: TALLY_LOG={directive:?} is not a log filter ({e}); using warn");
+            tracing_subscriber::EnvFilter::new("warn")
+        });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tally_protocol::cli::stderr_layer())
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -635,7 +617,7 @@ async fn run_with_seat(
         Err(e @ ClientError::NoServer(_)) => {
             // Offline: a seat borrowed earlier is honoured until it ends, for what it
             // was borrowed for and by one program per seat (see `cache::claim`).
-            match cache::claim(&config.trust, &want, None, now()) {
+            match cache::claim(&config.trust, &want, None, UnixTime::now()) {
                 Ok(cache::Claim::Held(claimed)) => {
                     errln!(
                         "tally: no license server reachable; using the seat of '{}' borrowed until {}",
@@ -1068,7 +1050,7 @@ async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
             return EX_UNAVAILABLE;
         }
     };
-    let skew = now().0 as i64 - session.hello().server_time.0 as i64;
+    let skew = UnixTime::now().0 as i64 - session.hello().server_time.0 as i64;
     if skew.abs() > 300 {
         report(
             "WARN",
@@ -1081,7 +1063,7 @@ async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
     } else {
         report("ok", format!("clock skew {skew} s"));
     }
-    let today = now();
+    let today = UnixTime::now();
     for b in session.bundles() {
         for f in &b.bundle.features {
             match f.expires.or(b.bundle.valid_until) {
@@ -1134,15 +1116,6 @@ async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
     }
     session.close().await;
     failed.unwrap_or(0)
-}
-
-fn now() -> UnixTime {
-    UnixTime(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
 }
 
 fn exit_code(status: std::process::ExitStatus) -> u8 {
@@ -1270,7 +1243,7 @@ fn show_borrowed_offline(
     json: bool,
     offline: Failure,
 ) -> Result<u8, Failure> {
-    let borrowed = cache::list(&config.trust, now()).map_err(|e| Failure {
+    let borrowed = cache::list(&config.trust, UnixTime::now()).map_err(|e| Failure {
         code: EX_DATAERR,
         message: e.to_string(),
     })?;

@@ -12,21 +12,18 @@ use tally_config::{
     DaemonConfig, Policy, DEFAULT_HEARTBEAT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_LEASE_TTL_SECS,
 };
 use tally_daemon::bundles::{self, BundleRules, Loaded};
-use tally_daemon::server::{now, Server, ServerParams};
+use tally_daemon::server::{Server, ServerParams};
 use tally_daemon::{demo, host, identity, signals, store::Store};
 use tally_protocol::activation::{self, ActivationRequest, ReturnProof};
 use tally_protocol::bundle::Seats;
 use tally_protocol::keys::SecretKey;
+use tally_protocol::time::UnixTime;
 use tally_protocol::wire::Refused;
 
-/// sysexits: command line or configuration error.
-const EX_USAGE: u8 = 64;
-/// sysexits: bad input data (a bundle file was refused).
-const EX_DATAERR: u8 = 65;
-/// sysexits: the software failed at run time.
-const EX_SOFTWARE: u8 = 70;
-/// sysexits: temporary failure, try again (another tallyd holds the data directory).
-const EX_TEMPFAIL: u8 = 75;
+// sysexits codes, shared with tally and tally-publisher: 64 command line or
+// configuration, 65 a refused bundle file, 70 a failure at run time, 75 another tallyd
+// holds the data directory (try again).
+use tally_protocol::exit::{EX_DATAERR, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE};
 
 /// Target of the line that says why tallyd exits: written to the log file only, since
 /// stderr gets the plain `tallyd: ...` message.
@@ -207,16 +204,9 @@ fn usage(e: impl Into<anyhow::Error>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match tally_protocol::cli::parse_args() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     init_logging();
     let result = match cli.command {
@@ -256,13 +246,9 @@ fn init_logging() {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal; under systemd or in a pipe they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.target() != EXIT_TARGET
-        }));
+    let stderr = tally_protocol::cli::stderr_layer().with_filter(
+        tracing_subscriber::filter::filter_fn(|m| m.target() != EXIT_TARGET),
+    );
     let file = tracing_subscriber::fmt::layer()
         .with_writer(&tally_daemon::logfile::LOG_FILE)
         .with_ansi(false);
@@ -315,7 +301,7 @@ fn request(site: &SiteArgs, out: &Path, customer_ref: Option<String>) -> Result<
         os: host::os(),
         virtualization: host::virtualization(),
         customer_reference: customer_ref,
-        created_at: now().wall,
+        created_at: UnixTime::now(),
     };
     tally_daemon::files::write_atomic(
         out,
@@ -441,7 +427,7 @@ fn load_site(config_path: &Path) -> Result<Site, Failure> {
         returned: returns.returned,
         retired: returns.retired,
     };
-    let loaded = bundles::load_dir(&config.bundle_dir, &rules, now().wall)
+    let loaded = bundles::load_dir(&config.bundle_dir, &rules, UnixTime::now())
         .with_context(|| format!("bundle directory {}", config.bundle_dir.display()))
         .map_err(usage)?;
     let policy = load_policy(config.policy.as_deref())?;
@@ -598,7 +584,7 @@ fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
             .map_err(|e| ReloadError::Other(format!("{}: {e}", data_dir.display())))?;
         rules.returned = returns.returned;
         rules.retired = returns.retired;
-        let loaded = bundles::load_dir(&bundle_dir, &rules, now().wall).map_err(|e| {
+        let loaded = bundles::load_dir(&bundle_dir, &rules, UnixTime::now()).map_err(|e| {
             ReloadError::Other(format!("bundle directory {}: {e}", bundle_dir.display()))
         })?;
         // Refusals are logged by the server with the outcome, the same for SIGHUP and
@@ -674,7 +660,7 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         .map_err(|e| usage(anyhow!("{}: {e}", config_path.display())))?;
     let mut doc = json!({
         "tallyd_version": env!("CARGO_PKG_VERSION"),
-        "created": now().wall.to_string(),
+        "created": UnixTime::now().to_string(),
         "host": {
             "name": host::hostname(),
             "fingerprint": host::fingerprint(),
@@ -898,7 +884,7 @@ fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure
     for old in &retired {
         after_rules.retired.insert(old.clone(), id.to_string());
     }
-    let when = now().wall;
+    let when = UnixTime::now();
     let after = bundles::load_dir(&site.config.bundle_dir, &after_rules, when)
         .with_context(|| format!("bundle directory {}", site.config.bundle_dir.display()))
         .map_err(usage)?;
@@ -1026,7 +1012,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
     };
     let (key, _) = identity::load_or_create(&data_dir).map_err(usage)?;
     let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
-    let bundle = demo::load_or_issue(&data_dir, &key, now().wall).map_err(usage)?;
+    let bundle = demo::load_or_issue(&data_dir, &key, UnixTime::now()).map_err(usage)?;
     let store = Store::open_for_serving(&data_dir.join("store"))
         .map_err(|e| store_failure(&data_dir, e))?;
 

@@ -14,10 +14,9 @@ use tally_protocol::keys::{self, PublicKey, SecretKey, PUBLIC_KEY_LABEL, SECRET_
 use tally_protocol::time::UnixTime;
 use tally_publisher::{flexlm, reconcile, spec::Spec};
 
-/// sysexits: usage error.
-const EX_USAGE: u8 = 64;
-/// sysexits: bad input data (a file that does not verify or parse).
-const EX_DATAERR: u8 = 65;
+// sysexits codes, shared with tallyd and tally: 64 usage, 65 a file that does not
+// verify or parse, 69 `receive` cannot listen.
+use tally_protocol::exit::{EX_DATAERR, EX_UNAVAILABLE, EX_USAGE};
 /// Largest input file read.
 const MAX_INPUT: u64 = 16 * 1024 * 1024;
 
@@ -174,16 +173,9 @@ fn data(e: impl Into<anyhow::Error>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match tally_protocol::cli::parse_args() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     let result = match cli.command {
         Command::Keygen { out } => keygen(&out),
@@ -292,15 +284,6 @@ fn read_bounded(path: &Path, limit: u64) -> Result<String, Failure> {
     String::from_utf8(bytes).map_err(|_| data(anyhow!("{}: not a text file", path.display())))
 }
 
-fn now() -> UnixTime {
-    UnixTime(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
-}
-
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -379,7 +362,7 @@ fn issue(
     getrandom::getrandom(&mut random)
         .context("reading the OS random source")
         .map_err(|e| Failure(70, e))?;
-    let issued = now();
+    let issued = UnixTime::now();
     let default_id = format!(
         "{}-{}-{}",
         spec.customer.id.trim(),
@@ -870,9 +853,6 @@ fn write_output(out: Option<&Path>, text: &str, reports: usize) -> Result<(), Fa
     }
     Ok(())
 }
-
-/// sysexits: service unavailable (the address cannot be bound).
-const EX_UNAVAILABLE: u8 = 69;
 
 fn receive(
     listen: std::net::SocketAddr,
