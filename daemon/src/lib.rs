@@ -15,6 +15,7 @@
 //! - [`files`]: files written whole or not at all.
 //! - [`logfile`]: the log file for sites without journald.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
+//! - [`returns`]: `tallyd return`, giving a bundle back with a signed proof.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod journal;
 pub mod ledger;
 pub mod logfile;
 pub mod params;
+pub mod returns;
 pub mod server;
 pub mod signals;
 pub mod store;

@@ -14,7 +14,7 @@ use tally_config::{
 use tally_daemon::bundles::{self, BundleRules, Loaded};
 use tally_daemon::server::{Server, ServerParams};
 use tally_daemon::{demo, host, identity, signals, store::Store};
-use tally_protocol::activation::{self, ActivationRequest, ReturnProof};
+use tally_protocol::activation::{self, ActivationRequest};
 use tally_protocol::bundle::Seats;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::time::UnixTime;
@@ -846,117 +846,48 @@ fn redact_urls(line: &str) -> String {
 }
 
 fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure> {
+    use tally_daemon::returns::{self, ReturnSite};
     let site = load_site(config_path)?;
-    let Some((path, bundle)) = site.loaded.served.iter().find(|(_, b)| b.bundle.id == id) else {
-        return Err(usage(anyhow!(
-            "no served bundle with id {id} in {}",
-            site.config.bundle_dir.display()
-        )));
-    };
-    // sled locks its directory: opening it fails while tallyd runs, which is what makes
-    // "stop tallyd, then return" an enforced order rather than advice.
-    let store = Store::open(&site.config.data_dir.join("store")).map_err(|e| match e {
-        e @ tally_daemon::store::StoreError::InUse { .. } => {
-            Failure::InUse(anyhow!("{e}; stop tallyd before returning a bundle"))
+    let returned = returns::return_bundle(
+        &ReturnSite {
+            data_dir: &site.config.data_dir,
+            bundle_dir: &site.config.bundle_dir,
+            key: &site.key,
+            rules: &site.rules,
+            loaded: &site.loaded,
+        },
+        id,
+        out,
+        UnixTime::now(),
+    )
+    .map_err(|e| {
+        if e.is_in_use() {
+            Failure::InUse(e.into())
+        } else if e.is_runtime() {
+            Failure::Runtime(e.into())
+        } else {
+            usage(e)
         }
-        e => usage(anyhow!("{e}; stop tallyd before returning a bundle")),
     })?;
-    let (leases, _) = store.load_leases().map_err(usage)?;
-    let features: std::collections::BTreeSet<&str> = bundle
-        .bundle
-        .features
-        .iter()
-        .flat_map(|f| {
-            std::iter::once(f.name.as_str()).chain(f.components.iter().map(String::as_str))
-        })
-        .collect();
-    let outstanding: u32 = leases
-        .iter()
-        .filter(|l| features.contains(l.feature.as_str()))
-        .map(|l| l.count)
-        .sum();
-    // Everything the bundle replaced, directly or through the bundles it replaced, is
-    // given back with it: recorded so that it never counts here again, also if the
-    // returned file is deleted later.
-    let retired = bundles::superseded_closure(id, &site.loaded.supersedes);
-    let mut after_rules = site.rules.clone();
-    after_rules.returned.insert(id.to_string());
-    for old in &retired {
-        after_rules.retired.insert(old.clone(), id.to_string());
-    }
-    let when = UnixTime::now();
-    let after = bundles::load_dir(&site.config.bundle_dir, &after_rules, when)
-        .with_context(|| format!("bundle directory {}", site.config.bundle_dir.display()))
-        .map_err(usage)?;
-    let still: std::collections::BTreeSet<&str> = after
-        .served
-        .iter()
-        .map(|(_, b)| b.bundle.id.as_str())
-        .collect();
-    let stopped_serving: Vec<activation::ReleasedGrant> = site
-        .loaded
-        .served
-        .iter()
-        .filter(|(_, b)| !still.contains(b.bundle.id.as_str()))
-        .flat_map(|(_, b)| {
-            b.bundle.features.iter().map(|f| activation::ReleasedGrant {
-                bundle: b.bundle.id.clone(),
-                description: f.describe(),
-                feature: f.name.clone(),
-                seats: f.seats,
-            })
-        })
-        .collect();
-    bundles::record_return(&site.config.data_dir, id, &retired)
-        .with_context(|| format!("recording the return in {}", site.config.data_dir.display()))
-        .map_err(Failure::Runtime)?;
-    // The usage journal says when the served set changed, so reports show the vendor
-    // that these seats stopped counting here.
-    let after_plain: Vec<_> = after.served.iter().map(|(_, b)| b.bundle.clone()).collect();
-    let journaled = store.next_journal_seq().and_then(|seq| {
-        store.append_journal(&[tally_protocol::report::JournalEntry {
-            seq,
-            at: when,
-            event: tally_daemon::journal::returned(id, &after_plain),
-        }])?;
-        store.flush_blocking()
-    });
-    if let Err(e) = journaled {
+    if let Some(e) = &returned.journal_error {
         // The return itself is recorded; the reports then miss only its moment.
         eprintln!("tallyd: warning: the return could not be journaled for usage reports: {e}");
     }
-    let proof = ReturnProof {
-        bundle_id: id.to_string(),
-        server_key: site.key.public(),
-        host_fingerprint: site.rules.host_fingerprint.clone(),
-        returned_at: when,
-        leases_outstanding: outstanding,
-        released: Some(activation::Released {
-            retired: retired.clone(),
-            stopped_serving: stopped_serving.clone(),
-        }),
-    };
-    tally_daemon::files::write_atomic(
-        out,
-        activation::return_to_armored(&proof, &site.key).as_bytes(),
-        0o644,
-    )
-    .with_context(|| format!("writing {}", out.display()))
-    .map_err(Failure::Runtime)?;
     println!(
         "bundle {id} ({}) returned: this server will never load it again",
-        path.display()
+        returned.file.display()
     );
     println!("  stopped serving:");
-    for g in &stopped_serving {
+    for g in &returned.stopped_serving {
         println!("    {} (bundle {})", g.description, g.bundle);
     }
-    if !retired.is_empty() {
+    if !returned.retired.is_empty() {
         println!(
             "  bundles it superseded, which never count here again: {}",
-            retired.join(", ")
+            returned.retired.join(", ")
         );
     }
+    let outstanding = returned.outstanding;
     println!(
         "return proof written to {}; send it to your vendor{}",
         out.display(),
