@@ -1004,118 +1004,18 @@ async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHan
 /// 69 only when no server answered, 77 when the one that answered is not trusted, and
 /// 75 when the server answered but the licence does not serve (expired, denied).
 async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
-    let report = |level: &str, text: String| {
-        outln!("{level:<5} {}", shown(&text));
-    };
-    // The exit code of the first failed check after the server answered.
-    let mut failed: Option<u8> = None;
-    let session = match Session::connect(&config).await {
-        Ok(s) => {
-            report(
-                "ok",
-                format!(
-                    "server {} answers over QUIC (UDP); tallyd {}",
-                    s.server(),
-                    s.hello().server_version
-                ),
-            );
-            report(
-                "ok",
-                format!(
-                    "trust chain: server key {} is vouched for by a trusted vendor bundle",
-                    s.server_key().fingerprint()
-                ),
-            );
-            s
-        }
-        Err(ClientError::Untrusted(why)) => {
-            report("FAIL", format!("trust chain: {why}"));
-            report(
-                "",
-                "fix: the application must trust the vendor key that signed the server's bundle (--vendor-pub),                  and the server must serve a bundle issued for its own key"
-                    .into(),
-            );
-            return EX_NOPERM;
-        }
-        Err(e) => {
-            report("FAIL", format!("no server reachable: {e}"));
-            report(
-                "",
-                format!(
-                    "fix: check that tallyd runs on {} and that UDP port {} is open in the firewalls between here and there",
-                    config.servers.join(", "),
-                    tally_protocol::wire::DEFAULT_PORT
-                ),
-            );
-            return EX_UNAVAILABLE;
-        }
-    };
-    let skew = UnixTime::now().0 as i64 - session.hello().server_time.0 as i64;
-    if skew.abs() > 300 {
-        report(
-            "WARN",
-            format!(
-                "clock skew: this machine is {} s {} the server; fix: synchronise both with NTP",
-                skew.abs(),
-                if skew > 0 { "ahead of" } else { "behind" }
-            ),
-        );
-    } else {
-        report("ok", format!("clock skew {skew} s"));
+    use tally_client::doctor::{self, Verdict};
+    let verdict = doctor::run(&config, feature.as_deref(), &mut |line| {
+        outln!("{:<5} {}", line.level.label(), shown(&line.text));
+    })
+    .await;
+    match verdict {
+        Verdict::Healthy => 0,
+        Verdict::NoServer => EX_UNAVAILABLE,
+        Verdict::Untrusted => EX_NOPERM,
+        Verdict::Expired | Verdict::Denied => EX_TEMPFAIL,
+        Verdict::CheckoutFailed(e) => Failure::from(e).code,
     }
-    let today = UnixTime::now();
-    for b in session.bundles() {
-        for f in &b.bundle.features {
-            match f.expires.or(b.bundle.valid_until) {
-                Some(end) if end <= today => {
-                    failed.get_or_insert(EX_TEMPFAIL);
-                    report(
-                        "FAIL",
-                        format!("'{}' expired at the end of {}", f.name, end.last_day()),
-                    )
-                }
-                Some(end) if end.0 - today.0 <= 30 * 86_400 => report(
-                    "WARN",
-                    format!(
-                        "'{}' ends after {} ({} days); ask the vendor for a renewal",
-                        f.name,
-                        end.last_day(),
-                        (end.0 - today.0) / 86_400
-                    ),
-                ),
-                _ => {}
-            }
-        }
-    }
-    if let Some(feature) = feature {
-        let want = tally_protocol::wire::CheckoutRequest {
-            feature: feature.clone(),
-            count: 1,
-            version: None,
-            build_date: None,
-            wait_secs: 0,
-            borrow_secs: 0,
-        };
-        match session.checkout(&want).await {
-            Ok(lease) => {
-                let _ = session.checkin(&[lease.lease_ref()]).await;
-                report(
-                    "ok",
-                    format!("'{feature}' can be checked out by {}", config.identity),
-                );
-            }
-            Err(ClientError::Denied(d)) => {
-                failed.get_or_insert(EX_TEMPFAIL);
-                report("FAIL", format!("'{feature}' for {}: {d}", config.identity))
-            }
-            Err(e) => {
-                failed.get_or_insert(Failure::from(e.clone()).code);
-                report("FAIL", format!("checkout of '{feature}': {e}"))
-            }
-        }
-    }
-    session.close().await;
-    failed.unwrap_or(0)
 }
 
 fn exit_code(status: std::process::ExitStatus) -> u8 {

@@ -15,6 +15,7 @@
 //! - [`files`]: files written whole or not at all.
 //! - [`logfile`]: the log file for sites without journald.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
+//! - [`diagnose`]: `tallyd diagnose`, the support file (redacted config, log tail).
 //! - [`returns`]: `tallyd return`, giving a bundle back with a signed proof.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
@@ -24,6 +25,7 @@
 pub mod admission;
 pub mod bundles;
 pub mod demo;
+pub mod diagnose;
 pub mod disk;
 pub mod files;
 pub mod host;

@@ -655,93 +655,31 @@ fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
 }
 
 fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
-    use serde_json::json;
+    use tally_daemon::diagnose::{self, SiteFacts};
     let config_text = std::fs::read_to_string(config_path)
         .map_err(|e| usage(anyhow!("{}: {e}", config_path.display())))?;
-    let mut doc = json!({
-        "tallyd_version": env!("CARGO_PKG_VERSION"),
-        "created": UnixTime::now().to_string(),
-        "host": {
-            "name": host::hostname(),
-            "fingerprint": host::fingerprint(),
-            "os": host::os(),
-            "virtualization": host::virtualization(),
-        },
-        // The config names files; keys and the admin token live in the data directory
-        // and are never read here. What it may hold (credentials in an upload URL, a
-        // value under a token-like key) is redacted.
-        "config_file": config_path.display().to_string(),
-        "config": redact_config(&config_text),
-    });
-    match load_site(config_path) {
+    let site = load_site(config_path);
+    let facts = match &site {
+        Ok(site) => Ok(SiteFacts {
+            server_key: site.key.public(),
+            loaded: &site.loaded,
+            data_dir: &site.config.data_dir,
+        }),
         Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e) | Failure::InUse(e)) => {
-            doc["config_error"] = json!(format!("{e:#}"));
+            Err(format!("{e:#}"))
         }
-        Ok(site) => {
-            doc["server_key"] = json!(site.key.public().fingerprint());
-            doc["bundles"] = json!(site
-                .loaded
-                .served
-                .iter()
-                .map(|(path, b)| json!({
-                    "file": path.display().to_string(),
-                    "id": b.bundle.id,
-                    "customer": b.bundle.customer.id,
-                    "valid_until": b.bundle.valid_until.map(|t| t.last_day()),
-                    "features": b.bundle.features.iter().map(|f| f.describe()).collect::<Vec<_>>(),
-                }))
-                .collect::<Vec<_>>());
-            doc["refused_bundles"] = json!(site
-                .loaded
-                .refused
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>());
-            doc["notes"] = json!(site.loaded.notes);
-            // The store is locked while tallyd runs; then the running daemon's status
-            // (`tally status --json`) is the ledger summary to attach.
-            doc["ledger"] = match Store::open(&site.config.data_dir.join("store")) {
-                Ok(store) => {
-                    let (leases, unreadable) = store.load_leases().map_err(usage)?;
-                    let mut per: std::collections::BTreeMap<String, u32> = Default::default();
-                    for l in &leases {
-                        *per.entry(l.feature.clone()).or_default() += l.count;
-                    }
-                    let state = store.report_state().map_err(usage)?;
-                    json!({
-                        "leases": leases.len(),
-                        "seats_by_feature": per,
-                        "unreadable_records": unreadable.len(),
-                        "reports_exported": state.report_seq,
-                        "last_exported_event": state.last_event,
-                        "store_bytes": store.size_on_disk().ok(),
-                    })
-                }
-                Err(e) => {
-                    json!({ "unavailable": format!("{e} (tallyd is running; attach `tally status --json`)") })
-                }
-            };
-        }
-    }
-    // A site with a log file reads its log there (it has no journald, or chose not to).
+    };
     let log_file = DaemonConfig::load(config_path)
         .ok()
         .and_then(|c| c.log_file);
-    doc["recent_log"] = match log_file {
-        Some(path) => match log_tail(&path, 200) {
-            Ok(lines) => json!(lines),
-            Err(e) => json!(format!("log file {}: {e}", path.display())),
-        },
-        None => {
-            let journal = std::process::Command::new("journalctl")
-                .args(["-u", "tallyd", "-n", "200", "--no-pager", "-o", "short-iso"])
-                .output();
-            match journal {
-                Ok(o) if o.status.success() => json!(String::from_utf8_lossy(&o.stdout)),
-                _ => json!("journalctl not available: attach tallyd's log output"),
-            }
-        }
-    };
+    let doc = diagnose::document(
+        config_path,
+        &config_text,
+        facts,
+        log_file.as_deref(),
+        UnixTime::now(),
+    )
+    .map_err(usage)?;
     let text = serde_json::to_string_pretty(&doc).map_err(|e| Failure::Runtime(e.into()))?;
     // 0600: a support file describes the site (hosts, bundles, paths, log lines).
     tally_daemon::files::write_atomic(out, text.as_bytes(), 0o600)
@@ -752,97 +690,6 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
         out.display()
     );
     Ok(())
-}
-
-/// The last `lines` lines of a log file, read from its last 256 KiB only (a log file
-/// grows without bound between rotations).
-fn log_tail(path: &Path, lines: usize) -> std::io::Result<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    const WINDOW: u64 = 256 * 1024;
-    // Non-blocking and checked on the descriptor: a FIFO at that path must not hang
-    // the support bundle.
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    let len = meta.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
-    let mut bytes = Vec::new();
-    file.take(WINDOW).read_to_end(&mut bytes)?;
-    let text = String::from_utf8_lossy(&bytes);
-    let all: Vec<&str> = text.lines().collect();
-    Ok(all[all.len().saturating_sub(lines)..].join("\n"))
-}
-
-/// The config file as a support file may show it: credentials in URLs (`user:pass@`,
-/// query strings) and the values of token-, password- or secret-like keys replaced by
-/// `REDACTED`, line by line, so comments and layout stay readable.
-fn redact_config(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        let key = line
-            .split_once('=')
-            .map(|(k, _)| k.trim().trim_start_matches('#').trim().to_ascii_lowercase());
-        let secret_key = key.as_deref().is_some_and(|k| {
-            [
-                "token",
-                "password",
-                "passwd",
-                "secret",
-                "credential",
-                "auth",
-            ]
-            .iter()
-            .any(|w| k.contains(w))
-                && !k.ends_with("_file")
-        });
-        if secret_key {
-            let (k, _) = line.split_once('=').expect("checked above");
-            out.push_str(k);
-            out.push_str("= \"REDACTED\"");
-        } else {
-            out.push_str(&redact_urls(line));
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// `line` with the user information and query of every URL in it replaced.
-fn redact_urls(line: &str) -> String {
-    let mut out = String::new();
-    let mut rest = line;
-    while let Some(i) = rest.find("://") {
-        out.push_str(&rest[..i + 3]);
-        rest = &rest[i + 3..];
-        let end = rest
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ','))
-            .unwrap_or(rest.len());
-        let (url, after) = rest.split_at(end);
-        let (authority, path) = url.split_at(url.find('/').unwrap_or(url.len()));
-        match authority.rsplit_once('@') {
-            Some((_, host)) => {
-                out.push_str("REDACTED@");
-                out.push_str(host);
-            }
-            None => out.push_str(authority),
-        }
-        match path.split_once('?') {
-            Some((p, _)) => {
-                out.push_str(p);
-                out.push_str("?REDACTED");
-            }
-            None => out.push_str(path),
-        }
-        rest = after;
-    }
-    out.push_str(rest);
-    out
 }
 
 fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure> {
@@ -1045,7 +892,7 @@ fn print_demo_banner(
 
 #[cfg(test)]
 mod tests {
-    use super::{policy_reason, redact_config};
+    use super::policy_reason;
     use std::path::Path;
 
     /// Issue 15: a broken policy's reload refusal spanned two log lines and named the
@@ -1061,23 +908,5 @@ mod tests {
             policy_reason(p, "/etc/tally/policy.toml: No such file or directory"),
             "No such file or directory"
         );
-    }
-
-    /// Issue 20, scenario 8: `diagnose` copied credentials verbatim.
-    #[test]
-    fn diagnose_redacts_credentials() {
-        let text = "data_dir = \"/var/lib/tally\"\n\
-                    report_upload_url = \"https://ana:s3cret@vendor.example/up?sig=abc123\"\n\
-                    # admin_token = \"hunter2\"\n\
-                    upload_password = \"pw\"\n";
-        let shown = redact_config(text);
-        for secret in ["s3cret", "ana:", "abc123", "hunter2", "\"pw\""] {
-            assert!(!shown.contains(secret), "{secret} left in:\n{shown}");
-        }
-        assert!(
-            shown.contains("https://REDACTED@vendor.example/up?REDACTED"),
-            "{shown}"
-        );
-        assert!(shown.contains("data_dir = \"/var/lib/tally\""), "{shown}");
     }
 }
