@@ -60,23 +60,6 @@ pub async fn start_daemon() -> anyhow::Result<BenchDaemon> {
     let signed = bundle::sign(&bench_bundle(&key, "bench", 1_000_000), &vendor);
     let verified = bundle::verify(&signed, &[vendor.public()])?;
     let server = Server::bind(ServerParams {
-        listen: "127.0.0.1:0".parse()?,
-        identity: key,
-        bundles: vec![verified],
-        store: Store::open(&dir.path().join("store"))?,
-        lease_ttl: Duration::from_secs(90),
-        heartbeat: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(15),
-        demo: false,
-        reloader: None,
-        admin_token: None,
-        reload_signal: None,
-        remove_holdoff: Duration::ZERO,
-        refused: Vec::new(),
-        policy: Default::default(),
-        status_needs_token: false,
-        reports: Default::default(),
-        http_listen: None,
         // The bench drives everything from one loopback address: per-address limits
         // would measure the limiter, not the server.
         limits: tally_daemon::admission::Limits {
@@ -85,6 +68,12 @@ pub async fn start_daemon() -> anyhow::Result<BenchDaemon> {
             checkout_rate: 0,
             ..Default::default()
         },
+        ..ServerParams::new(
+            "127.0.0.1:0".parse()?,
+            key,
+            vec![verified],
+            Store::open(&dir.path().join("store"))?,
+        )
     })?;
     let addr = server.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

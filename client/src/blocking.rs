@@ -186,7 +186,7 @@ impl Client {
         Ok(crate::info::feature_info(
             session.bundles(),
             feature,
-            crate::client::now(),
+            tally_protocol::time::UnixTime::now(),
         ))
     }
 

@@ -640,17 +640,19 @@ impl Client {
         let (session, offline_since) = match Session::connect(&config).await {
             Ok(s) => (Some(Arc::new(s)), None),
             Err(e @ ClientError::NoServer(_)) if !offline => return Err(e),
-            Err(e @ ClientError::NoServer(_)) => match cache::list(&config.trust, now()) {
-                Ok(borrowed) if !borrowed.is_empty() => {
-                    tracing::warn!(
-                        error = %e,
-                        borrowed = borrowed.len(),
-                        "no license server reachable; serving borrowed seats meanwhile"
-                    );
-                    (None, Some(std::time::Instant::now()))
+            Err(e @ ClientError::NoServer(_)) => {
+                match cache::list(&config.trust, UnixTime::now()) {
+                    Ok(borrowed) if !borrowed.is_empty() => {
+                        tracing::warn!(
+                            error = %e,
+                            borrowed = borrowed.len(),
+                            "no license server reachable; serving borrowed seats meanwhile"
+                        );
+                        (None, Some(std::time::Instant::now()))
+                    }
+                    _ => return Err(e),
                 }
-                _ => return Err(e),
-            },
+            }
             Err(e) => return Err(e),
         };
         let inner = Arc::new(Inner {
@@ -734,7 +736,7 @@ impl Client {
         want: &Want,
         no_server: Option<&ClientError>,
     ) -> Result<Option<LeaseHandle>, ClientError> {
-        match cache::claim(&self.inner.config.trust, want, None, now()) {
+        match cache::claim(&self.inner.config.trust, want, None, UnixTime::now()) {
             Ok(cache::Claim::Held(claimed)) => {
                 tracing::info!(
                     lease = %claimed.borrowed.lease_ref.id,
@@ -770,7 +772,7 @@ impl Client {
                 &self.inner.config.trust,
                 want,
                 Some(&server_key),
-                now(),
+                UnixTime::now(),
             ) {
                 Ok(cache::Claim::Held(claimed)) => claimed,
                 Ok(cache::Claim::Refused(why)) => {
@@ -841,7 +843,7 @@ impl Client {
         }
         cache::store(&lease, &bundles, want.version.as_deref())
             .map_err(|e| ClientError::Config(e.to_string()))?;
-        cache::list(&self.inner.config.trust, now())
+        cache::list(&self.inner.config.trust, UnixTime::now())
             .map_err(|e| ClientError::Config(e.to_string()))?
             .into_iter()
             .find(|b| b.lease_ref.id == lease.id())
@@ -931,14 +933,4 @@ impl LeaseHandle {
             _borrowed_seats: Some(seats),
         }
     }
-}
-
-/// The wall clock as the client sees it.
-pub(crate) fn now() -> UnixTime {
-    UnixTime(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
 }

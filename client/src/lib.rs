@@ -23,6 +23,7 @@
 pub mod blocking;
 pub mod cache;
 mod client;
+pub mod doctor;
 pub mod ffi;
 pub mod grace;
 pub mod info;

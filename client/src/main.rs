@@ -31,26 +31,14 @@ macro_rules! err {
     ($($arg:tt)*) => { write_err(format_args!($($arg)*)) };
 }
 
-/// sysexits: usage error.
-const EX_USAGE: u8 = 64;
-/// sysexits: no license server could be reached.
-const EX_UNAVAILABLE: u8 = 69;
-/// sysexits: bad data (an edited borrowed-lease cache).
-const EX_DATAERR: u8 = 65;
-/// sysexits: cannot create an output file.
-const EX_CANTCREAT: u8 = 73;
-/// sysexits: internal error.
-const EX_SOFTWARE: u8 = 70;
-/// sysexits: an I/O error (writing the output failed for another reason than a
-/// closed pipe, e.g. a full disk).
-const EX_IOERR: u8 = 74;
-/// sysexits: temporary failure; here, the checkout was denied (try again later).
-const EX_TEMPFAIL: u8 = 75;
-/// sysexits: protocol error.
-const EX_PROTOCOL: u8 = 76;
-/// sysexits: permission denied: the server is not vouched for by the vendor, or the
-/// admin token is wrong.
-const EX_NOPERM: u8 = 77;
+// sysexits codes, shared with tallyd and tally-publisher. Here: 65 an edited
+// borrowed-lease cache, 69 no license server reached, 74 the output cannot be written,
+// 75 a denied checkout (try again later), 77 a server the vendor does not vouch for or
+// a wrong admin token.
+use tally_protocol::exit::{
+    EX_CANTCREAT, EX_DATAERR, EX_IOERR, EX_NOPERM, EX_PROTOCOL, EX_SOFTWARE, EX_TEMPFAIL,
+    EX_UNAVAILABLE, EX_USAGE,
+};
 /// Shell convention: the command could not be executed.
 const EXIT_CANNOT_EXECUTE: u8 = 126;
 /// Shell convention: the command was not found.
@@ -314,29 +302,23 @@ fn write_err(args: std::fmt::Arguments<'_>) {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match tally_protocol::cli::parse_args() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     // A bare level shows tally's own steps, not quinn's and rustls's (see log_directive).
     let directive = tally_client::log_directive(std::env::var("TALLY_LOG").ok().as_deref());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&directive).unwrap_or_else(|e| {
-                eprintln!("tally: TALLY_LOG={directive:?} is not a log filter ({e}); using warn");
-                tracing_subscriber::EnvFilter::new("warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    {
+        use tracing_subscriber::prelude::*;
+        let filter = tracing_subscriber::EnvFilter::try_new(&directive).unwrap_or_else(|e| {
+            eprintln!("tally: TALLY_LOG={directive:?} is not a log filter ({e}); using warn");
+            tracing_subscriber::EnvFilter::new("warn")
+        });
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tally_protocol::cli::stderr_layer())
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -635,7 +617,7 @@ async fn run_with_seat(
         Err(e @ ClientError::NoServer(_)) => {
             // Offline: a seat borrowed earlier is honoured until it ends, for what it
             // was borrowed for and by one program per seat (see `cache::claim`).
-            match cache::claim(&config.trust, &want, None, now()) {
+            match cache::claim(&config.trust, &want, None, UnixTime::now()) {
                 Ok(cache::Claim::Held(claimed)) => {
                     errln!(
                         "tally: no license server reachable; using the seat of '{}' borrowed until {}",
@@ -1022,127 +1004,18 @@ async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHan
 /// 69 only when no server answered, 77 when the one that answered is not trusted, and
 /// 75 when the server answered but the licence does not serve (expired, denied).
 async fn doctor(config: ClientConfig, feature: Option<String>) -> u8 {
-    let report = |level: &str, text: String| {
-        outln!("{level:<5} {}", shown(&text));
-    };
-    // The exit code of the first failed check after the server answered.
-    let mut failed: Option<u8> = None;
-    let session = match Session::connect(&config).await {
-        Ok(s) => {
-            report(
-                "ok",
-                format!(
-                    "server {} answers over QUIC (UDP); tallyd {}",
-                    s.server(),
-                    s.hello().server_version
-                ),
-            );
-            report(
-                "ok",
-                format!(
-                    "trust chain: server key {} is vouched for by a trusted vendor bundle",
-                    s.server_key().fingerprint()
-                ),
-            );
-            s
-        }
-        Err(ClientError::Untrusted(why)) => {
-            report("FAIL", format!("trust chain: {why}"));
-            report(
-                "",
-                "fix: the application must trust the vendor key that signed the server's bundle (--vendor-pub),                  and the server must serve a bundle issued for its own key"
-                    .into(),
-            );
-            return EX_NOPERM;
-        }
-        Err(e) => {
-            report("FAIL", format!("no server reachable: {e}"));
-            report(
-                "",
-                format!(
-                    "fix: check that tallyd runs on {} and that UDP port {} is open in the firewalls between here and there",
-                    config.servers.join(", "),
-                    tally_protocol::wire::DEFAULT_PORT
-                ),
-            );
-            return EX_UNAVAILABLE;
-        }
-    };
-    let skew = now().0 as i64 - session.hello().server_time.0 as i64;
-    if skew.abs() > 300 {
-        report(
-            "WARN",
-            format!(
-                "clock skew: this machine is {} s {} the server; fix: synchronise both with NTP",
-                skew.abs(),
-                if skew > 0 { "ahead of" } else { "behind" }
-            ),
-        );
-    } else {
-        report("ok", format!("clock skew {skew} s"));
+    use tally_client::doctor::{self, Verdict};
+    let verdict = doctor::run(&config, feature.as_deref(), &mut |line| {
+        outln!("{:<5} {}", line.level.label(), shown(&line.text));
+    })
+    .await;
+    match verdict {
+        Verdict::Healthy => 0,
+        Verdict::NoServer => EX_UNAVAILABLE,
+        Verdict::Untrusted => EX_NOPERM,
+        Verdict::Expired | Verdict::Denied => EX_TEMPFAIL,
+        Verdict::CheckoutFailed(e) => Failure::from(e).code,
     }
-    let today = now();
-    for b in session.bundles() {
-        for f in &b.bundle.features {
-            match f.expires.or(b.bundle.valid_until) {
-                Some(end) if end <= today => {
-                    failed.get_or_insert(EX_TEMPFAIL);
-                    report(
-                        "FAIL",
-                        format!("'{}' expired at the end of {}", f.name, end.last_day()),
-                    )
-                }
-                Some(end) if end.0 - today.0 <= 30 * 86_400 => report(
-                    "WARN",
-                    format!(
-                        "'{}' ends after {} ({} days); ask the vendor for a renewal",
-                        f.name,
-                        end.last_day(),
-                        (end.0 - today.0) / 86_400
-                    ),
-                ),
-                _ => {}
-            }
-        }
-    }
-    if let Some(feature) = feature {
-        let want = tally_protocol::wire::CheckoutRequest {
-            feature: feature.clone(),
-            count: 1,
-            version: None,
-            build_date: None,
-            wait_secs: 0,
-            borrow_secs: 0,
-        };
-        match session.checkout(&want).await {
-            Ok(lease) => {
-                let _ = session.checkin(&[lease.lease_ref()]).await;
-                report(
-                    "ok",
-                    format!("'{feature}' can be checked out by {}", config.identity),
-                );
-            }
-            Err(ClientError::Denied(d)) => {
-                failed.get_or_insert(EX_TEMPFAIL);
-                report("FAIL", format!("'{feature}' for {}: {d}", config.identity))
-            }
-            Err(e) => {
-                failed.get_or_insert(Failure::from(e.clone()).code);
-                report("FAIL", format!("checkout of '{feature}': {e}"))
-            }
-        }
-    }
-    session.close().await;
-    failed.unwrap_or(0)
-}
-
-fn now() -> UnixTime {
-    UnixTime(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
 }
 
 fn exit_code(status: std::process::ExitStatus) -> u8 {
@@ -1270,7 +1143,7 @@ fn show_borrowed_offline(
     json: bool,
     offline: Failure,
 ) -> Result<u8, Failure> {
-    let borrowed = cache::list(&config.trust, now()).map_err(|e| Failure {
+    let borrowed = cache::list(&config.trust, UnixTime::now()).map_err(|e| Failure {
         code: EX_DATAERR,
         message: e.to_string(),
     })?;

@@ -8,6 +8,7 @@
 //!   per request type, the task that owns the ledger and the store, their shared state.
 //! - [`metrics`], [`ops`], [`reload`], [`reports`], [`clock`]: counters, what the
 //!   operations endpoint may ask, reloads, usage reports and the spool, the clock.
+//! - [`params`]: what the server needs to start, with defaults.
 //! - [`admission`]: connection, handshake and checkout-rate limits.
 //! - [`identity`] and [`tls`]: the server key and the certificate made from it.
 //! - [`bundles`]: loading and combining bundle files.
@@ -18,6 +19,8 @@
 //! - [`files`]: files written whole or not at all.
 //! - [`logfile`]: the log file for sites without journald.
 //! - [`demo`]: the self-issued demo bundle of `tallyd demo`.
+//! - [`diagnose`]: `tallyd diagnose`, the support file (redacted config, log tail).
+//! - [`returns`]: `tallyd return`, giving a bundle back with a signed proof.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
 
 #![forbid(unsafe_code)]
@@ -29,6 +32,7 @@ pub mod clock;
 mod commit;
 mod conn;
 pub mod demo;
+pub mod diagnose;
 pub mod disk;
 pub mod files;
 mod handlers;
@@ -41,8 +45,10 @@ mod ledger_task;
 pub mod logfile;
 pub mod metrics;
 pub mod ops;
+pub mod params;
 pub mod reload;
 pub mod reports;
+pub mod returns;
 pub mod server;
 mod shared;
 pub mod signals;

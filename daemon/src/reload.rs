@@ -9,9 +9,8 @@ use crate::metrics::{LastReload, Metrics};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tally_config::Policy;
 use tally_protocol::bundle::VerifiedBundle;
-use tally_protocol::wire::{Refused, ReloadOutcome};
+use tally_protocol::wire::ReloadOutcome;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -21,28 +20,7 @@ use tracing::{info, warn};
 /// client's request timeout (10 s), so `tally admin reload` hears why.
 const RELOAD_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Loads the current bundles and policy from wherever they live.
-pub type Reloader = Arc<dyn Fn() -> Result<Reloaded, ReloadError> + Send + Sync>;
-
-/// What a [`Reloader`] read.
-pub struct Reloaded {
-    /// The bundles to serve.
-    pub bundles: Vec<VerifiedBundle>,
-    /// Bundle files refused, each with its reason.
-    pub refused: Vec<Refused>,
-    /// The policy.
-    pub policy: Policy,
-}
-
-/// Why a [`Reloader`] read nothing to serve.
-#[derive(Debug)]
-pub enum ReloadError {
-    /// The policy file is broken: a half-read policy is worse than the old one, so the
-    /// whole reload is given up.
-    Policy(Refused),
-    /// Something else (the bundle directory cannot be listed, the returned list).
-    Other(String),
-}
+pub use crate::params::{ReloadError, Reloaded, Reloader};
 
 /// A reload's outcome as one text: the summary, then each refusal.
 pub fn outcome_text(outcome: &ReloadOutcome) -> String {

@@ -16,32 +16,7 @@ use tracing::{info, warn};
 /// Why an export did not happen when the ledger task has gone (not a storage fault).
 pub(crate) const SHUTTING_DOWN: &str = "the server is shutting down";
 
-/// Where and when usage reports are written.
-#[derive(Debug, Clone)]
-pub struct ReportSettings {
-    /// The host fingerprint named in reports.
-    pub host_fingerprint: String,
-    /// Spool directory for scheduled reports (and a copy of admin exports).
-    pub spool: Option<std::path::PathBuf>,
-    /// Export a report this often into the spool; `None` only on request.
-    pub interval: Option<Duration>,
-    /// Exported journal events older than this are compacted away.
-    pub retention: Duration,
-    /// Uploads spooled reports to the vendor, if configured.
-    pub uploader: Option<Arc<crate::upload::Uploader>>,
-}
-
-impl Default for ReportSettings {
-    fn default() -> Self {
-        ReportSettings {
-            host_fingerprint: String::new(),
-            spool: None,
-            interval: None,
-            retention: Duration::from_secs(30 * 86_400),
-            uploader: None,
-        }
-    }
-}
+pub use crate::params::ReportSettings;
 
 /// The report settings with the spool's state: reports exported but not yet written,
 /// and the uploader's wake-up.

@@ -10,7 +10,7 @@
 //! - [`crate::reload`], [`crate::reports`], [`crate::metrics`], [`crate::ops`],
 //!   [`crate::clock`].
 
-use crate::admission::{Admission, Limits, Verdict};
+use crate::admission::{Admission, Verdict};
 use crate::commit::CLOCK_SAVE_SECS;
 use crate::conn::serve_connection;
 use crate::journal;
@@ -26,11 +26,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tally_config::Policy;
-use tally_protocol::bundle::VerifiedBundle;
-use tally_protocol::keys::SecretKey;
 use tally_protocol::report::UsageEvent;
-use tally_protocol::wire::Refused;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -38,51 +34,8 @@ use tracing::{debug, info, warn};
 pub use crate::clock::now;
 pub use crate::metrics::{LastReload, Metrics, RecentDenial, ReloadRecord};
 pub use crate::ops::OpsHandle;
-pub use crate::reload::{outcome_text, ReloadError, Reloaded, Reloader};
-pub use crate::reports::ReportSettings;
-
-/// Everything the server needs to start.
-pub struct ServerParams {
-    /// UDP address to listen on.
-    pub listen: SocketAddr,
-    /// The server identity key.
-    pub identity: SecretKey,
-    /// The bundles to serve, already verified and checked against this server.
-    pub bundles: Vec<VerifiedBundle>,
-    /// The opened seat store.
-    pub store: Store,
-    /// Default lease TTL.
-    pub lease_ttl: Duration,
-    /// Heartbeat interval asked of clients.
-    pub heartbeat: Duration,
-    /// QUIC idle timeout.
-    pub idle_timeout: Duration,
-    /// Demo mode (demo vendor key).
-    pub demo: bool,
-    /// Re-reads the bundles (on SIGHUP or an admin reload); `None` if reloading is not
-    /// possible (no bundle directory).
-    pub reloader: Option<Reloader>,
-    /// The admin token; admin requests are refused when `None`.
-    pub admin_token: Option<String>,
-    /// Fires when the bundles should be reloaded (SIGHUP).
-    pub reload_signal: Option<mpsc::Receiver<()>>,
-    /// The site's policy.
-    pub policy: Policy,
-    /// Whether status needs the admin token.
-    pub status_needs_token: bool,
-    /// Usage reports: spool directory, schedule, journal retention.
-    pub reports: ReportSettings,
-    /// The operations HTTP endpoint (metrics, status, dashboard); `None` for none.
-    pub http_listen: Option<SocketAddr>,
-    /// Connection, handshake and checkout-rate limits.
-    pub limits: Limits,
-    /// After an admin removal, how long the removed user gets no seat of that feature
-    /// on that host (`remove_holdoff_secs`); zero: none.
-    pub remove_holdoff: Duration,
-    /// Bundle files refused when the server started: shown in `/api/status` and
-    /// `/metrics` until a reload reads the directory again.
-    pub refused: Vec<Refused>,
-}
+pub use crate::params::{ReloadError, Reloaded, Reloader, ReportSettings, ServerParams};
+pub use crate::reload::outcome_text;
 
 /// A bound server, ready to run.
 #[must_use = "a server does nothing until run"]

@@ -60,26 +60,12 @@ fn bundle_for(
 async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let server = Server::bind(ServerParams {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: server_key,
-        bundles: vec![bundle],
+    let server = Server::bind(ServerParams::new(
+        "127.0.0.1:0".parse().unwrap(),
+        server_key,
+        vec![bundle],
         store,
-        lease_ttl: Duration::from_secs(90),
-        heartbeat: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(15),
-        demo: false,
-        reloader: None,
-        admin_token: None,
-        reload_signal: None,
-        remove_holdoff: Duration::ZERO,
-        refused: Vec::new(),
-        policy: Default::default(),
-        status_needs_token: false,
-        reports: Default::default(),
-        http_listen: None,
-        limits: Default::default(),
-    })
+    ))
     .unwrap();
     let addr = server.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();

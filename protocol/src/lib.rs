@@ -1,7 +1,8 @@
 //! tally's wire protocol and file formats.
 //!
 //! This crate is pure data and cryptography: it opens no socket, reads no file and no
-//! clock. Time is always an argument ([`time::UnixTime`]). Everything that tally puts on
+//! clock. Time is always an argument ([`time::UnixTime`]; [`time::UnixTime::now`] is the
+//! wall clock the binaries and libraries share, never called here). Everything that tally puts on
 //! the wire or on disk is defined here, so that one crate decides what the bytes mean.
 //!
 //! - [`wire`]: request and response messages, versioned.
@@ -15,6 +16,8 @@
 //! - [`activation`]: the activation request a server sends its vendor, and the return proof.
 //! - [`version`]: ordering of application versions.
 //! - [`report`]: the usage journal and signed, hash-chained usage reports.
+//! - [`exit`]: the sysexits codes all three commands exit with.
+//! - `cli` (feature `cli`): the command-line preamble the three commands share.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -23,6 +26,9 @@ pub mod activation;
 pub mod armor;
 pub mod bundle;
 pub mod cert;
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod exit;
 pub mod frame;
 pub mod keys;
 pub mod lease;

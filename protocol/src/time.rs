@@ -1,6 +1,8 @@
 //! Wall-clock time as tally carries it: whole seconds since the Unix epoch.
 //!
-//! The protocol crate never reads a clock; callers pass the time in. Dates are shown as
+//! The protocol crate's own code never reads a clock; callers pass the time in.
+//! [`UnixTime::now`] is the one wall clock the daemon, the client and the publisher
+//! share (nothing in this crate calls it). Dates are shown as
 //! ISO 8601 (`2027-12-31`), the format customer IT and vendors both read without doubt.
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +16,17 @@ pub struct UnixTime(pub u64);
 pub const DAY: u64 = 86_400;
 
 impl UnixTime {
+    /// The system's wall clock, in whole seconds; a clock set before 1970 reads as 0
+    /// (the epoch), which every expiry check treats as "long ago", not as a panic.
+    pub fn now() -> UnixTime {
+        UnixTime(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        )
+    }
+
     /// This time plus `secs` seconds, saturating instead of overflowing.
     pub fn plus_secs(self, secs: u64) -> UnixTime {
         UnixTime(self.0.saturating_add(secs))

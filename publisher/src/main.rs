@@ -8,16 +8,15 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tally_protocol::activation::{self, REQUEST_LABEL, RETURN_LABEL};
-use tally_protocol::bundle::{self, Bundle, Seats, BUNDLE_LABEL};
-use tally_protocol::keys::{self, PublicKey, SecretKey, PUBLIC_KEY_LABEL, SECRET_KEY_LABEL};
+use tally_protocol::activation;
+use tally_protocol::bundle::{self, Bundle};
+use tally_protocol::keys::{self, PublicKey, SecretKey};
 use tally_protocol::time::UnixTime;
 use tally_publisher::{flexlm, reconcile, spec::Spec};
 
-/// sysexits: usage error.
-const EX_USAGE: u8 = 64;
-/// sysexits: bad input data (a file that does not verify or parse).
-const EX_DATAERR: u8 = 65;
+// sysexits codes, shared with tallyd and tally: 64 usage, 65 a file that does not
+// verify or parse, 69 `receive` cannot listen.
+use tally_protocol::exit::{EX_DATAERR, EX_UNAVAILABLE, EX_USAGE};
 /// Largest input file read.
 const MAX_INPUT: u64 = 16 * 1024 * 1024;
 
@@ -174,16 +173,9 @@ fn data(e: impl Into<anyhow::Error>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match tally_protocol::cli::parse_args() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     let result = match cli.command {
         Command::Keygen { out } => keygen(&out),
@@ -292,15 +284,6 @@ fn read_bounded(path: &Path, limit: u64) -> Result<String, Failure> {
     String::from_utf8(bytes).map_err(|_| data(anyhow!("{}: not a text file", path.display())))
 }
 
-fn now() -> UnixTime {
-    UnixTime(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
-}
-
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -379,7 +362,7 @@ fn issue(
     getrandom::getrandom(&mut random)
         .context("reading the OS random source")
         .map_err(|e| Failure(70, e))?;
-    let issued = now();
+    let issued = UnixTime::now();
     let default_id = format!(
         "{}-{}-{}",
         spec.customer.id.trim(),
@@ -426,246 +409,23 @@ fn print_features(bundle: &Bundle) {
     }
 }
 
-/// The armour label of a file, if any.
-fn label_of(text: &str) -> Option<String> {
-    text.lines().find_map(|l| {
-        l.trim()
-            .strip_prefix("-----BEGIN TALLY ")
-            .map(|r| r.trim_end_matches('-').to_string())
-    })
-}
-
 fn inspect(path: &Path, json: bool) -> Result<(), Failure> {
+    use tally_publisher::inspect::{self, InspectError};
     let text = read_large(path)?;
-    let label = label_of(&text).ok_or_else(|| {
-        data(anyhow!(
-            "{}: not a tally file (no BEGIN TALLY line)",
-            path.display()
-        ))
+    let inspected = inspect::read(&text).map_err(|e| {
+        let code = match e {
+            InspectError::SecretKey => usage,
+            _ => data,
+        };
+        let e = match e {
+            InspectError::Invalid(e) => anyhow::Error::from_boxed(e),
+            e => anyhow::Error::new(e),
+        };
+        code(e.context(path.display().to_string()))
     })?;
-    let ctx = |e: anyhow::Error| data(e.context(path.display().to_string()));
-    match label.as_str() {
-        BUNDLE_LABEL => {
-            let signed = bundle::from_armored(&text).map_err(|e| ctx(e.into()))?;
-            // Self-consistency only: whether the signer is *trusted* is what `verify` checks.
-            let verified = bundle::verify(&signed, &[signed.signer]).map_err(|e| ctx(e.into()))?;
-            let b = &verified.bundle;
-            if json {
-                let doc = serde_json::json!({
-                    "kind": "bundle",
-                    "signature": "valid",
-                    "signed_by": signed.signer.fingerprint(),
-                    "id": b.id,
-                    "issued_at": b.issued_at.to_string(),
-                    "vendor": b.vendor,
-                    "customer": {"id": b.customer.id, "name": b.customer.name},
-                    "binding": b.binding.as_ref().map(|x| serde_json::json!({
-                        "server_key": x.server_key.fingerprint(),
-                        "host_fingerprint": x.host_fingerprint,
-                    })),
-                    "supersedes": b.supersedes,
-                    "valid_from": b.valid_from.map(|t| t.date()),
-                    "valid_until": b.valid_until.map(|t| t.last_day()),
-                    "features": b.features.iter().map(|f| serde_json::json!({
-                        "name": f.name,
-                        "seats": match f.seats { Seats::Counted(n) => serde_json::json!(n), Seats::Uncounted => serde_json::json!("uncounted") },
-                        "version_ceiling": f.version_ceiling,
-                        "upgrade_from": f.upgrade_from,
-                        "maintenance_until": f.maintenance_until.map(|t| t.date()),
-                        "starts": f.starts.map(|t| t.date()),
-                        "expires": f.expires.map(|t| t.last_day()),
-                        "evaluation": f.evaluation,
-                        "overdraft": f.overdraft,
-                        "borrow_limit_secs": f.borrow_limit_secs,
-                        "linger_secs": f.linger_secs,
-                        "heartbeat_ttl_secs": f.heartbeat_ttl_secs,
-                        "lost_seat_grace_secs": f.lost_seat.map(|t| t.grace_secs),
-                        "on_lost_seat": f.lost_seat.map(|t| t.action.as_str()),
-                        "components": f.components,
-                        "attributes": f.attributes,
-                    })).collect::<Vec<_>>(),
-                });
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-            } else {
-                println!("tally bundle {}", b.id);
-                println!(
-                    "  signature  valid, signed by vendor key {}",
-                    signed.signer.fingerprint()
-                );
-                println!("  issued     {}", b.issued_at);
-                println!("  vendor     {}", b.vendor);
-                println!("  customer   {} ({})", b.customer.name, b.customer.id);
-                match &b.binding {
-                    Some(x) => println!(
-                        "  bound to   server key {}, host {}",
-                        x.server_key.fingerprint(),
-                        x.host_fingerprint
-                    ),
-                    None => println!("  bound to   nothing (demo bundle)"),
-                }
-                if !b.supersedes.is_empty() {
-                    println!("  supersedes {}", b.supersedes.join(", "));
-                }
-                if let Some(f) = b.valid_from {
-                    println!("  valid from {}", f.date());
-                }
-                if let Some(u) = b.valid_until {
-                    println!("  valid until {}", u.last_day());
-                }
-                print_features(b);
-            }
-        }
-        REQUEST_LABEL => {
-            let r = activation::request_from_armored(&text).map_err(|e| ctx(e.into()))?;
-            if json {
-                let doc = serde_json::json!({
-                    "kind": "activation request",
-                    "signature": "valid",
-                    "server_key": r.server_key.fingerprint(),
-                    "host_fingerprint": r.host_fingerprint,
-                    "hostname": r.hostname,
-                    "os": r.os,
-                    "virtualization": r.virtualization,
-                    "customer_reference": r.customer_reference,
-                    "created_at": r.created_at.to_string(),
-                });
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-            } else {
-                println!("tally activation request (signature valid)");
-                println!("  server key  {}", r.server_key.fingerprint());
-                println!("  host        {} ({})", r.hostname, r.host_fingerprint);
-                println!("  os          {}", r.os);
-                println!(
-                    "  virtual     {}",
-                    r.virtualization
-                        .as_deref()
-                        .unwrap_or("no sign of a VM or container")
-                );
-                if let Some(c) = &r.customer_reference {
-                    println!("  reference   {c}");
-                }
-                println!("  created     {}", r.created_at);
-            }
-        }
-        RETURN_LABEL => {
-            let p = activation::return_from_armored(&text).map_err(|e| ctx(e.into()))?;
-            if json {
-                let doc = serde_json::json!({
-                    "kind": "return proof",
-                    "signature": "valid",
-                    "bundle_id": p.bundle_id,
-                    "server_key": p.server_key.fingerprint(),
-                    "host_fingerprint": p.host_fingerprint,
-                    "returned_at": p.returned_at.to_string(),
-                    "leases_outstanding": p.leases_outstanding,
-                    "released": p.released.as_ref().map(|r| serde_json::json!({
-                        "retired": r.retired,
-                        "stopped_serving": r.stopped_serving.iter().map(|g| serde_json::json!({
-                            "bundle": g.bundle,
-                            "feature": g.feature,
-                            "seats": match g.seats { Seats::Counted(n) => serde_json::json!(n), Seats::Uncounted => serde_json::json!("uncounted") },
-                            "grant": g.description,
-                        })).collect::<Vec<_>>(),
-                    })),
-                });
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-            } else {
-                println!("tally return proof (signature valid)");
-                println!("  bundle      {}", p.bundle_id);
-                println!("  server key  {}", p.server_key.fingerprint());
-                println!("  returned    {}", p.returned_at);
-                println!("  seats still recorded as held: {}", p.leases_outstanding);
-                match &p.released {
-                    Some(r) => {
-                        for g in &r.stopped_serving {
-                            println!("  stopped     {} (bundle {})", g.description, g.bundle);
-                        }
-                        if !r.retired.is_empty() {
-                            println!("  retired     {}", r.retired.join(", "));
-                        }
-                    }
-                    None => println!("  (format version 1: does not say what was released)"),
-                }
-            }
-        }
-        tally_protocol::report::REPORT_LABEL => {
-            let v = tally_protocol::report::read(&text).map_err(|e| ctx(e.into()))?;
-            let r = &v.report;
-            if json {
-                let doc = serde_json::json!({
-                    "kind": "usage report",
-                    "signature": "valid",
-                    "report": r.report_seq,
-                    "server_key": r.server_key.fingerprint(),
-                    "host_fingerprint": r.host_fingerprint,
-                    "customers": r.customers,
-                    "bundles": r.bundle_ids,
-                    "bundles_at_start": r.bundles_at_start.as_ref().map(|b| b.iter().map(|x| x.bundle.clone()).collect::<Vec<_>>()),
-                    "period_from": r.period_from.to_string(),
-                    "period_to": r.period_to.to_string(),
-                    "first_event": r.first_event,
-                    "last_event": r.last_event,
-                    "events": r.events.len(),
-                    "open_at_start": r.open_at_start.len(),
-                    "summaries": r.summaries.iter().map(|s| serde_json::json!({
-                        "feature": s.feature, "grants": s.grants, "denials": s.denials,
-                        "peak_in_use": s.peak_in_use, "seat_hours": s.seat_seconds as f64 / 3600.0,
-                    })).collect::<Vec<_>>(),
-                });
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-            } else {
-                println!("tally usage report {} (signature valid)", r.report_seq);
-                println!("  server key  {}", r.server_key.fingerprint());
-                println!("  period      {} to {}", r.period_from, r.period_to);
-                println!(
-                    "  events      {} ({})",
-                    tally_publisher::reconcile::numbered_span(
-                        "event",
-                        "events",
-                        r.first_event,
-                        r.last_event
-                    ),
-                    r.events.len()
-                );
-                println!("  bundles     {}", r.bundle_ids.join(", "));
-                match &r.bundles_at_start {
-                    Some(b) => println!(
-                        "  at start    {}",
-                        b.iter()
-                            .map(|x| x.bundle.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    None => println!("  at start    (not said: a report without bundle history)"),
-                }
-                for s in &r.summaries {
-                    println!(
-                        "  feature     {}: {} grant(s), {} denial(s), peak {}, {:.2} seat-hours",
-                        s.feature,
-                        s.grants,
-                        s.denials,
-                        s.peak_in_use,
-                        s.seat_seconds as f64 / 3600.0
-                    );
-                }
-            }
-        }
-        PUBLIC_KEY_LABEL => {
-            let k = keys::public_key_from_armored(&text).map_err(|e| ctx(e.into()))?;
-            println!("tally public key {}", k.fingerprint());
-        }
-        SECRET_KEY_LABEL => {
-            return Err(usage(anyhow!(
-                "{}: a secret key; its contents are not shown",
-                path.display()
-            )))
-        }
-        other => {
-            return Err(data(anyhow!(
-                "{}: a tally {other} file, which this version cannot inspect",
-                path.display()
-            )))
-        }
+    match inspected.json().filter(|_| json) {
+        Some(doc) => println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default()),
+        None => print!("{}", inspected.text()),
     }
     Ok(())
 }
@@ -870,9 +630,6 @@ fn write_output(out: Option<&Path>, text: &str, reports: usize) -> Result<(), Fa
     }
     Ok(())
 }
-
-/// sysexits: service unavailable (the address cannot be bound).
-const EX_UNAVAILABLE: u8 = 69;
 
 fn receive(
     listen: std::net::SocketAddr,
