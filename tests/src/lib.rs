@@ -463,3 +463,21 @@ impl VendorSite {
             .arg(self.path("tallyd.toml")))
     }
 }
+
+/// A site's bundle spec with a counted feature that has overdraft and an end (`solver`:
+/// 2 seats + 1 overdraft, last day 2031-06-30) and an uncounted one (`viewer`): the
+/// cases the metrics and the dashboard must show differently.
+pub const OVERDRAFT_AND_UNCOUNTED_SPEC: &str = r#"id = "acme-2031-0007"
+vendor = "Acme Simulation"
+[customer]
+id = "C-1001"
+name = "Example Corp"
+[[feature]]
+name = "solver"
+seats = 2
+overdraft = 1
+expires = "2031-06-30"
+[[feature]]
+name = "viewer"
+seats = "uncounted"
+"#;

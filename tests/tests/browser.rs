@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tally_tests::{wait_until, Daemon, Holder};
+use tally_tests::{wait_until, Daemon, Holder, OVERDRAFT_AND_UNCOUNTED_SPEC};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -206,22 +206,6 @@ fn dechunk(body: &str) -> String {
     out
 }
 
-/// The site's bundle: a counted feature with overdraft and an end, an uncounted one.
-const SPEC: &str = r#"id = "acme-2031-0007"
-vendor = "Acme Simulation"
-[customer]
-id = "C-1001"
-name = "Example Corp"
-[[feature]]
-name = "solver"
-seats = 2
-overdraft = 1
-expires = "2031-06-30"
-[[feature]]
-name = "viewer"
-seats = "uncounted"
-"#;
-
 /// An add-on delivered while the server runs, loaded by the dashboard's reload button.
 const ADD_ON: &str = r#"id = "acme-2031-0008"
 vendor = "Acme Simulation"
@@ -299,7 +283,7 @@ fn the_dashboard_shows_overdraft_users_and_bundles_and_its_buttons_work() {
     ensure_browser();
     let site = tally_tests::VendorSite::new();
     site.enable_http();
-    site.issue_spec("site", SPEC);
+    site.issue_spec("site", OVERDRAFT_AND_UNCOUNTED_SPEC);
     let daemon = site.daemon();
     let http = daemon.http.expect("dashboard address");
     let _two = Holder::start_with(&daemon, &["solver", "--count", "2"], 600);

@@ -3,7 +3,7 @@
 //! the token.
 
 use std::time::Duration;
-use tally_tests::{wait_until, Daemon, Holder};
+use tally_tests::{wait_until, Daemon, Holder, OVERDRAFT_AND_UNCOUNTED_SPEC};
 
 fn scrape(daemon: &Daemon) -> prometheus_parse::Scrape {
     let (code, body) = daemon.http("GET", "/metrics", None);
@@ -302,23 +302,6 @@ fn slow_loris_connections_are_capped_and_closed_and_refused_admin_requests_are_l
     daemon.stop();
 }
 
-/// The bundle of the conventions test: a counted feature with overdraft and an expiry,
-/// and an uncounted one.
-const CONVENTIONS_SPEC: &str = r#"id = "acme-2031-0007"
-vendor = "Acme Simulation"
-[customer]
-id = "C-1001"
-name = "Example Corp"
-[[feature]]
-name = "solver"
-seats = 2
-overdraft = 1
-expires = "2031-06-30"
-[[feature]]
-name = "viewer"
-seats = "uncounted"
-"#;
-
 /// A vendor site (`tally-publisher issue`, `tallyd run`) serving `spec` with its
 /// operations endpoint on a free loopback port.
 fn site_with_http(spec: &str) -> (tally_tests::VendorSite, Daemon) {
@@ -371,7 +354,7 @@ fn readme_metrics() -> Vec<(String, String)> {
 fn metrics_follow_prometheus_conventions_and_match_the_state_and_the_readme() {
     use tally_client::{ClientConfig, Session, Trust};
     const HEARTBEATS: usize = 7;
-    let (site, daemon) = site_with_http(CONVENTIONS_SPEC);
+    let (site, daemon) = site_with_http(OVERDRAFT_AND_UNCOUNTED_SPEC);
     let vendor = tally_protocol::keys::public_key_from_armored(
         &std::fs::read_to_string(site.path("vendor.pub")).unwrap(),
     )
