@@ -15,13 +15,9 @@ const STALL_THRESHOLD: Duration = Duration::from_secs(3);
 
 /// The current time for the ledger. Uses tokio's clock so paused-time tests drive it.
 pub fn now() -> Now {
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     Now {
         mono: tokio::time::Instant::now().into_std(),
-        wall: UnixTime(wall),
+        wall: UnixTime::now(),
     }
 }
 
