@@ -338,6 +338,29 @@ pub fn server_crypto(
     Ok(tls)
 }
 
+/// The rustls server configuration of an endpoint that clients and peers share (tallyd's
+/// one UDP port): `other_alpns` (clients' `tally/1`) and `tally-raft/1` offered, a client
+/// certificate asked for but not required (clients have none), and one that is presented
+/// accepted only from an allowed node. The daemon hands connections whose ALPN is
+/// `tally-raft/1` to `serve_peer`, which refuses those that presented no certificate.
+pub fn shared_server_crypto(
+    identity: &PeerIdentity,
+    allowed: PeerKeys,
+    other_alpns: &[&[u8]],
+) -> Result<rustls::ServerConfig, PeerTlsError> {
+    let rustls = |what| move |cause| PeerTlsError::Rustls { what, cause };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(rustls("TLS 1.3 with the ring provider"))?
+        .with_client_cert_verifier(Arc::new(PeerClientVerifier::optional(allowed)))
+        .with_single_cert(identity.cert_chain(), identity.private_key())
+        .map_err(rustls("installing the server certificate"))?;
+    tls.alpn_protocols = other_alpns.iter().map(|a| a.to_vec()).collect();
+    tls.alpn_protocols.push(PEER_ALPN.to_vec());
+    Ok(tls)
+}
+
 /// The quinn server configuration of a peer-only listener (see [`server_crypto`]).
 pub fn server_config(
     identity: &PeerIdentity,
@@ -383,6 +406,15 @@ pub fn transport() -> quinn::TransportConfig {
             quinn::IdleTimeout::try_from(PEER_IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
         ));
     t
+}
+
+/// Whether `conn` was opened with the peer ALPN `tally-raft/1` (the daemon's accept loop
+/// sends those to `serve_peer` and the rest to its client handler).
+pub fn is_peer_connection(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .is_some_and(|alpn| alpn == PEER_ALPN)
 }
 
 /// The node key a connection's peer proved in TLS, if it presented a certificate.
