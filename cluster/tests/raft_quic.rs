@@ -57,18 +57,13 @@ async fn start(
     endpoint: quinn::Endpoint,
     identity: Arc<PeerIdentity>,
     allowed: PeerKeys,
+    config: Arc<Config>,
 ) -> Node {
     let machine = MemMachine::default();
     let network = QuicNetwork::new(id, endpoint.clone(), identity);
-    let raft = Raft::new(
-        id,
-        raft_config(),
-        network,
-        MemLog::default(),
-        machine.clone(),
-    )
-    .await
-    .unwrap();
+    let raft = Raft::new(id, config, network, MemLog::default(), machine.clone())
+        .await
+        .unwrap();
     let server = tokio::spawn({
         let (endpoint, raft) = (endpoint.clone(), raft.clone());
         async move {
@@ -100,13 +95,24 @@ fn peer_node(id: NodeId, endpoint: &quinn::Endpoint) -> PeerNode {
 
 /// Three nodes, formed into a cluster by node 1.
 async fn cluster() -> (Vec<Node>, BTreeMap<NodeId, PeerNode>, PeerKeys) {
-    let allowed = PeerKeys::new((1..=3).map(|id| key(id).public()));
+    cluster_with(
+        raft_config(),
+        PeerKeys::new((1..=3).map(|id| key(id).public())),
+    )
+    .await
+}
+
+/// Three nodes with `config`, accepting the keys in `allowed`, formed by node 1.
+async fn cluster_with(
+    config: Arc<Config>,
+    allowed: PeerKeys,
+) -> (Vec<Node>, BTreeMap<NodeId, PeerNode>, PeerKeys) {
     let mut members = BTreeMap::new();
     let mut nodes = Vec::new();
     for id in 1..=3 {
         let (endpoint, identity) = endpoint(id, &allowed);
         members.insert(id, peer_node(id, &endpoint));
-        nodes.push(start(id, endpoint, identity, allowed.clone()).await);
+        nodes.push(start(id, endpoint, identity, allowed.clone(), config.clone()).await);
     }
     nodes[0].raft.initialize(members.clone()).await.unwrap();
     (nodes, members, allowed)
@@ -194,6 +200,7 @@ async fn three_nodes_over_quic_elect_replicate_and_fail_over() {
 
     // The leader goes away: Raft shut down and its endpoint closed, as a killed tallyd.
     let old = nodes.remove(at(leader, &nodes));
+    let stopped = std::time::Instant::now();
     stop(old).await;
     let live: Vec<&Node> = nodes.iter().collect();
     let new_leader = agreed_leader(&live, Some(leader)).await;
@@ -203,6 +210,11 @@ async fn three_nodes_over_quic_elect_replicate_and_fail_over() {
         .await
         .unwrap();
     applied_everywhere(&live, written.log_id.index, &["first", "second"]).await;
+    println!(
+        "leader {leader} stopped; leader {new_leader} committed a write on both survivors after {:?} \
+         (election timeout 400-800 ms)",
+        stopped.elapsed()
+    );
 
     for node in nodes {
         stop(node).await;
@@ -245,6 +257,116 @@ async fn a_fourth_endpoint_with_an_unknown_key_cannot_take_part() {
     assert_eq!(metrics.current_leader, Some(leader));
 
     stranger_endpoint.close(0u32.into(), b"done");
+    for node in nodes {
+        stop(node).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_node_catches_up_from_a_snapshot_sent_in_chunks() {
+    // Small chunks so that one snapshot takes many install_snapshot RPCs.
+    let config = Config {
+        snapshot_max_chunk_size: 64,
+        max_in_snapshot_log_to_keep: 0,
+        purge_batch_size: 1,
+        ..(*raft_config()).clone()
+    };
+    let config = Arc::new(config.validate().unwrap());
+    let allowed = PeerKeys::new((1..=4).map(|id| key(id).public()));
+    let (nodes, _members, allowed) = cluster_with(config.clone(), allowed).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader = agreed_leader(&all, None).await;
+    let leader = &nodes[(leader - 1) as usize];
+    let values: Vec<String> = (0..20).map(|i| format!("value number {i}")).collect();
+    let mut last = 0;
+    for value in &values {
+        last = leader
+            .raft
+            .client_write(value.clone())
+            .await
+            .unwrap()
+            .log_id
+            .index;
+    }
+    // Snapshot and drop the log behind it, so a newcomer can only be sent the snapshot.
+    leader.raft.trigger().snapshot().await.unwrap();
+    leader
+        .raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= last),
+            "the snapshot is built",
+        )
+        .await
+        .unwrap();
+    leader.raft.trigger().purge_log(last).await.unwrap();
+    leader
+        .raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index >= last),
+            "the log is purged",
+        )
+        .await
+        .unwrap();
+
+    let (endpoint4, identity4) = endpoint(4, &allowed);
+    let node4 = peer_node(4, &endpoint4);
+    let late = start(4, endpoint4, identity4, allowed, config).await;
+    leader.raft.add_learner(4, node4, true).await.unwrap();
+    late.raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= last),
+            "the learner installed the leader's snapshot",
+        )
+        .await
+        .unwrap();
+    late.raft
+        .wait(Some(DEADLINE))
+        .applied_index_at_least(Some(last), "the learner caught up")
+        .await
+        .unwrap();
+    assert_eq!(late.machine.values().await, values);
+
+    stop(late).await;
+    for node in nodes {
+        stop(node).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removed_from_the_allowed_keys_is_refused_on_its_open_connection() {
+    let (nodes, members, allowed) = cluster().await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader = agreed_leader(&all, None).await;
+    let leader_node = &members[&leader];
+
+    // Node 3's key dials the leader and is answered.
+    let (endpoint3, identity3) = endpoint(3, &allowed);
+    let mut network = QuicNetwork::new(3, endpoint3.clone(), identity3);
+    let mut client =
+        RaftNetworkFactory::<TestConfig>::new_client(&mut network, leader, leader_node).await;
+    let option = RPCOption::new(Duration::from_secs(5));
+    let stale = || VoteRequest::new(Vote::new(0, 3), None);
+    let answer = client.vote(stale(), option.clone()).await;
+    assert!(matches!(answer, Ok(ref v) if !v.vote_granted), "{answer:?}");
+
+    // A bundle reload drops node 3: its next RPC, on the same connection, is refused, and
+    // so is a fresh dial.
+    allowed.replace([key(1).public(), key(2).public()]);
+    let answer = client.vote(stale(), option.clone()).await;
+    assert!(
+        matches!(answer, Err(RPCError::Unreachable(_))),
+        "{answer:?}"
+    );
+    let answer = client.vote(stale(), option.clone()).await;
+    assert!(
+        matches!(answer, Err(RPCError::Unreachable(_))),
+        "{answer:?}"
+    );
+
+    endpoint3.close(0u32.into(), b"done");
     for node in nodes {
         stop(node).await;
     }
