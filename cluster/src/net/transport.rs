@@ -81,9 +81,6 @@ pub enum PeerResponse<NID: NodeId> {
     Vote(Result<VoteResponse<NID>, RaftError<NID>>),
     /// openraft's answer to a snapshot chunk.
     InstallSnapshot(Result<InstallSnapshotResponse<NID>, RaftError<NID, InstallSnapshotError>>),
-    /// The acceptor would not hand the request to Raft (the dialler's key is no longer a
-    /// node key, or the request could not be read); the text says why.
-    Refused(String),
 }
 
 /// Application error codes on a peer stream or connection the acceptor gives up on.
@@ -125,9 +122,6 @@ pub enum PeerError {
     /// A frame could not be exchanged.
     #[error(transparent)]
     Frame(#[from] FrameError),
-    /// The acceptor refused the request.
-    #[error("peer refused the request: {0}")]
-    Refused(String),
     /// The acceptor answered with another RPC's answer (a bug on one side).
     #[error("peer answered a {0} request with another kind of answer")]
     Mismatch(RPCTypes),
@@ -355,17 +349,13 @@ impl<C: RaftTypeConfig<Node = PeerNode>> PeerClient<C> {
         ))
     }
 
+    /// The acceptor answered another kind of RPC than asked: a bug on one side, which a
+    /// retry will not cure but must not crash Raft either.
     fn unexpected<E: std::error::Error>(
         &self,
         action: RPCTypes,
-        answer: PeerResponse<C::NodeId>,
     ) -> RPCError<C::NodeId, PeerNode, E> {
-        let error = match answer {
-            // A refusal is not going away at once: back off like for a dead peer.
-            PeerResponse::Refused(why) => CallError::Unreachable(PeerError::Refused(why)),
-            _ => CallError::Network(PeerError::Mismatch(action)),
-        };
-        self.error(action, error, 0)
+        self.error(action, CallError::Network(PeerError::Mismatch(action)), 0)
     }
 }
 
@@ -384,7 +374,7 @@ where
         match self.call(PeerRequest::AppendEntries(rpc), &option).await {
             Ok(PeerResponse::AppendEntries(Ok(answer))) => Ok(answer),
             Ok(PeerResponse::AppendEntries(Err(e))) => Err(self.remote(e)),
-            Ok(other) => Err(self.unexpected(action, other)),
+            Ok(_) => Err(self.unexpected(action)),
             Err(e) => Err(self.error(action, e, entries)),
         }
     }
@@ -401,7 +391,7 @@ where
         match self.call(PeerRequest::InstallSnapshot(rpc), &option).await {
             Ok(PeerResponse::InstallSnapshot(Ok(answer))) => Ok(answer),
             Ok(PeerResponse::InstallSnapshot(Err(e))) => Err(self.remote(e)),
-            Ok(other) => Err(self.unexpected(action, other)),
+            Ok(_) => Err(self.unexpected(action)),
             Err(e) => Err(self.error(action, e, 0)),
         }
     }
@@ -415,7 +405,7 @@ where
         match self.call(PeerRequest::Vote(rpc), &option).await {
             Ok(PeerResponse::Vote(Ok(answer))) => Ok(answer),
             Ok(PeerResponse::Vote(Err(e))) => Err(self.remote(e)),
-            Ok(other) => Err(self.unexpected(action, other)),
+            Ok(_) => Err(self.unexpected(action)),
             Err(e) => Err(self.error(action, e, 0)),
         }
     }
@@ -499,6 +489,7 @@ async fn answer<C: RaftTypeConfig>(
             return Err(e);
         }
         Err(_) => {
+            tracing::debug!("peer opened a stream and sent no whole request in time");
             let _ = recv.stop(codes::BAD_REQUEST.into());
             let _ = send.reset(codes::BAD_REQUEST.into());
             return Ok(());
