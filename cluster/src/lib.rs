@@ -6,3 +6,6 @@
 //! Raft log, vote and snapshots persisted in sled, and the Raft RPCs carried over QUIC —
 //! kept generic over the command type so that the daemon's ledger plugs in as the state
 //! machine. A single server is a cluster of one: there is one durable path.
+
+pub mod durable;
+pub mod store;
