@@ -220,7 +220,10 @@ pub fn open<C: StoreConfig, A: Apply<C>>(
         })?;
         last_applied = meta.last_log_id.clone();
         membership = meta.last_membership.clone();
-        *snapshots.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((meta, data));
+        *snapshots
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((meta, data));
     }
 
     let (jobs, rx) = mpsc::channel::<Job<C>>();
@@ -714,7 +717,10 @@ impl<C: StoreConfig> SnapshotFile<C> {
         install: bool,
     ) -> Result<(), StoreError> {
         // Held across the write: two saves never interleave their files.
-        let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((cur, _)) = current.as_ref() {
             if !install && cur.last_log_id > meta.last_log_id {
                 return Ok(());
