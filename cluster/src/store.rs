@@ -48,6 +48,9 @@ pub const META_TREE: &str = "raft-meta/v1";
 /// The snapshot file in the store directory.
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";
 
+/// The text of sled 0.34's error when its lock on the store is held.
+const SLED_LOCK_ERROR: &str = "could not acquire lock on";
+
 const VOTE_KEY: &[u8] = b"vote";
 const COMMITTED_KEY: &[u8] = b"committed";
 const PURGED_KEY: &[u8] = b"last-purged";
@@ -95,6 +98,13 @@ pub enum StoreError {
         path: PathBuf,
         /// sled's error.
         cause: sled::Error,
+    },
+    /// Another handle (another process, or one of this process not yet let go of) holds
+    /// sled's lock on the store: sled keeps one opener per store.
+    #[error("raft store {path}: its lock is held by another process or handle")]
+    InUse {
+        /// The store directory.
+        path: PathBuf,
     },
     /// A file operation (snapshot file, fdatasync) failed.
     #[error("raft store {path}: {cause}")]
@@ -170,9 +180,14 @@ pub fn open<C: StoreConfig, A: Apply<C>>(
     mut app: A,
 ) -> Result<(LogStore<C>, StateMachine<C, A>), StoreError> {
     let path = dir.to_path_buf();
-    let sled_err = |cause| StoreError::Sled {
-        path: path.clone(),
-        cause,
+    let sled_err = |cause| match cause {
+        sled::Error::Io(e) if e.to_string().contains(SLED_LOCK_ERROR) => {
+            StoreError::InUse { path: path.clone() }
+        }
+        cause => StoreError::Sled {
+            path: path.clone(),
+            cause,
+        },
     };
     let io_err = |cause| StoreError::Io {
         path: path.clone(),
