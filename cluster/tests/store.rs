@@ -271,3 +271,39 @@ async fn a_record_of_an_unknown_format_is_an_error_naming_tree_and_key() {
     );
     assert!(err.to_string().contains("raft-snapshot"), "{err}");
 }
+
+/// Append+flush throughput for batches of 1, 16 and 256 entries, printed (run with
+/// `--nocapture`); never asserted, as the figure is the machine's. Each append waits for
+/// its flush (`blocking_append`): the worst case, as openraft itself goes on appending
+/// while a flush is under way and the flusher then covers several appends at once.
+#[tokio::test]
+async fn append_and_flush_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _sm) = store::open(dir.path(), Map::default()).unwrap();
+    let mut next = 1u64;
+    for batch in [1u64, 16, 256] {
+        let started = Instant::now();
+        let mut appended = 0u64;
+        // Bounded in count and time.
+        for _ in 0..2_000 {
+            if started.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            let entries: Vec<_> = (next..next + batch).map(|i| set(1, i)).collect();
+            store.blocking_append(entries).await.unwrap();
+            next += batch;
+            appended += batch;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "append+flush, batches of {batch:>3}: {:>9.0} entries/s ({:.3} ms per flush)",
+            appended as f64 / secs,
+            secs * 1000.0 / (appended / batch) as f64
+        );
+        assert!(appended > 0);
+    }
+    assert_eq!(
+        store.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(1, 0, next - 1))
+    );
+}
