@@ -75,3 +75,23 @@ fn sync_blobs(dir: &Path) -> std::io::Result<()> {
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_value_sled_puts_in_a_blob_file_is_flushed_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .segment_size(128 * 1024)
+            .open()
+            .unwrap();
+        let log = super::open_log_file(dir.path()).unwrap();
+        // Over a quarter of a segment: sled writes it to blobs/<lsn>.
+        db.insert(b"large", vec![7u8; 256 * 1024]).unwrap();
+        super::flush(&db, &log, dir.path()).unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert!(blobs > 0, "no blob file written: the test tests nothing");
+        assert_eq!(db.get(b"large").unwrap().unwrap().len(), 256 * 1024);
+    }
+}

@@ -39,6 +39,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 /// The log tree: key = log index (big-endian u64), value = [`StoredEntry`].
@@ -242,10 +243,12 @@ pub fn open<C: StoreConfig, A: Apply<C>>(
     }
 
     let (jobs, rx) = mpsc::channel::<Job<C>>();
+    let flushes = Arc::new(AtomicU64::new(0));
     let flusher = Flusher {
         db: db.clone(),
         file,
         dir: dir.to_path_buf(),
+        flushes: flushes.clone(),
     };
     std::thread::Builder::new()
         .name("raft-flusher".into())
@@ -256,7 +259,7 @@ pub fn open<C: StoreConfig, A: Apply<C>>(
         trees,
         db,
         jobs,
-        snapshots: snapshots.clone(),
+        flushes,
     };
     let sm = StateMachine {
         app,
@@ -353,9 +356,8 @@ pub struct LogStore<C: StoreConfig> {
     trees: Trees,
     db: sled::Db,
     jobs: mpsc::Sender<Job<C>>,
-    /// Held so that the snapshot outlives neither half; read by nothing here.
-    #[allow(dead_code)]
-    snapshots: Arc<SnapshotFile<C>>,
+    /// Flushes done by the flusher thread (each covering every write before it).
+    flushes: Arc<AtomicU64>,
 }
 
 impl<C: StoreConfig> LogStore<C> {
@@ -370,6 +372,12 @@ impl<C: StoreConfig> LogStore<C> {
             path: self.trees.path.clone(),
             cause: e,
         })
+    }
+
+    /// How many flushes have made the log durable so far: a flush covers every append
+    /// and vote waiting for it (group commit), so appends per flush is the batching.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
     }
 
     /// Bytes the store's sled database takes on disk (the snapshot file not counted).
@@ -779,6 +787,7 @@ struct Flusher {
     db: sled::Db,
     file: std::fs::File,
     dir: PathBuf,
+    flushes: Arc<AtomicU64>,
 }
 
 impl Flusher {
@@ -788,6 +797,10 @@ impl Flusher {
             let mut jobs = vec![first];
             jobs.extend(rx.try_iter());
             let result = durable::flush(&self.db, &self.file, &self.dir);
+            if result.is_ok() {
+                // Before the answers: whoever is answered sees its flush counted.
+                self.flushes.fetch_add(1, Ordering::SeqCst);
+            }
             for job in jobs {
                 let result = match &result {
                     Ok(()) => Ok(()),

@@ -307,3 +307,20 @@ async fn append_and_flush_throughput() {
         Some(log_id(1, 0, next - 1))
     );
 }
+
+#[tokio::test]
+async fn an_append_and_a_vote_are_answered_only_after_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _sm) = store::open(dir.path(), Map::default()).unwrap();
+    for i in 0..20u64 {
+        let before = store.flushes();
+        store.blocking_append([set(1, i)]).await.unwrap();
+        assert!(
+            store.flushes() > before,
+            "append {i} answered before a flush"
+        );
+        let before = store.flushes();
+        store.save_vote(&Vote::new(i + 1, 0)).await.unwrap();
+        assert!(store.flushes() > before, "vote {i} answered before a flush");
+    }
+}
