@@ -324,3 +324,36 @@ async fn an_append_and_a_vote_are_answered_only_after_a_flush() {
         assert!(store.flushes() > before, "vote {i} answered before a flush");
     }
 }
+
+#[tokio::test]
+async fn a_snapshot_built_from_an_older_state_does_not_replace_an_installed_one() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let (_leader_store, mut leader) = store::open(leader_dir.path(), Map::default()).unwrap();
+    leader.apply(log(8)).await.unwrap();
+    let from_leader = leader
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut sm) = store::open(dir.path(), Map::default()).unwrap();
+    sm.apply(log(6)).await.unwrap();
+    // A build begun at 6, finished after the leader's snapshot at 8 is installed.
+    let mut stale = sm.get_snapshot_builder().await;
+    let mut received = sm.begin_receiving_snapshot().await.unwrap();
+    *received = *from_leader.snapshot;
+    sm.install_snapshot(&from_leader.meta, received)
+        .await
+        .unwrap();
+    stale.build_snapshot().await.unwrap();
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, from_leader.meta);
+    drop((store, sm));
+
+    let (_store, mut sm) = reopen(dir.path());
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 0, 8)));
+    assert_eq!(sm.app().0.len(), 8);
+}
