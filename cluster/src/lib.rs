@@ -7,4 +7,6 @@
 //! kept generic over the command type so that the daemon's ledger plugs in as the state
 //! machine. A single server is a cluster of one: there is one durable path.
 
+pub mod durable;
 pub mod net;
+pub mod store;

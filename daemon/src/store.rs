@@ -13,6 +13,7 @@
 use crate::ledger::{Detachment, Event};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tally_cluster::durable::sync_dir;
 use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredDeadline, StoredLease};
 use tally_protocol::report::{
     JournalEntry, ReportState, StoredJournal, StoredJournalChunk, StoredReportState,
@@ -154,6 +155,8 @@ pub struct Store {
     journal: sled::Tree,
     /// sled's log file, opened again for fdatasync (see [`Store::flush`]).
     log: std::sync::Arc<std::fs::File>,
+    /// The directory sled runs in: `path`, or the copy of [`Store::open_for_serving`].
+    sled_dir: PathBuf,
     /// Set when this is a read-only copy of a store on a volume that cannot be written.
     fault: Option<std::sync::Arc<Fault>>,
 }
@@ -256,7 +259,7 @@ impl Store {
             path: path.clone(),
             cause,
         };
-        let log = std::fs::File::open(dir.join("db")).map_err(io)?;
+        let log = tally_cluster::durable::open_log_file(dir).map_err(io)?;
         // The store's directory entries, once, so that a new store survives a power cut.
         sync_dir(dir).map_err(io)?;
         if let Some(parent) = dir.parent() {
@@ -270,6 +273,7 @@ impl Store {
             meta,
             journal,
             log: std::sync::Arc::new(log),
+            sled_dir: dir.to_path_buf(),
             fault: None,
         };
         store.migrate_journal_v1()?;
@@ -626,15 +630,18 @@ impl Store {
 
     /// Flushes synchronously; for shutdown paths outside the runtime.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| self.err(e))?;
-        // sled 0.34 ends a flush with sync_file_range on Linux, which writes the data
-        // but not the metadata that finds it (file size, new extents); its own fsync
-        // comes from a background thread up to 500 ms later. A grant acknowledged in
-        // that window was lost when the file system failed under us (the read-only
-        // volume test). fdatasync on our own descriptor of the same file closes it.
-        self.log.sync_data().map_err(|cause| StoreError::Io {
-            path: self.path.clone(),
-            cause,
+        // sled's flush alone leaves the fsync to a thread up to 500 ms later: a grant
+        // acknowledged in that window was lost when the file system failed under us (the
+        // read-only volume test). The shared flush adds fdatasync on our own descriptor
+        // of sled's log file (and of any blob file); the Raft log store flushes the same
+        // way (tally_cluster::durable).
+        use tally_cluster::durable::FlushError;
+        tally_cluster::durable::flush(&self.db, &self.log, &self.sled_dir).map_err(|e| match e {
+            FlushError::Sled(cause) => self.err(cause),
+            FlushError::Io(cause) => StoreError::Io {
+                path: self.path.clone(),
+                cause,
+            },
         })
     }
 
@@ -825,10 +832,6 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The journal tree: chunks of entries.
