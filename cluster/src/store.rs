@@ -165,8 +165,10 @@ pub trait Apply<C: RaftTypeConfig>: Send + Sync + 'static {
     fn no_command(&mut self, log_id: &LogId<C::NodeId>) -> C::R;
     /// The whole state, encoded (with a format version of its own).
     fn snapshot(&self) -> Vec<u8>;
+    /// Why a snapshot cannot be restored (the application's own error type).
+    type RestoreError: std::error::Error + Send + Sync + 'static;
     /// Replaces the whole state with a snapshot's; the error says why it cannot.
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), Self::RestoreError>;
 }
 
 /// What a storage-v2 type config must be for this store: openraft's entry (so the state
@@ -232,7 +234,7 @@ pub fn open<C: StoreConfig, A: Apply<C>>(
     if let Some((meta, data)) = snapshots.load()? {
         app.restore(&data).map_err(|cause| StoreError::Restore {
             path: path.clone(),
-            cause,
+            cause: cause.to_string(),
         })?;
         last_applied = meta.last_log_id.clone();
         membership = meta.last_membership.clone();
@@ -617,7 +619,7 @@ impl<C: StoreConfig, A: Apply<C>> RaftStateMachine<C> for StateMachine<C, A> {
         self.app.restore(&data).map_err(|cause| {
             failed(StoreError::Restore {
                 path: self.path.clone(),
-                cause,
+                cause: cause.to_string(),
             })
         })?;
         self.snapshots

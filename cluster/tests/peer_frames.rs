@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use support::{MemLog, MemMachine, TestConfig};
+use support::TestConfig;
 use tally_cluster::net::frame::{self, FRAME_VERSION, MAX_FRAME};
 use tally_cluster::net::transport::{codes, PeerRequest, PeerResponse};
 use tally_cluster::net::{
@@ -64,12 +64,14 @@ async fn single_node(
     Raft<TestConfig>,
     quinn::Endpoint,
     tokio::sync::mpsc::UnboundedReceiver<Result<(), PeerError>>,
+    tempfile::TempDir,
 ) {
     let endpoint = quinn::Endpoint::server(server, loopback()).unwrap();
     let identity = Arc::new(PeerIdentity::new(&key(1)).unwrap());
     let config = Arc::new(Config::default().validate().unwrap());
     let network = QuicNetwork::new(1, endpoint.clone(), identity);
-    let raft = Raft::new(1, config, network, MemLog::default(), MemMachine::default())
+    let stored = support::open_store();
+    let raft = Raft::new(1, config, network, stored.log, stored.machine)
         .await
         .unwrap();
     let node = PeerNode {
@@ -96,7 +98,7 @@ async fn single_node(
             }
         }
     });
-    (raft, endpoint, rx)
+    (raft, endpoint, rx, stored.dir)
 }
 
 /// Sends `bytes` on a fresh stream and returns how the acceptor ended the answer.
@@ -126,7 +128,7 @@ fn reset_with(result: Result<Vec<u8>, quinn::ReadToEndError>, code: u32) {
 async fn garbage_and_oversized_frames_reset_their_stream_only() {
     let allowed = PeerKeys::new([key(1).public(), key(2).public()]);
     let server = tls::server_config(&PeerIdentity::new(&key(1)).unwrap(), allowed.clone()).unwrap();
-    let (raft, endpoint, _outcomes) = single_node(server, allowed).await;
+    let (raft, endpoint, _outcomes, _dir) = single_node(server, allowed).await;
     let addr = endpoint.local_addr().unwrap();
 
     // Node 2 (an allowed key) dials by hand to send what no tally would.
@@ -202,7 +204,7 @@ async fn on_the_shared_endpoint_a_peer_without_a_node_certificate_never_reaches_
     let server = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).unwrap(),
     ));
-    let (raft, endpoint, mut outcomes) = single_node(server, allowed).await;
+    let (raft, endpoint, mut outcomes, _dir) = single_node(server, allowed).await;
     let addr = endpoint.local_addr().unwrap();
 
     // A client without a certificate, asking for the peer ALPN (the handshake passes:

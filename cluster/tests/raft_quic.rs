@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use support::{MemLog, MemMachine, NodeId, TestConfig};
+use support::{NodeId, TestConfig, Values};
 use tally_cluster::net::{serve_peer, tls, PeerIdentity, PeerKeys, PeerNode, QuicNetwork};
 use tally_protocol::keys::SecretKey;
 
@@ -21,7 +21,9 @@ const DEADLINE: Duration = Duration::from_secs(20);
 struct Node {
     id: NodeId,
     raft: Raft<TestConfig>,
-    machine: MemMachine,
+    machine: Values,
+    /// The node's Raft store directory, kept while the node runs.
+    _dir: tempfile::TempDir,
     endpoint: quinn::Endpoint,
     server: tokio::task::JoinHandle<()>,
 }
@@ -59,9 +61,10 @@ async fn start(
     allowed: PeerKeys,
     config: Arc<Config>,
 ) -> Node {
-    let machine = MemMachine::default();
+    let stored = support::open_store();
+    let machine = stored.values;
     let network = QuicNetwork::new(id, endpoint.clone(), identity);
-    let raft = Raft::new(id, config, network, MemLog::default(), machine.clone())
+    let raft = Raft::new(id, config, network, stored.log, stored.machine)
         .await
         .unwrap();
     let server = tokio::spawn({
@@ -81,6 +84,7 @@ async fn start(
         id,
         raft,
         machine,
+        _dir: stored.dir,
         endpoint,
         server,
     }

@@ -47,8 +47,9 @@ impl Apply<Kv> for Map {
     fn snapshot(&self) -> Vec<u8> {
         serde_json::to_vec(&self.0).unwrap()
     }
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.0 = serde_json::from_slice(snapshot).map_err(|e| e.to_string())?;
+    type RestoreError = serde_json::Error;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), serde_json::Error> {
+        self.0 = serde_json::from_slice(snapshot)?;
         Ok(())
     }
 }
