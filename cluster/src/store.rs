@@ -159,16 +159,18 @@ pub enum StoreError {
 /// Applying must be deterministic and read no clock: every node applies the same entries
 /// and must reach the same state (the leader stamps time into the commands).
 pub trait Apply<C: RaftTypeConfig>: Send + Sync + 'static {
+    /// Why a command cannot be applied or a snapshot restored (the application's own
+    /// error type). An application that keeps its state on disk fails when the disk
+    /// does; openraft then stops this node's Raft (a storage error is fatal to it).
+    type Error: std::error::Error + Send + Sync + 'static;
     /// Applies one committed command at `log_id`, giving the answer for its proposer.
-    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: &C::D) -> C::R;
+    fn apply(&mut self, log_id: &LogId<C::NodeId>, command: &C::D) -> Result<C::R, Self::Error>;
     /// The answer for an entry without a command (blank, membership change).
     fn no_command(&mut self, log_id: &LogId<C::NodeId>) -> C::R;
     /// The whole state, encoded (with a format version of its own).
-    fn snapshot(&self) -> Vec<u8>;
-    /// Why a snapshot cannot be restored (the application's own error type).
-    type RestoreError: std::error::Error + Send + Sync + 'static;
+    fn snapshot(&self) -> Result<Vec<u8>, Self::Error>;
     /// Replaces the whole state with a snapshot's; the error says why it cannot.
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), Self::RestoreError>;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), Self::Error>;
 }
 
 /// What a storage-v2 type config must be for this store: openraft's entry (so the state
@@ -578,7 +580,10 @@ impl<C: StoreConfig, A: Apply<C>> RaftStateMachine<C> for StateMachine<C, A> {
         for entry in entries {
             let log_id = entry.log_id;
             let answer = match &entry.payload {
-                EntryPayload::Normal(command) => self.app.apply(&log_id, command),
+                EntryPayload::Normal(command) => self
+                    .app
+                    .apply(&log_id, command)
+                    .map_err(|e| StorageIOError::apply(log_id.clone(), AnyError::new(&e)))?,
                 EntryPayload::Blank => self.app.no_command(&log_id),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(log_id.clone()), m.clone());
@@ -594,7 +599,7 @@ impl<C: StoreConfig, A: Apply<C>> RaftStateMachine<C> for StateMachine<C, A> {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // A copy of the state now: the state machine goes on applying meanwhile.
         SnapshotBuilder {
-            data: self.app.snapshot(),
+            data: self.app.snapshot().map_err(|e| AnyError::new(&e)),
             last_applied: self.last_applied.clone(),
             membership: self.membership.clone(),
             snapshots: self.snapshots.clone(),
@@ -649,7 +654,8 @@ impl<C: StoreConfig, A: Apply<C>> RaftStateMachine<C> for StateMachine<C, A> {
 
 /// Builds a snapshot from a copy of the state machine taken by `get_snapshot_builder`.
 pub struct SnapshotBuilder<C: StoreConfig> {
-    data: Vec<u8>,
+    /// The application's bytes, or why it could not give them.
+    data: Result<Vec<u8>, AnyError>,
     last_applied: Option<LogId<C::NodeId>>,
     membership: StoredMembership<C::NodeId, C::Node>,
     snapshots: Arc<SnapshotFile<C>>,
@@ -666,7 +672,9 @@ impl<C: StoreConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
             last_membership: self.membership.clone(),
             snapshot_id,
         };
-        let data = Arc::new(std::mem::take(&mut self.data));
+        let data = std::mem::replace(&mut self.data, Ok(Vec::new()))
+            .map_err(StorageIOError::read_state_machine)?;
+        let data = Arc::new(data);
         self.snapshots
             .save(meta.clone(), data.clone(), false)
             .await

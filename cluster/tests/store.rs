@@ -38,16 +38,20 @@ openraft::declare_raft_types!(
 struct Map(BTreeMap<String, String>);
 
 impl Apply<Kv> for Map {
-    fn apply(&mut self, _log_id: &LogId<u64>, command: &Set) -> Option<String> {
-        self.0.insert(command.key.clone(), command.value.clone())
+    type Error = serde_json::Error;
+    fn apply(
+        &mut self,
+        _log_id: &LogId<u64>,
+        command: &Set,
+    ) -> Result<Option<String>, Self::Error> {
+        Ok(self.0.insert(command.key.clone(), command.value.clone()))
     }
     fn no_command(&mut self, _log_id: &LogId<u64>) -> Option<String> {
         None
     }
-    fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.0).unwrap()
+    fn snapshot(&self) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(&self.0)
     }
-    type RestoreError = serde_json::Error;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), serde_json::Error> {
         self.0 = serde_json::from_slice(snapshot)?;
         Ok(())

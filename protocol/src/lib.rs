@@ -16,6 +16,7 @@
 //! - [`activation`]: the activation request a server sends its vendor, and the return proof.
 //! - [`version`]: ordering of application versions.
 //! - [`report`]: the usage journal and signed, hash-chained usage reports.
+//! - [`replicate`]: the seat store's changes and snapshot as the servers of a site replicate them.
 //! - [`exit`]: the sysexits codes all three commands exit with.
 //! - `cli` (feature `cli`): the command-line preamble the three commands share.
 
@@ -32,6 +33,7 @@ pub mod exit;
 pub mod frame;
 pub mod keys;
 pub mod lease;
+pub mod replicate;
 pub mod report;
 pub mod signed;
 pub mod time;

@@ -35,21 +35,21 @@ impl Values {
 }
 
 impl Apply<TestConfig> for Values {
-    fn apply(&mut self, _: &LogId<NodeId>, command: &String) -> u64 {
+    type Error = Infallible;
+    fn apply(&mut self, _: &LogId<NodeId>, command: &String) -> Result<u64, Infallible> {
         let mut values = self.0.lock().unwrap();
         values.push(command.clone());
-        values.len() as u64
+        Ok(values.len() as u64)
     }
 
     fn no_command(&mut self, _: &LogId<NodeId>) -> u64 {
         self.0.lock().unwrap().len() as u64
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.0.lock().unwrap().join("\n").into_bytes()
+    fn snapshot(&self) -> Result<Vec<u8>, Infallible> {
+        Ok(self.0.lock().unwrap().join("\n").into_bytes())
     }
 
-    type RestoreError = Infallible;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), Infallible> {
         let text = String::from_utf8_lossy(snapshot);
         *self.0.lock().unwrap() = if text.is_empty() {

@@ -1,0 +1,180 @@
+//! What the servers of a site replicate through the Raft log: the changes of the seat
+//! store, batch by batch, and the whole store as a snapshot.
+//!
+//! A batch is the write set the leader's commit pipeline produced for one group of
+//! decisions (see ARCHITECTURE.md, "Cluster"): leases granted and released, ends of
+//! detached leases, journal entries, the clock mark, the report chain's state and a
+//! compaction of the journal. Applying it writes exactly those records; it reads no
+//! clock (the leader stamped the time) and decides nothing, so every server that
+//! applies the same log holds the same store. Every change is keyed (a lease id, a
+//! journal number), so applying a batch twice leaves the store as applying it once:
+//! after a crash the entries after the last snapshot are applied again.
+//!
+//! Both types are kept in the Raft log and snapshots, so they carry a format version
+//! (the enum tag), like every stored type.
+
+use crate::lease::{LeaseId, LeaseRecord};
+use crate::report::{JournalEntry, ReportState};
+use crate::time::UnixTime;
+use serde::{Deserialize, Serialize};
+
+/// One Raft log command; the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoreCommand {
+    /// Format version 1.
+    V1(StoreBatch),
+}
+
+/// The changes of the seat store decided together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreBatch {
+    /// The leader's wall-clock time when it cut the batch.
+    pub at: UnixTime,
+    /// Leases granted (written) and ended (removed), in order.
+    pub leases: Vec<LeaseChange>,
+    /// Ends of restored leases stored or cleared, in order.
+    pub detached: Vec<DetachedChange>,
+    /// Journal entries, consecutive, as the leader numbered them.
+    pub journal: Vec<JournalEntry>,
+    /// The clock mark, when it was due.
+    pub clock: Option<UnixTime>,
+    /// The report chain's new state, after an export.
+    pub report: Option<ReportState>,
+    /// Journal entries an export made redundant.
+    pub compact: Option<Compaction>,
+}
+
+impl StoreBatch {
+    /// A batch cut at `at` that changes nothing yet.
+    pub fn new(at: UnixTime) -> StoreBatch {
+        StoreBatch {
+            at,
+            leases: Vec::new(),
+            detached: Vec::new(),
+            journal: Vec::new(),
+            clock: None,
+            report: None,
+            compact: None,
+        }
+    }
+
+    /// Whether applying the batch would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+            && self.detached.is_empty()
+            && self.journal.is_empty()
+            && self.clock.is_none()
+            && self.report.is_none()
+            && self.compact.is_none()
+    }
+}
+
+/// A change of the lease tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseChange {
+    /// The lease is held (granted, or given back after a lapse).
+    Put(LeaseRecord),
+    /// The lease ended (checkin, reclaim, expiry, removal, rollback).
+    Remove(LeaseId),
+}
+
+/// A change of the stored ends of detached leases (`detached/v1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DetachedChange {
+    /// The lease ends by `until` unless its holder re-attaches.
+    Until {
+        /// The lease.
+        id: LeaseId,
+        /// When it ends (wall clock).
+        until: UnixTime,
+    },
+    /// The stored end is forgotten (re-attached, or the lease ended).
+    Cleared {
+        /// The lease.
+        id: LeaseId,
+    },
+}
+
+/// Journal entries removed after an export: numbers up to `upto` recorded before
+/// `before` (the store's `compact_journal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compaction {
+    /// The last number exported.
+    pub upto: u64,
+    /// Entries from this time on stay (the report period's end).
+    pub before: UnixTime,
+}
+
+/// The whole seat store, as a snapshot sends it to a server that is too far behind;
+/// the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoreSnapshot {
+    /// Format version 1.
+    V1(StoreImage),
+}
+
+/// Everything the seat store holds that the servers share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreImage {
+    /// The leases held, by id.
+    pub leases: Vec<LeaseRecord>,
+    /// The stored ends of detached leases.
+    pub detached: Vec<(LeaseId, UnixTime)>,
+    /// The journal not yet compacted, in order.
+    pub journal: Vec<JournalEntry>,
+    /// The clock mark.
+    pub clock: Option<UnixTime>,
+    /// Where the report chain stands.
+    pub report: ReportState,
+}
+
+/// Largest snapshot we decode (the journal is compacted after each export; a million
+/// events take well under this).
+pub const MAX_SNAPSHOT: usize = 1 << 30;
+
+impl StoreSnapshot {
+    /// Encodes for the Raft snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes a snapshot, bounded.
+    pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, crate::DecodeError> {
+        crate::decode::<StoreSnapshot, MAX_SNAPSHOT>(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_round_trips_and_a_newer_format_is_refused() {
+        let image = StoreImage {
+            detached: vec![(LeaseId(7), UnixTime(100))],
+            clock: Some(UnixTime(99)),
+            ..StoreImage::default()
+        };
+        let bytes = StoreSnapshot::V1(image.clone()).encode();
+        assert_eq!(
+            StoreSnapshot::decode(&bytes).unwrap(),
+            StoreSnapshot::V1(image)
+        );
+        // A tag this tally does not know (a later format) is an error, not a panic.
+        let mut later = bytes.clone();
+        later[0] = 9;
+        assert!(StoreSnapshot::decode(&later).is_err());
+    }
+
+    #[test]
+    fn an_empty_batch_says_so() {
+        assert!(StoreBatch::new(UnixTime(5)).is_empty());
+        let batch = StoreBatch {
+            leases: vec![LeaseChange::Remove(LeaseId(1))],
+            ..StoreBatch::new(UnixTime(5))
+        };
+        assert!(!batch.is_empty());
+    }
+}
