@@ -10,3 +10,17 @@
 pub mod durable;
 pub mod net;
 pub mod store;
+
+use std::io::Cursor; // the snapshot data type `declare_raft_types!` defaults to
+use tally_protocol::replicate::StoreCommand;
+
+openraft::declare_raft_types!(
+    /// The Raft of a tally site: commands are the seat store's batches (applied by each
+    /// server's state machine to its own store), node ids are derived from node keys
+    /// (`PublicKey::node_id`), a node is its address and key.
+    pub Site:
+        D = StoreCommand,
+        R = (),
+        NodeId = u64,
+        Node = net::PeerNode,
+);

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod ops;
 pub mod params;
 pub mod reload;
+pub mod replicated;
 pub mod reports;
 pub mod returns;
 pub mod server;

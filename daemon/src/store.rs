@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tally_cluster::durable::sync_dir;
 use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredDeadline, StoredLease};
+use tally_protocol::replicate::{DetachedChange, LeaseChange, StoreBatch, StoreImage};
 use tally_protocol::report::{
     JournalEntry, ReportState, StoredJournal, StoredJournalChunk, StoredReportState,
 };
@@ -38,6 +39,15 @@ pub enum StoreError {
         path: PathBuf,
         /// sled's error.
         cause: sled::Error,
+    },
+    /// A replicated command or snapshot of a format this tallyd does not read (written
+    /// by a newer tallyd of the same site): upgrade this server.
+    #[error("seat store {path}: a replicated {what} is of a newer format than this tallyd reads; upgrade it to the site's version")]
+    NewerFormat {
+        /// The store directory.
+        path: PathBuf,
+        /// A command, a snapshot.
+        what: &'static str,
     },
     /// Another process (another tallyd, or `tallyd return` / `diagnose` while tallyd
     /// runs) holds the store's lock: sled keeps one process per store.
@@ -863,6 +873,100 @@ const DETACHED_TREE: &str = "detached/v1";
 
 fn key(id: LeaseId) -> [u8; 8] {
     id.0.to_be_bytes()
+}
+
+/// The seat store as the servers of a site replicate it (ARCHITECTURE.md, "Cluster"):
+/// each server's Raft state machine writes the batches of the log here, and a server too
+/// far behind takes the whole store from a snapshot.
+impl Store {
+    /// Writes a replicated batch, not flushed: the Raft log holds it durably, and a
+    /// batch applied again after a crash writes the same records (each is keyed).
+    pub fn write(&self, batch: &StoreBatch) -> Result<(), StoreError> {
+        let mut leases = sled::Batch::default();
+        for change in &batch.leases {
+            match change {
+                LeaseChange::Put(record) => {
+                    leases.insert(&key(record.id), StoredLease::V1(record.clone()).encode())
+                }
+                LeaseChange::Remove(id) => leases.remove(&key(*id)),
+            }
+        }
+        self.leases.apply_batch(leases).map_err(|e| self.err(e))?;
+        let mut detached = sled::Batch::default();
+        for change in &batch.detached {
+            match *change {
+                DetachedChange::Until { id, until } => {
+                    detached.insert(&key(id), StoredDeadline::V1(until).encode())
+                }
+                DetachedChange::Cleared { id } => detached.remove(&key(id)),
+            }
+        }
+        self.detached
+            .apply_batch(detached)
+            .map_err(|e| self.err(e))?;
+        self.append_journal(&batch.journal)?;
+        if let Some(clock) = batch.clock {
+            self.save_clock(clock)?;
+        }
+        if let Some(state) = &batch.report {
+            self.save_report_state(state)?;
+        }
+        if let Some(compaction) = batch.compact {
+            self.compact_journal(compaction.upto, compaction.before)?;
+        }
+        Ok(())
+    }
+
+    /// Everything the servers share, for a snapshot. Unreadable records are left out,
+    /// as a restart leaves them out of the ledger.
+    pub fn image(&self) -> Result<StoreImage, StoreError> {
+        let (leases, _unreadable) = self.load_leases()?;
+        let mut detached: Vec<(LeaseId, UnixTime)> = self.load_detached()?.into_iter().collect();
+        detached.sort_by_key(|(id, _)| id.0);
+        let (journal, _damaged) = self.journal_after(0)?;
+        Ok(StoreImage {
+            leases,
+            detached,
+            journal,
+            clock: self.load_clock()?,
+            report: self.report_state()?,
+        })
+    }
+
+    /// Makes the store hold exactly `image` (a snapshot from the leader), not flushed.
+    pub fn replace(&self, image: &StoreImage) -> Result<(), StoreError> {
+        for tree in [&self.leases, &self.detached, &self.journal] {
+            tree.clear().map_err(|e| self.err(e))?;
+        }
+        let mut leases = sled::Batch::default();
+        for record in &image.leases {
+            leases.insert(&key(record.id), StoredLease::V1(record.clone()).encode());
+        }
+        self.leases.apply_batch(leases).map_err(|e| self.err(e))?;
+        let mut detached = sled::Batch::default();
+        for (id, until) in &image.detached {
+            detached.insert(&key(*id), StoredDeadline::V1(*until).encode());
+        }
+        self.detached
+            .apply_batch(detached)
+            .map_err(|e| self.err(e))?;
+        self.append_journal(&image.journal)?;
+        match image.clock {
+            Some(clock) => self.save_clock(clock)?,
+            None => {
+                self.meta.remove(CLOCK_KEY).map_err(|e| self.err(e))?;
+            }
+        }
+        self.save_report_state(&image.report)
+    }
+
+    /// The error for a replicated `what` of a format this tallyd does not read.
+    pub fn newer_format(&self, what: &'static str) -> StoreError {
+        StoreError::NewerFormat {
+            path: self.path.clone(),
+            what,
+        }
+    }
 }
 
 #[cfg(test)]

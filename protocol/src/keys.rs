@@ -28,6 +28,15 @@ impl PublicKey {
             .map_err(|_| KeyError::BadSignature)
     }
 
+    /// The server's id in its site's Raft cluster: the first 8 bytes of the key's
+    /// SHA-256, big-endian, so in hex it reads as the first four groups of the
+    /// fingerprint. Derived from the key, a server replaced with a new key is a new
+    /// member, and a wiped data directory can never rejoin under its old id.
+    pub fn node_id(&self) -> u64 {
+        let digest = Sha256::digest(self.0);
+        u64::from_be_bytes(digest[..8].try_into().expect("8 bytes of a 32-byte digest"))
+    }
+
     /// Lower-case hex of the 32 key bytes.
     pub fn to_hex(&self) -> String {
         hex(&self.0)
@@ -206,6 +215,18 @@ pub mod demo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_id_reads_as_the_start_of_the_fingerprint() {
+        let key = SecretKey::from_seed([3; 32]).public();
+        let hex = format!("{:016x}", key.node_id());
+        let fingerprint: String = key.fingerprint().replace(':', "");
+        assert_eq!(hex, fingerprint[..16]);
+        assert_ne!(
+            key.node_id(),
+            SecretKey::from_seed([4; 32]).public().node_id()
+        );
+    }
 
     #[test]
     fn sign_verify_and_files() {
