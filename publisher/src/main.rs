@@ -459,20 +459,21 @@ fn verify_return(bundle_path: &Path, proof_path: &Path) -> Result<(), Failure> {
         .with_context(|| format!("{}", proof_path.display()))
         .map_err(data)?;
     let check = || -> Result<()> {
-        let Some(binding) = &b.binding else {
+        if b.binding.is_empty() {
             bail!(
                 "bundle {} is not bound to a server; nothing to return",
                 b.id
             );
-        };
-        if proof.server_key != binding.server_key {
+        }
+        let Some(binding) = b.binding_of(&proof.server_key) else {
+            let bound: Vec<String> = b.bound_keys().iter().map(|k| k.fingerprint()).collect();
             bail!(
                 "signed by server key {}, but bundle {} is bound to server key {}",
                 proof.server_key.fingerprint(),
                 b.id,
-                binding.server_key.fingerprint()
+                bound.join(", ")
             );
-        }
+        };
         if proof.bundle_id != b.id {
             bail!("returns bundle {}, not bundle {}", proof.bundle_id, b.id);
         }

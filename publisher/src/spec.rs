@@ -254,10 +254,10 @@ impl Spec {
                 id: self.customer.id.clone(),
                 name: self.customer.name.clone(),
             },
-            binding: Some(Binding {
+            binding: vec![Binding {
                 server_key: request.server_key,
                 host_fingerprint: request.host_fingerprint.clone(),
-            }),
+            }],
             supersedes: self.supersedes.clone(),
             valid_from: date("valid_from", &self.valid_from)?,
             valid_until: end("valid_until", &self.valid_until)?,
