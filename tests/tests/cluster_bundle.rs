@@ -1,0 +1,193 @@
+//! One bundle for a cluster of servers, with the real binaries: three `tallyd init` data
+//! dirs, three `tallyd request`, one `tally-publisher issue` with `--request` repeated;
+//! the publisher shows the members, and refuses a tampered request or the same server
+//! twice.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use tally_tests::{bin, ok, run};
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A vendor key and `n` activated servers (`s0`, `s1`, ...), each with its data dir, its
+/// activation request and its own bundle directory.
+struct Cluster {
+    root: tempfile::TempDir,
+    nodes: usize,
+}
+
+impl Cluster {
+    fn new(nodes: usize) -> Cluster {
+        let c = Cluster {
+            root: tempfile::tempdir().unwrap(),
+            nodes,
+        };
+        ok(run(Command::new(bin("tally-publisher"))
+            .arg("keygen")
+            .arg("--out")
+            .arg(c.path("vendor"))));
+        for i in 0..nodes {
+            std::fs::create_dir_all(c.path(&format!("s{i}/bundles"))).unwrap();
+            ok(run(Command::new(bin("tallyd"))
+                .arg("init")
+                .arg("--data-dir")
+                .arg(c.path(&format!("s{i}/data")))));
+            ok(run(Command::new(bin("tallyd"))
+                .arg("request")
+                .arg("--data-dir")
+                .arg(c.path(&format!("s{i}/data")))
+                .arg("--out")
+                .arg(c.request(i))));
+            std::fs::write(
+                c.path(&format!("s{i}/tallyd.toml")),
+                format!(
+                    "listen = \"127.0.0.1:0\"\nhttp = false\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
+                    c.path(&format!("s{i}/data")).display(),
+                    c.path(&format!("s{i}/bundles")).display(),
+                    c.path("vendor.pub").display()
+                ),
+            )
+            .unwrap();
+        }
+        c
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn request(&self, i: usize) -> PathBuf {
+        self.path(&format!("s{i}.req"))
+    }
+
+    /// The server key of node `i`, as its activation request names it.
+    fn key(&self, i: usize) -> String {
+        let out = ok(run(Command::new(bin("tally-publisher"))
+            .arg("inspect")
+            .arg("--json")
+            .arg(self.request(i))));
+        let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+        doc["server_key"].as_str().unwrap().to_string()
+    }
+
+    /// `tally-publisher issue` of a `solver = 5` bundle with the given requests.
+    fn issue(&self, requests: &[PathBuf], out: &str) -> Output {
+        let spec = self.path("spec.toml");
+        std::fs::write(
+            &spec,
+            "id = \"site-ha-1\"\nvendor = \"Acme Simulation\"\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n[[feature]]\nname = \"solver\"\nseats = 5\n",
+        )
+        .unwrap();
+        let mut cmd = Command::new(bin("tally-publisher"));
+        cmd.arg("issue")
+            .arg("--vendor-key")
+            .arg(self.path("vendor.key"))
+            .arg("--spec")
+            .arg(&spec);
+        for r in requests {
+            cmd.arg("--request").arg(r);
+        }
+        run(cmd.arg("--out").arg(self.path(out)))
+    }
+
+    fn all_requests(&self) -> Vec<PathBuf> {
+        (0..self.nodes).map(|i| self.request(i)).collect()
+    }
+}
+
+#[test]
+fn one_bundle_binds_three_servers_with_seats_counted_once() {
+    let c = Cluster::new(3);
+    let keys: Vec<String> = (0..3).map(|i| c.key(i)).collect();
+    let out = ok(c.issue(&c.all_requests(), "ha.bundle"));
+    assert!(out.contains("bound to  3 servers"), "{out}");
+    for k in &keys {
+        assert!(out.contains(k), "issue names every member: {out}");
+    }
+    // inspect: every member, and the seats as the spec says them (not times three).
+    let text = ok(run(Command::new(bin("tally-publisher"))
+        .arg("inspect")
+        .arg(c.path("ha.bundle"))));
+    assert!(text.contains("bound to   3 servers"), "{text}");
+    for k in &keys {
+        assert!(text.contains(&format!("server key {k}")), "{text}");
+    }
+    assert!(text.contains("solver: 5 seats"), "{text}");
+    let json = ok(run(Command::new(bin("tally-publisher"))
+        .arg("inspect")
+        .arg("--json")
+        .arg(c.path("ha.bundle"))));
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["servers_bound"], 3, "{doc}");
+    assert_eq!(doc["binding"], serde_json::Value::Null, "{doc}");
+    let members: Vec<&str> = doc["cluster"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["server_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, keys);
+    assert_eq!(doc["features"][0]["seats"], 5, "{doc}");
+
+    // One request works as before: one server, `binding` as it always was.
+    let out = ok(c.issue(&c.all_requests()[..1], "one.bundle"));
+    assert!(
+        out.contains(&format!("bound to  server key {}", keys[0])),
+        "{out}"
+    );
+    let json = ok(run(Command::new(bin("tally-publisher"))
+        .arg("inspect")
+        .arg("--json")
+        .arg(c.path("one.bundle"))));
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["binding"]["server_key"], keys[0].as_str(), "{doc}");
+    assert_eq!(doc["servers_bound"], 1, "{doc}");
+}
+
+#[test]
+fn the_same_server_twice_a_tampered_request_or_too_many_are_refused() {
+    let c = Cluster::new(2);
+    // The same request twice: one server cannot be two members.
+    let twice = [c.request(0), c.request(1), c.request(0)];
+    let out = c.issue(&twice, "twice.bundle");
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let why = stderr(&out);
+    assert!(why.contains("same server"), "{why}");
+    assert!(why.contains(&c.key(0)), "{why}");
+    assert!(!c.path("twice.bundle").exists());
+
+    // A request edited after signing: its signature no longer verifies.
+    let text = std::fs::read_to_string(c.request(1)).unwrap();
+    let edited = c.path("edited.req");
+    std::fs::write(&edited, flip_one_body_char(&text)).unwrap();
+    let out = c.issue(&[c.request(0), edited.clone()], "edited.bundle");
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&edited.display().to_string()),
+        "names the file: {}",
+        stderr(&out)
+    );
+    assert!(!c.path("edited.bundle").exists());
+
+    // More than seven servers: a usage error before any file is read.
+    let eight: Vec<PathBuf> = (0..8).map(|_| c.request(0)).collect();
+    let out = c.issue(&eight, "eight.bundle");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("at most 7"), "{}", stderr(&out));
+}
+
+/// The armoured text with one character of its base64 body changed.
+fn flip_one_body_char(text: &str) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let i = lines
+        .iter()
+        .position(|l| !l.starts_with("-----") && !l.contains(':') && l.len() > 20)
+        .expect("a body line");
+    let mid = lines[i].len() / 2;
+    let c = lines[i].as_bytes()[mid];
+    let new = if c == b'A' { 'B' } else { 'A' };
+    lines[i].replace_range(mid..mid + 1, &new.to_string());
+    lines.join("\n") + "\n"
+}
