@@ -247,3 +247,52 @@ fn an_expired_renewal_keeps_what_it_superseded_out() {
         Some(&vec!["paid".to_string()])
     );
 }
+
+#[test]
+fn a_cluster_bundle_loads_on_a_member_with_its_host_and_nowhere_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let peers = [
+        SecretKey::from_seed([20; 32]),
+        SecretKey::from_seed([21; 32]),
+    ];
+    let member = |key: &SecretKey, host: &str| Binding {
+        server_key: key.public(),
+        host_fingerprint: host.into(),
+    };
+    // This server is the middle member of three.
+    let mut ours = bundle("cluster", 5);
+    ours.binding = vec![
+        member(&peers[0], "host-a"),
+        member(&server(), "this-host"),
+        member(&peers[1], "host-c"),
+    ];
+    write(d, "10-cluster.bundle", &ours, &vendor());
+    // This server's key, but the member names another host: a copied data dir.
+    let mut elsewhere = bundle("cluster-elsewhere", 5);
+    elsewhere.binding = vec![member(&peers[0], "host-a"), member(&server(), "other-host")];
+    write(d, "20-elsewhere.bundle", &elsewhere, &vendor());
+    // A cluster this server is not a member of: every member named, and this server.
+    let mut theirs = bundle("not-ours", 5);
+    theirs.binding = vec![member(&peers[0], "host-a"), member(&peers[1], "host-c")];
+    write(d, "30-not-ours.bundle", &theirs, &vendor());
+
+    let loaded = load_dir(d, &rules(), NOW).unwrap();
+    let served: Vec<&str> = loaded
+        .served
+        .iter()
+        .map(|(_, v)| v.bundle.id.as_str())
+        .collect();
+    assert_eq!(served, vec!["cluster"]);
+    assert!(reason_for(&loaded, "20-elsewhere.bundle").contains("bound to host other-host"));
+    let why = reason_for(&loaded, "30-not-ours.bundle");
+    assert_eq!(
+        why,
+        format!(
+            "binds servers {}, {}; this server is {}",
+            peers[0].public().fingerprint(),
+            peers[1].public().fingerprint(),
+            server().public().fingerprint()
+        )
+    );
+}

@@ -1,11 +1,13 @@
 //! One bundle for a cluster of servers, with the real binaries: three `tallyd init` data
 //! dirs, three `tallyd request`, one `tally-publisher issue` with `--request` repeated;
 //! the publisher shows the members, and refuses a tampered request or the same server
-//! twice.
+//! twice; each member's tallyd loads the bundle and a fourth server refuses it. The
+//! servers do not form a cluster here (each serves its own ledger): the tests check
+//! the binding, which the cluster builds on.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use tally_tests::{bin, ok, run};
+use tally_tests::{bin, ok, run, Daemon};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -94,6 +96,27 @@ impl Cluster {
 
     fn all_requests(&self) -> Vec<PathBuf> {
         (0..self.nodes).map(|i| self.request(i)).collect()
+    }
+
+    /// Puts the bundle file `name` into node `i`'s bundle directory.
+    fn install(&self, name: &str, i: usize) {
+        std::fs::copy(self.path(name), self.path(&format!("s{i}/bundles/{name}"))).unwrap();
+    }
+
+    /// `tallyd check-config` of node `i`.
+    fn check_config(&self, i: usize) -> Output {
+        run(Command::new(bin("tallyd"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(self.path(&format!("s{i}/tallyd.toml"))))
+    }
+
+    /// `tallyd run` of node `i` on its own loopback port.
+    fn daemon(&self, i: usize) -> Daemon {
+        Daemon::run(
+            &self.path(&format!("s{i}/tallyd.toml")),
+            &self.path("vendor.pub"),
+        )
     }
 }
 
@@ -190,4 +213,49 @@ fn flip_one_body_char(text: &str) -> String {
     let new = if c == b'A' { 'B' } else { 'A' };
     lines[i].replace_range(mid..mid + 1, &new.to_string());
     lines.join("\n") + "\n"
+}
+
+#[test]
+fn each_member_loads_the_cluster_bundle_and_a_fourth_server_refuses_it() {
+    let c = Cluster::new(4);
+    let keys: Vec<String> = (0..4).map(|i| c.key(i)).collect();
+    // Bound to the first three; the fourth is a server of the same site left out.
+    ok(c.issue(&c.all_requests()[..3], "ha.bundle"));
+    for i in 0..4 {
+        c.install("ha.bundle", i);
+    }
+    for (i, key) in keys.iter().enumerate().take(3) {
+        let out = ok(c.check_config(i));
+        assert!(out.contains("bundle site-ha-1"), "node {i}: {out}");
+        assert!(out.contains("binds 3 servers"), "node {i}: {out}");
+        assert!(out.contains(&format!("server key    {key}")), "{out}");
+    }
+    let out = c.check_config(3);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let why = stderr(&out);
+    let expected = format!(
+        "{}: refused: binds servers {}, {}, {}; this server is {}",
+        c.path("s3/bundles/ha.bundle").display(),
+        keys[0],
+        keys[1],
+        keys[2],
+        keys[3]
+    );
+    assert!(why.contains(&expected), "{why}\nexpected: {expected}");
+
+    // The three members serve it at once, each on its own port, each the whole 5 seats
+    // (no cluster is formed here, so each counts on its own ledger).
+    let daemons: Vec<Daemon> = (0..3).map(|i| c.daemon(i)).collect();
+    for (i, d) in daemons.iter().enumerate() {
+        let solver = d.feature("solver");
+        assert_eq!(solver["total"], 5, "node {i}: {solver}");
+    }
+    // The fourth starts, serves nothing, and logs why, naming the file and the members.
+    let fourth = c.daemon(3);
+    let log = fourth.log_text();
+    assert!(log.contains("binds servers"), "{log}");
+    assert!(
+        log.contains(&format!("this server is {}", keys[3])),
+        "{log}"
+    );
 }
