@@ -216,7 +216,7 @@ fn flip_one_body_char(text: &str) -> String {
 }
 
 #[test]
-fn each_member_loads_the_cluster_bundle_and_a_fourth_server_refuses_it() {
+fn each_member_loads_and_serves_the_cluster_bundle_and_a_fourth_server_refuses_it() {
     let c = Cluster::new(4);
     let keys: Vec<String> = (0..4).map(|i| c.key(i)).collect();
     // Bound to the first three; the fourth is a server of the same site left out.
@@ -258,4 +258,24 @@ fn each_member_loads_the_cluster_bundle_and_a_fourth_server_refuses_it() {
         log.contains(&format!("this server is {}", keys[3])),
         "{log}"
     );
+
+    // The client: a checkout through each member succeeds (the bundle each presents
+    // binds the key it proves in TLS, as one member of three; the lease token is
+    // signed by a member key) and the seat is checked in when the command ends.
+    for (i, d) in daemons.iter().enumerate() {
+        let out = run(d.tally().args(["run", "solver", "--", "true"]));
+        assert!(
+            out.status.success(),
+            "node {i}: exit {:?}: {}",
+            out.status.code(),
+            stderr(&out)
+        );
+        assert_eq!(d.in_use("solver"), 0, "node {i}");
+    }
+    // Through the fourth: refused, since no bundle it presents binds it.
+    let out = run(fourth.tally().args(["run", "solver", "--", "true"]));
+    assert!(!out.status.success(), "the fourth server granted a seat");
+    let why = stderr(&out);
+    assert!(why.contains(&keys[3]), "{why}");
+    assert!(why.contains("not vouched for"), "{why}");
 }
