@@ -42,10 +42,10 @@ pub fn bench_bundle(server: &SecretKey, host: &str, seats: u32) -> Bundle {
             id: "bench".into(),
             name: "Bench".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key: server.public(),
             host_fingerprint: host.into(),
-        }),
+        }],
         supersedes: vec![],
         valid_from: None,
         valid_until: None,

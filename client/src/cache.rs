@@ -799,7 +799,7 @@ mod tests {
                 id: "c".into(),
                 name: "c".into(),
             },
-            binding: None,
+            binding: vec![],
             supersedes: vec![],
             valid_from: None,
             valid_until: None,

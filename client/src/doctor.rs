@@ -235,7 +235,7 @@ mod tests {
                 id: "c".into(),
                 name: "C".into(),
             },
-            binding: None,
+            binding: vec![],
             supersedes: vec![],
             valid_from: None,
             valid_until,

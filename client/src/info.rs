@@ -113,7 +113,7 @@ mod tests {
                 id: "c".into(),
                 name: "c".into(),
             },
-            binding: None,
+            binding: vec![],
             supersedes: Vec::new(),
             valid_from: None,
             valid_until,

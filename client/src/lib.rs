@@ -554,6 +554,20 @@ impl Session {
         self.server_key
     }
 
+    /// The keys whose lease tokens this session accepts: the server's own and, when a
+    /// verified bundle binds it as a member of a cluster, every member of that cluster.
+    /// A lease granted by one member stays valid when the client re-attaches through
+    /// another; the vendor's signature on the bundle vouches for each member key.
+    pub fn lease_signers(&self) -> Vec<PublicKey> {
+        let mut keys = vec![self.server_key];
+        for k in self.bundles.iter().flat_map(|b| b.bundle.bound_keys()) {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        keys
+    }
+
     /// The server's hello: version, heartbeat interval, demo flag.
     pub fn hello(&self) -> &HelloReply {
         &self.hello
@@ -624,7 +638,7 @@ impl Session {
         .map_err(|_| ClientError::Timeout("checkout", deadline))??;
         match response {
             Response::Checkout(CheckoutReply::Granted(grant)) => {
-                verify_grant(&self.server_key, &grant)?;
+                verify_grant_by(&self.lease_signers(), &grant)?;
                 Ok(Lease { grant })
             }
             Response::Checkout(CheckoutReply::Denied(denial)) => Err(ClientError::Denied(denial)),
@@ -911,10 +925,17 @@ impl Drop for UnreadReply {
 /// vouched for by the vendor), intact, and saying what the grant says. A token that fails
 /// any of these is refused, so a tampered or substituted token never becomes a lease.
 pub fn verify_grant(server_key: &PublicKey, grant: &LeaseGrant) -> Result<(), ClientError> {
+    verify_grant_by(std::slice::from_ref(server_key), grant)
+}
+
+/// Checks a grant's lease token like [`verify_grant`], accepting a token signed by any
+/// of `signers` (the members of the server's cluster, [`Session::lease_signers`]).
+pub fn verify_grant_by(signers: &[PublicKey], grant: &LeaseGrant) -> Result<(), ClientError> {
     let token = &grant.token;
-    if token.signer != *server_key {
+    if !signers.contains(&token.signer) {
         return Err(ClientError::Protocol(
-            "lease token is not signed by the server key".into(),
+            "lease token is not signed by the server key (nor by another server its bundle binds)"
+                .into(),
         ));
     }
     token
@@ -972,5 +993,48 @@ mod tests {
         let mut addrs = vec![a, b, c];
         dead_servers_last(&mut addrs);
         assert_eq!(addrs, vec![a, b, c]);
+    }
+
+    fn grant_signed_by(key: &tally_protocol::keys::SecretKey) -> LeaseGrant {
+        let id = tally_protocol::lease::LeaseId(7);
+        let body = LeaseToken::V1 {
+            id,
+            feature: "solver".into(),
+            count: 1,
+            holder: "ana@ws1".into(),
+            issued_at: tally_protocol::time::UnixTime(1_800_000_000),
+            expires_at: None,
+        }
+        .encode();
+        LeaseGrant {
+            id,
+            secret: tally_protocol::lease::LeaseSecret([1; 16]),
+            feature: "solver".into(),
+            count: 1,
+            ttl_secs: 60,
+            overdraft: false,
+            borrowed_until: None,
+            token: tally_protocol::signed::Signed::sign(Domain::Lease, body, key),
+        }
+    }
+
+    #[test]
+    fn a_lease_token_of_any_member_of_the_cluster_is_accepted_and_no_other() {
+        use tally_protocol::keys::SecretKey;
+        let [here, peer, stranger] = [10u8, 11, 12].map(|s| SecretKey::from_seed([s; 32]));
+        let members = [here.public(), peer.public()];
+        // Granted by another member (the lease re-attached through this server).
+        let grant = grant_signed_by(&peer);
+        assert!(verify_grant(&here.public(), &grant).is_err());
+        assert!(verify_grant_by(&members, &grant).is_ok());
+        // Signed by a key the bundle does not bind: refused.
+        let forged = grant_signed_by(&stranger);
+        let why = verify_grant_by(&members, &forged).unwrap_err().to_string();
+        assert!(why.contains("not signed by the server key"), "{why}");
+        // A member's token whose body was edited still fails its signature.
+        let mut edited = grant_signed_by(&peer);
+        let last = edited.token.body.len() - 1;
+        edited.token.body[last] ^= 1;
+        assert!(verify_grant_by(&members, &edited).is_err());
     }
 }

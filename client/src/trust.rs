@@ -5,9 +5,13 @@
 //!    after the handshake we know the server holds the private half of the key in its
 //!    certificate. There is no CA and no host name check: names prove nothing here.
 //! 2. Bundles: [`check_server`] requires that at least one bundle the server presents is
-//!    signed by a vendor key the application trusts *and* bound to that same key. A fake
-//!    server with its own key has no vendor signature on it; a clone that copied a real
-//!    bundle lacks the private key the bundle names.
+//!    signed by a vendor key the application trusts *and* bound to that same key (for a
+//!    bundle that binds a cluster: the key is one of its members). A fake server with
+//!    its own key has no vendor signature on it; a clone that copied a real bundle lacks
+//!    the private key of every server the bundle names.
+//! 3. Leases: a lease token must be signed by the server's key or by another member of
+//!    a cluster a verified bundle binds it in ([`crate::Session::lease_signers`]), so a
+//!    lease granted by one member stays valid when re-attached through another.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -161,5 +165,57 @@ impl Trust {
         Ok(Trust::Vendor(vec![
             tally_protocol::keys::public_key_from_armored(armored)?,
         ]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_protocol::bundle::{Binding, Bundle, Customer, FeatureGrant};
+    use tally_protocol::keys::SecretKey;
+    use tally_protocol::time::UnixTime;
+
+    #[test]
+    fn any_member_of_a_cluster_bundle_is_vouched_for_and_a_clone_is_not() {
+        let vendor = SecretKey::from_seed([30; 32]);
+        let members: Vec<PublicKey> = [31u8, 32, 33]
+            .iter()
+            .map(|s| SecretKey::from_seed([*s; 32]).public())
+            .collect();
+        let b = Bundle {
+            id: "ha".into(),
+            issued_at: UnixTime(1_800_000_000),
+            vendor: "Acme".into(),
+            customer: Customer {
+                id: "c".into(),
+                name: "Example".into(),
+            },
+            binding: members
+                .iter()
+                .map(|k| Binding {
+                    server_key: *k,
+                    host_fingerprint: "h".into(),
+                })
+                .collect(),
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features: vec![FeatureGrant::counted("solver", 5)],
+        };
+        let signed = bundle::sign(&b, &vendor);
+        let trust = Trust::Vendor(vec![vendor.public()]);
+        for k in &members {
+            let good = check_server(k, std::slice::from_ref(&signed), &trust).unwrap();
+            assert_eq!(good[0].bundle.bound_keys(), members);
+        }
+        // A server with its own key presenting the copied cluster bundle.
+        let clone = SecretKey::from_seed([34; 32]).public();
+        let refusal = check_server(&clone, &[signed], &trust).unwrap_err();
+        let text = refusal.to_string();
+        assert!(text.contains("binds servers"), "{text}");
+        assert!(
+            text.contains(&format!("this server is {}", clone.fingerprint())),
+            "{text}"
+        );
     }
 }

@@ -169,7 +169,8 @@ fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, Bundl
     let verified = bundle::verify(&signed, &rules.vendor_keys)?;
     let b = &verified.bundle;
     bundle::check_binding(b, &rules.server_key, false)?;
-    if let Some(binding) = &b.binding {
+    // A cluster bundle: the member with this server's key names the host it runs on.
+    if let Some(binding) = b.binding_of(&rules.server_key) {
         if binding.host_fingerprint != rules.host_fingerprint {
             return Err(BundleFileError::OtherHost {
                 bound: binding.host_fingerprint.clone(),

@@ -33,10 +33,10 @@ pub fn demo_bundle(server: &SecretKey, now: UnixTime) -> Bundle {
             id: "demo".into(),
             name: "Demo site".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key,
             host_fingerprint: crate::host::fingerprint(),
-        }),
+        }],
         supersedes: Vec::new(),
         valid_from: None,
         valid_until: None,

@@ -215,7 +215,7 @@ mod tests {
                 id: "C-1".into(),
                 name: "Example".into(),
             },
-            binding: None,
+            binding: vec![],
             supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
             valid_from: None,
             valid_until: until.map(UnixTime),

@@ -465,6 +465,14 @@ fn check_config(config_path: &Path) -> Result<(), Failure> {
             b.id,
             b.customer.name
         );
+        // A cluster bundle: say so, since its seats are the whole cluster's, not this
+        // server's alone.
+        if b.binding.len() > 1 {
+            println!(
+                "      binds {} servers (one cluster; this server is one of them; seats count once for the cluster)",
+                b.binding.len()
+            );
+        }
         for f in &b.features {
             println!("      {}", f.describe());
         }

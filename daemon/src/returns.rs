@@ -274,10 +274,10 @@ mod tests {
                     id: "c".into(),
                     name: "C".into(),
                 },
-                binding: Some(Binding {
+                binding: vec![Binding {
                     server_key: self.key.public(),
                     host_fingerprint: "host-1".into(),
-                }),
+                }],
                 supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
                 valid_from: None,
                 valid_until: None,

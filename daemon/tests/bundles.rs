@@ -38,10 +38,10 @@ fn bundle(id: &str, seats: u32) -> Bundle {
             id: "c".into(),
             name: "Example".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key: server().public(),
             host_fingerprint: "this-host".into(),
-        }),
+        }],
         supersedes: vec![],
         valid_from: None,
         valid_until: None,
@@ -86,18 +86,18 @@ fn each_bad_bundle_is_refused_by_name_and_the_good_ones_are_served() {
     );
 
     let mut other = bundle("other-server", 5);
-    other.binding.as_mut().unwrap().server_key = SecretKey::from_seed([9; 32]).public();
+    other.binding[0].server_key = SecretKey::from_seed([9; 32]).public();
     write(d, "40-other-server.bundle", &other, &vendor());
 
     let mut other_host = bundle("other-host", 5);
-    other_host.binding.as_mut().unwrap().host_fingerprint = "elsewhere".into();
+    other_host.binding[0].host_fingerprint = "elsewhere".into();
     write(d, "45-other-host.bundle", &other_host, &vendor());
 
     let mut expired = bundle("expired", 5);
     expired.valid_until = Some(NOW);
     write(d, "50-expired.bundle", &expired, &vendor());
 
-    let future = Signed::sign(Domain::Bundle, vec![2, 0, 0, 0], &vendor());
+    let future = Signed::sign(Domain::Bundle, vec![3, 0, 0, 0], &vendor());
     std::fs::write(d.join("60-future.bundle"), bundle::to_armored(&future)).unwrap();
 
     let full = bundle::to_armored(&bundle::sign(&bundle("cut", 5), &vendor()));
@@ -122,7 +122,7 @@ fn each_bad_bundle_is_refused_by_name_and_the_good_ones_are_served() {
     assert!(reason_for(&loaded, "40-other-server.bundle").contains("bound to server key"));
     assert!(reason_for(&loaded, "45-other-host.bundle").contains("bound to host elsewhere"));
     assert!(reason_for(&loaded, "50-expired.bundle").contains("expired"));
-    assert!(reason_for(&loaded, "60-future.bundle").contains("format version 3"));
+    assert!(reason_for(&loaded, "60-future.bundle").contains("format version 4"));
     assert!(reason_for(&loaded, "70-truncated.bundle").contains("truncated"));
     assert!(reason_for(&loaded, "80-returned.bundle").contains("returned"));
     assert_eq!(loaded.refused.len(), 8);
@@ -245,5 +245,54 @@ fn an_expired_renewal_keeps_what_it_superseded_out() {
     assert_eq!(
         loaded.supersedes.get("renewal"),
         Some(&vec!["paid".to_string()])
+    );
+}
+
+#[test]
+fn a_cluster_bundle_loads_on_a_member_with_its_host_and_nowhere_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let peers = [
+        SecretKey::from_seed([20; 32]),
+        SecretKey::from_seed([21; 32]),
+    ];
+    let member = |key: &SecretKey, host: &str| Binding {
+        server_key: key.public(),
+        host_fingerprint: host.into(),
+    };
+    // This server is the middle member of three.
+    let mut ours = bundle("cluster", 5);
+    ours.binding = vec![
+        member(&peers[0], "host-a"),
+        member(&server(), "this-host"),
+        member(&peers[1], "host-c"),
+    ];
+    write(d, "10-cluster.bundle", &ours, &vendor());
+    // This server's key, but the member names another host: a copied data dir.
+    let mut elsewhere = bundle("cluster-elsewhere", 5);
+    elsewhere.binding = vec![member(&peers[0], "host-a"), member(&server(), "other-host")];
+    write(d, "20-elsewhere.bundle", &elsewhere, &vendor());
+    // A cluster this server is not a member of: every member named, and this server.
+    let mut theirs = bundle("not-ours", 5);
+    theirs.binding = vec![member(&peers[0], "host-a"), member(&peers[1], "host-c")];
+    write(d, "30-not-ours.bundle", &theirs, &vendor());
+
+    let loaded = load_dir(d, &rules(), NOW).unwrap();
+    let served: Vec<&str> = loaded
+        .served
+        .iter()
+        .map(|(_, v)| v.bundle.id.as_str())
+        .collect();
+    assert_eq!(served, vec!["cluster"]);
+    assert!(reason_for(&loaded, "20-elsewhere.bundle").contains("bound to host other-host"));
+    let why = reason_for(&loaded, "30-not-ours.bundle");
+    assert_eq!(
+        why,
+        format!(
+            "binds servers {}, {}; this server is {}",
+            peers[0].public().fingerprint(),
+            peers[1].public().fingerprint(),
+            server().public().fingerprint()
+        )
     );
 }

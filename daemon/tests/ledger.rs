@@ -30,10 +30,10 @@ impl Driver {
                 id: "c".into(),
                 name: "C".into(),
             },
-            binding: Some(Binding {
+            binding: vec![Binding {
                 server_key: PublicKey([0; 32]),
                 host_fingerprint: "h".into(),
-            }),
+            }],
             supersedes: vec![],
             valid_from: None,
             valid_until: None,
@@ -116,7 +116,7 @@ fn bundle(id: &str, supersedes: &[&str], features: Vec<FeatureGrant>) -> Bundle 
             id: "c".into(),
             name: "C".into(),
         },
-        binding: None,
+        binding: vec![],
         supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
         valid_from: None,
         valid_until: None,

@@ -28,7 +28,7 @@ fn bundle(features: Vec<FeatureGrant>) -> Bundle {
             id: "c".into(),
             name: "C".into(),
         },
-        binding: None,
+        binding: vec![],
         supersedes: vec![],
         valid_from: None,
         valid_until: None,

@@ -40,10 +40,10 @@ fn bundle_for(
             id: "c".into(),
             name: "Example".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key: bound_to.unwrap_or(server).public(),
             host_fingerprint: "h".into(),
-        }),
+        }],
         supersedes: vec![],
         valid_from: None,
         valid_until: None,

@@ -73,10 +73,10 @@ fn demo_bundle() -> Bundle {
             id: "demo".into(),
             name: "Demo site".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key: server,
             host_fingerprint: host(),
-        }),
+        }],
         supersedes: Vec::new(),
         valid_from: None,
         valid_until: None,
@@ -570,7 +570,7 @@ fn main() {
         write("bundle", &format!("{name}-body.raw"), &raw(&signed.body));
     }
     let mut unbound = demo_bundle();
-    unbound.binding = None;
+    unbound.binding.clear();
     let text = bundle::to_armored(&bundle::sign(&unbound, &vendor));
     write(
         "bundle",

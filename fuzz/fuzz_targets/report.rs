@@ -35,10 +35,10 @@ fn bundle() -> Bundle {
             id: "c".into(),
             name: "C".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key: server_key().public(),
             host_fingerprint: "h".into(),
-        }),
+        }],
         supersedes: vec![],
         valid_from: None,
         valid_until: None,

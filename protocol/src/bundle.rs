@@ -19,20 +19,75 @@ pub const MAX_BUNDLE_BODY: usize = 1024 * 1024;
 
 /// A bundle's body; the variant is the format version.
 ///
-/// [`sign`] writes version 1 whenever the bundle can be said in it (no feature carries
-/// [`LostSeatTerms`]), so such bundles keep loading in a tally that reads only version 1;
-/// version 2 only when the vendor set terms that version 1 cannot carry.
+/// [`sign`] writes the oldest version that can say the bundle, so it keeps loading in
+/// an older tally: version 1 whenever no feature carries [`LostSeatTerms`] and at most
+/// one server is bound; version 2 when the vendor set terms that version 1 cannot
+/// carry; version 3 only for a bundle that binds a cluster of servers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum BundleBody {
     /// Format version 1: features without lost-seat terms.
     V1(BundleV1),
     /// Format version 2: features may carry [`LostSeatTerms`].
-    V2(Bundle),
+    V2(BundleV2),
+    /// Format version 3: the bundle may bind a cluster of servers (several
+    /// [`Binding`]s).
+    V3(Bundle),
 }
 
 /// The newest format version [`verify`] reads.
-pub const NEWEST_BUNDLE_VERSION: u32 = 2;
+pub const NEWEST_BUNDLE_VERSION: u32 = 3;
+
+/// Most servers one bundle may bind (one cluster).
+///
+/// Raft needs a majority of the members to commit anything, so a cluster of an odd
+/// size is the useful one: 3 survives one lost server, 5 two, 7 three; an even size
+/// adds a server without surviving one more failure (4 needs 3, like 5 does). More
+/// than 7 only slows every commit (each waits for a majority) without a site needing
+/// to survive four lost servers. The check allows any size from 1 to this bound: the
+/// odd-size advice is the vendor's to give, and a replacement procedure may pass
+/// through an even size.
+pub const MAX_CLUSTER: usize = 7;
+
+/// The body of a version-2 bundle, field for field as version 2 encoded it (one
+/// server bound at most).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleV2 {
+    /// See [`Bundle::id`].
+    pub id: String,
+    /// See [`Bundle::issued_at`].
+    pub issued_at: UnixTime,
+    /// See [`Bundle::vendor`].
+    pub vendor: String,
+    /// See [`Bundle::customer`].
+    pub customer: Customer,
+    /// See [`Bundle::binding`]: version 2 binds one server at most.
+    pub binding: Option<Binding>,
+    /// See [`Bundle::supersedes`].
+    pub supersedes: Vec<String>,
+    /// See [`Bundle::valid_from`].
+    pub valid_from: Option<UnixTime>,
+    /// See [`Bundle::valid_until`].
+    pub valid_until: Option<UnixTime>,
+    /// See [`Bundle::features`].
+    pub features: Vec<FeatureGrant>,
+}
+
+impl From<BundleV2> for Bundle {
+    fn from(b: BundleV2) -> Bundle {
+        Bundle {
+            id: b.id,
+            issued_at: b.issued_at,
+            vendor: b.vendor,
+            customer: b.customer,
+            binding: b.binding.into_iter().collect(),
+            supersedes: b.supersedes,
+            valid_from: b.valid_from,
+            valid_until: b.valid_until,
+            features: b.features,
+        }
+    }
+}
 
 /// The body of a version-1 bundle, field for field as version 1 encoded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +152,7 @@ impl From<BundleV1> for Bundle {
             issued_at: b.issued_at,
             vendor: b.vendor,
             customer: b.customer,
-            binding: b.binding,
+            binding: b.binding.into_iter().collect(),
             supersedes: b.supersedes,
             valid_from: b.valid_from,
             valid_until: b.valid_until,
@@ -130,8 +185,35 @@ impl From<FeatureGrantV1> for FeatureGrant {
 }
 
 impl Bundle {
-    /// The bundle in the version-1 layout, if it fits (no feature has lost-seat terms).
+    /// The one server binding that versions 1 and 2 can carry, if the bundle binds at
+    /// most one server.
+    fn single_binding(&self) -> Option<Option<Binding>> {
+        match self.binding.as_slice() {
+            [] => Some(None),
+            [one] => Some(Some(one.clone())),
+            _ => None,
+        }
+    }
+
+    /// The bundle in the version-2 layout, if it fits (at most one server bound).
+    fn to_v2(&self) -> Option<BundleV2> {
+        Some(BundleV2 {
+            id: self.id.clone(),
+            issued_at: self.issued_at,
+            vendor: self.vendor.clone(),
+            customer: self.customer.clone(),
+            binding: self.single_binding()?,
+            supersedes: self.supersedes.clone(),
+            valid_from: self.valid_from,
+            valid_until: self.valid_until,
+            features: self.features.clone(),
+        })
+    }
+
+    /// The bundle in the version-1 layout, if it fits (no feature has lost-seat terms,
+    /// at most one server bound).
     fn to_v1(&self) -> Option<BundleV1> {
+        let binding = self.single_binding()?;
         let mut features = Vec::with_capacity(self.features.len());
         for f in &self.features {
             if f.lost_seat.is_some() {
@@ -159,12 +241,54 @@ impl Bundle {
             issued_at: self.issued_at,
             vendor: self.vendor.clone(),
             customer: self.customer.clone(),
-            binding: self.binding.clone(),
+            binding,
             supersedes: self.supersedes.clone(),
             valid_from: self.valid_from,
             valid_until: self.valid_until,
             features,
         })
+    }
+
+    /// Whether the server with `key` is one of the servers the bundle binds.
+    pub fn is_bound_to(&self, key: &PublicKey) -> bool {
+        self.binding.iter().any(|b| b.server_key == *key)
+    }
+
+    /// The keys of the servers the bundle binds, in the vendor's order (empty for an
+    /// unbound demo bundle).
+    pub fn bound_keys(&self) -> Vec<PublicKey> {
+        self.binding.iter().map(|b| b.server_key).collect()
+    }
+
+    /// The binding of the server with `key`, if the bundle binds it: its host
+    /// fingerprint is the one that server must run on.
+    pub fn binding_of(&self, key: &PublicKey) -> Option<&Binding> {
+        self.binding.iter().find(|b| b.server_key == *key)
+    }
+
+    /// Checks the shape of the binding: at most [`MAX_CLUSTER`] servers, no key twice.
+    /// A key twice would count one server as two members and let it outvote the
+    /// others. The same host fingerprint twice is allowed: several servers on one
+    /// machine (tests, a staging site) are still distinct keys.
+    pub fn check_cluster(&self) -> Result<(), BundleError> {
+        if self.binding.len() > MAX_CLUSTER {
+            return Err(BundleError::Malformed(format!(
+                "binds {} servers; at most {MAX_CLUSTER} may form one cluster",
+                self.binding.len()
+            )));
+        }
+        for (i, b) in self.binding.iter().enumerate() {
+            if self.binding[..i]
+                .iter()
+                .any(|a| a.server_key == b.server_key)
+            {
+                return Err(BundleError::Malformed(format!(
+                    "binds server key {} twice",
+                    b.server_key.fingerprint()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -244,8 +368,10 @@ pub struct Bundle {
     pub vendor: String,
     /// Who bought it.
     pub customer: Customer,
-    /// The one server allowed to serve it; `None` only for demo bundles.
-    pub binding: Option<Binding>,
+    /// The servers allowed to serve it: one, or the members of one cluster (at most
+    /// [`MAX_CLUSTER`], each key once, each from its own activation request). Seats are
+    /// those of the whole cluster, not of each member. Empty only for demo bundles.
+    pub binding: Vec<Binding>,
     /// Ids of earlier bundles this one replaces (renewal, upgrade, trial-to-paid).
     pub supersedes: Vec<String>,
     /// The bundle is not served before this time.
@@ -265,7 +391,8 @@ pub struct Customer {
     pub name: String,
 }
 
-/// Ties a bundle to one server, so that copying it to a second machine serves nothing.
+/// Ties a bundle to one server (or to one member of a cluster), so that copying it to
+/// a machine it does not name serves nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     /// The server identity key; also the key of the server's TLS certificate.
@@ -412,8 +539,16 @@ pub enum BundleError {
         /// The key of the server checking it.
         ours: String,
     },
+    /// Binds a cluster of servers this server is not a member of.
+    #[error("binds servers {}; this server is {ours}", .bound.join(", "))]
+    NotAMember {
+        /// The keys of the cluster's servers.
+        bound: Vec<String>,
+        /// The key of the server checking it.
+        ours: String,
+    },
     /// The bundle is of a format version this build does not read.
-    #[error("bundle format version {0} is newer than this tally understands (it reads versions 1 and 2); upgrade tally")]
+    #[error("bundle format version {0} is newer than this tally understands (it reads versions 1 to 3); upgrade tally")]
     UnknownVersion(u32),
     /// A bundle without a binding outside demo mode.
     #[error("not bound to any server (only demo bundles may be unbound)")]
@@ -438,12 +573,18 @@ pub struct VerifiedBundle {
 
 /// Signs `bundle` with the vendor key and returns the envelope.
 ///
-/// The body is format version 1 when the bundle fits it, so that a tally that reads
-/// only version 1 still loads it; version 2 when a feature carries lost-seat terms.
+/// The body is the oldest format version that can say the bundle, so that an older
+/// tally still loads it: version 1 when it fits, version 2 when a feature carries
+/// lost-seat terms, version 3 only when the bundle binds more than one server. The
+/// caller checks [`Bundle::check_cluster`] first; [`verify`] refuses a bundle that
+/// fails it.
 pub fn sign(bundle: &Bundle, vendor: &SecretKey) -> Signed {
-    let body = match bundle.to_v1() {
-        Some(v1) => crate::encode(&BundleBody::V1(v1)),
-        None => crate::encode(&BundleBody::V2(bundle.clone())),
+    let body = if let Some(v1) = bundle.to_v1() {
+        crate::encode(&BundleBody::V1(v1))
+    } else if let Some(v2) = bundle.to_v2() {
+        crate::encode(&BundleBody::V2(v2))
+    } else {
+        crate::encode(&BundleBody::V3(bundle.clone()))
     };
     Signed::sign(Domain::Bundle, body, vendor)
 }
@@ -483,29 +624,36 @@ pub fn verify(signed: &Signed, trusted: &[PublicKey]) -> Result<VerifiedBundle, 
         .map_err(|e| BundleError::Malformed(e.0))?
     {
         BundleBody::V1(v1) => Bundle::from(v1),
-        BundleBody::V2(bundle) => bundle,
+        BundleBody::V2(v2) => Bundle::from(v2),
+        BundleBody::V3(bundle) => bundle,
     };
+    bundle.check_cluster()?;
     Ok(VerifiedBundle {
         bundle,
         signed: signed.clone(),
     })
 }
 
-/// Checks that a verified bundle is bound to the server with `server_key`; an unbound
-/// bundle passes only when `allow_unbound` (demo mode).
+/// Checks that a verified bundle is bound to the server with `server_key` (for a
+/// cluster bundle: that it is one of the members); an unbound bundle passes only when
+/// `allow_unbound` (demo mode).
 pub fn check_binding(
     bundle: &Bundle,
     server_key: &PublicKey,
     allow_unbound: bool,
 ) -> Result<(), BundleError> {
-    match &bundle.binding {
-        Some(b) if b.server_key == *server_key => Ok(()),
-        Some(b) => Err(BundleError::WrongServer {
-            bound: b.server_key.fingerprint(),
+    match bundle.binding.as_slice() {
+        _ if bundle.is_bound_to(server_key) => Ok(()),
+        [one] => Err(BundleError::WrongServer {
+            bound: one.server_key.fingerprint(),
             ours: server_key.fingerprint(),
         }),
-        None if allow_unbound => Ok(()),
-        None => Err(BundleError::Unbound),
+        [] if allow_unbound => Ok(()),
+        [] => Err(BundleError::Unbound),
+        members => Err(BundleError::NotAMember {
+            bound: members.iter().map(|b| b.server_key.fingerprint()).collect(),
+            ours: server_key.fingerprint(),
+        }),
     }
 }
 
@@ -522,10 +670,10 @@ mod tests {
                 id: "c-9".into(),
                 name: "Example Corp".into(),
             },
-            binding: Some(Binding {
+            binding: vec![Binding {
                 server_key: server,
                 host_fingerprint: "h".into(),
-            }),
+            }],
             supersedes: vec![],
             valid_from: None,
             valid_until: None,
@@ -599,15 +747,15 @@ mod tests {
         // A version-2 body without terms (another issuer's choice) reads the same.
         let v2_plain = Signed::sign(
             Domain::Bundle,
-            crate::encode(&BundleBody::V2(plain.clone())),
+            crate::encode(&BundleBody::V2(plain.to_v2().unwrap())),
             &vendor,
         );
         assert_eq!(verify(&v2_plain, &[vendor.public()]).unwrap().bundle, plain);
-        // Version 3 is refused by name.
-        let v3 = Signed::sign(Domain::Bundle, vec![2, 0, 0, 0], &vendor);
-        let refusal = verify(&v3, &[vendor.public()]).unwrap_err();
-        assert_eq!(refusal, BundleError::UnknownVersion(3));
-        assert!(refusal.to_string().contains("format version 3"));
+        // Version 4 is refused by name.
+        let v4 = Signed::sign(Domain::Bundle, vec![3, 0, 0, 0], &vendor);
+        let refusal = verify(&v4, &[vendor.public()]).unwrap_err();
+        assert_eq!(refusal, BundleError::UnknownVersion(4));
+        assert!(refusal.to_string().contains("format version 4"));
     }
 
     #[test]
@@ -650,5 +798,147 @@ mod tests {
             LostSeatTerms::for_feature([&plain], "other"),
             LostSeatTerms::DEFAULT
         );
+    }
+
+    /// The version-2 layout as it was encoded before version 3 existed (the `Bundle`
+    /// struct of that time, `binding: Option<Binding>`), to prove that bodies written
+    /// by an older publisher still verify, byte for byte.
+    #[derive(Serialize)]
+    struct OldBundleV2 {
+        id: String,
+        issued_at: UnixTime,
+        vendor: String,
+        customer: Customer,
+        binding: Option<Binding>,
+        supersedes: Vec<String>,
+        valid_from: Option<UnixTime>,
+        valid_until: Option<UnixTime>,
+        features: Vec<FeatureGrant>,
+    }
+
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    enum OldBody {
+        V1(BundleV1),
+        V2(OldBundleV2),
+    }
+
+    fn cluster(seeds: &[u8]) -> Vec<Binding> {
+        seeds
+            .iter()
+            .map(|s| Binding {
+                server_key: SecretKey::from_seed([*s; 32]).public(),
+                host_fingerprint: format!("host-{s}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_version_2_bundle_of_an_older_publisher_still_verifies() {
+        let vendor = SecretKey::from_seed([3; 32]);
+        let server = SecretKey::from_seed([4; 32]).public();
+        let mut b = sample(server);
+        b.features[0].lost_seat = Some(LostSeatTerms {
+            grace_secs: 30,
+            action: OnLostSeat::Stop,
+        });
+        let old = OldBody::V2(OldBundleV2 {
+            id: b.id.clone(),
+            issued_at: b.issued_at,
+            vendor: b.vendor.clone(),
+            customer: b.customer.clone(),
+            binding: Some(b.binding[0].clone()),
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features: b.features.clone(),
+        });
+        let body = crate::encode(&old);
+        let signed = Signed::sign(Domain::Bundle, body.clone(), &vendor);
+        let read = verify(&signed, &[vendor.public()]).unwrap().bundle;
+        assert_eq!(read, b);
+        assert!(read.is_bound_to(&server));
+        // And today's publisher writes that very body for it: older tallyds load it.
+        assert_eq!(sign(&b, &vendor).body, body);
+        // An unbound version-2 bundle reads as binding nobody.
+        let mut unbound = b.clone();
+        unbound.binding.clear();
+        let body = crate::encode(&OldBody::V2(OldBundleV2 {
+            binding: None,
+            ..match old {
+                OldBody::V2(o) => o,
+                OldBody::V1(_) => unreachable!(),
+            }
+        }));
+        let signed = Signed::sign(Domain::Bundle, body, &vendor);
+        assert_eq!(verify(&signed, &[vendor.public()]).unwrap().bundle, unbound);
+    }
+
+    #[test]
+    fn a_cluster_bundle_is_version_3_and_binds_each_member() {
+        let vendor = SecretKey::from_seed([3; 32]);
+        let mut b = sample(SecretKey::from_seed([4; 32]).public());
+        b.binding = cluster(&[10, 11, 12]);
+        let signed = sign(&b, &vendor);
+        assert_eq!(signed.body.first(), Some(&2));
+        let read = verify(&signed, &[vendor.public()]).unwrap().bundle;
+        assert_eq!(read, b);
+        let keys = read.bound_keys();
+        assert_eq!(keys.len(), 3);
+        for k in &keys {
+            assert!(read.is_bound_to(k));
+            assert_eq!(check_binding(&read, k, false), Ok(()));
+        }
+        assert_eq!(
+            read.binding_of(&keys[1]).unwrap().host_fingerprint,
+            "host-11"
+        );
+        // A server that is not a member is refused, every member named.
+        let outsider = SecretKey::from_seed([13; 32]).public();
+        assert!(!read.is_bound_to(&outsider));
+        let refusal = check_binding(&read, &outsider, true).unwrap_err();
+        let text = refusal.to_string();
+        for k in &keys {
+            assert!(text.contains(&k.fingerprint()), "{text}");
+        }
+        assert!(
+            text.contains(&format!("; this server is {}", outsider.fingerprint())),
+            "{text}"
+        );
+        // With lost-seat terms too, still version 3 (the only one that binds several).
+        b.features[0].lost_seat = Some(LostSeatTerms::DEFAULT);
+        let signed = sign(&b, &vendor);
+        assert_eq!(signed.body.first(), Some(&2));
+        assert_eq!(verify(&signed, &[vendor.public()]).unwrap().bundle, b);
+        // One member, or none (demo), stays version 1.
+        b.features[0].lost_seat = None;
+        b.binding.truncate(1);
+        assert_eq!(sign(&b, &vendor).body.first(), Some(&0));
+        b.binding.clear();
+        assert_eq!(sign(&b, &vendor).body.first(), Some(&0));
+    }
+
+    #[test]
+    fn a_key_twice_or_too_many_members_is_refused() {
+        let vendor = SecretKey::from_seed([3; 32]);
+        let mut b = sample(SecretKey::from_seed([4; 32]).public());
+        b.binding = cluster(&[10, 11, 10]);
+        // The same key on another host is still the same server.
+        b.binding[2].host_fingerprint = "elsewhere".into();
+        let refusal = verify(&sign(&b, &vendor), &[vendor.public()]).unwrap_err();
+        assert!(refusal.to_string().contains("twice"), "{refusal}");
+        assert_eq!(b.check_cluster(), Err(refusal));
+        // The same host twice with distinct keys is fine (servers sharing a machine).
+        b.binding = cluster(&[10, 11, 12]);
+        for m in &mut b.binding {
+            m.host_fingerprint = "one-host".into();
+        }
+        assert!(verify(&sign(&b, &vendor), &[vendor.public()]).is_ok());
+        let seeds: Vec<u8> = (20..20 + MAX_CLUSTER as u8).collect();
+        b.binding = cluster(&seeds);
+        assert!(verify(&sign(&b, &vendor), &[vendor.public()]).is_ok());
+        b.binding = cluster(&(20..21 + MAX_CLUSTER as u8).collect::<Vec<_>>());
+        let refusal = verify(&sign(&b, &vendor), &[vendor.public()]).unwrap_err();
+        assert!(refusal.to_string().contains("at most 7"), "{refusal}");
     }
 }

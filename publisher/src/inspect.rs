@@ -115,10 +115,21 @@ impl Inspected {
                 "issued_at": b.issued_at.to_string(),
                 "vendor": b.vendor,
                 "customer": {"id": b.customer.id, "name": b.customer.name},
-                "binding": b.binding.as_ref().map(|x| serde_json::json!({
+                // One server: `binding` as before; a cluster: `binding` is null and
+                // `cluster` lists the members (a script reading `binding` must not
+                // mistake one member for the only server).
+                "binding": match b.binding.as_slice() {
+                    [x] => serde_json::json!({
+                        "server_key": x.server_key.fingerprint(),
+                        "host_fingerprint": x.host_fingerprint,
+                    }),
+                    _ => Value::Null,
+                },
+                "servers_bound": b.binding.len(),
+                "cluster": (b.binding.len() > 1).then(|| b.binding.iter().map(|x| serde_json::json!({
                     "server_key": x.server_key.fingerprint(),
                     "host_fingerprint": x.host_fingerprint,
-                })),
+                })).collect::<Vec<_>>()),
                 "supersedes": b.supersedes,
                 "valid_from": b.valid_from.map(|t| t.date()),
                 "valid_until": b.valid_until.map(|t| t.last_day()),
@@ -211,14 +222,29 @@ impl Inspected {
                 outln!(out, "  issued     {}", b.issued_at);
                 outln!(out, "  vendor     {}", b.vendor);
                 outln!(out, "  customer   {} ({})", b.customer.name, b.customer.id);
-                match &b.binding {
-                    Some(x) => outln!(
+                match b.binding.as_slice() {
+                    [x] => outln!(
                         out,
                         "  bound to   server key {}, host {}",
                         x.server_key.fingerprint(),
                         x.host_fingerprint
                     ),
-                    None => outln!(out, "  bound to   nothing (demo bundle)"),
+                    [] => outln!(out, "  bound to   nothing (demo bundle)"),
+                    members => {
+                        outln!(
+                            out,
+                            "  bound to   {} servers (one cluster; seats count once for it)",
+                            members.len()
+                        );
+                        for x in members {
+                            outln!(
+                                out,
+                                "             server key {}, host {}",
+                                x.server_key.fingerprint(),
+                                x.host_fingerprint
+                            );
+                        }
+                    }
                 }
                 if !b.supersedes.is_empty() {
                     outln!(out, "  supersedes {}", b.supersedes.join(", "));
@@ -332,7 +358,7 @@ mod tests {
                 id: "acme".into(),
                 name: "Acme".into(),
             },
-            binding: None,
+            binding: vec![],
             supersedes: vec!["acme-2026".into()],
             valid_from: None,
             valid_until: None,

@@ -35,7 +35,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Issue a bundle from a spec, bound to the server of an activation request.
+    /// Issue a bundle from a spec, bound to the server of an activation request (or,
+    /// with `--request` repeated, to the servers of one cluster).
     Issue {
         /// The vendor secret key (the `.key` file of `keygen`).
         #[arg(long, alias = "key")]
@@ -43,9 +44,11 @@ enum Command {
         /// The bundle spec (TOML).
         #[arg(long)]
         spec: PathBuf,
-        /// The customer's activation request.
-        #[arg(long)]
-        request: PathBuf,
+        /// The customer's activation request. Repeat it (up to 7 times) to bind one
+        /// cluster: one request from each of its servers, each a different server.
+        /// The spec's seats are the cluster's, counted once, not per server.
+        #[arg(long, required = true)]
+        request: Vec<PathBuf>,
         /// Where to write the bundle.
         #[arg(long)]
         out: PathBuf,
@@ -349,15 +352,39 @@ fn load_public(path: &Path) -> Result<PublicKey, Failure> {
 fn issue(
     key: &Path,
     spec_path: &Path,
-    request: &Path,
+    request_paths: &[PathBuf],
     out: &Path,
     allow_expired: bool,
 ) -> Result<(), Failure> {
+    if request_paths.len() > bundle::MAX_CLUSTER {
+        return Err(usage(anyhow!(
+            "{} activation requests given; one bundle binds at most {} servers",
+            request_paths.len(),
+            bundle::MAX_CLUSTER
+        )));
+    }
     let vendor = load_secret(key)?;
     let spec = Spec::parse(spec_path, &read(spec_path)?).map_err(data)?;
-    let request = activation::request_from_armored(&read(request)?)
-        .with_context(|| format!("{}", request.display()))
-        .map_err(data)?;
+    // Each request is checked on its own: signed by the very key it asks to bind, so
+    // nobody adds to a cluster a server whose key they do not hold.
+    let mut requests: Vec<activation::ActivationRequest> = Vec::new();
+    for (i, path) in request_paths.iter().enumerate() {
+        let request = activation::request_from_armored(&read(path)?)
+            .with_context(|| format!("{}", path.display()))
+            .map_err(data)?;
+        if let Some(j) = requests
+            .iter()
+            .position(|r| r.server_key == request.server_key)
+        {
+            return Err(data(anyhow!(
+                "{} and {} are requests of the same server (key {}); a cluster needs one request from each of its servers",
+                request_paths[j].display(),
+                request_paths[i].display(),
+                request.server_key.fingerprint()
+            )));
+        }
+        requests.push(request);
+    }
     let mut random = [0u8; 4];
     getrandom::getrandom(&mut random)
         .context("reading the OS random source")
@@ -370,8 +397,11 @@ fn issue(
         keys::hex(&random)
     );
     let bundle = spec
-        .to_bundle(spec_path, &request, default_id, issued)
+        .to_cluster_bundle(spec_path, &requests, default_id, issued)
         .map_err(data)?;
+    bundle
+        .check_cluster()
+        .map_err(|e| data(anyhow::Error::from(e)))?;
     // A bundle that has already ended would be refused or count nothing at the customer:
     // almost always a typo in a date, caught here rather than by the customer's IT.
     let ended = tally_publisher::spec::already_ended(&bundle, issued);
@@ -390,15 +420,33 @@ fn issue(
     let signed = bundle::sign(&bundle, &vendor);
     write_new(out, &bundle::to_armored(&signed), 0o644).map_err(usage)?;
     println!(
-        "bundle {} written to {}\n  customer  {} ({})\n  bound to  server key {} on host {} ({})",
+        "bundle {} written to {}\n  customer  {} ({})",
         bundle.id,
         out.display(),
         bundle.customer.name,
         bundle.customer.id,
-        request.server_key.fingerprint(),
-        request.hostname,
-        request.host_fingerprint
     );
+    if let [request] = requests.as_slice() {
+        println!(
+            "  bound to  server key {} on host {} ({})",
+            request.server_key.fingerprint(),
+            request.hostname,
+            request.host_fingerprint
+        );
+    } else {
+        println!(
+            "  bound to  {} servers (one cluster; seats count once for it)",
+            requests.len()
+        );
+        for request in &requests {
+            println!(
+                "  server    key {} on host {} ({})",
+                request.server_key.fingerprint(),
+                request.hostname,
+                request.host_fingerprint
+            );
+        }
+    }
     print_features(&bundle);
     Ok(())
 }
@@ -459,20 +507,21 @@ fn verify_return(bundle_path: &Path, proof_path: &Path) -> Result<(), Failure> {
         .with_context(|| format!("{}", proof_path.display()))
         .map_err(data)?;
     let check = || -> Result<()> {
-        let Some(binding) = &b.binding else {
+        if b.binding.is_empty() {
             bail!(
                 "bundle {} is not bound to a server; nothing to return",
                 b.id
             );
-        };
-        if proof.server_key != binding.server_key {
+        }
+        let Some(binding) = b.binding_of(&proof.server_key) else {
+            let bound: Vec<String> = b.bound_keys().iter().map(|k| k.fingerprint()).collect();
             bail!(
                 "signed by server key {}, but bundle {} is bound to server key {}",
                 proof.server_key.fingerprint(),
                 b.id,
-                binding.server_key.fingerprint()
+                bound.join(", ")
             );
-        }
+        };
         if proof.bundle_id != b.id {
             bail!("returns bundle {}, not bundle {}", proof.bundle_id, b.id);
         }

@@ -90,10 +90,7 @@ impl Inbox {
             Ok(b) => b,
             Err(e) => return Outcome::new(500, format!("cannot read the bundle directory: {e}")),
         };
-        let Some(anchor) = bundles
-            .iter()
-            .find(|b| b.binding.as_ref().is_some_and(|x| x.server_key == key))
-        else {
+        let Some(anchor) = bundles.iter().find(|b| b.is_bound_to(&key)) else {
             return Outcome::new(
                 403,
                 format!(

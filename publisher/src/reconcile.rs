@@ -45,12 +45,17 @@ pub struct ChainLink {
 /// problem found, each naming its file.
 pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLink>, Vec<String>> {
     let mut problems = Vec::new();
-    let Some(binding) = &bundle.binding else {
+    if bundle.binding.is_empty() {
         return Err(vec![format!(
             "bundle {} is not bound to a server; reports cannot be attributed",
             bundle.id
         )]);
-    };
+    }
+    let bound: Vec<String> = bundle
+        .bound_keys()
+        .iter()
+        .map(|k| k.fingerprint())
+        .collect();
     let mut links: Vec<ChainLink> = Vec::new();
     let mut seen: BTreeMap<u64, String> = BTreeMap::new();
     for f in files {
@@ -62,13 +67,13 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
             }
         };
         let r = &verified.report;
-        if r.server_key != binding.server_key {
+        if !bundle.is_bound_to(&r.server_key) {
             problems.push(format!(
                 "{}: signed by server key {}, but bundle {} binds server key {}",
                 f.name,
                 r.server_key.fingerprint(),
                 bundle.id,
-                binding.server_key.fingerprint()
+                bound.join(", ")
             ));
             continue;
         }
@@ -169,11 +174,7 @@ fn anchor<'a>(bundles: &'a [Bundle], files: &[ReportFile]) -> Option<&'a Bundle>
         .find_map(|f| report::read(&f.text).ok())
         .map(|v| v.report.server_key);
     signer
-        .and_then(|key| {
-            bundles
-                .iter()
-                .find(|b| b.binding.as_ref().is_some_and(|x| x.server_key == key))
-        })
+        .and_then(|key| bundles.iter().find(|b| b.is_bound_to(&key)))
         .or(bundles.first())
 }
 
@@ -531,8 +532,8 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
     let server = links.first().map(|l| l.report.report.server_key);
     let ours: Vec<Bundle> = bundles
         .iter()
-        .filter(|b| match (&b.binding, server) {
-            (Some(x), Some(key)) => x.server_key == key,
+        .filter(|b| match server {
+            Some(key) if !b.binding.is_empty() => b.is_bound_to(&key),
             _ => true,
         })
         .cloned()
@@ -758,8 +759,8 @@ pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summ
             .iter()
             .filter(|b| {
                 b.binding
-                    .as_ref()
-                    .is_some_and(|x| x.server_key.fingerprint() == server)
+                    .iter()
+                    .any(|x| x.server_key.fingerprint() == server)
             })
             .cloned()
             .collect();
@@ -1319,7 +1320,7 @@ mod licence_tests {
                 id: "C-1".into(),
                 name: "Example".into(),
             },
-            binding: None,
+            binding: vec![],
             supersedes: supersedes.iter().map(|s| s.to_string()).collect(),
             valid_from: None,
             valid_until: None,

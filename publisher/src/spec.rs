@@ -152,6 +152,21 @@ impl Spec {
         id: String,
         now: UnixTime,
     ) -> Result<Bundle, SpecError> {
+        self.to_cluster_bundle(path, std::slice::from_ref(request), id, now)
+    }
+
+    /// Builds the bundle, bound to the servers of `requests` (one server, or the
+    /// members of one cluster, in the order given). The seats are the spec's, for the
+    /// whole cluster: a cluster serves one ledger, so they are not multiplied by the
+    /// number of servers. The caller checks the requests are distinct
+    /// ([`Bundle::check_cluster`]).
+    pub fn to_cluster_bundle(
+        &self,
+        path: &Path,
+        requests: &[ActivationRequest],
+        id: String,
+        now: UnixTime,
+    ) -> Result<Bundle, SpecError> {
         let err = |message: String| SpecError {
             path: path.display().to_string(),
             message,
@@ -254,10 +269,13 @@ impl Spec {
                 id: self.customer.id.clone(),
                 name: self.customer.name.clone(),
             },
-            binding: Some(Binding {
-                server_key: request.server_key,
-                host_fingerprint: request.host_fingerprint.clone(),
-            }),
+            binding: requests
+                .iter()
+                .map(|request| Binding {
+                    server_key: request.server_key,
+                    host_fingerprint: request.host_fingerprint.clone(),
+                })
+                .collect(),
             supersedes: self.supersedes.clone(),
             valid_from: date("valid_from", &self.valid_from)?,
             valid_until: end("valid_until", &self.valid_until)?,

@@ -107,10 +107,10 @@ mod reconcile_hostile_reports {
                 id: "c".into(),
                 name: "C".into(),
             },
-            binding: Some(Binding {
+            binding: vec![Binding {
                 server_key: key().public(),
                 host_fingerprint: "h".into(),
-            }),
+            }],
             supersedes: vec![],
             valid_from: None,
             valid_until: None,

@@ -114,8 +114,8 @@ seats = "uncounted"
     )
     .unwrap();
     let b = bundle::verify(&signed, &[vendor]).unwrap().bundle;
-    assert_eq!(b.binding.as_ref().unwrap().server_key, server.public());
-    assert_eq!(b.binding.as_ref().unwrap().host_fingerprint, "host-fp");
+    assert_eq!(b.binding[0].server_key, server.public());
+    assert_eq!(b.binding[0].host_fingerprint, "host-fp");
     assert_eq!(b.features[0].seats, Seats::Counted(20));
     assert_eq!(b.features[1].seats, Seats::Uncounted);
     // "until 2027-12-31" means through that day.

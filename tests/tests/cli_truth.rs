@@ -280,10 +280,10 @@ fn site_with_terms() -> (VendorSite, String) {
             id: "C-1001".into(),
             name: "Example Corp".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key: request.server_key,
             host_fingerprint: request.host_fingerprint.clone(),
-        }),
+        }],
         supersedes: vec![],
         valid_from: None,
         valid_until: None,

@@ -53,10 +53,10 @@ fn bundle(server: &SecretKey) -> Bundle {
             id: "C-1".into(),
             name: "Example".into(),
         },
-        binding: Some(Binding {
+        binding: vec![Binding {
             server_key: server.public(),
             host_fingerprint: "host".into(),
-        }),
+        }],
         supersedes: vec![],
         valid_from: None,
         valid_until: None,

@@ -1,0 +1,281 @@
+//! One bundle for a cluster of servers, with the real binaries: three `tallyd init` data
+//! dirs, three `tallyd request`, one `tally-publisher issue` with `--request` repeated;
+//! the publisher shows the members, and refuses a tampered request or the same server
+//! twice; each member's tallyd loads the bundle and a fourth server refuses it. The
+//! servers do not form a cluster here (each serves its own ledger): the tests check
+//! the binding, which the cluster builds on.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use tally_tests::{bin, ok, run, Daemon};
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A vendor key and `n` activated servers (`s0`, `s1`, ...), each with its data dir, its
+/// activation request and its own bundle directory.
+struct Cluster {
+    root: tempfile::TempDir,
+    nodes: usize,
+}
+
+impl Cluster {
+    fn new(nodes: usize) -> Cluster {
+        let c = Cluster {
+            root: tempfile::tempdir().unwrap(),
+            nodes,
+        };
+        ok(run(Command::new(bin("tally-publisher"))
+            .arg("keygen")
+            .arg("--out")
+            .arg(c.path("vendor"))));
+        for i in 0..nodes {
+            std::fs::create_dir_all(c.path(&format!("s{i}/bundles"))).unwrap();
+            ok(run(Command::new(bin("tallyd"))
+                .arg("init")
+                .arg("--data-dir")
+                .arg(c.path(&format!("s{i}/data")))));
+            ok(run(Command::new(bin("tallyd"))
+                .arg("request")
+                .arg("--data-dir")
+                .arg(c.path(&format!("s{i}/data")))
+                .arg("--out")
+                .arg(c.request(i))));
+            std::fs::write(
+                c.path(&format!("s{i}/tallyd.toml")),
+                format!(
+                    "listen = \"127.0.0.1:0\"\nhttp = false\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
+                    c.path(&format!("s{i}/data")).display(),
+                    c.path(&format!("s{i}/bundles")).display(),
+                    c.path("vendor.pub").display()
+                ),
+            )
+            .unwrap();
+        }
+        c
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn request(&self, i: usize) -> PathBuf {
+        self.path(&format!("s{i}.req"))
+    }
+
+    /// The server key of node `i`, as its activation request names it.
+    fn key(&self, i: usize) -> String {
+        let out = ok(run(Command::new(bin("tally-publisher"))
+            .arg("inspect")
+            .arg("--json")
+            .arg(self.request(i))));
+        let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+        doc["server_key"].as_str().unwrap().to_string()
+    }
+
+    /// `tally-publisher issue` of a `solver = 5` bundle with the given requests.
+    fn issue(&self, requests: &[PathBuf], out: &str) -> Output {
+        let spec = self.path("spec.toml");
+        std::fs::write(
+            &spec,
+            "id = \"site-ha-1\"\nvendor = \"Acme Simulation\"\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n[[feature]]\nname = \"solver\"\nseats = 5\n",
+        )
+        .unwrap();
+        let mut cmd = Command::new(bin("tally-publisher"));
+        cmd.arg("issue")
+            .arg("--vendor-key")
+            .arg(self.path("vendor.key"))
+            .arg("--spec")
+            .arg(&spec);
+        for r in requests {
+            cmd.arg("--request").arg(r);
+        }
+        run(cmd.arg("--out").arg(self.path(out)))
+    }
+
+    fn all_requests(&self) -> Vec<PathBuf> {
+        (0..self.nodes).map(|i| self.request(i)).collect()
+    }
+
+    /// Puts the bundle file `name` into node `i`'s bundle directory.
+    fn install(&self, name: &str, i: usize) {
+        std::fs::copy(self.path(name), self.path(&format!("s{i}/bundles/{name}"))).unwrap();
+    }
+
+    /// `tallyd check-config` of node `i`.
+    fn check_config(&self, i: usize) -> Output {
+        run(Command::new(bin("tallyd"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(self.path(&format!("s{i}/tallyd.toml"))))
+    }
+
+    /// `tallyd run` of node `i` on its own loopback port.
+    fn daemon(&self, i: usize) -> Daemon {
+        Daemon::run(
+            &self.path(&format!("s{i}/tallyd.toml")),
+            &self.path("vendor.pub"),
+        )
+    }
+}
+
+#[test]
+fn one_bundle_binds_three_servers_with_seats_counted_once() {
+    let c = Cluster::new(3);
+    let keys: Vec<String> = (0..3).map(|i| c.key(i)).collect();
+    let out = ok(c.issue(&c.all_requests(), "ha.bundle"));
+    assert!(out.contains("bound to  3 servers"), "{out}");
+    for k in &keys {
+        assert!(out.contains(k), "issue names every member: {out}");
+    }
+    // inspect: every member, and the seats as the spec says them (not times three).
+    let text = ok(run(Command::new(bin("tally-publisher"))
+        .arg("inspect")
+        .arg(c.path("ha.bundle"))));
+    assert!(text.contains("bound to   3 servers"), "{text}");
+    for k in &keys {
+        assert!(text.contains(&format!("server key {k}")), "{text}");
+    }
+    assert!(text.contains("solver: 5 seats"), "{text}");
+    let json = ok(run(Command::new(bin("tally-publisher"))
+        .arg("inspect")
+        .arg("--json")
+        .arg(c.path("ha.bundle"))));
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["servers_bound"], 3, "{doc}");
+    assert_eq!(doc["binding"], serde_json::Value::Null, "{doc}");
+    let members: Vec<&str> = doc["cluster"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["server_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, keys);
+    assert_eq!(doc["features"][0]["seats"], 5, "{doc}");
+
+    // One request works as before: one server, `binding` as it always was.
+    let out = ok(c.issue(&c.all_requests()[..1], "one.bundle"));
+    assert!(
+        out.contains(&format!("bound to  server key {}", keys[0])),
+        "{out}"
+    );
+    let json = ok(run(Command::new(bin("tally-publisher"))
+        .arg("inspect")
+        .arg("--json")
+        .arg(c.path("one.bundle"))));
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["binding"]["server_key"], keys[0].as_str(), "{doc}");
+    assert_eq!(doc["servers_bound"], 1, "{doc}");
+}
+
+#[test]
+fn the_same_server_twice_a_tampered_request_or_too_many_are_refused() {
+    let c = Cluster::new(2);
+    // The same request twice: one server cannot be two members.
+    let twice = [c.request(0), c.request(1), c.request(0)];
+    let out = c.issue(&twice, "twice.bundle");
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let why = stderr(&out);
+    assert!(why.contains("same server"), "{why}");
+    assert!(why.contains(&c.key(0)), "{why}");
+    assert!(!c.path("twice.bundle").exists());
+
+    // A request edited after signing: its signature no longer verifies.
+    let text = std::fs::read_to_string(c.request(1)).unwrap();
+    let edited = c.path("edited.req");
+    std::fs::write(&edited, flip_one_body_char(&text)).unwrap();
+    let out = c.issue(&[c.request(0), edited.clone()], "edited.bundle");
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&edited.display().to_string()),
+        "names the file: {}",
+        stderr(&out)
+    );
+    assert!(!c.path("edited.bundle").exists());
+
+    // More than seven servers: a usage error before any file is read.
+    let eight: Vec<PathBuf> = (0..8).map(|_| c.request(0)).collect();
+    let out = c.issue(&eight, "eight.bundle");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("at most 7"), "{}", stderr(&out));
+}
+
+/// The armoured text with one character of its base64 body changed.
+fn flip_one_body_char(text: &str) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let i = lines
+        .iter()
+        .position(|l| !l.starts_with("-----") && !l.contains(':') && l.len() > 20)
+        .expect("a body line");
+    let mid = lines[i].len() / 2;
+    let c = lines[i].as_bytes()[mid];
+    let new = if c == b'A' { 'B' } else { 'A' };
+    lines[i].replace_range(mid..mid + 1, &new.to_string());
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn each_member_loads_and_serves_the_cluster_bundle_and_a_fourth_server_refuses_it() {
+    let c = Cluster::new(4);
+    let keys: Vec<String> = (0..4).map(|i| c.key(i)).collect();
+    // Bound to the first three; the fourth is a server of the same site left out.
+    ok(c.issue(&c.all_requests()[..3], "ha.bundle"));
+    for i in 0..4 {
+        c.install("ha.bundle", i);
+    }
+    for (i, key) in keys.iter().enumerate().take(3) {
+        let out = ok(c.check_config(i));
+        assert!(out.contains("bundle site-ha-1"), "node {i}: {out}");
+        assert!(out.contains("binds 3 servers"), "node {i}: {out}");
+        assert!(out.contains(&format!("server key    {key}")), "{out}");
+    }
+    let out = c.check_config(3);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let why = stderr(&out);
+    let expected = format!(
+        "{}: refused: binds servers {}, {}, {}; this server is {}",
+        c.path("s3/bundles/ha.bundle").display(),
+        keys[0],
+        keys[1],
+        keys[2],
+        keys[3]
+    );
+    assert!(why.contains(&expected), "{why}\nexpected: {expected}");
+
+    // The three members serve it at once, each on its own port, each the whole 5 seats
+    // (no cluster is formed here, so each counts on its own ledger).
+    let daemons: Vec<Daemon> = (0..3).map(|i| c.daemon(i)).collect();
+    for (i, d) in daemons.iter().enumerate() {
+        let solver = d.feature("solver");
+        assert_eq!(solver["total"], 5, "node {i}: {solver}");
+    }
+    // The fourth starts, serves nothing, and logs why, naming the file and the members.
+    let fourth = c.daemon(3);
+    let log = fourth.log_text();
+    assert!(log.contains("binds servers"), "{log}");
+    assert!(
+        log.contains(&format!("this server is {}", keys[3])),
+        "{log}"
+    );
+
+    // The client: a checkout through each member succeeds (the bundle each presents
+    // binds the key it proves in TLS, as one member of three; the lease token is
+    // signed by a member key) and the seat is checked in when the command ends.
+    for (i, d) in daemons.iter().enumerate() {
+        let out = run(d.tally().args(["run", "solver", "--", "true"]));
+        assert!(
+            out.status.success(),
+            "node {i}: exit {:?}: {}",
+            out.status.code(),
+            stderr(&out)
+        );
+        assert_eq!(d.in_use("solver"), 0, "node {i}");
+    }
+    // Through the fourth: refused, since no bundle it presents binds it.
+    let out = run(fourth.tally().args(["run", "solver", "--", "true"]));
+    assert!(!out.status.success(), "the fourth server granted a seat");
+    let why = stderr(&out);
+    assert!(why.contains(&keys[3]), "{why}");
+    assert!(why.contains("not vouched for"), "{why}");
+}
