@@ -98,6 +98,18 @@ pub enum BundleFileError {
         /// This host's fingerprint.
         ours: String,
     },
+    /// A bundle of a site of several servers, which this tallyd cannot serve yet: its
+    /// seats count once across the servers, and until they run as one cluster each
+    /// would serve all of them (three servers, three times the seats).
+    #[error(
+        "binds a site of {servers} servers, this one among them; its seats count once \
+         across the servers, which needs them running as one cluster, and this tallyd \
+         does not run as a cluster yet, so it serves none of them"
+    )]
+    ClusterNotRunning {
+        /// How many servers the bundle binds.
+        servers: usize,
+    },
     /// This server returned the bundle.
     #[error("bundle {0} was returned by this server and is never loaded again")]
     Returned(String),
@@ -177,6 +189,11 @@ fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, Bundl
                 ours: rules.host_fingerprint.clone(),
             });
         }
+    }
+    if b.binding.len() > 1 {
+        return Err(BundleFileError::ClusterNotRunning {
+            servers: b.binding.len(),
+        });
     }
     Ok(verified)
 }

@@ -249,7 +249,7 @@ fn an_expired_renewal_keeps_what_it_superseded_out() {
 }
 
 #[test]
-fn a_cluster_bundle_loads_on_a_member_with_its_host_and_nowhere_else() {
+fn a_cluster_bundle_is_recognised_on_its_member_and_refused_everywhere_until_clusters_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let peers = [
@@ -283,7 +283,15 @@ fn a_cluster_bundle_loads_on_a_member_with_its_host_and_nowhere_else() {
         .iter()
         .map(|(_, v)| v.bundle.id.as_str())
         .collect();
-    assert_eq!(served, vec!["cluster"]);
+    // Recognised as ours (key and host), and still not served: three servers that do
+    // not share a ledger would each serve all five seats.
+    assert!(served.is_empty(), "{served:?}");
+    assert!(
+        reason_for(&loaded, "10-cluster.bundle")
+            .contains("binds a site of 3 servers, this one among them"),
+        "{}",
+        reason_for(&loaded, "10-cluster.bundle")
+    );
     assert!(reason_for(&loaded, "20-elsewhere.bundle").contains("bound to host other-host"));
     let why = reason_for(&loaded, "30-not-ours.bundle");
     assert_eq!(
