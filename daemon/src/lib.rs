@@ -22,6 +22,7 @@
 //! - [`diagnose`]: `tallyd diagnose`, the support file (redacted config, log tail).
 //! - [`returns`]: `tallyd return`, giving a bundle back with a signed proof.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
+//! - [`error`]: the daemon's [`Error`], and what a client is told of it.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -34,6 +35,7 @@ mod conn;
 pub mod demo;
 pub mod diagnose;
 pub mod disk;
+pub mod error;
 pub mod files;
 mod handlers;
 pub mod host;
@@ -55,3 +57,5 @@ pub mod signals;
 pub mod store;
 pub mod tls;
 pub mod upload;
+
+pub use error::Error;

@@ -666,7 +666,7 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
             data_dir: &site.config.data_dir,
         }),
         Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e) | Failure::InUse(e)) => {
-            Err(format!("{e:#}"))
+            Err(e.as_ref() as &dyn std::error::Error)
         }
     };
     let log_file = DaemonConfig::load(config_path)
