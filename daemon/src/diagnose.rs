@@ -83,7 +83,7 @@ pub fn document(
     Ok(doc)
 }
 
-/// An error and its causes on one line, `what: why: ...` (as anyhow's `{:#}` says it).
+/// An error and its causes on one line, `what: why: ...` (as a chain printer's `{:#}` says it).
 fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();

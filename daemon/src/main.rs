@@ -634,7 +634,9 @@ fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
             },
         })
         .map_err(usage)?;
-        let addr = server.local_addr().map_err(Failure::Runtime)?;
+        let addr = server
+            .local_addr()
+            .map_err(|e| Failure::Runtime(e.into()))?;
         println!(
             "tallyd listening on {addr} (UDP), serving {} bundle(s); server key {}",
             site.loaded.served.len(),
@@ -650,7 +652,7 @@ fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
                 signals::notify_systemd("STOPPING=1");
             })
             .await;
-        result.map_err(Failure::Runtime)
+        result.map_err(|e| Failure::Runtime(e.into()))
     })
 }
 
@@ -832,13 +834,18 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             },
         })
         .map_err(usage)?;
-        let addr = server.local_addr().map_err(Failure::Runtime)?;
+        let addr = server
+            .local_addr()
+            .map_err(|e| Failure::Runtime(e.into()))?;
         print_demo_banner(addr, &data_dir, throwaway.is_some(), &key, &bundle.bundle);
         if let Some(http) = server.http_addr() {
             println!("  dashboard    http://{http}/  (metrics: http://{http}/metrics)");
         }
         signals::notify_systemd("READY=1");
-        server.run(shutdown).await.map_err(Failure::Runtime)
+        server
+            .run(shutdown)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))
     })?;
     drop(throwaway);
     Ok(())
