@@ -392,7 +392,7 @@ mod tests {
         let err = DaemonConfig::load(&dir.path().join("missing.toml")).unwrap_err();
         assert!(err.to_string().contains("missing.toml"), "{err}");
         // The OS error is in the message, not also in the chain, so a chain printer
-        // (`{:#}` of anyhow) says it once.
+        // (`{:#}`) says it once.
         assert!(std::error::Error::source(&err).is_none(), "{err}");
     }
 }

@@ -9,6 +9,8 @@
 //! while it runs wait for the next one. An answer goes out only once a flush that
 //! started after its writes has finished.
 
+use crate::disk::DiskError;
+use crate::error::Error;
 use crate::journal::Exported;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
 use tally_protocol::report::{JournalEntry, UsageEvent};
@@ -39,7 +41,7 @@ pub(crate) enum Owed<R: Replies> {
     /// given back (grants like any other).
     Regranted(R::Heartbeat, Vec<(LeaseId, LeaseState)>, Vec<LeaseRecord>),
     /// A report export, durable with the batch it was built in.
-    Export(R::Export, Result<Exported, String>),
+    Export(R::Export, Result<Exported, Error>),
 }
 
 /// What the ledger task must do with an answer the pipeline lets go.
@@ -47,12 +49,12 @@ pub(crate) enum Answer<R: Replies> {
     /// Durable: tell the requester (a grant nobody hears of goes back at once).
     Granted(R::Grant, LeaseRecord),
     /// Not durable: take the lease back (`Ledger::rollback`) and deny the request with
-    /// `StorageUnavailable { what }`.
-    NotRecorded(R::Grant, LeaseRecord, String),
+    /// `StorageUnavailable` (why: the store's failure).
+    NotRecorded(R::Grant, LeaseRecord, DiskError),
     /// Heartbeat states; the leases listed are taken back first (they read `Unknown`).
     States(R::Heartbeat, Vec<LeaseState>, Vec<LeaseId>),
     /// An export's result.
-    Export(R::Export, Result<Exported, String>),
+    Export(R::Export, Result<Exported, Error>),
 }
 
 /// The pipeline's state between batches.
@@ -120,7 +122,7 @@ impl<R: Replies> Commit<R> {
 
     /// The batch's writes ended: `clock` (as [`Commit::batch_write`] gave it) is saved if
     /// they succeeded.
-    pub(crate) fn written(&mut self, result: &Result<(), String>, clock: Option<UnixTime>) {
+    pub(crate) fn written(&mut self, result: &Result<(), DiskError>, clock: Option<UnixTime>) {
         if let (Ok(()), Some(clock)) = (result, clock) {
             self.clock_saved = clock;
         }
@@ -129,7 +131,7 @@ impl<R: Replies> Commit<R> {
     /// An answer owed by a batch whose writes ended with `failure` (`None`: written).
     /// Written, it waits for a flush; not written, it is let go at once as a failure.
     /// An export waits either way (its result already says whether it was built).
-    pub(crate) fn owe(&mut self, owed: Owed<R>, failure: Option<&str>) -> Option<Answer<R>> {
+    pub(crate) fn owe(&mut self, owed: Owed<R>, failure: Option<&DiskError>) -> Option<Answer<R>> {
         match (owed, failure) {
             (owed @ Owed::Export(..), _) | (owed, None) => {
                 self.unflushed.push(owed);
@@ -153,23 +155,23 @@ impl<R: Replies> Commit<R> {
 
     /// No flush could start (the store is broken: `why`): the answers owed are let go,
     /// as failures if there is a reason.
-    pub(crate) fn flush_refused(&mut self, why: Option<String>) -> Vec<Answer<R>> {
+    pub(crate) fn flush_refused(&mut self, why: Option<DiskError>) -> Vec<Answer<R>> {
         self.dirty = false;
         let owed = std::mem::take(&mut self.unflushed);
-        self.settle_all(owed, why.as_deref())
+        self.settle_all(owed, why.as_ref())
     }
 
     /// The running flush finished (`Ok`) or failed: the answers it covered are let go.
-    pub(crate) fn flushed(&mut self, result: Result<(), String>) -> Vec<Answer<R>> {
+    pub(crate) fn flushed(&mut self, result: Result<(), DiskError>) -> Vec<Answer<R>> {
         self.flushing = false;
         let owed = std::mem::take(&mut self.in_flight);
-        self.settle_all(owed, result.err().as_deref())
+        self.settle_all(owed, result.err().as_ref())
     }
 
     /// At a stop: the answers no flush covered yet, let go by the final flush's result.
-    pub(crate) fn closed(&mut self, result: Result<(), String>) -> Vec<Answer<R>> {
+    pub(crate) fn closed(&mut self, result: Result<(), DiskError>) -> Vec<Answer<R>> {
         let owed = std::mem::take(&mut self.unflushed);
-        self.settle_all(owed, result.err().as_deref())
+        self.settle_all(owed, result.err().as_ref())
     }
 
     /// Journals the grants taken back since the last call (at `at`); true if there were
@@ -190,21 +192,23 @@ impl<R: Replies> Commit<R> {
         &mut self.journal
     }
 
-    fn settle_all(&mut self, owed: Vec<Owed<R>>, failure: Option<&str>) -> Vec<Answer<R>> {
+    fn settle_all(&mut self, owed: Vec<Owed<R>>, failure: Option<&DiskError>) -> Vec<Answer<R>> {
         owed.into_iter().map(|o| self.settle(o, failure)).collect()
     }
 
     /// Lets one answer go, by whether its writes are durable; grants not durable are
     /// taken back and the journal says so.
-    fn settle(&mut self, owed: Owed<R>, failure: Option<&str>) -> Answer<R> {
+    fn settle(&mut self, owed: Owed<R>, failure: Option<&DiskError>) -> Answer<R> {
         match (owed, failure) {
             (Owed::Grant(reply, record), None) => Answer::Granted(reply, record),
             (Owed::Grant(reply, record), Some(what)) => {
                 self.rolled_back.push(not_recorded(&record));
-                Answer::NotRecorded(reply, record, what.to_string())
+                Answer::NotRecorded(reply, record, what.clone())
             }
             (Owed::Export(reply, result), None) => Answer::Export(reply, result),
-            (Owed::Export(reply, _), Some(what)) => Answer::Export(reply, Err(what.to_string())),
+            (Owed::Export(reply, _), Some(what)) => {
+                Answer::Export(reply, Err(Error::Disk(what.clone())))
+            }
             (Owed::Regranted(reply, states, _), None) => Answer::States(
                 reply,
                 states.into_iter().map(|(_, s)| s).collect(),
@@ -250,6 +254,8 @@ mod tests {
     //! when writes and flushes end and how, and check whom the pipeline answers.
 
     use super::*;
+    use crate::store::StoreError;
+    use std::sync::Arc;
     use tally_protocol::lease::LeaseSecret;
     use tally_protocol::wire::ClientIdentity;
 
@@ -282,6 +288,14 @@ mod tests {
             overdraft: false,
             borrowed_until: None,
         }
+    }
+
+    /// A store failure of the OS error `errno` (28: disk full, 30: read-only).
+    fn fault(errno: i32) -> DiskError {
+        DiskError::Store(Arc::new(StoreError::Io {
+            path: "/data/store".into(),
+            cause: std::io::Error::from_raw_os_error(errno),
+        }))
     }
 
     /// What the ledger task would do with each answer, as text.
@@ -340,11 +354,11 @@ mod tests {
         assert!(commit.flush_due());
         commit.flush_started();
         assert!(!commit.flush_due(), "one flush at a time");
-        let answers = told(commit.flushed(Err("No space left on device".into())));
+        let answers = told(commit.flushed(Err(fault(28))));
         assert_eq!(
             answers,
             vec![
-                "1: roll back 10, denied (No space left on device)".to_string(),
+                format!("1: roll back 10, denied ({})", fault(28)),
                 format!(
                     "2: states {:?}, roll back {:?}",
                     [LeaseState::Unknown, LeaseState::Removed],
@@ -372,12 +386,14 @@ mod tests {
         // The next batch is decided and written while the flush runs.
         write(&mut commit, &mut disk, 1_000);
         assert!(commit.owe(Owed::Grant(2, record(20)), None).is_none());
-        assert!(commit.owe(Owed::Export(3, Err("x".into())), None).is_none());
+        assert!(commit
+            .owe(Owed::Export(3, Err(Error::ShuttingDown)), None)
+            .is_none());
         // A third batch's write fails: denied now, the flush running is not its own.
-        let failed = commit.owe(Owed::Grant(4, record(40)), Some("Read-only file system"));
+        let failed = commit.owe(Owed::Grant(4, record(40)), Some(&fault(30)));
         assert_eq!(
             told(failed.into_iter().collect()),
-            vec!["4: roll back 40, denied (Read-only file system)"]
+            vec![format!("4: roll back 40, denied ({})", fault(30))]
         );
         assert!(!commit.flush_due(), "a flush runs");
         assert_eq!(told(commit.flushed(Ok(()))), vec!["1: granted 10"]);
@@ -430,7 +446,7 @@ mod tests {
         assert_eq!(clock, None);
         let (_, clock) = commit.batch_write(false, UnixTime(1_010), false);
         assert_eq!(clock, Some(UnixTime(1_010)));
-        commit.written(&Err("Input/output error".into()), clock);
+        commit.written(&Err(fault(5)), clock);
         let (_, clock) = commit.batch_write(false, UnixTime(1_011), false);
         assert_eq!(clock, Some(UnixTime(1_011)), "a failed write is retried");
         commit.written(&Ok(()), clock);

@@ -28,13 +28,14 @@ pub struct SiteFacts<'a> {
 }
 
 /// The support document. `config_text` is the config file as read (shown redacted);
-/// `site` is what loading it gave, or why it failed; `log_file` is the config's
+/// `site` is what loading it gave, or why it failed (said with its causes, as the
+/// operator's terminal would); `log_file` is the config's
 /// `log_file`, whose tail is attached (else journald's, if `journalctl` answers).
 /// Keys and the admin token live in the data directory and are never read here.
 pub fn document(
     config_path: &Path,
     config_text: &str,
-    site: Result<SiteFacts<'_>, String>,
+    site: Result<SiteFacts<'_>, &dyn std::error::Error>,
     log_file: Option<&Path>,
     created: UnixTime,
 ) -> Result<Value, StoreError> {
@@ -53,7 +54,7 @@ pub fn document(
         "config": redact_config(config_text),
     });
     match site {
-        Err(e) => doc["config_error"] = json!(e),
+        Err(e) => doc["config_error"] = json!(with_causes(e)),
         Ok(site) => {
             doc["server_key"] = json!(site.server_key.fingerprint());
             doc["bundles"] = json!(site
@@ -80,6 +81,18 @@ pub fn document(
     }
     doc["recent_log"] = recent_log(log_file);
     Ok(doc)
+}
+
+/// An error and its causes on one line, `what: why: ...` (as a chain printer's `{:#}` says it).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// The seat store in numbers. The store is locked while tallyd runs; then the running
@@ -285,10 +298,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("tallyd.log");
         std::fs::write(&log, "started\nstopped\n").unwrap();
+        let error = std::io::Error::other("vendor_keys is empty");
         let doc = document(
             Path::new("/etc/tally/tallyd.toml"),
             "admin_token = \"t0ken\"\n",
-            Err("vendor_keys is empty".into()),
+            Err(&error),
             Some(&log),
             UnixTime(1_800_000_000),
         )

@@ -125,6 +125,14 @@ impl Disk {
         self.broken.as_ref().map(|b| b.error.to_string())
     }
 
+    /// Why the store cannot be written, while it is broken (as [`Disk::refusal`] says
+    /// it, typed).
+    pub fn fault(&self) -> Option<DiskError> {
+        self.broken
+            .as_ref()
+            .map(|b| DiskError::Store(b.error.clone()))
+    }
+
     /// When to try reopening a broken store.
     pub fn retry_at(&self) -> Option<Instant> {
         self.broken.as_ref().map(|b| b.retry_at)

@@ -4,11 +4,10 @@
 //! task decides, nothing here does.
 
 use crate::clock::now;
+use crate::error::Error;
 use crate::ledger::{ConnId, FreshLease, WaiterId};
-use crate::ledger_task::NoAnswer;
 use crate::reload::outcome_text;
-use crate::reports::SHUTTING_DOWN;
-use crate::shared::{storage_fault, Shared};
+use crate::shared::Shared;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -27,10 +26,14 @@ pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Failed(ServerError::new(code, message))
 }
 
+/// What a handler gives: the answer, or the failure the client is told of by its code
+/// ([`Error::to_wire`]: never the server's paths).
+type Answered = Result<Response, Error>;
+
 /// Checks that no identity field is empty, oversized or holds control characters:
 /// these names go into the log, other users' terminals, the dashboard and the vendor's
 /// report, and a line break or an escape sequence in them forges what people read.
-fn check_identity(client: &ClientIdentity) -> Result<(), String> {
+fn check_identity(client: &ClientIdentity) -> Result<(), Error> {
     let fields = [
         ("user", client.user.as_str()),
         ("host", client.host.as_str()),
@@ -38,23 +41,18 @@ fn check_identity(client: &ClientIdentity) -> Result<(), String> {
         ("display", client.display.as_deref().unwrap_or("-")),
     ];
     for (name, value) in fields {
-        check_name(name, value).map_err(|e| format!("hello: {e}"))?;
+        check_name(name, value).map_err(Error::Hello)?;
     }
     Ok(())
 }
 
 /// Checks the names of a checkout (feature, version) like identity fields.
-fn check_checkout(request: &CheckoutRequest) -> Result<(), String> {
-    check_name("feature name", &request.feature).map_err(|e| e.to_string())?;
+fn check_checkout(request: &CheckoutRequest) -> Result<(), Error> {
+    check_name("feature name", &request.feature)?;
     if let Some(version) = &request.version {
-        check_name("version", version).map_err(|e| e.to_string())?;
+        check_name("version", version)?;
     }
     Ok(())
-}
-
-/// The answer when the ledger task has gone.
-fn closed() -> Response {
-    error(ErrorCode::ShuttingDown, "the server is shutting down")
 }
 
 /// What the stream does once the answer is sent.
@@ -93,7 +91,8 @@ pub(crate) async fn dispatch(
     )
 }
 
-/// The answer to one request, by its type.
+/// The answer to one request, by its type; a failure goes out as its code and a
+/// message for people.
 async fn answer(
     request: Request,
     origin: Origin,
@@ -101,26 +100,24 @@ async fn answer(
     shared: &Arc<Shared>,
     identity: &Mutex<Option<ClientIdentity>>,
 ) -> Response {
-    match request {
+    let answered = match request {
         Request::Hello(hello) => self::hello(hello, shared, identity),
         Request::Checkout(request) => checkout(request, origin, send, shared, identity).await,
         Request::Heartbeat(request) => heartbeat(request, origin.0, shared).await,
         Request::Checkin(request) => checkin(request, shared).await,
         Request::Status(status) => self::status(status, origin, shared).await,
         Request::Admin(admin) => self::admin(admin, origin, shared).await,
-        _ => error(
-            ErrorCode::Unsupported,
+        _ => Err(Error::Unsupported(
             "this request is not supported by this tallyd",
-        ),
-    }
+        )),
+    };
+    answered.unwrap_or_else(|e| Response::Failed(e.to_wire()))
 }
 
 /// Hello: the client's identity is checked and kept for the connection; the answer
 /// carries the bundles served.
-fn hello(hello: Hello, shared: &Shared, identity: &Mutex<Option<ClientIdentity>>) -> Response {
-    if let Err(what) = check_identity(&hello.client) {
-        return error(ErrorCode::BadRequest, what);
-    }
+fn hello(hello: Hello, shared: &Shared, identity: &Mutex<Option<ClientIdentity>>) -> Answered {
+    check_identity(&hello.client)?;
     *identity.lock().expect("identity lock") = Some(hello.client);
     let bundles = shared
         .bundles
@@ -129,13 +126,13 @@ fn hello(hello: Hello, shared: &Shared, identity: &Mutex<Option<ClientIdentity>>
         .iter()
         .map(|b| b.signed.clone())
         .collect();
-    Response::Hello(HelloReply {
+    Ok(Response::Hello(HelloReply {
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         bundles,
         server_time: now().wall,
         heartbeat_secs: shared.heartbeat_secs,
         demo: shared.demo,
-    })
+    }))
 }
 
 /// Checkout: names checked, the rate limit applied, then the ledger task decides; the
@@ -146,14 +143,17 @@ async fn checkout(
     send: &quinn::SendStream,
     shared: &Shared,
     identity: &Mutex<Option<ClientIdentity>>,
-) -> Response {
+) -> Answered {
     let Some(holder) = identity.lock().expect("identity lock").clone() else {
-        return error(ErrorCode::BadRequest, "send hello before checkout");
+        return Err(Error::BadRequest("send hello before checkout"));
     };
     if let Err(what) = check_checkout(&request) {
-        return Response::Checkout(CheckoutReply::Denied(Denial {
-            reason: DenialReason::InvalidRequest { what },
-        }));
+        // A name refused is a denial the client shows, not a failure of the request.
+        return Ok(Response::Checkout(CheckoutReply::Denied(Denial {
+            reason: DenialReason::InvalidRequest {
+                what: what.to_string(),
+            },
+        })));
     }
     if let Err(wait) = shared.admission.checkout(remote, std::time::Instant::now()) {
         let reason = DenialReason::RateLimited {
@@ -162,17 +162,9 @@ async fn checkout(
         shared
             .metrics
             .denied(now().wall, &request.feature, &holder, &reason);
-        return Response::Checkout(CheckoutReply::Denied(Denial { reason }));
+        return Ok(Response::Checkout(CheckoutReply::Denied(Denial { reason })));
     }
-    let fresh = match fresh_lease() {
-        Ok(f) => f,
-        Err(e) => {
-            return error(
-                ErrorCode::Internal,
-                format!("no randomness for a lease secret: {e}"),
-            )
-        }
-    };
+    let fresh = fresh_lease().map_err(Error::NoRandomness)?;
     let waiter = WaiterId(shared.next_waiter.fetch_add(1, Ordering::Relaxed));
     let answer = shared
         .ledger
@@ -186,40 +178,33 @@ async fn checkout(
                 let _ = send.stopped().await;
             },
         )
-        .await;
-    match answer {
-        Ok(Ok(record)) => {
+        .await?;
+    Ok(match answer {
+        Ok(record) => {
             Response::Checkout(CheckoutReply::Granted(grant(&record, &holder, &shared.key)))
         }
-        Ok(Err(reason)) => Response::Checkout(CheckoutReply::Denied(Denial {
+        Err(reason) => Response::Checkout(CheckoutReply::Denied(Denial {
             reason: shared.client_view(reason),
         })),
-        Err(NoAnswer) => closed(),
-    }
+    })
 }
 
 /// Heartbeat: the ledger task answers for each lease; the time it took is counted.
-async fn heartbeat(request: HeartbeatRequest, conn: ConnId, shared: &Shared) -> Response {
+async fn heartbeat(request: HeartbeatRequest, conn: ConnId, shared: &Shared) -> Answered {
     let started = std::time::Instant::now();
-    match shared.ledger.heartbeat(conn, request.leases).await {
-        Ok(leases) => {
-            shared.metrics.heartbeat_latency.observe(started.elapsed());
-            Response::Heartbeat(HeartbeatReply { leases })
-        }
-        Err(NoAnswer) => closed(),
-    }
+    let leases = shared.ledger.heartbeat(conn, request.leases).await?;
+    shared.metrics.heartbeat_latency.observe(started.elapsed());
+    Ok(Response::Heartbeat(HeartbeatReply { leases }))
 }
 
 /// Checkin: the leases named are released.
-async fn checkin(request: CheckinRequest, shared: &Shared) -> Response {
-    match shared.ledger.checkin(request.leases).await {
-        Ok(released) => Response::Checkin(CheckinReply { released }),
-        Err(NoAnswer) => closed(),
-    }
+async fn checkin(request: CheckinRequest, shared: &Shared) -> Answered {
+    let released = shared.ledger.checkin(request.leases).await?;
+    Ok(Response::Checkin(CheckinReply { released }))
 }
 
 /// Status: the ledger's features, behind the admin token with `status_needs_token`.
-async fn status(status: StatusRequest, (conn, remote): Origin, shared: &Shared) -> Response {
+async fn status(status: StatusRequest, (conn, remote): Origin, shared: &Shared) -> Answered {
     if shared.status_needs_token && !shared.is_admin(status.admin_token.as_deref()) {
         let why = if status.admin_token.is_some() {
             "a wrong admin token"
@@ -227,37 +212,31 @@ async fn status(status: StatusRequest, (conn, remote): Origin, shared: &Shared) 
             "no admin token"
         };
         warn!(%remote, conn = conn.0, "status request refused over QUIC: {why}");
-        return error(
-            ErrorCode::Unauthorized,
+        return Err(Error::Unauthorized(
             "this server shows its status only with the admin token",
-        );
+        ));
     }
-    match shared.ledger.status().await {
-        Ok(features) => Response::Status(StatusReply {
-            server_time: now().wall,
-            server_fingerprint: shared.key.public().fingerprint(),
-            features,
-        }),
-        Err(NoAnswer) => closed(),
-    }
+    let features = shared.ledger.status().await?;
+    Ok(Response::Status(StatusReply {
+        server_time: now().wall,
+        server_fingerprint: shared.key.public().fingerprint(),
+        features,
+    }))
 }
 
 /// Admin: the token checked (the source logged on a refusal, never the token), then
 /// the operation.
-async fn admin(admin: AdminRequest, (conn, remote): Origin, shared: &Arc<Shared>) -> Response {
+async fn admin(admin: AdminRequest, (conn, remote): Origin, shared: &Arc<Shared>) -> Answered {
     if shared.admin_token.is_none() {
         warn!(%remote, conn = conn.0, "admin request refused over QUIC: admin operations are disabled");
-        return error(
-            ErrorCode::AdminDisabled,
-            "admin operations are disabled: this server has no admin token",
-        );
+        return Err(Error::AdminDisabled);
     }
     if !shared.is_admin(Some(&admin.token)) {
         // The source, never the token: a refusal is what an attack looks like.
         warn!(%remote, conn = conn.0, "admin request refused over QUIC: wrong admin token");
-        return error(ErrorCode::Unauthorized, "admin token is wrong");
+        return Err(Error::Unauthorized("admin token is wrong"));
     }
-    match admin.op {
+    Ok(match admin.op {
         AdminOp::Reload => {
             // Older clients read an `AdminReply` and print it with exit 0: a
             // reload that refused anything must reach them as an error.
@@ -268,72 +247,64 @@ async fn admin(admin: AdminRequest, (conn, remote): Origin, shared: &Arc<Shared>
                     report: None,
                 })
             } else {
-                error(ErrorCode::ReloadFailed, outcome_text(&outcome))
+                return Err(Error::ReloadFailed(outcome_text(&outcome)));
             }
         }
         AdminOp::ReloadWithOutcome => Response::Reload(shared.reload().await),
-        AdminOp::Remove { lease } => admin_remove(lease, shared).await,
+        AdminOp::Remove { lease } => admin_remove(lease, shared).await?,
         // The stream stops the server once this answer has left (`After::Shutdown`).
         AdminOp::Shutdown => Response::Admin(AdminReply {
             message: "shutting down; leases are kept".into(),
             report: None,
         }),
-        AdminOp::ExportReport => admin_export(shared).await,
-        _ => error(
-            ErrorCode::Unsupported,
-            "this admin operation is not supported by this tallyd",
-        ),
-    }
+        AdminOp::ExportReport => admin_export(shared).await?,
+        _ => {
+            return Err(Error::Unsupported(
+                "this admin operation is not supported by this tallyd",
+            ))
+        }
+    })
 }
 
 /// `tally admin remove`: the lease goes, its holder is held off.
-async fn admin_remove(lease: LeaseId, shared: &Shared) -> Response {
-    match shared.ledger.remove(lease).await {
-        Ok(true) => {
-            info!(%lease, "lease removed by the administrator");
-            Response::Admin(AdminReply {
-                message: removed_message(lease, shared.remove_holdoff),
-                report: None,
-            })
-        }
-        Ok(false) => error(
-            ErrorCode::UnknownLease,
-            format!("no lease {lease} is held on this server"),
-        ),
-        Err(NoAnswer) => closed(),
+async fn admin_remove(lease: LeaseId, shared: &Shared) -> Answered {
+    if !shared.ledger.remove(lease).await? {
+        return Err(Error::UnknownLease(lease));
     }
+    info!(%lease, "lease removed by the administrator");
+    Ok(Response::Admin(AdminReply {
+        message: removed_message(lease, shared.remove_holdoff),
+        report: None,
+    }))
 }
 
 /// `tally admin export-report`: the next report, with a copy in the spool.
-async fn admin_export(shared: &Shared) -> Response {
-    match shared.request_export().await {
-        Ok(exported) => {
-            info!(
-                report = exported.report_seq,
-                events = exported.events,
-                "usage report exported"
-            );
-            shared.reports.spool_copy(&exported).await;
-            Response::Admin(AdminReply {
-                message: format!(
-                    "report {} with {}",
-                    exported.report_seq,
-                    plural(exported.events as u64, "event", "events")
-                ),
-                report: Some(exported.text),
-            })
-        }
-        Err(e) if e == SHUTTING_DOWN => error(ErrorCode::ShuttingDown, e),
+async fn admin_export(shared: &Shared) -> Answered {
+    let exported = match shared.request_export().await {
+        Ok(exported) => exported,
+        Err(Error::ShuttingDown) => return Err(Error::ShuttingDown),
         Err(e) => {
-            // The store's error text names paths: the log has it, the
-            // client gets the kind of fault.
+            // The store's error text names paths: the log has it, the client gets
+            // the kind of fault (`Error::to_wire`).
             warn!(error = %e, "report export failed");
-            error(
-                ErrorCode::StorageUnavailable,
-                format!("export failed: {}", storage_fault(&e)),
-            )
+            let wire = e.to_wire();
+            return Ok(error(wire.code, format!("export failed: {}", wire.message)));
         }
-    }
+    };
+    info!(
+        report = exported.report_seq,
+        events = exported.events,
+        "usage report exported"
+    );
+    shared.reports.spool_copy(&exported).await;
+    Ok(Response::Admin(AdminReply {
+        message: format!(
+            "report {} with {}",
+            exported.report_seq,
+            plural(exported.events as u64, "event", "events")
+        ),
+        report: Some(exported.text),
+    }))
 }
 
 /// What `tally admin remove` is told.

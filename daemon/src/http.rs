@@ -392,7 +392,7 @@ async fn status(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) 
     }
     match ops.status().await {
         Ok(s) => Json(s).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.client_message()).into_response(),
     }
 }
 
@@ -421,7 +421,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
     }
     let status = match ops.raw_status().await {
         Ok(s) => s,
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.client_message()).into_response(),
     };
     let spool_files = ops.spool_files().await;
     let m: &Arc<Metrics> = ops.metrics();
@@ -585,7 +585,7 @@ async fn remove(
             Json(serde_json::json!({"error": format!("no lease {lease}")})),
         )
             .into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.client_message()).into_response(),
     }
 }
 

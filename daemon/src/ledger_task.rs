@@ -5,7 +5,8 @@
 
 use crate::clock::{now, StallWatch};
 use crate::commit::{Answer, Commit, Owed, Replies};
-use crate::disk::{Disk, Flush};
+use crate::disk::{Disk, DiskError, Flush};
+use crate::error::Error;
 use crate::journal::{self, Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::metrics::Metrics;
@@ -83,7 +84,7 @@ enum Command {
     Export {
         identity: Box<ReportIdentity>,
         retention: Duration,
-        reply: oneshot::Sender<Result<Exported, String>>,
+        reply: oneshot::Sender<Result<Exported, Error>>,
     },
 }
 
@@ -186,7 +187,7 @@ impl LedgerHandle {
         &self,
         identity: Box<ReportIdentity>,
         retention: Duration,
-    ) -> Result<Result<Exported, String>, NoAnswer> {
+    ) -> Result<Result<Exported, Error>, NoAnswer> {
         self.ask(|reply| Command::Export {
             identity,
             retention,
@@ -238,7 +239,7 @@ type GrantTx = oneshot::Sender<Result<LeaseRecord, DenialReason>>;
 /// Answers a heartbeat.
 type StatesTx = oneshot::Sender<Vec<LeaseState>>;
 /// Answers an export.
-type ExportTx = oneshot::Sender<Result<Exported, String>>;
+type ExportTx = oneshot::Sender<Result<Exported, Error>>;
 
 /// The reply handles the commit pipeline carries for the ledger task.
 struct Channels;
@@ -572,10 +573,7 @@ impl LedgerTask {
         let changes = !events.is_empty() || !detachments.is_empty();
         let clock = self.ledger.clock_high_water();
         let (journal, clock) = self.commit.batch_write(changes, clock, shutdown.is_some());
-        let written = self
-            .disk
-            .write(journal, (&events, &detachments), clock)
-            .map_err(|e| e.to_string());
+        let written = self.disk.write(journal, (&events, &detachments), clock);
         self.commit.written(&written, clock);
         let failure = written.err();
         for event in &events {
@@ -591,18 +589,18 @@ impl LedgerTask {
                 (None, Some(store)) => {
                     let store = store.clone();
                     tokio::task::spawn_blocking(move || {
-                        export(&store, &identity, now.wall, retention)
+                        export(&store, &identity, now.wall, retention).map_err(Error::from)
                     })
                     .await
-                    .unwrap_or_else(|e| Err(format!("the report export stopped: {e}")))
+                    .unwrap_or_else(|e| Err(Error::ExportStopped(e.to_string())))
                 }
-                (Some(e), _) => Err(e.clone()),
-                (None, None) => Err("the seat store is closed".into()),
+                (Some(e), _) => Err(Error::Disk(e.clone())),
+                (None, None) => Err(Error::Disk(DiskError::Closed)),
             };
             let _ = self.commit.owe(Owed::Export(reply, result), None);
         }
         for p in pending {
-            self.answer(p, failure.as_deref());
+            self.answer(p, failure.as_ref());
         }
         if let Some(done) = shutdown {
             self.stop(flushing.take()).await;
@@ -621,7 +619,7 @@ impl LedgerTask {
     /// Sends a reply that needs no flush; owes the others (grants) to the pipeline.
     /// Only grants wait for the disk: a checkin or reclaim lost to a crash comes back
     /// as a restored lease that expires on its TTL, costing nobody a seat for long.
-    fn answer(&mut self, pending: Pending, failure: Option<&str>) {
+    fn answer(&mut self, pending: Pending, failure: Option<&DiskError>) {
         let owed = match pending {
             Pending::Grant(reply, Ok(record)) => Owed::Grant(reply, record),
             Pending::Regranted(reply, states, records) => Owed::Regranted(reply, states, records),
@@ -648,6 +646,7 @@ impl LedgerTask {
             }
             Answer::NotRecorded(reply, record, what) => {
                 self.ledger.rollback(record.id);
+                let what = what.to_string();
                 let _ = reply.send(Err(DenialReason::StorageUnavailable { what }));
             }
             Answer::States(reply, states, undone) => {
@@ -674,7 +673,7 @@ impl LedgerTask {
                 Some(flush)
             }
             None => {
-                for answer in self.commit.flush_refused(self.disk.refusal()) {
+                for answer in self.commit.flush_refused(self.disk.fault()) {
                     self.apply(answer);
                 }
                 None
@@ -684,7 +683,7 @@ impl LedgerTask {
 
     /// The running flush ended: the answers it covered go out (or are rolled back).
     fn flushed(&mut self, result: Result<(), crate::store::StoreError>) {
-        let result = self.disk.flushed(result).map_err(|e| e.to_string());
+        let result = self.disk.flushed(result);
         for answer in self.commit.flushed(result) {
             self.apply(answer);
         }
@@ -697,7 +696,7 @@ impl LedgerTask {
             let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
             self.flushed(result);
         }
-        let result = self.disk.close().await.map_err(|e| e.to_string());
+        let result = self.disk.close().await;
         if let Err(e) = &result {
             warn!(error = %e, "final flush failed");
         }

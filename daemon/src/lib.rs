@@ -22,6 +22,9 @@
 //! - [`diagnose`]: `tallyd diagnose`, the support file (redacted config, log tail).
 //! - [`returns`]: `tallyd return`, giving a bundle back with a signed proof.
 //! - [`signals`]: graceful shutdown on SIGTERM/SIGINT.
+//! - [`start`]: the bodies of `tallyd init`, `check-config` and `run` (load a site,
+//!   report it, serve it), with [`start::StartError`].
+//! - [`error`]: the daemon's [`Error`], and what a client is told of it.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -34,6 +37,7 @@ mod conn;
 pub mod demo;
 pub mod diagnose;
 pub mod disk;
+pub mod error;
 pub mod files;
 mod handlers;
 pub mod host;
@@ -53,6 +57,9 @@ pub mod returns;
 pub mod server;
 mod shared;
 pub mod signals;
+pub mod start;
 pub mod store;
 pub mod tls;
 pub mod upload;
+
+pub use error::Error;

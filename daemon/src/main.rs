@@ -1,5 +1,6 @@
-//! `tallyd`: thin main. Parses the command line, sets up logging, loads everything it
-//! needs *before* binding a port, and maps failures to sysexits codes.
+//! `tallyd`: thin main. Parses the command line, sets up logging, prints, and maps
+//! failures to sysexits codes; the subcommands' bodies live in the library
+//! (`start`: init, check-config, run; `returns`, `diagnose`, `demo`).
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
@@ -9,16 +10,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tally_config::{
-    DaemonConfig, Policy, DEFAULT_HEARTBEAT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_LEASE_TTL_SECS,
+    DaemonConfig, DEFAULT_HEARTBEAT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_LEASE_TTL_SECS,
 };
-use tally_daemon::bundles::{self, BundleRules, Loaded};
 use tally_daemon::server::{Server, ServerParams};
-use tally_daemon::{demo, host, identity, signals, store::Store};
+use tally_daemon::start::{self, StartError};
+use tally_daemon::{demo, host, identity, signals};
 use tally_protocol::activation::{self, ActivationRequest};
 use tally_protocol::bundle::Seats;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::time::UnixTime;
-use tally_protocol::wire::Refused;
 
 // sysexits codes, shared with tally and tally-publisher: 64 command line or
 // configuration, 65 a refused bundle file, 70 a failure at run time, 75 another tallyd
@@ -185,22 +185,24 @@ enum Failure {
     InUse(anyhow::Error),
 }
 
-/// The failure of opening the seat store of `data_dir`: another tallyd holding it is
-/// said as such (exit 75), anything else is a start-up error (64).
-fn store_failure(data_dir: &Path, e: tally_daemon::store::StoreError) -> Failure {
-    match e {
-        tally_daemon::store::StoreError::InUse { path } => Failure::InUse(anyhow!(
-            "another tallyd is using {} (its seat store {} is locked); stop that tallyd \
-             first, or give this one a data directory of its own",
-            data_dir.display(),
-            path.display()
-        )),
-        e => usage(anyhow::Error::from(e).context("opening the seat store")),
-    }
-}
-
 fn usage(e: impl Into<anyhow::Error>) -> Failure {
     Failure::Usage(e.into())
+}
+
+/// The exit code of each way `tallyd` can fail to start or stop serving: a refused
+/// bundle file 65, another tallyd on the data directory 75, a failure while serving
+/// 70, anything else (command line, config, files, binding) 64.
+impl From<StartError> for Failure {
+    fn from(e: StartError) -> Failure {
+        match e {
+            e @ StartError::Refused(_) => Failure::Data(e.into()),
+            e @ StartError::InUse { .. } => Failure::InUse(e.into()),
+            e @ (StartError::Runtime(_) | StartError::Signal(_) | StartError::Serve(_)) => {
+                Failure::Runtime(e.into())
+            }
+            e => Failure::Usage(e.into()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -260,40 +262,13 @@ fn init_logging() {
 }
 
 fn init(site: &SiteArgs) -> Result<(), Failure> {
-    let data_dir = site.data_dir()?;
-    identity::create_private_dir(&data_dir).map_err(usage)?;
-    let (key, created) = identity::load_or_create(&data_dir).map_err(usage)?;
-    let (_, token_created) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
-    let verb = |c| if c { "created" } else { "exists" };
-    println!(
-        "server identity {}: {}",
-        verb(created),
-        data_dir.join(identity::IDENTITY_FILE).display()
-    );
-    println!(
-        "admin token {}: {}",
-        verb(token_created),
-        data_dir.join(identity::ADMIN_TOKEN_FILE).display()
-    );
-    println!("host fingerprint: {}", host::fingerprint());
-    println!("server key fingerprint: {}", key.public().fingerprint());
+    println!("{}", start::init(&site.data_dir()?)?);
     Ok(())
-}
-
-fn load_identity(data_dir: &Path) -> Result<SecretKey, Failure> {
-    let path = data_dir.join(identity::IDENTITY_FILE);
-    if !path.exists() {
-        return Err(usage(anyhow!(
-            "{}: no server identity; run `tallyd init` first",
-            path.display()
-        )));
-    }
-    identity::load(&path).map_err(usage)
 }
 
 fn request(site: &SiteArgs, out: &Path, customer_ref: Option<String>) -> Result<(), Failure> {
     let data_dir = site.data_dir()?;
-    let key = load_identity(&data_dir)?;
+    let key = start::load_identity(&data_dir)?;
     let request = ActivationRequest {
         server_key: key.public(),
         host_fingerprint: host::fingerprint(),
@@ -320,362 +295,40 @@ fn request(site: &SiteArgs, out: &Path, customer_ref: Option<String>) -> Result<
     Ok(())
 }
 
-/// Everything `run` and `check-config` load before serving.
-struct Site {
-    config: DaemonConfig,
-    key: SecretKey,
-    rules: BundleRules,
-    loaded: Loaded,
-    policy: Policy,
-}
-
-/// A policy error as one line without the file name (the refusal names the file):
-/// `FILE:LINE: message` becomes `line LINE: message`, line breaks become "; ".
-fn policy_reason(path: &Path, error: &str) -> String {
-    let one_line = error
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    let prefix = format!("{}:", path.display());
-    match one_line
-        .strip_prefix(&prefix)
-        .and_then(|rest| rest.split_once(": "))
-    {
-        Some((line, message)) if line.parse::<u64>().is_ok() => format!("line {line}: {message}"),
-        _ => one_line
-            .strip_prefix(&prefix)
-            .map_or(one_line.clone(), |r| r.trim().to_string()),
-    }
-}
-
-/// The refused bundle files of a load, as the server shows them.
-fn refusals(loaded: &Loaded) -> Vec<Refused> {
-    loaded
-        .refused
-        .iter()
-        .map(|r| Refused {
-            source: r.path.display().to_string(),
-            reason: r.reason.clone(),
-        })
-        .collect()
-}
-
-fn load_policy(path: Option<&Path>) -> Result<Policy, Failure> {
-    match path {
-        Some(p) => Policy::load(p).map_err(usage),
-        None => Ok(Policy::default()),
-    }
-}
-
-/// Warnings about a policy that parses but names features no served bundle has (a
-/// misspelt name, or a bundle not loaded): such a rule never applies, which an admin
-/// wants to hear at load, not when a reservation fails to hold.
-fn policy_warnings(policy_path: Option<&Path>, policy: &Policy, loaded: &Loaded) -> Vec<String> {
-    let Some(path) = policy_path else {
-        return Vec::new();
-    };
-    let served: std::collections::BTreeSet<&str> = loaded
-        .served
-        .iter()
-        .flat_map(|(_, b)| b.bundle.features.iter())
-        .flat_map(|f| {
-            std::iter::once(f.name.as_str()).chain(f.components.iter().map(String::as_str))
-        })
-        .collect();
-    policy
-        .named_features()
-        .into_iter()
-        .filter(|(_, feature)| !served.contains(feature))
-        .map(|(kind, feature)| {
-            format!(
-                "policy {}: {kind} rule for feature '{feature}', which no served bundle has \
-                 (misspelt, or its bundle is not loaded): the rule does nothing",
-                path.display()
-            )
-        })
-        .collect()
-}
-
-fn load_site(config_path: &Path) -> Result<Site, Failure> {
-    let config = DaemonConfig::load(config_path).map_err(usage)?;
-    let key = load_identity(&config.data_dir)?;
-    let mut vendor_keys = Vec::new();
-    for path in &config.vendor_keys {
-        let text = tally_daemon::files::read_regular_text(path, 64 * 1024)
-            .with_context(|| format!("vendor key {}", path.display()))
-            .map_err(usage)?;
-        let key = tally_protocol::keys::public_key_from_armored(&text)
-            .with_context(|| format!("vendor key {}", path.display()))
-            .map_err(usage)?;
-        vendor_keys.push(key);
-    }
-    if vendor_keys.is_empty() {
-        return Err(usage(anyhow!(
-            "{}: vendor_keys is empty: name the vendor's public key file(s) whose bundles this server accepts",
-            config_path.display()
-        )));
-    }
-    let returns = bundles::read_returns(&config.data_dir)
-        .with_context(|| format!("{}", config.data_dir.display()))
-        .map_err(usage)?;
-    let rules = BundleRules {
-        vendor_keys,
-        server_key: key.public(),
-        host_fingerprint: host::fingerprint(),
-        returned: returns.returned,
-        retired: returns.retired,
-    };
-    let loaded = bundles::load_dir(&config.bundle_dir, &rules, UnixTime::now())
-        .with_context(|| format!("bundle directory {}", config.bundle_dir.display()))
-        .map_err(usage)?;
-    let policy = load_policy(config.policy.as_deref())?;
-    Ok(Site {
-        config,
-        key,
-        rules,
-        loaded,
-        policy,
-    })
-}
-
 fn check_config(config_path: &Path) -> Result<(), Failure> {
-    let site = load_site(config_path)?;
-    let c = &site.config;
-    println!("configuration {} is valid", config_path.display());
-    println!("  listen        {} (UDP)", c.listen);
-    println!("  data dir      {}", c.data_dir.display());
-    println!("  server key    {}", site.key.public().fingerprint());
-    println!("  host          {}", site.rules.host_fingerprint);
-    println!(
-        "  timing        lease TTL {} s, heartbeat {} s, idle timeout {} s",
-        c.lease_ttl_secs, c.heartbeat_secs, c.idle_timeout_secs
-    );
-    println!("  bundles from  {}", c.bundle_dir.display());
-    for (path, b) in &site.loaded.served {
-        let b = &b.bundle;
-        let until = b
-            .valid_until
-            .map(|u| format!("until {}", u.last_day()))
-            .unwrap_or_else(|| "no end date".into());
-        println!(
-            "    {}: bundle {} for {} ({until})",
-            path.display(),
-            b.id,
-            b.customer.name
-        );
-        // A cluster bundle: say so, since its seats are the whole cluster's, not this
-        // server's alone.
-        if b.binding.len() > 1 {
-            println!(
-                "      binds {} servers (one cluster; this server is one of them; seats count once for the cluster)",
-                b.binding.len()
-            );
-        }
-        for f in &b.features {
-            println!("      {}", f.describe());
-        }
-    }
-    let p = &site.policy;
-    if let Some(path) = &c.policy {
-        println!("  policy        {}", path.display());
-        for (kind, rules) in [
-            ("reserve", &p.reserve),
-            ("max", &p.max),
-            ("include", &p.include),
-            ("exclude", &p.exclude),
-        ] {
-            for r in rules.iter() {
-                let seats = if r.seats > 0 {
-                    format!(
-                        " {}",
-                        tally_protocol::wire::plural(r.seats, "seat", "seats")
-                    )
-                } else {
-                    String::new()
-                };
-                println!("    {kind} {}{seats} for {}", r.feature, r.subject);
-            }
-        }
-        for (feature, secs) in &p.timeout_secs {
-            println!("    timeout {feature} {secs} s");
-        }
-        for (feature, secs) in &p.borrow_limit_secs {
-            println!("    borrow {feature} at most {} h", secs / 3600);
-        }
-    }
-    if let Some(path) = &c.log_file {
-        println!("  log file      {} (and stderr)", path.display());
-    }
-    for note in &site.loaded.notes {
-        println!("  note: {note}");
-    }
-    // Warnings do not fail the check: the configuration serves, a rule just does nothing.
-    for warning in policy_warnings(c.policy.as_deref(), p, &site.loaded) {
-        println!("  warning: {warning}");
-    }
-    for refusal in &site.loaded.refused {
+    let checked = start::check_config(config_path)?;
+    print!("{}", checked.report);
+    for refusal in &checked.refused {
         eprintln!("tallyd: {refusal}");
     }
-    if site.loaded.refused.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::Data(anyhow!(
-            "{} bundle file(s) refused; the others would be served",
-            site.loaded.refused.len()
-        )))
-    }
+    Ok(checked.verdict()?)
 }
 
 fn run(config_path: &Path, log_file: Option<&Path>) -> Result<(), Failure> {
-    // The log file first, so that a site reading it learns of every later failure; its
-    // path comes from the config, which `load_site` reads again (and reports).
-    let log_file = log_file.map(Path::to_path_buf).or_else(|| {
-        DaemonConfig::load(config_path)
-            .ok()
-            .and_then(|c| c.log_file)
-    });
-    if let Some(path) = &log_file {
-        tally_daemon::logfile::LOG_FILE
-            .open(path)
-            .with_context(|| format!("log file {}", path.display()))
-            .map_err(usage)?;
-    }
-    let site = load_site(config_path)?;
-    for refusal in &site.loaded.refused {
-        tracing::warn!("{refusal}");
-    }
-    for note in &site.loaded.notes {
-        tracing::info!("{note}");
-    }
-    for warning in policy_warnings(site.config.policy.as_deref(), &site.policy, &site.loaded) {
-        tracing::warn!("{warning}");
-    }
-    if site.loaded.served.is_empty() {
-        tracing::warn!(
-            dir = %site.config.bundle_dir.display(),
-            "no valid bundle: serving no features until bundles are added and reloaded (SIGHUP)"
-        );
-    }
-    let config = site.config.clone();
-    let uploader = match (&config.report_upload_url, &config.report_dir) {
-        (Some(url), Some(dir)) => Some(Arc::new(
-            tally_daemon::upload::Uploader::new(url, config.report_upload_ca.as_deref(), dir)
-                .map_err(usage)?,
-        )),
-        _ => None,
-    };
-    let store = Store::open_for_serving(&config.data_dir.join("store"))
-        .map_err(|e| store_failure(&config.data_dir, e))?;
-    let admin_token = identity::load_admin_token(&config.data_dir.join(identity::ADMIN_TOKEN_FILE))
-        .map_err(|e| tracing::warn!("admin operations disabled: {e:#}"))
-        .ok();
-    let rules = site.rules.clone();
-    let bundle_dir = config.bundle_dir.clone();
-    let data_dir = config.data_dir.clone();
-    let policy_path = config.policy.clone();
-    let reloader: tally_daemon::server::Reloader = Arc::new(move || {
-        use tally_daemon::server::{ReloadError, Reloaded};
-        // A broken policy file fails the whole reload: half a policy is worse than the old one.
-        let policy = match &policy_path {
-            Some(p) => Policy::load(p).map_err(|e| {
-                ReloadError::Policy(Refused {
-                    source: p.display().to_string(),
-                    reason: policy_reason(p, &format!("{e:#}")),
-                })
-            })?,
-            None => Policy::default(),
-        };
-        let mut rules = rules.clone();
-        let returns = bundles::read_returns(&data_dir)
-            .map_err(|e| ReloadError::Other(format!("{}: {e}", data_dir.display())))?;
-        rules.returned = returns.returned;
-        rules.retired = returns.retired;
-        let loaded = bundles::load_dir(&bundle_dir, &rules, UnixTime::now()).map_err(|e| {
-            ReloadError::Other(format!("bundle directory {}: {e}", bundle_dir.display()))
-        })?;
-        // Refusals are logged by the server with the outcome, the same for SIGHUP and
-        // an admin reload.
-        for note in &loaded.notes {
-            tracing::info!("{note}");
-        }
-        for warning in policy_warnings(policy_path.as_deref(), &policy, &loaded) {
-            tracing::warn!("{warning}");
-        }
-        Ok(Reloaded {
-            bundles: loaded.bundles(),
-            refused: refusals(&loaded),
-            policy,
-        })
-    });
-    let runtime = tokio::runtime::Runtime::new()
-        .context("starting the async runtime")
-        .map_err(Failure::Runtime)?;
-    runtime.block_on(async {
-        let shutdown = signals::shutdown_requested().map_err(|e| Failure::Runtime(e.into()))?;
-        let hangups = signals::hangups().map_err(|e| Failure::Runtime(e.into()))?;
-        let server = Server::bind(ServerParams {
-            listen: config.listen,
-            identity: site.key.clone(),
-            bundles: site.loaded.bundles(),
-            store,
-            lease_ttl: Duration::from_secs(config.lease_ttl_secs),
-            heartbeat: Duration::from_secs(config.heartbeat_secs),
-            idle_timeout: Duration::from_secs(config.idle_timeout_secs),
-            demo: false,
-            reloader: Some(reloader),
-            admin_token,
-            reload_signal: Some(hangups),
-            remove_holdoff: Duration::from_secs(config.remove_holdoff_secs),
-            refused: refusals(&site.loaded),
-            policy: site.policy.clone(),
-            status_needs_token: config.status_needs_token,
-            http_listen: config.http.then_some(config.http_listen),
-            limits: tally_daemon::admission::Limits::from_config(&config),
-            reports: tally_daemon::server::ReportSettings {
-                host_fingerprint: site.rules.host_fingerprint.clone(),
-                spool: config.report_dir.clone(),
-                interval: Some(Duration::from_secs(config.report_interval_secs)),
-                retention: Duration::from_secs(config.journal_retention_days * 86_400),
-                uploader,
-            },
-        })
-        .map_err(usage)?;
-        let addr = server.local_addr().map_err(Failure::Runtime)?;
+    start::run(config_path, log_file, |at| {
         println!(
-            "tallyd listening on {addr} (UDP), serving {} bundle(s); server key {}",
-            site.loaded.served.len(),
-            site.key.public().fingerprint()
+            "tallyd listening on {} (UDP), serving {} bundle(s); server key {}",
+            at.addr, at.bundles, at.server_key
         );
-        if let Some(http) = server.http_addr() {
+        if let Some(http) = at.http {
             println!("dashboard http://{http}/  (metrics: http://{http}/metrics)");
         }
-        signals::notify_systemd("READY=1");
-        let result = server
-            .run(async {
-                shutdown.await;
-                signals::notify_systemd("STOPPING=1");
-            })
-            .await;
-        result.map_err(Failure::Runtime)
-    })
+    })?;
+    Ok(())
 }
 
 fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
     use tally_daemon::diagnose::{self, SiteFacts};
     let config_text = std::fs::read_to_string(config_path)
         .map_err(|e| usage(anyhow!("{}: {e}", config_path.display())))?;
-    let site = load_site(config_path);
+    let site = start::load_site(config_path);
     let facts = match &site {
         Ok(site) => Ok(SiteFacts {
             server_key: site.key.public(),
             loaded: &site.loaded,
             data_dir: &site.config.data_dir,
         }),
-        Err(Failure::Usage(e) | Failure::Data(e) | Failure::Runtime(e) | Failure::InUse(e)) => {
-            Err(format!("{e:#}"))
-        }
+        Err(e) => Err(e as &dyn std::error::Error),
     };
     let log_file = DaemonConfig::load(config_path)
         .ok()
@@ -702,7 +355,7 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
 
 fn return_bundle(config_path: &Path, id: &str, out: &Path) -> Result<(), Failure> {
     use tally_daemon::returns::{self, ReturnSite};
-    let site = load_site(config_path)?;
+    let site = start::load_site(config_path)?;
     let returned = returns::return_bundle(
         &ReturnSite {
             data_dir: &site.config.data_dir,
@@ -788,7 +441,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             (Some(dir), path)
         }
     };
-    let policy = load_policy(args.policy.as_deref())?;
+    let policy = start::load_policy(args.policy.as_deref())?;
     let uploader = match (&args.report_upload_url, &args.report_dir) {
         (Some(url), Some(dir)) => Some(Arc::new(
             tally_daemon::upload::Uploader::new(url, args.report_upload_ca.as_deref(), dir)
@@ -799,8 +452,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
     let (key, _) = identity::load_or_create(&data_dir).map_err(usage)?;
     let (admin_token, _) = identity::load_or_create_admin_token(&data_dir).map_err(usage)?;
     let bundle = demo::load_or_issue(&data_dir, &key, UnixTime::now()).map_err(usage)?;
-    let store = Store::open_for_serving(&data_dir.join("store"))
-        .map_err(|e| store_failure(&data_dir, e))?;
+    let store = start::open_store(&data_dir)?;
 
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
@@ -840,13 +492,18 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             },
         })
         .map_err(usage)?;
-        let addr = server.local_addr().map_err(Failure::Runtime)?;
+        let addr = server
+            .local_addr()
+            .map_err(|e| Failure::Runtime(e.into()))?;
         print_demo_banner(addr, &data_dir, throwaway.is_some(), &key, &bundle.bundle);
         if let Some(http) = server.http_addr() {
             println!("  dashboard    http://{http}/  (metrics: http://{http}/metrics)");
         }
         signals::notify_systemd("READY=1");
-        server.run(shutdown).await.map_err(Failure::Runtime)
+        server
+            .run(shutdown)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))
     })?;
     drop(throwaway);
     Ok(())
@@ -896,25 +553,4 @@ fn print_demo_banner(
     println!("  tally --server {addr} --demo run solver -- sleep 30");
     println!("(from the source tree, `tally` is `cargo run --release --bin tally --`)");
     println!("Stop with Ctrl-C.");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::policy_reason;
-    use std::path::Path;
-
-    /// Issue 15: a broken policy's reload refusal spanned two log lines and named the
-    /// file twice.
-    #[test]
-    fn a_policy_error_is_one_line_naming_the_line() {
-        let p = Path::new("/etc/tally/policy.toml");
-        assert_eq!(
-            policy_reason(p, "/etc/tally/policy.toml:3: invalid string\nexpected `\"`"),
-            "line 3: invalid string; expected `\"`"
-        );
-        assert_eq!(
-            policy_reason(p, "/etc/tally/policy.toml: No such file or directory"),
-            "No such file or directory"
-        );
-    }
 }

@@ -3,8 +3,8 @@
 //! clients and SIGHUP.
 
 use crate::clock::now;
+use crate::error::Error;
 use crate::metrics::{Metrics, RecentDenial};
-use crate::reports::SHUTTING_DOWN;
 use crate::shared::Shared;
 use std::sync::Arc;
 use tally_protocol::bundle::VerifiedBundle;
@@ -40,13 +40,8 @@ impl OpsHandle {
     }
 
     /// The ledger's status.
-    pub async fn raw_status(&self) -> Result<StatusReply, String> {
-        let features = self
-            .shared
-            .ledger
-            .status()
-            .await
-            .map_err(|_| SHUTTING_DOWN.to_string())?;
+    pub async fn raw_status(&self) -> Result<StatusReply, Error> {
+        let features = self.shared.ledger.status().await?;
         Ok(StatusReply {
             server_time: now().wall,
             server_fingerprint: self.shared.key.public().fingerprint(),
@@ -55,7 +50,7 @@ impl OpsHandle {
     }
 
     /// Status as the dashboard and `/api/status` show it.
-    pub async fn status(&self) -> Result<serde_json::Value, String> {
+    pub async fn status(&self) -> Result<serde_json::Value, Error> {
         let s = self.raw_status().await?;
         let recent: Vec<RecentDenial> = self
             .shared
@@ -95,13 +90,8 @@ impl OpsHandle {
     }
 
     /// Removes a lease.
-    pub async fn remove(&self, lease: LeaseId) -> Result<bool, String> {
-        let removed = self
-            .shared
-            .ledger
-            .remove(lease)
-            .await
-            .map_err(|_| SHUTTING_DOWN.to_string())?;
+    pub async fn remove(&self, lease: LeaseId) -> Result<bool, Error> {
+        let removed = self.shared.ledger.remove(lease).await?;
         if removed {
             info!(%lease, "lease removed by the administrator (dashboard)");
         }

@@ -9,7 +9,6 @@
 
 use crate::admission::Limits;
 use crate::store::Store;
-use anyhow::Result;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,8 +3,9 @@
 //! export through the ledger task (`Shared::request_export`), so that a report sees every
 //! journal event decided before it.
 
+use crate::error::Error;
 use crate::journal::{self, Exported, ReportIdentity};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,6 @@ use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::time::UnixTime;
 use tracing::{info, warn};
-
-/// Why an export did not happen when the ledger task has gone (not a storage fault).
-pub(crate) const SHUTTING_DOWN: &str = "the server is shutting down";
 
 pub use crate::params::ReportSettings;
 
@@ -68,7 +66,7 @@ impl Reports {
         &self,
         dir: &Path,
         exported: Exported,
-    ) -> Result<Option<PathBuf>, String> {
+    ) -> Result<Option<PathBuf>, Error> {
         let mut unspooled = self.unspooled.lock().await;
         unspooled.push((exported.report_seq, exported.text));
         let mut last = None;
@@ -80,12 +78,7 @@ impl Reports {
                     last = Some(path);
                     self.upload_wake.notify_one();
                 }
-                Err(e) => {
-                    return Err(format!(
-                        "{}: {e} (kept in memory, retried at the next export)",
-                        path.display()
-                    ))
-                }
+                Err(cause) => return Err(Error::Spool { path, cause }),
             }
         }
         Ok(last)
@@ -129,11 +122,9 @@ pub(crate) fn export(
     identity: &ReportIdentity,
     now: UnixTime,
     retention: Duration,
-) -> Result<Exported, String> {
-    let state = store.report_state().map_err(|e| e.to_string())?;
-    let (entries, unreadable) = store
-        .journal_after(state.last_event)
-        .map_err(|e| e.to_string())?;
+) -> Result<Exported, StoreError> {
+    let state = store.report_state()?;
+    let (entries, unreadable) = store.journal_after(state.last_event)?;
     if unreadable > 0 {
         warn!(
             unreadable,
@@ -141,9 +132,7 @@ pub(crate) fn export(
         );
     }
     let exported = journal::build_report(identity, &state, entries, now);
-    store
-        .save_report_state(&exported.state)
-        .map_err(|e| e.to_string())?;
+    store.save_report_state(&exported.state)?;
     // Bounded growth: exported events past the retention period go.
     let before = UnixTime(now.0.saturating_sub(retention.as_secs()));
     match store.compact_journal(exported.state.last_event, before) {

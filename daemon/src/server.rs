@@ -13,14 +13,14 @@
 use crate::admission::{Admission, Verdict};
 use crate::commit::CLOCK_SAVE_SECS;
 use crate::conn::serve_connection;
+use crate::error::Error;
 use crate::journal;
 use crate::ledger::{ConnId, Ledger};
 use crate::ledger_task::{run_ledger, Inbox, LedgerHandle};
 use crate::reload::Reloads;
 use crate::reports::Reports;
 use crate::shared::Shared;
-use crate::store::Store;
-use anyhow::{Context, Result};
+use crate::store::{Store, StoreError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -53,7 +53,7 @@ pub struct Server {
 
 impl Server {
     /// Restores the ledger from the store and binds the UDP port.
-    pub fn bind(params: ServerParams) -> Result<Server> {
+    pub fn bind(params: ServerParams) -> Result<Server, Error> {
         let settings = crate::ledger::LedgerSettings {
             default_ttl: params.lease_ttl,
             remove_holdoff: params.remove_holdoff,
@@ -64,15 +64,21 @@ impl Server {
         ledger.set_policy(start, params.policy);
         let startup = restore(&mut ledger, &params.store, &bundles, start)?;
         let config = crate::tls::server_config(&params.identity, params.idle_timeout)?;
-        let socket = std::net::UdpSocket::bind(params.listen)
-            .with_context(|| format!("binding UDP {}", params.listen))?;
+        let socket = std::net::UdpSocket::bind(params.listen).map_err(|cause| Error::Bind {
+            what: "UDP",
+            addr: params.listen,
+            cause,
+        })?;
         let endpoint = quinn::Endpoint::new(
             crate::tls::endpoint_config(&params.identity),
             Some(config),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .with_context(|| format!("starting QUIC on {}", params.listen))?;
+        .map_err(|cause| Error::Quic {
+            addr: params.listen,
+            cause,
+        })?;
         let (tx, rx) = LedgerHandle::channel();
         let shared = Arc::new(Shared {
             ledger: tx,
@@ -99,12 +105,7 @@ impl Server {
             reloads.refused = params.refused;
         }
         let http = match params.http_listen {
-            Some(addr) => {
-                let std_listener = std::net::TcpListener::bind(addr)
-                    .with_context(|| format!("binding the HTTP endpoint on {addr}"))?;
-                std_listener.set_nonblocking(true)?;
-                Some(tokio::net::TcpListener::from_std(std_listener)?)
-            }
+            Some(addr) => Some(bind_http(addr)?),
             None => None,
         };
         Ok(Server {
@@ -121,8 +122,11 @@ impl Server {
     }
 
     /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> Result<SocketAddr> {
-        Ok(self.endpoint.local_addr()?)
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.endpoint.local_addr().map_err(|cause| Error::Io {
+            what: "the address the server is bound to".into(),
+            cause,
+        })
     }
 
     /// The operations endpoint's address, if it has one.
@@ -133,7 +137,7 @@ impl Server {
     /// Serves until `shutdown` completes, then stops the ledger (flushing the store)
     /// before closing connections, so that closing them does not release their leases:
     /// leases outlive a restart.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Server {
             endpoint,
             shared,
@@ -177,6 +181,18 @@ impl Server {
     }
 }
 
+/// The operations endpoint's listener on `addr`.
+fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    let bind = |cause| Error::Bind {
+        what: "the HTTP endpoint on",
+        addr,
+        cause,
+    };
+    let std_listener = std::net::TcpListener::bind(addr).map_err(bind)?;
+    std_listener.set_nonblocking(true).map_err(bind)?;
+    tokio::net::TcpListener::from_std(std_listener).map_err(bind)
+}
+
 /// Restores the ledger from the store: the clock mark (a clock moved back is said and
 /// journaled), the leases with the deadlines they had, made durable before serving;
 /// returns the start's journal events.
@@ -185,7 +201,7 @@ fn restore(
     store: &Store,
     bundles: &[tally_protocol::bundle::Bundle],
     start: crate::ledger::Now,
-) -> Result<Vec<UsageEvent>> {
+) -> Result<Vec<UsageEvent>, StoreError> {
     let mut startup = vec![UsageEvent::DaemonStarted {
         version: env!("CARGO_PKG_VERSION").to_string(),
     }];

@@ -3,11 +3,12 @@
 //! client may see of a denial.
 
 use crate::admission::Admission;
+use crate::error::{storage_fault, Error};
 use crate::journal::Exported;
 use crate::ledger_task::LedgerHandle;
 use crate::metrics::Metrics;
 use crate::reload::Reloads;
-use crate::reports::{Reports, SHUTTING_DOWN};
+use crate::reports::Reports;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -100,17 +101,16 @@ impl Shared {
     }
 
     /// Asks the ledger task for the next report.
-    pub(crate) async fn request_export(&self) -> Result<Exported, String> {
+    pub(crate) async fn request_export(&self) -> Result<Exported, Error> {
         let bundles = self.bundles.read().expect("bundles lock").clone();
         let identity = self.reports.identity(&self.key, &bundles);
         self.ledger
             .export(identity, self.reports.settings.retention)
-            .await
-            .map_err(|_| SHUTTING_DOWN.to_string())?
+            .await?
     }
 
     /// Exports into the spool; a report that cannot be written is kept and retried.
-    pub(crate) async fn export_to_spool(&self) -> Result<Option<std::path::PathBuf>, String> {
+    pub(crate) async fn export_to_spool(&self) -> Result<Option<std::path::PathBuf>, Error> {
         let Some(dir) = self.reports.settings.spool.clone() else {
             return Ok(None);
         };
@@ -129,49 +129,7 @@ impl Shared {
     }
 }
 
-/// can act on, never the store's paths or the storage engine's error text.
-/// What a client is told about a storage fault: the kind of fault, if it is one people
-pub(crate) fn storage_fault(what: &str) -> String {
-    const KNOWN: [&str; 8] = [
-        "No space left on device",
-        "Read-only file system",
-        "Disk quota exceeded",
-        "Input/output error",
-        "Permission denied",
-        "Too many open files",
-        "files are missing",
-        "closed",
-    ];
-    match KNOWN.iter().find(|k| what.contains(*k)) {
-        Some(kind) => format!("the seat store: {kind}; held seats are kept"),
-        None => "the seat store cannot be written (the server's log says why); held seats are kept"
-            .to_string(),
-    }
-}
-
 /// Compares secrets without an early exit, so timing does not reveal a prefix.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::storage_fault;
-
-    /// Issue 20, scenario 8: storage denials carried the store's path and sled's Debug
-    /// text to every client.
-    #[test]
-    fn storage_faults_reach_clients_without_paths_or_debug_text() {
-        let raw = "seat store /var/lib/tally/store: Io(Custom { kind: StorageFull, error: \"No space left on device (os error 28)\" })";
-        let shown = storage_fault(raw);
-        assert_eq!(
-            shown,
-            "the seat store: No space left on device; held seats are kept"
-        );
-        let shown = storage_fault(
-            "opening the seat store: Read corrupted data at file offset None backtrace ()",
-        );
-        assert!(!shown.contains("offset") && !shown.contains('/'), "{shown}");
-        assert!(shown.contains("the server's log says why"), "{shown}");
-    }
 }
