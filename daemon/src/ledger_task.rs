@@ -6,7 +6,7 @@
 use crate::clock::{now, StallWatch};
 use crate::commit::{Answer, Commit, Owed, Replies};
 use crate::disk::{Disk, Flush};
-use crate::journal::{self, Exported, ReportIdentity};
+use crate::journal::{Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::metrics::Metrics;
 use crate::reports::export;
@@ -287,7 +287,7 @@ pub(crate) async fn run_ledger(
         let retry_at = task.disk.retry_at().filter(|_| flushing.is_none());
         let retry = async {
             match retry_at {
-                Some(t) => tokio::time::sleep_until(t).await,
+                Some(t) => tokio::time::sleep_until(t.into()).await,
                 None => std::future::pending().await,
             }
         };
@@ -366,6 +366,11 @@ impl LedgerTask {
         // daemon stood still are its own fault, not their holders'.
         self.stall.observe(now, &mut self.ledger);
         self.ledger.observe_clock(now);
+        // The ledger refuses new grants while the store cannot be written.
+        match self.disk.outage() {
+            Some((since, what)) => self.ledger.storage_unavailable(since, what),
+            None => self.ledger.storage_available(),
+        }
         let mut events = self.ledger.expire(now);
         events.extend(self.ledger.release_unclaimed(now));
         let mut d = Decided {
@@ -442,17 +447,7 @@ impl LedgerTask {
                 policy,
                 done,
             } => {
-                for b in &bundles {
-                    self.commit.record(
-                        now.wall,
-                        UsageEvent::BundleLoaded {
-                            bundle: b.id.clone(),
-                        },
-                    );
-                }
-                for event in changes {
-                    self.commit.record(now.wall, event);
-                }
+                self.commit.reloaded(now.wall, &bundles, changes);
                 ledger.reload(now, &bundles);
                 self.metrics.set_licensed(ledger.feature_names());
                 ledger.set_policy(now, policy);
@@ -477,14 +472,10 @@ impl LedgerTask {
         reply: GrantTx,
         d: &mut Decided,
     ) {
-        // While the store cannot be written, no grant: it could not be made durable.
-        // Everything else goes on.
-        let decided = match self.disk.refusal() {
-            Some(what) => Checkout::Denied(DenialReason::StorageUnavailable { what }),
-            None => self
-                .ledger
-                .checkout_or_wait(now, conn, &holder, &request, fresh, waiter),
-        };
+        // While the store cannot be written the ledger refuses (see `decide`).
+        let decided = self
+            .ledger
+            .checkout_or_wait(now, conn, &holder, &request, fresh, waiter);
         match decided {
             Checkout::Granted(granted) => {
                 let (record, event) = *granted;
@@ -495,29 +486,13 @@ impl LedgerTask {
                 info!(feature = %request.feature, holder = %holder, %reason, "denied");
                 self.metrics
                     .denied(now.wall, &request.feature, &holder, &reason);
-                // The fact of the denial is kept; a name no bundle licenses is not
-                // (clients can make up any number).
-                self.commit.record(
-                    now.wall,
-                    UsageEvent::Denied {
-                        feature: self.metrics.counted_as(&request.feature).to_string(),
-                        reason: reason.code().into(),
-                        user: holder.user.clone(),
-                        host: holder.host.clone(),
-                    },
-                );
+                let counted_as = self.metrics.counted_as(&request.feature);
+                self.commit.denied(now.wall, counted_as, &reason, &holder);
                 d.pending.push(Pending::Grant(reply, Err(reason)));
             }
             Checkout::Queued { position } => {
                 info!(feature = %request.feature, holder = %holder, position, "queued");
-                self.commit.record(
-                    now.wall,
-                    UsageEvent::Queued {
-                        feature: request.feature.clone(),
-                        user: holder.user.clone(),
-                        host: holder.host.clone(),
-                    },
-                );
+                self.commit.queued(now.wall, &request.feature, &holder);
                 self.waiting.insert(waiter, reply);
             }
         }
@@ -539,17 +514,7 @@ impl LedgerTask {
             if let Some(result) = outcome.result {
                 if let Err(reason) = &result {
                     info!(%reason, "wait ended");
-                    if let Some(feature) = denied_feature(reason) {
-                        self.commit.record(
-                            now.wall,
-                            UsageEvent::Denied {
-                                feature,
-                                reason: reason.code().into(),
-                                user: String::new(),
-                                host: String::new(),
-                            },
-                        );
-                    }
+                    self.commit.wait_denied(now.wall, reason);
                 }
                 d.pending.push(Pending::Grant(reply, result));
             }
@@ -565,9 +530,7 @@ impl LedgerTask {
             exports,
             shutdown,
         } = d;
-        for event in &events {
-            self.commit.record(now.wall, journal::usage_event(event));
-        }
+        self.commit.batch_events(now.wall, &events);
         let detachments = self.ledger.take_detachments();
         let changes = !events.is_empty() || !detachments.is_empty();
         let clock = self.ledger.clock_high_water();
@@ -709,15 +672,6 @@ impl LedgerTask {
 
 fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
     crate::store::StoreError::Task(e)
-}
-
-/// The feature a queue-timeout denial is about (waits that end otherwise are logged
-/// when they start).
-fn denied_feature(reason: &DenialReason) -> Option<String> {
-    match reason {
-        DenialReason::QueueTimeout { feature, .. } => Some(feature.clone()),
-        _ => None,
-    }
 }
 
 /// Logs a ledger event; a grant only once it is durable.
