@@ -54,7 +54,7 @@ pub(crate) enum Owed<R: Replies> {
     /// A heartbeat that gave lapsed leases back: the states by lease, and the leases
     /// given back (grants like any other).
     Regranted(R::Heartbeat, Vec<(LeaseId, LeaseState)>, Vec<LeaseRecord>),
-    /// A report export, durable with the batch it was built in.
+    /// A report export, durable with the flush that follows it.
     Export(R::Export, Result<Exported, String>),
 }
 
@@ -118,6 +118,11 @@ impl<R: Replies> Commit<R> {
             event,
         });
         self.next_seq += 1;
+    }
+
+    /// The number of the last journal entry recorded (0: none yet).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
     }
 
     /// Journals a batch's ledger events (grants, releases), in order, at `at`.

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tally_config::Policy;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
 use tally_protocol::report::UsageEvent;
+use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -240,6 +241,31 @@ type StatesTx = oneshot::Sender<Vec<LeaseState>>;
 /// Answers an export.
 type ExportTx = oneshot::Sender<Result<Exported, String>>;
 
+/// Builds a report against the store, on the blocking pool ([`export`]; a test may put
+/// a gate in front of it to watch the ledger task serve while an export runs).
+type Exporter = Arc<
+    dyn Fn(&Store, &ReportIdentity, (UnixTime, u64), Duration) -> Result<Exported, String>
+        + Send
+        + Sync,
+>;
+
+/// An export asked for: who signs, at what time, of the journal up to which entry (the
+/// last one written when it was asked for), keeping how much, and whom to answer.
+struct ExportJob {
+    identity: Box<ReportIdentity>,
+    at: UnixTime,
+    upto: u64,
+    retention: Duration,
+    reply: ExportTx,
+}
+
+/// The export running on the blocking pool (one at a time: each moves the report
+/// chain's state, so the next one starts from it).
+struct Exporting {
+    reply: ExportTx,
+    job: tokio::task::JoinHandle<Result<Exported, String>>,
+}
+
 /// The reply handles the commit pipeline carries for the ledger task.
 struct Channels;
 
@@ -268,23 +294,31 @@ struct Decided {
 }
 
 /// The ledger task: owns the ledger and the store. A short loop: a batch of requests,
-/// a deadline, a flush that ended, or the time to reopen a broken store.
+/// a deadline, a flush or an export that ended, or the time to reopen a broken store.
 pub(crate) async fn run_ledger(
     ledger: Ledger,
     store: Store,
-    Inbox(mut rx): Inbox,
+    inbox: Inbox,
     startup: Vec<UsageEvent>,
     (metrics, idle_timeout): (Arc<Metrics>, Duration),
 ) {
-    let mut task = LedgerTask::new(ledger, store, startup, metrics, idle_timeout);
+    let task = LedgerTask::new(ledger, store, startup, metrics, idle_timeout);
+    serve(task, inbox).await
+}
+
+/// The loop of [`run_ledger`].
+async fn serve(mut task: LedgerTask, Inbox(mut rx): Inbox) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushing: Option<Flush> = None;
+    let mut exporting: Option<Exporting> = None;
     loop {
         // Woken at least every tick, so that a stall of the daemon shows as a gap.
         let tick = task.stall.next_tick();
         let deadline = task.ledger.next_deadline().map_or(tick, |d| d.min(tick));
-        // A broken store is reopened between flushes, never under a running one.
-        let retry_at = task.disk.retry_at().filter(|_| flushing.is_none());
+        // A broken store is reopened between flushes and exports (sled's files stay
+        // locked while either holds the store), never under one.
+        let idle = flushing.is_none() && exporting.is_none();
+        let retry_at = task.disk.retry_at().filter(|_| idle);
         let retry = async {
             match retry_at {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -297,12 +331,27 @@ pub(crate) async fn run_ledger(
                 None => std::future::pending().await,
             }
         };
+        let exported = async {
+            match exporting.as_mut() {
+                Some(e) => (&mut e.job).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
             result = flushed => {
                 task.flushed(result);
                 flushing = task.flush_if_owed();
+                continue;
+            }
+            result = exported => {
+                let done = exporting.take().expect("an export ran");
+                task.exported(done.reply, result);
+                exporting = task.start_export();
+                if flushing.is_none() {
+                    flushing = task.flush_if_owed();
+                }
                 continue;
             }
             _ = retry => {
@@ -312,7 +361,10 @@ pub(crate) async fn run_ledger(
         }
         let now = now();
         let decided = task.decide(now, batch.drain(..));
-        if task.end_batch(now, decided, &mut flushing).await {
+        if task
+            .end_batch(now, decided, (&mut flushing, &mut exporting))
+            .await
+        {
             return;
         }
     }
@@ -326,6 +378,9 @@ struct LedgerTask {
     commit: Commit<Channels>,
     /// Replies owed to checkouts waiting in a queue.
     waiting: HashMap<WaiterId, GrantTx>,
+    /// Exports asked for and not started yet, in order.
+    exports: std::collections::VecDeque<ExportJob>,
+    exporter: Exporter,
     stall: StallWatch,
     metrics: Arc<Metrics>,
 }
@@ -355,6 +410,8 @@ impl LedgerTask {
             ledger,
             commit,
             waiting: HashMap::new(),
+            exports: Default::default(),
+            exporter: Arc::new(export),
             stall: StallWatch::new(idle_timeout),
             metrics,
         }
@@ -523,7 +580,12 @@ impl LedgerTask {
 
     /// Writes the batch, answers what needs no flush, owes the rest to the pipeline and
     /// starts a flush if one is owed; true once stopped (after the final flush).
-    async fn end_batch(&mut self, now: Now, d: Decided, flushing: &mut Option<Flush>) -> bool {
+    async fn end_batch(
+        &mut self,
+        now: Now,
+        d: Decided,
+        (flushing, exporting): (&mut Option<Flush>, &mut Option<Exporting>),
+    ) -> bool {
         let Decided {
             events,
             pending,
@@ -546,29 +608,29 @@ impl LedgerTask {
                 log_event(event, true);
             }
         }
-        // Exports see this batch's journal, and become durable with it. Built on the
-        // blocking pool (a large journal takes a while): the ledger task waits for it,
-        // the async workers serving connections and HTTP do not.
+        // Exports see the journal up to this batch, and are built on the blocking pool
+        // while the ledger task goes on serving (a large journal takes a while); each
+        // answer comes back as the export's end and waits for the flush after it.
         for (identity, retention, reply) in exports {
-            let result = match (&failure, self.disk.store()) {
-                (None, Some(store)) => {
-                    let store = store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        export(&store, &identity, now.wall, retention)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the report export stopped: {e}")))
-                }
-                (Some(e), _) => Err(e.clone()),
-                (None, None) => Err("the seat store is closed".into()),
-            };
-            let _ = self.commit.owe(Owed::Export(reply, result), None);
+            match &failure {
+                Some(e) => drop(self.commit.owe(Owed::Export(reply, Err(e.clone())), None)),
+                None => self.exports.push_back(ExportJob {
+                    identity,
+                    at: now.wall,
+                    upto: self.commit.last_seq(),
+                    retention,
+                    reply,
+                }),
+            }
+        }
+        if exporting.is_none() {
+            *exporting = self.start_export();
         }
         for p in pending {
             self.answer(p, failure.as_deref());
         }
         if let Some(done) = shutdown {
-            self.stop(flushing.take()).await;
+            self.stop(flushing.take(), exporting.take()).await;
             let _ = done.send(());
             return true;
         }
@@ -579,6 +641,46 @@ impl LedgerTask {
             let _ = self.disk.write(self.commit.journal(), (&[], &[]), None);
         }
         false
+    }
+
+    /// Starts the next export asked for, if any, on the blocking pool (call it when
+    /// none runs). While the store cannot be written there is none: each export asked
+    /// for is failed with the reason.
+    fn start_export(&mut self) -> Option<Exporting> {
+        while let Some(job) = self.exports.pop_front() {
+            let Some(store) = self.disk.store().cloned() else {
+                let what = self
+                    .disk
+                    .refusal()
+                    .unwrap_or_else(|| "the seat store is closed".into());
+                drop(self.commit.owe(Owed::Export(job.reply, Err(what)), None));
+                continue;
+            };
+            let exporter = self.exporter.clone();
+            let ExportJob {
+                identity,
+                at,
+                upto,
+                retention,
+                reply,
+            } = job;
+            let job = tokio::task::spawn_blocking(move || {
+                exporter(&store, &identity, (at, upto), retention)
+            });
+            return Some(Exporting { reply, job });
+        }
+        None
+    }
+
+    /// An export ended: its answer waits for the next flush (which covers the chain
+    /// state it wrote).
+    fn exported(
+        &mut self,
+        reply: ExportTx,
+        result: Result<Result<Exported, String>, tokio::task::JoinError>,
+    ) {
+        let result = result.unwrap_or_else(|e| Err(format!("the report export stopped: {e}")));
+        drop(self.commit.owe(Owed::Export(reply, result), None));
     }
 
     /// Sends a reply that needs no flush; owes the others (grants) to the pipeline.
@@ -655,7 +757,14 @@ impl LedgerTask {
 
     /// The final flush at a stop: a store that failed keeps nothing more (its backlog
     /// is lost with the process, as the log says).
-    async fn stop(&mut self, running: Option<Flush>) {
+    async fn stop(&mut self, running: Option<Flush>, exporting: Option<Exporting>) {
+        // Exports asked for still end (and their chain state is in the final flush).
+        let mut exporting = exporting.or_else(|| self.start_export());
+        while let Some(mut e) = exporting.take() {
+            let result = (&mut e.job).await;
+            self.exported(e.reply, result);
+            exporting = self.start_export();
+        }
         if let Some(running) = running {
             let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
             self.flushed(result);
@@ -686,5 +795,168 @@ fn log_event(event: &Event, durable: bool) {
         } => {
             info!(lease = %id, feature = %feature, reason = %why, "released")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ledger task with a real sled store in a temp dir.
+
+    use super::*;
+    use tally_protocol::bundle::{Bundle, Customer, FeatureGrant};
+    use tally_protocol::keys::SecretKey;
+    use tally_protocol::lease::LeaseSecret;
+
+    /// How long the test waits for anything before it gives up (a bound, not a
+    /// measurement: a slow machine is far faster than this).
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    fn ledger() -> Ledger {
+        let bundle = Bundle {
+            id: "b1".into(),
+            issued_at: UnixTime(1_800_000_000),
+            vendor: "v".into(),
+            customer: Customer {
+                id: "c".into(),
+                name: "C".into(),
+            },
+            binding: None,
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features: vec![FeatureGrant::counted("solver", 5)],
+        };
+        let settings = crate::ledger::LedgerSettings {
+            default_ttl: Duration::from_secs(90),
+            remove_holdoff: Duration::ZERO,
+        };
+        Ledger::new(settings, &[bundle])
+    }
+
+    async fn checkout(ledger: &LedgerHandle, n: u64) -> LeaseRecord {
+        let holder = ClientIdentity {
+            user: "ann".into(),
+            host: "ws1".into(),
+            pid: 1,
+            program: "p".into(),
+            display: None,
+        };
+        let request = CheckoutRequest {
+            feature: "solver".into(),
+            count: 1,
+            version: None,
+            build_date: None,
+            wait_secs: 0,
+            borrow_secs: 0,
+        };
+        let fresh = FreshLease {
+            id: LeaseId(n),
+            secret: LeaseSecret([n as u8; 16]),
+        };
+        let asked = ledger.checkout(
+            (ConnId(1), holder),
+            request,
+            (fresh, WaiterId(n)),
+            std::future::pending(),
+        );
+        let answer = tokio::time::timeout(PATIENCE, asked).await;
+        answer
+            .expect("the checkout was answered while the export ran")
+            .map_err(|_| "no answer")
+            .unwrap()
+            .expect("granted")
+    }
+
+    /// An export held at its start (a gate in front of the real one) does not hold the
+    /// ledger task: a checkout and a heartbeat asked for after it are answered before
+    /// the export ends; the report covers the journal as it was when it was asked for,
+    /// and comes back once the gate opens.
+    #[tokio::test]
+    async fn the_ledger_task_serves_while_an_export_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut task = LedgerTask::new(
+            ledger(),
+            store,
+            Vec::new(),
+            Arc::new(Metrics::default()),
+            Duration::from_secs(15),
+        );
+        let order = Arc::new(std::sync::Mutex::new(Vec::<&str>::new()));
+        let (started_tx, started) = oneshot::channel::<()>();
+        let started_tx = std::sync::Mutex::new(Some(started_tx));
+        let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+        let gate = std::sync::Mutex::new(gate);
+        let seen = order.clone();
+        task.exporter = Arc::new(move |store, identity, at, retention| {
+            seen.lock().unwrap().push("export started");
+            if let Some(tx) = started_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            // Bounded: a gate never opened fails the export, not the test run.
+            gate.lock()
+                .unwrap()
+                .recv_timeout(PATIENCE)
+                .map_err(|e| format!("gate: {e}"))?;
+            let exported = export(store, identity, at, retention);
+            seen.lock().unwrap().push("export ended");
+            exported
+        });
+        let (ledger, inbox) = LedgerHandle::channel();
+        let serving = tokio::spawn(serve(task, inbox));
+
+        let first = checkout(&ledger, 1).await;
+        let identity = Box::new(ReportIdentity {
+            key: SecretKey::from_seed([7; 32]),
+            host_fingerprint: "h".into(),
+            customers: vec!["c".into()],
+            bundle_ids: vec!["b1".into()],
+        });
+        let asked = ledger.clone();
+        let exporting =
+            tokio::spawn(async move { asked.export(identity, Duration::from_secs(3600)).await });
+        tokio::time::timeout(PATIENCE, started)
+            .await
+            .expect("the export started")
+            .unwrap();
+
+        checkout(&ledger, 2).await;
+        let lease = LeaseRef {
+            id: first.id,
+            secret: first.secret.clone(),
+        };
+        let states = tokio::time::timeout(PATIENCE, ledger.heartbeat(ConnId(1), vec![lease]))
+            .await
+            .expect("the heartbeat was answered while the export ran")
+            .map_err(|_| "no answer")
+            .unwrap();
+        assert_eq!(states, vec![LeaseState::Active]);
+        order
+            .lock()
+            .unwrap()
+            .push("checkout and heartbeat answered");
+
+        open_gate.send(()).unwrap();
+        let exported = tokio::time::timeout(PATIENCE, exporting)
+            .await
+            .expect("the export ended")
+            .unwrap()
+            .map_err(|_| "no answer")
+            .unwrap()
+            .expect("exported");
+        assert_eq!(
+            *order.lock().unwrap(),
+            [
+                "export started",
+                "checkout and heartbeat answered",
+                "export ended"
+            ]
+        );
+        assert_eq!(
+            exported.events, 1,
+            "the report covers the first grant, not the one decided while it ran"
+        );
+        ledger.shutdown().await.map_err(|_| "no answer").unwrap();
+        serving.await.unwrap();
     }
 }
