@@ -603,23 +603,9 @@ mod tests {
         assert_eq!(clock, Some(UnixTime(1_012)), "at a stop");
     }
 
-    /// The durability state machine on virtual time (no disk): the store "fails" at
-    /// 10 s and the ledger is told; new checkouts (also ones that would wait) are
-    /// refused naming the fault, while a release is accepted and journaled, with the
-    /// denial, to the outage's backlog; reopening is tried on a doubling backoff; once
-    /// the store is back the backlog is what is written and checkouts are served again.
-    #[test]
-    fn a_storage_outage_refuses_grants_keeps_releases_and_ends_on_virtual_time() {
-        use crate::ledger::{Checkout, ConnId, FreshLease, Ledger, LedgerSettings, Now, WaiterId};
+    /// A ledger with two seats of "solver".
+    fn ledger() -> crate::ledger::Ledger {
         use tally_protocol::bundle::{Customer, FeatureGrant};
-        use tally_protocol::lease::LeaseSecret;
-        use tally_protocol::wire::{CheckoutRequest, LeaseRef};
-
-        let start = Instant::now();
-        let at = |ms: u64| Now {
-            mono: start + Duration::from_millis(ms),
-            wall: UnixTime(1_800_000_000 + ms / 1_000),
-        };
         let bundle = Bundle {
             id: "b1".into(),
             issued_at: UnixTime(1_800_000_000),
@@ -634,33 +620,69 @@ mod tests {
             valid_until: None,
             features: vec![FeatureGrant::counted("solver", 2)],
         };
-        let settings = LedgerSettings {
+        let settings = crate::ledger::LedgerSettings {
             default_ttl: Duration::from_secs(90),
             remove_holdoff: Duration::ZERO,
         };
-        let mut ledger = Ledger::new(settings, &[bundle]);
+        crate::ledger::Ledger::new(settings, &[bundle])
+    }
+
+    /// Checkout number `n` of one "solver" seat by ann, waiting up to `wait_secs`.
+    fn checkout(
+        ledger: &mut crate::ledger::Ledger,
+        now: crate::ledger::Now,
+        n: u64,
+        wait_secs: u32,
+    ) -> crate::ledger::Checkout {
+        use crate::ledger::{ConnId, FreshLease, WaiterId};
+        use tally_protocol::lease::LeaseSecret;
+        let request = tally_protocol::wire::CheckoutRequest {
+            feature: "solver".into(),
+            count: 1,
+            version: None,
+            build_date: None,
+            wait_secs,
+            borrow_secs: 0,
+        };
+        let fresh = FreshLease {
+            id: LeaseId(n),
+            secret: LeaseSecret([n as u8; 16]),
+        };
+        let ann = record(0).holder;
+        ledger.checkout_or_wait(now, ConnId(1), &ann, &request, fresh, WaiterId(n))
+    }
+
+    /// The backlog as (number, reason or why) pairs.
+    fn kept(outage: &mut Outage) -> Vec<(u64, String)> {
+        let kept = outage.backlog().iter().map(|e| match &e.event {
+            UsageEvent::Denied { reason, .. } => (e.seq, reason.clone()),
+            UsageEvent::Released { why, .. } => (e.seq, why.clone()),
+            other => panic!("{other:?}"),
+        });
+        kept.collect()
+    }
+
+    /// The durability state machine on virtual time (no disk): the store "fails" at
+    /// 10 s and the ledger is told; new checkouts (also ones that would wait) are
+    /// refused naming the fault, while a release is accepted and journaled, with the
+    /// denial, to the outage's backlog; reopening is tried on a doubling backoff; once
+    /// the store is back the backlog is what is written and checkouts are served again.
+    #[test]
+    fn a_storage_outage_refuses_grants_keeps_releases_and_ends_on_virtual_time() {
+        use crate::ledger::{Checkout, Now};
+        use tally_protocol::wire::LeaseRef;
+
+        let start = Instant::now();
+        let at = |ms: u64| Now {
+            mono: start + Duration::from_millis(ms),
+            wall: UnixTime(1_800_000_000 + ms / 1_000),
+        };
+        let mut ledger = ledger();
         let mut commit = Commit::<Ids>::new(1, UnixTime(0));
         let ann = record(0).holder;
-        let mut n = 0;
-        let mut checkout = |ledger: &mut Ledger, now: Now, wait_secs: u32| {
-            n += 1;
-            let request = CheckoutRequest {
-                feature: "solver".into(),
-                count: 1,
-                version: None,
-                build_date: None,
-                wait_secs,
-                borrow_secs: 0,
-            };
-            let fresh = FreshLease {
-                id: LeaseId(n),
-                secret: LeaseSecret([n as u8; 16]),
-            };
-            ledger.checkout_or_wait(now, ConnId(1), &ann, &request, fresh, WaiterId(n))
-        };
 
         // Served while the store is writable.
-        let Checkout::Granted(granted) = checkout(&mut ledger, at(0), 0) else {
+        let Checkout::Granted(granted) = checkout(&mut ledger, at(0), 1, 0) else {
             panic!("granted while the store is writable");
         };
         let (held, event) = *granted;
@@ -684,7 +706,7 @@ mod tests {
         };
         for wait_secs in [0, 30] {
             assert_eq!(
-                checkout(&mut ledger, at(10_300), wait_secs),
+                checkout(&mut ledger, at(10_300), 2, wait_secs),
                 Checkout::Denied(refused.clone()),
                 "no grant and no wait while the store cannot be written"
             );
@@ -704,21 +726,12 @@ mod tests {
         commit.batch_events(at(10_400).wall, &events);
         let (journal, _) = commit.batch_write(true, at(10_400).wall, false);
         outage.keep(journal.drain(..));
-        let kept: Vec<(u64, &str)> = outage
-            .backlog()
-            .iter()
-            .map(|e| match &e.event {
-                UsageEvent::Denied { reason, .. } => (e.seq, reason.as_str()),
-                UsageEvent::Released { why, .. } => (e.seq, why.as_str()),
-                other => panic!("{other:?}"),
-            })
-            .collect();
         assert_eq!(
-            kept,
+            kept(&mut outage),
             vec![
-                (2, "storage_unavailable"),
-                (3, "storage_unavailable"),
-                (4, "checkin")
+                (2, "storage_unavailable".to_string()),
+                (3, "storage_unavailable".to_string()),
+                (4, "checkin".to_string())
             ]
         );
 
@@ -735,7 +748,7 @@ mod tests {
             vec![10_500, 11_500, 13_500, 17_500, 25_500, 35_500, 45_500]
         );
         assert_eq!(
-            checkout(&mut ledger, at(45_000), 0),
+            checkout(&mut ledger, at(45_000), 3, 0),
             Checkout::Denied(refused),
             "still refused until the store is back"
         );
@@ -747,7 +760,7 @@ mod tests {
         ledger.storage_available();
         assert_eq!(ledger.storage_down(), None);
         assert!(matches!(
-            checkout(&mut ledger, at(45_600), 0),
+            checkout(&mut ledger, at(45_600), 4, 0),
             Checkout::Granted(_)
         ));
     }
