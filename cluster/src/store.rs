@@ -125,7 +125,7 @@ pub enum StoreError {
         /// The key, readable (a log index as a number).
         key: String,
         /// What bincode found wrong.
-        cause: String,
+        cause: CodecError,
     },
     /// A record cannot be encoded (a command type that bincode's serde support cannot
     /// write, such as a sequence of unknown length).
@@ -136,7 +136,7 @@ pub enum StoreError {
         /// What was being written.
         what: String,
         /// bincode's reason.
-        cause: String,
+        cause: CodecError,
     },
     /// The application refused the snapshot's bytes ([`Apply::restore`]).
     #[error("raft store {path}: the snapshot cannot be restored: {cause}")]
@@ -847,19 +847,26 @@ fn index_of(key: &[u8]) -> String {
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| e.to_string())
+/// What bincode found wrong with a record (its text: bincode's errors are not `Clone`
+/// and name nothing of ours).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CodecError(String);
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| CodecError(e.to_string()))
 }
 
-fn decode<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, String> {
+fn decode<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, CodecError> {
     let config = bincode::config::standard().with_limit::<LIMIT>();
     let (value, used) =
-        bincode::serde::decode_from_slice(bytes, config).map_err(|e| e.to_string())?;
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| CodecError(e.to_string()))?;
     if used != bytes.len() {
-        return Err(format!(
+        return Err(CodecError(format!(
             "{} trailing bytes after the record",
             bytes.len() - used
-        ));
+        )));
     }
     Ok(value)
 }

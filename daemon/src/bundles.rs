@@ -198,40 +198,71 @@ fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, Bundl
     Ok(verified)
 }
 
-/// Loads every `*.bundle` file of `dir` and applies the combination rules.
+/// Loads every `*.bundle` file of `dir` and applies the combination rules: each file
+/// judged, then who supersedes whom, then what is served.
 pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Result<Loaded> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
         .collect();
     paths.sort();
-    let mut loaded = Loaded::default();
-    let mut by_id: BTreeMap<String, (PathBuf, VerifiedBundle)> = BTreeMap::new();
-    // Returned bundles still in the directory: not served, but what they superseded
-    // stays superseded (a return gives back everything the bundle replaced).
-    let mut returned: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    // Expired bundles still in the directory: likewise, what they superseded stays
-    // superseded (else a reload after a renewal's end would serve the paid bundle it
-    // replaced, which the running server no longer counted).
-    let mut expired: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let Judging {
+        mut loaded,
+        by_id,
+        returned,
+        expired,
+    } = judge_files(paths, rules, now);
+    loaded.supersedes = by_id
+        .iter()
+        .map(|(id, (_, v))| (id.clone(), v.bundle.supersedes.clone()))
+        .chain(expired.clone())
+        .chain(returned.clone())
+        .collect();
+    let superseded = superseded(rules, &by_id, &returned, &expired);
+    loaded.served = served(by_id, &superseded, now, &mut loaded.notes);
+    Ok(loaded)
+}
+
+/// The bundle files of a directory, judged one by one.
+#[derive(Default)]
+struct Judging {
+    /// Refusals and notes so far.
+    loaded: Loaded,
+    /// Bundles that may be served, by id, with the first file that holds each.
+    by_id: BTreeMap<String, (PathBuf, VerifiedBundle)>,
+    /// Returned bundles still in the directory, with what they superseded: not served,
+    /// but what they superseded stays superseded (a return gives back everything the
+    /// bundle replaced).
+    returned: BTreeMap<String, Vec<String>>,
+    /// Expired bundles still in the directory, likewise (else a reload after a
+    /// renewal's end would serve the paid bundle it replaced, which the running server
+    /// no longer counted).
+    expired: BTreeMap<String, Vec<String>>,
+}
+
+/// Judges each file (in `paths`' order): refused, returned, expired, or a candidate;
+/// the same bundle twice counts once, the same id with other contents is refused.
+fn judge_files(paths: Vec<PathBuf>, rules: &BundleRules, now: UnixTime) -> Judging {
+    let mut j = Judging::default();
     for path in paths {
         match judge_file(&path, rules, now) {
             Judged::Returned(v) => {
-                loaded.refused.push(Refusal {
+                j.loaded.refused.push(Refusal {
                     path,
                     reason: BundleFileError::Returned(v.bundle.id.clone()).to_string(),
                 });
-                returned.insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
+                j.returned
+                    .insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
             }
-            Judged::Load(v) => match by_id.get(&v.bundle.id) {
+            Judged::Load(v) => match j.by_id.get(&v.bundle.id) {
                 Some((first, existing)) if existing.signed == v.signed => {
-                    loaded.notes.push(format!(
+                    j.loaded.notes.push(format!(
                         "{}: same bundle as {}; counted once",
                         path.display(),
                         first.display()
                     ))
                 }
-                Some((first, _)) => loaded.refused.push(Refusal {
+                Some((first, _)) => j.loaded.refused.push(Refusal {
                     path: path.clone(),
                     reason: format!(
                         "bundle id {} is already used by {} with different contents",
@@ -240,27 +271,32 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
                     ),
                 }),
                 None => {
-                    by_id.insert(v.bundle.id.clone(), (path, v));
+                    j.by_id.insert(v.bundle.id.clone(), (path, v));
                 }
             },
             Judged::Expired(v, reason) => {
                 let reason = reason.to_string();
-                loaded.refused.push(Refusal { path, reason });
-                expired.insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
+                j.loaded.refused.push(Refusal { path, reason });
+                j.expired
+                    .insert(v.bundle.id.clone(), v.bundle.supersedes.clone());
             }
-            Judged::Refused(reason) => loaded.refused.push(Refusal {
+            Judged::Refused(reason) => j.loaded.refused.push(Refusal {
                 path,
                 reason: reason.to_string(),
             }),
         }
     }
-    loaded.supersedes = by_id
-        .iter()
-        .map(|(id, (_, v))| (id.clone(), v.bundle.supersedes.clone()))
-        .chain(expired.clone())
-        .chain(returned.clone())
-        .collect();
-    // Who supersedes whom, with a note on how.
+    j
+}
+
+/// Who supersedes whom, with a note on how: a return (earlier or still in the
+/// directory) first, then a served bundle, then one that has ended.
+fn superseded(
+    rules: &BundleRules,
+    by_id: &BTreeMap<String, (PathBuf, VerifiedBundle)>,
+    returned: &BTreeMap<String, Vec<String>>,
+    expired: &BTreeMap<String, Vec<String>>,
+) -> BTreeMap<String, String> {
     let mut superseded: BTreeMap<String, String> = BTreeMap::new();
     for (old, by) in &rules.retired {
         superseded.insert(
@@ -268,7 +304,7 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
             format!("bundle {by}, which this server returned: it never counts here again"),
         );
     }
-    for (id, olds) in &returned {
+    for (id, olds) in returned {
         for old in olds {
             superseded.insert(
                 old.clone(),
@@ -283,24 +319,35 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
                 .or_insert_with(|| format!("bundle {}", v.bundle.id));
         }
     }
-    for (id, olds) in &expired {
+    for (id, olds) in expired {
         for old in olds {
             superseded
                 .entry(old.clone())
                 .or_insert_with(|| format!("bundle {id}, which has ended"));
         }
     }
+    superseded
+}
+
+/// The candidates not superseded, in file order; a note for each superseded one and
+/// each not valid yet (its seats count from its start).
+fn served(
+    by_id: BTreeMap<String, (PathBuf, VerifiedBundle)>,
+    superseded: &BTreeMap<String, String>,
+    now: UnixTime,
+    notes: &mut Vec<String>,
+) -> Vec<(PathBuf, VerifiedBundle)> {
     let mut served: Vec<(PathBuf, VerifiedBundle)> = Vec::new();
     for (id, (path, v)) in by_id {
         if let Some(by) = superseded.get(&id) {
-            loaded.notes.push(format!(
+            notes.push(format!(
                 "{}: bundle {id} is superseded by {by}",
                 path.display()
             ));
             continue;
         }
         if let Some(from) = v.bundle.valid_from.filter(|f| *f > now) {
-            loaded.notes.push(format!(
+            notes.push(format!(
                 "{}: bundle {id} is not valid yet; its seats count from {}",
                 path.display(),
                 from.date()
@@ -309,8 +356,7 @@ pub fn load_dir(dir: &Path, rules: &BundleRules, now: UnixTime) -> std::io::Resu
         served.push((path, v));
     }
     served.sort_by(|a, b| a.0.cmp(&b.0));
-    loaded.served = served;
-    Ok(loaded)
+    served
 }
 
 /// Line prefix in [`RETURNED_FILE`] of a bundle retired by a return: `retired OLD by ID`.

@@ -5,22 +5,38 @@
 //! writes and flushes the store and feeds the results back in, so the pipeline's rules
 //! are tested with virtual flushes (see the tests below).
 //!
+//! It also holds the rules of what is journaled (grants, releases, denials, waits,
+//! reloads: see [`Commit::batch_events`] and its neighbours), and the bookkeeping of an
+//! outage of the store ([`Outage`]: the journal kept in memory, when to try reopening),
+//! with time as an input, so the durability state machine runs on virtual time in tests.
+//!
 //! Group commit, pipelined: one flush runs at a time; answers owed by batches written
 //! while it runs wait for the next one. An answer goes out only once a flush that
 //! started after its writes has finished.
 
 use crate::disk::DiskError;
 use crate::error::Error;
-use crate::journal::Exported;
+use crate::journal::{self, Exported};
+use crate::ledger::Event;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tally_protocol::bundle::Bundle;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
 use tally_protocol::report::{JournalEntry, UsageEvent};
 use tally_protocol::time::UnixTime;
-use tally_protocol::wire::LeaseState;
+use tally_protocol::wire::{ClientIdentity, DenialReason, LeaseState};
 
 /// How often the clock mark (the last time the daemon is known to have been alive) is
 /// written; a lease attached when the daemon died ends at the latest this long after
 /// the mark plus its TTL.
 pub(crate) const CLOCK_SAVE_SECS: u64 = 10;
+/// Journal entries kept in memory while the store cannot be written (about 100 bytes
+/// each). Past this, the oldest kept ones are dropped and the report shows the gap.
+const MAX_BACKLOG: usize = 200_000;
+/// First wait before reopening a broken store; doubled after each failed try.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// Longest wait between tries.
+const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// The types of the reply handles the pipeline carries but never looks into (oneshot
 /// senders in the ledger task, plain numbers in tests).
@@ -40,7 +56,7 @@ pub(crate) enum Owed<R: Replies> {
     /// A heartbeat that gave lapsed leases back: the states by lease, and the leases
     /// given back (grants like any other).
     Regranted(R::Heartbeat, Vec<(LeaseId, LeaseState)>, Vec<LeaseRecord>),
-    /// A report export, durable with the batch it was built in.
+    /// A report export, durable with the flush that follows it.
     Export(R::Export, Result<Exported, Error>),
 }
 
@@ -104,6 +120,83 @@ impl<R: Replies> Commit<R> {
             event,
         });
         self.next_seq += 1;
+    }
+
+    /// The number of the last journal entry recorded (0: none yet).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+
+    /// Journals a batch's ledger events (grants, releases), in order, at `at`.
+    pub(crate) fn batch_events(&mut self, at: UnixTime, events: &[Event]) {
+        for event in events {
+            self.record(at, journal::usage_event(event));
+        }
+    }
+
+    /// Journals a checkout denied at the door. The fact of the denial is kept; the
+    /// name is the one it is counted as (`counted_as`: a name no bundle licenses is
+    /// not kept, since clients can make up any number).
+    pub(crate) fn denied(
+        &mut self,
+        at: UnixTime,
+        counted_as: &str,
+        reason: &DenialReason,
+        holder: &ClientIdentity,
+    ) {
+        self.record(
+            at,
+            UsageEvent::Denied {
+                feature: counted_as.to_string(),
+                reason: reason.code().into(),
+                user: holder.user.clone(),
+                host: holder.host.clone(),
+            },
+        );
+    }
+
+    /// Journals a checkout that waits in its feature's queue.
+    pub(crate) fn queued(&mut self, at: UnixTime, feature: &str, holder: &ClientIdentity) {
+        self.record(
+            at,
+            UsageEvent::Queued {
+                feature: feature.to_string(),
+                user: holder.user.clone(),
+                host: holder.host.clone(),
+            },
+        );
+    }
+
+    /// Journals a wait that ended denied: only a queue timeout is (waits that end
+    /// otherwise were journaled when they started); the waiter is not named.
+    pub(crate) fn wait_denied(&mut self, at: UnixTime, reason: &DenialReason) {
+        if let DenialReason::QueueTimeout { feature, .. } = reason {
+            self.record(
+                at,
+                UsageEvent::Denied {
+                    feature: feature.clone(),
+                    reason: reason.code().into(),
+                    user: String::new(),
+                    host: String::new(),
+                },
+            );
+        }
+    }
+
+    /// Journals a reload: each bundle loaded, then how the served set changed
+    /// (`journal::bundle_changes`).
+    pub(crate) fn reloaded(&mut self, at: UnixTime, bundles: &[Bundle], changes: Vec<UsageEvent>) {
+        for b in bundles {
+            self.record(
+                at,
+                UsageEvent::BundleLoaded {
+                    bundle: b.id.clone(),
+                },
+            );
+        }
+        for event in changes {
+            self.record(at, event);
+        }
     }
 
     /// Ends a batch: whether the clock mark `clock` is due (every few seconds and at a
@@ -235,6 +328,76 @@ impl<R: Replies> Commit<R> {
                 Answer::States(reply, states, undone)
             }
         }
+    }
+}
+
+/// An outage of the store, sans IO: since when, the journal entries not known to be
+/// durable (kept in memory, in order, to be written once the store is reopened), and
+/// when to try reopening it (backing off from [`FIRST_RETRY`] to [`MAX_RETRY`]). The
+/// disk does the IO; times are inputs, so tests run it on virtual time.
+#[derive(Debug)]
+pub(crate) struct Outage {
+    since: UnixTime,
+    retry_at: Instant,
+    backoff: Duration,
+    backlog: VecDeque<JournalEntry>,
+    /// Most entries kept; past it the oldest go.
+    cap: usize,
+    /// Entries dropped because the backlog was full.
+    dropped: u64,
+}
+
+impl Outage {
+    /// An outage that began at `since` (wall) / `now` (monotonic): the first try to
+    /// reopen comes [`FIRST_RETRY`] later.
+    pub(crate) fn new(since: UnixTime, now: Instant) -> Outage {
+        Outage {
+            since,
+            retry_at: now + FIRST_RETRY,
+            backoff: FIRST_RETRY,
+            backlog: VecDeque::new(),
+            cap: MAX_BACKLOG,
+            dropped: 0,
+        }
+    }
+
+    /// Keeps journal entries that could not be written (or not made durable); past the
+    /// cap the oldest go, and are counted.
+    pub(crate) fn keep(&mut self, entries: impl IntoIterator<Item = JournalEntry>) {
+        for entry in entries {
+            if self.backlog.len() >= self.cap {
+                self.backlog.pop_front();
+                self.dropped += 1;
+            }
+            self.backlog.push_back(entry);
+        }
+    }
+
+    /// When the outage began (wall clock).
+    pub(crate) fn since(&self) -> UnixTime {
+        self.since
+    }
+
+    /// When to try reopening the store.
+    pub(crate) fn retry_at(&self) -> Instant {
+        self.retry_at
+    }
+
+    /// A try to reopen failed at `now`: the next one waits twice as long (at most
+    /// [`MAX_RETRY`]).
+    pub(crate) fn retry_failed(&mut self, now: Instant) {
+        self.backoff = (self.backoff * 2).min(MAX_RETRY);
+        self.retry_at = now + self.backoff;
+    }
+
+    /// The journal entries owed to the store, oldest first.
+    pub(crate) fn backlog(&mut self) -> &[JournalEntry] {
+        self.backlog.make_contiguous()
+    }
+
+    /// How many entries were dropped because the backlog was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
     }
 }
 
@@ -454,5 +617,183 @@ mod tests {
         assert_eq!(clock, None);
         let (_, clock) = commit.batch_write(false, UnixTime(1_012), true);
         assert_eq!(clock, Some(UnixTime(1_012)), "at a stop");
+    }
+
+    /// A ledger with two seats of "solver".
+    fn ledger() -> crate::ledger::Ledger {
+        use tally_protocol::bundle::{Customer, FeatureGrant};
+        let bundle = Bundle {
+            id: "b1".into(),
+            issued_at: UnixTime(1_800_000_000),
+            vendor: "v".into(),
+            customer: Customer {
+                id: "c".into(),
+                name: "C".into(),
+            },
+            binding: Vec::new(),
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features: vec![FeatureGrant::counted("solver", 2)],
+        };
+        let settings = crate::ledger::LedgerSettings {
+            default_ttl: Duration::from_secs(90),
+            remove_holdoff: Duration::ZERO,
+        };
+        crate::ledger::Ledger::new(settings, &[bundle])
+    }
+
+    /// Checkout number `n` of one "solver" seat by ann, waiting up to `wait_secs`.
+    fn checkout(
+        ledger: &mut crate::ledger::Ledger,
+        now: crate::ledger::Now,
+        n: u64,
+        wait_secs: u32,
+    ) -> crate::ledger::Checkout {
+        use crate::ledger::{ConnId, FreshLease, WaiterId};
+        use tally_protocol::lease::LeaseSecret;
+        let request = tally_protocol::wire::CheckoutRequest {
+            feature: "solver".into(),
+            count: 1,
+            version: None,
+            build_date: None,
+            wait_secs,
+            borrow_secs: 0,
+        };
+        let fresh = FreshLease {
+            id: LeaseId(n),
+            secret: LeaseSecret([n as u8; 16]),
+        };
+        let ann = record(0).holder;
+        ledger.checkout_or_wait(now, ConnId(1), &ann, &request, fresh, WaiterId(n))
+    }
+
+    /// The backlog as (number, reason or why) pairs.
+    fn kept(outage: &mut Outage) -> Vec<(u64, String)> {
+        let kept = outage.backlog().iter().map(|e| match &e.event {
+            UsageEvent::Denied { reason, .. } => (e.seq, reason.clone()),
+            UsageEvent::Released { why, .. } => (e.seq, why.clone()),
+            other => panic!("{other:?}"),
+        });
+        kept.collect()
+    }
+
+    /// The durability state machine on virtual time (no disk): the store "fails" at
+    /// 10 s and the ledger is told; new checkouts (also ones that would wait) are
+    /// refused naming the fault, while a release is accepted and journaled, with the
+    /// denial, to the outage's backlog; reopening is tried on a doubling backoff; once
+    /// the store is back the backlog is what is written and checkouts are served again.
+    #[test]
+    fn a_storage_outage_refuses_grants_keeps_releases_and_ends_on_virtual_time() {
+        use crate::ledger::{Checkout, Now};
+        use tally_protocol::wire::LeaseRef;
+
+        let start = Instant::now();
+        let at = |ms: u64| Now {
+            mono: start + Duration::from_millis(ms),
+            wall: UnixTime(1_800_000_000 + ms / 1_000),
+        };
+        let mut ledger = ledger();
+        let mut commit = Commit::<Ids>::new(1, UnixTime(0));
+        let ann = record(0).holder;
+
+        // Served while the store is writable.
+        let Checkout::Granted(granted) = checkout(&mut ledger, at(0), 1, 0) else {
+            panic!("granted while the store is writable");
+        };
+        let (held, event) = *granted;
+        commit.batch_events(at(0).wall, &[event]);
+        let mut disk = Vec::new();
+        write(&mut commit, &mut disk, 1_800_000_000);
+        assert_eq!(disk.len(), 1);
+
+        // The store fails at 10 s; the ledger is told, and told again with a newer
+        // reason (the outage still began at 10 s).
+        let failed = at(10_000);
+        let mut outage = Outage::new(failed.wall, failed.mono);
+        ledger.storage_unavailable(failed.wall, "No space left on device".into());
+        ledger.storage_unavailable(at(10_200).wall, "Read-only file system".into());
+        assert_eq!(
+            ledger.storage_down(),
+            Some((failed.wall, "Read-only file system"))
+        );
+        let refused = DenialReason::StorageUnavailable {
+            what: "Read-only file system".into(),
+        };
+        for wait_secs in [0, 30] {
+            assert_eq!(
+                checkout(&mut ledger, at(10_300), 2, wait_secs),
+                Checkout::Denied(refused.clone()),
+                "no grant and no wait while the store cannot be written"
+            );
+            commit.denied(at(10_300).wall, "solver", &refused, &ann);
+        }
+        assert_eq!(ledger.in_use("solver"), 1);
+
+        // A release is accepted and journaled; its batch's write fails, so the journal
+        // goes to the backlog.
+        let lease = LeaseRef {
+            id: held.id,
+            secret: held.secret.clone(),
+        };
+        let (released, events) = ledger.checkin(at(10_400), &[lease]);
+        assert_eq!(released, vec![true]);
+        assert_eq!(ledger.in_use("solver"), 0);
+        commit.batch_events(at(10_400).wall, &events);
+        let (journal, _) = commit.batch_write(true, at(10_400).wall, false);
+        outage.keep(journal.drain(..));
+        assert_eq!(
+            kept(&mut outage),
+            vec![
+                (2, "storage_unavailable".to_string()),
+                (3, "storage_unavailable".to_string()),
+                (4, "checkin".to_string())
+            ]
+        );
+
+        // Reopening is tried 0.5 s after the failure, then after 1 s, 2 s, ... at most
+        // 10 s apart; each failed try is an input at its (virtual) time.
+        let mut tries = Vec::new();
+        for _ in 0..7 {
+            let when = outage.retry_at();
+            tries.push((when - start).as_millis());
+            outage.retry_failed(when);
+        }
+        assert_eq!(
+            tries,
+            vec![10_500, 11_500, 13_500, 17_500, 25_500, 35_500, 45_500]
+        );
+        assert_eq!(
+            checkout(&mut ledger, at(45_000), 3, 0),
+            Checkout::Denied(refused),
+            "still refused until the store is back"
+        );
+
+        // The store is back: the backlog is what the reopened store is written first,
+        // and checkouts are served again.
+        disk.extend(outage.backlog().iter().cloned());
+        assert_eq!(disk.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        ledger.storage_available();
+        assert_eq!(ledger.storage_down(), None);
+        assert!(matches!(
+            checkout(&mut ledger, at(45_600), 4, 0),
+            Checkout::Granted(_)
+        ));
+    }
+
+    /// The backlog is bounded: past its cap the oldest entries go, and are counted.
+    #[test]
+    fn an_outage_backlog_drops_its_oldest_entries_past_its_cap() {
+        let mut outage = Outage::new(UnixTime(1_000), Instant::now());
+        outage.cap = 2;
+        let entry = |seq| JournalEntry {
+            seq,
+            at: UnixTime(1_000),
+            event: UsageEvent::DaemonStopped,
+        };
+        outage.keep([entry(1), entry(2), entry(3)]);
+        let seqs: Vec<u64> = outage.backlog().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![2, 3]);
+        assert_eq!(outage.dropped(), 1);
     }
 }

@@ -1,5 +1,5 @@
 //! Connections and streams: one task per connection accepting its streams, one task per
-//! stream reading one request frame, handing it to `handlers`, and writing the answer
+//! stream (owned by its connection's task, in a `JoinSet`) reading one request frame, handing it to `handlers`, and writing the answer
 //! back (a grant is checked to have reached the client).
 
 use crate::admission::Permit;
@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tally_protocol::frame::{self, FrameError, HEADER_LEN, MAX_REQUEST_LEN};
 use tally_protocol::wire::*;
-use tracing::debug;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
 
 /// How long a client may take to send a request once it opened a stream; a stream left
 /// open without a request must not hold daemon memory forever.
@@ -47,10 +48,17 @@ pub(crate) async fn serve_connection(
     };
     debug!(%remote, conn = conn_id.0, "connected");
     let identity = Arc::new(Mutex::new(None::<ClientIdentity>));
+    // The stream tasks are this task's: it ends only after them, so the server's stop,
+    // which waits for (or aborts) the connection tasks, waits for (or aborts) them too.
+    let mut streams = JoinSet::new();
     let reason = loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(
+                // Ended streams are reaped as new ones come, so the set stays small.
+                while let Some(ended) = streams.try_join_next() {
+                    stream_ended(ended);
+                }
+                streams.spawn(serve_stream(
                     send,
                     recv,
                     (conn_id, remote.ip()),
@@ -64,6 +72,23 @@ pub(crate) async fn serve_connection(
     debug!(%remote, conn = conn_id.0, %reason, "connection closed");
     let timed_out = matches!(reason, quinn::ConnectionError::TimedOut);
     let _ = Box::pin(shared.ledger.closed(conn_id, timed_out)).await;
+    // Streams still answering (bounded by their own timeouts: a closed connection
+    // ends their reads and writes at once).
+    Box::pin(async {
+        while let Some(ended) = streams.join_next().await {
+            stream_ended(ended);
+        }
+    })
+    .await;
+}
+
+/// A stream task ended; one that panicked is said (the connection goes on).
+fn stream_ended(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            warn!(error = %e, "a request stream's task panicked");
+        }
+    }
 }
 
 /// Why reading a request failed.

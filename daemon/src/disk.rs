@@ -9,25 +9,16 @@
 //! not be made durable) and held leases go on being served from memory: heartbeats and
 //! checkins need no disk.
 
+use crate::commit::Outage;
 use crate::ledger::{Detachment, Event, Ledger};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tally_protocol::report::JournalEntry;
 use tally_protocol::time::UnixTime;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tracing::{info, warn};
-
-/// Journal entries kept in memory while the store cannot be written (about 100 bytes
-/// each). Past this, the oldest kept ones are dropped and the report shows the gap.
-const MAX_BACKLOG: usize = 200_000;
-/// First wait before reopening a broken store; doubled after each failed try.
-const FIRST_RETRY: Duration = Duration::from_millis(500);
-/// Longest wait between tries.
-const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// A running flush.
 pub type Flush = JoinHandle<Result<(), StoreError>>;
@@ -58,27 +49,26 @@ pub struct Disk {
     metrics: Arc<Metrics>,
 }
 
-/// What a broken store owes.
+/// A broken store: the error that broke it (or the latest one of a failed reopen) and
+/// what it owes ([`Outage`]: the journal kept in memory, when to try again).
 struct Broken {
     error: Arc<StoreError>,
-    retry_at: Instant,
-    backoff: Duration,
-    /// Journal entries not known to be durable, in order.
-    backlog: std::collections::VecDeque<JournalEntry>,
-    /// Entries dropped because the backlog was full.
-    dropped: u64,
+    outage: Outage,
 }
 
 impl Broken {
-    fn keep(&mut self, entries: impl IntoIterator<Item = JournalEntry>) {
-        for entry in entries {
-            if self.backlog.len() >= MAX_BACKLOG {
-                self.backlog.pop_front();
-                self.dropped += 1;
-            }
-            self.backlog.push_back(entry);
+    /// Broken now by `error`.
+    fn new(error: Arc<StoreError>) -> Broken {
+        Broken {
+            error,
+            outage: Outage::new(UnixTime::now(), mono_now()),
         }
     }
+}
+
+/// Monotonic now, on tokio's clock (as the ledger's).
+fn mono_now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 impl Disk {
@@ -103,13 +93,7 @@ impl Disk {
                      refused until it can; held leases are restored and served from memory"
                 );
                 disk.metrics.set_store_error(Some(&error.to_string()));
-                disk.broken = Some(Broken {
-                    error,
-                    retry_at: Instant::now() + FIRST_RETRY,
-                    backoff: FIRST_RETRY,
-                    backlog: Default::default(),
-                    dropped: 0,
-                });
+                disk.broken = Some(Broken::new(error));
             }
         }
         disk
@@ -133,9 +117,17 @@ impl Disk {
             .map(|b| DiskError::Store(b.error.clone()))
     }
 
+    /// Since when and why the store cannot be written, while it cannot (what the
+    /// ledger is told, so that it refuses new grants).
+    pub fn outage(&self) -> Option<(UnixTime, String)> {
+        self.broken
+            .as_ref()
+            .map(|b| (b.outage.since(), b.error.to_string()))
+    }
+
     /// When to try reopening a broken store.
-    pub fn retry_at(&self) -> Option<Instant> {
-        self.broken.as_ref().map(|b| b.retry_at)
+    pub fn retry_at(&self) -> Option<std::time::Instant> {
+        self.broken.as_ref().map(|b| b.outage.retry_at())
     }
 
     /// Writes a batch: journal entries (taken from `journal`), lease events, and the
@@ -147,7 +139,7 @@ impl Disk {
         clock: Option<UnixTime>,
     ) -> Result<(), DiskError> {
         if let Some(broken) = &mut self.broken {
-            broken.keep(journal.drain(..));
+            broken.outage.keep(journal.drain(..));
             return Err(DiskError::Store(broken.error.clone()));
         }
         let Some(store) = &self.store else {
@@ -184,9 +176,9 @@ impl Disk {
 
     /// Flushes before a stop; says what is lost if the store is broken.
     pub async fn close(&mut self) -> Result<(), DiskError> {
-        if let Some(b) = &self.broken {
+        if let Some(b) = &mut self.broken {
             warn!(
-                events = b.backlog.len(),
+                events = b.outage.backlog().len(),
                 "stopping with a seat store that cannot be written: usage events and \
                  checkins since it failed are lost; leases come back from the store and \
                  expire on their TTL"
@@ -215,7 +207,7 @@ impl Disk {
                 .await
                 .map_err(StoreError::Task)??;
             let (removed, added) = store
-                .append_journal(broken.backlog.make_contiguous())
+                .append_journal(broken.outage.backlog())
                 .and_then(|_| store.sync_leases(ledger.records()))
                 .and_then(|counts| store.save_clock(ledger.clock_high_water()).map(|_| counts))?;
             store.flush().await?;
@@ -224,10 +216,10 @@ impl Disk {
         match attempt.await {
             Ok((store, removed, added)) => {
                 info!(
-                    journal_events = broken.backlog.len(),
+                    journal_events = broken.outage.backlog().len(),
                     leases_removed = removed,
                     leases_added = added,
-                    dropped_events = broken.dropped,
+                    dropped_events = broken.outage.dropped(),
                     "the seat store can be written again; checkouts are served"
                 );
                 self.store = Some(store);
@@ -236,8 +228,7 @@ impl Disk {
                 true
             }
             Err(e) => {
-                broken.backoff = (broken.backoff * 2).min(MAX_RETRY);
-                broken.retry_at = Instant::now() + broken.backoff;
+                broken.outage.retry_failed(mono_now());
                 let error = e.to_string();
                 if error != broken.error.to_string() {
                     warn!(error = %error, "the seat store still cannot be written");
@@ -255,21 +246,15 @@ impl Disk {
         let mut backlog = std::mem::take(&mut self.in_flight);
         backlog.append(&mut self.unflushed);
         match &mut self.broken {
-            Some(b) => b.keep(backlog),
+            Some(b) => b.outage.keep(backlog),
             None => {
                 warn!(
                     error = %error,
                     "the seat store cannot be written: new checkouts are refused until it \
                      can; held leases are kept and served from memory"
                 );
-                let mut broken = Broken {
-                    error: error.clone(),
-                    retry_at: Instant::now() + FIRST_RETRY,
-                    backoff: FIRST_RETRY,
-                    backlog: Default::default(),
-                    dropped: 0,
-                };
-                broken.keep(backlog);
+                let mut broken = Broken::new(error.clone());
+                broken.outage.keep(backlog);
                 self.broken = Some(broken);
                 self.metrics.set_store_error(Some(&error.to_string()));
             }

@@ -432,6 +432,28 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
          # TYPE tally_build_info gauge\ntally_build_info{{version=\"{}\"}} 1",
         label(env!("CARGO_PKG_VERSION"))
     );
+    seat_metrics(&mut out, &status.features);
+    denial_metrics(&mut out, m);
+    m.heartbeat_latency.render(
+        &mut out,
+        "tally_heartbeat_latency_seconds",
+        "Time from reading a heartbeat request to having its answer.",
+    );
+    server_metrics(&mut out, m, ops.connections(), spool_files);
+    reload_metrics(&mut out, &m.reloads.lock().expect("metrics lock"));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// The per-feature gauges: seats licensed, in use, over the count, reserved, the
+/// queue, the licence's end.
+fn seat_metrics(out: &mut String, features: &[tally_protocol::wire::FeatureStatus]) {
     let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for (feature, v) in rows {
@@ -439,8 +461,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         }
     };
     let per = |f: &dyn Fn(&tally_protocol::wire::FeatureStatus) -> Option<f64>| {
-        status
-            .features
+        features
             .iter()
             .filter_map(|s| f(s).map(|v| (s.name.clone(), v)))
             .collect::<Vec<_>>()
@@ -476,6 +497,10 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
          permanent features).",
         per(&|s| s.expires.map(|e| e.0 as f64)),
     );
+}
+
+/// Checkouts refused, by feature and reason.
+fn denial_metrics(out: &mut String, m: &Metrics) {
     let _ = writeln!(
         out,
         "# HELP tally_denials_total Checkouts refused, by feature and reason.\n# TYPE tally_denials_total counter"
@@ -488,20 +513,20 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
             label(reason)
         );
     }
-    m.heartbeat_latency.render(
-        &mut out,
-        "tally_heartbeat_latency_seconds",
-        "Time from reading a heartbeat request to having its answer.",
-    );
+}
+
+/// The server's own state: connections open, refused and retried, whether the store
+/// can be written, reports waiting in the spool.
+fn server_metrics(out: &mut String, m: &Metrics, connections: usize, spool_files: usize) {
     single(
-        &mut out,
+        out,
         "tally_connections",
         "gauge",
         "Client connections open.",
-        ops.connections(),
+        connections,
     );
     single(
-        &mut out,
+        out,
         "tally_connections_refused_total",
         "counter",
         "Connection attempts refused by the limits.",
@@ -509,7 +534,7 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     single(
-        &mut out,
+        out,
         "tally_connections_retried_total",
         "counter",
         "Connection attempts asked to prove their address first.",
@@ -517,28 +542,19 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
             .load(std::sync::atomic::Ordering::Relaxed),
     );
     single(
-        &mut out,
+        out,
         "tally_store_writable",
         "gauge",
         "1 while the seat store can be written; 0 while new checkouts are refused.",
         u8::from(m.store_error.lock().expect("metrics lock").is_none()),
     );
     single(
-        &mut out,
+        out,
         "tally_report_spool_files",
         "gauge",
         "Usage reports waiting in the spool directory.",
         spool_files,
     );
-    reload_metrics(&mut out, &m.reloads.lock().expect("metrics lock"));
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
 }
 
 /// Bundle loading for Prometheus: refused files now, the last load with nothing refused

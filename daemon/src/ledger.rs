@@ -414,6 +414,9 @@ pub struct Ledger {
     lapsed_order: VecDeque<LeaseId>,
     /// Leases given back to lapsed holders since the last [`Ledger::take_regranted`].
     regranted: Vec<LeaseRecord>,
+    /// Since when, and why, the store cannot be written (the shell says so): no new
+    /// checkout is granted then, since it could not be made durable.
+    storage_down: Option<(UnixTime, String)>,
 }
 
 /// Whom a hold-off keeps from a feature: the feature, user and host of the removed lease
@@ -457,7 +460,36 @@ impl Ledger {
             lapsed: HashMap::new(),
             lapsed_order: VecDeque::new(),
             regranted: Vec::new(),
+            storage_down: None,
         }
+    }
+
+    /// The store cannot be written since `since` (`what`: why, for the denial): new
+    /// checkouts are refused with [`DenialReason::StorageUnavailable`] until
+    /// [`Ledger::storage_available`]. Held leases are served on (heartbeats, checkins
+    /// and releases need no disk: the shell keeps their journal in memory meanwhile).
+    /// Told again with another reason, the denials name the newer one; the start of
+    /// the outage stays.
+    pub fn storage_unavailable(&mut self, since: UnixTime, what: String) {
+        let since = self.storage_down.as_ref().map_or(since, |(t, _)| *t);
+        self.storage_down = Some((since, what));
+    }
+
+    /// The store can be written again: checkouts are decided as usual.
+    pub fn storage_available(&mut self) {
+        self.storage_down = None;
+    }
+
+    /// Since when and why the store cannot be written, if it cannot.
+    pub fn storage_down(&self) -> Option<(UnixTime, &str)> {
+        self.storage_down.as_ref().map(|(t, w)| (*t, w.as_str()))
+    }
+
+    /// The denial every new checkout gets while the store cannot be written.
+    fn storage_refusal(&self) -> Option<DenialReason> {
+        self.storage_down
+            .as_ref()
+            .map(|(_, what)| DenialReason::StorageUnavailable { what: what.clone() })
     }
 
     /// Applies the site's policy from now on; existing leases are kept.
@@ -579,6 +611,9 @@ impl Ledger {
         request: &CheckoutRequest,
         fresh: FreshLease,
     ) -> Result<(LeaseRecord, Event), DenialReason> {
+        if let Some(refusal) = self.storage_refusal() {
+            return Err(refusal);
+        }
         let terms = self.decide(now, holder, request)?;
         Ok(self.grant(now, conn, holder, request, fresh, terms))
     }
@@ -593,6 +628,11 @@ impl Ledger {
         fresh: FreshLease,
         waiter: WaiterId,
     ) -> Checkout {
+        // While the store cannot be written, no grant (it could not be made durable)
+        // and no wait either: the refusal comes before every other rule.
+        if let Some(refusal) = self.storage_refusal() {
+            return Checkout::Denied(refusal);
+        }
         // Waiters are served first come, first served: nobody overtakes the queue.
         let queued = self
             .queues

@@ -7,7 +7,7 @@ use crate::clock::{now, StallWatch};
 use crate::commit::{Answer, Commit, Owed, Replies};
 use crate::disk::{Disk, DiskError, Flush};
 use crate::error::Error;
-use crate::journal::{self, Exported, ReportIdentity};
+use crate::journal::{Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::metrics::Metrics;
 use crate::reports::export;
@@ -18,6 +18,7 @@ use std::time::Duration;
 use tally_config::Policy;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
 use tally_protocol::report::UsageEvent;
+use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -241,6 +242,31 @@ type StatesTx = oneshot::Sender<Vec<LeaseState>>;
 /// Answers an export.
 type ExportTx = oneshot::Sender<Result<Exported, Error>>;
 
+/// Builds a report against the store, on the blocking pool ([`export`]; a test may put
+/// a gate in front of it to watch the ledger task serve while an export runs).
+type Exporter = Arc<
+    dyn Fn(&Store, &ReportIdentity, (UnixTime, u64), Duration) -> Result<Exported, Error>
+        + Send
+        + Sync,
+>;
+
+/// An export asked for: who signs, at what time, of the journal up to which entry (the
+/// last one written when it was asked for), keeping how much, and whom to answer.
+struct ExportJob {
+    identity: Box<ReportIdentity>,
+    at: UnixTime,
+    upto: u64,
+    retention: Duration,
+    reply: ExportTx,
+}
+
+/// The export running on the blocking pool (one at a time: each moves the report
+/// chain's state, so the next one starts from it).
+struct Exporting {
+    reply: ExportTx,
+    job: tokio::task::JoinHandle<Result<Exported, Error>>,
+}
+
 /// The reply handles the commit pipeline carries for the ledger task.
 struct Channels;
 
@@ -269,32 +295,46 @@ struct Decided {
 }
 
 /// The ledger task: owns the ledger and the store. A short loop: a batch of requests,
-/// a deadline, a flush that ended, or the time to reopen a broken store.
+/// a deadline, a flush or an export that ended, or the time to reopen a broken store.
 pub(crate) async fn run_ledger(
     ledger: Ledger,
     store: Store,
-    Inbox(mut rx): Inbox,
+    inbox: Inbox,
     startup: Vec<UsageEvent>,
     (metrics, idle_timeout): (Arc<Metrics>, Duration),
 ) {
-    let mut task = LedgerTask::new(ledger, store, startup, metrics, idle_timeout);
+    let task = LedgerTask::new(ledger, store, startup, metrics, idle_timeout);
+    serve(task, inbox).await
+}
+
+/// The loop of [`run_ledger`].
+async fn serve(mut task: LedgerTask, Inbox(mut rx): Inbox) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushing: Option<Flush> = None;
+    let mut exporting: Option<Exporting> = None;
     loop {
         // Woken at least every tick, so that a stall of the daemon shows as a gap.
         let tick = task.stall.next_tick();
         let deadline = task.ledger.next_deadline().map_or(tick, |d| d.min(tick));
-        // A broken store is reopened between flushes, never under a running one.
-        let retry_at = task.disk.retry_at().filter(|_| flushing.is_none());
+        // A broken store is reopened between flushes and exports (sled's files stay
+        // locked while either holds the store), never under one.
+        let idle = flushing.is_none() && exporting.is_none();
+        let retry_at = task.disk.retry_at().filter(|_| idle);
         let retry = async {
             match retry_at {
-                Some(t) => tokio::time::sleep_until(t).await,
+                Some(t) => tokio::time::sleep_until(t.into()).await,
                 None => std::future::pending().await,
             }
         };
         let flushed = async {
             match flushing.as_mut() {
                 Some(f) => f.await.unwrap_or_else(|e| Err(join_error(e))),
+                None => std::future::pending().await,
+            }
+        };
+        let exported = async {
+            match exporting.as_mut() {
+                Some(e) => (&mut e.job).await,
                 None => std::future::pending().await,
             }
         };
@@ -306,6 +346,15 @@ pub(crate) async fn run_ledger(
                 flushing = task.flush_if_owed();
                 continue;
             }
+            result = exported => {
+                let done = exporting.take().expect("an export ran");
+                task.exported(done.reply, result);
+                exporting = task.start_export();
+                if flushing.is_none() {
+                    flushing = task.flush_if_owed();
+                }
+                continue;
+            }
             _ = retry => {
                 task.disk.try_recover(&task.ledger).await;
                 continue;
@@ -313,7 +362,10 @@ pub(crate) async fn run_ledger(
         }
         let now = now();
         let decided = task.decide(now, batch.drain(..));
-        if task.end_batch(now, decided, &mut flushing).await {
+        if task
+            .end_batch(now, decided, (&mut flushing, &mut exporting))
+            .await
+        {
             return;
         }
     }
@@ -327,6 +379,9 @@ struct LedgerTask {
     commit: Commit<Channels>,
     /// Replies owed to checkouts waiting in a queue.
     waiting: HashMap<WaiterId, GrantTx>,
+    /// Exports asked for and not started yet, in order.
+    exports: std::collections::VecDeque<ExportJob>,
+    exporter: Exporter,
     stall: StallWatch,
     metrics: Arc<Metrics>,
 }
@@ -356,6 +411,10 @@ impl LedgerTask {
             ledger,
             commit,
             waiting: HashMap::new(),
+            exports: Default::default(),
+            exporter: Arc::new(|store, identity, at, retention| {
+                export(store, identity, at, retention).map_err(Error::from)
+            }),
             stall: StallWatch::new(idle_timeout),
             metrics,
         }
@@ -367,6 +426,11 @@ impl LedgerTask {
         // daemon stood still are its own fault, not their holders'.
         self.stall.observe(now, &mut self.ledger);
         self.ledger.observe_clock(now);
+        // The ledger refuses new grants while the store cannot be written.
+        match self.disk.outage() {
+            Some((since, what)) => self.ledger.storage_unavailable(since, what),
+            None => self.ledger.storage_available(),
+        }
         let mut events = self.ledger.expire(now);
         events.extend(self.ledger.release_unclaimed(now));
         let mut d = Decided {
@@ -443,17 +507,7 @@ impl LedgerTask {
                 policy,
                 done,
             } => {
-                for b in &bundles {
-                    self.commit.record(
-                        now.wall,
-                        UsageEvent::BundleLoaded {
-                            bundle: b.id.clone(),
-                        },
-                    );
-                }
-                for event in changes {
-                    self.commit.record(now.wall, event);
-                }
+                self.commit.reloaded(now.wall, &bundles, changes);
                 ledger.reload(now, &bundles);
                 self.metrics.set_licensed(ledger.feature_names());
                 ledger.set_policy(now, policy);
@@ -478,14 +532,10 @@ impl LedgerTask {
         reply: GrantTx,
         d: &mut Decided,
     ) {
-        // While the store cannot be written, no grant: it could not be made durable.
-        // Everything else goes on.
-        let decided = match self.disk.refusal() {
-            Some(what) => Checkout::Denied(DenialReason::StorageUnavailable { what }),
-            None => self
-                .ledger
-                .checkout_or_wait(now, conn, &holder, &request, fresh, waiter),
-        };
+        // While the store cannot be written the ledger refuses (see `decide`).
+        let decided = self
+            .ledger
+            .checkout_or_wait(now, conn, &holder, &request, fresh, waiter);
         match decided {
             Checkout::Granted(granted) => {
                 let (record, event) = *granted;
@@ -496,29 +546,13 @@ impl LedgerTask {
                 info!(feature = %request.feature, holder = %holder, %reason, "denied");
                 self.metrics
                     .denied(now.wall, &request.feature, &holder, &reason);
-                // The fact of the denial is kept; a name no bundle licenses is not
-                // (clients can make up any number).
-                self.commit.record(
-                    now.wall,
-                    UsageEvent::Denied {
-                        feature: self.metrics.counted_as(&request.feature).to_string(),
-                        reason: reason.code().into(),
-                        user: holder.user.clone(),
-                        host: holder.host.clone(),
-                    },
-                );
+                let counted_as = self.metrics.counted_as(&request.feature);
+                self.commit.denied(now.wall, counted_as, &reason, &holder);
                 d.pending.push(Pending::Grant(reply, Err(reason)));
             }
             Checkout::Queued { position } => {
                 info!(feature = %request.feature, holder = %holder, position, "queued");
-                self.commit.record(
-                    now.wall,
-                    UsageEvent::Queued {
-                        feature: request.feature.clone(),
-                        user: holder.user.clone(),
-                        host: holder.host.clone(),
-                    },
-                );
+                self.commit.queued(now.wall, &request.feature, &holder);
                 self.waiting.insert(waiter, reply);
             }
         }
@@ -540,17 +574,7 @@ impl LedgerTask {
             if let Some(result) = outcome.result {
                 if let Err(reason) = &result {
                     info!(%reason, "wait ended");
-                    if let Some(feature) = denied_feature(reason) {
-                        self.commit.record(
-                            now.wall,
-                            UsageEvent::Denied {
-                                feature,
-                                reason: reason.code().into(),
-                                user: String::new(),
-                                host: String::new(),
-                            },
-                        );
-                    }
+                    self.commit.wait_denied(now.wall, reason);
                 }
                 d.pending.push(Pending::Grant(reply, result));
             }
@@ -559,16 +583,19 @@ impl LedgerTask {
 
     /// Writes the batch, answers what needs no flush, owes the rest to the pipeline and
     /// starts a flush if one is owed; true once stopped (after the final flush).
-    async fn end_batch(&mut self, now: Now, d: Decided, flushing: &mut Option<Flush>) -> bool {
+    async fn end_batch(
+        &mut self,
+        now: Now,
+        d: Decided,
+        (flushing, exporting): (&mut Option<Flush>, &mut Option<Exporting>),
+    ) -> bool {
         let Decided {
             events,
             pending,
             exports,
             shutdown,
         } = d;
-        for event in &events {
-            self.commit.record(now.wall, journal::usage_event(event));
-        }
+        self.commit.batch_events(now.wall, &events);
         let detachments = self.ledger.take_detachments();
         let changes = !events.is_empty() || !detachments.is_empty();
         let clock = self.ledger.clock_high_water();
@@ -581,29 +608,32 @@ impl LedgerTask {
                 log_event(event, true);
             }
         }
-        // Exports see this batch's journal, and become durable with it. Built on the
-        // blocking pool (a large journal takes a while): the ledger task waits for it,
-        // the async workers serving connections and HTTP do not.
+        // Exports see the journal up to this batch, and are built on the blocking pool
+        // while the ledger task goes on serving (a large journal takes a while); each
+        // answer comes back as the export's end and waits for the flush after it.
         for (identity, retention, reply) in exports {
-            let result = match (&failure, self.disk.store()) {
-                (None, Some(store)) => {
-                    let store = store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        export(&store, &identity, now.wall, retention).map_err(Error::from)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(Error::ExportStopped(e.to_string())))
-                }
-                (Some(e), _) => Err(Error::Disk(e.clone())),
-                (None, None) => Err(Error::Disk(DiskError::Closed)),
-            };
-            let _ = self.commit.owe(Owed::Export(reply, result), None);
+            match &failure {
+                Some(e) => drop(
+                    self.commit
+                        .owe(Owed::Export(reply, Err(Error::Disk(e.clone()))), None),
+                ),
+                None => self.exports.push_back(ExportJob {
+                    identity,
+                    at: now.wall,
+                    upto: self.commit.last_seq(),
+                    retention,
+                    reply,
+                }),
+            }
+        }
+        if exporting.is_none() {
+            *exporting = self.start_export();
         }
         for p in pending {
             self.answer(p, failure.as_ref());
         }
         if let Some(done) = shutdown {
-            self.stop(flushing.take()).await;
+            self.stop(flushing.take(), exporting.take()).await;
             let _ = done.send(());
             return true;
         }
@@ -614,6 +644,43 @@ impl LedgerTask {
             let _ = self.disk.write(self.commit.journal(), (&[], &[]), None);
         }
         false
+    }
+
+    /// Starts the next export asked for, if any, on the blocking pool (call it when
+    /// none runs). While the store cannot be written there is none: each export asked
+    /// for is failed with the reason.
+    fn start_export(&mut self) -> Option<Exporting> {
+        while let Some(job) = self.exports.pop_front() {
+            let Some(store) = self.disk.store().cloned() else {
+                let why = Error::Disk(self.disk.fault().unwrap_or(DiskError::Closed));
+                drop(self.commit.owe(Owed::Export(job.reply, Err(why)), None));
+                continue;
+            };
+            let exporter = self.exporter.clone();
+            let ExportJob {
+                identity,
+                at,
+                upto,
+                retention,
+                reply,
+            } = job;
+            let job = tokio::task::spawn_blocking(move || {
+                exporter(&store, &identity, (at, upto), retention)
+            });
+            return Some(Exporting { reply, job });
+        }
+        None
+    }
+
+    /// An export ended: its answer waits for the next flush (which covers the chain
+    /// state it wrote).
+    fn exported(
+        &mut self,
+        reply: ExportTx,
+        result: Result<Result<Exported, Error>, tokio::task::JoinError>,
+    ) {
+        let result = result.unwrap_or_else(|e| Err(Error::ExportStopped(e.to_string())));
+        drop(self.commit.owe(Owed::Export(reply, result), None));
     }
 
     /// Sends a reply that needs no flush; owes the others (grants) to the pipeline.
@@ -691,7 +758,14 @@ impl LedgerTask {
 
     /// The final flush at a stop: a store that failed keeps nothing more (its backlog
     /// is lost with the process, as the log says).
-    async fn stop(&mut self, running: Option<Flush>) {
+    async fn stop(&mut self, running: Option<Flush>, exporting: Option<Exporting>) {
+        // Exports asked for still end (and their chain state is in the final flush).
+        let mut exporting = exporting.or_else(|| self.start_export());
+        while let Some(mut e) = exporting.take() {
+            let result = (&mut e.job).await;
+            self.exported(e.reply, result);
+            exporting = self.start_export();
+        }
         if let Some(running) = running {
             let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
             self.flushed(result);
@@ -710,15 +784,6 @@ fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
     crate::store::StoreError::Task(e)
 }
 
-/// The feature a queue-timeout denial is about (waits that end otherwise are logged
-/// when they start).
-fn denied_feature(reason: &DenialReason) -> Option<String> {
-    match reason {
-        DenialReason::QueueTimeout { feature, .. } => Some(feature.clone()),
-        _ => None,
-    }
-}
-
 /// Logs a ledger event; a grant only once it is durable.
 fn log_event(event: &Event, durable: bool) {
     match event {
@@ -731,5 +796,168 @@ fn log_event(event: &Event, durable: bool) {
         } => {
             info!(lease = %id, feature = %feature, reason = %why, "released")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ledger task with a real sled store in a temp dir.
+
+    use super::*;
+    use tally_protocol::bundle::{Bundle, Customer, FeatureGrant};
+    use tally_protocol::keys::SecretKey;
+    use tally_protocol::lease::LeaseSecret;
+
+    /// How long the test waits for anything before it gives up (a bound, not a
+    /// measurement: a slow machine is far faster than this).
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    fn ledger() -> Ledger {
+        let bundle = Bundle {
+            id: "b1".into(),
+            issued_at: UnixTime(1_800_000_000),
+            vendor: "v".into(),
+            customer: Customer {
+                id: "c".into(),
+                name: "C".into(),
+            },
+            binding: Vec::new(),
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features: vec![FeatureGrant::counted("solver", 5)],
+        };
+        let settings = crate::ledger::LedgerSettings {
+            default_ttl: Duration::from_secs(90),
+            remove_holdoff: Duration::ZERO,
+        };
+        Ledger::new(settings, &[bundle])
+    }
+
+    async fn checkout(ledger: &LedgerHandle, n: u64) -> LeaseRecord {
+        let holder = ClientIdentity {
+            user: "ann".into(),
+            host: "ws1".into(),
+            pid: 1,
+            program: "p".into(),
+            display: None,
+        };
+        let request = CheckoutRequest {
+            feature: "solver".into(),
+            count: 1,
+            version: None,
+            build_date: None,
+            wait_secs: 0,
+            borrow_secs: 0,
+        };
+        let fresh = FreshLease {
+            id: LeaseId(n),
+            secret: LeaseSecret([n as u8; 16]),
+        };
+        let asked = ledger.checkout(
+            (ConnId(1), holder),
+            request,
+            (fresh, WaiterId(n)),
+            std::future::pending(),
+        );
+        let answer = tokio::time::timeout(PATIENCE, asked).await;
+        answer
+            .expect("the checkout was answered while the export ran")
+            .map_err(|_| "no answer")
+            .unwrap()
+            .expect("granted")
+    }
+
+    /// An export held at its start (a gate in front of the real one) does not hold the
+    /// ledger task: a checkout and a heartbeat asked for after it are answered before
+    /// the export ends; the report covers the journal as it was when it was asked for,
+    /// and comes back once the gate opens.
+    #[tokio::test]
+    async fn the_ledger_task_serves_while_an_export_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut task = LedgerTask::new(
+            ledger(),
+            store,
+            Vec::new(),
+            Arc::new(Metrics::default()),
+            Duration::from_secs(15),
+        );
+        let order = Arc::new(std::sync::Mutex::new(Vec::<&str>::new()));
+        let (started_tx, started) = oneshot::channel::<()>();
+        let started_tx = std::sync::Mutex::new(Some(started_tx));
+        let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+        let gate = std::sync::Mutex::new(gate);
+        let seen = order.clone();
+        task.exporter = Arc::new(move |store, identity, at, retention| {
+            seen.lock().unwrap().push("export started");
+            if let Some(tx) = started_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            // Bounded: a gate never opened fails the export, not the test run.
+            gate.lock()
+                .unwrap()
+                .recv_timeout(PATIENCE)
+                .map_err(|e| Error::ExportStopped(format!("gate: {e}")))?;
+            let exported = export(store, identity, at, retention).map_err(Error::from);
+            seen.lock().unwrap().push("export ended");
+            exported
+        });
+        let (ledger, inbox) = LedgerHandle::channel();
+        let serving = tokio::spawn(serve(task, inbox));
+
+        let first = checkout(&ledger, 1).await;
+        let identity = Box::new(ReportIdentity {
+            key: SecretKey::from_seed([7; 32]),
+            host_fingerprint: "h".into(),
+            customers: vec!["c".into()],
+            bundle_ids: vec!["b1".into()],
+        });
+        let asked = ledger.clone();
+        let exporting =
+            tokio::spawn(async move { asked.export(identity, Duration::from_secs(3600)).await });
+        tokio::time::timeout(PATIENCE, started)
+            .await
+            .expect("the export started")
+            .unwrap();
+
+        checkout(&ledger, 2).await;
+        let lease = LeaseRef {
+            id: first.id,
+            secret: first.secret.clone(),
+        };
+        let states = tokio::time::timeout(PATIENCE, ledger.heartbeat(ConnId(1), vec![lease]))
+            .await
+            .expect("the heartbeat was answered while the export ran")
+            .map_err(|_| "no answer")
+            .unwrap();
+        assert_eq!(states, vec![LeaseState::Active]);
+        order
+            .lock()
+            .unwrap()
+            .push("checkout and heartbeat answered");
+
+        open_gate.send(()).unwrap();
+        let exported = tokio::time::timeout(PATIENCE, exporting)
+            .await
+            .expect("the export ended")
+            .unwrap()
+            .map_err(|_| "no answer")
+            .unwrap()
+            .expect("exported");
+        assert_eq!(
+            *order.lock().unwrap(),
+            [
+                "export started",
+                "checkout and heartbeat answered",
+                "export ended"
+            ]
+        );
+        assert_eq!(
+            exported.events, 1,
+            "the report covers the first grant, not the one decided while it ran"
+        );
+        ledger.shutdown().await.map_err(|_| "no answer").unwrap();
+        serving.await.unwrap();
     }
 }

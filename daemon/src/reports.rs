@@ -116,15 +116,18 @@ impl Reports {
     }
 }
 
-/// Builds the next report and moves the chain state; compacts what is old enough.
+/// Builds the next report, of the journal up to entry `upto` (the last one written when
+/// the export was asked for: the ledger task goes on writing while it runs), and moves
+/// the chain state; compacts what is old enough. Runs on the blocking pool.
 pub(crate) fn export(
     store: &Store,
     identity: &ReportIdentity,
-    now: UnixTime,
+    (now, upto): (UnixTime, u64),
     retention: Duration,
 ) -> Result<Exported, StoreError> {
     let state = store.report_state()?;
-    let (entries, unreadable) = store.journal_after(state.last_event)?;
+    let (mut entries, unreadable) = store.journal_after(state.last_event)?;
+    entries.retain(|e| e.seq <= upto);
     if unreadable > 0 {
         warn!(
             unreadable,
