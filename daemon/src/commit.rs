@@ -621,26 +621,7 @@ mod tests {
 
     /// A ledger with two seats of "solver".
     fn ledger() -> crate::ledger::Ledger {
-        use tally_protocol::bundle::{Customer, FeatureGrant};
-        let bundle = Bundle {
-            id: "b1".into(),
-            issued_at: UnixTime(1_800_000_000),
-            vendor: "v".into(),
-            customer: Customer {
-                id: "c".into(),
-                name: "C".into(),
-            },
-            binding: Vec::new(),
-            supersedes: vec![],
-            valid_from: None,
-            valid_until: None,
-            features: vec![FeatureGrant::counted("solver", 2)],
-        };
-        let settings = crate::ledger::LedgerSettings {
-            default_ttl: Duration::from_secs(90),
-            remove_holdoff: Duration::ZERO,
-        };
-        crate::ledger::Ledger::new(settings, &[bundle])
+        crate::ledger::Ledger::for_tests(2)
     }
 
     /// Checkout number `n` of one "solver" seat by ann, waiting up to `wait_secs`.

@@ -104,13 +104,7 @@ impl Disk {
         self.store.as_ref().filter(|_| self.broken.is_none())
     }
 
-    /// Why new grants are refused, while the store is broken.
-    pub fn refusal(&self) -> Option<String> {
-        self.broken.as_ref().map(|b| b.error.to_string())
-    }
-
-    /// Why the store cannot be written, while it is broken (as [`Disk::refusal`] says
-    /// it, typed).
+    /// Why the store cannot be written, while it is broken.
     pub fn fault(&self) -> Option<DiskError> {
         self.broken
             .as_ref()

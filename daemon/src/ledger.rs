@@ -438,6 +438,32 @@ pub struct FreshLease {
 }
 
 impl Ledger {
+    /// For the shell's unit tests: a ledger with `seats` seats of `solver` from one
+    /// unbound bundle, a 90 s TTL and no remove hold-off.
+    #[cfg(test)]
+    pub(crate) fn for_tests(seats: u32) -> Ledger {
+        use tally_protocol::bundle::{Customer, FeatureGrant};
+        let bundle = Bundle {
+            id: "b1".into(),
+            issued_at: UnixTime(1_800_000_000),
+            vendor: "v".into(),
+            customer: Customer {
+                id: "c".into(),
+                name: "C".into(),
+            },
+            binding: Vec::new(),
+            supersedes: vec![],
+            valid_from: None,
+            valid_until: None,
+            features: vec![FeatureGrant::counted("solver", seats)],
+        };
+        let settings = LedgerSettings {
+            default_ttl: Duration::from_secs(90),
+            remove_holdoff: Duration::ZERO,
+        };
+        Ledger::new(settings, &[bundle])
+    }
+
     /// A ledger serving the features of `bundles`.
     pub fn new(settings: LedgerSettings, bundles: &[Bundle]) -> Ledger {
         Ledger {

@@ -804,7 +804,6 @@ mod tests {
     //! The ledger task with a real sled store in a temp dir.
 
     use super::*;
-    use tally_protocol::bundle::{Bundle, Customer, FeatureGrant};
     use tally_protocol::keys::SecretKey;
     use tally_protocol::lease::LeaseSecret;
 
@@ -813,25 +812,7 @@ mod tests {
     const PATIENCE: Duration = Duration::from_secs(60);
 
     fn ledger() -> Ledger {
-        let bundle = Bundle {
-            id: "b1".into(),
-            issued_at: UnixTime(1_800_000_000),
-            vendor: "v".into(),
-            customer: Customer {
-                id: "c".into(),
-                name: "C".into(),
-            },
-            binding: Vec::new(),
-            supersedes: vec![],
-            valid_from: None,
-            valid_until: None,
-            features: vec![FeatureGrant::counted("solver", 5)],
-        };
-        let settings = crate::ledger::LedgerSettings {
-            default_ttl: Duration::from_secs(90),
-            remove_holdoff: Duration::ZERO,
-        };
-        Ledger::new(settings, &[bundle])
+        crate::ledger::Ledger::for_tests(5)
     }
 
     async fn checkout(ledger: &LedgerHandle, n: u64) -> LeaseRecord {
