@@ -74,7 +74,8 @@ pub async fn start_daemon() -> anyhow::Result<BenchDaemon> {
             vec![verified],
             Store::open(&dir.path().join("store"))?,
         )
-    })?;
+    })
+    .await?;
     let addr = server.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {

@@ -18,11 +18,13 @@
 //!   directory, written whole (temp file, fsync, rename, directory fsync). Not a sled
 //!   value: sled puts a value over a quarter of a segment into a blob file it never
 //!   fsyncs, and a ledger snapshot is that large.
-//! - **The applied state is not persisted.** It is rebuilt at open from the snapshot
-//!   ([`Apply::restore`]), and openraft re-applies the committed entries after it from
-//!   the log when the node starts (it reads the committed id back for that). Persisting
-//!   it per entry would cost a second write and fsync per command on the grant path; the
-//!   ledger lives in memory anyway, and snapshots bound the replay.
+//! - **The applied state is not persisted here.** It is rebuilt at open from the
+//!   snapshot ([`Apply::restore`]), and openraft re-applies the committed entries after
+//!   it from the log when the node starts (it reads the committed id back for that).
+//!   Persisting it per entry would cost a second write and fsync per command on the
+//!   grant path; snapshots bound the replay. An application that keeps its own state on
+//!   disk (tallyd's seat store) may record how far it applied, unflushed, and skip what
+//!   it already holds (see [`Apply::restore`]).
 //!
 //! Every record carries a format version (an enum tag, `V1`); a record with a tag this
 //! build does not know is a [`StoreError::Decode`] naming the tree (or file) and key.
@@ -165,12 +167,21 @@ pub trait Apply<C: RaftTypeConfig>: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Applies one committed command at `log_id`, giving the answer for its proposer.
     fn apply(&mut self, log_id: &LogId<C::NodeId>, command: &C::D) -> Result<C::R, Self::Error>;
-    /// The answer for an entry without a command (blank, membership change).
-    fn no_command(&mut self, log_id: &LogId<C::NodeId>) -> C::R;
+    /// The answer for an entry without a command (blank, membership change). An
+    /// application that records how far it has applied records `log_id` here too.
+    fn no_command(&mut self, log_id: &LogId<C::NodeId>) -> Result<C::R, Self::Error>;
     /// The whole state, encoded (with a format version of its own).
     fn snapshot(&self) -> Result<Vec<u8>, Self::Error>;
-    /// Replaces the whole state with a snapshot's; the error says why it cannot.
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), Self::Error>;
+    /// Replaces the whole state with a snapshot's, which includes the log up to `last`;
+    /// the error says why it cannot. An application whose own state is durable and
+    /// already includes `last` (it records how far it applied) may keep its state:
+    /// what it holds beyond the log (written while the node was stopped) then survives,
+    /// and the entries after `last` are applied again on top of it.
+    fn restore(
+        &mut self,
+        last: Option<&LogId<C::NodeId>>,
+        snapshot: &[u8],
+    ) -> Result<(), Self::Error>;
 }
 
 /// What a storage-v2 type config must be for this store: openraft's entry (so the state
@@ -234,10 +245,11 @@ pub fn open<C: StoreConfig, A: Apply<C>>(
     let mut last_applied = None;
     let mut membership = StoredMembership::default();
     if let Some((meta, data)) = snapshots.load()? {
-        app.restore(&data).map_err(|cause| StoreError::Restore {
-            path: path.clone(),
-            cause: cause.to_string(),
-        })?;
+        app.restore(meta.last_log_id.as_ref(), &data)
+            .map_err(|cause| StoreError::Restore {
+                path: path.clone(),
+                cause: cause.to_string(),
+            })?;
         last_applied = meta.last_log_id.clone();
         membership = meta.last_membership.clone();
         *snapshots
@@ -580,16 +592,14 @@ impl<C: StoreConfig, A: Apply<C>> RaftStateMachine<C> for StateMachine<C, A> {
         for entry in entries {
             let log_id = entry.log_id;
             let answer = match &entry.payload {
-                EntryPayload::Normal(command) => self
-                    .app
-                    .apply(&log_id, command)
-                    .map_err(|e| StorageIOError::apply(log_id.clone(), AnyError::new(&e)))?,
+                EntryPayload::Normal(command) => self.app.apply(&log_id, command),
                 EntryPayload::Blank => self.app.no_command(&log_id),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(log_id.clone()), m.clone());
                     self.app.no_command(&log_id)
                 }
-            };
+            }
+            .map_err(|e| StorageIOError::apply(log_id.clone(), AnyError::new(&e)))?;
             self.last_applied = Some(log_id);
             answers.push(answer);
         }
@@ -621,12 +631,14 @@ impl<C: StoreConfig, A: Apply<C>> RaftStateMachine<C> for StateMachine<C, A> {
         let failed = |e: StoreError| {
             StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
         };
-        self.app.restore(&data).map_err(|cause| {
-            failed(StoreError::Restore {
-                path: self.path.clone(),
-                cause: cause.to_string(),
-            })
-        })?;
+        self.app
+            .restore(meta.last_log_id.as_ref(), &data)
+            .map_err(|cause| {
+                failed(StoreError::Restore {
+                    path: self.path.clone(),
+                    cause: cause.to_string(),
+                })
+            })?;
         self.snapshots
             .save(meta.clone(), Arc::new(data), true)
             .await

@@ -46,13 +46,17 @@ impl Apply<Kv> for Map {
     ) -> Result<Option<String>, Self::Error> {
         Ok(self.0.insert(command.key.clone(), command.value.clone()))
     }
-    fn no_command(&mut self, _log_id: &LogId<u64>) -> Option<String> {
-        None
+    fn no_command(&mut self, _log_id: &LogId<u64>) -> Result<Option<String>, Self::Error> {
+        Ok(None)
     }
     fn snapshot(&self) -> Result<Vec<u8>, Self::Error> {
         serde_json::to_vec(&self.0)
     }
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), serde_json::Error> {
+    fn restore(
+        &mut self,
+        _last: Option<&LogId<u64>>,
+        snapshot: &[u8],
+    ) -> Result<(), serde_json::Error> {
         self.0 = serde_json::from_slice(snapshot)?;
         Ok(())
     }

@@ -1,21 +1,29 @@
-//! The seat store as the ledger task holds it: writable, or broken after a failed write
-//! (disk full, file system gone read-only) and reopened once it can be written again.
+//! The seat store as the ledger task holds it: written through this server's Raft log
+//! ([`crate::consensus`]), or broken after a failed write (disk full, file system gone
+//! read-only) and reopened once it can be written again.
 //!
-//! sled keeps its first I/O error for good: once a write or a flush failed, every later
-//! one fails too, even after space came back. So recovery means dropping every handle
-//! (sled locks its files), opening the store again, and writing what it missed: the
-//! journal entries kept in memory since the last good flush, and the lease table
-//! rewritten from the ledger. While the store is broken, grants are refused (they could
-//! not be made durable) and held leases go on being served from memory: heartbeats and
-//! checkins need no disk.
+//! A batch's writes are gathered into a [`StoreBatch`]; a "flush" proposes the batches
+//! gathered since the last one as one Raft command and ends when the command is
+//! committed (in the log, fsynced) and applied to the store. One proposal runs at a
+//! time, so the log holds the batches in the order the ledger decided them.
+//!
+//! sled keeps its first I/O error for good, and openraft stops a node whose log or
+//! state machine failed. So recovery means stopping the node, dropping every handle
+//! (sled locks its files), opening the store and its log again, and proposing what they
+//! missed: the journal entries kept in memory since the last good proposal, and the
+//! lease table rewritten from the ledger. While the store is broken, grants are refused
+//! (they could not be made durable) and held leases go on being served from memory:
+//! heartbeats and checkins need no disk.
 
 use crate::commit::Outage;
+use crate::consensus::{self, Node, NodeSetup};
 use crate::ledger::{Detachment, Event, Ledger};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tally_protocol::report::JournalEntry;
+use tally_protocol::replicate::{Compaction, DetachedChange, LeaseChange, StoreBatch};
+use tally_protocol::report::{JournalEntry, ReportState};
 use tally_protocol::time::UnixTime;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -41,11 +49,18 @@ pub enum DiskError {
 pub struct Disk {
     path: PathBuf,
     store: Option<Store>,
+    /// The Raft node writing the store (none while broken).
+    node: Option<Node>,
+    setup: NodeSetup,
     broken: Option<Broken>,
-    /// Journal entries the running flush covers (kept until it ends well).
+    /// The writes gathered since the last proposal.
+    pending: StoreBatch,
+    /// Journal entries the running proposal carries (kept until it ends well).
     in_flight: Vec<JournalEntry>,
-    /// Journal entries written after the running flush started.
-    unflushed: Vec<JournalEntry>,
+    /// Proposals started, and ended well: a reader of the store (an export) waits for
+    /// the proposal that carries the writes it must see.
+    proposed: u64,
+    applied: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -72,30 +87,49 @@ fn mono_now() -> std::time::Instant {
 }
 
 impl Disk {
-    /// Wraps an opened store. A store opened from a copy because its volume could not
-    /// be written ([`Store::fault`]) starts broken: the copy is dropped (it served the
-    /// restore), grants are refused, and the real store is reopened once it can be.
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Disk {
+    /// Wraps an opened store and the Raft node writing it. A store opened from a copy
+    /// because its volume could not be written ([`Store::fault`]), or one whose node
+    /// could not start (`node` is the reason), starts broken: grants are refused, and
+    /// the real store is reopened once it can be.
+    pub fn new(
+        store: Store,
+        node: Result<Node, StoreError>,
+        setup: NodeSetup,
+        metrics: Arc<Metrics>,
+    ) -> Disk {
         let mut disk = Disk {
             path: store.path().to_path_buf(),
             store: None,
+            node: None,
+            setup,
             broken: None,
+            pending: StoreBatch::new(UnixTime(0)),
             in_flight: Vec::new(),
-            unflushed: Vec::new(),
+            proposed: 0,
+            applied: 0,
             metrics,
         };
-        match store.fault() {
-            None => disk.store = Some(store),
-            Some(error) => {
-                warn!(
-                    error = %error,
-                    "started with a seat store that cannot be written: new checkouts are \
-                     refused until it can; held leases are restored and served from memory"
-                );
-                disk.metrics.set_store_error(Some(&error.to_string()));
-                disk.broken = Some(Broken::new(error));
+        let fault = match (store.fault(), node) {
+            (None, Ok(node)) => {
+                disk.store = Some(store);
+                disk.node = Some(node);
+                return disk;
             }
-        }
+            (Some(error), node) => {
+                if let Ok(node) = node {
+                    stop_node(node);
+                }
+                error
+            }
+            (None, Err(error)) => Arc::new(error),
+        };
+        warn!(
+            error = %fault,
+            "started with a seat store that cannot be written: new checkouts are \
+             refused until it can; held leases are restored and served from memory"
+        );
+        disk.metrics.set_store_error(Some(&fault.to_string()));
+        disk.broken = Some(Broken::new(fault));
         disk
     }
 
@@ -136,25 +170,66 @@ impl Disk {
             broken.outage.keep(journal.drain(..));
             return Err(DiskError::Store(broken.error.clone()));
         }
-        let Some(store) = &self.store else {
+        if self.store.is_none() {
             return Err(DiskError::Closed);
-        };
-        let result = store
-            .append_journal(journal)
-            .and_then(|_| store.apply(events))
-            .and_then(|_| store.apply_detachments(detachments))
-            .and_then(|_| clock.map_or(Ok(()), |t| store.save_clock(t)));
-        self.unflushed.append(journal);
-        result.map_err(|e| self.break_with(e))
+        }
+        let batch = &mut self.pending;
+        batch.journal.append(journal);
+        batch.leases.extend(events.iter().map(|event| match event {
+            Event::Granted(record) => LeaseChange::Put(record.clone()),
+            Event::Released { id, .. } => LeaseChange::Remove(*id),
+        }));
+        batch
+            .detached
+            .extend(detachments.iter().map(|change| match *change {
+                Detachment::Until { id, until } => DetachedChange::Until { id, until },
+                Detachment::Cleared { id } => DetachedChange::Cleared { id },
+            }));
+        if clock.is_some() {
+            batch.clock = clock;
+        }
+        Ok(())
     }
 
-    /// Starts a flush of everything written so far; `None` while the store is broken.
+    /// Writes an export's move of the report chain (and the compaction of the journal
+    /// it allows); not durable until a flush covers it.
+    pub fn write_report(&mut self, state: ReportState, compact: Compaction) {
+        if self.broken.is_none() {
+            self.pending.report = Some(state);
+            self.pending.compact = Some(compact);
+        }
+    }
+
+    /// The number of the proposal that will carry everything written so far: a reader
+    /// of the store waits until [`Disk::applied`] reaches it.
+    pub fn written_mark(&self) -> u64 {
+        if self.pending.is_empty() {
+            self.proposed
+        } else {
+            self.proposed + 1
+        }
+    }
+
+    /// How many proposals ended well: everything they carried is in the store.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Starts a flush (a proposal) of everything written so far; `None` while the store
+    /// is broken.
     pub fn start_flush(&mut self) -> Option<Flush> {
-        let store = self.store()?.clone();
-        self.in_flight.append(&mut self.unflushed);
-        // Straight onto the blocking pool: the ledger task awaits the flush itself, with
-        // no task in between to wake.
-        Some(tokio::task::spawn_blocking(move || store.flush_blocking()))
+        let node = self.node.clone().filter(|_| self.broken.is_none())?;
+        let path = self.path.clone();
+        let mut batch = std::mem::replace(&mut self.pending, StoreBatch::new(UnixTime(0)));
+        batch.at = UnixTime::now();
+        self.in_flight = batch.journal.clone();
+        self.proposed += 1;
+        if batch.is_empty() {
+            return Some(tokio::spawn(async { Ok(()) }));
+        }
+        Some(tokio::spawn(async move {
+            consensus::propose(&node, batch, &path).await
+        }))
     }
 
     /// Takes the result of a flush started by [`Disk::start_flush`].
@@ -162,13 +237,16 @@ impl Disk {
         match result {
             Ok(()) => {
                 self.in_flight.clear();
+                self.applied = self.proposed;
                 Ok(())
             }
             Err(e) => Err(self.break_with(e)),
         }
     }
 
-    /// Flushes before a stop; says what is lost if the store is broken.
+    /// Proposes what is left before a stop, stops the node, and flushes the store (so
+    /// that the next start has nothing to apply again); says what is lost if the store
+    /// is broken.
     pub async fn close(&mut self) -> Result<(), DiskError> {
         if let Some(b) = &mut self.broken {
             warn!(
@@ -182,41 +260,71 @@ impl Disk {
         let Some(store) = self.store.clone() else {
             return Ok(());
         };
-        self.in_flight.append(&mut self.unflushed);
+        if !self.pending.is_empty() {
+            if let Some(flush) = self.start_flush() {
+                let result = flush.await.unwrap_or_else(|e| Err(StoreError::Task(e)));
+                self.flushed(result)?;
+            }
+        }
+        if let Some(node) = self.node.take() {
+            if let Err(e) = node.shutdown().await {
+                warn!(error = %e, "the Raft node did not stop cleanly");
+            }
+        }
         let result = store.flush().await;
         self.flushed(result)
     }
 
-    /// Tries to reopen a broken store and bring it up to date with the ledger. Returns
-    /// whether the store is writable now.
+    /// Tries to reopen a broken store and its log, and bring them up to date with the
+    /// ledger. Returns whether the store is writable now.
     pub async fn try_recover(&mut self, ledger: &Ledger) -> bool {
         let Some(broken) = &mut self.broken else {
             return true;
         };
         // Every handle must go before sled can open the files again.
         self.store = None;
+        if let Some(node) = self.node.take() {
+            stop_node(node);
+        }
         let path = self.path.clone();
+        let setup = self.setup.clone();
         let attempt = async {
             let store = tokio::task::spawn_blocking(move || Store::reopen(&path))
                 .await
                 .map_err(StoreError::Task)??;
-            let (removed, added) = store
-                .append_journal(broken.outage.backlog())
-                .and_then(|_| store.sync_leases(ledger.records()))
-                .and_then(|counts| store.save_clock(ledger.clock_high_water()).map(|_| counts))?;
-            store.flush().await?;
-            Ok::<_, StoreError>((store, removed, added))
+            let node = setup.start(&store).await?;
+            let mut batch = StoreBatch::new(UnixTime::now());
+            batch.journal = broken.outage.backlog().to_vec();
+            let (stored, _) = store.load_leases()?;
+            let held: std::collections::HashSet<_> = ledger.records().map(|r| r.id).collect();
+            let removed: Vec<_> = stored
+                .iter()
+                .filter(|r| !held.contains(&r.id))
+                .map(|r| LeaseChange::Remove(r.id))
+                .collect();
+            let (removed_n, added_n) = (removed.len(), held.len());
+            batch.leases = removed;
+            batch
+                .leases
+                .extend(ledger.records().map(|r| LeaseChange::Put(r.clone())));
+            batch.clock = Some(ledger.clock_high_water());
+            if let Err(e) = consensus::propose(&node, batch, &self.path).await {
+                stop_node(node);
+                return Err(e);
+            }
+            Ok::<_, StoreError>((store, node, removed_n, added_n))
         };
         match attempt.await {
-            Ok((store, removed, added)) => {
+            Ok((store, node, removed, added)) => {
                 info!(
                     journal_events = broken.outage.backlog().len(),
                     leases_removed = removed,
-                    leases_added = added,
+                    leases_written = added,
                     dropped_events = broken.outage.dropped(),
                     "the seat store can be written again; checkouts are served"
                 );
                 self.store = Some(store);
+                self.node = Some(node);
                 self.broken = None;
                 self.metrics.set_store_error(None);
                 true
@@ -238,7 +346,8 @@ impl Disk {
     fn break_with(&mut self, e: StoreError) -> DiskError {
         let error = Arc::new(e);
         let mut backlog = std::mem::take(&mut self.in_flight);
-        backlog.append(&mut self.unflushed);
+        let pending = std::mem::replace(&mut self.pending, StoreBatch::new(UnixTime(0)));
+        backlog.extend(pending.journal);
         match &mut self.broken {
             Some(b) => b.outage.keep(backlog),
             None => {
@@ -255,6 +364,17 @@ impl Disk {
         }
         // Handles go now, so that an administrator can unmount or repair the volume.
         self.store = None;
+        if let Some(node) = self.node.take() {
+            stop_node(node);
+        }
         DiskError::Store(error)
     }
+}
+
+/// Stops a Raft node in the background: its tasks end and drop their store handles a
+/// moment later (a restart waits for them, see `consensus`).
+fn stop_node(node: Node) {
+    tokio::spawn(async move {
+        let _ = node.shutdown().await;
+    });
 }

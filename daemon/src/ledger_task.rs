@@ -5,18 +5,20 @@
 
 use crate::clock::{now, StallWatch};
 use crate::commit::{Answer, Commit, Owed, Replies};
+use crate::consensus::{Node, NodeSetup};
 use crate::disk::{Disk, DiskError, Flush};
 use crate::error::Error;
 use crate::journal::{Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
 use crate::metrics::Metrics;
 use crate::reports::export;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tally_config::Policy;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
+use tally_protocol::replicate::Compaction;
 use tally_protocol::report::UsageEvent;
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
@@ -243,12 +245,10 @@ type StatesTx = oneshot::Sender<Vec<LeaseState>>;
 type ExportTx = oneshot::Sender<Result<Exported, Error>>;
 
 /// Builds a report against the store, on the blocking pool ([`export`]; a test may put
-/// a gate in front of it to watch the ledger task serve while an export runs).
-type Exporter = Arc<
-    dyn Fn(&Store, &ReportIdentity, (UnixTime, u64), Duration) -> Result<Exported, Error>
-        + Send
-        + Sync,
->;
+/// a gate in front of it to watch the ledger task serve while an export runs). It
+/// writes nothing: the chain's move goes through the log with the next proposal.
+type Exporter =
+    Arc<dyn Fn(&Store, &ReportIdentity, (UnixTime, u64)) -> Result<Exported, Error> + Send + Sync>;
 
 /// An export asked for: who signs, at what time, of the journal up to which entry (the
 /// last one written when it was asked for), keeping how much, and whom to answer.
@@ -258,12 +258,18 @@ struct ExportJob {
     upto: u64,
     retention: Duration,
     reply: ExportTx,
+    /// The proposal that carries the journal up to `upto` (and the chain state the
+    /// export before it moved): the export starts once it is in the store.
+    needs: u64,
 }
 
 /// The export running on the blocking pool (one at a time: each moves the report
 /// chain's state, so the next one starts from it).
 struct Exporting {
     reply: ExportTx,
+    /// When it was asked for, and how much of the journal it keeps.
+    at: UnixTime,
+    retention: Duration,
     job: tokio::task::JoinHandle<Result<Exported, Error>>,
 }
 
@@ -298,12 +304,13 @@ struct Decided {
 /// a deadline, a flush or an export that ended, or the time to reopen a broken store.
 pub(crate) async fn run_ledger(
     ledger: Ledger,
-    store: Store,
+    (store, node, setup): (Store, Result<Node, StoreError>, NodeSetup),
     inbox: Inbox,
     startup: Vec<UsageEvent>,
     (metrics, idle_timeout): (Arc<Metrics>, Duration),
 ) {
-    let task = LedgerTask::new(ledger, store, startup, metrics, idle_timeout);
+    let disk = Disk::new(store, node, setup, metrics.clone());
+    let task = LedgerTask::new(ledger, disk, startup, metrics, idle_timeout);
     serve(task, inbox).await
 }
 
@@ -344,11 +351,14 @@ async fn serve(mut task: LedgerTask, Inbox(mut rx): Inbox) {
             result = flushed => {
                 task.flushed(result);
                 flushing = task.flush_if_owed();
+                if exporting.is_none() {
+                    exporting = task.start_export();
+                }
                 continue;
             }
             result = exported => {
                 let done = exporting.take().expect("an export ran");
-                task.exported(done.reply, result);
+                task.exported(done, result);
                 exporting = task.start_export();
                 if flushing.is_none() {
                     flushing = task.flush_if_owed();
@@ -389,17 +399,18 @@ struct LedgerTask {
 impl LedgerTask {
     fn new(
         ledger: Ledger,
-        store: Store,
+        disk: Disk,
         startup: Vec<UsageEvent>,
         metrics: Arc<Metrics>,
         idle_timeout: Duration,
     ) -> LedgerTask {
-        let next_seq = match store.next_journal_seq() {
-            Ok(n) => n,
-            Err(e) => {
+        let next_seq = match disk.store().map(Store::next_journal_seq) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => {
                 warn!(error = %e, "cannot read the journal; usage events start a new range");
                 1
             }
+            None => 1,
         };
         let mut commit = Commit::new(next_seq, ledger.clock_high_water());
         let start = now().wall;
@@ -407,13 +418,13 @@ impl LedgerTask {
             commit.record(start, event);
         }
         LedgerTask {
-            disk: Disk::new(store, metrics.clone()),
+            disk,
             ledger,
             commit,
             waiting: HashMap::new(),
             exports: Default::default(),
-            exporter: Arc::new(|store, identity, at, retention| {
-                export(store, identity, at, retention).map_err(Error::from)
+            exporter: Arc::new(|store, identity, at| {
+                export(store, identity, at).map_err(Error::from)
             }),
             stall: StallWatch::new(idle_timeout),
             metrics,
@@ -623,6 +634,7 @@ impl LedgerTask {
                     upto: self.commit.last_seq(),
                     retention,
                     reply,
+                    needs: self.disk.written_mark(),
                 }),
             }
         }
@@ -646,9 +658,9 @@ impl LedgerTask {
         false
     }
 
-    /// Starts the next export asked for, if any, on the blocking pool (call it when
-    /// none runs). While the store cannot be written there is none: each export asked
-    /// for is failed with the reason.
+    /// Starts the next export asked for, if any and if the store holds what it must
+    /// see, on the blocking pool (call it when none runs). While the store cannot be
+    /// written there is none: each export asked for is failed with the reason.
     fn start_export(&mut self) -> Option<Exporting> {
         while let Some(job) = self.exports.pop_front() {
             let Some(store) = self.disk.store().cloned() else {
@@ -656,6 +668,12 @@ impl LedgerTask {
                 drop(self.commit.owe(Owed::Export(job.reply, Err(why)), None));
                 continue;
             };
+            if self.disk.applied() < job.needs {
+                // Its journal is still on its way through the log: it starts when the
+                // proposal carrying it ended (see `serve`).
+                self.exports.push_front(job);
+                return None;
+            }
             let exporter = self.exporter.clone();
             let ExportJob {
                 identity,
@@ -663,23 +681,44 @@ impl LedgerTask {
                 upto,
                 retention,
                 reply,
+                needs: _,
             } = job;
-            let job = tokio::task::spawn_blocking(move || {
-                exporter(&store, &identity, (at, upto), retention)
+            let job = tokio::task::spawn_blocking(move || exporter(&store, &identity, (at, upto)));
+            return Some(Exporting {
+                reply,
+                at,
+                retention,
+                job,
             });
-            return Some(Exporting { reply, job });
         }
         None
     }
 
-    /// An export ended: its answer waits for the next flush (which covers the chain
-    /// state it wrote).
+    /// An export ended: the chain's move (and the compaction it allows) goes into the
+    /// next proposal, and the answer waits for it. The next export waits for it too.
     fn exported(
         &mut self,
-        reply: ExportTx,
+        Exporting {
+            reply,
+            at,
+            retention,
+            ..
+        }: Exporting,
         result: Result<Result<Exported, Error>, tokio::task::JoinError>,
     ) {
         let result = result.unwrap_or_else(|e| Err(Error::ExportStopped(e.to_string())));
+        if let Ok(exported) = &result {
+            let before = UnixTime(at.0.saturating_sub(retention.as_secs()));
+            let compact = Compaction {
+                upto: exported.state.last_event,
+                before,
+            };
+            self.disk.write_report(exported.state.clone(), compact);
+            let needs = self.disk.written_mark();
+            for job in &mut self.exports {
+                job.needs = job.needs.max(needs);
+            }
+        }
         drop(self.commit.owe(Owed::Export(reply, result), None));
     }
 
@@ -749,7 +788,7 @@ impl LedgerTask {
     }
 
     /// The running flush ended: the answers it covered go out (or are rolled back).
-    fn flushed(&mut self, result: Result<(), crate::store::StoreError>) {
+    fn flushed(&mut self, result: Result<(), StoreError>) {
         let result = self.disk.flushed(result);
         for answer in self.commit.flushed(result) {
             self.apply(answer);
@@ -759,16 +798,26 @@ impl LedgerTask {
     /// The final flush at a stop: a store that failed keeps nothing more (its backlog
     /// is lost with the process, as the log says).
     async fn stop(&mut self, running: Option<Flush>, exporting: Option<Exporting>) {
-        // Exports asked for still end (and their chain state is in the final flush).
+        // Exports asked for still end (and their chain state is in the final
+        // proposal); each waits for the proposal carrying what it must see.
+        let mut running = running;
         let mut exporting = exporting.or_else(|| self.start_export());
-        while let Some(mut e) = exporting.take() {
-            let result = (&mut e.job).await;
-            self.exported(e.reply, result);
+        loop {
+            if let Some(mut e) = exporting.take() {
+                let result = (&mut e.job).await;
+                self.exported(e, result);
+            } else if let Some(flush) = running.take() {
+                let result = flush.await.unwrap_or_else(|e| Err(join_error(e)));
+                self.flushed(result);
+            } else if !self.exports.is_empty() && self.disk.store().is_some() {
+                running = self.flush_if_owed().or_else(|| self.disk.start_flush());
+                if running.is_none() {
+                    break;
+                }
+            } else {
+                break;
+            }
             exporting = self.start_export();
-        }
-        if let Some(running) = running {
-            let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
-            self.flushed(result);
         }
         let result = self.disk.close().await;
         if let Err(e) = &result {
@@ -780,8 +829,8 @@ impl LedgerTask {
     }
 }
 
-fn join_error(e: tokio::task::JoinError) -> crate::store::StoreError {
-    crate::store::StoreError::Task(e)
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Task(e)
 }
 
 /// Logs a ledger event; a grant only once it is durable.
@@ -857,11 +906,15 @@ mod tests {
     async fn the_ledger_task_serves_while_an_export_runs() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        let endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let setup = NodeSetup::new(SecretKey::from_seed([3; 32]), endpoint);
+        let node = setup.start(&store).await;
+        let metrics = Arc::new(Metrics::default());
         let mut task = LedgerTask::new(
             ledger(),
-            store,
+            Disk::new(store, node, setup, metrics.clone()),
             Vec::new(),
-            Arc::new(Metrics::default()),
+            metrics,
             Duration::from_secs(15),
         );
         let order = Arc::new(std::sync::Mutex::new(Vec::<&str>::new()));
@@ -870,7 +923,7 @@ mod tests {
         let (open_gate, gate) = std::sync::mpsc::channel::<()>();
         let gate = std::sync::Mutex::new(gate);
         let seen = order.clone();
-        task.exporter = Arc::new(move |store, identity, at, retention| {
+        task.exporter = Arc::new(move |store, identity, at| {
             seen.lock().unwrap().push("export started");
             if let Some(tx) = started_tx.lock().unwrap().take() {
                 let _ = tx.send(());
@@ -880,7 +933,7 @@ mod tests {
                 .unwrap()
                 .recv_timeout(PATIENCE)
                 .map_err(|e| Error::ExportStopped(format!("gate: {e}")))?;
-            let exported = export(store, identity, at, retention).map_err(Error::from);
+            let exported = export(store, identity, at).map_err(Error::from);
             seen.lock().unwrap().push("export ended");
             exported
         });

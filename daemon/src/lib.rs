@@ -34,6 +34,7 @@ pub mod bundles;
 pub mod clock;
 mod commit;
 mod conn;
+pub mod consensus;
 pub mod demo;
 pub mod diagnose;
 pub mod disk;

@@ -491,6 +491,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
                 ..Default::default()
             },
         })
+        .await
         .map_err(usage)?;
         let addr = server
             .local_addr()

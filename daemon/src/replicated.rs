@@ -7,9 +7,13 @@
 //! clock and decides nothing, so the servers' stores are equal, and a server that becomes
 //! leader restores its ledger from its store as `tallyd run` does at start.
 //!
-//! Nothing here flushes: the Raft log is flushed before an entry counts as written, and
-//! after a crash the entries after the last snapshot are applied again, which writes the
-//! same keyed records (idempotent).
+//! Nothing here flushes: the Raft log is flushed before an entry counts as written. The
+//! store records, unflushed, the index of the last entry it holds (sled recovers a prefix
+//! of its writes after a crash, so the record never claims more than is there); at start
+//! the entries after it are applied again and the ones at or before it are skipped, and
+//! a snapshot the store already holds is not restored over it. So a store is rewritten
+//! only when it is behind (a new or lagging server), and what was written to it while
+//! the daemon was stopped (`tallyd return`) survives the start.
 
 use crate::store::{Store, StoreError};
 use openraft::LogId;
@@ -20,43 +24,73 @@ use tally_protocol::replicate::{StoreCommand, StoreSnapshot};
 /// The Raft state machine's application: a server's seat store.
 pub struct SeatMachine {
     store: Store,
+    /// The index of the last log entry the store holds.
+    applied: Option<u64>,
 }
 
 impl SeatMachine {
     /// The state machine writing into `store`.
-    pub fn new(store: Store) -> SeatMachine {
-        SeatMachine { store }
+    pub fn new(store: Store) -> Result<SeatMachine, StoreError> {
+        let applied = store.applied_index()?;
+        Ok(SeatMachine { store, applied })
     }
 
     /// The store it writes (the leader restores its ledger from it).
     pub fn store(&self) -> &Store {
         &self.store
     }
+
+    /// Whether the store holds entry `log_id` already.
+    fn holds(&self, log_id: &LogId<u64>) -> bool {
+        self.applied.is_some_and(|a| log_id.index <= a)
+    }
+
+    fn applied(&mut self, log_id: &LogId<u64>) -> Result<(), StoreError> {
+        self.store.save_applied(log_id.index)?;
+        self.applied = Some(log_id.index);
+        Ok(())
+    }
 }
 
 impl Apply<Site> for SeatMachine {
     type Error = StoreError;
 
-    fn apply(&mut self, _log_id: &LogId<u64>, command: &StoreCommand) -> Result<(), StoreError> {
-        match command {
-            StoreCommand::V1(batch) => self.store.write(batch),
-            // A newer tallyd of the site wrote it: this one must not guess what it means.
-            _ => Err(self.store.newer_format("command")),
+    fn apply(&mut self, log_id: &LogId<u64>, command: &StoreCommand) -> Result<(), StoreError> {
+        if self.holds(log_id) {
+            return Ok(());
         }
+        match command {
+            StoreCommand::V1(batch) => self.store.write(batch)?,
+            // A newer tallyd of the site wrote it: this one must not guess what it means.
+            _ => return Err(self.store.newer_format("command")),
+        }
+        self.applied(log_id)
     }
 
-    fn no_command(&mut self, _log_id: &LogId<u64>) {}
+    fn no_command(&mut self, log_id: &LogId<u64>) -> Result<(), StoreError> {
+        if self.holds(log_id) {
+            return Ok(());
+        }
+        self.applied(log_id)
+    }
 
     fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
         Ok(StoreSnapshot::V1(self.store.image()?).encode())
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), StoreError> {
+    fn restore(&mut self, last: Option<&LogId<u64>>, snapshot: &[u8]) -> Result<(), StoreError> {
+        if last.is_some_and(|l| self.holds(l)) {
+            return Ok(());
+        }
         match StoreSnapshot::decode(snapshot) {
-            Ok(StoreSnapshot::V1(image)) => self.store.replace(&image),
+            Ok(StoreSnapshot::V1(image)) => self.store.replace(&image)?,
             // An undecodable snapshot is most likely a newer format than this reads
             // (the Raft store checked the bytes it stored).
-            _ => Err(self.store.newer_format("snapshot")),
+            _ => return Err(self.store.newer_format("snapshot")),
+        }
+        match last {
+            Some(l) => self.applied(l),
+            None => Ok(()),
         }
     }
 }
@@ -137,7 +171,7 @@ mod tests {
     #[test]
     fn applying_the_log_twice_leaves_the_store_as_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap());
+        let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
         for (i, command) in batches().iter().enumerate() {
             machine.apply(&log_id(i as u64 + 1), command).unwrap();
         }
@@ -149,17 +183,29 @@ mod tests {
             [1, 2, 3]
         );
         assert_eq!(once.clock, Some(UnixTime(1_002)));
-        // After a crash, the entries after the last snapshot are applied again.
-        for (i, command) in batches().iter().enumerate() {
-            machine.apply(&log_id(i as u64 + 1), command).unwrap();
+        // After a crash, entries the store does not record as applied are written again
+        // (a crash may have cut a batch's write short): the records are keyed.
+        for command in batches() {
+            let StoreCommand::V1(batch) = command else {
+                unreachable!()
+            };
+            machine.store().write(&batch).unwrap();
         }
         assert_eq!(machine.store().image().unwrap(), once);
+        // Entries it records as applied are skipped.
+        let again = StoreCommand::V1(StoreBatch {
+            leases: vec![LeaseChange::Put(lease(7))],
+            ..StoreBatch::new(UnixTime(1_005))
+        });
+        machine.apply(&log_id(2), &again).unwrap();
+        assert_eq!(machine.store().image().unwrap(), once);
+        assert_eq!(machine.store().applied_index().unwrap(), Some(2));
     }
 
     #[test]
     fn a_snapshot_restores_another_store_to_the_same_state() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut leader = SeatMachine::new(Store::open(a.path()).unwrap());
+        let mut leader = SeatMachine::new(Store::open(a.path()).unwrap()).unwrap();
         for (i, command) in batches().iter().enumerate() {
             leader.apply(&log_id(i as u64 + 1), command).unwrap();
         }
@@ -180,13 +226,13 @@ mod tests {
         let snapshot = leader.snapshot().unwrap();
 
         // The follower had a lease the leader no longer holds: the snapshot replaces all.
-        let mut follower = SeatMachine::new(Store::open(b.path()).unwrap());
+        let mut follower = SeatMachine::new(Store::open(b.path()).unwrap()).unwrap();
         let stale = StoreCommand::V1(StoreBatch {
             leases: vec![LeaseChange::Put(lease(9))],
             ..StoreBatch::new(UnixTime(900))
         });
         follower.apply(&log_id(1), &stale).unwrap();
-        follower.restore(&snapshot).unwrap();
+        follower.restore(Some(&log_id(3)), &snapshot).unwrap();
         let image = follower.store().image().unwrap();
         assert_eq!(image, leader.store().image().unwrap());
         assert_eq!(image.report, report);
@@ -197,14 +243,52 @@ mod tests {
     #[test]
     fn a_snapshot_of_a_newer_format_is_refused_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap());
+        let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
         machine.apply(&log_id(1), &batches()[0]).unwrap();
         let before = machine.store().image().unwrap();
         let mut later = StoreSnapshot::V1(before.clone()).encode();
         later[0] = 7;
-        let err = machine.restore(&later).unwrap_err();
+        let err = machine.restore(Some(&log_id(2)), &later).unwrap_err();
         assert!(err.to_string().contains("newer format"), "{err}");
         assert_eq!(machine.store().image().unwrap(), before);
+    }
+
+    /// A snapshot the store already holds is not restored over it: what was written
+    /// while the daemon was stopped (a returned bundle's journal entry) survives.
+    #[test]
+    fn a_snapshot_the_store_holds_already_is_not_restored_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
+        for (i, command) in batches().iter().enumerate() {
+            machine.apply(&log_id(i as u64 + 1), command).unwrap();
+        }
+        let snapshot = machine.snapshot().unwrap();
+        machine.store().append_journal(&[entry(4)]).unwrap();
+        let store = machine.store().clone();
+        drop(machine);
+        let mut machine = SeatMachine::new(store).unwrap();
+        machine.restore(Some(&log_id(2)), &snapshot).unwrap();
+        let seqs: Vec<u64> = machine
+            .store()
+            .image()
+            .unwrap()
+            .journal
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        // A snapshot past what the store holds replaces it.
+        machine.restore(Some(&log_id(5)), &snapshot).unwrap();
+        let seqs: Vec<u64> = machine
+            .store()
+            .image()
+            .unwrap()
+            .journal
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(machine.store().applied_index().unwrap(), Some(5));
     }
 
     /// A one-server site: Raft over the sled log store with the seat store as its state
@@ -231,7 +315,10 @@ mod tests {
                         }
                         opened => opened.unwrap(),
                     };
-                    match tally_cluster::store::open(&raft_dir, SeatMachine::new(store.clone())) {
+                    match tally_cluster::store::open(
+                        &raft_dir,
+                        SeatMachine::new(store.clone()).unwrap(),
+                    ) {
                         Err(tally_cluster::store::StoreError::InUse { .. })
                             if std::time::Instant::now() < deadline =>
                         {

@@ -8,11 +8,10 @@ use crate::journal::{self, Exported, ReportIdentity};
 use crate::store::{Store, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::time::UnixTime;
-use tracing::{info, warn};
+use tracing::warn;
 
 pub use crate::params::ReportSettings;
 
@@ -117,13 +116,13 @@ impl Reports {
 }
 
 /// Builds the next report, of the journal up to entry `upto` (the last one written when
-/// the export was asked for: the ledger task goes on writing while it runs), and moves
-/// the chain state; compacts what is old enough. Runs on the blocking pool.
+/// the export was asked for: the ledger task goes on writing while it runs). Writes
+/// nothing: the ledger task proposes the chain's new state (and the compaction of what
+/// is old enough) through the log. Runs on the blocking pool.
 pub(crate) fn export(
     store: &Store,
     identity: &ReportIdentity,
     (now, upto): (UnixTime, u64),
-    retention: Duration,
 ) -> Result<Exported, StoreError> {
     let state = store.report_state()?;
     let (mut entries, unreadable) = store.journal_after(state.last_event)?;
@@ -134,16 +133,7 @@ pub(crate) fn export(
             "journal records could not be read; the report names the gap"
         );
     }
-    let exported = journal::build_report(identity, &state, entries, now);
-    store.save_report_state(&exported.state)?;
-    // Bounded growth: exported events past the retention period go.
-    let before = UnixTime(now.0.saturating_sub(retention.as_secs()));
-    match store.compact_journal(exported.state.last_event, before) {
-        Ok(0) => {}
-        Ok(n) => info!(events = n, "compacted exported journal events"),
-        Err(e) => warn!(error = %e, "journal compaction failed"),
-    }
-    Ok(exported)
+    Ok(journal::build_report(identity, &state, entries, now))
 }
 
 fn write_report(path: &std::path::Path, text: &str) -> std::io::Result<()> {

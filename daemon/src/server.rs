@@ -13,9 +13,10 @@
 use crate::admission::{Admission, Verdict};
 use crate::commit::CLOCK_SAVE_SECS;
 use crate::conn::serve_connection;
+use crate::consensus::{Node, NodeSetup};
 use crate::error::Error;
 use crate::journal;
-use crate::ledger::{ConnId, Ledger};
+use crate::ledger::{ConnId, Detachment, Ledger};
 use crate::ledger_task::{run_ledger, Inbox, LedgerHandle};
 use crate::reload::Reloads;
 use crate::reports::Reports;
@@ -26,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tally_protocol::replicate::{DetachedChange, StoreBatch};
 use tally_protocol::report::UsageEvent;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -45,6 +47,8 @@ pub struct Server {
     ledger_rx: Inbox,
     ledger: Ledger,
     store: Store,
+    node: Result<Node, StoreError>,
+    setup: NodeSetup,
     reload_signal: Option<mpsc::Receiver<()>>,
     startup: Vec<UsageEvent>,
     http: Option<tokio::net::TcpListener>,
@@ -52,17 +56,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Restores the ledger from the store and binds the UDP port.
-    pub fn bind(params: ServerParams) -> Result<Server, Error> {
-        let settings = crate::ledger::LedgerSettings {
-            default_ttl: params.lease_ttl,
-            remove_holdoff: params.remove_holdoff,
-        };
-        let bundles: Vec<_> = params.bundles.iter().map(|b| b.bundle.clone()).collect();
-        let mut ledger = Ledger::new(settings, &bundles);
-        let start = now();
-        ledger.set_policy(start, params.policy);
-        let startup = restore(&mut ledger, &params.store, &bundles, start)?;
+    /// Binds the UDP port, starts this server's Raft node over the store (which
+    /// applies what the store missed) and restores the ledger from the store.
+    pub async fn bind(params: ServerParams) -> Result<Server, Error> {
         let config = crate::tls::server_config(&params.identity, params.idle_timeout)?;
         let socket = std::net::UdpSocket::bind(params.listen).map_err(|cause| Error::Bind {
             what: "UDP",
@@ -79,6 +75,28 @@ impl Server {
             addr: params.listen,
             cause,
         })?;
+        let setup = NodeSetup::new(params.identity.clone(), endpoint.clone());
+        // A store that cannot be written (served from a copy) still has its log applied
+        // to it first, so that the ledger restores every lease that was acknowledged;
+        // the node is stopped again by the disk, which starts broken.
+        let node = match setup.start(&params.store).await {
+            // A store that can be written whose log cannot is a fault to fix first.
+            Err(e) if params.store.fault().is_none() => return Err(Error::Store(e)),
+            node => node,
+        };
+        let settings = crate::ledger::LedgerSettings {
+            default_ttl: params.lease_ttl,
+            remove_holdoff: params.remove_holdoff,
+        };
+        let bundles: Vec<_> = params.bundles.iter().map(|b| b.bundle.clone()).collect();
+        let mut ledger = Ledger::new(settings, &bundles);
+        let start = now();
+        ledger.set_policy(start, params.policy);
+        let writable = node
+            .as_ref()
+            .ok()
+            .filter(|_| params.store.fault().is_none());
+        let startup = restore(&mut ledger, &params.store, writable, &bundles, start).await?;
         let (tx, rx) = LedgerHandle::channel();
         let shared = Arc::new(Shared {
             ledger: tx,
@@ -114,6 +132,8 @@ impl Server {
             ledger_rx: rx,
             ledger,
             store: params.store,
+            node,
+            setup,
             reload_signal: params.reload_signal,
             startup,
             http,
@@ -144,6 +164,8 @@ impl Server {
             ledger_rx,
             ledger,
             store,
+            node,
+            setup,
             reload_signal,
             startup,
             http,
@@ -151,7 +173,7 @@ impl Server {
         } = self;
         let ledger_task = tokio::spawn(run_ledger(
             ledger,
-            store,
+            (store, node, setup),
             ledger_rx,
             startup,
             (shared.metrics.clone(), idle_timeout),
@@ -194,11 +216,13 @@ fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
 }
 
 /// Restores the ledger from the store: the clock mark (a clock moved back is said and
-/// journaled), the leases with the deadlines they had, made durable before serving;
-/// returns the start's journal events.
-fn restore(
+/// journaled), the leases with the deadlines they had, made durable (through `node`'s
+/// log, when the store can be written) before serving; returns the start's journal
+/// events.
+async fn restore(
     ledger: &mut Ledger,
     store: &Store,
+    node: Option<&Node>,
     bundles: &[tally_protocol::bundle::Bundle],
     start: crate::ledger::Now,
 ) -> Result<Vec<UsageEvent>, StoreError> {
@@ -238,11 +262,18 @@ fn restore(
     };
     ledger.restore_with(now(), records, &facts);
     let detachments = ledger.take_detachments();
-    if !detachments.is_empty() {
+    if let (false, Some(node)) = (detachments.is_empty(), node) {
         // Durable before serving: a crash right after this start must not let the
         // next start compute a later end from a newer clock mark.
-        store.apply_detachments(&detachments)?;
-        store.flush_blocking()?;
+        let mut batch = StoreBatch::new(start.wall);
+        batch.detached = detachments
+            .iter()
+            .map(|change| match *change {
+                Detachment::Until { id, until } => DetachedChange::Until { id, until },
+                Detachment::Cleared { id } => DetachedChange::Cleared { id },
+            })
+            .collect();
+        crate::consensus::propose(node, batch, store.path()).await?;
     }
     if restored > 0 {
         info!(

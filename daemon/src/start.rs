@@ -581,7 +581,7 @@ async fn serve(
 ) -> Result<(), StartError> {
     let shutdown = signals::shutdown_requested()?;
     params.reload_signal = Some(signals::hangups()?);
-    let server = Server::bind(params).map_err(StartError::Bind)?;
+    let server = Server::bind(params).await.map_err(StartError::Bind)?;
     ready(&Listening {
         addr: server.local_addr().map_err(StartError::Serve)?,
         http: server.http_addr(),

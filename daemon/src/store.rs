@@ -25,6 +25,11 @@ use tally_protocol::time::UnixTime;
 const CLOCK_KEY: &[u8] = b"clock-high-water";
 /// Key of the report chain state in the meta tree.
 const REPORT_KEY: &[u8] = b"report-state";
+/// Meta key of the index of the last Raft log entry applied to the store: a version
+/// byte (1), then the index as a big-endian u64.
+const APPLIED_KEY: &[u8] = b"raft-applied";
+/// The version byte of the applied-index record.
+const APPLIED_V1: u8 = 1;
 
 /// Why the store failed; the text names the store's path.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +109,15 @@ pub enum StoreError {
         why: &'static str,
         /// The error moving it.
         cause: std::io::Error,
+    },
+    /// The Raft log beside the store (in its `raft` directory) failed, or the Raft node
+    /// over it stopped: the store cannot be written through it.
+    #[error("seat store {path}: the Raft log: {cause}")]
+    Raft {
+        /// The store directory.
+        path: PathBuf,
+        /// What failed, as openraft or the log store says it.
+        cause: String,
     },
 }
 
@@ -719,7 +733,7 @@ fn check_not_in_use(dir: &Path) -> Result<(), StoreError> {
     }
 }
 
-fn set_aside_leftovers(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn set_aside_leftovers(dir: &Path) -> Result<(), StoreError> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         // A new store, or one whose directory cannot be read: sled says which.
         return Ok(());
@@ -958,6 +972,38 @@ impl Store {
             }
         }
         self.save_report_state(&image.report)
+    }
+
+    /// The directory sled runs in (the store's own, or the copy a store on a volume
+    /// that cannot be written is served from): the Raft log lives beside it.
+    pub fn sled_dir(&self) -> &Path {
+        &self.sled_dir
+    }
+
+    /// The index of the last Raft log entry written here (`None`: none yet, as in a
+    /// store written before tallyd ran on Raft). An unreadable record counts as none:
+    /// the log is then applied again from the snapshot, which writes the same records.
+    pub fn applied_index(&self) -> Result<Option<u64>, StoreError> {
+        let Some(bytes) = self.meta.get(APPLIED_KEY).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        Ok(match bytes.split_first() {
+            Some((&APPLIED_V1, rest)) => <[u8; 8]>::try_from(rest).ok().map(u64::from_be_bytes),
+            _ => None,
+        })
+    }
+
+    /// Records that the log up to entry `index` is written here (not flushed: sled
+    /// recovers a prefix of its writes, so after a crash the record never claims more
+    /// than the store holds).
+    pub fn save_applied(&self, index: u64) -> Result<(), StoreError> {
+        let mut value = [0u8; 9];
+        value[0] = APPLIED_V1;
+        value[1..].copy_from_slice(&index.to_be_bytes());
+        self.meta
+            .insert(APPLIED_KEY, &value[..])
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// The error for a replicated `what` of a format this tallyd does not read.

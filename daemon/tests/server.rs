@@ -66,6 +66,7 @@ async fn start(server_key: SecretKey, bundle: bundle::VerifiedBundle) -> Running
         vec![bundle],
         store,
     ))
+    .await
     .unwrap();
     let addr = server.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();

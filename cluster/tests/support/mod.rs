@@ -42,15 +42,15 @@ impl Apply<TestConfig> for Values {
         Ok(values.len() as u64)
     }
 
-    fn no_command(&mut self, _: &LogId<NodeId>) -> u64 {
-        self.0.lock().unwrap().len() as u64
+    fn no_command(&mut self, _: &LogId<NodeId>) -> Result<u64, Infallible> {
+        Ok(self.0.lock().unwrap().len() as u64)
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, Infallible> {
         Ok(self.0.lock().unwrap().join("\n").into_bytes())
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), Infallible> {
+    fn restore(&mut self, _: Option<&LogId<NodeId>>, snapshot: &[u8]) -> Result<(), Infallible> {
         let text = String::from_utf8_lossy(snapshot);
         *self.0.lock().unwrap() = if text.is_empty() {
             Vec::new()
