@@ -243,11 +243,13 @@ fn main() -> ExitCode {
 
 /// Log lines go to stderr (journald under systemd) and, once `run` opens one, to the log
 /// file ([`tally_daemon::logfile`]), in the same format without colours.
-/// `RUST_LOG` sets the level (default `info`).
+/// `RUST_LOG` sets the level (default `info`, with openraft's own steps at `warn`: its
+/// info lines, such as elections and votes, are the consensus engine's diary, not
+/// tallyd's; tallyd logs what matters of them in its own words).
 fn init_logging() {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     let stderr = tally_protocol::cli::stderr_layer().with_filter(
         tracing_subscriber::filter::filter_fn(|m| m.target() != EXIT_TARGET),
     );
