@@ -4,18 +4,44 @@
 //! [`Relay`] between them so that it can cut, restore and flap the links while the real
 //! `tallyd` processes run, without network namespaces or root:
 //!
-//! 1. Pick each node's real listen address first (`real[i]`, loopback), then
-//!    `let relay = Relay::start(&real);`.
+//! 1. Start the relay: `Relay::unrouted(3)` when the nodes will listen on ports the
+//!    kernel picks (`--listen 127.0.0.1:0`), or `Relay::start(&real)` when each node's
+//!    real address `real[i]` is known beforehand.
 //! 2. Configure node `i` with the peer address `relay.addr_of(i, j)` for every other node
 //!    `j` (`relay.peer_addrs(i)` lists them): node `i` then reaches `j` only through the
 //!    link `i -> j`, and `j` reaches `i` only through the link `j -> i`. Clients still
 //!    talk to each node's real address, so a partition cuts servers from each other, not
 //!    clients from servers.
-//! 3. Start the nodes, then [`Relay::cut`] / [`Relay::heal`] a pair, [`Relay::isolate`]
+//! 3. Start the nodes; with `unrouted`, tell the relay where each one listens
+//!    (`relay.retarget(i, daemon.addr)`, the address its banner printed): until then the
+//!    links to node `i` drop what they get, as an unreachable peer would. Then
+//!    [`Relay::cut`] / [`Relay::heal`] a pair, [`Relay::isolate`]
 //!    a node (the leader, a minority), [`Relay::flap`] a pair until a deadline, and
 //!    [`Relay::heal_all`] at the end; [`Relay::counts`] says what each link carried and
 //!    dropped, which shows that a partition really happened.
-//! 4. A node restarted on another port is reached again after [`Relay::retarget`].
+//! 4. A node restarted or replaced on another port is reached again after
+//!    [`Relay::retarget`]; a node that dials from a new port gets the replies there.
+//!
+//! ```
+//! use std::net::UdpSocket;
+//! use std::time::{Duration, Instant};
+//! use tally_tests::relay::Relay;
+//!
+//! let relay = Relay::unrouted(3);
+//! // Node i's peer list: node j at relay.addr_of(i, j).
+//! let peers_of_0 = relay.peer_addrs(0);
+//! assert_eq!(peers_of_0.iter().map(|&(j, _)| j).collect::<Vec<_>>(), [1, 2]);
+//! // Each node started (here a bare socket stands for tallyd on its UDP port):
+//! let nodes: Vec<UdpSocket> = (0..3).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+//! for (i, node) in nodes.iter().enumerate() {
+//!     relay.retarget(i, node.local_addr().unwrap());
+//! }
+//! relay.isolate(0); // the leader, say
+//! assert!(relay.is_cut(0, 1) && relay.is_cut(2, 0) && !relay.is_cut(1, 2));
+//! relay.heal_all();
+//! relay.flap(1, 2, Duration::from_millis(200), Instant::now() + Duration::from_secs(5));
+//! // ... assert no split brain, no over-grant; relay.counts(i, j) shows the drops.
+//! ```
 //!
 //! How a link works: link `i -> j` owns a front socket (`addr_of(i, j)`, which node `i`
 //! dials as `j`) and an upstream socket. A datagram arriving on the front socket is sent
@@ -85,8 +111,8 @@ impl Mode {
 pub struct LinkCounts {
     /// Datagrams passed on (either direction).
     pub forwarded: u64,
-    /// Datagrams dropped because the link was cut (or flapping and down), or because a
-    /// send failed or a reply came before node `i` had sent anything.
+    /// Datagrams dropped because the link was cut (or flapping and down), node `j`'s
+    /// address was not known yet ([`Relay::unrouted`]), or a send failed.
     pub dropped: u64,
 }
 
@@ -96,8 +122,9 @@ struct Link {
     front: UdpSocket,
     /// The socket the link sends to node `to` from.
     upstream: UdpSocket,
-    /// Node `to`'s real address (changed by [`Relay::retarget`]).
-    target: Mutex<SocketAddr>,
+    /// Node `to`'s real address (set and changed by [`Relay::retarget`]); `None`: not
+    /// known yet, datagrams for it are dropped.
+    target: Mutex<Option<SocketAddr>>,
     /// The last source address seen on `front`: where replies go.
     client: Mutex<Option<SocketAddr>>,
     mode: Mutex<Mode>,
@@ -131,7 +158,10 @@ impl Link {
             };
             *lock(&self.client) = Some(source);
             let target = *lock(&self.target);
-            let sent = self.passes() && self.upstream.send_to(&buf[..len], target).is_ok();
+            let sent = match target {
+                Some(target) => self.passes() && self.upstream.send_to(&buf[..len], target).is_ok(),
+                None => false,
+            };
             self.count(sent);
         }
     }
@@ -145,7 +175,7 @@ impl Link {
             };
             // Only the node this link leads to may answer through it (not a node that
             // used to listen on a port since retargeted, not a stray sender).
-            if source != *lock(&self.target) {
+            if Some(source) != *lock(&self.target) {
                 continue;
             }
             let client = *lock(&self.client);
@@ -183,12 +213,23 @@ impl Relay {
     /// `real[i]`), every link up. Panics if a loopback socket cannot be bound (a test
     /// cannot go on without its relay).
     pub fn start(real: &[SocketAddr]) -> Relay {
-        let n = real.len();
+        let relay = Relay::unrouted(real.len());
+        for (node, &addr) in real.iter().enumerate() {
+            relay.retarget(node, addr);
+        }
+        relay
+    }
+
+    /// Starts a relay between `n` nodes whose addresses are not known yet (nodes that
+    /// will listen on a port the kernel picks), every link up: what a link gets for node
+    /// `j` is dropped (and counted) until [`Relay::retarget`]`(j, addr)`. Panics as
+    /// [`Relay::start`] does.
+    pub fn unrouted(n: usize) -> Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let mut links = Vec::with_capacity(n * n);
         let mut threads = Vec::with_capacity(2 * n * n);
         for from in 0..n {
-            for (to, &target) in real.iter().enumerate() {
+            for to in 0..n {
                 if from == to {
                     links.push(None);
                     continue;
@@ -196,7 +237,7 @@ impl Relay {
                 let link = Arc::new(Link {
                     front: bind_loopback(),
                     upstream: bind_loopback(),
-                    target: Mutex::new(target),
+                    target: Mutex::new(None),
                     client: Mutex::new(None),
                     mode: Mutex::new(Mode::Up),
                     forwarded: AtomicU64::new(0),
@@ -262,11 +303,12 @@ impl Relay {
             .collect()
     }
 
-    /// Points every link to node `node` at `addr` (node restarted or replaced on another
-    /// port); the addresses the other nodes use for it do not change.
+    /// Points every link to node `node` at `addr`: the node's first address (after
+    /// [`Relay::unrouted`]) or its new one (restarted or replaced on another port). The
+    /// addresses the other nodes use for it do not change.
     pub fn retarget(&self, node: usize, addr: SocketAddr) {
         for from in (0..self.n).filter(|&from| from != node) {
-            *lock(&self.link(from, node).target) = addr;
+            *lock(&self.link(from, node).target) = Some(addr);
         }
     }
 
@@ -345,7 +387,7 @@ impl Relay {
 }
 
 impl Drop for Relay {
-    /// Stops every link thread and waits for it (each notices within [`POLL`]), so no
+    /// Stops every link thread and waits for it (each notices within 20 ms), so no
     /// thread outlives the relay and every socket is closed when this returns.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

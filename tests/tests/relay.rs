@@ -160,6 +160,39 @@ fn a_datagram_of_nearly_64_kib_passes_whole_both_ways() {
     );
 }
 
+/// Nodes on kernel-picked ports: the links to a node drop (and count) until the relay
+/// is told its address, then carry.
+#[test]
+fn an_unrouted_relay_drops_until_it_knows_where_a_node_listens() {
+    let bind = || {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        socket.set_read_timeout(Some(DEADLINE)).unwrap();
+        socket
+    };
+    let relay = Relay::unrouted(2);
+    let (a, b) = (bind(), bind());
+    a.send_to(b"early", relay.addr_of(0, 1)).unwrap();
+    let dropped = LinkCounts {
+        forwarded: 0,
+        dropped: 1,
+    };
+    assert!(
+        wait_until(DEADLINE, || relay.counts(0, 1) == dropped),
+        "{:?}",
+        relay.counts(0, 1)
+    );
+
+    relay.retarget(1, b.local_addr().unwrap());
+    a.send_to(b"routed", relay.addr_of(0, 1)).unwrap();
+    let mut buf = [0u8; 16];
+    let (len, _) = b.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..len],
+        b"routed",
+        "the early datagram was dropped, not queued"
+    );
+}
+
 #[tokio::test]
 async fn a_cut_times_out_the_connection_and_new_ones_until_healed() {
     let cfg = configs(Duration::from_secs(1), Duration::from_millis(200));
