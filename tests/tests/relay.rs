@@ -287,7 +287,7 @@ async fn a_flap_alternates_drops_and_ends_by_itself() {
 
 #[tokio::test]
 async fn isolate_cuts_one_node_from_all_and_heal_all_restores_it() {
-    let cfg = configs(Duration::from_millis(600), Duration::from_millis(100));
+    let cfg = configs(Duration::from_secs(1), Duration::from_millis(100));
     let nodes = [node("n0", &cfg), node("n1", &cfg), node("n2", &cfg)];
     let relay = Relay::start(&nodes.iter().map(addr).collect::<Vec<_>>());
     relay.isolate(0);
