@@ -1,0 +1,354 @@
+//! Cluster operations for admins: what the cluster looks like ([`ClusterView`], the
+//! `/metrics` samples of [`prometheus_samples`]).
+//!
+//! These work on any openraft type config whose nodes are [`PeerNode`]s keyed by `u64`
+//! (the site's [`crate::Site`], and the tests' own), so the daemon's admin API and CLI
+//! call them with the node's `Raft` and its metrics.
+
+use crate::net::PeerNode;
+use openraft::{RaftMetrics, ServerState};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What a node says about itself and its cluster, built from its openraft metrics by
+/// [`ClusterView::from_metrics`]. A follower's view is as current as the last message it
+/// had from the leader; only the leader's view has replication lag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The id of the node this view is from.
+    pub node: u64,
+    /// That node's role.
+    pub role: Role,
+    /// The Raft term the node is in.
+    pub term: u64,
+    /// The leader the node knows of, if any.
+    pub leader: Option<u64>,
+    /// The leader's address (`host:port`), if the leader is a member this node knows.
+    pub leader_addr: Option<String>,
+    /// The index of the last entry in the node's log.
+    pub last_log_index: Option<u64>,
+    /// The index of the last entry the node applied to its store.
+    pub applied_index: Option<u64>,
+    /// Whether a membership change is half-way (joint consensus): an add or remove was
+    /// started and not finished, by a leader that stopped or is still working on it.
+    pub changing_membership: bool,
+    /// Every member, voters and learners, in id order.
+    pub members: Vec<Member>,
+    /// On the leader: how far each other member is behind, in id order. `None` on any
+    /// other node (only the leader knows).
+    pub replication: Option<Vec<PeerLag>>,
+}
+
+/// A [`ClusterView`] as it crosses the wire (admin API to CLI); the variant is the format
+/// version. A change to [`ClusterView`]'s fields freezes today's struct as
+/// `ClusterViewV1` and adds `V2(ClusterView)`, keeping V1 readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ClusterViewBody {
+    /// Format version 1.
+    V1(ClusterView),
+}
+
+impl From<ClusterView> for ClusterViewBody {
+    fn from(view: ClusterView) -> Self {
+        ClusterViewBody::V1(view)
+    }
+}
+
+impl From<ClusterViewBody> for ClusterView {
+    fn from(body: ClusterViewBody) -> Self {
+        match body {
+            ClusterViewBody::V1(view) => view,
+        }
+    }
+}
+
+/// A node's role in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Decides and grants; the only one that writes the log.
+    Leader,
+    /// A voter following the leader.
+    Follower,
+    /// A voter asking for votes: no leader is known to it.
+    Candidate,
+    /// A non-voting member catching up (or a node not yet part of any cluster).
+    Learner,
+    /// The node's Raft stopped (shut down, or a storage error stopped it).
+    Stopped,
+}
+
+impl Role {
+    /// Every role, in the order `/metrics` lists them.
+    pub const ALL: [Role; 5] = [
+        Role::Leader,
+        Role::Follower,
+        Role::Candidate,
+        Role::Learner,
+        Role::Stopped,
+    ];
+
+    /// The role as the admin reads it and as the `role` label of `/metrics` says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Stopped => "stopped",
+        }
+    }
+}
+
+impl From<ServerState> for Role {
+    fn from(state: ServerState) -> Self {
+        match state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Stopped,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A member of the cluster as the membership in force names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its node id (`PublicKey::node_id` of its key).
+    pub id: u64,
+    /// Where peers dial it (`host:port`).
+    pub addr: String,
+    /// Its key's fingerprint, as `tallyd request` and the bundle show it.
+    pub fingerprint: String,
+    /// A voter counts for quorum; a learner only receives the log.
+    pub voter: bool,
+}
+
+/// How far one member is behind the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLag {
+    /// The member's node id.
+    pub id: u64,
+    /// The index of the last entry the leader knows the member holds; `None` before its
+    /// first answer.
+    pub matched: Option<u64>,
+    /// Entries the member is behind the leader's last log entry.
+    pub behind: u64,
+}
+
+impl ClusterView {
+    /// The view of the node whose metrics these are (`raft.metrics().borrow()`).
+    pub fn from_metrics(metrics: &RaftMetrics<u64, PeerNode>) -> ClusterView {
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                addr: node.addr.clone(),
+                fingerprint: node.key.fingerprint(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        let leader_addr = metrics
+            .current_leader
+            .and_then(|l| membership.get_node(&l))
+            .map(|n| n.addr.clone());
+        // openraft lists the leader itself among the targets; its lag is always 0.
+        let replication = metrics.replication.as_ref().map(|targets| {
+            targets
+                .iter()
+                .filter(|(id, _)| **id != metrics.id)
+                .map(|(id, matched)| {
+                    let matched = matched.as_ref().map(|m| m.index);
+                    PeerLag {
+                        id: *id,
+                        matched,
+                        behind: lag(matched, metrics.last_log_index),
+                    }
+                })
+                .collect()
+        });
+        ClusterView {
+            node: metrics.id,
+            role: metrics.state.into(),
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            leader_addr,
+            last_log_index: metrics.last_log_index,
+            applied_index: metrics.last_applied.as_ref().map(|l| l.index),
+            changing_membership: membership.get_joint_config().len() > 1,
+            members,
+            replication,
+        }
+    }
+
+    /// The lag of member `id`, if this is the leader's view and `id` a member.
+    pub fn lag_of(&self, id: u64) -> Option<u64> {
+        self.replication
+            .as_ref()?
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.behind)
+    }
+}
+
+/// Entries between `matched` and `last`; a member that has answered nothing yet is
+/// behind by the whole log (index 0 is openraft's first entry, so that is `last + 1`).
+fn lag(matched: Option<u64>, last: Option<u64>) -> u64 {
+    match (matched, last) {
+        (_, None) => 0,
+        (None, Some(last)) => last + 1,
+        (Some(m), Some(last)) => last.saturating_sub(m),
+    }
+}
+
+/// Node ids are 64-bit hashes; the first 16 hex digits read as the start of the key's
+/// fingerprint, so the admin matches a row to a `tallyd request` at a glance.
+fn hex_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn or_dash<T: fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+impl fmt::Display for ClusterView {
+    /// An admin-readable summary and one row per member, e.g.
+    ///
+    /// ```text
+    /// node 0000000000000001: leader, term 3
+    /// leader: 0000000000000001 at 127.0.0.1:4430
+    /// log: last index 12, applied 12
+    /// NODE              VOTE     ADDRESS          KEY                                      LAG
+    /// 0000000000000001  voter    127.0.0.1:4430   5c1f:...                                 -
+    /// ```
+    ///
+    /// `*` marks this node and `L` the leader; LAG (entries behind) only on the leader.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "node {}: {}, term {}",
+            hex_id(self.node),
+            self.role,
+            self.term
+        )?;
+        match (self.leader, &self.leader_addr) {
+            (Some(l), Some(addr)) => writeln!(f, "leader: {} at {addr}", hex_id(l))?,
+            (Some(l), None) => writeln!(f, "leader: {} (not a member this node knows)", hex_id(l))?,
+            (None, _) => writeln!(f, "leader: none known")?,
+        }
+        writeln!(
+            f,
+            "log: last index {}, applied {}",
+            or_dash(self.last_log_index),
+            or_dash(self.applied_index)
+        )?;
+        if self.changing_membership {
+            writeln!(f, "membership: change in progress (joint consensus)")?;
+        }
+        let addr_width = self
+            .members
+            .iter()
+            .map(|m| m.addr.len())
+            .max()
+            .unwrap_or(0)
+            .max("ADDRESS".len());
+        write!(
+            f,
+            "   {:<16}  {:<7}  {:<addr_width$}  {:<39}  LAG",
+            "NODE", "VOTE", "ADDRESS", "KEY"
+        )?;
+        for m in &self.members {
+            let this = if m.id == self.node { '*' } else { ' ' };
+            let leader = if Some(m.id) == self.leader { 'L' } else { ' ' };
+            let lag = if m.id == self.node && self.role == Role::Leader {
+                "0".to_string()
+            } else {
+                or_dash(self.lag_of(m.id))
+            };
+            write!(
+                f,
+                "\n{this}{leader} {:<16}  {:<7}  {:<addr_width$}  {:<39}  {lag}",
+                hex_id(m.id),
+                if m.voter { "voter" } else { "learner" },
+                m.addr,
+                m.fingerprint,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One `/metrics` sample: metric name, labels (name, value), value.
+pub type Sample = (&'static str, Vec<(&'static str, String)>, u64);
+
+/// The cluster metrics a node exports, with their help text, in the order
+/// [`prometheus_samples`] gives them; all are gauges.
+pub const METRICS: [(&str, &str); 6] = [
+    (
+        "tally_cluster_role",
+        "1 for this node's Raft role (leader, follower, candidate, learner, stopped), 0 for the others.",
+    ),
+    ("tally_cluster_term", "The Raft term this node is in."),
+    (
+        "tally_cluster_leader",
+        "1 labelled with the leader's node id (hex) while a leader is known; absent otherwise.",
+    ),
+    (
+        "tally_cluster_last_log_index",
+        "Index of the last entry in this node's Raft log.",
+    ),
+    (
+        "tally_cluster_applied_index",
+        "Index of the last Raft log entry this node applied to its store.",
+    ),
+    (
+        "tally_cluster_replication_lag_entries",
+        "On the leader: log entries each other member is behind.",
+    ),
+];
+
+/// The `/metrics` samples of a node's view: its role (one sample per role, 1 for the one
+/// it has, so a query can sum leaders across nodes), term, leader, log and applied
+/// index, and on the leader the lag of every other member.
+///
+/// The leader's id is a label, not a value: ids are 64-bit hashes and Prometheus values
+/// are doubles, which would round them.
+pub fn prometheus_samples(view: &ClusterView) -> Vec<Sample> {
+    let mut samples: Vec<Sample> = Role::ALL
+        .iter()
+        .map(|r| {
+            (
+                "tally_cluster_role",
+                vec![("role", r.name().to_string())],
+                u64::from(*r == view.role),
+            )
+        })
+        .collect();
+    samples.push(("tally_cluster_term", Vec::new(), view.term));
+    if let Some(leader) = view.leader {
+        samples.push(("tally_cluster_leader", vec![("leader", hex_id(leader))], 1));
+    }
+    if let Some(index) = view.last_log_index {
+        samples.push(("tally_cluster_last_log_index", Vec::new(), index));
+    }
+    if let Some(index) = view.applied_index {
+        samples.push(("tally_cluster_applied_index", Vec::new(), index));
+    }
+    for peer in view.replication.iter().flatten() {
+        samples.push((
+            "tally_cluster_replication_lag_entries",
+            vec![("peer", hex_id(peer.id))],
+            peer.behind,
+        ));
+    }
+    samples
+}
