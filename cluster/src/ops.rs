@@ -1,14 +1,20 @@
 //! Cluster operations for admins: what the cluster looks like ([`ClusterView`], the
-//! `/metrics` samples of [`prometheus_samples`]).
+//! `/metrics` samples of [`prometheus_samples`]) and changing who is in it
+//! ([`add_node`], [`remove_node`]).
 //!
 //! These work on any openraft type config whose nodes are [`PeerNode`]s keyed by `u64`
 //! (the site's [`crate::Site`], and the tests' own), so the daemon's admin API and CLI
 //! call them with the node's `Raft` and its metrics.
 
 use crate::net::PeerNode;
-use openraft::{RaftMetrics, ServerState};
+use openraft::error::{ChangeMembershipError, ClientWriteError, Fatal, RaftError};
+use openraft::metrics::WaitError;
+use openraft::raft::responder::OneshotResponder;
+use openraft::{ChangeMembers, Raft, RaftMetrics, RaftTypeConfig, ServerState};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use tokio::time::Instant;
 
 /// What a node says about itself and its cluster, built from its openraft metrics by
 /// [`ClusterView::from_metrics`]. A follower's view is as current as the last message it
@@ -147,7 +153,7 @@ impl ClusterView {
     /// The view of the node whose metrics these are (`raft.metrics().borrow()`).
     pub fn from_metrics(metrics: &RaftMetrics<u64, PeerNode>) -> ClusterView {
         let membership = metrics.membership_config.membership();
-        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let members = membership
             .nodes()
             .map(|(id, node)| Member {
@@ -351,4 +357,293 @@ pub fn prometheus_samples(view: &ClusterView) -> Vec<Sample> {
         ));
     }
     samples
+}
+
+/// Why a membership change did not happen (or did not finish).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpsError {
+    /// Only the leader changes membership; the admin asks the node named here.
+    #[error("node {node:016x} is not the leader; {}", leader_hint(*.leader, .leader_addr.as_deref()))]
+    NotLeader {
+        /// The node that was asked.
+        node: u64,
+        /// The leader it knows of, if any.
+        leader: Option<u64>,
+        /// That leader's address, if known.
+        leader_addr: Option<String>,
+    },
+    /// The node to remove is not a member.
+    #[error("node {0:016x} is not a member of the cluster")]
+    UnknownNode(u64),
+    /// The node to add is already a member under another address or key: remove it
+    /// first (a replaced server has a new key and so a new id; see the module docs).
+    #[error("node {id:016x} is already a member as {existing}, not as {requested}")]
+    Conflict {
+        /// The node id.
+        id: u64,
+        /// What the membership has for it.
+        existing: PeerNode,
+        /// What the caller asked for.
+        requested: PeerNode,
+    },
+    /// Removing it would leave no voter: nobody could commit anything again.
+    #[error("node {0:016x} is the last voter; a cluster needs at least one")]
+    LastVoter(u64),
+    /// Another membership change did not finish by the deadline; one at a time.
+    #[error("another membership change is in progress; try again when it has finished")]
+    InProgress,
+    /// The deadline passed. `stage` says what was not done; what was done stays done
+    /// (a learner added stays a learner until removed or added again).
+    #[error("node {id:016x}: timed out while {stage}")]
+    Timeout {
+        /// The node being added or removed.
+        id: u64,
+        /// What the operation was waiting for.
+        stage: &'static str,
+    },
+    /// This node's Raft stopped (shut down or a storage error).
+    #[error("Raft stopped on this node: {0}")]
+    Stopped(String),
+    /// openraft refused the change for a reason not named above.
+    #[error("membership change refused: {0}")]
+    Refused(String),
+}
+
+fn leader_hint(leader: Option<u64>, addr: Option<&str>) -> String {
+    match (leader, addr) {
+        (Some(l), Some(a)) => format!("ask node {l:016x} at {a}"),
+        (Some(l), None) => format!("ask node {l:016x}"),
+        (None, _) => "no leader is known now (an election may be under way)".to_string(),
+    }
+}
+
+/// The bounds the operations need: a site's Raft with [`PeerNode`]s keyed by `u64`,
+/// answering writes on a oneshot (openraft's default).
+pub trait SiteConfig:
+    RaftTypeConfig<NodeId = u64, Node = PeerNode, Responder = OneshotResponder<Self>>
+{
+}
+
+impl<C> SiteConfig for C where
+    C: RaftTypeConfig<NodeId = u64, Node = PeerNode, Responder = OneshotResponder<C>>
+{
+}
+
+/// `NotLeader` from this node's metrics, or `None` if it is the leader.
+fn not_leader(metrics: &RaftMetrics<u64, PeerNode>) -> Option<OpsError> {
+    if metrics.state == ServerState::Leader {
+        return None;
+    }
+    let leader = metrics.current_leader;
+    Some(OpsError::NotLeader {
+        node: metrics.id,
+        leader,
+        leader_addr: leader
+            .and_then(|l| metrics.membership_config.membership().get_node(&l))
+            .map(|n| n.addr.clone()),
+    })
+}
+
+/// Maps openraft's answer to a membership change.
+fn refused(node: u64, error: RaftError<u64, ClientWriteError<u64, PeerNode>>) -> OpsError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => OpsError::NotLeader {
+            node,
+            leader: f.leader_id,
+            leader_addr: f.leader_node.map(|n| n.addr),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(_),
+        )) => OpsError::InProgress,
+        RaftError::APIError(other) => OpsError::Refused(other.to_string()),
+        RaftError::Fatal(fatal) => stopped(fatal),
+    }
+}
+
+fn stopped(fatal: Fatal<u64>) -> OpsError {
+    OpsError::Stopped(fatal.to_string())
+}
+
+/// Proposes a membership change and waits for it to commit, until `deadline`.
+///
+/// openraft takes one membership change at a time and refuses another while the last
+/// one is not committed, which is also the case for a moment after every election (the
+/// new leader has not committed anything of its own term yet). That refusal is retried
+/// at each change of this node's metrics until `deadline`; a change still in progress
+/// then is [`OpsError::InProgress`], and any other step not done in time a `Timeout`
+/// naming `stage`.
+async fn propose<C: SiteConfig>(
+    raft: &Raft<C>,
+    change: ChangeMembers<u64, PeerNode>,
+    id: u64,
+    stage: &'static str,
+    deadline: Instant,
+) -> Result<u64, OpsError> {
+    let me = raft.metrics().borrow().id;
+    let mut changed = raft.metrics();
+    loop {
+        // Marked seen before proposing, so a commit during the proposal is not missed.
+        changed.borrow_and_update();
+        let answer =
+            tokio::time::timeout_at(deadline, raft.change_membership(change.clone(), false))
+                .await
+                .map_err(|_| OpsError::Timeout { id, stage })?;
+        match answer.map_err(|e| refused(me, e)) {
+            Ok(written) => return Ok(written.log_id.index),
+            Err(OpsError::InProgress) => {
+                // Look again when something moved (a commit, a new term), or give up.
+                match tokio::time::timeout_at(deadline, changed.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(stopped(Fatal::Stopped)),
+                    Err(_) => return Err(OpsError::InProgress),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Adds node `id` at `node` as a voter: first as a learner, which receives the log (or a
+/// snapshot) without counting for quorum, then, once it holds everything up to its own
+/// addition, as a voter. Waiting first means the new voter never makes a quorum wait
+/// for a node that is still catching up. Call it on the leader.
+///
+/// For a site, `id` is `node.key.node_id()` and the key must be one the served bundle
+/// binds, or the peers refuse the node at the TLS handshake and it never catches up.
+///
+/// Adding a node that is already a voter with the same address and key does nothing, so
+/// an add that timed out can be run again. Past `deadline` the error is
+/// [`OpsError::Timeout`]; a learner already added stays one (it costs the leader
+/// replication, not quorum) until `add_node` runs again or [`remove_node`] removes it.
+///
+/// Why 3 or 5 voters: a change commits with a majority of voters. Three voters keep
+/// working with one down, five with two down; four need three and so survive only one
+/// failure, like three, with more to go wrong; two need both. One voter is a single
+/// server, with no redundancy. Add and remove one node at a time, so that the site
+/// passes through an even count only briefly.
+pub async fn add_node<C: SiteConfig>(
+    raft: &Raft<C>,
+    id: u64,
+    node: PeerNode,
+    deadline: Instant,
+) -> Result<(), OpsError> {
+    let metrics = raft.metrics().borrow().clone();
+    if let Some(e) = not_leader(&metrics) {
+        return Err(e);
+    }
+    let membership = metrics.membership_config.membership();
+    if let Some(existing) = membership.get_node(&id) {
+        if *existing != node {
+            return Err(OpsError::Conflict {
+                id,
+                existing: existing.clone(),
+                requested: node,
+            });
+        }
+        if membership.voter_ids().any(|v| v == id) {
+            return Ok(());
+        }
+    }
+    // As openraft's own `add_learner`, which cannot be given a deadline.
+    let membership_index = propose(
+        raft,
+        ChangeMembers::AddNodes(BTreeMap::from([(id, node)])),
+        id,
+        "adding it as a learner",
+        deadline,
+    )
+    .await?;
+
+    // Caught up: the leader knows the learner holds the entry that added it.
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let caught_up = raft
+        .wait(Some(remaining))
+        .metrics(
+            |m| {
+                m.state != ServerState::Leader
+                    || m.membership_config.membership().get_node(&id).is_none()
+                    || m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id).cloned().flatten())
+                        .is_some_and(|matched| matched.index >= membership_index)
+            },
+            "the learner holds the log up to its addition",
+        )
+        .await;
+    let metrics = match caught_up {
+        Ok(m) => m,
+        Err(WaitError::Timeout(..)) => {
+            return Err(OpsError::Timeout {
+                id,
+                stage: "waiting for the learner to catch up (it stays a learner)",
+            })
+        }
+        Err(WaitError::ShuttingDown) => return Err(stopped(Fatal::Stopped)),
+    };
+    if let Some(e) = not_leader(&metrics) {
+        return Err(e);
+    }
+    if metrics
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .is_none()
+    {
+        // Someone removed it meanwhile.
+        return Err(OpsError::UnknownNode(id));
+    }
+
+    propose(
+        raft,
+        ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+        id,
+        "making it a voter (the change may still complete: show the cluster)",
+        deadline,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Removes node `id` from the cluster, voter or learner. Call it on the leader; a
+/// leader removing itself steps down once the change is committed, and the others elect
+/// a new one.
+///
+/// Refuses to remove the last voter: a cluster without voters can never commit again.
+/// It does not refuse going to an even count or to one voter, which an admin replacing a
+/// node passes through; see [`add_node`] for why 3 or 5 voters is the aim.
+///
+/// Past `deadline` the error is [`OpsError::Timeout`] and the change may still complete
+/// (openraft goes on with it): show the cluster to see.
+pub async fn remove_node<C: SiteConfig>(
+    raft: &Raft<C>,
+    id: u64,
+    deadline: Instant,
+) -> Result<(), OpsError> {
+    let metrics = raft.metrics().borrow().clone();
+    if let Some(e) = not_leader(&metrics) {
+        return Err(e);
+    }
+    let membership = metrics.membership_config.membership();
+    if membership.get_node(&id).is_none() {
+        return Err(OpsError::UnknownNode(id));
+    }
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let change = if voters.contains(&id) {
+        if voters.len() == 1 {
+            return Err(OpsError::LastVoter(id));
+        }
+        ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+    };
+    propose(
+        raft,
+        change,
+        id,
+        "removing it (the change may still complete: show the cluster)",
+        deadline,
+    )
+    .await?;
+    Ok(())
 }

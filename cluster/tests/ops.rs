@@ -3,8 +3,15 @@
 mod support;
 
 use std::collections::BTreeSet;
-use support::nodes::{agreed_leader, applied_everywhere, cluster, stop, Node, DEADLINE};
-use tally_cluster::ops::{prometheus_samples, ClusterView, ClusterViewBody, Role, Sample};
+use std::time::Duration;
+use support::nodes::{
+    agreed_leader, applied_everywhere, cluster, cluster_with, endpoint, key, peer_node,
+    raft_config, start, stop, Node, DEADLINE,
+};
+use tally_cluster::net::PeerKeys;
+use tally_cluster::ops::{
+    add_node, prometheus_samples, remove_node, ClusterView, ClusterViewBody, OpsError, Role, Sample,
+};
 
 fn view(node: &Node) -> ClusterView {
     ClusterView::from_metrics(&node.raft.metrics().borrow())
@@ -142,6 +149,221 @@ async fn leader_and_follower_views_agree_and_lag_follows_replication() {
     }
     let on_leader = leader_sees_lag(leader, &ids, |id| if id == gone_id { 3 } else { 0 }).await;
     println!("{on_leader}");
+
+    for node in nodes {
+        stop(node).await;
+    }
+}
+
+fn deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + DEADLINE
+}
+
+/// The ids of voters and learners in `node`'s view.
+fn voters_and_learners(node: &Node) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let v = view(node);
+    let voters = v.members.iter().filter(|m| m.voter).map(|m| m.id).collect();
+    let learners = v
+        .members
+        .iter()
+        .filter(|m| !m.voter)
+        .map(|m| m.id)
+        .collect();
+    (voters, learners)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_is_added_as_a_voter_and_removed_again() {
+    let allowed = PeerKeys::new((1..=4).map(|id| key(id).public()));
+    let (nodes, members, allowed) = cluster_with(raft_config(), allowed).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader_id = agreed_leader(&all, None).await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let written = leader
+        .raft
+        .client_write("before".to_string())
+        .await
+        .unwrap();
+    applied_everywhere(&all, written.log_id.index, &["before"]).await;
+
+    let (endpoint4, identity4) = endpoint(4, &allowed);
+    let node4 = peer_node(4, &endpoint4);
+    let fourth = start(4, endpoint4, identity4, allowed.clone(), raft_config()).await;
+
+    // Asked on a follower: refused, naming the leader and where it is.
+    let follower = nodes.iter().find(|n| n.id != leader_id).unwrap();
+    follower
+        .raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.current_leader == Some(leader_id),
+            "the follower knows the leader",
+        )
+        .await
+        .unwrap();
+    let refused = add_node(&follower.raft, 4, node4.clone(), deadline()).await;
+    match &refused {
+        Err(OpsError::NotLeader {
+            node,
+            leader,
+            leader_addr,
+        }) => {
+            assert_eq!(*node, follower.id);
+            assert_eq!(*leader, Some(leader_id));
+            assert_eq!(
+                leader_addr.as_deref(),
+                Some(members[&leader_id].addr.as_str())
+            );
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    let message = refused.unwrap_err().to_string();
+    assert!(message.contains(&members[&leader_id].addr), "{message}");
+    // An id that is a member under another key is not silently re-pointed.
+    let conflict = add_node(&leader.raft, 2, node4.clone(), deadline()).await;
+    assert!(
+        matches!(conflict, Err(OpsError::Conflict { id: 2, .. })),
+        "{conflict:?}"
+    );
+
+    add_node(&leader.raft, 4, node4.clone(), deadline())
+        .await
+        .unwrap();
+    let (voters, learners) = voters_and_learners(leader);
+    assert_eq!(voters, BTreeSet::from([1, 2, 3, 4]));
+    assert!(learners.is_empty());
+    // It received what was written before it came, and takes part from now on.
+    let written = leader.raft.client_write("after".to_string()).await.unwrap();
+    let mut four: Vec<&Node> = nodes.iter().collect();
+    four.push(&fourth);
+    applied_everywhere(&four, written.log_id.index, &["before", "after"]).await;
+    assert_eq!(view(&fourth).role, Role::Follower);
+    // Adding it again changes nothing.
+    add_node(&leader.raft, 4, node4, deadline()).await.unwrap();
+    assert_eq!(voters_and_learners(leader).0.len(), 4);
+
+    remove_node(&leader.raft, 4, deadline()).await.unwrap();
+    let v = view(leader);
+    assert_eq!(
+        v.members.iter().map(|m| m.id).collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2, 3])
+    );
+    assert_eq!(v.lag_of(4), None, "the leader still replicates to 4: {v}");
+    let written = leader
+        .raft
+        .client_write("without 4".to_string())
+        .await
+        .unwrap();
+    applied_everywhere(
+        &all,
+        written.log_id.index,
+        &["before", "after", "without 4"],
+    )
+    .await;
+    // Removing it again names the mistake.
+    let again = remove_node(&leader.raft, 4, deadline()).await;
+    assert!(matches!(again, Err(OpsError::UnknownNode(4))), "{again:?}");
+
+    stop(fourth).await;
+    for node in nodes {
+        stop(node).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_catch_up_times_out_as_a_learner_and_is_removed() {
+    // Node 5 accepts no key of this site (as a server holding another site's bundle):
+    // it refuses the leader at the handshake, so it never receives the log.
+    let (nodes, _members, _allowed) = cluster().await;
+    let allowed = PeerKeys::new([key(5).public()]);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader_id = agreed_leader(&all, None).await;
+    let leader = nodes.iter().find(|n| n.id == leader_id).unwrap();
+    let (endpoint5, identity5) = endpoint(5, &allowed);
+    let node5 = peer_node(5, &endpoint5);
+    let fifth = start(5, endpoint5, identity5, allowed.clone(), raft_config()).await;
+
+    let soon = tokio::time::Instant::now() + Duration::from_secs(2);
+    let timed_out = add_node(&leader.raft, 5, node5, soon).await;
+    assert!(
+        matches!(timed_out, Err(OpsError::Timeout { id: 5, .. })),
+        "{timed_out:?}"
+    );
+    println!("{}", timed_out.unwrap_err());
+    let (voters, learners) = voters_and_learners(leader);
+    assert_eq!(voters, BTreeSet::from([1, 2, 3]));
+    assert_eq!(learners, BTreeSet::from([5]));
+    // The learner does not count for quorum: writes commit meanwhile.
+    let written = leader
+        .raft
+        .client_write("meanwhile".to_string())
+        .await
+        .unwrap();
+    applied_everywhere(&all, written.log_id.index, &["meanwhile"]).await;
+
+    remove_node(&leader.raft, 5, deadline()).await.unwrap();
+    let (voters, learners) = voters_and_learners(leader);
+    assert_eq!(voters, BTreeSet::from([1, 2, 3]));
+    assert!(learners.is_empty());
+
+    stop(fifth).await;
+    for node in nodes {
+        stop(node).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_follower_is_not_needed_and_the_last_voter_stays() {
+    let (mut nodes, _members, _allowed) = cluster().await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader_id = agreed_leader(&all, None).await;
+    let followers: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|id| *id != leader_id)
+        .collect();
+    let at = |id: u64, nodes: &[Node]| nodes.iter().position(|n| n.id == id).unwrap();
+
+    // Remove one follower and stop it: the two left commit (both are needed now).
+    remove_node(&nodes[at(leader_id, &nodes)].raft, followers[0], deadline())
+        .await
+        .unwrap();
+    stop(nodes.remove(at(followers[0], &nodes))).await;
+    let leader = &nodes[at(leader_id, &nodes)];
+    assert_eq!(
+        voters_and_learners(leader).0,
+        BTreeSet::from([leader_id, followers[1]])
+    );
+    let written = leader
+        .raft
+        .client_write("with two".to_string())
+        .await
+        .unwrap();
+    applied_everywhere(
+        &nodes.iter().collect::<Vec<_>>(),
+        written.log_id.index,
+        &["with two"],
+    )
+    .await;
+
+    // Down to one voter is allowed (a single server); below it is not.
+    remove_node(&leader.raft, followers[1], deadline())
+        .await
+        .unwrap();
+    assert_eq!(voters_and_learners(leader).0, BTreeSet::from([leader_id]));
+    let last = remove_node(&leader.raft, leader_id, deadline()).await;
+    assert!(
+        matches!(last, Err(OpsError::LastVoter(id)) if id == leader_id),
+        "{last:?}"
+    );
+    let written = leader.raft.client_write("alone".to_string()).await.unwrap();
+    leader
+        .raft
+        .wait(Some(DEADLINE))
+        .applied_index_at_least(Some(written.log_id.index), "the lone voter commits")
+        .await
+        .unwrap();
+    assert_eq!(leader.machine.values().await, ["with two", "alone"]);
 
     for node in nodes {
         stop(node).await;
