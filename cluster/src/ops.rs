@@ -5,6 +5,34 @@
 //! These work on any openraft type config whose nodes are [`PeerNode`]s keyed by `u64`
 //! (the site's [`crate::Site`], and the tests' own), so the daemon's admin API and CLI
 //! call them with the node's `Raft` and its metrics.
+//!
+//! # Replacing a dead node
+//!
+//! A server whose machine or data directory is lost does not come back under its old
+//! identity: it gets a new key, hence a new node id. (A node that rejoined under its old
+//! id with an empty disk would have forgotten the votes and log entries it promised, and
+//! could help elect a leader that lacks committed entries.) Two of three servers keep the
+//! site running meanwhile, with no margin for another failure, so the replacement is
+//! done promptly:
+//!
+//! 1. **Look**: on a surviving server, show the cluster ([`ClusterView`]): the leader is
+//!    one of the survivors; note the dead node's id (its key fingerprint starts with it).
+//! 2. **New key**: on the new machine, `tallyd init` and `tallyd request` (a new key).
+//! 3. **New bundle**: the vendor issues a bundle binding the two survivors' keys and the
+//!    new key, from the three requests. Install it on the survivors and reload: they now
+//!    accept the new node at the TLS handshake and refuse the dead key.
+//! 4. **Remove the dead node** on the leader ([`remove_node`]). Removing it before adding
+//!    the new one keeps every quorum made of live servers: two voters, both live.
+//! 5. **Start the new server** with the new bundle and an empty data directory. It waits,
+//!    as a node of no cluster, to be added; it must not form a cluster of its own.
+//! 6. **Add it** on the leader ([`add_node`] with id `key.node_id()`, its address and
+//!    key): it joins as a learner, receives the state (a snapshot when the log behind it
+//!    was purged, then the log), and becomes a voter once it holds everything up to its
+//!    own addition. The site has three voters again.
+//! 7. **Check**: show the cluster: three voters, the new one's lag near 0.
+//!
+//! The test `a_dead_node_is_replaced_by_a_new_one_that_gets_the_state_by_snapshot`
+//! (`cluster/tests/ops.rs`) runs steps 3 to 7 with the leader as the dead node.
 
 use crate::net::PeerNode;
 use openraft::error::{ChangeMembershipError, ClientWriteError, Fatal, RaftError};

@@ -2,7 +2,9 @@
 
 mod support;
 
+use openraft::{Config, SnapshotPolicy};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 use support::nodes::{
     agreed_leader, applied_everywhere, cluster, cluster_with, endpoint, key, peer_node,
@@ -365,6 +367,135 @@ async fn a_removed_follower_is_not_needed_and_the_last_voter_stays() {
         .unwrap();
     assert_eq!(leader.machine.values().await, ["with two", "alone"]);
 
+    for node in nodes {
+        stop(node).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_replaced_by_a_new_one_that_gets_the_state_by_snapshot() {
+    // A small snapshot policy, and no log kept behind a snapshot: by the time the new
+    // node joins, the start of the log exists only inside the snapshot.
+    let config = Config {
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(5),
+        max_in_snapshot_log_to_keep: 0,
+        purge_batch_size: 1,
+        ..(*raft_config()).clone()
+    };
+    let config = Arc::new(config.validate().unwrap());
+    let allowed = PeerKeys::new((1..=3).map(|id| key(id).public()));
+    let (mut nodes, _members, allowed) = cluster_with(config.clone(), allowed).await;
+    let at = |id: u64, nodes: &[Node]| nodes.iter().position(|n| n.id == id).unwrap();
+    let leader_id = agreed_leader(&nodes.iter().collect::<Vec<_>>(), None).await;
+    let mut values: Vec<String> = Vec::new();
+    for i in 0..5 {
+        values.push(format!("before {i}"));
+        let leader = &nodes[at(leader_id, &nodes)];
+        leader.raft.client_write(values[i].clone()).await.unwrap();
+    }
+
+    // The leader dies and its disk with it.
+    let dead = nodes.remove(at(leader_id, &nodes));
+    let dead_dir = dead.dir.path().to_path_buf();
+    stop(dead).await;
+    assert!(!dead_dir.exists(), "the dead node's store is gone");
+    let survivors: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    let leader_id = agreed_leader(&nodes.iter().collect::<Vec<_>>(), Some(leader_id)).await;
+    let dead_id = (1..=3).find(|id| !survivors.contains(id)).unwrap();
+    let leader = &nodes[at(leader_id, &nodes)];
+
+    // 1. The new bundle binds the survivors and the new node's key (a new key: a new id).
+    allowed.replace([
+        key(survivors[0]).public(),
+        key(survivors[1]).public(),
+        key(4).public(),
+    ]);
+    // 2. The dead node leaves the membership: the two survivors are the quorum.
+    remove_node(&leader.raft, dead_id, deadline())
+        .await
+        .unwrap();
+    assert_eq!(
+        voters_and_learners(leader).0,
+        survivors.iter().copied().collect::<BTreeSet<_>>()
+    );
+    // Writes go on meanwhile; snapshots are taken and the log behind them purged.
+    let mut last = 0;
+    for i in 0..12 {
+        values.push(format!("meanwhile {i}"));
+        last = leader
+            .raft
+            .client_write(values.last().unwrap().clone())
+            .await
+            .unwrap()
+            .log_id
+            .index;
+    }
+    let purged = leader
+        .raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index >= 10),
+            "the leader purged the start of its log",
+        )
+        .await
+        .unwrap()
+        .purged
+        .unwrap()
+        .index;
+    assert!(purged <= last);
+
+    // 3. The new node starts with a fresh store and is added by the leader.
+    let (endpoint4, identity4) = endpoint(4, &allowed);
+    let node4 = peer_node(4, &endpoint4);
+    let new = start(4, endpoint4, identity4, allowed.clone(), config).await;
+    add_node(&leader.raft, 4, node4, deadline()).await.unwrap();
+    let v = view(leader);
+    println!("{v}");
+    assert_eq!(
+        v.members
+            .iter()
+            .filter(|m| m.voter)
+            .map(|m| m.id)
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from([survivors[0], survivors[1], 4])
+    );
+    assert!(v.members.iter().all(|m| m.id != dead_id));
+
+    // It holds every value, including those only the snapshot still had (entries up to
+    // `purged` can no longer be sent as log entries).
+    new.raft
+        .wait(Some(DEADLINE))
+        .applied_index_at_least(Some(last), "the new node caught up")
+        .await
+        .unwrap();
+    assert_eq!(new.machine.values().await, values);
+    let installed = new.raft.metrics().borrow().snapshot;
+    assert!(
+        installed.is_some_and(|s| s.index >= purged),
+        "{installed:?}"
+    );
+
+    // 4. The cluster commits with it: even with the other survivor stopped, the leader
+    // and the new node are a quorum of three.
+    let other = survivors.into_iter().find(|id| *id != leader_id).unwrap();
+    stop(nodes.remove(at(other, &nodes))).await;
+    let leader = &nodes[at(leader_id, &nodes)];
+    values.push("with the new node".to_string());
+    let written = tokio::time::timeout(
+        DEADLINE,
+        leader.raft.client_write(values.last().unwrap().clone()),
+    )
+    .await
+    .expect("the leader and the new node commit")
+    .unwrap();
+    new.raft
+        .wait(Some(DEADLINE))
+        .applied_index_at_least(Some(written.log_id.index), "the new node applied it")
+        .await
+        .unwrap();
+    assert_eq!(new.machine.values().await, values);
+
+    stop(new).await;
     for node in nodes {
         stop(node).await;
     }
