@@ -258,14 +258,17 @@ impl fmt::Display for ClusterView {
     /// An admin-readable summary and one row per member, e.g.
     ///
     /// ```text
-    /// node 0000000000000001: leader, term 3
-    /// leader: 0000000000000001 at 127.0.0.1:4430
-    /// log: last index 12, applied 12
-    /// NODE              VOTE     ADDRESS          KEY                                      LAG
-    /// 0000000000000001  voter    127.0.0.1:4430   5c1f:...                                 -
+    /// node 0000000000000001: leader, term 1
+    /// leader: 0000000000000001 at 127.0.0.1:47591
+    /// log: last index 5, applied 5
+    ///    NODE              VOTE     ADDRESS          KEY                                      LAG
+    /// *L 0000000000000001  voter    127.0.0.1:47591  3475:0f98:bd59:fcfc:946d:a45a:aabe:933b  0
+    ///    0000000000000002  voter    127.0.0.1:44122  6a38:03d5:f059:902a:1c6d:afbc:9ba4:7292  3
+    ///    0000000000000003  voter    127.0.0.1:57061  b62e:867f:a2f3:3afe:62d5:d6b1:642e:1621  0
     /// ```
     ///
-    /// `*` marks this node and `L` the leader; LAG (entries behind) only on the leader.
+    /// `*` marks this node and `L` the leader; LAG (entries behind) is known only on the
+    /// leader and `-` elsewhere.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
@@ -674,4 +677,86 @@ pub async fn remove_node<C: SiteConfig>(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(role: Role, leader: Option<u64>) -> ClusterView {
+        ClusterView {
+            node: 2,
+            role,
+            term: 7,
+            leader,
+            leader_addr: leader.map(|_| "127.0.0.1:1".to_string()),
+            last_log_index: Some(9),
+            applied_index: Some(8),
+            changing_membership: true,
+            members: vec![
+                Member {
+                    id: 1,
+                    addr: "127.0.0.1:1".into(),
+                    fingerprint: "aaaa".into(),
+                    voter: true,
+                },
+                Member {
+                    id: 2,
+                    addr: "127.0.0.1:2".into(),
+                    fingerprint: "bbbb".into(),
+                    voter: false,
+                },
+            ],
+            replication: None,
+        }
+    }
+
+    #[test]
+    fn lag_counts_entries_behind_and_the_whole_log_before_a_first_answer() {
+        assert_eq!(lag(Some(9), Some(9)), 0);
+        assert_eq!(lag(Some(6), Some(9)), 3);
+        assert_eq!(lag(None, Some(9)), 10);
+        assert_eq!(lag(None, None), 0);
+        // A member ahead of a stale metrics snapshot is not negative.
+        assert_eq!(lag(Some(10), Some(9)), 0);
+    }
+
+    #[test]
+    fn a_learner_without_a_leader_says_so_in_table_and_samples() {
+        let v = view(Role::Learner, None);
+        let table = v.to_string();
+        assert!(
+            table.starts_with("node 0000000000000002: learner, term 7\n"),
+            "{table}"
+        );
+        assert!(table.contains("leader: none known"), "{table}");
+        assert!(table.contains("log: last index 9, applied 8"), "{table}");
+        assert!(table.contains("change in progress"), "{table}");
+        assert!(table.contains("\n*  0000000000000002  learner"), "{table}");
+        assert!(table.contains("\n   0000000000000001  voter"), "{table}");
+        let samples = prometheus_samples(&v);
+        let ones: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.0 == "tally_cluster_role" && s.2 == 1)
+            .collect();
+        assert_eq!(ones.len(), 1);
+        assert_eq!(ones[0].1, [("role", "learner".to_string())]);
+        assert!(!samples.iter().any(|s| s.0 == "tally_cluster_leader"));
+        assert!(samples.contains(&("tally_cluster_applied_index", vec![], 8)));
+        // Every sample is one of the documented metrics.
+        assert!(samples
+            .iter()
+            .all(|s| METRICS.iter().any(|(name, _)| *name == s.0)));
+    }
+
+    #[test]
+    fn a_view_reads_back_from_its_versioned_body() {
+        let v = view(Role::Follower, Some(1));
+        let text = serde_json::to_string(&ClusterViewBody::from(v.clone())).unwrap();
+        let back: ClusterViewBody = serde_json::from_str(&text).unwrap();
+        assert_eq!(ClusterView::from(back), v);
+        assert!(v
+            .to_string()
+            .contains("leader: 0000000000000001 at 127.0.0.1:1"));
+    }
 }
