@@ -9,6 +9,7 @@
 
 pub mod durable;
 pub mod net;
+pub mod ops;
 pub mod store;
 
 use std::io::Cursor; // the snapshot data type `declare_raft_types!` defaults to

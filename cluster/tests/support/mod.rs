@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use tally_cluster::net::PeerNode;
 use tally_cluster::store::{self, Apply, LogStore, StateMachine};
 
+pub mod nodes;
+
 openraft::declare_raft_types!(
     /// The tests' type config: commands are strings, answers the count applied so far.
     pub TestConfig:
