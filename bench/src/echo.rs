@@ -22,7 +22,7 @@ impl Drop for Echo {
 /// Starts the echo server on loopback.
 pub fn start() -> anyhow::Result<Echo> {
     let key = SecretKey::from_seed([77; 32]);
-    let config = tally_daemon::tls::server_config(&key, Duration::from_secs(15))?;
+    let config = tally_daemon::tls::server_config(&key, Duration::from_secs(15), None)?;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let endpoint = quinn::Endpoint::new(
         tally_daemon::tls::endpoint_config(&key),

@@ -384,14 +384,23 @@ pub fn quic_client_config() -> Result<quinn::ClientConfig, ClientError> {
     Ok(config)
 }
 
+/// How long a member that had no leader to name is left before it is asked again.
+const ELECTION_PAUSE: Duration = Duration::from_millis(500);
+
+/// Most attempts one connect makes (the configured addresses, the leaders they name,
+/// and members asked again while their cluster elects a leader: at one attempt per
+/// [`FAILOVER_STAGGER`], about 16 s of asking).
+const MAX_ADDRESSES: usize = 64;
+
 impl Session {
     /// Connects to a server of `config.servers` that answers and whose trust chain
     /// holds. The servers are tried in order, but without waiting out a dead one: each
     /// further address is tried [`FAILOVER_STAGGER`] after the previous one started (at
     /// once when it failed), the attempts run side by side, and the first to succeed
     /// wins. Addresses that did not answer lately are tried after the others (see
-    /// [`DEAD_SERVER_MEMORY`]), so a dead first entry costs nothing on a reconnect. Each
-    /// failure is named in [`ClientError::NoServer`].
+    /// [`DEAD_SERVER_MEMORY`]), so a dead first entry costs nothing on a reconnect. A
+    /// member of a cluster that does not lead refuses the session and names the leader,
+    /// which is tried next. Each failure is named in [`ClientError::NoServer`].
     pub async fn connect(config: &ClientConfig) -> Result<Session, ClientError> {
         if config.servers.is_empty() {
             return Err(ClientError::Config(
@@ -410,12 +419,22 @@ impl Session {
         tracing::debug!(servers = ?config.servers, addresses = ?addrs, "connecting");
         let mut attempts = tokio::task::JoinSet::new();
         let mut next = 0;
+        // Members asked again while their cluster elects (see below), by position; the
+        // addresses being asked now, and those that did not answer.
+        let mut again = std::collections::HashSet::new();
+        let mut pending = std::collections::HashSet::new();
+        let mut unreachable = std::collections::HashSet::new();
         loop {
             if next < addrs.len() {
                 let addr = addrs[next];
                 tracing::debug!(%addr, "trying server");
                 let config = config.clone();
+                let pause = again.contains(&next).then_some(ELECTION_PAUSE);
+                pending.insert(addr);
                 attempts.spawn(async move {
+                    if let Some(pause) = pause {
+                        tokio::time::sleep(pause).await;
+                    }
                     let result = tokio::time::timeout(
                         config.connect_timeout,
                         Self::connect_one(addr, &config),
@@ -436,6 +455,10 @@ impl Session {
             let Some(Ok((addr, result))) = finished else {
                 continue;
             };
+            pending.remove(&addr);
+            if !matches!(&result, Ok(Err(ClientError::Server(_))) | Ok(Ok(_))) {
+                unreachable.insert(addr);
+            }
             match result {
                 Ok(Ok(session)) => {
                     mark_server(addr, true);
@@ -446,6 +469,38 @@ impl Session {
                 // the one thing an admin must hear about.
                 Ok(Err(ClientError::Untrusted(e))) if config.servers.len() == 1 => {
                     return Err(ClientError::Untrusted(e))
+                }
+                // A member of a cluster that does not lead: alive, and it names the
+                // leader, which is tried next (once: a hint is not followed in circles).
+                Ok(Err(ClientError::Server(e))) if e.code == ErrorCode::NotLeader => {
+                    tracing::debug!(server = %addr, leader = ?e.leader_hint(), "not the leader");
+                    failures.push(format!("{addr}: {e}"));
+                    // The leader it names, unless that one is being asked now or did
+                    // not answer (a member names the leader it last heard of, which may
+                    // be the one that just died); a member that answered "not the
+                    // leader" before may lead by now.
+                    let mut named = Vec::new();
+                    if let Some(hint) = e.leader_hint() {
+                        if let Ok(found) = resolve(hint).await {
+                            named.extend(found.into_iter().filter(|l| {
+                                !unreachable.contains(l)
+                                    && !addrs[next..].contains(l)
+                                    && !pending.contains(l)
+                            }));
+                        }
+                    }
+                    if named.is_empty() && addrs.len() < MAX_ADDRESSES {
+                        // No leader to try yet (an election runs): this member is asked
+                        // again a moment later, a bounded number of times, while the
+                        // other attempts go on.
+                        again.insert(addrs.len());
+                        addrs.push(addr);
+                    }
+                    for leader in named {
+                        if !addrs[next..].contains(&leader) && addrs.len() < MAX_ADDRESSES {
+                            addrs.insert(next, leader);
+                        }
+                    }
                 }
                 Ok(Err(e)) => {
                     mark_server(addr, false);

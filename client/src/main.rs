@@ -274,7 +274,9 @@ fn server_exit_code(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::Unauthorized | ErrorCode::AdminDisabled => EX_NOPERM,
         ErrorCode::UnknownLease | ErrorCode::ReloadFailed => EX_DATAERR,
-        ErrorCode::StorageUnavailable | ErrorCode::ShuttingDown => EX_TEMPFAIL,
+        ErrorCode::StorageUnavailable | ErrorCode::ShuttingDown | ErrorCode::NotLeader => {
+            EX_TEMPFAIL
+        }
         ErrorCode::Internal => EX_SOFTWARE,
         _ => EX_PROTOCOL,
     }

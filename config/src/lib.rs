@@ -111,7 +111,27 @@ pub struct DaemonConfig {
     /// journald; reopened on SIGHUP so that logrotate can move it away.
     #[serde(default)]
     pub log_file: Option<PathBuf>,
+    /// The servers of a three-server site (`[[cluster]]` tables), this one included:
+    /// each member's key fingerprint and the address its peers reach it at. Empty: a
+    /// single server. Every member must be bound by the bundle the site serves.
+    #[serde(default)]
+    pub cluster: Vec<ClusterMember>,
 }
+
+/// A server of a site that runs several as one (`[[cluster]]` in `tallyd.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMember {
+    /// The member's key fingerprint, as `tallyd init` and `tallyd request` print it.
+    pub key: String,
+    /// The address (host:port of its `listen` port) the other members and clients
+    /// reach it at: clients and peers share the one UDP port.
+    pub addr: SocketAddr,
+}
+
+/// Most servers of a cluster (the bundle format's bound, too): Raft wants an odd number,
+/// 3 or 5; 7 tolerates three failures at the cost of slower commits.
+pub const MAX_CLUSTER_MEMBERS: usize = 7;
 
 /// Default hold-off after an admin removal: five minutes, as long as a user takes to
 /// notice and as short as a mistaken removal can be borne.
@@ -214,6 +234,7 @@ impl Default for DaemonConfig {
             checkout_burst: DEFAULT_CHECKOUT_BURST,
             remove_holdoff_secs: DEFAULT_REMOVE_HOLDOFF_SECS,
             log_file: None,
+            cluster: Vec::new(),
         }
     }
 }
@@ -326,6 +347,31 @@ impl DaemonConfig {
                 "report_interval_secs ({}) must be at least 60",
                 self.report_interval_secs
             ));
+        }
+        if self.cluster.len() > MAX_CLUSTER_MEMBERS {
+            return invalid(format!(
+                "[[cluster]] names {} servers; at most {MAX_CLUSTER_MEMBERS}",
+                self.cluster.len()
+            ));
+        }
+        for (i, m) in self.cluster.iter().enumerate() {
+            if let Some(other) = self.cluster[..i]
+                .iter()
+                .find(|o| o.key == m.key || o.addr == m.addr)
+            {
+                return invalid(format!(
+                    "[[cluster]] names the server {} at {} twice (also as {} at {}): each \
+                     member once, with its own key and address",
+                    m.key, m.addr, other.key, other.addr
+                ));
+            }
+            if m.addr.ip().is_unspecified() || m.addr.port() == 0 {
+                return invalid(format!(
+                    "[[cluster]] address {} of {} is not one a peer can reach: give the \
+                     server's own address and port",
+                    m.addr, m.key
+                ));
+            }
         }
         if self.max_connections == 0 || self.max_connections_per_address == 0 {
             return invalid(

@@ -36,6 +36,9 @@ pub struct BundleRules {
     /// Ids of bundles superseded by a returned one, with the returned bundle's id: they
     /// never count again here, even when the returned bundle's file is gone.
     pub retired: BTreeMap<String, String>,
+    /// Key fingerprints of the servers `[[cluster]]` names (this one included); empty
+    /// for a single server. A cluster serves the bundles that bind exactly its members.
+    pub cluster: BTreeSet<String>,
 }
 
 /// A file that was not loaded, and why.
@@ -98,17 +101,31 @@ pub enum BundleFileError {
         /// This host's fingerprint.
         ours: String,
     },
-    /// A bundle of a site of several servers, which this tallyd cannot serve yet: its
-    /// seats count once across the servers, and until they run as one cluster each
-    /// would serve all of them (three servers, three times the seats).
+    /// A bundle of a site of several servers, on a tallyd not configured as one of
+    /// them: its seats count once across the servers, and unless they run as one
+    /// cluster each would serve all of them (three servers, three times the seats).
     #[error(
         "binds a site of {servers} servers, this one among them; its seats count once \
-         across the servers, which needs them running as one cluster, and this tallyd \
-         does not run as a cluster yet, so it serves none of them"
+         across the servers, which needs them running as one cluster, and this tallyd's \
+         config names no [[cluster]] members, so it serves none of them"
     )]
     ClusterNotRunning {
         /// How many servers the bundle binds.
         servers: usize,
+    },
+    /// A bundle whose bound servers are not the members `[[cluster]]` names: the
+    /// members share one ledger, so each bundle must bind every one of them (a bundle
+    /// of one member would vanish when another leads).
+    #[error(
+        "binds the servers {bound}, but this cluster's members ([[cluster]] in the \
+         config) are {configured}: a cluster serves only bundles that bind exactly its \
+         members"
+    )]
+    OtherCluster {
+        /// Fingerprints the bundle binds.
+        bound: String,
+        /// Fingerprints the config names.
+        configured: String,
     },
     /// This server returned the bundle.
     #[error("bundle {0} was returned by this server and is never loaded again")]
@@ -190,9 +207,16 @@ fn verify_file(path: &Path, rules: &BundleRules) -> Result<VerifiedBundle, Bundl
             });
         }
     }
-    if b.binding.len() > 1 {
+    let bound: BTreeSet<String> = b.bound_keys().iter().map(|k| k.fingerprint()).collect();
+    if rules.cluster.is_empty() && b.binding.len() > 1 {
         return Err(BundleFileError::ClusterNotRunning {
             servers: b.binding.len(),
+        });
+    }
+    if !rules.cluster.is_empty() && bound != rules.cluster {
+        return Err(BundleFileError::OtherCluster {
+            bound: bound.into_iter().collect::<Vec<_>>().join(", "),
+            configured: rules.cluster.iter().cloned().collect::<Vec<_>>().join(", "),
         });
     }
     Ok(verified)

@@ -43,6 +43,13 @@ impl StallWatch {
         }
     }
 
+    /// Starts watching afresh at `now` (a term as the cluster's leader begins: the time
+    /// it followed was no stall).
+    pub(crate) fn restart(&mut self, now: std::time::Instant) {
+        self.last = now;
+        self.ended = None;
+    }
+
     pub(crate) fn next_tick(&self) -> std::time::Instant {
         self.last + LEDGER_TICK
     }

@@ -46,13 +46,28 @@ pub(crate) async fn serve_connection(
             return;
         }
     };
+    if tally_cluster::net::tls::is_peer_connection(&connection) {
+        // Another member of the cluster: Raft's RPCs, not a client.
+        return serve_peer(connection, &shared).await;
+    }
     debug!(%remote, conn = conn_id.0, "connected");
     let identity = Arc::new(Mutex::new(None::<ClientIdentity>));
+    // A member that stops leading sends its clients away: they find the leader (their
+    // hello here is refused and names it) and re-attach their leases there.
+    let mut role = shared.role.clone();
+    let led = *role.borrow() == crate::consensus::Role::Leading;
     // The stream tasks are this task's: it ends only after them, so the server's stop,
     // which waits for (or aborts) the connection tasks, waits for (or aborts) them too.
     let mut streams = JoinSet::new();
     let reason = loop {
-        match connection.accept_bi().await {
+        let accepted = tokio::select! {
+            accepted = connection.accept_bi() => accepted,
+            _ = role.wait_for(|r| *r != crate::consensus::Role::Leading), if led => {
+                connection.close(NOT_LEADER_CLOSE.into(), b"this server no longer leads its cluster");
+                continue;
+            }
+        };
+        match accepted {
             Ok((send, recv)) => {
                 // Ended streams are reaped as new ones come, so the set stays small.
                 while let Some(ended) = streams.try_join_next() {
@@ -80,6 +95,26 @@ pub(crate) async fn serve_connection(
         }
     })
     .await;
+}
+
+/// The QUIC application close code of a connection closed because this server stopped
+/// leading its cluster.
+pub(crate) const NOT_LEADER_CLOSE: u32 = 0x10;
+
+/// A peer's connection: handed to the cluster's RPC server while a node runs.
+async fn serve_peer(connection: quinn::Connection, shared: &Shared) {
+    let node = shared
+        .node
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (Some(node), Some(peers)) = (node, shared.peers.clone()) else {
+        connection.close(0u32.into(), b"no Raft node runs here now");
+        return;
+    };
+    if let Err(e) = tally_cluster::net::serve_peer(connection, node, peers).await {
+        debug!(error = %e, "peer connection ended");
+    }
 }
 
 /// A stream task ended; one that panicked is said (the connection goes on).

@@ -33,26 +33,73 @@ const START_WAIT: Duration = Duration::from_secs(30);
 /// tasks drop the log store and the state machine as they end) to let go of sled's locks.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// What a node needs to (re)start: its key (its node id and peer certificate) and the
-/// endpoint its peers are reached through.
+/// What a node needs to (re)start: its key (its node id and peer certificate), the
+/// endpoint its peers are reached through, and the site's members (none: a single
+/// server, a cluster of one).
 #[derive(Clone)]
 pub struct NodeSetup {
     key: SecretKey,
     endpoint: quinn::Endpoint,
+    members: BTreeMap<u64, PeerNode>,
+    slot: NodeSlot,
 }
 
 /// The Raft handle of this server.
 pub type Node = Raft<Site>;
 
+/// The node running now, if any, for the peers' connections (a node restarted after a
+/// disk fault is a new handle).
+pub type NodeSlot = Arc<std::sync::RwLock<Option<Node>>>;
+
+/// What this server is to clients now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// It leads (a single server always does, once started): it grants.
+    Leading,
+    /// Another member leads, at this client address if known; this one grants nothing
+    /// and sends clients there.
+    Following {
+        /// The leader's address (clients and peers share its port).
+        leader: Option<String>,
+    },
+}
+
 impl NodeSetup {
-    /// The setup for the server with `key`, whose peers are reached from `endpoint`.
-    pub fn new(key: SecretKey, endpoint: quinn::Endpoint) -> NodeSetup {
-        NodeSetup { key, endpoint }
+    /// The setup for the server with `key`, whose peers are reached from `endpoint`;
+    /// `members` are the site's servers, this one included (empty: a single server).
+    pub fn new(key: SecretKey, endpoint: quinn::Endpoint, members: Vec<PeerNode>) -> NodeSetup {
+        let members = members.into_iter().map(|m| (m.key.node_id(), m)).collect();
+        NodeSetup {
+            key,
+            endpoint,
+            members,
+            slot: NodeSlot::default(),
+        }
     }
 
     /// This node's id (from its key: the start of the key's fingerprint).
     pub fn id(&self) -> u64 {
         self.key.public().node_id()
+    }
+
+    /// Whether this server is one of several.
+    pub fn is_cluster(&self) -> bool {
+        !self.members.is_empty()
+    }
+
+    /// The node running now, for the peers' connections.
+    pub fn slot(&self) -> NodeSlot {
+        self.slot.clone()
+    }
+
+    /// Forgets the running node (it was stopped).
+    pub fn clear(&self) {
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The client address of member `id`, if it is one.
+    pub fn addr_of(&self, id: u64) -> Option<String> {
+        self.members.get(&id).map(|m| m.addr.clone())
     }
 
     /// Starts the node over `store`: opens the log beside it, applies what the store
@@ -78,17 +125,29 @@ impl NodeSetup {
                 .await
                 .map_err(|e| fail(e.to_string()))?
             {
-                let addr = self
-                    .endpoint
-                    .local_addr()
-                    .map_err(|e| fail(e.to_string()))?;
-                let me = PeerNode {
-                    addr: addr.to_string(),
-                    key: self.key.public(),
+                let members = if self.is_cluster() {
+                    // Every member forms the cluster with the same members from its
+                    // config: openraft allows that, and no member has to go first.
+                    self.members.clone()
+                } else {
+                    let addr = self
+                        .endpoint
+                        .local_addr()
+                        .map_err(|e| fail(e.to_string()))?;
+                    let me = PeerNode {
+                        addr: addr.to_string(),
+                        key: self.key.public(),
+                    };
+                    BTreeMap::from([(self.id(), me)])
                 };
-                raft.initialize(BTreeMap::from([(self.id(), me)]))
+                tracing::info!(members = members.len(), "forming the cluster");
+                raft.initialize(members)
                     .await
                     .map_err(|e| fail(e.to_string()))?;
+            }
+            if self.is_cluster() {
+                // A member does not wait to lead: the ledger task serves once it does.
+                return Ok(());
             }
             let id = self.id();
             raft.wait(Some(START_WAIT))
@@ -104,7 +163,10 @@ impl NodeSetup {
             Ok(())
         };
         match started.await {
-            Ok(()) => Ok(raft),
+            Ok(()) => {
+                *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(raft.clone());
+                Ok(raft)
+            }
             Err(e) => {
                 let _ = raft.shutdown().await;
                 Err(e)
@@ -113,26 +175,95 @@ impl NodeSetup {
     }
 }
 
-/// Proposes `batch` and waits until it is committed and applied to the store.
+/// Proposes `batch` and waits until it is committed and applied to the store. A node
+/// that does not lead (any more) says so ([`StoreError::NotLeader`]): that is no fault
+/// of the store.
 pub async fn propose(raft: &Node, batch: StoreBatch, store_path: &Path) -> Result<(), StoreError> {
-    raft.client_write(StoreCommand::V1(batch))
-        .await
-        .map(|_| ())
-        .map_err(|e| StoreError::Raft {
-            path: store_path.join(RAFT_DIR),
-            cause: e.to_string(),
-        })
+    let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(StoreCommand::V1(batch)));
+    let Ok(written) = written.await else {
+        return Err(StoreError::NoMajority);
+    };
+    match written {
+        Ok(_) => Ok(()),
+        Err(e) => Err(match e.forward_to_leader::<PeerNode>() {
+            Some(forward) => StoreError::NotLeader {
+                leader: forward.leader_node.as_ref().map(|n| n.addr.clone()),
+            },
+            None => StoreError::Raft {
+                path: store_path.join(RAFT_DIR),
+                cause: e.to_string(),
+            },
+        }),
+    }
 }
 
-/// The Raft settings of a tallyd node. A snapshot is a copy of the whole seat store, so
-/// it is taken every 20,000 entries (a few minutes of a busy site), not oftener; the
-/// log keeps 1,000 entries behind it for a follower that is a little behind.
+/// Waits until `raft` leads with every entry of the logs before its term applied (its
+/// term's first entry applied): its store is then the site's whole state, and its
+/// ledger may be restored from it.
+pub async fn wait_to_lead(raft: &Node, id: u64) {
+    let mut metrics = raft.metrics();
+    let _ = metrics
+        .wait_for(|m| {
+            m.current_leader == Some(id)
+                && m.last_applied.as_ref().map(|l| l.leader_id.term) == Some(m.current_term)
+        })
+        .await;
+}
+
+/// Resolves when `raft` no longer leads (or has stopped), or can no longer show that
+/// it leads: a leader cut off from the majority keeps believing it leads until it
+/// hears of a newer term, so it asks the majority every [`LEAD_CHECK`]. Its clients'
+/// heartbeats must not keep leases alive that the majority's leader will expire.
+pub async fn lost_lead(raft: &Node, id: u64) {
+    let mut metrics = raft.metrics();
+    let stepped_down =
+        metrics.wait_for(|m| m.current_leader != Some(id) || m.running_state.is_err());
+    let cut_off = async {
+        loop {
+            tokio::time::sleep(LEAD_CHECK).await;
+            if !confirm_lead(raft).await {
+                tracing::warn!(
+                    "this server cannot reach a majority of its cluster: it stops granting \
+                     and serving heartbeats; its clients go to the majority's leader"
+                );
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = stepped_down => {}
+        _ = cut_off => {}
+    }
+}
+
+/// Whether a majority confirms now that `raft` leads (bounded by [`COMMIT_WAIT`]).
+pub async fn confirm_lead(raft: &Node) -> bool {
+    matches!(
+        tokio::time::timeout(COMMIT_WAIT, raft.ensure_linearizable()).await,
+        Ok(Ok(_))
+    )
+}
+
+/// How often a leader asks its majority whether it still leads.
+pub const LEAD_CHECK: Duration = Duration::from_secs(2);
+
+/// How long a proposal may wait to be committed: past it, the leader is taken to be
+/// cut off from its majority (an election takes at most 2 s here), and the grants it
+/// carried are refused.
+pub const COMMIT_WAIT: Duration = Duration::from_secs(4);
+
+/// The Raft settings of a tallyd node. Heartbeats every 500 ms (openraft also times an
+/// append out after one interval: shorter fails on a loaded machine), elections after
+/// 1.5-3 s of silence: a dead leader is replaced within seconds. A snapshot is a copy
+/// of the whole seat store, so it is taken every 20,000 entries (a few minutes of a
+/// busy site), not oftener; the log keeps 1,000 entries behind it for a follower that
+/// is a little behind.
 fn config() -> Arc<Config> {
     let config = Config {
         cluster_name: "tally".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1_000,
-        election_timeout_max: 2_000,
+        heartbeat_interval: 500,
+        election_timeout_min: 1_500,
+        election_timeout_max: 3_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 1_000,
         ..Config::default()

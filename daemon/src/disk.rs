@@ -117,6 +117,7 @@ impl Disk {
             }
             (Some(error), node) => {
                 if let Ok(node) = node {
+                    disk.setup.clear();
                     stop_node(node);
                 }
                 error
@@ -232,7 +233,9 @@ impl Disk {
         }))
     }
 
-    /// Takes the result of a flush started by [`Disk::start_flush`].
+    /// Takes the result of a flush started by [`Disk::start_flush`]. A proposal refused
+    /// because this member no longer leads breaks nothing: the term ends (the new
+    /// leader's log says whether it was committed).
     pub fn flushed(&mut self, result: Result<(), StoreError>) -> Result<(), DiskError> {
         match result {
             Ok(()) => {
@@ -240,8 +243,38 @@ impl Disk {
                 self.applied = self.proposed;
                 Ok(())
             }
+            Err(e @ (StoreError::NotLeader { .. } | StoreError::NoMajority)) => {
+                self.in_flight.clear();
+                Err(DiskError::Store(Arc::new(e)))
+            }
             Err(e) => Err(self.break_with(e)),
         }
+    }
+
+    /// The Raft node, while it runs.
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    /// Resolves when this member no longer leads its cluster (its node stopped or
+    /// another leads); never for a single server, which leads for as long as it runs.
+    pub fn lost_lead(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let node = self.node.clone();
+        let (cluster, id) = (self.setup.is_cluster(), self.setup.id());
+        async move {
+            match (cluster, node) {
+                (false, _) => std::future::pending().await,
+                (true, None) => {}
+                (true, Some(node)) => consensus::lost_lead(&node, id).await,
+            }
+        }
+    }
+
+    /// Drops the writes gathered and not proposed (a term ended: the next leader's
+    /// store is the truth).
+    pub fn forget_pending(&mut self) {
+        self.pending = StoreBatch::new(UnixTime(0));
+        self.applied = self.proposed;
     }
 
     /// Proposes what is left before a stop, stops the node, and flushes the store (so
@@ -267,6 +300,7 @@ impl Disk {
             }
         }
         if let Some(node) = self.node.take() {
+            self.setup.clear();
             if let Err(e) = node.shutdown().await {
                 warn!(error = %e, "the Raft node did not stop cleanly");
             }
@@ -277,13 +311,17 @@ impl Disk {
 
     /// Tries to reopen a broken store and its log, and bring them up to date with the
     /// ledger. Returns whether the store is writable now.
-    pub async fn try_recover(&mut self, ledger: &Ledger) -> bool {
+    ///
+    /// A cluster member (`ledger` is `None`: it does not lead) only restarts its node:
+    /// the leader's log brings its store up to date.
+    pub async fn try_recover(&mut self, ledger: Option<&Ledger>) -> bool {
         let Some(broken) = &mut self.broken else {
             return true;
         };
         // Every handle must go before sled can open the files again.
         self.store = None;
         if let Some(node) = self.node.take() {
+            self.setup.clear();
             stop_node(node);
         }
         let path = self.path.clone();
@@ -293,6 +331,9 @@ impl Disk {
                 .await
                 .map_err(StoreError::Task)??;
             let node = setup.start(&store).await?;
+            let Some(ledger) = ledger else {
+                return Ok((store, node, 0, 0));
+            };
             let mut batch = StoreBatch::new(UnixTime::now());
             batch.journal = broken.outage.backlog().to_vec();
             let (stored, _) = store.load_leases()?;
@@ -365,6 +406,7 @@ impl Disk {
         // Handles go now, so that an administrator can unmount or repair the volume.
         self.store = None;
         if let Some(node) = self.node.take() {
+            self.setup.clear();
             stop_node(node);
         }
         DiskError::Store(error)

@@ -29,6 +29,12 @@ pub enum Error {
     /// The seat store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This server is a cluster member that does not lead: clients go to the leader.
+    #[error("this server does not lead its cluster")]
+    NotLeader {
+        /// The leader's client address, if known.
+        leader: Option<String>,
+    },
     /// The store as the ledger task holds it refused a write or a flush.
     #[error(transparent)]
     Disk(#[from] DiskError),
@@ -121,6 +127,7 @@ impl Error {
     /// clients (and `tally`'s exit codes) act on.
     pub fn code(&self) -> ErrorCode {
         match self {
+            Error::NotLeader { .. } => ErrorCode::NotLeader,
             Error::Store(_) | Error::Disk(_) | Error::Spool { .. } => ErrorCode::StorageUnavailable,
             Error::Name(_) | Error::Hello(_) | Error::BadRequest(_) => ErrorCode::BadRequest,
             Error::Unauthorized(_) => ErrorCode::Unauthorized,
@@ -157,6 +164,9 @@ impl Error {
 
     /// The failure as it goes on the wire.
     pub fn to_wire(&self) -> ServerError {
+        if let Error::NotLeader { leader } = self {
+            return ServerError::not_leader(leader.as_deref());
+        }
         ServerError::new(self.code(), self.client_message())
     }
 }

@@ -118,6 +118,14 @@ async fn answer(
 /// carries the bundles served.
 fn hello(hello: Hello, shared: &Shared, identity: &Mutex<Option<ClientIdentity>>) -> Answered {
     check_identity(&hello.client)?;
+    // Only the cluster's leader grants, and its ledger is the one that counts: a
+    // member that does not lead sends the client there (status reads too, so that
+    // what a client reads is the leader's, not a follower's older copy).
+    if let crate::consensus::Role::Following { leader } = &*shared.role.borrow() {
+        return Err(Error::NotLeader {
+            leader: leader.clone(),
+        });
+    }
     *identity.lock().expect("identity lock") = Some(hello.client);
     let bundles = shared
         .bundles

@@ -490,6 +490,21 @@ impl Ledger {
         }
     }
 
+    /// A ledger for a server that takes over as its cluster's leader: the same terms
+    /// (bundles, settings, policy) and clock mark, and nothing held yet: the leases come
+    /// from the replicated store ([`Ledger::restore_with`]). What lived only in this
+    /// ledger's memory (queues, hold-offs, lapsed leases) is not carried over.
+    pub fn successor(&self) -> Ledger {
+        let mut next = Ledger {
+            features: self.features.clone(),
+            policy: self.policy.clone(),
+            high_water: self.high_water,
+            ..Ledger::new(self.settings, &[])
+        };
+        next.storage_down = self.storage_down.clone();
+        next
+    }
+
     /// The store cannot be written since `since` (`what`: why, for the denial): new
     /// checkouts are refused with [`DenialReason::StorageUnavailable`] until
     /// [`Ledger::storage_available`]. Held leases are served on (heartbeats, checkins

@@ -5,6 +5,7 @@
 
 use crate::clock::{now, StallWatch};
 use crate::commit::{Answer, Commit, Owed, Replies};
+use crate::consensus::{self, Role};
 use crate::consensus::{Node, NodeSetup};
 use crate::disk::{Disk, DiskError, Flush};
 use crate::error::Error;
@@ -22,7 +23,7 @@ use tally_protocol::replicate::Compaction;
 use tally_protocol::report::UsageEvent;
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 /// Most requests the ledger task takes into one batch (one flush).
@@ -302,20 +303,133 @@ struct Decided {
 
 /// The ledger task: owns the ledger and the store. A short loop: a batch of requests,
 /// a deadline, a flush or an export that ended, or the time to reopen a broken store.
+///
+/// A cluster member serves in terms: while another member leads it answers nothing
+/// (its clients are sent to the leader at hello); when it takes the lead, it restores
+/// a ledger from its store, which holds the whole log by then, giving every lease one
+/// TTL from now (its holder's heartbeats went to the old leader), and serves until it
+/// loses the lead or stops.
 pub(crate) async fn run_ledger(
     ledger: Ledger,
-    (store, node, setup): (Store, Result<Node, StoreError>, NodeSetup),
-    inbox: Inbox,
+    (store, node, setup, role): (
+        Store,
+        Result<Node, StoreError>,
+        NodeSetup,
+        watch::Sender<Role>,
+    ),
+    Inbox(mut rx): Inbox,
     startup: Vec<UsageEvent>,
     (metrics, idle_timeout): (Arc<Metrics>, Duration),
 ) {
-    let disk = Disk::new(store, node, setup, metrics.clone());
-    let task = LedgerTask::new(ledger, disk, startup, metrics, idle_timeout);
-    serve(task, inbox).await
+    let disk = Disk::new(store, node, setup.clone(), metrics.clone());
+    let mut task = LedgerTask::new(ledger, disk, startup, metrics, idle_timeout);
+    if !setup.is_cluster() {
+        serve(&mut task, &mut rx).await;
+        return;
+    }
+    loop {
+        role.send_replace(Role::Following { leader: None });
+        if let Some(done) = follow(&mut task, &mut rx, &setup, &role).await {
+            task.stop(None, None).await;
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+            return;
+        }
+        if let Err(e) = task.take_over().await {
+            warn!(error = %e, "could not take the lead: the store cannot be read");
+            // Not at once again: the store's fault does not pass that fast.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        role.send_replace(Role::Leading);
+        info!("leading the cluster: granting");
+        match serve(&mut task, &mut rx).await {
+            End::Stopped => return,
+            End::LostLead => info!("no longer leading the cluster: clients are sent to the leader"),
+        }
+    }
+}
+
+/// Waits, as a member that does not lead, until this one leads with its log applied;
+/// requests that come meanwhile get no answer (the connections that sent them are
+/// being closed). Returns `Some` to stop (with whom to tell, for a shutdown request).
+async fn follow(
+    task: &mut LedgerTask,
+    rx: &mut mpsc::Receiver<Command>,
+    setup: &NodeSetup,
+    role: &watch::Sender<Role>,
+) -> Option<Option<oneshot::Sender<()>>> {
+    loop {
+        let node = task.disk.node().cloned();
+        let retry_at = task.disk.retry_at();
+        let mut metrics = node.as_ref().map(|n| n.metrics());
+        let leader = metrics
+            .as_ref()
+            .and_then(|m| m.borrow().current_leader)
+            .and_then(|id| setup.addr_of(id));
+        role.send_if_modified(|r| {
+            let now = Role::Following {
+                leader: leader.clone(),
+            };
+            (*r != now).then(|| *r = now).is_some()
+        });
+        let changed = async {
+            match metrics.as_mut() {
+                Some(m) => {
+                    let _ = m.changed().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let lead = async {
+            match &node {
+                Some(n) => consensus::wait_to_lead(n, setup.id()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            command = rx.recv() => match command {
+                None => return Some(None),
+                Some(Command::Shutdown { done }) => return Some(Some(done)),
+                Some(_) => {}
+            },
+            _ = lead => {
+                // It leads by its own metrics; a leader cut off from the majority
+                // believes that too, so the majority must confirm it first.
+                if let Some(node) = &node {
+                    if consensus::confirm_lead(node).await {
+                        return None;
+                    }
+                    tokio::time::sleep(consensus::LEAD_CHECK).await;
+                }
+            }
+            _ = changed => {}
+            _ = retry => {
+                task.disk.try_recover(None).await;
+            }
+        }
+    }
+}
+
+/// How a term of serving ended.
+enum End {
+    /// The server stops (or the inbox closed).
+    Stopped,
+    /// This member no longer leads its cluster.
+    LostLead,
 }
 
 /// The loop of [`run_ledger`].
-async fn serve(mut task: LedgerTask, Inbox(mut rx): Inbox) {
+async fn serve(task: &mut LedgerTask, rx: &mut mpsc::Receiver<Command>) -> End {
+    // One watch for the whole term (its lead checks run on their own clock).
+    let mut lost_lead = std::pin::pin!(task.disk.lost_lead());
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut flushing: Option<Flush> = None;
     let mut exporting: Option<Exporting> = None;
@@ -346,7 +460,11 @@ async fn serve(mut task: LedgerTask, Inbox(mut rx): Inbox) {
             }
         };
         tokio::select! {
-            n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+            n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return End::Stopped },
+            _ = &mut lost_lead => {
+                task.end_term(flushing.take(), exporting.take()).await;
+                return End::LostLead;
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
             result = flushed => {
                 task.flushed(result);
@@ -366,7 +484,7 @@ async fn serve(mut task: LedgerTask, Inbox(mut rx): Inbox) {
                 continue;
             }
             _ = retry => {
-                task.disk.try_recover(&task.ledger).await;
+                task.disk.try_recover(Some(&task.ledger)).await;
                 continue;
             }
         }
@@ -376,7 +494,7 @@ async fn serve(mut task: LedgerTask, Inbox(mut rx): Inbox) {
             .end_batch(now, decided, (&mut flushing, &mut exporting))
             .await
         {
-            return;
+            return End::Stopped;
         }
     }
 }
@@ -829,6 +947,57 @@ impl LedgerTask {
     }
 }
 
+impl LedgerTask {
+    /// Ends a term as leader: the proposal under way ends (committed or not, it says),
+    /// answers still owed are failed, waiting checkouts and exports are let go.
+    async fn end_term(&mut self, running: Option<Flush>, exporting: Option<Exporting>) {
+        if let Some(running) = running {
+            let result = running.await.unwrap_or_else(|e| Err(join_error(e)));
+            self.flushed(result);
+        }
+        let not_leader = DiskError::Store(Arc::new(StoreError::NotLeader { leader: None }));
+        for answer in self.commit.flush_refused(Some(not_leader)) {
+            self.apply(answer);
+        }
+        if let Some(e) = exporting {
+            e.job.abort();
+        }
+        self.exports.clear();
+        self.waiting.clear();
+        self.disk.forget_pending();
+    }
+
+    /// Takes the lead: a new ledger (the same terms) restored from the store, which
+    /// holds the whole log now; every lease gets one TTL from now. The journal goes on
+    /// from the store's last entry.
+    async fn take_over(&mut self) -> Result<(), StoreError> {
+        let Some(store) = self.disk.store().cloned() else {
+            return Err(StoreError::NotLeader { leader: None });
+        };
+        let mut ledger = self.ledger.successor();
+        let start = now();
+        if let Some(t) = store.load_clock()? {
+            ledger.set_clock_high_water(t);
+        }
+        let (records, unreadable) = store.load_leases()?;
+        for bad in &unreadable {
+            warn!(key = ?bad.key, error = %bad.error, "lease record in the store could not be read; left in place");
+        }
+        let facts = crate::ledger::RestoreFacts {
+            detached: store.load_detached()?,
+            alive: None,
+        };
+        let restored = records.len();
+        ledger.restore_with(start, records, &facts);
+        self.stall.restart(start.mono);
+        self.ledger = ledger;
+        self.commit = Commit::new(store.next_journal_seq()?, self.ledger.clock_high_water());
+        self.metrics.set_licensed(self.ledger.feature_names());
+        info!(leases = restored, "took the lead: leases restored from the replicated store; holders re-attach by heartbeat");
+        Ok(())
+    }
+}
+
 fn join_error(e: tokio::task::JoinError) -> StoreError {
     StoreError::Task(e)
 }
@@ -907,7 +1076,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).unwrap();
-        let setup = NodeSetup::new(SecretKey::from_seed([3; 32]), endpoint);
+        let setup = NodeSetup::new(SecretKey::from_seed([3; 32]), endpoint, Vec::new());
         let node = setup.start(&store).await;
         let metrics = Arc::new(Metrics::default());
         let mut task = LedgerTask::new(
@@ -938,7 +1107,10 @@ mod tests {
             exported
         });
         let (ledger, inbox) = LedgerHandle::channel();
-        let serving = tokio::spawn(serve(task, inbox));
+        let serving = tokio::spawn(async move {
+            let (mut task, Inbox(mut rx)) = (task, inbox);
+            serve(&mut task, &mut rx).await;
+        });
 
         let first = checkout(&ledger, 1).await;
         let identity = Box::new(ReportIdentity {

@@ -466,6 +466,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             identity: key.clone(),
             bundles: vec![bundle.clone()],
             store,
+            cluster: Vec::new(),
             lease_ttl: Duration::from_secs(config.lease_ttl_secs),
             heartbeat: Duration::from_secs(config.heartbeat_secs),
             idle_timeout: Duration::from_secs(config.idle_timeout_secs),

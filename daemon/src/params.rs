@@ -28,6 +28,9 @@ pub struct ServerParams {
     pub bundles: Vec<VerifiedBundle>,
     /// The opened seat store.
     pub store: Store,
+    /// The site's servers when it runs several as one (`[[cluster]]`), this one
+    /// included, with their keys from the bundle; empty for a single server.
+    pub cluster: Vec<tally_cluster::net::PeerNode>,
     /// Default lease TTL.
     pub lease_ttl: Duration,
     /// Heartbeat interval asked of clients.
@@ -77,6 +80,7 @@ impl ServerParams {
             identity,
             bundles,
             store,
+            cluster: Vec::new(),
             lease_ttl: Duration::from_secs(tally_config::DEFAULT_LEASE_TTL_SECS),
             heartbeat: Duration::from_secs(tally_config::DEFAULT_HEARTBEAT_SECS),
             idle_timeout: Duration::from_secs(tally_config::DEFAULT_IDLE_TIMEOUT_SECS),

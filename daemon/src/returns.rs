@@ -251,6 +251,7 @@ mod tests {
                 host_fingerprint: "host-1".into(),
                 returned: Default::default(),
                 retired: Default::default(),
+                cluster: Default::default(),
             };
             Fixture { dir, key, rules }
         }

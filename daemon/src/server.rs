@@ -13,7 +13,7 @@
 use crate::admission::{Admission, Verdict};
 use crate::commit::CLOCK_SAVE_SECS;
 use crate::conn::serve_connection;
-use crate::consensus::{Node, NodeSetup};
+use crate::consensus::{Node, NodeSetup, Role};
 use crate::error::Error;
 use crate::journal;
 use crate::ledger::{ConnId, Detachment, Ledger};
@@ -49,6 +49,7 @@ pub struct Server {
     store: Store,
     node: Result<Node, StoreError>,
     setup: NodeSetup,
+    role: watch::Sender<Role>,
     reload_signal: Option<mpsc::Receiver<()>>,
     startup: Vec<UsageEvent>,
     http: Option<tokio::net::TcpListener>,
@@ -59,7 +60,10 @@ impl Server {
     /// Binds the UDP port, starts this server's Raft node over the store (which
     /// applies what the store missed) and restores the ledger from the store.
     pub async fn bind(params: ServerParams) -> Result<Server, Error> {
-        let config = crate::tls::server_config(&params.identity, params.idle_timeout)?;
+        let peers = (!params.cluster.is_empty())
+            .then(|| tally_cluster::net::PeerKeys::new(params.cluster.iter().map(|m| m.key)));
+        let config =
+            crate::tls::server_config(&params.identity, params.idle_timeout, peers.clone())?;
         let socket = std::net::UdpSocket::bind(params.listen).map_err(|cause| Error::Bind {
             what: "UDP",
             addr: params.listen,
@@ -75,7 +79,11 @@ impl Server {
             addr: params.listen,
             cause,
         })?;
-        let setup = NodeSetup::new(params.identity.clone(), endpoint.clone());
+        let setup = NodeSetup::new(
+            params.identity.clone(),
+            endpoint.clone(),
+            params.cluster.clone(),
+        );
         // A store that cannot be written (served from a copy) still has its log applied
         // to it first, so that the ledger restores every lease that was acknowledged;
         // the node is stopped again by the disk, which starts broken.
@@ -92,13 +100,22 @@ impl Server {
         let mut ledger = Ledger::new(settings, &bundles);
         let start = now();
         ledger.set_policy(start, params.policy);
+        // A cluster member restores its ledger when it takes the lead (see
+        // `ledger_task`); until then it only reads the clock mark and says it started.
         let writable = node
             .as_ref()
             .ok()
-            .filter(|_| params.store.fault().is_none());
+            .filter(|_| params.store.fault().is_none() && !setup.is_cluster());
         let startup = restore(&mut ledger, &params.store, writable, &bundles, start).await?;
         let (tx, rx) = LedgerHandle::channel();
+        let (role_tx, role) = watch::channel(match setup.is_cluster() {
+            false => Role::Leading,
+            true => Role::Following { leader: None },
+        });
         let shared = Arc::new(Shared {
+            role,
+            node: setup.slot(),
+            peers,
             ledger: tx,
             key: params.identity,
             bundles: RwLock::new(Arc::new(params.bundles)),
@@ -134,6 +151,7 @@ impl Server {
             store: params.store,
             node,
             setup,
+            role: role_tx,
             reload_signal: params.reload_signal,
             startup,
             http,
@@ -166,6 +184,7 @@ impl Server {
             store,
             node,
             setup,
+            role,
             reload_signal,
             startup,
             http,
@@ -173,7 +192,7 @@ impl Server {
         } = self;
         let ledger_task = tokio::spawn(run_ledger(
             ledger,
-            (store, node, setup),
+            (store, node, setup, role),
             ledger_rx,
             startup,
             (shared.metrics.clone(), idle_timeout),
@@ -219,7 +238,7 @@ fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
 /// journaled), the leases with the deadlines they had, made durable (through `node`'s
 /// log, when the store can be written) before serving; returns the start's journal
 /// events.
-async fn restore(
+pub(crate) async fn restore(
     ledger: &mut Ledger,
     store: &Store,
     node: Option<&Node>,

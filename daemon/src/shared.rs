@@ -42,6 +42,12 @@ pub(crate) struct Shared {
     pub(crate) admission: Arc<Admission>,
     /// Requests read and not yet answered to the end: a stop waits (bounded) for them.
     pub(crate) answering: AtomicUsize,
+    /// Whether this server leads (grants) or sends clients to the member that does.
+    pub(crate) role: tokio::sync::watch::Receiver<crate::consensus::Role>,
+    /// The Raft node running now, for peers' connections.
+    pub(crate) node: crate::consensus::NodeSlot,
+    /// The cluster's member keys (`None`: a single server, no peers admitted).
+    pub(crate) peers: Option<tally_cluster::net::PeerKeys>,
 }
 
 impl Shared {

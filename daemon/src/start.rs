@@ -110,10 +110,20 @@ pub enum StartError {
     /// The server failed while serving.
     #[error(transparent)]
     Serve(Error),
+    /// `[[cluster]]` in the config does not fit this server or the served bundles.
+    #[error("{}: [[cluster]]: {message}", .config.display())]
+    Cluster {
+        /// The config file.
+        config: PathBuf,
+        /// What does not fit.
+        message: String,
+    },
 }
 
 /// Everything `run` and `check-config` load before serving.
 pub struct Site {
+    /// The config file it was read from.
+    pub config_path: PathBuf,
     /// The configuration.
     pub config: DaemonConfig,
     /// The server key.
@@ -156,6 +166,7 @@ pub fn load_site(config_path: &Path) -> Result<Site, StartError> {
         host_fingerprint: crate::host::fingerprint(),
         returned: returns.returned,
         retired: returns.retired,
+        cluster: config.cluster.iter().map(|m| m.key.clone()).collect(),
     };
     let loaded =
         bundles::load_dir(&config.bundle_dir, &rules, UnixTime::now()).map_err(|cause| {
@@ -166,6 +177,7 @@ pub fn load_site(config_path: &Path) -> Result<Site, StartError> {
         })?;
     let policy = load_policy(config.policy.as_deref())?;
     Ok(Site {
+        config_path: config_path.to_path_buf(),
         config,
         key,
         rules,
@@ -540,6 +552,7 @@ fn server_params(site: &Site) -> Result<ServerParams, StartError> {
         )?)),
         _ => None,
     };
+    let cluster = cluster_members(site)?;
     let store = open_store(&config.data_dir)?;
     let admin_token = identity::load_admin_token(&config.data_dir.join(identity::ADMIN_TOKEN_FILE))
         .map_err(|e| tracing::warn!("admin operations disabled: {e}"))
@@ -563,6 +576,7 @@ fn server_params(site: &Site) -> Result<ServerParams, StartError> {
             retention: Duration::from_secs(config.journal_retention_days * 86_400),
             uploader,
         },
+        cluster,
         ..ServerParams::new(
             config.listen,
             site.key.clone(),
@@ -570,6 +584,50 @@ fn server_params(site: &Site) -> Result<ServerParams, StartError> {
             store,
         )
     })
+}
+
+/// The members `[[cluster]]` names, with their keys from the served bundles (which bind
+/// exactly them: see `bundles`); this server must be one of them.
+fn cluster_members(site: &Site) -> Result<Vec<tally_cluster::net::PeerNode>, StartError> {
+    let members = &site.config.cluster;
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fail = |message: String| StartError::Cluster {
+        config: site.config_path.clone(),
+        message,
+    };
+    let ours = site.key.public().fingerprint();
+    if !members.iter().any(|m| m.key == ours) {
+        return Err(fail(format!(
+            "this server's key {ours} is not among the members; add it with its address"
+        )));
+    }
+    let bound: Vec<tally_protocol::keys::PublicKey> = site
+        .loaded
+        .served
+        .iter()
+        .flat_map(|(_, b)| b.bundle.bound_keys())
+        .collect();
+    members
+        .iter()
+        .map(|m| {
+            let key = bound
+                .iter()
+                .find(|k| k.fingerprint() == m.key)
+                .ok_or_else(|| {
+                    fail(format!(
+                        "member {} is bound by no served bundle (the vendor's bundle for \
+                         the cluster binds every member's key: see `tallyd request`)",
+                        m.key
+                    ))
+                })?;
+            Ok(tally_cluster::net::PeerNode {
+                addr: m.addr.to_string(),
+                key: *key,
+            })
+        })
+        .collect()
 }
 
 /// Binds and serves until a stop signal; systemd hears READY once bound and STOPPING

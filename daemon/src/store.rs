@@ -110,6 +110,17 @@ pub enum StoreError {
         /// The error moving it.
         cause: std::io::Error,
     },
+    /// This server does not lead its cluster (any more): another member writes the
+    /// store. No fault of the store's.
+    #[error("this server does not lead its cluster{}", leader.as_ref().map(|l| format!("; the leader is at {l}")).unwrap_or_default())]
+    NotLeader {
+        /// The leader's address, if known.
+        leader: Option<String>,
+    },
+    /// A proposal was not committed in time: this server cannot reach a majority of
+    /// its cluster. No fault of the store's.
+    #[error("this server cannot reach a majority of its cluster")]
+    NoMajority,
     /// The Raft log beside the store (in its `raft` directory) failed, or the Raft node
     /// over it stopped: the store cannot be written through it.
     #[error("seat store {path}: the Raft log: {cause}")]

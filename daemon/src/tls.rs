@@ -39,16 +39,46 @@ pub enum TlsError {
     /// quinn found no cipher suite it can start a connection with.
     #[error("QUIC TLS configuration: {0}")]
     Quic(NoInitialCipherSuite),
+    /// The cluster's peer TLS (node certificate, member verifier) could not be built.
+    #[error("cluster peer TLS: {0}")]
+    Peers(String),
     /// The idle timeout does not fit QUIC's variable-length integer.
     #[error("idle timeout out of range: {0}")]
     IdleTimeout(quinn::VarIntBoundsExceeded),
 }
 
-/// Builds the quinn server configuration for `key`.
+/// Builds the quinn server configuration for `key`; with `peers` (a cluster member),
+/// the port takes the other members' Raft connections too (ALPN `tally-raft/1`, mutual
+/// TLS with the member keys: see `tally_cluster::net::tls`).
 pub fn server_config(
     key: &SecretKey,
     idle_timeout: Duration,
+    peers: Option<tally_cluster::net::PeerKeys>,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = match peers {
+        None => client_only_crypto(key)?,
+        Some(peers) => {
+            let identity = tally_cluster::net::PeerIdentity::new(key)
+                .map_err(|e| TlsError::Peers(e.to_string()))?;
+            tally_cluster::net::tls::shared_server_crypto(&identity, peers, &[ALPN])
+                .map_err(|e| TlsError::Peers(e.to_string()))?
+        }
+    };
+    let crypto = QuicServerConfig::try_from(tls).map_err(TlsError::Quic)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport(idle_timeout)?));
+    // Connection attempts not yet taken by the accept loop, and the early data they may
+    // buffer, are bounded well below quinn's defaults (65,536 and 100 MB): tally uses
+    // no 0-RTT data, and the accept loop takes attempts as fast as they come.
+    config
+        .max_incoming(4096)
+        .incoming_buffer_size(16 * 1024)
+        .incoming_buffer_size_total(8 * 1024 * 1024);
+    Ok(config)
+}
+
+/// The rustls configuration of a single server: clients only, no client certificates.
+fn client_only_crypto(key: &SecretKey) -> Result<rustls::ServerConfig, TlsError> {
     let rcgen = |what| move |cause| TlsError::Certificate { what, cause };
     let rustls = |what| move |cause| TlsError::Rustls { what, cause };
     let pkcs8 = key.to_pkcs8_der();
@@ -70,17 +100,7 @@ pub fn server_config(
         .with_single_cert(vec![cert_der], key_der)
         .map_err(rustls("installing the server certificate"))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).map_err(TlsError::Quic)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(idle_timeout)?));
-    // Connection attempts not yet taken by the accept loop, and the early data they may
-    // buffer, are bounded well below quinn's defaults (65,536 and 100 MB): tally uses
-    // no 0-RTT data, and the accept loop takes attempts as fast as they come.
-    config
-        .max_incoming(4096)
-        .incoming_buffer_size(16 * 1024)
-        .incoming_buffer_size_total(8 * 1024 * 1024);
-    Ok(config)
+    Ok(tls)
 }
 
 /// Endpoint settings with a stateless-reset key derived from the identity key.

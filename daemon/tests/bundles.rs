@@ -26,6 +26,7 @@ fn rules() -> BundleRules {
         host_fingerprint: "this-host".into(),
         returned: BTreeSet::from(["given-back".to_string()]),
         retired: Default::default(),
+        cluster: Default::default(),
     }
 }
 

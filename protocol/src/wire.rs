@@ -936,6 +936,30 @@ impl ServerError {
     }
 }
 
+/// What a [`ErrorCode::NotLeader`] message says before the leader's address.
+const LEADER_AT: &str = "; the leader is at ";
+
+impl ServerError {
+    /// "Not the leader", naming the leader's client address when known.
+    pub fn not_leader(leader: Option<&str>) -> ServerError {
+        let mut message = "this server does not lead its cluster".to_string();
+        if let Some(addr) = leader {
+            message.push_str(LEADER_AT);
+            message.push_str(addr);
+        }
+        ServerError::new(ErrorCode::NotLeader, message)
+    }
+
+    /// The leader's address a [`ErrorCode::NotLeader`] answer names, if any.
+    pub fn leader_hint(&self) -> Option<&str> {
+        if self.code != ErrorCode::NotLeader {
+            return None;
+        }
+        let (_, addr) = self.message.rsplit_once(LEADER_AT)?;
+        Some(addr.trim()).filter(|a| !a.is_empty())
+    }
+}
+
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
@@ -967,6 +991,10 @@ pub enum ErrorCode {
     ReloadFailed,
     /// Something failed inside the server.
     Internal,
+    /// The server is a member of a cluster that another member leads: only the leader
+    /// grants. The message names the leader's address when known
+    /// ([`ServerError::leader_hint`]); a client connects there.
+    NotLeader,
     /// A code newer than this build knows.
     Unknown(u16),
 }
@@ -984,6 +1012,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::ReloadFailed => "reload_failed",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotLeader => "not_leader",
             ErrorCode::Unknown(_) => "unknown",
         }
     }
@@ -1001,6 +1030,7 @@ impl From<u16> for ErrorCode {
             7 => ErrorCode::Unsupported,
             8 => ErrorCode::ReloadFailed,
             9 => ErrorCode::Internal,
+            10 => ErrorCode::NotLeader,
             n => ErrorCode::Unknown(n),
         }
     }
@@ -1018,6 +1048,7 @@ impl From<ErrorCode> for u16 {
             ErrorCode::Unsupported => 7,
             ErrorCode::ReloadFailed => 8,
             ErrorCode::Internal => 9,
+            ErrorCode::NotLeader => 10,
             ErrorCode::Unknown(n) => n,
         }
     }

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod c;
+pub mod cluster;
 pub mod relay;
 
 use std::io::{BufRead, BufReader};

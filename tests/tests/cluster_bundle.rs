@@ -2,122 +2,17 @@
 //! dirs, three `tallyd request`, one `tally-publisher issue` with `--request` repeated;
 //! the publisher shows the members, and refuses a tampered request or the same server
 //! twice; each member's tallyd loads the bundle and a fourth server refuses it. The
-//! servers do not form a cluster here (each serves its own ledger): the tests check
-//! the binding, which the cluster builds on.
+//! servers are not configured as a cluster here (`[[cluster]]`): the tests check the
+//! binding, and that a server not configured as a member serves none of its seats.
+//! tests/tests/cluster.rs runs them as one.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use tally_tests::{bin, ok, run, Daemon};
+use tally_tests::cluster::ClusterSite as Cluster;
+use tally_tests::{bin, ok, run};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A vendor key and `n` activated servers (`s0`, `s1`, ...), each with its data dir, its
-/// activation request and its own bundle directory.
-struct Cluster {
-    root: tempfile::TempDir,
-    nodes: usize,
-}
-
-impl Cluster {
-    fn new(nodes: usize) -> Cluster {
-        let c = Cluster {
-            root: tempfile::tempdir().unwrap(),
-            nodes,
-        };
-        ok(run(Command::new(bin("tally-publisher"))
-            .arg("keygen")
-            .arg("--out")
-            .arg(c.path("vendor"))));
-        for i in 0..nodes {
-            std::fs::create_dir_all(c.path(&format!("s{i}/bundles"))).unwrap();
-            ok(run(Command::new(bin("tallyd"))
-                .arg("init")
-                .arg("--data-dir")
-                .arg(c.path(&format!("s{i}/data")))));
-            ok(run(Command::new(bin("tallyd"))
-                .arg("request")
-                .arg("--data-dir")
-                .arg(c.path(&format!("s{i}/data")))
-                .arg("--out")
-                .arg(c.request(i))));
-            std::fs::write(
-                c.path(&format!("s{i}/tallyd.toml")),
-                format!(
-                    "listen = \"127.0.0.1:0\"\nhttp = false\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\nvendor_keys = [\"{}\"]\n",
-                    c.path(&format!("s{i}/data")).display(),
-                    c.path(&format!("s{i}/bundles")).display(),
-                    c.path("vendor.pub").display()
-                ),
-            )
-            .unwrap();
-        }
-        c
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.path().join(name)
-    }
-
-    fn request(&self, i: usize) -> PathBuf {
-        self.path(&format!("s{i}.req"))
-    }
-
-    /// The server key of node `i`, as its activation request names it.
-    fn key(&self, i: usize) -> String {
-        let out = ok(run(Command::new(bin("tally-publisher"))
-            .arg("inspect")
-            .arg("--json")
-            .arg(self.request(i))));
-        let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
-        doc["server_key"].as_str().unwrap().to_string()
-    }
-
-    /// `tally-publisher issue` of a `solver = 5` bundle with the given requests.
-    fn issue(&self, requests: &[PathBuf], out: &str) -> Output {
-        let spec = self.path("spec.toml");
-        std::fs::write(
-            &spec,
-            "id = \"site-ha-1\"\nvendor = \"Acme Simulation\"\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n[[feature]]\nname = \"solver\"\nseats = 5\n",
-        )
-        .unwrap();
-        let mut cmd = Command::new(bin("tally-publisher"));
-        cmd.arg("issue")
-            .arg("--vendor-key")
-            .arg(self.path("vendor.key"))
-            .arg("--spec")
-            .arg(&spec);
-        for r in requests {
-            cmd.arg("--request").arg(r);
-        }
-        run(cmd.arg("--out").arg(self.path(out)))
-    }
-
-    fn all_requests(&self) -> Vec<PathBuf> {
-        (0..self.nodes).map(|i| self.request(i)).collect()
-    }
-
-    /// Puts the bundle file `name` into node `i`'s bundle directory.
-    fn install(&self, name: &str, i: usize) {
-        std::fs::copy(self.path(name), self.path(&format!("s{i}/bundles/{name}"))).unwrap();
-    }
-
-    /// `tallyd check-config` of node `i`.
-    fn check_config(&self, i: usize) -> Output {
-        run(Command::new(bin("tallyd"))
-            .arg("check-config")
-            .arg("--config")
-            .arg(self.path(&format!("s{i}/tallyd.toml"))))
-    }
-
-    /// `tallyd run` of node `i` on its own loopback port.
-    fn daemon(&self, i: usize) -> Daemon {
-        Daemon::run(
-            &self.path(&format!("s{i}/tallyd.toml")),
-            &self.path("vendor.pub"),
-        )
-    }
 }
 
 #[test]
@@ -216,7 +111,7 @@ fn flip_one_body_char(text: &str) -> String {
 }
 
 #[test]
-fn each_member_recognises_the_cluster_bundle_and_none_serves_it_until_clusters_run() {
+fn each_member_recognises_the_cluster_bundle_and_none_serves_it_unless_configured_as_one() {
     let c = Cluster::new(4);
     let keys: Vec<String> = (0..4).map(|i| c.key(i)).collect();
     // Bound to the first three; the fourth is a server of the same site left out.
@@ -256,7 +151,7 @@ fn each_member_recognises_the_cluster_bundle_and_none_serves_it_until_clusters_r
         let log = d.log_text();
         if i < 3 {
             assert!(
-                log.contains("does not run as a cluster yet"),
+                log.contains("names no [[cluster]] members"),
                 "node {i}: {log}"
             );
         } else {
