@@ -103,9 +103,10 @@ enum Command {
         #[arg(long, required_unless_present = "dir")]
         bundle: Vec<PathBuf>,
         /// A directory tree of many customers' `*.report` files (and `*.bundle` files):
-        /// reports are grouped by the server that signed them, each chain verified and
-        /// reconciled, and one summary table written (customer, feature, licensed, peak,
-        /// overdraft seat-hours, denials).
+        /// reports are grouped by site (the server that signed them, or the members of
+        /// one cluster, any of which signs), each chain verified and reconciled, and one
+        /// summary table written (customer, feature, licensed, peak, overdraft
+        /// seat-hours, denials).
         #[arg(long, conflicts_with = "reports")]
         dir: Option<PathBuf>,
         /// Output format.
