@@ -353,8 +353,58 @@ pub struct Reconciliation {
     pub customer: String,
     /// Reports covered.
     pub reports: Vec<u64>,
+    /// Who signed which reports, when more than one server did (a cluster's members:
+    /// each change of signer is a failover); empty, and left out of JSON, for one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub signers: Vec<SignerRun>,
     /// Per feature.
     pub features: Vec<FeatureUsage>,
+}
+
+/// Reports in a row of a chain signed by one server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SignerRun {
+    /// The first report of the run.
+    pub first: u64,
+    /// The last report of the run.
+    pub last: u64,
+    /// The signer's short fingerprint ([`short_fingerprint`]).
+    pub signer: String,
+}
+
+impl std::fmt::Display for SignerRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} signed by {}",
+            numbered_span("report", "reports", self.first, self.last),
+            self.signer
+        )
+    }
+}
+
+/// The runs of reports of one signer, in chain order, when the chain has more than one
+/// signer (a cluster that failed over); empty when one server signed it all.
+pub fn signer_runs(links: &[ChainLink]) -> Vec<SignerRun> {
+    let mut runs: Vec<(u64, u64, PublicKey)> = Vec::new();
+    for l in links {
+        let r = &l.report.report;
+        match runs.last_mut() {
+            Some(run) if run.2 == r.server_key => run.1 = r.report_seq,
+            _ => runs.push((r.report_seq, r.report_seq, r.server_key)),
+        }
+    }
+    let signers: BTreeSet<PublicKey> = runs.iter().map(|r| r.2).collect();
+    if signers.len() < 2 {
+        return Vec::new();
+    }
+    runs.into_iter()
+        .map(|(first, last, key)| SignerRun {
+            first,
+            last,
+            signer: short_fingerprint(&key),
+        })
+        .collect()
 }
 
 /// The bundles in force over the reports' span: `(from, Some(bundles))` where the
@@ -773,6 +823,7 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
         bundles: ids,
         customer: customers.join(", "),
         reports: links.iter().map(|l| l.report.report.report_seq).collect(),
+        signers: signer_runs(links),
         features: out,
     }
 }
@@ -1002,11 +1053,21 @@ pub fn summary_html(s: &Summary) -> String {
     page("tally usage summary", &body)
 }
 
-/// CSV: one row per feature and period, then one total row per feature.
+/// CSV: one row per feature and period, then one total row per feature. When more than
+/// one server signed the chain (a cluster), a last column names each report's signer.
 pub fn to_csv(r: &Reconciliation) -> String {
     let mut out = String::from(
-        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts\n",
+        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts",
     );
+    let signed = !r.signers.is_empty();
+    out.push_str(if signed { ",signer\n" } else { "\n" });
+    let signer_of = |label: &str| -> &str {
+        label
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| r.signers.iter().find(|x| x.first <= n && n <= x.last))
+            .map_or("", |x| x.signer.as_str())
+    };
     for f in &r.features {
         let rows = f
             .periods
@@ -1014,7 +1075,7 @@ pub fn to_csv(r: &Reconciliation) -> String {
             .map(|(seq, s)| (seq.to_string(), s))
             .chain(std::iter::once(("total".to_string(), &f.total)));
         for (label, s) in rows {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{},{},{},{}",
                 csv_field(&f.feature),
@@ -1035,6 +1096,11 @@ pub fn to_csv(r: &Reconciliation) -> String {
                 s.distinct_users,
                 s.distinct_hosts
             );
+            if signed {
+                out.push(',');
+                out.push_str(signer_of(&label));
+            }
+            out.push('\n');
         }
     }
     out
@@ -1306,6 +1372,18 @@ fn reconciliation_body(r: &Reconciliation, h_top: &str, h_feature: &str) -> Stri
         html_escape(&r.bundle),
         r.reports.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
     );
+    if !r.signers.is_empty() {
+        let runs: Vec<String> = r
+            .signers
+            .iter()
+            .map(|x| html_escape(&x.to_string()))
+            .collect();
+        let _ = write!(
+            out,
+            "<p class=\"signers\">Signed by the servers of one cluster (each change of signer is a failover): {}</p>",
+            runs.join("; ")
+        );
+    }
     let mut features: Vec<&FeatureUsage> = r.features.iter().collect();
     features.sort_by(|a, b| a.feature.cmp(&b.feature));
     for f in features {

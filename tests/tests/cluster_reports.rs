@@ -124,6 +124,12 @@ impl Site {
     fn fingerprint(&self, node: usize) -> String {
         self.keys[node].public().fingerprint()
     }
+
+    /// Node `node`'s key as the vendor's tools name a signer: the first four groups of
+    /// its fingerprint (its node id).
+    fn short(&self, node: usize) -> String {
+        self.fingerprint(node)[..19].to_string()
+    }
 }
 
 /// The chain of four reports signed A, A, B, C, and the state after report 2.
@@ -171,6 +177,23 @@ fn a_chain_signed_by_three_members_verifies_and_reconciles_as_one() {
         out.contains("4 reports verified: reports 1 to 4, 8 events"),
         "{out}"
     );
+    // The failovers are visible: who signed which reports.
+    assert!(
+        out.contains("signed by 3 bound servers of one cluster"),
+        "{out}"
+    );
+    for (span, node) in [("reports 1 to 2", 0), ("report 3", 1), ("report 4", 2)] {
+        let line = format!("  {span} signed by {}\n", site.short(node));
+        assert!(out.contains(&line), "{line:?} in {out}");
+    }
+    // Two reports of one signer: as for a single server, no signer list.
+    let out = ok(verify(&site, &refs[..2]));
+    assert!(
+        out.contains("one unbroken chain signed by the bound server\n"),
+        "{out}"
+    );
+    assert!(!out.contains(" signed by 0"), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
 
     // reconcile over the files: one chain, four periods, four grants of 2 seats.
     let out = ok(run(Command::new(bin("tally-publisher"))
@@ -185,6 +208,37 @@ fn a_chain_signed_by_three_members_verifies_and_reconciles_as_one() {
     assert_eq!(solver["total"]["grants"], 4);
     assert_eq!(solver["total"]["peak"], 2);
     assert_eq!(solver["total"]["distinct_users"], 4);
+    let signers = serde_json::json!([
+        {"first": 1, "last": 2, "signer": site.short(0)},
+        {"first": 3, "last": 3, "signer": site.short(1)},
+        {"first": 4, "last": 4, "signer": site.short(2)},
+    ]);
+    assert_eq!(doc["signers"], signers);
+    // CSV: a signer column naming each report's signer; HTML: the runs under the title.
+    let reconcile = |format: &str, reports: &[&Path]| {
+        ok(run(Command::new(bin("tally-publisher"))
+            .args(["reconcile", "--format", format, "--bundle"])
+            .arg(site.path("bundles"))
+            .args(reports)))
+    };
+    let csv = reconcile("csv", &refs);
+    assert!(csv.lines().next().unwrap().ends_with(",signer"), "{csv}");
+    for (report, node) in [(1, 0), (2, 0), (3, 1), (4, 2)] {
+        let row = csv
+            .lines()
+            .find(|l| l.starts_with(&format!("solver,{report},")))
+            .unwrap();
+        assert!(row.ends_with(&format!(",{}", site.short(node))), "{row}");
+    }
+    let html = reconcile("html", &refs);
+    assert!(
+        html.contains(&format!("report 3 signed by {}", site.short(1))),
+        "{html}"
+    );
+    // One signer: output as for a single server.
+    let single: serde_json::Value = serde_json::from_str(&reconcile("json", &refs[..2])).unwrap();
+    assert!(single.get("signers").is_none(), "{single}");
+    assert!(!reconcile("csv", &refs[..2]).contains("signer"));
 
     // reconcile --dir, the reports spread over one directory per signer (as a
     // receiver keyed by the signer would have stored them): still one chain, one row.
@@ -217,6 +271,7 @@ fn a_chain_signed_by_three_members_verifies_and_reconciles_as_one() {
         doc["reconciliations"][0]["reports"],
         serde_json::json!([1, 2, 3, 4])
     );
+    assert_eq!(doc["reconciliations"][0]["signers"], signers);
 }
 
 #[test]
