@@ -388,3 +388,61 @@ fn the_receiver_stores_one_chain_for_the_cluster_and_refuses_a_fork() {
     let outsider = site.export(3, &reports[3].state, "mallory");
     assert_eq!(inbox.accept(&outsider.text).status, 403);
 }
+
+#[test]
+fn a_replaced_node_signs_the_same_chain_under_its_new_bundle() {
+    let site = Site::new();
+    // Node 2 died; node 3 replaces it: a new bundle binds 0, 1 and 3 and supersedes the
+    // first (README's replacement procedure, the vendor's half).
+    std::fs::write(
+        site.path("spec2.toml"),
+        "id = \"site-ha-2\"\nvendor = \"Acme Simulation\"\nsupersedes = [\"site-ha-1\"]\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n[[feature]]\nname = \"solver\"\nseats = 5\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("tally-publisher"));
+    cmd.arg("issue")
+        .arg("--vendor-key")
+        .arg(site.path("vendor.key"))
+        .arg("--spec")
+        .arg(site.path("spec2.toml"));
+    for i in [0, 1, 3] {
+        cmd.arg("--request").arg(site.path(&format!("s{i}.req")));
+    }
+    ok(run(cmd
+        .arg("--out")
+        .arg(site.path("bundles/site-ha-2.bundle"))));
+    // Reports 1 and 2 by node 2 (under the first bundle), 3 by node 3 (under the second).
+    let r1 = site.export(2, &ReportState::default(), "ana");
+    let r2 = site.export(2, &r1.state, "bo");
+    let r3 = site.export(3, &r2.state, "cy");
+    let p: Vec<PathBuf> = [&r1, &r2, &r3]
+        .iter()
+        .enumerate()
+        .map(|(i, r)| site.write(&format!("r{}.report", i + 1), r))
+        .collect();
+    let refs: Vec<&Path> = p.iter().map(|p| p.as_path()).collect();
+    let out = ok(verify(&site, &refs));
+    assert!(out.contains("3 reports verified"), "{out}");
+    assert!(
+        out.contains(&format!("  report 3 signed by {}", site.short(3))),
+        "{out}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&ok(run(Command::new(bin("tally-publisher"))
+            .args(["reconcile", "--format", "json", "--bundle"])
+            .arg(site.path("bundles"))
+            .args(&refs))))
+        .unwrap();
+    assert_eq!(doc["reports"], serde_json::json!([1, 2, 3]));
+    assert_eq!(doc["bundle"], "site-ha-1, site-ha-2");
+    // Given only the first bundle, the new node is not bound: refused and named.
+    let out = run(Command::new(bin("tally-publisher"))
+        .arg("verify-report")
+        .arg("--bundle")
+        .arg(site.path("bundles/site-ha-1.bundle"))
+        .args(&refs));
+    refused(
+        out,
+        &format!("r3.report: signed by server key {}", site.fingerprint(3)),
+    );
+}
