@@ -103,9 +103,10 @@ enum Command {
         #[arg(long, required_unless_present = "dir")]
         bundle: Vec<PathBuf>,
         /// A directory tree of many customers' `*.report` files (and `*.bundle` files):
-        /// reports are grouped by the server that signed them, each chain verified and
-        /// reconciled, and one summary table written (customer, feature, licensed, peak,
-        /// overdraft seat-hours, denials).
+        /// reports are grouped by site (the server that signed them, or the members of
+        /// one cluster, any of which signs), each chain verified and reconciled, and one
+        /// summary table written (customer, feature, licensed, peak, overdraft
+        /// seat-hours, denials).
         #[arg(long, conflicts_with = "reports")]
         dir: Option<PathBuf>,
         /// Output format.
@@ -220,12 +221,23 @@ fn main() -> ExitCode {
                         .map(|l| l.report.report.report_seq)
                         .unwrap_or(0),
                 );
+                let runs = tally_publisher::reconcile::signer_runs(&links);
+                let signers: std::collections::BTreeSet<&str> =
+                    runs.iter().map(|r| r.signer.as_str()).collect();
                 println!(
-                    "{} verified: {}, {}, one unbroken chain signed by the bound server",
+                    "{} verified: {}, {}, one unbroken chain signed by {}",
                     tally_publisher::reconcile::plural_of(links.len() as u64, "report", "reports"),
                     tally_publisher::reconcile::numbered_span("report", "reports", first, last),
-                    tally_publisher::reconcile::plural_of(events as u64, "event", "events")
+                    tally_publisher::reconcile::plural_of(events as u64, "event", "events"),
+                    match signers.len() {
+                        0 => "the bound server".to_string(),
+                        n => format!("{n} bound servers of one cluster (each change of signer is a failover)"),
+                    }
                 );
+                // A cluster's chain: who signed what, so the vendor sees the failovers.
+                for run in &runs {
+                    println!("  {run}");
+                }
             })
         }
         Command::Reconcile {

@@ -14,12 +14,13 @@
 //!   fork of the chain stored so far, `413` larger than the limit;
 //! - `5xx` when it could not store (disk full...): tallyd retries.
 //!
-//! The checks are `verify-report`'s ([`reconcile::verify_chain`]): the signature, that
-//! the signer is the server a bundle binds, and that the report follows the last one
-//! stored for that server (number, previous-report digest, event numbers). Reports are
-//! stored as `DIR/<customer id>/<server key fingerprint>/tally-report-NNNNNNNN.report`,
+//! The checks are `verify-report`'s ([`reconcile::verify_site_chain`]): the signature,
+//! that the signer is a server a bundle binds, and that the report follows the last one
+//! stored for that server's site (number, previous-report digest, event numbers). Reports
+//! are stored as `DIR/<customer id>/<server key fingerprint>/tally-report-NNNNNNNN.report`,
 //! the names tallyd gives them, so `verify-report` and `reconcile` read a server's
-//! directory as is.
+//! directory as is. A cluster's members sign one chain (whichever node leads exports the
+//! next report), stored in one directory: that of the member whose report came first.
 //!
 //! [`Inbox`] is the decision and the storage, without HTTP; [`serve`] puts it behind
 //! axum, over TLS (rustls) or plain HTTP.
@@ -100,10 +101,18 @@ impl Inbox {
                 ),
             );
         };
-        let server_dir = self
-            .dir
-            .join(path_part(&anchor.customer.id))
-            .join(key.fingerprint().replace(':', ""));
+        // A cluster's members sign one chain (whichever leads exports the next report):
+        // it is stored in one directory, the one of the member that started it.
+        let site = reconcile::site_bundles(&bundles, &key);
+        let customer_dir = self.dir.join(path_part(&anchor.customer.id));
+        let dir_of = |k: &tally_protocol::keys::PublicKey| {
+            customer_dir.join(k.fingerprint().replace(':', ""))
+        };
+        let server_dir = reconcile::site_keys(&bundles, &key)
+            .iter()
+            .map(dir_of)
+            .find(|d| d.is_dir())
+            .unwrap_or_else(|| dir_of(&key));
         let seq = r.report_seq;
         let name = |n: u64| format!("tally-report-{n:08}.report");
         let what = format!(
@@ -174,7 +183,7 @@ impl Inbox {
             name: format!("uploaded report {seq}"),
             text: text.to_string(),
         });
-        if let Err(problems) = reconcile::verify_chain(anchor, &files) {
+        if let Err(problems) = reconcile::verify_site_chain(&site, &files) {
             return Outcome::new(409, format!("refused: {}", problems.join("; ")));
         }
         match store(&self.dir, &server_dir, &name(seq), text) {

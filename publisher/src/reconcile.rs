@@ -20,6 +20,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use tally_protocol::bundle::{Bundle, Seats};
+use tally_protocol::keys::PublicKey;
 use tally_protocol::report::{self, BundleReplay, ServedBundle, UsageEvent, VerifiedReport};
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::UNLICENSED_FEATURE;
@@ -44,20 +45,71 @@ pub struct ChainLink {
 /// Verifies reports as one chain, in the order given. Returns the links, or every
 /// problem found, each naming its file.
 pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLink>, Vec<String>> {
+    verify_site_chain(std::slice::from_ref(bundle), files)
+}
+
+/// The server keys of the site `key` belongs to: `key`, every key a bundle binds
+/// together with it (the members of a cluster), and so on (a replaced node's new
+/// bundle binds the members that stay, which ties the old and the new bundle into one
+/// site). A key no bundle binds is a site of its own.
+pub fn site_keys(bundles: &[Bundle], key: &PublicKey) -> BTreeSet<PublicKey> {
+    let mut keys = BTreeSet::from([*key]);
+    // Each pass adds at least one bundle's keys or ends: at most one pass per bundle.
+    loop {
+        let before = keys.len();
+        for b in bundles {
+            if b.binding.iter().any(|x| keys.contains(&x.server_key)) {
+                keys.extend(b.bound_keys());
+            }
+        }
+        if keys.len() == before {
+            return keys;
+        }
+    }
+}
+
+/// The bundles of the site `key` belongs to (see [`site_keys`]): those that bind any of
+/// its server keys, in the order given.
+pub fn site_bundles(bundles: &[Bundle], key: &PublicKey) -> Vec<Bundle> {
+    let keys = site_keys(bundles, key);
+    bundles
+        .iter()
+        .filter(|b| b.binding.iter().any(|x| keys.contains(&x.server_key)))
+        .cloned()
+        .collect()
+}
+
+/// Verifies reports as one chain of one site, in the order given: each report must be
+/// signed by a server key one of `site` binds. In a cluster the report chain head is
+/// replicated and whichever node leads signs the next report with its own key, so one
+/// chain holds reports of several signers; the chain checks (numbers, previous-report
+/// digests, event numbers, forks) run across signer changes exactly as within one.
+/// Returns the links, or every problem found, each naming its file.
+pub fn verify_site_chain(
+    site: &[Bundle],
+    files: &[ReportFile],
+) -> Result<Vec<ChainLink>, Vec<String>> {
     let mut problems = Vec::new();
-    if bundle.binding.is_empty() {
+    let Some(first_bundle) = site.first() else {
+        return Err(vec!["no bundle given".into()]);
+    };
+    if site.iter().all(|b| b.binding.is_empty()) {
         return Err(vec![format!(
             "bundle {} is not bound to a server; reports cannot be attributed",
-            bundle.id
+            first_bundle.id
         )]);
     }
-    let bound: Vec<String> = bundle
-        .bound_keys()
-        .iter()
-        .map(|k| k.fingerprint())
-        .collect();
+    let mut bound: Vec<String> = Vec::new();
+    for k in site.iter().flat_map(|b| b.bound_keys()) {
+        let f = k.fingerprint();
+        if !bound.contains(&f) {
+            bound.push(f);
+        }
+    }
+    let ids: Vec<&str> = site.iter().map(|b| b.id.as_str()).collect();
     let mut links: Vec<ChainLink> = Vec::new();
-    let mut seen: BTreeMap<u64, String> = BTreeMap::new();
+    // Report number -> (file, digest) of the first report with that number.
+    let mut seen: BTreeMap<u64, (String, [u8; 32])> = BTreeMap::new();
     for f in files {
         let verified = match report::read(&f.text) {
             Ok(v) => v,
@@ -67,24 +119,50 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
             }
         };
         let r = &verified.report;
-        if !bundle.is_bound_to(&r.server_key) {
-            problems.push(format!(
-                "{}: signed by server key {}, but bundle {} binds server key {}",
-                f.name,
-                r.server_key.fingerprint(),
-                bundle.id,
-                bound.join(", ")
-            ));
+        if !site.iter().any(|b| b.is_bound_to(&r.server_key)) {
+            problems.push(match (ids.len(), bound.len()) {
+                (1, 1) => format!(
+                    "{}: signed by server key {}, but bundle {} binds server key {}",
+                    f.name,
+                    r.server_key.fingerprint(),
+                    ids[0],
+                    bound[0]
+                ),
+                (1, _) => format!(
+                    "{}: signed by server key {}, but bundle {} binds server keys {}",
+                    f.name,
+                    r.server_key.fingerprint(),
+                    ids[0],
+                    bound.join(", ")
+                ),
+                _ => format!(
+                    "{}: signed by server key {}, but bundles {} bind server keys {}",
+                    f.name,
+                    r.server_key.fingerprint(),
+                    ids.join(", "),
+                    bound.join(", ")
+                ),
+            });
             continue;
         }
-        if let Some(first) = seen.get(&r.report_seq) {
-            problems.push(format!(
-                "{}: duplicate of report {} ({first})",
-                f.name, r.report_seq
-            ));
+        if let Some((first, digest)) = seen.get(&r.report_seq) {
+            problems.push(if *digest == verified.digest {
+                format!("{}: duplicate of report {} ({first})", f.name, r.report_seq)
+            } else {
+                format!(
+                    "{}: a second, different report {} (the first is {first}, signed by {}; this one by {}): the chain forks",
+                    f.name,
+                    r.report_seq,
+                    links
+                        .iter()
+                        .find(|l| l.name == *first)
+                        .map_or_else(String::new, |l| short_fingerprint(&l.report.report.server_key)),
+                    short_fingerprint(&r.server_key)
+                )
+            });
             continue;
         }
-        seen.insert(r.report_seq, f.name.clone());
+        seen.insert(r.report_seq, (f.name.clone(), verified.digest));
         if let Some(prev) = links.last() {
             let p = &prev.report.report;
             if r.report_seq < p.report_seq {
@@ -156,26 +234,32 @@ pub fn verify_chain(bundle: &Bundle, files: &[ReportFile]) -> Result<Vec<ChainLi
 }
 
 /// Verifies reports as one chain against all of a customer's bundles: the chain must be
-/// signed by a server one of them binds (the first report's signer picks it).
+/// signed by the servers of one site (see [`site_keys`]), which the first report whose
+/// signer a bundle binds picks.
 pub fn verify_chain_all(
     bundles: &[Bundle],
     files: &[ReportFile],
 ) -> Result<Vec<ChainLink>, Vec<String>> {
-    let Some(anchor) = anchor(bundles, files) else {
+    let Some(first) = bundles.first() else {
         return Err(vec!["no bundle given".into()]);
     };
-    verify_chain(anchor, files)
-}
-
-/// The bundle whose binding names the first readable report's signer (else the first).
-fn anchor<'a>(bundles: &'a [Bundle], files: &[ReportFile]) -> Option<&'a Bundle> {
     let signer = files
         .iter()
-        .find_map(|f| report::read(&f.text).ok())
-        .map(|v| v.report.server_key);
-    signer
-        .and_then(|key| bundles.iter().find(|b| b.is_bound_to(&key)))
-        .or(bundles.first())
+        .filter_map(|f| report::read(&f.text).ok())
+        .map(|v| v.report.server_key)
+        .find(|key| bundles.iter().any(|b| b.is_bound_to(key)));
+    match signer {
+        Some(key) => verify_site_chain(&site_bundles(bundles, &key), files),
+        // No report is signed by a bound server: the first bundle names what it binds.
+        None => verify_chain(first, files),
+    }
+}
+
+/// A server key as the vendor's tools show a signer among a cluster's members: the
+/// first four groups of its fingerprint, which read as the node's id in the cluster
+/// ([`PublicKey::node_id`]), so the vendor can match it with the customer's cluster view.
+pub fn short_fingerprint(key: &PublicKey) -> String {
+    key.fingerprint().chars().take(19).collect()
 }
 
 /// One step of the licensed-seats step function.
@@ -269,8 +353,58 @@ pub struct Reconciliation {
     pub customer: String,
     /// Reports covered.
     pub reports: Vec<u64>,
+    /// Who signed which reports, when more than one server did (a cluster's members:
+    /// each change of signer is a failover); empty, and left out of JSON, for one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub signers: Vec<SignerRun>,
     /// Per feature.
     pub features: Vec<FeatureUsage>,
+}
+
+/// Reports in a row of a chain signed by one server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SignerRun {
+    /// The first report of the run.
+    pub first: u64,
+    /// The last report of the run.
+    pub last: u64,
+    /// The signer's short fingerprint ([`short_fingerprint`]).
+    pub signer: String,
+}
+
+impl std::fmt::Display for SignerRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} signed by {}",
+            numbered_span("report", "reports", self.first, self.last),
+            self.signer
+        )
+    }
+}
+
+/// The runs of reports of one signer, in chain order, when the chain has more than one
+/// signer (a cluster that failed over); empty when one server signed it all.
+pub fn signer_runs(links: &[ChainLink]) -> Vec<SignerRun> {
+    let mut runs: Vec<(u64, u64, PublicKey)> = Vec::new();
+    for l in links {
+        let r = &l.report.report;
+        match runs.last_mut() {
+            Some(run) if run.2 == r.server_key => run.1 = r.report_seq,
+            _ => runs.push((r.report_seq, r.report_seq, r.server_key)),
+        }
+    }
+    let signers: BTreeSet<PublicKey> = runs.iter().map(|r| r.2).collect();
+    if signers.len() < 2 {
+        return Vec::new();
+    }
+    runs.into_iter()
+        .map(|(first, last, key)| SignerRun {
+            first,
+            last,
+            signer: short_fingerprint(&key),
+        })
+        .collect()
 }
 
 /// The bundles in force over the reports' span: `(from, Some(bundles))` where the
@@ -527,13 +661,18 @@ pub fn reconcile(bundle: &Bundle, links: &[ChainLink]) -> Reconciliation {
 }
 
 /// Reconciles a verified chain against all of a customer's bundles (those bound to the
-/// chain's server; the reports' bundle history says which counted when).
+/// chain's site: its server, or its cluster's members, see [`site_keys`]; the reports'
+/// bundle history says which counted when).
 pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation {
-    let server = links.first().map(|l| l.report.report.server_key);
+    let site = links
+        .first()
+        .map(|l| site_keys(bundles, &l.report.report.server_key));
     let ours: Vec<Bundle> = bundles
         .iter()
-        .filter(|b| match server {
-            Some(key) if !b.binding.is_empty() => b.is_bound_to(&key),
+        .filter(|b| match &site {
+            Some(keys) if !b.binding.is_empty() => {
+                b.binding.iter().any(|x| keys.contains(&x.server_key))
+            }
             _ => true,
         })
         .cloned()
@@ -684,6 +823,7 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
         bundles: ids,
         customer: customers.join(", "),
         reports: links.iter().map(|l| l.report.report.report_seq).collect(),
+        signers: signer_runs(links),
         features: out,
     }
 }
@@ -696,7 +836,8 @@ pub struct SummaryRow {
     pub customer: String,
     /// The customer's id.
     pub customer_id: String,
-    /// The fingerprint of the server key that signed the reports.
+    /// The fingerprint of the server key that signed the reports; for a cluster, of each
+    /// member that signed some, separated by blanks, in the order they first signed.
     pub server: String,
     /// The feature.
     pub feature: String,
@@ -730,20 +871,40 @@ pub struct Summary {
     pub reconciliations: Vec<Reconciliation>,
 }
 
-/// Reconciles reports of many customers at once: the reports are grouped by the server
-/// key that signed them (one chain per server, put in report order), each chain is
-/// verified against the bundles that bind that server, and reconciled. An identical
-/// copy of a report (same signed body) counts once. Every problem names its file; one
+/// Reconciles reports of many customers at once: the reports are grouped by site (the
+/// server that signed them, or the members of one cluster, whose reports form one
+/// chain whichever member signed each; see [`site_keys`]), each chain put in report
+/// order, verified against the bundles of its site, and reconciled. An identical copy
+/// of a report (same signed body) counts once. Every problem names its file; one
 /// problem anywhere fails the whole summary, so no customer is billed from a partial
 /// chain.
 pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summary, Vec<String>> {
     let mut problems = Vec::new();
-    // Server fingerprint -> (report number, digest, file).
+    // Signer -> the site's name: the smallest fingerprint of its keys (a key no bundle
+    // binds names a site of its own).
+    let mut site_of: BTreeMap<PublicKey, String> = BTreeMap::new();
+    // Site -> its server keys.
+    let mut members: BTreeMap<String, BTreeSet<PublicKey>> = BTreeMap::new();
+    // Site -> (report number, digest, file).
     let mut chains: BTreeMap<String, Vec<(u64, [u8; 32], ReportFile)>> = BTreeMap::new();
     for f in files {
         match report::read(&f.text) {
             Ok(v) => {
-                let chain = chains.entry(v.report.server_key.fingerprint()).or_default();
+                let key = v.report.server_key;
+                let site = site_of
+                    .entry(key)
+                    .or_insert_with(|| {
+                        let keys = site_keys(bundles, &key);
+                        let name = keys
+                            .iter()
+                            .map(|k| k.fingerprint())
+                            .min()
+                            .unwrap_or_else(|| key.fingerprint());
+                        members.insert(name.clone(), keys);
+                        name
+                    })
+                    .clone();
+                let chain = chains.entry(site).or_default();
                 if !chain.iter().any(|(_, d, _)| *d == v.digest) {
                     chain.push((v.report.report_seq, v.digest, f));
                 }
@@ -752,21 +913,18 @@ pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summ
         }
     }
     let mut done: Vec<(String, String, Reconciliation)> = Vec::new();
-    for (server, mut chain) in chains {
+    for (site, mut chain) in chains {
         chain.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.name.cmp(&b.2.name)));
         let files: Vec<ReportFile> = chain.into_iter().map(|(_, _, f)| f).collect();
+        let keys = members.get(&site).cloned().unwrap_or_default();
         let ours: Vec<Bundle> = bundles
             .iter()
-            .filter(|b| {
-                b.binding
-                    .iter()
-                    .any(|x| x.server_key.fingerprint() == server)
-            })
+            .filter(|b| b.binding.iter().any(|x| keys.contains(&x.server_key)))
             .cloned()
             .collect();
         let Some(first) = ours.first() else {
             problems.push(format!(
-                "{}{}: signed by server key {server}, which none of the given bundles binds (give that customer's bundles)",
+                "{}{}: signed by server key {site}, which none of the given bundles binds (give that customer's bundles)",
                 files[0].name,
                 match files.len() {
                     1 => String::new(),
@@ -776,8 +934,18 @@ pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summ
             continue;
         };
         let customer = (first.customer.id.clone(), first.customer.name.clone());
-        match verify_chain_all(&ours, &files) {
-            Ok(links) => done.push((customer.0, server.clone(), reconcile_all(&ours, &links))),
+        match verify_site_chain(&ours, &files) {
+            Ok(links) => {
+                // The signers, in the order they first signed: one for a single server.
+                let mut signers: Vec<String> = Vec::new();
+                for l in &links {
+                    let f = l.report.report.server_key.fingerprint();
+                    if !signers.contains(&f) {
+                        signers.push(f);
+                    }
+                }
+                done.push((customer.0, signers.join(" "), reconcile_all(&ours, &links)))
+            }
             Err(p) => problems.extend(p),
         }
     }
@@ -885,11 +1053,21 @@ pub fn summary_html(s: &Summary) -> String {
     page("tally usage summary", &body)
 }
 
-/// CSV: one row per feature and period, then one total row per feature.
+/// CSV: one row per feature and period, then one total row per feature. When more than
+/// one server signed the chain (a cluster), a last column names each report's signer.
 pub fn to_csv(r: &Reconciliation) -> String {
     let mut out = String::from(
-        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts\n",
+        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts",
     );
+    let signed = !r.signers.is_empty();
+    out.push_str(if signed { ",signer\n" } else { "\n" });
+    let signer_of = |label: &str| -> &str {
+        label
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| r.signers.iter().find(|x| x.first <= n && n <= x.last))
+            .map_or("", |x| x.signer.as_str())
+    };
     for f in &r.features {
         let rows = f
             .periods
@@ -897,7 +1075,7 @@ pub fn to_csv(r: &Reconciliation) -> String {
             .map(|(seq, s)| (seq.to_string(), s))
             .chain(std::iter::once(("total".to_string(), &f.total)));
         for (label, s) in rows {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{},{},{},{}",
                 csv_field(&f.feature),
@@ -918,6 +1096,11 @@ pub fn to_csv(r: &Reconciliation) -> String {
                 s.distinct_users,
                 s.distinct_hosts
             );
+            if signed {
+                out.push(',');
+                out.push_str(signer_of(&label));
+            }
+            out.push('\n');
         }
     }
     out
@@ -1189,6 +1372,18 @@ fn reconciliation_body(r: &Reconciliation, h_top: &str, h_feature: &str) -> Stri
         html_escape(&r.bundle),
         r.reports.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
     );
+    if !r.signers.is_empty() {
+        let runs: Vec<String> = r
+            .signers
+            .iter()
+            .map(|x| html_escape(&x.to_string()))
+            .collect();
+        let _ = write!(
+            out,
+            "<p class=\"signers\">Signed by the servers of one cluster (each change of signer is a failover): {}</p>",
+            runs.join("; ")
+        );
+    }
     let mut features: Vec<&FeatureUsage> = r.features.iter().collect();
     features.sort_by(|a, b| a.feature.cmp(&b.feature));
     for f in features {
@@ -1391,6 +1586,42 @@ mod licence_tests {
             .iter()
             .map(|x| (x.from_unix, x.seats, x.source.as_str()))
             .collect()
+    }
+
+    /// Issue 17: a cluster's members are one site, and so are the members of a bundle
+    /// that replaced a dead node (it binds the members that stay); another customer's
+    /// server, or a key nothing binds, is a site of its own.
+    #[test]
+    fn a_site_is_every_key_bound_together_also_across_a_replaced_node() {
+        use tally_protocol::bundle::Binding;
+        let k = |n: u8| SecretKey::from_seed([n; 32]).public();
+        let bind = |mut b: Bundle, keys: &[u8]| {
+            b.binding = keys
+                .iter()
+                .map(|n| Binding {
+                    server_key: k(*n),
+                    host_fingerprint: "h".into(),
+                })
+                .collect();
+            b
+        };
+        let all = [
+            bind(bundle("ha-1", &[], 4, None), &[1, 2, 3]),
+            bind(bundle("other", &[], 1, None), &[9]),
+            bind(bundle("ha-2", &["ha-1"], 4, None), &[1, 2, 4]),
+        ];
+        let members = BTreeSet::from([k(1), k(2), k(3), k(4)]);
+        for n in [1, 3, 4] {
+            assert_eq!(site_keys(&all, &k(n)), members);
+        }
+        let ids: Vec<String> = site_bundles(&all, &k(3))
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(ids, vec!["ha-1", "ha-2"]);
+        assert_eq!(site_keys(&all, &k(9)), BTreeSet::from([k(9)]));
+        assert_eq!(site_keys(&all, &k(7)), BTreeSet::from([k(7)]));
+        assert!(site_bundles(&all, &k(7)).is_empty());
     }
 
     /// Issue 20, scenario 4: denials of made-up names were one reconciliation row each.
