@@ -433,6 +433,42 @@ mod tests {
     }
 
     #[test]
+    fn cluster_members_parse_and_each_is_named_once_at_a_reachable_address() {
+        let member =
+            |key: &str, addr: &str| format!("[[cluster]]\nkey = \"{key}\"\naddr = \"{addr}\"\n");
+        let three = [
+            ("a", "10.0.0.1:27300"),
+            ("b", "10.0.0.2:27300"),
+            ("c", "10.0.0.3:27300"),
+        ];
+        let text: String = three.iter().map(|(k, a)| member(k, a)).collect();
+        let c = DaemonConfig::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(c.cluster.len(), 3);
+        assert_eq!(c.cluster[1].key, "b");
+        assert_eq!(c.cluster[2].addr.port(), 27300);
+        for (bad, why) in [
+            (
+                member("a", "10.0.0.1:27300") + &member("a", "10.0.0.2:27300"),
+                "twice",
+            ),
+            (
+                member("a", "10.0.0.1:27300") + &member("b", "10.0.0.1:27300"),
+                "twice",
+            ),
+            (member("a", "0.0.0.0:27300"), "not one a peer can reach"),
+            (member("a", "10.0.0.1:0"), "not one a peer can reach"),
+        ] {
+            let err = DaemonConfig::parse(Path::new("t.toml"), &bad).unwrap_err();
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
+        let eight: String = (0..8)
+            .map(|i| member(&i.to_string(), &format!("10.0.0.{i}:1")))
+            .collect();
+        let err = DaemonConfig::parse(Path::new("t.toml"), &eight).unwrap_err();
+        assert!(err.to_string().contains("at most 7"), "{err}");
+    }
+
+    #[test]
     fn load_reports_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let err = DaemonConfig::load(&dir.path().join("missing.toml")).unwrap_err();

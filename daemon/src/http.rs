@@ -54,6 +54,7 @@ pub fn router(ops: OpsHandle, hosts: Vec<String>) -> Router {
         .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
+        .route("/api/cluster", get(cluster))
         .route("/api/admin/remove/{lease}", post(remove))
         .route("/api/admin/reload", post(reload))
         .route("/api/admin/check", get(check_token))
@@ -396,6 +397,47 @@ async fn status(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) 
     }
 }
 
+/// `/api/cluster`: this member's view of its cluster (404 on a single server).
+async fn cluster(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap) -> Response {
+    if !ops.may_read(bearer(&headers)) {
+        log_refusal(peer, "GET /api/cluster", &headers);
+        return unauthorized("this server shows its cluster only with the admin token");
+    }
+    match ops.cluster_view() {
+        Some(view) => Json(view).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": "this server is not a member of a cluster" })),
+        )
+            .into_response(),
+    }
+}
+
+/// The `tally_cluster_*` gauges of a cluster member (none on a single server).
+fn cluster_metrics(out: &mut String, view: Option<&tally_cluster::ops::ClusterView>) {
+    let Some(view) = view else {
+        return;
+    };
+    let samples = tally_cluster::ops::prometheus_samples(view);
+    for (name, help) in tally_cluster::ops::METRICS {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (_, labels, value) in samples.iter().filter(|(n, _, _)| *n == name) {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+                .collect();
+            match labels.is_empty() {
+                true => {
+                    let _ = writeln!(out, "{name} {value}");
+                }
+                false => {
+                    let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
+                }
+            }
+        }
+    }
+}
+
 /// Escapes a Prometheus label value.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -419,8 +461,12 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
         log_refusal(peer, "GET /metrics", &headers);
         return unauthorized("this server shows its metrics only with the admin token");
     }
+    let view = ops.cluster_view();
     let status = match ops.raw_status().await {
-        Ok(s) => s,
+        Ok(s) => Some(s),
+        // A member that does not lead has no ledger to count seats from; its cluster
+        // gauges say who does.
+        Err(_) if view.is_some() => None,
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.client_message()).into_response(),
     };
     let spool_files = ops.spool_files().await;
@@ -432,7 +478,10 @@ async fn metrics(State(ops): State<OpsHandle>, peer: Source, headers: HeaderMap)
          # TYPE tally_build_info gauge\ntally_build_info{{version=\"{}\"}} 1",
         label(env!("CARGO_PKG_VERSION"))
     );
-    seat_metrics(&mut out, &status.features);
+    if let Some(status) = &status {
+        seat_metrics(&mut out, &status.features);
+    }
+    cluster_metrics(&mut out, view.as_ref());
     denial_metrics(&mut out, m);
     m.heartbeat_latency.render(
         &mut out,

@@ -24,6 +24,20 @@ impl OpsHandle {
         OpsHandle { shared }
     }
 
+    /// This member's view of its cluster (members, role, leader, term, replication
+    /// lag); `None` for a single server, or while its Raft node is stopped.
+    pub fn cluster_view(&self) -> Option<tally_cluster::ops::ClusterView> {
+        self.shared.peers.as_ref()?;
+        let node = self
+            .shared
+            .node
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let metrics = node.metrics().borrow().clone();
+        Some(tally_cluster::ops::ClusterView::from_metrics(&metrics))
+    }
+
     /// Whether a reader with this bearer token may see status and metrics.
     pub fn may_read(&self, token: Option<&str>) -> bool {
         !self.shared.status_needs_token || self.is_admin(token)

@@ -1,8 +1,10 @@
 //! Three real `tallyd` processes on loopback run as one cluster (`[[cluster]]`, one
-//! bundle binding the three): the leader is SIGKILLed while clients check out and
-//! hold seats, round after round, and the cluster must lose no acknowledged lease
-//! (each holder keeps its lease id), grant no seat beyond the licence (seats in use
-//! sampled all along), and grant again through a new leader (the time is printed).
+//! bundle binding the three). The faults: the leader SIGKILLed while clients check out
+//! and hold seats, round after round; the peers' links cut through a fault-injecting
+//! UDP relay (the leader isolated, a follower isolated, a flapping link); all three
+//! stopped and started at once. Each time the cluster must lose no acknowledged lease
+//! (every holder keeps its lease id), grant no seat beyond the licence (seats in use
+//! sampled all along), and grant again through a leader of the majority.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -10,8 +12,10 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tally_tests::cluster::{free_udp_addrs, ClusterSite};
+use tally_tests::relay::Relay;
 use tally_tests::{ok, wait_until, Daemon, Holder};
 
 /// Seats the bundle sells.
@@ -79,33 +83,33 @@ fn logs(daemons: &[Option<Daemon>]) -> String {
         .collect()
 }
 
-/// A three-server site, configured and running.
-fn running_cluster() -> (ClusterSite, Vec<SocketAddr>, Vec<Option<Daemon>>) {
+/// A three-server site, configured (members reach each other at `peer(addrs, i, j)`)
+/// and running, with a leader.
+fn running_cluster(
+    peer: impl Fn(&[SocketAddr], usize, usize) -> SocketAddr,
+    addrs: Vec<SocketAddr>,
+) -> (ClusterSite, Vec<SocketAddr>, Vec<Option<Daemon>>) {
     let c = ClusterSite::new(3);
     ok(c.issue_seats(&c.all_requests(), "ha.bundle", SEATS as u32));
     for i in 0..3 {
         c.install("ha.bundle", i);
     }
-    let addrs = free_udp_addrs(3);
-    c.configure(&addrs, |_, j| addrs[j]);
-    let daemons = (0..3).map(|i| Some(c.daemon(i))).collect();
+    c.configure(&addrs, |i, j| peer(&addrs, i, j));
+    let daemons: Vec<Option<Daemon>> = (0..3).map(|i| Some(c.daemon(i))).collect();
+    assert!(
+        wait_until(PATIENCE, || status(&c, &addrs).is_some()),
+        "no member came to lead\n{}",
+        logs(&daemons)
+    );
     (c, addrs, daemons)
 }
 
-#[test]
-fn the_leader_killed_during_a_checkout_storm_loses_no_lease_and_overgrants_nothing() {
-    let (c, addrs, mut daemons) = running_cluster();
-    assert!(
-        wait_until(PATIENCE, || status(&c, &addrs).is_some()),
-        "no member came to lead: {}",
-        daemons[0].as_ref().unwrap().log_text()
-    );
-
-    // Long holders: they must keep their leases, with the same ids, through every kill.
-    let mut holders: Vec<Holder> = (0..HOLDERS)
+/// `HOLDERS` long `tally run` holders; returns them and their lease ids once all hold.
+fn hold(c: &ClusterSite, addrs: &[SocketAddr]) -> (Vec<Holder>, BTreeSet<String>) {
+    let holders: Vec<Holder> = (0..HOLDERS)
         .map(|_| {
             Holder::from_child(
-                c.tally(&addrs)
+                c.tally(addrs)
                     .args(["run", "solver", "--", "sleep", "600"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -118,7 +122,7 @@ fn the_leader_killed_during_a_checkout_storm_loses_no_lease_and_overgrants_nothi
     let mut held = BTreeSet::new();
     assert!(
         wait_until(PATIENCE, || {
-            let Some(doc) = status(&c, &addrs) else {
+            let Some(doc) = status(c, addrs) else {
                 return false;
             };
             let (leases, in_use) = seats(&doc);
@@ -127,125 +131,329 @@ fn the_leader_killed_during_a_checkout_storm_loses_no_lease_and_overgrants_nothi
         }),
         "the holders did not get their seats"
     );
+    (holders, held)
+}
 
-    // The storm: short runs take the other seats and give them back, all along; a
-    // sampler reads the seats in use from whoever leads.
-    let stop = Arc::new(AtomicBool::new(false));
-    let most = Arc::new(AtomicU64::new(0));
-    let granted = Arc::new(AtomicU64::new(0));
-    // Each grant's run: when it started and when it ended (the grant was acknowledged
-    // in between).
-    let runs = Arc::new(Mutex::new(Vec::<(Instant, Instant)>::new()));
-    let storm: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, granted, runs) = (stop.clone(), granted.clone(), runs.clone());
-            let mut cmd = c.tally(&addrs);
-            cmd.args(["run", "solver", "--", "sleep", "0.2"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+/// Waits until the leader holds every lease of `held` (same ids) and every holder
+/// still runs.
+fn still_held(
+    c: &ClusterSite,
+    addrs: &[SocketAddr],
+    held: &BTreeSet<String>,
+    holders: &mut [Holder],
+    (what, daemons): (&str, &[Option<Daemon>]),
+) {
+    let mut now_held = BTreeSet::new();
+    assert!(
+        wait_until(PATIENCE, || {
+            let Some(doc) = status(c, addrs) else {
+                return false;
+            };
+            now_held = seats(&doc).0;
+            held.is_subset(&now_held)
+        }),
+        "{what}: long leases lost: held {held:?}, now {now_held:?}\n{}",
+        logs(daemons)
+    );
+    for h in holders {
+        assert!(
+            matches!(h.child.try_wait(), Ok(None)),
+            "{what}: a holder lost its seat and ended"
+        );
+    }
+}
+
+/// Short runs taking the free seats and giving them back, all along, and a sampler of
+/// the seats in use (from whoever leads); bounded in count and time.
+struct Storm {
+    stop: Arc<AtomicBool>,
+    most: Arc<AtomicU64>,
+    /// Each granted run: when it started and when it ended (the grant was
+    /// acknowledged in between).
+    runs: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    threads: Vec<JoinHandle<()>>,
+    sampler: JoinHandle<u64>,
+}
+
+impl Storm {
+    fn start(c: &ClusterSite, addrs: &[SocketAddr]) -> Storm {
+        let stop = Arc::new(AtomicBool::new(false));
+        let most = Arc::new(AtomicU64::new(0));
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..2)
+            .map(|_| {
+                let (stop, runs) = (stop.clone(), runs.clone());
+                let mut cmd = c.tally(addrs);
+                cmd.args(["run", "solver", "--", "sleep", "0.2"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                std::thread::spawn(move || {
+                    let started = Instant::now();
+                    for _ in 0..2_000 {
+                        if stop.load(Ordering::Relaxed)
+                            || started.elapsed() > Duration::from_secs(300)
+                        {
+                            break;
+                        }
+                        let began = Instant::now();
+                        if cmd.status().is_ok_and(|s| s.success()) {
+                            runs.lock().unwrap().push((began, Instant::now()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let sampler = {
+            let (stop, most) = (stop.clone(), most.clone());
+            let mut cmd = c.tally(addrs);
+            cmd.args(["status", "--json"]).stderr(Stdio::null());
             std::thread::spawn(move || {
                 let started = Instant::now();
-                // Bounded in count and time.
-                for _ in 0..2_000 {
-                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(300)
-                    {
-                        break;
-                    }
-                    let began = Instant::now();
-                    if cmd.status().is_ok_and(|s| s.success()) {
-                        granted.fetch_add(1, Ordering::Relaxed);
-                        runs.lock().unwrap().push((began, Instant::now()));
+                let mut samples = 0u64;
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(300)
+                {
+                    if let Ok(out) = cmd.output() {
+                        if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                            most.fetch_max(seats(&doc).1, Ordering::Relaxed);
+                            samples += 1;
+                        }
                     }
                 }
+                samples
             })
-        })
-        .collect();
-    let sampler = {
-        let (stop, most) = (stop.clone(), most.clone());
-        let mut cmd = c.tally(&addrs);
-        cmd.args(["status", "--json"]).stderr(Stdio::null());
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            let mut samples = 0u64;
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(300) {
-                if let Ok(out) = cmd.output() {
-                    if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                        most.fetch_max(seats(&doc).1, Ordering::Relaxed);
-                        samples += 1;
-                    }
-                }
-            }
-            samples
-        })
-    };
+        };
+        Storm {
+            stop,
+            most,
+            runs,
+            threads,
+            sampler,
+        }
+    }
 
+    /// Waits until a run that started after `since` got its seat; how long after
+    /// `since` it ended (an upper bound of when a leader granted again).
+    fn grant_after(&self, since: Instant, what: &str, daemons: &[Option<Daemon>]) -> Duration {
+        let mut first = None;
+        assert!(
+            wait_until(PATIENCE, || {
+                first = self
+                    .runs
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(began, _)| *began > since)
+                    .map(|(_, ended)| *ended - since)
+                    .min();
+                first.is_some()
+            }),
+            "{what}: no grant since\n{}",
+            logs(daemons)
+        );
+        first.unwrap()
+    }
+
+    /// Stops the storm; the most seats in use sampled, the samples, the grants.
+    fn finish(self) -> (u64, u64, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let samples = self.sampler.join().unwrap();
+        let grants = self.runs.lock().unwrap().len();
+        (self.most.load(Ordering::Relaxed), samples, grants)
+    }
+}
+
+#[test]
+fn the_leader_killed_during_a_checkout_storm_loses_no_lease_and_overgrants_nothing() {
+    let (c, addrs, mut daemons) = running_cluster(|a, _, j| a[j], free_udp_addrs(3));
+    let (mut holders, held) = hold(&c, &addrs);
+    let storm = Storm::start(&c, &addrs);
     let mut failovers = Vec::new();
     for round in 0..ROUNDS {
-        let before = granted.load(Ordering::Relaxed);
-        assert!(
-            wait_until(PATIENCE, || granted.load(Ordering::Relaxed) >= before + 2),
-            "round {round}: the storm gets no seats"
-        );
+        storm.grant_after(Instant::now(), "before the kill", &daemons);
         let doc = status(&c, &addrs).expect("a leader answers");
         let leader = answered_by(&doc, &addrs);
         daemons[leader].take().unwrap().kill();
         let killed = Instant::now();
+        let failover = storm.grant_after(killed, &format!("round {round}"), &daemons);
         let others: Vec<SocketAddr> = (0..3).filter(|&i| i != leader).map(|i| addrs[i]).collect();
-        // A new leader grants again: a run of the storm that started after the kill got
-        // its seat (the time counts to that run's end, so it is an upper bound)...
-        let mut failover = None;
-        assert!(
-            wait_until(PATIENCE, || {
-                failover = runs
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|(began, _)| *began > killed)
-                    .map(|(_, ended)| *ended - killed)
-                    .min();
-                failover.is_some()
-            }),
-            "round {round}: no grant after the leader was killed\n{}",
-            logs(&daemons)
-        );
-        let failover = failover.unwrap();
-        // ...and holds every acknowledged long lease, under its id.
-        let mut now_held = BTreeSet::new();
-        assert!(
-            wait_until(PATIENCE, || {
-                let Some(doc) = status(&c, &others) else {
-                    return false;
-                };
-                now_held = seats(&doc).0;
-                held.is_subset(&now_held)
-            }),
-            "round {round}: long leases lost: held {held:?}, now {now_held:?}\n{}",
-            logs(&daemons)
-        );
-        for h in &mut holders {
-            assert!(
-                matches!(h.child.try_wait(), Ok(None)),
-                "round {round}: a holder lost its seat and ended"
-            );
-        }
+        let what = format!("round {round}");
+        still_held(&c, &others, &held, &mut holders, (&what, &daemons));
         println!("round {round}: killed leader s{leader}; a new leader granted after {failover:?}");
         failovers.push(failover);
         daemons[leader] = Some(c.daemon(leader));
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in storm {
-        t.join().unwrap();
-    }
-    let samples = sampler.join().unwrap();
-    let most = most.load(Ordering::Relaxed);
+    let (most, samples, grants) = storm.finish();
     println!(
-        "{ROUNDS} leader kills; failover (kill to next grant): {failovers:?}; seats in use \
-         at most {most} of {SEATS} in {samples} samples; {} storm grants",
-        granted.load(Ordering::Relaxed)
+        "{ROUNDS} leader kills; failover (kill to the end of the first run granted after \
+         it): {failovers:?}; seats in use at most {most} of {SEATS} in {samples} samples; \
+         {grants} storm grants"
     );
     assert!(
         most <= SEATS,
         "over-granted: {most} seats in use of {SEATS}"
     );
     assert!(samples > 0);
+}
+
+#[test]
+fn partitions_elect_in_the_majority_and_heal_without_a_manual_step() {
+    let addrs = free_udp_addrs(3);
+    let relay = Relay::start(&addrs);
+    let (c, addrs, mut daemons) = running_cluster(|_, i, j| relay.addr_of(i, j), addrs);
+    let (mut holders, held) = hold(&c, &addrs);
+    let storm = Storm::start(&c, &addrs);
+
+    // The leader cut off from both others: the majority elects one of its own, the old
+    // leader stops granting, and clients (who reach every member) go to the new one.
+    let doc = status(&c, &addrs).expect("a leader answers");
+    let old = answered_by(&doc, &addrs);
+    relay.isolate(old);
+    let cut = Instant::now();
+    let new = loop {
+        let doc = status(&c, &addrs);
+        if let Some(i) = doc.map(|d| answered_by(&d, &addrs)).filter(|&i| i != old) {
+            break i;
+        }
+        assert!(
+            cut.elapsed() < PATIENCE,
+            "no leader in the majority\n{}",
+            logs(&daemons)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let failover = storm.grant_after(cut, "leader isolated", &daemons);
+    still_held(
+        &c,
+        &addrs,
+        &held,
+        &mut holders,
+        ("leader isolated", &daemons),
+    );
+    // Asked directly, the isolated member grants nothing: it sends the client on.
+    let out = c
+        .tally(&addrs[old..=old])
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_ne!(
+            answered_by(&doc, &addrs),
+            old,
+            "the cut-off member still serves"
+        );
+    }
+    println!("leader s{old} isolated: s{new} leads; a grant after {failover:?}");
+
+    // Healed: the old leader follows with no manual step; then the new leader is
+    // killed, and the old one (caught up) must hold every lease in the new majority.
+    relay.heal_all();
+    assert!(
+        wait_until(PATIENCE, || daemons[old]
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .matches("no longer leading")
+            .count()
+            >= 1),
+        "the cut-off leader never stepped down\n{}",
+        logs(&daemons)
+    );
+    std::thread::sleep(Duration::from_secs(2)); // let the healed member catch up
+    daemons[new].take().unwrap().kill();
+    let killed = Instant::now();
+    let others: Vec<SocketAddr> = (0..3).filter(|&i| i != new).map(|i| addrs[i]).collect();
+    storm.grant_after(killed, "after healing, the new leader killed", &daemons);
+    still_held(
+        &c,
+        &others,
+        &held,
+        &mut holders,
+        ("healed, then killed", &daemons),
+    );
+    daemons[new] = Some(c.daemon(new));
+
+    // A follower cut off: the leader goes on granting with the other.
+    let doc = status(&c, &addrs).expect("a leader answers");
+    let leader = answered_by(&doc, &addrs);
+    let follower = (leader + 1) % 3;
+    relay.isolate(follower);
+    let cut = Instant::now();
+    storm.grant_after(cut, "follower isolated", &daemons);
+    relay.heal_all();
+
+    // A flapping link between the leader and a follower for a few seconds.
+    let doc = status(&c, &addrs).expect("a leader answers");
+    let leader = answered_by(&doc, &addrs);
+    let until = Instant::now() + Duration::from_secs(6);
+    relay.flap(leader, (leader + 1) % 3, Duration::from_millis(700), until);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    storm.grant_after(until, "after flapping", &daemons);
+    still_held(
+        &c,
+        &addrs,
+        &held,
+        &mut holders,
+        ("after flapping", &daemons),
+    );
+
+    let (most, samples, grants) = storm.finish();
+    println!(
+        "partitions: seats in use at most {most} of {SEATS} in {samples} samples; \
+         {grants} storm grants; relay {:?}",
+        relay.total()
+    );
+    assert!(
+        most <= SEATS,
+        "over-granted: {most} seats in use of {SEATS}"
+    );
+}
+
+#[test]
+fn all_three_restarted_at_once_keep_every_lease() {
+    let (c, addrs, mut daemons) = running_cluster(|a, _, j| a[j], free_udp_addrs(3));
+    let (mut holders, held) = hold(&c, &addrs);
+    for d in &mut daemons {
+        d.take().unwrap().stop();
+    }
+    for (i, d) in daemons.iter_mut().enumerate() {
+        *d = Some(c.daemon(i));
+    }
+    still_held(&c, &addrs, &held, &mut holders, ("all restarted", &daemons));
+    // And SIGKILLed at once, too.
+    for d in &mut daemons {
+        d.take().unwrap().kill();
+    }
+    for (i, d) in daemons.iter_mut().enumerate() {
+        *d = Some(c.daemon(i));
+    }
+    still_held(&c, &addrs, &held, &mut holders, ("all killed", &daemons));
+    let doc = status(&c, &addrs).expect("a leader answers");
+    assert_eq!(seats(&doc).1, HOLDERS as u64, "{doc}");
+
+    // /metrics: one leader among the three, which alone shows the seats.
+    let leader = answered_by(&doc, &addrs);
+    for (i, d) in daemons.iter().enumerate() {
+        let (code, page) = d.as_ref().unwrap().http("GET", "/metrics", None);
+        assert_eq!(code, 200, "s{i}: {page}");
+        let role = if i == leader { "leader" } else { "follower" };
+        assert!(
+            page.contains(&format!("tally_cluster_role{{role=\"{role}\"}} 1")),
+            "s{i} is a {role}: {page}"
+        );
+        assert_eq!(
+            page.contains("tally_seats_in_use{feature=\"solver\"} 3"),
+            i == leader,
+            "s{i}: {page}"
+        );
+        let (code, view) = d.as_ref().unwrap().http("GET", "/api/cluster", None);
+        assert_eq!(code, 200, "s{i}: {view}");
+        let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+        assert_eq!(view["members"].as_array().map(Vec::len), Some(3), "{view}");
+    }
 }
