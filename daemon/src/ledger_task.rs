@@ -364,9 +364,12 @@ async fn follow(
         let node = task.disk.node().cloned();
         let retry_at = task.disk.retry_at();
         let mut metrics = node.as_ref().map(|n| n.metrics());
+        // Never itself: a member that believes it leads but is not confirmed by a
+        // majority (cut off from it) must not send clients back to itself.
         let leader = metrics
             .as_ref()
             .and_then(|m| m.borrow().current_leader)
+            .filter(|&id| id != setup.id())
             .and_then(|id| setup.addr_of(id));
         role.send_if_modified(|r| {
             let now = Role::Following {

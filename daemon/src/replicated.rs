@@ -253,6 +253,11 @@ mod tests {
         assert_eq!(machine.store().image().unwrap(), before);
     }
 
+    fn journal_seqs(machine: &SeatMachine) -> Vec<u64> {
+        let image = machine.store().image().unwrap();
+        image.journal.iter().map(|e| e.seq).collect()
+    }
+
     /// A snapshot the store already holds is not restored over it: what was written
     /// while the daemon was stopped (a returned bundle's journal entry) survives.
     #[test]
@@ -268,26 +273,10 @@ mod tests {
         drop(machine);
         let mut machine = SeatMachine::new(store).unwrap();
         machine.restore(Some(&log_id(2)), &snapshot).unwrap();
-        let seqs: Vec<u64> = machine
-            .store()
-            .image()
-            .unwrap()
-            .journal
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(journal_seqs(&machine), [1, 2, 3, 4]);
         // A snapshot past what the store holds replaces it.
         machine.restore(Some(&log_id(5)), &snapshot).unwrap();
-        let seqs: Vec<u64> = machine
-            .store()
-            .image()
-            .unwrap()
-            .journal
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(journal_seqs(&machine), [1, 2, 3]);
         assert_eq!(machine.store().applied_index().unwrap(), Some(5));
     }
 

@@ -22,8 +22,13 @@ use tally_tests::{ok, wait_until, Daemon, Holder};
 const SEATS: u64 = 5;
 /// Long-running holders (the rest of the seats churn in the storm).
 const HOLDERS: usize = 3;
-/// Leader kills.
-const ROUNDS: usize = 3;
+/// Leader kills (`TALLY_CLUSTER_ROUNDS` for a long run).
+fn rounds() -> usize {
+    std::env::var("TALLY_CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+}
 /// How long anything may take before the test gives up (a bound, not a measurement).
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -62,10 +67,23 @@ fn seats(doc: &serde_json::Value) -> (BTreeSet<String>, u64) {
 
 /// The member that answered `doc`.
 fn answered_by(doc: &serde_json::Value, addrs: &[SocketAddr]) -> usize {
+    answered_through(doc, addrs, None)
+}
+
+/// The member that answered `doc`, also when the client reached it through the relay
+/// (a member names the leader by the address it reaches it at: the relay's).
+fn answered_through(doc: &serde_json::Value, addrs: &[SocketAddr], relay: Option<&Relay>) -> usize {
     let server = doc["server"].as_str().unwrap_or_default();
-    addrs
-        .iter()
-        .position(|a| a.to_string() == server)
+    let direct = addrs.iter().position(|a| a.to_string() == server);
+    let relayed = || {
+        let relay = relay?;
+        (0..addrs.len())
+            .flat_map(|i| (0..addrs.len()).filter(move |&j| j != i).map(move |j| (i, j)))
+            .find(|&(i, j)| relay.addr_of(i, j).to_string() == server)
+            .map(|(_, j)| j)
+    };
+    direct
+        .or_else(relayed)
         .unwrap_or_else(|| panic!("status answered by {server}, not a member"))
 }
 
@@ -271,7 +289,8 @@ fn the_leader_killed_during_a_checkout_storm_loses_no_lease_and_overgrants_nothi
     let (mut holders, held) = hold(&c, &addrs);
     let storm = Storm::start(&c, &addrs);
     let mut failovers = Vec::new();
-    for round in 0..ROUNDS {
+    let rounds = rounds();
+    for round in 0..rounds {
         storm.grant_after(Instant::now(), "before the kill", &daemons);
         let doc = status(&c, &addrs).expect("a leader answers");
         let leader = answered_by(&doc, &addrs);
@@ -287,7 +306,7 @@ fn the_leader_killed_during_a_checkout_storm_loses_no_lease_and_overgrants_nothi
     }
     let (most, samples, grants) = storm.finish();
     println!(
-        "{ROUNDS} leader kills; failover (kill to the end of the first run granted after \
+        "{rounds} leader kills; failover (kill to the end of the first run granted after \
          it): {failovers:?}; seats in use at most {most} of {SEATS} in {samples} samples; \
          {grants} storm grants"
     );
@@ -309,12 +328,12 @@ fn partitions_elect_in_the_majority_and_heal_without_a_manual_step() {
     // The leader cut off from both others: the majority elects one of its own, the old
     // leader stops granting, and clients (who reach every member) go to the new one.
     let doc = status(&c, &addrs).expect("a leader answers");
-    let old = answered_by(&doc, &addrs);
+    let old = answered_through(&doc, &addrs, Some(&relay));
     relay.isolate(old);
     let cut = Instant::now();
     let new = loop {
         let doc = status(&c, &addrs);
-        if let Some(i) = doc.map(|d| answered_by(&d, &addrs)).filter(|&i| i != old) {
+        if let Some(i) = doc.map(|d| answered_through(&d, &addrs, Some(&relay))).filter(|&i| i != old) {
             break i;
         }
         assert!(
@@ -341,7 +360,7 @@ fn partitions_elect_in_the_majority_and_heal_without_a_manual_step() {
     if out.status.success() {
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_ne!(
-            answered_by(&doc, &addrs),
+            answered_through(&doc, &addrs, Some(&relay)),
             old,
             "the cut-off member still serves"
         );
@@ -378,7 +397,7 @@ fn partitions_elect_in_the_majority_and_heal_without_a_manual_step() {
 
     // A follower cut off: the leader goes on granting with the other.
     let doc = status(&c, &addrs).expect("a leader answers");
-    let leader = answered_by(&doc, &addrs);
+    let leader = answered_through(&doc, &addrs, Some(&relay));
     let follower = (leader + 1) % 3;
     relay.isolate(follower);
     let cut = Instant::now();
@@ -387,7 +406,7 @@ fn partitions_elect_in_the_majority_and_heal_without_a_manual_step() {
 
     // A flapping link between the leader and a follower for a few seconds.
     let doc = status(&c, &addrs).expect("a leader answers");
-    let leader = answered_by(&doc, &addrs);
+    let leader = answered_through(&doc, &addrs, Some(&relay));
     let until = Instant::now() + Duration::from_secs(6);
     relay.flap(leader, (leader + 1) % 3, Duration::from_millis(700), until);
     while Instant::now() < until {

@@ -17,12 +17,13 @@ use tally_protocol::lease::LeaseId;
 use tally_protocol::report::{JournalEntry, ReportState, UsageEvent};
 use tally_protocol::time::UnixTime;
 use tally_publisher::receive::Inbox;
+use tally_tests::cluster::ClusterSite;
 use tally_tests::{bin, ok, run};
 
 /// A vendor key, three cluster members (`s0`..`s2`) bound by one bundle, and a fourth
 /// server (`s3`) it does not bind.
 struct Site {
-    root: tempfile::TempDir,
+    site: ClusterSite,
     keys: Vec<SecretKey>,
 }
 
@@ -30,48 +31,17 @@ const START: u64 = 1_800_000_000;
 
 impl Site {
     fn new() -> Site {
-        let root = tempfile::tempdir().unwrap();
-        let path = |n: &str| root.path().join(n);
-        ok(run(Command::new(bin("tally-publisher"))
-            .arg("keygen")
-            .arg("--out")
-            .arg(path("vendor"))));
-        let mut keys = Vec::new();
-        for i in 0..4 {
-            let data = path(&format!("s{i}"));
-            ok(run(Command::new(bin("tallyd"))
-                .arg("init")
-                .arg("--data-dir")
-                .arg(&data)));
-            ok(run(Command::new(bin("tallyd"))
-                .arg("request")
-                .arg("--data-dir")
-                .arg(&data)
-                .arg("--out")
-                .arg(path(&format!("s{i}.req")))));
-            keys.push(tally_daemon::identity::load(&data.join("server.key")).unwrap());
-        }
-        std::fs::create_dir_all(path("bundles")).unwrap();
-        std::fs::write(
-            path("spec.toml"),
-            "id = \"site-ha-1\"\nvendor = \"Acme Simulation\"\n[customer]\nid = \"C-1001\"\nname = \"Example Corp\"\n[[feature]]\nname = \"solver\"\nseats = 5\n",
-        )
-        .unwrap();
-        let mut cmd = Command::new(bin("tally-publisher"));
-        cmd.arg("issue")
-            .arg("--vendor-key")
-            .arg(path("vendor.key"))
-            .arg("--spec")
-            .arg(path("spec.toml"));
-        for i in 0..3 {
-            cmd.arg("--request").arg(path(&format!("s{i}.req")));
-        }
-        ok(run(cmd.arg("--out").arg(path("bundles/site-ha-1.bundle"))));
-        Site { root, keys }
+        let site = ClusterSite::new(4);
+        let keys = (0..4)
+            .map(|i| tally_daemon::identity::load(&site.data_dir(i).join("server.key")).unwrap())
+            .collect();
+        std::fs::create_dir_all(site.path("bundles")).unwrap();
+        ok(site.issue(&site.all_requests()[..3], "bundles/site-ha-1.bundle"));
+        Site { site, keys }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.root.path().join(name)
+        self.site.path(name)
     }
 
     /// Report `state.report_seq + 1`, exported by node `node`: one checkout and checkin
