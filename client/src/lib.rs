@@ -489,10 +489,10 @@ impl Session {
                             }));
                         }
                     }
-                    if named.is_empty() && addrs.len() < MAX_ADDRESSES {
-                        // No leader to try yet (an election runs): this member is asked
-                        // again a moment later, a bounded number of times, while the
-                        // other attempts go on.
+                    // This member is asked again a moment later (a bounded number of
+                    // times, while the other attempts go on): an election may be
+                    // running, and the leader it named may be one that just failed.
+                    if addrs.len() < MAX_ADDRESSES && !addrs[next..].contains(&addr) {
                         again.insert(addrs.len());
                         addrs.push(addr);
                     }

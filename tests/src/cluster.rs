@@ -68,7 +68,7 @@ impl ClusterSite {
         std::fs::write(
             self.config(i),
             format!(
-                "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:0\"\nlease_ttl_secs = 20\nheartbeat_secs = 2\n\
+                "listen = \"{listen}\"\nhttp_listen = \"127.0.0.1:0\"\nlease_ttl_secs = 60\nheartbeat_secs = 2\n\
                  idle_timeout_secs = 5\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\n\
                  vendor_keys = [\"{}\"]\n{extra}",
                 self.data_dir(i).display(),

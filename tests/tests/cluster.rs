@@ -78,7 +78,11 @@ fn answered_through(doc: &serde_json::Value, addrs: &[SocketAddr], relay: Option
     let relayed = || {
         let relay = relay?;
         (0..addrs.len())
-            .flat_map(|i| (0..addrs.len()).filter(move |&j| j != i).map(move |j| (i, j)))
+            .flat_map(|i| {
+                (0..addrs.len())
+                    .filter(move |&j| j != i)
+                    .map(move |j| (i, j))
+            })
             .find(|&(i, j)| relay.addr_of(i, j).to_string() == server)
             .map(|(_, j)| j)
     };
@@ -99,6 +103,20 @@ fn logs(daemons: &[Option<Daemon>]) -> String {
             format!("--- s{i} ---\n{tail}\n")
         })
         .collect()
+}
+
+/// Every member's log lines that name one of `leases`, for a failure's message.
+fn lines_naming(daemons: &[Option<Daemon>], leases: &BTreeSet<String>) -> String {
+    let mut out = String::new();
+    for (i, d) in daemons.iter().enumerate() {
+        let Some(d) = d else { continue };
+        for line in d.log_text().lines() {
+            if leases.iter().any(|l| line.contains(l.as_str())) || line.contains("lead") {
+                out.push_str(&format!("s{i}: {line}\n"));
+            }
+        }
+    }
+    out
 }
 
 /// A three-server site, configured (members reach each other at `peer(addrs, i, j)`)
@@ -170,8 +188,9 @@ fn still_held(
             now_held = seats(&doc).0;
             held.is_subset(&now_held)
         }),
-        "{what}: long leases lost: held {held:?}, now {now_held:?}\n{}",
-        logs(daemons)
+        "{what}: long leases lost: held {held:?}, now {now_held:?}\n{}\n{}",
+        logs(daemons),
+        lines_naming(daemons, held)
     );
     for h in holders {
         assert!(
@@ -333,7 +352,10 @@ fn partitions_elect_in_the_majority_and_heal_without_a_manual_step() {
     let cut = Instant::now();
     let new = loop {
         let doc = status(&c, &addrs);
-        if let Some(i) = doc.map(|d| answered_through(&d, &addrs, Some(&relay))).filter(|&i| i != old) {
+        if let Some(i) = doc
+            .map(|d| answered_through(&d, &addrs, Some(&relay)))
+            .filter(|&i| i != old)
+        {
             break i;
         }
         assert!(
