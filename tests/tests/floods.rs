@@ -421,14 +421,22 @@ fn floods_on_loopback_leave_heartbeats_answered_and_memory_bounded() {
     rt.block_on(async { drop(held) });
 }
 
-/// A client socket that lets a connection send its first two datagrams (the Initial
-/// with the ClientHello and, after a stateless Retry, the Initial that answers it) and
-/// then drops everything it would send: a client that answers the Retry and goes
-/// silent, leaving the server a handshake in progress until its idle timeout.
+/// A client socket that sends its ClientHello (and, after a stateless Retry, the Initial
+/// that answers it) and drops everything it would send once the server's handshake
+/// flight arrived: a client that answers the Retry and goes silent, leaving the server
+/// a handshake in progress until its idle timeout. (Counting sent datagrams instead
+/// let a busy client send its Finished coalesced with the Initial ACK as its second
+/// datagram, completing handshakes that were meant to stay half-open.)
 #[derive(Debug)]
 struct GoesSilent {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
-    sent: AtomicUsize,
+    /// Set once a datagram other than a Retry came from the server.
+    silent: AtomicBool,
+}
+
+/// Whether a datagram starts with a QUIC v1 Retry packet (long header, type 3).
+fn is_retry(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|b| b & 0xb0 == 0xb0)
 }
 
 impl quinn::AsyncUdpSocket for GoesSilent {
@@ -437,10 +445,10 @@ impl quinn::AsyncUdpSocket for GoesSilent {
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        if self.sent.fetch_add(1, Ordering::Relaxed) < 2 {
-            self.inner.try_send(transmit)
-        } else {
+        if self.silent.load(Ordering::Relaxed) {
             Ok(())
+        } else {
+            self.inner.try_send(transmit)
         }
     }
 
@@ -450,7 +458,18 @@ impl quinn::AsyncUdpSocket for GoesSilent {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        let polled = self.inner.poll_recv(cx, bufs, meta);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            let handshake_came = bufs
+                .iter()
+                .zip(meta.iter())
+                .take(*n)
+                .any(|(buf, meta)| !is_retry(&buf[..meta.len.min(buf.len())]));
+            if handshake_came {
+                self.silent.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -469,7 +488,7 @@ fn half_open(server: SocketAddr) -> (quinn::Endpoint, quinn::Connecting) {
     let socket = UdpSocket::bind(SocketAddr::from((ATTACKER, 0))).unwrap();
     let socket = Arc::new(GoesSilent {
         inner: runtime.wrap_udp_socket(socket).unwrap(),
-        sent: AtomicUsize::new(0),
+        silent: AtomicBool::new(false),
     });
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
