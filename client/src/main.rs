@@ -182,6 +182,31 @@ enum AdminCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Show a three-server site's cluster (members, roles, replication lag), or add or
+    /// remove a member. Runs on the leader, found from any member `--server` names.
+    Cluster {
+        #[command(subcommand)]
+        op: Option<ClusterCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members, their roles and how far each is behind the leader (the default).
+    Show,
+    /// Add a server: one the `[[cluster]]` tables of the members' configs name (reloaded)
+    /// and the served bundle binds, started with `join_cluster = true`. It catches up
+    /// as a learner, then votes. Exits 75 if it did not finish in time: run it again.
+    Add {
+        /// Its key fingerprint (as `tallyd init` prints it) or node id.
+        member: String,
+    },
+    /// Remove a member, such as a server that was lost (remove it before adding its
+    /// replacement: every quorum stays made of live servers).
+    Remove {
+        /// Its node id (as `tally admin cluster` shows it) or key fingerprint.
+        member: String,
+    },
 }
 
 fn parse_period(text: &str) -> Result<Duration, String> {
@@ -274,9 +299,10 @@ fn server_exit_code(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::Unauthorized | ErrorCode::AdminDisabled => EX_NOPERM,
         ErrorCode::UnknownLease | ErrorCode::ReloadFailed => EX_DATAERR,
-        ErrorCode::StorageUnavailable | ErrorCode::ShuttingDown | ErrorCode::NotLeader => {
-            EX_TEMPFAIL
-        }
+        ErrorCode::StorageUnavailable
+        | ErrorCode::ShuttingDown
+        | ErrorCode::NotLeader
+        | ErrorCode::ClusterChange => EX_TEMPFAIL,
         ErrorCode::Internal => EX_SOFTWARE,
         _ => EX_PROTOCOL,
     }
@@ -513,6 +539,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 AdminCommand::Remove { lease } => (AdminOp::Remove { lease }, None),
                 AdminCommand::Shutdown => (AdminOp::Shutdown, None),
                 AdminCommand::Report { out } => (AdminOp::ExportReport, Some(out)),
+                AdminCommand::Cluster { op } => match op.unwrap_or(ClusterCommand::Show) {
+                    ClusterCommand::Show => (AdminOp::ClusterShow, None),
+                    ClusterCommand::Add { member } => (AdminOp::ClusterAdd { member }, None),
+                    ClusterCommand::Remove { member } => (AdminOp::ClusterRemove { member }, None),
+                },
             };
             let session = Session::connect(&config).await?;
             let exporting = out.is_some();

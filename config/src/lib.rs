@@ -116,6 +116,14 @@ pub struct DaemonConfig {
     /// single server. Every member must be bound by the bundle the site serves.
     #[serde(default)]
     pub cluster: Vec<ClusterMember>,
+    /// This server joins a cluster that runs already (it replaces a lost member, or
+    /// the site grows): at its first start, with an empty data directory, it waits to
+    /// be added by `tally admin cluster add` on the leader instead of forming a
+    /// cluster with the `[[cluster]]` members (a new member forming one of its own
+    /// would hold elections the others refuse and disturb them). Moot once it holds
+    /// the cluster's log.
+    #[serde(default)]
+    pub join_cluster: bool,
 }
 
 /// A server of a site that runs several as one (`[[cluster]]` in `tallyd.toml`).
@@ -235,6 +243,7 @@ impl Default for DaemonConfig {
             remove_holdoff_secs: DEFAULT_REMOVE_HOLDOFF_SECS,
             log_file: None,
             cluster: Vec::new(),
+            join_cluster: false,
         }
     }
 }
@@ -354,6 +363,13 @@ impl DaemonConfig {
                 self.cluster.len()
             ));
         }
+        if self.join_cluster && self.cluster.is_empty() {
+            return invalid(
+                "join_cluster is set but [[cluster]] names no members: a server joins the \
+                 cluster its [[cluster]] tables name"
+                    .into(),
+            );
+        }
         for (i, m) in self.cluster.iter().enumerate() {
             if let Some(other) = self.cluster[..i]
                 .iter()
@@ -466,6 +482,13 @@ mod tests {
             .collect();
         let err = DaemonConfig::parse(Path::new("t.toml"), &eight).unwrap_err();
         assert!(err.to_string().contains("at most 7"), "{err}");
+        // A server joins the cluster its members name, never none.
+        let joining =
+            DaemonConfig::parse(Path::new("t.toml"), &format!("join_cluster = true\n{text}"))
+                .unwrap();
+        assert!(joining.join_cluster && !c.join_cluster);
+        let err = DaemonConfig::parse(Path::new("t.toml"), "join_cluster = true\n").unwrap_err();
+        assert!(err.to_string().contains("names no members"), "{err}");
     }
 
     #[test]

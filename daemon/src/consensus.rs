@@ -41,6 +41,8 @@ pub struct NodeSetup {
     key: SecretKey,
     endpoint: quinn::Endpoint,
     members: BTreeMap<u64, PeerNode>,
+    /// Whether a new node waits to be added instead of forming the cluster.
+    join: bool,
     slot: NodeSlot,
 }
 
@@ -73,8 +75,17 @@ impl NodeSetup {
             key,
             endpoint,
             members,
+            join: false,
             slot: NodeSlot::default(),
         }
+    }
+
+    /// The setup of a member that joins a running cluster (`join_cluster`): with a new
+    /// log it waits to be added by the leader ([`tally_cluster::ops::add_node`]) instead
+    /// of forming a cluster with the configured members.
+    pub fn joining(mut self, join: bool) -> NodeSetup {
+        self.join = join;
+        self
     }
 
     /// This node's id (from its key: the start of the key's fingerprint).
@@ -95,11 +106,6 @@ impl NodeSetup {
     /// Forgets the running node (it was stopped).
     pub fn clear(&self) {
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    /// The client address of member `id`, if it is one.
-    pub fn addr_of(&self, id: u64) -> Option<String> {
-        self.members.get(&id).map(|m| m.addr.clone())
     }
 
     /// Starts the node over `store`: opens the log beside it, applies what the store
@@ -125,6 +131,13 @@ impl NodeSetup {
                 .await
                 .map_err(|e| fail(e.to_string()))?
             {
+                if self.is_cluster() && self.join {
+                    tracing::info!(
+                        "a new member joining a running cluster: waiting to be added by \
+                         `tally admin cluster add` on its leader"
+                    );
+                    return Ok(());
+                }
                 let members = if self.is_cluster() {
                     // Every member forms the cluster with the same members from its
                     // config: openraft allows that, and no member has to go first.
@@ -195,6 +208,17 @@ pub async fn propose(raft: &Node, batch: StoreBatch, store_path: &Path) -> Resul
             },
         }),
     }
+}
+
+/// The client address of the leader `raft` knows of, unless that is `me` (a member that
+/// believes it leads but is not confirmed must not send clients back to itself). From
+/// the replicated membership, so that a member added since the start is found.
+pub fn leader_addr(raft: &Node, me: u64) -> Option<String> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let leader = m.current_leader.filter(|&id| id != me)?;
+    let node = m.membership_config.membership().get_node(&leader)?;
+    Some(node.addr.clone())
 }
 
 /// Waits until `raft` leads with every entry of the logs before its term applied (its

@@ -266,12 +266,134 @@ async fn admin(admin: AdminRequest, (conn, remote): Origin, shared: &Arc<Shared>
             report: None,
         }),
         AdminOp::ExportReport => admin_export(shared).await?,
+        AdminOp::ClusterShow => admin_cluster(shared, None).await,
+        AdminOp::ClusterAdd { member } => admin_cluster(shared, Some((true, &member))).await,
+        AdminOp::ClusterRemove { member } => admin_cluster(shared, Some((false, &member))).await,
         _ => {
             return Err(Error::Unsupported(
                 "this admin operation is not supported by this tallyd",
             ))
         }
     })
+}
+
+/// How long `tally admin cluster add` and `remove` wait for the change (below the
+/// client's 10 s request timeout, so the admin hears how it ended). A new member that
+/// needs longer to catch up stays a learner; the same command finishes the addition.
+const CLUSTER_CHANGE_WAIT: Duration = Duration::from_secs(8);
+
+/// `tally admin cluster [add|remove MEMBER]` on the leader (admin requests reach only
+/// the leader: a member that does not lead refuses the session and names it). `change`:
+/// whether to add (`true`) or remove, and whom; `None` shows the cluster.
+async fn admin_cluster(shared: &Shared, change: Option<(bool, &str)>) -> Response {
+    let node = shared
+        .node
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (Some(node), Some(_)) = (node, shared.peers.as_ref()) else {
+        return error(
+            ErrorCode::Unsupported,
+            "this server is a single server, not a member of a cluster",
+        );
+    };
+    let Some((add, member)) = change else {
+        let metrics = node.metrics().borrow().clone();
+        return Response::Admin(AdminReply {
+            message: tally_cluster::ops::ClusterView::from_metrics(&metrics).to_string(),
+            report: None,
+        });
+    };
+    let Some(prefix) = member_prefix(member) else {
+        return error(
+            ErrorCode::BadRequest,
+            format!(
+                "'{member}' names no member: give its key fingerprint or its node id (16 \
+                 hex digits or more)"
+            ),
+        );
+    };
+    let deadline = tokio::time::Instant::now() + CLUSTER_CHANGE_WAIT;
+    let (id, done) = if add {
+        let configured = shared.members.read().expect("members lock").clone();
+        let found: Vec<_> = configured
+            .into_iter()
+            .filter(|m| member_prefix(&m.key.fingerprint()).is_some_and(|f| f.starts_with(&prefix)))
+            .collect();
+        let [peer] = found.as_slice() else {
+            return error(
+                ErrorCode::BadRequest,
+                format!(
+                    "no [[cluster]] member of this server's config has the key {member}: add \
+                     the new member's [[cluster]] table, and install the vendor's bundle \
+                     binding its key, on every member, reload them, then add it"
+                ),
+            );
+        };
+        let id = peer.key.node_id();
+        let done = tally_cluster::ops::add_node(&node, id, peer.clone(), deadline).await;
+        (id, done)
+    } else {
+        let metrics = node.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let found: Vec<u64> = membership
+            .nodes()
+            .filter(|(id, n)| {
+                format!("{id:016x}").starts_with(&prefix)
+                    || member_prefix(&n.key.fingerprint()).is_some_and(|f| f.starts_with(&prefix))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let [id] = found.as_slice() else {
+            return error(
+                ErrorCode::BadRequest,
+                format!("no member of the cluster has the node id or key {member}"),
+            );
+        };
+        (
+            *id,
+            tally_cluster::ops::remove_node(&node, *id, deadline).await,
+        )
+    };
+    match done {
+        Ok(()) => {
+            let verb = if add { "added" } else { "removed" };
+            info!(node = %format_args!("{id:016x}"), "cluster member {verb} by the administrator");
+            let metrics = node.metrics().borrow().clone();
+            let voters = metrics.membership_config.membership().voter_ids().count();
+            Response::Admin(AdminReply {
+                message: format!(
+                    "{verb} node {id:016x}; the cluster has {}",
+                    plural(voters as u64, "voter", "voters")
+                ),
+                report: None,
+            })
+        }
+        Err(e) => {
+            use tally_cluster::ops::OpsError;
+            warn!(node = %format_args!("{id:016x}"), error = %e, "cluster membership change failed");
+            let code = match &e {
+                OpsError::NotLeader { .. } => ErrorCode::NotLeader,
+                OpsError::UnknownNode(_) | OpsError::Conflict { .. } | OpsError::LastVoter(_) => {
+                    ErrorCode::BadRequest
+                }
+                _ => ErrorCode::ClusterChange,
+            };
+            error(code, e.to_string())
+        }
+    }
+}
+
+/// A member named by an admin as lower-case hex without the fingerprint's colons; `None`
+/// unless it is 16 hex digits (a node id) or more.
+fn member_prefix(named: &str) -> Option<String> {
+    let hex: String = named
+        .trim()
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    (hex.len() >= 16 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
 }
 
 /// `tally admin remove`: the lease goes, its holder is held off.

@@ -366,11 +366,9 @@ async fn follow(
         let mut metrics = node.as_ref().map(|n| n.metrics());
         // Never itself: a member that believes it leads but is not confirmed by a
         // majority (cut off from it) must not send clients back to itself.
-        let leader = metrics
+        let leader = node
             .as_ref()
-            .and_then(|m| m.borrow().current_leader)
-            .filter(|&id| id != setup.id())
-            .and_then(|id| setup.addr_of(id));
+            .and_then(|n| consensus::leader_addr(n, setup.id()));
         role.send_if_modified(|r| {
             let now = Role::Following {
                 leader: leader.clone(),
@@ -401,6 +399,15 @@ async fn follow(
             command = rx.recv() => match command {
                 None => return Some(None),
                 Some(Command::Shutdown { done }) => return Some(Some(done)),
+                // Kept for the term this member may lead: the bundles and policy an
+                // admin reloaded here are served then. Their changes are journaled by
+                // the leader's own reload (a member that does not lead writes nothing).
+                Some(Command::Reload { bundles, policy, done, .. }) => {
+                    let at = now();
+                    task.ledger.reload(at, &bundles);
+                    task.ledger.set_policy(at, policy);
+                    let _ = done.send(());
+                }
                 Some(_) => {}
             },
             _ = lead => {

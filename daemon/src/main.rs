@@ -467,6 +467,7 @@ fn run_demo(args: DemoArgs) -> Result<(), Failure> {
             bundles: vec![bundle.clone()],
             store,
             cluster: Vec::new(),
+            join_cluster: false,
             lease_ttl: Duration::from_secs(config.lease_ttl_secs),
             heartbeat: Duration::from_secs(config.heartbeat_secs),
             idle_timeout: Duration::from_secs(config.idle_timeout_secs),

@@ -31,6 +31,9 @@ pub struct ServerParams {
     /// The site's servers when it runs several as one (`[[cluster]]`), this one
     /// included, with their keys from the bundle; empty for a single server.
     pub cluster: Vec<tally_cluster::net::PeerNode>,
+    /// Whether this server joins a running cluster (`join_cluster`): with a new log it
+    /// waits to be added instead of forming the cluster.
+    pub join_cluster: bool,
     /// Default lease TTL.
     pub lease_ttl: Duration,
     /// Heartbeat interval asked of clients.
@@ -81,6 +84,7 @@ impl ServerParams {
             bundles,
             store,
             cluster: Vec::new(),
+            join_cluster: false,
             lease_ttl: Duration::from_secs(tally_config::DEFAULT_LEASE_TTL_SECS),
             heartbeat: Duration::from_secs(tally_config::DEFAULT_HEARTBEAT_SECS),
             idle_timeout: Duration::from_secs(tally_config::DEFAULT_IDLE_TIMEOUT_SECS),
@@ -137,6 +141,9 @@ pub struct Reloaded {
     pub refused: Vec<Refused>,
     /// The policy.
     pub policy: Policy,
+    /// A cluster member's `[[cluster]]` members as the config names them now, with
+    /// their keys (`None`: a single server).
+    pub cluster: Option<Vec<tally_cluster::net::PeerNode>>,
 }
 
 /// Why a [`Reloader`] read nothing to serve.

@@ -31,6 +31,14 @@ pub fn outcome_text(outcome: &ReloadOutcome) -> String {
     text
 }
 
+/// Where a reload puts a cluster member's `[[cluster]]` members: the keys admitted at
+/// the peer handshake and the members `tally admin cluster add` may add (`None` keys:
+/// a single server).
+pub(crate) type Members<'a> = (
+    Option<&'a tally_cluster::net::PeerKeys>,
+    &'a RwLock<Vec<tally_cluster::net::PeerNode>>,
+);
+
 /// The reloader and what keeps reloads one at a time.
 pub(crate) struct Reloads {
     reloader: Option<Reloader>,
@@ -61,9 +69,10 @@ impl Reloads {
         bundles: &RwLock<Arc<Vec<VerifiedBundle>>>,
         ledger: &LedgerHandle,
         metrics: &Metrics,
+        cluster: Members<'_>,
     ) -> ReloadOutcome {
         let at = now().wall;
-        let outcome = self.reload_bundles(bundles, ledger).await;
+        let outcome = self.reload_bundles(bundles, ledger, cluster).await;
         for r in &outcome.refused {
             // The same words as at the start and in `check-config`: FILE: refused: REASON.
             warn!("reload: {}: refused: {}", r.source, r.reason);
@@ -101,6 +110,7 @@ impl Reloads {
         &self,
         bundles_served: &RwLock<Arc<Vec<VerifiedBundle>>>,
         ledger: &LedgerHandle,
+        (peer_keys, members_now): Members<'_>,
     ) -> ReloadOutcome {
         let serving = || -> Vec<String> {
             bundles_served
@@ -138,6 +148,7 @@ impl Reloads {
             bundles,
             refused,
             policy,
+            cluster,
         } = match tokio::time::timeout(RELOAD_DEADLINE, read).await {
             Err(_) => {
                 return failed(format!(
@@ -178,6 +189,20 @@ impl Reloads {
         }
         let loaded: Vec<String> = bundles.iter().map(|b| b.bundle.id.clone()).collect();
         *bundles_served.write().expect("bundles lock") = Arc::new(bundles);
+        if let (Some(members), Some(keys)) = (cluster, peer_keys) {
+            let mut now_in = members_now.write().expect("members lock");
+            if *now_in != members {
+                // Peers are admitted by the new keys from the next handshake on; who
+                // votes changes only by `tally admin cluster add` and `remove`.
+                keys.replace(members.iter().map(|m| m.key));
+                let named: Vec<String> = members
+                    .iter()
+                    .map(|m| format!("{} at {}", m.key.fingerprint(), m.addr))
+                    .collect();
+                info!(members = %named.join(", "), "reload: the cluster's configured members changed");
+                *now_in = members;
+            }
+        }
         let count = loaded.len();
         let summary = if refused.is_empty() {
             format!("reloaded: serving {count} bundle(s); every lease kept")

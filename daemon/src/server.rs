@@ -83,7 +83,8 @@ impl Server {
             params.identity.clone(),
             endpoint.clone(),
             params.cluster.clone(),
-        );
+        )
+        .joining(params.join_cluster);
         // A store that cannot be written (served from a copy) still has its log applied
         // to it first, so that the ledger restores every lease that was acknowledged;
         // the node is stopped again by the disk, which starts broken.
@@ -116,6 +117,7 @@ impl Server {
             role,
             node: setup.slot(),
             peers,
+            members: RwLock::new(params.cluster),
             ledger: tx,
             key: params.identity,
             bundles: RwLock::new(Arc::new(params.bundles)),

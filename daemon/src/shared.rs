@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     pub(crate) node: crate::consensus::NodeSlot,
     /// The cluster's member keys (`None`: a single server, no peers admitted).
     pub(crate) peers: Option<tally_cluster::net::PeerKeys>,
+    /// The members `[[cluster]]` names now (replaced by a reload), with their keys: the
+    /// servers `tally admin cluster add` may add. Empty on a single server.
+    pub(crate) members: RwLock<Vec<tally_cluster::net::PeerNode>>,
 }
 
 impl Shared {
@@ -102,7 +105,12 @@ impl Shared {
     /// Reloads bundles and policy; every way it ends is logged and kept in the metrics.
     pub(crate) async fn reload(&self) -> ReloadOutcome {
         self.reloads
-            .reload(&self.bundles, &self.ledger, &self.metrics)
+            .reload(
+                &self.bundles,
+                &self.ledger,
+                &self.metrics,
+                (self.peers.as_ref(), &self.members),
+            )
             .await
     }
 

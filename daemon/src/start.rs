@@ -443,6 +443,10 @@ pub fn reloader(site: &Site) -> Reloader {
     let bundle_dir = site.config.bundle_dir.clone();
     let data_dir = site.config.data_dir.clone();
     let policy_path = site.config.policy.clone();
+    // A cluster member reads its `[[cluster]]` again: replacing a lost member changes it
+    // (with the vendor's bundle binding the new member) while the others serve on.
+    let cluster_config = (!site.config.cluster.is_empty()).then(|| site.config_path.clone());
+    let key = site.key.clone();
     Arc::new(move || {
         let policy = match &policy_path {
             Some(p) => Policy::load(p).map_err(|e| {
@@ -454,6 +458,14 @@ pub fn reloader(site: &Site) -> Reloader {
             None => Policy::default(),
         };
         let mut rules = rules.clone();
+        let members = match &cluster_config {
+            Some(path) => {
+                let members = reread_members(path)?;
+                rules.cluster = members.iter().map(|m| m.key.clone()).collect();
+                Some(members)
+            }
+            None => None,
+        };
         let returns = bundles::read_returns(&data_dir)
             .map_err(|e| ReloadError::Other(format!("{}: {e}", data_dir.display())))?;
         rules.returned = returns.returned;
@@ -469,12 +481,37 @@ pub fn reloader(site: &Site) -> Reloader {
         for warning in policy_warnings(policy_path.as_deref(), &policy, &loaded) {
             tracing::warn!("{warning}");
         }
+        let cluster = match members {
+            Some(members) => Some(resolve_members(&members, &loaded, &key).map_err(|e| {
+                ReloadError::Other(format!(
+                    "{}: [[cluster]]: {e}",
+                    cluster_config.as_deref().unwrap_or(Path::new("")).display()
+                ))
+            })?),
+            None => None,
+        };
         Ok(Reloaded {
             bundles: loaded.bundles(),
             refused: refusals(&loaded),
             policy,
+            cluster,
         })
     })
+}
+
+/// The `[[cluster]]` members of the config at `path`, read again for a reload. A
+/// config that no longer parses, or names no members, is refused as a whole (nothing
+/// is reloaded): a member turns into a single server only by a restart.
+fn reread_members(path: &Path) -> Result<Vec<tally_config::ClusterMember>, ReloadError> {
+    let config = DaemonConfig::load(path).map_err(|e| ReloadError::Other(e.to_string()))?;
+    if config.cluster.is_empty() {
+        return Err(ReloadError::Other(format!(
+            "{}: [[cluster]] names no members now: a cluster member becomes a single \
+             server only by a restart",
+            path.display()
+        )));
+    }
+    Ok(config.cluster)
 }
 
 /// Where a started server listens, for the lines `tallyd run` prints once it serves.
@@ -577,6 +614,7 @@ fn server_params(site: &Site) -> Result<ServerParams, StartError> {
             uploader,
         },
         cluster,
+        join_cluster: config.join_cluster,
         ..ServerParams::new(
             config.listen,
             site.key.clone(),
@@ -589,22 +627,31 @@ fn server_params(site: &Site) -> Result<ServerParams, StartError> {
 /// The members `[[cluster]]` names, with their keys from the served bundles (which bind
 /// exactly them: see `bundles`); this server must be one of them.
 fn cluster_members(site: &Site) -> Result<Vec<tally_cluster::net::PeerNode>, StartError> {
-    let members = &site.config.cluster;
+    resolve_members(&site.config.cluster, &site.loaded, &site.key).map_err(|message| {
+        StartError::Cluster {
+            config: site.config_path.clone(),
+            message,
+        }
+    })
+}
+
+/// `members` with their keys from the bundles `loaded` serves; `Err` says why not (this
+/// server is not among them, or a member is bound by no served bundle).
+fn resolve_members(
+    members: &[tally_config::ClusterMember],
+    loaded: &Loaded,
+    key: &SecretKey,
+) -> Result<Vec<tally_cluster::net::PeerNode>, String> {
     if members.is_empty() {
         return Ok(Vec::new());
     }
-    let fail = |message: String| StartError::Cluster {
-        config: site.config_path.clone(),
-        message,
-    };
-    let ours = site.key.public().fingerprint();
+    let ours = key.public().fingerprint();
     if !members.iter().any(|m| m.key == ours) {
-        return Err(fail(format!(
+        return Err(format!(
             "this server's key {ours} is not among the members; add it with its address"
-        )));
+        ));
     }
-    let bound: Vec<tally_protocol::keys::PublicKey> = site
-        .loaded
+    let bound: Vec<tally_protocol::keys::PublicKey> = loaded
         .served
         .iter()
         .flat_map(|(_, b)| b.bundle.bound_keys())
@@ -616,11 +663,11 @@ fn cluster_members(site: &Site) -> Result<Vec<tally_cluster::net::PeerNode>, Sta
                 .iter()
                 .find(|k| k.fingerprint() == m.key)
                 .ok_or_else(|| {
-                    fail(format!(
+                    format!(
                         "member {} is bound by no served bundle (the vendor's bundle for \
                          the cluster binds every member's key: see `tallyd request`)",
                         m.key
-                    ))
+                    )
                 })?;
             Ok(tally_cluster::net::PeerNode {
                 addr: m.addr.to_string(),

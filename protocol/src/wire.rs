@@ -858,6 +858,21 @@ pub enum AdminOp {
     /// [`AdminReply`] for older clients; a reload that refused anything answers it with
     /// [`Response::Error`] listing the refusals.)
     ReloadWithOutcome,
+    /// Show the cluster as its leader sees it: members, roles, replication lag.
+    ClusterShow,
+    /// Add a server to the cluster (on its leader): the `[[cluster]]` member of the
+    /// leader's config whose key fingerprint starts with `member` (at least 16 hex
+    /// digits: a node id). It joins as a learner, catches up, then votes.
+    ClusterAdd {
+        /// The new member's key fingerprint, or its first 16 hex digits (its node id).
+        member: String,
+    },
+    /// Remove a server from the cluster (on its leader): the member whose key
+    /// fingerprint starts with `member` (a node id, as the cluster view shows it).
+    ClusterRemove {
+        /// The member's node id (16 hex digits) or key fingerprint.
+        member: String,
+    },
 }
 
 /// The answer to an admin request.
@@ -995,6 +1010,10 @@ pub enum ErrorCode {
     /// grants. The message names the leader's address when known
     /// ([`ServerError::leader_hint`]); a client connects there.
     NotLeader,
+    /// A cluster membership change was refused or did not finish (another change in
+    /// progress, the new member not caught up in time): what was done stays done, and
+    /// the same command can be run again.
+    ClusterChange,
     /// A code newer than this build knows.
     Unknown(u16),
 }
@@ -1013,6 +1032,7 @@ impl ErrorCode {
             ErrorCode::ReloadFailed => "reload_failed",
             ErrorCode::Internal => "internal",
             ErrorCode::NotLeader => "not_leader",
+            ErrorCode::ClusterChange => "cluster_change",
             ErrorCode::Unknown(_) => "unknown",
         }
     }
@@ -1031,6 +1051,7 @@ impl From<u16> for ErrorCode {
             8 => ErrorCode::ReloadFailed,
             9 => ErrorCode::Internal,
             10 => ErrorCode::NotLeader,
+            11 => ErrorCode::ClusterChange,
             n => ErrorCode::Unknown(n),
         }
     }
@@ -1049,6 +1070,7 @@ impl From<ErrorCode> for u16 {
             ErrorCode::ReloadFailed => 8,
             ErrorCode::Internal => 9,
             ErrorCode::NotLeader => 10,
+            ErrorCode::ClusterChange => 11,
             ErrorCode::Unknown(n) => n,
         }
     }

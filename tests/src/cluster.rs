@@ -123,6 +123,11 @@ impl ClusterSite {
         (0..self.nodes).map(|i| self.request(i)).collect()
     }
 
+    /// Node `i`'s admin token file.
+    pub fn admin_token(&self, i: usize) -> PathBuf {
+        self.data_dir(i).join("admin.token")
+    }
+
     /// Puts the bundle file `name` into node `i`'s bundle directory.
     pub fn install(&self, name: &str, i: usize) {
         std::fs::copy(self.path(name), self.path(&format!("s{i}/bundles/{name}"))).unwrap();
@@ -132,16 +137,39 @@ impl ClusterSite {
     /// every member (key and address) under `[[cluster]]`. `peer_addrs(i, j)` is the
     /// address server `i` reaches member `j` at (its real address, or a relay's).
     pub fn configure(&self, addrs: &[SocketAddr], peer_addrs: impl Fn(usize, usize) -> SocketAddr) {
-        let keys: Vec<String> = (0..self.nodes).map(|i| self.key(i)).collect();
+        let all: Vec<usize> = (0..self.nodes).collect();
         for i in 0..self.nodes {
-            let members: String = (0..self.nodes)
-                .map(|j| {
-                    let addr = if i == j { addrs[j] } else { peer_addrs(i, j) };
-                    format!("\n[[cluster]]\nkey = \"{}\"\naddr = \"{addr}\"\n", keys[j])
-                })
-                .collect();
-            self.write_config(i, &addrs[i].to_string(), &members);
+            self.configure_member(
+                i,
+                &all,
+                |j| if i == j { addrs[j] } else { peer_addrs(i, j) },
+                false,
+            );
         }
+    }
+
+    /// Writes server `i`'s config as a member of the cluster of the servers `members`
+    /// (server `j` at `addr(j)`, `i` listening at its own), joining a running cluster
+    /// (`join_cluster`) if `join`.
+    pub fn configure_member(
+        &self,
+        i: usize,
+        members: &[usize],
+        addr: impl Fn(usize) -> SocketAddr,
+        join: bool,
+    ) {
+        let tables: String = members
+            .iter()
+            .map(|&j| {
+                format!(
+                    "\n[[cluster]]\nkey = \"{}\"\naddr = \"{}\"\n",
+                    self.key(j),
+                    addr(j)
+                )
+            })
+            .collect();
+        let join = if join { "join_cluster = true\n" } else { "" };
+        self.write_config(i, &addr(i).to_string(), &format!("{join}{tables}"));
     }
 
     /// `tallyd check-config` of node `i`.

@@ -517,3 +517,153 @@ fn all_three_restarted_at_once_keep_every_lease() {
         assert_eq!(view["members"].as_array().map(Vec::len), Some(3), "{view}");
     }
 }
+
+/// The node id of server `i` as `tally admin cluster` shows it: the first 16 hex digits
+/// of its key fingerprint.
+fn node_id(c: &ClusterSite, i: usize) -> String {
+    c.key(i).replace(':', "")[..16].to_string()
+}
+
+/// A member's machine is lost with its data directory and replaced by a new server (new
+/// key, empty data directory) the way the README says, while the other two serve: the
+/// vendor's bundle binds the new key, the survivors get it and the new `[[cluster]]` and
+/// reload, the lost member is removed, the new one starts with `join_cluster` and is
+/// added. The held leases survive throughout, and the new member holds the whole state:
+/// with it and one survivor alone the cluster still has every lease.
+#[test]
+fn a_member_whose_data_is_lost_is_replaced_by_a_new_server_while_the_others_serve() {
+    let c = ClusterSite::new(4);
+    let addrs = free_udp_addrs(4);
+    let first = [0, 1, 2];
+    ok(c.issue_seats(&first.map(|i| c.request(i)), "ha.bundle", SEATS as u32));
+    for i in first {
+        c.install("ha.bundle", i);
+        c.configure_member(i, &first, |j| addrs[j], false);
+    }
+    let mut daemons: Vec<Option<Daemon>> = (0..4).map(|i| (i < 3).then(|| c.daemon(i))).collect();
+    assert!(
+        wait_until(PATIENCE, || first.iter().all(|&i| status(
+            &c,
+            &addrs[i..=i]
+        )
+        .is_some())),
+        "no member came to lead\n{}",
+        logs(&daemons)
+    );
+    let (mut holders, held) = hold(&c, &addrs);
+
+    // The leader's machine is lost: killed, its data directory gone.
+    let doc = status(&c, &addrs).expect("a leader answers");
+    let lost = answered_by(&doc, &addrs);
+    daemons[lost].take().unwrap().kill();
+    std::fs::remove_dir_all(c.data_dir(lost)).unwrap();
+    let survivors: Vec<usize> = first.into_iter().filter(|&i| i != lost).collect();
+    still_held(&c, &addrs, &held, &mut holders, ("member lost", &daemons));
+
+    // The vendor binds the survivors and the new server s3; each gets that bundle in
+    // place of the old one and the new members, and the survivors reload (SIGHUP).
+    let now = [survivors[0], survivors[1], 3];
+    ok(c.issue_seats(&now.map(|i| c.request(i)), "ha2.bundle", SEATS as u32));
+    for i in now {
+        let _ = std::fs::remove_file(c.path(&format!("s{i}/bundles/ha.bundle")));
+        c.install("ha2.bundle", i);
+        c.configure_member(i, &now, |j| addrs[j], i == 3);
+    }
+    for &i in &survivors {
+        daemons[i].as_ref().unwrap().signal("HUP");
+    }
+    assert!(
+        wait_until(PATIENCE, || survivors.iter().all(|&i| daemons[i]
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("configured members changed"))),
+        "the survivors did not take the new members\n{}",
+        logs(&daemons)
+    );
+
+    // On the leader (with its admin token: each server has its own): the lost member
+    // out, then the new one, started to join, in.
+    let leader = answered_by(&status(&c, &addrs).expect("a leader answers"), &addrs);
+    let admin = |args: &[&str]| {
+        c.tally(&addrs[leader..=leader])
+            .arg("admin")
+            .arg("--admin-token-file")
+            .arg(c.admin_token(leader))
+            .arg("cluster")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = admin(&["remove", &node_id(&c, lost)]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && text.contains("the cluster has 2 voters"),
+        "remove: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A member it does not know is named as such (exit 76: the server refused it).
+    let out = admin(&["remove", &node_id(&c, lost)]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no member of the cluster"),
+        "{out:?}"
+    );
+
+    daemons[3] = Some(c.daemon(3));
+    assert!(
+        wait_until(PATIENCE, || daemons[3]
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("waiting to be added")),
+        "the new server did not wait to be added\n{}",
+        logs(&daemons)
+    );
+    // Until it is added it leads nothing and names no leader: status through it alone
+    // finds no server that grants.
+    assert!(status(&c, &addrs[3..=3]).is_none());
+    let key = c.key(3);
+    let mut added = String::new();
+    assert!(
+        wait_until(PATIENCE, || {
+            // Timed out (exit 75) while catching up: the same command finishes it.
+            let out = admin(&["add", &key]);
+            added = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.status.success()
+        }),
+        "add: {added}\n{}",
+        logs(&daemons)
+    );
+    assert!(added.contains("the cluster has 3 voters"), "{added}");
+    let out = admin(&[]);
+    let view = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    let voter_line = view
+        .lines()
+        .find(|l| l.contains(&node_id(&c, 3)))
+        .unwrap_or_else(|| panic!("the new member is not shown: {view}"));
+    assert!(voter_line.contains("voter"), "{view}");
+    assert!(!view.contains(&node_id(&c, lost)), "{view}");
+    println!("replaced s{lost} by s3: {}\n{view}", added.trim());
+
+    // The leader killed: the new member and the other survivor are the majority now,
+    // and every lease is there.
+    daemons[leader].take().unwrap().kill();
+    let rest: Vec<SocketAddr> = now
+        .iter()
+        .filter(|&&i| i != leader)
+        .map(|&i| addrs[i])
+        .collect();
+    still_held(
+        &c,
+        &rest,
+        &held,
+        &mut holders,
+        ("the new member and one survivor", &daemons),
+    );
+}
