@@ -483,3 +483,43 @@ expires = "2031-06-30"
 name = "viewer"
 seats = "uncounted"
 "#;
+
+/// The dashboard's DOM after its script ran, from headless Chromium (bounded: 60 s).
+pub fn dashboard_dom(daemon: &Daemon) -> String {
+    const CHROMIUM: &str = "/usr/bin/chromium";
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "the dashboard check needs Chromium: apt-get install chromium"
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{}/", daemon.http.unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting chromium");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut dom = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut dom).map(|_| dom)
+    });
+    let done = wait_until(Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("chromium did not finish within 60 s");
+    }
+    reader.join().unwrap().expect("reading chromium's output")
+}

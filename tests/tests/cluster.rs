@@ -516,6 +516,42 @@ fn all_three_restarted_at_once_keep_every_lease() {
         let view: serde_json::Value = serde_json::from_str(&view).unwrap();
         assert_eq!(view["members"].as_array().map(Vec::len), Some(3), "{view}");
     }
+
+    // The dashboard of each member shows the three nodes and which leads; a member that
+    // does not lead says that the seats are on the leader's.
+    let leader_id = c.key(leader).replace(':', "")[..16].to_string();
+    for (i, d) in daemons.iter().enumerate() {
+        let dom = tally_tests::dashboard_dom(d.as_ref().unwrap());
+        assert!(
+            !dom.contains("id=\"cluster-section\" hidden"),
+            "s{i}: {dom}"
+        );
+        // The table as the script filled it (the script's own text names the row too).
+        let table = dom
+            .split("<table id=\"cluster\">")
+            .nth(1)
+            .and_then(|t| t.split("</table>").next())
+            .unwrap_or_else(|| panic!("s{i}: no cluster table: {dom}"));
+        assert_eq!(table.matches("<tr data-node=").count(), 3, "s{i}: {table}");
+        let leader_row = table
+            .split("<tr data-node=")
+            .find(|row| row.starts_with(&format!("\"{leader_id}\"")))
+            .unwrap_or_else(|| panic!("s{i}: no row of the leader {leader_id}: {dom}"));
+        assert!(
+            leader_row.contains("<td class=\"role\">leader</td>"),
+            "s{i}: {leader_row}"
+        );
+        let meta = dom
+            .split("id=\"meta\">")
+            .nth(1)
+            .and_then(|t| t.split("</div>").next())
+            .unwrap_or_default();
+        assert_eq!(
+            meta.contains("this member does not lead its cluster"),
+            i != leader,
+            "s{i}: {meta}"
+        );
+    }
 }
 
 /// The node id of server `i` as `tally admin cluster` shows it: the first 16 hex digits
