@@ -123,6 +123,7 @@ pub async fn run(
         }
     };
     let mut verdict = None;
+    cluster(config, &session, report).await;
     report(clock_skew(UnixTime::now(), session.hello().server_time));
     let (lines, expired) = expiry(session.bundles(), UnixTime::now());
     lines.into_iter().for_each(&mut *report);
@@ -164,6 +165,100 @@ pub async fn run(
     }
     session.close().await;
     verdict.unwrap_or(Verdict::Healthy)
+}
+
+/// The cluster check, when the served bundle binds several servers (a three-server
+/// site): each configured address asked alone, side by side, says whether it leads,
+/// sends the client to the leader, or does not answer. The site serves while a majority
+/// runs, so a member down is a warning (no margin left), and so is a client that lists
+/// fewer addresses than the cluster has members (it cannot find the others when the
+/// ones it lists are down), the usual mistake with redundant license servers.
+async fn cluster(config: &ClientConfig, session: &Session, report: &mut dyn FnMut(Line)) {
+    let members = session.lease_signers().len();
+    if members <= 1 {
+        return;
+    }
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, server) in config.servers.iter().enumerate() {
+        let mut alone = config.clone();
+        alone.servers = vec![server.clone()];
+        let server = server.clone();
+        probes.spawn(async move {
+            let own = crate::resolve(&server).await.unwrap_or_default();
+            let answer = Session::connect(&alone).await;
+            let answer = match answer {
+                Ok(s) => {
+                    let found = (s.server(), s.server_key().fingerprint());
+                    s.close().await;
+                    Ok((own.contains(&found.0), found))
+                }
+                Err(e) => Err(e),
+            };
+            (i, server, answer)
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = probes.join_next().await {
+        if let Ok(answer) = done {
+            answers.push(answer);
+        }
+    }
+    answers.sort_by_key(|(i, _, _)| *i);
+    let mut leaders = std::collections::BTreeSet::new();
+    let mut silent = 0;
+    for (_, server, answer) in &answers {
+        match answer {
+            Ok((true, (_, key))) => {
+                leaders.insert(key.clone());
+                report(Line::new(Level::Ok, format!("cluster: {server} leads (server key {key})")));
+            }
+            Ok((false, (leader, _))) => report(Line::new(
+                Level::Ok,
+                format!("cluster: {server} is a member that does not lead; it sent the client to the leader at {leader}"),
+            )),
+            Err(e) => {
+                silent += 1;
+                report(Line::new(Level::Warn, format!("cluster: {server} does not answer: {e}")));
+            }
+        }
+    }
+    if silent > 0 {
+        report(Line::new(
+            Level::Fix,
+            format!(
+                "fix: the site serves while a majority of its {members} servers runs, with less margin \
+                 now: start the server that does not answer, or replace it (README: \
+                 \"Replacing a lost member\")"
+            ),
+        ));
+    }
+    if leaders.len() > 1 {
+        report(Line::new(
+            Level::Warn,
+            format!(
+                "cluster: {} members answered as leader (a leader change under way?): run tally doctor again",
+                leaders.len()
+            ),
+        ));
+    }
+    if config.servers.len() < members {
+        report(Line::new(
+            Level::Warn,
+            format!(
+                "cluster: the bundle binds {members} servers but this client lists {}: when \
+                 those are down it cannot find the others",
+                plural_servers(config.servers.len())
+            ),
+        ));
+        report(Line::new(
+            Level::Fix,
+            "fix: list every server of the site (--server a,b,c or TALLY_SERVER=a,b,c)",
+        ));
+    }
+}
+
+fn plural_servers(n: usize) -> String {
+    tally_protocol::wire::plural(n as u64, "server", "servers")
 }
 
 /// The clock check: this machine's time `local` against the server's `server`.

@@ -552,6 +552,38 @@ fn all_three_restarted_at_once_keep_every_lease() {
             "s{i}: {meta}"
         );
     }
+
+    // `tally doctor` asks each listed member alone: one leads, two send it on.
+    let doctor = |addrs: &[SocketAddr]| {
+        let out = c.tally(addrs).args(["doctor", "solver"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.code(), text)
+    };
+    let (code, text) = doctor(&addrs);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(text.matches(" leads (server key").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("a member that does not lead").count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains("WARN"), "{text}");
+    // A client that lists one of the three is told to list them all.
+    let (code, text) = doctor(&addrs[leader..=leader]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("the bundle binds 3 servers but this client lists 1 server"),
+        "{text}"
+    );
+    // A member down: the site serves, with a warning naming the silent one.
+    let follower = (leader + 1) % 3;
+    daemons[follower].take().unwrap().kill();
+    let (code, text) = doctor(&addrs);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("cluster: {} does not answer", addrs[follower])),
+        "{text}"
+    );    println!("tally doctor with a member down:\n{text}");
 }
 
 /// The node id of server `i` as `tally admin cluster` shows it: the first 16 hex digits
