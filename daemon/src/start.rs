@@ -290,6 +290,25 @@ pub fn check_config(config_path: &Path) -> Result<Checked, StartError> {
         "  timing        lease TTL {} s, heartbeat {} s, idle timeout {} s",
         c.lease_ttl_secs, c.heartbeat_secs, c.idle_timeout_secs
     );
+    // The members as `run` resolves them: a member no served bundle binds fails here too.
+    let members = cluster_members(&site)?;
+    if !members.is_empty() {
+        let _ = writeln!(
+            out,
+            "  cluster       {} as one{}",
+            plural(members.len() as u64, "server", "servers"),
+            if c.join_cluster {
+                "; this one joins it (join_cluster: waits to be added by the leader)"
+            } else {
+                ""
+            }
+        );
+        let ours = site.key.public();
+        for m in &members {
+            let this = if m.key == ours { " (this server)" } else { "" };
+            let _ = writeln!(out, "    {} at {}{this}", m.key.fingerprint(), m.addr);
+        }
+    }
     let _ = writeln!(out, "  bundles from  {}", c.bundle_dir.display());
     describe_bundles(&mut out, &site.loaded);
     if let Some(path) = &c.policy {

@@ -583,7 +583,8 @@ fn all_three_restarted_at_once_keep_every_lease() {
     assert!(
         text.contains(&format!("cluster: {} does not answer", addrs[follower])),
         "{text}"
-    );    println!("tally doctor with a member down:\n{text}");
+    );
+    println!("tally doctor with a member down:\n{text}");
 }
 
 /// The node id of server `i` as `tally admin cluster` shows it: the first 16 hex digits
@@ -678,6 +679,16 @@ fn a_member_whose_data_is_lost_is_replaced_by_a_new_server_while_the_others_serv
         "{out:?}"
     );
 
+    // check-config shows the members it will join, itself among them.
+    let checked = ok(c.check_config(3));
+    assert!(
+        checked.contains("cluster       3 servers as one; this one joins it"),
+        "{checked}"
+    );
+    assert!(
+        checked.contains(&format!("{} at {} (this server)", c.key(3), addrs[3])),
+        "{checked}"
+    );
     daemons[3] = Some(c.daemon(3));
     assert!(
         wait_until(PATIENCE, || daemons[3]
