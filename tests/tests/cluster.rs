@@ -746,3 +746,93 @@ fn a_member_whose_data_is_lost_is_replaced_by_a_new_server_while_the_others_serv
         ("the new member and one survivor", &daemons),
     );
 }
+
+/// A client waiting in the queue when the leader dies waits on under the new leader and
+/// gets the first seat that comes free there.
+#[test]
+fn a_queued_checkout_survives_a_failover_and_gets_the_next_free_seat() {
+    let (c, addrs, mut daemons) = running_cluster(|a, _, j| a[j], free_udp_addrs(3));
+    let (mut holders, mut held) = hold(&c, &addrs);
+    // The rest of the seats taken too.
+    let more = |c: &ClusterSite| {
+        Holder::from_child(
+            c.tally(&addrs)
+                .args(["run", "solver", "--", "sleep", "600"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut fillers: Vec<Holder> = (HOLDERS as u64..SEATS).map(|_| more(&c)).collect();
+    let mut full = BTreeSet::new();
+    assert!(
+        wait_until(PATIENCE, || {
+            full = status(&c, &addrs).map(|d| seats(&d).0).unwrap_or_default();
+            full.len() == SEATS as usize
+        }),
+        "the seats were not all taken: {full:?}"
+    );
+    let mut waiter = Holder::from_child(
+        c.tally(&addrs)
+            .args(["run", "solver", "--wait", "300", "--", "sleep", "600"])
+            .env("TALLY_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(c.path("waiter.log")).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let queued = |doc: &serde_json::Value| {
+        doc["features"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["name"] == "solver"))
+            .and_then(|f| f["queue"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(PATIENCE, || status(&c, &addrs)
+            .is_some_and(|d| queued(&d) == 1)),
+        "the waiter is not in the queue"
+    );
+
+    let leader = answered_by(&status(&c, &addrs).expect("a leader answers"), &addrs);
+    daemons[leader].take().unwrap().kill();
+    held.extend(full.iter().cloned());
+    let others: Vec<SocketAddr> = (0..3).filter(|&i| i != leader).map(|i| addrs[i]).collect();
+    still_held(
+        &c,
+        &others,
+        &held,
+        &mut holders,
+        ("leader killed", &daemons),
+    );
+    // A seat comes free under the new leader: the waiter, still waiting, gets it. (A
+    // holder killed before it re-attached to the new leader keeps its seat until one
+    // TTL, 60 s, after the take-over: the new leader cannot tell it from one whose
+    // heartbeats are on their way.)
+    let mut freed = fillers.pop().unwrap();
+    freed.kill_group();
+    let mut now = BTreeSet::new();
+    assert!(
+        wait_until(2 * PATIENCE, || {
+            now = status(&c, &others).map(|d| seats(&d).0).unwrap_or_default();
+            now.len() == SEATS as usize && !now.is_subset(&full)
+        }),
+        "the waiter did not get the freed seat (waiter {:?}): held {now:?}, before {full:?}\n{}\nwaiter: {}",
+        waiter.child.try_wait(),
+        daemons
+            .iter()
+            .flatten()
+            .flat_map(|d| d.log_text().lines().filter(|l| !l.contains("openraft") && !l.contains("peer RPC")).map(String::from).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        std::fs::read_to_string(c.path("waiter.log")).unwrap_or_default()
+    );
+    assert!(
+        matches!(waiter.child.try_wait(), Ok(None)),
+        "the waiter ended instead of running with its seat"
+    );
+    waiter.kill_group();
+}
