@@ -243,13 +243,17 @@ fn main() -> ExitCode {
 
 /// Log lines go to stderr (journald under systemd) and, once `run` opens one, to the log
 /// file ([`tally_daemon::logfile`]), in the same format without colours.
-/// `RUST_LOG` sets the level (default `info`, with openraft's own steps at `warn`: its
-/// info lines, such as elections and votes, are the consensus engine's diary, not
-/// tallyd's; tallyd logs what matters of them in its own words).
+/// `RUST_LOG` sets the level (default `info`, with openraft's own lines at `error` and
+/// its replication's off: its info lines, such as elections and votes, are the consensus
+/// engine's diary, and it logs every RPC to a member that is down, twice a second, as a
+/// warning and an error; tallyd logs what matters of them in its own words, once: a
+/// member that does not answer, and answers again, in `cluster::net`).
 fn init_logging() {
+    /// See above.
+    const DEFAULT_LOG_FILTER: &str = "info,openraft=error,openraft::replication=off";
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let stderr = tally_protocol::cli::stderr_layer().with_filter(
         tracing_subscriber::filter::filter_fn(|m| m.target() != EXIT_TARGET),
     );

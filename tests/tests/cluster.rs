@@ -585,6 +585,23 @@ fn all_three_restarted_at_once_keep_every_lease() {
         "{text}"
     );
     println!("tally doctor with a member down:\n{text}");
+    // The leader says so in its log once, in its own words (not openraft's line for
+    // every failed RPC, twice a second).
+    let leader_log = || daemons[leader].as_ref().unwrap().log_text();
+    assert!(
+        wait_until(PATIENCE, || leader_log()
+            .contains("cluster member does not answer")),
+        "{}",
+        leader_log()
+    );
+    std::thread::sleep(Duration::from_secs(3)); // more failed RPCs, which must stay quiet
+    let log = leader_log();
+    assert_eq!(
+        log.matches("cluster member does not answer").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("openraft::replication"), "{log}");
 }
 
 /// The node id of server `i` as `tally admin cluster` shows it: the first 16 hex digits

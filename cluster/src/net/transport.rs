@@ -133,13 +133,43 @@ pub enum PeerError {
 /// The shared connection to one peer; `None` until dialled and after a failure.
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
+/// RPCs in a row that found a peer unreachable before that is logged: three heartbeat
+/// intervals, so that one lost datagram or a peer restarting is not news.
+const FAILURES_BEFORE_DOWN: u32 = 3;
+
+/// Whether a peer answers, so that a peer going away and coming back is logged once
+/// each, in one line that names it (openraft logs every failed RPC, twice a second).
+#[derive(Default)]
+struct Reach {
+    failures: std::sync::atomic::AtomicU32,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Reach {
+    fn answered(&self, node: &PeerNode) {
+        use std::sync::atomic::Ordering;
+        self.failures.store(0, Ordering::Relaxed);
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!(peer = %node, "cluster member answers again");
+        }
+    }
+
+    fn failed(&self, node: &PeerNode, why: &dyn fmt::Display) {
+        use std::sync::atomic::Ordering;
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= FAILURES_BEFORE_DOWN && !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(peer = %node, "cluster member does not answer: {why}; asking on");
+        }
+    }
+}
+
 /// openraft's network factory over QUIC: one per node, handed to `Raft::new`.
 #[derive(Clone)]
 pub struct QuicNetwork<NID: NodeId> {
     id: NID,
     endpoint: quinn::Endpoint,
     identity: Arc<PeerIdentity>,
-    connections: Arc<Mutex<HashMap<NID, (PeerNode, Slot)>>>,
+    connections: Arc<Mutex<HashMap<NID, (PeerNode, Slot, Arc<Reach>)>>>,
 }
 
 impl<NID: NodeId> QuicNetwork<NID> {
@@ -155,14 +185,14 @@ impl<NID: NodeId> QuicNetwork<NID> {
     }
 
     /// The connection slot of `target`; a node whose address or key changed gets a new one.
-    fn slot(&self, target: NID, node: &PeerNode) -> Slot {
+    fn slot(&self, target: NID, node: &PeerNode) -> (Slot, Arc<Reach>) {
         let mut map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&target) {
-            Some((known, slot)) if known == node => slot.clone(),
+            Some((known, slot, reach)) if known == node => (slot.clone(), reach.clone()),
             _ => {
-                let slot = Slot::default();
-                map.insert(target, (node.clone(), slot.clone()));
-                slot
+                let (slot, reach) = (Slot::default(), Arc::<Reach>::default());
+                map.insert(target, (node.clone(), slot.clone(), reach.clone()));
+                (slot, reach)
             }
         }
     }
@@ -175,13 +205,15 @@ where
     type Network = PeerClient<C>;
 
     async fn new_client(&mut self, target: C::NodeId, node: &PeerNode) -> PeerClient<C> {
+        let (slot, reach) = self.slot(target.clone(), node);
         PeerClient {
             id: self.id.clone(),
             target: target.clone(),
             node: node.clone(),
             endpoint: self.endpoint.clone(),
             identity: self.identity.clone(),
-            slot: self.slot(target, node),
+            slot,
+            reach,
             _config: std::marker::PhantomData,
         }
     }
@@ -195,6 +227,7 @@ pub struct PeerClient<C: RaftTypeConfig> {
     endpoint: quinn::Endpoint,
     identity: Arc<PeerIdentity>,
     slot: Slot,
+    reach: Arc<Reach>,
     _config: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -280,7 +313,26 @@ impl<C: RaftTypeConfig<Node = PeerNode>> PeerClient<C> {
         Ok(answer)
     }
 
+    /// One RPC, its outcome counted for [`Reach`].
     async fn call(
+        &self,
+        request: PeerRequest<C>,
+        option: &RPCOption,
+    ) -> Result<PeerResponse<C::NodeId>, CallError> {
+        let answer = self.call_once(request, option).await;
+        match &answer {
+            Ok(_) => self.reach.answered(&self.node),
+            Err(CallError::Unreachable(e)) => self.reach.failed(&self.node, e),
+            Err(CallError::Timeout(d)) => self.reach.failed(
+                &self.node,
+                &format!("no answer within {} ms", d.as_millis()),
+            ),
+            Err(_) => {}
+        }
+        answer
+    }
+
+    async fn call_once(
         &self,
         request: PeerRequest<C>,
         option: &RPCOption,
