@@ -133,6 +133,9 @@ pub enum PeerError {
 /// The shared connection to one peer; `None` until dialled and after a failure.
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
+/// A peer as last dialled: its node (address and key), connection and reachability.
+type Known = (PeerNode, Slot, Arc<Reach>);
+
 /// RPCs in a row that found a peer unreachable before that is logged: three heartbeat
 /// intervals, so that one lost datagram or a peer restarting is not news.
 const FAILURES_BEFORE_DOWN: u32 = 3;
@@ -169,7 +172,7 @@ pub struct QuicNetwork<NID: NodeId> {
     id: NID,
     endpoint: quinn::Endpoint,
     identity: Arc<PeerIdentity>,
-    connections: Arc<Mutex<HashMap<NID, (PeerNode, Slot, Arc<Reach>)>>>,
+    connections: Arc<Mutex<HashMap<NID, Known>>>,
 }
 
 impl<NID: NodeId> QuicNetwork<NID> {
