@@ -13,10 +13,7 @@ use crate::{ClientConfig, ClientError, LeaseHandle, LeaseStatus, Want};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tally_protocol::wire::{ClientIdentity, StatusReply};
-
-/// How often a queued checkout asks the server for its place in the queue.
-const QUEUE_POLL: Duration = Duration::from_secs(1);
+use tally_protocol::wire::StatusReply;
 
 /// The status a lease reports once its client is closed: nothing tends it any more.
 const CLIENT_CLOSED: &str = "the client was closed";
@@ -25,8 +22,6 @@ const CLIENT_CLOSED: &str = "the client was closed";
 pub struct Client {
     runtime: Arc<tokio::runtime::Runtime>,
     client: Option<crate::Client>,
-    /// Who this client says it is, to find its own place in a queue.
-    identity: ClientIdentity,
     /// Set by [`Client::close`]; leases of a closed client are no longer tended.
     closed: Arc<AtomicBool>,
 }
@@ -63,12 +58,10 @@ impl Client {
             .build()
             .map_err(|e| ClientError::Config(format!("cannot start the client runtime: {e}")))?;
         let runtime = Arc::new(runtime);
-        let identity = config.identity.clone();
         let client = runtime.block_on(crate::Client::connect(config))?;
         Ok(Client {
             runtime,
             client: Some(client),
-            identity,
             closed: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -117,40 +110,7 @@ impl Client {
         want: &Want,
         on_queue: &mut impl FnMut(u32),
     ) -> Result<LeaseHandle, ClientError> {
-        let client = self.client();
-        let checkout = client.checkout(want);
-        if want.wait.is_zero() {
-            return checkout.await;
-        }
-        tokio::pin!(checkout);
-        let mut told = None;
-        loop {
-            tokio::select! {
-                result = &mut checkout => return result,
-                _ = tokio::time::sleep(QUEUE_POLL) => {
-                    let Ok(status) = client.status().await else { continue };
-                    let me = &self.identity;
-                    let position = status
-                        .features
-                        .iter()
-                        .find(|f| f.name == want.feature)
-                        .and_then(|f| {
-                            f.queue.iter().position(|q| {
-                                q.client.pid == me.pid
-                                    && q.client.host == me.host
-                                    && q.client.user == me.user
-                            })
-                        });
-                    if let Some(p) = position {
-                        let p = u32::try_from(p + 1).unwrap_or(u32::MAX);
-                        if told != Some(p) {
-                            told = Some(p);
-                            on_queue(p);
-                        }
-                    }
-                }
-            }
-        }
+        self.client().checkout_showing_queue(want, on_queue).await
     }
 
     /// Borrows seats for `period` into the per-user cache.

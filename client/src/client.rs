@@ -617,6 +617,12 @@ async fn tend_forever(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// How long a waiting checkout that lost its server pauses before asking again.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// How often a waiting checkout asks for its queue position.
+const QUEUE_POLL: Duration = Duration::from_secs(1);
+
 impl Client {
     /// Connects to the first server that answers and proves trustworthy, and starts the
     /// background task. Must be called within a tokio runtime.
@@ -680,6 +686,60 @@ impl Client {
     /// on this machine) is used instead of taking a second seat; when none does, the
     /// server decides as for any checkout.
     pub async fn checkout(&self, want: &Want) -> Result<LeaseHandle, ClientError> {
+        self.checkout_inner(want).await
+    }
+
+    /// [`Client::checkout`], telling `on_queue` this client's position in the feature's
+    /// queue (1 is next) whenever it changes while the checkout waits (`want.wait`).
+    ///
+    /// The position is polled every second by a future that runs side by side with the
+    /// checkout. (Awaiting the status between polls of the checkout deadlocked: a
+    /// checkout reconnecting after a failover holds the session lock that the status
+    /// waits for, and is not polled again while the status waits.)
+    pub async fn checkout_showing_queue(
+        &self,
+        want: &Want,
+        mut on_queue: impl FnMut(u32),
+    ) -> Result<LeaseHandle, ClientError> {
+        let checkout = self.checkout_inner(want);
+        if want.wait.is_zero() {
+            return checkout.await;
+        }
+        let me = &self.inner.config.identity;
+        let watch = async {
+            let mut told = None;
+            loop {
+                tokio::time::sleep(QUEUE_POLL).await;
+                let Ok(status) = self.status().await else {
+                    continue;
+                };
+                let position = status
+                    .features
+                    .iter()
+                    .find(|f| f.name == want.feature)
+                    .and_then(|f| {
+                        f.queue.iter().position(|q| {
+                            q.client.pid == me.pid
+                                && q.client.host == me.host
+                                && q.client.user == me.user
+                        })
+                    });
+                if let Some(p) = position {
+                    let p = u32::try_from(p + 1).unwrap_or(u32::MAX);
+                    if told != Some(p) {
+                        told = Some(p);
+                        on_queue(p);
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            result = checkout => result,
+            never = watch => never,
+        }
+    }
+
+    async fn checkout_inner(&self, want: &Want) -> Result<LeaseHandle, ClientError> {
         if self.inner.recently_offline() {
             if let Some(handle) = self.offline_seat(want, None)? {
                 return Ok(handle);
@@ -699,17 +759,46 @@ impl Client {
             return Ok(handle);
         }
         let request = want.request(Duration::ZERO);
-        let lease = match self.inner.checkout_on(&session, &request).await {
-            // The session died under us (a server that restarted a moment ago, before
-            // the background task noticed): once more on a fresh connection. A grant the
-            // dead connection may have carried reaches nobody and is taken back by the
-            // server.
-            Err(e @ ClientError::Connection { .. }) => {
-                tracing::debug!(error = %e, "checkout on a dead connection; once more");
-                let session = self.inner.session().await?;
-                self.inner.checkout_on(&session, &request).await?
+        let waits_until = std::time::Instant::now() + want.wait;
+        let mut answer = self.inner.checkout_on(&session, &request).await;
+        let mut again = 0u32;
+        let lease = loop {
+            match answer {
+                // The session died under us (a server that restarted a moment ago,
+                // before the background task noticed): once more on a fresh connection.
+                // A grant the dead connection may have carried reaches nobody and is
+                // taken back by the server.
+                Err(e @ ClientError::Connection { .. }) if again == 0 => {
+                    tracing::debug!(error = %e, "checkout on a dead connection; once more");
+                }
+                // A checkout that waits in the queue waits on through a server restart
+                // or a failover, for the rest of its wait: it asks again, every second,
+                // whoever serves by then.
+                Err(e)
+                    if e.is_connection_loss()
+                        && !want.wait.is_zero()
+                        && std::time::Instant::now() + RETRY_PAUSE < waits_until =>
+                {
+                    tracing::debug!(error = %e, "waiting checkout lost its server; asking again");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                other => break other?,
             }
-            other => other?,
+            again += 1;
+            let left = waits_until.saturating_duration_since(std::time::Instant::now());
+            let request = Want {
+                wait: if want.wait.is_zero() {
+                    want.wait
+                } else {
+                    left.max(Duration::from_secs(1))
+                },
+                ..want.clone()
+            }
+            .request(Duration::ZERO);
+            answer = match self.inner.session().await {
+                Ok(session) => self.inner.checkout_on(&session, &request).await,
+                Err(e) => Err(e),
+            };
         };
         let (tx, rx) = watch::channel(LeaseStatus::Active);
         self.inner.leases.lock().expect("leases lock").insert(

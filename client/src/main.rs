@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tally_client::grace::{LostSeatTerms, OnLostSeat, SeatGrace};
 use tally_client::{
-    cache, local_identity, Client, ClientConfig, ClientError, LeaseHandle, LeaseStatus, Session,
-    Trust, Want,
+    cache, Client, ClientConfig, ClientError, LeaseHandle, LeaseStatus, Session, Trust, Want,
 };
 use tally_protocol::bundle::VerifiedBundle;
 use tally_protocol::lease::LeaseId;
@@ -1005,32 +1004,14 @@ mod sys {
 }
 /// Checks out, printing the queue position while the checkout waits.
 async fn checkout_showing_queue(client: &Client, want: &Want) -> Result<LeaseHandle, ClientError> {
-    let checkout = client.checkout(want);
-    if want.wait.is_zero() {
-        return checkout.await;
-    }
-    tokio::pin!(checkout);
-    let me = local_identity();
-    let mut shown = None;
-    loop {
-        tokio::select! {
-            result = &mut checkout => return result,
-            _ = tokio::time::sleep(Duration::from_millis(1000)) => {
-                let Ok(status) = client.status().await else { continue };
-                let position = status
-                    .features
-                    .iter()
-                    .find(|f| f.name == want.feature)
-                    .and_then(|f| f.queue.iter().position(|q| q.client.pid == me.pid && q.client.host == me.host));
-                if let Some(p) = position {
-                    if shown != Some(p) {
-                        errln!("tally: waiting for a seat of '{}' (position {} in the queue)", want.feature, p + 1);
-                        shown = Some(p);
-                    }
-                }
-            }
-        }
-    }
+    client
+        .checkout_showing_queue(want, |p| {
+            errln!(
+                "tally: waiting for a seat of '{}' (position {p} in the queue)",
+                want.feature
+            );
+        })
+        .await
 }
 
 /// `tally doctor`: one line per check, then a verdict. Exits 0 when nothing failed,

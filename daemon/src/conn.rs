@@ -103,12 +103,7 @@ pub(crate) const NOT_LEADER_CLOSE: u32 = 0x10;
 
 /// A peer's connection: handed to the cluster's RPC server while a node runs.
 async fn serve_peer(connection: quinn::Connection, shared: &Shared) {
-    let node = shared
-        .node
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let (Some(node), Some(peers)) = (node, shared.peers.clone()) else {
+    let Some((node, peers)) = shared.cluster_node() else {
         connection.close(0u32.into(), b"no Raft node runs here now");
         return;
     };

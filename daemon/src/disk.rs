@@ -180,12 +180,11 @@ impl Disk {
             Event::Granted(record) => LeaseChange::Put(record.clone()),
             Event::Released { id, .. } => LeaseChange::Remove(*id),
         }));
-        batch
-            .detached
-            .extend(detachments.iter().map(|change| match *change {
-                Detachment::Until { id, until } => DetachedChange::Until { id, until },
-                Detachment::Cleared { id } => DetachedChange::Cleared { id },
-            }));
+        batch.detached.extend(
+            detachments
+                .iter()
+                .map(|&change| DetachedChange::from(change)),
+        );
         if clock.is_some() {
             batch.clock = clock;
         }

@@ -286,12 +286,7 @@ const CLUSTER_CHANGE_WAIT: Duration = Duration::from_secs(8);
 /// the leader: a member that does not lead refuses the session and names it). `change`:
 /// whether to add (`true`) or remove, and whom; `None` shows the cluster.
 async fn admin_cluster(shared: &Shared, change: Option<(bool, &str)>) -> Response {
-    let node = shared
-        .node
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let (Some(node), Some(_)) = (node, shared.peers.as_ref()) else {
+    let Some((node, _)) = shared.cluster_node() else {
         return error(
             ErrorCode::Unsupported,
             "this server is a single server, not a member of a cluster",

@@ -56,6 +56,17 @@ pub enum Detachment {
     },
 }
 
+/// A detachment as the replicated store records it (the log's command type).
+impl From<Detachment> for tally_protocol::replicate::DetachedChange {
+    fn from(change: Detachment) -> Self {
+        use tally_protocol::replicate::DetachedChange;
+        match change {
+            Detachment::Until { id, until } => DetachedChange::Until { id, until },
+            Detachment::Cleared { id } => DetachedChange::Cleared { id },
+        }
+    }
+}
+
 /// What the store knows at start about the leases it restores.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreFacts {

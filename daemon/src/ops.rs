@@ -27,13 +27,7 @@ impl OpsHandle {
     /// This member's view of its cluster (members, role, leader, term, replication
     /// lag); `None` for a single server, or while its Raft node is stopped.
     pub fn cluster_view(&self) -> Option<tally_cluster::ops::ClusterView> {
-        self.shared.peers.as_ref()?;
-        let node = self
-            .shared
-            .node
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
+        let (node, _) = self.shared.cluster_node()?;
         let metrics = node.metrics().borrow().clone();
         Some(tally_cluster::ops::ClusterView::from_metrics(&metrics))
     }

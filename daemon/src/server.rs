@@ -16,7 +16,7 @@ use crate::conn::serve_connection;
 use crate::consensus::{Node, NodeSetup, Role};
 use crate::error::Error;
 use crate::journal;
-use crate::ledger::{ConnId, Detachment, Ledger};
+use crate::ledger::{ConnId, Ledger};
 use crate::ledger_task::{run_ledger, Inbox, LedgerHandle};
 use crate::reload::Reloads;
 use crate::reports::Reports;
@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tally_protocol::replicate::{DetachedChange, StoreBatch};
+use tally_protocol::replicate::StoreBatch;
 use tally_protocol::report::UsageEvent;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -287,13 +287,7 @@ pub(crate) async fn restore(
         // Durable before serving: a crash right after this start must not let the
         // next start compute a later end from a newer clock mark.
         let mut batch = StoreBatch::new(start.wall);
-        batch.detached = detachments
-            .iter()
-            .map(|change| match *change {
-                Detachment::Until { id, until } => DetachedChange::Until { id, until },
-                Detachment::Cleared { id } => DetachedChange::Cleared { id },
-            })
-            .collect();
+        batch.detached = detachments.iter().map(|&change| change.into()).collect();
         crate::consensus::propose(node, batch, store.path()).await?;
     }
     if restored > 0 {

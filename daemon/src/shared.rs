@@ -132,6 +132,20 @@ impl Shared {
         self.reports.spool(&dir, exported).await
     }
 
+    /// This cluster member's Raft node running now and the peer keys admitted, or `None`
+    /// on a single server (or while the node restarts after a disk fault).
+    pub(crate) fn cluster_node(
+        &self,
+    ) -> Option<(crate::consensus::Node, tally_cluster::net::PeerKeys)> {
+        let peers = self.peers.clone()?;
+        let node = self
+            .node
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        Some((node, peers))
+    }
+
     /// Whether `token` is the admin token (compared in constant time).
     pub(crate) fn is_admin(&self, token: Option<&str>) -> bool {
         match (&self.admin_token, token) {

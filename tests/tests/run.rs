@@ -572,3 +572,71 @@ fn a_seat_granted_to_a_killed_waiter_comes_back_with_its_connection() {
     assert!(!log.contains("heartbeat TTL expired"), "{log}");
     kill_group(&mut b);
 }
+
+/// A waiter whose server restarts while it waits waits on: it asks the restarted server
+/// again and gets the seat that comes free there. (Its queue-position poll once waited
+/// for the session lock that the reconnecting checkout held, while the checkout was not
+/// polled: the waiter hung for good. And a checkout that found no server at its one
+/// retry ended the wait.)
+#[test]
+fn a_waiter_whose_server_restarts_waits_on_and_gets_the_next_seat() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--idle-timeout-secs", "5"];
+    let daemon = Daemon::start(&data, "127.0.0.1:0", &args);
+    let addr = daemon.addr;
+    let _all = Holder::start_with(&daemon, &["solver", "--count", "5"], 300);
+    assert!(wait_until(Duration::from_secs(30), || daemon
+        .in_use("solver")
+        == 5));
+    let err = dir.path().join("a.err");
+    let mut a = spawn_run(
+        &daemon,
+        "ana",
+        &["solver", "--wait", "120", "--", "sleep", "300"],
+        &err,
+    );
+    assert!(wait_until(Duration::from_secs(30), || users(
+        &daemon.feature("solver")["queue"]
+    ) == ["ana"]));
+    daemon.kill();
+    // The waiter notices (idle timeout) and asks again while no server answers.
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("reconnecting")),
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    std::thread::sleep(Duration::from_secs(2)); // position polls tick while it asks
+    let daemon = Daemon::start(&data, &addr.to_string(), &args);
+    assert!(
+        wait_until(Duration::from_secs(60), || users(
+            &daemon.feature("solver")["queue"]
+        ) == ["ana"]),
+        "the waiter did not queue at the restarted server: {}\n{}",
+        daemon.feature("solver"),
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    let lease = daemon.feature("solver")["holders"][0]["lease"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = daemon
+        .tally()
+        .args(["admin", "--admin-token-file"])
+        .arg(data.join("admin.token"))
+        .args(["remove", &lease])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        wait_until(Duration::from_secs(30), || users(
+            &daemon.feature("solver")["holders"]
+        ) == ["ana"]),
+        "the waiter did not get the seat: {}\n{}",
+        daemon.feature("solver"),
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    kill_group(&mut a);
+}
