@@ -9,6 +9,7 @@
 //! `--quick` runs every workload briefly at small sizes (CI keeps the harness working);
 //! the full run takes minutes and is what BENCHMARKS.md records.
 
+mod cluster;
 mod echo;
 mod scale;
 mod store;
@@ -30,7 +31,8 @@ struct Cli {
     /// Write the rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run only these groups (comma-separated): network, store, disk, reports, scale.
+    /// Run only these groups (comma-separated): network, store, disk, reports, scale,
+    /// cluster.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Connections in the scale group (default 10,000; 100 with --quick). Smaller runs
@@ -89,6 +91,9 @@ pub struct Sizes {
     pub scale_leases_per_conn: usize,
     /// Heartbeat interval during the scale figure, seconds.
     pub scale_heartbeat_secs: u64,
+    /// The cluster group's `idle_timeout_secs`: how long a client takes to notice a
+    /// killed server (tallyd's default, 15 s, in a full run).
+    pub cluster_idle_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             scale_conns: 100,
             scale_leases_per_conn: 10,
             scale_heartbeat_secs: 2,
+            cluster_idle_secs: 5,
         }
     } else {
         Sizes {
@@ -115,6 +121,7 @@ fn main() -> anyhow::Result<()> {
             scale_conns: 10_000,
             scale_leases_per_conn: 10,
             scale_heartbeat_secs: 30,
+            cluster_idle_secs: 15,
         }
     };
     let sizes = Sizes {
@@ -140,6 +147,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("scale") {
         rows.extend(runtime.block_on(scale::scale(sizes))?);
+    }
+    if wants("cluster") {
+        rows.extend(runtime.block_on(cluster::cluster(sizes))?);
     }
     print_table(&rows);
     if let Some(path) = cli.json {

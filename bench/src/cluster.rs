@@ -1,0 +1,374 @@
+//! Three servers as one: a site of three real `tallyd` processes on loopback forming one
+//! Raft cluster (`[[cluster]]` in each `tallyd.toml`, one bundle binding the three keys),
+//! set up the way an administrator does it (`tallyd init` per node, a vendor-signed
+//! bundle, a config per node) and the way `tests/src/cluster.rs` does for the end-to-end
+//! tests.
+//!
+//! The throughput rows run the single-server client shapes against the leader, in rounds
+//! that also measure the bare QUIC echo and a one-node `tallyd` process (a cluster of
+//! one, the same binary and settings): each three-node figure is a ratio to the echo of
+//! its round and to the one-node figure of its round, so the cost of replicating every
+//! grant to two followers is one number, with process boundaries and machine noise the
+//! same on both sides.
+
+use crate::scale::tallyd;
+use crate::workload::{self, Kind, Measured};
+use crate::{echo, Row, Sizes};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tally_client::{ClientConfig, Session, Trust};
+use tally_protocol::bundle::{self, Binding};
+use tally_protocol::keys::{public_key_to_armored, PublicKey, SecretKey};
+
+/// How long a site may take to start or to agree on a leader before the run gives up
+/// (a bound, not a measurement).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One `tallyd` process of a site.
+struct Node {
+    /// Running, or `None` once killed.
+    child: Option<Child>,
+    /// Its `tallyd.toml`.
+    config: PathBuf,
+    /// Its stderr.
+    log: PathBuf,
+    /// The address it listens on (fixed: the members name each other by it).
+    addr: SocketAddr,
+}
+
+/// A site of `n` `tallyd` processes on loopback (one: a server on its own). Every
+/// process is killed when the site is dropped, also when a measurement fails.
+pub struct Site {
+    dir: tempfile::TempDir,
+    vendor: SecretKey,
+    nodes: Vec<Node>,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// `n` loopback UDP addresses free a moment ago (bound to port 0 and let go): the
+/// members must know each other's addresses before any of them starts.
+fn free_udp_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let sockets = (0..n)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(sockets
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+impl Site {
+    /// Initialises `n` servers, issues one bundle of a million seats binding all of them,
+    /// writes their configs (with `[[cluster]]` naming every member when `n > 1`) and
+    /// starts them; returns once each printed its address (not yet with a leader: see
+    /// [`Site::leader`]).
+    pub fn start(n: usize, idle_timeout_secs: u64) -> anyhow::Result<Site> {
+        let dir = tempfile::tempdir()?;
+        let vendor = SecretKey::from_seed([41; 32]);
+        std::fs::write(
+            dir.path().join("vendor.pub"),
+            public_key_to_armored(&vendor.public()),
+        )?;
+        let host = tally_daemon::host::fingerprint();
+        let mut keys = Vec::new();
+        for i in 0..n {
+            let data = dir.path().join(format!("s{i}/data"));
+            let status = Command::new(tallyd())
+                .args(["init", "--data-dir"])
+                .arg(&data)
+                .stdout(Stdio::null())
+                .status()
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "running {}: {e} (build it: cargo build --release -p tally-daemon)",
+                        tallyd().display()
+                    )
+                })?;
+            anyhow::ensure!(status.success(), "tallyd init of node {i} failed");
+            keys.push(tally_daemon::identity::load(&data.join("server.key"))?);
+        }
+        let mut b = crate::workload::bench_bundle(&keys[0], &host, 1_000_000);
+        b.binding = keys
+            .iter()
+            .map(|k| Binding {
+                server_key: k.public(),
+                host_fingerprint: host.clone(),
+            })
+            .collect();
+        let bundles = dir.path().join("bundles");
+        std::fs::create_dir_all(&bundles)?;
+        std::fs::write(
+            bundles.join("bench.bundle"),
+            bundle::to_armored(&bundle::sign(&b, &vendor)),
+        )?;
+        let addrs = free_udp_addrs(n)?;
+        let members: String = if n > 1 {
+            keys.iter()
+                .zip(&addrs)
+                .map(|(k, a)| {
+                    format!(
+                        "\n[[cluster]]\nkey = \"{}\"\naddr = \"{a}\"\n",
+                        k.public().fingerprint()
+                    )
+                })
+                .collect()
+        } else {
+            String::new()
+        };
+        let mut site = Site {
+            vendor,
+            nodes: Vec::new(),
+            dir,
+        };
+        for (i, addr) in addrs.into_iter().enumerate() {
+            let config = site.dir.path().join(format!("s{i}/tallyd.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "listen = \"{addr}\"\ndata_dir = \"{}\"\nbundle_dir = \"{}\"\n\
+                     vendor_keys = [\"{}\"]\nidle_timeout_secs = {idle_timeout_secs}\nhttp = false\n\
+                     # One loopback address stands for every client here.\n\
+                     max_connections = 100000\nmax_connections_per_address = 100000\n\
+                     checkout_rate = 0\n{members}",
+                    site.dir.path().join(format!("s{i}/data")).display(),
+                    bundles.display(),
+                    site.dir.path().join("vendor.pub").display(),
+                ),
+            )?;
+            site.nodes.push(Node {
+                child: None,
+                log: site.dir.path().join(format!("s{i}/tallyd.log")),
+                config,
+                addr,
+            });
+        }
+        // All at once: a member may wait for its peers before it serves.
+        let waits = (0..n)
+            .map(|i| site.spawn(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, rx) in waits.into_iter().enumerate() {
+            site.await_banner(i, rx)?;
+        }
+        Ok(site)
+    }
+
+    /// Starts node `i` (`tallyd run --config`); the receiver gets its banner's address.
+    fn spawn(&mut self, i: usize) -> anyhow::Result<std::sync::mpsc::Receiver<String>> {
+        let node = &mut self.nodes[i];
+        let mut child = Command::new(tallyd())
+            .args(["run", "--config"])
+            .arg(&node.config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&node.log)?)
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        node.child = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, rest)) = line.split_once("listening on ") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Waits (bounded) for node `i`'s `listening on` line.
+    fn await_banner(&self, i: usize, rx: std::sync::mpsc::Receiver<String>) -> anyhow::Result<()> {
+        match rx.recv_timeout(PATIENCE) {
+            Ok(_) => Ok(()),
+            Err(e) => anyhow::bail!(
+                "node s{i} printed no 'listening on' line ({e}); its log:\n{}",
+                self.log_tail(i)
+            ),
+        }
+    }
+
+    /// Every member's address, in order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.addr).collect()
+    }
+
+    /// The vendor key clients trust.
+    pub fn vendor(&self) -> PublicKey {
+        self.vendor.public()
+    }
+
+    /// A client configuration for `servers`.
+    pub fn client_config(&self, servers: &[SocketAddr]) -> ClientConfig {
+        ClientConfig::new(
+            servers.iter().map(|a| a.to_string()).collect(),
+            Trust::Vendor(vec![self.vendor()]),
+        )
+    }
+
+    /// The last lines of node `i`'s log, for an error message.
+    fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Every running node's last log lines.
+    fn logs(&self) -> String {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .map(|i| format!("--- s{i} ---\n{}\n", self.log_tail(i)))
+            .collect()
+    }
+
+    /// The leader, once every running member asked alone serves a session or names the
+    /// one member that does (as the end-to-end tests wait: a member that does not know
+    /// the leader yet would otherwise call an election in the middle of a measurement).
+    pub async fn leader(&self) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(i) = self.agreed_leader().await {
+                return Ok(i);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the site agreed on no leader within {PATIENCE:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn agreed_leader(&self) -> Option<usize> {
+        let mut leader = None;
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let mut config = self.client_config(&[node.addr]);
+            config.connect_timeout = Duration::from_secs(2);
+            let session = tokio::time::timeout(Duration::from_secs(5), Session::connect(&config))
+                .await
+                .ok()?
+                .ok()?;
+            let at = session.server();
+            session.close().await;
+            let i = self.nodes.iter().position(|n| n.addr == at)?;
+            if leader.is_some_and(|l| l != i) {
+                return None;
+            }
+            leader = Some(i);
+        }
+        leader
+    }
+}
+
+/// One round at one shape: echo, then one node and three nodes, cycle then heartbeat.
+struct Round {
+    echo: Measured,
+    one_cycle: Measured,
+    three_cycle: Measured,
+    one_heartbeat: Measured,
+    three_heartbeat: Measured,
+}
+
+/// The cluster rows: throughput against the leader next to one node and the echo.
+pub async fn cluster(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
+    throughput(sizes).await
+}
+
+async fn throughput(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
+    let echo = echo::start()?;
+    let one = Site::start(1, sizes.cluster_idle_secs)?;
+    let three = Site::start(3, sizes.cluster_idle_secs)?;
+    let one_at = one.addrs()[one.leader().await?];
+    let vendor = one.vendor();
+    let mut rows = Vec::new();
+    for (conns, inflight) in workload::SHAPES {
+        let shape = format!("{conns}x{inflight}");
+        let secs = sizes.secs;
+        let mut rounds = Vec::new();
+        for _ in 0..sizes.rounds.max(1) {
+            let leader = three.leader().await?;
+            let at = three.addrs()[leader];
+            let run =
+                |server, kind| workload::run_tally(server, &vendor, conns, inflight, secs, kind);
+            rounds.push(Round {
+                echo: workload::run_echo(echo.addr, conns, inflight, secs).await?,
+                one_cycle: run(one_at, Kind::Cycle).await?,
+                three_cycle: run(at, Kind::Cycle).await?,
+                one_heartbeat: run(one_at, Kind::Heartbeat).await?,
+                three_heartbeat: run(at, Kind::Heartbeat).await?,
+            });
+            let after = three.leader().await?;
+            if after != leader {
+                println!(
+                    "cluster {shape}: the leader changed from s{leader} to s{after} during a \
+                     round (its three-node figures count only what the old leader served)"
+                );
+            }
+        }
+        let tp = |m: &Measured| m.requests as f64 / m.secs.max(f64::MIN_POSITIVE);
+        let ratio_of = |a: fn(&Round) -> &Measured, b: fn(&Round) -> &Measured| {
+            workload::median(
+                rounds
+                    .iter()
+                    .map(|r| tp(a(r)) / tp(b(r)).max(f64::MIN_POSITIVE))
+                    .collect(),
+            )
+        };
+        let all = |pick: fn(&Round) -> &Measured| {
+            workload::merge(&rounds.iter().map(|r| pick(r).clone()).collect::<Vec<_>>())
+        };
+        let echo_name = format!("cluster: baseline quic echo {shape}");
+        rows.push(workload::row(echo_name.clone(), &all(|r| &r.echo)));
+        type Pick = fn(&Round) -> &Measured;
+        let cases: [(&str, Pick, Pick); 2] = [
+            (
+                "checkout+checkin (µs: checkout)",
+                |r| &r.one_cycle,
+                |r| &r.three_cycle,
+            ),
+            ("heartbeat", |r| &r.one_heartbeat, |r| &r.three_heartbeat),
+        ];
+        for (what, one_pick, three_pick) in cases {
+            let (label, checkouts) = match what.split_once(" (") {
+                Some((label, _)) => (label, true),
+                None => (what, false),
+            };
+            let measured = |pick: Pick, name: String| {
+                let m = all(pick);
+                let mut r = workload::row(name, &m);
+                if checkouts {
+                    (r.p50_us, r.p99_us, r.max_us) =
+                        crate::percentiles(m.checkout_latencies.clone());
+                }
+                r.baseline = Some(echo_name.clone());
+                r.ratio = Some(ratio_of(pick, |r| &r.echo));
+                r
+            };
+            let one_name = format!("1 node: {label} {shape}");
+            rows.push(measured(one_pick, format!("1 node: {what} {shape}")));
+            rows.push(measured(three_pick, format!("3 nodes: {what} {shape}")));
+            let ratio = ratio_of(three_pick, one_pick);
+            rows.push(Row {
+                name: format!("3 nodes / 1 node: {label} {shape}"),
+                baseline: Some(one_name),
+                ratio: Some(ratio),
+                target: Some(">= 0.60 x one node".into()),
+                met: Some(ratio >= 0.6),
+                ..Row::default()
+            });
+        }
+    }
+    Ok(rows)
+}
