@@ -19,13 +19,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tally_client::{ClientConfig, Session, Trust};
+use tally_client::{Client, ClientConfig, LeaseHandle, LeaseStatus, Session, Trust, Want};
 use tally_protocol::bundle::{self, Binding};
 use tally_protocol::keys::{public_key_to_armored, PublicKey, SecretKey};
 
 /// How long a site may take to start or to agree on a leader before the run gives up
 /// (a bound, not a measurement).
 const PATIENCE: Duration = Duration::from_secs(60);
+/// How long after a leader's kill a new grant and every re-attachment may take before
+/// the round counts them as failed (a bound, not a measurement: the issue aims at
+/// seconds).
+const FAILOVER_PATIENCE: Duration = Duration::from_secs(90);
 
 /// One `tallyd` process of a site.
 struct Node {
@@ -200,6 +204,21 @@ impl Site {
         }
     }
 
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i` again (same config, address and data directory).
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let rx = self.spawn(i)?;
+        self.await_banner(i, rx)
+    }
+
     /// Every member's address, in order.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(|n| n.addr).collect()
@@ -281,9 +300,12 @@ struct Round {
     three_heartbeat: Measured,
 }
 
-/// The cluster rows: throughput against the leader next to one node and the echo.
+/// The cluster rows: throughput against the leader next to one node and the echo, then
+/// the failover rows.
 pub async fn cluster(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
-    throughput(sizes).await
+    let mut rows = throughput(sizes).await?;
+    rows.extend(failover(sizes).await?);
+    Ok(rows)
 }
 
 async fn throughput(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
@@ -371,4 +393,233 @@ async fn throughput(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// Seconds from `from` to `to`.
+fn secs_between(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64()
+}
+
+/// Holders with their seats, all on one server (the leader).
+struct Holders {
+    clients: Vec<(Client, LeaseHandle)>,
+    leader: SocketAddr,
+}
+
+/// `n` clients (the library's [`Client`]: background heartbeats, reconnection and
+/// re-attachment, as an application runs it), each holding one seat, all served by the
+/// same member. `None` when they ended up on different members (the leader changed while
+/// they checked out): the caller tries again.
+async fn hold(site: &Site, n: usize) -> anyhow::Result<Option<Holders>> {
+    let config = site.client_config(&site.addrs());
+    let mut clients = Vec::new();
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let client = Client::connect_online(config.clone()).await?;
+        let handle = client.checkout(&Want::feature("bench")).await?;
+        servers.insert(client.session().await?.server());
+        clients.push((client, handle));
+    }
+    match servers.into_iter().collect::<Vec<_>>()[..] {
+        [leader] => Ok(Some(Holders { clients, leader })),
+        _ => {
+            release(clients).await;
+            Ok(None)
+        }
+    }
+}
+
+/// Checks every holder's seat in and closes its client.
+async fn release(clients: Vec<(Client, LeaseHandle)>) {
+    for (client, handle) in clients {
+        let _ = handle.checkin().await;
+        client.close().await;
+    }
+}
+
+/// When `handle` is `Active` again after having been anything else (the client saw its
+/// connection go and re-attached the lease); an error when it is lost or not back within
+/// [`FAILOVER_PATIENCE`].
+fn watch_reattach(handle: &LeaseHandle) -> tokio::task::JoinHandle<anyhow::Result<Instant>> {
+    let mut rx = handle.watch();
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + FAILOVER_PATIENCE;
+        let mut left = false;
+        loop {
+            let status = rx.borrow_and_update().clone();
+            match status {
+                LeaseStatus::Active if left => return Ok(Instant::now()),
+                LeaseStatus::Active => {}
+                LeaseStatus::Lost(why) => anyhow::bail!("lease lost: {why}"),
+                _ => left = true,
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => anyhow::bail!("the client let go of the lease"),
+                Err(_) => anyhow::bail!("not re-attached within {FAILOVER_PATIENCE:?}"),
+            }
+        }
+    })
+}
+
+/// When a member other than `old` first grants a new checkout: the server side of a
+/// failover. `config` names the surviving members only, with a short connect timeout;
+/// a fresh session is tried 50 ms after the last try ended, each try cut at 1.5 s, so
+/// the figure is when the new leader serves (to within one try), not how long a client
+/// waits out the dead address (the holders' row has that).
+fn probe_new_grant(
+    config: ClientConfig,
+    old: SocketAddr,
+) -> tokio::task::JoinHandle<anyhow::Result<Instant>> {
+    let request = tally_protocol::wire::CheckoutRequest {
+        feature: "bench".into(),
+        count: 1,
+        version: None,
+        build_date: None,
+        wait_secs: 0,
+        borrow_secs: 0,
+    };
+    tokio::spawn(async move {
+        let deadline = Instant::now() + FAILOVER_PATIENCE;
+        while Instant::now() < deadline {
+            let attempt =
+                tokio::time::timeout(Duration::from_millis(1500), Session::connect(&config));
+            if let Ok(Ok(session)) = attempt.await {
+                if session.server() != old {
+                    if let Ok(lease) = session.checkout(&request).await {
+                        let granted = Instant::now();
+                        let _ = session.checkin(&[lease.lease_ref()]).await;
+                        session.close().await;
+                        return Ok(granted);
+                    }
+                }
+                session.close().await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("no other member granted within {FAILOVER_PATIENCE:?}")
+    })
+}
+
+/// SIGKILL the leader while clients hold seats, `sizes.failover_rounds` times (the
+/// killed member is started again between rounds): the time until another member
+/// grants a new checkout, and until every holder has its seat again under the same
+/// lease id. Printed as min/median/max; no target on time.
+async fn failover(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
+    let mut site = Site::start(3, sizes.cluster_idle_secs)?;
+    let addrs = site.addrs();
+    let n = sizes.failover_holders;
+    let mut grants = Vec::new();
+    let mut reattached = Vec::new();
+    let mut failures = Vec::new();
+    for round in 0..sizes.failover_rounds {
+        site.leader().await?;
+        let mut tries = 0;
+        let holders = loop {
+            if let Some(h) = hold(&site, n).await? {
+                break h;
+            }
+            tries += 1;
+            anyhow::ensure!(
+                tries < 3,
+                "the leader kept changing while holders checked out"
+            );
+            site.leader().await?;
+        };
+        let old = addrs
+            .iter()
+            .position(|a| *a == holders.leader)
+            .ok_or_else(|| anyhow::anyhow!("holders served by {}, not a member", holders.leader))?;
+        let ids: Vec<_> = holders.clients.iter().map(|(_, h)| h.id()).collect();
+        let watchers: Vec<_> = holders
+            .clients
+            .iter()
+            .map(|(_, h)| watch_reattach(h))
+            .collect();
+        site.kill(old)?;
+        let killed = Instant::now();
+        let survivors: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| *a != holders.leader)
+            .collect();
+        let mut config = site.client_config(&survivors);
+        config.connect_timeout = Duration::from_secs(1);
+        let probe = probe_new_grant(config, holders.leader);
+        let mut last = None;
+        let mut failed = 0;
+        for (i, w) in watchers.into_iter().enumerate() {
+            match w.await? {
+                Ok(at) => last = last.max(Some(at)),
+                Err(e) => {
+                    failed += 1;
+                    failures.push(format!("round {round}, holder {i}: {e}"));
+                }
+            }
+        }
+        for ((_, handle), id) in holders.clients.iter().zip(&ids) {
+            if handle.held_id() != Some(*id) {
+                failed += 1;
+                failures.push(format!(
+                    "round {round}: lease {id} is not held under its id after the failover"
+                ));
+            }
+        }
+        let grant = match probe.await? {
+            Ok(at) => Some(secs_between(killed, at)),
+            Err(e) => {
+                failures.push(format!("round {round}: {e}"));
+                None
+            }
+        };
+        grants.extend(grant);
+        let back = last
+            .filter(|_| failed == 0)
+            .map(|at| secs_between(killed, at));
+        reattached.extend(back);
+        let show = |s: Option<f64>| s.map_or_else(|| "-".to_string(), |s| format!("{s:.2} s"));
+        println!(
+            "failover round {round}: killed leader s{old}; a new leader granted after {}; \
+             {n} holders re-attached after {} ({failed} not)",
+            show(grant),
+            show(back)
+        );
+        release(holders.clients).await;
+        site.restart(old)?;
+    }
+    for f in &failures {
+        println!("failover: {f}");
+    }
+    let spread = |name: String, v: &[f64]| {
+        let mut r = Row {
+            name,
+            ..Row::default()
+        };
+        if !v.is_empty() {
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            r.seconds = Some(workload::median(v.to_vec()));
+            r.seconds_min = Some(min);
+            r.seconds_max = Some(max);
+        }
+        r
+    };
+    let rounds = sizes.failover_rounds;
+    let idle = sizes.cluster_idle_secs;
+    Ok(vec![
+        spread(
+            format!("failover: kill to a new leader's grant ({rounds} rounds)"),
+            &grants,
+        ),
+        spread(
+            format!("failover: kill to {n} holders re-attached (idle {idle} s)"),
+            &reattached,
+        ),
+        Row {
+            name: format!("failover: leases lost or grants missed: {}", failures.len()),
+            target: Some("none".into()),
+            met: Some(failures.is_empty()),
+            ..Row::default()
+        },
+    ])
 }
