@@ -9,6 +9,7 @@
 //! `--quick` runs every workload briefly at small sizes (CI keeps the harness working);
 //! the full run takes minutes and is what BENCHMARKS.md records.
 
+mod cluster;
 mod echo;
 mod scale;
 mod store;
@@ -30,13 +31,21 @@ struct Cli {
     /// Write the rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run only these groups (comma-separated): network, store, disk, reports, scale.
+    /// Run only these groups (comma-separated): network, store, disk, reports, scale,
+    /// cluster.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Connections in the scale group (default 10,000; 100 with --quick). Smaller runs
     /// help when profiling the daemon's memory per connection.
     #[arg(long)]
     scale_conns: Option<usize>,
+    /// `idle_timeout_secs` of the cluster group's servers (default 15, tallyd's own; 5
+    /// with --quick): a client notices a killed leader after about this long.
+    #[arg(long)]
+    cluster_idle_secs: Option<u64>,
+    /// Leader kills in the cluster group's failover rows (default 5; 1 with --quick).
+    #[arg(long)]
+    failover_rounds: Option<usize>,
     /// Internal: serve the echo baseline in this process until stdin closes (the scale
     /// group measures a bare QUIC server's memory in a process of its own).
     #[arg(long, hide = true)]
@@ -60,8 +69,12 @@ pub struct Row {
     pub rss_mib: Option<f64>,
     /// Bytes on disk, MiB.
     pub disk_mib: Option<f64>,
-    /// Seconds, for one-off timings.
+    /// Seconds, for one-off timings (the median, when several rounds measured it).
     pub seconds: Option<f64>,
+    /// The fewest seconds of several rounds.
+    pub seconds_min: Option<f64>,
+    /// The most seconds of several rounds.
+    pub seconds_max: Option<f64>,
     /// The baseline row's name.
     pub baseline: Option<String>,
     /// This row's figure divided by the baseline's.
@@ -89,6 +102,13 @@ pub struct Sizes {
     pub scale_leases_per_conn: usize,
     /// Heartbeat interval during the scale figure, seconds.
     pub scale_heartbeat_secs: u64,
+    /// The cluster group's `idle_timeout_secs`: how long a client takes to notice a
+    /// killed server (tallyd's default, 15 s, in a full run).
+    pub cluster_idle_secs: u64,
+    /// Leader kills in the failover rows.
+    pub failover_rounds: usize,
+    /// Clients holding a seat each while the leader is killed.
+    pub failover_holders: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +125,9 @@ fn main() -> anyhow::Result<()> {
             scale_conns: 100,
             scale_leases_per_conn: 10,
             scale_heartbeat_secs: 2,
+            cluster_idle_secs: 5,
+            failover_rounds: 1,
+            failover_holders: 4,
         }
     } else {
         Sizes {
@@ -115,10 +138,15 @@ fn main() -> anyhow::Result<()> {
             scale_conns: 10_000,
             scale_leases_per_conn: 10,
             scale_heartbeat_secs: 30,
+            cluster_idle_secs: 15,
+            failover_rounds: 5,
+            failover_holders: 16,
         }
     };
     let sizes = Sizes {
         scale_conns: cli.scale_conns.unwrap_or(sizes.scale_conns),
+        cluster_idle_secs: cli.cluster_idle_secs.unwrap_or(sizes.cluster_idle_secs),
+        failover_rounds: cli.failover_rounds.unwrap_or(sizes.failover_rounds),
         ..sizes
     };
     let wants = |g: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == g);
@@ -140,6 +168,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("scale") {
         rows.extend(runtime.block_on(scale::scale(sizes))?);
+    }
+    if wants("cluster") {
+        rows.extend(runtime.block_on(cluster::cluster(sizes))?);
     }
     print_table(&rows);
     if let Some(path) = cli.json {
@@ -171,12 +202,15 @@ fn print_table(rows: &[Row]) {
         "row", "ops/s", "p50 µs", "p99 µs", "max µs", "RSS MiB", "disk MiB", "secs", "ratio",
     );
     for r in rows {
-        let target = match (&r.target, r.met) {
+        let mut target = match (&r.target, r.met) {
             (Some(t), Some(true)) => format!("{t}: met"),
             (Some(t), Some(false)) => format!("{t}: MISSED"),
             (Some(t), None) => t.clone(),
             _ => String::new(),
         };
+        if let (Some(min), Some(max)) = (r.seconds_min, r.seconds_max) {
+            target = format!("min {min:.2} s, max {max:.2} s (secs: median){target}");
+        }
         println!(
             "{:<46} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>7}  {}",
             r.name,

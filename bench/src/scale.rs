@@ -16,13 +16,14 @@ use tally_protocol::wire::*;
 
 /// The `tallyd` to run: `TALLY_BENCH_TALLYD` if set (a wrapper such as a heap profiler
 /// around the real binary), else the one next to this executable.
-fn tallyd() -> PathBuf {
+pub fn tallyd() -> PathBuf {
     std::env::var_os("TALLY_BENCH_TALLYD")
         .map(PathBuf::from)
         .unwrap_or_else(|| sibling("tallyd"))
 }
 
-fn sibling(name: &str) -> PathBuf {
+/// A binary next to this executable (`target/release/NAME` beside `tally-bench`).
+pub fn sibling(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     exe.parent().expect("exe dir").join(name)
 }

@@ -9,12 +9,12 @@ use tally_client::{ClientConfig, Session, Trust};
 use tally_daemon::server::{Server, ServerParams};
 use tally_daemon::store::Store;
 use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant};
-use tally_protocol::keys::SecretKey;
+use tally_protocol::keys::{PublicKey, SecretKey};
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::CheckoutRequest;
 
 /// The shapes measured: (connections, requests in flight per connection).
-const SHAPES: [(usize, usize); 3] = [(1, 1), (4, 16), (64, 4)];
+pub const SHAPES: [(usize, usize); 3] = [(1, 1), (4, 16), (64, 4)];
 
 /// An in-process tallyd with a big bundle, real sled in a temp dir.
 pub struct BenchDaemon {
@@ -93,24 +93,33 @@ pub async fn start_daemon() -> anyhow::Result<BenchDaemon> {
     })
 }
 
+/// What a tally run does in each of its loops.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
+    /// Check out a seat, then check it in.
     Cycle,
+    /// Heartbeat one lease checked out before the loop.
     Heartbeat,
+    /// One checkout, ten heartbeats of it, one checkin.
     Mix,
 }
 
 /// What a run measured: requests done, seconds, and latencies (µs) of the requests
 /// that matter (all requests; for a cycle, the checkouts separately too).
 #[derive(Clone)]
-struct Measured {
-    requests: u64,
-    secs: f64,
-    latencies: Vec<f64>,
-    checkout_latencies: Vec<f64>,
+pub struct Measured {
+    /// Requests answered.
+    pub requests: u64,
+    /// Seconds the run took.
+    pub secs: f64,
+    /// Every request's latency.
+    pub latencies: Vec<f64>,
+    /// The checkouts' latencies (cycle runs).
+    pub checkout_latencies: Vec<f64>,
 }
 
-async fn run_echo(
+/// `conns` connections with `inflight` requests in flight each against the echo, for `secs`.
+pub async fn run_echo(
     addr: SocketAddr,
     conns: usize,
     inflight: usize,
@@ -150,17 +159,16 @@ async fn run_echo(
     })
 }
 
-async fn run_tally(
-    daemon: &BenchDaemon,
+/// `conns` sessions with `inflight` loops of `kind` each against `server`, for `secs`.
+pub async fn run_tally(
+    server: SocketAddr,
+    vendor: &PublicKey,
     conns: usize,
     inflight: usize,
     secs: f64,
     kind: Kind,
 ) -> anyhow::Result<Measured> {
-    let config = ClientConfig::new(
-        vec![daemon.addr.to_string()],
-        Trust::Vendor(vec![daemon.vendor.public()]),
-    );
+    let config = ClientConfig::new(vec![server.to_string()], Trust::Vendor(vec![*vendor]));
     let request = CheckoutRequest {
         feature: "bench".into(),
         count: 1,
@@ -259,7 +267,8 @@ async fn run_tally(
     })
 }
 
-fn row(name: String, m: &Measured) -> Row {
+/// A row of a run's throughput and latencies.
+pub fn row(name: String, m: &Measured) -> Row {
     let (p50, p99, max) = percentiles(m.latencies.clone());
     Row {
         name,
@@ -273,7 +282,7 @@ fn row(name: String, m: &Measured) -> Row {
 
 /// Several measurements of one workload merged: all requests over all seconds, all
 /// latencies.
-fn merge(runs: &[Measured]) -> Measured {
+pub fn merge(runs: &[Measured]) -> Measured {
     Measured {
         requests: runs.iter().map(|m| m.requests).sum(),
         secs: runs.iter().map(|m| m.secs).sum(),
@@ -285,7 +294,8 @@ fn merge(runs: &[Measured]) -> Measured {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (NaN of nothing).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
         0 => f64::NAN,
@@ -311,6 +321,7 @@ struct Round {
 pub async fn network(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
     let echo = echo::start()?;
     let daemon = start_daemon().await?;
+    let vendor = daemon.vendor.public();
     let mut rows = Vec::new();
     for (conns, inflight) in SHAPES {
         let shape = format!("{conns}x{inflight}");
@@ -319,9 +330,10 @@ pub async fn network(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
         for _ in 0..sizes.rounds.max(1) {
             rounds.push(Round {
                 echo: run_echo(echo.addr, conns, inflight, secs).await?,
-                cycle: run_tally(&daemon, conns, inflight, secs, Kind::Cycle).await?,
-                heartbeat: run_tally(&daemon, conns, inflight, secs, Kind::Heartbeat).await?,
-                mix: run_tally(&daemon, conns, inflight, secs, Kind::Mix).await?,
+                cycle: run_tally(daemon.addr, &vendor, conns, inflight, secs, Kind::Cycle).await?,
+                heartbeat: run_tally(daemon.addr, &vendor, conns, inflight, secs, Kind::Heartbeat)
+                    .await?,
+                mix: run_tally(daemon.addr, &vendor, conns, inflight, secs, Kind::Mix).await?,
             });
         }
         let tp = |m: &Measured| m.requests as f64 / m.secs;
