@@ -593,21 +593,25 @@ fn all_three_restarted_at_once_keep_every_lease() {
     );
     println!("tally doctor with a member down:\n{text}");
     // The leader says so in its log once, in its own words (not openraft's line for
-    // every failed RPC, twice a second).
+    // every failed RPC, twice a second). (A stall of the loaded machine can make it say
+    // so of the live member too, which then "answers again": not counted here.)
     let leader_log = || daemons[leader].as_ref().unwrap().log_text();
+    let silent = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("cluster member does not answer")
+                    && l.contains(&format!("peer={} ", addrs[follower]))
+            })
+            .count()
+    };
     assert!(
-        wait_until(PATIENCE, || leader_log()
-            .contains("cluster member does not answer")),
+        wait_until(PATIENCE, || silent(&leader_log()) > 0),
         "{}",
         leader_log()
     );
     std::thread::sleep(Duration::from_secs(3)); // more failed RPCs, which must stay quiet
     let log = leader_log();
-    assert_eq!(
-        log.matches("cluster member does not answer").count(),
-        1,
-        "{log}"
-    );
+    assert_eq!(silent(&log), 1, "{log}");
     assert!(!log.contains("openraft::replication"), "{log}");
 }
 
