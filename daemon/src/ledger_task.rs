@@ -993,8 +993,15 @@ impl LedgerTask {
         for bad in &unreadable {
             warn!(key = ?bad.key, error = %bad.error, "lease record in the store could not be read; left in place");
         }
+        // Every lease gets one TTL from now, whatever end an earlier term stored for
+        // it: each term change closes every client connection, so holders re-attach
+        // only after their reconnect backoff. (Keeping a stored end lost leases: a
+        // leader that stepped down for a moment 50 s after taking over restored the
+        // ends it had stored then, 10 s away, and holders still reconnecting lost their
+        // seats. A single server's restart keeps stored ends: that is a crash loop's
+        // bound.) The new ends are stored again by `restore_with`.
         let facts = crate::ledger::RestoreFacts {
-            detached: store.load_detached()?,
+            detached: Default::default(),
             alive: None,
         };
         let restored = records.len();
