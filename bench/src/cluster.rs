@@ -493,14 +493,7 @@ fn probe_new_grant(
     config: ClientConfig,
     old: SocketAddr,
 ) -> tokio::task::JoinHandle<anyhow::Result<Instant>> {
-    let request = tally_protocol::wire::CheckoutRequest {
-        feature: "bench".into(),
-        count: 1,
-        version: None,
-        build_date: None,
-        wait_secs: 0,
-        borrow_secs: 0,
-    };
+    let request = crate::workload::bench_seat();
     tokio::spawn(async move {
         let deadline = Instant::now() + FAILOVER_PATIENCE;
         while Instant::now() < deadline {

@@ -211,14 +211,7 @@ pub async fn scale(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
 
     // Connect and check out, 64 connections at a time.
     let setup = Instant::now();
-    let checkout = Request::Checkout(CheckoutRequest {
-        feature: "bench".into(),
-        count: 1,
-        version: None,
-        build_date: None,
-        wait_secs: 0,
-        borrow_secs: 0,
-    });
+    let checkout = Request::Checkout(crate::workload::bench_seat());
     let held = in_waves(conns, || {
         let endpoint = endpoint.clone();
         let checkout = checkout.clone();

@@ -169,14 +169,7 @@ pub async fn run_tally(
     kind: Kind,
 ) -> anyhow::Result<Measured> {
     let config = ClientConfig::new(vec![server.to_string()], Trust::Vendor(vec![*vendor]));
-    let request = CheckoutRequest {
-        feature: "bench".into(),
-        count: 1,
-        version: None,
-        build_date: None,
-        wait_secs: 0,
-        borrow_secs: 0,
-    };
+    let request = bench_seat();
     let mut handles = Vec::new();
     let mut sessions = Vec::new();
     for _ in 0..conns {
@@ -396,4 +389,17 @@ pub async fn network(sizes: Sizes) -> anyhow::Result<Vec<Row>> {
         ));
     }
     Ok(rows)
+}
+
+/// The checkout every bench client sends: one seat of the bench bundle's feature, no
+/// wait, no borrow.
+pub fn bench_seat() -> CheckoutRequest {
+    CheckoutRequest {
+        feature: "bench".into(),
+        count: 1,
+        version: None,
+        build_date: None,
+        wait_secs: 0,
+        borrow_secs: 0,
+    }
 }
