@@ -190,11 +190,26 @@ impl NodeSetup {
 
 /// Proposes `batch` and waits until it is committed and applied to the store. A node
 /// that does not lead (any more) says so ([`StoreError::NotLeader`]): that is no fault
-/// of the store.
+/// of the store. A member whose proposal is not committed within [`COMMIT_WAIT`] says
+/// [`StoreError::NoMajority`]; the proposal stays in its log and may still be
+/// committed, so the caller must not take it as undone (the ledger task ends its term
+/// and restores from the store once the log is settled, [`wait_to_lead`]). A cluster
+/// of one has no majority to lose: it waits for its own disk, as a store without a log
+/// did.
 pub async fn propose(raft: &Node, batch: StoreBatch, store_path: &Path) -> Result<(), StoreError> {
-    let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(StoreCommand::V1(batch)));
-    let Ok(written) = written.await else {
-        return Err(StoreError::NoMajority);
+    let voters = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config.membership().voter_ids().count()
+    };
+    let write = raft.client_write(StoreCommand::V2(batch));
+    let written = if voters > 1 {
+        match tokio::time::timeout(COMMIT_WAIT, write).await {
+            Ok(written) => written,
+            Err(_) => return Err(StoreError::NoMajority),
+        }
+    } else {
+        write.await
     };
     match written {
         Ok(_) => Ok(()),
@@ -221,15 +236,18 @@ pub fn leader_addr(raft: &Node, me: u64) -> Option<String> {
     Some(node.addr.clone())
 }
 
-/// Waits until `raft` leads with every entry of the logs before its term applied (its
-/// term's first entry applied): its store is then the site's whole state, and its
-/// ledger may be restored from it.
+/// Waits until `raft` leads with every entry of its log applied (its term's first
+/// entry among them): its store is then the site's whole state, and its ledger may be
+/// restored from it. Every entry, not only the earlier terms': a proposal of this term
+/// that timed out ([`StoreError::NoMajority`]) may still be committed, and a ledger
+/// restored before it is applied would not know the leases it grants or releases.
 pub async fn wait_to_lead(raft: &Node, id: u64) {
     let mut metrics = raft.metrics();
     let _ = metrics
         .wait_for(|m| {
             m.current_leader == Some(id)
                 && m.last_applied.as_ref().map(|l| l.leader_id.term) == Some(m.current_term)
+                && m.last_applied.as_ref().map(|l| l.index) == m.last_log_index
         })
         .await;
 }
@@ -272,13 +290,17 @@ pub async fn confirm_lead(raft: &Node) -> bool {
 pub const LEAD_CHECK: Duration = Duration::from_secs(2);
 
 /// How long a proposal may wait to be committed: past it, the leader is taken to be
-/// cut off from its majority (an election takes at most 2 s here), and the grants it
-/// carried are refused.
+/// cut off from its majority (which stands for an election 3-4 s after it last heard
+/// from it, [`config`]), the grants it carried are refused and its term ends.
 pub const COMMIT_WAIT: Duration = Duration::from_secs(4);
 
 /// The Raft settings of a tallyd node. Heartbeats every 500 ms (openraft also times an
-/// append out after one interval: shorter fails on a loaded machine), elections after
-/// 1.5-3 s of silence: a dead leader is replaced within seconds. A snapshot is a copy
+/// append out after one interval: shorter fails on a loaded machine). A follower that
+/// hears nothing stands for election after the leader's lease (openraft takes
+/// `election_timeout_max` for it) plus its own random timeout: 3-4 s of silence, four
+/// missed heartbeats at least, so a dead leader is replaced within seconds and a
+/// stall of a loaded machine of under 2 s changes nothing. (1.5-3 s timeouts made that
+/// 4.5-6 s, and a failover up to 11 s when an election took a second round.) A snapshot is a copy
 /// of the whole seat store, so it is taken every 20,000 entries (a few minutes of a
 /// busy site), not oftener; the log keeps 1,000 entries behind it for a follower that
 /// is a little behind.
@@ -286,8 +308,8 @@ fn config() -> Arc<Config> {
     let config = Config {
         cluster_name: "tally".into(),
         heartbeat_interval: 500,
-        election_timeout_min: 1_500,
-        election_timeout_max: 3_000,
+        election_timeout_min: 1_000,
+        election_timeout_max: 2_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 1_000,
         ..Config::default()

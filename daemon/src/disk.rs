@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tally_protocol::replicate::{Compaction, DetachedChange, LeaseChange, StoreBatch};
+use tally_protocol::replicate::{Compaction, DetachedChange, Holdoff, LeaseChange, StoreBatch};
 use tally_protocol::report::{JournalEntry, ReportState};
 use tally_protocol::time::UnixTime;
 use tokio::task::JoinHandle;
@@ -164,7 +164,7 @@ impl Disk {
     pub fn write(
         &mut self,
         journal: &mut Vec<JournalEntry>,
-        (events, detachments): (&[Event], &[Detachment]),
+        (events, detachments, holdoffs): (&[Event], &[Detachment], Vec<Holdoff>),
         clock: Option<UnixTime>,
     ) -> Result<(), DiskError> {
         if let Some(broken) = &mut self.broken {
@@ -185,6 +185,7 @@ impl Disk {
                 .iter()
                 .map(|&change| DetachedChange::from(change)),
         );
+        batch.holdoffs.extend(holdoffs);
         if clock.is_some() {
             batch.clock = clock;
         }
@@ -248,6 +249,11 @@ impl Disk {
             }
             Err(e) => Err(self.break_with(e)),
         }
+    }
+
+    /// Whether this server is a member of a cluster of several (which serves in terms).
+    pub fn is_cluster(&self) -> bool {
+        self.setup.is_cluster()
     }
 
     /// The Raft node, while it runs.
@@ -348,6 +354,16 @@ impl Disk {
                 .leases
                 .extend(ledger.records().map(|r| LeaseChange::Put(r.clone())));
             batch.clock = Some(ledger.clock_high_water());
+            batch.holdoffs = ledger
+                .holdoffs(crate::clock::now())
+                .into_iter()
+                .map(|(feature, user, host, until)| Holdoff {
+                    feature,
+                    user,
+                    host,
+                    until,
+                })
+                .collect();
             if let Err(e) = consensus::propose(&node, batch, &self.path).await {
                 stop_node(node);
                 return Err(e);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tally_config::Policy;
 use tally_protocol::bundle::{Bundle, Seats};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
+use tally_protocol::replicate::Holdoff;
 use tally_protocol::time::UnixTime;
 use tally_protocol::version;
 use tally_protocol::wire::{
@@ -415,6 +416,8 @@ pub struct Ledger {
     /// Hold-offs after an admin removal, by (feature, user, host): when they end, in
     /// monotonic time (what counts) and wall time (what the denial shows).
     holdoffs: HashMap<HoldoffKey, (Instant, UnixTime)>,
+    /// Hold-offs started and not yet handed to the shell to write.
+    new_holdoffs: Vec<Holdoff>,
     high_water: UnixTime,
     detachments: Vec<Detachment>,
     unclaimed: Vec<LeaseId>,
@@ -491,6 +494,7 @@ impl Ledger {
             removed: VecDeque::new(),
             removed_set: HashSet::new(),
             holdoffs: HashMap::new(),
+            new_holdoffs: Vec::new(),
             high_water: UnixTime(0),
             detachments: Vec::new(),
             unclaimed: Vec::new(),
@@ -1142,25 +1146,15 @@ impl Ledger {
             .map(|h| holdoff_key(&h.record.feature, &h.record.holder));
         let event = self.release(id, ReleaseReason::Removed)?;
         if let Some(key) = key.filter(|_| !self.settings.remove_holdoff.is_zero()) {
-            self.holdoffs.retain(|_, (ends, _)| now.mono < *ends);
-            if self.holdoffs.len() >= REMEMBERED_HOLDOFFS && !self.holdoffs.contains_key(&key) {
-                if let Some(first) = self
-                    .holdoffs
-                    .iter()
-                    .min_by_key(|(_, (ends, _))| *ends)
-                    .map(|(k, _)| k.clone())
-                {
-                    self.holdoffs.remove(&first);
-                }
-            }
             let hold = self.settings.remove_holdoff;
-            self.holdoffs.insert(
-                key,
-                (
-                    now.mono + hold,
-                    now.wall.plus_secs(hold.as_secs_f64().ceil() as u64),
-                ),
-            );
+            let until = now.wall.plus_secs(hold.as_secs_f64().ceil() as u64);
+            self.new_holdoffs.push(Holdoff {
+                feature: key.0.clone(),
+                user: key.1.clone(),
+                host: key.2.clone(),
+                until,
+            });
+            self.hold_off(now, key, (now.mono + hold, until));
         }
         if self.removed.len() >= REMEMBERED_REMOVALS {
             if let Some(old) = self.removed.pop_front() {
@@ -1171,6 +1165,43 @@ impl Ledger {
         self.removed_set.insert(id);
         self.serve_queues(now);
         Some(event)
+    }
+
+    /// Starts (or replaces) a hold-off, forgetting those ended and, when
+    /// [`REMEMBERED_HOLDOFFS`] run, the one that ends first.
+    fn hold_off(&mut self, now: Now, key: HoldoffKey, ends: (Instant, UnixTime)) {
+        self.holdoffs.retain(|_, (end, _)| now.mono < *end);
+        if self.holdoffs.len() >= REMEMBERED_HOLDOFFS && !self.holdoffs.contains_key(&key) {
+            if let Some(first) = self
+                .holdoffs
+                .iter()
+                .min_by_key(|(_, (end, _))| *end)
+                .map(|(k, _)| k.clone())
+            {
+                self.holdoffs.remove(&first);
+            }
+        }
+        self.holdoffs.insert(key, ends);
+    }
+
+    /// The hold-offs started since the last call, for the shell to write: a restart
+    /// or a new leader keeps them ([`Ledger::restore_holdoffs`]).
+    pub fn take_holdoffs(&mut self) -> Vec<Holdoff> {
+        std::mem::take(&mut self.new_holdoffs)
+    }
+
+    /// Restores stored hold-offs that have not ended by `now` (by the wall clock: the
+    /// store's times are the only ones that survive a restart), each ending after the
+    /// time left of it.
+    pub fn restore_holdoffs(&mut self, now: Now, stored: Vec<Holdoff>) {
+        for held in stored {
+            let left = held.until.0.saturating_sub(now.wall.0);
+            if left == 0 {
+                continue;
+            }
+            let key = (held.feature, held.user, held.host);
+            self.hold_off(now, key, (now.mono + Duration::from_secs(left), held.until));
+        }
     }
 
     /// Notes a durable grant that could not be delivered (its requester stopped waiting

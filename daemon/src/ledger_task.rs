@@ -477,7 +477,21 @@ async fn serve(task: &mut LedgerTask, rx: &mut mpsc::Receiver<Command>) -> End {
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
             result = flushed => {
+                // A proposal not committed in time may still be: the ledger (which
+                // rolled its changes back) and the log may disagree, so the term ends
+                // here, and the next one restores from the store once the log is
+                // settled (`consensus::wait_to_lead`).
+                let undecided = matches!(result, Err(StoreError::NoMajority))
+                    && task.disk.is_cluster();
                 task.flushed(result);
+                if undecided {
+                    warn!(
+                        "a write was not committed in time: this server cannot reach a \
+                         majority of its cluster; it stops granting until it can"
+                    );
+                    task.end_term(None, exporting.take()).await;
+                    return End::LostLead;
+                }
                 flushing = task.flush_if_owed();
                 if exporting.is_none() {
                     exporting = task.start_export();
@@ -736,10 +750,13 @@ impl LedgerTask {
         } = d;
         self.commit.batch_events(now.wall, &events);
         let detachments = self.ledger.take_detachments();
-        let changes = !events.is_empty() || !detachments.is_empty();
+        let holdoffs = self.ledger.take_holdoffs();
+        let changes = !events.is_empty() || !detachments.is_empty() || !holdoffs.is_empty();
         let clock = self.ledger.clock_high_water();
         let (journal, clock) = self.commit.batch_write(changes, clock, shutdown.is_some());
-        let written = self.disk.write(journal, (&events, &detachments), clock);
+        let written = self
+            .disk
+            .write(journal, (&events, &detachments, holdoffs), clock);
         self.commit.written(&written, clock);
         let failure = written.err();
         for event in &events {
@@ -781,7 +798,9 @@ impl LedgerTask {
             *flushing = self.flush_if_owed();
         }
         if self.commit.journal_rolled_back(now.wall) {
-            let _ = self.disk.write(self.commit.journal(), (&[], &[]), None);
+            let _ = self
+                .disk
+                .write(self.commit.journal(), (&[], &[], Vec::new()), None);
         }
         false
     }
@@ -1006,6 +1025,7 @@ impl LedgerTask {
         };
         let restored = records.len();
         ledger.restore_with(start, records, &facts);
+        ledger.restore_holdoffs(start, store.load_holdoffs()?);
         self.stall.restart(start.mono);
         self.ledger = ledger;
         self.commit = Commit::new(store.next_journal_seq()?, self.ledger.clock_high_water());

@@ -60,7 +60,7 @@ impl Apply<Site> for SeatMachine {
             return Ok(());
         }
         match command {
-            StoreCommand::V1(batch) => self.store.write(batch)?,
+            StoreCommand::V1(_) | StoreCommand::V2(_) => self.store.write(&command.batch())?,
             // A newer tallyd of the site wrote it: this one must not guess what it means.
             _ => return Err(self.store.newer_format("command")),
         }
@@ -75,7 +75,7 @@ impl Apply<Site> for SeatMachine {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
-        Ok(StoreSnapshot::V1(self.store.image()?).encode())
+        Ok(StoreSnapshot::V2(self.store.image()?).encode())
     }
 
     fn restore(&mut self, last: Option<&LogId<u64>>, snapshot: &[u8]) -> Result<(), StoreError> {
@@ -83,7 +83,9 @@ impl Apply<Site> for SeatMachine {
             return Ok(());
         }
         match StoreSnapshot::decode(snapshot) {
-            Ok(StoreSnapshot::V1(image)) => self.store.replace(&image)?,
+            Ok(read @ (StoreSnapshot::V1(_) | StoreSnapshot::V2(_))) => {
+                self.store.replace(&read.into_image())?
+            }
             // An undecodable snapshot is most likely a newer format than this reads
             // (the Raft store checked the bytes it stored).
             _ => return Err(self.store.newer_format("snapshot")),
@@ -106,7 +108,7 @@ mod tests {
     use tally_cluster::net::{PeerIdentity, PeerNode, QuicNetwork};
     use tally_protocol::keys::SecretKey;
     use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
-    use tally_protocol::replicate::{Compaction, DetachedChange, LeaseChange, StoreBatch};
+    use tally_protocol::replicate::{Compaction, DetachedChange, Holdoff, LeaseChange, StoreBatch};
     use tally_protocol::report::{JournalEntry, ReportState, UsageEvent};
     use tally_protocol::time::UnixTime;
     use tally_protocol::wire::ClientIdentity;
@@ -146,13 +148,13 @@ mod tests {
     /// Lease 1 and 2 granted, 1 ended; 2 detached; journal 1..=3; the clock mark.
     fn batches() -> Vec<StoreCommand> {
         vec![
-            StoreCommand::V1(StoreBatch {
+            StoreCommand::V2(StoreBatch {
                 leases: vec![LeaseChange::Put(lease(1)), LeaseChange::Put(lease(2))],
                 journal: vec![entry(1), entry(2)],
                 clock: Some(UnixTime(1_002)),
                 ..StoreBatch::new(UnixTime(1_002))
             }),
-            StoreCommand::V1(StoreBatch {
+            StoreCommand::V2(StoreBatch {
                 leases: vec![LeaseChange::Remove(LeaseId(1))],
                 detached: vec![DetachedChange::Until {
                     id: LeaseId(2),
@@ -186,14 +188,14 @@ mod tests {
         // After a crash, entries the store does not record as applied are written again
         // (a crash may have cut a batch's write short): the records are keyed.
         for command in batches() {
-            let StoreCommand::V1(batch) = command else {
+            let StoreCommand::V2(batch) = command else {
                 unreachable!()
             };
             machine.store().write(&batch).unwrap();
         }
         assert_eq!(machine.store().image().unwrap(), once);
         // Entries it records as applied are skipped.
-        let again = StoreCommand::V1(StoreBatch {
+        let again = StoreCommand::V2(StoreBatch {
             leases: vec![LeaseChange::Put(lease(7))],
             ..StoreBatch::new(UnixTime(1_005))
         });
@@ -214,7 +216,7 @@ mod tests {
             last_event: 2,
             ..ReportState::default()
         };
-        let export = StoreCommand::V1(StoreBatch {
+        let export = StoreCommand::V2(StoreBatch {
             report: Some(report.clone()),
             compact: Some(Compaction {
                 upto: 2,
@@ -227,7 +229,7 @@ mod tests {
 
         // The follower had a lease the leader no longer holds: the snapshot replaces all.
         let mut follower = SeatMachine::new(Store::open(b.path()).unwrap()).unwrap();
-        let stale = StoreCommand::V1(StoreBatch {
+        let stale = StoreCommand::V2(StoreBatch {
             leases: vec![LeaseChange::Put(lease(9))],
             ..StoreBatch::new(UnixTime(900))
         });
@@ -246,11 +248,54 @@ mod tests {
         let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
         machine.apply(&log_id(1), &batches()[0]).unwrap();
         let before = machine.store().image().unwrap();
-        let mut later = StoreSnapshot::V1(before.clone()).encode();
+        let mut later = StoreSnapshot::V2(before.clone()).encode();
         later[0] = 7;
         let err = machine.restore(Some(&log_id(2)), &later).unwrap_err();
         assert!(err.to_string().contains("newer format"), "{err}");
         assert_eq!(machine.store().image().unwrap(), before);
+    }
+
+    fn holdoff(user: &str, until: u64) -> Holdoff {
+        Holdoff {
+            feature: "solver".into(),
+            user: user.into(),
+            host: "h".into(),
+            until: UnixTime(until),
+        }
+    }
+
+    #[test]
+    fn hold_offs_are_kept_until_a_later_batch_is_past_them_and_travel_in_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
+        let first = StoreCommand::V2(StoreBatch {
+            holdoffs: vec![holdoff("ana", 1_300), holdoff("bo", 2_000)],
+            ..StoreBatch::new(UnixTime(1_000))
+        });
+        machine.apply(&log_id(1), &first).unwrap();
+        let mut held = machine.store().load_holdoffs().unwrap();
+        held.sort_by(|a, b| a.user.cmp(&b.user));
+        assert_eq!(held, vec![holdoff("ana", 1_300), holdoff("bo", 2_000)]);
+        // A batch stamped after ana's end forgets hers as it writes cy's; bo's runs on.
+        let later = StoreCommand::V2(StoreBatch {
+            holdoffs: vec![holdoff("cy", 1_900)],
+            ..StoreBatch::new(UnixTime(1_400))
+        });
+        machine.apply(&log_id(2), &later).unwrap();
+        let mut held = machine.store().load_holdoffs().unwrap();
+        held.sort_by(|a, b| a.user.cmp(&b.user));
+        assert_eq!(held, vec![holdoff("bo", 2_000), holdoff("cy", 1_900)]);
+        // A server far behind gets them from the snapshot.
+        let other = tempfile::tempdir().unwrap();
+        let mut follower = SeatMachine::new(Store::open(other.path()).unwrap()).unwrap();
+        follower
+            .restore(Some(&log_id(2)), &machine.snapshot().unwrap())
+            .unwrap();
+        assert_eq!(
+            follower.store().image().unwrap(),
+            machine.store().image().unwrap()
+        );
+        assert_eq!(follower.store().load_holdoffs().unwrap().len(), 2);
     }
 
     fn journal_seqs(machine: &SeatMachine) -> Vec<u64> {

@@ -282,6 +282,9 @@ pub(crate) async fn restore(
             .map(|t| (t, Duration::from_secs(CLOCK_SAVE_SECS))),
     };
     ledger.restore_with(now(), records, &facts);
+    // Removal hold-offs keep running across the restart: the removed holder's retry
+    // must not take the seat meant for the next in line.
+    ledger.restore_holdoffs(now(), store.load_holdoffs()?);
     let detachments = ledger.take_detachments();
     if let (false, Some(node)) = (detachments.is_empty(), node) {
         // Durable before serving: a crash right after this start must not let the

@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tally_cluster::durable::sync_dir;
 use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredDeadline, StoredLease};
-use tally_protocol::replicate::{DetachedChange, LeaseChange, StoreBatch, StoreImage};
+use tally_protocol::replicate::{
+    DetachedChange, Holdoff, LeaseChange, StoreBatch, StoreImage, StoredHoldoff,
+};
 use tally_protocol::report::{
     JournalEntry, ReportState, StoredJournal, StoredJournalChunk, StoredReportState,
 };
@@ -185,6 +187,8 @@ pub struct Store {
     leases: sled::Tree,
     /// Ends of restored leases not re-attached yet (see `ledger::Detachment`).
     detached: sled::Tree,
+    /// Hold-offs after removals ([`StoredHoldoff`]), by feature, user and host.
+    holdoffs: sled::Tree,
     meta: sled::Tree,
     /// Journal chunks, keyed by their first entry's sequence number (big-endian).
     journal: sled::Tree,
@@ -288,6 +292,7 @@ impl Store {
             .map_err(err)?;
         let leases = db.open_tree("leases/v1").map_err(err)?;
         let detached = db.open_tree(DETACHED_TREE).map_err(err)?;
+        let holdoffs = db.open_tree(HOLDOFF_TREE).map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(err)?;
         let io = |cause: std::io::Error| StoreError::Io {
@@ -305,6 +310,7 @@ impl Store {
             db,
             leases,
             detached,
+            holdoffs,
             meta,
             journal,
             log: std::sync::Arc::new(log),
@@ -896,6 +902,20 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 /// Tree of [`StoredDeadline`]s by lease id.
 const DETACHED_TREE: &str = "detached/v1";
 
+/// Tree of [`StoredHoldoff`]s by [`holdoff_key`].
+const HOLDOFF_TREE: &str = "holdoffs/v1";
+
+/// The key of a hold-off: its feature, user and host, each length-prefixed (so that no
+/// two triples share a key, whatever bytes the names hold).
+fn holdoff_key(held: &Holdoff) -> Vec<u8> {
+    let mut k = Vec::new();
+    for part in [&held.feature, &held.user, &held.host] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part.as_bytes());
+    }
+    k
+}
+
 fn key(id: LeaseId) -> [u8; 8] {
     id.0.to_be_bytes()
 }
@@ -929,6 +949,23 @@ impl Store {
         self.detached
             .apply_batch(detached)
             .map_err(|e| self.err(e))?;
+        if !batch.holdoffs.is_empty() {
+            // Those ended by the batch's time go as new ones come: the tree holds only
+            // hold-offs that may still run (the batch's time, not a clock: every
+            // server applying the log forgets the same ones).
+            let mut holdoffs = sled::Batch::default();
+            for (k, held) in self.holdoff_records()? {
+                if held.until <= batch.at {
+                    holdoffs.remove(k);
+                }
+            }
+            for held in &batch.holdoffs {
+                holdoffs.insert(holdoff_key(held), StoredHoldoff::V1(held.clone()).encode());
+            }
+            self.holdoffs
+                .apply_batch(holdoffs)
+                .map_err(|e| self.err(e))?;
+        }
         self.append_journal(&batch.journal)?;
         if let Some(clock) = batch.clock {
             self.save_clock(clock)?;
@@ -955,14 +992,44 @@ impl Store {
             journal,
             clock: self.load_clock()?,
             report: self.report_state()?,
+            holdoffs: self.load_holdoffs()?,
         })
+    }
+
+    /// The hold-offs after removals, ended or not (the caller judges by its clock). A
+    /// record that cannot be read is left out: the hold-off is a courtesy to the next
+    /// in line, not a limit the license sets.
+    pub fn load_holdoffs(&self) -> Result<Vec<Holdoff>, StoreError> {
+        Ok(self
+            .holdoff_records()?
+            .into_iter()
+            .map(|(_, held)| held)
+            .collect())
+    }
+
+    fn holdoff_records(&self) -> Result<Vec<(sled::IVec, Holdoff)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.holdoffs.iter() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if let Ok(StoredHoldoff::V1(held)) = StoredHoldoff::decode(&v) {
+                out.push((k, held));
+            }
+        }
+        Ok(out)
     }
 
     /// Makes the store hold exactly `image` (a snapshot from the leader), not flushed.
     pub fn replace(&self, image: &StoreImage) -> Result<(), StoreError> {
-        for tree in [&self.leases, &self.detached, &self.journal] {
+        for tree in [&self.leases, &self.detached, &self.holdoffs, &self.journal] {
             tree.clear().map_err(|e| self.err(e))?;
         }
+        let mut holdoffs = sled::Batch::default();
+        for held in &image.holdoffs {
+            holdoffs.insert(holdoff_key(held), StoredHoldoff::V1(held.clone()).encode());
+        }
+        self.holdoffs
+            .apply_batch(holdoffs)
+            .map_err(|e| self.err(e))?;
         let mut leases = sled::Batch::default();
         for record in &image.leases {
             leases.insert(&key(record.id), StoredLease::V1(record.clone()).encode());

@@ -22,8 +22,93 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum StoreCommand {
+    /// Format version 1 (read only: written by a tallyd that kept removal hold-offs in
+    /// memory).
+    V1(StoreBatchV1),
+    /// Format version 2: with the removal hold-offs.
+    V2(StoreBatch),
+}
+
+impl StoreCommand {
+    /// The batch the command carries, in the current form.
+    pub fn batch(&self) -> std::borrow::Cow<'_, StoreBatch> {
+        match self {
+            StoreCommand::V1(old) => std::borrow::Cow::Owned(old.clone().into()),
+            StoreCommand::V2(batch) => std::borrow::Cow::Borrowed(batch),
+        }
+    }
+}
+
+/// A hold-off after an administrator's removal: `user` on `host` gets no seat of
+/// `feature` until `until`. Replicated (and stored) so that neither a restart nor a
+/// new leader hands the removed holder's automatic retry the seat meant for the next
+/// in line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holdoff {
+    /// The feature.
+    pub feature: String,
+    /// The removed lease's user.
+    pub user: String,
+    /// The removed lease's host.
+    pub host: String,
+    /// When the hold-off ends (wall clock).
+    pub until: UnixTime,
+}
+
+/// A hold-off as the seat store keeps it; the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredHoldoff {
     /// Format version 1.
-    V1(StoreBatch),
+    V1(Holdoff),
+}
+
+impl StoredHoldoff {
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded (three names of at most
+    /// [`crate::wire::MAX_NAME_LEN`] bytes and a time).
+    pub fn decode(bytes: &[u8]) -> Result<StoredHoldoff, crate::DecodeError> {
+        crate::decode::<StoredHoldoff, 4096>(bytes)
+    }
+}
+
+/// The batch of format version 1: [`StoreBatch`] without hold-offs, field for field
+/// as it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreBatchV1 {
+    /// See [`StoreBatch::at`].
+    pub at: UnixTime,
+    /// See [`StoreBatch::leases`].
+    pub leases: Vec<LeaseChange>,
+    /// See [`StoreBatch::detached`].
+    pub detached: Vec<DetachedChange>,
+    /// See [`StoreBatch::journal`].
+    pub journal: Vec<JournalEntry>,
+    /// See [`StoreBatch::clock`].
+    pub clock: Option<UnixTime>,
+    /// See [`StoreBatch::report`].
+    pub report: Option<ReportState>,
+    /// See [`StoreBatch::compact`].
+    pub compact: Option<Compaction>,
+}
+
+impl From<StoreBatchV1> for StoreBatch {
+    fn from(old: StoreBatchV1) -> StoreBatch {
+        StoreBatch {
+            at: old.at,
+            leases: old.leases,
+            detached: old.detached,
+            journal: old.journal,
+            clock: old.clock,
+            report: old.report,
+            compact: old.compact,
+            holdoffs: Vec::new(),
+        }
+    }
 }
 
 /// The changes of the seat store decided together.
@@ -43,6 +128,8 @@ pub struct StoreBatch {
     pub report: Option<ReportState>,
     /// Journal entries an export made redundant.
     pub compact: Option<Compaction>,
+    /// Hold-offs started by removals; applying them also forgets those ended by `at`.
+    pub holdoffs: Vec<Holdoff>,
 }
 
 impl StoreBatch {
@@ -56,6 +143,7 @@ impl StoreBatch {
             clock: None,
             report: None,
             compact: None,
+            holdoffs: Vec::new(),
         }
     }
 
@@ -67,6 +155,7 @@ impl StoreBatch {
             && self.clock.is_none()
             && self.report.is_none()
             && self.compact.is_none()
+            && self.holdoffs.is_empty()
     }
 }
 
@@ -114,8 +203,42 @@ pub struct Compaction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum StoreSnapshot {
-    /// Format version 1.
-    V1(StoreImage),
+    /// Format version 1 (read only): without hold-offs.
+    V1(StoreImageV1),
+    /// Format version 2: with the removal hold-offs.
+    V2(StoreImage),
+}
+
+impl StoreSnapshot {
+    /// The image the snapshot carries, in the current form.
+    pub fn into_image(self) -> StoreImage {
+        match self {
+            StoreSnapshot::V1(old) => StoreImage {
+                leases: old.leases,
+                detached: old.detached,
+                journal: old.journal,
+                clock: old.clock,
+                report: old.report,
+                holdoffs: Vec::new(),
+            },
+            StoreSnapshot::V2(image) => image,
+        }
+    }
+}
+
+/// The image of format version 1: [`StoreImage`] without hold-offs, field for field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreImageV1 {
+    /// See [`StoreImage::leases`].
+    pub leases: Vec<LeaseRecord>,
+    /// See [`StoreImage::detached`].
+    pub detached: Vec<(LeaseId, UnixTime)>,
+    /// See [`StoreImage::journal`].
+    pub journal: Vec<JournalEntry>,
+    /// See [`StoreImage::clock`].
+    pub clock: Option<UnixTime>,
+    /// See [`StoreImage::report`].
+    pub report: ReportState,
 }
 
 /// Everything the seat store holds that the servers share.
@@ -131,6 +254,8 @@ pub struct StoreImage {
     pub clock: Option<UnixTime>,
     /// Where the report chain stands.
     pub report: ReportState,
+    /// The hold-offs after removals, ended or not (the reader judges by its clock).
+    pub holdoffs: Vec<Holdoff>,
 }
 
 /// Largest snapshot we decode (the journal is compacted after each export; a million
@@ -160,15 +285,43 @@ mod tests {
             clock: Some(UnixTime(99)),
             ..StoreImage::default()
         };
-        let bytes = StoreSnapshot::V1(image.clone()).encode();
+        let bytes = StoreSnapshot::V2(image.clone()).encode();
         assert_eq!(
             StoreSnapshot::decode(&bytes).unwrap(),
-            StoreSnapshot::V1(image)
+            StoreSnapshot::V2(image)
         );
         // A tag this tally does not know (a later format) is an error, not a panic.
         let mut later = bytes.clone();
         later[0] = 9;
         assert!(StoreSnapshot::decode(&later).is_err());
+    }
+
+    #[test]
+    fn a_version_1_command_and_snapshot_still_read_without_holdoffs() {
+        let old = StoreBatchV1 {
+            at: UnixTime(5),
+            leases: vec![LeaseChange::Remove(LeaseId(1))],
+            detached: Vec::new(),
+            journal: Vec::new(),
+            clock: Some(UnixTime(4)),
+            report: None,
+            compact: None,
+        };
+        let bytes = crate::encode(&StoreCommand::V1(old.clone()));
+        let read: StoreCommand = crate::decode::<_, MAX_SNAPSHOT>(&bytes).unwrap();
+        let batch = read.batch().into_owned();
+        assert_eq!(batch.leases, old.leases);
+        assert_eq!(batch.clock, Some(UnixTime(4)));
+        assert!(batch.holdoffs.is_empty());
+
+        let image = StoreImageV1 {
+            detached: vec![(LeaseId(7), UnixTime(100))],
+            ..StoreImageV1::default()
+        };
+        let bytes = StoreSnapshot::V1(image).encode();
+        let read = StoreSnapshot::decode(&bytes).unwrap().into_image();
+        assert_eq!(read.detached, vec![(LeaseId(7), UnixTime(100))]);
+        assert!(read.holdoffs.is_empty());
     }
 
     #[test]

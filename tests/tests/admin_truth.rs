@@ -450,3 +450,49 @@ fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
         ana_says()
     );
 }
+
+/// A removal's hold-off is kept in the store: a restart of tallyd (SIGKILL) does not
+/// hand the removed holder's retry the seat meant for the next in line.
+#[test]
+fn a_removal_hold_off_survives_a_restart_of_tallyd() {
+    const HOLDOFF: u64 = 300;
+    let site = VendorSite::new();
+    configure(
+        &site,
+        &format!("heartbeat_secs = 1\nlease_ttl_secs = 10\nremove_holdoff_secs = {HOLDOFF}\n"),
+    );
+    site.issue("B-1", &[], &[("solver", 1)]);
+    let daemon = site.daemon();
+    let mut ana = run_as(&daemon, "ana", &["solver"], &site.path("ana.log"));
+    assert!(
+        wait_until(Duration::from_secs(30), || users(&daemon, "holders")
+            == ["ana"]),
+        "ana holds no seat"
+    );
+    let lease = daemon.feature("solver")["holders"][0]["lease"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = admin(&daemon, &site, &["remove", &lease]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    ana.kill_group();
+
+    daemon.kill();
+    let daemon = site.daemon();
+    let out = try_once(&daemon, "ana");
+    let (_, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "ana got a seat after the restart: {stderr}"
+    );
+    assert!(
+        stderr.contains("was removed by the administrator")
+            && stderr.contains("for you on this host until"),
+        "{stderr}"
+    );
+    assert_eq!(daemon.in_use("solver"), 0, "ana's retry took the seat");
+    // Others are not held off.
+    let out = try_once(&daemon, "cy");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+}

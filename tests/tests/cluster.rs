@@ -504,6 +504,61 @@ fn partitions_elect_in_the_majority_and_heal_without_a_manual_step() {
 fn all_three_restarted_at_once_keep_every_lease() {
     let (c, addrs, mut daemons) = running_cluster(|a, _, j| a[j], free_udp_addrs(3));
     let (mut holders, held) = hold(&c, &addrs);
+    // ana's lease removed by the admin: her user on this host is held off the feature
+    // (300 s by default), through both restarts below.
+    let ana_holds = |doc: &serde_json::Value| {
+        doc["features"][0]["holders"]
+            .as_array()
+            .and_then(|h| h.iter().find(|h| h["user"] == "ana"))
+            .and_then(|h| h["lease"].as_str().map(String::from))
+    };
+    let mut ana = Holder::from_child(
+        c.tally(&addrs)
+            .env("USER", "ana")
+            .args(["run", "solver", "--", "sleep", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let mut lease = None;
+    assert!(
+        wait_until(PATIENCE, || {
+            lease = status(&c, &addrs).and_then(|d| ana_holds(&d));
+            lease.is_some()
+        }),
+        "ana got no seat"
+    );
+    let leader = answered_by(&status(&c, &addrs).expect("a leader answers"), &addrs);
+    let removed = c
+        .tally(&addrs[leader..=leader])
+        .args(["admin", "--admin-token-file"])
+        .arg(c.admin_token(leader))
+        .args(["remove", lease.as_deref().unwrap()])
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    ana.kill_group();
+    let ana_held_off = |what: &str| {
+        let out = c
+            .tally(&addrs)
+            .env("USER", "ana")
+            .args(["run", "solver", "--", "true"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(75),
+            "{what}: ana got a seat: {stderr}"
+        );
+        assert!(
+            stderr.contains("was removed by the administrator"),
+            "{what}: {stderr}"
+        );
+    };
+    ana_held_off("before the restarts");
     for d in &mut daemons {
         d.take().unwrap().stop();
     }
@@ -519,6 +574,7 @@ fn all_three_restarted_at_once_keep_every_lease() {
         *d = Some(c.daemon(i));
     }
     still_held(&c, &addrs, &held, &mut holders, ("all killed", &daemons));
+    ana_held_off("after all three restarted twice");
     let doc = status(&c, &addrs).expect("a leader answers");
     assert_eq!(seats(&doc).1, HOLDERS as u64, "{doc}");
 
