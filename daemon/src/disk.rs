@@ -22,7 +22,9 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tally_protocol::replicate::{Compaction, DetachedChange, Holdoff, LeaseChange, StoreBatch};
+use tally_protocol::replicate::{
+    Compaction, DetachedChange, Holdoff, LeaseChange, QueueChange, StoreBatch,
+};
 use tally_protocol::report::{JournalEntry, ReportState};
 use tally_protocol::time::UnixTime;
 use tokio::task::JoinHandle;
@@ -43,6 +45,16 @@ pub enum DiskError {
     /// The store was closed.
     #[error("the seat store is closed")]
     Closed,
+}
+
+/// Who the ledger keeps out or in line, for [`Disk::write`]: hold-offs started, and
+/// queue places taken and left.
+#[derive(Debug, Default)]
+pub struct Places {
+    /// Hold-offs started by removals.
+    pub holdoffs: Vec<Holdoff>,
+    /// Queue places taken and left.
+    pub queue: Vec<QueueChange>,
 }
 
 /// The store, or why it cannot be written.
@@ -159,12 +171,13 @@ impl Disk {
         self.broken.as_ref().map(|b| b.outage.retry_at())
     }
 
-    /// Writes a batch: journal entries (taken from `journal`), lease events, and the
-    /// clock mark if given. Not durable until a flush covers it.
+    /// Writes a batch: journal entries (taken from `journal`), lease events, detached
+    /// ends, hold-offs and queue places, and the clock mark if given. Not durable until
+    /// a flush covers it.
     pub fn write(
         &mut self,
         journal: &mut Vec<JournalEntry>,
-        (events, detachments, holdoffs): (&[Event], &[Detachment], Vec<Holdoff>),
+        (events, detachments, places): (&[Event], &[Detachment], Places),
         clock: Option<UnixTime>,
     ) -> Result<(), DiskError> {
         if let Some(broken) = &mut self.broken {
@@ -185,7 +198,8 @@ impl Disk {
                 .iter()
                 .map(|&change| DetachedChange::from(change)),
         );
-        batch.holdoffs.extend(holdoffs);
+        batch.holdoffs.extend(places.holdoffs);
+        batch.queue.extend(places.queue);
         if clock.is_some() {
             batch.clock = clock;
         }

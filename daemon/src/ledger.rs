@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tally_config::Policy;
 use tally_protocol::bundle::{Bundle, Seats};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
-use tally_protocol::replicate::Holdoff;
+use tally_protocol::replicate::{Holdoff, QueueChange, QueuePlace};
 use tally_protocol::time::UnixTime;
 use tally_protocol::version;
 use tally_protocol::wire::{
@@ -155,6 +155,12 @@ pub const CLOCK_TOLERANCE_SECS: u64 = 3600;
 const REMEMBERED_REMOVALS: usize = 1024;
 /// Most hold-offs remembered at once; when full, the one that ends first is dropped.
 const REMEMBERED_HOLDOFFS: usize = 1024;
+
+/// How long a restored queue place waits for its waiter to ask again (after a restart
+/// or a change of leader every client reconnects: the idle timeout that shows it the
+/// old server is gone, 15 s by default, and a few seconds more); meanwhile nobody
+/// behind it is served. Past it, the place is given up.
+pub const PLACE_GRACE: Duration = Duration::from_secs(30);
 /// Most leases remembered as lapsed (released by an idle timeout, re-attachable while
 /// their TTL runs); the oldest are forgotten first. About 300 bytes each.
 const REMEMBERED_LAPSED: usize = 20_000;
@@ -193,6 +199,8 @@ pub struct WaiterOutcome {
 #[derive(Debug, Clone)]
 struct Waiter {
     id: WaiterId,
+    /// Its place's number (the order of service; see [`QueuePlace`]).
+    place: u64,
     conn: ConnId,
     holder: ClientIdentity,
     request: CheckoutRequest,
@@ -418,6 +426,13 @@ pub struct Ledger {
     holdoffs: HashMap<HoldoffKey, (Instant, UnixTime)>,
     /// Hold-offs started and not yet handed to the shell to write.
     new_holdoffs: Vec<Holdoff>,
+    /// Queue places restored from the store whose waiters have not asked again yet, by
+    /// feature, in order, each with when it is given up.
+    kept_places: BTreeMap<String, Vec<(QueuePlace, Instant)>>,
+    /// The next queue place's number.
+    next_place: u64,
+    /// Queue places taken and left, not yet handed to the shell to write.
+    queue_changes: Vec<QueueChange>,
     high_water: UnixTime,
     detachments: Vec<Detachment>,
     unclaimed: Vec<LeaseId>,
@@ -495,6 +510,9 @@ impl Ledger {
             removed_set: HashSet::new(),
             holdoffs: HashMap::new(),
             new_holdoffs: Vec::new(),
+            kept_places: BTreeMap::new(),
+            next_place: 1,
+            queue_changes: Vec::new(),
             high_water: UnixTime(0),
             detachments: Vec::new(),
             unclaimed: Vec::new(),
@@ -689,11 +707,16 @@ impl Ledger {
         if let Some(refusal) = self.storage_refusal() {
             return Checkout::Denied(refusal);
         }
-        // Waiters are served first come, first served: nobody overtakes the queue.
+        // A waiter asking again after a restart or a change of leader takes back the
+        // place it had. Waiters are served first come, first served: nobody overtakes
+        // the queue (nor a place kept for a waiter that is reconnecting).
+        let kept = self.take_kept_place(holder, request);
+        let place = kept.as_ref().map_or(u64::MAX, |p| p.seq);
         let queued = self
             .queues
             .get(&request.feature)
-            .is_some_and(|q| !q.is_empty());
+            .is_some_and(|q| q.front().is_some_and(|w| w.place < place))
+            || self.kept_before(&request.feature, place) > 0;
         let decision = if queued {
             self.decide(now, holder, request)
                 .and_then(|_| Err(self.queue_full_reason(now, request)))
@@ -702,6 +725,9 @@ impl Ledger {
         };
         match decision {
             Ok(terms) => {
+                if let Some(place) = &kept {
+                    self.queue_changes.push(QueueChange::Left(place.seq));
+                }
                 let (record, event) = self.grant(now, conn, holder, request, fresh, terms);
                 Checkout::Granted(Box::new((record, event)))
             }
@@ -711,24 +737,110 @@ impl Ledger {
             Err(reason)
                 if request.wait_secs > 0 && request.borrow_secs == 0 && queueable(&reason) =>
             {
-                let deadline = now.mono + Duration::from_secs(request.wait_secs as u64);
-                let queue = self.queues.entry(request.feature.clone()).or_default();
-                queue.push_back(Waiter {
-                    id: waiter,
-                    conn,
+                let wait = Duration::from_secs(request.wait_secs as u64);
+                let deadline = now.mono + wait;
+                let (seq, since) = match &kept {
+                    Some(p) => {
+                        let ago = Duration::from_secs(now.wall.0.saturating_sub(p.since.0));
+                        let mono = now.mono.checked_sub(ago).unwrap_or(now.mono);
+                        (
+                            p.seq,
+                            Now {
+                                mono,
+                                wall: p.since,
+                            },
+                        )
+                    }
+                    None => {
+                        self.next_place += 1;
+                        (self.next_place - 1, now)
+                    }
+                };
+                self.queue_changes.push(QueueChange::Joined(QueuePlace {
+                    seq,
+                    feature: request.feature.clone(),
+                    count: request.count,
                     holder: holder.clone(),
-                    request: request.clone(),
-                    fresh,
-                    since: now,
-                    deadline,
-                });
+                    since: since.wall,
+                    until: now.wall.plus_secs(request.wait_secs as u64),
+                }));
+                let queue = self.queues.entry(request.feature.clone()).or_default();
+                let at = queue.partition_point(|w| w.place < seq);
+                queue.insert(
+                    at,
+                    Waiter {
+                        id: waiter,
+                        place: seq,
+                        conn,
+                        holder: holder.clone(),
+                        request: request.clone(),
+                        fresh,
+                        since,
+                        deadline,
+                    },
+                );
                 self.waiter_deadlines.insert((deadline, waiter));
                 Checkout::Queued {
-                    position: queue.len(),
+                    position: at + 1 + self.kept_before(&request.feature, seq) as usize,
                 }
             }
-            Err(reason) => Checkout::Denied(reason),
+            Err(reason) => {
+                if let Some(place) = &kept {
+                    self.queue_changes.push(QueueChange::Left(place.seq));
+                }
+                Checkout::Denied(reason)
+            }
         }
+    }
+
+    /// Takes the kept place (see [`Ledger::restore_queue`]) of the waiter `holder`
+    /// asking for `request`, if it had one: same feature and seats, same user, host,
+    /// program and process.
+    fn take_kept_place(
+        &mut self,
+        holder: &ClientIdentity,
+        request: &CheckoutRequest,
+    ) -> Option<QueuePlace> {
+        let places = self.kept_places.get_mut(&request.feature)?;
+        let at = places
+            .iter()
+            .position(|(p, _)| p.holder == *holder && p.count == request.count)?;
+        let (place, _) = places.remove(at);
+        if places.is_empty() {
+            self.kept_places.remove(&request.feature);
+        }
+        Some(place)
+    }
+
+    /// How many kept places of `feature` come before place `seq`.
+    fn kept_before(&self, feature: &str, seq: u64) -> u32 {
+        self.kept_places
+            .get(feature)
+            .map_or(0, |p| p.iter().filter(|(p, _)| p.seq < seq).count() as u32)
+    }
+
+    /// Restores the checkout queues' places from the store after a restart or a change
+    /// of leader: each is kept for its waiter, which reconnects and asks again, until
+    /// its wait would have ended or [`PLACE_GRACE`] has passed, whichever comes first;
+    /// places already past are given up.
+    pub fn restore_queue(&mut self, now: Now, places: Vec<QueuePlace>) {
+        for place in places {
+            self.next_place = self.next_place.max(place.seq + 1);
+            let left = place.until.0.saturating_sub(now.wall.0);
+            if left == 0 {
+                self.queue_changes.push(QueueChange::Left(place.seq));
+                continue;
+            }
+            let until = now.mono + PLACE_GRACE.min(Duration::from_secs(left));
+            let kept = self.kept_places.entry(place.feature.clone()).or_default();
+            let at = kept.partition_point(|(p, _)| p.seq < place.seq);
+            kept.insert(at, (place, until));
+        }
+    }
+
+    /// The queue places taken and left since the last call, for the shell to write.
+    pub fn take_queue_changes(&mut self) -> Vec<QueueChange> {
+        std::mem::take(&mut self.queue_changes)
     }
 
     /// The denial a newcomer gets while others wait ahead of it.
@@ -780,6 +892,7 @@ impl Ledger {
             if let Some(pos) = queue.iter().position(|w| w.id == waiter) {
                 let w = queue.remove(pos).expect("position is in range");
                 self.waiter_deadlines.remove(&(w.deadline, w.id));
+                self.queue_changes.push(QueueChange::Left(w.place));
                 self.outcomes.push(WaiterOutcome {
                     waiter,
                     result: None,
@@ -806,9 +919,16 @@ impl Ledger {
             };
             let mut kept = VecDeque::with_capacity(queue.len());
             while let Some(w) = queue.pop_front() {
+                // A place kept for a reconnecting waiter ahead of this one: the seats
+                // wait for it (for at most `PLACE_GRACE`).
+                if self.kept_before(&feature, w.place) > 0 {
+                    kept.push_back(w);
+                    continue;
+                }
                 match self.decide(now, &w.holder, &w.request) {
                     Ok(terms) => {
                         self.waiter_deadlines.remove(&(w.deadline, w.id));
+                        self.queue_changes.push(QueueChange::Left(w.place));
                         let (record, event) =
                             self.grant(now, w.conn, &w.holder, &w.request, w.fresh.clone(), terms);
                         self.outcomes.push(WaiterOutcome {
@@ -822,6 +942,7 @@ impl Ledger {
                         // The licence itself changed (expired, reloaded away): waiting
                         // cannot help any more.
                         self.waiter_deadlines.remove(&(w.deadline, w.id));
+                        self.queue_changes.push(QueueChange::Left(w.place));
                         self.outcomes.push(WaiterOutcome {
                             waiter: w.id,
                             result: Some(Err(reason)),
@@ -1473,6 +1594,7 @@ impl Ledger {
             for queue in self.queues.values_mut() {
                 if let Some(pos) = queue.iter().position(|w| w.id == waiter) {
                     let w = queue.remove(pos).expect("position is in range");
+                    self.queue_changes.push(QueueChange::Left(w.place));
                     self.outcomes.push(WaiterOutcome {
                         waiter,
                         result: Some(Err(DenialReason::QueueTimeout {
@@ -1485,18 +1607,27 @@ impl Ledger {
             }
             self.queues.retain(|_, q| !q.is_empty());
         }
+        // Kept places whose waiters did not come back in time are given up.
+        for places in self.kept_places.values_mut() {
+            places.retain(|(place, until)| {
+                let keep = *until > now.mono;
+                if !keep {
+                    self.queue_changes.push(QueueChange::Left(place.seq));
+                }
+                keep
+            });
+        }
+        self.kept_places.retain(|_, p| !p.is_empty());
         self.serve_queues(now);
         events
     }
 
-    /// When [`Ledger::expire`] next has work (a lease or a wait runs out).
+    /// When [`Ledger::expire`] next has work (a lease, a wait or a kept place runs out).
     pub fn next_deadline(&self) -> Option<Instant> {
         let lease = self.deadlines.first().map(|(d, _)| *d);
         let waiter = self.waiter_deadlines.first().map(|(d, _)| *d);
-        match (lease, waiter) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let kept = self.kept_places.values().flatten().map(|(_, d)| *d).min();
+        [lease, waiter, kept].into_iter().flatten().min()
     }
 
     /// Seats and holders per feature.

@@ -7,7 +7,7 @@ use crate::clock::{now, StallWatch};
 use crate::commit::{Answer, Commit, Owed, Replies};
 use crate::consensus::{self, Role};
 use crate::consensus::{Node, NodeSetup};
-use crate::disk::{Disk, DiskError, Flush};
+use crate::disk::{Disk, DiskError, Flush, Places};
 use crate::error::Error;
 use crate::journal::{Exported, ReportIdentity};
 use crate::ledger::{Checkout, ConnId, Event, FreshLease, Ledger, Now, WaiterId};
@@ -750,13 +750,19 @@ impl LedgerTask {
         } = d;
         self.commit.batch_events(now.wall, &events);
         let detachments = self.ledger.take_detachments();
-        let holdoffs = self.ledger.take_holdoffs();
-        let changes = !events.is_empty() || !detachments.is_empty() || !holdoffs.is_empty();
+        let places = Places {
+            holdoffs: self.ledger.take_holdoffs(),
+            queue: self.ledger.take_queue_changes(),
+        };
+        let changes = !events.is_empty()
+            || !detachments.is_empty()
+            || !places.holdoffs.is_empty()
+            || !places.queue.is_empty();
         let clock = self.ledger.clock_high_water();
         let (journal, clock) = self.commit.batch_write(changes, clock, shutdown.is_some());
         let written = self
             .disk
-            .write(journal, (&events, &detachments, holdoffs), clock);
+            .write(journal, (&events, &detachments, places), clock);
         self.commit.written(&written, clock);
         let failure = written.err();
         for event in &events {
@@ -800,7 +806,7 @@ impl LedgerTask {
         if self.commit.journal_rolled_back(now.wall) {
             let _ = self
                 .disk
-                .write(self.commit.journal(), (&[], &[], Vec::new()), None);
+                .write(self.commit.journal(), (&[], &[], Places::default()), None);
         }
         false
     }
@@ -1026,6 +1032,7 @@ impl LedgerTask {
         let restored = records.len();
         ledger.restore_with(start, records, &facts);
         ledger.restore_holdoffs(start, store.load_holdoffs()?);
+        ledger.restore_queue(start, store.load_queue()?);
         self.stall.restart(start.mono);
         self.ledger = ledger;
         self.commit = Commit::new(store.next_journal_seq()?, self.ledger.clock_high_water());

@@ -285,6 +285,8 @@ pub(crate) async fn restore(
     // Removal hold-offs keep running across the restart: the removed holder's retry
     // must not take the seat meant for the next in line.
     ledger.restore_holdoffs(now(), store.load_holdoffs()?);
+    // So do the queues: a waiter asking again gets the place it had.
+    ledger.restore_queue(now(), store.load_queue()?);
     let detachments = ledger.take_detachments();
     if let (false, Some(node)) = (detachments.is_empty(), node) {
         // Durable before serving: a crash right after this start must not let the

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use tally_cluster::durable::sync_dir;
 use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredDeadline, StoredLease};
 use tally_protocol::replicate::{
-    DetachedChange, Holdoff, LeaseChange, StoreBatch, StoreImage, StoredHoldoff,
+    DetachedChange, Holdoff, LeaseChange, QueueChange, QueuePlace, StoreBatch, StoreImage,
+    StoredHoldoff, StoredPlace,
 };
 use tally_protocol::report::{
     JournalEntry, ReportState, StoredJournal, StoredJournalChunk, StoredReportState,
@@ -189,6 +190,8 @@ pub struct Store {
     detached: sled::Tree,
     /// Hold-offs after removals ([`StoredHoldoff`]), by feature, user and host.
     holdoffs: sled::Tree,
+    /// Checkout queue places ([`StoredPlace`]), by number (big-endian).
+    queue: sled::Tree,
     meta: sled::Tree,
     /// Journal chunks, keyed by their first entry's sequence number (big-endian).
     journal: sled::Tree,
@@ -293,6 +296,7 @@ impl Store {
         let leases = db.open_tree("leases/v1").map_err(err)?;
         let detached = db.open_tree(DETACHED_TREE).map_err(err)?;
         let holdoffs = db.open_tree(HOLDOFF_TREE).map_err(err)?;
+        let queue = db.open_tree(QUEUE_TREE).map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(err)?;
         let io = |cause: std::io::Error| StoreError::Io {
@@ -311,6 +315,7 @@ impl Store {
             leases,
             detached,
             holdoffs,
+            queue,
             meta,
             journal,
             log: std::sync::Arc::new(log),
@@ -902,6 +907,9 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 /// Tree of [`StoredDeadline`]s by lease id.
 const DETACHED_TREE: &str = "detached/v1";
 
+/// Tree of [`StoredPlace`]s by place number.
+const QUEUE_TREE: &str = "queue/v1";
+
 /// Tree of [`StoredHoldoff`]s by [`holdoff_key`].
 const HOLDOFF_TREE: &str = "holdoffs/v1";
 
@@ -966,6 +974,19 @@ impl Store {
                 .apply_batch(holdoffs)
                 .map_err(|e| self.err(e))?;
         }
+        if !batch.queue.is_empty() {
+            let mut queue = sled::Batch::default();
+            for change in &batch.queue {
+                match change {
+                    QueueChange::Joined(place) => queue.insert(
+                        &place.seq.to_be_bytes(),
+                        StoredPlace::V1(place.clone()).encode(),
+                    ),
+                    QueueChange::Left(seq) => queue.remove(&seq.to_be_bytes()),
+                }
+            }
+            self.queue.apply_batch(queue).map_err(|e| self.err(e))?;
+        }
         self.append_journal(&batch.journal)?;
         if let Some(clock) = batch.clock {
             self.save_clock(clock)?;
@@ -993,7 +1014,21 @@ impl Store {
             clock: self.load_clock()?,
             report: self.report_state()?,
             holdoffs: self.load_holdoffs()?,
+            queue: self.load_queue()?,
         })
+    }
+
+    /// The checkout queues' places, in order. A record that cannot be read is left
+    /// out: its waiter joins at the end when it asks again.
+    pub fn load_queue(&self) -> Result<Vec<QueuePlace>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.queue.iter() {
+            let (_, v) = item.map_err(|e| self.err(e))?;
+            if let Ok(StoredPlace::V1(place)) = StoredPlace::decode(&v) {
+                out.push(place);
+            }
+        }
+        Ok(out)
     }
 
     /// The hold-offs after removals, ended or not (the caller judges by its clock). A
@@ -1020,9 +1055,23 @@ impl Store {
 
     /// Makes the store hold exactly `image` (a snapshot from the leader), not flushed.
     pub fn replace(&self, image: &StoreImage) -> Result<(), StoreError> {
-        for tree in [&self.leases, &self.detached, &self.holdoffs, &self.journal] {
+        for tree in [
+            &self.leases,
+            &self.detached,
+            &self.holdoffs,
+            &self.queue,
+            &self.journal,
+        ] {
             tree.clear().map_err(|e| self.err(e))?;
         }
+        let mut queue = sled::Batch::default();
+        for place in &image.queue {
+            queue.insert(
+                &place.seq.to_be_bytes(),
+                StoredPlace::V1(place.clone()).encode(),
+            );
+        }
+        self.queue.apply_batch(queue).map_err(|e| self.err(e))?;
         let mut holdoffs = sled::Batch::default();
         for held in &image.holdoffs {
             holdoffs.insert(holdoff_key(held), StoredHoldoff::V1(held.clone()).encode());

@@ -873,3 +873,133 @@ fn a_lapsed_lease_is_not_given_back_once_its_seat_is_taken_or_its_ttl_ran_out() 
     );
     assert_eq!(d.ledger.in_use("solver"), 0);
 }
+
+/// A checkout of one seat of `feature` by `user` that waits up to 300 s.
+fn wait_for(d: &mut Driver, conn: u64, user: &str, feature: &str) -> Checkout {
+    let fresh = FreshLease {
+        id: LeaseId(d.next),
+        secret: LeaseSecret([d.next as u8; 16]),
+    };
+    d.next += 1;
+    let request = CheckoutRequest {
+        feature: feature.into(),
+        count: 1,
+        version: None,
+        build_date: None,
+        wait_secs: 300,
+        borrow_secs: 0,
+    };
+    let now = d.now();
+    let waiter = WaiterId(d.next);
+    d.ledger
+        .checkout_or_wait(now, ConnId(conn), &who(user), &request, fresh, waiter)
+}
+
+/// The users waiting for `feature`, in order.
+fn queue_of(d: &Driver, feature: &str) -> Vec<String> {
+    d.ledger
+        .status(d.now().wall)
+        .into_iter()
+        .find(|f| f.name == feature)
+        .map(|f| f.queue.into_iter().map(|q| q.client.user).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn waiters_asking_again_after_a_restart_get_their_places_back_in_order() {
+    use tally_protocol::replicate::{QueueChange, QueuePlace};
+    let mut d = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    d.checkout(1, "holder", "solver", 1).unwrap();
+    for (i, user) in ["ana", "bo", "cy"].iter().enumerate() {
+        assert!(matches!(
+            wait_for(&mut d, 10 + i as u64, user, "solver"),
+            Checkout::Queued { position } if position == i + 1
+        ));
+    }
+    // What the store would hold: the three places joined.
+    let places: Vec<QueuePlace> = d
+        .ledger
+        .take_queue_changes()
+        .into_iter()
+        .map(|c| match c {
+            QueueChange::Joined(p) => p,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(places.len(), 3);
+
+    // A new ledger (a restart, or a new leader) restores them as kept places; the
+    // holder's lease comes back too.
+    let held = d.ledger.records().cloned().collect::<Vec<_>>();
+    let mut next = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    next.next = 100;
+    next.ledger.restore(next.now(), held);
+    next.ledger.restore_queue(next.now(), places);
+    // cy reconnects first, then a newcomer, then ana; bo not yet.
+    assert!(matches!(
+        wait_for(&mut next, 23, "cy", "solver"),
+        Checkout::Queued { position: 3 }
+    ));
+    assert!(matches!(
+        wait_for(&mut next, 24, "dee", "solver"),
+        Checkout::Queued { .. }
+    ));
+    assert!(matches!(
+        wait_for(&mut next, 21, "ana", "solver"),
+        Checkout::Queued { position: 1 }
+    ));
+    assert_eq!(queue_of(&next, "solver"), ["ana", "cy", "dee"]);
+
+    // The seat comes free: ana gets it. Then it comes free again while bo's place is
+    // still kept: nobody behind bo gets it until bo asks again, and bo gets it.
+    let lease = next.ledger.records().next().unwrap().clone();
+    next.ledger.checkin(next.now(), &[r(&lease)]);
+    let granted: Vec<_> = next.ledger.take_waiter_outcomes();
+    assert_eq!(granted.len(), 1);
+    let ana = next.ledger.records().next().unwrap().clone();
+    assert_eq!(ana.holder.user, "ana");
+    next.ledger.checkin(next.now(), &[r(&ana)]);
+    assert!(
+        next.ledger.take_waiter_outcomes().is_empty(),
+        "cy overtook bo"
+    );
+    assert_eq!(next.ledger.in_use("solver"), 0);
+    match wait_for(&mut next, 22, "bo", "solver") {
+        Checkout::Granted(g) => assert_eq!(g.0.holder.user, "bo"),
+        other => panic!("bo did not get the free seat: {other:?}"),
+    }
+
+    // A kept place whose waiter never comes back is given up after the grace.
+    let mut again = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    again.checkout(1, "holder", "solver", 1).unwrap();
+    assert!(matches!(
+        wait_for(&mut again, 2, "gone", "solver"),
+        Checkout::Queued { .. }
+    ));
+    let places: Vec<QueuePlace> = again
+        .ledger
+        .take_queue_changes()
+        .into_iter()
+        .filter_map(|c| match c {
+            QueueChange::Joined(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let mut later = Driver::new(vec![FeatureGrant::counted("solver", 1)]);
+    later.ledger.restore_queue(later.now(), places.clone());
+    assert!(matches!(
+        wait_for(&mut later, 3, "eve", "solver"),
+        Checkout::Queued { .. }
+    ));
+    assert!(later.ledger.next_deadline().is_some());
+    later.advance(PLACE_GRACE);
+    let outcomes = later.ledger.take_waiter_outcomes();
+    assert!(
+        matches!(&outcomes[..], [o] if matches!(&o.result, Some(Ok(rec)) if rec.holder.user == "eve")),
+        "{outcomes:?}"
+    );
+    assert!(later
+        .ledger
+        .take_queue_changes()
+        .contains(&QueueChange::Left(places[0].seq)));
+}

@@ -16,6 +16,7 @@
 use crate::lease::{LeaseId, LeaseRecord};
 use crate::report::{JournalEntry, ReportState};
 use crate::time::UnixTime;
+use crate::wire::ClientIdentity;
 use serde::{Deserialize, Serialize};
 
 /// One Raft log command; the variant is the format version.
@@ -25,7 +26,7 @@ pub enum StoreCommand {
     /// Format version 1 (read only: written by a tallyd that kept removal hold-offs in
     /// memory).
     V1(StoreBatchV1),
-    /// Format version 2: with the removal hold-offs.
+    /// Format version 2: with the removal hold-offs and the checkout queues.
     V2(StoreBatch),
 }
 
@@ -53,6 +54,56 @@ pub struct Holdoff {
     pub host: String,
     /// When the hold-off ends (wall clock).
     pub until: UnixTime,
+}
+
+/// A place in a feature's checkout queue: who waits, for what, since when. Replicated
+/// (and stored) so that a waiter whose server restarts, or whose leader changes, gets
+/// its place back when it asks again, instead of the place its reconnect happens to
+/// win.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePlace {
+    /// The place's number: places are served in this order.
+    pub seq: u64,
+    /// The feature waited for.
+    pub feature: String,
+    /// Seats asked for.
+    pub count: u32,
+    /// Who waits (its process id tells two waiters of one user on one host apart).
+    pub holder: ClientIdentity,
+    /// When it started waiting.
+    pub since: UnixTime,
+    /// When its wait ends.
+    pub until: UnixTime,
+}
+
+/// A change of the stored checkout queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueChange {
+    /// A waiter joined its feature's queue.
+    Joined(QueuePlace),
+    /// The place ended (granted, timed out, withdrawn, or not taken back in time).
+    Left(u64),
+}
+
+/// A queue place as the seat store keeps it; the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredPlace {
+    /// Format version 1.
+    V1(QueuePlace),
+}
+
+impl StoredPlace {
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded (names of at most [`crate::wire::MAX_NAME_LEN`]
+    /// bytes each).
+    pub fn decode(bytes: &[u8]) -> Result<StoredPlace, crate::DecodeError> {
+        crate::decode::<StoredPlace, 8192>(bytes)
+    }
 }
 
 /// A hold-off as the seat store keeps it; the variant is the format version.
@@ -107,6 +158,7 @@ impl From<StoreBatchV1> for StoreBatch {
             report: old.report,
             compact: old.compact,
             holdoffs: Vec::new(),
+            queue: Vec::new(),
         }
     }
 }
@@ -130,6 +182,8 @@ pub struct StoreBatch {
     pub compact: Option<Compaction>,
     /// Hold-offs started by removals; applying them also forgets those ended by `at`.
     pub holdoffs: Vec<Holdoff>,
+    /// Places taken and left in the checkout queues, in order.
+    pub queue: Vec<QueueChange>,
 }
 
 impl StoreBatch {
@@ -144,6 +198,7 @@ impl StoreBatch {
             report: None,
             compact: None,
             holdoffs: Vec::new(),
+            queue: Vec::new(),
         }
     }
 
@@ -156,6 +211,7 @@ impl StoreBatch {
             && self.report.is_none()
             && self.compact.is_none()
             && self.holdoffs.is_empty()
+            && self.queue.is_empty()
     }
 }
 
@@ -220,6 +276,7 @@ impl StoreSnapshot {
                 clock: old.clock,
                 report: old.report,
                 holdoffs: Vec::new(),
+                queue: Vec::new(),
             },
             StoreSnapshot::V2(image) => image,
         }
@@ -256,6 +313,8 @@ pub struct StoreImage {
     pub report: ReportState,
     /// The hold-offs after removals, ended or not (the reader judges by its clock).
     pub holdoffs: Vec<Holdoff>,
+    /// The checkout queues' places, in order.
+    pub queue: Vec<QueuePlace>,
 }
 
 /// Largest snapshot we decode (the journal is compacted after each export; a million

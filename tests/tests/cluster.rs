@@ -854,7 +854,8 @@ fn a_member_whose_data_is_lost_is_replaced_by_a_new_server_while_the_others_serv
     );
 }
 
-/// A client waiting in the queue when the leader dies waits on under the new leader and
+/// Clients waiting in the queue when the leader dies wait on under the new leader, in
+/// the order they joined (not the order their reconnects happen to win), and the first
 /// gets the first seat that comes free there.
 #[test]
 fn a_queued_checkout_survives_a_failover_and_gets_the_next_free_seat() {
@@ -872,21 +873,50 @@ fn a_queued_checkout_survives_a_failover_and_gets_the_next_free_seat() {
         }),
         "the seats were not all taken: {full:?}"
     );
-    let waiter_log = std::fs::File::create(c.path("waiter.log")).unwrap();
-    let mut waiter = holder(&c, &addrs, &["--wait", "300"], waiter_log.into());
-    let queued = |doc: &serde_json::Value| {
+    // Three waiters (three users), each in the queue before the next comes.
+    let queue = |doc: &serde_json::Value| -> Vec<String> {
         doc["features"]
             .as_array()
             .and_then(|f| f.iter().find(|f| f["name"] == "solver"))
-            .and_then(|f| f["queue"].as_array().map(Vec::len))
-            .unwrap_or(0)
+            .and_then(|f| f["queue"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|q| q["user"].as_str().unwrap_or_default().to_string())
+            .collect()
     };
-    assert!(
-        wait_until(PATIENCE, || status(&c, &addrs)
-            .is_some_and(|d| queued(&d) == 1)),
-        "the waiter is not in the queue"
-    );
+    let order = ["wa", "wb", "wc"];
+    let mut waiters = Vec::new();
+    for (i, user) in order.iter().enumerate() {
+        let log = std::fs::File::create(c.path(&format!("{user}.log"))).unwrap();
+        waiters.push(Holder::from_child(
+            c.tally(&addrs)
+                .env("USER", user)
+                .args(["run", "solver", "--wait", "300", "--", "sleep", "600"])
+                .env("TALLY_LOG", "debug")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        ));
+        assert!(
+            wait_until(PATIENCE, || status(&c, &addrs)
+                .is_some_and(|d| queue(&d) == order[..=i])),
+            "{user} is not in the queue after {:?}",
+            &order[..i]
+        );
+    }
 
+    // The first waiter is stopped (SIGSTOP) over the failover, so that it asks the new
+    // leader last: its reconnect loses the race, its place must not.
+    let signal = |w: &Holder, sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &w.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal(&waiters[0], "-STOP");
     let leader = answered_by(&status(&c, &addrs).expect("a leader answers"), &addrs);
     daemons[leader].take().unwrap().kill();
     held.extend(full.iter().cloned());
@@ -898,31 +928,70 @@ fn a_queued_checkout_survives_a_failover_and_gets_the_next_free_seat() {
         &mut holders,
         ("leader killed", &daemons),
     );
-    // A seat comes free under the new leader: the waiter, still waiting, gets it. (A
+    // Every waiter reconnects and asks again: each gets its place back.
+    let mut now_queued = Vec::new();
+    assert!(
+        wait_until(2 * PATIENCE, || {
+            now_queued = status(&c, &others).map(|d| queue(&d)).unwrap_or_default();
+            now_queued.contains(&"wb".to_string()) && now_queued.contains(&"wc".to_string())
+        }),
+        "the waiters did not queue at the new leader: {now_queued:?}"
+    );
+    signal(&waiters[0], "-CONT");
+    assert!(
+        wait_until(2 * PATIENCE, || {
+            now_queued = status(&c, &others).map(|d| queue(&d)).unwrap_or_default();
+            now_queued.len() == order.len()
+        }),
+        "the waiters did not all queue at the new leader: {now_queued:?}"
+    );
+    assert_eq!(now_queued, order, "the waiters changed places");
+    // A seat comes free under the new leader: the first waiter, still waiting, gets it. (A
     // holder killed before it re-attached to the new leader keeps its seat until one
     // TTL, 60 s, after the take-over: the new leader cannot tell it from one whose
     // heartbeats are on their way.)
     let mut freed = fillers.pop().unwrap();
     freed.kill_group();
-    let mut now = BTreeSet::new();
+    let holders_of = |doc: &serde_json::Value| -> Vec<String> {
+        doc["features"][0]["holders"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|h| h["user"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let mut doc = serde_json::Value::Null;
     assert!(
         wait_until(2 * PATIENCE, || {
-            now = status(&c, &others).map(|d| seats(&d).0).unwrap_or_default();
-            now.len() == SEATS as usize && !now.is_subset(&full)
+            doc = status(&c, &others).unwrap_or_default();
+            seats(&doc).1 == SEATS && holders_of(&doc).iter().any(|u| order.contains(&u.as_str()))
         }),
-        "the waiter did not get the freed seat (waiter {:?}): held {now:?}, before {full:?}\n{}\nwaiter: {}",
-        waiter.child.try_wait(),
+        "no waiter got the freed seat: {doc}\n{}\nwa: {}",
         daemons
             .iter()
             .flatten()
-            .flat_map(|d| d.log_text().lines().filter(|l| !l.contains("openraft") && !l.contains("peer RPC")).map(String::from).collect::<Vec<_>>())
+            .flat_map(|d| d
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains("openraft") && !l.contains("peer RPC"))
+                .map(String::from)
+                .collect::<Vec<_>>())
             .collect::<Vec<_>>()
             .join("\n"),
-        std::fs::read_to_string(c.path("waiter.log")).unwrap_or_default()
+        std::fs::read_to_string(c.path("wa.log")).unwrap_or_default()
     );
+    let users = holders_of(&doc);
     assert!(
-        matches!(waiter.child.try_wait(), Ok(None)),
+        users.iter().any(|u| u == "wa") && !users.iter().any(|u| u == "wb" || u == "wc"),
+        "the first waiter did not get the seat: {users:?}"
+    );
+    assert_eq!(queue(&doc), ["wb", "wc"], "{doc}");
+    assert!(
+        matches!(waiters[0].child.try_wait(), Ok(None)),
         "the waiter ended instead of running with its seat"
     );
-    waiter.kill_group();
+    for w in &mut waiters {
+        w.kill_group();
+    }
 }
