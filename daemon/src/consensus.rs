@@ -153,7 +153,12 @@ impl NodeSetup {
                     };
                     BTreeMap::from([(self.id(), me)])
                 };
-                tracing::info!(members = members.len(), "forming the cluster");
+                if self.is_cluster() {
+                    tracing::info!(members = members.len(), "forming the cluster");
+                } else {
+                    // A single server's log is an implementation detail, not news.
+                    tracing::debug!("starting the Raft log of a single server");
+                }
                 raft.initialize(members)
                     .await
                     .map_err(|e| fail(e.to_string()))?;

@@ -65,6 +65,16 @@ impl Driver {
         self.ledger.expire(self.now())
     }
 
+    /// The next lease id and a secret for it.
+    fn fresh(&mut self) -> FreshLease {
+        let fresh = FreshLease {
+            id: LeaseId(self.next),
+            secret: LeaseSecret([self.next as u8; 16]),
+        };
+        self.next += 1;
+        fresh
+    }
+
     fn checkout(
         &mut self,
         conn: u64,
@@ -84,11 +94,7 @@ impl Driver {
         version: Option<&str>,
         build_date: Option<UnixTime>,
     ) -> Result<LeaseRecord, DenialReason> {
-        let fresh = FreshLease {
-            id: LeaseId(self.next),
-            secret: LeaseSecret([self.next as u8; 16]),
-        };
-        self.next += 1;
+        let fresh = self.fresh();
         let request = CheckoutRequest {
             feature: feature.into(),
             count,
@@ -876,11 +882,7 @@ fn a_lapsed_lease_is_not_given_back_once_its_seat_is_taken_or_its_ttl_ran_out() 
 
 /// A checkout of one seat of `feature` by `user` that waits up to 300 s.
 fn wait_for(d: &mut Driver, conn: u64, user: &str, feature: &str) -> Checkout {
-    let fresh = FreshLease {
-        id: LeaseId(d.next),
-        secret: LeaseSecret([d.next as u8; 16]),
-    };
-    d.next += 1;
+    let fresh = d.fresh();
     let request = CheckoutRequest {
         feature: feature.into(),
         count: 1,

@@ -329,23 +329,30 @@ fn try_once(daemon: &Daemon, user: &str) -> Output {
         .expect("running tally run")
 }
 
-#[test]
-fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
-    const HOLDOFF: u64 = 40;
+/// A site whose one seat of `solver` ana holds (her `tally run` logs to `ana.log`),
+/// with a removal hold-off of `holdoff` seconds.
+fn ana_holds_the_one_seat(holdoff: u64) -> (VendorSite, Daemon, Holder) {
     let site = VendorSite::new();
     configure(
         &site,
-        &format!("heartbeat_secs = 1\nlease_ttl_secs = 10\nremove_holdoff_secs = {HOLDOFF}\n"),
+        &format!("heartbeat_secs = 1\nlease_ttl_secs = 10\nremove_holdoff_secs = {holdoff}\n"),
     );
     site.issue("B-1", &[], &[("solver", 1)]);
     let daemon = site.daemon();
-    let ana_log = site.path("ana.log");
-    let _ana = run_as(&daemon, "ana", &["solver"], &ana_log);
+    let ana = run_as(&daemon, "ana", &["solver"], &site.path("ana.log"));
     assert!(
         wait_until(Duration::from_secs(30), || users(&daemon, "holders")
             == ["ana"]),
         "ana holds no seat"
     );
+    (site, daemon, ana)
+}
+
+#[test]
+fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
+    const HOLDOFF: u64 = 40;
+    let (site, daemon, _ana) = ana_holds_the_one_seat(HOLDOFF);
+    let ana_log = site.path("ana.log");
     let mut bo = run_as(
         &daemon,
         "bo",
@@ -455,20 +462,7 @@ fn a_removed_holder_is_told_and_held_off_while_the_waiter_gets_the_seat() {
 /// hand the removed holder's retry the seat meant for the next in line.
 #[test]
 fn a_removal_hold_off_survives_a_restart_of_tallyd() {
-    const HOLDOFF: u64 = 300;
-    let site = VendorSite::new();
-    configure(
-        &site,
-        &format!("heartbeat_secs = 1\nlease_ttl_secs = 10\nremove_holdoff_secs = {HOLDOFF}\n"),
-    );
-    site.issue("B-1", &[], &[("solver", 1)]);
-    let daemon = site.daemon();
-    let mut ana = run_as(&daemon, "ana", &["solver"], &site.path("ana.log"));
-    assert!(
-        wait_until(Duration::from_secs(30), || users(&daemon, "holders")
-            == ["ana"]),
-        "ana holds no seat"
-    );
+    let (site, daemon, mut ana) = ana_holds_the_one_seat(300);
     let lease = daemon.feature("solver")["holders"][0]["lease"]
         .as_str()
         .unwrap()

@@ -188,16 +188,29 @@ fn holder(c: &ClusterSite, addrs: &[SocketAddr], args: &[&str], stderr: Stdio) -
 /// A holder whose `tally run` ended before it held a seat (a grant refused while the
 /// young cluster changed leader) is started again: this is the set-up, not the fault.
 fn hold(c: &ClusterSite, addrs: &[SocketAddr]) -> (Vec<Holder>, BTreeSet<String>) {
-    let start = || holder(c, addrs, &[], Stdio::null());
-    let mut holders: Vec<Holder> = (0..HOLDERS).map(|_| start()).collect();
+    // Each holder's log (debug) in `holder-N.log`, for `still_held` to show.
+    let start = |n: usize| {
+        let log = std::fs::File::create(c.path(&format!("holder-{n}.log"))).unwrap();
+        holder(c, addrs, &[], log.into())
+    };
+    let mut holders: Vec<Holder> = (0..HOLDERS).map(start).collect();
     let mut held = BTreeSet::new();
     let mut restarts = 0;
+    // The lease each holder was told it got (its log's last "checkout granted"): the
+    // seats in use must be exactly those, so that no holder still waits for an answer.
+    let told = |n: usize| -> Option<String> {
+        let log = std::fs::read_to_string(c.path(&format!("holder-{n}.log"))).ok()?;
+        let line = log.lines().rev().find(|l| l.contains("checkout granted"))?;
+        let lease = line.split("lease=").nth(1)?.split_whitespace().next()?;
+        Some(lease.to_string())
+    };
+    let mut daemons_said = String::new();
     assert!(
         wait_until(PATIENCE, || {
-            for h in &mut holders {
+            for (n, h) in holders.iter_mut().enumerate() {
                 if !matches!(h.child.try_wait(), Ok(None)) && restarts < 10 {
                     restarts += 1;
-                    *h = start();
+                    *h = start(n);
                 }
             }
             let Some(doc) = status(c, addrs) else {
@@ -205,12 +218,22 @@ fn hold(c: &ClusterSite, addrs: &[SocketAddr]) -> (Vec<Holder>, BTreeSet<String>
             };
             let (leases, in_use) = seats(&doc);
             held = leases;
+            let answered: BTreeSet<String> = (0..HOLDERS).filter_map(told).collect();
+            daemons_said = format!("told {answered:?}");
             in_use == HOLDERS as u64
+                && answered == held
                 && holders
                     .iter_mut()
                     .all(|h| matches!(h.child.try_wait(), Ok(None)))
         }),
-        "the holders did not get their seats (held {held:?})"
+        "the holders did not get their seats (held {held:?}, {daemons_said})\n{}\n{}",
+        (0..HOLDERS)
+            .map(|n| format!(
+                "--- holder {n} ---\n{}",
+                std::fs::read_to_string(c.path(&format!("holder-{n}.log"))).unwrap_or_default()
+            ))
+            .collect::<String>(),
+        lines_naming(c, &held)
     );
     (holders, held)
 }
@@ -237,11 +260,18 @@ fn still_held(
         logs(daemons),
         lines_naming(c, held)
     );
-    for h in holders {
-        assert!(
-            matches!(h.child.try_wait(), Ok(None)),
-            "{what}: a holder lost its seat and ended"
-        );
+    for (n, h) in holders.iter_mut().enumerate() {
+        let ended = h.child.try_wait();
+        if !matches!(ended, Ok(None)) {
+            let log =
+                std::fs::read_to_string(c.path(&format!("holder-{n}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "{what}: holder {n} lost its seat and ended ({ended:?}); its log's end:\n{}\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                logs(daemons)
+            );
+        }
     }
 }
 
