@@ -158,8 +158,10 @@ const REMEMBERED_HOLDOFFS: usize = 1024;
 
 /// How long a restored queue place waits for its waiter to ask again (after a restart
 /// or a change of leader every client reconnects: the idle timeout that shows it the
-/// old server is gone, 15 s by default, and a few seconds more); meanwhile nobody
-/// behind it is served. Past it, the place is given up.
+/// old server is gone, 15 s by default, and a few seconds more). Past it, the place is
+/// given up. A kept place holds no seat: a seat freed meanwhile goes to the first
+/// waiter that is there (holding seats for a waiter that may be gone for good would
+/// refuse newcomers with seats free, as a restored lease whose holder died does).
 pub const PLACE_GRACE: Duration = Duration::from_secs(30);
 /// Most leases remembered as lapsed (released by an idle timeout, re-attachable while
 /// their TTL runs); the oldest are forgotten first. About 300 bytes each.
@@ -709,14 +711,13 @@ impl Ledger {
         }
         // A waiter asking again after a restart or a change of leader takes back the
         // place it had. Waiters are served first come, first served: nobody overtakes
-        // the queue (nor a place kept for a waiter that is reconnecting).
+        // those waiting ahead of it.
         let kept = self.take_kept_place(holder, request);
         let place = kept.as_ref().map_or(u64::MAX, |p| p.seq);
         let queued = self
             .queues
             .get(&request.feature)
-            .is_some_and(|q| q.front().is_some_and(|w| w.place < place))
-            || self.kept_before(&request.feature, place) > 0;
+            .is_some_and(|q| q.front().is_some_and(|w| w.place < place));
         let decision = if queued {
             self.decide(now, holder, request)
                 .and_then(|_| Err(self.queue_full_reason(now, request)))
@@ -780,9 +781,7 @@ impl Ledger {
                     },
                 );
                 self.waiter_deadlines.insert((deadline, waiter));
-                Checkout::Queued {
-                    position: at + 1 + self.kept_before(&request.feature, seq) as usize,
-                }
+                Checkout::Queued { position: at + 1 }
             }
             Err(reason) => {
                 if let Some(place) = &kept {
@@ -812,17 +811,11 @@ impl Ledger {
         Some(place)
     }
 
-    /// How many kept places of `feature` come before place `seq`.
-    fn kept_before(&self, feature: &str, seq: u64) -> u32 {
-        self.kept_places
-            .get(feature)
-            .map_or(0, |p| p.iter().filter(|(p, _)| p.seq < seq).count() as u32)
-    }
-
     /// Restores the checkout queues' places from the store after a restart or a change
-    /// of leader: each is kept for its waiter, which reconnects and asks again, until
-    /// its wait would have ended or [`PLACE_GRACE`] has passed, whichever comes first;
-    /// places already past are given up.
+    /// of leader: each is kept for its waiter, which reconnects and asks again (and is
+    /// put back in line by it, ahead of those who came later), until its wait would have
+    /// ended or [`PLACE_GRACE`] has passed, whichever comes first; places already past
+    /// are given up.
     pub fn restore_queue(&mut self, now: Now, places: Vec<QueuePlace>) {
         for place in places {
             self.next_place = self.next_place.max(place.seq + 1);
@@ -836,6 +829,17 @@ impl Ledger {
             let at = kept.partition_point(|(p, _)| p.seq < place.seq);
             kept.insert(at, (place, until));
         }
+    }
+
+    /// Gives up every queue place, waiting or kept (the server stops and tells its
+    /// waiters so): the next start finds none. The waits themselves end with the ledger.
+    pub fn give_up_places(&mut self) {
+        let waiting = self.queues.values().flatten().map(|w| w.place);
+        let kept = self.kept_places.values().flatten().map(|(p, _)| p.seq);
+        let left: Vec<u64> = waiting.chain(kept).collect();
+        self.queue_changes
+            .extend(left.into_iter().map(QueueChange::Left));
+        self.kept_places.clear();
     }
 
     /// The queue places taken and left since the last call, for the shell to write.
@@ -919,12 +923,6 @@ impl Ledger {
             };
             let mut kept = VecDeque::with_capacity(queue.len());
             while let Some(w) = queue.pop_front() {
-                // A place kept for a reconnecting waiter ahead of this one: the seats
-                // wait for it (for at most `PLACE_GRACE`).
-                if self.kept_before(&feature, w.place) > 0 {
-                    kept.push_back(w);
-                    continue;
-                }
                 match self.decide(now, &w.holder, &w.request) {
                     Ok(terms) => {
                         self.waiter_deadlines.remove(&(w.deadline, w.id));

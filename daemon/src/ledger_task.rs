@@ -750,6 +750,11 @@ impl LedgerTask {
         } = d;
         self.commit.batch_events(now.wall, &events);
         let detachments = self.ledger.take_detachments();
+        if shutdown.is_some() {
+            // Waiters are told the server is shutting down and go: their places go
+            // with them (a place kept after a stop would hold seats for nobody).
+            self.ledger.give_up_places();
+        }
         let places = Places {
             holdoffs: self.ledger.take_holdoffs(),
             queue: self.ledger.take_queue_changes(),
