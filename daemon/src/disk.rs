@@ -368,16 +368,7 @@ impl Disk {
                 .leases
                 .extend(ledger.records().map(|r| LeaseChange::Put(r.clone())));
             batch.clock = Some(ledger.clock_high_water());
-            batch.holdoffs = ledger
-                .holdoffs(crate::clock::now())
-                .into_iter()
-                .map(|(feature, user, host, until)| Holdoff {
-                    feature,
-                    user,
-                    host,
-                    until,
-                })
-                .collect();
+            batch.holdoffs = ledger.holdoffs(crate::clock::now());
             if let Err(e) = consensus::propose(&node, batch, &self.path).await {
                 stop_node(node);
                 return Err(e);

@@ -836,9 +836,8 @@ impl Ledger {
     pub fn give_up_places(&mut self) {
         let waiting = self.queues.values().flatten().map(|w| w.place);
         let kept = self.kept_places.values().flatten().map(|(p, _)| p.seq);
-        let left: Vec<u64> = waiting.chain(kept).collect();
         self.queue_changes
-            .extend(left.into_iter().map(QueueChange::Left));
+            .extend(waiting.chain(kept).map(QueueChange::Left));
         self.kept_places.clear();
     }
 
@@ -1243,15 +1242,20 @@ impl Ledger {
             .map(|(_, until)| *until)
     }
 
-    /// The hold-offs running now: feature, user, host and when each ends.
-    pub fn holdoffs(&self, now: Now) -> Vec<(String, String, String, UnixTime)> {
-        let mut list: Vec<_> = self
+    /// The hold-offs running now, by feature, user and host (as the store keeps them).
+    pub fn holdoffs(&self, now: Now) -> Vec<Holdoff> {
+        let mut list: Vec<Holdoff> = self
             .holdoffs
             .iter()
             .filter(|(_, (ends, _))| now.mono < *ends)
-            .map(|((f, u, h), (_, until))| (f.clone(), u.clone(), h.clone(), *until))
+            .map(|((feature, user, host), (_, until))| Holdoff {
+                feature: feature.clone(),
+                user: user.clone(),
+                host: host.clone(),
+                until: *until,
+            })
             .collect();
-        list.sort();
+        list.sort_by(|a, b| (&a.feature, &a.user, &a.host).cmp(&(&b.feature, &b.user, &b.host)));
         list
     }
 
