@@ -332,7 +332,8 @@ fn import_package_gives_components_and_names_suite() {
         .iter()
         .find(|f| f.name == "design_suite")
         .unwrap();
-    assert_eq!(suite.components, vec!["modeler", "drafter", "renderer"]);
+    let names: Vec<&str> = suite.components.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, vec!["modeler", "drafter", "renderer"]);
     assert_eq!(suite.seats, Seats::Counted(10));
     assert_eq!(suite.expires, None, "1-jan-0 is permanent");
     let renderer = b.features.iter().find(|f| f.name == "renderer").unwrap();
