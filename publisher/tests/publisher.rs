@@ -322,27 +322,146 @@ fn import_served_license_with_continuations_increment_and_upgrade() {
     );
 }
 
-#[test]
-fn import_package_gives_components_and_names_suite() {
-    let text = std::fs::read_to_string(data("suite-package.lic")).unwrap();
-    let import = flexlm::import("suite-package.lic", &text).unwrap();
-    let b = reviewed(&import.spec);
-    let suite = b
-        .features
+/// The imported spec's `[[feature]]` tables named `name`, read as plain TOML: the new
+/// keys (`share`, `suite`, component counts) are checked as written, before the spec
+/// parser knows them.
+fn features_named<'a>(spec: &'a toml::Value, name: &str) -> Vec<&'a toml::Value> {
+    spec["feature"]
+        .as_array()
+        .unwrap()
         .iter()
-        .find(|f| f.name == "design_suite")
-        .unwrap();
-    assert_eq!(suite.components, vec!["modeler", "drafter", "renderer"]);
-    assert_eq!(suite.seats, Seats::Counted(10));
-    assert_eq!(suite.expires, None, "1-jan-0 is permanent");
-    let renderer = b.features.iter().find(|f| f.name == "renderer").unwrap();
-    assert_eq!(renderer.seats, Seats::Counted(4));
-    for needle in ["OPTIONS=SUITE", "DUP_GROUP=UH", "TS_OK", "modeler:3.0"] {
+        .filter(|f| f["name"].as_str() == Some(name))
+        .collect()
+}
+
+/// A real-shaped engineering license file: a suite, a package with component versions
+/// and counts, DUP_GROUP in every form FlexLM has, keywords in lower case, continuations
+/// and quoted values with spaces.
+#[test]
+fn import_packages_suites_and_dup_groups() {
+    let text = std::fs::read_to_string(data("suite-package.lic")).unwrap();
+    let import = flexlm::import_at(
+        "suite-package.lic",
+        &text,
+        UnixTime::from_date("2026-12-01").unwrap(),
+    )
+    .unwrap();
+    let spec: toml::Value = toml::from_str(&import.spec).unwrap();
+    let strings = |v: &toml::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect()
+    };
+    // OPTIONS=SUITE: one seat of the package serves all its components for one user.
+    let suite = features_named(&spec, "design_suite");
+    assert_eq!(suite.len(), 1);
+    let suite = suite[0];
+    assert_eq!(suite["suite"].as_bool(), Some(true), "{}", import.spec);
+    assert_eq!(
+        strings(&suite["components"]),
+        ["modeler:3.0", "drafter", "renderer"]
+    );
+    assert_eq!(suite["seats"].as_integer(), Some(10));
+    assert_eq!(suite["expires"].as_str(), Some("permanent"), "1-jan-0");
+    assert_eq!(suite["share"].as_str(), Some("user+host"), "DUP_GROUP=UH");
+    // A package that is not a suite keeps each component's version and count: 3 package
+    // seats give solver 3 x 2 seats at ceiling 2024.06 and mesher 3 seats at 3.1.
+    let pack = features_named(&spec, "sim_pack")[0];
+    assert_eq!(
+        strings(&pack["components"]),
+        ["solver:2024.06:2", "mesher:3.1", "viewer"]
+    );
+    assert_eq!(pack["seats"].as_integer(), Some(3));
+    assert!(pack.get("suite").is_none(), "{}", import.spec);
+    assert!(pack.get("share").is_none(), "DUP_GROUP=NONE shares nothing");
+    // Every DUP_GROUP combination, in any order or case, as the fields it compares.
+    let solver = features_named(&spec, "solver");
+    assert_eq!(solver.len(), 2);
+    assert_eq!(solver[0]["share"].as_str(), Some("user"));
+    assert_eq!(solver[0]["seats"].as_integer(), Some(15));
+    assert_eq!(
+        solver[0]["attributes"]["vendor_string"].as_str(),
+        Some("tier=gold; site=Lyon")
+    );
+    assert_eq!(solver[1]["upgrade_from"].as_str(), Some("2023.0"));
+    assert_eq!(
+        solver[1]["share"].as_str(),
+        Some("user+host"),
+        "DUP_GROUP=HU"
+    );
+    let mesher = features_named(&spec, "mesher")[0];
+    assert_eq!(mesher["share"].as_str(), Some("user+host+display"));
+    // V and SITE have no equivalent: no share, and the reason is listed.
+    for name in ["plotter", "lic_admin"] {
+        assert!(features_named(&spec, name)[0].get("share").is_none());
+    }
+    for needle in [
+        "line 16: FEATURE plotter: DUP_GROUP=UHV ('V' groups by a vendor-defined string",
+        "line 17: FEATURE lic_admin: DUP_GROUP=SITE (every checkout on the site shares one seat",
+        "line 16: FEATURE plotter: USER_BASED (no tally equivalent yet (named users)",
+        "line 17: FEATURE lic_admin: HOST_BASED=3 (no tally equivalent yet (named users)",
+        "line 7: INCREMENT renderer: TS_OK (no tally equivalent yet (remote sessions)",
+    ] {
         assert!(
-            import.spec.contains(needle),
-            "{needle} not mentioned:\n{}",
-            import.spec
+            import.unmapped.iter().any(|u| u.starts_with(needle)),
+            "{needle:?} not in {:#?}",
+            import.unmapped
         );
+    }
+    // What is now mapped is no longer listed as dropped.
+    for gone in [
+        "OPTIONS=SUITE",
+        "DUP_GROUP=UH ",
+        "DUP_GROUP=U ",
+        "DUP_GROUP=NONE",
+        "carries a version",
+    ] {
+        assert!(
+            !import.unmapped.iter().any(|u| u.contains(gone)),
+            "{gone:?} still listed: {:#?}",
+            import.unmapped
+        );
+    }
+}
+
+/// A suite's components carry no count (FlexLM allows none there); a malformed
+/// component is refused by line.
+#[test]
+fn import_suite_counts_dropped_and_bad_components_refused() {
+    let now = UnixTime::from_date("2026-12-01").unwrap();
+    let import = flexlm::import_at(
+        "t.lic",
+        "PACKAGE s v 1.0 COMPONENTS=\"a:1.0:2 b\" OPTIONS=SUITE\nFEATURE s v 1.0 permanent 4\n",
+        now,
+    )
+    .unwrap();
+    let spec: toml::Value = toml::from_str(&import.spec).unwrap();
+    let s = features_named(&spec, "s")[0];
+    assert_eq!(
+        s["components"][0].as_str(),
+        Some("a:1.0"),
+        "{}",
+        import.spec
+    );
+    assert!(
+        import
+            .unmapped
+            .iter()
+            .any(|u| u.contains("component 'a:1.0:2' of a suite carries a count (2)")),
+        "{:?}",
+        import.unmapped
+    );
+    for bad in ["a:1.0:x", "a::2", ":1.0", "a:1:0", "a:1:2:3"] {
+        let err = flexlm::import_at(
+            "t.lic",
+            &format!("FEATURE p v 1 permanent 1\nPACKAGE p v 1 COMPONENTS=\"ok {bad}\"\n"),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(err.line, 2, "{bad}: {err}");
+        assert!(err.message.contains(bad), "{err}");
     }
 }
 
