@@ -423,17 +423,7 @@ pub fn import_at(
                         )),
                     }
                 }
-                if let Some(last_day) = &e.expires {
-                    let end = tally_protocol::time::UnixTime::from_date(last_day)
-                        .map(|t| t.plus_secs(tally_protocol::time::DAY));
-                    if end.is_some_and(|end| end <= today) {
-                        e.expired = Some(format!(
-                            "line {line}: {keyword} {} expired on {last_day} (today is {}): a bundle with it serves no seats of it",
-                            e.name,
-                            today.date()
-                        ));
-                    }
-                }
+                e.expired = expired_note(&e, &keyword, today);
                 if keyword == "FEATURE"
                     && e.supersede.is_none()
                     && entries
@@ -661,6 +651,25 @@ fn site_notes(servers: &[(usize, String)]) -> Vec<String> {
             hosts.join(", ")
         )],
     }
+}
+
+/// The review note of a line whose last valid day (`expires`) is before `today`.
+pub(crate) fn expired_note(
+    e: &Entry,
+    keyword: &str,
+    today: tally_protocol::time::UnixTime,
+) -> Option<String> {
+    let last_day = e.expires.as_deref()?;
+    let end = tally_protocol::time::UnixTime::from_date(last_day)
+        .map(|t| t.plus_secs(tally_protocol::time::DAY))?;
+    (end <= today).then(|| {
+        format!(
+            "line {}: {keyword} {} expired on {last_day} (today is {}): a bundle with it serves no seats of it",
+            e.line,
+            e.name,
+            today.date()
+        )
+    })
 }
 
 /// A PACKAGE line: its line, name, components, `OPTIONS=SUITE`, and review notes.

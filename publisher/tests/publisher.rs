@@ -465,6 +465,170 @@ fn import_suite_counts_dropped_and_bad_components_refused() {
     }
 }
 
+/// `import-rlm` through the real binary on a real-shaped RLM file: continuations (with
+/// and without a backslash), comments, quoting, keywords in any case, share, hold and
+/// min_checkout, tokens, replace, and what has no equivalent listed by line.
+#[test]
+fn import_rlm_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("spec.toml");
+    let out = publisher()
+        .arg("import-rlm")
+        .arg(data("rlm-served.lic"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("7 feature entries written to"),
+        "{stdout}"
+    );
+    for needle in [
+        "line 22: LICENSE viewer: hostid=0050569a9999 (node-locks",
+        "line 22: LICENSE viewer: named_user=5 (no tally equivalent yet (named users)",
+        "line 24: LICENSE trial_tool: disable=TerminalServer (no tally equivalent yet (remote sessions)",
+        "line 26: LICENSE rlm_roam (enables roaming",
+        "line 18: LICENSE optimizer: token alternative <solver 2027.1 1>",
+        "mapped, not exactly the same: 1",
+        "line 15: LICENSE mesher: min_checkout=600 -> linger_secs = 600: RLM keeps",
+        "line 7: LICENSE solver left out: replaced by line 10 (replace, issued 2026-03-02",
+        "line 24: LICENSE trial_tool expired on 2026-06-30",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} not in:\n{stdout}");
+    }
+    // Signature data goes without a word; so does nothing else.
+    for quiet in ["sig=", "SIG=", "_ck", "60PG451"] {
+        assert!(!stdout.contains(quiet), "{quiet:?} in:\n{stdout}");
+    }
+    let spec_text = std::fs::read_to_string(&out_path).unwrap();
+    let spec: toml::Value = toml::from_str(&spec_text).unwrap();
+    assert_eq!(spec["vendor"].as_str(), Some("acme"));
+    assert_eq!(spec["customer"]["name"].as_str(), Some("Example Corp"));
+    let solver = features_named(&spec, "solver");
+    assert_eq!(solver.len(), 1, "the 2025 line is replaced: {spec_text}");
+    let solver = solver[0];
+    assert_eq!(solver["seats"].as_integer(), Some(20));
+    assert_eq!(solver["share"].as_str(), Some("user+host"));
+    assert_eq!(solver["share_limit"].as_integer(), Some(4));
+    assert_eq!(solver["linger_secs"].as_integer(), Some(120));
+    assert_eq!(solver["borrow_limit_hours"].as_integer(), Some(72));
+    assert_eq!(solver["expires"].as_str(), Some("2099-12-31"));
+    assert_eq!(
+        solver["attributes"]["options"].as_str(),
+        Some("edition=pro; cores=64")
+    );
+    assert_eq!(solver["attributes"]["contract"].as_str(), Some("PO-4471"));
+    let mesher = features_named(&spec, "mesher")[0];
+    assert_eq!(mesher["share"].as_str(), Some("user"));
+    assert_eq!(mesher["linger_secs"].as_integer(), Some(600));
+    assert_eq!(
+        features_named(&spec, "credits")[0]["seats"].as_integer(),
+        Some(100)
+    );
+    for (product, tokens) in [("optimizer", 5), ("postproc", 2)] {
+        let f = features_named(&spec, product)[0];
+        assert!(f.get("seats").is_none(), "{spec_text}");
+        assert_eq!(f["token_pool"].as_str(), Some("credits"));
+        assert_eq!(f["tokens"].as_integer(), Some(tokens));
+    }
+    assert_eq!(
+        features_named(&spec, "viewer")[0]["seats"].as_str(),
+        Some("uncounted")
+    );
+    let trial = features_named(&spec, "trial_tool")[0];
+    assert_eq!(trial["starts"].as_str(), Some("2026-06-01"));
+    assert!(features_named(&spec, "rlm_roam").is_empty());
+    assert!(
+        spec_text.contains("by tally-publisher import-rlm"),
+        "{spec_text}"
+    );
+    assert!(spec_text.contains("# EXPIRED: line 24"), "{spec_text}");
+
+    // Without --out: the same spec on standard output, the review on standard error.
+    let piped = publisher()
+        .arg("import-rlm")
+        .arg(data("rlm-served.lic"))
+        .output()
+        .unwrap();
+    assert_eq!(piped.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&piped.stdout), spec_text);
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(stderr.contains("written to standard output"), "{stderr}");
+    assert!(stderr.contains("line 26: LICENSE rlm_roam"), "{stderr}");
+
+    // An existing output file is never overwritten (64); a bad line names the file and
+    // the line (65), nothing written.
+    let again = publisher()
+        .arg("import-rlm")
+        .arg(data("rlm-served.lic"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(64));
+    let broken = dir.path().join("broken.lic");
+    std::fs::write(
+        &broken,
+        "HOST h ANY 5053\nISV acme\n# fine so far\nLICENSE acme solver 1.0 31-feb-2027 5 sig=\"00\"\n",
+    )
+    .unwrap();
+    let bad_out = dir.path().join("never.toml");
+    let bad = publisher()
+        .arg("import-rlm")
+        .arg(&broken)
+        .arg("--out")
+        .arg(&bad_out)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("broken.lic") && stderr.contains("line 4"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("31-feb-2027"), "{stderr}");
+    assert!(!bad_out.exists());
+}
+
+/// An RLM file without the new licensing keys gives a spec the spec parser reads and
+/// turns into a bundle, as the vendor's next step does.
+#[test]
+fn import_rlm_plain_file_round_trips_into_a_bundle() {
+    let import = tally_publisher::rlm::import(
+        "plain.lic",
+        "HOST h 0050569a1b2c 5053\nISV acme\n\
+         LICENSE acme solver 2027.1 31-dec-2099 8 hold=30 max_roam=2 start=1-jan-2026 \\\n\
+         \tissued=1-dec-2025 issuer=\"Acme Sim\" sig=\"AB CD\"\n\
+         UPGRADE acme solver 2026.0 2027.1 31-dec-2099 3 sig=EF\n\
+         LICENSE acme viewer 1.0 permanent uncounted\n",
+    )
+    .unwrap();
+    let b = reviewed(&import.spec);
+    assert_eq!(b.vendor, "acme");
+    assert_eq!(b.features.len(), 3);
+    let solver = &b.features[0];
+    assert_eq!(solver.seats, Seats::Counted(8));
+    assert_eq!(solver.linger_secs, 30);
+    assert_eq!(solver.borrow_limit_secs, 48 * 3600);
+    assert_eq!(solver.starts, UnixTime::from_date("2026-01-01"));
+    assert_eq!(solver.attributes["issuer"], "Acme Sim");
+    assert_eq!(
+        solver.expires,
+        Some(UnixTime::from_date("2100-01-01").unwrap())
+    );
+    assert_eq!(b.features[1].upgrade_from.as_deref(), Some("2026.0"));
+    assert_eq!(b.features[1].seats, Seats::Counted(3));
+    assert_eq!(b.features[2].seats, Seats::Uncounted);
+    assert!(import.unmapped.is_empty(), "{:?}", import.unmapped);
+}
+
 #[test]
 fn import_old_style_keys_and_duplicate_features() {
     let text = std::fs::read_to_string(data("old-style.lic")).unwrap();
