@@ -15,7 +15,8 @@
 //! `sig="..."` on the next line) by a line that does not start with a line keyword.
 //!
 //! Mapped: `share=uh[:n]` is `share`/`share_limit` (`i`, the ISV-defined field, is
-//! listed); `hold=n` is `linger_secs` (the same: held n seconds after checkin);
+//! listed); `hold=n` is `linger_secs` (held n seconds after the checkin; noted: a
+//! process killed before its checkin frees its seat at once in tally);
 //! `min_checkout=n` is `linger_secs` too, noted, since RLM counts it from the checkout
 //! and tally from the checkin; `max_roam=days` is `borrow_limit_hours`; `start=` is
 //! `starts`; `issued=`, `customer=`, `issuer=`, `contract=`, `options=` are attributes
@@ -461,20 +462,31 @@ fn settle(
 ) -> Result<(), ImportError> {
     let line = e.line;
     let name = e.name.clone();
-    // hold=n is tally's linger exactly: the seat stays held n seconds after checkin.
-    // min_checkout=n holds it until n seconds after the checkout; tally has only the
-    // linger, so the longer of the two is written and the difference said.
+    // hold=n is tally's linger: the seat stays held n seconds after the checkin. RLM
+    // also holds it after an exit without a checkin; tally frees the seat of a closed
+    // connection at once. min_checkout=n holds it until n seconds after the checkout;
+    // tally has only the linger, so the longer of the two is written. Both are said.
+    const KILLED: &str = "a process killed before its checkin gives its seat back at once in tally, where RLM holds it after an exit too";
     let hold = extra.hold.unwrap_or(0);
-    if let Some(min) = extra.min_checkout {
-        e.linger_secs = hold.max(min);
-        let note = format!(
-            "line {line}: {keyword} {name}: min_checkout={min} -> linger_secs = {l}: RLM keeps the license until {min} s after the checkout (a longer run gives it back at its checkin); tally keeps the seat {l} s after every checkin, so a seat stays held longer than under RLM, by up to {l} s, never shorter",
-            l = e.linger_secs
-        );
+    let note = match extra.min_checkout {
+        Some(min) => {
+            e.linger_secs = hold.max(min);
+            Some(format!(
+                "line {line}: {keyword} {name}: min_checkout={min} -> linger_secs = {l}: RLM keeps the license until {min} s after the checkout (a longer run gives it back at its checkin); tally keeps the seat {l} s after every checkin, so a seat stays held longer than under RLM, by up to {l} s, never shorter; {KILLED}",
+                l = e.linger_secs
+            ))
+        }
+        None if hold > 0 => {
+            e.linger_secs = hold;
+            Some(format!(
+                "line {line}: {keyword} {name}: hold={hold} -> linger_secs = {hold}: held {hold} s after the checkin in both; {KILLED}"
+            ))
+        }
+        None => None,
+    };
+    if let Some(note) = note {
         e.notes.push(note.clone());
         approximated.push(note);
-    } else {
-        e.linger_secs = hold;
     }
     if e.share.is_none() && e.share_limit.is_some() {
         unmapped.push(format!(
@@ -671,10 +683,17 @@ mod tests {
             "the longer of the two"
         );
         assert_eq!(f[3]["share"].as_str(), Some("host"));
-        // min_checkout is noted (in the list and above the feature); hold alone is not.
-        assert_eq!(import.approximated.len(), 2, "{:?}", import.approximated);
-        assert!(import.approximated[0].starts_with("line 2: LICENSE p2: min_checkout=600"));
-        assert!(import.approximated[0].contains("after the checkout"));
+        // What differs is said, in the list and above the feature: hold only for a
+        // killed process, min_checkout also for the time it is counted from.
+        assert_eq!(import.approximated.len(), 3, "{:?}", import.approximated);
+        assert!(
+            import.approximated[0].starts_with("line 1: LICENSE p1: hold=30 -> linger_secs = 30")
+        );
+        assert!(import.approximated[0].contains("killed before its checkin"));
+        assert!(import.approximated[1].starts_with("line 2: LICENSE p2: min_checkout=600"));
+        assert!(import.approximated[1].contains("after the checkout"));
+        assert!(import.approximated[2]
+            .starts_with("line 3: LICENSE p3: min_checkout=20 -> linger_secs = 60"));
         assert!(import
             .spec
             .contains("# line 2: LICENSE p2: min_checkout=600"));
@@ -839,6 +858,15 @@ mod tests {
             assert_eq!(err.line, line, "{text}: {err}");
             assert!(err.to_string().contains(why), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn expired_lines_are_flagged_against_the_day_given() {
+        // Today is 2026-12-01: p's last day was yesterday, q's is today.
+        let import = at("LICENSE a p 1.0 30-nov-2026 1\nLICENSE a q 1.0 1-dec-2026 1\n");
+        assert_eq!(import.expired.len(), 1, "{:?}", import.expired);
+        assert!(import.expired[0].starts_with("line 1: LICENSE p expired on 2026-11-30"));
+        assert!(import.spec.contains("# EXPIRED: line 1"), "{}", import.spec);
     }
 
     #[test]
