@@ -1070,12 +1070,19 @@ fn sharers_hold_one_seat_until_the_last_checks_in() {
     let runs: Vec<LeaseRecord> = (0..3)
         .map(|_| checkout_as(&mut d, 1, &ana, "solver", 1, None).unwrap())
         .collect();
-    assert_eq!(d.ledger.in_use("solver"), 1, "three runs of ana on ws-1: one seat");
+    assert_eq!(
+        d.ledger.in_use("solver"),
+        1,
+        "three runs of ana on ws-1: one seat"
+    );
     // Another host is another holder; a third holder finds no seat.
     checkout_as(&mut d, 2, &who_at("ana", "ws-2"), "solver", 1, None).unwrap();
     assert_eq!(d.ledger.in_use("solver"), 2);
     let refused = checkout_as(&mut d, 3, &who_at("bo", "ws-1"), "solver", 1, None).unwrap_err();
-    assert!(matches!(refused, DenialReason::AllSeatsInUse { .. }), "{refused:?}");
+    assert!(
+        matches!(refused, DenialReason::AllSeatsInUse { .. }),
+        "{refused:?}"
+    );
     // Even with every seat in use, ana's next run on ws-1 shares the seat she holds.
     let fourth = checkout_as(&mut d, 1, &ana, "solver", 1, None).unwrap();
     assert_eq!(d.ledger.in_use("solver"), 2);
@@ -1083,7 +1090,8 @@ fn sharers_hold_one_seat_until_the_last_checks_in() {
     assert!(checkout_as(&mut d, 1, &ana, "solver", 2, None).is_err());
     // The seat stays while any sharer holds it, whoever came first.
     let now = d.now();
-    d.ledger.checkin(now, &[r(&runs[0]), r(&runs[1]), r(&runs[2])]);
+    d.ledger
+        .checkin(now, &[r(&runs[0]), r(&runs[1]), r(&runs[2])]);
     assert_eq!(d.ledger.in_use("solver"), 2);
     d.ledger.checkin(now, &[r(&fourth)]);
     assert_eq!(d.ledger.in_use("solver"), 1);
@@ -1097,7 +1105,11 @@ fn a_share_limit_opens_another_seat_every_n_sharers() {
     let mut held = Vec::new();
     for (n, seats) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)] {
         held.push(checkout_as(&mut d, 1, &ana, "solver", 1, None).unwrap());
-        assert_eq!(d.ledger.in_use("solver"), seats, "{n} sharers, at most 2 per seat");
+        assert_eq!(
+            d.ledger.in_use("solver"),
+            seats,
+            "{n} sharers, at most 2 per seat"
+        );
     }
     let now = d.now();
     d.ledger.checkin(now, &[r(&held[0]), r(&held[1])]);
@@ -1128,7 +1140,15 @@ fn package_components_have_their_counts_and_versions() {
         package,
     ]);
     for i in 0..21 {
-        checkout_as(&mut d, 1, &who(&format!("u{i}")), "solver", 1, Some("2024.06")).unwrap();
+        checkout_as(
+            &mut d,
+            1,
+            &who(&format!("u{i}")),
+            "solver",
+            1,
+            Some("2024.06"),
+        )
+        .unwrap();
     }
     assert!(checkout_as(&mut d, 1, &who("late"), "solver", 1, Some("2024.06")).is_err());
     for i in 0..7 {
@@ -1207,7 +1227,10 @@ fn products_spend_tokens_from_their_pool() {
             in_use,
             requested,
             ..
-        } => assert_eq!((feature.as_str(), total, in_use, requested), ("credits", 10, 9, 3)),
+        } => assert_eq!(
+            (feature.as_str(), total, in_use, requested),
+            ("credits", 10, 9, 3)
+        ),
         other => panic!("{other:?}"),
     }
     checkout_as(&mut d, 2, &who("cy"), "viewer", 1, None).unwrap();

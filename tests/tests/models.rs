@@ -82,7 +82,8 @@ fn leases(daemon: &Daemon, feature: &str) -> usize {
 /// Waits until `feature` shows `leases` holders and `pool` `seats` in use.
 fn settle(daemon: &Daemon, feature: &str, holders: usize, pool: &str, seats: u64) {
     assert!(
-        wait_until(Duration::from_secs(20), || leases(daemon, feature) == holders
+        wait_until(Duration::from_secs(20), || leases(daemon, feature)
+            == holders
             && daemon.in_use(pool) == seats),
         "{feature}: {} holders (want {holders}); {pool}: {} in use (want {seats})",
         leases(daemon, feature),
@@ -109,7 +110,10 @@ fn every_model_counts_real_checkouts_and_keeps_counting_after_a_restart() {
     settle(&daemon, "mesh", 2, "studio", 1);
     denied(&run_as(&daemon, "bo", &["view"]), "studio");
     // The component's own version ceiling (3.1), not the package's, applies.
-    denied(&run_as(&daemon, "ana", &["mesh", "--version", "3.2"]), "3.1");
+    denied(
+        &run_as(&daemon, "ana", &["mesh", "--version", "3.2"]),
+        "3.1",
+    );
 
     // Component counts: post has 2 x 3 = 6 seats.
     held.push(hold(&daemon, "cy", &["post", "--count", "6"]));
