@@ -491,6 +491,15 @@ pub fn import_at(
             e.components = components.clone();
             e.suite = suite;
             found = true;
+            if suite && e.share.take().is_some() {
+                // FlexLM's enabling line of a suite usually carries DUP_GROUP; a tally
+                // suite already shares its seat among one user's checkouts.
+                e.share_limit = None;
+                unmapped.push(format!(
+                    "line {}: {name}: DUP_GROUP on a suite's seats; a tally suite shares each seat among one user's checkouts of its components, so no other share is written",
+                    e.line
+                ));
+            }
         }
         if !found {
             unmapped.push(format!(
@@ -630,7 +639,8 @@ pub(crate) fn apply_supersede(
 }
 
 /// What the SERVER lines say about the site: FlexLM serves from one server or from a
-/// redundant triad (two of three must be up); tally has no quorum.
+/// redundant triad (two of three must be up); tally's equivalent is a three-server
+/// cluster (one bundle binding the three, seats counted once).
 fn site_notes(servers: &[(usize, String)]) -> Vec<String> {
     let hosts: Vec<String> = servers
         .iter()
@@ -640,14 +650,15 @@ fn site_notes(servers: &[(usize, String)]) -> Vec<String> {
         0 | 1 => Vec::new(),
         3 => vec![format!(
             "three SERVER lines: a three-server redundant site ({}; FlexLM serves while two of the three are up). \
-             tally has no quorum triad: run tallyd on each server with its own bundle (one activation request per \
-             server, the seats split between them) and give clients all of them (TALLY_SERVER=a,b,c or --server, \
-             tried in order): a server that is down is passed over, and a restarted tallyd keeps its leases",
+             tally's equivalent is a three-server cluster: run tallyd on each server ([[cluster]] in tallyd.toml), \
+             issue one bundle with the three activation requests (issue --request a.req --request b.req --request c.req; \
+             the seats counted once for the site) and give clients all three (TALLY_SERVER=a,b,c): it serves while \
+             two of the three are up",
             hosts.join(", ")
         )],
         n => vec![format!(
-            "{n} SERVER lines ({}): FlexLM serves from one server or a redundant three; review. tally binds each \
-             bundle to one server: issue one per server and give clients the list of servers",
+            "{n} SERVER lines ({}): FlexLM serves from one server or a redundant three; review. tally serves a \
+             site from one server or a cluster of an odd number of servers (one bundle binding them all)",
             hosts.join(", ")
         )],
     }
