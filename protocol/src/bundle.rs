@@ -139,6 +139,9 @@ impl From<FeatureGrantV3> for FeatureGrant {
             suite: false,
             share: None,
             tokens: None,
+            named: None,
+            deny_remote_sessions: false,
+            deny_virtual_machines: false,
         }
     }
 }
@@ -149,6 +152,9 @@ impl FeatureGrant {
         if self.suite
             || self.share.is_some()
             || self.tokens.is_some()
+            || self.named.is_some()
+            || self.deny_remote_sessions
+            || self.deny_virtual_machines
             || self
                 .components
                 .iter()
@@ -321,6 +327,9 @@ impl From<FeatureGrantV1> for FeatureGrant {
             suite: false,
             share: None,
             tokens: None,
+            named: None,
+            deny_remote_sessions: false,
+            deny_virtual_machines: false,
         }
     }
 }
@@ -619,6 +628,26 @@ pub struct FeatureGrant {
     /// A product that has no seats of its own but spends tokens from a pool feature
     /// (RLM token-based licences, LM-X tokens); `seats` is then not used. Version 4.
     pub tokens: Option<TokenDraw>,
+    /// Licensed to at most so many named users or hosts, whom the site's policy lists
+    /// (FlexLM's `USER_BASED`/`HOST_BASED`, RLM's named-user licences). Version 4.
+    pub named: Option<Named>,
+    /// Checkouts from remote sessions (a terminal server, an SSH or RDP login) are
+    /// refused (FlexLM without `TS_OK`). Version 4.
+    pub deny_remote_sessions: bool,
+    /// Checkouts from virtual machines are refused (RLM's VM refusal). Version 4.
+    pub deny_virtual_machines: bool,
+}
+
+/// Who may use a named-user or named-host feature: the site lists the names, the vendor
+/// bounds how many and how often the list may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Named {
+    /// Hosts are named (else users).
+    pub hosts: bool,
+    /// Most names at once.
+    pub limit: u32,
+    /// Days a name must stay on the list before it may be replaced; 0 any time.
+    pub change_days: u32,
 }
 
 /// One component of a package: a feature name, with its own version ceiling and count
@@ -724,6 +753,9 @@ impl FeatureGrant {
             suite: false,
             share: None,
             tokens: None,
+            named: None,
+            deny_remote_sessions: false,
+            deny_virtual_machines: false,
         }
     }
 
@@ -781,6 +813,19 @@ impl FeatureGrant {
         }
         if let Some(s) = &self.share {
             parts.push(format!("shared by {}", s.as_spec()));
+        }
+        if let Some(n) = &self.named {
+            parts.push(format!(
+                "{} named {}",
+                n.limit,
+                if n.hosts { "hosts" } else { "users" }
+            ));
+        }
+        if self.deny_remote_sessions {
+            parts.push("no remote sessions".into());
+        }
+        if self.deny_virtual_machines {
+            parts.push("no virtual machines".into());
         }
         if let Some(t) = self.lost_seat {
             parts.push(format!(

@@ -42,8 +42,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tally_protocol::activation::ActivationRequest;
 use tally_protocol::bundle::{
-    Binding, Bundle, Component, Customer, FeatureGrant, LostSeatTerms, OnLostSeat, Seats, Share,
-    TokenDraw,
+    Binding, Bundle, Component, Customer, FeatureGrant, LostSeatTerms, Named, OnLostSeat, Seats,
+    Share, TokenDraw,
 };
 use tally_protocol::time::UnixTime;
 
@@ -142,6 +142,17 @@ pub struct FeatureSpec {
     pub token_pool: Option<String>,
     /// Tokens per seat of this product.
     pub tokens: Option<u32>,
+    /// `"user"` or `"host"`: licensed to named users or hosts the site lists.
+    pub named: Option<String>,
+    /// Most names; default the feature's seats.
+    pub named_limit: Option<u32>,
+    /// Days a name stays on the list before it may be replaced; default 0 (any time).
+    #[serde(default)]
+    pub named_change_days: u32,
+    /// `"allow"` (the default) or `"deny"`: checkouts from remote sessions.
+    pub remote_sessions: Option<String>,
+    /// `"allow"` (the default) or `"deny"`: checkouts from virtual machines.
+    pub virtual_machines: Option<String>,
     /// Free-form attributes passed to the application.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
@@ -279,6 +290,48 @@ impl Spec {
                         .map_err(|m| err(format!("{}: {m}", ctx("share"))))?,
                 ),
             };
+            let named = match (f.named.as_deref(), f.named_limit) {
+                (None, None) if f.named_change_days == 0 => None,
+                (None, _) => {
+                    return Err(err(format!(
+                        "{}: named_limit and named_change_days need named",
+                        ctx("named")
+                    )))
+                }
+                (Some(kind @ ("user" | "host")), limit) => {
+                    let limit = match (limit, seats) {
+                        (Some(n), _) if n > 0 => n,
+                        (None, Seats::Counted(n)) if n > 0 => n,
+                        _ => {
+                            return Err(err(format!(
+                                "{}: named_limit must be at least 1 (it defaults to the seats)",
+                                ctx("named_limit")
+                            )))
+                        }
+                    };
+                    Some(Named {
+                        hosts: kind == "host",
+                        limit,
+                        change_days: f.named_change_days,
+                    })
+                }
+                (Some(other), _) => {
+                    return Err(err(format!(
+                        "{}: '{other}' is neither \"user\" nor \"host\"",
+                        ctx("named")
+                    )))
+                }
+            };
+            let deny = |key: &str, value: &Option<String>| match value.as_deref() {
+                None | Some("allow") => Ok(false),
+                Some("deny") => Ok(true),
+                Some(other) => Err(err(format!(
+                    "{}: '{other}' is neither \"allow\" nor \"deny\"",
+                    ctx(key)
+                ))),
+            };
+            let deny_remote_sessions = deny("remote_sessions", &f.remote_sessions)?;
+            let deny_virtual_machines = deny("virtual_machines", &f.virtual_machines)?;
             if f.suite && share.is_some() {
                 return Err(err(format!(
                     "{}: a suite already shares its seats by user",
@@ -336,6 +389,9 @@ impl Spec {
                 suite: f.suite,
                 share,
                 tokens,
+                named,
+                deny_remote_sessions,
+                deny_virtual_machines,
             });
         }
         for f in &features {
