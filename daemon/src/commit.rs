@@ -17,7 +17,7 @@
 use crate::disk::DiskError;
 use crate::error::Error;
 use crate::journal::{self, Exported};
-use crate::ledger::Event;
+use crate::ledger::{Event, SeatChange};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tally_protocol::bundle::Bundle;
@@ -127,10 +127,34 @@ impl<R: Replies> Commit<R> {
         self.next_seq.saturating_sub(1)
     }
 
-    /// Journals a batch's ledger events (grants, releases), in order, at `at`.
-    pub(crate) fn batch_events(&mut self, at: UnixTime, events: &[Event]) {
+    /// Journals a batch's ledger events (grants, releases), in order, at `at`, then the
+    /// seat sets the licensing models opened and closed in it (see [`SeatChange`]):
+    /// the grants and releases of their members count no seats of their own.
+    pub(crate) fn batch_events(&mut self, at: UnixTime, events: &[Event], seats: &[SeatChange]) {
+        let members: std::collections::HashSet<LeaseId> = seats
+            .iter()
+            .filter_map(|c| match c {
+                SeatChange::Member(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
         for event in events {
-            self.record(at, journal::usage_event(event));
+            let mut entry = journal::usage_event(event);
+            match &mut entry {
+                UsageEvent::Granted { lease, count, .. }
+                | UsageEvent::Released { lease, count, .. }
+                    if members.contains(lease) =>
+                {
+                    *count = 0
+                }
+                _ => {}
+            }
+            self.record(at, entry);
+        }
+        for change in seats {
+            if let Some(entry) = journal::seat_set_event(change) {
+                self.record(at, entry);
+            }
         }
     }
 
@@ -683,7 +707,7 @@ mod tests {
             panic!("granted while the store is writable");
         };
         let (held, event) = *granted;
-        commit.batch_events(at(0).wall, &[event]);
+        commit.batch_events(at(0).wall, &[event], &[]);
         let mut disk = Vec::new();
         write(&mut commit, &mut disk, 1_800_000_000);
         assert_eq!(disk.len(), 1);
@@ -720,7 +744,7 @@ mod tests {
         let (released, events) = ledger.checkin(at(10_400), &[lease]);
         assert_eq!(released, vec![true]);
         assert_eq!(ledger.in_use("solver"), 0);
-        commit.batch_events(at(10_400).wall, &events);
+        commit.batch_events(at(10_400).wall, &events, &[]);
         let (journal, _) = commit.batch_write(true, at(10_400).wall, false);
         outage.keep(journal.drain(..));
         assert_eq!(

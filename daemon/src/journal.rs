@@ -4,7 +4,7 @@
 //! they describe); building a report needs nothing but the entries, the chain state and
 //! the server's key, so tests drive it with made-up times.
 
-use crate::ledger::{Event, ReleaseReason};
+use crate::ledger::{Event, ReleaseReason, SeatChange};
 use tally_protocol::bundle::Bundle;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::report::{
@@ -109,6 +109,29 @@ pub fn usage_event(event: &Event) -> UsageEvent {
             count: *count,
             why: release_code(*why).into(),
         },
+    }
+}
+
+/// The usage event of a seat set a licensing model opened or closed: a grant or
+/// release of the pool with an empty user and host (it counts seats, not a checkout).
+pub fn seat_set_event(change: &SeatChange) -> Option<UsageEvent> {
+    match change {
+        SeatChange::Member(_) => None,
+        SeatChange::Opened { id, pool, seats } => Some(UsageEvent::Granted {
+            lease: *id,
+            feature: pool.clone(),
+            count: *seats,
+            overdraft: false,
+            user: String::new(),
+            host: String::new(),
+            borrowed_until: None,
+        }),
+        SeatChange::Closed { id, pool, seats } => Some(UsageEvent::Released {
+            lease: *id,
+            feature: pool.clone(),
+            count: *seats,
+            why: "seat_set_closed".into(),
+        }),
     }
 }
 

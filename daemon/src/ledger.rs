@@ -100,6 +100,50 @@ pub enum Event {
     },
 }
 
+/// How grants and releases count in the usage journal when a licensing model makes
+/// their seats differ from the seats asked: the lease of a sharer, a suite component or
+/// a token product counts no seats of its own, and the seats its model holds are
+/// journaled as *seat sets* (grants with an empty user) of the pool: one per set of
+/// shared seats, per suite seat of a user, per token draw. Their ids are derived from
+/// what they are (pool, group, index; or the lease), so the sets a restart regroups are
+/// the ones already open in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeatChange {
+    /// The lease's own grant or release counts no seats in the journal.
+    Member(LeaseId),
+    /// A set of `seats` seats of `pool` came into use.
+    Opened {
+        /// The set's id (never a lease's).
+        id: LeaseId,
+        /// The pool feature.
+        pool: String,
+        /// Seats.
+        seats: u32,
+    },
+    /// A set of seats went back.
+    Closed {
+        /// The set's id.
+        id: LeaseId,
+        /// The pool feature.
+        pool: String,
+        /// Seats.
+        seats: u32,
+    },
+}
+
+/// The id of a seat set: FNV-1a over what it is, so the same set gets the same id in
+/// every run.
+fn set_id(parts: &[&[u8]]) -> LeaseId {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain(std::iter::once(&0xff)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    LeaseId(h)
+}
+
 /// Why a lease ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseReason {
@@ -270,18 +314,36 @@ struct Group {
 }
 
 impl Group {
-    fn seats(&self) -> u32 {
-        let sets = self
-            .members
+    /// Sets of `mult` seats the group holds: what its most demanding member needs.
+    fn sets(&self) -> u32 {
+        self.members
             .values()
             .map(|&(units, limit)| match limit {
                 0 => u32::from(units > 0),
                 l => units.div_ceil(l),
             })
             .max()
-            .unwrap_or(0);
-        sets.saturating_mul(self.mult)
+            .unwrap_or(0)
     }
+
+    fn seats(&self) -> u32 {
+        self.sets().saturating_mul(self.mult)
+    }
+}
+
+/// The id of a group's `index`th set of seats.
+fn group_set_id(pool: &str, key: &str, index: u32) -> LeaseId {
+    set_id(&[
+        b"group",
+        pool.as_bytes(),
+        key.as_bytes(),
+        &index.to_le_bytes(),
+    ])
+}
+
+/// The id of the seats a lease draws from another feature's pool (tokens).
+fn draw_set_id(lease: LeaseId, pool: &str) -> LeaseId {
+    set_id(&[b"draw", &lease.0.to_le_bytes(), pool.as_bytes()])
 }
 
 /// The key that makes checkouts sharers under `share`: the fields it compares, and
@@ -621,6 +683,8 @@ pub struct Ledger {
     in_use: HashMap<String, u32>,
     /// Groups of sharers by (pool, key).
     groups: HashMap<(String, String), Group>,
+    /// Seat changes of the licensing models not yet handed to the journal.
+    seat_changes: Vec<SeatChange>,
     deadlines: BTreeSet<(Instant, LeaseId)>,
     by_conn: HashMap<ConnId, BTreeSet<LeaseId>>,
     policy: Policy,
@@ -709,6 +773,7 @@ impl Ledger {
             leases: HashMap::new(),
             in_use: HashMap::new(),
             groups: HashMap::new(),
+            seat_changes: Vec::new(),
             deadlines: BTreeSet::new(),
             by_conn: HashMap::new(),
             policy: Policy::default(),
@@ -829,6 +894,9 @@ impl Ledger {
     pub fn restore_with(&mut self, now: Now, records: Vec<LeaseRecord>, facts: &RestoreFacts) {
         let until_mono =
             |until: UnixTime| now.mono + Duration::from_secs(until.0.saturating_sub(now.wall.0));
+        // The journal already holds these leases and the seat sets they opened (their
+        // ids are derived from what they are): nothing to journal again.
+        let journaled = self.seat_changes.len();
         for record in records {
             let id = record.id;
             let (deadline, stored) = match record.borrowed_until {
@@ -853,6 +921,7 @@ impl Ledger {
                 held.stored_until = stored;
             }
         }
+        self.seat_changes.truncate(journaled);
     }
 
     /// The changes to stored lease ends since the last call, for the shell to write.
@@ -1398,7 +1467,7 @@ impl Ledger {
     }
 
     /// Counts a lease's seats in its pool.
-    fn add_charge(&mut self, charge: &Charge) {
+    fn add_charge(&mut self, id: LeaseId, feature: &str, charge: &Charge) {
         let added = match &charge.group {
             None => charge.seats,
             Some(g) => {
@@ -1406,40 +1475,83 @@ impl Ledger {
                     .groups
                     .entry((charge.pool.clone(), g.key.clone()))
                     .or_default();
-                let before = group.seats();
+                let before = group.sets();
                 join(group, g);
-                group.seats().saturating_sub(before)
+                let (after, mult) = (group.sets(), group.mult);
+                for index in before..after {
+                    self.seat_changes.push(SeatChange::Opened {
+                        id: group_set_id(&charge.pool, &g.key, index),
+                        pool: charge.pool.clone(),
+                        seats: mult,
+                    });
+                }
+                after.saturating_sub(before).saturating_mul(mult)
             }
         };
+        if charge.group.is_some() || charge.pool != feature {
+            self.seat_changes.push(SeatChange::Member(id));
+            if charge.group.is_none() {
+                self.seat_changes.push(SeatChange::Opened {
+                    id: draw_set_id(id, &charge.pool),
+                    pool: charge.pool.clone(),
+                    seats: charge.seats,
+                });
+            }
+        }
         *self.in_use.entry(charge.pool.clone()).or_default() += added;
     }
 
     /// Stops counting a lease's seats; a group's go when its last member leaves.
-    fn remove_charge(&mut self, charge: &Charge) {
+    fn remove_charge(&mut self, id: LeaseId, feature: &str, charge: &Charge) {
+        if charge.group.is_some() || charge.pool != feature {
+            self.seat_changes.push(SeatChange::Member(id));
+        }
         let freed = match &charge.group {
-            None => charge.seats,
+            None => {
+                if charge.pool != feature {
+                    self.seat_changes.push(SeatChange::Closed {
+                        id: draw_set_id(id, &charge.pool),
+                        pool: charge.pool.clone(),
+                        seats: charge.seats,
+                    });
+                }
+                charge.seats
+            }
             Some(g) => {
                 let key = (charge.pool.clone(), g.key.clone());
                 let Some(group) = self.groups.get_mut(&key) else {
                     return;
                 };
-                let before = group.seats();
+                let before = group.sets();
                 if let Some(m) = group.members.get_mut(&g.member) {
                     m.0 = m.0.saturating_sub(g.units);
                     if m.0 == 0 {
                         group.members.remove(&g.member);
                     }
                 }
-                let freed = before.saturating_sub(group.seats());
+                let (after, mult) = (group.sets(), group.mult);
                 if group.members.is_empty() {
                     self.groups.remove(&key);
                 }
-                freed
+                for index in (after..before).rev() {
+                    self.seat_changes.push(SeatChange::Closed {
+                        id: group_set_id(&charge.pool, &g.key, index),
+                        pool: charge.pool.clone(),
+                        seats: mult,
+                    });
+                }
+                before.saturating_sub(after).saturating_mul(mult)
             }
         };
         if let Some(n) = self.in_use.get_mut(&charge.pool) {
             *n = n.saturating_sub(freed);
         }
+    }
+
+    /// The seat changes of the licensing models since the last call, in order, for the
+    /// journal (see [`SeatChange`]).
+    pub fn take_seat_changes(&mut self) -> Vec<SeatChange> {
+        std::mem::take(&mut self.seat_changes)
     }
 
     /// The charge of a lease restored from the store: the first source with room for
@@ -2159,7 +2271,7 @@ impl Ledger {
             // Restoring a duplicate id would double-count; undo the old one's share.
             self.uncount(&old);
         }
-        self.add_charge(&charge);
+        self.add_charge(id, &record.feature, &charge);
         self.deadlines.insert((deadline, id));
         if let Some(conn) = conn {
             self.by_conn.entry(conn).or_default().insert(id);
@@ -2178,7 +2290,7 @@ impl Ledger {
     }
 
     fn uncount(&mut self, held: &Held) {
-        self.remove_charge(&held.charge);
+        self.remove_charge(held.record.id, &held.record.feature, &held.charge);
         self.deadlines.remove(&(held.deadline, held.record.id));
         if let Some(conn) = held.conn {
             if let Some(set) = self.by_conn.get_mut(&conn) {

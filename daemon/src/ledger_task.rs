@@ -748,7 +748,8 @@ impl LedgerTask {
             exports,
             shutdown,
         } = d;
-        self.commit.batch_events(now.wall, &events);
+        let seats = self.ledger.take_seat_changes();
+        self.commit.batch_events(now.wall, &events, &seats);
         let detachments = self.ledger.take_detachments();
         if shutdown.is_some() {
             // Waiters are told the server is shutting down and go: their places go

@@ -47,7 +47,10 @@ pub enum UsageEvent {
         /// Its id.
         bundle: String,
     },
-    /// Seats were granted.
+    /// Seats were granted. A grant with an empty `user` and `host` is a seat set a
+    /// licensing model holds for its members (a set of shared seats, a user's suite
+    /// seat, the tokens of one draw): it counts seats of `feature`, not a checkout; the
+    /// members' own grants count 0 seats.
     Granted {
         /// The lease.
         lease: LeaseId,
@@ -770,7 +773,13 @@ pub fn summarize(
         // Not `clamp`, which panics if `from` is after `to`.
         let t = e.at.0.max(from.0).min(to.0);
         let (feature, delta, grant, denial) = match &e.event {
-            UsageEvent::Granted { feature, count, .. } => (feature, *count as i64, 1, 0),
+            // A seat set (empty user) counts seats, not a checkout.
+            UsageEvent::Granted {
+                feature,
+                count,
+                user,
+                ..
+            } => (feature, *count as i64, u64::from(!user.is_empty()), 0),
             UsageEvent::Released { feature, count, .. } => (feature, -(*count as i64), 0, 0),
             UsageEvent::Denied { feature, .. } => (feature, 0, 0, 1),
             _ => continue,

@@ -761,9 +761,13 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
                     } if *f == feature => {
                         for a in [&mut acc, &mut total] {
                             a.advance(t, &steps);
-                            a.stats.grants += 1;
-                            a.users.insert(user.clone());
-                            a.hosts.insert(host.clone());
+                            // A seat set of a licensing model (empty user) is seats,
+                            // not a checkout.
+                            if !user.is_empty() {
+                                a.stats.grants += 1;
+                                a.users.insert(user.clone());
+                                a.hosts.insert(host.clone());
+                            }
                         }
                         open.insert(lease.0, *count);
                         // Counts come from the report: saturate, never wrap or panic.

@@ -156,4 +156,55 @@ fn every_model_counts_real_checkouts_and_keeps_counting_after_a_restart() {
         daemon.in_use("credits")
     );
     assert_eq!(run_as(&daemon, "bo", &["solver"]).status.code(), Some(0));
+
+    // The vendor's reconciliation counts what the ledger counted: the pools' seats (a
+    // shared seat once, a suite seat per user, tokens), the products' checkouts.
+    let report = site.path("models.report");
+    let out = daemon
+        .tally()
+        .args(["admin", "--admin-token-file"])
+        .arg(site.path("data/admin.token"))
+        .args(["report", "--out"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(tally_tests::bin("tally-publisher"))
+        .args(["reconcile", "--format", "json", "--bundle"])
+        .arg(site.path("bundles/models-1.bundle"))
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |name: &str| -> (u64, u64, u64) {
+        let f = doc["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["feature"] == name)
+            .unwrap_or_else(|| panic!("no row {name}: {doc}"));
+        let t = &f["total"];
+        (
+            t["peak"].as_u64().unwrap(),
+            t["grants"].as_u64().unwrap(),
+            t["overdraft_peak"].as_u64().unwrap(),
+        )
+    };
+    // (peak seats, checkouts, overdraft peak)
+    assert_eq!(row("solver"), (1, 4, 0), "three sharers, then bo");
+    assert_eq!(row("studio"), (1, 0, 0), "ana's one suite seat");
+    assert_eq!(row("mesh"), (0, 2, 0));
+    assert_eq!(row("view"), (0, 1, 0));
+    assert_eq!(row("post"), (6, 1, 0));
+    assert_eq!(row("credits"), (8, 0, 0), "two draws of 4 tokens");
+    assert_eq!(row("optimizer"), (0, 2, 0));
 }
