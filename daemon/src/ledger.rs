@@ -1042,13 +1042,24 @@ impl Ledger {
             });
         }
         let vendor_ttl = eligible.iter().filter_map(|t| t.ttl).min();
-        let ttl = match self.policy.timeout_secs.get(feature) {
-            // The site may lengthen the TTL, never shorten it below the vendor's.
-            Some(&secs) => Duration::from_secs(secs).max(vendor_ttl.unwrap_or_default()),
-            None => vendor_ttl.unwrap_or(self.settings.default_ttl),
-        };
+        // The site may lengthen the TTL and the linger, never shorten the vendor's.
+        let ttl = self
+            .policy
+            .ttl_for(feature, vendor_ttl, self.settings.default_ttl);
         let linger = eligible.iter().map(|t| t.linger).max().unwrap_or_default();
+        let linger = self.policy.linger_for(feature, linger);
+        let refused_borrow = || DenialReason::BorrowNotAllowed {
+            feature: feature.clone(),
+            limit_secs: 0,
+        };
         let borrow = if request.borrow_secs > 0 {
+            // INCLUDE_BORROW / EXCLUDE_BORROW: this client may not borrow at all.
+            let access = self
+                .policy
+                .borrow_access(feature, &holder.user, &holder.host);
+            if access.is_err() {
+                return Err(refused_borrow());
+            }
             let vendor = eligible
                 .iter()
                 .map(|t| t.borrow_limit)
@@ -1092,6 +1103,15 @@ impl Ledger {
                 return Err(full());
             }
             self.check_policy_max(feature, holder, request.count)?;
+            // BORROW_LOWWATER: seats the site keeps from being borrowed.
+            if borrow.is_some() {
+                let lent = (self.leases.values())
+                    .filter(|h| h.record.feature == *feature && h.record.borrowed_until.is_some());
+                let lent = lent.map(|h| h.record.count).sum();
+                if !self.policy.borrow_fits(feature, seats, lent, request.count) {
+                    return Err(refused_borrow());
+                }
+            }
             let (reserved, for_whom) = self.reserved_for_others(feature, holder);
             if in_use
                 .saturating_add(request.count)
