@@ -103,17 +103,23 @@ pub struct Policy {
     pub borrow_lowwater: BTreeMap<String, u32>,
     /// LINGER: the site's linger per feature, seconds (only ever lengthens the vendor's).
     pub linger_secs: BTreeMap<String, u64>,
+    /// INCLUDEALL rules: once there is one, only their subjects (and those of the
+    /// feature's own INCLUDE rules) may use any feature.
+    pub include_all: Vec<Subject>,
+    /// EXCLUDEALL rules: these subjects may use no feature.
+    pub exclude_all: Vec<Subject>,
     /// GROUPCASEINSENSITIVE ON: user names in groups and rules match the client's without
     /// regard to case (host names always do).
     pub case_insensitive_users: bool,
 }
 
-/// Why [`Policy::borrow_access`] refuses a borrow.
+/// Why [`Policy::access`] refuses a checkout or [`Policy::borrow_access`] a borrow.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BorrowRefusal {
-    /// An EXCLUDE_BORROW rule names the client.
+pub enum Refusal {
+    /// An EXCLUDE (EXCLUDEALL, EXCLUDE_BORROW) rule names the client.
     Excluded(Subject),
-    /// The feature has INCLUDE_BORROW rules and none names the client.
+    /// The feature has INCLUDE (INCLUDEALL, INCLUDE_BORROW) rules and none names the
+    /// client.
     NotIncluded,
 }
 
@@ -146,21 +152,39 @@ impl Policy {
         }
     }
 
+    /// Whether the client `user`@`host` may use `feature` at all: EXCLUDE and EXCLUDEALL
+    /// first (they win), then INCLUDE and INCLUDEALL (once either names subjects for the
+    /// feature, only those subjects may use it; FlexLM's meaning).
+    pub fn access(&self, feature: &str, user: &str, host: &str) -> Result<(), Refusal> {
+        let named = |s: &&Subject| self.matches(s, user, host);
+        let mut excluded = (self.exclude.iter())
+            .filter(|r| r.feature == feature)
+            .map(|r| &r.subject)
+            .chain(&self.exclude_all);
+        if let Some(subject) = excluded.find(named) {
+            return Err(Refusal::Excluded(subject.clone()));
+        }
+        let mut included = (self.include.iter())
+            .filter(|r| r.feature == feature)
+            .map(|r| &r.subject)
+            .chain(&self.include_all)
+            .peekable();
+        if included.peek().is_some() && !included.any(|s| named(&s)) {
+            return Err(Refusal::NotIncluded);
+        }
+        Ok(())
+    }
+
     /// Whether the client `user`@`host` may borrow `feature`: EXCLUDE_BORROW first (it
     /// wins), then INCLUDE_BORROW (a feature with such rules lends only to their
     /// subjects). Nothing here lengthens what the vendor allows; it only narrows it.
-    pub fn borrow_access(
-        &self,
-        feature: &str,
-        user: &str,
-        host: &str,
-    ) -> Result<(), BorrowRefusal> {
+    pub fn borrow_access(&self, feature: &str, user: &str, host: &str) -> Result<(), Refusal> {
         if let Some(rule) = self
             .exclude_borrow
             .iter()
             .find(|r| r.feature == feature && self.matches(&r.subject, user, host))
         {
-            return Err(BorrowRefusal::Excluded(rule.subject.clone()));
+            return Err(Refusal::Excluded(rule.subject.clone()));
         }
         let mut includes = self
             .include_borrow
@@ -168,7 +192,7 @@ impl Policy {
             .filter(|r| r.feature == feature)
             .peekable();
         if includes.peek().is_some() && !includes.any(|r| self.matches(&r.subject, user, host)) {
-            return Err(BorrowRefusal::NotIncluded);
+            return Err(Refusal::NotIncluded);
         }
         Ok(())
     }
@@ -347,6 +371,42 @@ impl Policy {
         policy.exclude = exclude;
         policy.include_borrow = include_borrow;
         policy.exclude_borrow = exclude_borrow;
+        for (kind, list, out) in [
+            ("include_all", raw.include_all, &mut policy.include_all),
+            ("exclude_all", raw.exclude_all, &mut policy.exclude_all),
+        ] {
+            for r in list {
+                let span = r.span();
+                let r = r.into_inner();
+                let subjects: Vec<Subject> = [
+                    r.user.map(Subject::User),
+                    r.group.map(Subject::Group),
+                    r.host.map(Subject::Host),
+                    r.host_group.map(Subject::HostGroup),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                let [subject] = subjects.as_slice() else {
+                    return Err(err(
+                        span,
+                        format!("{kind} needs exactly one of user, group, host, host_group"),
+                    ));
+                };
+                match subject {
+                    Subject::Group(g) if !policy.groups.contains_key(g) => {
+                        return Err(err(span, format!("{kind}: no group '{g}' in [groups]")))
+                    }
+                    Subject::HostGroup(g) if !policy.host_groups.contains_key(g) => {
+                        return Err(err(
+                            span,
+                            format!("{kind}: no host group '{g}' in [host_groups]"),
+                        ))
+                    }
+                    _ => out.push(subject.clone()),
+                }
+            }
+        }
         if let Some(all) = raw.timeout_all_secs {
             if all.get_ref() < &10 {
                 return Err(err(
@@ -429,6 +489,19 @@ struct RawPolicy {
     borrow_lowwater: Vec<RawLowwater>,
     #[serde(default)]
     linger: Vec<RawTimeout>,
+    #[serde(default)]
+    include_all: Vec<Spanned<RawSubject>>,
+    #[serde(default)]
+    exclude_all: Vec<Spanned<RawSubject>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubject {
+    user: Option<String>,
+    group: Option<String>,
+    host: Option<String>,
+    host_group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -568,11 +641,11 @@ secs = 600
         assert_eq!(p.borrow_access("solver", "ana", "h"), Ok(()));
         assert_eq!(
             p.borrow_access("solver", "bo", "h"),
-            Err(BorrowRefusal::Excluded(Subject::User("BO".into())))
+            Err(Refusal::Excluded(Subject::User("BO".into())))
         );
         assert_eq!(
             p.borrow_access("solver", "cy", "h"),
-            Err(BorrowRefusal::NotIncluded)
+            Err(Refusal::NotIncluded)
         );
         // No include list for mesher: anyone but the excluded host.
         assert_eq!(p.borrow_access("mesher", "cy", "h"), Ok(()));
@@ -638,6 +711,49 @@ secs = 600
         ] {
             assert!(named.iter().any(|(k, _)| *k == kind), "{kind}: {named:?}");
         }
+    }
+
+    #[test]
+    fn includeall_and_excludeall_apply_to_every_feature() {
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            r#"
+[groups]
+staff = ["ana", "bo"]
+[[include_all]]
+group = "staff"
+[[exclude_all]]
+host = "kiosk"
+[[include]]
+feature = "viewer"
+user = "guest"
+[[exclude]]
+feature = "solver"
+user = "bo"
+"#,
+        )
+        .unwrap();
+        assert_eq!(p.access("solver", "ana", "ws"), Ok(()));
+        assert_eq!(p.access("mesher", "cy", "ws"), Err(Refusal::NotIncluded));
+        // A feature's own INCLUDE adds to INCLUDEALL's subjects.
+        assert_eq!(p.access("viewer", "guest", "ws"), Ok(()));
+        assert_eq!(p.access("viewer", "bo", "ws"), Ok(()));
+        assert_eq!(
+            p.access("solver", "bo", "ws"),
+            Err(Refusal::Excluded(Subject::User("bo".into())))
+        );
+        assert_eq!(
+            p.access("viewer", "ana", "KIOSK"),
+            Err(Refusal::Excluded(Subject::Host("kiosk".into())))
+        );
+        assert_eq!(Policy::default().access("solver", "x", "y"), Ok(()));
+        let e = Policy::parse(Path::new("p.toml"), "\n[[exclude_all]]\ngroup = \"nope\"\n")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("p.toml:"), "{e}");
+        assert!(
+            e.to_string().contains("exclude_all: no group 'nope'"),
+            "{e}"
+        );
     }
 
     #[test]

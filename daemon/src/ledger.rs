@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
+use tally_config::policy::Refusal;
 use tally_config::Policy;
 use tally_protocol::bundle::{Bundle, Seats};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
@@ -1135,32 +1136,25 @@ impl Ledger {
         })
     }
 
-    /// INCLUDE and EXCLUDE: EXCLUDE wins; an INCLUDE list admits only its subjects.
+    /// INCLUDE(ALL) and EXCLUDE(ALL): EXCLUDE wins; an INCLUDE list admits only its
+    /// subjects (`Policy::access`).
     fn check_policy_access(
         &self,
         feature: &str,
         holder: &ClientIdentity,
     ) -> Result<(), DenialReason> {
-        let p = &self.policy;
-        if let Some(rule) = p
-            .exclude
-            .iter()
-            .find(|r| r.feature == feature && p.matches(&r.subject, &holder.user, &holder.host))
-        {
-            return Err(DenialReason::Excluded {
-                feature: feature.to_string(),
-                rule: rule.subject.to_string(),
-            });
-        }
-        let mut includes = p.include.iter().filter(|r| r.feature == feature).peekable();
-        if includes.peek().is_some()
-            && !includes.any(|r| p.matches(&r.subject, &holder.user, &holder.host))
-        {
-            return Err(DenialReason::NotIncluded {
-                feature: feature.to_string(),
-            });
-        }
-        Ok(())
+        let refusal = match self.policy.access(feature, &holder.user, &holder.host) {
+            Ok(()) => return Ok(()),
+            Err(refusal) => refusal,
+        };
+        let feature = feature.to_string();
+        Err(match refusal {
+            Refusal::Excluded(subject) => DenialReason::Excluded {
+                feature,
+                rule: subject.to_string(),
+            },
+            Refusal::NotIncluded => DenialReason::NotIncluded { feature },
+        })
     }
 
     /// MAX: seats held by the capped user or group, plus the new ones, within the cap.

@@ -1247,3 +1247,37 @@ user = "cy"
         Err(DenialReason::ReservedForOthers { .. })
     ));
 }
+
+#[test]
+fn includeall_and_excludeall_rule_every_feature() {
+    let policy = r#"
+[groups]
+staff = ["ana", "bo"]
+[[include_all]]
+group = "staff"
+[[exclude_all]]
+user = "bo"
+[[include]]
+feature = "viewer"
+user = "guest"
+"#;
+    let features = vec![
+        FeatureGrant::counted("solver", 5),
+        FeatureGrant::counted("viewer", 5),
+    ];
+    let mut d = with_policy(features, policy);
+    take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+    take_as(&mut d, "ana", "ws", "viewer", 1, 0).unwrap();
+    assert_eq!(
+        take_as(&mut d, "guest", "ws", "solver", 1, 0),
+        Err(DenialReason::NotIncluded {
+            feature: "solver".into()
+        })
+    );
+    take_as(&mut d, "guest", "ws", "viewer", 1, 0).unwrap();
+    let denial = take_as(&mut d, "bo", "ws", "viewer", 1, 0).unwrap_err();
+    assert_eq!(
+        denial.to_string(),
+        "'viewer' is not available to user bo (excluded by the site's policy)"
+    );
+}
