@@ -14,7 +14,7 @@
 //! does no IO, so it is tested as a function.
 
 use crate::policy::Policy;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -102,6 +102,8 @@ pub fn convert(file: &str, text: &str) -> Result<Converted, OptionsError> {
             format!("larger than {MAX_OPTIONS_LEN} bytes, not an options file"),
         ));
     }
+    // Windows editors start a UTF-8 file with a byte-order mark; it is not a keyword.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lines = logical_lines(text).map_err(|(line, message)| garbled(line, message))?;
     let mut out = Output::default();
 
@@ -128,7 +130,8 @@ pub fn convert(file: &str, text: &str) -> Result<Converted, OptionsError> {
         let group = groups.entry(name.clone()).or_default();
         group.lines.push((l.line, l.text.clone()));
         for m in members {
-            if !group.members.contains(m) {
+            // A set beside the list: a 1 MiB file of members stays linear.
+            if group.seen.insert(m.clone()) {
                 group.members.push(m.clone());
             }
         }
@@ -273,6 +276,19 @@ pub fn convert(file: &str, text: &str) -> Result<Converted, OptionsError> {
         }
     }
     let policy = out.render(file);
+    // Review comments make the policy longer than its source: tallyd reads no policy over
+    // the bound, so say it here rather than at its start.
+    if policy.len() as u64 > crate::MAX_CONFIG_LEN {
+        return Err(garbled(
+            1,
+            format!(
+                "the converted policy would be {} bytes, more than the {} tallyd reads; \
+                 split the options file",
+                policy.len(),
+                crate::MAX_CONFIG_LEN
+            ),
+        ));
+    }
     // The output is only useful if tallyd takes it: check it as tallyd will.
     if let Err(e) = Policy::parse(Path::new("import-options output"), &policy) {
         return Err(garbled(
@@ -357,6 +373,7 @@ const UNMAPPED_KEYWORDS: &[(&str, &str)] = &[
 #[derive(Default)]
 struct Group {
     members: Vec<String>,
+    seen: HashSet<String>,
     lines: Vec<(usize, String)>,
 }
 
@@ -807,6 +824,29 @@ REPORTLOG +/var/log/lmgrd/report.log
     }
 
     #[test]
+    fn a_file_at_the_size_bound_converts_quickly_or_is_refused_by_name() {
+        // One group of ~100,000 members (1 MiB): linear, and within tallyd's bound.
+        let mut text = String::from("GROUP big");
+        let mut i = 0;
+        while text.len() < MAX_OPTIONS_LEN as usize - 16 {
+            let _ = write!(text, " u{i}");
+            i += 1;
+        }
+        let start = std::time::Instant::now();
+        let result = convert("big.opt", &text);
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        // The members fill the bound: with the header, the policy is over it.
+        let e = result.unwrap_err().to_string();
+        assert!(e.contains("more than the 1048576 tallyd reads"), "{e}");
+        // Rules by the thousand: each line with its comment, still under the bound.
+        let rules: String = (0..5_000)
+            .map(|i| format!("EXCLUDE f{i} USER u{i}\n"))
+            .collect();
+        let c = convert("many.opt", &rules).unwrap();
+        assert_eq!((c.mapped, c.unmapped.len()), (5_000, 0));
+    }
+
+    #[test]
     fn names_that_need_quoting_survive_and_unknown_groups_are_listed() {
         let text =
             "GROUP \"Team A\" \"Ana Lima\" back\\slash 'q'\nINCLUDE solver GROUP \"Team A\"\n\
@@ -823,6 +863,13 @@ REPORTLOG +/var/log/lmgrd/report.log
             [3, 4]
         );
         assert!(c.unmapped[0].reason.contains("no GROUP nobody"));
+        // A byte-order mark and CRLF line ends, as Windows editors write them.
+        let c = convert(
+            "o.opt",
+            "\u{feff}EXCLUDE solver USER bo\r\nINCLUDE viewer HOST ws\r\n",
+        )
+        .unwrap();
+        assert_eq!((c.mapped, c.unmapped.len()), (2, 0), "{:?}", c.unmapped);
         // An empty file is an empty policy.
         let c = convert("o.opt", "# nothing\n\n").unwrap();
         assert_eq!(
