@@ -199,8 +199,11 @@ impl Policy {
 
     /// Whether borrowing `count` more seats of `feature`, of `seats` licensed with
     /// `borrowed` already out on borrow, leaves the BORROW_LOWWATER seats unborrowed.
+    /// Without a rule for the feature, the policy sets no limit (the seats do).
     pub fn borrow_fits(&self, feature: &str, seats: u32, borrowed: u32, count: u32) -> bool {
-        let keep = self.borrow_lowwater.get(feature).copied().unwrap_or(0);
+        let Some(&keep) = self.borrow_lowwater.get(feature) else {
+            return true;
+        };
         u64::from(borrowed) + u64::from(count) + u64::from(keep) <= u64::from(seats)
     }
 
@@ -680,9 +683,9 @@ secs = 600
         assert!(p.borrow_fits("solver", 5, 2, 1));
         assert!(!p.borrow_fits("solver", 5, 3, 1));
         assert!(!p.borrow_fits("solver", 1, 0, 1));
-        // No rule: every seat.
+        // No rule: no limit from the policy (the seats and overdraft decide).
         assert!(p.borrow_fits("mesher", 5, 4, 1));
-        assert!(!p.borrow_fits("mesher", 5, 5, 1));
+        assert!(p.borrow_fits("mesher", 5, 5, 1));
         assert!(!p.borrow_fits("solver", u32::MAX, u32::MAX, u32::MAX));
     }
 

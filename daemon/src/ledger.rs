@@ -1076,6 +1076,20 @@ impl Ledger {
                     limit_secs: limit.as_secs(),
                 });
             }
+            // BORROW_LOWWATER: of the feature's own seats, some are never borrowed.
+            if let Some(own) = pools(terms, now.wall) {
+                let lent = self
+                    .leases
+                    .values()
+                    .filter(|h| h.record.feature == *feature && h.record.borrowed_until.is_some());
+                let lent = lent.map(|h| h.record.count).sum();
+                if !self
+                    .policy
+                    .borrow_fits(feature, own.seats(), lent, request.count)
+                {
+                    return Err(refused_borrow());
+                }
+            }
             Some(Duration::from_secs(request.borrow_secs))
         } else {
             None
@@ -1104,15 +1118,6 @@ impl Ledger {
                 return Err(full());
             }
             self.check_policy_max(feature, holder, request.count)?;
-            // BORROW_LOWWATER: seats the site keeps from being borrowed.
-            if borrow.is_some() {
-                let lent = (self.leases.values())
-                    .filter(|h| h.record.feature == *feature && h.record.borrowed_until.is_some());
-                let lent = lent.map(|h| h.record.count).sum();
-                if !self.policy.borrow_fits(feature, seats, lent, request.count) {
-                    return Err(refused_borrow());
-                }
-            }
             let (reserved, for_whom) = self.reserved_for_others(feature, holder);
             if in_use
                 .saturating_add(request.count)
