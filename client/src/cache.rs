@@ -647,7 +647,7 @@ pub fn terms_admit(
     let mut terms = Vec::new();
     for b in bundles {
         for f in &b.features {
-            if f.name == feature || f.components.iter().any(|c| c == feature) {
+            if f.serves(feature) {
                 terms.push(Term {
                     starts: max_opt(f.starts, b.valid_from),
                     expires: min_opt(f.expires, b.valid_until),
@@ -788,7 +788,7 @@ fn lock_seats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_protocol::bundle::{Customer, FeatureGrant};
+    use tally_protocol::bundle::{Component, Customer, FeatureGrant};
 
     fn bundle(features: Vec<FeatureGrant>) -> Bundle {
         Bundle {
@@ -844,7 +844,7 @@ mod tests {
         // A package grants its components with its own terms.
         let mut suite = solver("2030", 2_000);
         suite.name = "suite".into();
-        suite.components = vec!["solver".into()];
+        suite.components = vec![Component::named("solver")];
         assert_eq!(ok(&[bundle(vec![suite])], Some("2030"), None), Ok(()));
         // Dates: an expired term serves nothing; one not started yet says when.
         let mut expired = solver("2027.1", 500);

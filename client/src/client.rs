@@ -913,10 +913,7 @@ impl Client {
         // held to its version ceilings and dates offline; the first also vouches for
         // the server key.
         let grants = |b: &&tally_protocol::bundle::VerifiedBundle| {
-            b.bundle
-                .features
-                .iter()
-                .any(|f| f.name == want.feature || f.components.contains(&want.feature))
+            b.bundle.features.iter().any(|f| f.serves(&want.feature))
         };
         let mut bundles: Vec<_> = session
             .bundles()

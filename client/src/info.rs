@@ -40,7 +40,7 @@ pub fn feature_info(
             b.bundle
                 .features
                 .iter()
-                .filter(|f| f.name == feature || f.components.iter().any(|c| c == feature))
+                .filter(|f| f.serves(feature))
                 .map(|f| {
                     let start = f.starts.max(b.bundle.valid_from);
                     let end = match (f.expires, b.bundle.valid_until) {

@@ -707,7 +707,7 @@ impl Session {
         self.bundles
             .iter()
             .flat_map(|b| b.bundle.features.iter())
-            .filter(|f| f.name == feature || f.components.iter().any(|c| c == feature))
+            .filter(|f| f.serves(feature))
             .flat_map(|f| f.attributes.clone())
             .collect()
     }

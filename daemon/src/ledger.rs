@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tally_config::policy::Refusal;
 use tally_config::Policy;
-use tally_protocol::bundle::{Bundle, Seats};
+use tally_protocol::bundle::{Bundle, Seats, Share};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
 use tally_protocol::replicate::{Holdoff, QueueChange, QueuePlace};
 use tally_protocol::time::UnixTime;
@@ -213,12 +213,88 @@ struct Waiter {
 }
 
 /// What a successful decision grants.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Terms {
     ttl: Duration,
     linger: Duration,
     overdraft: bool,
     borrow: Option<Duration>,
+    charge: Charge,
+}
+
+/// Where a term's checkouts take their seats from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Draw {
+    /// The feature's own seats, shared among checkouts as `Share` says.
+    Own(Option<Share>),
+    /// The seats of the suite `package`, grouped by user: one package seat covers
+    /// `limit` checkouts of this component by one user (all its components at once).
+    Suite { package: String, limit: u32 },
+    /// `per_seat` tokens per seat from the pool feature `pool`.
+    Tokens { pool: String, per_seat: u32 },
+}
+
+/// Where one lease's seats count, decided when it is granted (or restored) and kept
+/// with it, so a reload that changes the model never miscounts what is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Charge {
+    /// The feature whose seats it uses (itself, a suite's package, a token pool).
+    pool: String,
+    /// Seats it holds alone; 0 when it is in a group.
+    seats: u32,
+    /// The group of sharers it belongs to.
+    group: Option<Grouping>,
+}
+
+/// A lease's part in a group of sharers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Grouping {
+    /// Who shares: the identity fields the model compares (and the count asked).
+    key: String,
+    /// The feature the lease is of (a suite's component).
+    member: String,
+    /// Checkouts it counts as.
+    units: u32,
+    /// Checkouts of `member` one group seat covers; 0 is any number.
+    limit: u32,
+    /// Seats per group seat (the count the sharers asked for).
+    mult: u32,
+}
+
+/// Sharers of one pool with one key. The group holds, for each member feature,
+/// enough group seats for its checkouts, and the most any member needs: a suite seat
+/// covers every component at once.
+#[derive(Debug, Clone, Default)]
+struct Group {
+    mult: u32,
+    members: HashMap<String, (u32, u32)>,
+}
+
+impl Group {
+    fn seats(&self) -> u32 {
+        let sets = self
+            .members
+            .values()
+            .map(|&(units, limit)| match limit {
+                0 => u32::from(units > 0),
+                l => units.div_ceil(l),
+            })
+            .max()
+            .unwrap_or(0);
+        sets.saturating_mul(self.mult)
+    }
+}
+
+/// The key that makes checkouts sharers under `share`: the fields it compares, and
+/// the count (FlexLM and RLM share only checkouts of the same count).
+fn share_key(share: &Share, count: u32, who: &ClientIdentity) -> String {
+    let field = |on: bool, v: &str| if on { v.to_string() } else { String::new() };
+    format!(
+        "share\0{count}\0{}\0{}\0{}",
+        field(share.user, &who.user),
+        field(share.host, &who.host.to_ascii_lowercase()),
+        field(share.display, who.display.as_deref().unwrap_or("")),
+    )
 }
 
 /// Denials after which waiting can help.
@@ -230,6 +306,98 @@ fn queueable(reason: &DenialReason) -> bool {
             | DenialReason::ReservedForOthers { .. }
             | DenialReason::MaxReached { .. }
     )
+}
+
+/// The sources of seats of `terms`, each once, in the order they are tried: the
+/// feature's own seats, then suites, then token pools.
+fn draws_of<'a>(terms: &[&'a Term]) -> Vec<&'a Draw> {
+    let mut draws: Vec<&Draw> = Vec::new();
+    for rank in 0..3 {
+        for t in terms {
+            let r = match t.draw {
+                Draw::Own(_) => 0,
+                Draw::Suite { .. } => 1,
+                Draw::Tokens { .. } => 2,
+            };
+            if r == rank && !draws.iter().any(|d| same_source(d, &t.draw)) {
+                draws.push(&t.draw);
+            }
+        }
+    }
+    draws
+}
+
+/// Whether two draws take from the same seats (a feature's own seats are one source,
+/// however its terms share them: the first term's rule applies).
+fn same_source(a: &Draw, b: &Draw) -> bool {
+    match (a, b) {
+        (Draw::Own(_), Draw::Own(_)) => true,
+        (Draw::Suite { package: p, .. }, Draw::Suite { package: q, .. }) => p == q,
+        (Draw::Tokens { pool: p, .. }, Draw::Tokens { pool: q, .. }) => p == q,
+        _ => false,
+    }
+}
+
+/// The charge of a checkout of `feature` from `draw`. A borrow shares nothing: the
+/// laptop takes its seats away with it.
+fn charge_of(
+    feature: &str,
+    draw: &Draw,
+    holder: &ClientIdentity,
+    request: &CheckoutRequest,
+) -> Charge {
+    let count = request.count;
+    let borrow = request.borrow_secs > 0;
+    match draw {
+        Draw::Own(Some(share)) if !borrow => Charge {
+            pool: feature.to_string(),
+            seats: 0,
+            group: Some(Grouping {
+                key: share_key(share, count, holder),
+                member: feature.to_string(),
+                units: 1,
+                limit: share.limit,
+                mult: count,
+            }),
+        },
+        Draw::Own(_) => Charge {
+            pool: feature.to_string(),
+            seats: count,
+            group: None,
+        },
+        Draw::Suite { package, limit } if !borrow => Charge {
+            pool: package.clone(),
+            seats: 0,
+            group: Some(Grouping {
+                key: format!("suite\0{}", holder.user),
+                member: feature.to_string(),
+                units: count,
+                limit: *limit,
+                mult: 1,
+            }),
+        },
+        Draw::Suite { package, limit } => Charge {
+            pool: package.clone(),
+            seats: count.div_ceil((*limit).max(1)),
+            group: None,
+        },
+        Draw::Tokens { pool, per_seat } => Charge {
+            pool: pool.clone(),
+            seats: count.saturating_mul(*per_seat),
+            group: None,
+        },
+    }
+}
+
+/// Adds a member's checkouts to a group.
+fn join(group: &mut Group, g: &Grouping) {
+    group.mult = group.mult.max(g.mult);
+    let m = group
+        .members
+        .entry(g.member.clone())
+        .or_insert((0, g.limit));
+    m.0 = m.0.saturating_add(g.units);
+    m.1 = g.limit;
 }
 
 /// How many holders a denial names; enough to find a colleague, not a data dump.
@@ -249,6 +417,11 @@ struct Term {
     maintenance_until: Option<UnixTime>,
     linger: Duration,
     borrow_limit: Duration,
+    /// Where checkouts under this term take their seats.
+    draw: Draw,
+    /// Whether the term's seats count in this feature's own pool (not for a suite's
+    /// components, nor for a product spending tokens).
+    adds_seats: bool,
 }
 
 /// Seats of a feature that count at one moment, by version ceiling.
@@ -330,14 +503,39 @@ fn terms_of(bundles: &[Bundle]) -> BTreeMap<String, Vec<Term>> {
                 maintenance_until: f.maintenance_until,
                 linger: Duration::from_secs(f.linger_secs),
                 borrow_limit: Duration::from_secs(f.borrow_limit_secs),
+                draw: match &f.tokens {
+                    Some(t) => Draw::Tokens {
+                        pool: t.pool.clone(),
+                        per_seat: t.per_seat.max(1),
+                    },
+                    None if f.suite => Draw::Suite {
+                        package: f.name.clone(),
+                        limit: 1,
+                    },
+                    None => Draw::Own(f.share),
+                },
+                adds_seats: f.tokens.is_none(),
             };
-            // A package grants each of its components with its own terms (FlexLM's
-            // PACKAGE without SUITE); the package name itself stays checkoutable.
-            for component in &f.components {
-                features
-                    .entry(component.clone())
-                    .or_default()
-                    .push(term.clone());
+            // A package grants its components: in a suite, from the package's seats,
+            // one per user for all of them; otherwise (FlexLM's PACKAGE without SUITE)
+            // each component has seats of its own, the package's times its count, up
+            // to its own version. The package name itself stays checkoutable.
+            for c in &f.components {
+                let mut t = term.clone();
+                if let Some(v) = &c.version {
+                    t.ceiling = Some(v.clone());
+                }
+                if f.suite {
+                    t.draw = Draw::Suite {
+                        package: f.name.clone(),
+                        limit: c.count.max(1),
+                    };
+                    t.adds_seats = false;
+                } else if let Seats::Counted(n) = t.seats {
+                    t.seats = Seats::Counted(n.saturating_mul(c.count));
+                    t.overdraft = t.overdraft.saturating_mul(c.count);
+                }
+                features.entry(c.name.clone()).or_default().push(t);
             }
             features.entry(f.name.clone()).or_default().push(term);
         }
@@ -363,7 +561,10 @@ fn min_opt(a: Option<UnixTime>, b: Option<UnixTime>) -> Option<UnixTime> {
 /// Upgrade terms move their seats from the `upgrade_from` ceiling to their own.
 fn pools(terms: &[Term], wall: UnixTime) -> Option<Pools> {
     let mut pools = Pools::default();
-    let active: Vec<&Term> = terms.iter().filter(|t| t.active(wall)).collect();
+    let active: Vec<&Term> = terms
+        .iter()
+        .filter(|t| t.adds_seats && t.active(wall))
+        .collect();
     for t in &active {
         pools.overdraft = pools.overdraft.saturating_add(t.overdraft);
         match t.seats {
@@ -405,6 +606,8 @@ struct Held {
     lingering: bool,
     /// Its end is in the store as a [`Detachment::Until`].
     stored_until: bool,
+    /// Where its seats count.
+    charge: Charge,
 }
 
 /// The seat ledger.
@@ -414,8 +617,11 @@ pub struct Ledger {
     /// Feature name to its grant terms, from all loaded bundles.
     features: BTreeMap<String, Vec<Term>>,
     leases: HashMap<LeaseId, Held>,
-    /// Seats in use per feature, kept in step with `leases`.
+    /// Seats in use per feature, kept in step with `leases` (a token pool's or a suite
+    /// package's seats count here under the pool's name).
     in_use: HashMap<String, u32>,
+    /// Groups of sharers by (pool, key).
+    groups: HashMap<(String, String), Group>,
     deadlines: BTreeSet<(Instant, LeaseId)>,
     by_conn: HashMap<ConnId, BTreeSet<LeaseId>>,
     policy: Policy,
@@ -503,6 +709,7 @@ impl Ledger {
             features: terms_of(bundles),
             leases: HashMap::new(),
             in_use: HashMap::new(),
+            groups: HashMap::new(),
             deadlines: BTreeSet::new(),
             by_conn: HashMap::new(),
             policy: Policy::default(),
@@ -641,7 +848,8 @@ impl Ledger {
                     (until_mono(until), true)
                 }
             };
-            self.insert(record, None, deadline);
+            let charge = self.restore_charge(now, &record);
+            self.insert(record, None, deadline, charge);
             if let Some(held) = self.leases.get_mut(&id) {
                 held.stored_until = stored;
             }
@@ -1094,51 +1302,211 @@ impl Ledger {
         } else {
             None
         };
-        let in_use = self.in_use.get(feature).copied().unwrap_or(0);
-        let mut overdraft = false;
-        if let Some(pools) = pools(terms, now.wall) {
-            let seats = pools.seats();
-            let full = || self.no_seat_free(feature, seats, pools.overdraft, request.count);
-            let limit = seats.saturating_add(pools.overdraft);
-            if request.count > limit {
-                // Never grantable at once, however long it waits: said now, not queued.
-                return Err(DenialReason::MoreThanExist {
-                    feature: feature.clone(),
-                    requested: request.count,
-                    total: seats,
-                    overdraft: pools.overdraft,
-                });
+        // The seats come from the first source that has them: the feature's own, then a
+        // suite it is part of, then a token pool (a vendor may sell both).
+        let mut first_refusal = None;
+        for draw in draws_of(&eligible) {
+            let charge = charge_of(feature, draw, holder, request);
+            let extra = self.extra_seats(&charge);
+            let version = match draw {
+                Draw::Own(_) => version,
+                // A component's and a product's own ceilings were checked above; the
+                // pool's seats serve any of its users.
+                Draw::Suite { .. } | Draw::Tokens { .. } => None,
+            };
+            match self.capacity(
+                now,
+                feature,
+                &charge.pool,
+                extra,
+                version,
+                holder,
+                request.count,
+            ) {
+                Ok(overdraft) => {
+                    return Ok(Terms {
+                        ttl,
+                        linger,
+                        overdraft,
+                        borrow,
+                        charge,
+                    })
+                }
+                Err(refusal) => {
+                    first_refusal.get_or_insert(refusal);
+                }
             }
-            if in_use.saturating_add(request.count) > limit {
-                return Err(full());
-            }
-            if pools.by_ceiling.iter().any(|(c, _)| c.is_some())
-                && !self.fits(feature, &pools, version, request.count)
-            {
-                return Err(full());
-            }
-            self.check_policy_max(feature, holder, request.count)?;
-            let (reserved, for_whom) = self.reserved_for_others(feature, holder);
-            if in_use
-                .saturating_add(request.count)
-                .saturating_add(reserved)
-                > limit
-            {
-                return Err(DenialReason::ReservedForOthers {
-                    feature: feature.clone(),
-                    reserved_for: for_whom,
-                });
-            }
-            overdraft = in_use.saturating_add(request.count) > seats;
-        } else {
-            self.check_policy_max(feature, holder, request.count)?;
         }
-        Ok(Terms {
-            ttl,
-            linger,
-            overdraft,
-            borrow,
-        })
+        Err(first_refusal.unwrap_or_else(|| DenialReason::NotLicensed {
+            feature: feature.clone(),
+        }))
+    }
+
+    /// Whether `extra` more seats of `pool` can be used (for a checkout of `feature`):
+    /// the seats, the version ceilings, the policy's MAX and RESERVE. `Ok(true)` when
+    /// they come from the overdraft.
+    #[allow(clippy::too_many_arguments)]
+    fn capacity(
+        &self,
+        now: Now,
+        feature: &str,
+        pool: &str,
+        extra: u32,
+        version: Option<&str>,
+        holder: &ClientIdentity,
+        count: u32,
+    ) -> Result<bool, DenialReason> {
+        let Some(terms) = self.features.get(pool) else {
+            return Err(DenialReason::NotLicensed {
+                feature: pool.to_string(),
+            });
+        };
+        if pool != feature && !terms.iter().any(|t| t.adds_seats && t.active(now.wall)) {
+            let expired = terms.iter().filter_map(|t| t.expires).max();
+            return Err(DenialReason::Expired {
+                feature: pool.to_string(),
+                expired: expired.unwrap_or(now.wall),
+            });
+        }
+        if extra == 0 {
+            // Joining sharers that already hold the seats: nothing more is used.
+            return Ok(false);
+        }
+        let in_use = self.in_use(pool);
+        let Some(pools) = pools(terms, now.wall) else {
+            self.check_policy_max(feature, holder, count)?;
+            return Ok(false);
+        };
+        let seats = pools.seats();
+        let full = || self.no_seat_free(pool, seats, pools.overdraft, extra);
+        let limit = seats.saturating_add(pools.overdraft);
+        if extra > limit {
+            // Never grantable at once, however long it waits: said now, not queued.
+            return Err(DenialReason::MoreThanExist {
+                feature: pool.to_string(),
+                requested: extra,
+                total: seats,
+                overdraft: pools.overdraft,
+            });
+        }
+        if in_use.saturating_add(extra) > limit {
+            return Err(full());
+        }
+        if pools.by_ceiling.iter().any(|(c, _)| c.is_some())
+            && !self.fits(pool, &pools, version, extra)
+        {
+            return Err(full());
+        }
+        self.check_policy_max(feature, holder, count)?;
+        let (reserved, for_whom) = self.reserved_for_others(pool, holder);
+        if in_use.saturating_add(extra).saturating_add(reserved) > limit {
+            return Err(DenialReason::ReservedForOthers {
+                feature: pool.to_string(),
+                reserved_for: for_whom,
+            });
+        }
+        Ok(in_use.saturating_add(extra) > seats)
+    }
+
+    /// Seats `charge` would add to its pool now.
+    fn extra_seats(&self, charge: &Charge) -> u32 {
+        let Some(g) = &charge.group else {
+            return charge.seats;
+        };
+        let mut group = self
+            .groups
+            .get(&(charge.pool.clone(), g.key.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let before = group.seats();
+        join(&mut group, g);
+        group.seats().saturating_sub(before)
+    }
+
+    /// Counts a lease's seats in its pool.
+    fn add_charge(&mut self, charge: &Charge) {
+        let added = match &charge.group {
+            None => charge.seats,
+            Some(g) => {
+                let group = self
+                    .groups
+                    .entry((charge.pool.clone(), g.key.clone()))
+                    .or_default();
+                let before = group.seats();
+                join(group, g);
+                group.seats().saturating_sub(before)
+            }
+        };
+        *self.in_use.entry(charge.pool.clone()).or_default() += added;
+    }
+
+    /// Stops counting a lease's seats; a group's go when its last member leaves.
+    fn remove_charge(&mut self, charge: &Charge) {
+        let freed = match &charge.group {
+            None => charge.seats,
+            Some(g) => {
+                let key = (charge.pool.clone(), g.key.clone());
+                let Some(group) = self.groups.get_mut(&key) else {
+                    return;
+                };
+                let before = group.seats();
+                if let Some(m) = group.members.get_mut(&g.member) {
+                    m.0 = m.0.saturating_sub(g.units);
+                    if m.0 == 0 {
+                        group.members.remove(&g.member);
+                    }
+                }
+                let freed = before.saturating_sub(group.seats());
+                if group.members.is_empty() {
+                    self.groups.remove(&key);
+                }
+                freed
+            }
+        };
+        if let Some(n) = self.in_use.get_mut(&charge.pool) {
+            *n = n.saturating_sub(freed);
+        }
+    }
+
+    /// The charge of a lease restored from the store: the first source with room for
+    /// it, else the first source (restored leases count even above today's seats).
+    fn restore_charge(&self, now: Now, record: &LeaseRecord) -> Charge {
+        let request = CheckoutRequest {
+            feature: record.feature.clone(),
+            count: record.count,
+            version: record.version.clone(),
+            build_date: None,
+            wait_secs: 0,
+            borrow_secs: record.borrowed_until.map_or(0, |_| 1),
+        };
+        let plain = Charge {
+            pool: record.feature.clone(),
+            seats: record.count,
+            group: None,
+        };
+        let Some(terms) = self.features.get(&record.feature) else {
+            return plain;
+        };
+        let all: Vec<&Term> = terms.iter().collect();
+        let mut first = None;
+        for draw in draws_of(&all) {
+            let charge = charge_of(&record.feature, draw, &record.holder, &request);
+            let extra = self.extra_seats(&charge);
+            let free = self
+                .features
+                .get(&charge.pool)
+                .and_then(|t| pools(t, now.wall))
+                .map_or(u32::MAX, |p| {
+                    p.seats()
+                        .saturating_add(p.overdraft)
+                        .saturating_sub(self.in_use(&charge.pool))
+                });
+            if extra <= free {
+                return charge;
+            }
+            first.get_or_insert(charge);
+        }
+        first.unwrap_or(plain)
     }
 
     /// INCLUDE(ALL) and EXCLUDE(ALL): EXCLUDE wins; an INCLUDE list admits only its
@@ -1228,6 +1596,7 @@ impl Ledger {
         while self.leases.contains_key(&id) {
             id = LeaseId(id.0.wrapping_add(1));
         }
+        let charge = terms.charge.clone();
         let record = LeaseRecord {
             id,
             secret: fresh.secret,
@@ -1246,7 +1615,7 @@ impl Ledger {
             Some(b) => (None, now.mono + b),
             None => (Some(conn), now.mono + terms.ttl),
         };
-        self.insert(record.clone(), conn, deadline);
+        self.insert(record.clone(), conn, deadline, charge);
         (record.clone(), Event::Granted(record))
     }
 
@@ -1563,11 +1932,11 @@ impl Ledger {
             wait_secs: 0,
             borrow_secs: 0,
         };
-        if self.decide(now, &record.holder, &request).is_err() {
+        let Ok(terms) = self.decide(now, &record.holder, &request) else {
             return false;
-        }
+        };
         let deadline = now.mono + Duration::from_secs(record.ttl_secs);
-        self.insert(record.clone(), Some(conn), deadline);
+        self.insert(record.clone(), Some(conn), deadline, terms.charge);
         self.regranted.push(record);
         true
     }
@@ -1740,7 +2109,7 @@ impl Ledger {
         let mut names: Vec<String> = self
             .leases
             .values()
-            .filter(|h| h.record.feature == feature)
+            .filter(|h| h.record.feature == feature || h.charge.pool == feature)
             .map(|h| h.record.holder.to_string())
             .collect();
         names.sort();
@@ -1755,12 +2124,35 @@ impl Ledger {
     /// asked for, the seats asked by versions at or above `t` fit in the seats whose
     /// ceiling is at or above `t`.
     fn fits(&self, feature: &str, pools: &Pools, version: Option<&str>, count: u32) -> bool {
-        let mut demands: Vec<(&str, u32)> = self
-            .leases
-            .values()
-            .filter(|h| h.record.feature == feature)
-            .filter_map(|h| h.record.version.as_deref().map(|v| (v, h.record.count)))
-            .collect();
+        // A group of sharers is one demand: its seats, at its highest version.
+        let mut grouped: HashMap<&str, &str> = HashMap::new();
+        let mut demands: Vec<(&str, u32)> = Vec::new();
+        for h in self.leases.values().filter(|h| h.charge.pool == feature) {
+            let Some(v) = h
+                .record
+                .version
+                .as_deref()
+                .filter(|_| h.record.feature == feature)
+            else {
+                continue;
+            };
+            match &h.charge.group {
+                None => demands.push((v, h.charge.seats)),
+                Some(g) => {
+                    let top = grouped.entry(g.key.as_str()).or_insert(v);
+                    if version::compare(v, top).is_gt() {
+                        *top = v;
+                    }
+                }
+            }
+        }
+        for (key, v) in grouped {
+            let seats = self
+                .groups
+                .get(&(feature.to_string(), key.to_string()))
+                .map_or(0, Group::seats);
+            demands.push((v, seats));
+        }
         if let Some(v) = version {
             demands.push((v, count));
         }
@@ -1774,14 +2166,24 @@ impl Ledger {
         })
     }
 
-    fn insert(&mut self, record: LeaseRecord, conn: Option<ConnId>, deadline: Instant) {
+    fn insert(
+        &mut self,
+        record: LeaseRecord,
+        conn: Option<ConnId>,
+        deadline: Instant,
+        charge: Charge,
+    ) {
         let id = record.id;
-        *self.in_use.entry(record.feature.clone()).or_default() += record.count;
+        if let Some(old) = self.leases.remove(&id) {
+            // Restoring a duplicate id would double-count; undo the old one's share.
+            self.uncount(&old);
+        }
+        self.add_charge(&charge);
         self.deadlines.insert((deadline, id));
         if let Some(conn) = conn {
             self.by_conn.entry(conn).or_default().insert(id);
         }
-        if let Some(old) = self.leases.insert(
+        self.leases.insert(
             id,
             Held {
                 record,
@@ -1789,17 +2191,13 @@ impl Ledger {
                 deadline,
                 lingering: false,
                 stored_until: false,
+                charge,
             },
-        ) {
-            // Restoring a duplicate id would double-count; undo the old one's share.
-            self.uncount(&old);
-        }
+        );
     }
 
     fn uncount(&mut self, held: &Held) {
-        if let Some(n) = self.in_use.get_mut(&held.record.feature) {
-            *n = n.saturating_sub(held.record.count);
-        }
+        self.remove_charge(&held.charge);
         self.deadlines.remove(&(held.deadline, held.record.id));
         if let Some(conn) = held.conn {
             if let Some(set) = self.by_conn.get_mut(&conn) {

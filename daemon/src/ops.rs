@@ -117,12 +117,8 @@ impl OpsHandle {
 /// it (a package's components included), so an admin can tell the vendor which
 /// contract a number comes from.
 fn add_bundles(doc: &mut serde_json::Value, bundles: &[VerifiedBundle]) {
-    let grants = |b: &VerifiedBundle, feature: &str| {
-        b.bundle
-            .features
-            .iter()
-            .any(|g| g.name == feature || g.components.iter().any(|c| c == feature))
-    };
+    let grants =
+        |b: &VerifiedBundle, feature: &str| b.bundle.features.iter().any(|g| g.serves(feature));
     if let Some(features) = doc["features"].as_array_mut() {
         for f in features {
             let name = f["name"].as_str().unwrap_or_default().to_string();

@@ -131,9 +131,7 @@ pub fn return_bundle(
         .bundle
         .features
         .iter()
-        .flat_map(|f| {
-            std::iter::once(f.name.as_str()).chain(f.components.iter().map(String::as_str))
-        })
+        .flat_map(|f| f.names())
         .collect();
     let outstanding: u32 = leases
         .iter()

@@ -455,9 +455,7 @@ pub fn policy_warnings(
         .served
         .iter()
         .flat_map(|(_, b)| b.bundle.features.iter())
-        .flat_map(|f| {
-            std::iter::once(f.name.as_str()).chain(f.components.iter().map(String::as_str))
-        })
+        .flat_map(|f| f.names())
         .collect();
     policy
         .named_features()

@@ -3,7 +3,9 @@
 use proptest::prelude::*;
 use std::time::{Duration, Instant};
 use tally_daemon::ledger::*;
-use tally_protocol::bundle::{Binding, Bundle, Customer, FeatureGrant, Seats};
+use tally_protocol::bundle::{
+    Binding, Bundle, Component, Customer, FeatureGrant, Seats, Share, TokenDraw,
+};
 use tally_protocol::keys::PublicKey;
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
 use tally_protocol::time::UnixTime;
@@ -609,7 +611,7 @@ fn an_upgrade_moves_seats_to_the_newer_version() {
 #[test]
 fn a_package_grants_its_components() {
     let mut suite = FeatureGrant::counted("design_suite", 3);
-    suite.components = vec!["modeler".into(), "drafter".into()];
+    suite.components = vec![Component::named("modeler"), Component::named("drafter")];
     let mut d = Driver::new(vec![suite]);
     for _ in 0..3 {
         d.checkout(1, "a", "modeler", 1).unwrap();
@@ -1015,6 +1017,372 @@ fn waiters_asking_again_after_a_restart_get_their_places_back_in_order() {
     let left = stopping.ledger.take_queue_changes();
     assert_eq!(left.len(), 2, "{joined:?} {left:?}");
     assert!(left.iter().all(|c| matches!(c, QueueChange::Left(_))));
+}
+
+// ---- Licensing models: shared seats, component counts, suites, tokens ----
+
+fn who_at(user: &str, host: &str) -> ClientIdentity {
+    ClientIdentity {
+        host: host.into(),
+        ..who(user)
+    }
+}
+
+fn checkout_as(
+    d: &mut Driver,
+    conn: u64,
+    holder: &ClientIdentity,
+    feature: &str,
+    count: u32,
+    version: Option<&str>,
+) -> Result<LeaseRecord, DenialReason> {
+    let fresh = d.fresh();
+    let request = CheckoutRequest {
+        feature: feature.into(),
+        count,
+        version: version.map(str::to_string),
+        build_date: None,
+        wait_secs: 0,
+        borrow_secs: 0,
+    };
+    let now = d.now();
+    d.ledger
+        .checkout(now, ConnId(conn), holder, &request, fresh)
+        .map(|(record, _)| record)
+}
+
+fn shared(name: &str, seats: u32, limit: u32) -> FeatureGrant {
+    FeatureGrant {
+        share: Some(Share {
+            user: true,
+            host: true,
+            display: false,
+            limit,
+        }),
+        ..FeatureGrant::counted(name, seats)
+    }
+}
+
+#[test]
+fn sharers_hold_one_seat_until_the_last_checks_in() {
+    let mut d = Driver::new(vec![shared("solver", 2, 0)]);
+    let ana = who_at("ana", "ws-1");
+    let runs: Vec<LeaseRecord> = (0..3)
+        .map(|_| checkout_as(&mut d, 1, &ana, "solver", 1, None).unwrap())
+        .collect();
+    assert_eq!(
+        d.ledger.in_use("solver"),
+        1,
+        "three runs of ana on ws-1: one seat"
+    );
+    // Another host is another holder; a third holder finds no seat.
+    checkout_as(&mut d, 2, &who_at("ana", "ws-2"), "solver", 1, None).unwrap();
+    assert_eq!(d.ledger.in_use("solver"), 2);
+    let refused = checkout_as(&mut d, 3, &who_at("bo", "ws-1"), "solver", 1, None).unwrap_err();
+    assert!(
+        matches!(refused, DenialReason::AllSeatsInUse { .. }),
+        "{refused:?}"
+    );
+    // Even with every seat in use, ana's next run on ws-1 shares the seat she holds.
+    let fourth = checkout_as(&mut d, 1, &ana, "solver", 1, None).unwrap();
+    assert_eq!(d.ledger.in_use("solver"), 2);
+    // Another count is not a sharer.
+    assert!(checkout_as(&mut d, 1, &ana, "solver", 2, None).is_err());
+    // The seat stays while any sharer holds it, whoever came first.
+    let now = d.now();
+    d.ledger
+        .checkin(now, &[r(&runs[0]), r(&runs[1]), r(&runs[2])]);
+    assert_eq!(d.ledger.in_use("solver"), 2);
+    d.ledger.checkin(now, &[r(&fourth)]);
+    assert_eq!(d.ledger.in_use("solver"), 1);
+    checkout_as(&mut d, 3, &who_at("bo", "ws-1"), "solver", 1, None).unwrap();
+}
+
+#[test]
+fn a_share_limit_opens_another_seat_every_n_sharers() {
+    let mut d = Driver::new(vec![shared("solver", 5, 2)]);
+    let ana = who_at("ana", "ws-1");
+    let mut held = Vec::new();
+    for (n, seats) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)] {
+        held.push(checkout_as(&mut d, 1, &ana, "solver", 1, None).unwrap());
+        assert_eq!(
+            d.ledger.in_use("solver"),
+            seats,
+            "{n} sharers, at most 2 per seat"
+        );
+    }
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&held[0]), r(&held[1])]);
+    assert_eq!(d.ledger.in_use("solver"), 2, "3 sharers left: 2 seats");
+}
+
+#[test]
+fn package_components_have_their_counts_and_versions() {
+    // The FlexLM example: FEATURE solver 15, FEATURE mesher 4 (3.1), and a PACKAGE of 3
+    // seats with COMPONENTS="solver:2024.06:2 mesher:3.1": solver 15 + 3 x 2 = 21 seats,
+    // mesher 4 + 3 = 7 seats at version 3.1.
+    let mut package = versioned("cae", 3, "1.0");
+    package.components = vec![
+        Component {
+            name: "solver".into(),
+            version: Some("2024.06".into()),
+            count: 2,
+        },
+        Component {
+            name: "mesher".into(),
+            version: Some("3.1".into()),
+            count: 1,
+        },
+    ];
+    let mut d = Driver::new(vec![
+        FeatureGrant::counted("solver", 15),
+        versioned("mesher", 4, "3.1"),
+        package,
+    ]);
+    for i in 0..21 {
+        checkout_as(
+            &mut d,
+            1,
+            &who(&format!("u{i}")),
+            "solver",
+            1,
+            Some("2024.06"),
+        )
+        .unwrap();
+    }
+    assert!(checkout_as(&mut d, 1, &who("late"), "solver", 1, Some("2024.06")).is_err());
+    for i in 0..7 {
+        checkout_as(&mut d, 2, &who(&format!("m{i}")), "mesher", 1, Some("3.1")).unwrap();
+    }
+    assert!(checkout_as(&mut d, 2, &who("late"), "mesher", 1, Some("3.1")).is_err());
+    let status = d.ledger.status(T0);
+    let total = |name: &str| status.iter().find(|f| f.name == name).unwrap().total;
+    assert_eq!((total("solver"), total("mesher")), (Some(21), Some(7)));
+}
+
+fn suite() -> FeatureGrant {
+    FeatureGrant {
+        suite: true,
+        components: vec![
+            Component {
+                name: "mesh".into(),
+                version: None,
+                count: 2,
+            },
+            Component::named("view"),
+        ],
+        ..FeatureGrant::counted("studio", 2)
+    }
+}
+
+#[test]
+fn a_suite_seat_serves_all_components_for_one_user() {
+    let mut d = Driver::new(vec![suite()]);
+    let ana = who_at("ana", "ws-1");
+    checkout_as(&mut d, 1, &ana, "mesh", 1, None).unwrap();
+    checkout_as(&mut d, 1, &ana, "view", 1, None).unwrap();
+    // Her second mesh is covered too (2 per suite seat), on another host as well.
+    let second = checkout_as(&mut d, 1, &who_at("ana", "ws-9"), "mesh", 1, None).unwrap();
+    assert_eq!(d.ledger.in_use("studio"), 1);
+    checkout_as(&mut d, 2, &who("bo"), "view", 1, None).unwrap();
+    assert_eq!(d.ledger.in_use("studio"), 2);
+    // The package's two seats are used: cy waits for one, named by the package.
+    match checkout_as(&mut d, 3, &who("cy"), "mesh", 1, None).unwrap_err() {
+        DenialReason::AllSeatsInUse { feature, total, .. } => {
+            assert_eq!((feature.as_str(), total), ("studio", 2))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A third mesh of ana needs a second suite seat: there is none.
+    assert!(checkout_as(&mut d, 1, &ana, "mesh", 1, None).is_err());
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&second)]);
+    assert_eq!(d.ledger.in_use("studio"), 2, "ana still runs mesh and view");
+}
+
+fn tokens(name: &str, per_seat: u32) -> FeatureGrant {
+    FeatureGrant {
+        tokens: Some(TokenDraw {
+            pool: "credits".into(),
+            per_seat,
+        }),
+        ..FeatureGrant::counted(name, 0)
+    }
+}
+
+#[test]
+fn products_spend_tokens_from_their_pool() {
+    let mut d = Driver::new(vec![
+        FeatureGrant::counted("credits", 10),
+        tokens("optimizer", 3),
+        tokens("viewer", 1),
+    ]);
+    let big = checkout_as(&mut d, 1, &who("ana"), "optimizer", 2, None).unwrap();
+    checkout_as(&mut d, 1, &who("bo"), "optimizer", 1, None).unwrap();
+    assert_eq!(d.ledger.in_use("credits"), 9);
+    match checkout_as(&mut d, 2, &who("cy"), "optimizer", 1, None).unwrap_err() {
+        DenialReason::AllSeatsInUse {
+            feature,
+            total,
+            in_use,
+            requested,
+            ..
+        } => assert_eq!(
+            (feature.as_str(), total, in_use, requested),
+            ("credits", 10, 9, 3)
+        ),
+        other => panic!("{other:?}"),
+    }
+    checkout_as(&mut d, 2, &who("cy"), "viewer", 1, None).unwrap();
+    assert_eq!(d.ledger.in_use("credits"), 10);
+    // More tokens than the pool has is never grantable: said at once.
+    assert!(matches!(
+        checkout_as(&mut d, 3, &who("dy"), "optimizer", 4, None).unwrap_err(),
+        DenialReason::MoreThanExist { requested: 12, .. }
+    ));
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&big)]);
+    assert_eq!(d.ledger.in_use("credits"), 4);
+}
+
+/// What each pool should hold for `held` leases, computed from the models' definitions
+/// alone (not the ledger's code): the oracle of the property test below.
+fn expected_in_use(held: &[LeaseRecord]) -> std::collections::BTreeMap<&'static str, u32> {
+    use std::collections::BTreeMap;
+    let mut out: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut solver_groups: BTreeMap<(String, String, u32), u32> = BTreeMap::new();
+    let mut suite_users: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+    for r in held {
+        match r.feature.as_str() {
+            "optimizer" => *out.entry("credits").or_default() += 3 * r.count,
+            "viewer" => *out.entry("credits").or_default() += r.count,
+            "post" => *out.entry("post").or_default() += r.count,
+            "solver" => {
+                *solver_groups
+                    .entry((r.holder.user.clone(), r.holder.host.clone(), r.count))
+                    .or_default() += 1
+            }
+            "mesh" | "view" | "studio" => {
+                *suite_users
+                    .entry(r.holder.user.clone())
+                    .or_default()
+                    .entry(r.feature.clone())
+                    .or_default() += r.count
+            }
+            other => panic!("{other}"),
+        }
+    }
+    // solver: shared by user and host, at most 2 per seat.
+    for ((_, _, count), n) in solver_groups {
+        *out.entry("solver").or_default() += count * n.div_ceil(2);
+    }
+    // studio: per user, enough suite seats for each component (mesh 2 per seat).
+    for (_, uses) in suite_users {
+        let need = uses
+            .iter()
+            .map(|(f, n)| if f == "mesh" { n.div_ceil(2) } else { *n })
+            .max()
+            .unwrap_or(0);
+        *out.entry("studio").or_default() += need;
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+enum ModelOp {
+    Checkout {
+        user: u8,
+        host: u8,
+        feature: u8,
+        count: u32,
+    },
+    Checkin {
+        which: usize,
+    },
+    Restart,
+}
+
+fn model_op() -> impl Strategy<Value = ModelOp> {
+    prop_oneof![
+        5 => (0u8..3, 0u8..2, 0u8..6, 1u32..3).prop_map(|(user, host, feature, count)| ModelOp::Checkout { user, host, feature, count }),
+        3 => (0usize..24).prop_map(|which| ModelOp::Checkin { which }),
+        1 => Just(ModelOp::Restart),
+    ]
+}
+
+fn model_features() -> Vec<FeatureGrant> {
+    let mut post = FeatureGrant::counted("cae", 2);
+    post.components = vec![Component {
+        name: "post".into(),
+        version: None,
+        count: 3,
+    }];
+    vec![
+        FeatureGrant::counted("credits", 10),
+        tokens("optimizer", 3),
+        tokens("viewer", 1),
+        shared("solver", 3, 2),
+        suite(),
+        post,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Random checkouts, checkins and restarts over every model at once: each pool's
+    /// seats in use equal what the models' definitions give for the leases held (so
+    /// sharers never take extra seats), never exceed the pool (tokens, suite seats,
+    /// component seats), and a sharer with room in its group is never refused.
+    #[test]
+    fn the_models_never_over_grant_and_sharers_take_no_extra_seats(ops in proptest::collection::vec(model_op(), 1..60)) {
+        const FEATURES: [&str; 6] = ["optimizer", "viewer", "solver", "mesh", "view", "post"];
+        let capacity = [("credits", 10), ("solver", 3), ("studio", 2), ("post", 6)];
+        let mut d = Driver::new(model_features());
+        let mut held: Vec<LeaseRecord> = Vec::new();
+        for op in ops {
+            match op {
+                ModelOp::Checkout { user, host, feature, count } => {
+                    let holder = who_at(&format!("u{user}"), &format!("h{host}"));
+                    let feature = FEATURES[feature as usize];
+                    let before = expected_in_use(&held);
+                    let sharer_with_room = feature == "solver"
+                        && held.iter().filter(|r| r.feature == "solver" && r.holder.user == holder.user && r.holder.host == holder.host && r.count == count).count() % 2 == 1;
+                    match checkout_as(&mut d, 1, &holder, feature, count, None) {
+                        Ok(record) => held.push(record),
+                        Err(e) => prop_assert!(!sharer_with_room, "a sharer with room was refused: {e:?} ({before:?})"),
+                    }
+                }
+                ModelOp::Checkin { which } => {
+                    if which < held.len() {
+                        let rec = held.remove(which);
+                        let now = d.now();
+                        let (ok, _) = d.ledger.checkin(now, &[r(&rec)]);
+                        prop_assert_eq!(ok, vec![true]);
+                    }
+                }
+                ModelOp::Restart => {
+                    let elapsed = d.elapsed;
+                    let next = d.next;
+                    d = Driver::new(model_features());
+                    d.elapsed = elapsed;
+                    d.next = next;
+                    let now = d.now();
+                    d.ledger.restore(now, held.clone());
+                    // Restored leases re-attach by heartbeat (they have no connection).
+                    let refs: Vec<LeaseRef> = held.iter().map(r).collect();
+                    let now = d.now();
+                    d.ledger.heartbeat(now, ConnId(1), &refs);
+                }
+            }
+            let expected = expected_in_use(&held);
+            for (pool, seats) in capacity {
+                let want = expected.get(pool).copied().unwrap_or(0);
+                prop_assert_eq!(d.ledger.in_use(pool), want, "pool {}", pool);
+                prop_assert!(want <= seats, "pool {} over-granted: {} of {}", pool, want, seats);
+            }
+        }
+    }
 }
 
 // Rules from FlexLM options files (INCLUDE_BORROW, EXCLUDE_BORROW, BORROW_LOWWATER,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use tally_fuzz::{decode, raw, server_key};
 use tally_protocol::activation::{self, ActivationRequest, ReturnProof};
 use tally_protocol::armor::dearmor_limited;
-use tally_protocol::bundle::{self, Binding, Bundle, Customer, FeatureGrant, Seats};
+use tally_protocol::bundle::{self, Binding, Bundle, Component, Customer, FeatureGrant, Seats};
 use tally_protocol::frame;
 use tally_protocol::keys::{demo, fingerprint_of};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret, StoredClock, StoredLease};
@@ -111,7 +111,7 @@ fn imported_bundle(request: &ActivationRequest) -> Bundle {
     b.features[0].linger_secs = 300;
     b.features.push(FeatureGrant {
         seats: Seats::Uncounted,
-        components: vec!["modeler".into(), "drafter".into()],
+        components: vec![Component::named("modeler"), Component::named("drafter")],
         attributes: BTreeMap::from([("edition".into(), "pro".into())]),
         ..FeatureGrant::counted("suite", 0)
     });

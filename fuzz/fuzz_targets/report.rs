@@ -14,7 +14,7 @@
 use libfuzzer_sys::fuzz_target;
 use tally_fuzz::{classify, encode, server_key, Input};
 use tally_protocol::armor::armor;
-use tally_protocol::bundle::{Binding, Bundle, Customer, FeatureGrant, Seats};
+use tally_protocol::bundle::{Binding, Bundle, Component, Customer, FeatureGrant, Seats};
 use tally_protocol::report::{self, Report, REPORT_LABEL};
 use tally_protocol::signed::{Domain, Signed};
 use tally_protocol::time::{UnixTime, DAY};
@@ -23,7 +23,7 @@ use tally_publisher::reconcile::{self, ReportFile};
 /// The bundle the reports are reconciled against: bound to the fuzz server key.
 fn bundle() -> Bundle {
     let mut suite = FeatureGrant::counted("suite", 2);
-    suite.components = vec!["solver".into(), "viewer".into()];
+    suite.components = vec![Component::named("solver"), Component::named("viewer")];
     let mut upgrade = FeatureGrant::counted("solver", 1);
     upgrade.upgrade_from = Some("1".into());
     upgrade.version_ceiling = Some("2".into());

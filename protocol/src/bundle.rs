@@ -22,7 +22,10 @@ pub const MAX_BUNDLE_BODY: usize = 1024 * 1024;
 /// [`sign`] writes the oldest version that can say the bundle, so it keeps loading in
 /// an older tally: version 1 whenever no feature carries [`LostSeatTerms`] and at most
 /// one server is bound; version 2 when the vendor set terms that version 1 cannot
-/// carry; version 3 only for a bundle that binds a cluster of servers.
+/// carry; version 3 only for a bundle that binds a cluster of servers; version 4 only
+/// when a feature uses a licensing model older versions cannot say (shared seats, a
+/// suite, components with their own versions or counts, tokens). An older tally refuses
+/// a version it does not read by name rather than serving such a feature as plain seats.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum BundleBody {
@@ -32,11 +35,152 @@ pub enum BundleBody {
     V2(BundleV2),
     /// Format version 3: the bundle may bind a cluster of servers (several
     /// [`Binding`]s).
-    V3(Bundle),
+    V3(BundleV3),
+    /// Format version 4: features may share seats, form suites, give components their
+    /// own versions and counts, or draw tokens from a pool.
+    V4(Bundle),
 }
 
 /// The newest format version [`verify`] reads.
-pub const NEWEST_BUNDLE_VERSION: u32 = 3;
+pub const NEWEST_BUNDLE_VERSION: u32 = 4;
+
+/// The body of a version-3 bundle, field for field as version 3 encoded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleV3 {
+    /// See [`Bundle::id`].
+    pub id: String,
+    /// See [`Bundle::issued_at`].
+    pub issued_at: UnixTime,
+    /// See [`Bundle::vendor`].
+    pub vendor: String,
+    /// See [`Bundle::customer`].
+    pub customer: Customer,
+    /// See [`Bundle::binding`].
+    pub binding: Vec<Binding>,
+    /// See [`Bundle::supersedes`].
+    pub supersedes: Vec<String>,
+    /// See [`Bundle::valid_from`].
+    pub valid_from: Option<UnixTime>,
+    /// See [`Bundle::valid_until`].
+    pub valid_until: Option<UnixTime>,
+    /// See [`Bundle::features`].
+    pub features: Vec<FeatureGrantV3>,
+}
+
+impl From<BundleV3> for Bundle {
+    fn from(b: BundleV3) -> Bundle {
+        Bundle {
+            id: b.id,
+            issued_at: b.issued_at,
+            vendor: b.vendor,
+            customer: b.customer,
+            binding: b.binding,
+            supersedes: b.supersedes,
+            valid_from: b.valid_from,
+            valid_until: b.valid_until,
+            features: b.features.into_iter().map(FeatureGrant::from).collect(),
+        }
+    }
+}
+
+/// One feature of a version-2 or version-3 bundle, field for field as they encoded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureGrantV3 {
+    /// See [`FeatureGrant::name`].
+    pub name: String,
+    /// See [`FeatureGrant::seats`].
+    pub seats: Seats,
+    /// See [`FeatureGrant::version_ceiling`].
+    pub version_ceiling: Option<String>,
+    /// See [`FeatureGrant::upgrade_from`].
+    pub upgrade_from: Option<String>,
+    /// See [`FeatureGrant::maintenance_until`].
+    pub maintenance_until: Option<UnixTime>,
+    /// See [`FeatureGrant::starts`].
+    pub starts: Option<UnixTime>,
+    /// See [`FeatureGrant::expires`].
+    pub expires: Option<UnixTime>,
+    /// See [`FeatureGrant::evaluation`].
+    pub evaluation: bool,
+    /// See [`FeatureGrant::overdraft`].
+    pub overdraft: u32,
+    /// See [`FeatureGrant::borrow_limit_secs`].
+    pub borrow_limit_secs: u64,
+    /// See [`FeatureGrant::linger_secs`].
+    pub linger_secs: u64,
+    /// See [`FeatureGrant::heartbeat_ttl_secs`].
+    pub heartbeat_ttl_secs: Option<u64>,
+    /// Component names (each with the package's terms).
+    pub components: Vec<String>,
+    /// See [`FeatureGrant::attributes`].
+    pub attributes: BTreeMap<String, String>,
+    /// See [`FeatureGrant::lost_seat`].
+    pub lost_seat: Option<LostSeatTerms>,
+}
+
+impl From<FeatureGrantV3> for FeatureGrant {
+    fn from(f: FeatureGrantV3) -> FeatureGrant {
+        FeatureGrant {
+            name: f.name,
+            seats: f.seats,
+            version_ceiling: f.version_ceiling,
+            upgrade_from: f.upgrade_from,
+            maintenance_until: f.maintenance_until,
+            starts: f.starts,
+            expires: f.expires,
+            evaluation: f.evaluation,
+            overdraft: f.overdraft,
+            borrow_limit_secs: f.borrow_limit_secs,
+            linger_secs: f.linger_secs,
+            heartbeat_ttl_secs: f.heartbeat_ttl_secs,
+            components: f.components.into_iter().map(Component::named).collect(),
+            attributes: f.attributes,
+            lost_seat: f.lost_seat,
+            suite: false,
+            share: None,
+            tokens: None,
+            named: None,
+            deny_remote_sessions: false,
+            deny_virtual_machines: false,
+        }
+    }
+}
+
+impl FeatureGrant {
+    /// The grant in the version-3 layout, if it uses nothing newer.
+    fn to_v3(&self) -> Option<FeatureGrantV3> {
+        if self.suite
+            || self.share.is_some()
+            || self.tokens.is_some()
+            || self.named.is_some()
+            || self.deny_remote_sessions
+            || self.deny_virtual_machines
+            || self
+                .components
+                .iter()
+                .any(|c| c.version.is_some() || c.count != 1)
+        {
+            return None;
+        }
+        Some(FeatureGrantV3 {
+            name: self.name.clone(),
+            seats: self.seats,
+            version_ceiling: self.version_ceiling.clone(),
+            upgrade_from: self.upgrade_from.clone(),
+            maintenance_until: self.maintenance_until,
+            starts: self.starts,
+            expires: self.expires,
+            evaluation: self.evaluation,
+            overdraft: self.overdraft,
+            borrow_limit_secs: self.borrow_limit_secs,
+            linger_secs: self.linger_secs,
+            heartbeat_ttl_secs: self.heartbeat_ttl_secs,
+            components: self.components.iter().map(|c| c.name.clone()).collect(),
+            attributes: self.attributes.clone(),
+            lost_seat: self.lost_seat,
+        })
+    }
+}
 
 /// Most servers one bundle may bind (one cluster).
 ///
@@ -70,7 +214,7 @@ pub struct BundleV2 {
     /// See [`Bundle::valid_until`].
     pub valid_until: Option<UnixTime>,
     /// See [`Bundle::features`].
-    pub features: Vec<FeatureGrant>,
+    pub features: Vec<FeatureGrantV3>,
 }
 
 impl From<BundleV2> for Bundle {
@@ -84,7 +228,7 @@ impl From<BundleV2> for Bundle {
             supersedes: b.supersedes,
             valid_from: b.valid_from,
             valid_until: b.valid_until,
-            features: b.features,
+            features: b.features.into_iter().map(FeatureGrant::from).collect(),
         }
     }
 }
@@ -176,10 +320,16 @@ impl From<FeatureGrantV1> for FeatureGrant {
             borrow_limit_secs: f.borrow_limit_secs,
             linger_secs: f.linger_secs,
             heartbeat_ttl_secs: f.heartbeat_ttl_secs,
-            components: f.components,
+            components: f.components.into_iter().map(Component::named).collect(),
             attributes: f.attributes,
             // Version 1 had no way to say it: the default applies.
             lost_seat: None,
+            suite: false,
+            share: None,
+            tokens: None,
+            named: None,
+            deny_remote_sessions: false,
+            deny_virtual_machines: false,
         }
     }
 }
@@ -195,18 +345,39 @@ impl Bundle {
         }
     }
 
-    /// The bundle in the version-2 layout, if it fits (at most one server bound).
-    fn to_v2(&self) -> Option<BundleV2> {
-        Some(BundleV2 {
+    /// The bundle in the version-3 layout, if it fits (no feature uses a newer model).
+    fn to_v3(&self) -> Option<BundleV3> {
+        Some(BundleV3 {
             id: self.id.clone(),
             issued_at: self.issued_at,
             vendor: self.vendor.clone(),
             customer: self.customer.clone(),
-            binding: self.single_binding()?,
+            binding: self.binding.clone(),
             supersedes: self.supersedes.clone(),
             valid_from: self.valid_from,
             valid_until: self.valid_until,
-            features: self.features.clone(),
+            features: self
+                .features
+                .iter()
+                .map(FeatureGrant::to_v3)
+                .collect::<Option<_>>()?,
+        })
+    }
+
+    /// The bundle in the version-2 layout, if it fits (at most one server bound, no
+    /// newer model).
+    fn to_v2(&self) -> Option<BundleV2> {
+        let v3 = self.to_v3()?;
+        Some(BundleV2 {
+            id: v3.id,
+            issued_at: v3.issued_at,
+            vendor: v3.vendor,
+            customer: v3.customer,
+            binding: self.single_binding()?,
+            supersedes: v3.supersedes,
+            valid_from: v3.valid_from,
+            valid_until: v3.valid_until,
+            features: v3.features,
         })
     }
 
@@ -216,6 +387,7 @@ impl Bundle {
         let binding = self.single_binding()?;
         let mut features = Vec::with_capacity(self.features.len());
         for f in &self.features {
+            let f = f.to_v3()?;
             if f.lost_seat.is_some() {
                 return None;
             }
@@ -343,7 +515,7 @@ impl LostSeatTerms {
         bundles
             .into_iter()
             .flat_map(|b| b.features.iter())
-            .filter(|f| f.name == feature || f.components.iter().any(|c| c == feature))
+            .filter(|f| f.serves(feature))
             .filter_map(|f| f.lost_seat)
             .reduce(|a, b| LostSeatTerms {
                 grace_secs: a.grace_secs.max(b.grace_secs),
@@ -438,13 +610,125 @@ pub struct FeatureGrant {
     pub linger_secs: u64,
     /// Heartbeat time-to-live in seconds; `None` takes the server's default.
     pub heartbeat_ttl_secs: Option<u64>,
-    /// For a package: the features it grants.
-    pub components: Vec<String>,
+    /// For a package: the features it grants (FlexLM's `COMPONENTS`).
+    pub components: Vec<Component>,
     /// Free-form vendor attributes passed through to the application.
     pub attributes: BTreeMap<String, String>,
     /// What a program must do after running without its seat for a while; `None`:
-    /// [`LostSeatTerms::DEFAULT`]. Only format version 2 carries it.
+    /// [`LostSeatTerms::DEFAULT`]. Format versions 2 and later carry it.
     pub lost_seat: Option<LostSeatTerms>,
+    /// For a package: a suite (FlexLM's `OPTIONS=SUITE`). One seat of the package
+    /// serves all its components for one user at a time: the user's first component
+    /// takes a package seat, the others join it. Without it each component has seats of
+    /// its own (the package's seats times the component's count). Version 4.
+    pub suite: bool,
+    /// Checkouts that share seats instead of taking new ones (FlexLM's `DUP_GROUP`,
+    /// RLM's `share=`). Version 4.
+    pub share: Option<Share>,
+    /// A product that has no seats of its own but spends tokens from a pool feature
+    /// (RLM token-based licences, LM-X tokens); `seats` is then not used. Version 4.
+    pub tokens: Option<TokenDraw>,
+    /// Licensed to at most so many named users or hosts, whom the site's policy lists
+    /// (FlexLM's `USER_BASED`/`HOST_BASED`, RLM's named-user licences). Version 4.
+    pub named: Option<Named>,
+    /// Checkouts from remote sessions (a terminal server, an SSH or RDP login) are
+    /// refused (FlexLM without `TS_OK`). Version 4.
+    pub deny_remote_sessions: bool,
+    /// Checkouts from virtual machines are refused (RLM's VM refusal). Version 4.
+    pub deny_virtual_machines: bool,
+}
+
+/// Who may use a named-user or named-host feature: the site lists the names, the vendor
+/// bounds how many and how often the list may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Named {
+    /// Hosts are named (else users).
+    pub hosts: bool,
+    /// Most names at once.
+    pub limit: u32,
+    /// Days a name must stay on the list before it may be replaced; 0 any time.
+    pub change_days: u32,
+}
+
+/// One component of a package: a feature name, with its own version ceiling and count
+/// if the vendor gave them (`solver:2024.06:2`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Component {
+    /// The component's feature name.
+    pub name: String,
+    /// Its version ceiling; `None` takes the package's.
+    pub version: Option<String>,
+    /// Seats of the component per package seat (at least 1). In a suite: how many
+    /// checkouts of the component one user's suite seat covers.
+    pub count: u32,
+}
+
+impl Component {
+    /// A component with the package's version and a count of 1.
+    pub fn named(name: impl Into<String>) -> Component {
+        Component {
+            name: name.into(),
+            version: None,
+            count: 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)?;
+        match (&self.version, self.count) {
+            (None, 1) => Ok(()),
+            (v, 1) => write!(f, ":{}", v.as_deref().unwrap_or("")),
+            (v, n) => write!(f, ":{}:{n}", v.as_deref().unwrap_or("")),
+        }
+    }
+}
+
+/// Which checkouts share seats: those whose holders agree on every field set here and
+/// ask for the same count. A group of sharers holds the seats of one checkout (times
+/// the number of groups `limit` makes); its seats go back when its last member checks in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// Same login name.
+    pub user: bool,
+    /// Same host.
+    pub host: bool,
+    /// Same X display or terminal.
+    pub display: bool,
+    /// Most checkouts on one shared seat (RLM's `share=uh:4`); 0 is no limit.
+    pub limit: u32,
+}
+
+impl Share {
+    /// The spec form: `user+host`, and `:N` for a limit (as `describe` shows it).
+    pub fn as_spec(&self) -> String {
+        let mut by = Vec::new();
+        if self.user {
+            by.push("user");
+        }
+        if self.host {
+            by.push("host");
+        }
+        if self.display {
+            by.push("display");
+        }
+        let by = by.join("+");
+        match self.limit {
+            0 => by,
+            n => format!("{by}, at most {n} per seat"),
+        }
+    }
+}
+
+/// Tokens a product spends from a pool: each seat of the product checked out takes
+/// `per_seat` seats (tokens) of the feature named `pool`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenDraw {
+    /// The pool feature (its seats are the tokens).
+    pub pool: String,
+    /// Tokens per seat of the product, at least 1.
+    pub per_seat: u32,
 }
 
 impl FeatureGrant {
@@ -466,7 +750,24 @@ impl FeatureGrant {
             components: Vec::new(),
             attributes: BTreeMap::new(),
             lost_seat: None,
+            suite: false,
+            share: None,
+            tokens: None,
+            named: None,
+            deny_remote_sessions: false,
+            deny_virtual_machines: false,
         }
+    }
+
+    /// Whether checking out `feature` is served by this grant: its own name or one of
+    /// its components.
+    pub fn serves(&self, feature: &str) -> bool {
+        self.name == feature || self.components.iter().any(|c| c.name == feature)
+    }
+
+    /// The names this grant serves: its own, then its components'.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.components.iter().map(|c| c.name.as_str()))
     }
 }
 
@@ -475,9 +776,10 @@ impl FeatureGrant {
     /// Shared by `tallyd check-config` and `tally-publisher`, so customer IT and the
     /// vendor read a bundle the same way.
     pub fn describe(&self) -> String {
-        let mut parts = vec![match self.seats {
-            Seats::Counted(n) => format!("{n} seats"),
-            Seats::Uncounted => "uncounted".into(),
+        let mut parts = vec![match (&self.tokens, self.seats) {
+            (Some(t), _) => format!("{} tokens of {} per seat", t.per_seat, t.pool),
+            (None, Seats::Counted(n)) => format!("{n} seats"),
+            (None, Seats::Uncounted) => "uncounted".into(),
         }];
         if let Some(v) = &self.version_ceiling {
             parts.push(format!("versions up to {v}"));
@@ -502,7 +804,28 @@ impl FeatureGrant {
             parts.push(format!("overdraft {}", self.overdraft));
         }
         if !self.components.is_empty() {
-            parts.push(format!("package of {}", self.components.join(", ")));
+            let list: Vec<String> = self.components.iter().map(|c| c.to_string()).collect();
+            parts.push(format!(
+                "{} of {}",
+                if self.suite { "suite" } else { "package" },
+                list.join(", ")
+            ));
+        }
+        if let Some(s) = &self.share {
+            parts.push(format!("shared by {}", s.as_spec()));
+        }
+        if let Some(n) = &self.named {
+            parts.push(format!(
+                "{} named {}",
+                n.limit,
+                if n.hosts { "hosts" } else { "users" }
+            ));
+        }
+        if self.deny_remote_sessions {
+            parts.push("no remote sessions".into());
+        }
+        if self.deny_virtual_machines {
+            parts.push("no virtual machines".into());
         }
         if let Some(t) = self.lost_seat {
             parts.push(format!(
@@ -548,7 +871,7 @@ pub enum BundleError {
         ours: String,
     },
     /// The bundle is of a format version this build does not read.
-    #[error("bundle format version {0} is newer than this tally understands (it reads versions 1 to 3); upgrade tally")]
+    #[error("bundle format version {0} is newer than this tally understands (it reads versions 1 to 4); upgrade tally")]
     UnknownVersion(u32),
     /// A bundle without a binding outside demo mode.
     #[error("not bound to any server (only demo bundles may be unbound)")]
@@ -575,7 +898,8 @@ pub struct VerifiedBundle {
 ///
 /// The body is the oldest format version that can say the bundle, so that an older
 /// tally still loads it: version 1 when it fits, version 2 when a feature carries
-/// lost-seat terms, version 3 only when the bundle binds more than one server. The
+/// lost-seat terms, version 3 only when the bundle binds more than one server, version
+/// 4 only when a feature uses a licensing model of version 4 (see [`BundleBody`]). The
 /// caller checks [`Bundle::check_cluster`] first; [`verify`] refuses a bundle that
 /// fails it.
 pub fn sign(bundle: &Bundle, vendor: &SecretKey) -> Signed {
@@ -583,8 +907,10 @@ pub fn sign(bundle: &Bundle, vendor: &SecretKey) -> Signed {
         crate::encode(&BundleBody::V1(v1))
     } else if let Some(v2) = bundle.to_v2() {
         crate::encode(&BundleBody::V2(v2))
+    } else if let Some(v3) = bundle.to_v3() {
+        crate::encode(&BundleBody::V3(v3))
     } else {
-        crate::encode(&BundleBody::V3(bundle.clone()))
+        crate::encode(&BundleBody::V4(bundle.clone()))
     };
     Signed::sign(Domain::Bundle, body, vendor)
 }
@@ -625,7 +951,8 @@ pub fn verify(signed: &Signed, trusted: &[PublicKey]) -> Result<VerifiedBundle, 
     {
         BundleBody::V1(v1) => Bundle::from(v1),
         BundleBody::V2(v2) => Bundle::from(v2),
-        BundleBody::V3(bundle) => bundle,
+        BundleBody::V3(v3) => Bundle::from(v3),
+        BundleBody::V4(bundle) => bundle,
     };
     bundle.check_cluster()?;
     Ok(VerifiedBundle {
@@ -751,11 +1078,51 @@ mod tests {
             &vendor,
         );
         assert_eq!(verify(&v2_plain, &[vendor.public()]).unwrap().bundle, plain);
-        // Version 4 is refused by name.
-        let v4 = Signed::sign(Domain::Bundle, vec![3, 0, 0, 0], &vendor);
-        let refusal = verify(&v4, &[vendor.public()]).unwrap_err();
-        assert_eq!(refusal, BundleError::UnknownVersion(4));
-        assert!(refusal.to_string().contains("format version 4"));
+        // Version 5 is refused by name.
+        let v5 = Signed::sign(Domain::Bundle, vec![4, 0, 0, 0], &vendor);
+        let refusal = verify(&v5, &[vendor.public()]).unwrap_err();
+        assert_eq!(refusal, BundleError::UnknownVersion(5));
+        assert!(refusal.to_string().contains("format version 5"));
+    }
+
+    #[test]
+    fn the_licensing_models_need_version_4_and_plain_bundles_stay_older() {
+        let vendor = SecretKey::from_seed([3; 32]);
+        let server = SecretKey::from_seed([4; 32]).public();
+        let plain = sample(server);
+        let mut package = FeatureGrant::counted("cae", 3);
+        package.components = vec![Component::named("solver"), Component::named("mesher")];
+        let mut b = plain.clone();
+        b.features.push(package.clone());
+        // Plain components are what versions 1 to 3 said.
+        assert_eq!(sign(&b, &vendor).body[0], 0);
+        let models: [fn(&mut FeatureGrant); 4] = [
+            |f| f.components[0].count = 2,
+            |f| f.suite = true,
+            |f| {
+                f.share = Some(Share {
+                    user: true,
+                    host: true,
+                    display: false,
+                    limit: 4,
+                })
+            },
+            |f| {
+                f.tokens = Some(TokenDraw {
+                    pool: "solver".into(),
+                    per_seat: 5,
+                })
+            },
+        ];
+        for model in models {
+            let mut f = package.clone();
+            model(&mut f);
+            let mut b = plain.clone();
+            b.features.push(f);
+            let signed = sign(&b, &vendor);
+            assert_eq!(signed.body[0], 3, "version 4 is tag 3");
+            assert_eq!(verify(&signed, &[vendor.public()]).unwrap().bundle, b);
+        }
     }
 
     #[test]
@@ -768,7 +1135,7 @@ mod tests {
         });
         let mut b = sample(server);
         b.features = vec![FeatureGrant {
-            components: vec!["solver".into()],
+            components: vec![Component::named("solver")],
             lost_seat: Some(LostSeatTerms {
                 grace_secs: 10,
                 action: OnLostSeat::Stop,
@@ -813,7 +1180,7 @@ mod tests {
         supersedes: Vec<String>,
         valid_from: Option<UnixTime>,
         valid_until: Option<UnixTime>,
-        features: Vec<FeatureGrant>,
+        features: Vec<FeatureGrantV3>,
     }
 
     #[derive(Serialize)]
@@ -851,7 +1218,7 @@ mod tests {
             supersedes: vec![],
             valid_from: None,
             valid_until: None,
-            features: b.features.clone(),
+            features: b.features.iter().map(|f| f.to_v3().unwrap()).collect(),
         });
         let body = crate::encode(&old);
         let signed = Signed::sign(Domain::Bundle, body.clone(), &vendor);

@@ -218,12 +218,29 @@ impl ServedBundle {
         };
         let mut terms = Vec::new();
         for f in &bundle.features {
-            for name in f.components.iter().chain(std::iter::once(&f.name)) {
+            // As the ledger counts them: a package's components (not a suite's, which
+            // use the package's seats) have the package's seats times their count, up
+            // to their own version.
+            let own = std::iter::once((f.name.as_str(), f.seats, f.overdraft, &f.version_ceiling));
+            let components = f.components.iter().filter(|_| !f.suite).map(|c| {
+                let times = |n: u32| n.saturating_mul(c.count);
+                let seats = match f.seats {
+                    crate::bundle::Seats::Counted(n) => crate::bundle::Seats::Counted(times(n)),
+                    uncounted => uncounted,
+                };
+                let ceiling = if c.version.is_some() {
+                    &c.version
+                } else {
+                    &f.version_ceiling
+                };
+                (c.name.as_str(), seats, times(f.overdraft), ceiling)
+            });
+            for (name, seats, overdraft, ceiling) in components.chain(own) {
                 terms.push(LicensedTerm {
-                    feature: name.clone(),
-                    seats: f.seats,
-                    overdraft: f.overdraft,
-                    version_ceiling: f.version_ceiling.clone(),
+                    feature: name.to_string(),
+                    seats,
+                    overdraft,
+                    version_ceiling: ceiling.clone(),
                     upgrade_from: f.upgrade_from.clone(),
                     starts: later(f.starts, bundle.valid_from),
                     expires: earlier(f.expires, bundle.valid_until),

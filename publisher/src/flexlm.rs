@@ -11,6 +11,12 @@
 //! drops the lines of the same (or the listed) features issued before this line's
 //! `ISSUED=` date (else its `START=` date), as FlexLM's license server does; bare
 //! keywords (`TS_OK`, `FLOAT_OK`, `USER_BASED`, ...) are keywords, not license keys.
+//! `DUP_GROUP=U/H/D` and their combinations are `share` (`V` and `SITE` are listed,
+//! `NONE` shares nothing); a PACKAGE's `COMPONENTS` keep each component's version and
+//! count (`solver:2024.06:2`) and `OPTIONS=SUITE` is `suite = true`.
+//!
+//! The reading of lines (continuations, quoting), dates, the review comments and the
+//! SUPERSEDE rule are shared with the RLM importer (`rlm.rs`).
 //! Lines already expired are flagged, and a file with three SERVER lines is named as a
 //! three-server redundant site, with what tally offers instead.
 
@@ -41,6 +47,9 @@ pub struct Import {
     /// Things that were not mapped (every dropped keyword among them), one line each
     /// (also in the spec as comments).
     pub unmapped: Vec<String>,
+    /// Keywords mapped to a tally key whose meaning differs in part, one line each saying
+    /// what differs (also in the spec, above the feature).
+    pub approximated: Vec<String>,
     /// Lines left out because a later line's `SUPERSEDE` replaces them, one line each
     /// naming both lines.
     pub superseded: Vec<String>,
@@ -51,35 +60,48 @@ pub struct Import {
     pub site: Vec<String>,
 }
 
-/// One feature entry of the spec being built.
+/// One feature entry of the spec being built (shared with the RLM importer).
 #[derive(Debug, Default)]
-struct Entry {
-    origin: String,
+pub(crate) struct Entry {
+    pub(crate) origin: String,
     /// The line it comes from.
-    line: usize,
-    name: String,
-    seats: Option<u32>,
-    version_ceiling: Option<String>,
-    upgrade_from: Option<String>,
-    starts: Option<String>,
-    expires: Option<String>,
-    overdraft: u32,
-    borrow_limit_hours: u64,
-    linger_secs: u64,
+    pub(crate) line: usize,
+    pub(crate) name: String,
+    /// `None` is uncounted (or, with `token`, no `seats` key at all).
+    pub(crate) seats: Option<u32>,
+    pub(crate) version_ceiling: Option<String>,
+    pub(crate) upgrade_from: Option<String>,
+    pub(crate) starts: Option<String>,
+    pub(crate) expires: Option<String>,
+    pub(crate) overdraft: u32,
+    pub(crate) borrow_limit_hours: u64,
+    pub(crate) linger_secs: u64,
+    /// `share`: the holder fields (`user`, `host`, `display`, joined by `+`) on which
+    /// checkouts share a seat.
+    pub(crate) share: Option<String>,
+    /// `share_limit`: most processes on one shared seat.
+    pub(crate) share_limit: Option<u32>,
+    /// `suite = true`: one seat of the package serves all its components for one user.
+    pub(crate) suite: bool,
+    /// `token_pool` and `tokens`: the seats of this product are tokens of that pool.
+    pub(crate) token: Option<(String, u32)>,
     /// `ISSUED=` as `YYYY-MM-DD`, when it reads as a date.
-    issued: Option<String>,
+    pub(crate) issued: Option<String>,
     /// `SUPERSEDE` on this line: `Some(empty)` for the line's own feature, else the
     /// features named in `SUPERSEDE="f1 f2"`.
-    supersede: Option<Vec<String>>,
-    components: Vec<String>,
-    attributes: BTreeMap<String, String>,
+    pub(crate) supersede: Option<Vec<String>>,
+    /// `name[:version[:count]]`, as FlexLM's COMPONENTS writes them.
+    pub(crate) components: Vec<String>,
+    pub(crate) attributes: BTreeMap<String, String>,
     /// Set when the line is already expired: the review note.
-    expired: Option<String>,
+    pub(crate) expired: Option<String>,
+    /// Review comments written above the entry's keys (a mapping that differs in part).
+    pub(crate) notes: Vec<String>,
 }
 
 impl Entry {
     /// The date FlexLM orders lines by for `SUPERSEDE`: `ISSUED=`, else `START=`.
-    fn issue_date(&self) -> Option<&str> {
+    pub(crate) fn issue_date(&self) -> Option<&str> {
         self.issued.as_deref().or(self.starts.as_deref())
     }
 }
@@ -99,12 +121,13 @@ const BARE_KEYWORDS: [&str; 9] = [
 ];
 
 /// A logical line: continuations joined, with the line number it starts on.
-struct Logical {
-    line: usize,
-    text: String,
+pub(crate) struct Logical {
+    pub(crate) line: usize,
+    pub(crate) text: String,
 }
 
-fn logical_lines(text: &str) -> Vec<Logical> {
+/// Joins backslash continuations; `#` lines outside a continuation are comments.
+pub(crate) fn logical_lines(text: &str) -> Vec<Logical> {
     let mut out = Vec::new();
     let mut current: Option<Logical> = None;
     for (i, raw) in text.lines().enumerate() {
@@ -135,12 +158,14 @@ fn logical_lines(text: &str) -> Vec<Logical> {
 
 /// A token: a bare word, or `KEY=VALUE` with the value unquoted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Token {
+pub(crate) enum Token {
     Word(String),
     Pair(String, String),
 }
 
-fn tokenize(text: &str, line: usize) -> Result<Vec<Token>, ImportError> {
+/// Splits a logical line into words and `KEY=VALUE` pairs; a quoted value keeps its
+/// spaces.
+pub(crate) fn tokenize(text: &str, line: usize) -> Result<Vec<Token>, ImportError> {
     let mut tokens = Vec::new();
     let mut chars = text.chars().peekable();
     loop {
@@ -251,7 +276,7 @@ pub fn parse_date(text: &str) -> Result<Option<String>, DateError> {
         .ok_or_else(|| DateError::NotInCalendar(text.to_string()))
 }
 
-fn seats(text: &str, line: usize) -> Result<Option<u32>, ImportError> {
+pub(crate) fn seats(text: &str, line: usize) -> Result<Option<u32>, ImportError> {
     if text.eq_ignore_ascii_case("uncounted") || text == "0" {
         return Ok(None);
     }
@@ -288,7 +313,7 @@ pub fn import_at(
     let mut unmapped: Vec<String> = Vec::new();
     let mut vendor: Option<String> = None;
     let mut entries: Vec<Entry> = Vec::new();
-    let mut packages: Vec<(usize, String, Vec<String>, Vec<String>)> = Vec::new();
+    let mut packages: Vec<Package> = Vec::new();
     let mut servers: Vec<(usize, String)> = Vec::new();
     for logical in logical_lines(text) {
         let line = logical.line;
@@ -398,17 +423,7 @@ pub fn import_at(
                         )),
                     }
                 }
-                if let Some(last_day) = &e.expires {
-                    let end = tally_protocol::time::UnixTime::from_date(last_day)
-                        .map(|t| t.plus_secs(tally_protocol::time::DAY));
-                    if end.is_some_and(|end| end <= today) {
-                        e.expired = Some(format!(
-                            "line {line}: {keyword} {} expired on {last_day} (today is {}): a bundle with it serves no seats of it",
-                            e.name,
-                            today.date()
-                        ));
-                    }
-                }
+                e.expired = expired_note(&e, &keyword, today);
                 if keyword == "FEATURE"
                     && e.supersede.is_none()
                     && entries
@@ -425,27 +440,19 @@ pub fn import_at(
             "PACKAGE" => {
                 need(2, "PACKAGE name vendor [version] COMPONENTS=\"...\"")?;
                 let mut components = Vec::new();
+                let mut suite = false;
                 let mut notes = Vec::new();
                 for (key, value) in &pairs {
                     match key.to_ascii_uppercase().as_str() {
                         "COMPONENTS" => {
                             for c in value.split_whitespace() {
-                                // name[:version[:count]]
-                                let mut parts = c.split(':');
-                                let name = parts.next().unwrap_or_default().to_string();
-                                if parts.next().is_some() {
-                                    notes.push(format!(
-                                        "line {line}: PACKAGE {}: component '{c}' carries a version or count; tally gives components the package's terms",
-                                        words[1]
-                                    ));
-                                }
-                                components.push(name);
+                                components.push(component(c).map_err(|message| ImportError {
+                                    line,
+                                    message: format!("PACKAGE {}: {message}", words[1]),
+                                })?);
                             }
                         }
-                        "OPTIONS" if value.eq_ignore_ascii_case("SUITE") => notes.push(format!(
-                            "line {line}: PACKAGE {}: OPTIONS=SUITE (one seat shared by all components) is not supported; each component gets the package's seats",
-                            words[1]
-                        )),
+                        "OPTIONS" if value.eq_ignore_ascii_case("SUITE") => suite = true,
                         "SIGN" | "SIGN2" | "CK" => notes.push(format!(
                             "line {line}: PACKAGE {}: {key} (a FlexLM signature; the tally bundle carries the vendor's signature instead)",
                             words[1]
@@ -456,7 +463,20 @@ pub fn import_at(
                         )),
                     }
                 }
-                packages.push((line, words[1].to_string(), components, notes));
+                if suite {
+                    // FlexLM allows a count only outside a suite: one suite seat serves
+                    // each component once.
+                    for c in &mut components {
+                        if let [name, version, count] = c.splitn(3, ':').collect::<Vec<_>>()[..] {
+                            notes.push(format!(
+                                "line {line}: PACKAGE {}: component '{c}' of a suite carries a count ({count}), which FlexLM allows only outside a suite; written without it",
+                                words[1]
+                            ));
+                            *c = format!("{name}:{version}");
+                        }
+                    }
+                }
+                packages.push((line, words[1].to_string(), components, suite, notes));
             }
             _ => unmapped.push(format!(
                 "line {line}: '{}' lines are not understood: {}",
@@ -464,12 +484,22 @@ pub fn import_at(
             )),
         }
     }
-    for (line, name, components, notes) in packages {
+    for (line, name, components, suite, notes) in packages {
         unmapped.extend(notes);
         let mut found = false;
         for e in entries.iter_mut().filter(|e| e.name == name) {
             e.components = components.clone();
+            e.suite = suite;
             found = true;
+            if suite && e.share.take().is_some() {
+                // FlexLM's enabling line of a suite usually carries DUP_GROUP; a tally
+                // suite already shares its seat among one user's checkouts.
+                e.share_limit = None;
+                unmapped.push(format!(
+                    "line {}: {name}: DUP_GROUP on a suite's seats; a tally suite shares each seat among one user's checkouts of its components, so no other share is written",
+                    e.line
+                ));
+            }
         }
         if !found {
             unmapped.push(format!(
@@ -483,7 +513,7 @@ pub fn import_at(
             message: "no FEATURE, INCREMENT or UPGRADE line: nothing to import".into(),
         });
     }
-    let (entries, superseded) = apply_supersede(entries, &mut unmapped);
+    let (entries, superseded) = apply_supersede(entries, &mut unmapped, &FLEXLM_SUPERSEDE);
     let expired: Vec<String> = entries.iter().filter_map(|e| e.expired.clone()).collect();
     let site = site_notes(&servers);
     Ok(Import {
@@ -491,40 +521,80 @@ pub fn import_at(
             source,
             vendor.as_deref().unwrap_or(""),
             &Review {
+                command: "import-flexlm",
+                superseded_title: "Left out, superseded (FlexLM's SUPERSEDE):",
                 header: &header,
                 site: &site,
                 unmapped: &unmapped,
+                approximated: &[],
                 superseded: &superseded,
                 expired: &expired,
+                customer_name: None,
             },
             &entries,
         ),
         features: entries.len(),
         unmapped,
+        approximated: Vec::new(),
         superseded,
         expired,
         site,
     })
 }
 
+/// How a license format names its "this line replaces older lines" keyword, for
+/// [`apply_supersede`]'s notes, and which date orders the lines.
+pub(crate) struct Supersede {
+    /// The keyword as the format writes it (`SUPERSEDE`, `replace`).
+    pub(crate) keyword: &'static str,
+    /// What a line left out is (`superseded`, `replaced`).
+    pub(crate) done: &'static str,
+    /// The date keywords the order is taken from (`ISSUED= or START=`, `issued=`).
+    pub(crate) dates: &'static str,
+    /// The date a line is ordered by (`YYYY-MM-DD`).
+    pub(crate) date_of: fn(&Entry) -> Option<&str>,
+}
+
+/// FlexLM's: ordered by `ISSUED=`, else `START=`.
+pub(crate) const FLEXLM_SUPERSEDE: Supersede = Supersede {
+    keyword: "SUPERSEDE",
+    done: "superseded",
+    dates: "ISSUED= or START=",
+    date_of: Entry::issue_date,
+};
+
 /// FlexLM's `SUPERSEDE`: a line with it replaces every line of the same feature (or of
 /// the features `SUPERSEDE="f1 f2"` names) issued before its own `ISSUED=` date (else its
 /// `START=` date). Lines issued on the same date are pooled, not superseded; a line with
 /// neither date counts as issued before any dated one. Returns the entries kept and one
-/// note per line left out.
-fn apply_supersede(entries: Vec<Entry>, unmapped: &mut Vec<String>) -> (Vec<Entry>, Vec<String>) {
+/// note per line left out. `words` names the keyword and the date (RLM's `replace`
+/// works the same way on `issued=`).
+pub(crate) fn apply_supersede(
+    entries: Vec<Entry>,
+    unmapped: &mut Vec<String>,
+    words: &Supersede,
+) -> (Vec<Entry>, Vec<String>) {
     // Per feature, the latest SUPERSEDE naming it (date, line): a line of that feature
     // issued before it is left out. One pass each way, so a file of many thousands of
     // SUPERSEDE lines costs no more than its length.
+    let date_of = words.date_of;
     let mut latest: BTreeMap<String, (String, usize)> = BTreeMap::new();
     for s in &entries {
         let Some(names) = &s.supersede else {
             continue;
         };
-        let Some(date) = s.issue_date() else {
+        let Some(date) = date_of(s) else {
             unmapped.push(format!(
-                "line {}: {}: SUPERSEDE without ISSUED= or START= supersedes nothing (FlexLM needs the date); review",
-                s.line, s.name
+                "line {}: {}: {} without {} {} nothing (the date is needed); review",
+                s.line,
+                s.name,
+                words.keyword,
+                words.dates,
+                if words.keyword == "SUPERSEDE" {
+                    "supersedes"
+                } else {
+                    "replaces"
+                }
             ));
             continue;
         };
@@ -547,17 +617,19 @@ fn apply_supersede(entries: Vec<Entry>, unmapped: &mut Vec<String>) -> (Vec<Entr
     let mut kept = Vec::new();
     for e in entries {
         let by = latest.get(e.name.as_str()).filter(|(date, line)| {
-            *line != e.line && e.issue_date().is_none_or(|d| d < date.as_str())
+            *line != e.line && date_of(&e).is_none_or(|d| d < date.as_str())
         });
         match by {
             Some((date, line)) => notes.push(format!(
-                "line {}: {} {} left out: superseded by line {line} (SUPERSEDE, issued {date}; this line {})",
+                "line {}: {} {} left out: {} by line {line} ({}, issued {date}; this line {})",
                 e.line,
                 e.origin.split_whitespace().nth(2).unwrap_or("FEATURE"),
                 e.name,
-                match e.issue_date() {
+                words.done,
+                words.keyword,
+                match date_of(&e) {
                     Some(d) => format!("issued {d}"),
-                    None => "has no ISSUED= or START= date".into(),
+                    None => format!("has no {} date", words.dates),
                 }
             )),
             None => kept.push(e),
@@ -567,7 +639,8 @@ fn apply_supersede(entries: Vec<Entry>, unmapped: &mut Vec<String>) -> (Vec<Entr
 }
 
 /// What the SERVER lines say about the site: FlexLM serves from one server or from a
-/// redundant triad (two of three must be up); tally has no quorum.
+/// redundant triad (two of three must be up); tally's equivalent is a three-server
+/// cluster (one bundle binding the three, seats counted once).
 fn site_notes(servers: &[(usize, String)]) -> Vec<String> {
     let hosts: Vec<String> = servers
         .iter()
@@ -577,16 +650,60 @@ fn site_notes(servers: &[(usize, String)]) -> Vec<String> {
         0 | 1 => Vec::new(),
         3 => vec![format!(
             "three SERVER lines: a three-server redundant site ({}; FlexLM serves while two of the three are up). \
-             tally has no quorum triad: run tallyd on each server with its own bundle (one activation request per \
-             server, the seats split between them) and give clients all of them (TALLY_SERVER=a,b,c or --server, \
-             tried in order): a server that is down is passed over, and a restarted tallyd keeps its leases",
+             tally's equivalent is a three-server cluster: run tallyd on each server ([[cluster]] in tallyd.toml), \
+             issue one bundle with the three activation requests (issue --request a.req --request b.req --request c.req; \
+             the seats counted once for the site) and give clients all three (TALLY_SERVER=a,b,c): it serves while \
+             two of the three are up",
             hosts.join(", ")
         )],
         n => vec![format!(
-            "{n} SERVER lines ({}): FlexLM serves from one server or a redundant three; review. tally binds each \
-             bundle to one server: issue one per server and give clients the list of servers",
+            "{n} SERVER lines ({}): FlexLM serves from one server or a redundant three; review. tally serves a \
+             site from one server or a cluster of an odd number of servers (one bundle binding them all)",
             hosts.join(", ")
         )],
+    }
+}
+
+/// The review note of a line whose last valid day (`expires`) is before `today`.
+pub(crate) fn expired_note(
+    e: &Entry,
+    keyword: &str,
+    today: tally_protocol::time::UnixTime,
+) -> Option<String> {
+    let last_day = e.expires.as_deref()?;
+    let end = tally_protocol::time::UnixTime::from_date(last_day)
+        .map(|t| t.plus_secs(tally_protocol::time::DAY))?;
+    (end <= today).then(|| {
+        format!(
+            "line {}: {keyword} {} expired on {last_day} (today is {}): a bundle with it serves no seats of it",
+            e.line,
+            e.name,
+            today.date()
+        )
+    })
+}
+
+/// A PACKAGE line: its line, name, components, `OPTIONS=SUITE`, and review notes.
+type Package = (usize, String, Vec<String>, bool, Vec<String>);
+
+/// One component of FlexLM's `COMPONENTS="..."`: `name[:version[:count]]`, checked and
+/// kept as written (the version is the component's own ceiling, the count the seats
+/// per package seat; left out, they come from the FEATURE line enabling the package).
+pub(crate) fn component(text: &str) -> Result<String, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let bad = || format!("component '{text}' is not name[:version[:count]]");
+    match parts[..] {
+        [name] if !name.is_empty() => Ok(text.to_string()),
+        [name, version] if !name.is_empty() && !version.is_empty() => Ok(text.to_string()),
+        [name, version, count] if !name.is_empty() && !version.is_empty() => {
+            match count.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(text.to_string()),
+                _ => Err(format!(
+                    "component '{text}': count '{count}' is not a number of seats above 0"
+                )),
+            }
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -667,14 +784,18 @@ fn map_pair(
         ),
         "HOSTID" => drop("tally binds the whole bundle to the server of the activation request"),
         "TS_OK" | "ONE_TS_OK" => drop(
-            "FlexLM refuses node-locked uncounted use over Windows Terminal Server without it; tally does not look for terminal servers, so nothing is refused there",
+            "no tally equivalent yet (remote sessions): FlexLM refuses node-locked uncounted use over Windows Terminal Server without it; tally does not look for terminal servers yet, so nothing is refused there",
         ),
         "FLOAT_OK" => drop("tally seats always float: a node-locked licence to float is the default"),
         "USER_BASED" | "HOST_BASED" => drop(
-            "seats limited to the users or hosts INCLUDEd in the options file: write INCLUDE and MAX rules in tally's policy file",
+            "no tally equivalent yet (named users): seats limited to the users or hosts INCLUDEd in the options file; meanwhile write INCLUDE and MAX rules in tally's policy file",
         ),
-        "DUP_GROUP" | "SUITE_DUP_GROUP" => drop(
-            "FlexLM counts one seat for checkouts of the same user/host/display; tally counts each checkout (one `tally run` per job holds one seat)",
+        "DUP_GROUP" => match dup_group(value) {
+            Ok(share) => e.share = share,
+            Err(why) => drop(&why),
+        },
+        "SUITE_DUP_GROUP" => drop(
+            "a grouping for the suite's own seat; a tally suite's seat serves one user at a time (as SUITE_DUP_GROUP=U), with no other grouping",
         ),
         "SUPERSEDE_SIGN" => drop(
             "supersedes by signature; tally replaces whole bundles: list the old bundle ids in `supersedes`",
@@ -687,10 +808,53 @@ fn map_pair(
     Ok(())
 }
 
+/// FlexLM's `DUP_GROUP` as tally's `share`: `U`, `H`, `D` and their combinations are the
+/// holder fields that must agree (`UHD` is `user+host+display`); `NONE` shares nothing.
+/// `V` (the vendor-defined string) and `SITE` (one seat for the whole site) have no
+/// equivalent: the error says why, and nothing is written, since sharing on fewer fields
+/// than FlexLM compares would let more checkouts share a seat than the license allows.
+pub(crate) fn dup_group(value: &str) -> Result<Option<String>, String> {
+    let upper = value.trim().to_ascii_uppercase();
+    match upper.as_str() {
+        "NONE" => return Ok(None),
+        "SITE" => {
+            return Err(
+                "every checkout on the site shares one seat; tally shares a seat only among holders of the same user, host or display, so no share is written".into(),
+            )
+        }
+        "" => return Err("an empty DUP_GROUP; no share is written".into()),
+        _ => {}
+    }
+    share_fields(&upper, "UHD", "V").map(Some)
+}
+
+/// The `share` value for a set of letters (`U` user, `H` host, `D` display): the fields
+/// in that fixed order, joined by `+`. `allowed` are the letters with an equivalent;
+/// `vendor` the format's letter for a vendor-defined field (FlexLM's `V`, RLM's `I`).
+pub(crate) fn share_fields(letters: &str, allowed: &str, vendor: &str) -> Result<String, String> {
+    let upper = letters.to_ascii_uppercase();
+    if let Some(c) = upper.chars().find(|c| vendor.contains(*c)) {
+        return Err(format!(
+            "'{c}' groups by a vendor-defined string, which tally has no equivalent for; sharing on the other fields alone would let more checkouts share a seat than the license allows, so no share is written"
+        ));
+    }
+    if let Some(c) = upper.chars().find(|c| !allowed.contains(*c)) {
+        return Err(format!(
+            "'{c}' is not a grouping letter; no share is written"
+        ));
+    }
+    let fields: Vec<&str> = [('U', "user"), ('H', "host"), ('D', "display")]
+        .iter()
+        .filter(|(c, _)| upper.contains(*c))
+        .map(|(_, f)| *f)
+        .collect();
+    Ok(fields.join("+"))
+}
+
 /// Text from the license file made safe for a TOML comment: TOML forbids control
 /// characters other than tab there (a stray CR or NUL would make the whole spec
 /// unreadable), so they are shown escaped, as `\u0001`, for the reviewer to see.
-fn comment(text: &str) -> String {
+pub(crate) fn comment(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() && c != '\t' {
@@ -703,22 +867,32 @@ fn comment(text: &str) -> String {
 }
 
 /// The review notes written at the top of the spec.
-struct Review<'a> {
-    header: &'a [String],
-    site: &'a [String],
-    unmapped: &'a [String],
-    superseded: &'a [String],
-    expired: &'a [String],
+pub(crate) struct Review<'a> {
+    /// The subcommand that wrote the spec (`import-flexlm`).
+    pub(crate) command: &'a str,
+    /// The title of the superseded list, naming the keyword that left lines out.
+    pub(crate) superseded_title: &'a str,
+    pub(crate) header: &'a [String],
+    pub(crate) site: &'a [String],
+    pub(crate) unmapped: &'a [String],
+    pub(crate) approximated: &'a [String],
+    pub(crate) superseded: &'a [String],
+    pub(crate) expired: &'a [String],
+    /// The customer's name when the license file says it (RLM's `customer=`).
+    pub(crate) customer_name: Option<&'a str>,
 }
 
-fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> String {
+/// The spec: review notes as comments at the top, then the vendor, the customer to fill
+/// in and one `[[feature]]` per entry.
+pub(crate) fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> String {
     let header = review.header;
     let unmapped = review.unmapped;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Bundle spec imported from {} by tally-publisher import-flexlm.",
-        comment(source)
+        "# Bundle spec imported from {} by tally-publisher {}.",
+        comment(source),
+        review.command
     );
     let _ = writeln!(
         out,
@@ -738,9 +912,10 @@ fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> Str
         ("The site:", review.site),
         ("Not mapped, to review:", unmapped),
         (
-            "Left out, superseded (FlexLM's SUPERSEDE):",
-            review.superseded,
+            "Mapped, but not exactly the same, to review:",
+            review.approximated,
         ),
+        (review.superseded_title, review.superseded),
         ("EXPIRED already, to review:", review.expired),
     ] {
         if !notes.is_empty() {
@@ -756,18 +931,36 @@ fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> Str
         out,
         "id = \"\"    # fill in: the license file does not say who the customer is"
     );
-    let _ = writeln!(out, "name = \"\"  # fill in");
+    match review.customer_name {
+        Some(name) => {
+            let _ = writeln!(
+                out,
+                "name = {}  # from the license file's customer=; review",
+                toml_string(name)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "name = \"\"  # fill in");
+        }
+    }
     for e in entries {
         let _ = writeln!(out, "\n[[feature]]\n# {}", comment(&e.origin));
         if let Some(note) = &e.expired {
             let _ = writeln!(out, "# EXPIRED: {}", comment(note));
         }
+        for note in &e.notes {
+            let _ = writeln!(out, "# {}", comment(note));
+        }
         let _ = writeln!(out, "name = {}", toml_string(&e.name));
-        match e.seats {
-            Some(n) => {
+        match (&e.token, e.seats) {
+            (Some((pool, tokens)), _) => {
+                let _ = writeln!(out, "token_pool = {}", toml_string(pool));
+                let _ = writeln!(out, "tokens = {tokens}");
+            }
+            (None, Some(n)) => {
                 let _ = writeln!(out, "seats = {n}");
             }
-            None => {
+            (None, None) => {
                 let _ = writeln!(out, "seats = \"uncounted\"");
             }
         }
@@ -793,6 +986,15 @@ fn render(source: &str, vendor: &str, review: &Review, entries: &[Entry]) -> Str
         }
         if e.linger_secs > 0 {
             let _ = writeln!(out, "linger_secs = {}", e.linger_secs);
+        }
+        if let Some(share) = &e.share {
+            let _ = writeln!(out, "share = {}", toml_string(share));
+        }
+        if let Some(limit) = e.share_limit {
+            let _ = writeln!(out, "share_limit = {limit}");
+        }
+        if e.suite {
+            let _ = writeln!(out, "suite = true");
         }
         if !e.components.is_empty() {
             let list: Vec<String> = e.components.iter().map(|c| toml_string(c)).collect();
@@ -961,6 +1163,33 @@ mod tests {
         );
         assert!(import.spec.contains("# EXPIRED: line 1"), "{}", import.spec);
         assert!(import_at("t", "FEATURE a v 1 permanent 1 LINGER=soon\n", UnixTime(0)).is_err());
+    }
+
+    #[test]
+    fn dup_group_is_the_fields_that_must_agree() {
+        for (value, share) in [
+            ("U", "user"),
+            ("h", "host"),
+            ("D", "display"),
+            ("UH", "user+host"),
+            ("HU", "user+host"),
+            ("UHD", "user+host+display"),
+            ("dhu", "user+host+display"),
+            ("HD", "host+display"),
+        ] {
+            assert_eq!(dup_group(value).unwrap().as_deref(), Some(share), "{value}");
+        }
+        assert_eq!(dup_group("NONE").unwrap(), None);
+        for (value, why) in [
+            ("V", "vendor-defined"),
+            ("UHV", "vendor-defined"),
+            ("SITE", "the site"),
+            ("UX", "'X' is not a grouping letter"),
+            ("", "empty"),
+        ] {
+            let err = dup_group(value).unwrap_err();
+            assert!(err.contains(why), "{value}: {err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `tally-publisher`: the vendor's tool. Keys, bundles, activation requests, return
-//! proofs, FlexLM import, usage reports. Works on files only, except `receive`, the
+//! proofs, FlexLM and RLM import, usage reports. Works on files only, except `receive`, the
 //! server tallyd uploads its reports to.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -152,6 +152,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Turn an RLM license file into a bundle spec to review and issue.
+    ImportRlm {
+        /// The RLM license file.
+        license: PathBuf,
+        /// Where to write the spec (a new file); left out, the spec goes to standard
+        /// output and the review list to standard error.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Reconciliation output formats.
@@ -194,6 +203,7 @@ fn main() -> ExitCode {
         Command::Verify { vendor_pub, bundle } => verify(&vendor_pub, &bundle),
         Command::VerifyReturn { bundle, proof } => verify_return(&bundle, &proof),
         Command::ImportFlexlm { license, out } => import_flexlm(&license, &out),
+        Command::ImportRlm { license, out } => import_rlm(&license, out.as_deref()),
         Command::Receive {
             listen,
             dir,
@@ -909,26 +919,71 @@ fn import_flexlm(license: &Path, out: &Path) -> Result<(), Failure> {
         .with_context(|| format!("{}", license.display()))
         .map_err(data)?;
     write_new(out, &import.spec, 0o644).map_err(usage)?;
-    println!(
-        "{} feature entr{} written to {}",
+    print_review(
+        &import,
+        &out.display().to_string(),
+        &mut std::io::stdout().lock(),
+    );
+    Ok(())
+}
+
+/// What an import wrote and its review list (also at the top of the spec): nothing is
+/// dropped without a word.
+fn print_review(import: &flexlm::Import, out: &str, to: &mut dyn Write) {
+    // Output errors (a closed pipe) are not the import's failure: the spec is written.
+    let _ = writeln!(
+        to,
+        "{} feature entr{} written to {out}",
         import.features,
         if import.features == 1 { "y" } else { "ies" },
-        out.display(),
     );
-    // The review list, also at the top of the spec: nothing is dropped without a word.
     for (title, notes) in [
         ("the site", &import.site),
         ("not mapped (dropped)", &import.unmapped),
+        ("mapped, not exactly the same", &import.approximated),
         ("left out, superseded", &import.superseded),
         ("EXPIRED already", &import.expired),
     ] {
         if !notes.is_empty() {
-            println!("{title}: {}", notes.len());
+            let _ = writeln!(to, "{title}: {}", notes.len());
             for n in notes.iter() {
-                println!("  {}", tally_protocol::wire::escape_unprintable(n));
+                let _ = writeln!(to, "  {}", tally_protocol::wire::escape_unprintable(n));
             }
         }
     }
-    println!("fill in [customer], review, then: tally-publisher issue --vendor-key VENDOR.key --spec {} --request REQUEST --out BUNDLE", out.display());
+    let spec = if out == "standard output" {
+        "SPEC"
+    } else {
+        out
+    };
+    let _ = writeln!(to, "fill in [customer], review, then: tally-publisher issue --vendor-key VENDOR.key --spec {spec} --request REQUEST --out BUNDLE");
+}
+
+/// `import-rlm`: as `import-flexlm`, for an RLM license file; without `--out` the spec
+/// goes to standard output and the review list to standard error.
+fn import_rlm(license: &Path, out: Option<&Path>) -> Result<(), Failure> {
+    let text = read(license)?;
+    let import = tally_publisher::rlm::import(&license.display().to_string(), &text)
+        .with_context(|| format!("{}", license.display()))
+        .map_err(data)?;
+    match out {
+        Some(out) => {
+            write_new(out, &import.spec, 0o644).map_err(usage)?;
+            print_review(
+                &import,
+                &out.display().to_string(),
+                &mut std::io::stdout().lock(),
+            );
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(import.spec.as_bytes())
+                .and_then(|_| stdout.flush())
+                .context("writing the spec to standard output")
+                .map_err(usage)?;
+            print_review(&import, "standard output", &mut std::io::stderr().lock());
+        }
+    }
     Ok(())
 }

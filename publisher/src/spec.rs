@@ -17,6 +17,21 @@
 //! expires = "2027-12-31"          # last valid day, or "permanent" (the default)
 //! lost_seat_grace_secs = 120       # a program may run this long without its seat,
 //! on_lost_seat = "stop"            # then is stopped ("stop") or only warned ("warn")
+//! share = "user+host"              # one user's runs on one host share a seat
+//!
+//! [[feature]]
+//! name = "cae-suite"
+//! seats = 3
+//! suite = true                     # one package seat serves all components per user
+//! components = ["solver:2024.06:2", "mesher:3.1"]   # name[:version[:count]]
+//!
+//! [[feature]]
+//! name = "credits"                 # a token pool: its seats are tokens
+//! seats = 100
+//! [[feature]]
+//! name = "optimizer"               # spends 5 tokens of `credits` per seat
+//! token_pool = "credits"
+//! tokens = 5
 //! ```
 //!
 //! End dates (`expires`, `valid_until`) name the last day that is still valid; start dates
@@ -27,7 +42,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tally_protocol::activation::ActivationRequest;
 use tally_protocol::bundle::{
-    Binding, Bundle, Customer, FeatureGrant, LostSeatTerms, OnLostSeat, Seats,
+    Binding, Bundle, Component, Customer, FeatureGrant, LostSeatTerms, Named, OnLostSeat, Seats,
+    Share, TokenDraw,
 };
 use tally_protocol::time::UnixTime;
 
@@ -79,8 +95,8 @@ pub enum SeatsSpec {
 pub struct FeatureSpec {
     /// Feature name.
     pub name: String,
-    /// Seats.
-    pub seats: SeatsSpec,
+    /// Seats; absent only for a product that spends tokens (`token_pool`).
+    pub seats: Option<SeatsSpec>,
     /// Highest version served.
     pub version_ceiling: Option<String>,
     /// For an upgrade: the ceiling whose seats move to `version_ceiling`.
@@ -111,9 +127,32 @@ pub struct FeatureSpec {
     /// `"stop"` or `"warn"`: what happens after the grace; default `"warn"` when only
     /// the grace is given. Either key makes the bundle format version 2.
     pub on_lost_seat: Option<String>,
-    /// For a package: the features it grants.
+    /// For a package: the features it grants, `name[:version[:count]]` as FlexLM's
+    /// `COMPONENTS` writes them.
     #[serde(default)]
     pub components: Vec<String>,
+    /// A suite: one package seat serves all the components for one user.
+    #[serde(default)]
+    pub suite: bool,
+    /// Checkouts that share seats: `user`, `host`, `display`, or several joined by `+`.
+    pub share: Option<String>,
+    /// Most checkouts on one shared seat; absent is no limit.
+    pub share_limit: Option<u32>,
+    /// The pool feature whose seats (tokens) this product spends.
+    pub token_pool: Option<String>,
+    /// Tokens per seat of this product.
+    pub tokens: Option<u32>,
+    /// `"user"` or `"host"`: licensed to named users or hosts the site lists.
+    pub named: Option<String>,
+    /// Most names; default the feature's seats.
+    pub named_limit: Option<u32>,
+    /// Days a name stays on the list before it may be replaced; default 0 (any time).
+    #[serde(default)]
+    pub named_change_days: u32,
+    /// `"allow"` (the default) or `"deny"`: checkouts from remote sessions.
+    pub remote_sessions: Option<String>,
+    /// `"allow"` (the default) or `"deny"`: checkouts from virtual machines.
+    pub virtual_machines: Option<String>,
     /// Free-form attributes passed to the application.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
@@ -201,16 +240,104 @@ impl Spec {
                     "a feature name is empty or longer than 64 characters".into()
                 ));
             }
+            let tokens = match (&f.token_pool, f.tokens, &f.seats) {
+                (None, None, _) => None,
+                (Some(pool), Some(per_seat), None) if per_seat > 0 => Some(TokenDraw {
+                    pool: pool.clone(),
+                    per_seat,
+                }),
+                (Some(_), Some(_), None) => {
+                    return Err(err(format!("{}: at least 1", ctx("tokens"))))
+                }
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(err(format!(
+                        "{}: a product that spends tokens has no seats of its own",
+                        ctx("seats")
+                    )))
+                }
+                _ => {
+                    return Err(err(format!(
+                        "{}: token_pool and tokens go together",
+                        ctx("tokens")
+                    )))
+                }
+            };
             let seats = match &f.seats {
-                SeatsSpec::Count(n) => Seats::Counted(*n),
-                SeatsSpec::Word(w) if w == "uncounted" => Seats::Uncounted,
-                SeatsSpec::Word(w) => {
+                None if tokens.is_some() => Seats::Counted(0),
+                None => return Err(err(format!("{}: missing", ctx("seats")))),
+                Some(SeatsSpec::Count(n)) => Seats::Counted(*n),
+                Some(SeatsSpec::Word(w)) if w == "uncounted" => Seats::Uncounted,
+                Some(SeatsSpec::Word(w)) => {
                     return Err(err(format!(
                         "{}: '{w}' is neither a number nor \"uncounted\"",
                         ctx("seats")
                     )))
                 }
             };
+            let components = f
+                .components
+                .iter()
+                .map(|c| parse_component(c).map_err(|m| err(format!("{}: {m}", ctx("components")))))
+                .collect::<Result<Vec<_>, _>>()?;
+            if f.suite && components.is_empty() {
+                return Err(err(format!("{}: a suite needs components", ctx("suite"))));
+            }
+            let share = match (&f.share, f.share_limit) {
+                (None, None) => None,
+                (None, Some(_)) => return Err(err(format!("{}: needs share", ctx("share_limit")))),
+                (Some(by), limit) => Some(
+                    parse_share(by, limit.unwrap_or(0))
+                        .map_err(|m| err(format!("{}: {m}", ctx("share"))))?,
+                ),
+            };
+            let named = match (f.named.as_deref(), f.named_limit) {
+                (None, None) if f.named_change_days == 0 => None,
+                (None, _) => {
+                    return Err(err(format!(
+                        "{}: named_limit and named_change_days need named",
+                        ctx("named")
+                    )))
+                }
+                (Some(kind @ ("user" | "host")), limit) => {
+                    let limit = match (limit, seats) {
+                        (Some(n), _) if n > 0 => n,
+                        (None, Seats::Counted(n)) if n > 0 => n,
+                        _ => {
+                            return Err(err(format!(
+                                "{}: named_limit must be at least 1 (it defaults to the seats)",
+                                ctx("named_limit")
+                            )))
+                        }
+                    };
+                    Some(Named {
+                        hosts: kind == "host",
+                        limit,
+                        change_days: f.named_change_days,
+                    })
+                }
+                (Some(other), _) => {
+                    return Err(err(format!(
+                        "{}: '{other}' is neither \"user\" nor \"host\"",
+                        ctx("named")
+                    )))
+                }
+            };
+            let deny = |key: &str, value: &Option<String>| match value.as_deref() {
+                None | Some("allow") => Ok(false),
+                Some("deny") => Ok(true),
+                Some(other) => Err(err(format!(
+                    "{}: '{other}' is neither \"allow\" nor \"deny\"",
+                    ctx(key)
+                ))),
+            };
+            let deny_remote_sessions = deny("remote_sessions", &f.remote_sessions)?;
+            let deny_virtual_machines = deny("virtual_machines", &f.virtual_machines)?;
+            if f.suite && share.is_some() {
+                return Err(err(format!(
+                    "{}: a suite already shares its seats by user",
+                    ctx("share")
+                )));
+            }
             if f.upgrade_from.is_some() && f.version_ceiling.is_none() {
                 return Err(err(format!(
                     "{}: an upgrade needs version_ceiling (the version it upgrades to)",
@@ -256,10 +383,31 @@ impl Spec {
                 borrow_limit_secs: f.borrow_limit_hours.saturating_mul(3600),
                 linger_secs: f.linger_secs,
                 heartbeat_ttl_secs: f.heartbeat_ttl_secs,
-                components: f.components.clone(),
+                components,
                 attributes: f.attributes.clone(),
                 lost_seat,
+                suite: f.suite,
+                share,
+                tokens,
+                named,
+                deny_remote_sessions,
+                deny_virtual_machines,
             });
+        }
+        for f in &features {
+            if let Some(t) = &f.tokens {
+                // The pool must be sold in this bundle: a product spending tokens of a
+                // pool the site may never have would be a grant of nothing.
+                let pool = features
+                    .iter()
+                    .find(|p| p.name == t.pool && p.tokens.is_none() && p.components.is_empty());
+                if pool.is_none() {
+                    return Err(err(format!(
+                        "feature '{}': token_pool '{}' is not a plain feature of this spec",
+                        f.name, t.pool
+                    )));
+                }
+            }
         }
         Ok(Bundle {
             id: self.id.clone().unwrap_or(id),
@@ -307,6 +455,64 @@ pub fn already_ended(bundle: &Bundle, now: UnixTime) -> Vec<String> {
         }
     }
     ended
+}
+
+/// Reads a component as FlexLM writes it: `name[:version[:count]]`.
+pub fn parse_component(text: &str) -> Result<Component, String> {
+    let mut parts = text.split(':');
+    let name = parts.next().unwrap_or("").trim();
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!(
+            "'{text}': the name is empty or longer than 64 characters"
+        ));
+    }
+    let version = parts
+        .next()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string);
+    let count = match parts.next() {
+        None => 1,
+        Some(n) => match n.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                return Err(format!(
+                    "'{text}': the count '{n}' is not a number of at least 1"
+                ))
+            }
+        },
+    };
+    if parts.next().is_some() {
+        return Err(format!("'{text}': more than name:version:count"));
+    }
+    Ok(Component {
+        name: name.to_string(),
+        version,
+        count,
+    })
+}
+
+/// Reads a share rule: `user`, `host`, `display`, or several joined by `+`.
+pub fn parse_share(text: &str, limit: u32) -> Result<Share, String> {
+    let mut share = Share {
+        user: false,
+        host: false,
+        display: false,
+        limit,
+    };
+    for word in text.split('+').map(str::trim) {
+        match word {
+            "user" => share.user = true,
+            "host" => share.host = true,
+            "display" => share.display = true,
+            other => {
+                return Err(format!(
+                    "'{other}' is not user, host or display (join several with +)"
+                ))
+            }
+        }
+    }
+    Ok(share)
 }
 
 /// Quotes a string as a TOML basic string.

@@ -322,28 +322,321 @@ fn import_served_license_with_continuations_increment_and_upgrade() {
     );
 }
 
-#[test]
-fn import_package_gives_components_and_names_suite() {
-    let text = std::fs::read_to_string(data("suite-package.lic")).unwrap();
-    let import = flexlm::import("suite-package.lic", &text).unwrap();
-    let b = reviewed(&import.spec);
-    let suite = b
-        .features
+/// The imported spec's `[[feature]]` tables named `name`, read as plain TOML: the new
+/// keys (`share`, `suite`, component counts) are checked as written, before the spec
+/// parser knows them.
+fn features_named<'a>(spec: &'a toml::Value, name: &str) -> Vec<&'a toml::Value> {
+    spec["feature"]
+        .as_array()
+        .unwrap()
         .iter()
-        .find(|f| f.name == "design_suite")
-        .unwrap();
-    assert_eq!(suite.components, vec!["modeler", "drafter", "renderer"]);
-    assert_eq!(suite.seats, Seats::Counted(10));
-    assert_eq!(suite.expires, None, "1-jan-0 is permanent");
-    let renderer = b.features.iter().find(|f| f.name == "renderer").unwrap();
-    assert_eq!(renderer.seats, Seats::Counted(4));
-    for needle in ["OPTIONS=SUITE", "DUP_GROUP=UH", "TS_OK", "modeler:3.0"] {
+        .filter(|f| f["name"].as_str() == Some(name))
+        .collect()
+}
+
+/// A real-shaped engineering license file: a suite, a package with component versions
+/// and counts, DUP_GROUP in every form FlexLM has, keywords in lower case, continuations
+/// and quoted values with spaces.
+#[test]
+fn import_packages_suites_and_dup_groups() {
+    let text = std::fs::read_to_string(data("suite-package.lic")).unwrap();
+    let import = flexlm::import_at(
+        "suite-package.lic",
+        &text,
+        UnixTime::from_date("2026-12-01").unwrap(),
+    )
+    .unwrap();
+    let spec: toml::Value = toml::from_str(&import.spec).unwrap();
+    let strings = |v: &toml::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect()
+    };
+    // OPTIONS=SUITE: one seat of the package serves all its components for one user.
+    let suite = features_named(&spec, "design_suite");
+    assert_eq!(suite.len(), 1);
+    let suite = suite[0];
+    assert_eq!(suite["suite"].as_bool(), Some(true), "{}", import.spec);
+    assert_eq!(
+        strings(&suite["components"]),
+        ["modeler:3.0", "drafter", "renderer"]
+    );
+    assert_eq!(suite["seats"].as_integer(), Some(10));
+    assert_eq!(suite["expires"].as_str(), Some("permanent"), "1-jan-0");
+    // DUP_GROUP=UH on a suite's seats: a tally suite already shares by user.
+    assert!(suite.get("share").is_none(), "{}", import.spec);
+    assert!(
+        import
+            .unmapped
+            .iter()
+            .any(|u| u.contains("design_suite: DUP_GROUP on a suite")),
+        "{:?}",
+        import.unmapped
+    );
+    // A package that is not a suite keeps each component's version and count: 3 package
+    // seats give solver 3 x 2 seats at ceiling 2024.06 and mesher 3 seats at 3.1.
+    let pack = features_named(&spec, "sim_pack")[0];
+    assert_eq!(
+        strings(&pack["components"]),
+        ["solver:2024.06:2", "mesher:3.1", "viewer"]
+    );
+    assert_eq!(pack["seats"].as_integer(), Some(3));
+    assert!(pack.get("suite").is_none(), "{}", import.spec);
+    assert!(pack.get("share").is_none(), "DUP_GROUP=NONE shares nothing");
+    // Every DUP_GROUP combination, in any order or case, as the fields it compares.
+    let solver = features_named(&spec, "solver");
+    assert_eq!(solver.len(), 2);
+    assert_eq!(solver[0]["share"].as_str(), Some("user"));
+    assert_eq!(solver[0]["seats"].as_integer(), Some(15));
+    assert_eq!(
+        solver[0]["attributes"]["vendor_string"].as_str(),
+        Some("tier=gold; site=Lyon")
+    );
+    assert_eq!(solver[1]["upgrade_from"].as_str(), Some("2023.0"));
+    assert_eq!(
+        solver[1]["share"].as_str(),
+        Some("user+host"),
+        "DUP_GROUP=HU"
+    );
+    let mesher = features_named(&spec, "mesher")[0];
+    assert_eq!(mesher["share"].as_str(), Some("user+host+display"));
+    // V and SITE have no equivalent: no share, and the reason is listed.
+    for name in ["plotter", "lic_admin"] {
+        assert!(features_named(&spec, name)[0].get("share").is_none());
+    }
+    for needle in [
+        "line 16: FEATURE plotter: DUP_GROUP=UHV ('V' groups by a vendor-defined string",
+        "line 17: FEATURE lic_admin: DUP_GROUP=SITE (every checkout on the site shares one seat",
+        "line 16: FEATURE plotter: USER_BASED (no tally equivalent yet (named users)",
+        "line 17: FEATURE lic_admin: HOST_BASED=3 (no tally equivalent yet (named users)",
+        "line 7: INCREMENT renderer: TS_OK (no tally equivalent yet (remote sessions)",
+    ] {
         assert!(
-            import.spec.contains(needle),
-            "{needle} not mentioned:\n{}",
-            import.spec
+            import.unmapped.iter().any(|u| u.starts_with(needle)),
+            "{needle:?} not in {:#?}",
+            import.unmapped
         );
     }
+    // What is now mapped is no longer listed as dropped.
+    for gone in [
+        "OPTIONS=SUITE",
+        "DUP_GROUP=UH ",
+        "DUP_GROUP=U ",
+        "DUP_GROUP=NONE",
+        "carries a version",
+    ] {
+        assert!(
+            !import.unmapped.iter().any(|u| u.contains(gone)),
+            "{gone:?} still listed: {:#?}",
+            import.unmapped
+        );
+    }
+}
+
+/// A suite's components carry no count (FlexLM allows none there); a malformed
+/// component is refused by line.
+#[test]
+fn import_suite_counts_dropped_and_bad_components_refused() {
+    let now = UnixTime::from_date("2026-12-01").unwrap();
+    let import = flexlm::import_at(
+        "t.lic",
+        "PACKAGE s v 1.0 COMPONENTS=\"a:1.0:2 b\" OPTIONS=SUITE\nFEATURE s v 1.0 permanent 4\n",
+        now,
+    )
+    .unwrap();
+    let spec: toml::Value = toml::from_str(&import.spec).unwrap();
+    let s = features_named(&spec, "s")[0];
+    assert_eq!(
+        s["components"][0].as_str(),
+        Some("a:1.0"),
+        "{}",
+        import.spec
+    );
+    assert!(
+        import
+            .unmapped
+            .iter()
+            .any(|u| u.contains("component 'a:1.0:2' of a suite carries a count (2)")),
+        "{:?}",
+        import.unmapped
+    );
+    for bad in ["a:1.0:x", "a::2", ":1.0", "a:1:0", "a:1:2:3"] {
+        let err = flexlm::import_at(
+            "t.lic",
+            &format!("FEATURE p v 1 permanent 1\nPACKAGE p v 1 COMPONENTS=\"ok {bad}\"\n"),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(err.line, 2, "{bad}: {err}");
+        assert!(err.message.contains(bad), "{err}");
+    }
+}
+
+/// `import-rlm` through the real binary on a real-shaped RLM file: continuations (with
+/// and without a backslash), comments, quoting, keywords in any case, share, hold and
+/// min_checkout, tokens, replace, and what has no equivalent listed by line.
+#[test]
+fn import_rlm_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("spec.toml");
+    let out = publisher()
+        .arg("import-rlm")
+        .arg(data("rlm-served.lic"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("7 feature entries written to"),
+        "{stdout}"
+    );
+    for needle in [
+        "line 22: LICENSE viewer: hostid=0050569a9999 (node-locks",
+        "line 22: LICENSE viewer: named_user=5 (no tally equivalent yet (named users)",
+        "line 24: LICENSE trial_tool: disable=TerminalServer (no tally equivalent yet (remote sessions)",
+        "line 26: LICENSE rlm_roam (enables roaming",
+        "line 18: LICENSE optimizer: token alternative <solver 2027.1 1>",
+        "mapped, not exactly the same: 2",
+        "line 10: LICENSE solver: hold=120 -> linger_secs = 120",
+        "line 15: LICENSE mesher: min_checkout=600 -> linger_secs = 600: RLM keeps",
+        "line 7: LICENSE solver left out: replaced by line 10 (replace, issued 2026-03-02",
+        "line 24: LICENSE trial_tool expired on 2026-06-30",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} not in:\n{stdout}");
+    }
+    // Signature data goes without a word; so does nothing else.
+    for quiet in ["sig=", "SIG=", "_ck", "60PG451"] {
+        assert!(!stdout.contains(quiet), "{quiet:?} in:\n{stdout}");
+    }
+    let spec_text = std::fs::read_to_string(&out_path).unwrap();
+    let spec: toml::Value = toml::from_str(&spec_text).unwrap();
+    assert_eq!(spec["vendor"].as_str(), Some("acme"));
+    assert_eq!(spec["customer"]["name"].as_str(), Some("Example Corp"));
+    let solver = features_named(&spec, "solver");
+    assert_eq!(solver.len(), 1, "the 2025 line is replaced: {spec_text}");
+    let solver = solver[0];
+    assert_eq!(solver["seats"].as_integer(), Some(20));
+    assert_eq!(solver["share"].as_str(), Some("user+host"));
+    assert_eq!(solver["share_limit"].as_integer(), Some(4));
+    assert_eq!(solver["linger_secs"].as_integer(), Some(120));
+    assert_eq!(solver["borrow_limit_hours"].as_integer(), Some(72));
+    assert_eq!(solver["expires"].as_str(), Some("2099-12-31"));
+    assert_eq!(
+        solver["attributes"]["options"].as_str(),
+        Some("edition=pro; cores=64")
+    );
+    assert_eq!(solver["attributes"]["contract"].as_str(), Some("PO-4471"));
+    let mesher = features_named(&spec, "mesher")[0];
+    assert_eq!(mesher["share"].as_str(), Some("user"));
+    assert_eq!(mesher["linger_secs"].as_integer(), Some(600));
+    assert_eq!(
+        features_named(&spec, "credits")[0]["seats"].as_integer(),
+        Some(100)
+    );
+    for (product, tokens) in [("optimizer", 5), ("postproc", 2)] {
+        let f = features_named(&spec, product)[0];
+        assert!(f.get("seats").is_none(), "{spec_text}");
+        assert_eq!(f["token_pool"].as_str(), Some("credits"));
+        assert_eq!(f["tokens"].as_integer(), Some(tokens));
+    }
+    assert_eq!(
+        features_named(&spec, "viewer")[0]["seats"].as_str(),
+        Some("uncounted")
+    );
+    let trial = features_named(&spec, "trial_tool")[0];
+    assert_eq!(trial["starts"].as_str(), Some("2026-06-01"));
+    assert!(features_named(&spec, "rlm_roam").is_empty());
+    assert!(
+        spec_text.contains("by tally-publisher import-rlm"),
+        "{spec_text}"
+    );
+    assert!(spec_text.contains("# EXPIRED: line 24"), "{spec_text}");
+
+    // Without --out: the same spec on standard output, the review on standard error.
+    let piped = publisher()
+        .arg("import-rlm")
+        .arg(data("rlm-served.lic"))
+        .output()
+        .unwrap();
+    assert_eq!(piped.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&piped.stdout), spec_text);
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(stderr.contains("written to standard output"), "{stderr}");
+    assert!(stderr.contains("line 26: LICENSE rlm_roam"), "{stderr}");
+
+    // An existing output file is never overwritten (64); a bad line names the file and
+    // the line (65), nothing written.
+    let again = publisher()
+        .arg("import-rlm")
+        .arg(data("rlm-served.lic"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(64));
+    let broken = dir.path().join("broken.lic");
+    std::fs::write(
+        &broken,
+        "HOST h ANY 5053\nISV acme\n# fine so far\nLICENSE acme solver 1.0 31-feb-2027 5 sig=\"00\"\n",
+    )
+    .unwrap();
+    let bad_out = dir.path().join("never.toml");
+    let bad = publisher()
+        .arg("import-rlm")
+        .arg(&broken)
+        .arg("--out")
+        .arg(&bad_out)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("broken.lic") && stderr.contains("line 4"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("31-feb-2027"), "{stderr}");
+    assert!(!bad_out.exists());
+}
+
+/// An RLM file without the new licensing keys gives a spec the spec parser reads and
+/// turns into a bundle, as the vendor's next step does.
+#[test]
+fn import_rlm_plain_file_round_trips_into_a_bundle() {
+    let import = tally_publisher::rlm::import(
+        "plain.lic",
+        "HOST h 0050569a1b2c 5053\nISV acme\n\
+         LICENSE acme solver 2027.1 31-dec-2099 8 hold=30 max_roam=2 start=1-jan-2026 \\\n\
+         \tissued=1-dec-2025 issuer=\"Acme Sim\" sig=\"AB CD\"\n\
+         UPGRADE acme solver 2026.0 2027.1 31-dec-2099 3 sig=EF\n\
+         LICENSE acme viewer 1.0 permanent uncounted\n",
+    )
+    .unwrap();
+    let b = reviewed(&import.spec);
+    assert_eq!(b.vendor, "acme");
+    assert_eq!(b.features.len(), 3);
+    let solver = &b.features[0];
+    assert_eq!(solver.seats, Seats::Counted(8));
+    assert_eq!(solver.linger_secs, 30);
+    assert_eq!(solver.borrow_limit_secs, 48 * 3600);
+    assert_eq!(solver.starts, UnixTime::from_date("2026-01-01"));
+    assert_eq!(solver.attributes["issuer"], "Acme Sim");
+    assert_eq!(
+        solver.expires,
+        Some(UnixTime::from_date("2100-01-01").unwrap())
+    );
+    assert_eq!(b.features[1].upgrade_from.as_deref(), Some("2026.0"));
+    assert_eq!(b.features[1].seats, Seats::Counted(3));
+    assert_eq!(b.features[2].seats, Seats::Uncounted);
+    assert!(import.unmapped.is_empty(), "{:?}", import.unmapped);
 }
 
 #[test]
@@ -570,4 +863,48 @@ fn readme_documents_every_spec_key() {
         missing.is_empty(),
         "spec keys the README does not name: {missing:?}"
     );
+}
+
+/// The imported models sign into bundles that say them: a suite, shared seats, the
+/// package's component versions and counts (FlexLM), a token product and a share
+/// limit (RLM).
+#[test]
+fn imported_models_sign_into_bundles() {
+    let text = std::fs::read_to_string(data("suite-package.lic")).unwrap();
+    let import = flexlm::import_at(
+        "suite-package.lic",
+        &text,
+        UnixTime::from_date("2026-12-01").unwrap(),
+    )
+    .unwrap();
+    let b = reviewed(&import.spec);
+    let named = |b: &tally_protocol::bundle::Bundle, n: &str| {
+        b.features.iter().find(|f| f.name == n).cloned().unwrap()
+    };
+    let suite = named(&b, "design_suite");
+    assert!(suite.suite && suite.components.len() == 3, "{suite:?}");
+    let pack = named(&b, "sim_pack");
+    let solver = &pack.components[0];
+    assert_eq!(
+        (
+            solver.name.as_str(),
+            solver.version.as_deref(),
+            solver.count
+        ),
+        ("solver", Some("2024.06"), 2)
+    );
+    assert!(pack.share.is_none(), "DUP_GROUP=NONE shares nothing");
+    assert!(b
+        .features
+        .iter()
+        .any(|f| f.share.is_some_and(|s| s.user && s.host)));
+
+    let text = std::fs::read_to_string(data("rlm-served.lic")).unwrap();
+    let import = tally_publisher::rlm::import("rlm-served.lic", &text).unwrap();
+    let b = reviewed(&import.spec);
+    let optimizer = named(&b, "optimizer");
+    let tokens = optimizer.tokens.expect("a token product");
+    assert_eq!((tokens.pool.as_str(), tokens.per_seat), ("credits", 5));
+    let share = named(&b, "solver").share.expect("share=uh:4");
+    assert_eq!((share.user, share.host, share.limit), (true, true, 4));
 }

@@ -680,7 +680,6 @@ fn import_flexlm_reads_flexlm_meaning() {
         "line 9: INCREMENT solver: TS_OK (",
         "line 14: INCREMENT solver: USER_BASED (",
         "line 18: FEATURE cfd_suite: FLOAT_OK (",
-        "line 18: FEATURE cfd_suite: DUP_GROUP=UHD (",
         "line 17: FEATURE viewer: HOSTID=ANY (",
         "line 7: INCREMENT solver left out: superseded by line 9",
         "line 16: FEATURE mesher left out: superseded by line 18",
@@ -693,6 +692,12 @@ fn import_flexlm_reads_flexlm_meaning() {
     assert!(!out.contains("license key"), "{out}");
     let spec = std::fs::read_to_string(&out_path).unwrap();
     assert!(spec.contains("# EXPIRED: line 21"), "{spec}");
+    // DUP_GROUP=UHD is duplicate grouping on the three fields, no longer dropped.
+    assert!(!out.contains("DUP_GROUP"), "{out}");
+    assert!(
+        spec.contains("name = \"cfd_suite\"") && spec.contains("share = \"user+host+display\""),
+        "{spec}"
+    );
     let filled = spec
         .replace("id = \"\"", "id = \"C-9\"")
         .replace("name = \"\"", "name = \"Example\"");

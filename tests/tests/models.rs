@@ -1,0 +1,159 @@
+//! The licensing models through real checkouts: a vendor-signed bundle with shared
+//! seats, a suite, a package with component counts and a token pool, served by a real
+//! `tallyd` to real `tally run` holders (one user on one host, another user by
+//! `USER`), across a SIGKILL and restart of the daemon.
+
+use std::process::{Output, Stdio};
+use std::time::Duration;
+use tally_tests::{wait_until, Daemon, Holder, VendorSite};
+
+const SPEC: &str = r#"
+id = "models-1"
+vendor = "Acme Simulation"
+[customer]
+id = "C-1001"
+name = "Example Corp"
+
+[[feature]]
+name = "solver"
+seats = 1
+share = "user+host"
+
+[[feature]]
+name = "studio"
+seats = 1
+suite = true
+components = ["mesh:3.1:2", "view"]
+
+[[feature]]
+name = "cae"
+seats = 2
+components = ["post:2024.06:3"]
+
+[[feature]]
+name = "credits"
+seats = 10
+
+[[feature]]
+name = "optimizer"
+token_pool = "credits"
+tokens = 4
+"#;
+
+fn hold(daemon: &Daemon, user: &str, args: &[&str]) -> Holder {
+    use std::os::unix::process::CommandExt;
+    let child = daemon
+        .tally()
+        .env("USER", user)
+        .arg("run")
+        .args(args)
+        .args(["--", "sleep", "120"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    Holder::from_child(child)
+}
+
+fn run_as(daemon: &Daemon, user: &str, args: &[&str]) -> Output {
+    daemon
+        .tally()
+        .env("USER", user)
+        .arg("run")
+        .args(args)
+        .args(["--", "true"])
+        .output()
+        .unwrap()
+}
+
+fn denied(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
+}
+
+fn leases(daemon: &Daemon, feature: &str) -> usize {
+    daemon.feature(feature)["holders"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// Waits until `feature` shows `leases` holders and `pool` `seats` in use.
+fn settle(daemon: &Daemon, feature: &str, holders: usize, pool: &str, seats: u64) {
+    assert!(
+        wait_until(Duration::from_secs(20), || leases(daemon, feature)
+            == holders
+            && daemon.in_use(pool) == seats),
+        "{feature}: {} holders (want {holders}); {pool}: {} in use (want {seats})",
+        leases(daemon, feature),
+        daemon.in_use(pool)
+    );
+}
+
+#[test]
+fn every_model_counts_real_checkouts_and_keeps_counting_after_a_restart() {
+    let site = VendorSite::new();
+    site.issue_spec("models-1", SPEC);
+    let daemon = site.daemon();
+
+    // Shared seats: three runs of ana on this host hold solver's one seat; bo gets none.
+    let mut held: Vec<Holder> = (0..3).map(|_| hold(&daemon, "ana", &["solver"])).collect();
+    settle(&daemon, "solver", 3, "solver", 1);
+    denied(&run_as(&daemon, "bo", &["solver"]), "solver");
+
+    // A suite: ana's mesh (twice: 2 per suite seat) and view use the one studio seat.
+    held.push(hold(&daemon, "ana", &["mesh", "--version", "3.1"]));
+    held.push(hold(&daemon, "ana", &["mesh", "--version", "3.1"]));
+    held.push(hold(&daemon, "ana", &["view"]));
+    settle(&daemon, "view", 1, "studio", 1);
+    settle(&daemon, "mesh", 2, "studio", 1);
+    denied(&run_as(&daemon, "bo", &["view"]), "studio");
+    // The component's own version ceiling (3.1), not the package's, applies.
+    denied(
+        &run_as(&daemon, "ana", &["mesh", "--version", "3.2"]),
+        "3.1",
+    );
+
+    // Component counts: post has 2 x 3 = 6 seats.
+    held.push(hold(&daemon, "cy", &["post", "--count", "6"]));
+    settle(&daemon, "post", 1, "post", 6);
+    denied(&run_as(&daemon, "dy", &["post"]), "post");
+
+    // Tokens: two optimizer runs spend 8 of the 10 credits; a third needs 4 more.
+    held.push(hold(&daemon, "ana", &["optimizer"]));
+    held.push(hold(&daemon, "bo", &["optimizer"]));
+    settle(&daemon, "optimizer", 2, "credits", 8);
+    denied(&run_as(&daemon, "cy", &["optimizer"]), "credits");
+
+    // SIGKILL and restart on the same address: the holders re-attach and every pool
+    // counts what it counted, no more (sharers and suite members regroup).
+    let config = std::fs::read_to_string(site.path("tallyd.toml")).unwrap();
+    std::fs::write(
+        site.path("tallyd.toml"),
+        config.replace("127.0.0.1:0", &daemon.addr.to_string()),
+    )
+    .unwrap();
+    daemon.kill();
+    let daemon = site.daemon();
+    settle(&daemon, "solver", 3, "solver", 1);
+    settle(&daemon, "mesh", 2, "studio", 1);
+    settle(&daemon, "post", 1, "post", 6);
+    settle(&daemon, "optimizer", 2, "credits", 8);
+    denied(&run_as(&daemon, "bo", &["solver"]), "solver");
+    denied(&run_as(&daemon, "cy", &["optimizer"]), "credits");
+
+    // The last sharer's exit gives the seat back; ending one optimizer returns 4 credits.
+    for h in held.iter_mut().take(3) {
+        h.kill_group();
+    }
+    held[7].kill_group();
+    assert!(
+        wait_until(Duration::from_secs(60), || daemon.in_use("solver") == 0
+            && daemon.in_use("credits") == 4),
+        "solver {} credits {}",
+        daemon.in_use("solver"),
+        daemon.in_use("credits")
+    );
+    assert_eq!(run_as(&daemon, "bo", &["solver"]).status.code(), Some(0));
+}
