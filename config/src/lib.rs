@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod options;
 pub mod policy;
 
 pub use policy::Policy;

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
+use tally_config::policy::Refusal;
 use tally_config::Policy;
 use tally_protocol::bundle::{Bundle, Seats, Share};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
@@ -1319,13 +1320,24 @@ impl Ledger {
             });
         }
         let vendor_ttl = eligible.iter().filter_map(|t| t.ttl).min();
-        let ttl = match self.policy.timeout_secs.get(feature) {
-            // The site may lengthen the TTL, never shorten it below the vendor's.
-            Some(&secs) => Duration::from_secs(secs).max(vendor_ttl.unwrap_or_default()),
-            None => vendor_ttl.unwrap_or(self.settings.default_ttl),
-        };
+        // The site may lengthen the TTL and the linger, never shorten the vendor's.
+        let ttl = self
+            .policy
+            .ttl_for(feature, vendor_ttl, self.settings.default_ttl);
         let linger = eligible.iter().map(|t| t.linger).max().unwrap_or_default();
+        let linger = self.policy.linger_for(feature, linger);
+        let refused_borrow = || DenialReason::BorrowNotAllowed {
+            feature: feature.clone(),
+            limit_secs: 0,
+        };
         let borrow = if request.borrow_secs > 0 {
+            // INCLUDE_BORROW / EXCLUDE_BORROW: this client may not borrow at all.
+            let access = self
+                .policy
+                .borrow_access(feature, &holder.user, &holder.host);
+            if access.is_err() {
+                return Err(refused_borrow());
+            }
             let vendor = eligible
                 .iter()
                 .map(|t| t.borrow_limit)
@@ -1340,6 +1352,20 @@ impl Ledger {
                     feature: feature.clone(),
                     limit_secs: limit.as_secs(),
                 });
+            }
+            // BORROW_LOWWATER: of the feature's own seats, some are never borrowed.
+            if let Some(own) = pools(terms, now.wall) {
+                let lent = self
+                    .leases
+                    .values()
+                    .filter(|h| h.record.feature == *feature && h.record.borrowed_until.is_some());
+                let lent = lent.map(|h| h.record.count).sum();
+                if !self
+                    .policy
+                    .borrow_fits(feature, own.seats(), lent, request.count)
+                {
+                    return Err(refused_borrow());
+                }
             }
             Some(Duration::from_secs(request.borrow_secs))
         } else {
@@ -1595,32 +1621,25 @@ impl Ledger {
         first.unwrap_or(plain)
     }
 
-    /// INCLUDE and EXCLUDE: EXCLUDE wins; an INCLUDE list admits only its subjects.
+    /// INCLUDE(ALL) and EXCLUDE(ALL): EXCLUDE wins; an INCLUDE list admits only its
+    /// subjects (`Policy::access`).
     fn check_policy_access(
         &self,
         feature: &str,
         holder: &ClientIdentity,
     ) -> Result<(), DenialReason> {
-        let p = &self.policy;
-        if let Some(rule) = p
-            .exclude
-            .iter()
-            .find(|r| r.feature == feature && p.matches(&r.subject, &holder.user, &holder.host))
-        {
-            return Err(DenialReason::Excluded {
-                feature: feature.to_string(),
-                rule: rule.subject.to_string(),
-            });
-        }
-        let mut includes = p.include.iter().filter(|r| r.feature == feature).peekable();
-        if includes.peek().is_some()
-            && !includes.any(|r| p.matches(&r.subject, &holder.user, &holder.host))
-        {
-            return Err(DenialReason::NotIncluded {
-                feature: feature.to_string(),
-            });
-        }
-        Ok(())
+        let refusal = match self.policy.access(feature, &holder.user, &holder.host) {
+            Ok(()) => return Ok(()),
+            Err(refusal) => refusal,
+        };
+        let feature = feature.to_string();
+        Err(match refusal {
+            Refusal::Excluded(subject) => DenialReason::Excluded {
+                feature,
+                rule: subject.to_string(),
+            },
+            Refusal::NotIncluded => DenialReason::NotIncluded { feature },
+        })
     }
 
     /// MAX: seats held by the capped user or group, plus the new ones, within the cap.

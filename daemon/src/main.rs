@@ -1,6 +1,7 @@
 //! `tallyd`: thin main. Parses the command line, sets up logging, prints, and maps
 //! failures to sysexits codes; the subcommands' bodies live in the library
-//! (`start`: init, check-config, run; `returns`, `diagnose`, `demo`).
+//! (`start`: init, check-config, run; `returns`, `diagnose`, `demo`;
+//! `tally_config::options` for import-options).
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
@@ -95,6 +96,20 @@ enum Command {
         /// Where to write the return proof.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Convert a FlexLM options file into a policy file to review: each rule names its
+    /// source line; lines with no tally equivalent are printed on stderr and listed at
+    /// the end of the policy. Exit 0 when written, 65 for a file that is not an options
+    /// file (the message names the line).
+    ImportOptions {
+        /// The FlexLM options file.
+        file: PathBuf,
+        /// Where to write the policy; standard output when omitted.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
 }
 
@@ -227,6 +242,7 @@ fn main() -> ExitCode {
             out,
         } => return_bundle(&config, &bundle, &out),
         Command::Diagnose { config, out } => diagnose(&config, &out),
+        Command::ImportOptions { file, out, force } => import_options(&file, out.as_deref(), force),
     };
     let (e, code) = match result {
         Ok(()) => return ExitCode::SUCCESS,
@@ -355,6 +371,41 @@ fn diagnose(config_path: &Path, out: &Path) -> Result<(), Failure> {
     println!(
         "support bundle written to {} (no keys, no tokens)",
         out.display()
+    );
+    Ok(())
+}
+
+fn import_options(file: &Path, out: Option<&Path>, force: bool) -> Result<(), Failure> {
+    use tally_config::options;
+    let name = file.display().to_string();
+    let bytes = tally_daemon::files::read_regular(file, options::MAX_OPTIONS_LEN)
+        .map_err(|e| Failure::Data(anyhow!("{name}: {e}")))?;
+    let converted = options::convert_bytes(&name, &bytes).map_err(|e| Failure::Data(e.into()))?;
+    for u in &converted.unmapped {
+        eprintln!("{name}:{}: not mapped: {} -- {}", u.line, u.text, u.reason);
+    }
+    let Some(out) = out else {
+        print!("{}", converted.policy);
+        return Ok(());
+    };
+    let write = if force {
+        tally_daemon::files::write_atomic
+    } else {
+        tally_daemon::files::create_atomic
+    };
+    write(out, converted.policy.as_bytes(), 0o644).map_err(|e| {
+        usage(if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow!("{} exists; --force replaces it", out.display())
+        } else {
+            anyhow!("writing {}: {e}", out.display())
+        })
+    })?;
+    println!(
+        "policy written to {}: {} line(s) mapped, {} not mapped (on stderr and at its end); \
+         review it, name it as `policy` in tallyd.toml, then run tallyd check-config",
+        out.display(),
+        converted.mapped,
+        converted.unmapped.len()
     );
     Ok(())
 }

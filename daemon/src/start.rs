@@ -375,6 +375,36 @@ fn describe_policy(out: &mut String, p: &Policy) {
     for (feature, secs) in &p.borrow_limit_secs {
         let _ = writeln!(out, "    borrow {feature} at most {} h", secs / 3600);
     }
+    // The rules that came with options-file migration (`tallyd import-options`).
+    for (kind, rules) in [
+        ("include_borrow", &p.include_borrow),
+        ("exclude_borrow", &p.exclude_borrow),
+    ] {
+        for r in rules.iter() {
+            let _ = writeln!(out, "    {kind} {} for {}", r.feature, r.subject);
+        }
+    }
+    for (kind, subjects) in [
+        ("include_all", &p.include_all),
+        ("exclude_all", &p.exclude_all),
+    ] {
+        for s in subjects.iter() {
+            let _ = writeln!(out, "    {kind} for {s}");
+        }
+    }
+    for (feature, seats) in &p.borrow_lowwater {
+        let seats = plural(*seats, "seat", "seats");
+        let _ = writeln!(out, "    borrow_lowwater {feature} {seats} never borrowed");
+    }
+    for (feature, secs) in &p.linger_secs {
+        let _ = writeln!(out, "    linger {feature} {secs} s");
+    }
+    if let Some(secs) = p.timeout_all_secs {
+        let _ = writeln!(out, "    timeout_all {secs} s");
+    }
+    if p.case_insensitive_users {
+        let _ = writeln!(out, "    user names compared without case");
+    }
 }
 
 /// A policy error as one line without the file name (the refusal names the file):
@@ -825,6 +855,28 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "1 bundle file(s) refused; the others would be served"
+        );
+    }
+
+    /// `check-config` lists the rules options files brought too.
+    #[test]
+    fn check_config_lists_the_options_file_rules() {
+        let text = "case_insensitive_users = true\ntimeout_all_secs = 600\n\
+                    [groups]\ncfd = [\"ana\"]\n\
+                    [[include_borrow]]\nfeature = \"solver\"\ngroup = \"cfd\"\n\
+                    [[exclude_borrow]]\nfeature = \"solver\"\nuser = \"bo\"\n\
+                    [[include_all]]\ngroup = \"cfd\"\n[[exclude_all]]\nhost = \"kiosk\"\n\
+                    [[borrow_lowwater]]\nfeature = \"solver\"\nseats = 2\n\
+                    [[linger]]\nfeature = \"viewer\"\nsecs = 120\n";
+        let p = Policy::parse(Path::new("p.toml"), text).unwrap();
+        let mut out = String::new();
+        describe_policy(&mut out, &p);
+        assert_eq!(
+            out,
+            "    include_borrow solver for group cfd\n    exclude_borrow solver for user bo\n    \
+             include_all for group cfd\n    exclude_all for host kiosk\n    \
+             borrow_lowwater solver 2 seats never borrowed\n    linger viewer 120 s\n    \
+             timeout_all 600 s\n    user names compared without case\n"
         );
     }
 

@@ -1384,3 +1384,268 @@ proptest! {
         }
     }
 }
+
+// Rules from FlexLM options files (INCLUDE_BORROW, EXCLUDE_BORROW, BORROW_LOWWATER,
+// TIMEOUTALL, LINGER, GROUPCASEINSENSITIVE), as the policy file holds them.
+
+/// A ledger of `features` with the policy text `policy` applied.
+fn with_policy(features: Vec<FeatureGrant>, policy: &str) -> Driver {
+    let mut d = Driver::new(features);
+    let policy = tally_config::Policy::parse(std::path::Path::new("policy.toml"), policy)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let now = d.now();
+    d.ledger.set_policy(now, policy);
+    d
+}
+
+/// A checkout of `count` seats of `feature` by `user`@`host`, borrowed for `borrow_secs`
+/// when that is not 0.
+fn take_as(
+    d: &mut Driver,
+    user: &str,
+    host: &str,
+    feature: &str,
+    count: u32,
+    borrow_secs: u64,
+) -> Result<LeaseRecord, DenialReason> {
+    let fresh = d.fresh();
+    let conn = ConnId(d.next);
+    let request = CheckoutRequest {
+        feature: feature.into(),
+        count,
+        version: None,
+        build_date: None,
+        wait_secs: 0,
+        borrow_secs,
+    };
+    let holder = ClientIdentity {
+        host: host.into(),
+        ..who(user)
+    };
+    let now = d.now();
+    d.ledger
+        .checkout(now, conn, &holder, &request, fresh)
+        .map(|(record, _)| record)
+}
+
+fn borrowable(name: &str, seats: u32) -> FeatureGrant {
+    let mut f = FeatureGrant::counted(name, seats);
+    f.borrow_limit_secs = 7 * 86_400;
+    f
+}
+
+#[test]
+fn include_and_exclude_borrow_say_who_may_borrow_and_leave_plain_checkouts_alone() {
+    let policy = r#"
+[groups]
+cfd = ["ana", "bo"]
+[[include_borrow]]
+feature = "solver"
+group = "cfd"
+[[exclude_borrow]]
+feature = "solver"
+user = "bo"
+[[exclude_borrow]]
+feature = "mesher"
+host = "kiosk"
+"#;
+    let day = 86_400;
+    let mut d = with_policy(
+        vec![borrowable("solver", 5), borrowable("mesher", 5)],
+        policy,
+    );
+    let ana = take_as(&mut d, "ana", "laptop", "solver", 1, day).unwrap();
+    assert!(ana.borrowed_until.is_some());
+    // bo is in the include list's group but excluded by name: EXCLUDE_BORROW wins.
+    for user in ["bo", "cy"] {
+        let denial = take_as(&mut d, user, "laptop", "solver", 1, day).unwrap_err();
+        assert_eq!(
+            denial,
+            DenialReason::BorrowNotAllowed {
+                feature: "solver".into(),
+                limit_secs: 0
+            },
+            "{user}"
+        );
+        assert_eq!(denial.to_string(), "'solver' may not be borrowed");
+        // On site, the same user checks out as before.
+        let plain = take_as(&mut d, user, "laptop", "solver", 1, 0).unwrap();
+        assert!(plain.borrowed_until.is_none());
+    }
+    // No include list for mesher: anyone borrows, except from the excluded host.
+    take_as(&mut d, "cy", "laptop", "mesher", 1, day).unwrap();
+    assert!(matches!(
+        take_as(&mut d, "ana", "KIOSK", "mesher", 1, day),
+        Err(DenialReason::BorrowNotAllowed { limit_secs: 0, .. })
+    ));
+    assert_eq!(
+        (d.ledger.in_use("solver"), d.ledger.in_use("mesher")),
+        (3, 1)
+    );
+}
+
+#[test]
+fn borrow_lowwater_keeps_seats_from_being_borrowed() {
+    let policy = "[[borrow_lowwater]]\nfeature = \"solver\"\nseats = 2\n";
+    let day = 86_400;
+    let mut d = with_policy(vec![borrowable("solver", 5)], policy);
+    let first = take_as(&mut d, "ana", "l1", "solver", 2, day).unwrap();
+    // 2 of 5 out on borrow, 2 kept: 1 more may be borrowed, not 2.
+    assert!(matches!(
+        take_as(&mut d, "bo", "l2", "solver", 2, day),
+        Err(DenialReason::BorrowNotAllowed { limit_secs: 0, .. })
+    ));
+    take_as(&mut d, "bo", "l2", "solver", 1, day).unwrap();
+    assert!(matches!(
+        take_as(&mut d, "cy", "l3", "solver", 1, day),
+        Err(DenialReason::BorrowNotAllowed { limit_secs: 0, .. })
+    ));
+    // The kept seats serve checkouts on site.
+    take_as(&mut d, "cy", "ws", "solver", 2, 0).unwrap();
+    assert_eq!(d.ledger.in_use("solver"), 5);
+    // A borrow returned early makes room to borrow again.
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&first)]);
+    take_as(&mut d, "dee", "l4", "solver", 2, day).unwrap();
+}
+
+#[test]
+fn timeoutall_sets_every_ttl_a_feature_timeout_wins_and_the_vendors_is_a_floor() {
+    let policy = "timeout_all_secs = 600\n[[timeout]]\nfeature = \"viewer\"\nsecs = 300\n";
+    let mut mesher = FeatureGrant::counted("mesher", 1);
+    mesher.heartbeat_ttl_secs = Some(900);
+    let features = vec![
+        FeatureGrant::counted("solver", 1),
+        FeatureGrant::counted("viewer", 1),
+        mesher,
+    ];
+    let mut d = with_policy(features, policy);
+    let ttl = |d: &mut Driver, f: &str| take_as(d, "a", "ws", f, 1, 0).unwrap().ttl_secs;
+    assert_eq!(ttl(&mut d, "solver"), 600, "TIMEOUTALL, not the default 90");
+    assert_eq!(ttl(&mut d, "viewer"), 300, "the feature's own TIMEOUT wins");
+    assert_eq!(ttl(&mut d, "mesher"), 900, "never below the vendor's");
+    // The lease lives by it: silent holders keep solver 600 s, viewer 300 s.
+    let now = d.now();
+    d.ledger.connection_closed(now, ConnId(1_000));
+    d.advance(Duration::from_secs(299));
+    assert_eq!(d.ledger.in_use("viewer"), 1);
+    d.advance(Duration::from_secs(1));
+    assert_eq!(d.ledger.in_use("viewer"), 0);
+    d.advance(Duration::from_secs(299));
+    assert_eq!(d.ledger.in_use("solver"), 1);
+    d.advance(Duration::from_secs(1));
+    assert_eq!(d.ledger.in_use("solver"), 0);
+    assert_eq!(d.ledger.in_use("mesher"), 1);
+}
+
+#[test]
+fn a_site_linger_lengthens_the_vendors_and_never_shortens_it() {
+    let policy = "[[linger]]\nfeature = \"solver\"\nsecs = 30\n[[linger]]\nfeature = \"mesher\"\nsecs = 120\n";
+    let mut solver = FeatureGrant::counted("solver", 1);
+    solver.linger_secs = 60;
+    let mut mesher = FeatureGrant::counted("mesher", 1);
+    mesher.linger_secs = 10;
+    let mut d = with_policy(vec![solver, mesher], policy);
+    let s = take_as(&mut d, "a", "ws", "solver", 1, 0).unwrap();
+    let m = take_as(&mut d, "a", "ws", "mesher", 1, 0).unwrap();
+    assert_eq!((s.linger_secs, m.linger_secs), (60, 120));
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&s), r(&m)]);
+    d.advance(Duration::from_secs(60));
+    assert_eq!(
+        d.ledger.in_use("solver"),
+        0,
+        "the vendor's 60 s, not the site's 30"
+    );
+    d.advance(Duration::from_secs(59));
+    assert_eq!(
+        d.ledger.in_use("mesher"),
+        1,
+        "the site's 120 s, not the vendor's 10"
+    );
+    d.advance(Duration::from_secs(1));
+    assert_eq!(d.ledger.in_use("mesher"), 0);
+}
+
+#[test]
+fn case_insensitive_user_names_match_groups_and_rules_in_any_case() {
+    let rules = r#"
+[groups]
+cfd = ["Ana"]
+[[exclude]]
+feature = "solver"
+user = "BO"
+[[reserve]]
+feature = "solver"
+seats = 1
+group = "cfd"
+[[max]]
+feature = "solver"
+seats = 1
+user = "cy"
+"#;
+    let mut d = with_policy(
+        vec![FeatureGrant::counted("solver", 4)],
+        &format!("case_insensitive_users = true\n{rules}"),
+    );
+    assert!(matches!(
+        take_as(&mut d, "bo", "ws", "solver", 1, 0),
+        Err(DenialReason::Excluded { .. })
+    ));
+    take_as(&mut d, "cy", "ws", "solver", 1, 0).unwrap();
+    // MAX counts cy's seats whatever the case of the login that holds them.
+    assert!(matches!(
+        take_as(&mut d, "CY", "ws", "solver", 1, 0),
+        Err(DenialReason::MaxReached { .. })
+    ));
+    take_as(&mut d, "dee", "ws", "solver", 2, 0).unwrap();
+    // The last seat is reserved for cfd: ANA is Ana.
+    assert!(matches!(
+        take_as(&mut d, "eve", "ws", "solver", 1, 0),
+        Err(DenialReason::ReservedForOthers { .. })
+    ));
+    take_as(&mut d, "ANA", "ws", "solver", 1, 0).unwrap();
+    // Without the switch names are exact, as before.
+    let mut exact = with_policy(vec![FeatureGrant::counted("solver", 4)], rules);
+    take_as(&mut exact, "bo", "ws", "solver", 1, 0).unwrap();
+    take_as(&mut exact, "CY", "ws", "solver", 1, 0).unwrap();
+    take_as(&mut exact, "cy", "ws", "solver", 1, 0).unwrap();
+    assert!(matches!(
+        take_as(&mut exact, "ANA", "ws", "solver", 1, 0),
+        Err(DenialReason::ReservedForOthers { .. })
+    ));
+}
+
+#[test]
+fn includeall_and_excludeall_rule_every_feature() {
+    let policy = r#"
+[groups]
+staff = ["ana", "bo"]
+[[include_all]]
+group = "staff"
+[[exclude_all]]
+user = "bo"
+[[include]]
+feature = "viewer"
+user = "guest"
+"#;
+    let features = vec![
+        FeatureGrant::counted("solver", 5),
+        FeatureGrant::counted("viewer", 5),
+    ];
+    let mut d = with_policy(features, policy);
+    take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+    take_as(&mut d, "ana", "ws", "viewer", 1, 0).unwrap();
+    assert_eq!(
+        take_as(&mut d, "guest", "ws", "solver", 1, 0),
+        Err(DenialReason::NotIncluded {
+            feature: "solver".into()
+        })
+    );
+    take_as(&mut d, "guest", "ws", "viewer", 1, 0).unwrap();
+    let denial = take_as(&mut d, "bo", "ws", "viewer", 1, 0).unwrap_err();
+    assert_eq!(
+        denial.to_string(),
+        "'viewer' is not available to user bo (excluded by the site's policy)"
+    );
+}

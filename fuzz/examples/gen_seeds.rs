@@ -487,7 +487,11 @@ fn stored_seeds(events: &[JournalEntry]) {
         overdraft: false,
         borrowed_until: Some(NOW.plus_secs(DAY)),
     };
-    write("stored", "lease", &tagged(0, StoredLease::V1(record).encode()));
+    write(
+        "stored",
+        "lease",
+        &tagged(0, StoredLease::V1(record).encode()),
+    );
     write(
         "stored",
         "journal-entry",
@@ -637,6 +641,37 @@ http_listen = "127.0.0.1:27301"
             &format!("publisher/tests/data/{lic}.lic"),
         );
     }
+    write(
+        "options",
+        "cfd.opt",
+        br#"# Options for the CFD department (IT ticket 4711)
+GROUPCASEINSENSITIVE ON
+TIMEOUTALL 3600
+GROUP cfd ana \
+      bo
+group cfd cy
+GROUP interns eve
+HOST_GROUP farm rf-01 rf-02
+RESERVE 2 solver GROUP cfd
+reserve 1 "viewer" HOST_GROUP farm
+MAX 1 viewer GROUP interns
+MAX 0 viewer USER guest
+EXCLUDE viewer USER mallory   # left in 2019
+INCLUDE_BORROW solver GROUP cfd
+Exclude_Borrow solver USER bo
+INCLUDEALL GROUP cfd
+EXCLUDEALL HOST kiosk
+MAX_BORROW_HOURS solver 48
+BORROW_LOWWATER solver 1
+LINGER viewer 120
+TIMEOUT solver 7200
+INCLUDE solver INTERNET 10.1.2.*
+MAX 2 solver:VERSION=2.0 USER ana
+INCLUDE mesher DISPLAY :0
+REPORTLOG +/var/log/lmgrd/report.log
+NOLOG IN
+"#,
+    );
     println!(
         "seeds written to {}",
         root().join("fuzz/seeds").canonicalize().unwrap().display()

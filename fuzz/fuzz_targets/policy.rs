@@ -2,7 +2,8 @@
 //!
 //! Property: no panic on any text; an accepted policy keeps the promises `parse` makes
 //! (groups named by rules exist, MAX has user/group subjects, seats where needed,
-//! timeouts of at least 10 s), and error messages name the file.
+//! timeouts of at least 10 s, lowwater and linger of at least 1), and error messages
+//! name the file.
 
 #![no_main]
 
@@ -22,15 +23,22 @@ fuzz_target!(|data: &[u8]| {
                 .iter()
                 .chain(&p.max)
                 .chain(&p.include)
-                .chain(&p.exclude);
-            for rule in all {
-                match &rule.subject {
+                .chain(&p.exclude)
+                .chain(&p.include_borrow)
+                .chain(&p.exclude_borrow)
+                .map(|r| &r.subject)
+                .chain(&p.include_all)
+                .chain(&p.exclude_all);
+            for subject in all {
+                match subject {
                     Subject::Group(g) => assert!(p.groups.contains_key(g)),
                     Subject::HostGroup(g) => assert!(p.host_groups.contains_key(g)),
                     _ => {}
                 }
-                let _ = p.matches(&rule.subject, "ana", "ws-1");
+                let _ = p.matches(subject, "ana", "ws-1");
             }
+            let _ = p.access("solver", "Ana", "ws-1");
+            let _ = p.borrow_access("solver", "Ana", "ws-1");
             for rule in p.reserve.iter().chain(&p.max) {
                 assert!(rule.seats >= 1);
             }
@@ -38,6 +46,9 @@ fuzz_target!(|data: &[u8]| {
                 assert!(matches!(rule.subject, Subject::User(_) | Subject::Group(_)));
             }
             assert!(p.timeout_secs.values().all(|&s| s >= 10));
+            assert!(p.timeout_all_secs.is_none_or(|s| s >= 10));
+            assert!(p.borrow_lowwater.values().all(|&n| n >= 1));
+            assert!(p.linger_secs.values().all(|&s| s >= 1));
         }
         Err(e) => assert!(e.to_string().starts_with("/etc/tally/policy.toml"), "{e}"),
     }
