@@ -641,6 +641,7 @@ http_listen = "127.0.0.1:27301"
             &format!("publisher/tests/data/{lic}.lic"),
         );
     }
+    copy("rlm", "rlm-served.lic", "publisher/tests/data/rlm-served.lic");
     write(
         "options",
         "cfd.opt",
