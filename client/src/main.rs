@@ -8,7 +8,7 @@ use tally_client::grace::{LostSeatTerms, OnLostSeat, SeatGrace};
 use tally_client::{
     cache, Client, ClientConfig, ClientError, LeaseHandle, LeaseStatus, Session, Trust, Want,
 };
-use tally_protocol::bundle::VerifiedBundle;
+use tally_protocol::bundle::{FeatureGrant, VerifiedBundle};
 use tally_protocol::lease::LeaseId;
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::{plural, AdminOp, Denial, DenialReason, ErrorCode, StatusReply};
@@ -1119,14 +1119,54 @@ fn print_status(status: &StatusReply, bundles: &[VerifiedBundle], server: &str, 
             f.reserved,
             versions
         );
-        for h in &f.holders {
+        // The vendor-signed grant says how the seats count (shared, a suite, tokens).
+        let grant = bundles
+            .iter()
+            .flat_map(|b| b.bundle.features.iter())
+            .find(|g| g.name == f.name);
+        let (sharers, alone) = shared_holders(grant, &f.holders);
+        for (key, group) in &sharers {
+            let first = group[0];
+            let leases: Vec<String> = group.iter().map(|h| h.lease.to_string()).collect();
+            let pids: Vec<String> = group.iter().map(|h| h.client.pid.to_string()).collect();
+            let seats = key.1 * key.2;
+            say!(
+                "  {}  {} sharing {} ({} {}, leases {})  since {}",
+                first.client,
+                plural(group.len() as u64, "process", "processes"),
+                plural(seats, "seat", "seats"),
+                if group.len() == 1 { "pid" } else { "pids" },
+                pids.join(", "),
+                leases.join(", "),
+                first.since
+            );
+        }
+        for h in alone {
             let borrowed = h
                 .borrowed_until
                 .map(|u| format!("  borrowed until {u}"))
                 .unwrap_or_default();
             let over = if h.overdraft { "  (overdraft)" } else { "" };
+            let draws = match grant {
+                Some(g) => match (&g.tokens, bundles_suite_of(bundles, &f.name)) {
+                    (Some(t), _) => format!(
+                        "  = {} of {}",
+                        plural(
+                            u64::from(h.count) * u64::from(t.per_seat),
+                            "token",
+                            "tokens"
+                        ),
+                        t.pool
+                    ),
+                    (None, Some(suite)) => format!("  (suite {suite})"),
+                    _ => String::new(),
+                },
+                None => bundles_suite_of(bundles, &f.name)
+                    .map(|suite| format!("  (suite {suite})"))
+                    .unwrap_or_default(),
+            };
             say!(
-                "  {}  {}  pid {}  {}  {} since {}{borrowed}{over}",
+                "  {}  {}  pid {}  {}  {} since {}{draws}{borrowed}{over}",
                 h.lease,
                 h.client,
                 h.client.pid,
@@ -1147,6 +1187,76 @@ fn print_status(status: &StatusReply, bundles: &[VerifiedBundle], server: &str, 
             );
         }
     }
+}
+
+/// A shared feature's holders by the group they share seats in: (key, seats per set,
+/// sets) to the group's holders, in order of arrival; and the holders that share
+/// nothing (every holder when the grant shares nothing; a borrow never shares). A group
+/// holds one set of seats per `limit` sharers.
+#[allow(clippy::type_complexity)]
+fn shared_holders<'a>(
+    grant: Option<&FeatureGrant>,
+    holders: &'a [tally_protocol::wire::HolderStatus],
+) -> (
+    Vec<(
+        (String, u64, u64),
+        Vec<&'a tally_protocol::wire::HolderStatus>,
+    )>,
+    Vec<&'a tally_protocol::wire::HolderStatus>,
+) {
+    let Some(share) = grant.and_then(|g| g.share) else {
+        return (Vec::new(), holders.iter().collect());
+    };
+    let mut groups: Vec<((String, u32), Vec<&tally_protocol::wire::HolderStatus>)> = Vec::new();
+    let mut alone = Vec::new();
+    for h in holders {
+        if h.borrowed_until.is_some() {
+            alone.push(h);
+            continue;
+        }
+        let c = &h.client;
+        let key = format!(
+            "{}\0{}\0{}",
+            if share.user { c.user.as_str() } else { "" },
+            if share.host {
+                c.host.to_ascii_lowercase()
+            } else {
+                String::new()
+            },
+            if share.display {
+                c.display.as_deref().unwrap_or("")
+            } else {
+                ""
+            },
+        );
+        match groups
+            .iter_mut()
+            .find(|(k, _)| k.0 == key && k.1 == h.count)
+        {
+            Some((_, g)) => g.push(h),
+            None => groups.push(((key, h.count), vec![h])),
+        }
+    }
+    let groups = groups
+        .into_iter()
+        .map(|((key, count), g)| {
+            let sets = match share.limit {
+                0 => 1,
+                l => (g.len() as u64).div_ceil(u64::from(l)),
+            };
+            ((key, u64::from(count), sets), g)
+        })
+        .collect();
+    (groups, alone)
+}
+
+/// The suite whose component `feature` is, in the bundles the server presented.
+fn bundles_suite_of<'a>(bundles: &'a [VerifiedBundle], feature: &str) -> Option<&'a str> {
+    bundles
+        .iter()
+        .flat_map(|b| b.bundle.features.iter())
+        .find(|g| g.suite && g.components.iter().any(|c| c.name == feature))
+        .map(|g| g.name.as_str())
 }
 
 /// `tally status` with no server reachable: what this user has borrowed and until when.

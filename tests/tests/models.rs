@@ -142,6 +142,12 @@ fn every_model_counts_real_checkouts_and_keeps_counting_after_a_restart() {
     settle(&daemon, "optimizer", 2, "credits", 8);
     denied(&run_as(&daemon, "bo", &["solver"]), "solver");
     denied(&run_as(&daemon, "cy", &["optimizer"]), "credits");
+    // `tally status` shows the sharers as one holder with several processes, a token
+    // product's seats in tokens, and a suite's components as such.
+    let status = tally_tests::ok(tally_tests::run(daemon.tally().arg("status")));
+    assert!(status.contains("3 processes sharing 1 seat"), "{status}");
+    assert!(status.contains("= 4 tokens of credits"), "{status}");
+    assert!(status.contains("(suite studio)"), "{status}");
 
     // The last sharer's exit gives the seat back; ending one optimizer returns 4 credits.
     for h in held.iter_mut().take(3) {
