@@ -85,6 +85,12 @@ pub(crate) struct Entry {
     pub(crate) suite: bool,
     /// `token_pool` and `tokens`: the seats of this product are tokens of that pool.
     pub(crate) token: Option<(String, u32)>,
+    /// `named` (`user` or `host`) and `named_limit`: licensed to named users or hosts.
+    pub(crate) named: Option<(&'static str, Option<u32>)>,
+    /// `remote_sessions` as written (`allow` / `deny`).
+    pub(crate) remote_sessions: Option<&'static str>,
+    /// `virtual_machines` as written (`allow` / `deny`).
+    pub(crate) virtual_machines: Option<&'static str>,
     /// `ISSUED=` as `YYYY-MM-DD`, when it reads as a date.
     pub(crate) issued: Option<String>,
     /// `SUPERSEDE` on this line: `Some(empty)` for the line's own feature, else the
@@ -783,13 +789,30 @@ fn map_pair(
             "a FlexLM signature; the tally bundle carries the vendor's signature instead",
         ),
         "HOSTID" => drop("tally binds the whole bundle to the server of the activation request"),
-        "TS_OK" | "ONE_TS_OK" => drop(
-            "no tally equivalent yet (remote sessions): FlexLM refuses node-locked uncounted use over Windows Terminal Server without it; tally does not look for terminal servers yet, so nothing is refused there",
-        ),
+        // Remote sessions are allowed unless the vendor says `deny`; written so the
+        // review sees the choice.
+        "TS_OK" => e.remote_sessions = Some("allow"),
+        "ONE_TS_OK" => {
+            e.remote_sessions = Some("allow");
+            drop("FlexLM allows one terminal-server session per user; tally allows remote sessions without a count (remote_sessions = \"allow\")")
+        }
         "FLOAT_OK" => drop("tally seats always float: a node-locked licence to float is the default"),
-        "USER_BASED" | "HOST_BASED" => drop(
-            "no tally equivalent yet (named users): seats limited to the users or hosts INCLUDEd in the options file; meanwhile write INCLUDE and MAX rules in tally's policy file",
-        ),
+        // USER_BASED[=n]: only the users the site names (INCLUDE in FlexLM's options
+        // file, `[[named]]` in tally's policy), at most n (default: the seats).
+        "USER_BASED" | "HOST_BASED" => {
+            let limit = match value {
+                "" => None,
+                n => Some(n.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    ImportError {
+                        line,
+                        message: format!("{shown}: not a number of names above 0"),
+                    }
+                })?),
+            };
+            let kind = if upper == "USER_BASED" { "user" } else { "host" };
+            let limit = limit.or(e.named.and_then(|(_, n)| n));
+            e.named = Some((kind, limit));
+        }
         "DUP_GROUP" => match dup_group(value) {
             Ok(share) => e.share = share,
             Err(why) => drop(&why),
@@ -996,6 +1019,18 @@ pub(crate) fn render(source: &str, vendor: &str, review: &Review, entries: &[Ent
         if e.suite {
             let _ = writeln!(out, "suite = true");
         }
+        if let Some((kind, limit)) = e.named {
+            let _ = writeln!(out, "named = {}", toml_string(kind));
+            if let Some(n) = limit {
+                let _ = writeln!(out, "named_limit = {n}");
+            }
+        }
+        if let Some(v) = e.remote_sessions {
+            let _ = writeln!(out, "remote_sessions = {}", toml_string(v));
+        }
+        if let Some(v) = e.virtual_machines {
+            let _ = writeln!(out, "virtual_machines = {}", toml_string(v));
+        }
         if !e.components.is_empty() {
             let list: Vec<String> = e.components.iter().map(|c| toml_string(c)).collect();
             let _ = writeln!(out, "components = [{}]", list.join(", "));
@@ -1145,15 +1180,22 @@ mod tests {
             spec["feature"][1]["borrow_limit_hours"].as_integer(),
             Some(168)
         );
-        // TS_OK after a KEY=VALUE pair is still seen, and listed.
-        assert!(
-            import
-                .unmapped
-                .iter()
-                .any(|u| u.starts_with("line 1: FEATURE a: TS_OK (")),
-            "{:?}",
-            import.unmapped
+        // TS_OK after a KEY=VALUE pair is still seen: remote sessions allowed.
+        assert_eq!(
+            spec["feature"][0]["remote_sessions"].as_str(),
+            Some("allow"),
+            "{}",
+            import.spec
         );
+        assert!(spec["feature"][1].get("remote_sessions").is_none());
+        // USER_BASED=n and HOST_BASED are named users and hosts.
+        let named = at("FEATURE a v 1 permanent 10 USER_BASED=4 SIGN=00\n\
+             FEATURE b v 1 permanent 3 HOST_BASED SIGN=00\n");
+        let spec: toml::Value = toml::from_str(&named.spec).unwrap();
+        assert_eq!(spec["feature"][0]["named"].as_str(), Some("user"));
+        assert_eq!(spec["feature"][0]["named_limit"].as_integer(), Some(4));
+        assert_eq!(spec["feature"][1]["named"].as_str(), Some("host"));
+        assert!(spec["feature"][1].get("named_limit").is_none());
         // a's last day was yesterday; b's is today.
         assert_eq!(import.expired.len(), 1, "{:?}", import.expired);
         assert!(

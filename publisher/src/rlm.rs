@@ -423,12 +423,30 @@ fn map_param(
         "hostid" => drop(
             "node-locks the license to one host; tally binds the whole bundle to the server of the activation request and serves any client",
         ),
-        "named_user" | "user_based" | "host_based" => drop(
-            "no tally equivalent yet (named users): seats limited to named users or hosts; meanwhile write INCLUDE and MAX rules in tally's policy file",
-        ),
-        "disable" => drop(
-            "no tally equivalent yet (remote sessions): RLM refuses checkouts from Terminal Server / Remote Desktop sessions or virtual machines; tally refuses neither yet",
-        ),
+        // Named users (or hosts), at most n (default: the seats); the site names them
+        // in tally's policy (`[[named]]`).
+        "named_user" | "user_based" | "host_based" => {
+            let limit = match value {
+                "" => None,
+                n => Some(number::<u32>(n, &lower, line)?).filter(|n| *n > 0),
+            };
+            let kind = if lower == "host_based" { "host" } else { "user" };
+            // `named_user=3 user_based` says the count once: a bare repeat keeps it.
+            let limit = limit.or(e.named.and_then(|(_, n)| n));
+            e.named = Some((kind, limit));
+        }
+        // disable="TerminalServer VM": what RLM refuses to serve.
+        "disable" => {
+            for what in value.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()) {
+                match what.to_ascii_lowercase().as_str() {
+                    "terminalserver" | "remotedesktop" => e.remote_sessions = Some("deny"),
+                    "vm" => e.virtual_machines = Some("deny"),
+                    _ => unmapped.push(format!(
+                        "line {line}: {keyword} {name}: disable={what} (not a kind of session tally tells apart)"
+                    )),
+                }
+            }
+        }
         "soft_limit" => drop(
             "RLM grants past the soft limit with a warning; the nearest in tally is seats = soft_limit with overdraft = count - soft_limit, written by hand",
         ),
@@ -804,10 +822,14 @@ mod tests {
              LICENSE a rlm_roam 1.0 permanent uncounted\n\
              CUSTOMER acme\n",
         );
+        // Named users, and what `disable=` refuses, have their keys now.
+        let spec: toml::Value = toml::from_str(&import.spec).unwrap();
+        let p = &spec["feature"][0];
+        assert_eq!(p["named"].as_str(), Some("user"), "{}", import.spec);
+        assert_eq!(p["named_limit"].as_integer(), Some(3));
+        assert_eq!(p["remote_sessions"].as_str(), Some("deny"));
+        assert_eq!(p["virtual_machines"].as_str(), Some("deny"));
         for needle in [
-            "line 1: LICENSE p: named_user=3 (no tally equivalent yet (named users)",
-            "line 1: LICENSE p: user_based (no tally equivalent yet (named users)",
-            "line 1: LICENSE p: disable=vm TerminalServer (no tally equivalent yet (remote sessions)",
             "line 1: LICENSE p: soft_limit=4 (",
             "line 1: LICENSE p: min_timeout=600 (",
             "line 1: LICENSE p: platforms=x64_l1 (",
@@ -815,7 +837,11 @@ mod tests {
             "line 3: LICENSE rlm_roam (enables roaming",
             "line 4: CUSTOMER",
         ] {
-            assert!(listed(&import, needle), "{needle:?} not in {:#?}", import.unmapped);
+            assert!(
+                listed(&import, needle),
+                "{needle:?} not in {:#?}",
+                import.unmapped
+            );
         }
         assert_eq!(import.features, 1, "rlm_roam is not a feature");
     }

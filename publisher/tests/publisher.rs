@@ -409,9 +409,6 @@ fn import_packages_suites_and_dup_groups() {
     for needle in [
         "line 16: FEATURE plotter: DUP_GROUP=UHV ('V' groups by a vendor-defined string",
         "line 17: FEATURE lic_admin: DUP_GROUP=SITE (every checkout on the site shares one seat",
-        "line 16: FEATURE plotter: USER_BASED (no tally equivalent yet (named users)",
-        "line 17: FEATURE lic_admin: HOST_BASED=3 (no tally equivalent yet (named users)",
-        "line 7: INCREMENT renderer: TS_OK (no tally equivalent yet (remote sessions)",
     ] {
         assert!(
             import.unmapped.iter().any(|u| u.starts_with(needle)),
@@ -419,6 +416,17 @@ fn import_packages_suites_and_dup_groups() {
             import.unmapped
         );
     }
+    // Named users and hosts, and TS_OK, have their keys.
+    let plotter = features_named(&spec, "plotter")[0];
+    assert_eq!(plotter["named"].as_str(), Some("user"));
+    assert!(plotter.get("named_limit").is_none(), "the seats");
+    let admin = features_named(&spec, "lic_admin")[0];
+    assert_eq!(admin["named"].as_str(), Some("host"));
+    assert_eq!(admin["named_limit"].as_integer(), Some(3));
+    let renderer = features_named(&spec, "renderer");
+    assert!(renderer
+        .iter()
+        .any(|r| r.get("remote_sessions").and_then(|v| v.as_str()) == Some("allow")));
     // What is now mapped is no longer listed as dropped.
     for gone in [
         "OPTIONS=SUITE",
@@ -501,8 +509,6 @@ fn import_rlm_through_the_binary() {
     );
     for needle in [
         "line 22: LICENSE viewer: hostid=0050569a9999 (node-locks",
-        "line 22: LICENSE viewer: named_user=5 (no tally equivalent yet (named users)",
-        "line 24: LICENSE trial_tool: disable=TerminalServer (no tally equivalent yet (remote sessions)",
         "line 26: LICENSE rlm_roam (enables roaming",
         "line 18: LICENSE optimizer: token alternative <solver 2027.1 1>",
         "mapped, not exactly the same: 2",
@@ -552,8 +558,12 @@ fn import_rlm_through_the_binary() {
         features_named(&spec, "viewer")[0]["seats"].as_str(),
         Some("uncounted")
     );
+    let viewer = features_named(&spec, "viewer")[0];
+    assert_eq!(viewer["named"].as_str(), Some("user"));
+    assert_eq!(viewer["named_limit"].as_integer(), Some(5));
     let trial = features_named(&spec, "trial_tool")[0];
     assert_eq!(trial["starts"].as_str(), Some("2026-06-01"));
+    assert_eq!(trial["remote_sessions"].as_str(), Some("deny"));
     assert!(features_named(&spec, "rlm_roam").is_empty());
     assert!(
         spec_text.contains("by tally-publisher import-rlm"),
