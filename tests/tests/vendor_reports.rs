@@ -677,8 +677,6 @@ fn import_flexlm_reads_flexlm_meaning() {
     for needle in [
         "three SERVER lines: a three-server redundant site",
         "TALLY_SERVER",
-        "line 9: INCREMENT solver: TS_OK (",
-        "line 14: INCREMENT solver: USER_BASED (",
         "line 18: FEATURE cfd_suite: FLOAT_OK (",
         "line 17: FEATURE viewer: HOSTID=ANY (",
         "line 7: INCREMENT solver left out: superseded by line 9",
@@ -692,6 +690,10 @@ fn import_flexlm_reads_flexlm_meaning() {
     assert!(!out.contains("license key"), "{out}");
     let spec = std::fs::read_to_string(&out_path).unwrap();
     assert!(spec.contains("# EXPIRED: line 21"), "{spec}");
+    // TS_OK allows remote sessions; USER_BASED is named users: both mapped, not dropped.
+    assert!(!out.contains("TS_OK") && !out.contains("USER_BASED"), "{out}");
+    assert!(spec.contains("remote_sessions = \"allow\""), "{spec}");
+    assert!(spec.contains("named = \"user\""), "{spec}");
     // DUP_GROUP=UHD is duplicate grouping on the three fields, no longer dropped.
     assert!(!out.contains("DUP_GROUP"), "{out}");
     assert!(
