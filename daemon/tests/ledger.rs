@@ -1649,3 +1649,54 @@ user = "guest"
         "'viewer' is not available to user bo (excluded by the site's policy)"
     );
 }
+
+#[test]
+fn a_site_share_serves_every_checkout_of_the_same_count() {
+    let mut g = FeatureGrant::counted("admin_tool", 1);
+    g.share = Some(Share {
+        user: false,
+        host: false,
+        display: false,
+        limit: 0,
+    });
+    let mut d = Driver::new(vec![g]);
+    checkout_as(&mut d, 1, &who_at("ana", "ws-1"), "admin_tool", 1, None).unwrap();
+    checkout_as(&mut d, 2, &who_at("bo", "ws-2"), "admin_tool", 1, None).unwrap();
+    assert_eq!(d.ledger.in_use("admin_tool"), 1);
+    assert!(checkout_as(&mut d, 3, &who("cy"), "admin_tool", 2, None).is_err());
+}
+
+#[test]
+fn a_waiter_for_a_token_product_is_served_when_tokens_come_back() {
+    let mut d = Driver::new(vec![
+        FeatureGrant::counted("credits", 5),
+        tokens("optimizer", 3),
+    ]);
+    let held = checkout_as(&mut d, 1, &who("ana"), "optimizer", 1, None).unwrap();
+    let fresh = d.fresh();
+    let request = CheckoutRequest {
+        feature: "optimizer".into(),
+        count: 1,
+        version: None,
+        build_date: None,
+        wait_secs: 60,
+        borrow_secs: 0,
+    };
+    let now = d.now();
+    let waiting =
+        d.ledger
+            .checkout_or_wait(now, ConnId(2), &who("bo"), &request, fresh, WaiterId(9));
+    assert!(
+        matches!(waiting, Checkout::Queued { position: 1 }),
+        "{waiting:?}"
+    );
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&held)]);
+    d.ledger.serve_queues(now);
+    let outcomes = d.ledger.take_waiter_outcomes();
+    assert!(
+        matches!(outcomes.as_slice(), [o] if o.waiter == WaiterId(9) && matches!(o.result, Some(Ok(_)))),
+        "{outcomes:?}"
+    );
+    assert_eq!(d.ledger.in_use("credits"), 3);
+}

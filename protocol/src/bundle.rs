@@ -686,7 +686,8 @@ impl std::fmt::Display for Component {
 }
 
 /// Which checkouts share seats: those whose holders agree on every field set here and
-/// ask for the same count. A group of sharers holds the seats of one checkout (times
+/// ask for the same count (no field set: every checkout of the site, FlexLM's
+/// `DUP_GROUP=SITE`). A group of sharers holds the seats of one checkout (times
 /// the number of groups `limit` makes); its seats go back when its last member checks in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Share {
@@ -713,7 +714,11 @@ impl Share {
         if self.display {
             by.push("display");
         }
-        let by = by.join("+");
+        let by = if by.is_empty() {
+            "site".to_string()
+        } else {
+            by.join("+")
+        };
         match self.limit {
             0 => by,
             n => format!("{by}, at most {n} per seat"),

@@ -11,8 +11,8 @@
 //! drops the lines of the same (or the listed) features issued before this line's
 //! `ISSUED=` date (else its `START=` date), as FlexLM's license server does; bare
 //! keywords (`TS_OK`, `FLOAT_OK`, `USER_BASED`, ...) are keywords, not license keys.
-//! `DUP_GROUP=U/H/D` and their combinations are `share` (`V` and `SITE` are listed,
-//! `NONE` shares nothing); a PACKAGE's `COMPONENTS` keep each component's version and
+//! `DUP_GROUP=U/H/D` and their combinations are `share`, `SITE` is `share = "site"` (`V`
+//! is listed, `NONE` shares nothing); a PACKAGE's `COMPONENTS` keep each component's version and
 //! count (`solver:2024.06:2`) and `OPTIONS=SUITE` is `suite = true`.
 //!
 //! The reading of lines (continuations, quoting), dates, the review comments and the
@@ -832,19 +832,16 @@ fn map_pair(
 }
 
 /// FlexLM's `DUP_GROUP` as tally's `share`: `U`, `H`, `D` and their combinations are the
-/// holder fields that must agree (`UHD` is `user+host+display`); `NONE` shares nothing.
-/// `V` (the vendor-defined string) and `SITE` (one seat for the whole site) have no
-/// equivalent: the error says why, and nothing is written, since sharing on fewer fields
-/// than FlexLM compares would let more checkouts share a seat than the license allows.
+/// holder fields that must agree (`UHD` is `user+host+display`); `SITE` is every
+/// checkout of the site (`site`); `NONE` shares nothing. `V` (the vendor-defined
+/// string) has no equivalent: the error says why, and nothing is written, since sharing
+/// on fewer fields than FlexLM compares would let more checkouts share a seat than the
+/// license allows.
 pub(crate) fn dup_group(value: &str) -> Result<Option<String>, String> {
     let upper = value.trim().to_ascii_uppercase();
     match upper.as_str() {
         "NONE" => return Ok(None),
-        "SITE" => {
-            return Err(
-                "every checkout on the site shares one seat; tally shares a seat only among holders of the same user, host or display, so no share is written".into(),
-            )
-        }
+        "SITE" => return Ok(Some("site".into())),
         "" => return Err("an empty DUP_GROUP; no share is written".into()),
         _ => {}
     }
@@ -1218,6 +1215,7 @@ mod tests {
             ("UHD", "user+host+display"),
             ("dhu", "user+host+display"),
             ("HD", "host+display"),
+            ("SITE", "site"),
         ] {
             assert_eq!(dup_group(value).unwrap().as_deref(), Some(share), "{value}");
         }
@@ -1225,7 +1223,6 @@ mod tests {
         for (value, why) in [
             ("V", "vendor-defined"),
             ("UHV", "vendor-defined"),
-            ("SITE", "the site"),
             ("UX", "'X' is not a grouping letter"),
             ("", "empty"),
         ] {

@@ -134,7 +134,8 @@ pub struct FeatureSpec {
     /// A suite: one package seat serves all the components for one user.
     #[serde(default)]
     pub suite: bool,
-    /// Checkouts that share seats: `user`, `host`, `display`, or several joined by `+`.
+    /// Checkouts that share seats: `user`, `host`, `display`, or several joined by `+`;
+    /// `site`: every checkout of the site.
     pub share: Option<String>,
     /// Most checkouts on one shared seat; absent is no limit.
     pub share_limit: Option<u32>,
@@ -492,7 +493,8 @@ pub fn parse_component(text: &str) -> Result<Component, String> {
     })
 }
 
-/// Reads a share rule: `user`, `host`, `display`, or several joined by `+`.
+/// Reads a share rule: `user`, `host`, `display`, or several joined by `+`; `site`
+/// alone shares among every checkout of the site (FlexLM's `DUP_GROUP=SITE`).
 pub fn parse_share(text: &str, limit: u32) -> Result<Share, String> {
     let mut share = Share {
         user: false,
@@ -500,6 +502,9 @@ pub fn parse_share(text: &str, limit: u32) -> Result<Share, String> {
         display: false,
         limit,
     };
+    if text.trim() == "site" {
+        return Ok(share);
+    }
     for word in text.split('+').map(str::trim) {
         match word {
             "user" => share.user = true,
@@ -507,7 +512,7 @@ pub fn parse_share(text: &str, limit: u32) -> Result<Share, String> {
             "display" => share.display = true,
             other => {
                 return Err(format!(
-                    "'{other}' is not user, host or display (join several with +)"
+                    "'{other}' is not user, host or display (join several with +), or site"
                 ))
             }
         }

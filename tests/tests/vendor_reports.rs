@@ -691,7 +691,10 @@ fn import_flexlm_reads_flexlm_meaning() {
     let spec = std::fs::read_to_string(&out_path).unwrap();
     assert!(spec.contains("# EXPIRED: line 21"), "{spec}");
     // TS_OK allows remote sessions; USER_BASED is named users: both mapped, not dropped.
-    assert!(!out.contains("TS_OK") && !out.contains("USER_BASED"), "{out}");
+    assert!(
+        !out.contains("TS_OK") && !out.contains("USER_BASED"),
+        "{out}"
+    );
     assert!(spec.contains("remote_sessions = \"allow\""), "{spec}");
     assert!(spec.contains("named = \"user\""), "{spec}");
     // DUP_GROUP=UHD is duplicate grouping on the three fields, no longer dropped.
