@@ -408,14 +408,12 @@ fn import_packages_suites_and_dup_groups() {
         features_named(&spec, "lic_admin")[0]["share"].as_str(),
         Some("site")
     );
-    for needle in ["line 16: FEATURE plotter: DUP_GROUP=UHV ('V' groups by a vendor-defined string"]
-    {
-        assert!(
-            import.unmapped.iter().any(|u| u.starts_with(needle)),
-            "{needle:?} not in {:#?}",
-            import.unmapped
-        );
-    }
+    let needle = "line 16: FEATURE plotter: DUP_GROUP=UHV ('V' groups by a vendor-defined string";
+    assert!(
+        import.unmapped.iter().any(|u| u.starts_with(needle)),
+        "{needle:?} not in {:#?}",
+        import.unmapped
+    );
     // Named users and hosts, and TS_OK, have their keys.
     let plotter = features_named(&spec, "plotter")[0];
     assert_eq!(plotter["named"].as_str(), Some("user"));
