@@ -302,6 +302,29 @@ pub fn import(source: &str, text: &str) -> Result<Import, ImportError> {
     import_at(source, text, tally_protocol::time::UnixTime(now))
 }
 
+/// Refuses a text larger than any license file.
+pub(crate) fn check_size(text: &str) -> Result<(), ImportError> {
+    if text.len() > MAX_LICENSE_FILE {
+        return Err(ImportError {
+            line: 1,
+            message: format!("larger than {MAX_LICENSE_FILE} bytes, not a license file"),
+        });
+    }
+    Ok(())
+}
+
+/// The bare words a line starts with (its keyword and positional fields), up to the
+/// first `key=value`.
+pub(crate) fn leading_words(tokens: &[Token]) -> Vec<&str> {
+    tokens
+        .iter()
+        .map_while(|t| match t {
+            Token::Word(w) => Some(w.as_str()),
+            Token::Pair(..) => None,
+        })
+        .collect()
+}
+
 /// [`import`] with today given: a line whose last valid day is before `today`'s date is
 /// flagged as expired.
 pub fn import_at(
@@ -309,12 +332,7 @@ pub fn import_at(
     text: &str,
     today: tally_protocol::time::UnixTime,
 ) -> Result<Import, ImportError> {
-    if text.len() > MAX_LICENSE_FILE {
-        return Err(ImportError {
-            line: 1,
-            message: format!("larger than {MAX_LICENSE_FILE} bytes, not a license file"),
-        });
-    }
+    check_size(text)?;
     let mut header: Vec<String> = Vec::new();
     let mut unmapped: Vec<String> = Vec::new();
     let mut vendor: Option<String> = None;
@@ -324,13 +342,7 @@ pub fn import_at(
     for logical in logical_lines(text) {
         let line = logical.line;
         let tokens = tokenize(&logical.text, line)?;
-        let words: Vec<&str> = tokens
-            .iter()
-            .map_while(|t| match t {
-                Token::Word(w) => Some(w.as_str()),
-                Token::Pair(..) => None,
-            })
-            .collect();
+        let words = leading_words(&tokens);
         let pairs: Vec<(&str, &str)> = tokens
             .iter()
             .filter_map(|t| match t {

@@ -28,8 +28,8 @@
 //! signature data and dropped without a word.
 
 use crate::flexlm::{
-    apply_supersede, expired_note, logical_lines, parse_date, render, seats, share_fields,
-    tokenize, Entry, Import, ImportError, Logical, Review, Supersede, Token, MAX_LICENSE_FILE,
+    apply_supersede, check_size, expired_note, leading_words, logical_lines, parse_date, render,
+    seats, share_fields, tokenize, Entry, Import, ImportError, Logical, Review, Supersede, Token,
 };
 use std::collections::BTreeSet;
 use tally_protocol::time::UnixTime;
@@ -76,12 +76,7 @@ struct Extra {
 /// [`import`] with today given: a line whose last valid day is before `today`'s date is
 /// flagged as expired.
 pub fn import_at(source: &str, text: &str, today: UnixTime) -> Result<Import, ImportError> {
-    if text.len() > MAX_LICENSE_FILE {
-        return Err(ImportError {
-            line: 1,
-            message: format!("larger than {MAX_LICENSE_FILE} bytes, not a license file"),
-        });
-    }
+    check_size(text)?;
     let mut header: Vec<String> = Vec::new();
     let mut unmapped: Vec<String> = Vec::new();
     let mut approximated: Vec<String> = Vec::new();
@@ -93,13 +88,7 @@ pub fn import_at(source: &str, text: &str, today: UnixTime) -> Result<Import, Im
     for logical in rlm_lines(text) {
         let line = logical.line;
         let tokens = tokenize(&logical.text, line)?;
-        let words: Vec<&str> = tokens
-            .iter()
-            .map_while(|t| match t {
-                Token::Word(w) => Some(w.as_str()),
-                Token::Pair(..) => None,
-            })
-            .collect();
+        let words = leading_words(&tokens);
         let Some(keyword) = words.first().map(|w| w.to_ascii_uppercase()) else {
             unmapped.push(format!("line {line}: unreadable line '{}'", logical.text));
             continue;
