@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tally_config::policy::Refusal;
 use tally_config::Policy;
-use tally_protocol::bundle::{Bundle, Seats, Share};
+use tally_protocol::bundle::{Bundle, Named, Seats, Share};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
 use tally_protocol::replicate::{Holdoff, QueueChange, QueuePlace};
 use tally_protocol::time::UnixTime;
@@ -484,6 +484,8 @@ struct Term {
     /// Whether the term's seats count in this feature's own pool (not for a suite's
     /// components, nor for a product spending tokens).
     adds_seats: bool,
+    /// Licensed to named users or hosts only (`crate::named`).
+    named: Option<Named>,
 }
 
 /// Seats of a feature that count at one moment, by version ceiling.
@@ -577,6 +579,7 @@ fn terms_of(bundles: &[Bundle]) -> BTreeMap<String, Vec<Term>> {
                     None => Draw::Own(f.share),
                 },
                 adds_seats: f.tokens.is_none(),
+                named: f.named,
             };
             // A package grants its components: in a suite, from the package's seats,
             // one per user for all of them; otherwise (FlexLM's PACKAGE without SUITE)
@@ -1313,6 +1316,9 @@ impl Ledger {
             });
         }
         self.check_policy_access(feature, holder)?;
+        if let Some(named) = crate::named::combine(eligible.iter().map(|t| t.named)) {
+            crate::named::check(&self.policy, feature, named, holder)?;
+        }
         if let Some(until) = self.held_off(now, feature, holder) {
             return Err(DenialReason::RemovedByAdministrator {
                 feature: feature.clone(),

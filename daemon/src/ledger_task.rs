@@ -76,7 +76,8 @@ enum Command {
         bundles: Vec<tally_protocol::bundle::Bundle>,
         /// How the served set changes (`journal::bundle_changes`), journaled with it.
         changes: Vec<UsageEvent>,
-        policy: Policy,
+        /// Boxed: the policy is the largest thing a command carries.
+        policy: Box<Policy>,
         done: oneshot::Sender<()>,
     },
     Shutdown {
@@ -211,7 +212,7 @@ impl LedgerHandle {
         self.ask(|done| Command::Reload {
             bundles,
             changes,
-            policy,
+            policy: Box::new(policy),
             done,
         })
         .await
@@ -405,7 +406,7 @@ async fn follow(
                 Some(Command::Reload { bundles, policy, done, .. }) => {
                     let at = now();
                     task.ledger.reload(at, &bundles);
-                    task.ledger.set_policy(at, policy);
+                    task.ledger.set_policy(at, *policy);
                     let _ = done.send(());
                 }
                 Some(_) => {}
@@ -663,7 +664,7 @@ impl LedgerTask {
                 self.commit.reloaded(now.wall, &bundles, changes);
                 ledger.reload(now, &bundles);
                 self.metrics.set_licensed(ledger.feature_names());
-                ledger.set_policy(now, policy);
+                ledger.set_policy(now, *policy);
                 let _ = done.send(());
             }
             Command::Shutdown { done } => d.shutdown = Some(done),

@@ -1649,3 +1649,117 @@ user = "guest"
         "'viewer' is not available to user bo (excluded by the site's policy)"
     );
 }
+
+// ---- Named users and named hosts (`[[named]]` with the vendor's `named` terms) ----
+
+/// `name` with `seats` seats licensed to `limit` named users (hosts when `hosts`), names
+/// changeable after `change_days`.
+fn named(name: &str, seats: u32, hosts: bool, limit: u32, change_days: u32) -> FeatureGrant {
+    FeatureGrant {
+        named: Some(tally_protocol::bundle::Named {
+            hosts,
+            limit,
+            change_days,
+        }),
+        ..FeatureGrant::counted(name, seats)
+    }
+}
+
+#[test]
+fn a_named_user_feature_serves_only_the_listed_users_within_the_limit() {
+    let policy = r#"
+[[named]]
+feature = "solver"
+users = ["ana", "bo", "dee"]
+"#;
+    let mut d = with_policy(
+        vec![
+            named("solver", 5, false, 2, 0),
+            FeatureGrant::counted("viewer", 5),
+        ],
+        policy,
+    );
+    take_as(&mut d, "ana", "ws-1", "solver", 1, 0).unwrap();
+    take_as(&mut d, "bo", "ws-2", "solver", 1, 0).unwrap();
+    // The same named user on another host, twice: still one name.
+    take_as(&mut d, "ana", "ws-3", "solver", 1, 0).unwrap();
+    let denial = take_as(&mut d, "cy", "ws-1", "solver", 1, 0).unwrap_err();
+    assert_eq!(denial.code(), "excluded");
+    assert_eq!(
+        denial.to_string(),
+        "'solver' is not available to user cy: 'solver' is licensed to 2 named users (ana, bo); \
+         cy is not one of them: ask your administrator (excluded by the site's policy)"
+    );
+    // Listed, but third in a list the licence allows two of: refused, saying so.
+    let denial = take_as(&mut d, "dee", "ws-1", "solver", 1, 0).unwrap_err();
+    assert!(
+        denial
+            .to_string()
+            .contains("(ana, bo); dee is listed after them, beyond the limit"),
+        "{denial}"
+    );
+    // Other features are not named: anyone.
+    take_as(&mut d, "cy", "ws-1", "viewer", 1, 0).unwrap();
+    // User names are compared exactly unless the policy says otherwise.
+    assert!(take_as(&mut d, "ANA", "ws-1", "solver", 1, 0).is_err());
+    let mut d = with_policy(
+        vec![named("solver", 5, false, 2, 0)],
+        &format!("case_insensitive_users = true\n{policy}"),
+    );
+    take_as(&mut d, "ANA", "ws-1", "solver", 1, 0).unwrap();
+}
+
+#[test]
+fn a_named_host_feature_compares_hosts_without_case_and_needs_a_host_list() {
+    let mut d = with_policy(
+        vec![named("solver", 5, true, 1, 0)],
+        "[[named]]\nfeature = \"solver\"\nhosts = [\"WS-1\"]\n",
+    );
+    take_as(&mut d, "ana", "ws-1", "solver", 1, 0).unwrap();
+    take_as(&mut d, "bo", "Ws-1", "solver", 1, 0).unwrap();
+    let denial = take_as(&mut d, "ana", "ws-2", "solver", 1, 0).unwrap_err();
+    assert!(
+        denial
+            .to_string()
+            .contains("host ws-2: 'solver' is licensed to 1 named host (WS-1); ws-2 is not one"),
+        "{denial}"
+    );
+    // No list, or a list of users for a feature licensed to hosts: nobody.
+    for policy in ["", "[[named]]\nfeature = \"solver\"\nusers = [\"ana\"]\n"] {
+        let mut d = with_policy(vec![named("solver", 5, true, 1, 0)], policy);
+        let denial = take_as(&mut d, "ana", "ws-1", "solver", 1, 0).unwrap_err();
+        assert!(
+            denial
+                .to_string()
+                .contains("licensed to 1 named host and the site's policy lists none"),
+            "{denial}"
+        );
+    }
+}
+
+#[test]
+fn a_policy_reload_changes_the_named_users_and_the_seats_still_count() {
+    let mut d = with_policy(
+        vec![named("solver", 1, false, 2, 0)],
+        "[[named]]\nfeature = \"solver\"\nusers = [\"ana\", \"bo\"]\n",
+    );
+    let held = take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+    // One seat: a listed name still waits for it.
+    assert!(matches!(
+        take_as(&mut d, "bo", "ws", "solver", 1, 0),
+        Err(DenialReason::AllSeatsInUse { .. })
+    ));
+    let policy = tally_config::Policy::parse(
+        std::path::Path::new("policy.toml"),
+        "[[named]]\nfeature = \"solver\"\nusers = [\"cy\"]\n",
+    )
+    .unwrap();
+    let now = d.now();
+    d.ledger.set_policy(now, policy);
+    // The lease already held stays; the new list rules new checkouts.
+    assert_eq!(d.ledger.in_use("solver"), 1);
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&held)]);
+    assert!(take_as(&mut d, "ana", "ws", "solver", 1, 0).is_err());
+    take_as(&mut d, "cy", "ws", "solver", 1, 0).unwrap();
+}
