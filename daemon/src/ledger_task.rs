@@ -760,11 +760,13 @@ impl LedgerTask {
         let places = Places {
             holdoffs: self.ledger.take_holdoffs(),
             queue: self.ledger.take_queue_changes(),
+            named: self.ledger.take_named_seats(),
         };
         let changes = !events.is_empty()
             || !detachments.is_empty()
             || !places.holdoffs.is_empty()
-            || !places.queue.is_empty();
+            || !places.queue.is_empty()
+            || !places.named.is_empty();
         let clock = self.ledger.clock_high_water();
         let (journal, clock) = self.commit.batch_write(changes, clock, shutdown.is_some());
         let written = self
@@ -1039,6 +1041,7 @@ impl LedgerTask {
         let restored = records.len();
         ledger.restore_with(start, records, &facts);
         ledger.restore_holdoffs(start, store.load_holdoffs()?);
+        ledger.restore_named_seats(start, store.load_named()?);
         ledger.restore_queue(start, store.load_queue()?);
         self.stall.restart(start.mono);
         self.ledger = ledger;
