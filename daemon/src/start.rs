@@ -491,7 +491,18 @@ fn named_warnings(path: &Path, policy: &Policy, loaded: &Loaded) -> Vec<String> 
         let grants = (loaded.served.iter())
             .flat_map(|(_, b)| b.bundle.features.iter())
             .filter(|f| f.names().any(|n| n == list.feature));
-        let Some(named) = crate::named::combine(grants.map(|f| f.named)) else {
+        let grants: Vec<_> = grants.collect();
+        let Some(named) = crate::named::combine(grants.iter().map(|f| f.named)) else {
+            // Not served at all: the misspelt-feature warning says so already.
+            if !grants.is_empty() {
+                warnings.push(format!(
+                    "policy {}:{}: named for '{}': the feature is not licensed to named \
+                     users or hosts, so the list does nothing (anyone may use it)",
+                    path.display(),
+                    list.line,
+                    list.feature
+                ));
+            }
             continue;
         };
         let (want, have) = match (named.hosts, list.hosts) {

@@ -55,7 +55,8 @@ fn named_users_are_served_refused_and_keep_their_places_across_a_reload_and_a_re
     // dee is listed third: beyond the licence's 2, refused, and check-config says so.
     std::fs::write(
         &policy,
-        "[[named]]\nfeature = \"solver\"\nusers = [\"ana\", \"bo\", \"dee\"]\n",
+        "[[named]]\nfeature = \"solver\"\nusers = [\"ana\", \"bo\", \"dee\"]\n\
+         [[named]]\nfeature = \"viewer\"\nusers = [\"ana\"]\n",
     )
     .unwrap();
     let config = std::fs::read_to_string(site.path("tallyd.toml")).unwrap();
@@ -74,6 +75,10 @@ fn named_users_are_served_refused_and_keep_their_places_across_a_reload_and_a_re
     );
     assert!(
         report.contains("the first 2 count, these are refused: dee"),
+        "{report}"
+    );
+    assert!(
+        report.contains("named for 'viewer': the feature is not licensed to named users"),
         "{report}"
     );
 
