@@ -29,7 +29,15 @@
 //! [[exclude]]
 //! feature = "solver"
 //! host_group = "lab"
+//!
+//! [[named]]
+//! feature = "cad"
+//! users = ["ana", "bo"]
 //! ```
+//!
+//! `[[named]]` lists who may use a feature the vendor licenses to named users or hosts
+//! (FlexLM's `USER_BASED`/`HOST_BASED`): the vendor's bundle says how many names, the
+//! list says which, the first ones in file order counting.
 
 use crate::ConfigError;
 use serde::Deserialize;
@@ -111,6 +119,22 @@ pub struct Policy {
     /// GROUPCASEINSENSITIVE ON: user names in groups and rules match the client's without
     /// regard to case (host names always do).
     pub case_insensitive_users: bool,
+    /// `[[named]]` lists, one per feature, in file order.
+    pub named: Vec<NamedList>,
+}
+
+/// The names a `[[named]]` entry lists for one feature: users or hosts, in file order
+/// (the order decides who counts when the list is longer than the vendor's limit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedList {
+    /// The feature.
+    pub feature: String,
+    /// The names are host names (else user names).
+    pub hosts: bool,
+    /// The names, in file order.
+    pub names: Vec<String>,
+    /// The line of the entry, for warnings.
+    pub line: usize,
 }
 
 /// Why [`Policy::access`] refuses a checkout or [`Policy::borrow_access`] a borrow.
@@ -137,6 +161,21 @@ impl Policy {
                 .host_groups
                 .get(g)
                 .is_some_and(|members| members.iter().any(|m| m.eq_ignore_ascii_case(host))),
+        }
+    }
+
+    /// The `[[named]]` list of `feature`, if the policy has one.
+    pub fn named_list(&self, feature: &str) -> Option<&NamedList> {
+        self.named.iter().find(|n| n.feature == feature)
+    }
+
+    /// Whether two names of a named list are the same one: host names without case,
+    /// user names as [`Policy::matches`] compares them.
+    pub fn same_name(&self, hosts: bool, a: &str, b: &str) -> bool {
+        if hosts {
+            a.eq_ignore_ascii_case(b)
+        } else {
+            self.same_user(a, b)
         }
     }
 
@@ -258,6 +297,7 @@ impl Policy {
                 .map(|f| ("borrow_lowwater", f.as_str())),
         );
         out.extend(self.linger_secs.keys().map(|f| ("linger", f.as_str())));
+        out.extend(self.named.iter().map(|n| ("named", n.feature.as_str())));
         out
     }
 
@@ -457,6 +497,36 @@ impl Policy {
             }
             policy.linger_secs.insert(feature, l.secs);
         }
+        for n in raw.named {
+            let span = n.feature.span();
+            let line = line_of(span.start);
+            let feature = n.feature.into_inner();
+            let (hosts, names) = match (n.users, n.hosts) {
+                (Some(users), None) => (false, users),
+                (None, Some(hosts)) => (true, hosts),
+                _ => {
+                    return Err(err(
+                        span,
+                        format!("named for '{feature}' needs exactly one of users, hosts"),
+                    ))
+                }
+            };
+            if let Some(first) = policy.named_list(&feature) {
+                return Err(err(
+                    span,
+                    format!(
+                        "named for '{feature}': a second list (the first is on line {})",
+                        first.line
+                    ),
+                ));
+            }
+            policy.named.push(NamedList {
+                feature,
+                hosts,
+                names,
+                line,
+            });
+        }
         Ok(policy)
     }
 }
@@ -496,6 +566,16 @@ struct RawPolicy {
     include_all: Vec<Spanned<RawSubject>>,
     #[serde(default)]
     exclude_all: Vec<Spanned<RawSubject>>,
+    #[serde(default)]
+    named: Vec<RawNamed>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamed {
+    feature: Spanned<String>,
+    users: Option<Vec<String>>,
+    hosts: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -801,6 +881,46 @@ user = "bo"
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "p.toml:2: linger for 's': at least 1 second");
+    }
+}
+
+#[cfg(test)]
+mod named_lists {
+    use super::*;
+
+    #[test]
+    fn named_lists_parse_in_file_order_and_errors_name_the_line() {
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            "[[named]]\nfeature = \"solver\"\nusers = [\"bo\", \"ana\"]\n\n[[named]]\nfeature = \"cad\"\nhosts = [\"WS-1\"]\n",
+        )
+        .unwrap();
+        let solver = p.named_list("solver").unwrap();
+        assert_eq!((solver.hosts, solver.line), (false, 2));
+        assert_eq!(solver.names, ["bo", "ana"]);
+        assert!(p.named_list("cad").unwrap().hosts);
+        assert!(p.named_list("mesher").is_none());
+        assert!(p.same_name(true, "WS-1", "ws-1"));
+        assert!(!p.same_name(false, "Bo", "bo"));
+        assert!(p.named_features().contains(&("named", "cad")));
+        let e = Policy::parse(
+            Path::new("p.toml"),
+            "[[named]]\nfeature = \"s\"\nusers = [\"a\"]\nhosts = [\"h\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "p.toml:2: named for 's' needs exactly one of users, hosts"
+        );
+        let e = Policy::parse(
+            Path::new("p.toml"),
+            "[[named]]\nfeature = \"s\"\nusers = []\n[[named]]\nfeature = \"s\"\nusers = [\"a\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "p.toml:5: named for 's': a second list (the first is on line 2)"
+        );
     }
 }
 

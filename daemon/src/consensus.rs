@@ -207,7 +207,7 @@ pub async fn propose(raft: &Node, batch: StoreBatch, store_path: &Path) -> Resul
         let m = metrics.borrow();
         m.membership_config.membership().voter_ids().count()
     };
-    let write = raft.client_write(StoreCommand::V2(batch));
+    let write = raft.client_write(StoreCommand::V3(batch));
     let written = if voters > 1 {
         match tokio::time::timeout(COMMIT_WAIT, write).await {
             Ok(written) => written,

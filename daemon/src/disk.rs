@@ -23,7 +23,7 @@ use crate::store::{Store, StoreError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tally_protocol::replicate::{
-    Compaction, DetachedChange, Holdoff, LeaseChange, QueueChange, StoreBatch,
+    Compaction, DetachedChange, Holdoff, LeaseChange, NamedSeat, QueueChange, StoreBatch,
 };
 use tally_protocol::report::{JournalEntry, ReportState};
 use tally_protocol::time::UnixTime;
@@ -55,6 +55,8 @@ pub struct Places {
     pub holdoffs: Vec<Holdoff>,
     /// Queue places taken and left.
     pub queue: Vec<QueueChange>,
+    /// Named seats taken (`crate::named`).
+    pub named: Vec<NamedSeat>,
 }
 
 /// The store, or why it cannot be written.
@@ -200,6 +202,7 @@ impl Disk {
         );
         batch.holdoffs.extend(places.holdoffs);
         batch.queue.extend(places.queue);
+        batch.named.extend(places.named);
         if clock.is_some() {
             batch.clock = clock;
         }
@@ -369,6 +372,7 @@ impl Disk {
                 .extend(ledger.records().map(|r| LeaseChange::Put(r.clone())));
             batch.clock = Some(ledger.clock_high_water());
             batch.holdoffs = ledger.holdoffs(crate::clock::now());
+            batch.named = ledger.named_seats(crate::clock::now());
             if let Err(e) = consensus::propose(&node, batch, &self.path).await {
                 stop_node(node);
                 return Err(e);

@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use tally_config::policy::Refusal;
 use tally_config::Policy;
-use tally_protocol::bundle::{Bundle, Seats, Share};
+use tally_protocol::bundle::{Bundle, Named, Seats, Share};
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
-use tally_protocol::replicate::{Holdoff, QueueChange, QueuePlace};
+use tally_protocol::replicate::{Holdoff, NamedSeat, QueueChange, QueuePlace};
 use tally_protocol::time::UnixTime;
 use tally_protocol::version;
 use tally_protocol::wire::{
@@ -264,6 +264,8 @@ struct Terms {
     overdraft: bool,
     borrow: Option<Duration>,
     charge: Charge,
+    /// Licensed to named users or hosts: the grant takes the name's place.
+    named: Option<Named>,
 }
 
 /// Where a term's checkouts take their seats from.
@@ -484,6 +486,8 @@ struct Term {
     /// Whether the term's seats count in this feature's own pool (not for a suite's
     /// components, nor for a product spending tokens).
     adds_seats: bool,
+    /// Licensed to named users or hosts only (`crate::named`).
+    named: Option<Named>,
 }
 
 /// Seats of a feature that count at one moment, by version ceiling.
@@ -577,6 +581,7 @@ fn terms_of(bundles: &[Bundle]) -> BTreeMap<String, Vec<Term>> {
                     None => Draw::Own(f.share),
                 },
                 adds_seats: f.tokens.is_none(),
+                named: f.named,
             };
             // A package grants its components: in a suite, from the package's seats,
             // one per user for all of them; otherwise (FlexLM's PACKAGE without SUITE)
@@ -699,6 +704,8 @@ pub struct Ledger {
     holdoffs: HashMap<HoldoffKey, (Instant, UnixTime)>,
     /// Hold-offs started and not yet handed to the shell to write.
     new_holdoffs: Vec<Holdoff>,
+    /// Names that used a named feature and keep their places (`crate::named`).
+    named_seats: crate::named::Seats,
     /// Queue places restored from the store whose waiters have not asked again yet, by
     /// feature, in order, each with when it is given up.
     kept_places: BTreeMap<String, Vec<(QueuePlace, Instant)>>,
@@ -785,6 +792,7 @@ impl Ledger {
             removed_set: HashSet::new(),
             holdoffs: HashMap::new(),
             new_holdoffs: Vec::new(),
+            named_seats: Default::default(),
             kept_places: BTreeMap::new(),
             next_place: 1,
             queue_changes: Vec::new(),
@@ -1313,6 +1321,11 @@ impl Ledger {
             });
         }
         self.check_policy_access(feature, holder)?;
+        let named = crate::named::combine(eligible.iter().map(|t| t.named));
+        if let Some(named) = named {
+            let seats = &self.named_seats;
+            crate::named::check(&self.policy, feature, named, holder, seats, now.wall)?;
+        }
         if let Some(until) = self.held_off(now, feature, holder) {
             return Err(DenialReason::RemovedByAdministrator {
                 feature: feature.clone(),
@@ -1399,6 +1412,7 @@ impl Ledger {
                         overdraft,
                         borrow,
                         charge,
+                        named,
                     })
                 }
                 Err(refusal) => {
@@ -1728,6 +1742,10 @@ impl Ledger {
             None => (Some(conn), now.mono + terms.ttl),
         };
         self.insert(record.clone(), conn, deadline, charge);
+        if let Some(named) = terms.named {
+            let feature = &request.feature;
+            (self.named_seats).used(&self.policy, feature, named, holder, now.wall);
+        }
         (record.clone(), Event::Granted(record))
     }
 
@@ -1825,6 +1843,22 @@ impl Ledger {
             let key = (held.feature, held.user, held.host);
             self.hold_off(now, key, (now.mono + Duration::from_secs(left), held.until));
         }
+    }
+
+    /// The named seats taken since the last call, for the shell to write: a restart or
+    /// a new leader keeps them ([`Ledger::restore_named_seats`]).
+    pub fn take_named_seats(&mut self) -> Vec<NamedSeat> {
+        self.named_seats.take_new()
+    }
+
+    /// The named seats whose places are still taken (as the store keeps them).
+    pub fn named_seats(&self, now: Now) -> Vec<NamedSeat> {
+        self.named_seats.all(now.wall)
+    }
+
+    /// Restores stored named seats whose places are still taken at `now` (wall clock).
+    pub fn restore_named_seats(&mut self, now: Now, stored: Vec<NamedSeat>) {
+        self.named_seats.restore(now.wall, stored);
     }
 
     /// Notes a durable grant that could not be delivered (its requester stopped waiting

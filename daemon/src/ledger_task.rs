@@ -76,7 +76,8 @@ enum Command {
         bundles: Vec<tally_protocol::bundle::Bundle>,
         /// How the served set changes (`journal::bundle_changes`), journaled with it.
         changes: Vec<UsageEvent>,
-        policy: Policy,
+        /// Boxed: the policy is the largest thing a command carries.
+        policy: Box<Policy>,
         done: oneshot::Sender<()>,
     },
     Shutdown {
@@ -211,7 +212,7 @@ impl LedgerHandle {
         self.ask(|done| Command::Reload {
             bundles,
             changes,
-            policy,
+            policy: Box::new(policy),
             done,
         })
         .await
@@ -405,7 +406,7 @@ async fn follow(
                 Some(Command::Reload { bundles, policy, done, .. }) => {
                     let at = now();
                     task.ledger.reload(at, &bundles);
-                    task.ledger.set_policy(at, policy);
+                    task.ledger.set_policy(at, *policy);
                     let _ = done.send(());
                 }
                 Some(_) => {}
@@ -663,7 +664,7 @@ impl LedgerTask {
                 self.commit.reloaded(now.wall, &bundles, changes);
                 ledger.reload(now, &bundles);
                 self.metrics.set_licensed(ledger.feature_names());
-                ledger.set_policy(now, policy);
+                ledger.set_policy(now, *policy);
                 let _ = done.send(());
             }
             Command::Shutdown { done } => d.shutdown = Some(done),
@@ -759,11 +760,13 @@ impl LedgerTask {
         let places = Places {
             holdoffs: self.ledger.take_holdoffs(),
             queue: self.ledger.take_queue_changes(),
+            named: self.ledger.take_named_seats(),
         };
         let changes = !events.is_empty()
             || !detachments.is_empty()
             || !places.holdoffs.is_empty()
-            || !places.queue.is_empty();
+            || !places.queue.is_empty()
+            || !places.named.is_empty();
         let clock = self.ledger.clock_high_water();
         let (journal, clock) = self.commit.batch_write(changes, clock, shutdown.is_some());
         let written = self
@@ -1038,6 +1041,7 @@ impl LedgerTask {
         let restored = records.len();
         ledger.restore_with(start, records, &facts);
         ledger.restore_holdoffs(start, store.load_holdoffs()?);
+        ledger.restore_named_seats(start, store.load_named()?);
         ledger.restore_queue(start, store.load_queue()?);
         self.stall.restart(start.mono);
         self.ledger = ledger;

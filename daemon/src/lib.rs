@@ -49,6 +49,7 @@ pub mod ledger;
 mod ledger_task;
 pub mod logfile;
 pub mod metrics;
+pub mod named;
 pub mod ops;
 pub mod params;
 pub mod reload;

@@ -60,7 +60,9 @@ impl Apply<Site> for SeatMachine {
             return Ok(());
         }
         match command {
-            StoreCommand::V1(_) | StoreCommand::V2(_) => self.store.write(&command.batch())?,
+            StoreCommand::V1(_) | StoreCommand::V2(_) | StoreCommand::V3(_) => {
+                self.store.write(&command.batch())?
+            }
             // A newer tallyd of the site wrote it: this one must not guess what it means.
             _ => return Err(self.store.newer_format("command")),
         }
@@ -75,7 +77,7 @@ impl Apply<Site> for SeatMachine {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
-        Ok(StoreSnapshot::V2(self.store.image()?).encode())
+        Ok(StoreSnapshot::V3(self.store.image()?).encode())
     }
 
     fn restore(&mut self, last: Option<&LogId<u64>>, snapshot: &[u8]) -> Result<(), StoreError> {
@@ -83,7 +85,7 @@ impl Apply<Site> for SeatMachine {
             return Ok(());
         }
         match StoreSnapshot::decode(snapshot) {
-            Ok(read @ (StoreSnapshot::V1(_) | StoreSnapshot::V2(_))) => {
+            Ok(read @ (StoreSnapshot::V1(_) | StoreSnapshot::V2(_) | StoreSnapshot::V3(_))) => {
                 self.store.replace(&read.into_image())?
             }
             // An undecodable snapshot is most likely a newer format than this reads
@@ -108,7 +110,9 @@ mod tests {
     use tally_cluster::net::{PeerIdentity, PeerNode, QuicNetwork};
     use tally_protocol::keys::SecretKey;
     use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
-    use tally_protocol::replicate::{Compaction, DetachedChange, Holdoff, LeaseChange, StoreBatch};
+    use tally_protocol::replicate::{
+        Compaction, DetachedChange, Holdoff, LeaseChange, NamedSeat, StoreBatch,
+    };
     use tally_protocol::report::{JournalEntry, ReportState, UsageEvent};
     use tally_protocol::time::UnixTime;
     use tally_protocol::wire::ClientIdentity;
@@ -148,13 +152,13 @@ mod tests {
     /// Lease 1 and 2 granted, 1 ended; 2 detached; journal 1..=3; the clock mark.
     fn batches() -> Vec<StoreCommand> {
         vec![
-            StoreCommand::V2(StoreBatch {
+            StoreCommand::V3(StoreBatch {
                 leases: vec![LeaseChange::Put(lease(1)), LeaseChange::Put(lease(2))],
                 journal: vec![entry(1), entry(2)],
                 clock: Some(UnixTime(1_002)),
                 ..StoreBatch::new(UnixTime(1_002))
             }),
-            StoreCommand::V2(StoreBatch {
+            StoreCommand::V3(StoreBatch {
                 leases: vec![LeaseChange::Remove(LeaseId(1))],
                 detached: vec![DetachedChange::Until {
                     id: LeaseId(2),
@@ -188,14 +192,14 @@ mod tests {
         // After a crash, entries the store does not record as applied are written again
         // (a crash may have cut a batch's write short): the records are keyed.
         for command in batches() {
-            let StoreCommand::V2(batch) = command else {
+            let StoreCommand::V3(batch) = command else {
                 unreachable!()
             };
             machine.store().write(&batch).unwrap();
         }
         assert_eq!(machine.store().image().unwrap(), once);
         // Entries it records as applied are skipped.
-        let again = StoreCommand::V2(StoreBatch {
+        let again = StoreCommand::V3(StoreBatch {
             leases: vec![LeaseChange::Put(lease(7))],
             ..StoreBatch::new(UnixTime(1_005))
         });
@@ -216,7 +220,7 @@ mod tests {
             last_event: 2,
             ..ReportState::default()
         };
-        let export = StoreCommand::V2(StoreBatch {
+        let export = StoreCommand::V3(StoreBatch {
             report: Some(report.clone()),
             compact: Some(Compaction {
                 upto: 2,
@@ -229,7 +233,7 @@ mod tests {
 
         // The follower had a lease the leader no longer holds: the snapshot replaces all.
         let mut follower = SeatMachine::new(Store::open(b.path()).unwrap()).unwrap();
-        let stale = StoreCommand::V2(StoreBatch {
+        let stale = StoreCommand::V3(StoreBatch {
             leases: vec![LeaseChange::Put(lease(9))],
             ..StoreBatch::new(UnixTime(900))
         });
@@ -248,7 +252,7 @@ mod tests {
         let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
         machine.apply(&log_id(1), &batches()[0]).unwrap();
         let before = machine.store().image().unwrap();
-        let mut later = StoreSnapshot::V2(before.clone()).encode();
+        let mut later = StoreSnapshot::V3(before.clone()).encode();
         later[0] = 7;
         let err = machine.restore(Some(&log_id(2)), &later).unwrap_err();
         assert!(err.to_string().contains("newer format"), "{err}");
@@ -268,7 +272,7 @@ mod tests {
     fn hold_offs_are_kept_until_a_later_batch_is_past_them_and_travel_in_snapshots() {
         let dir = tempfile::tempdir().unwrap();
         let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
-        let first = StoreCommand::V2(StoreBatch {
+        let first = StoreCommand::V3(StoreBatch {
             holdoffs: vec![holdoff("ana", 1_300), holdoff("bo", 2_000)],
             ..StoreBatch::new(UnixTime(1_000))
         });
@@ -277,7 +281,7 @@ mod tests {
         held.sort_by(|a, b| a.user.cmp(&b.user));
         assert_eq!(held, vec![holdoff("ana", 1_300), holdoff("bo", 2_000)]);
         // A batch stamped after ana's end forgets hers as it writes cy's; bo's runs on.
-        let later = StoreCommand::V2(StoreBatch {
+        let later = StoreCommand::V3(StoreBatch {
             holdoffs: vec![holdoff("cy", 1_900)],
             ..StoreBatch::new(UnixTime(1_400))
         });
@@ -296,6 +300,64 @@ mod tests {
             machine.store().image().unwrap()
         );
         assert_eq!(follower.store().load_holdoffs().unwrap().len(), 2);
+    }
+
+    fn seat(name: &str, until: u64) -> NamedSeat {
+        NamedSeat {
+            feature: "solver".into(),
+            name: name.into(),
+            since: UnixTime(900),
+            until: UnixTime(until),
+        }
+    }
+
+    #[test]
+    fn named_seats_are_kept_until_their_places_free_and_travel_in_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
+        let first = StoreCommand::V3(StoreBatch {
+            named: vec![seat("ana", 1_300), seat("bo", 2_000)],
+            ..StoreBatch::new(UnixTime(1_000))
+        });
+        machine.apply(&log_id(1), &first).unwrap();
+        let names = |m: &SeatMachine| {
+            let mut n: Vec<String> = (m.store().load_named().unwrap().into_iter())
+                .map(|s| s.name)
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&machine), ["ana", "bo"]);
+        let later = StoreCommand::V3(StoreBatch {
+            named: vec![seat("cy", 3_000)],
+            ..StoreBatch::new(UnixTime(1_400))
+        });
+        machine.apply(&log_id(2), &later).unwrap();
+        assert_eq!(names(&machine), ["bo", "cy"]);
+        // A version-2 command (an older member's) still applies, with no named seats.
+        let old = StoreCommand::V2(tally_protocol::replicate::StoreBatchV2 {
+            at: UnixTime(1_500),
+            leases: Vec::new(),
+            detached: Vec::new(),
+            journal: Vec::new(),
+            clock: Some(UnixTime(1_500)),
+            report: None,
+            compact: None,
+            holdoffs: vec![holdoff("dee", 1_900)],
+            queue: Vec::new(),
+        });
+        machine.apply(&log_id(3), &old).unwrap();
+        assert_eq!(names(&machine), ["bo", "cy"]);
+        let other = tempfile::tempdir().unwrap();
+        let mut follower = SeatMachine::new(Store::open(other.path()).unwrap()).unwrap();
+        follower
+            .restore(Some(&log_id(3)), &machine.snapshot().unwrap())
+            .unwrap();
+        assert_eq!(names(&follower), ["bo", "cy"]);
+        // And a store reopened (a restart) still has them.
+        drop(machine);
+        let reopened = SeatMachine::new(Store::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(names(&reopened), ["bo", "cy"]);
     }
 
     fn journal_seqs(machine: &SeatMachine) -> Vec<u64> {

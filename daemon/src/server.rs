@@ -285,6 +285,9 @@ pub(crate) async fn restore(
     // Removal hold-offs keep running across the restart: the removed holder's retry
     // must not take the seat meant for the next in line.
     ledger.restore_holdoffs(now(), store.load_holdoffs()?);
+    // Named users' places too: a restart must not free a place the vendor's change
+    // period still holds.
+    ledger.restore_named_seats(now(), store.load_named()?);
     // So do the queues: a waiter asking again gets the place it had.
     ledger.restore_queue(now(), store.load_queue()?);
     let detachments = ledger.take_detachments();

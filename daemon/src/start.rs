@@ -405,6 +405,15 @@ fn describe_policy(out: &mut String, p: &Policy) {
     if p.case_insensitive_users {
         let _ = writeln!(out, "    user names compared without case");
     }
+    for n in &p.named {
+        let kind = if n.hosts { "hosts" } else { "users" };
+        let _ = writeln!(
+            out,
+            "    named {} {kind}: {}",
+            n.feature,
+            n.names.join(", ")
+        );
+    }
 }
 
 /// A policy error as one line without the file name (the refusal names the file):
@@ -457,7 +466,7 @@ pub fn policy_warnings(
         .flat_map(|(_, b)| b.bundle.features.iter())
         .flat_map(|f| f.names())
         .collect();
-    policy
+    let mut warnings: Vec<String> = policy
         .named_features()
         .into_iter()
         .filter(|(_, feature)| !served.contains(feature))
@@ -468,7 +477,63 @@ pub fn policy_warnings(
                 path.display()
             )
         })
-        .collect()
+        .collect();
+    warnings.extend(named_warnings(path, policy, loaded));
+    warnings
+}
+
+/// Warnings about `[[named]]` lists the vendor's named grants do not fit: more names
+/// than the licence allows (the ones refused, named), or users listed for a feature
+/// licensed to named hosts (or the reverse).
+fn named_warnings(path: &Path, policy: &Policy, loaded: &Loaded) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for list in &policy.named {
+        let grants = (loaded.served.iter())
+            .flat_map(|(_, b)| b.bundle.features.iter())
+            .filter(|f| f.names().any(|n| n == list.feature));
+        let grants: Vec<_> = grants.collect();
+        let Some(named) = crate::named::combine(grants.iter().map(|f| f.named)) else {
+            // Not served at all: the misspelt-feature warning says so already.
+            if !grants.is_empty() {
+                warnings.push(format!(
+                    "policy {}:{}: named for '{}': the feature is not licensed to named \
+                     users or hosts, so the list does nothing (anyone may use it)",
+                    path.display(),
+                    list.line,
+                    list.feature
+                ));
+            }
+            continue;
+        };
+        let (want, have) = match (named.hosts, list.hosts) {
+            (true, false) => ("hosts", "users"),
+            (false, true) => ("users", "hosts"),
+            _ => {
+                let beyond = crate::named::beyond_limit(policy, list, named.limit);
+                if !beyond.is_empty() {
+                    warnings.push(format!(
+                        "policy {}:{}: named for '{}' lists more names than the {} the licence \
+                         allows; the first {} count, these are refused: {}",
+                        path.display(),
+                        list.line,
+                        list.feature,
+                        named.limit,
+                        named.limit,
+                        beyond.join(", ")
+                    ));
+                }
+                continue;
+            }
+        };
+        warnings.push(format!(
+            "policy {}:{}: named for '{}' lists {have}, but the feature is licensed to named \
+             {want}: nobody may use it until the list names {want}",
+            path.display(),
+            list.line,
+            list.feature
+        ));
+    }
+    warnings
 }
 
 /// Opens the seat store of `data_dir` for serving: another tallyd holding it is said as

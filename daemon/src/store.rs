@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use tally_cluster::durable::sync_dir;
 use tally_protocol::lease::{LeaseId, LeaseRecord, StoredClock, StoredDeadline, StoredLease};
 use tally_protocol::replicate::{
-    DetachedChange, Holdoff, LeaseChange, QueueChange, QueuePlace, StoreBatch, StoreImage,
-    StoredHoldoff, StoredPlace,
+    DetachedChange, Holdoff, LeaseChange, NamedSeat, QueueChange, QueuePlace, StoreBatch,
+    StoreImage, StoredHoldoff, StoredNamedSeat, StoredPlace,
 };
 use tally_protocol::report::{
     JournalEntry, ReportState, StoredJournal, StoredJournalChunk, StoredReportState,
@@ -192,6 +192,8 @@ pub struct Store {
     holdoffs: sled::Tree,
     /// Checkout queue places ([`StoredPlace`]), by number (big-endian).
     queue: sled::Tree,
+    /// Named seats ([`StoredNamedSeat`]), by feature and name.
+    named: sled::Tree,
     meta: sled::Tree,
     /// Journal chunks, keyed by their first entry's sequence number (big-endian).
     journal: sled::Tree,
@@ -297,6 +299,7 @@ impl Store {
         let detached = db.open_tree(DETACHED_TREE).map_err(err)?;
         let holdoffs = db.open_tree(HOLDOFF_TREE).map_err(err)?;
         let queue = db.open_tree(QUEUE_TREE).map_err(err)?;
+        let named = db.open_tree(NAMED_TREE).map_err(err)?;
         let meta = db.open_tree("meta/v1").map_err(err)?;
         let journal = db.open_tree(JOURNAL_TREE).map_err(err)?;
         let io = |cause: std::io::Error| StoreError::Io {
@@ -316,6 +319,7 @@ impl Store {
             detached,
             holdoffs,
             queue,
+            named,
             meta,
             journal,
             log: std::sync::Arc::new(log),
@@ -913,6 +917,19 @@ const QUEUE_TREE: &str = "queue/v1";
 /// Tree of [`StoredHoldoff`]s by [`holdoff_key`].
 const HOLDOFF_TREE: &str = "holdoffs/v1";
 
+/// Tree of [`StoredNamedSeat`]s by [`named_key`].
+const NAMED_TREE: &str = "named/v1";
+
+/// The key of a named seat: its feature and name, each length-prefixed.
+fn named_key(seat: &NamedSeat) -> Vec<u8> {
+    let mut k = Vec::new();
+    for part in [&seat.feature, &seat.name] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part.as_bytes());
+    }
+    k
+}
+
 /// The key of a hold-off: its feature, user and host, each length-prefixed (so that no
 /// two triples share a key, whatever bytes the names hold).
 fn holdoff_key(held: &Holdoff) -> Vec<u8> {
@@ -974,6 +991,19 @@ impl Store {
                 .apply_batch(holdoffs)
                 .map_err(|e| self.err(e))?;
         }
+        if !batch.named.is_empty() {
+            // Like the hold-offs: places freed by the batch's time go as new ones come.
+            let mut named = sled::Batch::default();
+            for (k, seat) in self.named_records()? {
+                if seat.until <= batch.at {
+                    named.remove(k);
+                }
+            }
+            for seat in &batch.named {
+                named.insert(named_key(seat), StoredNamedSeat::V1(seat.clone()).encode());
+            }
+            self.named.apply_batch(named).map_err(|e| self.err(e))?;
+        }
         if !batch.queue.is_empty() {
             let mut queue = sled::Batch::default();
             for change in &batch.queue {
@@ -1015,7 +1045,30 @@ impl Store {
             report: self.report_state()?,
             holdoffs: self.load_holdoffs()?,
             queue: self.load_queue()?,
+            named: self.load_named()?,
         })
+    }
+
+    /// The named seats, their places freed or not (the caller judges by its clock). A
+    /// record that cannot be read is left out: it would only have kept a name the
+    /// policy dropped on the licence a while longer.
+    pub fn load_named(&self) -> Result<Vec<NamedSeat>, StoreError> {
+        Ok(self
+            .named_records()?
+            .into_iter()
+            .map(|(_, seat)| seat)
+            .collect())
+    }
+
+    fn named_records(&self) -> Result<Vec<(sled::IVec, NamedSeat)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.named.iter() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if let Ok(StoredNamedSeat::V1(seat)) = StoredNamedSeat::decode(&v) {
+                out.push((k, seat));
+            }
+        }
+        Ok(out)
     }
 
     /// The checkout queues' places, in order. A record that cannot be read is left
@@ -1060,10 +1113,16 @@ impl Store {
             &self.detached,
             &self.holdoffs,
             &self.queue,
+            &self.named,
             &self.journal,
         ] {
             tree.clear().map_err(|e| self.err(e))?;
         }
+        let mut named = sled::Batch::default();
+        for seat in &image.named {
+            named.insert(named_key(seat), StoredNamedSeat::V1(seat.clone()).encode());
+        }
+        self.named.apply_batch(named).map_err(|e| self.err(e))?;
         let mut queue = sled::Batch::default();
         for place in &image.queue {
             queue.insert(

@@ -1700,3 +1700,243 @@ fn a_waiter_for_a_token_product_is_served_when_tokens_come_back() {
     );
     assert_eq!(d.ledger.in_use("credits"), 3);
 }
+
+// ---- Named users and named hosts (`[[named]]` with the vendor's `named` terms) ----
+
+/// `name` with `seats` seats licensed to `limit` named users (hosts when `hosts`), names
+/// changeable after `change_days`.
+fn named(name: &str, seats: u32, hosts: bool, limit: u32, change_days: u32) -> FeatureGrant {
+    FeatureGrant {
+        named: Some(tally_protocol::bundle::Named {
+            hosts,
+            limit,
+            change_days,
+        }),
+        ..FeatureGrant::counted(name, seats)
+    }
+}
+
+#[test]
+fn a_named_user_feature_serves_only_the_listed_users_within_the_limit() {
+    let policy = r#"
+[[named]]
+feature = "solver"
+users = ["ana", "bo", "dee"]
+"#;
+    let mut d = with_policy(
+        vec![
+            named("solver", 5, false, 2, 0),
+            FeatureGrant::counted("viewer", 5),
+        ],
+        policy,
+    );
+    take_as(&mut d, "ana", "ws-1", "solver", 1, 0).unwrap();
+    take_as(&mut d, "bo", "ws-2", "solver", 1, 0).unwrap();
+    // The same named user on another host, twice: still one name.
+    take_as(&mut d, "ana", "ws-3", "solver", 1, 0).unwrap();
+    let denial = take_as(&mut d, "cy", "ws-1", "solver", 1, 0).unwrap_err();
+    assert_eq!(denial.code(), "excluded");
+    assert_eq!(
+        denial.to_string(),
+        "'solver' is not available to user cy: 'solver' is licensed to 2 named users (ana, bo); \
+         cy is not one of them: ask your administrator (excluded by the site's policy)"
+    );
+    // Listed, but third in a list the licence allows two of: refused, saying so.
+    let denial = take_as(&mut d, "dee", "ws-1", "solver", 1, 0).unwrap_err();
+    assert!(
+        denial
+            .to_string()
+            .contains("(ana, bo); dee is listed after them, beyond the limit"),
+        "{denial}"
+    );
+    // Other features are not named: anyone.
+    take_as(&mut d, "cy", "ws-1", "viewer", 1, 0).unwrap();
+    // User names are compared exactly unless the policy says otherwise.
+    assert!(take_as(&mut d, "ANA", "ws-1", "solver", 1, 0).is_err());
+    let mut d = with_policy(
+        vec![named("solver", 5, false, 2, 0)],
+        &format!("case_insensitive_users = true\n{policy}"),
+    );
+    take_as(&mut d, "ANA", "ws-1", "solver", 1, 0).unwrap();
+}
+
+#[test]
+fn a_named_host_feature_compares_hosts_without_case_and_needs_a_host_list() {
+    let mut d = with_policy(
+        vec![named("solver", 5, true, 1, 0)],
+        "[[named]]\nfeature = \"solver\"\nhosts = [\"WS-1\"]\n",
+    );
+    take_as(&mut d, "ana", "ws-1", "solver", 1, 0).unwrap();
+    take_as(&mut d, "bo", "Ws-1", "solver", 1, 0).unwrap();
+    let denial = take_as(&mut d, "ana", "ws-2", "solver", 1, 0).unwrap_err();
+    assert!(
+        denial
+            .to_string()
+            .contains("host ws-2: 'solver' is licensed to 1 named host (WS-1); ws-2 is not one"),
+        "{denial}"
+    );
+    // No list, or a list of users for a feature licensed to hosts: nobody.
+    for policy in ["", "[[named]]\nfeature = \"solver\"\nusers = [\"ana\"]\n"] {
+        let mut d = with_policy(vec![named("solver", 5, true, 1, 0)], policy);
+        let denial = take_as(&mut d, "ana", "ws-1", "solver", 1, 0).unwrap_err();
+        assert!(
+            denial
+                .to_string()
+                .contains("licensed to 1 named host and the site's policy lists none"),
+            "{denial}"
+        );
+    }
+}
+
+#[test]
+fn a_policy_reload_changes_the_named_users_and_the_seats_still_count() {
+    let mut d = with_policy(
+        vec![named("solver", 1, false, 2, 0)],
+        "[[named]]\nfeature = \"solver\"\nusers = [\"ana\", \"bo\"]\n",
+    );
+    let held = take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+    // One seat: a listed name still waits for it.
+    assert!(matches!(
+        take_as(&mut d, "bo", "ws", "solver", 1, 0),
+        Err(DenialReason::AllSeatsInUse { .. })
+    ));
+    let policy = tally_config::Policy::parse(
+        std::path::Path::new("policy.toml"),
+        "[[named]]\nfeature = \"solver\"\nusers = [\"cy\"]\n",
+    )
+    .unwrap();
+    let now = d.now();
+    d.ledger.set_policy(now, policy);
+    // The lease already held stays; the new list rules new checkouts.
+    assert_eq!(d.ledger.in_use("solver"), 1);
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&held)]);
+    assert!(take_as(&mut d, "ana", "ws", "solver", 1, 0).is_err());
+    take_as(&mut d, "cy", "ws", "solver", 1, 0).unwrap();
+}
+
+fn set_policy(d: &mut Driver, policy: &str) {
+    let policy = tally_config::Policy::parse(std::path::Path::new("policy.toml"), policy)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let now = d.now();
+    d.ledger.set_policy(now, policy);
+}
+
+const ANA_BO: &str = "[[named]]\nfeature = \"solver\"\nusers = [\"ana\", \"bo\"]\n";
+const ANA_CY: &str = "[[named]]\nfeature = \"solver\"\nusers = [\"ana\", \"cy\"]\n";
+
+#[test]
+fn a_named_user_keeps_its_place_for_the_change_period_across_policy_changes_and_restarts() {
+    let features = || vec![named("solver", 5, false, 2, 30)];
+    let mut d = with_policy(features(), ANA_BO);
+    let ana = take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+    d.advance(Duration::from_secs(3600));
+    let bo = take_as(&mut d, "bo", "ws", "solver", 1, 0).unwrap();
+    // Used twice: still one place.
+    take_as(&mut d, "bo", "ws-2", "solver", 1, 0).unwrap();
+    let now = d.now();
+    d.ledger.checkin(now, &[r(&ana), r(&bo)]);
+    let taken = d.ledger.take_named_seats();
+    let names: Vec<(&str, UnixTime, UnixTime)> = taken
+        .iter()
+        .map(|s| (s.name.as_str(), s.since, s.until))
+        .collect();
+    let day = 86_400;
+    let bo_frees = T0.plus_secs(3600 + 30 * day);
+    assert_eq!(
+        names,
+        vec![
+            ("ana", T0, T0.plus_secs(30 * day)),
+            ("bo", T0.plus_secs(3600), bo_frees)
+        ]
+    );
+    assert!(d.ledger.take_named_seats().is_empty());
+
+    // The admin replaces bo by cy ten days later: bo's place is not free yet.
+    d.advance(Duration::from_secs(10 * day));
+    set_policy(&mut d, ANA_CY);
+    let denial = take_as(&mut d, "cy", "ws", "solver", 1, 0).unwrap_err();
+    assert_eq!(
+        denial.to_string(),
+        format!(
+            "'solver' is not available to user cy: 'solver' is licensed to 2 named users \
+             (ana, bo until {date}); cy waits for a place: bo's place frees on {date}: ask \
+             your administrator (excluded by the site's policy)",
+            date = bo_frees.date()
+        )
+    );
+    // bo is off the list: refused too, though its place is still taken.
+    let denial = take_as(&mut d, "bo", "ws", "solver", 1, 0).unwrap_err();
+    assert!(
+        denial.to_string().contains("bo is not one of them"),
+        "{denial}"
+    );
+    take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+
+    // A restart (or a new leader) restores the places from the store: the same.
+    let stored = d.ledger.named_seats(d.now());
+    assert_eq!(stored, taken);
+    let mut e = with_policy(features(), ANA_CY);
+    e.elapsed = d.elapsed;
+    let now = e.now();
+    e.ledger.restore_named_seats(now, stored.clone());
+    let again = take_as(&mut e, "cy", "ws", "solver", 1, 0).unwrap_err();
+    assert!(
+        again
+            .to_string()
+            .contains(&format!("bo's place frees on {}", bo_frees.date())),
+        "{again}"
+    );
+    // Without them (what a tallyd that forgot them would do) cy would be served.
+    let mut forgot = with_policy(features(), ANA_CY);
+    forgot.elapsed = d.elapsed;
+    take_as(&mut forgot, "cy", "ws", "solver", 1, 0).unwrap();
+
+    // Once the change period ran out, cy takes bo's place; restoring then skips bo's.
+    e.advance(Duration::from_secs(20 * day + 3600));
+    take_as(&mut e, "cy", "ws", "solver", 1, 0).unwrap();
+    let mut f = with_policy(features(), ANA_CY);
+    f.elapsed = e.elapsed;
+    let now = f.now();
+    f.ledger.restore_named_seats(now, stored);
+    assert_eq!(
+        f.ledger
+            .named_seats(now)
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        Vec::<&str>::new()
+    );
+    take_as(&mut f, "cy", "ws", "solver", 1, 0).unwrap();
+}
+
+#[test]
+fn without_a_change_period_a_replaced_name_frees_its_place_at_once() {
+    let mut d = with_policy(vec![named("solver", 5, false, 2, 0)], ANA_BO);
+    take_as(&mut d, "bo", "ws", "solver", 1, 0).unwrap();
+    assert!(d.ledger.take_named_seats().is_empty());
+    set_policy(&mut d, ANA_CY);
+    take_as(&mut d, "cy", "ws", "solver", 1, 0).unwrap();
+    assert!(take_as(&mut d, "bo", "ws", "solver", 1, 0).is_err());
+}
+
+#[test]
+fn names_already_on_the_licence_keep_their_places_before_newly_listed_ones() {
+    let mut d = with_policy(vec![named("solver", 5, false, 2, 30)], ANA_BO);
+    take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+    take_as(&mut d, "bo", "ws", "solver", 1, 0).unwrap();
+    // cy listed first, with ana and bo still on: cy waits, ana and bo keep using it.
+    set_policy(
+        &mut d,
+        "[[named]]\nfeature = \"solver\"\nusers = [\"cy\", \"ana\", \"bo\"]\n",
+    );
+    take_as(&mut d, "bo", "ws", "solver", 1, 0).unwrap();
+    take_as(&mut d, "ana", "ws", "solver", 1, 0).unwrap();
+    let denial = take_as(&mut d, "cy", "ws", "solver", 1, 0).unwrap_err();
+    assert!(
+        denial
+            .to_string()
+            .contains("(ana, bo); cy is listed after them, beyond the limit"),
+        "{denial}"
+    );
+}

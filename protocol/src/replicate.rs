@@ -26,8 +26,11 @@ pub enum StoreCommand {
     /// Format version 1 (read only: written by a tallyd that kept removal hold-offs in
     /// memory).
     V1(StoreBatchV1),
-    /// Format version 2: with the removal hold-offs and the checkout queues.
-    V2(StoreBatch),
+    /// Format version 2 (read only: written by a tallyd that did not keep named
+    /// seats): with the removal hold-offs and the checkout queues.
+    V2(StoreBatchV2),
+    /// Format version 3: with the named seats.
+    V3(StoreBatch),
 }
 
 impl StoreCommand {
@@ -35,7 +38,8 @@ impl StoreCommand {
     pub fn batch(&self) -> std::borrow::Cow<'_, StoreBatch> {
         match self {
             StoreCommand::V1(old) => std::borrow::Cow::Owned(old.clone().into()),
-            StoreCommand::V2(batch) => std::borrow::Cow::Borrowed(batch),
+            StoreCommand::V2(old) => std::borrow::Cow::Owned(old.clone().into()),
+            StoreCommand::V3(batch) => std::borrow::Cow::Borrowed(batch),
         }
     }
 }
@@ -54,6 +58,43 @@ pub struct Holdoff {
     pub host: String,
     /// When the hold-off ends (wall clock).
     pub until: UnixTime,
+}
+
+/// A name that has used a feature licensed to named users or hosts, and so keeps its
+/// place on the licence until `until` (the vendor's `named_change_days` after `since`),
+/// even when the site's policy drops it before then. Replicated (and stored) so that
+/// neither a restart nor a new leader frees the place early.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedSeat {
+    /// The feature.
+    pub feature: String,
+    /// The user or host name, as the client gave it.
+    pub name: String,
+    /// When the name first used the feature (this time on the licence).
+    pub since: UnixTime,
+    /// When its place frees (wall clock).
+    pub until: UnixTime,
+}
+
+/// A named seat as the seat store keeps it; the variant is the format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoredNamedSeat {
+    /// Format version 1.
+    V1(NamedSeat),
+}
+
+impl StoredNamedSeat {
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// Decodes from the store, bounded (two names of at most
+    /// [`crate::wire::MAX_NAME_LEN`] bytes and two times).
+    pub fn decode(bytes: &[u8]) -> Result<StoredNamedSeat, crate::DecodeError> {
+        crate::decode::<StoredNamedSeat, 4096>(bytes)
+    }
 }
 
 /// A place in a feature's checkout queue: who waits, for what, since when. Replicated
@@ -159,6 +200,48 @@ impl From<StoreBatchV1> for StoreBatch {
             compact: old.compact,
             holdoffs: Vec::new(),
             queue: Vec::new(),
+            named: Vec::new(),
+        }
+    }
+}
+
+/// The batch of format version 2: [`StoreBatch`] without named seats, field for field
+/// as it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreBatchV2 {
+    /// See [`StoreBatch::at`].
+    pub at: UnixTime,
+    /// See [`StoreBatch::leases`].
+    pub leases: Vec<LeaseChange>,
+    /// See [`StoreBatch::detached`].
+    pub detached: Vec<DetachedChange>,
+    /// See [`StoreBatch::journal`].
+    pub journal: Vec<JournalEntry>,
+    /// See [`StoreBatch::clock`].
+    pub clock: Option<UnixTime>,
+    /// See [`StoreBatch::report`].
+    pub report: Option<ReportState>,
+    /// See [`StoreBatch::compact`].
+    pub compact: Option<Compaction>,
+    /// See [`StoreBatch::holdoffs`].
+    pub holdoffs: Vec<Holdoff>,
+    /// See [`StoreBatch::queue`].
+    pub queue: Vec<QueueChange>,
+}
+
+impl From<StoreBatchV2> for StoreBatch {
+    fn from(old: StoreBatchV2) -> StoreBatch {
+        StoreBatch {
+            at: old.at,
+            leases: old.leases,
+            detached: old.detached,
+            journal: old.journal,
+            clock: old.clock,
+            report: old.report,
+            compact: old.compact,
+            holdoffs: old.holdoffs,
+            queue: old.queue,
+            named: Vec::new(),
         }
     }
 }
@@ -184,6 +267,9 @@ pub struct StoreBatch {
     pub holdoffs: Vec<Holdoff>,
     /// Places taken and left in the checkout queues, in order.
     pub queue: Vec<QueueChange>,
+    /// Named seats taken (a name's first use of a named feature); applying them also
+    /// forgets those whose place freed by `at`.
+    pub named: Vec<NamedSeat>,
 }
 
 impl StoreBatch {
@@ -199,6 +285,7 @@ impl StoreBatch {
             compact: None,
             holdoffs: Vec::new(),
             queue: Vec::new(),
+            named: Vec::new(),
         }
     }
 
@@ -212,6 +299,7 @@ impl StoreBatch {
             && self.compact.is_none()
             && self.holdoffs.is_empty()
             && self.queue.is_empty()
+            && self.named.is_empty()
     }
 }
 
@@ -261,8 +349,11 @@ pub struct Compaction {
 pub enum StoreSnapshot {
     /// Format version 1 (read only): without hold-offs.
     V1(StoreImageV1),
-    /// Format version 2: with the removal hold-offs.
-    V2(StoreImage),
+    /// Format version 2 (read only): with the removal hold-offs and queues, without
+    /// named seats.
+    V2(StoreImageV2),
+    /// Format version 3: with the named seats.
+    V3(StoreImage),
 }
 
 impl StoreSnapshot {
@@ -277,8 +368,19 @@ impl StoreSnapshot {
                 report: old.report,
                 holdoffs: Vec::new(),
                 queue: Vec::new(),
+                named: Vec::new(),
             },
-            StoreSnapshot::V2(image) => image,
+            StoreSnapshot::V2(old) => StoreImage {
+                leases: old.leases,
+                detached: old.detached,
+                journal: old.journal,
+                clock: old.clock,
+                report: old.report,
+                holdoffs: old.holdoffs,
+                queue: old.queue,
+                named: Vec::new(),
+            },
+            StoreSnapshot::V3(image) => image,
         }
     }
 }
@@ -298,6 +400,25 @@ pub struct StoreImageV1 {
     pub report: ReportState,
 }
 
+/// The image of format version 2: [`StoreImage`] without named seats, field for field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreImageV2 {
+    /// See [`StoreImage::leases`].
+    pub leases: Vec<LeaseRecord>,
+    /// See [`StoreImage::detached`].
+    pub detached: Vec<(LeaseId, UnixTime)>,
+    /// See [`StoreImage::journal`].
+    pub journal: Vec<JournalEntry>,
+    /// See [`StoreImage::clock`].
+    pub clock: Option<UnixTime>,
+    /// See [`StoreImage::report`].
+    pub report: ReportState,
+    /// See [`StoreImage::holdoffs`].
+    pub holdoffs: Vec<Holdoff>,
+    /// See [`StoreImage::queue`].
+    pub queue: Vec<QueuePlace>,
+}
+
 /// Everything the seat store holds that the servers share.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreImage {
@@ -315,6 +436,8 @@ pub struct StoreImage {
     pub holdoffs: Vec<Holdoff>,
     /// The checkout queues' places, in order.
     pub queue: Vec<QueuePlace>,
+    /// The named seats, their places freed or not (the reader judges by its clock).
+    pub named: Vec<NamedSeat>,
 }
 
 /// Largest snapshot we decode (the journal is compacted after each export; a million
@@ -344,10 +467,10 @@ mod tests {
             clock: Some(UnixTime(99)),
             ..StoreImage::default()
         };
-        let bytes = StoreSnapshot::V2(image.clone()).encode();
+        let bytes = StoreSnapshot::V3(image.clone()).encode();
         assert_eq!(
             StoreSnapshot::decode(&bytes).unwrap(),
-            StoreSnapshot::V2(image)
+            StoreSnapshot::V3(image)
         );
         // A tag this tally does not know (a later format) is an error, not a panic.
         let mut later = bytes.clone();
@@ -381,6 +504,69 @@ mod tests {
         let read = StoreSnapshot::decode(&bytes).unwrap().into_image();
         assert_eq!(read.detached, vec![(LeaseId(7), UnixTime(100))]);
         assert!(read.holdoffs.is_empty());
+    }
+
+    fn holdoff() -> Holdoff {
+        Holdoff {
+            feature: "solver".into(),
+            user: "ana".into(),
+            host: "ws".into(),
+            until: UnixTime(9),
+        }
+    }
+
+    #[test]
+    fn a_version_2_command_and_snapshot_still_read_without_named_seats() {
+        let old = StoreBatchV2 {
+            at: UnixTime(5),
+            leases: vec![LeaseChange::Remove(LeaseId(1))],
+            detached: Vec::new(),
+            journal: Vec::new(),
+            clock: Some(UnixTime(4)),
+            report: None,
+            compact: None,
+            holdoffs: vec![holdoff()],
+            queue: vec![QueueChange::Left(3)],
+        };
+        let bytes = crate::encode(&StoreCommand::V2(old.clone()));
+        let read: StoreCommand = crate::decode::<_, MAX_SNAPSHOT>(&bytes).unwrap();
+        let batch = read.batch().into_owned();
+        assert_eq!(batch.leases, old.leases);
+        assert_eq!(batch.holdoffs, vec![holdoff()]);
+        assert_eq!(batch.queue, vec![QueueChange::Left(3)]);
+        assert!(batch.named.is_empty());
+
+        let image = StoreImageV2 {
+            detached: vec![(LeaseId(7), UnixTime(100))],
+            holdoffs: vec![holdoff()],
+            ..StoreImageV2::default()
+        };
+        let bytes = StoreSnapshot::V2(image).encode();
+        let read = StoreSnapshot::decode(&bytes).unwrap().into_image();
+        assert_eq!(read.detached, vec![(LeaseId(7), UnixTime(100))]);
+        assert_eq!(read.holdoffs, vec![holdoff()]);
+        assert!(read.named.is_empty());
+
+        // Version 3 carries them.
+        let seat = NamedSeat {
+            feature: "solver".into(),
+            name: "bo".into(),
+            since: UnixTime(10),
+            until: UnixTime(20),
+        };
+        let batch = StoreBatch {
+            named: vec![seat.clone()],
+            ..StoreBatch::new(UnixTime(10))
+        };
+        assert!(!batch.is_empty());
+        let bytes = crate::encode(&StoreCommand::V3(batch));
+        let read: StoreCommand = crate::decode::<_, MAX_SNAPSHOT>(&bytes).unwrap();
+        assert_eq!(read.batch().named, vec![seat.clone()]);
+        let stored = StoredNamedSeat::V1(seat.clone()).encode();
+        assert_eq!(
+            StoredNamedSeat::decode(&stored).unwrap(),
+            StoredNamedSeat::V1(seat)
+        );
     }
 
     #[test]
