@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tally_config::Policy;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
+use tally_protocol::observed::ClientFacts;
 use tally_protocol::replicate::Compaction;
 use tally_protocol::report::UsageEvent;
 use tally_protocol::time::UnixTime;
@@ -46,6 +47,7 @@ enum Command {
         conn: ConnId,
         holder: ClientIdentity,
         request: CheckoutRequest,
+        facts: Option<ClientFacts>,
         fresh: FreshLease,
         waiter: WaiterId,
         reply: oneshot::Sender<Result<LeaseRecord, DenialReason>>,
@@ -130,11 +132,12 @@ impl LedgerHandle {
 
     /// A checkout, granted, denied or (queued) waited for; a requester that stops
     /// waiting (`abandoned` completes) leaves the queue at once, instead of holding its
-    /// place, and later a seat nobody would use, until its timeout.
+    /// place, and later a seat nobody would use, until its timeout. `facts`: what the
+    /// client reported about where it runs (`None` from a client too old to).
     pub(crate) async fn checkout(
         &self,
         (conn, holder): (ConnId, ClientIdentity),
-        request: CheckoutRequest,
+        (request, facts): (CheckoutRequest, Option<ClientFacts>),
         (fresh, waiter): (FreshLease, WaiterId),
         abandoned: impl std::future::Future<Output = ()>,
     ) -> Result<Result<LeaseRecord, DenialReason>, NoAnswer> {
@@ -143,6 +146,7 @@ impl LedgerHandle {
             conn,
             holder,
             request,
+            facts,
             fresh,
             waiter,
             reply,
@@ -606,10 +610,18 @@ impl LedgerTask {
                 conn,
                 holder,
                 request,
+                facts,
                 fresh,
                 waiter,
                 reply,
-            } => self.checkout(now, (conn, holder, request), (fresh, waiter), reply, d),
+            } => self.checkout(
+                now,
+                (conn, holder, request),
+                facts,
+                (fresh, waiter),
+                reply,
+                d,
+            ),
             Command::Remove { lease, reply } => {
                 let removed = ledger.remove_lease(now, lease);
                 let _ = reply.send(removed.is_some());
@@ -681,14 +693,21 @@ impl LedgerTask {
         &mut self,
         now: Now,
         (conn, holder, request): (ConnId, ClientIdentity, CheckoutRequest),
+        facts: Option<ClientFacts>,
         (fresh, waiter): (FreshLease, WaiterId),
         reply: GrantTx,
         d: &mut Decided,
     ) {
         // While the store cannot be written the ledger refuses (see `decide`).
-        let decided = self
-            .ledger
-            .checkout_or_wait(now, conn, &holder, &request, fresh, waiter);
+        let decided = self.ledger.checkout_observed(
+            now,
+            conn,
+            &holder,
+            &request,
+            facts.as_ref(),
+            fresh,
+            waiter,
+        );
         match decided {
             Checkout::Granted(granted) => {
                 let (record, event) = *granted;
@@ -1105,7 +1124,7 @@ mod tests {
         };
         let asked = ledger.checkout(
             (ConnId(1), holder),
-            request,
+            (request, None),
             (fresh, WaiterId(n)),
             std::future::pending(),
         );
