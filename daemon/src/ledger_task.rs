@@ -535,6 +535,9 @@ struct LedgerTask {
     commit: Commit<Channels>,
     /// Replies owed to checkouts waiting in a queue.
     waiting: HashMap<WaiterId, GrantTx>,
+    /// What the waiters of `waiting` reported about where they run (for the journal's
+    /// [`UsageEvent::Session`] at their grant).
+    waiting_facts: HashMap<WaiterId, ClientFacts>,
     /// Exports asked for and not started yet, in order.
     exports: std::collections::VecDeque<ExportJob>,
     exporter: Exporter,
@@ -568,6 +571,7 @@ impl LedgerTask {
             ledger,
             commit,
             waiting: HashMap::new(),
+            waiting_facts: HashMap::new(),
             exports: Default::default(),
             exporter: Arc::new(|store, identity, at| {
                 export(store, identity, at).map_err(Error::from)
@@ -711,6 +715,9 @@ impl LedgerTask {
         match decided {
             Checkout::Granted(granted) => {
                 let (record, event) = *granted;
+                if let Some(facts) = &facts {
+                    self.commit.observed(record.id, facts);
+                }
                 d.events.push(event);
                 d.pending.push(Pending::Grant(reply, Ok(record)));
             }
@@ -726,6 +733,9 @@ impl LedgerTask {
                 info!(feature = %request.feature, holder = %holder, position, "queued");
                 self.commit.queued(now.wall, &request.feature, &holder);
                 self.waiting.insert(waiter, reply);
+                if let Some(facts) = facts {
+                    self.waiting_facts.insert(waiter, facts);
+                }
             }
         }
     }
@@ -734,6 +744,11 @@ impl LedgerTask {
     fn waiter_outcomes(&mut self, now: Now, d: &mut Decided) {
         for outcome in self.ledger.take_waiter_outcomes() {
             let reply = self.waiting.remove(&outcome.waiter);
+            if let (Some(facts), Some(Event::Granted(record))) =
+                (self.waiting_facts.remove(&outcome.waiter), &outcome.event)
+            {
+                self.commit.observed(record.id, &facts);
+            }
             d.events.extend(outcome.event);
             let Some(reply) = reply else {
                 // A grant with nobody to answer is stored (its event above) and then
@@ -1024,6 +1039,7 @@ impl LedgerTask {
         }
         self.exports.clear();
         self.waiting.clear();
+        self.waiting_facts.clear();
         self.disk.forget_pending();
     }
 
