@@ -59,7 +59,7 @@ pub fn virtualization() -> Option<String> {
         cpuinfo: &cpuinfo,
     };
     observed::virtual_machine(&signs).map(|name| match name.as_str() {
-        "virtual machine" => "vm".to_string(),
+        observed::UNNAMED_HYPERVISOR => "vm".to_string(),
         _ => format!("vm ({name})"),
     })
 }

@@ -90,6 +90,10 @@ pub struct MachineSigns<'a> {
     pub cpuinfo: &'a str,
 }
 
+/// The name of a hypervisor that only the CPU's `hypervisor` flag shows (no DMI
+/// string names it: some micro-VMs and containers in VMs).
+pub const UNNAMED_HYPERVISOR: &str = "unnamed hypervisor";
+
 /// DMI substrings and the hypervisor they name, most specific first (a KVM guest on a
 /// cloud says the cloud's name, which is what a vendor's records want).
 const HYPERVISORS: &[(&str, &str)] = &[
@@ -112,8 +116,8 @@ const HYPERVISORS: &[(&str, &str)] = &[
     ("bhyve", "bhyve"),
 ];
 
-/// The hypervisor these signs name, `virtual machine` when only the CPU's `hypervisor`
-/// flag says so, `None` on bare metal. A Microsoft-made machine counts as Hyper-V only
+/// The hypervisor these signs name, [`UNNAMED_HYPERVISOR`] when only the CPU's
+/// `hypervisor` flag says so, `None` on bare metal. A Microsoft-made machine counts as Hyper-V only
 /// with a `Virtual Machine` product or the `hypervisor` flag (Surface laptops are
 /// Microsoft's too).
 pub fn virtual_machine(signs: &MachineSigns<'_>) -> Option<String> {
@@ -132,7 +136,7 @@ pub fn virtual_machine(signs: &MachineSigns<'_>) -> Option<String> {
         }
         return Some((*name).to_string());
     }
-    flagged.then(|| "virtual machine".to_string())
+    flagged.then(|| UNNAMED_HYPERVISOR.to_string())
 }
 
 /// The remote session the environment `var` shows, `None` for a local one: SSH
@@ -257,10 +261,10 @@ mod tests {
 
     #[test]
     fn the_hypervisor_flag_alone_is_an_unnamed_vm() {
-        assert_eq!(vm("", "", "", FLAGGED).as_deref(), Some("virtual machine"));
+        assert_eq!(vm("", "", "", FLAGGED).as_deref(), Some(UNNAMED_HYPERVISOR));
         assert_eq!(
             vm("Dell Inc.", "PowerEdge R740", "Dell Inc.", FLAGGED).as_deref(),
-            Some("virtual machine")
+            Some(UNNAMED_HYPERVISOR)
         );
     }
 
