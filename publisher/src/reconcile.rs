@@ -1014,24 +1014,15 @@ pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summ
 
 /// The summary as CSV: one row per customer server and feature.
 pub fn summary_csv(s: &Summary) -> String {
+    // The grants from virtual machines and remote sessions are the last columns, zeros
+    // where none came from either: one layout for billing tools.
     let mut out = String::from(
-        "customer,customer_id,server,feature,from,to,licensed,peak,seat_hours,overdraft_seat_hours,overdraft_peak,denials,reports",
+        "customer,customer_id,server,feature,from,to,licensed,peak,seat_hours,overdraft_seat_hours,overdraft_peak,denials,reports,grants_from_virtual_machines,grants_from_remote_sessions\n",
     );
-    // The columns of grants from virtual machines and remote sessions come last, and
-    // only when some grant came from one (as a cluster's signer column does).
-    let sessions = s
-        .rows
-        .iter()
-        .any(|r| r.grants_from_virtual_machines + r.grants_from_remote_sessions > 0);
-    out.push_str(if sessions {
-        ",grants_from_virtual_machines,grants_from_remote_sessions\n"
-    } else {
-        "\n"
-    });
     for r in &s.rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{:.4},{:.4},{},{},{}",
+            "{},{},{},{},{},{},{},{},{:.4},{:.4},{},{},{},{},{}",
             csv_field(&r.customer),
             csv_field(&r.customer_id),
             csv_field(&r.server),
@@ -1046,16 +1037,10 @@ pub fn summary_csv(s: &Summary) -> String {
             r.overdraft_seat_hours,
             r.overdraft_peak,
             r.denials,
-            r.reports
+            r.reports,
+            r.grants_from_virtual_machines,
+            r.grants_from_remote_sessions
         );
-        if sessions {
-            out.pop();
-            let _ = writeln!(
-                out,
-                ",{},{}",
-                r.grants_from_virtual_machines, r.grants_from_remote_sessions
-            );
-        }
     }
     out
 }
@@ -1106,23 +1091,10 @@ pub fn summary_html(s: &Summary) -> String {
 /// one server signed the chain (a cluster), a last column names each report's signer.
 pub fn to_csv(r: &Reconciliation) -> String {
     let mut out = String::from(
-        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts",
+        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts,grants_from_virtual_machines,grants_from_remote_sessions",
     );
     let signed = !r.signers.is_empty();
-    // Grants from virtual machines and remote sessions: last, and only when some grant
-    // came from one.
-    let sessions = r
-        .features
-        .iter()
-        .any(|f| f.total.grants_from_virtual_machines + f.total.grants_from_remote_sessions > 0);
-    if signed {
-        out.push_str(",signer");
-    }
-    out.push_str(if sessions {
-        ",grants_from_virtual_machines,grants_from_remote_sessions\n"
-    } else {
-        "\n"
-    });
+    out.push_str(if signed { ",signer\n" } else { "\n" });
     let signer_of = |label: &str| -> &str {
         label
             .parse::<u64>()
@@ -1139,7 +1111,7 @@ pub fn to_csv(r: &Reconciliation) -> String {
         for (label, s) in rows {
             let _ = write!(
                 out,
-                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{},{},{},{}",
+                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{},{},{},{},{},{}",
                 csv_field(&f.feature),
                 label,
                 s.from,
@@ -1156,18 +1128,13 @@ pub fn to_csv(r: &Reconciliation) -> String {
                 s.grants,
                 s.denials.values().sum::<u64>(),
                 s.distinct_users,
-                s.distinct_hosts
+                s.distinct_hosts,
+                s.grants_from_virtual_machines,
+                s.grants_from_remote_sessions
             );
             if signed {
                 out.push(',');
                 out.push_str(signer_of(&label));
-            }
-            if sessions {
-                let _ = write!(
-                    out,
-                    ",{},{}",
-                    s.grants_from_virtual_machines, s.grants_from_remote_sessions
-                );
             }
             out.push('\n');
         }
@@ -1822,9 +1789,9 @@ mod licence_tests {
             grant(4, "mesher"),
             session(4, None, Some("RDP")),
         ];
-        let mut bundle = bundle("paid", &[], 4, None);
-        bundle.features.push(FeatureGrant::counted("mesher", 2));
-        let r = reconcile_all(&[bundle], &[link(events, None)]);
+        let mut paid = bundle("paid", &[], 4, None);
+        paid.features.push(FeatureGrant::counted("mesher", 2));
+        let r = reconcile_all(&[paid], &[link(events, None)]);
         let counts: Vec<(&str, u64, u64, u64)> = r
             .features
             .iter()
@@ -1852,17 +1819,15 @@ mod licence_tests {
             .find(|l| l.starts_with("solver,total,"))
             .unwrap();
         assert!(solver_total.ends_with(",2,1"), "{solver_total}");
-        // Without such grants the CSV is as before.
-        let plain = reconcile_all(&[bundle_plain()], &[link(usage(), None)]);
-        assert!(to_csv(&plain)
-            .lines()
-            .next()
-            .unwrap()
-            .ends_with(",distinct_hosts"));
-    }
-
-    fn bundle_plain() -> Bundle {
-        bundle("paid", &[], 4, None)
+        // Without such grants the columns are there, with zeros: a billing tool reads
+        // one layout.
+        let plain = reconcile_all(&[bundle("paid", &[], 4, None)], &[link(usage(), None)]);
+        let plain = to_csv(&plain);
+        assert!(
+            plain.lines().next().unwrap().ends_with("_sessions"),
+            "{plain}"
+        );
+        assert!(plain.lines().nth(1).unwrap().ends_with(",0,0"), "{plain}");
     }
 }
 
