@@ -28,6 +28,7 @@ pub mod ffi;
 pub mod grace;
 pub mod info;
 pub mod logging;
+pub mod observe;
 pub mod trust;
 
 pub use client::{Client, LeaseHandle, LeaseStatus, Want};
@@ -44,6 +45,7 @@ use tally_protocol::frame::{self, HEADER_LEN, MAX_RESPONSE_LEN};
 pub use tally_protocol::keys::KeyError;
 pub use tally_protocol::keys::PublicKey;
 pub use tally_protocol::lease::LeaseId;
+use tally_protocol::observed::ClientFacts;
 use tally_protocol::signed::Domain;
 pub use tally_protocol::time::UnixTime;
 use tally_protocol::wire::*;
@@ -265,6 +267,9 @@ pub struct Session {
     hello: HelloReply,
     bundles: Vec<VerifiedBundle>,
     request_timeout: Duration,
+    /// The server did not understand [`Request::ObservedCheckout`] (it is older than
+    /// it): checkouts go as [`Request::Checkout`].
+    plain_checkout: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Session {
@@ -568,6 +573,7 @@ impl Session {
             },
             bundles: Vec::new(),
             request_timeout: config.request_timeout,
+            plain_checkout: std::sync::atomic::AtomicBool::new(false),
         };
         let hello = match session
             .request(Request::Hello(Hello {
@@ -656,7 +662,9 @@ impl Session {
     /// A checkout whose answer is not lost if the caller stops waiting for it: see
     /// [`UnreadReply`].
     async fn checkout_exchange(&self, request: &Request) -> Result<Response, ClientError> {
-        if let Request::Checkout(c) = request {
+        if let Request::Checkout(c)
+        | Request::ObservedCheckout(ObservedCheckout { request: c, .. }) = request
+        {
             tracing::debug!(
                 server = %self.server,
                 feature = %c.feature,
@@ -682,15 +690,48 @@ impl Session {
 
     /// Checks out seats. A denial is [`ClientError::Denied`]. The lease token is
     /// verified against the server key before the lease is returned.
+    /// What this process observes about where it runs ([`observe::facts`]: a virtual
+    /// machine, a remote session) goes with it, for features whose vendor refuses those.
     pub async fn checkout(&self, request: &CheckoutRequest) -> Result<Lease, ClientError> {
+        self.checkout_with(request, observe::facts()).await
+    }
+
+    /// [`Session::checkout`] reporting `facts` about where the program runs. A server
+    /// older than these reports gets a plain checkout (and this session sends it plain
+    /// from then on); such a server applies no rule on them.
+    pub async fn checkout_with(
+        &self,
+        request: &CheckoutRequest,
+        facts: ClientFacts,
+    ) -> Result<Lease, ClientError> {
+        use std::sync::atomic::Ordering;
         // A checkout that may wait in the queue gets its wait on top of the usual deadline.
         let deadline = self.request_timeout + Duration::from_secs(request.wait_secs as u64);
-        let response = tokio::time::timeout(
-            deadline,
-            self.checkout_exchange(&Request::Checkout(request.clone())),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout("checkout", deadline))??;
+        let exchange = |message: Request| async move {
+            tokio::time::timeout(deadline, self.checkout_exchange(&message))
+                .await
+                .map_err(|_| ClientError::Timeout("checkout", deadline))?
+        };
+        let response = if self.plain_checkout.load(Ordering::Relaxed) {
+            exchange(Request::Checkout(request.clone())).await?
+        } else {
+            let observed = Request::ObservedCheckout(ObservedCheckout {
+                request: request.clone(),
+                facts,
+            });
+            match exchange(observed).await {
+                // An older server cannot decode the request (so it granted nothing).
+                Err(ClientError::Server(e))
+                    if e.code == ErrorCode::BadRequest
+                        && e.message.starts_with("malformed message") =>
+                {
+                    tracing::debug!(server = %self.server, "the server predates observed checkouts; sending plain ones");
+                    self.plain_checkout.store(true, Ordering::Relaxed);
+                    exchange(Request::Checkout(request.clone())).await?
+                }
+                other => other?,
+            }
+        };
         match response {
             Response::Checkout(CheckoutReply::Granted(grant)) => {
                 verify_grant_by(&self.lease_signers(), &grant)?;
@@ -839,7 +880,7 @@ pub fn log_directive(value: Option<&str>) -> String {
 fn request_name(request: &Request) -> &'static str {
     match request {
         Request::Hello(_) => "hello",
-        Request::Checkout(_) => "checkout",
+        Request::Checkout(_) | Request::ObservedCheckout(_) => "checkout",
         Request::Heartbeat(_) => "heartbeat",
         Request::Checkin(_) => "checkin",
         Request::Status(_) => "status",

@@ -18,10 +18,11 @@ use crate::disk::DiskError;
 use crate::error::Error;
 use crate::journal::{self, Exported};
 use crate::ledger::{Event, SeatChange};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tally_protocol::bundle::Bundle;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
+use tally_protocol::observed::ClientFacts;
 use tally_protocol::report::{JournalEntry, UsageEvent};
 use tally_protocol::time::UnixTime;
 use tally_protocol::wire::{ClientIdentity, DenialReason, LeaseState};
@@ -94,6 +95,9 @@ pub(crate) struct Commit<R: Replies> {
     rolled_back: Vec<UsageEvent>,
     /// The clock mark last written.
     clock_saved: UnixTime,
+    /// [`UsageEvent::Session`]s of this batch's grants, by lease, journaled right after
+    /// each grant (see [`Commit::observed`]).
+    observed: HashMap<LeaseId, UsageEvent>,
 }
 
 impl<R: Replies> Commit<R> {
@@ -109,6 +113,7 @@ impl<R: Replies> Commit<R> {
             dirty: false,
             rolled_back: Vec::new(),
             clock_saved,
+            observed: HashMap::new(),
         }
     }
 
@@ -131,6 +136,7 @@ impl<R: Replies> Commit<R> {
     /// seat sets the licensing models opened and closed in it (see [`SeatChange`]):
     /// the grants and releases of their members count no seats of their own.
     pub(crate) fn batch_events(&mut self, at: UnixTime, events: &[Event], seats: &[SeatChange]) {
+        let mut observed = std::mem::take(&mut self.observed);
         let members: std::collections::HashSet<LeaseId> = seats
             .iter()
             .filter_map(|c| match c {
@@ -149,13 +155,39 @@ impl<R: Replies> Commit<R> {
                 }
                 _ => {}
             }
+            let session = match &entry {
+                UsageEvent::Granted { lease, .. } => observed.remove(lease),
+                _ => None,
+            };
             self.record(at, entry);
+            if let Some(session) = session {
+                self.record(at, session);
+            }
         }
         for change in seats {
             if let Some(entry) = journal::seat_set_event(change) {
                 self.record(at, entry);
             }
         }
+    }
+
+    /// Notes what the client of the grant of `lease` (in this batch) said about where
+    /// it runs: journaled right after the grant as [`UsageEvent::Session`] when it
+    /// reported a virtual machine or a remote session. Notes of grants not in the batch
+    /// are dropped with it.
+    pub(crate) fn observed(&mut self, lease: LeaseId, facts: &ClientFacts) {
+        let (vm, remote) = (facts.virtual_machine(), facts.remote_session());
+        if vm.is_none() && remote.is_none() {
+            return;
+        }
+        self.observed.insert(
+            lease,
+            UsageEvent::Session {
+                lease,
+                virtual_machine: vm.map(str::to_string),
+                remote: remote.map(str::to_string),
+            },
+        );
     }
 
     /// Journals a checkout denied at the door. The fact of the denial is kept; the
@@ -800,5 +832,51 @@ mod tests {
         let seqs: Vec<u64> = outage.backlog().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![2, 3]);
         assert_eq!(outage.dropped(), 1);
+    }
+
+    /// A grant whose client reported a virtual machine or a remote session is followed
+    /// in the journal by its `Session` event; one that reported neither is not, and a
+    /// note of a grant not in the batch does not outlive it.
+    #[test]
+    fn the_session_a_client_reported_is_journaled_right_after_its_grant() {
+        let mut commit = Commit::<Ids>::new(1, UnixTime(0));
+        let vm = ClientFacts::new(Some("KVM/QEMU".into()), None);
+        let ssh = ClientFacts::new(None, Some("SSH from 10.0.0.5".into()));
+        commit.observed(LeaseId(1), &vm);
+        commit.observed(LeaseId(2), &ClientFacts::new(None, None));
+        commit.observed(LeaseId(3), &ssh);
+        commit.observed(LeaseId(9), &vm);
+        let events: Vec<Event> = [1, 2, 3].map(|n| Event::Granted(record(n))).into();
+        commit.batch_events(UnixTime(5), &events, &[]);
+        let journal: Vec<(u64, UsageEvent)> = commit
+            .journal()
+            .drain(..)
+            .map(|e| (e.seq, e.event))
+            .collect();
+        let shape: Vec<String> = journal
+            .iter()
+            .map(|(seq, e)| match e {
+                UsageEvent::Granted { lease, .. } => format!("{seq} granted {}", lease.0),
+                UsageEvent::Session {
+                    lease,
+                    virtual_machine,
+                    remote,
+                } => format!("{seq} session {} {virtual_machine:?} {remote:?}", lease.0),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "1 granted 1",
+                "2 session 1 Some(\"KVM/QEMU\") None",
+                "3 granted 2",
+                "4 granted 3",
+                "5 session 3 None Some(\"SSH from 10.0.0.5\")",
+            ]
+        );
+        // Lease 9's note went with its batch.
+        commit.batch_events(UnixTime(6), &[Event::Granted(record(9))], &[]);
+        assert_eq!(commit.journal().len(), 1);
     }
 }

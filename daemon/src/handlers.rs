@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tally_protocol::keys::SecretKey;
 use tally_protocol::lease::{LeaseId, LeaseRecord, LeaseSecret};
+use tally_protocol::observed::ClientFacts;
 use tally_protocol::signed::{Domain, Signed};
 use tally_protocol::wire::*;
 use tracing::{info, warn};
@@ -102,7 +103,13 @@ async fn answer(
 ) -> Response {
     let answered = match request {
         Request::Hello(hello) => self::hello(hello, shared, identity),
-        Request::Checkout(request) => checkout(request, origin, send, shared, identity).await,
+        Request::Checkout(request) => {
+            checkout((request, None), origin, send, shared, identity).await
+        }
+        Request::ObservedCheckout(observed) => {
+            let facts = Some(observed.facts);
+            checkout((observed.request, facts), origin, send, shared, identity).await
+        }
         Request::Heartbeat(request) => heartbeat(request, origin.0, shared).await,
         Request::Checkin(request) => checkin(request, shared).await,
         Request::Status(status) => self::status(status, origin, shared).await,
@@ -144,9 +151,10 @@ fn hello(hello: Hello, shared: &Shared, identity: &Mutex<Option<ClientIdentity>>
 }
 
 /// Checkout: names checked, the rate limit applied, then the ledger task decides; the
-/// grant is signed here, on the connection's task.
+/// grant is signed here, on the connection's task. `facts`: what the client reported
+/// about where it runs, `None` from a client that sent a plain checkout.
 async fn checkout(
-    request: CheckoutRequest,
+    (request, facts): (CheckoutRequest, Option<ClientFacts>),
     (conn, remote): Origin,
     send: &quinn::SendStream,
     shared: &Shared,
@@ -155,7 +163,10 @@ async fn checkout(
     let Some(holder) = identity.lock().expect("identity lock").clone() else {
         return Err(Error::BadRequest("send hello before checkout"));
     };
-    if let Err(what) = check_checkout(&request) {
+    let checked = check_checkout(&request)
+        .map_err(|e| e.to_string())
+        .and_then(|()| facts.as_ref().map_or(Ok(()), ClientFacts::check));
+    if let Err(what) = checked {
         // A name refused is a denial the client shows, not a failure of the request.
         return Ok(Response::Checkout(CheckoutReply::Denied(Denial {
             reason: DenialReason::InvalidRequest {
@@ -178,7 +189,7 @@ async fn checkout(
         .ledger
         .checkout(
             (conn, holder.clone()),
-            request,
+            (request, facts),
             (fresh, waiter),
             // Stopped by a client that gave up waiting (its request future dropped)
             // while keeping the connection.

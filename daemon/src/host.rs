@@ -2,6 +2,7 @@
 //! is bound to, and the facts an activation request reports.
 
 use tally_protocol::keys::fingerprint_of;
+use tally_protocol::observed::{self, MachineSigns};
 
 /// The host fingerprint: a hash of the machine id (systemd's `/etc/machine-id`, stable
 /// across reboots and unique per installation), or of the host name where there is none.
@@ -43,28 +44,24 @@ pub fn virtualization() -> Option<String> {
     {
         return Some("container".into());
     }
-    let vendor = read_trimmed("/sys/class/dmi/id/sys_vendor").unwrap_or_default();
-    let product = read_trimmed("/sys/class/dmi/id/product_name").unwrap_or_default();
-    for (needle, name) in [
-        ("QEMU", "QEMU/KVM"),
-        ("KVM", "QEMU/KVM"),
-        ("VMware", "VMware"),
-        ("VirtualBox", "VirtualBox"),
-        ("innotek", "VirtualBox"),
-        ("Xen", "Xen"),
-        ("Microsoft Corporation", "Hyper-V"),
-        ("Amazon EC2", "Amazon EC2"),
-        ("Google", "Google Compute Engine"),
-    ] {
-        if vendor.contains(needle) || product.contains(needle) {
-            return Some(format!("vm ({name})"));
-        }
-    }
+    // Named the way clients name it in their checkouts (`tally_protocol::observed`).
+    let read = |path: &str| read_trimmed(path).unwrap_or_default();
+    let (sys_vendor, product_name, board_vendor) = (
+        read("/sys/class/dmi/id/sys_vendor"),
+        read("/sys/class/dmi/id/product_name"),
+        read("/sys/class/dmi/id/board_vendor"),
+    );
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    cpuinfo
-        .lines()
-        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"))
-        .then(|| "vm".to_string())
+    let signs = MachineSigns {
+        sys_vendor: &sys_vendor,
+        product_name: &product_name,
+        board_vendor: &board_vendor,
+        cpuinfo: &cpuinfo,
+    };
+    observed::virtual_machine(&signs).map(|name| match name.as_str() {
+        observed::UNNAMED_HYPERVISOR => "vm".to_string(),
+        _ => format!("vm ({name})"),
+    })
 }
 
 fn read_trimmed(path: &str) -> Option<String> {

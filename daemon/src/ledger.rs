@@ -726,6 +726,8 @@ pub struct Ledger {
     /// Since when, and why, the store cannot be written (the shell says so): no new
     /// checkout is granted then, since it could not be made durable.
     storage_down: Option<(UnixTime, String)>,
+    /// Which features refuse remote sessions or virtual machines.
+    sessions: crate::sessions::SessionRules,
 }
 
 /// Whom a hold-off keeps from a feature: the feature, user and host of the removed lease
@@ -803,6 +805,7 @@ impl Ledger {
             lapsed_order: VecDeque::new(),
             regranted: Vec::new(),
             storage_down: None,
+            sessions: crate::sessions::SessionRules::of(bundles),
         }
     }
 
@@ -813,6 +816,7 @@ impl Ledger {
     pub fn successor(&self) -> Ledger {
         let mut next = Ledger {
             features: self.features.clone(),
+            sessions: self.sessions.clone(),
             policy: self.policy.clone(),
             high_water: self.high_water,
             ..Ledger::new(self.settings, &[])
@@ -878,6 +882,7 @@ impl Ledger {
     /// are no longer licensed: they were granted honestly and end on their own.
     pub fn reload(&mut self, now: Now, bundles: &[Bundle]) {
         self.features = terms_of(bundles);
+        self.sessions = crate::sessions::SessionRules::of(bundles);
         self.serve_queues(now);
     }
 
@@ -978,6 +983,26 @@ impl Ledger {
         }
         let terms = self.decide(now, holder, request)?;
         Ok(self.grant(now, conn, holder, request, fresh, terms))
+    }
+
+    /// [`Ledger::checkout_or_wait`] for a client that reported where it runs (`facts`;
+    /// `None` from a client too old to): a feature whose vendor refuses remote sessions
+    /// or virtual machines is refused first (`crate::sessions`). Borrowing too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn checkout_observed(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        holder: &ClientIdentity,
+        request: &CheckoutRequest,
+        facts: Option<&tally_protocol::observed::ClientFacts>,
+        fresh: FreshLease,
+        waiter: WaiterId,
+    ) -> Checkout {
+        if let Err(reason) = self.sessions.check(&request.feature, facts) {
+            return Checkout::Denied(reason);
+        }
+        self.checkout_or_wait(now, conn, holder, request, fresh, waiter)
     }
 
     /// Decides a checkout that may wait `request.wait_secs` in the feature's queue.

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tally_config::Policy;
 use tally_protocol::lease::{LeaseId, LeaseRecord};
+use tally_protocol::observed::ClientFacts;
 use tally_protocol::replicate::Compaction;
 use tally_protocol::report::UsageEvent;
 use tally_protocol::time::UnixTime;
@@ -46,6 +47,7 @@ enum Command {
         conn: ConnId,
         holder: ClientIdentity,
         request: CheckoutRequest,
+        facts: Option<ClientFacts>,
         fresh: FreshLease,
         waiter: WaiterId,
         reply: oneshot::Sender<Result<LeaseRecord, DenialReason>>,
@@ -131,11 +133,12 @@ impl LedgerHandle {
 
     /// A checkout, granted, denied or (queued) waited for; a requester that stops
     /// waiting (`abandoned` completes) leaves the queue at once, instead of holding its
-    /// place, and later a seat nobody would use, until its timeout.
+    /// place, and later a seat nobody would use, until its timeout. `facts`: what the
+    /// client reported about where it runs (`None` from a client too old to).
     pub(crate) async fn checkout(
         &self,
         (conn, holder): (ConnId, ClientIdentity),
-        request: CheckoutRequest,
+        (request, facts): (CheckoutRequest, Option<ClientFacts>),
         (fresh, waiter): (FreshLease, WaiterId),
         abandoned: impl std::future::Future<Output = ()>,
     ) -> Result<Result<LeaseRecord, DenialReason>, NoAnswer> {
@@ -144,6 +147,7 @@ impl LedgerHandle {
             conn,
             holder,
             request,
+            facts,
             fresh,
             waiter,
             reply,
@@ -532,6 +536,9 @@ struct LedgerTask {
     commit: Commit<Channels>,
     /// Replies owed to checkouts waiting in a queue.
     waiting: HashMap<WaiterId, GrantTx>,
+    /// What the waiters of `waiting` reported about where they run (for the journal's
+    /// [`UsageEvent::Session`] at their grant).
+    waiting_facts: HashMap<WaiterId, ClientFacts>,
     /// Exports asked for and not started yet, in order.
     exports: std::collections::VecDeque<ExportJob>,
     exporter: Exporter,
@@ -565,6 +572,7 @@ impl LedgerTask {
             ledger,
             commit,
             waiting: HashMap::new(),
+            waiting_facts: HashMap::new(),
             exports: Default::default(),
             exporter: Arc::new(|store, identity, at| {
                 export(store, identity, at).map_err(Error::from)
@@ -607,10 +615,18 @@ impl LedgerTask {
                 conn,
                 holder,
                 request,
+                facts,
                 fresh,
                 waiter,
                 reply,
-            } => self.checkout(now, (conn, holder, request), (fresh, waiter), reply, d),
+            } => self.checkout(
+                now,
+                (conn, holder, request),
+                facts,
+                (fresh, waiter),
+                reply,
+                d,
+            ),
             Command::Remove { lease, reply } => {
                 let removed = ledger.remove_lease(now, lease);
                 let _ = reply.send(removed.is_some());
@@ -682,17 +698,27 @@ impl LedgerTask {
         &mut self,
         now: Now,
         (conn, holder, request): (ConnId, ClientIdentity, CheckoutRequest),
+        facts: Option<ClientFacts>,
         (fresh, waiter): (FreshLease, WaiterId),
         reply: GrantTx,
         d: &mut Decided,
     ) {
         // While the store cannot be written the ledger refuses (see `decide`).
-        let decided = self
-            .ledger
-            .checkout_or_wait(now, conn, &holder, &request, fresh, waiter);
+        let decided = self.ledger.checkout_observed(
+            now,
+            conn,
+            &holder,
+            &request,
+            facts.as_ref(),
+            fresh,
+            waiter,
+        );
         match decided {
             Checkout::Granted(granted) => {
                 let (record, event) = *granted;
+                if let Some(facts) = &facts {
+                    self.commit.observed(record.id, facts);
+                }
                 d.events.push(event);
                 d.pending.push(Pending::Grant(reply, Ok(record)));
             }
@@ -708,6 +734,9 @@ impl LedgerTask {
                 info!(feature = %request.feature, holder = %holder, position, "queued");
                 self.commit.queued(now.wall, &request.feature, &holder);
                 self.waiting.insert(waiter, reply);
+                if let Some(facts) = facts {
+                    self.waiting_facts.insert(waiter, facts);
+                }
             }
         }
     }
@@ -716,6 +745,11 @@ impl LedgerTask {
     fn waiter_outcomes(&mut self, now: Now, d: &mut Decided) {
         for outcome in self.ledger.take_waiter_outcomes() {
             let reply = self.waiting.remove(&outcome.waiter);
+            if let (Some(facts), Some(Event::Granted(record))) =
+                (self.waiting_facts.remove(&outcome.waiter), &outcome.event)
+            {
+                self.commit.observed(record.id, &facts);
+            }
             d.events.extend(outcome.event);
             let Some(reply) = reply else {
                 // A grant with nobody to answer is stored (its event above) and then
@@ -1008,6 +1042,7 @@ impl LedgerTask {
         }
         self.exports.clear();
         self.waiting.clear();
+        self.waiting_facts.clear();
         self.disk.forget_pending();
     }
 
@@ -1109,7 +1144,7 @@ mod tests {
         };
         let asked = ledger.checkout(
             (ConnId(1), holder),
-            request,
+            (request, None),
             (fresh, WaiterId(n)),
             std::future::pending(),
         );

@@ -57,6 +57,7 @@ pub mod replicated;
 pub mod reports;
 pub mod returns;
 pub mod server;
+pub mod sessions;
 mod shared;
 pub mod signals;
 pub mod start;

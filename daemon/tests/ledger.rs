@@ -1940,3 +1940,153 @@ fn names_already_on_the_licence_keep_their_places_before_newly_listed_ones() {
         "{denial}"
     );
 }
+
+// ---- Remote sessions and virtual machines (FlexLM TS_OK, RLM's VM refusal) ----
+
+/// A checkout of one seat of `feature` by a client that reported `facts` (`None`: a
+/// client too old to), borrowed for `borrow_secs` when not 0.
+fn take_observed(
+    d: &mut Driver,
+    feature: &str,
+    facts: Option<tally_protocol::observed::ClientFacts>,
+    borrow_secs: u64,
+) -> Result<LeaseRecord, DenialReason> {
+    let fresh = d.fresh();
+    let conn = ConnId(d.next);
+    let waiter = WaiterId(d.next);
+    let request = CheckoutRequest {
+        feature: feature.into(),
+        count: 1,
+        version: None,
+        build_date: None,
+        wait_secs: 0,
+        borrow_secs,
+    };
+    let now = d.now();
+    match d.ledger.checkout_observed(
+        now,
+        conn,
+        &who("ann"),
+        &request,
+        facts.as_ref(),
+        fresh,
+        waiter,
+    ) {
+        Checkout::Granted(granted) => Ok(granted.0),
+        Checkout::Denied(reason) => Err(reason),
+        Checkout::Queued { .. } => panic!("a checkout that does not wait was queued"),
+    }
+}
+
+fn facts(vm: Option<&str>, remote: Option<&str>) -> Option<tally_protocol::observed::ClientFacts> {
+    Some(tally_protocol::observed::ClientFacts::new(
+        vm.map(str::to_string),
+        remote.map(str::to_string),
+    ))
+}
+
+/// `solver` refuses remote sessions, `mesher` virtual machines, `viewer` neither; all
+/// borrowable.
+fn session_features() -> Vec<FeatureGrant> {
+    let mut solver = borrowable("solver", 5);
+    solver.deny_remote_sessions = true;
+    let mut mesher = borrowable("mesher", 5);
+    mesher.deny_virtual_machines = true;
+    vec![solver, mesher, borrowable("viewer", 5)]
+}
+
+#[test]
+fn remote_sessions_and_virtual_machines_are_refused_where_the_vendor_says_naming_what_was_seen() {
+    let mut d = Driver::new(session_features());
+    let ssh = || facts(None, Some("SSH from 10.0.0.5"));
+    let kvm = || facts(Some("KVM/QEMU"), None);
+    let err = take_observed(&mut d, "solver", ssh(), 0).unwrap_err();
+    assert_eq!(
+        err,
+        DenialReason::RemoteSessionRefused {
+            feature: "solver".into(),
+            session: "SSH from 10.0.0.5".into()
+        }
+    );
+    assert!(
+        err.to_string()
+            .starts_with("'solver' may not be used from a remote session (SSH from 10.0.0.5)"),
+        "{err}"
+    );
+    assert_eq!(err.code(), "remote_session_refused");
+    let err = take_observed(&mut d, "mesher", kvm(), 0).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("'mesher' may not be used from a virtual machine (KVM/QEMU)"),
+        "{err}"
+    );
+    assert_eq!(err.code(), "virtual_machine_refused");
+    // Each rule refuses only what it names; the console and bare metal pass.
+    take_observed(&mut d, "solver", kvm(), 0).unwrap();
+    take_observed(&mut d, "mesher", ssh(), 0).unwrap();
+    take_observed(&mut d, "solver", facts(None, None), 0).unwrap();
+    take_observed(&mut d, "mesher", facts(None, None), 0).unwrap();
+    take_observed(&mut d, "viewer", facts(Some("VMware"), Some("RDP")), 0).unwrap();
+    // Nothing refused took a seat.
+    assert_eq!(d.ledger.in_use("solver"), 2);
+    assert_eq!(d.ledger.in_use("mesher"), 2);
+}
+
+#[test]
+fn a_client_that_cannot_say_where_it_runs_is_told_to_upgrade_where_the_vendor_asks() {
+    let mut d = Driver::new(session_features());
+    for feature in ["solver", "mesher"] {
+        let err = take_observed(&mut d, feature, None, 0).unwrap_err();
+        // A reason every client decodes, old ones included.
+        let DenialReason::InvalidRequest { what } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(what.contains(&format!("'{feature}'")), "{what}");
+        assert!(what.contains("upgrade"), "{what}");
+    }
+    // Features without the rules serve old clients as before.
+    take_observed(&mut d, "viewer", None, 0).unwrap();
+    assert_eq!(d.ledger.in_use("solver") + d.ledger.in_use("mesher"), 0);
+}
+
+#[test]
+fn borrowing_from_a_virtual_machine_or_a_remote_session_follows_the_same_rule() {
+    let mut d = Driver::new(session_features());
+    let week = 7 * 86_400;
+    let err = take_observed(&mut d, "mesher", facts(Some("VirtualBox"), None), week).unwrap_err();
+    assert!(
+        matches!(err, DenialReason::VirtualMachineRefused { .. }),
+        "{err:?}"
+    );
+    let err = take_observed(&mut d, "solver", facts(None, Some("SSH")), week).unwrap_err();
+    assert!(
+        matches!(err, DenialReason::RemoteSessionRefused { .. }),
+        "{err:?}"
+    );
+    let borrowed = take_observed(&mut d, "mesher", facts(None, None), week).unwrap();
+    assert!(borrowed.borrowed_until.is_some());
+}
+
+#[test]
+fn a_grant_that_allows_serves_and_a_reload_brings_the_rules_in_and_out() {
+    let denying = session_features();
+    // An add-on granting `solver` from remote sessions: any grant that allows serves.
+    let mut d = Driver::new(vec![]);
+    let now = d.now();
+    let allowing = bundle("b2", &[], vec![borrowable("solver", 2)]);
+    d.ledger
+        .reload(now, &[bundle("b1", &[], denying.clone()), allowing]);
+    take_observed(&mut d, "solver", facts(None, Some("SSH from 10.0.0.5")), 0).unwrap();
+    // Without the add-on the rule holds again.
+    let now = d.now();
+    d.ledger.reload(now, &[bundle("b1", &[], denying)]);
+    take_observed(&mut d, "solver", facts(None, Some("SSH from 10.0.0.5")), 0).unwrap_err();
+    // A leader's successor keeps the rules.
+    let mut next = Driver {
+        ledger: d.ledger.successor(),
+        start: d.start,
+        elapsed: d.elapsed,
+        next: d.next + 100,
+    };
+    take_observed(&mut next, "mesher", facts(Some("Xen"), None), 0).unwrap_err();
+}

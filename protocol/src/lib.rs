@@ -13,6 +13,7 @@
 //! - [`armor`]: text-safe armour so files survive e-mail and copy-paste.
 //! - [`cert`]: the small piece of X.509 the client needs: the key of a server certificate.
 //! - [`lease`]: the lease record as the daemon persists it.
+//! - [`observed`]: what a client observes about where it runs (VM, remote session).
 //! - [`activation`]: the activation request a server sends its vendor, and the return proof.
 //! - [`version`]: ordering of application versions.
 //! - [`report`]: the usage journal and signed, hash-chained usage reports.
@@ -33,6 +34,7 @@ pub mod exit;
 pub mod frame;
 pub mod keys;
 pub mod lease;
+pub mod observed;
 pub mod replicate;
 pub mod report;
 pub mod signed;

@@ -124,6 +124,18 @@ pub enum UsageEvent {
         /// Bundles that stopped counting with this change, and why.
         withdrawn: Vec<Withdrawn>,
     },
+    /// Where the client of the grant just journaled said it runs, when it reported a
+    /// virtual machine or a remote session (journaled right after the lease's
+    /// [`UsageEvent::Granted`]; a grant without it came from neither, or from a client
+    /// too old to say). Facts the client reports: a modified client can lie.
+    Session {
+        /// The lease.
+        lease: LeaseId,
+        /// The hypervisor reported (`KVM/QEMU`).
+        virtual_machine: Option<String>,
+        /// The remote session reported (`SSH from 10.0.0.5`).
+        remote: Option<String>,
+    },
 }
 
 /// A bundle that stopped counting, and why.

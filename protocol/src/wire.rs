@@ -41,6 +41,20 @@ pub enum Request {
     Status(StatusRequest),
     /// An administrative operation; needs the admin token.
     Admin(AdminRequest),
+    /// [`Request::Checkout`] with what the client observed about where it runs (a
+    /// virtual machine, a remote session), for features whose vendor refuses those.
+    /// A server older than this variant answers it [`ErrorCode::BadRequest`]
+    /// (malformed): the client then sends [`Request::Checkout`].
+    ObservedCheckout(ObservedCheckout),
+}
+
+/// A checkout with the client's observations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedCheckout {
+    /// The checkout.
+    pub request: CheckoutRequest,
+    /// What the client observed.
+    pub facts: crate::observed::ClientFacts,
 }
 
 /// A response from the daemon.
@@ -472,6 +486,24 @@ pub enum DenialReason {
         /// Who holds them, `user@host`, at most a few.
         holders: Vec<String>,
     },
+    /// The vendor refuses checkouts of this feature from remote sessions, and the
+    /// client reported one. Only answered to a [`Request::ObservedCheckout`], whose
+    /// senders know it; version 1 sees [`DenialReason::InvalidRequest`].
+    RemoteSessionRefused {
+        /// The feature.
+        feature: String,
+        /// The session the client reported (`SSH from 10.0.0.5`).
+        session: String,
+    },
+    /// The vendor refuses checkouts of this feature from virtual machines, and the
+    /// client reported one. Only answered to a [`Request::ObservedCheckout`];
+    /// version 1 sees [`DenialReason::InvalidRequest`].
+    VirtualMachineRefused {
+        /// The feature.
+        feature: String,
+        /// The hypervisor the client reported (`KVM/QEMU`).
+        hypervisor: String,
+    },
 }
 
 impl DenialReason {
@@ -499,6 +531,8 @@ impl DenialReason {
             // The same kind as for a feature without overdraft: reports, metrics and
             // the C ABI count "no seat free" one way.
             DenialReason::OverdraftInUse { .. } => "all_seats_in_use",
+            DenialReason::RemoteSessionRefused { .. } => "remote_session_refused",
+            DenialReason::VirtualMachineRefused { .. } => "virtual_machine_refused",
         }
     }
 
@@ -508,7 +542,9 @@ impl DenialReason {
     pub fn for_version_1(self) -> DenialReason {
         match self {
             r @ (DenialReason::MoreThanExist { .. }
-            | DenialReason::RemovedByAdministrator { .. }) => DenialReason::InvalidRequest {
+            | DenialReason::RemovedByAdministrator { .. }
+            | DenialReason::RemoteSessionRefused { .. }
+            | DenialReason::VirtualMachineRefused { .. }) => DenialReason::InvalidRequest {
                 what: r.to_string(),
             },
             DenialReason::OverdraftInUse {
@@ -690,6 +726,19 @@ impl fmt::Display for DenialReason {
                     write!(f, ", only {free} free; {requested} requested")
                 }
             }
+            DenialReason::RemoteSessionRefused { feature, session } => write!(
+                f,
+                "'{feature}' may not be used from a remote session ({session}); \
+                 the vendor's licence allows it only at the machine's own console"
+            ),
+            DenialReason::VirtualMachineRefused {
+                feature,
+                hypervisor,
+            } => write!(
+                f,
+                "'{feature}' may not be used from a virtual machine ({hypervisor}); \
+                 the vendor's licence allows it only on physical machines"
+            ),
         }
     }
 }

@@ -327,6 +327,10 @@ pub struct Stats {
     pub distinct_hosts: usize,
     /// Grants.
     pub grants: u64,
+    /// Grants whose client reported a virtual machine (the journal's `Session` events).
+    pub grants_from_virtual_machines: u64,
+    /// Grants whose client reported a remote session.
+    pub grants_from_remote_sessions: u64,
 }
 
 /// One feature's reconciliation.
@@ -783,6 +787,19 @@ pub fn reconcile_all(bundles: &[Bundle], links: &[ChainLink]) -> Reconciliation 
                         total.advance(t, &steps);
                         in_use = in_use.saturating_sub(count);
                     }
+                    // Follows its lease's grant, so the lease is open if it is ours.
+                    UsageEvent::Session {
+                        lease,
+                        virtual_machine,
+                        remote,
+                    } if open.contains_key(&lease.0) => {
+                        for a in [&mut acc, &mut total] {
+                            a.stats.grants_from_virtual_machines +=
+                                u64::from(virtual_machine.is_some());
+                            a.stats.grants_from_remote_sessions += u64::from(remote.is_some());
+                        }
+                        continue;
+                    }
                     UsageEvent::Denied {
                         feature: f, reason, ..
                     } if *f == feature || (feature == UNLICENSED_FEATURE && unlicensed(f)) => {
@@ -863,6 +880,10 @@ pub struct SummaryRow {
     pub denials: u64,
     /// Reports the row covers.
     pub reports: usize,
+    /// Grants whose client reported a virtual machine.
+    pub grants_from_virtual_machines: u64,
+    /// Grants whose client reported a remote session.
+    pub grants_from_remote_sessions: u64,
 }
 
 /// The reconciliation of many customers' reports: one summary table, and each chain's
@@ -980,6 +1001,8 @@ pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summ
                 overdraft_peak: t.overdraft_peak,
                 denials: t.denials.values().sum(),
                 reports: r.reports.len(),
+                grants_from_virtual_machines: t.grants_from_virtual_machines,
+                grants_from_remote_sessions: t.grants_from_remote_sessions,
             });
         }
     }
@@ -991,13 +1014,15 @@ pub fn reconcile_many(bundles: &[Bundle], files: Vec<ReportFile>) -> Result<Summ
 
 /// The summary as CSV: one row per customer server and feature.
 pub fn summary_csv(s: &Summary) -> String {
+    // The grants from virtual machines and remote sessions are the last columns, zeros
+    // where none came from either: one layout for billing tools.
     let mut out = String::from(
-        "customer,customer_id,server,feature,from,to,licensed,peak,seat_hours,overdraft_seat_hours,overdraft_peak,denials,reports\n",
+        "customer,customer_id,server,feature,from,to,licensed,peak,seat_hours,overdraft_seat_hours,overdraft_peak,denials,reports,grants_from_virtual_machines,grants_from_remote_sessions\n",
     );
     for r in &s.rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{:.4},{:.4},{},{},{}",
+            "{},{},{},{},{},{},{},{},{:.4},{:.4},{},{},{},{},{}",
             csv_field(&r.customer),
             csv_field(&r.customer_id),
             csv_field(&r.server),
@@ -1012,7 +1037,9 @@ pub fn summary_csv(s: &Summary) -> String {
             r.overdraft_seat_hours,
             r.overdraft_peak,
             r.denials,
-            r.reports
+            r.reports,
+            r.grants_from_virtual_machines,
+            r.grants_from_remote_sessions
         );
     }
     out
@@ -1027,14 +1054,15 @@ pub fn summary_html(s: &Summary) -> String {
         body,
         "<h1>Usage summary</h1><p>{} customer(s) &#183; {} server(s)</p>\
 <table class=\"summary\"><thead><tr><th>customer</th><th>customer id</th><th>server</th><th>feature</th><th>from</th><th>to</th>\
-<th>licensed (seats)</th><th>peak (seats)</th><th>seat-hours</th><th>overdraft seat-hours</th><th>overdraft peak (seats)</th><th>denials</th><th>reports</th></tr></thead><tbody>",
+<th>licensed (seats)</th><th>peak (seats)</th><th>seat-hours</th><th>overdraft seat-hours</th><th>overdraft peak (seats)</th><th>denials</th><th>reports</th>\
+<th>grants from VMs</th><th>grants from remote sessions</th></tr></thead><tbody>",
         customers.len(),
         s.reconciliations.len()
     );
     for r in &s.rows {
         let _ = write!(
             body,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             html_escape(&r.customer),
             html_escape(&r.customer_id),
             html_escape(&r.server),
@@ -1047,7 +1075,9 @@ pub fn summary_html(s: &Summary) -> String {
             r.overdraft_seat_hours,
             r.overdraft_peak,
             r.denials,
-            r.reports
+            r.reports,
+            r.grants_from_virtual_machines,
+            r.grants_from_remote_sessions
         );
     }
     body.push_str("</tbody></table>");
@@ -1061,7 +1091,7 @@ pub fn summary_html(s: &Summary) -> String {
 /// one server signed the chain (a cluster), a last column names each report's signer.
 pub fn to_csv(r: &Reconciliation) -> String {
     let mut out = String::from(
-        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts",
+        "feature,report,from,to,licensed,peak,average,seat_hours,overdraft_seat_hours,overdraft_peak,hours_at_full,grants,denials,distinct_users,distinct_hosts,grants_from_virtual_machines,grants_from_remote_sessions",
     );
     let signed = !r.signers.is_empty();
     out.push_str(if signed { ",signer\n" } else { "\n" });
@@ -1081,7 +1111,7 @@ pub fn to_csv(r: &Reconciliation) -> String {
         for (label, s) in rows {
             let _ = write!(
                 out,
-                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{},{},{},{}",
+                "{},{},{},{},{},{},{:.4},{:.4},{:.4},{},{:.4},{},{},{},{},{},{}",
                 csv_field(&f.feature),
                 label,
                 s.from,
@@ -1098,7 +1128,9 @@ pub fn to_csv(r: &Reconciliation) -> String {
                 s.grants,
                 s.denials.values().sum::<u64>(),
                 s.distinct_users,
-                s.distinct_hosts
+                s.distinct_hosts,
+                s.grants_from_virtual_machines,
+                s.grants_from_remote_sessions
             );
             if signed {
                 out.push(',');
@@ -1423,7 +1455,7 @@ fn reconciliation_body(r: &Reconciliation, h_top: &str, h_feature: &str) -> Stri
             );
         }
         out.push_str("</tbody></table>");
-        out.push_str("<table class=\"periods\"><caption>By report period</caption><thead><tr><th>period</th><th>licensed (seats)</th><th>peak (seats)</th><th>average (seats)</th><th>seat-hours</th><th>overdraft seat-hours</th><th>overdraft peak (seats)</th><th>hours at 100%</th><th>denials</th><th>users</th><th>hosts</th></tr></thead><tbody>");
+        out.push_str("<table class=\"periods\"><caption>By report period</caption><thead><tr><th>period</th><th>licensed (seats)</th><th>peak (seats)</th><th>average (seats)</th><th>seat-hours</th><th>overdraft seat-hours</th><th>overdraft peak (seats)</th><th>hours at 100%</th><th>denials</th><th>users</th><th>hosts</th><th>grants from VMs</th><th>grants from remote sessions</th></tr></thead><tbody>");
         let rows = f
             .periods
             .iter()
@@ -1433,7 +1465,7 @@ fn reconciliation_body(r: &Reconciliation, h_top: &str, h_feature: &str) -> Stri
             let denials: Vec<String> = s.denials.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             let _ = write!(
                 out,
-                "<tr><td>{label}<br/><small>{} to {}</small></td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{label}<br/><small>{} to {}</small></td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 s.from,
                 s.to,
                 s.licensed.map(|l| l.to_string()).unwrap_or_else(|| "uncounted".into()),
@@ -1445,7 +1477,9 @@ fn reconciliation_body(r: &Reconciliation, h_top: &str, h_feature: &str) -> Stri
                 s.hours_at_full,
                 html_escape(&denials.join(", ")),
                 s.distinct_users,
-                s.distinct_hosts
+                s.distinct_hosts,
+                s.grants_from_virtual_machines,
+                s.grants_from_remote_sessions
             );
         }
         out.push_str("</tbody></table></section>");
@@ -1725,6 +1759,75 @@ mod licence_tests {
         assert_eq!(periods, vec![(110, 120, 2), (150, 170, 4)]);
         let sum: f64 = s.overdraft_periods.iter().map(|p| p.seat_hours).sum();
         assert!((sum - over).abs() < 1e-12);
+    }
+
+    /// The `Session` events after grants count per feature the grants from virtual
+    /// machines and from remote sessions (a grant reporting both counts in both), and
+    /// the CSV gains them as its last columns.
+    #[test]
+    fn grants_from_virtual_machines_and_remote_sessions_are_counted_per_feature() {
+        let grant = |lease: u64, feature: &str| UsageEvent::Granted {
+            lease: LeaseId(lease),
+            feature: feature.into(),
+            count: 1,
+            overdraft: false,
+            user: "ana".into(),
+            host: "ws".into(),
+            borrowed_until: None,
+        };
+        let session = |lease: u64, vm: Option<&str>, remote: Option<&str>| UsageEvent::Session {
+            lease: LeaseId(lease),
+            virtual_machine: vm.map(str::to_string),
+            remote: remote.map(str::to_string),
+        };
+        let events = vec![
+            grant(1, "solver"),
+            session(1, Some("KVM/QEMU"), None),
+            grant(2, "solver"),
+            session(2, Some("VMware"), Some("SSH from 10.0.0.5")),
+            grant(3, "solver"),
+            grant(4, "mesher"),
+            session(4, None, Some("RDP")),
+        ];
+        let mut paid = bundle("paid", &[], 4, None);
+        paid.features.push(FeatureGrant::counted("mesher", 2));
+        let r = reconcile_all(&[paid], &[link(events, None)]);
+        let counts: Vec<(&str, u64, u64, u64)> = r
+            .features
+            .iter()
+            .map(|f| {
+                let t = &f.total;
+                (
+                    f.feature.as_str(),
+                    t.grants,
+                    t.grants_from_virtual_machines,
+                    t.grants_from_remote_sessions,
+                )
+            })
+            .collect();
+        assert_eq!(counts, vec![("mesher", 1, 0, 1), ("solver", 3, 2, 1)]);
+        let csv = to_csv(&r);
+        let header = csv.lines().next().unwrap();
+        assert!(
+            header.ends_with(
+                ",distinct_hosts,grants_from_virtual_machines,grants_from_remote_sessions"
+            ),
+            "{header}"
+        );
+        let solver_total = csv
+            .lines()
+            .find(|l| l.starts_with("solver,total,"))
+            .unwrap();
+        assert!(solver_total.ends_with(",2,1"), "{solver_total}");
+        // Without such grants the columns are there, with zeros: a billing tool reads
+        // one layout.
+        let plain = reconcile_all(&[bundle("paid", &[], 4, None)], &[link(usage(), None)]);
+        let plain = to_csv(&plain);
+        assert!(
+            plain.lines().next().unwrap().ends_with("_sessions"),
+            "{plain}"
+        );
+        assert!(plain.lines().nth(1).unwrap().ends_with(",0,0"), "{plain}");
     }
 }
 

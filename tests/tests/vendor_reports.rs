@@ -407,7 +407,7 @@ fn reconcile_dir_sums_up_many_customers_in_one_table() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "customer,customer_id,server,feature,from,to,licensed,peak,seat_hours,overdraft_seat_hours,overdraft_peak,denials,reports"
+        "customer,customer_id,server,feature,from,to,licensed,peak,seat_hours,overdraft_seat_hours,overdraft_peak,denials,reports,grants_from_virtual_machines,grants_from_remote_sessions"
     );
     let csv_rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(csv_rows.len(), 3, "{csv}");
