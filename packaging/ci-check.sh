@@ -8,7 +8,8 @@ deb="$(bash packaging/build-deb.sh debug target/tally-ci.deb)"
 dpkg-deb -c "$deb" > target/deb-contents.txt
 for f in ./usr/bin/tallyd ./usr/bin/tally ./usr/bin/tally-publisher \
          ./lib/systemd/system/tallyd.service ./etc/tally/tallyd.toml \
-         ./usr/share/doc/tally/examples/policy.toml; do
+         ./usr/share/doc/tally/examples/policy.toml \
+         ./usr/share/tally/tally-alerts.yml ./usr/share/tally/tally-dashboard.json; do
     grep -q " $f\$" target/deb-contents.txt || { echo "package lacks $f"; exit 1; }
 done
 test "$(dpkg-deb -f "$deb" Package)" = tally
