@@ -619,6 +619,12 @@ struct RawBorrow {
     max_hours: u64,
 }
 
+/// The error `Policy::parse` gives for `text` read as `p.toml` (tests of refused policies).
+#[cfg(test)]
+fn parse_err(text: &str) -> ConfigError {
+    Policy::parse(Path::new("p.toml"), text).expect_err("the policy must be refused")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,21 +670,13 @@ secs = 300
             e.to_string(),
             "/etc/tally/policy.toml:5: reserve for 'solver': no group 'cdf' in [groups]"
         );
-        let e = Policy::parse(
-            Path::new("p.toml"),
-            "[[max]]\nfeature = \"solver\"\nuser = \"a\"\n",
-        )
-        .unwrap_err();
+        let e = parse_err("[[max]]\nfeature = \"solver\"\nuser = \"a\"\n");
         assert!(
             e.to_string()
                 .starts_with("p.toml:2: max for 'solver' needs seats"),
             "{e}"
         );
-        let e = Policy::parse(
-            Path::new("p.toml"),
-            "[[exclude]]\nfeature = \"s\"\nuser = \"a\"\ngroup = \"g\"\n",
-        )
-        .unwrap_err();
+        let e = parse_err("[[exclude]]\nfeature = \"s\"\nuser = \"a\"\ngroup = \"g\"\n");
         assert!(e.to_string().contains("exactly one of"), "{e}");
         let e = Policy::parse(Path::new("p.toml"), "[[reserv]]\nfeature = \"s\"\n").unwrap_err();
         assert!(e.to_string().starts_with("p.toml:1: "), "{e}");
@@ -841,45 +839,27 @@ user = "bo"
 
     #[test]
     fn bad_values_name_their_line() {
-        let e = Policy::parse(
-            Path::new("p.toml"),
+        let e = parse_err(
             "timeout_all_secs = 5
 ",
-        )
-        .unwrap_err();
+        );
         assert_eq!(
             e.to_string(),
             "p.toml:1: timeout_all_secs: at least 10 seconds"
         );
-        let e = Policy::parse(
-            Path::new("p.toml"),
-            "\n[[borrow_lowwater]]\nfeature = \"s\"\nseats = 0\n",
-        )
-        .unwrap_err();
+        let e = parse_err("\n[[borrow_lowwater]]\nfeature = \"s\"\nseats = 0\n");
         assert_eq!(
             e.to_string(),
             "p.toml:3: borrow_lowwater for 's' needs seats of at least 1"
         );
-        let e = Policy::parse(
-            Path::new("p.toml"),
-            "[[exclude_borrow]]\nfeature = \"s\"\nseats = 1\nuser = \"a\"\n",
-        )
-        .unwrap_err();
+        let e = parse_err("[[exclude_borrow]]\nfeature = \"s\"\nseats = 1\nuser = \"a\"\n");
         assert_eq!(
             e.to_string(),
             "p.toml:2: exclude_borrow for 's' takes no seats"
         );
-        let e = Policy::parse(
-            Path::new("p.toml"),
-            "[[include_borrow]]\nfeature = \"s\"\ngroup = \"nope\"\n",
-        )
-        .unwrap_err();
+        let e = parse_err("[[include_borrow]]\nfeature = \"s\"\ngroup = \"nope\"\n");
         assert!(e.to_string().contains("no group 'nope'"), "{e}");
-        let e = Policy::parse(
-            Path::new("p.toml"),
-            "[[linger]]\nfeature = \"s\"\nsecs = 0\n",
-        )
-        .unwrap_err();
+        let e = parse_err("[[linger]]\nfeature = \"s\"\nsecs = 0\n");
         assert_eq!(e.to_string(), "p.toml:2: linger for 's': at least 1 second");
     }
 }
@@ -903,20 +883,14 @@ mod named_lists {
         assert!(p.same_name(true, "WS-1", "ws-1"));
         assert!(!p.same_name(false, "Bo", "bo"));
         assert!(p.named_features().contains(&("named", "cad")));
-        let e = Policy::parse(
-            Path::new("p.toml"),
-            "[[named]]\nfeature = \"s\"\nusers = [\"a\"]\nhosts = [\"h\"]\n",
-        )
-        .unwrap_err();
+        let e = parse_err("[[named]]\nfeature = \"s\"\nusers = [\"a\"]\nhosts = [\"h\"]\n");
         assert_eq!(
             e.to_string(),
             "p.toml:2: named for 's' needs exactly one of users, hosts"
         );
-        let e = Policy::parse(
-            Path::new("p.toml"),
+        let e = parse_err(
             "[[named]]\nfeature = \"s\"\nusers = []\n[[named]]\nfeature = \"s\"\nusers = [\"a\"]\n",
-        )
-        .unwrap_err();
+        );
         assert_eq!(
             e.to_string(),
             "p.toml:5: named for 's': a second list (the first is on line 2)"

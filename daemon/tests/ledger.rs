@@ -1257,6 +1257,7 @@ fn expected_in_use(held: &[LeaseRecord]) -> std::collections::BTreeMap<&'static 
             "optimizer" => *out.entry("credits").or_default() += 3 * r.count,
             "viewer" => *out.entry("credits").or_default() += r.count,
             "post" => *out.entry("post").or_default() += r.count,
+            "cad" => *out.entry("cad").or_default() += r.count,
             "solver" => {
                 *solver_groups
                     .entry((r.holder.user.clone(), r.holder.host.clone(), r.count))
@@ -1304,7 +1305,7 @@ enum ModelOp {
 
 fn model_op() -> impl Strategy<Value = ModelOp> {
     prop_oneof![
-        5 => (0u8..3, 0u8..2, 0u8..6, 1u32..3).prop_map(|(user, host, feature, count)| ModelOp::Checkout { user, host, feature, count }),
+        5 => (0u8..3, 0u8..2, 0u8..7, 1u32..3).prop_map(|(user, host, feature, count)| ModelOp::Checkout { user, host, feature, count }),
         3 => (0usize..24).prop_map(|which| ModelOp::Checkin { which }),
         1 => Just(ModelOp::Restart),
     ]
@@ -1324,8 +1325,12 @@ fn model_features() -> Vec<FeatureGrant> {
         shared("solver", 3, 2),
         suite(),
         post,
+        named("cad", 3, false, 2, 0),
     ]
 }
+
+/// The site's list for `cad` (2 named users licensed): u2 is listed beyond the limit.
+const MODEL_POLICY: &str = "[[named]]\nfeature = \"cad\"\nusers = [\"u0\", \"u1\", \"u2\"]\n";
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(500))]
@@ -1333,12 +1338,13 @@ proptest! {
     /// Random checkouts, checkins and restarts over every model at once: each pool's
     /// seats in use equal what the models' definitions give for the leases held (so
     /// sharers never take extra seats), never exceed the pool (tokens, suite seats,
-    /// component seats), and a sharer with room in its group is never refused.
+    /// component seats), a sharer with room in its group is never refused, and a feature
+    /// licensed to named users serves only the listed names within the limit.
     #[test]
     fn the_models_never_over_grant_and_sharers_take_no_extra_seats(ops in proptest::collection::vec(model_op(), 1..60)) {
-        const FEATURES: [&str; 6] = ["optimizer", "viewer", "solver", "mesh", "view", "post"];
-        let capacity = [("credits", 10), ("solver", 3), ("studio", 2), ("post", 6)];
-        let mut d = Driver::new(model_features());
+        const FEATURES: [&str; 7] = ["optimizer", "viewer", "solver", "mesh", "view", "post", "cad"];
+        let capacity = [("credits", 10), ("solver", 3), ("studio", 2), ("post", 6), ("cad", 3)];
+        let mut d = with_policy(model_features(), MODEL_POLICY);
         let mut held: Vec<LeaseRecord> = Vec::new();
         for op in ops {
             match op {
@@ -1349,7 +1355,10 @@ proptest! {
                     let sharer_with_room = feature == "solver"
                         && held.iter().filter(|r| r.feature == "solver" && r.holder.user == holder.user && r.holder.host == holder.host && r.count == count).count() % 2 == 1;
                     match checkout_as(&mut d, 1, &holder, feature, count, None) {
-                        Ok(record) => held.push(record),
+                        Ok(record) => {
+                            prop_assert!(feature != "cad" || holder.user != "u2", "u2 is beyond cad's 2 named users");
+                            held.push(record)
+                        }
                         Err(e) => prop_assert!(!sharer_with_room, "a sharer with room was refused: {e:?} ({before:?})"),
                     }
                 }
@@ -1364,7 +1373,7 @@ proptest! {
                 ModelOp::Restart => {
                     let elapsed = d.elapsed;
                     let next = d.next;
-                    d = Driver::new(model_features());
+                    d = with_policy(model_features(), MODEL_POLICY);
                     d.elapsed = elapsed;
                     d.next = next;
                     let now = d.now();

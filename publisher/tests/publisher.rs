@@ -9,6 +9,15 @@ use tally_protocol::keys::{self, SecretKey};
 use tally_protocol::time::{UnixTime, DAY};
 use tally_publisher::{flexlm, spec::Spec};
 
+/// Asserts that the importer listed a line holding `needle` among what it could not map.
+fn assert_unmapped(import: &flexlm::Import, needle: &str) {
+    assert!(
+        import.unmapped.iter().any(|u| u.contains(needle)),
+        "{needle:?} not in {:#?}",
+        import.unmapped
+    );
+}
+
 fn publisher() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tally-publisher"))
 }
@@ -312,14 +321,7 @@ fn import_served_license_with_continuations_increment_and_upgrade() {
             import.spec
         );
     }
-    assert!(
-        import
-            .unmapped
-            .iter()
-            .any(|u| u.starts_with("line 8: FEATURE solver: SIGN")),
-        "{:?}",
-        import.unmapped
-    );
+    assert_unmapped(&import, "line 8: FEATURE solver: SIGN");
 }
 
 /// The imported spec's `[[feature]]` tables named `name`, read as plain TOML: the new
@@ -367,14 +369,7 @@ fn import_packages_suites_and_dup_groups() {
     assert_eq!(suite["expires"].as_str(), Some("permanent"), "1-jan-0");
     // DUP_GROUP=UH on a suite's seats: a tally suite already shares by user.
     assert!(suite.get("share").is_none(), "{}", import.spec);
-    assert!(
-        import
-            .unmapped
-            .iter()
-            .any(|u| u.contains("design_suite: DUP_GROUP on a suite")),
-        "{:?}",
-        import.unmapped
-    );
+    assert_unmapped(&import, "design_suite: DUP_GROUP on a suite");
     // A package that is not a suite keeps each component's version and count: 3 package
     // seats give solver 3 x 2 seats at ceiling 2024.06 and mesher 3 seats at 3.1.
     let pack = features_named(&spec, "sim_pack")[0];
@@ -408,11 +403,9 @@ fn import_packages_suites_and_dup_groups() {
         features_named(&spec, "lic_admin")[0]["share"].as_str(),
         Some("site")
     );
-    let needle = "line 16: FEATURE plotter: DUP_GROUP=UHV ('V' groups by a vendor-defined string";
-    assert!(
-        import.unmapped.iter().any(|u| u.starts_with(needle)),
-        "{needle:?} not in {:#?}",
-        import.unmapped
+    assert_unmapped(
+        &import,
+        "line 16: FEATURE plotter: DUP_GROUP=UHV ('V' groups by a vendor-defined string",
     );
     // Named users and hosts, and TS_OK, have their keys.
     let plotter = features_named(&spec, "plotter")[0];
@@ -460,13 +453,9 @@ fn import_suite_counts_dropped_and_bad_components_refused() {
         "{}",
         import.spec
     );
-    assert!(
-        import
-            .unmapped
-            .iter()
-            .any(|u| u.contains("component 'a:1.0:2' of a suite carries a count (2)")),
-        "{:?}",
-        import.unmapped
+    assert_unmapped(
+        &import,
+        "component 'a:1.0:2' of a suite carries a count (2)",
     );
     for bad in ["a:1.0:x", "a::2", ":1.0", "a:1:0", "a:1:2:3"] {
         let err = flexlm::import_at(

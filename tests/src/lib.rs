@@ -296,9 +296,18 @@ impl Holder {
 
     /// Starts `tally run ARGS -- sleep SECS` (ARGS: the feature and options).
     pub fn start_with(daemon: &Daemon, run_args: &[&str], secs: u32) -> Holder {
+        Holder::start_as(daemon, None, run_args, secs)
+    }
+
+    /// Starts `tally run ARGS -- sleep SECS` as `user` (the `USER` the client reports;
+    /// `None`: the test's own).
+    pub fn start_as(daemon: &Daemon, user: Option<&str>, run_args: &[&str], secs: u32) -> Holder {
         use std::os::unix::process::CommandExt;
-        let child = daemon
-            .tally()
+        let mut tally = daemon.tally();
+        if let Some(user) = user {
+            tally.env("USER", user);
+        }
+        let child = tally
             .arg("run")
             .args(run_args)
             .args(["--", "sleep", &secs.to_string()])
@@ -457,6 +466,23 @@ impl VendorSite {
         Daemon::run(&self.path("tallyd.toml"), &self.path("vendor.pub"))
     }
 
+    /// Exports a usage report from `daemon` (this site's, by its admin token) and
+    /// returns `tally-publisher reconcile --format json` of it against bundle `bundle_id`.
+    pub fn report_reconciled(&self, daemon: &Daemon, bundle_id: &str) -> serde_json::Value {
+        let report = self.path(&format!("{bundle_id}.report"));
+        ok(run(daemon
+            .tally()
+            .args(["admin", "--admin-token-file"])
+            .arg(self.path("data/admin.token"))
+            .args(["report", "--out"])
+            .arg(&report)));
+        let out = ok(run(Command::new(bin("tally-publisher"))
+            .args(["reconcile", "--format", "json", "--bundle"])
+            .arg(self.path(&format!("bundles/{bundle_id}.bundle")))
+            .arg(&report)));
+        serde_json::from_str(&out).expect("reconcile's JSON")
+    }
+
     /// `tallyd check-config` with the site's config.
     pub fn check_config(&self) -> Output {
         run(Command::new(bin("tallyd"))
@@ -464,6 +490,36 @@ impl VendorSite {
             .arg("--config")
             .arg(self.path("tallyd.toml")))
     }
+}
+
+/// `tally run ARGS` as `user` (the `USER` the client reports), to its end; ARGS without a
+/// `-- COMMAND` of their own run `true`.
+pub fn run_as(daemon: &Daemon, user: &str, args: &[&str]) -> Output {
+    let mut tally = daemon.tally();
+    tally.env("USER", user).arg("run").args(args);
+    if !args.contains(&"--") {
+        tally.args(["--", "true"]);
+    }
+    tally.output().expect("running tally")
+}
+
+/// Asserts that `out` is `tally run`'s refusal (exit 75) and that its message holds `needle`.
+pub fn assert_denied(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
+}
+
+/// The `total` object of `feature`'s row in `tally-publisher reconcile --format json`'s
+/// output `doc`.
+pub fn reconciled_total<'a>(doc: &'a serde_json::Value, feature: &str) -> &'a serde_json::Value {
+    let row = doc["features"]
+        .as_array()
+        .expect("reconcile's features")
+        .iter()
+        .find(|f| f["feature"] == feature)
+        .unwrap_or_else(|| panic!("no row {feature}: {doc}"));
+    &row["total"]
 }
 
 /// A site's bundle spec with a counted feature that has overdraft and an end (`solver`:

@@ -3,9 +3,10 @@
 //! `tallyd` to real `tally run` holders (one user on one host, another user by
 //! `USER`), across a SIGKILL and restart of the daemon.
 
-use std::process::{Output, Stdio};
 use std::time::Duration;
-use tally_tests::{wait_until, Daemon, Holder, VendorSite};
+use tally_tests::{
+    assert_denied, reconciled_total, run_as, wait_until, Daemon, Holder, VendorSite,
+};
 
 const SPEC: &str = r#"
 id = "models-1"
@@ -40,39 +41,6 @@ token_pool = "credits"
 tokens = 4
 "#;
 
-fn hold(daemon: &Daemon, user: &str, args: &[&str]) -> Holder {
-    use std::os::unix::process::CommandExt;
-    let child = daemon
-        .tally()
-        .env("USER", user)
-        .arg("run")
-        .args(args)
-        .args(["--", "sleep", "120"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    Holder::from_child(child)
-}
-
-fn run_as(daemon: &Daemon, user: &str, args: &[&str]) -> Output {
-    daemon
-        .tally()
-        .env("USER", user)
-        .arg("run")
-        .args(args)
-        .args(["--", "true"])
-        .output()
-        .unwrap()
-}
-
-fn denied(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{stderr}");
-    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
-}
-
 fn leases(daemon: &Daemon, feature: &str) -> usize {
     daemon.feature(feature)["holders"]
         .as_array()
@@ -98,33 +66,50 @@ fn every_model_counts_real_checkouts_and_keeps_counting_after_a_restart() {
     let daemon = site.daemon();
 
     // Shared seats: three runs of ana on this host hold solver's one seat; bo gets none.
-    let mut held: Vec<Holder> = (0..3).map(|_| hold(&daemon, "ana", &["solver"])).collect();
+    let mut held: Vec<Holder> = (0..3)
+        .map(|_| Holder::start_as(&daemon, Some("ana"), &["solver"], 120))
+        .collect();
     settle(&daemon, "solver", 3, "solver", 1);
-    denied(&run_as(&daemon, "bo", &["solver"]), "solver");
+    assert_denied(&run_as(&daemon, "bo", &["solver"]), "solver");
 
     // A suite: ana's mesh (twice: 2 per suite seat) and view use the one studio seat.
-    held.push(hold(&daemon, "ana", &["mesh", "--version", "3.1"]));
-    held.push(hold(&daemon, "ana", &["mesh", "--version", "3.1"]));
-    held.push(hold(&daemon, "ana", &["view"]));
+    held.push(Holder::start_as(
+        &daemon,
+        Some("ana"),
+        &["mesh", "--version", "3.1"],
+        120,
+    ));
+    held.push(Holder::start_as(
+        &daemon,
+        Some("ana"),
+        &["mesh", "--version", "3.1"],
+        120,
+    ));
+    held.push(Holder::start_as(&daemon, Some("ana"), &["view"], 120));
     settle(&daemon, "view", 1, "studio", 1);
     settle(&daemon, "mesh", 2, "studio", 1);
-    denied(&run_as(&daemon, "bo", &["view"]), "studio");
+    assert_denied(&run_as(&daemon, "bo", &["view"]), "studio");
     // The component's own version ceiling (3.1), not the package's, applies.
-    denied(
+    assert_denied(
         &run_as(&daemon, "ana", &["mesh", "--version", "3.2"]),
         "3.1",
     );
 
     // Component counts: post has 2 x 3 = 6 seats.
-    held.push(hold(&daemon, "cy", &["post", "--count", "6"]));
+    held.push(Holder::start_as(
+        &daemon,
+        Some("cy"),
+        &["post", "--count", "6"],
+        120,
+    ));
     settle(&daemon, "post", 1, "post", 6);
-    denied(&run_as(&daemon, "dy", &["post"]), "post");
+    assert_denied(&run_as(&daemon, "dy", &["post"]), "post");
 
     // Tokens: two optimizer runs spend 8 of the 10 credits; a third needs 4 more.
-    held.push(hold(&daemon, "ana", &["optimizer"]));
-    held.push(hold(&daemon, "bo", &["optimizer"]));
+    held.push(Holder::start_as(&daemon, Some("ana"), &["optimizer"], 120));
+    held.push(Holder::start_as(&daemon, Some("bo"), &["optimizer"], 120));
     settle(&daemon, "optimizer", 2, "credits", 8);
-    denied(&run_as(&daemon, "cy", &["optimizer"]), "credits");
+    assert_denied(&run_as(&daemon, "cy", &["optimizer"]), "credits");
 
     // SIGKILL and restart on the same address: the holders re-attach and every pool
     // counts what it counted, no more (sharers and suite members regroup).
@@ -140,8 +125,8 @@ fn every_model_counts_real_checkouts_and_keeps_counting_after_a_restart() {
     settle(&daemon, "mesh", 2, "studio", 1);
     settle(&daemon, "post", 1, "post", 6);
     settle(&daemon, "optimizer", 2, "credits", 8);
-    denied(&run_as(&daemon, "bo", &["solver"]), "solver");
-    denied(&run_as(&daemon, "cy", &["optimizer"]), "credits");
+    assert_denied(&run_as(&daemon, "bo", &["solver"]), "solver");
+    assert_denied(&run_as(&daemon, "cy", &["optimizer"]), "credits");
     // `tally status` shows the sharers as one holder with several processes, a token
     // product's seats in tokens, and a suite's components as such.
     let status = tally_tests::ok(tally_tests::run(daemon.tally().arg("status")));
@@ -165,40 +150,9 @@ fn every_model_counts_real_checkouts_and_keeps_counting_after_a_restart() {
 
     // The vendor's reconciliation counts what the ledger counted: the pools' seats (a
     // shared seat once, a suite seat per user, tokens), the products' checkouts.
-    let report = site.path("models.report");
-    let out = daemon
-        .tally()
-        .args(["admin", "--admin-token-file"])
-        .arg(site.path("data/admin.token"))
-        .args(["report", "--out"])
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new(tally_tests::bin("tally-publisher"))
-        .args(["reconcile", "--format", "json", "--bundle"])
-        .arg(site.path("bundles/models-1.bundle"))
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = site.report_reconciled(&daemon, "models-1");
     let row = |name: &str| -> (u64, u64, u64) {
-        let f = doc["features"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["feature"] == name)
-            .unwrap_or_else(|| panic!("no row {name}: {doc}"));
-        let t = &f["total"];
+        let t = reconciled_total(&doc, name);
         (
             t["peak"].as_u64().unwrap(),
             t["grants"].as_u64().unwrap(),

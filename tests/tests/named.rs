@@ -6,7 +6,7 @@
 use std::process::Output;
 use std::time::Duration;
 use tally_protocol::time::UnixTime;
-use tally_tests::{wait_until, VendorSite};
+use tally_tests::{assert_denied, run_as, wait_until, VendorSite};
 
 const SPEC: &str = r#"
 id = "named-1"
@@ -27,24 +27,9 @@ name = "viewer"
 seats = 5
 "#;
 
-fn run_as(daemon: &tally_tests::Daemon, user: &str, feature: &str) -> Output {
-    daemon
-        .tally()
-        .env("USER", user)
-        .args(["run", feature, "--", "true"])
-        .output()
-        .unwrap()
-}
-
 fn served(out: &Output) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-}
-
-fn denied(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{stderr}");
-    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
 }
 
 #[test]
@@ -83,25 +68,25 @@ fn named_users_are_served_refused_and_keep_their_places_across_a_reload_and_a_re
     );
 
     let daemon = site.daemon();
-    served(&run_as(&daemon, "ana", "solver"));
+    served(&run_as(&daemon, "ana", &["solver"]));
     let before = UnixTime::now();
-    served(&run_as(&daemon, "bo", "solver"));
+    served(&run_as(&daemon, "bo", &["solver"]));
     let after = UnixTime::now();
     // bo's place frees 30 days after its first run (a date either side of a midnight
     // the run may have crossed).
     let frees = [before, after].map(|t| t.plus_secs(30 * 86_400).date());
-    served(&run_as(&daemon, "ana", "solver"));
-    denied(
-        &run_as(&daemon, "cy", "solver"),
+    served(&run_as(&daemon, "ana", &["solver"]));
+    assert_denied(
+        &run_as(&daemon, "cy", &["solver"]),
         "'solver' is licensed to 2 named users (ana, bo); cy is not one of them: \
          ask your administrator",
     );
-    denied(
-        &run_as(&daemon, "dee", "solver"),
+    assert_denied(
+        &run_as(&daemon, "dee", &["solver"]),
         "dee is listed after them, beyond the limit",
     );
     // Features not licensed to named users serve anyone.
-    served(&run_as(&daemon, "cy", "viewer"));
+    served(&run_as(&daemon, "cy", &["viewer"]));
 
     // The admin replaces bo by cy and reloads: bo's place is kept 30 days, cy waits.
     std::fs::write(
@@ -112,7 +97,7 @@ fn named_users_are_served_refused_and_keep_their_places_across_a_reload_and_a_re
     daemon.signal("HUP");
     let mut last = String::new();
     let reloaded = wait_until(Duration::from_secs(20), || {
-        let out = run_as(&daemon, "cy", "solver");
+        let out = run_as(&daemon, "cy", &["solver"]);
         last = String::from_utf8_lossy(&out.stderr).to_string();
         last.contains("cy waits for a place")
     });
@@ -127,9 +112,9 @@ fn named_users_are_served_refused_and_keep_their_places_across_a_reload_and_a_re
             "expected bo's place to free on {frees:?}: {stderr}"
         );
     };
-    says_date(&run_as(&daemon, "cy", "solver"));
-    denied(&run_as(&daemon, "bo", "solver"), "bo is not one of them");
-    served(&run_as(&daemon, "ana", "solver"));
+    says_date(&run_as(&daemon, "cy", &["solver"]));
+    assert_denied(&run_as(&daemon, "bo", &["solver"]), "bo is not one of them");
+    served(&run_as(&daemon, "ana", &["solver"]));
 
     // SIGKILL and restart on the same address: the places come back from the store.
     let config = std::fs::read_to_string(site.path("tallyd.toml")).unwrap();
@@ -140,7 +125,7 @@ fn named_users_are_served_refused_and_keep_their_places_across_a_reload_and_a_re
     .unwrap();
     daemon.kill();
     let daemon = site.daemon();
-    says_date(&run_as(&daemon, "cy", "solver"));
-    served(&run_as(&daemon, "ana", "solver"));
+    says_date(&run_as(&daemon, "cy", &["solver"]));
+    served(&run_as(&daemon, "ana", &["solver"]));
     daemon.stop();
 }

@@ -1,9 +1,8 @@
 //! Each policy rule through a real checkout: `tallyd demo --policy` and `tally run` as
 //! different users; the queue; admin removal and shutdown.
 
-use std::process::Output;
 use std::time::Duration;
-use tally_tests::{wait_until, Daemon, Holder};
+use tally_tests::{assert_denied, run_as, wait_until, Daemon, Holder};
 
 const POLICY: &str = r#"
 [groups]
@@ -32,38 +31,6 @@ feature = "optimizer"
 host = "THIS_HOST"
 "#;
 
-fn run_as(daemon: &Daemon, user: &str, args: &[&str]) -> Output {
-    daemon
-        .tally()
-        .env("USER", user)
-        .arg("run")
-        .args(args)
-        .output()
-        .expect("running tally")
-}
-
-fn denied(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{stderr}");
-    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
-}
-
-fn hold_as(daemon: &Daemon, user: &str, args: &[&str]) -> Holder {
-    use std::os::unix::process::CommandExt;
-    let child = daemon
-        .tally()
-        .env("USER", user)
-        .arg("run")
-        .args(args)
-        .args(["--", "sleep", "120"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    Holder::from_child(child)
-}
-
 #[test]
 fn policy_rules_apply_to_real_checkouts() {
     let dir = tempfile::tempdir().unwrap();
@@ -84,37 +51,37 @@ fn policy_rules_apply_to_real_checkouts() {
             .code(),
         Some(0)
     );
-    denied(
+    assert_denied(
         &run_as(&daemon, "cy", &["viewer", "--", "true"]),
         "include list",
     );
-    denied(
+    assert_denied(
         &run_as(&daemon, "bo", &["viewer", "--", "true"]),
         "not available to user bo",
     );
 
     // EXCLUDE by host: nobody on this machine gets the optimizer.
-    denied(
+    assert_denied(
         &run_as(&daemon, "ana", &["optimizer", "--", "true"]),
         &format!("not available to host {}", host.trim()),
     );
 
     // MAX: cy may hold one seat of solver.
-    let _cy = hold_as(&daemon, "cy", &["solver"]);
+    let _cy = Holder::start_as(&daemon, Some("cy"), &["solver"], 120);
     assert!(wait_until(Duration::from_secs(30), || daemon
         .in_use("solver")
         == 1));
-    denied(
+    assert_denied(
         &run_as(&daemon, "cy", &["solver", "--", "true"]),
         "allows user cy at most 1 seat",
     );
 
     // RESERVE: of 5 seats, 2 are kept for cfd; others get 3 in all.
-    let _dee = hold_as(&daemon, "dee", &["solver", "--count", "2"]);
+    let _dee = Holder::start_as(&daemon, Some("dee"), &["solver", "--count", "2"], 120);
     assert!(wait_until(Duration::from_secs(30), || daemon
         .in_use("solver")
         == 3));
-    denied(
+    assert_denied(
         &run_as(&daemon, "eve", &["solver", "--", "true"]),
         "reserved for group cfd",
     );
@@ -135,7 +102,7 @@ fn a_waiting_checkout_gets_the_next_free_seat_and_sees_its_position() {
         .in_use("solver")
         == 5));
     // Without waiting: denied at once. With --wait: queued until the holder leaves.
-    denied(
+    assert_denied(
         &run_as(&daemon, "ana", &["solver", "--", "true"]),
         "all 5 seats",
     );
@@ -167,7 +134,7 @@ fn a_waiting_checkout_gets_the_next_free_seat_and_sees_its_position() {
     assert!(wait_until(Duration::from_secs(30), || daemon
         .in_use("solver")
         == 5));
-    denied(
+    assert_denied(
         &run_as(&daemon, "bo", &["solver", "--wait", "2", "--", "true"]),
         "within 2 s",
     );

@@ -7,7 +7,7 @@
 use std::process::{Command, Output};
 use tally_client::{ClientConfig, Session};
 use tally_protocol::wire::{CheckoutReply, DenialReason, Request, Response};
-use tally_tests::{one_seat, VendorSite};
+use tally_tests::{one_seat, reconciled_total, VendorSite};
 
 const SPEC: &str = r#"
 id = "sessions-1"
@@ -181,32 +181,9 @@ fn remote_sessions_and_virtual_machines_are_refused_where_the_vendor_says() {
 
     // The vendor's reconciliation: viewer's three grants, one from the SSH session, the
     // two by `tally` from this machine's VM if it is one (the older client said nothing).
-    let report = site.path("sessions.report");
-    let out = daemon
-        .tally()
-        .args(["admin", "--admin-token-file"])
-        .arg(site.path("data/admin.token"))
-        .args(["report", "--out"])
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = Command::new(tally_tests::bin("tally-publisher"))
-        .args(["reconcile", "--format", "json", "--bundle"])
-        .arg(site.path("bundles/sessions-1.bundle"))
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = site.report_reconciled(&daemon, "sessions-1");
     let row = |name: &str| -> (u64, u64, u64) {
-        let f = doc["features"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["feature"] == name)
-            .unwrap_or_else(|| panic!("no row {name}: {doc}"));
-        let t = &f["total"];
+        let t = reconciled_total(&doc, name);
         (
             t["grants"].as_u64().unwrap(),
             t["grants_from_virtual_machines"].as_u64().unwrap(),
