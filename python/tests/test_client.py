@@ -123,6 +123,30 @@ def test_waiting_in_the_queue_gets_the_seat_when_it_is_freed_and_releases_the_gi
         lease.checkin()
 
 
+def test_one_client_serves_several_threads_at_once(daemon):
+    with tally.Client(daemon.addr, daemon.vendor_key) as c:
+        held = c.checkout("solver")
+        results, positions = {}, []
+
+        def queued():
+            # Waits in the queue through the same client the main thread uses meanwhile.
+            try:
+                results["solver"] = c.checkout("solver", wait=60, on_queue=positions.append)
+            except Exception as e:  # reported by the main thread
+                results["error"] = e
+
+        waiter = threading.Thread(target=queued)
+        waiter.start()
+        wait_until(lambda: positions, what="the waiter's queue position")
+        with c.checkout("viewer", count=2) as viewers:
+            assert viewers.valid and in_use(c, "viewer") == 2
+        held.checkin()
+        waiter.join(timeout=30)
+        assert not waiter.is_alive() and "error" not in results, results
+        assert results["solver"].valid
+        results["solver"].checkin()
+
+
 def test_a_wait_that_runs_out_is_a_queue_timeout(daemon):
     with tally.Client(daemon.addr, daemon.vendor_key) as a, tally.Client(
         daemon.addr, daemon.vendor_key, user="bob"
