@@ -117,8 +117,13 @@ fn floods_on_loopback_leave_heartbeats_answered_and_memory_bounded() {
                     break;
                 }
                 let start = Instant::now();
+                // The promise is that the lease is kept: every heartbeat answered, Active,
+                // within a third of the 90 s lease TTL (the client's own margin). Latency
+                // is printed per phase below, not asserted: a busy 2-core machine running
+                // other tests next to the floods must not fail this (measured: p99 under
+                // 0.6 s on a quiet machine, one answer past 5 s under a parallel build).
                 let answer = tokio::time::timeout(
-                    Duration::from_secs(5),
+                    Duration::from_secs(30),
                     legit.heartbeat(std::slice::from_ref(&lease)),
                 )
                 .await;
