@@ -83,9 +83,7 @@ pub fn config_page(page: &ConfigPage<'_>, example: &str) -> String {
         roff.text(inline_code(para));
     }
     roff.control("SH", ["SETTINGS"]);
-    for block in blocks {
-        let (settings, comments): (Vec<&str>, Vec<&str>) =
-            block.lines().map(str::trim).partition(|l| is_setting(l));
+    for (comments, settings) in blocks.flat_map(entries) {
         for (i, setting) in settings.iter().enumerate() {
             // The first setting opens the entry; `TQ` stacks the others under it.
             roff.control(if i == 0 { "TP" } else { "TQ" }, []);
@@ -95,7 +93,9 @@ pub fn config_page(page: &ConfigPage<'_>, example: &str) -> String {
         if settings.is_empty() {
             roff.control("PP", []);
         }
-        roff.text(inline_code(&comment_text(comments.into_iter())));
+        if !comments.is_empty() {
+            roff.text(inline_code(&comment_text(comments.into_iter())));
+        }
     }
     if !page.see_also.is_empty() {
         roff.control("SH", ["SEE ALSO"]);
@@ -120,6 +120,22 @@ pub struct ConfigPage<'a> {
     pub description: &'a [&'a str],
     /// Related pages, such as `tallyd(8)`.
     pub see_also: &'a [&'a str],
+}
+
+/// A block's entries: each run of comment lines with the settings after it (a comment
+/// after a setting starts the next entry, for the settings after it).
+fn entries(block: &str) -> Vec<(Vec<&str>, Vec<&str>)> {
+    let mut entries: Vec<(Vec<&str>, Vec<&str>)> = Vec::new();
+    for line in block.lines().map(str::trim) {
+        let setting = is_setting(line);
+        match entries.last_mut() {
+            Some((_, settings)) if setting => settings.push(line),
+            Some((comments, settings)) if settings.is_empty() => comments.push(line),
+            _ if setting => entries.push((Vec::new(), vec![line])),
+            _ => entries.push((vec![line], Vec::new())),
+        }
+    }
+    entries
 }
 
 /// Whether a line of the example file is a setting (on, or off by default and shown
@@ -174,7 +190,8 @@ mod tests {
     const EXAMPLE: &str = "# demo configuration. Every setting is optional.\n\n\
         # UDP address, `port` 1.\nlisten = \"0.0.0.0:1\"\n\n\
         # Off by default: a file.\n# log_file = \"/x\"\n\n\
-        # Members.\n# [[cluster]]\n# key = \"ab\"\n# addr = \"10.0.0.1:1\"\n";
+        # Members.\n# [[cluster]]\n# key = \"ab\"\n# addr = \"10.0.0.1:1\"\n\n\
+        # The endpoint.\nhttp = true\n# Its names.\nhttp_hosts = []\n";
 
     fn page() -> String {
         config_page(
@@ -213,7 +230,12 @@ mod tests {
         assert!(page.contains("Off by default: a file."), "{page}");
         assert!(page.contains("demo configuration. Every setting is optional."));
         // The explanation is not also a setting, nor a setting an explanation.
-        assert_eq!(page.matches(".TP").count(), 3, "{page}");
+        assert_eq!(page.matches(".TP").count(), 5, "{page}");
+        // A comment between two settings explains the second.
+        assert!(
+            page.contains("\n.TP\n\\fBhttp_hosts = []\\fR\nIts names.\n"),
+            "{page}"
+        );
         assert_eq!(page.matches(".TQ").count(), 2, "{page}");
     }
 
