@@ -57,7 +57,6 @@ Version:        ${version}
 Release:        ${release}
 Summary:        On-premises floating license server
 License:        Apache-2.0
-URL:            https://github.com/tally/tally
 # %pre creates the user with systemd-sysusers or, without it, useradd; %post runs
 # tallyd init as that user.
 Requires(pre):  shadow-utils
