@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian package of tally: tallyd, tally and tally-publisher, the systemd unit,
 # /etc/tally/tallyd.toml (a conffile), the example policy, and the Prometheus alert rules
-# and Grafana dashboard (/usr/share/tally).
+# and Grafana dashboard (/usr/share/tally), and the manual pages (packaging/stage.sh).
 #
 #   packaging/build-deb.sh [release|debug] [OUT.deb]
 #
@@ -20,26 +20,13 @@ else
     # The same feature set as `cargo test --workspace`, so nothing is rebuilt after tests.
     cargo build --workspace --all-targets
 fi
-bin="target/$profile"
+# Cargo puts the binaries in CARGO_TARGET_DIR when it is set.
+bin="${CARGO_TARGET_DIR:-target}/$profile"
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
-install -d "$stage/DEBIAN" "$stage/usr/bin" "$stage/lib/systemd/system" \
-    "$stage/etc/tally/bundles" "$stage/usr/share/doc/tally/examples" "$stage/usr/share/tally"
-install -m 0755 "$bin/tallyd" "$bin/tally" "$bin/tally-publisher" "$stage/usr/bin/"
-install -m 0644 packaging/tallyd.service "$stage/lib/systemd/system/tallyd.service"
-install -m 0644 packaging/tallyd.toml "$stage/etc/tally/tallyd.toml"
-install -m 0644 packaging/policy.example.toml "$stage/usr/share/doc/tally/examples/policy.toml"
-install -m 0644 README.md ARCHITECTURE.md "$stage/usr/share/doc/tally/"
-install -m 0644 client/include/tally.h "$stage/usr/share/doc/tally/examples/tally.h"
-install -m 0644 packaging/prometheus/tally-alerts.yml packaging/prometheus/tally-dashboard.json \
-    "$stage/usr/share/tally/"
-
-# The packaged config points at the packaged paths and a vendor key the admin installs.
-sed -i \
-    -e 's|^vendor_keys = \[\]|vendor_keys = ["/etc/tally/vendor.pub"]|' \
-    -e 's|^# report_dir = .*|report_dir = "/var/lib/tally/reports"|' \
-    "$stage/etc/tally/tallyd.toml"
+install -d "$stage/DEBIAN"
+bash packaging/stage.sh "$bin" "$stage" /lib/systemd/system
 
 cat > "$stage/DEBIAN/control" <<CONTROL
 Package: tally

@@ -9,9 +9,18 @@ dpkg-deb -c "$deb" > target/deb-contents.txt
 for f in ./usr/bin/tallyd ./usr/bin/tally ./usr/bin/tally-publisher \
          ./lib/systemd/system/tallyd.service ./etc/tally/tallyd.toml \
          ./usr/share/doc/tally/examples/policy.toml \
-         ./usr/share/tally/tally-alerts.yml ./usr/share/tally/tally-dashboard.json; do
+         ./usr/share/tally/tally-alerts.yml ./usr/share/tally/tally-dashboard.json \
+         ./usr/share/man/man8/tallyd.8.gz ./usr/share/man/man8/tallyd-run.8.gz \
+         ./usr/share/man/man5/tallyd.toml.5.gz ./usr/share/man/man1/tally.1.gz \
+         ./usr/share/man/man1/tally-run.1.gz ./usr/share/man/man1/tally-publisher.1.gz; do
     grep -q " $f\$" target/deb-contents.txt || { echo "package lacks $f"; exit 1; }
 done
+# The manual pages render without a warning (from the package's files: a minimal image
+# may exclude /usr/share/man from what dpkg installs).
+unpacked="$(mktemp -d)"
+dpkg-deb -x "$deb" "$unpacked"
+bash packaging/check-man.sh "$unpacked/usr/share/man"
+rm -rf "$unpacked"
 test "$(dpkg-deb -f "$deb" Package)" = tally
 
 command -v adduser >/dev/null || { apt-get update -qq && apt-get install -y -qq adduser; }

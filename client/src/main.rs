@@ -124,6 +124,14 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages: tally(1) and one per subcommand (tally-run(1), ...).
+    /// Hidden: the packages run it at build time.
+    #[command(hide = true)]
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Administrative operations; need the server's admin token.
     Admin {
         /// File holding the admin token (the server's `admin.token`).
@@ -439,9 +447,22 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         outln!("{}", String::from_utf8_lossy(&script).trim_end());
         return Ok(0);
     }
+    if let Command::Man { out } = &cli.command {
+        use clap::CommandFactory;
+        let written = std::fs::create_dir_all(out)
+            .and_then(|()| tally_protocol::man::write_command_pages(Cli::command(), "1", out))
+            .map_err(|e| Failure {
+                code: EX_CANTCREAT,
+                message: format!("{}: {e}", out.display()),
+            })?;
+        for path in written {
+            outln!("{}", path.display());
+        }
+        return Ok(0);
+    }
     let config = client_config(&cli)?;
     match cli.command {
-        Command::Completions { .. } => Ok(0),
+        Command::Completions { .. } | Command::Man { .. } => Ok(0),
         Command::Doctor { feature } => Ok(doctor(config, feature).await),
         Command::Borrow {
             feature,

@@ -111,7 +111,19 @@ enum Command {
         #[arg(long, requires = "out")]
         force: bool,
     },
+    /// Write the manual pages: tallyd(8), one per subcommand (tallyd-run(8), ...) and
+    /// tallyd.toml(5). Hidden: the packages run it at build time.
+    #[command(hide = true)]
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
+
+/// The commented example configuration (packaging/tallyd.toml), the documentation of
+/// every setting: tallyd.toml(5) is made from it, so the two cannot disagree.
+const EXAMPLE_CONFIG: &str = include_str!("../../packaging/tallyd.toml");
 
 /// Where the data directory comes from: `--data-dir`, else the config file's.
 #[derive(clap::Args)]
@@ -243,6 +255,7 @@ fn main() -> ExitCode {
         } => return_bundle(&config, &bundle, &out),
         Command::Diagnose { config, out } => diagnose(&config, &out),
         Command::ImportOptions { file, out, force } => import_options(&file, out.as_deref(), force),
+        Command::Man { out } => write_man_pages(&out),
     };
     let (e, code) = match result {
         Ok(()) => return ExitCode::SUCCESS,
@@ -281,6 +294,42 @@ fn init_logging() {
         .with(stderr)
         .with(file)
         .init();
+}
+
+/// `tallyd man`: the pages of the commands from their clap definitions, and the
+/// configuration's page from [`EXAMPLE_CONFIG`].
+fn write_man_pages(out: &Path) -> Result<(), Failure> {
+    use clap::CommandFactory;
+    use tally_protocol::man;
+    let failed = |e: std::io::Error| usage(anyhow!("{}: {e}", out.display()));
+    std::fs::create_dir_all(out).map_err(failed)?;
+    let mut written = man::write_command_pages(Cli::command(), "8", out).map_err(failed)?;
+    let config = man::config_page(
+        &man::ConfigPage {
+            name: "tallyd.toml",
+            section: "5",
+            version: env!("CARGO_PKG_VERSION"),
+            summary: "configuration of tallyd, the tally license server",
+            path: DEFAULT_CONFIG,
+            description: &[
+                "`tallyd run`, `check-config`, `request`, `init`, `diagnose` and `return` \
+                 read it (`--config FILE`, default /etc/tally/tallyd.toml). The file is \
+                 TOML; an unknown key is an error. `tallyd check-config` checks it and \
+                 the bundles it points at. Settings take effect when tallyd starts; a \
+                 reload (SIGHUP, `tally admin reload`) reads the bundles and the policy \
+                 file again.",
+                "Each setting below is shown with its default value; one shown after # \
+                 is not set by default, with an example value.",
+            ],
+            see_also: &["tallyd(8)", "tally(1)", "tally-publisher(1)"],
+        },
+        EXAMPLE_CONFIG,
+    );
+    written.push(man::write_page(out, "tallyd.toml.5", &config).map_err(failed)?);
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn init(site: &SiteArgs) -> Result<(), Failure> {

@@ -20,6 +20,8 @@
 //! - [`replicate`]: the seat store's changes and snapshot as the servers of a site replicate them.
 //! - [`exit`]: the sysexits codes all three commands exit with.
 //! - `cli` (feature `cli`): the command-line preamble the three commands share.
+//! - `man` (feature `cli`): their manual pages, from the clap definitions and the
+//!   commented example configuration.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -34,6 +36,8 @@ pub mod exit;
 pub mod frame;
 pub mod keys;
 pub mod lease;
+#[cfg(feature = "cli")]
+pub mod man;
 pub mod observed;
 pub mod replicate;
 pub mod report;

@@ -161,6 +161,14 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write the manual pages: tally-publisher(1) and one per subcommand
+    /// (tally-publisher-issue(1), ...). Hidden: the packages run it at build time.
+    #[command(hide = true)]
+    Man {
+        /// The directory to write them into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Reconciliation output formats.
@@ -185,6 +193,18 @@ fn data(e: impl Into<anyhow::Error>) -> Failure {
     Failure(EX_DATAERR, e.into())
 }
 
+/// `tally-publisher man`: the pages from the clap definition.
+fn write_man_pages(out: &Path) -> Result<(), Failure> {
+    use clap::CommandFactory;
+    let written = std::fs::create_dir_all(out)
+        .and_then(|()| tally_protocol::man::write_command_pages(Cli::command(), "1", out))
+        .map_err(|e| usage(anyhow!("{}: {e}", out.display())))?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli: Cli = match tally_protocol::cli::parse_args() {
         Ok(cli) => cli,
@@ -192,6 +212,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Keygen { out } => keygen(&out),
+        Command::Man { out } => write_man_pages(&out),
         Command::Issue {
             vendor_key,
             spec,
