@@ -84,7 +84,7 @@ async fn connect(daemon: &Daemon) -> Session {
 
 /// Checks out and in until a checkout is refused for the store; returns the refusal's
 /// text. Bounded in count and time.
-async fn churn_until_refused(session: &Session) -> String {
+async fn churn_until_refused(daemon: &Daemon, session: &Session) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     for _ in 0..50_000 {
         assert!(Instant::now() < deadline, "the store never filled up");
@@ -96,7 +96,10 @@ async fn churn_until_refused(session: &Session) -> String {
                 assert_eq!(d.reason.code(), "storage_unavailable", "{}", d.reason);
                 return d.reason.to_string();
             }
-            Err(e) => panic!("checkout failed other than by a denial: {e}"),
+            Err(e) => panic!(
+                "checkout failed other than by a denial: {e}; tallyd's log:\n{}",
+                daemon.log_text()
+            ),
         }
     }
     panic!("50,000 checkouts and the store never filled up");
@@ -242,7 +245,7 @@ fn full_disk_refuses_grants_keeps_leases_and_recovers_when_space_returns() {
         "dd did not fill the volume: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reason = rt.block_on(churn_until_refused(&session));
+    let reason = rt.block_on(churn_until_refused(&daemon, &session));
     assert!(reason.contains("No space left on device"), "{reason}");
     rt.block_on(check_degraded(&daemon, &session, &held, "No space left"));
     check_export_refused(&daemon, &data, dir.path());
@@ -307,7 +310,7 @@ fn read_only_file_system_refuses_grants_keeps_leases_and_recovers_after_repair()
     let name = device.rsplit('/').next().unwrap().to_string();
     std::fs::write(format!("/sys/fs/ext4/{name}/trigger_fs_error"), "1").unwrap();
 
-    let reason = rt.block_on(churn_until_refused(&session));
+    let reason = rt.block_on(churn_until_refused(&daemon, &session));
     assert!(reason.contains("Read-only file system"), "{reason}");
     rt.block_on(check_degraded(
         &daemon,
